@@ -1,0 +1,40 @@
+"""The named errors of deqhess.
+
+Errors are part of the API: each says what went wrong, the figures that show it,
+and what to try.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConvergenceError", "SingularSystemError", "StaleEquilibriumError"]
+
+
+class ConvergenceError(RuntimeError):
+    """A fixed-point or linear solver did not reach its tolerance.
+
+    Attributes:
+        info: the solver statistics at the point of failure (a
+            :class:`deqhess.solvers.SolveInfo` or a linear-solve record), so a
+            caller can inspect the residual history.
+    """
+
+    def __init__(self, message: str, info: object | None = None) -> None:
+        super().__init__(message)
+        self.info = info
+
+
+class SingularSystemError(RuntimeError):
+    """``I − J`` at the fixed point is singular or too ill-conditioned to trust.
+
+    Attributes:
+        condition_number: the estimated condition number (``inf`` if exactly
+            singular).
+    """
+
+    def __init__(self, message: str, condition_number: float = float("inf")) -> None:
+        super().__init__(message)
+        self.condition_number = condition_number
+
+
+class StaleEquilibriumError(RuntimeError):
+    """θ or x was modified in place after the equilibrium was solved."""

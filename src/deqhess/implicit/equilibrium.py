@@ -1,0 +1,338 @@
+"""``Equilibrium``: one solved DEQ fixed point and every derivative built on it.
+
+The seed's computation graph, step by step:
+
+1. forward — :func:`deqhess.solvers.solve_fixed_point` (at construction);
+2. Jacobian — :func:`deqhess.linear.jacobian_blocks`, factorised once by
+   :class:`deqhess.linear.DenseLU` (:attr:`Equilibrium.factorization`);
+3. adjoint — :meth:`Equilibrium.adjoint`, ``(I − J)ᵀ λ = ∇ₕL``;
+4. sensitivity — :meth:`Equilibrium.sensitivity`, ``(I − J) Z = ∂f/∂θ``;
+5. assemble — :meth:`Equilibrium.hessian` (dense) and :meth:`Equilibrium.hvp`
+   (matrix-free, two solves).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..linear import DenseLU, jacobian_blocks
+from ..parameters import Parameters
+from ..solvers import FixedPointSolver, SolveInfo, Tolerance, resolve_solver, solve_fixed_point
+from .derivatives import dynamics_vjp, parameter_jacobian
+from .hessian import HessianSplit, dense_hessian, second_sensitivity
+from .hvp import hessian_vector_product
+from .loss import Loss
+from .problem import Problem
+
+__all__ = ["Equilibrium", "EquilibriumInfo"]
+
+_ADJOINT_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class EquilibriumInfo:
+    """Diagnostics of an equilibrium, to judge the accuracy of what is built on it.
+
+    Attributes:
+        iterations: forward-solver steps (slowest sample).
+        residual_norm: largest final ``‖f(h) − h‖₂`` over samples.
+        converged: whether the forward solve met its tolerance.
+        residual_history: per iteration, the largest residual still iterating.
+        sample_iterations: ``[S]`` steps per sample.
+        sample_residuals: ``[S]`` final residual per sample.
+        solver: the forward solver.
+        tolerance: the stopping rule.
+        condition_number: estimated 1-norm condition number of ``I − J`` (largest
+            over samples), or None until a derivative has needed the factorisation.
+            Expect to lose about ``log10`` of it in digits relative to the residual.
+    """
+
+    iterations: int
+    residual_norm: float
+    converged: bool
+    residual_history: tuple[float, ...]
+    sample_iterations: Tensor
+    sample_residuals: Tensor
+    solver: str
+    tolerance: Tolerance
+    condition_number: float | None
+
+
+@dataclass(frozen=True)
+class _AdjointSolution:
+    loss: Loss
+    adjoint: Tensor  # λ rows [S, d]
+    loss_grad_h: Tensor  # ∇ₕL rows [S, d]
+    loss_grad_theta: Tensor  # ∂L/∂θ flat [P]
+
+
+class Equilibrium:
+    """The fixed point ``h* = f(x, h*, θ)`` and the exact derivatives of a loss at it.
+
+    Solves once at construction; caches the factorisation of ``I − J``, the
+    sensitivity Z and, per loss object, the adjoint λ (hold the loss object to reuse
+    it across many :meth:`hvp` calls).
+
+    Args:
+        f: dynamics ``f(x, h, theta)`` returning a tensor shaped like ``h``; it must be
+            traceable by ``torch.func`` (no in-place updates of its inputs).
+        theta: parameters, a floating tensor or a ``dict[str, Tensor]`` (flattened in
+            insertion order, each row-major, as ``parameters_to_vector``).
+        x: input passed to ``f`` as is.
+        h0: initial state, fixing the state's shape and dtype; default zeros like x.
+        solver: ``"anderson"``, ``"picard"`` or a :class:`deqhess.solvers.FixedPointSolver`.
+        tol: relative tolerance on ``‖f(h) − h‖``; default by dtype (1e-10 float64,
+            1e-5 float32).
+        max_iter: cap on forward-solver iterations.
+        atol: absolute tolerance floor; default ``tol``.
+        batch_dim: dimension of ``h`` whose slices are independent samples (``f`` must
+            treat them independently; the loss may couple them), or None for one
+            coupled system.
+        max_condition: largest acceptable condition number of ``I − J``.
+        require_convergence: if False, an unconverged solve warns and keeps its best
+            iterate instead of raising (``info.converged`` tells).
+        chunk_size: directions vmapped at once in dense Jacobians/Hessians (bounds
+            memory); None does all at once.
+
+    Raises:
+        ValueError: bad inputs (non-finite θ/x/h0, dtype or shape mismatches).
+        ConvergenceError: the forward solve did not reach the tolerance.
+    """
+
+    def __init__(
+        self,
+        f: Callable[[Any, Tensor, Parameters], Tensor],
+        theta: Parameters,
+        x: Any,
+        h0: Tensor | None = None,
+        solver: str | FixedPointSolver = "anderson",
+        tol: float | None = None,
+        max_iter: int = 1000,
+        *,
+        atol: float | None = None,
+        batch_dim: int | None = None,
+        max_condition: float | None = None,
+        require_convergence: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        if h0 is None:
+            if not isinstance(x, Tensor):
+                raise ValueError("h0 is required when x is not a tensor (it fixes the state).")
+            h0 = torch.zeros_like(x)
+        self.problem = Problem(f, theta, x, h0, batch_dim)
+        self.solver = resolve_solver(solver)
+        self.max_condition = max_condition
+        self.chunk_size = chunk_size
+        state = self.problem.state
+        tolerance = Tolerance.resolve(tol, atol, state.dtype)
+        self._theta = self.problem.params.flatten(theta).detach().clone()
+        with torch.no_grad():
+            rows, self._solve_info = solve_fixed_point(
+                lambda r: self.problem.dynamics(self._theta, r),
+                state.to_rows(h0.detach()).clone(),
+                self.solver,
+                tolerance,
+                max_iter,
+                require_convergence,
+            )
+        self._h = rows
+        self._factorization: DenseLU | None = None
+        self._sensitivity: Tensor | None = None
+        self._adjoints: OrderedDict[Any, _AdjointSolution] = OrderedDict()
+
+    # ----------------------------------------------------------------- state and info
+    @property
+    def h(self) -> Tensor:
+        """The fixed point ``h*``, shaped like ``h0`` (a fresh tensor, no autograd history)."""
+        return self.problem.state.from_rows(self._h).clone()
+
+    @property
+    def num_parameters(self) -> int:
+        """P, the length of flattened θ."""
+        return self.problem.params.size
+
+    @property
+    def info(self) -> EquilibriumInfo:
+        """Forward-solve statistics and, once factorised, the conditioning of ``I − J``."""
+        s: SolveInfo = self._solve_info
+        return EquilibriumInfo(
+            iterations=s.iterations,
+            residual_norm=s.residual_norm,
+            converged=s.converged,
+            residual_history=s.residual_history,
+            sample_iterations=s.sample_iterations,
+            sample_residuals=s.sample_residuals,
+            solver=s.solver,
+            tolerance=s.tolerance,
+            condition_number=(
+                None if self._factorization is None else self._factorization.condition_number
+            ),
+        )
+
+    @property
+    def factorization(self) -> DenseLU:
+        """The LU of ``I − J`` at ``h*`` (steps 2–4), computed on first use."""
+        self.problem.check_fresh()
+        if self._factorization is None:
+            with torch.no_grad():
+                jacobian = jacobian_blocks(
+                    lambda r: self.problem.dynamics(self._theta, r), self._h, self.chunk_size
+                )
+            self._factorization = DenseLU(jacobian, self.max_condition)
+        return self._factorization
+
+    # ----------------------------------------------------------------- first order
+    def _adjoint_solution(self, loss: Callable[..., Tensor]) -> _AdjointSolution:
+        self.problem.check_fresh()
+        try:
+            cached = self._adjoints.get(loss)
+        except TypeError:  # unhashable loss object: no caching
+            cached, loss_key = None, None
+        else:
+            loss_key = loss
+        if cached is not None:
+            self._adjoints.move_to_end(loss_key)
+            return cached
+        wrapped = Loss(loss)
+        with torch.no_grad():
+            grad_theta, grad_h = torch.func.grad(
+                lambda t, r: self.problem.objective(wrapped, t, r), argnums=(0, 1)
+            )(self._theta, self._h)
+            adjoint = self.factorization.solve_transpose(grad_h[..., None])[..., 0]
+        solution = _AdjointSolution(wrapped, adjoint, grad_h, grad_theta)
+        if loss_key is not None:
+            self._adjoints[loss_key] = solution
+            if len(self._adjoints) > _ADJOINT_CACHE_SIZE:
+                self._adjoints.popitem(last=False)
+        return solution
+
+    def adjoint(self, loss: Callable[..., Tensor]) -> Tensor:
+        """λ solving ``(I − J)ᵀ λ = ∇ₕL`` at ``h*`` (step 3), shaped like ``h``."""
+        return self.problem.state.from_rows(self._adjoint_solution(loss).adjoint).clone()
+
+    def sensitivity(self) -> Tensor:
+        """``Z = dh*/dθ`` solving ``(I − J) Z = ∂f/∂θ`` (step 4), shape ``h.shape + (P,)``."""
+        return self.problem.state.from_rows(self._sensitivity_rows()).clone()
+
+    def _sensitivity_rows(self) -> Tensor:
+        self.problem.check_fresh()
+        if self._sensitivity is None:
+            with torch.no_grad():
+                rhs = parameter_jacobian(
+                    self.problem.dynamics, self._theta, self._h, self.chunk_size
+                )
+                self._sensitivity = self.factorization.solve(rhs)
+        return self._sensitivity
+
+    def grad(self, loss: Callable[..., Tensor], method: str = "adjoint") -> Parameters:
+        """``dL(h*(θ), θ)/dθ`` in θ's structure.
+
+        Args:
+            method: ``"adjoint"`` computes ``∂L/∂θ + λᵀ ∂f/∂θ`` (one solve, one VJP);
+                ``"sensitivity"`` computes ``∂L/∂θ + Zᵀ ∇ₕL`` from the dense Z. The two
+                agree to rounding; the first is the cheap one.
+        """
+        solution = self._adjoint_solution(loss)
+        with torch.no_grad():
+            if method == "adjoint":
+                flat = solution.loss_grad_theta + dynamics_vjp(
+                    self.problem.dynamics, self._theta, self._h, solution.adjoint
+                )
+            elif method == "sensitivity":
+                flat = solution.loss_grad_theta + torch.einsum(
+                    "sdp,sd->p", self._sensitivity_rows(), solution.loss_grad_h
+                )
+            else:
+                raise ValueError(
+                    f"unknown gradient method {method!r}; use 'adjoint' or 'sensitivity'."
+                )
+        return self.problem.params.unflatten(flat.clone())
+
+    # ----------------------------------------------------------------- second order
+    def hessian(self, loss: Callable[..., Tensor], split: bool = False) -> Tensor | HessianSplit:
+        """The exact Hessian ``d²L/dθ²`` ``[P, P]`` (θ flattened), dense.
+
+        With ``split=True`` returns a :class:`HessianSplit` with ``.loss_curvature``,
+        ``.dynamics_curvature`` and ``.total``. Costs P forward-over-reverse products
+        and a ``P × N × P`` matrix product; memory ``O(P² + N·P)``.
+        """
+        solution = self._adjoint_solution(loss)
+        with torch.no_grad():
+            return dense_hessian(
+                self.problem,
+                solution.loss,
+                solution.adjoint,
+                self._theta,
+                self._h,
+                self._sensitivity_rows(),
+                split=split,
+                chunk_size=self.chunk_size,
+            )
+
+    def hvp(self, loss: Callable[..., Tensor], v: Parameters) -> Parameters:
+        """``H v``, exact and matrix-free: two solves with the cached factorisation.
+
+        Args:
+            v: a direction with θ's structure, or a flat ``[P]`` tensor; the result has
+                the same form as ``v``.
+        """
+        solution = self._adjoint_solution(loss)
+        flat_v, structured = self._flat_direction(v)
+        with torch.no_grad():
+            product = hessian_vector_product(
+                self.problem,
+                solution.loss,
+                solution.adjoint,
+                self._theta,
+                self._h,
+                self.factorization,
+                flat_v,
+            )
+        return self.problem.params.unflatten(product) if structured else product
+
+    def second_sensitivity(self) -> Tensor:
+        """``d²h*/dθ²``, shape ``h.shape + (P, P)`` — the seed's intermediate; small P only."""
+        with torch.no_grad():
+            rows = second_sensitivity(
+                self.problem,
+                self._theta,
+                self._h,
+                self._sensitivity_rows(),
+                self.factorization,
+                self.chunk_size,
+            )
+        return self.problem.state.from_rows(rows)
+
+    def _flat_direction(self, v: Parameters) -> tuple[Tensor, bool]:
+        params = self.problem.params
+        if params.matches(v):
+            flat, structured = params.flatten(v), True
+        elif isinstance(v, Tensor) and v.shape == (params.size,):
+            flat, structured = v, False
+        else:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(
+                f"v must have theta's structure ({params.describe()}) or be a flat tensor of "
+                f"shape ({params.size},); got {got}."
+            )
+        if flat.dtype != params.dtype:
+            raise ValueError(
+                f"v has dtype {flat.dtype} but theta is {params.dtype}; convert it with "
+                f"v.to({params.dtype})."
+            )
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("v contains non-finite values (NaN or inf).")
+        return flat.detach(), structured
+
+    def __repr__(self) -> str:
+        s = self._solve_info
+        return (
+            f"Equilibrium(state={tuple(self.problem.state.shape)}, P={self.num_parameters}, "
+            f"solver={s.solver}, iterations={s.iterations}, residual={s.residual_norm:.2e})"
+        )

@@ -1,0 +1,119 @@
+"""Dense assembly of the DEQ Hessian and of ``d²h*/dθ²`` (step 5 of the seed).
+
+With ``Z = dh*/dθ`` ``[S, d, P]`` and λ from the adjoint solve,
+
+    H = [I; Z]ᵀ ∇²₍θ,h₎(L + λᵀf) [I; Z],
+
+which for ``L(h)`` is the seed's ``Zᵀ ∇²ₕL Z + [I; Z]ᵀ ∇²(λᵀf) [I; Z]``. Column ``i``
+of ``∇²Φ [I; Z]`` is one forward-over-reverse product along ``(e_i, Z_i)``; the
+projection by ``[I; Z]ᵀ`` is then one ``P × N × P`` matrix product, the floor of the
+whole assembly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..linear import DenseLU
+from .derivatives import lagrangian_hessian_products
+from .loss import Loss
+from .problem import Problem
+
+__all__ = ["HessianSplit", "dense_hessian", "second_sensitivity"]
+
+
+@dataclass(frozen=True)
+class HessianSplit:
+    """The master formula's two parts, each ``[P, P]``.
+
+    Attributes:
+        loss_curvature: ``[I; Z]ᵀ ∇²L [I; Z]`` (``= Zᵀ ∇²ₕL Z`` when L ignores θ; the
+            Gauss–Newton part, positive semi-definite when L is convex in (θ, h)).
+        dynamics_curvature: ``[I; Z]ᵀ ∇²(λᵀf) [I; Z]``, the part every GGN drops.
+        total: their sum, the exact Hessian.
+    """
+
+    loss_curvature: Tensor
+    dynamics_curvature: Tensor
+    total: Tensor
+
+
+def _projected(
+    problem: Problem,
+    loss: Loss | None,
+    adjoint: Tensor | None,
+    theta: Tensor,
+    h: Tensor,
+    sensitivity: Tensor,
+    chunk_size: int | None,
+) -> Tensor:
+    """``[I; Z]ᵀ ∇²Φ [I; Z]`` ``[P, P]`` for Φ = (L if given) + (λᵀf if given)."""
+    samples, width, params = sensitivity.shape
+    phi = problem.lagrangian(loss, adjoint)
+    directions = torch.eye(params, dtype=theta.dtype, device=theta.device)
+    g_theta, g_h = lagrangian_hessian_products(
+        phi, theta, h, directions, sensitivity.permute(2, 0, 1), chunk_size
+    )
+    # Row i of `columns` is column i of H: g_θ⁽ⁱ⁾ + Zᵀ g_h⁽ⁱ⁾.
+    columns = torch.addmm(
+        g_theta, g_h.reshape(params, samples * width), sensitivity.reshape(-1, params)
+    )
+    return columns.T.contiguous()
+
+
+def dense_hessian(
+    problem: Problem,
+    loss: Loss,
+    adjoint: Tensor,
+    theta: Tensor,
+    h: Tensor,
+    sensitivity: Tensor,
+    split: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor | HessianSplit:
+    """The exact Hessian ``[P, P]``, or its :class:`HessianSplit` when ``split``.
+
+    Args:
+        adjoint: λ rows ``[S, d]`` solving ``(I − J)ᵀ λ = ∇ₕL``.
+        sensitivity: Z ``[S, d, P]`` solving ``(I − J) Z = ∂f/∂θ``.
+    """
+    if not split:
+        return _projected(problem, loss, adjoint, theta, h, sensitivity, chunk_size)
+    loss_part = _projected(problem, loss, None, theta, h, sensitivity, chunk_size)
+    dynamics_part = _projected(problem, None, adjoint, theta, h, sensitivity, chunk_size)
+    return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
+
+
+def second_sensitivity(
+    problem: Problem,
+    theta: Tensor,
+    h: Tensor,
+    sensitivity: Tensor,
+    factorization: DenseLU,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``d²h*/dθ²`` ``[S, d, P, P]``, solving ``(I − J) d²h*/dθᵢdθⱼ = D²f[(eᵢ, Zᵢ), (eⱼ, Zⱼ)]``.
+
+    The right-hand side is the full second derivative of ``f`` along the total
+    directions ``(eᵢ, Zᵢ)``: ``∂²f/∂θ²``, both mixed terms and ``Zᵀ ∂²f/∂h² Z`` of the
+    seed at once. Costs ``P²`` nested JVPs and ``N·P²`` memory: small problems only.
+    """
+    samples, width, params = sensitivity.shape
+    dynamics = problem.dynamics
+
+    def second_directional(v1: Tensor, z1: Tensor, v2: Tensor, z2: Tensor) -> Tensor:
+        def first(t: Tensor, r: Tensor) -> Tensor:
+            return torch.func.jvp(dynamics, (t, r), (v1, z1))[1]
+
+        return torch.func.jvp(first, (theta, h), (v2, z2))[1]
+
+    directions = torch.eye(params, dtype=theta.dtype, device=theta.device)
+    tangents = sensitivity.permute(2, 0, 1)
+    inner = torch.func.vmap(second_directional, in_dims=(None, None, 0, 0))
+    outer = torch.func.vmap(inner, in_dims=(0, 0, None, None), chunk_size=chunk_size)
+    rhs = outer(directions, tangents, directions, tangents)  # [P, P, S, d]
+    rhs = rhs.permute(2, 3, 0, 1).reshape(samples, width, params * params)
+    return factorization.solve(rhs).reshape(samples, width, params, params)

@@ -1,0 +1,135 @@
+"""The bound problem: ``f(x, h, θ)`` and the loss as pure functions of ``(θ_flat, h_rows)``.
+
+Every derivative in :mod:`deqhess.implicit` is taken of these two functions with
+``torch.func``: θ as a flat ``[P]`` vector (see :mod:`deqhess.parameters`) and the
+state as rows ``[S, d]`` (see :mod:`deqhess.state`). The residual
+``g(θ, h) = f(x, h, θ) − h`` whose zero is the equilibrium is defined here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import StaleEquilibriumError
+from ..parameters import ParameterLayout, Parameters
+from ..state import StateLayout
+from .loss import Loss
+
+__all__ = ["Problem"]
+
+
+class Problem:
+    """``f`` bound to ``x``, with θ and ``h`` in their flat/row layouts.
+
+    Args:
+        f: the dynamics ``f(x, h, theta)`` returning a tensor shaped like ``h``.
+        theta: θ (tensor or dict of tensors); only its layout and versions are kept.
+        x: the input passed to ``f`` unchanged (any object; tensors are checked).
+        h0: initial state, fixing the state's shape and dtype.
+        batch_dim: dimension of ``h`` whose slices are independent samples, or None.
+
+    Raises:
+        ValueError: non-finite θ, x or h0; θ and h0 of different dtype or device;
+            ``f`` returning a non-tensor or a tensor of another shape or dtype.
+    """
+
+    def __init__(
+        self,
+        f: Callable[[Any, Tensor, Parameters], Tensor],
+        theta: Parameters,
+        x: Any,
+        h0: Tensor,
+        batch_dim: int | None = None,
+    ) -> None:
+        if not callable(f):
+            raise ValueError(f"f must be callable as f(x, h, theta); got {type(f).__name__}.")
+        self.f = f
+        self.params = ParameterLayout(theta)
+        self.state = StateLayout(h0, batch_dim)
+        for label, t in zip(self.params.labels(), self.params.tensors(theta)):
+            _check_finite(t, label)
+        if isinstance(x, Tensor):
+            _check_finite(x, "x")
+        _check_finite(h0, "h0")
+        if h0.dtype != self.params.dtype or h0.device != self.params.device:
+            raise ValueError(
+                f"h0 is {h0.dtype} on {h0.device} but theta is {self.params.dtype} on "
+                f"{self.params.device}; make them match, e.g. h0.to(theta_tensor)."
+            )
+        self.x = x.detach() if isinstance(x, Tensor) else x
+        self._watched = [t for t in self.params.tensors(theta)]
+        if isinstance(x, Tensor):
+            self._watched.append(x)
+        self._versions = [t._version for t in self._watched]
+        with torch.no_grad():
+            self.check_output(f(self.x, h0.detach(), _detached(theta)), h0)
+
+    def check_output(self, out: object, h: Tensor) -> None:
+        """Raise ``ValueError`` unless ``out`` has ``h``'s shape and dtype."""
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"f(x, h, theta) must return a tensor shaped like h; got {type(out).__name__}."
+            )
+        if out.shape != h.shape or out.dtype != h.dtype:
+            raise ValueError(
+                f"f(x, h, theta) returned shape {tuple(out.shape)} and dtype {out.dtype}, but "
+                f"the state h0 has shape {tuple(h.shape)} and dtype {h.dtype}; f must map a "
+                "state to a state of the same shape and dtype (set h0 accordingly)."
+            )
+
+    def check_fresh(self) -> None:
+        """Raise if θ or x was modified in place since the equilibrium was solved."""
+        for t, version in zip(self._watched, self._versions):
+            if t._version != version:
+                raise StaleEquilibriumError(
+                    "theta or x was modified in place after the Equilibrium was built, so "
+                    "its fixed point and caches are stale. Build a new Equilibrium after "
+                    "changing them (or pass copies: theta.clone())."
+                )
+
+    def dynamics(self, theta: Tensor, h: Tensor) -> Tensor:
+        """``f(x, h, θ)`` as rows ``[S, d]``, for flat ``θ`` ``[P]`` and rows ``h``."""
+        out = self.f(self.x, self.state.from_rows(h), self.params.unflatten(theta))
+        return self.state.to_rows(out)
+
+    def residual(self, theta: Tensor, h: Tensor) -> Tensor:
+        """``g(θ, h) = f(x, h, θ) − h`` as rows; the equilibrium is its zero."""
+        return self.dynamics(theta, h) - h
+
+    def objective(self, loss: Loss, theta: Tensor, h: Tensor) -> Tensor:
+        """``L(h, θ)`` for flat ``θ`` and rows ``h``."""
+        return loss(self.state.from_rows(h), self.params.unflatten(theta))
+
+    def lagrangian(self, loss: Loss | None, adjoint: Tensor | None) -> Callable:
+        """``Φ(θ, h) = L(h, θ) + ⟨λ, f(x, h, θ)⟩`` with λ held fixed (either term optional).
+
+        Its Hessian projected by ``[I; Z]`` is the DEQ Hessian; the ``L`` term alone
+        gives the loss curvature, the ``λ`` term alone the dynamics curvature.
+        """
+
+        def phi(theta: Tensor, h: Tensor) -> Tensor:
+            value = self.objective(loss, theta, h) if loss is not None else 0.0
+            if adjoint is not None:
+                value = value + (adjoint * self.dynamics(theta, h)).sum()
+            return value
+
+        return phi
+
+
+def _check_finite(t: Tensor, label: str) -> None:
+    if t.is_floating_point() or t.is_complex():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{label} contains non-finite values (NaN or inf); pass finite values "
+                "(check the data and the previous optimisation step)."
+            )
+
+
+def _detached(theta: Parameters) -> Parameters:
+    if isinstance(theta, Tensor):
+        return theta.detach()
+    return {k: v.detach() for k, v in theta.items()}

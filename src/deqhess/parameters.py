@@ -1,0 +1,115 @@
+"""The layout of θ: a single tensor or a ``dict[str, Tensor]`` and its flat vector.
+
+Flattening follows ``torch.nn.utils.parameters_to_vector`` over the dict's insertion
+order, each tensor row-major, so a flat index means the same thing everywhere in
+deqhess and in user code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["Parameters", "ParameterLayout"]
+
+Parameters = Union[Tensor, Mapping[str, Tensor]]
+
+
+class ParameterLayout:
+    """Names, shapes and flat offsets of θ.
+
+    Args:
+        theta: a floating tensor, or a non-empty mapping of names to floating tensors
+            (0-dim allowed), all of one dtype and device.
+
+    Raises:
+        ValueError: θ is empty, holds a non-tensor or non-floating tensor, or mixes
+            dtypes or devices.
+    """
+
+    def __init__(self, theta: Parameters) -> None:
+        if isinstance(theta, Tensor):
+            self.names: tuple[str, ...] | None = None
+            tensors = [theta]
+        elif isinstance(theta, Mapping):
+            if len(theta) == 0:
+                raise ValueError("theta is an empty dict; pass at least one parameter tensor.")
+            self.names = tuple(theta.keys())
+            tensors = list(theta.values())
+            for name, t in zip(self.names, tensors):
+                if not isinstance(t, Tensor):
+                    raise ValueError(
+                        f"theta[{name!r}] is a {type(t).__name__}, not a torch.Tensor; "
+                        "wrap it with torch.tensor(...)."
+                    )
+        else:
+            raise ValueError(
+                f"theta must be a torch.Tensor or a dict[str, Tensor]; got {type(theta).__name__}."
+            )
+        labels = self.labels()
+        for label, t in zip(labels, tensors):
+            if not t.is_floating_point():
+                raise ValueError(
+                    f"{label} has dtype {t.dtype}; parameters must be floating point "
+                    "(float32 or float64)."
+                )
+        first = tensors[0]
+        for label, t in zip(labels, tensors):
+            if t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(
+                    f"all of theta must share one dtype and device: {labels[0]} is "
+                    f"{first.dtype} on {first.device} but {label} is {t.dtype} on {t.device}."
+                )
+        self.shapes = tuple(t.shape for t in tensors)
+        self.numels = tuple(t.numel() for t in tensors)
+        self.dtype = first.dtype
+        self.device = first.device
+
+    @property
+    def size(self) -> int:
+        """P, the number of scalar parameters."""
+        return sum(self.numels)
+
+    def labels(self) -> list[str]:
+        """Human-readable names of the parameter tensors, for messages."""
+        if self.names is None:
+            return ["theta"]
+        return [f"theta[{n!r}]" for n in self.names]
+
+    def tensors(self, theta: Parameters) -> list[Tensor]:
+        """The tensors of ``theta`` in flattening order."""
+        return [theta] if self.names is None else [theta[n] for n in self.names]  # type: ignore[index]
+
+    def flatten(self, theta: Parameters) -> Tensor:
+        """θ-structured → flat ``[P]`` (differentiable; a new tensor)."""
+        return torch.cat([t.reshape(-1) for t in self.tensors(theta)])
+
+    def unflatten(self, flat: Tensor) -> Parameters:
+        """Flat ``[..., P]`` → θ's structure, each leaf shaped ``[..., *shape]`` (views)."""
+        lead = flat.shape[:-1]
+        pieces = torch.split(flat, list(self.numels), dim=-1)
+        leaves = [p.reshape(*lead, *s) for p, s in zip(pieces, self.shapes)]
+        if self.names is None:
+            return leaves[0]
+        return dict(zip(self.names, leaves))
+
+    def matches(self, value: object) -> bool:
+        """Whether ``value`` has θ's structure and shapes."""
+        if self.names is None:
+            return isinstance(value, Tensor) and value.shape == self.shapes[0]
+        if not isinstance(value, Mapping) or tuple(value.keys()) != self.names:
+            return False
+        return all(
+            isinstance(value[n], Tensor) and value[n].shape == s
+            for n, s in zip(self.names, self.shapes)
+        )
+
+    def describe(self) -> str:
+        """A short description of the expected structure, for messages."""
+        if self.names is None:
+            return f"a tensor of shape {tuple(self.shapes[0])}"
+        inner = ", ".join(f"{n!r}: {tuple(s)}" for n, s in zip(self.names, self.shapes))
+        return "{" + inner + "}"

@@ -1,0 +1,72 @@
+"""The layout of the DEQ state ``h``: its shape, and its view as independent rows.
+
+Internally every state is held as ``rows`` of shape ``[S, d]``: ``S`` independent
+systems of ``d`` unknowns each. With ``batch_dim=None`` the whole state is one
+coupled system (``S = 1``); with ``batch_dim=k`` the slices along dimension ``k`` are
+independent samples (``S`` = that dimension's size), so ``J = ∂f/∂h`` is
+block-diagonal with ``S`` blocks of ``d × d``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["StateLayout"]
+
+
+class StateLayout:
+    """Shape bookkeeping between a user's state and its ``[S, d]`` rows.
+
+    Args:
+        h0: a floating tensor of the state's shape and dtype.
+        batch_dim: the dimension whose slices are independent samples, or ``None``.
+
+    Raises:
+        ValueError: ``h0`` is not floating, is empty, or ``batch_dim`` is out of range.
+    """
+
+    def __init__(self, h0: Tensor, batch_dim: int | None = None) -> None:
+        if not isinstance(h0, Tensor):
+            raise ValueError(f"h0 must be a torch.Tensor; got {type(h0).__name__}.")
+        if not h0.is_floating_point():
+            raise ValueError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
+        if h0.numel() == 0:
+            raise ValueError(f"h0 is empty (shape {tuple(h0.shape)}); the state needs entries.")
+        self.shape = h0.shape
+        self.dtype = h0.dtype
+        self.device = h0.device
+        if batch_dim is None:
+            self.batch_dim: int | None = None
+            self.samples = 1
+        else:
+            if h0.ndim == 0 or not -h0.ndim <= batch_dim < h0.ndim:
+                raise ValueError(
+                    f"batch_dim={batch_dim} is out of range for a state of shape "
+                    f"{tuple(h0.shape)}; use a dimension in [0, {max(h0.ndim - 1, 0)}] or None."
+                )
+            self.batch_dim = batch_dim % h0.ndim
+            self.samples = h0.shape[self.batch_dim]
+        self.width = h0.numel() // self.samples
+
+    @property
+    def size(self) -> int:
+        """N = S·d, the number of scalar unknowns."""
+        return self.samples * self.width
+
+    def to_rows(self, h: Tensor) -> Tensor:
+        """State-shaped ``h`` (optionally with trailing dims) → ``[S, d, *trailing]``."""
+        trailing = h.shape[len(self.shape) :]
+        if self.batch_dim is not None:
+            h = torch.movedim(h, self.batch_dim, 0)
+        return h.reshape(self.samples, self.width, *trailing)
+
+    def from_rows(self, rows: Tensor) -> Tensor:
+        """``[S, d, *trailing]`` → state-shaped ``[*shape, *trailing]``."""
+        trailing = rows.shape[2:]
+        if self.batch_dim is None:
+            return rows.reshape(*self.shape, *trailing)
+        moved = (self.shape[self.batch_dim],) + tuple(
+            s for i, s in enumerate(self.shape) if i != self.batch_dim
+        )
+        return torch.movedim(rows.reshape(*moved, *trailing), 0, self.batch_dim)
