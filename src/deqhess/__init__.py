@@ -15,20 +15,20 @@ from .solvers import Anderson, Picard
 __version__ = "0.1.0"
 
 __all__ = [
+    # forward solvers
+    "Anderson",
+    # errors
+    "ConvergenceError",
     # the equilibrium and its derivatives
     "Equilibrium",
     "EquilibriumInfo",
     "HessianSplit",
+    "Picard",
+    "SingularSystemError",
+    "StaleEquilibriumError",
     "grad",
     "hessian",
     "hvp",
-    # forward solvers
-    "Anderson",
-    "Picard",
-    # errors
-    "ConvergenceError",
-    "SingularSystemError",
-    "StaleEquilibriumError",
     # layers
     "linear",
     "solvers",

@@ -13,9 +13,9 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["Parameters", "ParameterLayout"]
+__all__ = ["ParameterLayout", "Parameters"]
 
-Parameters = Union[Tensor, Mapping[str, Tensor]]
+Parameters = Union[Tensor, Mapping[str, Tensor]]  # noqa: UP007 (a runtime alias on 3.10)
 
 
 class ParameterLayout:
@@ -39,7 +39,7 @@ class ParameterLayout:
                 raise ValueError("theta is an empty dict; pass at least one parameter tensor.")
             self.names = tuple(theta.keys())
             tensors = list(theta.values())
-            for name, t in zip(self.names, tensors):
+            for name, t in zip(self.names, tensors, strict=True):
                 if not isinstance(t, Tensor):
                     raise ValueError(
                         f"theta[{name!r}] is a {type(t).__name__}, not a torch.Tensor; "
@@ -50,14 +50,14 @@ class ParameterLayout:
                 f"theta must be a torch.Tensor or a dict[str, Tensor]; got {type(theta).__name__}."
             )
         labels = self.labels()
-        for label, t in zip(labels, tensors):
+        for label, t in zip(labels, tensors, strict=True):
             if not t.is_floating_point():
                 raise ValueError(
                     f"{label} has dtype {t.dtype}; parameters must be floating point "
                     "(float32 or float64)."
                 )
         first = tensors[0]
-        for label, t in zip(labels, tensors):
+        for label, t in zip(labels, tensors, strict=True):
             if t.dtype != first.dtype or t.device != first.device:
                 raise ValueError(
                     f"all of theta must share one dtype and device: {labels[0]} is "
@@ -91,10 +91,10 @@ class ParameterLayout:
         """Flat ``[..., P]`` → θ's structure, each leaf shaped ``[..., *shape]`` (views)."""
         lead = flat.shape[:-1]
         pieces = torch.split(flat, list(self.numels), dim=-1)
-        leaves = [p.reshape(*lead, *s) for p, s in zip(pieces, self.shapes)]
+        leaves = [p.reshape((*lead, *s)) for p, s in zip(pieces, self.shapes, strict=True)]
         if self.names is None:
             return leaves[0]
-        return dict(zip(self.names, leaves))
+        return dict(zip(self.names, leaves, strict=True))
 
     def matches(self, value: object) -> bool:
         """Whether ``value`` has θ's structure and shapes."""
@@ -104,12 +104,13 @@ class ParameterLayout:
             return False
         return all(
             isinstance(value[n], Tensor) and value[n].shape == s
-            for n, s in zip(self.names, self.shapes)
+            for n, s in zip(self.names, self.shapes, strict=True)
         )
 
     def describe(self) -> str:
         """A short description of the expected structure, for messages."""
         if self.names is None:
             return f"a tensor of shape {tuple(self.shapes[0])}"
-        inner = ", ".join(f"{n!r}: {tuple(s)}" for n, s in zip(self.names, self.shapes))
+        pairs = zip(self.names, self.shapes, strict=True)
+        inner = ", ".join(f"{n!r}: {tuple(s)}" for n, s in pairs)
         return "{" + inner + "}"

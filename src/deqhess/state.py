@@ -59,14 +59,13 @@ class StateLayout:
         trailing = h.shape[len(self.shape) :]
         if self.batch_dim is not None:
             h = torch.movedim(h, self.batch_dim, 0)
-        return h.reshape(self.samples, self.width, *trailing)
+        return h.reshape((self.samples, self.width, *trailing))
 
     def from_rows(self, rows: Tensor) -> Tensor:
         """``[S, d, *trailing]`` → state-shaped ``[*shape, *trailing]``."""
         trailing = rows.shape[2:]
         if self.batch_dim is None:
-            return rows.reshape(*self.shape, *trailing)
-        moved = (self.shape[self.batch_dim],) + tuple(
-            s for i, s in enumerate(self.shape) if i != self.batch_dim
-        )
-        return torch.movedim(rows.reshape(*moved, *trailing), 0, self.batch_dim)
+            return rows.reshape((*self.shape, *trailing))
+        rest = (s for i, s in enumerate(self.shape) if i != self.batch_dim)
+        moved = (self.shape[self.batch_dim], *rest)
+        return torch.movedim(rows.reshape((*moved, *trailing)), 0, self.batch_dim)

@@ -8,4 +8,13 @@ from .hessian import HessianSplit
 from .loss import Loss
 from .problem import Problem
 
-__all__ = ["Equilibrium", "EquilibriumInfo", "HessianSplit", "Loss", "Problem", "grad", "hessian", "hvp"]
+__all__ = [
+    "Equilibrium",
+    "EquilibriumInfo",
+    "HessianSplit",
+    "Loss",
+    "Problem",
+    "grad",
+    "hessian",
+    "hvp",
+]

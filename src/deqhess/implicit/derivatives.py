@@ -50,9 +50,9 @@ def parameter_jacobian(
         rows = torch.func.vmap(lambda c: pullback(c)[0], chunk_size=chunk_size)(basis)
         return rows.reshape(samples, width, params)
     basis = torch.eye(params, dtype=theta.dtype, device=theta.device)
-    cols = torch.func.vmap(
-        lambda v: dynamics_jvp(dynamics, theta, h, v), chunk_size=chunk_size
-    )(basis)
+    cols = torch.func.vmap(lambda v: dynamics_jvp(dynamics, theta, h, v), chunk_size=chunk_size)(
+        basis
+    )
     return cols.permute(1, 2, 0)
 
 

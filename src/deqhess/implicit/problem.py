@@ -50,7 +50,7 @@ class Problem:
         self.f = f
         self.params = ParameterLayout(theta)
         self.state = StateLayout(h0, batch_dim)
-        for label, t in zip(self.params.labels(), self.params.tensors(theta)):
+        for label, t in zip(self.params.labels(), self.params.tensors(theta), strict=True):
             _check_finite(t, label)
         if isinstance(x, Tensor):
             _check_finite(x, "x")
@@ -83,7 +83,7 @@ class Problem:
 
     def check_fresh(self) -> None:
         """Raise if θ or x was modified in place since the equilibrium was solved."""
-        for t, version in zip(self._watched, self._versions):
+        for t, version in zip(self._watched, self._versions, strict=True):
             if t._version != version:
                 raise StaleEquilibriumError(
                     "theta or x was modified in place after the Equilibrium was built, so "

@@ -36,7 +36,7 @@ class DenseLU:
     """
 
     def __init__(self, jacobian: Tensor, max_condition: float | None = None) -> None:
-        samples, width, _ = jacobian.shape
+        _samples, width, _ = jacobian.shape
         eye = torch.eye(width, dtype=jacobian.dtype, device=jacobian.device)
         system = eye - jacobian
         self.lu, self.pivots, info = torch.linalg.lu_factor_ex(system)
@@ -74,7 +74,7 @@ def _condition_estimate(system: Tensor, lu: Tensor) -> float:
     norms = torch.linalg.matrix_norm(system, ord=1).cpu().numpy()
     factors = lu.detach().cpu().numpy()
     worst = 0.0
-    for block, anorm in zip(factors, norms):
+    for block, anorm in zip(factors, norms, strict=True):
         rcond, _ = gecon(np.asfortranarray(block), float(anorm), norm="1")
         worst = max(worst, float("inf") if rcond == 0 else 1.0 / float(rcond))
     return worst

@@ -168,7 +168,8 @@ def solve_fixed_point(
         better = active & (residual < best_res)
         best_res = torch.where(better, residual, best_res)
         best_h = torch.where(better[:, None], h, best_h)
-        done = done | (active & (residual <= tolerance.threshold(_row_norms(fh))))
+        met = (residual <= tolerance.threshold(_row_norms(fh))) & torch.isfinite(residual)
+        done = done | (active & met)
         iters = torch.where(active, torch.full_like(iters, k), iters)
         if bool(done.all()) or k == max_iter:
             break

@@ -1,0 +1,32 @@
+# `make demo` and `make test` each build their own virtual environment on a fresh clone.
+# TORCH pins the CPU build that lies on the project's machines; elsewhere pass your own,
+# e.g. `make test TORCH='torch>=2.3'` (or install torch first and set TORCH=torch).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deqhess-installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deqhess demo --out deqhess-demo
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/dense_hessian.py
+
+clean:
+	rm -rf $(VENV) deqhess-demo

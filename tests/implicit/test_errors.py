@@ -1,0 +1,215 @@
+"""User-facing errors of Equilibrium and the one-shot forms, and input immutability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import case
+
+import deqhess as dh
+
+
+def _tanh():
+    return case("tanh_coupled")
+
+
+@pytest.mark.parametrize(
+    ("where", "label"),
+    [("theta", r"theta\['W'\]"), ("x", "x"), ("h0", "h0")],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_named(where, label, bad):
+    c = _tanh()
+    theta, x, h0 = dict(c.theta), c.x.clone(), c.h0.clone()
+    if where == "theta":
+        theta["W"] = theta["W"].clone()
+        theta["W"][0, 0] = bad
+    elif where == "x":
+        x[0, 0] = bad
+    else:
+        h0[0, 0] = bad
+    with pytest.raises(ValueError, match=f"^{label} contains non-finite values"):
+        dh.Equilibrium(c.f, theta, x, h0)
+
+
+def test_f_with_wrong_shape_shows_both():
+    c = _tanh()
+    with pytest.raises(ValueError, match=r"returned shape \(3, 4\) .* h0 has shape \(3, 5\)"):
+        dh.Equilibrium(lambda x, h, t: c.f(x, h, t)[:, :4], c.theta, c.x, c.h0)
+
+
+def test_f_with_wrong_dtype_shows_both():
+    c = _tanh()
+    with pytest.raises(ValueError, match=r"dtype torch\.float32, .*dtype torch\.float64"):
+        dh.Equilibrium(lambda x, h, t: c.f(x, h, t).float(), c.theta, c.x, c.h0)
+
+
+def test_f_returning_a_non_tensor():
+    c = _tanh()
+    with pytest.raises(ValueError, match="must return a tensor shaped like h; got tuple"):
+        dh.Equilibrium(lambda x, h, t: (h,), c.theta, c.x, c.h0)
+
+
+def test_h0_dtype_must_match_theta():
+    c = _tanh()
+    with pytest.raises(ValueError, match=r"h0 is torch\.float32 .* theta is torch\.float64"):
+        dh.Equilibrium(c.f, c.theta, c.x, c.h0.float())
+
+
+@pytest.mark.parametrize(
+    ("theta", "message"),
+    [
+        ({}, "theta is an empty dict"),
+        ({"W": [1.0]}, r"theta\['W'\] is a list, not a torch.Tensor"),
+        ({"W": torch.ones(2, dtype=torch.long)}, r"theta\['W'\] has dtype torch.int64"),
+        (
+            {"a": torch.ones(2, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float32)},
+            "share one dtype",
+        ),
+        ([torch.ones(2)], "must be a torch.Tensor or a dict"),
+    ],
+)
+def test_bad_theta(theta, message):
+    with pytest.raises(ValueError, match=message):
+        dh.Equilibrium(lambda x, h, t: h * 0.5, theta, torch.zeros(2), torch.zeros(2))
+
+
+def test_bad_state_arguments():
+    f = lambda x, h, t: 0.5 * h * t  # noqa: E731
+    t = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="h0 is required when x is not a tensor"):
+        dh.Equilibrium(f, t, None)
+    with pytest.raises(ValueError, match="the state must be float32 or float64"):
+        dh.Equilibrium(f, t, None, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"batch_dim=2 is out of range .*\(3, 2\)"):
+        dh.Equilibrium(f, t, None, torch.zeros(3, 2), batch_dim=2)
+    with pytest.raises(ValueError, match="f must be callable"):
+        dh.Equilibrium(None, t, None, torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        (lambda h: h.sum(dim=1), r"0-dim floating tensor .*shape \(3,\).* \.sum\(\)"),
+        (lambda h: 1.0, "got float"),
+        (lambda h, t, y: h.sum(), "requires 3 positional arguments"),
+        (lambda: 0.0, "requires 0 positional arguments"),
+        ("mse", "loss must be callable"),
+    ],
+)
+def test_bad_losses(loss, message):
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    with pytest.raises(ValueError, match=message):
+        eq.grad(loss)
+
+
+def test_loss_arity_from_signature():
+    from deqhess.implicit import Loss
+
+    assert not Loss(lambda h: h.sum()).uses_theta
+    assert Loss(lambda h, theta: h.sum()).uses_theta
+    assert not Loss(lambda h, scale=2.0: h.sum()).uses_theta
+    assert not Loss(torch.sum).uses_theta
+
+
+def test_bad_directions_and_methods():
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    with pytest.raises(
+        ValueError, match=r"v must have theta's structure .*'W': \(5, 5\).*\(45,\); got \(7,\)"
+    ):
+        eq.hvp(c.loss, torch.ones(7))
+    with pytest.raises(ValueError, match=r"v has dtype torch.float32 but theta is torch.float64"):
+        eq.hvp(c.loss, torch.ones(45, dtype=torch.float32))
+    with pytest.raises(ValueError, match="v contains non-finite"):
+        eq.hvp(c.loss, torch.full((45,), float("nan")))
+    with pytest.raises(ValueError, match="unknown gradient method 'magic'"):
+        eq.grad(c.loss, method="magic")
+    with pytest.raises(TypeError, match="needs the direction v"):
+        dh.hvp(c.f, c.loss, c.theta, c.x, h0=c.h0)
+    with pytest.raises(TypeError, match="ambiguous"):
+        dh.hvp(c.f, c.loss, c.theta, c.x, torch.ones(45))
+    with pytest.raises(TypeError, match="both positionally and by keyword"):
+        dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, torch.ones(45), v=torch.ones(45))
+    with pytest.raises(TypeError, match="at most h0 and v"):
+        dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, torch.ones(45), torch.ones(45))
+
+
+def test_no_fixed_point_raises_convergence_error():
+    with pytest.raises(dh.ConvergenceError, match=r"did not converge in max_iter=50"):
+        dh.Equilibrium(
+            lambda x, h, t: h + t,
+            torch.tensor(1.0),
+            None,
+            torch.zeros(2),
+            solver="picard",
+            max_iter=50,
+        )
+
+
+def test_divergence_raises_convergence_error():
+    with pytest.raises(dh.ConvergenceError, match="diverged: f returned non-finite"):
+        dh.Equilibrium(
+            lambda x, h, t: t * h * h + 1, torch.tensor(3.0), None, torch.zeros(2), solver="picard"
+        )
+
+
+def test_singular_system_raises():
+    eq = dh.Equilibrium(lambda x, h, t: h + 0 * t, torch.tensor(1.0), None, torch.zeros(2))
+    with pytest.raises(dh.SingularSystemError, match="exactly singular"):
+        eq.hessian(lambda h: h.sum())
+
+
+def test_ill_conditioned_system_raises():
+    rates = torch.tensor([1 - 1e-15, 0.5])  # I − J = diag(1e-15, 0.5): condition 5e14
+    eq = dh.Equilibrium(lambda x, h, t: rates * h * t, torch.tensor(1.0), None, torch.zeros(2))
+    with pytest.raises(dh.SingularSystemError, match="too ill-conditioned"):
+        eq.grad(lambda h: h.sum())
+
+
+def test_in_place_change_after_construction_raises():
+    c = _tanh()
+    theta = {k: v.clone() for k, v in c.theta.items()}
+    x = c.x.clone()
+    eq = dh.Equilibrium(c.f, theta, x, c.h0)
+    eq.grad(c.loss)
+    theta["b"].add_(1.0)
+    with pytest.raises(dh.StaleEquilibriumError, match=r"modified in place .*new Equilibrium"):
+        eq.hvp(c.loss, torch.ones(45))
+    eq = dh.Equilibrium(c.f, c.theta, x, c.h0)
+    x.mul_(2.0)
+    with pytest.raises(dh.StaleEquilibriumError, match="modified in place"):
+        eq.hessian(c.loss)
+
+
+def test_inputs_are_not_mutated_and_flags_kept():
+    c = _tanh()
+    theta = {k: v.clone().requires_grad_(k != "b") for k, v in c.theta.items()}
+    x, h0 = c.x.clone(), torch.randn_like(c.h0)
+    before = {k: v.detach().clone() for k, v in theta.items()}
+    x_before, h0_before = x.clone(), h0.clone()
+    v = {k: torch.randn_like(t) for k, t in theta.items()}
+    v_before = {k: t.clone() for k, t in v.items()}
+    eq = dh.Equilibrium(c.f, theta, x, h0)
+    eq.hessian(c.loss_theta, split=True)
+    eq.hvp(c.loss_theta, v)
+    eq.grad(c.loss_theta, method="sensitivity")
+    eq.second_sensitivity()
+    for k in theta:
+        assert torch.equal(theta[k].detach(), before[k]) and torch.equal(v[k], v_before[k])
+        assert theta[k].requires_grad == (k != "b") and theta[k].grad is None
+    assert torch.equal(x, x_before) and torch.equal(h0, h0_before)
+    assert not x.requires_grad and not h0.requires_grad
+    assert not eq.h.requires_grad
+    eq.h.add_(1.0)  # the returned state is a copy
+    assert torch.allclose(eq.hessian(c.loss), dh.hessian(c.f, c.loss, c.theta, c.x, c.h0))
+
+
+def test_info_reports_conditioning_after_factorisation():
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    assert eq.info.condition_number is None and eq.info.converged
+    eq.grad(c.loss)
+    assert 1.0 <= eq.info.condition_number < 10.0
+    assert "Equilibrium(state=(3, 5), P=45" in repr(eq)

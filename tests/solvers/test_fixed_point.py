@@ -1,0 +1,123 @@
+"""The shared driver and the Picard / Anderson solvers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqhess import Anderson, ConvergenceError, Picard
+from deqhess.solvers import Tolerance, default_tolerance, resolve_solver, solve_fixed_point
+
+SOLVERS = {
+    "picard": Picard(),
+    "picard-damped": Picard(damping=0.7),
+    "anderson": Anderson(),
+    "anderson-m2-damped": Anderson(memory=2, damping=0.8),
+}
+
+
+def _rowwise_map(samples=4, width=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(width, width, generator=g)
+    w = 0.6 * w / torch.linalg.matrix_norm(w, ord=2)
+    bias = torch.randn(samples, width, generator=g)
+
+    def fn(h):
+        return torch.tanh(h @ w.T + bias[: h.shape[0]])
+
+    return fn, bias
+
+
+@pytest.mark.parametrize("key", sorted(SOLVERS))
+def test_solvers_reach_the_tolerance_per_row(key):
+    fn, _ = _rowwise_map()
+    tol = Tolerance(rtol=1e-12, atol=1e-12)
+    h, info = solve_fixed_point(fn, torch.zeros(4, 6), SOLVERS[key], tol, max_iter=500)
+    assert info.converged
+    fh = fn(h)
+    residual = torch.linalg.vector_norm(fh - h, dim=1)
+    assert torch.all(residual <= tol.threshold(torch.linalg.vector_norm(fh, dim=1)))
+    assert torch.allclose(info.sample_residuals, residual, rtol=0, atol=1e-30)
+    assert len(info.residual_history) == info.iterations + 1
+
+
+def test_anderson_needs_fewer_iterations_than_picard():
+    fn, _ = _rowwise_map()
+    tol = Tolerance(rtol=1e-12, atol=1e-12)
+    _, picard = solve_fixed_point(fn, torch.zeros(4, 6), Picard(), tol, 500)
+    _, anderson = solve_fixed_point(fn, torch.zeros(4, 6), Anderson(), tol, 500)
+    assert anderson.iterations < picard.iterations
+
+
+@pytest.mark.parametrize("key", ["picard", "anderson"])
+def test_rows_do_not_depend_on_their_batch(key):
+    """Per-sample stopping and per-sample Anderson coefficients: a row solved alone
+    takes the same steps and lands on the same iterate as inside a batch."""
+    fn, _ = _rowwise_map()
+    tol = Tolerance(rtol=1e-11, atol=1e-11)
+    h_all, info_all = solve_fixed_point(fn, torch.zeros(4, 6), SOLVERS[key], tol, 500)
+    for row in range(4):
+
+        def single(h, row=row):
+            padded = torch.zeros(4, 6).index_copy(0, torch.tensor([row]), h)
+            return fn(padded)[row : row + 1]
+
+        h_one, info_one = solve_fixed_point(single, torch.zeros(1, 6), SOLVERS[key], tol, 500)
+        assert info_one.iterations == int(info_all.sample_iterations[row])
+        assert torch.allclose(h_one[0], h_all[row], rtol=0, atol=1e-14)
+
+
+def test_unconverged_solve_raises_with_residual_and_advice():
+    fn, _ = _rowwise_map()
+    with pytest.raises(
+        ConvergenceError, match=r"did not converge in max_iter=3 .*best residual.*larger max_iter"
+    ) as err:
+        solve_fixed_point(fn, torch.zeros(4, 6), Picard(), Tolerance(1e-12, 1e-12), 3)
+    assert err.value.info.iterations == 3 and not err.value.info.converged
+
+
+def test_unconverged_solve_can_return_best_iterate_with_a_warning():
+    fn, _ = _rowwise_map()
+    with pytest.warns(RuntimeWarning, match="Returning the best iterate"):
+        h, info = solve_fixed_point(
+            fn, torch.zeros(4, 6), Picard(), Tolerance(0.0, 0.0), 5, require_convergence=False
+        )
+    assert not info.converged and info.iterations == 5
+    residual = torch.linalg.vector_norm(fn(h) - h, dim=1)
+    assert torch.allclose(residual, info.sample_residuals)
+
+
+def test_divergence_to_non_finite_raises():
+    with pytest.raises(ConvergenceError, match=r"non-finite values at iteration .*damp"):
+        solve_fixed_point(
+            lambda h: 1e200 * h + 1.0, torch.zeros(1, 3), Picard(), Tolerance(1e-10, 1e-10), 100
+        )
+
+
+def test_default_tolerance_by_dtype():
+    assert default_tolerance(torch.float64) == 1e-10
+    assert default_tolerance(torch.float32) == 1e-5
+    with pytest.raises(ValueError, match="supports float32 and float64"):
+        default_tolerance(torch.float16)
+    assert Tolerance.resolve(None, None, torch.float64) == Tolerance(1e-10, 1e-10)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Tolerance.resolve(-1.0, None, torch.float64)
+
+
+def test_solver_aliases_and_bad_arguments():
+    assert isinstance(resolve_solver("Anderson"), Anderson)
+    assert isinstance(resolve_solver("picard"), Picard)
+    with pytest.raises(
+        ValueError, match=r"unknown solver 'broyden'; use one of \['anderson', 'picard'\]"
+    ):
+        resolve_solver("broyden")
+    with pytest.raises(ValueError, match=r"damping must lie in \(0, 1\]"):
+        Picard(damping=0.0)
+    with pytest.raises(ValueError, match="memory must be >= 1"):
+        Anderson(memory=0)
+    with pytest.raises(ValueError, match=r"damping must lie in \(0, 1\]"):
+        Anderson(damping=1.5)
+    with pytest.raises(ValueError, match="regularization must be >= 0"):
+        Anderson(regularization=-1)
+    with pytest.raises(ValueError, match="max_iter must be >= 0"):
+        solve_fixed_point(lambda h: h, torch.zeros(1, 2), Picard(), Tolerance(1, 1), -1)
