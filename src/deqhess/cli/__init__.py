@@ -1,0 +1,1 @@
+"""The ``deqhess`` command line."""
