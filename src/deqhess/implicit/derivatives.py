@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..chunks import default_chunk_size
+
 __all__ = [
     "dynamics_jvp",
     "dynamics_vjp",
@@ -44,6 +46,7 @@ def parameter_jacobian(
     """
     samples, width = h.shape
     size, params = samples * width, theta.numel()
+    chunk_size = chunk_size or default_chunk_size(size + params)
     if size <= params:
         _, pullback = torch.func.vjp(lambda t: dynamics(t, h), theta)
         basis = torch.eye(size, dtype=h.dtype, device=h.device).reshape(size, samples, width)

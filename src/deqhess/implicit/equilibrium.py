@@ -98,7 +98,7 @@ class Equilibrium:
         require_convergence: if False, an unconverged solve warns and keeps its best
             iterate instead of raising (``info.converged`` tells).
         chunk_size: directions vmapped at once in dense Jacobians/Hessians (bounds
-            memory); None does all at once.
+            memory); None picks about 4M numbers per chunk.
 
     Raises:
         ValueError: bad inputs (non-finite θ/x/h0, dtype or shape mismatches).

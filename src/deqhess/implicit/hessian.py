@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..chunks import default_chunk_size
 from ..linear import DenseLU
 from .derivatives import lagrangian_hessian_products
 from .loss import Loss
@@ -50,18 +51,24 @@ def _projected(
     sensitivity: Tensor,
     chunk_size: int | None,
 ) -> Tensor:
-    """``[I; Z]ᵀ ∇²Φ [I; Z]`` ``[P, P]`` for Φ = (L if given) + (λᵀf if given)."""
+    """``[I; Z]ᵀ ∇²Φ [I; Z]`` ``[P, P]`` for Φ = (L if given) + (λᵀf if given).
+
+    Directions go in chunks; each chunk's ``g_θ + Zᵀ g_h`` is written straight into
+    the output by one GEMM, so only a chunk of ``∇²Φ [I; Z]`` is ever held.
+    """
     samples, width, params = sensitivity.shape
     phi = problem.lagrangian(loss, adjoint)
-    directions = torch.eye(params, dtype=theta.dtype, device=theta.device)
-    g_theta, g_h = lagrangian_hessian_products(
-        phi, theta, h, directions, sensitivity.permute(2, 0, 1), chunk_size
-    )
-    # Row i of `columns` is column i of H: g_θ⁽ⁱ⁾ + Zᵀ g_h⁽ⁱ⁾.
-    columns = torch.addmm(
-        g_theta, g_h.reshape(params, samples * width), sensitivity.reshape(-1, params)
-    )
-    return columns.T.contiguous()
+    z_flat = sensitivity.reshape(samples * width, params)
+    tangents = sensitivity.permute(2, 0, 1)
+    step = chunk_size or default_chunk_size(params + samples * width)
+    columns = theta.new_empty(params, params)  # row i holds column i of H
+    for start in range(0, params, step):
+        stop = min(start + step, params)
+        basis = theta.new_zeros(stop - start, params)
+        basis[:, start:stop].fill_diagonal_(1.0)
+        g_theta, g_h = lagrangian_hessian_products(phi, theta, h, basis, tangents[start:stop])
+        torch.addmm(g_theta, g_h.reshape(stop - start, -1), z_flat, out=columns[start:stop])
+    return columns.mT
 
 
 def dense_hessian(

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..chunks import default_chunk_size
+
 __all__ = ["jacobian_blocks"]
 
 
@@ -21,6 +23,7 @@ def jacobian_blocks(
     independently (the ``batch_dim`` contract); cross-row entries are never formed.
     """
     samples, width = h.shape
+    chunk_size = chunk_size or default_chunk_size(h.numel())
     _, pullback = torch.func.vjp(fn, h)
     eye = torch.eye(width, dtype=h.dtype, device=h.device)
     cotangents = eye[:, None, :].expand(width, samples, width)

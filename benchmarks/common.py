@@ -1,0 +1,71 @@
+"""Shared pieces of the benchmarks: the tanh DEQ of DESIGN.md, timing, flattening.
+
+The benchmark problem is ``f(x, h, θ) = tanh(h Wᵀ + x Uᵀ + b)`` with ``‖W‖₂ = 0.5``
+and a smooth non-convex loss. Sizes (n, m, B): (16, 8, 4) → P = 400;
+(64, 32, 16) → P = 6,208; (256, 64, 64) → P = 82,176.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SIZES = {"400": (16, 8, 4), "6k": (64, 32, 16), "82k": (256, 64, 64)}
+
+
+def tanh_deq(n: int, m: int, batch: int, seed: int = 0, dtype=torch.float64):
+    """``(f, loss, theta, x, h0)`` for the benchmark DEQ."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, n, generator=g, dtype=dtype)
+    theta = {
+        "W": 0.5 * w / torch.linalg.matrix_norm(w, ord=2),
+        "U": torch.randn(n, m, generator=g, dtype=dtype) / m**0.5,
+        "b": 0.1 * torch.randn(n, generator=g, dtype=dtype),
+    }
+    x = torch.randn(batch, m, generator=g, dtype=dtype)
+    target = torch.randn(batch, n, generator=g, dtype=dtype).tanh()
+
+    def f(x: Tensor, h: Tensor, t: dict[str, Tensor]) -> Tensor:
+        return torch.tanh(h @ t["W"].T + x @ t["U"].T + t["b"])
+
+    def loss(h: Tensor) -> Tensor:
+        return 0.5 * (h - target).pow(2).sum() + torch.log(torch.cosh(h)).sum()
+
+    return f, loss, theta, x, torch.zeros(batch, n, dtype=dtype)
+
+
+def flatten(theta: dict[str, Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in theta.values()])
+
+
+def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    pieces = torch.split(flat, [t.numel() for t in like.values()])
+    return {k: p.reshape(t.shape) for (k, t), p in zip(like.items(), pieces, strict=True)}
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
+    """Median wall time of ``repeats`` calls (after one warm-up) and the last result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def relative(a: Tensor, b: Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def matmul_rate(m: int, k: int, n: int, dtype=torch.float64) -> float:
+    """This machine's ``torch.matmul`` rate (flop/s) on an ``[m, k] @ [k, n]`` product."""
+    a = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(k, n, dtype=dtype)
+    seconds, _ = best_time(lambda: a @ b)
+    return 2.0 * m * k * n / seconds
