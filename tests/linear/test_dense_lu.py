@@ -26,9 +26,12 @@ def test_solves_and_transposed_solves():
     j = 0.3 * torch.randn(2, 6, 6) / 6**0.5
     lu = DenseLU(j)
     a = torch.eye(6) - j
-    rhs = torch.randn(2, 6, 4)
-    assert torch.allclose(a @ lu.solve(rhs), rhs, atol=1e-13)
-    assert torch.allclose(a.transpose(1, 2) @ lu.solve_transpose(rhs), rhs, atol=1e-13)
+    rhs = torch.randn(4, 2, 6)  # [K, S, d]: K directions over S sample blocks
+    x, y = lu.solve(rhs), lu.solve_transpose(rhs)
+    assert torch.allclose(torch.einsum("sij,ksj->ksi", a, x), rhs, atol=1e-13)
+    assert torch.allclose(torch.einsum("sji,ksj->ksi", a, y), rhs, atol=1e-13)
+    single = torch.randn(2, 6)  # no leading dims
+    assert torch.allclose(torch.einsum("sij,sj->si", a, lu.solve(single)), single, atol=1e-13)
     exact = max(float(torch.linalg.cond(a[s], p=1)) for s in range(2))
     assert exact / 3 <= lu.condition_number <= exact * 3  # gecon is an estimate
 

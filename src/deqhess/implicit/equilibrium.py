@@ -3,8 +3,9 @@
 The seed's computation graph, step by step:
 
 1. forward — :func:`deqhess.solvers.solve_fixed_point` (at construction);
-2. Jacobian — :func:`deqhess.linear.jacobian_blocks`, factorised once by
-   :class:`deqhess.linear.DenseLU` (:attr:`Equilibrium.factorization`);
+2. Jacobian — ``J = ∂f/∂h`` as a :class:`deqhess.linear.ResidualOperator` (JVP/VJP),
+   prepared once by the linear solver: a dense LU per sample block or a matrix-free
+   GMRES/Neumann solve (:attr:`Equilibrium.linear_solve`);
 3. adjoint — :meth:`Equilibrium.adjoint`, ``(I − J)ᵀ λ = ∇ₕL``;
 4. sensitivity — :meth:`Equilibrium.sensitivity`, ``(I − J) Z = ∂f/∂θ``;
 5. assemble — :meth:`Equilibrium.hessian` (dense) and :meth:`Equilibrium.hvp`
@@ -21,13 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linear import DenseLU, jacobian_blocks
+from ..chunks import default_chunk_size
+from ..linear import LinearSolver, ResidualOperator, Solve, resolve_linear_solver
 from ..parameters import Parameters
 from ..solvers import FixedPointSolver, SolveInfo, Tolerance, resolve_solver, solve_fixed_point
 from .derivatives import dynamics_vjp, parameter_jacobian
 from .hessian import HessianSplit, dense_hessian, second_sensitivity
-from .hvp import hessian_vector_product
+from .hvp import hessian_vector_products
 from .loss import Loss
+from .operators import CurvatureOperator, check_part
 from .problem import Problem
 
 __all__ = ["Equilibrium", "EquilibriumInfo"]
@@ -49,8 +52,10 @@ class EquilibriumInfo:
         solver: the forward solver.
         tolerance: the stopping rule.
         condition_number: estimated 1-norm condition number of ``I − J`` (largest
-            over samples), or None until a derivative has needed the factorisation.
-            Expect to lose about ``log10`` of it in digits relative to the residual.
+            over samples) from the dense LU, or None (not factorised yet, or a
+            matrix-free solver). Expect to lose about ``log10`` of it in digits
+            relative to the residual.
+        linear_solver: the strategy for solves with ``I − J``.
     """
 
     iterations: int
@@ -62,6 +67,7 @@ class EquilibriumInfo:
     solver: str
     tolerance: Tolerance
     condition_number: float | None
+    linear_solver: str
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,10 @@ class Equilibrium:
         batch_dim: dimension of ``h`` whose slices are independent samples (``f`` must
             treat them independently; the loss may couple them), or None for one
             coupled system.
-        max_condition: largest acceptable condition number of ``I − J``.
+        linear_solver: ``"auto"`` (dense LU per sample block while blocks are at most
+            2048 wide and fit in 2 GB, else GMRES), ``"dense"``, ``"gmres"``,
+            ``"neumann"`` or a :class:`deqhess.linear.LinearSolver` instance.
+        max_condition: largest acceptable condition number of ``I − J`` (dense LU).
         require_convergence: if False, an unconverged solve warns and keeps its best
             iterate instead of raising (``info.converged`` tells).
         chunk_size: directions vmapped at once in dense Jacobians/Hessians (bounds
@@ -117,6 +126,7 @@ class Equilibrium:
         *,
         atol: float | None = None,
         batch_dim: int | None = None,
+        linear_solver: str | LinearSolver = "auto",
         max_condition: float | None = None,
         require_convergence: bool = True,
         chunk_size: int | None = None,
@@ -127,9 +137,11 @@ class Equilibrium:
             h0 = torch.zeros_like(x)
         self.problem = Problem(f, theta, x, h0, batch_dim)
         self.solver = resolve_solver(solver)
-        self.max_condition = max_condition
-        self.chunk_size = chunk_size
         state = self.problem.state
+        self.linear_solver = resolve_linear_solver(
+            linear_solver, state.samples, state.width, state.dtype, max_condition
+        )
+        self.chunk_size = chunk_size
         tolerance = Tolerance.resolve(tol, atol, state.dtype)
         self._theta = self.problem.params.flatten(theta).detach().clone()
         with torch.no_grad():
@@ -142,7 +154,7 @@ class Equilibrium:
                 require_convergence,
             )
         self._h = rows
-        self._factorization: DenseLU | None = None
+        self._linear_solve: Solve | None = None
         self._sensitivity: Tensor | None = None
         self._adjoints: OrderedDict[Any, _AdjointSolution] = OrderedDict()
 
@@ -171,21 +183,22 @@ class Equilibrium:
             solver=s.solver,
             tolerance=s.tolerance,
             condition_number=(
-                None if self._factorization is None else self._factorization.condition_number
+                None if self._linear_solve is None else self._linear_solve.condition_number
             ),
+            linear_solver=repr(self.linear_solver),
         )
 
     @property
-    def factorization(self) -> DenseLU:
-        """The LU of ``I − J`` at ``h*`` (steps 2–4), computed on first use."""
+    def linear_solve(self) -> Solve:
+        """Solves with ``I − J`` and ``(I − J)ᵀ`` at ``h*`` (steps 2–4), set up on first use."""
         self.problem.check_fresh()
-        if self._factorization is None:
+        if self._linear_solve is None:
             with torch.no_grad():
-                jacobian = jacobian_blocks(
-                    lambda r: self.problem.dynamics(self._theta, r), self._h, self.chunk_size
+                operator = ResidualOperator(
+                    lambda r: self.problem.dynamics(self._theta, r), self._h
                 )
-            self._factorization = DenseLU(jacobian, self.max_condition)
-        return self._factorization
+                self._linear_solve = self.linear_solver.prepare(operator)
+        return self._linear_solve
 
     # ----------------------------------------------------------------- first order
     def _adjoint_solution(self, loss: Callable[..., Tensor]) -> _AdjointSolution:
@@ -204,7 +217,7 @@ class Equilibrium:
             grad_theta, grad_h = torch.func.grad(
                 lambda t, r: self.problem.objective(wrapped, t, r), argnums=(0, 1)
             )(self._theta, self._h)
-            adjoint = self.factorization.solve_transpose(grad_h[..., None])[..., 0]
+            adjoint = self.linear_solve.solve_transpose(grad_h)
         solution = _AdjointSolution(wrapped, adjoint, grad_h, grad_theta)
         if loss_key is not None:
             self._adjoints[loss_key] = solution
@@ -227,7 +240,8 @@ class Equilibrium:
                 rhs = parameter_jacobian(
                     self.problem.dynamics, self._theta, self._h, self.chunk_size
                 )
-                self._sensitivity = self.factorization.solve(rhs)
+                columns = self.linear_solve.solve(rhs.permute(2, 0, 1))  # [P, S, d]
+                self._sensitivity = columns.permute(1, 2, 0).contiguous()
         return self._sensitivity
 
     def grad(self, loss: Callable[..., Tensor], method: str = "adjoint") -> Parameters:
@@ -276,25 +290,51 @@ class Equilibrium:
             )
 
     def hvp(self, loss: Callable[..., Tensor], v: Parameters) -> Parameters:
-        """``H v``, exact and matrix-free: two solves with the cached factorisation.
+        """``H v``, exact and matrix-free: two solves with the prepared linear solve.
 
         Args:
             v: a direction with θ's structure, or a flat ``[P]`` tensor; the result has
                 the same form as ``v``.
         """
-        solution = self._adjoint_solution(loss)
         flat_v, structured = self._flat_direction(v)
-        with torch.no_grad():
-            product = hessian_vector_product(
-                self.problem,
-                solution.loss,
-                solution.adjoint,
-                self._theta,
-                self._h,
-                self.factorization,
-                flat_v,
-            )
+        product = self._products(loss, "total")(flat_v[None])[0]
         return self.problem.params.unflatten(product) if structured else product
+
+    def hessian_operator(
+        self, loss: Callable[..., Tensor], part: str = "total"
+    ) -> CurvatureOperator:
+        """The Hessian (or one part of it) as a ``P × P`` operator of exact products.
+
+        Args:
+            part: ``"total"`` (the Hessian), ``"loss_curvature"`` (the GGN part
+                ``[I; Z]ᵀ∇²L[I; Z]``) or ``"dynamics_curvature"``.
+        """
+        check_part(part)
+        state = self.problem.state
+        chunk = self.chunk_size or default_chunk_size(self.num_parameters + state.size)
+        return CurvatureOperator(self._products(loss, part), self.problem.params, part, chunk)
+
+    def ggn_operator(self, loss: Callable[..., Tensor]) -> CurvatureOperator:
+        """The loss curvature (generalised Gauss–Newton part) as an operator."""
+        return self.hessian_operator(loss, "loss_curvature")
+
+    def _products(self, loss: Callable[..., Tensor], part: str) -> Callable[[Tensor], Tensor]:
+        """``V ↦ H V`` on ``[K, P]`` blocks for one part, λ fetched from the cache."""
+
+        def products(v: Tensor) -> Tensor:
+            solution = self._adjoint_solution(loss)
+            with torch.no_grad():
+                return hessian_vector_products(
+                    self.problem,
+                    solution.loss if part != "dynamics_curvature" else None,
+                    solution.adjoint if part != "loss_curvature" else None,
+                    self._theta,
+                    self._h,
+                    self.linear_solve,
+                    v,
+                )
+
+        return products
 
     def second_sensitivity(self) -> Tensor:
         """``d²h*/dθ²``, shape ``h.shape + (P, P)`` — the seed's intermediate; small P only."""
@@ -304,7 +344,7 @@ class Equilibrium:
                 self._theta,
                 self._h,
                 self._sensitivity_rows(),
-                self.factorization,
+                self.linear_solve,
                 self.chunk_size,
             )
         return self.problem.state.from_rows(rows)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
-from ..linear import DenseLU
+from ..linear import Solve
 from .derivatives import lagrangian_hessian_products
 from .loss import Loss
 from .problem import Problem
@@ -99,7 +99,7 @@ def second_sensitivity(
     theta: Tensor,
     h: Tensor,
     sensitivity: Tensor,
-    factorization: DenseLU,
+    solver: Solve,
     chunk_size: int | None = None,
 ) -> Tensor:
     """``d²h*/dθ²`` ``[S, d, P, P]``, solving ``(I − J) d²h*/dθᵢdθⱼ = D²f[(eᵢ, Zᵢ), (eⱼ, Zⱼ)]``.
@@ -108,7 +108,7 @@ def second_sensitivity(
     directions ``(eᵢ, Zᵢ)``: ``∂²f/∂θ²``, both mixed terms and ``Zᵀ ∂²f/∂h² Z`` of the
     seed at once. Costs ``P²`` nested JVPs and ``N·P²`` memory: small problems only.
     """
-    samples, width, params = sensitivity.shape
+    params = sensitivity.shape[-1]
     dynamics = problem.dynamics
 
     def second_directional(v1: Tensor, z1: Tensor, v2: Tensor, z2: Tensor) -> Tensor:
@@ -122,5 +122,4 @@ def second_sensitivity(
     inner = torch.func.vmap(second_directional, in_dims=(None, None, 0, 0))
     outer = torch.func.vmap(inner, in_dims=(0, 0, None, None), chunk_size=chunk_size)
     rhs = outer(directions, tangents, directions, tangents)  # [P, P, S, d]
-    rhs = rhs.permute(2, 3, 0, 1).reshape(samples, width, params * params)
-    return factorization.solve(rhs).reshape(samples, width, params, params)
+    return solver.solve(rhs).permute(2, 3, 0, 1)

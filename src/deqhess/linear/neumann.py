@@ -1,0 +1,76 @@
+"""Neumann / Richardson iteration ``x ← b + J x`` for contractive maps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .base import IterativeSolve, LinearSolveInfo, LinearSolver, default_linear_tolerance, row_norms
+from .operator import ResidualOperator
+
+__all__ = ["Neumann", "neumann"]
+
+
+def neumann(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    x0: Tensor | None = None,
+    *,
+    rtol: float,
+    atol: float = 0.0,
+    max_iter: int = 500,
+) -> tuple[Tensor, LinearSolveInfo]:
+    """Solve ``(I − J) x = b`` row-wise by ``x ← x + (b − (I − J) x) = b + J x``.
+
+    This sums the Neumann series ``Σ Jᵏ b``; it converges, at rate ``ρ(J)``, exactly
+    when the spectral radius ``ρ(J) < 1`` — true at the fixed point of a contraction,
+    where ``‖J‖ ≤ c < 1``. Returns ``(x, info)``; does not raise.
+    """
+    tiny = torch.finfo(b.dtype).tiny
+    target = torch.clamp(rtol * row_norms(b), min=atol)
+    x = b.clone() if x0 is None else x0.clone()
+    products = 0
+    residual = torch.full_like(target, float("inf"))
+    for _ in range(max_iter):
+        r = b - matvec(x)
+        products += 1
+        residual = row_norms(r)
+        if bool((residual <= target).all()):
+            break
+        x = x + r
+    relative = residual / torch.clamp(row_norms(b), min=tiny)
+    info = LinearSolveInfo(
+        method="Neumann",
+        iterations=products,
+        residual=float(relative.max()) if relative.numel() else 0.0,
+        converged=bool((residual <= target).all()),
+    )
+    return x, info
+
+
+class Neumann(LinearSolver):
+    """Matrix-free Neumann series for contractive ``f`` (``ρ(∂f/∂h) < 1``).
+
+    Args:
+        rtol: relative residual per system; default 1e-12 (float64) / 1e-6 (float32).
+        atol: absolute residual floor.
+        max_iter: cap on products with ``A`` per solve.
+    """
+
+    def __init__(self, rtol: float | None = None, atol: float = 0.0, max_iter: int = 500):
+        if max_iter < 1:
+            raise ValueError(f"Neumann needs max_iter >= 1; got {max_iter}.")
+        self.rtol, self.atol, self.max_iter = rtol, atol, max_iter
+
+    def __repr__(self) -> str:
+        return f"Neumann(max_iter={self.max_iter})"
+
+    def prepare(self, operator: ResidualOperator) -> IterativeSolve:
+        rtol = default_linear_tolerance(operator.h.dtype) if self.rtol is None else self.rtol
+
+        def method(matvec, b, x0):
+            return neumann(matvec, b, x0, rtol=rtol, atol=self.atol, max_iter=self.max_iter)
+
+        return IterativeSolve(operator, method, repr(self))

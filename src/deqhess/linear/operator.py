@@ -1,0 +1,64 @@
+"""``A = I − J`` at the fixed point, applied matrix-free by JVPs and VJPs.
+
+Vectors are rows ``[S, d]`` (see :mod:`deqhess.state`); a block of ``K`` vectors is
+``[K, S, d]``. ``J`` is never formed here; :meth:`ResidualOperator.jacobian_blocks`
+forms its diagonal blocks for the dense solver on request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .jacobian import jacobian_blocks
+
+__all__ = ["ResidualOperator"]
+
+
+class ResidualOperator:
+    """``A v = v − J v`` and ``Aᵀ w = w − Jᵀ w`` with ``J = ∂fn/∂h`` at ``h``.
+
+    Args:
+        fn: the map ``h ↦ f(x, h, θ)`` on rows ``[S, d]`` (θ and x bound).
+        h: the fixed point, rows ``[S, d]``.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], h: Tensor) -> None:
+        self.fn = fn
+        self.h = h
+        _, self._pullback = torch.func.vjp(fn, h)
+
+    @property
+    def samples(self) -> int:
+        return self.h.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.h.shape[1]
+
+    def _jvp(self, v: Tensor) -> Tensor:
+        return torch.func.jvp(self.fn, (self.h,), (v,))[1]
+
+    def _vjp(self, w: Tensor) -> Tensor:
+        return self._pullback(w)[0]
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``(I − J) v`` for ``v`` ``[..., S, d]`` (leading dims vmapped)."""
+        return v - _over_leading(self._jvp, v)
+
+    def rmatvec(self, w: Tensor) -> Tensor:
+        """``(I − J)ᵀ w`` for ``w`` ``[..., S, d]``."""
+        return w - _over_leading(self._vjp, w)
+
+    def jacobian_blocks(self, chunk_size: int | None = None) -> Tensor:
+        """The diagonal blocks of ``J``, ``[S, d, d]`` (see :func:`jacobian_blocks`)."""
+        return jacobian_blocks(self.fn, self.h, chunk_size)
+
+
+def _over_leading(fn: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+    if v.ndim == 2:
+        return fn(v)
+    flat = v.reshape(-1, *v.shape[-2:])
+    return torch.func.vmap(fn)(flat).reshape(v.shape)

@@ -1,0 +1,114 @@
+"""Matrix-free solves: the residual operator, batched GMRES, Neumann, and the choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deqhess import ConvergenceError
+from deqhess.linear import (
+    GMRES,
+    Dense,
+    DenseLU,
+    Neumann,
+    ResidualOperator,
+    gmres,
+    neumann,
+    resolve_linear_solver,
+)
+
+
+def _rowwise(samples=3, width=7, rate=0.8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(samples, width, width, generator=g)
+    w = rate * w / torch.linalg.matrix_norm(w, ord=2)[:, None, None]
+
+    def fn(h):  # independent rows; J_s = diag(tanh') W_s has norm ≤ rate
+        return torch.tanh(torch.einsum("sij,sj->si", w, h) + 0.3)
+
+    return fn, torch.randn(samples, width, generator=g)
+
+
+def test_operator_products_match_dense_blocks():
+    fn, h = _rowwise()
+    op = ResidualOperator(fn, h)
+    a = torch.eye(7) - op.jacobian_blocks()
+    v = torch.randn(5, 3, 7)
+    assert torch.allclose(op.matvec(v), torch.einsum("sij,ksj->ksi", a, v), atol=1e-14)
+    assert torch.allclose(op.rmatvec(v), torch.einsum("sji,ksj->ksi", a, v), atol=1e-14)
+    assert torch.allclose(op.matvec(v[0]), torch.einsum("sij,sj->si", a, v[0]), atol=1e-14)
+
+
+@pytest.mark.parametrize("strategy", [GMRES(), GMRES(restart=3), Neumann()], ids=repr)
+def test_matrix_free_solves_match_dense(strategy):
+    fn, h = _rowwise()
+    op = ResidualOperator(fn, h)
+    dense = Dense().prepare(op)
+    solve = strategy.prepare(op)
+    rhs = torch.randn(4, 3, 7)
+    assert torch.allclose(solve.solve(rhs), dense.solve(rhs), rtol=0, atol=1e-10)
+    assert torch.allclose(solve.solve_transpose(rhs), dense.solve_transpose(rhs), atol=1e-10)
+    _, info = solve.solve_with_info(rhs)
+    assert info.converged and info.residual <= 1e-12 and info.iterations >= 1
+
+
+def test_gmres_rows_are_independent_and_warm_start_helps():
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    b = torch.stack([torch.ones(4), torch.zeros(4), torch.arange(4.0)])  # a zero row too
+
+    def matvec(x):
+        return x @ a.T
+
+    x, info = gmres(matvec, b, rtol=1e-14)
+    assert info.converged
+    assert torch.allclose(x @ a.T, b, atol=1e-13) and torch.equal(x[1], torch.zeros(4))
+    _, warm = gmres(matvec, b, x0=x, rtol=1e-14)
+    assert warm.iterations == 1  # only the residual check
+
+
+def test_gmres_reports_failure_without_raising_and_solver_raises():
+    rotation = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0]])
+
+    def matvec(x):  # a non-normal system needing 2 steps; restart=1 stagnates
+        return x @ rotation.T
+
+    _, info = gmres(matvec, b, rtol=1e-12, restart=1, max_iter=10)
+    assert not info.converged and info.residual > 0.5
+    fn, h = _rowwise(rate=0.95)
+    solve = GMRES(restart=1, max_iter=2).prepare(ResidualOperator(fn, h))
+    with pytest.raises(ConvergenceError, match=r"GMRES.* did not solve I − J x = b: relative"):
+        solve.solve(torch.randn(3, 7))
+
+
+def test_neumann_needs_a_contraction():
+    b = torch.ones(1, 2)
+    x, info = neumann(lambda x: x * 0.5, b, rtol=1e-12)  # I − J = 0.5 I: J = 0.5 I
+    assert info.converged and torch.allclose(x, 2 * b)
+    _, info = neumann(lambda x: x * -0.5, b, rtol=1e-12, max_iter=50)  # J = 1.5 I
+    assert not info.converged
+    fn, h = _rowwise(rate=0.9)
+    solve = Neumann(max_iter=3).prepare(ResidualOperator(fn, h))
+    with pytest.raises(ConvergenceError, match=r"Neumann.* did not solve \(I − J\)ᵀ x = b"):
+        solve.solve_transpose(torch.randn(3, 7))
+
+
+def test_resolve_linear_solver():
+    assert isinstance(resolve_linear_solver("auto", 64, 256, torch.float64), Dense)
+    assert isinstance(resolve_linear_solver("auto", 1, 4096, torch.float64), GMRES)
+    assert isinstance(resolve_linear_solver("auto", 10_000, 2048, torch.float64), GMRES)
+    assert isinstance(resolve_linear_solver("gmres", 1, 4, torch.float64), GMRES)
+    assert isinstance(resolve_linear_solver("neumann", 1, 4, torch.float64), Neumann)
+    mine = GMRES(restart=5)
+    assert resolve_linear_solver(mine, 1, 4, torch.float64) is mine
+    with pytest.raises(ValueError, match=r"unknown linear_solver 'lu'; use 'auto', one of"):
+        resolve_linear_solver("lu", 1, 4, torch.float64)
+    with pytest.raises(ValueError, match="GMRES needs restart >= 1"):
+        GMRES(restart=0)
+    with pytest.raises(ValueError, match="Neumann needs max_iter >= 1"):
+        Neumann(max_iter=0)
+
+
+def test_dense_strategy_prepares_lu():
+    fn, h = _rowwise()
+    assert isinstance(Dense().prepare(ResidualOperator(fn, h)), DenseLU)
