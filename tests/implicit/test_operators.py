@@ -13,8 +13,8 @@ from problems import CASE_NAMES, case, relative_error
 from scipy.sparse.linalg import eigsh
 
 import deqhess as dh
-from deqhess.parameters import ParameterLayout
 from deqhess.linear import GMRES, Neumann
+from deqhess.parameters import ParameterLayout
 
 
 def _equilibrium(c, linear_solver="dense"):
