@@ -9,26 +9,43 @@ from __future__ import annotations
 
 from . import linear, solvers
 from .errors import ConvergenceError, SingularSystemError, StaleEquilibriumError
-from .implicit import Equilibrium, EquilibriumInfo, HessianSplit, grad, hessian, hvp
+from .implicit import (
+    CurvatureOperator,
+    DatasetEquilibrium,
+    Equilibrium,
+    EquilibriumInfo,
+    HessianSplit,
+    grad,
+    hessian,
+    hvp,
+)
+from .linear import GMRES, Dense, Neumann
 from .solvers import Anderson, Picard
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # forward solvers
-    "Anderson",
-    # errors
-    "ConvergenceError",
     # the equilibrium and its derivatives
     "Equilibrium",
     "EquilibriumInfo",
     "HessianSplit",
-    "Picard",
-    "SingularSystemError",
-    "StaleEquilibriumError",
     "grad",
     "hessian",
     "hvp",
+    # operators and data sets
+    "CurvatureOperator",
+    "DatasetEquilibrium",
+    # forward solvers
+    "Anderson",
+    "Picard",
+    # linear solvers for I − J
+    "Dense",
+    "GMRES",
+    "Neumann",
+    # errors
+    "ConvergenceError",
+    "SingularSystemError",
+    "StaleEquilibriumError",
     # layers
     "linear",
     "solvers",

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from .dataset import DatasetEquilibrium
 from .equilibrium import Equilibrium, EquilibriumInfo
 from .functional import grad, hessian, hvp
 from .hessian import HessianSplit
 from .loss import Loss
+from .operators import PARTS, CurvatureOperator
 from .problem import Problem
 
 __all__ = [
+    # one equilibrium
     "Equilibrium",
     "EquilibriumInfo",
     "HessianSplit",
     "Loss",
     "Problem",
+    # operators and data sets
+    "PARTS",
+    "CurvatureOperator",
+    "DatasetEquilibrium",
+    # one-shot forms
     "grad",
     "hessian",
     "hvp",

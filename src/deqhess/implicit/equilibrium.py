@@ -297,7 +297,7 @@ class Equilibrium:
                 the same form as ``v``.
         """
         flat_v, structured = self._flat_direction(v)
-        product = self._products(loss, "total")(flat_v[None])[0]
+        product = self.block_products(loss, "total")(flat_v[None])[0]
         return self.problem.params.unflatten(product) if structured else product
 
     def hessian_operator(
@@ -312,14 +312,18 @@ class Equilibrium:
         check_part(part)
         state = self.problem.state
         chunk = self.chunk_size or default_chunk_size(self.num_parameters + state.size)
-        return CurvatureOperator(self._products(loss, part), self.problem.params, part, chunk)
+        return CurvatureOperator(self.block_products(loss, part), self.problem.params, part, chunk)
 
     def ggn_operator(self, loss: Callable[..., Tensor]) -> CurvatureOperator:
         """The loss curvature (generalised Gauss–Newton part) as an operator."""
         return self.hessian_operator(loss, "loss_curvature")
 
-    def _products(self, loss: Callable[..., Tensor], part: str) -> Callable[[Tensor], Tensor]:
-        """``V ↦ H V`` on ``[K, P]`` blocks for one part, λ fetched from the cache."""
+    def block_products(self, loss: Callable[..., Tensor], part: str) -> Callable[[Tensor], Tensor]:
+        """``V ↦ (H Vᵀ)ᵀ`` on row-blocks ``[K, P]`` for one part (λ from the cache).
+
+        The K directions share each solve and vmapped AD pass; this is what
+        :class:`CurvatureOperator` and data-set sums are built on.
+        """
 
         def products(v: Tensor) -> Tensor:
             solution = self._adjoint_solution(loss)

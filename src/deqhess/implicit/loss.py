@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..parameters import Parameters
 
-__all__ = ["Loss"]
+__all__ = ["Loss", "required_positional"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -47,14 +47,19 @@ class Loss:
         return value
 
 
-def _required_positional(fn: Callable[..., Tensor]) -> int:
+def required_positional(fn: Callable[..., Tensor]) -> int:
+    """The number of required positional parameters of ``fn`` (1 if unreadable or ``*args``)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return 1
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         return 1
-    required = sum(1 for p in params if p.kind in _POSITIONAL and p.default is p.empty)
+    return sum(1 for p in params if p.kind in _POSITIONAL and p.default is p.empty)
+
+
+def _required_positional(fn: Callable[..., Tensor]) -> int:
+    required = required_positional(fn)
     if required not in (1, 2):
         raise ValueError(
             f"loss must take loss(h) or loss(h, theta); {getattr(fn, '__name__', fn)!r} "
