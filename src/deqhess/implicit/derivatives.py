@@ -15,9 +15,6 @@ from ..chunks import default_chunk_size
 
 __all__ = [
     "dynamics_jvp",
-    "dynamics_jvps",
-    "dynamics_vjp",
-    "dynamics_vjps",
     "lagrangian_hessian_product",
     "lagrangian_hessian_products",
     "parameter_jacobian",
@@ -30,23 +27,6 @@ Scalar = Callable[[Tensor, Tensor], Tensor]
 def dynamics_jvp(dynamics: Dynamics, theta: Tensor, h: Tensor, v: Tensor) -> Tensor:
     """``(∂f/∂θ) v`` ``[S, d]`` for a direction ``v`` ``[P]`` (one JVP)."""
     return torch.func.jvp(lambda t: dynamics(t, h), (theta,), (v,))[1]
-
-
-def dynamics_vjp(dynamics: Dynamics, theta: Tensor, h: Tensor, mu: Tensor) -> Tensor:
-    """``(∂f/∂θ)ᵀ μ`` ``[P]`` for a cotangent ``μ`` ``[S, d]`` (one VJP)."""
-    _, pullback = torch.func.vjp(lambda t: dynamics(t, h), theta)
-    return pullback(mu)[0]
-
-
-def dynamics_jvps(dynamics: Dynamics, theta: Tensor, h: Tensor, v: Tensor) -> Tensor:
-    """``(∂f/∂θ) vₖ`` ``[K, S, d]`` for ``K`` directions ``v`` ``[K, P]`` (vmapped JVPs)."""
-    return torch.func.vmap(lambda a: dynamics_jvp(dynamics, theta, h, a))(v)
-
-
-def dynamics_vjps(dynamics: Dynamics, theta: Tensor, h: Tensor, mu: Tensor) -> Tensor:
-    """``(∂f/∂θ)ᵀ μₖ`` ``[K, P]`` for ``K`` cotangents ``μ`` ``[K, S, d]`` (one forward)."""
-    _, pullback = torch.func.vjp(lambda t: dynamics(t, h), theta)
-    return torch.func.vmap(lambda m: pullback(m)[0])(mu)
 
 
 def parameter_jacobian(

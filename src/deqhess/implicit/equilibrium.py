@@ -26,9 +26,9 @@ from ..chunks import default_chunk_size
 from ..linear import LinearSolver, ResidualOperator, Solve, resolve_linear_solver
 from ..parameters import Parameters
 from ..solvers import FixedPointSolver, SolveInfo, Tolerance, resolve_solver, solve_fixed_point
-from .derivatives import dynamics_vjp, parameter_jacobian
+from .derivatives import parameter_jacobian
 from .hessian import HessianSplit, dense_hessian, second_sensitivity
-from .hvp import hessian_vector_products
+from .hvp import ParameterProducts, hessian_vector_products
 from .loss import Loss
 from .operators import CurvatureOperator, check_part
 from .problem import Problem
@@ -156,6 +156,7 @@ class Equilibrium:
         self._h = rows
         self._linear_solve: Solve | None = None
         self._sensitivity: Tensor | None = None
+        self._parameter_products: ParameterProducts | None = None
         self._adjoints: OrderedDict[Any, _AdjointSolution] = OrderedDict()
 
     # ----------------------------------------------------------------- state and info
@@ -199,6 +200,16 @@ class Equilibrium:
                 )
                 self._linear_solve = self.linear_solver.prepare(operator)
         return self._linear_solve
+
+    @property
+    def parameter_products(self) -> ParameterProducts:
+        """Products with ``∂f/∂θ`` at ``(θ, h*)``, linearised once and reused."""
+        self.problem.check_fresh()
+        if self._parameter_products is None:
+            self._parameter_products = ParameterProducts.at(
+                self.problem.dynamics, self._theta, self._h
+            )
+        return self._parameter_products
 
     # ----------------------------------------------------------------- first order
     def _adjoint_solution(self, loss: Callable[..., Tensor]) -> _AdjointSolution:
@@ -255,8 +266,9 @@ class Equilibrium:
         solution = self._adjoint_solution(loss)
         with torch.no_grad():
             if method == "adjoint":
-                flat = solution.loss_grad_theta + dynamics_vjp(
-                    self.problem.dynamics, self._theta, self._h, solution.adjoint
+                flat = (
+                    solution.loss_grad_theta
+                    + self.parameter_products.vjps(solution.adjoint[None])[0]
                 )
             elif method == "sensitivity":
                 flat = solution.loss_grad_theta + torch.einsum(
@@ -327,15 +339,13 @@ class Equilibrium:
 
         def products(v: Tensor) -> Tensor:
             solution = self._adjoint_solution(loss)
+            phi = self.problem.lagrangian(
+                solution.loss if part != "dynamics_curvature" else None,
+                solution.adjoint if part != "loss_curvature" else None,
+            )
             with torch.no_grad():
                 return hessian_vector_products(
-                    self.problem,
-                    solution.loss if part != "dynamics_curvature" else None,
-                    solution.adjoint if part != "loss_curvature" else None,
-                    self._theta,
-                    self._h,
-                    self.linear_solve,
-                    v,
+                    self.parameter_products, phi, self._theta, self._h, self.linear_solve, v
                 )
 
         return products

@@ -7,39 +7,66 @@ For directions ``v`` (the seed's H = d/dθ(λᵀ ∂f/∂θ) read as a product):
 3. ``μ = (I − J)⁻ᵀ g_h``;
 4. ``H v = g_θ + (∂f/∂θ)ᵀ μ`` (one VJP).
 
-A block of ``K`` directions is pushed through each step at once (vmapped AD, block
+A block of ``K`` directions goes through each step at once (vmapped products, block
 solves). No ``P × P`` or ``N × P`` object is formed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor
 
 from ..linear import Solve
-from .derivatives import dynamics_jvps, dynamics_vjps, lagrangian_hessian_products
-from .loss import Loss
-from .problem import Problem
+from .derivatives import lagrangian_hessian_products
 
-__all__ = ["hessian_vector_products"]
+__all__ = ["ParameterProducts", "hessian_vector_products"]
+
+
+@dataclass(frozen=True)
+class ParameterProducts:
+    """Products with ``∂f/∂θ`` at ``(θ, h*)`` on blocks: ``[K, P] → [K, S, d]`` (JVPs) and
+    ``[K, S, d] → [K, P]`` (VJPs through one cached pullback: no forward per call)."""
+
+    jvps: Callable[[Tensor], Tensor]
+    vjps: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def at(
+        cls, dynamics: Callable[[Tensor, Tensor], Tensor], theta: Tensor, h: Tensor
+    ) -> ParameterProducts:
+        def of_theta(t: Tensor) -> Tensor:
+            return dynamics(t, h)
+
+        _, pullback = torch.func.vjp(of_theta, theta)
+
+        def jvp(v: Tensor) -> Tensor:
+            return torch.func.jvp(of_theta, (theta,), (v,))[1]
+
+        return cls(
+            jvps=torch.func.vmap(jvp),
+            vjps=torch.func.vmap(lambda mu: pullback(mu)[0]),
+        )
 
 
 def hessian_vector_products(
-    problem: Problem,
-    loss: Loss | None,
-    adjoint: Tensor | None,
+    parameter: ParameterProducts,
+    phi: Callable[[Tensor, Tensor], Tensor],
     theta: Tensor,
     h: Tensor,
     solver: Solve,
     v: Tensor,
 ) -> Tensor:
-    """``H vₖ`` ``[K, P]`` for flat directions ``v`` ``[K, P]``, at flat θ and rows ``h``.
+    """``H vₖ`` ``[K, P]`` for flat directions ``v`` ``[K, P]`` at flat θ and rows ``h``.
 
-    ``loss``/``adjoint`` select the operator: both give the Hessian, ``loss`` only the
-    loss curvature ``[I; Z]ᵀ∇²L[I; Z]`` (the GGN part), ``adjoint`` only the dynamics
-    curvature ``[I; Z]ᵀ∇²(λᵀf)[I; Z]``.
+    Args:
+        parameter: the products with ``∂f/∂θ`` at the fixed point.
+        phi: the Lagrangian Φ(θ, h) of the wanted operator: ``L + λᵀf`` (the Hessian),
+            ``L`` (loss curvature, the GGN part) or ``λᵀf`` (dynamics curvature).
+        solver: solves with ``I − J`` and ``(I − J)ᵀ`` at the fixed point.
     """
-    dynamics = problem.dynamics
-    z = solver.solve(dynamics_jvps(dynamics, theta, h, v))
-    phi = problem.lagrangian(loss, adjoint)
+    z = solver.solve(parameter.jvps(v))
     g_theta, g_h = lagrangian_hessian_products(phi, theta, h, v, z)
-    return g_theta + dynamics_vjps(dynamics, theta, h, solver.solve_transpose(g_h))
+    return g_theta + parameter.vjps(solver.solve_transpose(g_h))

@@ -45,7 +45,8 @@ def gmres(
     while bool((beta > target).any()) and products < max_iter:
         active = beta > target
         steps = min(restart, max_iter - products)
-        basis = [r / beta.clamp_min(tiny)[..., None]]
+        basis = b.new_empty(steps + 1, *b.shape)  # Krylov vectors, filled in order
+        basis[0] = r / beta.clamp_min(tiny)[..., None]
         hessenberg = b.new_zeros(*beta.shape, steps + 1, steps)
         cos, sin = b.new_zeros(*beta.shape, steps), b.new_zeros(*beta.shape, steps)
         g = b.new_zeros(*beta.shape, steps + 1)
@@ -54,11 +55,11 @@ def gmres(
         for j in range(steps):
             w = matvec(basis[j])
             products += 1
-            stacked = torch.stack(basis)  # [j+1, ..., d]
-            coeffs = (stacked * w).sum(-1)
-            w = w - (coeffs[..., None] * stacked).sum(0)
-            again = (stacked * w).sum(-1)  # reorthogonalise once (CGS2)
-            w = w - (again[..., None] * stacked).sum(0)
+            known = basis[: j + 1]
+            coeffs = (known * w).sum(-1)
+            w = w - (coeffs[..., None] * known).sum(0)
+            again = (known * w).sum(-1)  # reorthogonalise once (CGS2)
+            w = w - (again[..., None] * known).sum(0)
             norm = row_norms(w)
             column = [*(coeffs + again).unbind(0), norm]
             for i in range(j):  # earlier rotations
@@ -74,14 +75,14 @@ def gmres(
             hessenberg[..., : j + 2, j] = torch.stack(column, dim=-1)
             g[..., j + 1] = -sin[..., j] * g[..., j]
             g[..., j] = cos[..., j] * g[..., j]
-            basis.append(w / norm.clamp_min(tiny)[..., None])
+            basis[j + 1] = w / norm.clamp_min(tiny)[..., None]
             size = j + 1
             if bool(((g[..., j + 1].abs() <= target) | ~active).all()):
                 break
         y = torch.linalg.solve_triangular(
             hessenberg[..., :size, :size], g[..., :size, None], upper=True
         )[..., 0]
-        update = (torch.stack(basis[:size]) * y.movedim(-1, 0)[..., None]).sum(0)
+        update = (basis[:size] * y.movedim(-1, 0)[..., None]).sum(0)
         x = torch.where(active[..., None], x + update, x)
         r = b - matvec(x)
         products += 1

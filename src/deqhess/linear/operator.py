@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..tangents import linearize
 from .jacobian import jacobian_blocks
 
 __all__ = ["ResidualOperator"]
@@ -29,6 +30,7 @@ class ResidualOperator:
         self.fn = fn
         self.h = h
         _, self._pullback = torch.func.vjp(fn, h)
+        self._tangent: Callable[[Tensor], Tensor] | None = None
 
     @property
     def samples(self) -> int:
@@ -39,14 +41,20 @@ class ResidualOperator:
         return self.h.shape[1]
 
     def _jvp(self, v: Tensor) -> Tensor:
-        return torch.func.jvp(self.fn, (self.h,), (v,))[1]
+        # Traced once on first use (iterative solves call it tens of times per solve);
+        # blocks of directions use plain vmapped JVPs, which any f supports.
+        if self._tangent is None:
+            self._tangent = linearize(self.fn, self.h)
+        return self._tangent(v.contiguous())
 
     def _vjp(self, w: Tensor) -> Tensor:
         return self._pullback(w)[0]
 
     def matvec(self, v: Tensor) -> Tensor:
         """``(I − J) v`` for ``v`` ``[..., S, d]`` (leading dims vmapped)."""
-        return v - _over_leading(self._jvp, v)
+        if v.ndim == 2:
+            return v - self._jvp(v)
+        return v - _over_leading(lambda t: torch.func.jvp(self.fn, (self.h,), (t,))[1], v)
 
     def rmatvec(self, w: Tensor) -> Tensor:
         """``(I − J)ᵀ w`` for ``w`` ``[..., S, d]``."""
