@@ -19,16 +19,20 @@ SIZES = {"400": (16, 8, 4), "6k": (64, 32, 16), "82k": (256, 64, 64)}
 
 
 def tanh_deq(n: int, m: int, batch: int, seed: int = 0, dtype=torch.float64):
-    """``(f, loss, theta, x, h0)`` for the benchmark DEQ."""
+    """``(f, loss, theta, x, h0)`` for the benchmark DEQ.
+
+    Drawn in float64 and then cast, so a float32 problem is the float64 one rounded.
+    """
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, n, generator=g, dtype=dtype)
+    w = torch.randn(n, n, generator=g, dtype=torch.float64)
     theta = {
         "W": 0.5 * w / torch.linalg.matrix_norm(w, ord=2),
-        "U": torch.randn(n, m, generator=g, dtype=dtype) / m**0.5,
-        "b": 0.1 * torch.randn(n, generator=g, dtype=dtype),
+        "U": torch.randn(n, m, generator=g, dtype=torch.float64) / m**0.5,
+        "b": 0.1 * torch.randn(n, generator=g, dtype=torch.float64),
     }
-    x = torch.randn(batch, m, generator=g, dtype=dtype)
-    target = torch.randn(batch, n, generator=g, dtype=dtype).tanh()
+    theta = {k: t.to(dtype) for k, t in theta.items()}
+    x = torch.randn(batch, m, generator=g, dtype=torch.float64).to(dtype)
+    target = torch.randn(batch, n, generator=g, dtype=torch.float64).tanh().to(dtype)
 
     def f(x: Tensor, h: Tensor, t: dict[str, Tensor]) -> Tensor:
         return torch.tanh(h @ t["W"].T + x @ t["U"].T + t["b"])

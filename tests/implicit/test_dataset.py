@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import relative_error
+from problems import CASE_NAMES, case, relative_error
 
 import deqhess as dh
 from deqhess.parameters import ParameterLayout
@@ -96,3 +96,37 @@ def test_data_set_errors():
         dh.DatasetEquilibrium(f, theta, [x], _mean_loss, **init)
     with pytest.raises(ValueError, match="batches is empty"):
         dh.DatasetEquilibrium(f, theta, [], _mean_loss, **init)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_every_family_as_a_data_set_of_two_inputs(name):
+    """A data set of two inputs (x and x/2) for each family: the sum-reduced data-set
+    Hessian is the sum of the two single-equilibrium Hessians (and so is its GGN)."""
+    c = case(name)
+    xs = [c.x, 0.5 * c.x]
+    data = dh.DatasetEquilibrium(
+        c.f, c.theta, [(x, None) for x in xs], lambda h, theta, y: c.loss_theta(h, theta),
+        init_state=lambda x: c.h0, reduction="sum", batch_dim=c.batch_dim, **OPTS,
+    )  # fmt: skip
+    singles = [
+        dh.Equilibrium(c.f, c.theta, x, c.h0, batch_dim=c.batch_dim, tol=1e-14, atol=1e-15)
+        for x in xs
+    ]
+    expected = sum(eq.hessian(c.loss_theta) for eq in singles)
+    assert relative_error(data.hessian(), expected) <= 1e-12
+    block = torch.randn(expected.shape[0], 3)
+    assert relative_error(data.hessian_operator() @ block, expected @ block) <= 1e-12
+    ggn = sum(eq.hessian(c.loss_theta, split=True).loss_curvature for eq in singles)
+    assert relative_error(data.hessian_operator("loss_curvature").to_dense(), ggn) <= 1e-12
+
+
+def test_torch_data_loader_with_progress_bar():
+    f, theta, x, y = _data(samples=10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    data = dh.DatasetEquilibrium(
+        f, theta, loader, _mean_loss, init_state=lambda xb: torch.zeros(xb.shape[0], 5),
+        progress=True, tol=1e-14, atol=1e-15,
+    )  # fmt: skip
+    assert [eq.problem.state.samples for eq in data.equilibria] == [4, 4, 2]
+    whole = dh.Equilibrium(f, theta, x, torch.zeros(10, 5), batch_dim=0, tol=1e-14, atol=1e-15)
+    assert relative_error(data.hessian(), whole.hessian(lambda h: _mean_loss(h, y))) <= 1e-10

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..linear import Solve
-from .derivatives import lagrangian_hessian_products
+from .derivatives import dynamics_jvp, lagrangian_hessian_products
 
 __all__ = ["ParameterProducts", "hessian_vector_products"]
 
@@ -41,12 +41,8 @@ class ParameterProducts:
             return dynamics(t, h)
 
         _, pullback = torch.func.vjp(of_theta, theta)
-
-        def jvp(v: Tensor) -> Tensor:
-            return torch.func.jvp(of_theta, (theta,), (v,))[1]
-
         return cls(
-            jvps=torch.func.vmap(jvp),
+            jvps=torch.func.vmap(lambda v: dynamics_jvp(dynamics, theta, h, v)),
             vjps=torch.func.vmap(lambda mu: pullback(mu)[0]),
         )
 
