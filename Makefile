@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/dense_hessian.py
+	cd benchmarks && ../$(BIN)/python dense_hessian.py && ../$(BIN)/python hvp.py
 
 clean:
 	rm -rf $(VENV) deqhess-demo
