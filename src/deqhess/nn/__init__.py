@@ -1,0 +1,8 @@
+"""PyTorch modules whose implicit derivatives are exact to every order."""
+
+from __future__ import annotations
+
+from .deq import DEQ
+from .implicit import FixedPointSpec, fixed_point
+
+__all__ = ["DEQ", "FixedPointSpec", "fixed_point"]

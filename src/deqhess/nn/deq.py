@@ -1,0 +1,113 @@
+"""``deqhess.nn.DEQ``: a deep-equilibrium layer with implicit derivatives exact to every order."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..linear import LinearSolver
+from ..solvers import FixedPointSolver, SolveInfo, resolve_solver
+from .implicit import FixedPointSpec, fixed_point
+
+__all__ = ["DEQ"]
+
+
+class DEQ(nn.Module):
+    """``h* = cell(x, h*)``, differentiable in the cell's parameters and ``x`` to every order.
+
+    The backward is the implicit one (an adjoint solve with ``(I − J)ᵀ``; memory does
+    not depend on the solver's iterations), and it is itself differentiable:
+    ``torch.autograd.grad(..., create_graph=True)``, double and triple backward, and
+    ``torch.func.grad / vjp / jvp / hessian`` over ``functional_call(deq, params, (x,))``
+    give exact derivatives (see :mod:`deqhess.nn.implicit`).
+
+    Args:
+        cell: an ``nn.Module`` with ``forward(x, h)`` returning the next state, shaped
+            like ``h`` (the seed's ``f(x, h, θ)``, θ = its parameters, named
+            ``cell.<name>`` in this module). It may define ``init_state(x)``.
+        solver: ``"anderson"``, ``"picard"`` or a fixed-point solver instance.
+        tol, atol, max_iter: the forward solve's stopping rule (see
+            :class:`deqhess.Equilibrium`); a solve that misses it raises
+            :class:`deqhess.ConvergenceError`.
+        batch_dim: ``0`` (default): ``h``'s first dim indexes independent samples;
+            ``None``: one coupled system.
+        linear_solver: strategy for the adjoint and tangent solves (``"auto"``,
+            ``"dense"``, ``"gmres"``, ``"neumann"`` or an instance).
+    """
+
+    def __init__(
+        self,
+        cell: nn.Module,
+        solver: str | FixedPointSolver = "anderson",
+        tol: float | None = None,
+        max_iter: int = 1000,
+        *,
+        atol: float | None = None,
+        batch_dim: int | None = 0,
+        linear_solver: str | LinearSolver = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(cell, nn.Module):
+            raise ValueError(
+                f"cell must be a torch.nn.Module with forward(x, h); got {type(cell).__name__}."
+            )
+        if batch_dim not in (0, None):
+            raise ValueError(
+                f"batch_dim must be 0 or None for the DEQ layer; got {batch_dim}. Move the "
+                "sample dimension of the state first."
+            )
+        self.cell = cell
+        self.solver = resolve_solver(solver)
+        self.tol, self.atol, self.max_iter = tol, atol, max_iter
+        self.batch_dim = batch_dim
+        self.linear_solver = linear_solver
+
+    def initial_state(self, x: Tensor) -> Tensor:
+        """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
+        init = getattr(self.cell, "init_state", None)
+        like = init(x) if callable(init) else x
+        return torch.zeros_like(like)
+
+    def forward(
+        self, x: Tensor, h0: Tensor | None = None, *, return_info: bool = False
+    ) -> Tensor | tuple[Tensor, SolveInfo]:
+        """The fixed point ``h*`` (and, with ``return_info=True``, the solve's statistics)."""
+        h0 = self.initial_state(x) if h0 is None else h0
+        named = list(self.cell.named_parameters())
+        names = [name for name, _ in named]
+        values = [value for _, value in named]
+        cell = self.cell
+
+        def step(z: Tensor, x: Tensor, *params: Tensor) -> Tensor:
+            out = torch.func.functional_call(cell, dict(zip(names, params, strict=True)), (x, z))
+            if not isinstance(out, Tensor) or out.shape != z.shape or out.dtype != z.dtype:
+                got = (
+                    f"shape {tuple(out.shape)} and dtype {out.dtype}"
+                    if isinstance(out, Tensor)
+                    else type(out).__name__
+                )
+                raise ValueError(
+                    f"cell(x, h) returned {got}, but the state has shape {tuple(z.shape)} and "
+                    f"dtype {z.dtype}; the cell must map a state to a state of the same shape."
+                )
+            return out
+
+        infos: list[SolveInfo] = []
+        spec = FixedPointSpec(
+            fn=step,
+            independent_dims=0 if self.batch_dim is None else 1,
+            linear=False,
+            solver=self.solver,
+            tol=self.tol,
+            atol=self.atol,
+            max_iter=self.max_iter,
+            linear_solver=self.linear_solver,
+            on_solve=infos.append if return_info else None,
+        )
+        h = fixed_point(spec, h0.detach(), x, *values)
+        if return_info:
+            return h, infos[-1]
+        return h
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
