@@ -7,7 +7,7 @@ densely, or as exact matrix-free Hessian-vector products.
 
 from __future__ import annotations
 
-from . import linear, solvers
+from . import linear, nn, solvers
 from .errors import ConvergenceError, SingularSystemError, StaleEquilibriumError
 from .implicit import (
     CurvatureOperator,
@@ -48,5 +48,6 @@ __all__ = [
     "StaleEquilibriumError",
     # layers
     "linear",
+    "nn",
     "solvers",
 ]

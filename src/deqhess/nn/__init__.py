@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .adapters import StateFirst, TupleState
 from .deq import DEQ
 from .implicit import FixedPointSpec, fixed_point
 
-__all__ = ["DEQ", "FixedPointSpec", "fixed_point"]
+__all__ = ["DEQ", "FixedPointSpec", "StateFirst", "TupleState", "fixed_point"]

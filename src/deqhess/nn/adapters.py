@@ -1,0 +1,71 @@
+"""Adapters so other cells fit ``DEQ``'s ``cell(x, h)`` contract.
+
+* :class:`StateFirst` wraps a torchdeq-style cell ``f(z, x)`` (state first).
+* :class:`TupleState` wraps a cell whose state is a tuple of tensors ``[B, ...]``,
+  presenting it to the solver as one flat ``[B, Σ dᵢ]`` state; :meth:`TupleState.split`
+  recovers the tuple from the equilibrium.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["StateFirst", "TupleState"]
+
+
+class StateFirst(nn.Module):
+    """``cell(x, h) = module(h, x)`` for torchdeq-style ``f(z, x)`` cells.
+
+    Parameters are then named ``cell.module.<name>`` inside a :class:`DEQ`.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return self.module(h, x)
+
+    def init_state(self, x: Tensor) -> Tensor:
+        init = getattr(self.module, "init_state", None)
+        return init(x) if callable(init) else x
+
+
+class TupleState(nn.Module):
+    """A cell ``module(x, (h₁, …, hₖ)) → (h₁', …, hₖ')`` seen as one flat state.
+
+    Args:
+        module: the cell with a tuple state.
+        shapes: per-sample shape of each state tensor (without the batch dim).
+    """
+
+    def __init__(self, module: nn.Module, shapes: Sequence[Sequence[int]]) -> None:
+        super().__init__()
+        if len(shapes) == 0:
+            raise ValueError("TupleState needs at least one state shape.")
+        self.module = module
+        self.shapes = [tuple(s) for s in shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
+
+    def split(self, h: Tensor) -> tuple[Tensor, ...]:
+        """Flat ``[B, Σ dᵢ]`` → the tuple of ``[B, *shapeᵢ]`` tensors (views)."""
+        pieces = torch.split(h, self.sizes, dim=-1)
+        return tuple(p.reshape(*h.shape[:-1], *s) for p, s in zip(pieces, self.shapes, strict=True))
+
+    def join(self, states: Sequence[Tensor]) -> Tensor:
+        """The tuple → flat ``[B, Σ dᵢ]``."""
+        if len(states) != len(self.shapes):
+            raise ValueError(
+                f"the cell returned {len(states)} state tensors; expected {len(self.shapes)}."
+            )
+        return torch.cat([s.reshape(s.shape[0], -1) for s in states], dim=-1)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return self.join(self.module(x, self.split(h)))
+
+    def init_state(self, x: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[0], sum(self.sizes))
