@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# curvlinops for the interop test, without backpack (whose torchvision would pull a CUDA torch)
+	$(BIN)/pip install --quiet --no-deps curvlinops-for-pytorch
+	$(BIN)/pip install --quiet einops einconv opt-einsum linear_operator
 	touch $(STAMP)
 
 demo: $(STAMP)
