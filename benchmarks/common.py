@@ -7,7 +7,11 @@ and a smooth non-convex loss. Sizes (n, m, B): (16, 8, 4) → P = 400;
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,3 +77,43 @@ def matmul_rate(m: int, k: int, n: int, dtype=torch.float64) -> float:
     b = torch.randn(k, n, dtype=dtype)
     seconds, _ = best_time(lambda: a @ b)
     return 2.0 * m * k * n / seconds
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def measure_operation(run: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """Median time of ``repeats`` calls after a first one, and the operation's peak memory.
+
+    The kernel's high-water mark is reset (``/proc/self/clear_refs``) just before the
+    first call, so ``op_peak_mb`` is the peak RSS during the calls above the RSS they
+    started from; ``process_peak_mb`` is that peak in absolute terms.
+    """
+    start_rss = _rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return dict(
+        seconds=statistics.median(times),
+        op_peak_mb=(_rss_kb("VmHWM") - start_rss) / 1024,
+        process_peak_mb=_rss_kb("VmHWM") / 1024,
+    )
+
+
+def in_subprocess(script: str, spec: dict) -> dict:
+    """Run ``script --child SPEC`` in a fresh process and parse its last JSON line."""
+    out = subprocess.run(
+        [sys.executable, script, "--child", json.dumps(spec)],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])

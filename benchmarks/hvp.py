@@ -16,15 +16,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import statistics
-import subprocess
-import sys
-import time
 import warnings
 
 import torch
-from common import flatten, relative, tanh_deq, unflatten
+from common import flatten, in_subprocess, measure_operation, relative, tanh_deq, unflatten
 
 import deqhess as dh
 
@@ -44,14 +39,6 @@ def _problem(cfg):
         flatten(theta).numel(), generator=torch.Generator().manual_seed(7), dtype=torch.float64
     )
     return f, loss, theta, x, h0, (v / v.norm()).to(dtype)
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def _unrolled_hvp(f, loss, theta, x, h0, steps):
@@ -110,28 +97,11 @@ def child(spec: dict) -> dict:
             return (gradient(flat + step * v) - gradient(flat - step * v)) / (2 * step)
     else:
         raise ValueError(kind)
-    start_rss = _rss_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset the high-water mark: the peak below is the operation's
-    run()  # first call, included in the peak (it allocates the operation's buffers)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return dict(
-        seconds=statistics.median(times),
-        op_peak_mb=(_rss_kb("VmHWM") - start_rss) / 1024,
-        process_peak_mb=_rss_kb("VmHWM") / 1024,
-    )
+    return measure_operation(run, repeats)
 
 
 def measure(**spec) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_subprocess(__file__, spec)
 
 
 def accuracy(size: str) -> tuple[float, int, float]:

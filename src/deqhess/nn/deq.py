@@ -33,6 +33,8 @@ class DEQ(nn.Module):
             ``None``: one coupled system.
         linear_solver: strategy for the adjoint and tangent solves (``"auto"``,
             ``"dense"``, ``"gmres"``, ``"neumann"`` or an instance).
+        require_convergence: if False, an unconverged forward solve warns and keeps its
+            best iterate (for fixed iteration budgets) instead of raising.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class DEQ(nn.Module):
         atol: float | None = None,
         batch_dim: int | None = 0,
         linear_solver: str | LinearSolver = "auto",
+        require_convergence: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module):
@@ -61,6 +64,7 @@ class DEQ(nn.Module):
         self.tol, self.atol, self.max_iter = tol, atol, max_iter
         self.batch_dim = batch_dim
         self.linear_solver = linear_solver
+        self.require_convergence = require_convergence
 
     def initial_state(self, x: Tensor) -> Tensor:
         """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
@@ -102,6 +106,7 @@ class DEQ(nn.Module):
             atol=self.atol,
             max_iter=self.max_iter,
             linear_solver=self.linear_solver,
+            require_convergence=self.require_convergence,
             on_solve=infos.append if return_info else None,
         )
         h = fixed_point(spec, h0.detach(), x, *values)

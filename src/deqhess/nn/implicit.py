@@ -39,7 +39,8 @@ class FixedPointSpec:
         independent_dims: leading dims of ``z`` indexing independent systems (their
             Jacobian blocks are solved separately; 0 = one coupled system).
         linear: ``fn`` is affine in ``z``: solve ``(I − ∂fn/∂z) z = fn(0)`` directly.
-        solver, tol, atol, max_iter: the forward solver for a nonlinear ``fn``.
+        solver, tol, atol, max_iter, require_convergence: the forward solver for a
+            nonlinear ``fn`` (see :func:`deqhess.solvers.solve_fixed_point`).
         linear_solver: strategy for linear ``fn`` (adjoint and tangent systems).
         on_solve: called with the forward solve's statistics (None: ignored); the
             derived adjoint/tangent problems never call it.
@@ -53,6 +54,7 @@ class FixedPointSpec:
     atol: float | None
     max_iter: int
     linear_solver: str | LinearSolver
+    require_convergence: bool = True
     on_solve: Callable[[SolveInfo], None] | None = None
 
     def rows(self, z: Tensor) -> Tensor:
@@ -70,7 +72,12 @@ class FixedPointSpec:
             if not self.linear:
                 tolerance = Tolerance.resolve(self.tol, self.atol, z0.dtype)
                 rows, info = solve_fixed_point(
-                    step, self.rows(z0).clone(), self.solver, tolerance, self.max_iter
+                    step,
+                    self.rows(z0).clone(),
+                    self.solver,
+                    tolerance,
+                    self.max_iter,
+                    self.require_convergence,
                 )
                 if self.on_solve is not None:
                     self.on_solve(info)
