@@ -17,3 +17,14 @@ def test_quick_start_runs():
     assert scope["H"].shape == (p, p)
     assert scope["Hv"].shape == (p,)
     assert scope["split"].total.shape == (p, p)
+
+
+def test_layer_example_runs():
+    text = README.read_text(encoding="utf-8")
+    block = re.search(
+        r"## The DEQ layer: exact derivatives of every order\n\n```python\n(.*?)```", text, re.S
+    )
+    scope: dict = {}
+    exec(compile("import torch\n" + block.group(1), str(README), "exec"), scope)
+    assert scope["h"].shape == (4, 8) and scope["info"].converged
+    assert [n for n, _ in scope["deq"].named_parameters()] == ["cell.lin.weight", "cell.lin.bias"]

@@ -121,3 +121,31 @@ def test_solver_aliases_and_bad_arguments():
         Anderson(regularization=-1)
     with pytest.raises(ValueError, match="max_iter must be >= 0"):
         solve_fixed_point(lambda h: h, torch.zeros(1, 2), Picard(), Tolerance(1, 1), -1)
+
+
+def test_anderson_in_float32_on_a_saturating_map():
+    """Regression: a δ below float32's resolution left the Gram matrix exactly singular
+    once some rows converged fast (tanh of a large input saturates)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8, dtype=torch.float32)
+    x = torch.randn(4, 8, dtype=torch.float32)
+
+    def fn(h):
+        with torch.no_grad():
+            return torch.tanh(0.5 * lin(h) + x)
+
+    h0 = torch.zeros(4, 8, dtype=torch.float32)
+    tol = Tolerance.resolve(None, None, torch.float32)
+    h, info = solve_fixed_point(fn, h0, Anderson(), tol, 100)
+    assert info.converged and h.dtype == torch.float32
+    assert torch.allclose(fn(h), h, atol=1e-4)
+
+
+def test_tolerance_below_dtype_resolution_is_explained():
+    fn, _ = _rowwise_map()
+
+    def fn32(h):
+        return fn(h.double()).float()
+
+    with pytest.raises(ConvergenceError, match=r"rtol=1e-12 is below what torch.float32 can"):
+        solve_fixed_point(fn32, torch.zeros(4, 6).float(), Picard(), Tolerance(1e-12, 1e-12), 5)

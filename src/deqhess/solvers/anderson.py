@@ -27,12 +27,14 @@ class Anderson(FixedPointSolver):
     With residual ``g = f(h) − h`` and the differences ``ΔH = h_k − h_i``,
     ``ΔG = g_k − g_i`` over the last ``m`` iterates, each row solves the regularised
     least-squares problem ``γ = argmin ‖g_k − ΔG γ‖² + δ·tr(ΔGᵀΔG)/m ‖γ‖²`` and steps
-    ``h ← h_k + β g_k − (ΔH + β ΔG) γ``. Rows (samples) get their own ``γ``.
+    ``h ← h_k + β g_k − (ΔH + β ΔG) γ``. Rows (samples) get their own ``γ``; a row whose
+    least squares cannot be solved takes the plain damped step ``h_k + β g_k``.
 
     Args:
         memory: m, the number of past iterates mixed (≥ 1).
         damping: β in ``(0, 1]``.
-        regularization: δ, relative Tikhonov regularisation of the least squares.
+        regularization: δ, relative Tikhonov regularisation of the least squares
+            (at least ``10 ε`` of the dtype).
     """
 
     def __init__(self, memory: int = 5, damping: float = 1.0, regularization: float = 1e-10):
@@ -63,13 +65,16 @@ class Anderson(FixedPointSolver):
             d_g = g[:, None, :] - memory.g[:, -k:, :]
             gram = d_g @ d_g.transpose(1, 2)  # [S, k, k]
             scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)
-            floor = torch.finfo(h.dtype).tiny
-            ridge = (self.regularization * scale + floor)[:, None, None]
+            finfo = torch.finfo(h.dtype)
+            # δ below the dtype's resolution would leave the Gram matrix singular
+            relative = max(self.regularization, 10 * finfo.eps)
+            ridge = (relative * scale + finfo.tiny)[:, None, None]
             eye = torch.eye(k, dtype=h.dtype, device=h.device)
             rhs = (d_g @ g[:, :, None])[:, :, 0]  # [S, k]
-            gamma = torch.linalg.solve(gram + ridge * eye, rhs)
+            gamma, failed = torch.linalg.solve_ex(gram + ridge * eye, rhs)
             mixed = h_next - ((d_h + beta * d_g) * gamma[:, :, None]).sum(dim=1)
-            ok = torch.isfinite(mixed).all(dim=1, keepdim=True)
+            # a row whose mixing failed takes the plain damped step instead
+            ok = (failed == 0)[:, None] & torch.isfinite(mixed).all(dim=1, keepdim=True)
             h_next = torch.where(ok, mixed, h_next)
         history = _History(
             h=torch.cat([memory.h[:, 1:], h[:, None]], dim=1),

@@ -179,13 +179,20 @@ def solve_fixed_point(
         return h, _info(solver, iters, last_res, done, history, tolerance)
     info = _info(solver, iters, best_res, done, history, tolerance)
     worst = int(torch.argmax(torch.where(done, torch.zeros_like(best_res), best_res)))
+    eps = torch.finfo(h.dtype).eps
+    resolution = (
+        f" rtol={tolerance.rtol:g} is below what {h.dtype} can resolve (ε = {eps:.1e}): use "
+        "tol=None (chosen by dtype) or float64."
+        if tolerance.rtol < 10 * eps
+        else ""
+    )
     message = (
         f"{solver!r} did not converge in max_iter={max_iter} iterations: best residual "
         f"‖f(h) − h‖ = {float(best_res[worst]):.3e} (sample {worst}) against rtol="
         f"{tolerance.rtol:g}, atol={tolerance.atol:g}; "
         f"{int((~done).sum())} of {samples} samples unconverged. Try a larger "
         "max_iter, solver='anderson', a looser tol, or check that f is a contraction "
-        "in h (spectral norm of ∂f/∂h below 1)."
+        "in h (spectral norm of ∂f/∂h below 1)." + resolution
     )
     if require_convergence:
         raise ConvergenceError(message, info=info)
