@@ -7,7 +7,7 @@ densely, or as exact matrix-free Hessian-vector products.
 
 from __future__ import annotations
 
-from . import linear, nn, solvers
+from . import curvature, linear, nn, solvers
 from .errors import ConvergenceError, SingularSystemError, StaleEquilibriumError
 from .implicit import (
     CurvatureOperator,
@@ -47,6 +47,7 @@ __all__ = [
     "SingularSystemError",
     "StaleEquilibriumError",
     # layers
+    "curvature",
     "linear",
     "nn",
     "solvers",

@@ -1,0 +1,42 @@
+"""Analyses of curvature operators, built only on their products.
+
+Every function takes any symmetric operator with ``shape``, ``dtype``, ``device`` and
+``matmat`` — a :class:`deqhess.CurvatureOperator` for the Hessian, the loss curvature
+(GGN) or the dynamics curvature, of one equilibrium or a data set — or a
+:class:`ParameterBlock` of one. Each returns a small result object with the estimate,
+its error estimate where one exists and the number of HVPs used; random probes are
+seeded.
+"""
+
+from __future__ import annotations
+
+from .base import Counted, ParameterBlock, SymmetricOperator
+from .density import DensityResult, spectral_density
+from .diagonal import DiagonalResult, diagonal
+from .eigen import EigenResult, extreme_eigenpairs
+from .inverse import InfluenceResult, InverseResult, influence, newton_step, solve_damped
+from .trace import TraceResult, hutchinson, hutchpp
+
+__all__ = [
+    # spectra
+    "EigenResult",
+    "extreme_eigenpairs",
+    "DensityResult",
+    "spectral_density",
+    # traces and diagonals
+    "TraceResult",
+    "hutchinson",
+    "hutchpp",
+    "DiagonalResult",
+    "diagonal",
+    # inverse products
+    "InverseResult",
+    "solve_damped",
+    "newton_step",
+    "InfluenceResult",
+    "influence",
+    # operators
+    "Counted",
+    "ParameterBlock",
+    "SymmetricOperator",
+]

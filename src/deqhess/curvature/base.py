@@ -1,0 +1,124 @@
+"""What every analysis takes: a symmetric operator applied to ``[P, K]`` blocks.
+
+Anything with ``shape``, ``dtype``, ``device`` and ``matmat`` qualifies — a
+:class:`deqhess.CurvatureOperator` (Hessian, loss curvature, dynamics curvature of one
+equilibrium or of a data set) or a :class:`ParameterBlock` of one. :class:`Counted`
+wraps an operator to count its products and drive a progress bar, without touching
+the operator itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..parameters import ParameterLayout
+
+__all__ = ["Counted", "ParameterBlock", "SymmetricOperator", "rademacher"]
+
+
+class SymmetricOperator(Protocol):
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, block: Tensor) -> Tensor: ...
+
+
+class Counted:
+    """``op`` with a count of matrix-vector products and an optional progress bar.
+
+    Args:
+        op: the operator.
+        total: expected number of products, for the bar (None: unknown).
+        progress: show a bar (None: only on a terminal).
+        desc: the bar's label.
+    """
+
+    def __init__(self, op: SymmetricOperator, total: int | None, progress: bool | None, desc: str):
+        self.op = op
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.products = 0
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="HVP",
+            disable=None if progress is None else not progress,
+            leave=False,
+        )
+
+    def matmat(self, block: Tensor) -> Tensor:
+        out = self.op.matmat(block)
+        self.products += block.shape[1]
+        self.bar.update(block.shape[1])
+        return out
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def to_scipy(self) -> LinearOperator:
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+
+        def matmat(a: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(a, dtype=np_dtype), device=self.device)
+            if t.ndim == 1:
+                return self.matvec(t).cpu().numpy()
+            return self.matmat(t).cpu().numpy()
+
+        return LinearOperator(
+            self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat,
+            dtype=np_dtype,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class ParameterBlock:
+    """The principal block of an operator on some named parameters: ``H[I, I]``.
+
+    Args:
+        op: the full ``P × P`` operator.
+        layout: θ's layout (names and sizes), e.g. ``eq.problem.params``.
+        names: the parameter names to keep (dict θ only).
+    """
+
+    def __init__(self, op: SymmetricOperator, layout: ParameterLayout, names: Sequence[str]):
+        if layout.names is None:
+            raise ValueError("parameter blocks need a dict theta (named parameters).")
+        unknown = [n for n in names if n not in layout.names]
+        if unknown or not names:
+            raise ValueError(
+                f"unknown parameter names {unknown or list(names)}; choose from "
+                f"{list(layout.names)}."
+            )
+        offsets = np.cumsum([0, *layout.numels])
+        pieces = [
+            torch.arange(offsets[i], offsets[i + 1])
+            for i, n in enumerate(layout.names)
+            if n in names
+        ]
+        self.index = torch.cat(pieces).to(op.device)
+        self.op = op
+        self.names = list(names)
+        size = len(self.index)
+        self.shape, self.dtype, self.device = (size, size), op.dtype, op.device
+
+    def matmat(self, block: Tensor) -> Tensor:
+        full = block.new_zeros(self.op.shape[0], block.shape[1])
+        full[self.index] = block
+        return self.op.matmat(full)[self.index]
+
+
+def rademacher(
+    size: int, count: int, generator: torch.Generator, like: SymmetricOperator
+) -> Tensor:
+    """``[size, count]`` random ±1 probes in the operator's dtype and device."""
+    signs = torch.randint(0, 2, (size, count), generator=generator).to(like.dtype) * 2 - 1
+    return signs.to(like.device)

@@ -1,0 +1,52 @@
+"""Stochastic diagonal estimation (Bekas, Kokiopoulou, Saad 2007)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..parameters import ParameterLayout
+from .base import Counted, SymmetricOperator, rademacher
+
+__all__ = ["DiagonalResult", "diagonal"]
+
+
+@dataclass(frozen=True)
+class DiagonalResult:
+    """An estimate of ``diag(H)``.
+
+    Attributes:
+        estimate: ``[P]`` the estimate ``(1/n) Σ zᵢ ⊙ H zᵢ`` (Rademacher ``zᵢ``).
+        std_error: ``[P]`` per-entry standard error (sample std / √n).
+        num_hvps: Hessian-vector products used.
+    """
+
+    estimate: Tensor
+    std_error: Tensor
+    num_hvps: int
+
+    def by_parameter(self, layout: ParameterLayout) -> dict[str, Tensor]:
+        """The estimate split by named parameter, each in its parameter's shape."""
+        parts = layout.unflatten(self.estimate)
+        return parts if isinstance(parts, dict) else {"theta": parts}
+
+
+def diagonal(
+    op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
+) -> DiagonalResult:
+    """``diag(H) ≈ (1/n) Σ zᵢ ⊙ H zᵢ``: unbiased, entry ``j``'s variance
+    ``Σ_{k≠j} H_jk²`` per probe."""
+    if num_probes < 2:
+        raise ValueError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
+    counted = Counted(op, num_probes, progress, "diagonal")
+    g = torch.Generator().manual_seed(seed)
+    z = rademacher(op.shape[0], num_probes, g, op)
+    samples = z * counted.matmat(z)
+    counted.close()
+    return DiagonalResult(
+        estimate=samples.mean(1),
+        std_error=samples.std(1) / num_probes**0.5,
+        num_hvps=counted.products,
+    )

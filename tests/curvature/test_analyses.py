@@ -1,0 +1,169 @@
+"""Every analysis against the dense truth on small problems, for all three operators."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from problems import case, relative_error
+
+import deqhess as dh
+from deqhess.curvature import (
+    ParameterBlock,
+    diagonal,
+    extreme_eigenpairs,
+    hutchinson,
+    hutchpp,
+    influence,
+    newton_step,
+    solve_damped,
+    spectral_density,
+)
+from deqhess.implicit import PARTS
+
+
+def _setup(name="tanh_batched"):
+    c = case(name)
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, tol=1e-14, atol=1e-15, batch_dim=c.batch_dim)
+    split = eq.hessian(c.loss_theta, split=True)
+    dense = {
+        "total": split.total,
+        "loss_curvature": split.loss_curvature,
+        "dynamics_curvature": split.dynamics_curvature,
+    }
+    return c, eq, dense
+
+
+def _sym(m):
+    return 0.5 * (m + m.T)
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_extreme_eigenvalues_to_1e_8(part):
+    c, eq, dense = _setup()
+    op = eq.hessian_operator(c.loss_theta, part)
+    exact = torch.linalg.eigvalsh(_sym(dense[part]))
+    scale = float(exact.abs().max())
+    top = extreme_eigenpairs(op, k=3, which="largest", progress=False)
+    bottom = extreme_eigenpairs(op, k=3, which="smallest", progress=False)
+    assert torch.allclose(top.eigenvalues, exact[-3:], rtol=0, atol=1e-8 * scale)
+    assert torch.allclose(bottom.eigenvalues, exact[:3], rtol=0, atol=1e-8 * scale)
+    assert float(top.residuals.max()) <= 1e-6 * scale and top.num_hvps > 3
+    v = top.eigenvectors
+    assert torch.allclose(v.T @ v, torch.eye(3), atol=1e-8)
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_traces_within_their_stated_error(part):
+    c, eq, dense = _setup()
+    op = eq.hessian_operator(c.loss_theta, part)
+    truth = float(torch.trace(dense[part]))
+    p = op.shape[0]
+    exact = hutchpp(op, num_hvps=3 * p, progress=False)  # the sketch spans R^P
+    assert math.isclose(exact.estimate, truth, rel_tol=1e-10, abs_tol=1e-10)
+    assert exact.std_error == 0.0
+    for result in (
+        hutchinson(op, 400, seed=1, progress=False),
+        hutchpp(op, 30, seed=1, progress=False),
+    ):
+        assert result.std_error > 0 and result.num_hvps <= 400
+        assert abs(result.estimate - truth) <= 5 * result.std_error, result
+
+
+def test_diagonal_within_its_stated_error_and_by_parameter():
+    c, eq, dense = _setup()
+    op = eq.hessian_operator(c.loss_theta)
+    result = diagonal(op, num_probes=2000, seed=2, progress=False)
+    truth = torch.diagonal(dense["total"])
+    assert torch.all((result.estimate - truth).abs() <= 5 * result.std_error + 1e-12)
+    parts = result.by_parameter(eq.problem.params)
+    assert {k: v.shape for k, v in parts.items()} == {k: v.shape for k, v in c.theta.items()}
+
+
+def test_slq_quadrature_reproduces_moments_and_density():
+    c, eq, dense = _setup("conv_image")
+    h = _sym(dense["total"])
+    op = eq.hessian_operator(c.loss_theta)
+    p = op.shape[0]
+    result = spectral_density(op, num_probes=1, steps=p, seed=3, progress=False)
+    # the same probe: Gauss quadrature is exact for degree < 2m polynomials
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randint(0, 2, (p, 1), generator=g).double() * 2 - 1)[:, 0] / math.sqrt(p)
+    theta, tau = result.nodes[0], result.weights[0]
+    for k in (0, 1, 2, 3):
+        moment = float(q @ torch.linalg.matrix_power(h, k) @ q)
+        assert math.isclose(float((tau * theta**k).sum()), moment, rel_tol=1e-8, abs_tol=1e-10)
+    many = spectral_density(op, num_probes=60, steps=p, seed=4, progress=False)
+    exact = many.smoothed(many.grid, many.sigma)  # same quadrature: identical
+    assert torch.allclose(exact, many.density)
+    eigenvalues = torch.linalg.eigvalsh(h)
+    reference = torch.exp(-0.5 * ((many.grid[:, None] - eigenvalues) / many.sigma) ** 2).sum(1)
+    reference = reference / (p * many.sigma * math.sqrt(2 * math.pi))
+    step = float(many.grid[1] - many.grid[0])
+    assert abs(float(many.density.sum()) * step - 1.0) <= 0.02
+    assert float((many.density - reference).abs().sum()) * step <= 0.25
+    assert many.num_hvps == 60 * p
+
+
+def test_inverse_products_on_an_indefinite_hessian():
+    c, eq, dense = _setup()
+    h = _sym(dense["total"])
+    op = eq.hessian_operator(c.loss_theta)
+    eigenvalues = torch.linalg.eigvalsh(h)
+    low = float(eigenvalues[0])
+    assert low < 0  # this family's Hessian is indefinite
+    b = torch.randn(op.shape[0])
+    # an indefinite but well-posed shift (between the two lowest eigenvalues), and a PD one
+    for damping in (-float(eigenvalues[:2].mean()), -low + 0.5):
+        result = solve_damped(op, b, damping, method="minres", tol=1e-12, progress=False)
+        expected = torch.linalg.solve(h + damping * torch.eye(len(b)), b)
+        assert relative_error(result.solution, expected) <= 1e-6 and result.residual <= 1e-9
+    result = solve_damped(op, b, -low + 0.5, method="cg", tol=1e-12, progress=False)
+    expected = torch.linalg.solve(h + (-low + 0.5) * torch.eye(len(b)), b)
+    assert result.converged and relative_error(result.solution, expected) <= 1e-6
+    g = torch.randn(op.shape[0])
+    step = newton_step(op, g, damping=-low + 0.5, tol=1e-12, progress=False)
+    assert float(g @ step.solution) < 0  # damped past λ_min: a descent direction
+    train = torch.randn(4, op.shape[0])
+    scores = influence(op, g, train, damping=1.0, tol=1e-12, progress=False).scores
+    truth = -train @ torch.linalg.solve(h + torch.eye(len(g)), g)
+    assert relative_error(scores, truth) <= 1e-6
+
+
+def test_parameter_blocks():
+    c, eq, dense = _setup()
+    op = eq.hessian_operator(c.loss_theta)
+    block = ParameterBlock(op, eq.problem.params, ["W", "b"])
+    index = torch.cat([torch.arange(0, 25), torch.arange(40, 45)])
+    assert block.shape == (30, 30)
+    expected = dense["total"][index][:, index]
+    v = torch.randn(30, 2)
+    assert relative_error(block.matmat(v), expected @ v) <= 1e-12
+    top = extreme_eigenpairs(block, k=2, progress=False)
+    assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(_sym(expected))[-2:], atol=1e-8)
+
+
+def test_analysis_errors():
+    c, eq, _ = _setup()
+    op = eq.hessian_operator(c.loss_theta)
+    with pytest.raises(ValueError, match="unknown which='top'"):
+        extreme_eigenpairs(op, which="top")
+    with pytest.raises(ValueError, match=r"k must lie in \[1, P\) = \[1, 45\)"):
+        extreme_eigenpairs(op, k=45)
+    with pytest.raises(ValueError, match="hutch\\+\\+ needs num_hvps >= 6"):
+        hutchpp(op, num_hvps=5)
+    with pytest.raises(ValueError, match="num_probes >= 2"):
+        hutchinson(op, num_probes=1)
+    with pytest.raises(ValueError, match="unknown method 'lsqr'"):
+        solve_damped(op, torch.ones(45), method="lsqr")
+    with pytest.raises(ValueError, match=r"unknown parameter names \['V'\]; choose from"):
+        ParameterBlock(op, eq.problem.params, ["V"])
+
+
+def test_singular_system_is_not_reported_converged():
+    c, eq, dense = _setup()
+    op = eq.hessian_operator(c.loss_theta)
+    shift = -float(torch.linalg.eigvalsh(_sym(dense["total"]))[0])  # H + δI singular
+    result = solve_damped(op, torch.randn(op.shape[0]), shift, tol=1e-12, progress=False)
+    assert not result.converged and result.residual > 1e-6
