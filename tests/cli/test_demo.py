@@ -18,6 +18,8 @@ def test_demo_report_and_plot(tmp_path):
         fd_directions=1,
         progress=False,
         print_fn=lines.append,
+        large_state=7,
+        large_steps=2,
     )
     assert (tmp_path / "hessian_spectrum.png").stat().st_size > 10_000
     assert figures["parameters"] == 6 * 6 + 6 * 64 + 6 + 10 * 6 + 10
@@ -29,6 +31,10 @@ def test_demo_report_and_plot(tmp_path):
     text = "\n".join(lines)
     for heading in ("solve", "checks", "curvature", "timings (s)", "‖dynamics‖/‖total‖"):
         assert heading in text
+    large = figures["large"]  # the matrix-free section
+    assert set(large["parts"]) == {"total", "loss_curvature", "dynamics_curvature"}
+    assert (tmp_path / "matrix_free" / "spectral_density.png").exists()
+    assert "matrix-free section" in text
 
 
 def test_command_line_runs_demo(tmp_path, capsys):
@@ -43,6 +49,8 @@ def test_command_line_runs_demo(tmp_path, capsys):
             "4",
             "--state",
             "4",
+            "--large-state",
+            "0",
             "--no-progress",
         ]
     )

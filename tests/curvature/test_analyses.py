@@ -39,14 +39,16 @@ def _sym(m):
     return 0.5 * (m + m.T)
 
 
+@pytest.mark.parametrize("route", ["lanczos", "dense"])
 @pytest.mark.parametrize("part", PARTS)
-def test_extreme_eigenvalues_to_1e_8(part):
+def test_extreme_eigenvalues_to_1e_8(part, route):
     c, eq, dense = _setup()
     op = eq.hessian_operator(c.loss_theta, part)
     exact = torch.linalg.eigvalsh(_sym(dense[part]))
     scale = float(exact.abs().max())
-    top = extreme_eigenpairs(op, k=3, which="largest", progress=False)
-    bottom = extreme_eigenpairs(op, k=3, which="smallest", progress=False)
+    below = 0 if route == "lanczos" else 256  # force ARPACK, or the small-P dense route
+    top = extreme_eigenpairs(op, k=3, which="largest", progress=False, dense_below=below)
+    bottom = extreme_eigenpairs(op, k=3, which="smallest", progress=False, dense_below=below)
     assert torch.allclose(top.eigenvalues, exact[-3:], rtol=0, atol=1e-8 * scale)
     assert torch.allclose(bottom.eigenvalues, exact[:3], rtol=0, atol=1e-8 * scale)
     assert float(top.residuals.max()) <= 1e-6 * scale and top.num_hvps > 3
@@ -140,7 +142,7 @@ def test_parameter_blocks():
     expected = dense["total"][index][:, index]
     v = torch.randn(30, 2)
     assert relative_error(block.matmat(v), expected @ v) <= 1e-12
-    top = extreme_eigenpairs(block, k=2, progress=False)
+    top = extreme_eigenpairs(block, k=2, progress=False, dense_below=0)
     assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(_sym(expected))[-2:], atol=1e-8)
 
 

@@ -1,4 +1,4 @@
-"""``deqhess`` — the command line: ``deqhess demo``."""
+"""``deqhess`` — the command line: ``deqhess demo`` and ``deqhess analyze``."""
 
 from __future__ import annotations
 
@@ -22,12 +22,49 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--state", type=int, default=32, help="DEQ state width n")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument(
+        "--large-state", type=int, default=192,
+        help="state width of the demo's matrix-free section (0 skips it)",
+    )  # fmt: skip
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="curvature analyses of your DEQ from a factory",
+        description="Run curvature analyses on the data-set loss of the DEQ a factory returns "
+        "(a deqhess.cli.AnalysisProblem); print a report, write plots and report.json.",
+    )
+    analyze.add_argument("factory", help="package.module:function or path/to/file.py:function")
+    analyze.add_argument("--out", default="deqhess-analysis", help="folder for plots and report")
+    analyze.add_argument(
+        "--parts", default="total,loss_curvature,dynamics_curvature",
+        help="comma list of: total, loss_curvature (GGN), dynamics_curvature",
+    )  # fmt: skip
+    analyze.add_argument("--top-k", type=int, default=5, help="top eigenvalues (0: none)")
+    analyze.add_argument("--bottom-k", type=int, default=0, help="bottom eigenvalues")
+    analyze.add_argument(
+        "--trace", default="hutch++", choices=["hutch++", "hutchinson", "none"],
+        help="trace estimator",
+    )  # fmt: skip
+    analyze.add_argument("--trace-hvps", type=int, default=60, help="HVPs for the trace")
+    analyze.add_argument("--density", action="store_true", help="spectral density by SLQ")
+    analyze.add_argument("--density-probes", type=int, default=8)
+    analyze.add_argument("--density-steps", type=int, default=60)
+    analyze.add_argument(
+        "--diagonal", type=int, default=0, metavar="PROBES",
+        help="estimate diag(H) with this many probes (0: skip)",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--blocks", action="store_true", help="top eigenvalues of each parameter's block"
+    )
+    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deqhess`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         from ..demo import run_demo
 
@@ -36,7 +73,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=args.steps,
             hessian_batch=args.batch,
             state=args.state,
+            large_state=args.large_state,
             seed=args.seed,
             progress=not args.no_progress,
         )
+        return 0
+    from .analyze import run_analysis
+    from .problem import load_factory
+
+    try:
+        problem = load_factory(args.factory)
+        run_analysis(
+            problem,
+            out=args.out,
+            parts=[p.strip() for p in args.parts.split(",") if p.strip()],
+            top_k=args.top_k,
+            bottom_k=args.bottom_k,
+            trace=None if args.trace == "none" else args.trace,
+            trace_hvps=args.trace_hvps,
+            density=args.density,
+            density_probes=args.density_probes,
+            density_steps=args.density_steps,
+            diagonal_probes=args.diagonal,
+            blocks=args.blocks,
+            seed=args.seed,
+            progress=None if not args.no_progress else False,
+        )
+    except ValueError as error:
+        parser.exit(2, f"deqhess analyze: error: {error}\n")
     return 0

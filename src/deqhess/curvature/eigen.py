@@ -4,7 +4,9 @@
 implicitly (bounded memory of ``ncv`` vectors), keeps the basis orthogonal, and stops
 on a residual test — everything a from-scratch Lanczos with full reorthogonalisation
 would do, well kept and widely trusted. Each eigenpair's residual ``‖H v − λ v‖`` is
-recomputed afterwards (one block product) as its error estimate.
+recomputed afterwards (one block product) as its error estimate. Operators of at most
+``dense_below`` rows (ARPACK is unreliable when ``P`` is close to ``k``) are formed
+densely with ``P`` products and diagonalised exactly.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import Tensor
 
+from ..errors import ConvergenceError
 from .base import Counted, SymmetricOperator
 
 __all__ = ["EigenResult", "extreme_eigenpairs"]
@@ -49,6 +52,7 @@ def extreme_eigenpairs(
     max_iter: int | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    dense_below: int = 256,
 ) -> EigenResult:
     """The ``k`` largest, smallest or largest-magnitude eigenpairs of a symmetric operator.
 
@@ -58,18 +62,42 @@ def extreme_eigenpairs(
         tol: ARPACK's relative accuracy for the Ritz values.
         max_iter: cap on restarts (ARPACK's ``maxiter``).
         seed: seeds the starting vector.
+        dense_below: form the matrix and use ``eigh`` when ``P`` is at most this.
+
+    Raises:
+        ConvergenceError: ARPACK did not converge (raise ``max_iter`` or ``tol``).
     """
     if which not in _WHICH:
         raise ValueError(f"unknown which={which!r}; use one of {sorted(_WHICH)}.")
     size = op.shape[0]
     if not 1 <= k < size:
         raise ValueError(f"k must lie in [1, P) = [1, {size}); got {k}.")
-    counted = Counted(op, None, progress, f"Lanczos ({which} {k})")
-    start = np.random.default_rng(seed).standard_normal(size)
-    values, vectors = eigsh(
-        counted.to_scipy(), k=k, which=_WHICH[which], tol=tol, maxiter=max_iter, v0=start
-    )
-    counted.close()
+    if size <= dense_below:
+        counted = Counted(op, size, progress, "dense eigh")
+        eye = torch.eye(size, dtype=op.dtype, device=op.device)
+        matrix = counted.matmat(eye)
+        counted.close()
+        all_values, all_vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+        pick = {
+            "largest": torch.arange(size - k, size),
+            "smallest": torch.arange(k),
+            "magnitude": torch.argsort(all_values.abs())[-k:],
+        }[which]
+        values, vectors = all_values[pick].cpu().numpy(), all_vectors[:, pick].cpu().numpy()
+    else:
+        counted = Counted(op, None, progress, f"Lanczos ({which} {k})")
+        start = np.random.default_rng(seed).standard_normal(size)
+        try:
+            values, vectors = eigsh(
+                counted.to_scipy(), k=k, which=_WHICH[which], tol=tol, maxiter=max_iter, v0=start
+            )
+        except ArpackNoConvergence as error:
+            raise ConvergenceError(
+                f"Lanczos (ARPACK) found {len(error.eigenvalues)} of {k} eigenvalues after "
+                f"{counted.products} HVPs; raise max_iter or loosen tol."
+            ) from error
+        finally:
+            counted.close()
     order = np.argsort(values)
     eigenvalues = torch.as_tensor(values[order], dtype=op.dtype, device=op.device)
     eigenvectors = torch.as_tensor(vectors[:, order], dtype=op.dtype, device=op.device)

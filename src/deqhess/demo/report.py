@@ -37,12 +37,16 @@ def run_demo(
     hessian_batch: int = 128,
     state: int = 32,
     fd_directions: int = 3,
+    large_state: int = 192,
+    large_steps: int = 40,
     seed: int = 0,
     progress: bool = True,
     print_fn=print,
 ) -> dict[str, Any]:
     """Train the digits DEQ, compute its exact Hessian, print a report, write a PNG.
 
+    With ``large_state > 0`` a second section trains a wider DEQ whose dense Hessian
+    would not fit in memory and analyses it matrix-free (``deqhess analyze``'s engine).
     Returns the figures of the report (also used by the tests).
     """
     torch.manual_seed(seed)
@@ -112,7 +116,43 @@ def run_demo(
     figures["plot"] = str(_plot(out, eig, total, theta))
     for line in _report_lines(figures):
         print_fn(line)
+    if large_state:
+        figures["large"] = _large_section(
+            out, large_state, large_steps, hessian_batch, seed, progress, print_fn
+        )
     return figures
+
+
+def _large_section(out, state, steps, batch, seed, progress, print_fn) -> dict[str, Any]:
+    """A wider digits DEQ, analysed only through exact HVPs."""
+    from ..cli.analyze import run_analysis
+    from ..cli.problem import AnalysisProblem
+
+    model = DigitsDEQ(state=state)
+    x_train, y_train, x_test, y_test = load_digits_split(seed=seed)
+    start = time.perf_counter()
+    theta, _ = train(model, x_train, y_train, steps=steps, seed=seed, progress=progress)
+    seconds = time.perf_counter() - start
+    p = sum(t.numel() for t in theta.values())
+    print_fn("")
+    print_fn(
+        f"matrix-free section: n = {state}, P = {p:,} parameters (a dense Hessian would need "
+        f"{p * p * 8 / 1e9:.0f} GB); trained {steps} steps in {seconds:.1f} s, test accuracy "
+        f"{100 * model.accuracy(theta, x_test, y_test):.1f}%"
+    )
+    data = [(x_test[:batch], y_test[:batch])]
+    problem = AnalysisProblem(
+        f=model.f,
+        data=data,
+        loss=lambda h, t, y: model.loss(y)(h, t),
+        theta=theta,
+        init_state=lambda x: x.new_zeros(x.shape[0], state),
+        options={"tol": 1e-12},
+    )
+    return run_analysis(
+        problem, out=out / "matrix_free", top_k=5, trace="hutch++", trace_hvps=30,
+        density=True, density_probes=4, density_steps=30, progress=progress, print_fn=print_fn,
+    )  # fmt: skip
 
 
 def _report_lines(r: dict[str, Any]) -> list[str]:

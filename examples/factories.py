@@ -1,0 +1,55 @@
+"""Factories for ``deqhess analyze`` (each returns a ``deqhess.cli.AnalysisProblem``).
+
+deqhess analyze examples/factories.py:tanh_deq_100k --top-k 5 --trace hutch++
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deqhess.cli import AnalysisProblem
+
+
+class TanhCell(nn.Module):
+    """``tanh(W h + U x + b)`` with ``‖W‖₂ = 0.5``."""
+
+    def __init__(self, n: int, m: int, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, n, generator=g)
+        self.W = nn.Parameter(0.5 * w / torch.linalg.matrix_norm(w, ord=2))
+        self.U = nn.Parameter(torch.randn(n, m, generator=g) / m**0.5)
+        self.b = nn.Parameter(0.1 * torch.randn(n, generator=g))
+        self.n = n
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h @ self.W.T + x @ self.U.T + self.b)
+
+    def init_state(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], self.n)
+
+
+def _regression(n: int, m: int, samples: int, batch: int, seed: int = 0) -> AnalysisProblem:
+    torch.set_default_dtype(torch.float64)
+    cell = TanhCell(n, m, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(samples, m, generator=g)
+    y = torch.randn(samples, n, generator=g).tanh()
+
+    def loss(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (h - target).pow(2).sum(1).mean() + torch.log(torch.cosh(h)).sum(1).mean()
+
+    return AnalysisProblem(
+        f=cell, data=list(zip(x.split(batch), y.split(batch), strict=True)), loss=loss
+    )
+
+
+def tanh_deq_100k() -> AnalysisProblem:
+    """n = 300, m = 64: P = 109,500 parameters; 128 samples in two batches of 64."""
+    return _regression(300, 64, 128, 64)
+
+
+def tanh_deq_tiny() -> AnalysisProblem:
+    """n = 4, m = 3: P = 32; for trying the command in a second."""
+    return _regression(4, 3, 10, 4)

@@ -1,0 +1,83 @@
+"""The plots of ``deqhess analyze`` (matplotlib, written as PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["plot_densities", "plot_diagonal", "plot_top_eigenvalues"]
+
+COLORS = {"total": "black", "loss_curvature": "tab:blue", "dynamics_curvature": "tab:red"}
+LABELS = {
+    "total": "total Hessian",
+    "loss_curvature": "loss curvature (GGN)",
+    "dynamics_curvature": "dynamics curvature",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_densities(densities: dict, path: Path) -> Path:
+    """SLQ spectral densities of the parts, log-density against eigenvalue."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for part, result in densities.items():
+        grid, density = result.grid.cpu().numpy(), result.density.cpu().numpy()
+        ax.semilogy(
+            grid, np.maximum(density, 1e-12), color=COLORS[part], label=LABELS[part], lw=1.5
+        )
+    ax.set_ylim(bottom=max(1e-8, ax.get_ylim()[0]))
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("spectral density (log)")
+    ax.set_title("Spectral density by stochastic Lanczos quadrature")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_top_eigenvalues(eigenvalues: dict[str, list[float]], path: Path) -> Path:
+    """The top eigenvalues of each part, by rank."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for part, values in eigenvalues.items():
+        ranks = np.arange(1, len(values) + 1)
+        ax.plot(ranks, sorted(values, reverse=True), "o-", color=COLORS[part], label=LABELS[part])
+    ax.set_xlabel("rank")
+    ax.set_ylabel("eigenvalue")
+    ax.set_xticks(np.arange(1, max(len(v) for v in eigenvalues.values()) + 1))
+    ax.set_title("Top eigenvalues (Lanczos)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_diagonal(groups: dict[str, dict[str, float]], path: Path) -> Path:
+    """Mean |diag(H)| per parameter group, with the estimator's standard error."""
+    plt = _pyplot()
+    names = list(groups)
+    means = [groups[n]["abs_mean"] for n in names]
+    errors = [groups[n]["std_error"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4.5))
+    ax.bar(names, means, yerr=errors, color="tab:gray", capsize=4)
+    ax.set_yscale("log")
+    ax.set_ylabel("mean |diag(H)| (Hutchinson)")
+    ax.set_title("Hessian diagonal by parameter group")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
