@@ -94,3 +94,13 @@ def test_analyze_errors(factory, capsys):
     with pytest.raises(SystemExit):
         main(["analyze", f"{factory}:make", "--parts", "ggn", "--no-progress"])
     assert "unknown part 'ggn'" in capsys.readouterr().err
+
+
+def test_progress_bars_on_request(factory, tmp_path, capsys):
+    from deqhess.cli.analyze import run_analysis
+
+    problem = dh.cli.load_factory(f"{factory}:make")
+    run_analysis(problem, out=tmp_path, parts=["total"], top_k=2, trace="hutchinson",
+                 trace_hvps=10, progress=True, print_fn=lambda line: None)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "Hutchinson" in err and "HVP" in err and "solving batches" in err
