@@ -7,7 +7,7 @@ densely, or as exact matrix-free Hessian-vector products.
 
 from __future__ import annotations
 
-from . import curvature, linear, nn, solvers
+from . import curvature, distributed, linear, nn, solvers
 from .errors import ConvergenceError, SingularSystemError, StaleEquilibriumError
 from .implicit import (
     CurvatureOperator,
@@ -48,6 +48,7 @@ __all__ = [
     "StaleEquilibriumError",
     # layers
     "curvature",
+    "distributed",
     "linear",
     "nn",
     "solvers",

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from ..curvature import (
     ParameterBlock,
     diagonal,
@@ -46,8 +48,10 @@ def run_analysis(
             raise ValueError(f"unknown part {part!r}; use some of {list(PARTS)}.")
     if trace not in (None, "hutch++", "hutchinson"):
         raise ValueError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
+    leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not leader:  # under torch.distributed only rank 0 reports and writes files
+        progress, print_fn = False, _silent
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data: DatasetEquilibrium = problem.equilibria(progress)
     report: dict[str, Any] = {
@@ -109,7 +113,6 @@ def run_analysis(
             }
             for name in groups
         }
-        report["files"].append(str(plot_diagonal(report["diagonal"], out / "diagonal.png")))
     if blocks and layout.names is not None and top_k:
         op = data.hessian_operator("total")
         report["blocks"] = {}
@@ -120,17 +123,27 @@ def run_analysis(
                 report["blocks"][name] = extreme_eigenpairs(
                     block, k, seed=seed, progress=progress
                 ).eigenvalues.tolist()
+    report["seconds"] = time.perf_counter() - start
+    report["processes"] = dist.get_world_size() if dist.is_initialized() else 1
+    if not leader:
+        return report
+    out.mkdir(parents=True, exist_ok=True)
+    if "diagonal" in report:
+        report["files"].append(str(plot_diagonal(report["diagonal"], out / "diagonal.png")))
     if top_k:
         tops = {p: e["top"] for p, e in report["parts"].items()}
         report["files"].append(str(plot_top_eigenvalues(tops, out / "top_eigenvalues.png")))
     if densities:
         report["files"].append(str(plot_densities(densities, out / "spectral_density.png")))
-    report["seconds"] = time.perf_counter() - start
     (out / "report.json").write_text(json.dumps(report, indent=2))
     report["files"].append(str(out / "report.json"))
     for line in _lines(report):
         print_fn(line)
     return report
+
+
+def _silent(line: str) -> None:
+    return None
 
 
 def _lines(r: dict[str, Any]) -> list[str]:

@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .analyze import run_analysis
     from .problem import load_factory
 
+    _join_torchrun_group()
     try:
         problem = load_factory(args.factory)
         run_analysis(
@@ -102,3 +103,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.exit(2, f"deqhess analyze: error: {error}\n")
     return 0
+
+
+def _join_torchrun_group() -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group: gloo on CPU,
+    NCCL when CUDA is available; a 5-minute timeout so a lost rank cannot hang the rest."""
+    import os
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=5))

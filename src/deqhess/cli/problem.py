@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import DistributedDatasetEquilibrium
 from ..implicit import DatasetEquilibrium
 from ..parameters import Parameters
 
@@ -33,6 +35,9 @@ class AnalysisProblem:
         reduction: ``"mean"`` or ``"sum"`` over the data.
         batch_dim: the state's sample dimension, or None.
         options: further :class:`deqhess.Equilibrium` options (solver, tol, linear_solver…).
+        sharded: under ``torch.distributed``, whether ``data`` is already this rank's
+            shard (a ``DistributedSampler``); if False, rank ``r`` of ``W`` takes batches
+            ``r, r + W, …``.
     """
 
     f: Callable[..., Tensor] | nn.Module
@@ -43,9 +48,12 @@ class AnalysisProblem:
     reduction: str = "mean"
     batch_dim: int | None = 0
     options: dict[str, Any] = field(default_factory=dict)
+    sharded: bool = False
 
-    def equilibria(self, progress: bool | None = None) -> DatasetEquilibrium:
-        """Solve every batch (see :class:`deqhess.DatasetEquilibrium`)."""
+    def equilibria(self, progress: bool | None = None):
+        """Solve every batch (see :class:`deqhess.DatasetEquilibrium`); under
+        ``torch.distributed`` with several ranks, this rank's shard of a
+        :class:`deqhess.distributed.DistributedDatasetEquilibrium`."""
         f, theta, init = self.f, self.theta, self.init_state
         if isinstance(f, nn.Module):
             cell = f
@@ -59,10 +67,17 @@ class AnalysisProblem:
 
         if theta is None:
             raise ValueError("the factory gave no theta; set AnalysisProblem.theta.")
-        return DatasetEquilibrium(
-            f, theta, self.data, self.loss, init_state=init, reduction=self.reduction,
-            batch_dim=self.batch_dim, progress=progress, **self.options,
+        kwargs = dict(
+            init_state=init, reduction=self.reduction, batch_dim=self.batch_dim,
+            progress=progress, **self.options,
         )  # fmt: skip
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            data = self.data
+            if not self.sharded:
+                rank, world = dist.get_rank(), dist.get_world_size()
+                data = [batch for i, batch in enumerate(data) if i % world == rank]
+            return DistributedDatasetEquilibrium(f, theta, data, self.loss, **kwargs)
+        return DatasetEquilibrium(f, theta, self.data, self.loss, **kwargs)
 
 
 def load_factory(spec: str) -> AnalysisProblem:

@@ -1,0 +1,75 @@
+"""Worker processes for the torch.distributed tests (imported by spawned children)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import deqhess as dh
+from deqhess.curvature import extreme_eigenpairs, hutchpp
+from deqhess.distributed import DistributedDatasetEquilibrium
+
+SIZES = [4, 2, 5, 3, 1]  # uneven batches: shards differ in size and count
+
+
+def problem(seed: int = 0, n: int = 5, m: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, n, generator=g, dtype=torch.float64)
+    theta = {
+        "W": 0.45 * w / torch.linalg.matrix_norm(w, ord=2),
+        "U": torch.randn(n, m, generator=g, dtype=torch.float64),
+        "b": 0.1 * torch.randn(n, generator=g, dtype=torch.float64),
+    }
+    x = torch.randn(sum(SIZES), m, generator=g, dtype=torch.float64)
+    y = torch.randn(sum(SIZES), n, generator=g, dtype=torch.float64)
+
+    def f(x, h, t):
+        return torch.tanh(h @ t["W"].T + x @ t["U"].T + t["b"])
+
+    def loss(h, target):
+        return ((h - target) ** 2).sum(dim=1).mean() + torch.log(torch.cosh(h)).sum(dim=1).mean()
+
+    batches = list(zip(x.split(SIZES), y.split(SIZES), strict=True))
+    options = dict(init_state=lambda xb: torch.zeros(xb.shape[0], n, dtype=torch.float64),
+                   tol=1e-14, atol=1e-15, progress=False)  # fmt: skip
+    return f, theta, batches, loss, options
+
+
+def run(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        f, theta, batches, loss, options = problem()
+        shard = batches[rank::world]
+        result: dict = {}
+        if scenario == "failure":
+            if rank == 1:
+                options["max_iter"] = 1  # this rank's solve cannot converge
+            try:
+                DistributedDatasetEquilibrium(f, theta, shard, loss, **options)
+                result["error"] = None
+            except dh.ConvergenceError as error:
+                result["error"] = str(error)
+        else:
+            data = DistributedDatasetEquilibrium(f, theta, shard, loss, **options)
+            v = torch.arange(data.num_parameters, dtype=torch.float64).sin()
+            op = data.hessian_operator()
+            result = {
+                "samples": data.num_samples,
+                "grad": data.layout.flatten(data.grad()),
+                "hessian": data.hessian(),
+                "ggn": data.hessian(split=True).loss_curvature,
+                "hvp": data.hvp(v),
+                "block": op @ torch.stack([v, v.cos()], dim=1),
+                "top": extreme_eigenpairs(op, 2, dense_below=0, progress=False).eigenvalues,
+                "trace": hutchpp(op, 12, seed=3, progress=False).estimate,
+            }
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,64 @@
+"""Data-parallel operators over torch.distributed (gloo, CPU processes on loopback)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from distributed_workers import SIZES, problem, run
+from problems import relative_error
+
+import deqhess as dh
+from deqhess.curvature import extreme_eigenpairs, hutchpp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, tmp_path, scenario: str) -> list[dict]:
+    mp.spawn(run, args=(world, _free_port(), str(tmp_path), scenario), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_equals_single_process_on_uneven_shards(world, tmp_path):
+    results = _spawn(world, tmp_path, "results")
+    f, theta, batches, loss, options = problem()
+    single = dh.DatasetEquilibrium(f, theta, batches, loss, **options)
+    v = torch.arange(single.num_parameters, dtype=torch.float64).sin()
+    op = single.hessian_operator()
+    hessian = single.hessian()
+    expected = {
+        "grad": single.layout.flatten(single.grad()),
+        "hessian": hessian,
+        "ggn": single.hessian(split=True).loss_curvature,
+        "hvp": hessian @ v,
+        "block": hessian @ torch.stack([v, v.cos()], dim=1),
+    }
+    for r in results:
+        assert r["samples"] == sum(SIZES)
+        for key, value in expected.items():
+            assert relative_error(r[key], value) <= 1e-12, key
+    top = extreme_eigenpairs(op, 2, dense_below=0, progress=False).eigenvalues
+    trace = hutchpp(op, 12, seed=3, progress=False).estimate
+    for r in results:  # identical probes on every rank: identical analyses
+        assert torch.allclose(r["top"], top, rtol=1e-10)
+        assert abs(r["trace"] - trace) <= 1e-10 * abs(trace)
+        assert torch.equal(r["top"], results[0]["top"]) and r["trace"] == results[0]["trace"]
+
+
+def test_a_failing_rank_makes_every_rank_raise(tmp_path):
+    results = _spawn(2, tmp_path, "failure")
+    assert "did not converge in max_iter=1" in results[1]["error"]
+    assert "rank 1 failed" in results[0]["error"]
+
+
+def test_requires_an_initialised_group():
+    f, theta, batches, loss, options = problem()
+    with pytest.raises(ValueError, match=r"torch.distributed is not initialised"):
+        dh.distributed.DistributedDatasetEquilibrium(f, theta, batches, loss, **options)
