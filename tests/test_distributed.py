@@ -62,3 +62,28 @@ def test_requires_an_initialised_group():
     f, theta, batches, loss, options = problem()
     with pytest.raises(ValueError, match=r"torch.distributed is not initialised"):
         dh.distributed.DistributedDatasetEquilibrium(f, theta, batches, loss, **options)
+
+
+def test_analyze_under_torchrun_reports_as_one_process(tmp_path):
+    """The README's launch line on 2 processes gives the single-process report."""
+    import json
+    import subprocess
+    import sys
+
+    from deqhess.cli.main import main
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    factory = f"{root / 'examples' / 'factories.py'}:tanh_deq_tiny"
+    args = ["--top-k", "3", "--trace-hvps", "99", "--no-progress"]
+    main(["analyze", factory, "--out", str(tmp_path / "one"), *args])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "-m", "deqhess", "analyze", factory,
+               "--out", str(tmp_path / "two"), *args]  # fmt: skip
+    subprocess.run(command, cwd=root, check=True, capture_output=True, timeout=300)
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["samples"] == one["samples"] == 10
+    for part, entry in one["parts"].items():
+        assert torch.allclose(torch.tensor(two["parts"][part]["top"]), torch.tensor(entry["top"]))
+        assert abs(two["parts"][part]["trace"]["estimate"] - entry["trace"]["estimate"]) <= 1e-10
