@@ -56,6 +56,18 @@ def unflatten(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: p.reshape(t.shape) for (k, t), p in zip(like.items(), pieces, strict=True)}
 
 
+def unrolled_loss(f, loss, theta, x, h0, steps: int) -> Callable[[Tensor], Tensor]:
+    """``θ_flat ↦ L(h_K)`` through ``steps`` plain iterations from ``h0`` (the baseline)."""
+
+    def objective(flat: Tensor) -> Tensor:
+        t, h = unflatten(flat, theta), h0
+        for _ in range(steps):
+            h = f(x, h, t)
+        return loss(h)
+
+    return objective
+
+
 def best_time(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
     """Median wall time of ``repeats`` calls (after one warm-up) and the last result."""
     result = fn()

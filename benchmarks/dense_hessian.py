@@ -21,23 +21,22 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import SIZES, best_time, flatten, matmul_rate, relative, tanh_deq, unflatten
+from common import (
+    SIZES,
+    best_time,
+    flatten,
+    matmul_rate,
+    relative,
+    tanh_deq,
+    unflatten,
+    unrolled_loss,
+)
 
 import deqhess as dh
 
 REFERENCE_STEPS = 150
 COLUMNS = 48
 STEP = 1e-5  # central-difference step: truncation ~ε², rounding ~1e-16/ε
-
-
-def unrolled_loss(f, loss, theta, x, h0, steps):
-    def objective(flat):
-        t, h = unflatten(flat, theta), h0
-        for _ in range(steps):
-            h = f(x, h, t)
-        return loss(h)
-
-    return objective
 
 
 def unrolled_columns(objective, flat, columns):

@@ -19,7 +19,15 @@ import json
 import warnings
 
 import torch
-from common import flatten, in_subprocess, measure_operation, relative, tanh_deq, unflatten
+from common import (
+    flatten,
+    in_subprocess,
+    measure_operation,
+    relative,
+    tanh_deq,
+    unflatten,
+    unrolled_loss,
+)
 
 import deqhess as dh
 
@@ -42,13 +50,7 @@ def _problem(cfg):
 
 
 def _unrolled_hvp(f, loss, theta, x, h0, steps):
-    def objective(flat):
-        t, h = unflatten(flat, theta), h0
-        for _ in range(steps):
-            h = f(x, h, t)
-        return loss(h)
-
-    gradient = torch.func.grad(objective)
+    gradient = torch.func.grad(unrolled_loss(f, loss, theta, x, h0, steps))
     flat = flatten(theta)
     return lambda v: torch.func.jvp(gradient, (flat,), (v,))[1]
 

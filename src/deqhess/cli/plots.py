@@ -25,6 +25,16 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, title: str, path: Path, legend: bool = True) -> Path:
+    ax.set_title(title)
+    if legend:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_densities(densities: dict, path: Path) -> Path:
     """SLQ spectral densities of the parts, log-density against eigenvalue."""
     plt = _pyplot()
@@ -37,13 +47,8 @@ def plot_densities(densities: dict, path: Path) -> Path:
     ax.set_ylim(bottom=max(1e-8, ax.get_ylim()[0]))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("spectral density (log)")
-    ax.set_title("Spectral density by stochastic Lanczos quadrature")
-    ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "Spectral density by stochastic Lanczos quadrature", path)
 
 
 def plot_top_eigenvalues(eigenvalues: dict[str, list[float]], path: Path) -> Path:
@@ -56,13 +61,8 @@ def plot_top_eigenvalues(eigenvalues: dict[str, list[float]], path: Path) -> Pat
     ax.set_xlabel("rank")
     ax.set_ylabel("eigenvalue")
     ax.set_xticks(np.arange(1, max(len(v) for v in eigenvalues.values()) + 1))
-    ax.set_title("Top eigenvalues (Lanczos)")
-    ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "Top eigenvalues (Lanczos)", path)
 
 
 def plot_diagonal(groups: dict[str, dict[str, float]], path: Path) -> Path:
@@ -75,9 +75,5 @@ def plot_diagonal(groups: dict[str, dict[str, float]], path: Path) -> Path:
     ax.bar(names, means, yerr=errors, color="tab:gray", capsize=4)
     ax.set_yscale("log")
     ax.set_ylabel("mean |diag(H)| (Hutchinson)")
-    ax.set_title("Hessian diagonal by parameter group")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "Hessian diagonal by parameter group", path, legend=False)

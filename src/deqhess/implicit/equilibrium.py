@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -39,18 +39,12 @@ _ADJOINT_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
-class EquilibriumInfo:
-    """Diagnostics of an equilibrium, to judge the accuracy of what is built on it.
+class EquilibriumInfo(SolveInfo):
+    """The forward solve's statistics (:class:`deqhess.solvers.SolveInfo`: iterations,
+    residual_norm, converged, residual_history, per-sample figures, tolerance) plus the
+    linear solves', to judge the accuracy of what is built on the equilibrium.
 
     Attributes:
-        iterations: forward-solver steps (slowest sample).
-        residual_norm: largest final ``‖f(h) − h‖₂`` over samples.
-        converged: whether the forward solve met its tolerance.
-        residual_history: per iteration, the largest residual still iterating.
-        sample_iterations: ``[S]`` steps per sample.
-        sample_residuals: ``[S]`` final residual per sample.
-        solver: the forward solver.
-        tolerance: the stopping rule.
         condition_number: estimated 1-norm condition number of ``I − J`` (largest
             over samples) from the dense LU, or None (not factorised yet, or a
             matrix-free solver). Expect to lose about ``log10`` of it in digits
@@ -58,16 +52,8 @@ class EquilibriumInfo:
         linear_solver: the strategy for solves with ``I − J``.
     """
 
-    iterations: int
-    residual_norm: float
-    converged: bool
-    residual_history: tuple[float, ...]
-    sample_iterations: Tensor
-    sample_residuals: Tensor
-    solver: str
-    tolerance: Tolerance
-    condition_number: float | None
-    linear_solver: str
+    condition_number: float | None = None
+    linear_solver: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,16 +159,9 @@ class Equilibrium:
     @property
     def info(self) -> EquilibriumInfo:
         """Forward-solve statistics and, once factorised, the conditioning of ``I − J``."""
-        s: SolveInfo = self._solve_info
+        forward = {f.name: getattr(self._solve_info, f.name) for f in fields(SolveInfo)}
         return EquilibriumInfo(
-            iterations=s.iterations,
-            residual_norm=s.residual_norm,
-            converged=s.converged,
-            residual_history=s.residual_history,
-            sample_iterations=s.sample_iterations,
-            sample_residuals=s.sample_residuals,
-            solver=s.solver,
-            tolerance=s.tolerance,
+            **forward,
             condition_number=(
                 None if self._linear_solve is None else self._linear_solve.condition_number
             ),
