@@ -89,7 +89,7 @@ def run(label: str) -> None:
     steps = matching_steps(f, loss, theta, x, h0, reference_cols, columns, max(err_dense, 1e-14))
     objective = unrolled_loss(f, loss, theta, x, h0, steps)
     t_unrolled, unrolled = best_time(
-        lambda: unrolled_hessian(objective, flat, full_vmap=small), repeats=1
+        lambda: unrolled_hessian(objective, flat, full_vmap=small), repeats=5 if small else 1
     )
     gradient = torch.func.grad(objective)
     t_unrolled_hvp, unrolled_hv = best_time(

@@ -182,7 +182,7 @@ class Equilibrium:
 
     @property
     def parameter_products(self) -> ParameterProducts:
-        """Products with ``∂f/∂θ`` at ``(θ, h*)``, linearised once and reused."""
+        """Products with ``∂f/∂θ`` at ``(θ, h*)``; its pullback is taken once and reused."""
         self.problem.check_fresh()
         if self._parameter_products is None:
             self._parameter_products = ParameterProducts.at(
