@@ -213,3 +213,18 @@ def test_info_reports_conditioning_after_factorisation():
     eq.grad(c.loss)
     assert 1.0 <= eq.info.condition_number < 10.0
     assert "Equilibrium(state=(3, 5), P=45" in repr(eq)
+
+
+def test_batch_dim_with_coupled_samples_raises():
+    c = _tanh()
+
+    def coupled(x, h, t):  # a batch-norm-like coupling across samples
+        a = h @ t["W"].T + x @ t["U"].T + t["b"]
+        return torch.tanh(a - a.mean(dim=0, keepdim=True))
+
+    eq = dh.Equilibrium(coupled, c.theta, c.x, c.h0, batch_dim=0)
+    with pytest.raises(
+        ValueError, match=r"f couples the samples along batch_dim=0 .*batch_dim=None"
+    ):
+        eq.grad(c.loss)
+    dh.Equilibrium(coupled, c.theta, c.x, c.h0).grad(c.loss)  # one coupled system is fine

@@ -155,3 +155,18 @@ def test_layer_errors():
 
     with pytest.raises(dh.ConvergenceError, match="did not converge in max_iter=20"):
         DEQ(Divergent(), max_iter=20)(torch.randn(2, 2))
+
+
+def test_coupled_cell_with_batch_dim_raises():
+    class BatchMixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(0.3))
+
+        def forward(self, x, h):
+            return self.a * torch.tanh(h - h.mean(dim=0, keepdim=True)) + x
+
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"couples the samples .*batch_dim=None"):
+        DEQ(BatchMixing())(x)
+    assert DEQ(BatchMixing(), batch_dim=None)(x).shape == x.shape

@@ -177,6 +177,13 @@ class Equilibrium:
                 operator = ResidualOperator(
                     lambda r: self.problem.dynamics(self._theta, r), self._h
                 )
+                coupling = operator.row_coupling()
+                if coupling > 1e-10:
+                    raise ValueError(
+                        f"f couples the samples along batch_dim={self.problem.state.batch_dim} "
+                        f"(relative cross-sample Jacobian {coupling:.1e}), but batch_dim "
+                        "declares them independent; pass batch_dim=None for one coupled system."
+                    )
                 self._linear_solve = self.linear_solver.prepare(operator)
         return self._linear_solve
 

@@ -29,8 +29,8 @@ class ResidualOperator:
     def __init__(self, fn: Callable[[Tensor], Tensor], h: Tensor) -> None:
         self.fn = fn
         self.h = h
-        _, self._pullback = torch.func.vjp(fn, h)
-        self._tangent: Callable[[Tensor], Tensor] | None = None
+        self._pullback: Callable[[Tensor], tuple[Tensor]] | None = None  # on first Aᵀ
+        self._tangent: Callable[[Tensor], Tensor] | None = None  # on first A
 
     @property
     def samples(self) -> int:
@@ -48,6 +48,8 @@ class ResidualOperator:
         return self._tangent(v.contiguous())
 
     def _vjp(self, w: Tensor) -> Tensor:
+        if self._pullback is None:
+            _, self._pullback = torch.func.vjp(self.fn, self.h)
         return self._pullback(w)[0]
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -59,6 +61,20 @@ class ResidualOperator:
     def rmatvec(self, w: Tensor) -> Tensor:
         """``(I − J)ᵀ w`` for ``w`` ``[..., S, d]``."""
         return w - _over_leading(self._vjp, w)
+
+    def row_coupling(self, seed: int = 0) -> float:
+        """How much ``J`` couples rows: ``‖(J v)_odd‖ / ‖(J v)_even‖`` for random ``v`` on
+        the even rows only. Exactly 0 when rows are independent (as ``batch_dim``
+        declares); one JVP. Couplings among even rows alone go unseen."""
+        if self.samples == 1:
+            return 0.0
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(self.h.shape, generator=g, dtype=self.h.dtype).to(self.h.device)
+        v[1::2] = 0.0
+        jv = torch.func.jvp(self.fn, (self.h,), (v,))[1]
+        inside = torch.linalg.vector_norm(jv[0::2])
+        outside = torch.linalg.vector_norm(jv[1::2])
+        return float(outside / torch.clamp(inside, min=torch.finfo(self.h.dtype).tiny))
 
     def jacobian_blocks(self, chunk_size: int | None = None) -> Tensor:
         """The diagonal blocks of ``J``, ``[S, d, d]`` (see :func:`jacobian_blocks`)."""

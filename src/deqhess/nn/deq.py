@@ -107,6 +107,7 @@ class DEQ(nn.Module):
             max_iter=self.max_iter,
             linear_solver=self.linear_solver,
             require_convergence=self.require_convergence,
+            check_rows=self.batch_dim == 0,
             on_solve=infos.append if return_info else None,
         )
         h = fixed_point(spec, h0.detach(), x, *values)

@@ -42,6 +42,8 @@ class FixedPointSpec:
         solver, tol, atol, max_iter, require_convergence: the forward solver for a
             nonlinear ``fn`` (see :func:`deqhess.solvers.solve_fixed_point`).
         linear_solver: strategy for linear ``fn`` (adjoint and tangent systems).
+        check_rows: after a nonlinear solve, probe that ``fn`` does not couple the
+            independent rows (one JVP; raises ``ValueError`` if it does).
         on_solve: called with the forward solve's statistics (None: ignored); the
             derived adjoint/tangent problems never call it.
     """
@@ -55,6 +57,7 @@ class FixedPointSpec:
     max_iter: int
     linear_solver: str | LinearSolver
     require_convergence: bool = True
+    check_rows: bool = False
     on_solve: Callable[[SolveInfo], None] | None = None
 
     def rows(self, z: Tensor) -> Tensor:
@@ -81,6 +84,11 @@ class FixedPointSpec:
                 )
                 if self.on_solve is not None:
                     self.on_solve(info)
+                if self.check_rows and ResidualOperator(step, rows).row_coupling() > 1e-10:
+                    raise ValueError(
+                        "the cell couples the samples of the batch (its first state dim), but "
+                        "batch_dim=0 declares them independent; use DEQ(..., batch_dim=None)."
+                    )
                 return rows.reshape(shape)
             zero = torch.zeros_like(self.rows(z0))
             constant = step(zero)
@@ -97,7 +105,7 @@ class FixedPointSpec:
             _, pullback = torch.func.vjp(lambda zz: fn(zz, *args), z)
             return g + pullback(mu)[0]
 
-        return replace(self, fn=adjoint_map, linear=True, on_solve=None)
+        return replace(self, fn=adjoint_map, linear=True, on_solve=None, check_rows=False)
 
     def tangent(self) -> FixedPointSpec:
         """``ż ↦ (∂fn/∂z) ż + (∂fn/∂args)·ȧ``: called as ``fn(ż, z, *args, *ȧ)``."""
@@ -107,12 +115,18 @@ class FixedPointSpec:
             half = len(rest) // 2
             return torch.func.jvp(fn, (z, *rest[:half]), (w, *rest[half:]))[1]
 
-        return replace(self, fn=tangent_map, linear=True, on_solve=None)
+        return replace(self, fn=tangent_map, linear=True, on_solve=None, check_rows=False)
 
     def vmapped(self, arg_dims: tuple[int | None, ...]) -> FixedPointSpec:
         """The same problem for a leading vmapped dim of ``z`` (and of args where batched)."""
         batched = torch.func.vmap(self.fn, in_dims=(0, *arg_dims))
-        return replace(self, fn=batched, independent_dims=self.independent_dims + 1, on_solve=None)
+        return replace(
+            self,
+            fn=batched,
+            independent_dims=self.independent_dims + 1,
+            on_solve=None,
+            check_rows=False,
+        )
 
 
 class _FixedPoint(torch.autograd.Function):
