@@ -48,8 +48,6 @@ class ResidualOperator:
         return self._tangent(v.contiguous())
 
     def _vjp(self, w: Tensor) -> Tensor:
-        if self._pullback is None:
-            _, self._pullback = torch.func.vjp(self.fn, self.h)
         return self._pullback(w)[0]
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -60,6 +58,8 @@ class ResidualOperator:
 
     def rmatvec(self, w: Tensor) -> Tensor:
         """``(I − J)ᵀ w`` for ``w`` ``[..., S, d]``."""
+        if self._pullback is None:  # built outside any vmap, then reused
+            _, self._pullback = torch.func.vjp(self.fn, self.h)
         return w - _over_leading(self._vjp, w)
 
     def row_coupling(self, seed: int = 0) -> float:
