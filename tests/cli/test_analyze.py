@@ -104,3 +104,14 @@ def test_progress_bars_on_request(factory, tmp_path, capsys):
                  trace_hvps=10, progress=True, print_fn=lambda line: None)  # fmt: skip
     err = capsys.readouterr().err
     assert "Hutchinson" in err and "HVP" in err and "solving batches" in err
+
+
+def test_analysis_argument_errors(factory, tmp_path):
+    from deqhess.cli.analyze import run_analysis
+
+    problem = dh.cli.load_factory(f"{factory}:make")
+    with pytest.raises(ValueError, match="unknown trace estimator 'exact'"):
+        run_analysis(problem, out=tmp_path, trace="exact", print_fn=lambda line: None)
+    problem.theta = None
+    with pytest.raises(ValueError, match="the factory gave no theta"):
+        problem.equilibria(progress=False)

@@ -169,3 +169,18 @@ def test_singular_system_is_not_reported_converged():
     shift = -float(torch.linalg.eigvalsh(_sym(dense["total"]))[0])  # H + δI singular
     result = solve_damped(op, torch.randn(op.shape[0]), shift, tol=1e-12, progress=False)
     assert not result.converged and result.residual > 1e-6
+
+
+def test_more_analysis_errors():
+    c, eq, _ = _setup()
+    op = eq.hessian_operator(c.loss_theta)
+    with pytest.raises(ValueError, match="diagonal needs num_probes >= 2"):
+        diagonal(op, num_probes=1)
+    with pytest.raises(ValueError, match="need num_probes >= 1 and steps >= 1"):
+        spectral_density(op, num_probes=0)
+    tensor_theta = case("scalar_gains")
+    eq2 = dh.Equilibrium(tensor_theta.f, tensor_theta.theta, tensor_theta.x, tensor_theta.h0)
+    with pytest.raises(ValueError, match="parameter blocks need a dict theta"):
+        ParameterBlock(eq2.hessian_operator(tensor_theta.loss), eq2.problem.params, ["theta"])
+    with pytest.raises(dh.ConvergenceError, match=r"Lanczos \(ARPACK\) found .* raise max_iter"):
+        extreme_eigenpairs(op, k=8, dense_below=0, max_iter=1, tol=1e-15, progress=False)

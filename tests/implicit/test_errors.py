@@ -228,3 +228,14 @@ def test_batch_dim_with_coupled_samples_raises():
     ):
         eq.grad(c.loss)
     dh.Equilibrium(coupled, c.theta, c.x, c.h0).grad(c.loss)  # one coupled system is fine
+
+
+def test_more_state_and_data_set_errors():
+    f = lambda x, h, t: 0.5 * h * t  # noqa: E731
+    t = torch.tensor(1.0)
+    with pytest.raises(ValueError, match=r"h0 must be a torch.Tensor; got list"):
+        dh.Equilibrium(f, t, None, [0.0, 1.0])
+    with pytest.raises(ValueError, match=r"h0 is empty \(shape \(0,\)\)"):
+        dh.Equilibrium(f, t, None, torch.zeros(0))
+    with pytest.raises(ValueError, match="loss must be callable; got str"):
+        dh.DatasetEquilibrium(f, t, [(torch.zeros(2), None)], "mse")
