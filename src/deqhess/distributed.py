@@ -139,11 +139,13 @@ class DistributedDatasetEquilibrium:
         p = self.num_parameters
         if not split:
             return self._summed(lambda d: d.hessian(), (p, p))
-        parts = [
-            self._summed(lambda d, k=k: getattr(d.hessian(split=True), k), (p, p))
-            for k in ("loss_curvature", "dynamics_curvature")
-        ]
-        return HessianSplit(parts[0], parts[1], parts[0] + parts[1])
+
+        def both(d: DatasetEquilibrium) -> Tensor:
+            split = d.hessian(split=True)
+            return torch.stack([split.loss_curvature, split.dynamics_curvature])
+
+        loss_part, dynamics_part = self._summed(both, (2, p, p))
+        return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
 
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
         """The global operator: each block product is one all-reduce of ``K·P`` numbers."""

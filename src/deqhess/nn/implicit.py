@@ -145,10 +145,10 @@ class _FixedPoint(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple:
         z, *args = ctx.saved_tensors
         spec: FixedPointSpec = ctx.spec
-        mu = _FixedPoint.apply(spec.adjoint(), grad, grad, z, *args)
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
-        if wanted:
+        if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
+            mu = _FixedPoint.apply(spec.adjoint(), grad, grad, z, *args)
 
             def of_wanted(*chosen: Tensor) -> Tensor:
                 full = list(args)
