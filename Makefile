@@ -29,7 +29,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	cd benchmarks && ../$(BIN)/python dense_hessian.py && ../$(BIN)/python hvp.py
+	cd benchmarks && ../$(BIN)/python dense_hessian.py && ../$(BIN)/python hvp.py \
+		&& ../$(BIN)/python nn_memory.py
 
 clean:
 	rm -rf $(VENV) deqhess-demo
