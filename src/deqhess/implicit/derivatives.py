@@ -15,8 +15,7 @@ from ..chunks import default_chunk_size
 
 __all__ = [
     "dynamics_jvp",
-    "lagrangian_hessian_product",
-    "lagrangian_hessian_products",
+    "lagrangian_hessian",
     "parameter_jacobian",
 ]
 
@@ -52,26 +51,19 @@ def parameter_jacobian(
     return cols.permute(1, 2, 0)
 
 
-def lagrangian_hessian_product(
-    phi: Scalar, theta: Tensor, h: Tensor, v: Tensor, z: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``∇²₍θ,h₎Φ · (v, z)`` as ``(g_θ [P], g_h [S, d])`` (forward-over-reverse)."""
-    gradient = torch.func.grad(phi, argnums=(0, 1))
-    _, (g_theta, g_h) = torch.func.jvp(gradient, (theta, h), (v, z))
-    return g_theta, g_h
+def lagrangian_hessian(
+    phi: Scalar, theta: Tensor, h: Tensor
+) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``(v, z) ↦ ∇²₍θ,h₎Φ · (v, z)`` as ``(g_θ [P], g_h [S, d])``, reverse-over-reverse.
 
+    The pullback of ``∇Φ`` at ``(θ, h)`` is built once (a forward and a backward pass,
+    kept); each product is then one more backward. ``∇²Φ`` is symmetric, so this VJP
+    of the gradient is the Hessian-vector product. It is vmappable over directions,
+    and about 2–5× cheaper per product than forward-over-reverse in PyTorch.
+    """
+    _, pullback = torch.func.vjp(torch.func.grad(phi, argnums=(0, 1)), theta, h)
 
-def lagrangian_hessian_products(
-    phi: Scalar,
-    theta: Tensor,
-    h: Tensor,
-    v: Tensor,
-    z: Tensor,
-    chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """:func:`lagrangian_hessian_product` for ``K`` directions ``v [K, P]``, ``z [K, S, d]``."""
-    product = torch.func.vmap(
-        lambda a, b: lagrangian_hessian_product(phi, theta, h, a, b),
-        chunk_size=chunk_size,
-    )
-    return product(v, z)
+    def product(v: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        return pullback((v, z))
+
+    return product

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from ..chunks import default_chunk_size
 from ..linear import LinearSolver, ResidualOperator, Solve, resolve_linear_solver
 from ..parameters import Parameters
 from ..solvers import FixedPointSolver, SolveInfo, Tolerance, resolve_solver, solve_fixed_point
-from .derivatives import parameter_jacobian
+from .derivatives import lagrangian_hessian, parameter_jacobian
 from .hessian import HessianSplit, dense_hessian, second_sensitivity
 from .hvp import ParameterProducts, hessian_vector_products
 from .loss import Loss
@@ -62,6 +62,8 @@ class _AdjointSolution:
     adjoint: Tensor  # λ rows [S, d]
     loss_grad_h: Tensor  # ∇ₕL rows [S, d]
     loss_grad_theta: Tensor  # ∂L/∂θ flat [P]
+    # part → (v, z) ↦ ∇²Φ(v, z), the pullback of ∇Φ built on first use (a cache)
+    second_order: dict[str, Callable] = field(default_factory=dict)
 
 
 class Equilibrium:
@@ -325,13 +327,15 @@ class Equilibrium:
 
         def products(v: Tensor) -> Tensor:
             solution = self._adjoint_solution(loss)
-            phi = self.problem.lagrangian(
-                solution.loss if part != "dynamics_curvature" else None,
-                solution.adjoint if part != "loss_curvature" else None,
-            )
             with torch.no_grad():
+                if part not in solution.second_order:
+                    phi = self.problem.lagrangian(
+                        solution.loss if part != "dynamics_curvature" else None,
+                        solution.adjoint if part != "loss_curvature" else None,
+                    )
+                    solution.second_order[part] = lagrangian_hessian(phi, self._theta, self._h)
                 return hessian_vector_products(
-                    self.parameter_products, phi, self._theta, self._h, self.linear_solve, v
+                    self.parameter_products, solution.second_order[part], self.linear_solve, v
                 )
 
         return products

@@ -5,7 +5,7 @@ With ``Z = dh*/dθ`` ``[S, d, P]`` and λ from the adjoint solve,
     H = [I; Z]ᵀ ∇²₍θ,h₎(L + λᵀf) [I; Z],
 
 which for ``L(h)`` is the seed's ``Zᵀ ∇²ₕL Z + [I; Z]ᵀ ∇²(λᵀf) [I; Z]``. Column ``i``
-of ``∇²Φ [I; Z]`` is one forward-over-reverse product along ``(e_i, Z_i)``; the
+of ``∇²Φ [I; Z]`` is one Hessian-vector product along ``(e_i, Z_i)``; the
 projection by ``[I; Z]ᵀ`` is then one ``P × N × P`` matrix product, the floor of the
 whole assembly.
 """
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..chunks import default_chunk_size
 from ..linear import Solve
-from .derivatives import lagrangian_hessian_products
+from .derivatives import lagrangian_hessian
 from .loss import Loss
 from .problem import Problem
 
@@ -57,7 +57,7 @@ def _projected(
     the output by one GEMM, so only a chunk of ``∇²Φ [I; Z]`` is ever held.
     """
     samples, width, params = sensitivity.shape
-    phi = problem.lagrangian(loss, adjoint)
+    second_order = torch.func.vmap(lagrangian_hessian(problem.lagrangian(loss, adjoint), theta, h))
     z_flat = sensitivity.reshape(samples * width, params)
     tangents = sensitivity.permute(2, 0, 1)
     step = chunk_size or default_chunk_size(params + samples * width)
@@ -66,7 +66,7 @@ def _projected(
         stop = min(start + step, params)
         basis = theta.new_zeros(stop - start, params)
         basis[:, start:stop].fill_diagonal_(1.0)
-        g_theta, g_h = lagrangian_hessian_products(phi, theta, h, basis, tangents[start:stop])
+        g_theta, g_h = second_order(basis, tangents[start:stop].contiguous())
         torch.addmm(g_theta, g_h.reshape(stop - start, -1), z_flat, out=columns[start:stop])
     return columns.mT
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..linear import Solve
-from .derivatives import dynamics_jvp, lagrangian_hessian_products
+from .derivatives import dynamics_jvp
 
 __all__ = ["ParameterProducts", "hessian_vector_products"]
 
@@ -49,20 +49,20 @@ class ParameterProducts:
 
 def hessian_vector_products(
     parameter: ParameterProducts,
-    phi: Callable[[Tensor, Tensor], Tensor],
-    theta: Tensor,
-    h: Tensor,
+    second_order: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
     solver: Solve,
     v: Tensor,
 ) -> Tensor:
-    """``H vₖ`` ``[K, P]`` for flat directions ``v`` ``[K, P]`` at flat θ and rows ``h``.
+    """``H vₖ`` ``[K, P]`` for flat directions ``v`` ``[K, P]``.
 
     Args:
         parameter: the products with ``∂f/∂θ`` at the fixed point.
-        phi: the Lagrangian Φ(θ, h) of the wanted operator: ``L + λᵀf`` (the Hessian),
-            ``L`` (loss curvature, the GGN part) or ``λᵀf`` (dynamics curvature).
+        second_order: ``(v, z) ↦ ∇²Φ (v, z)`` (see
+            :func:`deqhess.implicit.derivatives.lagrangian_hessian`) for the Lagrangian Φ
+            of the wanted operator: ``L + λᵀf`` (the Hessian), ``L`` (loss curvature, the
+            GGN part) or ``λᵀf`` (dynamics curvature).
         solver: solves with ``I − J`` and ``(I − J)ᵀ`` at the fixed point.
     """
     z = solver.solve(parameter.jvps(v))
-    g_theta, g_h = lagrangian_hessian_products(phi, theta, h, v, z)
+    g_theta, g_h = torch.func.vmap(second_order)(v, z)
     return g_theta + parameter.vjps(solver.solve_transpose(g_h))
