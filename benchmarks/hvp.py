@@ -175,15 +175,19 @@ def report(size: str) -> None:
         a = measure(size=size, kind=kind, max_iter=50, repeats=1)
         b = measure(size=size, kind=kind, max_iter=500, repeats=1)
         key = "op_peak_mb"
-        print(
-            f"{name:<46}{a[key]:>10.1f}MB{b[key]:>10.1f}MB  ({100 * (b[key] / a[key] - 1):+.0f}%)"
-        )
+        print(f"{name:<46}{a[key]:>10.1f}MB{b[key]:>10.1f}MB  {_change(a[key], b[key])}")
     a = measure(size=size, kind="unrolled", steps=50, repeats=1)
     b = measure(size=size, kind="unrolled", steps=500, repeats=1)
     print(
         f"{'unrolled HVP, op peak (for contrast)':<46}{a['op_peak_mb']:>10.1f}MB"
-        f"{b['op_peak_mb']:>10.1f}MB  ({100 * (b['op_peak_mb'] / a['op_peak_mb'] - 1):+.0f}%)"
+        f"{b['op_peak_mb']:>10.1f}MB  {_change(a['op_peak_mb'], b['op_peak_mb'])}"
     )
+
+
+def _change(a: float, b: float) -> str:
+    """``a`` → ``b`` as a percentage, or in MB when ``a`` is under 1 MB (a percentage of
+    almost nothing is noise)."""
+    return f"({b - a:+.1f} MB)" if a < 1.0 else f"({100 * (b / a - 1):+.0f}%)"
 
 
 def main() -> None:

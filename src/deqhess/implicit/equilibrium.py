@@ -254,10 +254,7 @@ class Equilibrium:
         solution = self._adjoint_solution(loss)
         with torch.no_grad():
             if method == "adjoint":
-                flat = (
-                    solution.loss_grad_theta
-                    + self.parameter_products.vjps(solution.adjoint[None])[0]
-                )
+                flat = solution.loss_grad_theta + self.parameter_products.vjp(solution.adjoint)
             elif method == "sensitivity":
                 flat = solution.loss_grad_theta + torch.einsum(
                     "sdp,sd->p", self._sensitivity_rows(), solution.loss_grad_h
@@ -273,7 +270,7 @@ class Equilibrium:
         """The exact Hessian ``d²L/dθ²`` ``[P, P]`` (θ flattened), dense.
 
         With ``split=True`` returns a :class:`HessianSplit` with ``.loss_curvature``,
-        ``.dynamics_curvature`` and ``.total``. Costs P forward-over-reverse products
+        ``.dynamics_curvature`` and ``.total``. Costs P Hessian-vector products of Φ
         and a ``P × N × P`` matrix product; memory ``O(P² + N·P)``.
         """
         solution = self._adjoint_solution(loss)

@@ -3,7 +3,8 @@
 For directions ``v`` (the seed's H = d/dθ(λᵀ ∂f/∂θ) read as a product):
 
 1. ``u = (∂f/∂θ) v`` (one JVP) and ``z = (I − J)⁻¹ u``, so ``z = Z v``;
-2. ``(g_θ, g_h) = ∇²₍θ,h₎(L + λᵀf) · (v, z)`` (one forward-over-reverse product);
+2. ``(g_θ, g_h) = ∇²₍θ,h₎(L + λᵀf) · (v, z)`` (one backward through the cached
+   pullback of ``∇(L + λᵀf)``: reverse-over-reverse, as ∇² is symmetric);
 3. ``μ = (I − J)⁻ᵀ g_h``;
 4. ``H v = g_θ + (∂f/∂θ)ᵀ μ`` (one VJP).
 
@@ -30,8 +31,16 @@ class ParameterProducts:
     """Products with ``∂f/∂θ`` at ``(θ, h*)`` on blocks: ``[K, P] → [K, S, d]`` (JVPs) and
     ``[K, S, d] → [K, P]`` (VJPs through one cached pullback: no forward per call)."""
 
-    jvps: Callable[[Tensor], Tensor]
-    vjps: Callable[[Tensor], Tensor]
+    jvp: Callable[[Tensor], Tensor]
+    vjp: Callable[[Tensor], Tensor]
+
+    def jvps(self, v: Tensor) -> Tensor:
+        """``[K, P] → [K, S, d]`` (vmapped; a single direction skips vmap's overhead)."""
+        return self.jvp(v[0])[None] if v.shape[0] == 1 else torch.func.vmap(self.jvp)(v)
+
+    def vjps(self, mu: Tensor) -> Tensor:
+        """``[K, S, d] → [K, P]``."""
+        return self.vjp(mu[0])[None] if mu.shape[0] == 1 else torch.func.vmap(self.vjp)(mu)
 
     @classmethod
     def at(
@@ -42,8 +51,8 @@ class ParameterProducts:
 
         _, pullback = torch.func.vjp(of_theta, theta)
         return cls(
-            jvps=torch.func.vmap(lambda v: dynamics_jvp(dynamics, theta, h, v)),
-            vjps=torch.func.vmap(lambda mu: pullback(mu)[0]),
+            jvp=lambda v: dynamics_jvp(dynamics, theta, h, v),
+            vjp=lambda mu: pullback(mu)[0],
         )
 
 
@@ -64,5 +73,8 @@ def hessian_vector_products(
         solver: solves with ``I − J`` and ``(I − J)ᵀ`` at the fixed point.
     """
     z = solver.solve(parameter.jvps(v))
-    g_theta, g_h = torch.func.vmap(second_order)(v, z)
+    if v.shape[0] == 1:  # one direction: no vmap overhead
+        g_theta, g_h = (g[None] for g in second_order(v[0], z[0]))
+    else:
+        g_theta, g_h = torch.func.vmap(second_order)(v, z)
     return g_theta + parameter.vjps(solver.solve_transpose(g_h))
