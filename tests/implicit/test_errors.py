@@ -117,12 +117,15 @@ def test_bad_directions_and_methods():
     c = _tanh()
     eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
     with pytest.raises(
-        ValueError, match=r"v must have theta's structure .*'W': \(5, 5\).*\(45,\); got \(7,\)"
+        ValueError,
+        match=r"acts on flat \[45\] vectors, \[45, K\] blocks or theta-structured vectors \(\{'W': \(5, 5\).*got \(7,\)",
     ):
         eq.hvp(c.loss, torch.ones(7))
-    with pytest.raises(ValueError, match=r"v has dtype torch.float32 but theta is torch.float64"):
+    with pytest.raises(
+        ValueError, match=r"vector has dtype torch.float32 but the operator is torch.float64"
+    ):
         eq.hvp(c.loss, torch.ones(45, dtype=torch.float32))
-    with pytest.raises(ValueError, match="v contains non-finite"):
+    with pytest.raises(ValueError, match="vector contains non-finite"):
         eq.hvp(c.loss, torch.full((45,), float("nan")))
     with pytest.raises(ValueError, match="unknown gradient method 'magic'"):
         eq.grad(c.loss, method="magic")

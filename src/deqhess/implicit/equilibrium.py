@@ -290,12 +290,10 @@ class Equilibrium:
         """``H v``, exact and matrix-free: two solves with the prepared linear solve.
 
         Args:
-            v: a direction with θ's structure, or a flat ``[P]`` tensor; the result has
-                the same form as ``v``.
+            v: a direction with θ's structure, or a flat ``[P]`` tensor (or a ``[P, K]``
+                block); the result has the same form as ``v``.
         """
-        flat_v, structured = self._flat_direction(v)
-        product = self.block_products(loss, "total")(flat_v[None])[0]
-        return self.problem.params.unflatten(product) if structured else product
+        return self.hessian_operator(loss) @ v
 
     def hessian_operator(
         self, loss: Callable[..., Tensor], part: str = "total"
@@ -349,27 +347,6 @@ class Equilibrium:
                 self.chunk_size,
             )
         return self.problem.state.from_rows(rows)
-
-    def _flat_direction(self, v: Parameters) -> tuple[Tensor, bool]:
-        params = self.problem.params
-        if params.matches(v):
-            flat, structured = params.flatten(v), True
-        elif isinstance(v, Tensor) and v.shape == (params.size,):
-            flat, structured = v, False
-        else:
-            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise ValueError(
-                f"v must have theta's structure ({params.describe()}) or be a flat tensor of "
-                f"shape ({params.size},); got {got}."
-            )
-        if flat.dtype != params.dtype:
-            raise ValueError(
-                f"v has dtype {flat.dtype} but theta is {params.dtype}; convert it with "
-                f"v.to({params.dtype})."
-            )
-        if not bool(torch.isfinite(flat).all()):
-            raise ValueError("v contains non-finite values (NaN or inf).")
-        return flat.detach(), structured
 
     def __repr__(self) -> str:
         s = self._solve_info
