@@ -51,6 +51,17 @@ class LinearSolveInfo:
     residual: float
     converged: bool
 
+    @classmethod
+    def of(cls, method: str, products: int, b: Tensor, residual: Tensor, target: Tensor):
+        """From per-row residual norms ``‖b − A x‖`` and the per-row bounds they must meet."""
+        relative = residual / torch.clamp(row_norms(b), min=torch.finfo(b.dtype).tiny)
+        return cls(
+            method=method,
+            iterations=products,
+            residual=float(relative.max()) if relative.numel() else 0.0,
+            converged=bool((residual <= target).all()),
+        )
+
 
 class Solve(abc.ABC):
     """Solves with ``A`` and ``Aᵀ`` at one fixed point."""

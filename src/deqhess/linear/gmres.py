@@ -87,14 +87,7 @@ def gmres(
         r = b - matvec(x)
         products += 1
         beta = row_norms(r)
-    relative = beta / torch.clamp(row_norms(b), min=tiny)
-    info = LinearSolveInfo(
-        method="GMRES",
-        iterations=products,
-        residual=float(relative.max()) if relative.numel() else 0.0,
-        converged=bool((beta <= target).all()),
-    )
-    return x, info
+    return x, LinearSolveInfo.of("GMRES", products, b, beta, target)
 
 
 class GMRES(LinearSolver):

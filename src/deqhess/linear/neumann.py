@@ -28,7 +28,6 @@ def neumann(
     when the spectral radius ``ρ(J) < 1`` — true at the fixed point of a contraction,
     where ``‖J‖ ≤ c < 1``. Returns ``(x, info)``; does not raise.
     """
-    tiny = torch.finfo(b.dtype).tiny
     target = torch.clamp(rtol * row_norms(b), min=atol)
     x = b.clone() if x0 is None else x0.clone()
     products = 0
@@ -40,14 +39,7 @@ def neumann(
         if bool((residual <= target).all()):
             break
         x = x + r
-    relative = residual / torch.clamp(row_norms(b), min=tiny)
-    info = LinearSolveInfo(
-        method="Neumann",
-        iterations=products,
-        residual=float(relative.max()) if relative.numel() else 0.0,
-        converged=bool((residual <= target).all()),
-    )
-    return x, info
+    return x, LinearSolveInfo.of("Neumann", products, b, residual, target)
 
 
 class Neumann(LinearSolver):
