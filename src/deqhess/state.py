@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["StateLayout"]
+__all__ = ["StateLayout", "check_state_map"]
 
 
 class StateLayout:
@@ -69,3 +69,16 @@ class StateLayout:
         rest = (s for i, s in enumerate(self.shape) if i != self.batch_dim)
         moved = (self.shape[self.batch_dim], *rest)
         return torch.movedim(rows.reshape((*moved, *trailing)), 0, self.batch_dim)
+
+
+def check_state_map(out: object, h: Tensor, call: str) -> None:
+    """Raise ``ValueError`` unless ``out`` (what ``call`` returned for the state ``h``) is
+    a tensor of ``h``'s shape and dtype."""
+    if not isinstance(out, Tensor):
+        raise ValueError(f"{call} must return a tensor shaped like h; got {type(out).__name__}.")
+    if out.shape != h.shape or out.dtype != h.dtype:
+        raise ValueError(
+            f"{call} returned shape {tuple(out.shape)} and dtype {out.dtype}, but the state h0 "
+            f"has shape {tuple(h.shape)} and dtype {h.dtype}; {call} must map a state to a "
+            "state of the same shape and dtype (set h0 accordingly)."
+        )

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import StaleEquilibriumError
 from ..parameters import ParameterLayout, Parameters
-from ..state import StateLayout
+from ..state import StateLayout, check_state_map
 from .loss import Loss
 
 __all__ = ["Problem"]
@@ -66,20 +66,7 @@ class Problem:
             self._watched.append(x)
         self._versions = [t._version for t in self._watched]
         with torch.no_grad():
-            self.check_output(f(self.x, h0.detach(), _detached(theta)), h0)
-
-    def check_output(self, out: object, h: Tensor) -> None:
-        """Raise ``ValueError`` unless ``out`` has ``h``'s shape and dtype."""
-        if not isinstance(out, Tensor):
-            raise ValueError(
-                f"f(x, h, theta) must return a tensor shaped like h; got {type(out).__name__}."
-            )
-        if out.shape != h.shape or out.dtype != h.dtype:
-            raise ValueError(
-                f"f(x, h, theta) returned shape {tuple(out.shape)} and dtype {out.dtype}, but "
-                f"the state h0 has shape {tuple(h.shape)} and dtype {h.dtype}; f must map a "
-                "state to a state of the same shape and dtype (set h0 accordingly)."
-            )
+            check_state_map(f(self.x, h0.detach(), _detached(theta)), h0, "f(x, h, theta)")
 
     def check_fresh(self) -> None:
         """Raise if θ or x was modified in place since the equilibrium was solved."""

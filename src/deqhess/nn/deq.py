@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..linear import LinearSolver
 from ..solvers import FixedPointSolver, SolveInfo, resolve_solver
+from ..state import check_state_map
 from .implicit import FixedPointSpec, fixed_point
 
 __all__ = ["DEQ"]
@@ -84,16 +85,7 @@ class DEQ(nn.Module):
 
         def step(z: Tensor, x: Tensor, *params: Tensor) -> Tensor:
             out = torch.func.functional_call(cell, dict(zip(names, params, strict=True)), (x, z))
-            if not isinstance(out, Tensor) or out.shape != z.shape or out.dtype != z.dtype:
-                got = (
-                    f"shape {tuple(out.shape)} and dtype {out.dtype}"
-                    if isinstance(out, Tensor)
-                    else type(out).__name__
-                )
-                raise ValueError(
-                    f"cell(x, h) returned {got}, but the state has shape {tuple(z.shape)} and "
-                    f"dtype {z.dtype}; the cell must map a state to a state of the same shape."
-                )
+            check_state_map(out, z, "cell(x, h)")
             return out
 
         infos: list[SolveInfo] = []
