@@ -18,6 +18,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..implicit.operators import scipy_operator
 from ..parameters import ParameterLayout
 
 __all__ = ["Counted", "ParameterBlock", "SymmetricOperator", "rademacher"]
@@ -63,18 +64,7 @@ class Counted:
         return self.matmat(v[:, None])[:, 0]
 
     def to_scipy(self) -> LinearOperator:
-        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
-
-        def matmat(a: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(a, dtype=np_dtype), device=self.device)
-            if t.ndim == 1:
-                return self.matvec(t).cpu().numpy()
-            return self.matmat(t).cpu().numpy()
-
-        return LinearOperator(
-            self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat,
-            dtype=np_dtype,
-        )  # fmt: skip
+        return scipy_operator(self)
 
     def close(self) -> None:
         self.bar.close()

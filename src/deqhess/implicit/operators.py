@@ -17,7 +17,7 @@ from torch import Tensor
 from ..chunks import default_chunk_size
 from ..parameters import ParameterLayout, Parameters
 
-__all__ = ["PARTS", "CurvatureOperator"]
+__all__ = ["PARTS", "CurvatureOperator", "scipy_operator"]
 
 #: the operators: the Hessian, its loss curvature (GGN) and its dynamics curvature.
 PARTS = ("total", "loss_curvature", "dynamics_curvature")
@@ -115,18 +115,18 @@ class CurvatureOperator:
 
         Symmetric, so ``rmatvec`` is ``matvec``: ready for ``eigsh``, ``cg``, ``minres``.
         """
-        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        return scipy_operator(self)
 
-        def to_torch(a: np.ndarray) -> Tensor:
-            return torch.as_tensor(np.asarray(a, dtype=np_dtype), device=self.device)
 
-        def matvec(a: np.ndarray) -> np.ndarray:
-            return self.matvec(to_torch(a).reshape(-1)).cpu().numpy()
+def scipy_operator(op) -> LinearOperator:
+    """A symmetric operator with ``shape``, ``dtype``, ``device`` and ``matmat`` as a
+    ``scipy.sparse.linalg.LinearOperator`` (vectors and blocks, NumPy in and out)."""
+    np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
 
-        def matmat(a: np.ndarray) -> np.ndarray:
-            return self.matmat(to_torch(a)).cpu().numpy()
+    def apply(a: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.asarray(a, dtype=np_dtype), device=op.device)
+        return op.matmat(t.reshape(t.shape[0], -1)).reshape(t.shape).cpu().numpy()
 
-        return LinearOperator(
-            self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat,
-            dtype=np_dtype,
-        )  # fmt: skip
+    return LinearOperator(
+        op.shape, matvec=apply, rmatvec=apply, matmat=apply, rmatmat=apply, dtype=np_dtype
+    )
