@@ -118,8 +118,8 @@ def test_bad_directions_and_methods():
     eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
     with pytest.raises(
         ValueError,
-        match=r"acts on flat \[45\] vectors, \[45, K\] blocks or theta-structured vectors "
-        r"\(\{'W': \(5, 5\).*got \(7,\)",
+        match=r"acts on flat \[45\] vectors, \[45, K\] blocks, theta-structured vectors "
+        r"\(\{'W': \(5, 5\).*lists of tensors shaped like theta's; got \(7,\)",
     ):
         eq.hvp(c.loss, torch.ones(7))
     with pytest.raises(

@@ -3,9 +3,9 @@
 The seed's computation graph, step by step:
 
 1. forward — :func:`deqhess.solvers.solve_fixed_point` (at construction);
-2. Jacobian — ``J = ∂f/∂h`` as a :class:`deqhess.linear.ResidualOperator` (JVP/VJP),
-   prepared once by the linear solver: a dense LU per sample block or a matrix-free
-   GMRES/Neumann solve (:attr:`Equilibrium.linear_solve`);
+2. Jacobian — ``J = ∂f/∂h`` in the fixed point's :class:`deqhess.linear.Linearization`
+   (:attr:`Equilibrium.linearization`): ``I − J`` by JVP/VJP, prepared once by the linear
+   solver — a dense LU per sample block or a matrix-free GMRES/Neumann solve;
 3. adjoint — :meth:`Equilibrium.adjoint`, ``(I − J)ᵀ λ = ∇ₕL``;
 4. sensitivity — :meth:`Equilibrium.sensitivity`, ``(I − J) Z = ∂f/∂θ``;
 5. assemble — :meth:`Equilibrium.hessian` (dense) and :meth:`Equilibrium.hvp`
@@ -23,9 +23,16 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
-from ..linear import LinearSolver, ResidualOperator, Solve, resolve_linear_solver
+from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
 from ..parameters import Parameters
-from ..solvers import FixedPointSolver, SolveInfo, Tolerance, resolve_solver, solve_fixed_point
+from ..solvers import (
+    FixedPointSolver,
+    Residual,
+    SolveInfo,
+    Tolerance,
+    resolve_solver,
+    solve_fixed_point,
+)
 from .derivatives import lagrangian_hessian, parameter_jacobian
 from .hessian import HessianSplit, dense_hessian, second_sensitivity
 from .hvp import ParameterProducts, hessian_vector_products
@@ -50,10 +57,13 @@ class EquilibriumInfo(SolveInfo):
             matrix-free solver). Expect to lose about ``log10`` of it in digits
             relative to the residual.
         linear_solver: the strategy for solves with ``I − J``.
+        linear_solves: the solves with ``I − J`` so far (count, products, the largest
+            iteration count and relative residual of the iterative ones), as of this call.
     """
 
     condition_number: float | None = None
     linear_solver: str = ""
+    linear_solves: LinearSolveStats | None = None
 
 
 @dataclass(frozen=True)
@@ -132,9 +142,10 @@ class Equilibrium:
         self.chunk_size = chunk_size
         tolerance = Tolerance.resolve(tol, atol, state.dtype)
         self._theta = self.problem.params.flatten(theta).detach().clone()
+        residual = Residual(lambda r: self.problem.dynamics(self._theta, r))
         with torch.no_grad():
             rows, self._solve_info = solve_fixed_point(
-                lambda r: self.problem.dynamics(self._theta, r),
+                residual,
                 state.to_rows(h0.detach()).clone(),
                 self.solver,
                 tolerance,
@@ -142,7 +153,16 @@ class Equilibrium:
                 require_convergence,
             )
         self._h = rows
-        self._linear_solve: Solve | None = None
+        self._linearization = Linearization(
+            residual,
+            rows,
+            self.linear_solver,
+            independent_rows=state.batch_dim is not None,
+            declared=(
+                f"f couples the samples along batch_dim={state.batch_dim}",
+                "pass batch_dim=None for one coupled system",
+            ),
+        )
         self._sensitivity: Tensor | None = None
         self._parameter_products: ParameterProducts | None = None
         self._adjoints: OrderedDict[Any, _AdjointSolution] = OrderedDict()
@@ -160,34 +180,29 @@ class Equilibrium:
 
     @property
     def info(self) -> EquilibriumInfo:
-        """Forward-solve statistics and, once factorised, the conditioning of ``I − J``."""
+        """Forward-solve statistics and, once used, those of the linear solves."""
         forward = {f.name: getattr(self._solve_info, f.name) for f in fields(SolveInfo)}
+        linearization = self._linearization
         return EquilibriumInfo(
             **forward,
-            condition_number=(
-                None if self._linear_solve is None else self._linear_solve.condition_number
-            ),
+            condition_number=linearization.condition_number,
             linear_solver=repr(self.linear_solver),
+            linear_solves=linearization.stats.snapshot(),
         )
 
     @property
-    def linear_solve(self) -> Solve:
-        """Solves with ``I − J`` and ``(I − J)ᵀ`` at ``h*`` (steps 2–4), set up on first use."""
+    def linearization(self) -> Linearization:
+        """``I − J`` at ``h*`` and its prepared solve (steps 2–4), set up on first use.
+
+        Raises:
+            ValueError: on first use, ``f`` couples samples ``batch_dim`` declares
+                independent.
+        """
         self.problem.check_fresh()
-        if self._linear_solve is None:
+        if not self._linearization.is_prepared:
             with torch.no_grad():
-                operator = ResidualOperator(
-                    lambda r: self.problem.dynamics(self._theta, r), self._h
-                )
-                coupling = operator.row_coupling()
-                if coupling > 1e-10:
-                    raise ValueError(
-                        f"f couples the samples along batch_dim={self.problem.state.batch_dim} "
-                        f"(relative cross-sample Jacobian {coupling:.1e}), but batch_dim "
-                        "declares them independent; pass batch_dim=None for one coupled system."
-                    )
-                self._linear_solve = self.linear_solver.prepare(operator)
-        return self._linear_solve
+                _ = self._linearization.prepared
+        return self._linearization
 
     @property
     def parameter_products(self) -> ParameterProducts:
@@ -216,7 +231,7 @@ class Equilibrium:
             grad_theta, grad_h = torch.func.grad(
                 lambda t, r: self.problem.objective(wrapped, t, r), argnums=(0, 1)
             )(self._theta, self._h)
-            adjoint = self.linear_solve.solve_transpose(grad_h)
+            adjoint = self.linearization.solve_transpose(grad_h)
         solution = _AdjointSolution(wrapped, adjoint, grad_h, grad_theta)
         if loss_key is not None:
             self._adjoints[loss_key] = solution
@@ -239,7 +254,7 @@ class Equilibrium:
                 rhs = parameter_jacobian(
                     self.problem.dynamics, self._theta, self._h, self.chunk_size
                 )
-                columns = self.linear_solve.solve(rhs.permute(2, 0, 1))  # [P, S, d]
+                columns = self.linearization.solve(rhs.permute(2, 0, 1))  # [P, S, d]
                 self._sensitivity = columns.permute(1, 2, 0).contiguous()
         return self._sensitivity
 
@@ -330,7 +345,7 @@ class Equilibrium:
                     )
                     solution.second_order[part] = lagrangian_hessian(phi, self._theta, self._h)
                 return hessian_vector_products(
-                    self.parameter_products, solution.second_order[part], self.linear_solve, v
+                    self.parameter_products, solution.second_order[part], self.linearization, v
                 )
 
         return products
@@ -343,7 +358,7 @@ class Equilibrium:
                 self._theta,
                 self._h,
                 self._sensitivity_rows(),
-                self.linear_solve,
+                self.linearization,
                 self.chunk_size,
             )
         return self.problem.state.from_rows(rows)

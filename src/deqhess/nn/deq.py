@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import Tensor, nn
 
-from ..linear import LinearSolver
+from ..linear import LinearSolver, LinearSolveStats
 from ..solvers import FixedPointSolver, SolveInfo, resolve_solver
 from ..state import check_state_map
 from .implicit import FixedPointSpec, fixed_point
 
-__all__ = ["DEQ"]
+__all__ = ["DEQ", "LayerInfo"]
+
+
+@dataclass(frozen=True)
+class LayerInfo(SolveInfo):
+    """The forward solve's statistics (:class:`deqhess.solvers.SolveInfo`) and a live
+    record of the linear solves the backward and forward-mode passes make with ``I − J``.
+
+    Attributes:
+        linear_solves: filled as derivatives are taken (solves, products, the largest
+            iteration count and relative residual); empty until then.
+    """
+
+    linear_solves: LinearSolveStats
 
 
 class DEQ(nn.Module):
@@ -33,7 +48,10 @@ class DEQ(nn.Module):
         batch_dim: ``0`` (default): ``h``'s first dim indexes independent samples;
             ``None``: one coupled system.
         linear_solver: strategy for the adjoint and tangent solves (``"auto"``,
-            ``"dense"``, ``"gmres"``, ``"neumann"`` or an instance).
+            ``"dense"``, ``"gmres"``, ``"neumann"`` or an instance). ``"auto"`` factorises
+            ``I − J`` only for per-sample states of at most 64 numbers (forming ``J`` costs
+            one product per state entry) and otherwise solves matrix-free with GMRES
+            (relative residual 1e-12 in float64, 1e-6 in float32).
         require_convergence: if False, an unconverged forward solve warns and keeps its
             best iterate (for fixed iteration budgets) instead of raising.
     """
@@ -75,8 +93,9 @@ class DEQ(nn.Module):
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, *, return_info: bool = False
-    ) -> Tensor | tuple[Tensor, SolveInfo]:
-        """The fixed point ``h*`` (and, with ``return_info=True``, the solve's statistics)."""
+    ) -> Tensor | tuple[Tensor, LayerInfo]:
+        """The fixed point ``h*``; with ``return_info=True`` also a :class:`LayerInfo`, whose
+        ``linear_solves`` fill in as derivatives of ``h*`` are taken."""
         h0 = self.initial_state(x) if h0 is None else h0
         named = list(self.cell.named_parameters())
         names = [name for name, _ in named]
@@ -89,10 +108,10 @@ class DEQ(nn.Module):
             return out
 
         infos: list[SolveInfo] = []
+        stats = LinearSolveStats()
         spec = FixedPointSpec(
             fn=step,
             independent_dims=0 if self.batch_dim is None else 1,
-            linear=False,
             solver=self.solver,
             tol=self.tol,
             atol=self.atol,
@@ -101,10 +120,12 @@ class DEQ(nn.Module):
             require_convergence=self.require_convergence,
             check_rows=self.batch_dim == 0,
             on_solve=infos.append if return_info else None,
+            stats=stats if return_info else None,
         )
         h = fixed_point(spec, h0.detach(), x, *values)
         if return_info:
-            return h, infos[-1]
+            forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
+            return h, LayerInfo(**forward, linear_solves=stats)
         return h
 
     def extra_repr(self) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from .anderson import Anderson
 from .driver import FixedPointSolver, SolveInfo, Tolerance, default_tolerance, solve_fixed_point
 from .picard import Picard
+from .residual import Residual
 
 __all__ = [
     "Anderson",
     "FixedPointSolver",
     "Picard",
+    "Residual",
     "SolveInfo",
     "Tolerance",
     "default_tolerance",

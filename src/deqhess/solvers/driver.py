@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError
+from .residual import Residual
 
 __all__ = [
     "FixedPointSolver",
@@ -120,14 +121,14 @@ def _row_norms(t: Tensor) -> Tensor:
 
 
 def solve_fixed_point(
-    fn: Callable[[Tensor], Tensor],
+    fn: Callable[[Tensor], Tensor] | Residual,
     h0: Tensor,
     solver: FixedPointSolver,
     tolerance: Tolerance,
     max_iter: int,
     require_convergence: bool = True,
 ) -> tuple[Tensor, SolveInfo]:
-    """Solve ``h = fn(h)`` row-wise from ``h0`` ``[S, d]``.
+    """Solve ``h = fn(h)`` row-wise from ``h0`` ``[S, d]``, stopping on its :class:`Residual`.
 
     Returns:
         ``(h, info)``: the converged rows ``[S, d]`` (each the iterate whose residual
@@ -140,6 +141,7 @@ def solve_fixed_point(
     """
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0; got {max_iter}.")
+    residual_map = fn if isinstance(fn, Residual) else Residual(fn)
     samples = h0.shape[0]
     h = h0
     memory = solver.init(h)
@@ -150,7 +152,7 @@ def solve_fixed_point(
     iters = torch.zeros(samples, dtype=torch.long, device=h.device)
     history: list[float] = []
     for k in range(max_iter + 1):
-        fh = fn(h)
+        fh, g = residual_map.evaluate(h)
         finite = torch.isfinite(fh).all(dim=1)
         if not bool(finite[~done].all()):
             bad = int(torch.nonzero(~finite & ~done)[0, 0])
@@ -161,7 +163,7 @@ def solve_fixed_point(
                 "in h (spectral norm of ∂f/∂h below 1).",
                 info=_info(solver, iters, best_res, done, history, tolerance),
             )
-        residual = _row_norms(fh - h)
+        residual = _row_norms(g)
         active = ~done
         history.append(float(residual[active].max()))
         last_res = torch.where(active, residual, last_res)
