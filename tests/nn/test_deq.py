@@ -173,3 +173,23 @@ def test_coupled_cell_with_batch_dim_raises():
     h = DEQ(BatchMixing(), batch_dim=None)(x)
     h.sum().backward()
     assert h.shape == x.shape
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    """Running statistics would be updated at every solver iteration and batch statistics
+    couple the samples; in eval mode batch norm is per-sample (see the derivative grid)."""
+
+    class BN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.norm = nn.BatchNorm1d(4)
+
+        def forward(self, x, h):
+            return torch.tanh(0.3 * self.norm(self.lin(h)) + x)
+
+    with pytest.raises(
+        ValueError, match=r"cell.norm is a BatchNorm1d in training mode: .*\.eval\(\)"
+    ):
+        DEQ(BN().train())(torch.randn(6, 4))
+    assert DEQ(BN().eval())(torch.randn(6, 4)).shape == (6, 4)

@@ -96,6 +96,7 @@ class DEQ(nn.Module):
     ) -> Tensor | tuple[Tensor, LayerInfo]:
         """The fixed point ``h*``; with ``return_info=True`` also a :class:`LayerInfo`, whose
         ``linear_solves`` fill in as derivatives of ``h*`` are taken."""
+        _check_no_running_statistics(self.cell)
         h0 = self.initial_state(x) if h0 is None else h0
         named = list(self.cell.named_parameters())
         names = [name for name, _ in named]
@@ -130,3 +131,20 @@ class DEQ(nn.Module):
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
+
+
+def _check_no_running_statistics(cell: nn.Module) -> None:
+    """Batch norm in training mode updates its running statistics at every call of the cell
+    — at every solver iteration — and torch.func cannot differentiate through that update."""
+    for name, module in cell.named_modules():
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.training
+            and module.track_running_stats
+        ):
+            raise ValueError(
+                f"cell.{name or 'self'} is a {type(module).__name__} in training mode: it would "
+                "update its running statistics at every solver iteration, and its batch "
+                "statistics couple the samples. Call .eval() on it (batch norm with fixed "
+                "statistics is a per-sample affine map), or use GroupNorm/LayerNorm."
+            )
