@@ -153,7 +153,7 @@ def test_no_fixed_point_raises_convergence_error():
 
 
 def test_divergence_raises_convergence_error():
-    with pytest.raises(dh.ConvergenceError, match="diverged: f returned non-finite"):
+    with pytest.raises(dh.ConvergenceError, match=r"diverged: .* at iteration"):
         dh.Equilibrium(
             lambda x, h, t: t * h * h + 1, torch.tensor(3.0), None, torch.zeros(2), solver="picard"
         )

@@ -24,8 +24,16 @@ from torch import Tensor
 
 from ..chunks import default_chunk_size
 from ..linear import LinearSolver, ResidualOperator, Solve, resolve_linear_solver
+from ..options import integer
 from ..parameters import Parameters
-from ..solvers import FixedPointSolver, SolveInfo, Tolerance, resolve_solver, solve_fixed_point
+from ..solvers import (
+    Convergence,
+    FixedPointSolver,
+    SolveInfo,
+    Tolerance,
+    resolve_solver,
+    solve_fixed_point,
+)
 from .derivatives import lagrangian_hessian, parameter_jacobian
 from .hessian import HessianSplit, dense_hessian, second_sensitivity
 from .hvp import ParameterProducts, hessian_vector_products
@@ -93,7 +101,12 @@ class Equilibrium:
             ``"neumann"`` or a :class:`deqhess.linear.LinearSolver` instance.
         max_condition: largest acceptable condition number of ``I − J`` (dense LU).
         require_convergence: if False, an unconverged solve warns and keeps its best
-            iterate instead of raising (``info.converged`` tells).
+            iterate instead of raising (``info.converged`` tells); shorthand for
+            ``convergence="best"``.
+        convergence: what to do with samples that miss the tolerance: ``"raise"``
+            (default), ``"best"`` (keep each one's best iterate, warn, and mark it in
+            ``info.converged_mask``) or a :class:`deqhess.solvers.Convergence` with
+            fallback solvers (e.g. ``Convergence(fallback=Picard(damping=0.5))``).
         chunk_size: directions vmapped at once in dense Jacobians/Hessians (bounds
             memory); None picks about 4M numbers per chunk.
 
@@ -118,6 +131,7 @@ class Equilibrium:
         max_condition: float | None = None,
         require_convergence: bool = True,
         chunk_size: int | None = None,
+        convergence: Convergence | str | None = None,
     ) -> None:
         if h0 is None:
             if not isinstance(x, Tensor):
@@ -129,7 +143,7 @@ class Equilibrium:
         self.linear_solver = resolve_linear_solver(
             linear_solver, state.samples, state.width, state.dtype, max_condition
         )
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else integer(chunk_size, "chunk_size", 1)
         tolerance = Tolerance.resolve(tol, atol, state.dtype)
         self._theta = self.problem.params.flatten(theta).detach().clone()
         with torch.no_grad():
@@ -139,7 +153,7 @@ class Equilibrium:
                 self.solver,
                 tolerance,
                 max_iter,
-                require_convergence,
+                convergence=Convergence.resolve(convergence, require_convergence),
             )
         self._h = rows
         self._linear_solve: Solve | None = None

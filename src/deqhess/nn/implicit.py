@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..linear import LinearSolver, ResidualOperator, resolve_linear_solver
-from ..solvers import FixedPointSolver, SolveInfo, Tolerance, solve_fixed_point
+from ..solvers import Convergence, FixedPointSolver, SolveInfo, Tolerance, solve_fixed_point
 
 __all__ = ["FixedPointSpec", "fixed_point"]
 
@@ -59,6 +59,7 @@ class FixedPointSpec:
     require_convergence: bool = True
     check_rows: bool = False
     on_solve: Callable[[SolveInfo], None] | None = None
+    convergence: Convergence | None = None  # the policy; None follows require_convergence
 
     def rows(self, z: Tensor) -> Tensor:
         samples = math.prod(z.shape[: self.independent_dims])
@@ -81,6 +82,7 @@ class FixedPointSpec:
                     tolerance,
                     self.max_iter,
                     self.require_convergence,
+                    convergence=self.convergence,
                 )
                 if self.on_solve is not None:
                     self.on_solve(info)
