@@ -243,3 +243,64 @@ def test_more_state_and_data_set_errors():
         dh.Equilibrium(f, t, None, torch.zeros(0))
     with pytest.raises(ValueError, match="loss must be callable; got str"):
         dh.DatasetEquilibrium(f, t, [(torch.zeros(2), None)], "mse")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"tol": float("inf")}, r"tol must be a finite number in \[0, 1\); got inf\. It is rel"),
+        ({"tol": float("nan")}, r"tol must be a finite number in \[0, 1\); got nan"),
+        ({"tol": 1.0}, r"tol must be .*got 1\.0\. .*tol >= 1 accepts any iterate"),
+        ({"tol": "1e-8"}, r"tol must be a number; got '1e-8' \(str\)"),
+        ({"atol": float("inf")}, r"atol must be a finite number >= 0; got inf"),
+        ({"max_iter": 10.5}, r"max_iter must be an int; got 10\.5 \(float\)"),
+        ({"max_iter": "100"}, r"max_iter must be an int; got '100' \(str\)"),
+        ({"batch_dim": 0.0}, r"batch_dim must be an int; got 0\.0 .*batch_dim=0"),
+        ({"chunk_size": 0}, r"chunk_size must be an int >= 1; got 0"),
+        ({"max_condition": 0.0}, r"max_condition must be a number >= 1; got 0\.0. .*inf turns"),
+        ({"max_condition": float("nan")}, r"max_condition must be a number >= 1; got nan"),
+        ({"max_condition": -5}, r"max_condition must be a number >= 1; got -5"),
+        ({"solver": "newton"}, r"unknown solver 'newton'"),
+    ],
+)
+def test_options_that_make_no_sense_are_refused_at_construction(option, message):
+    c = _tanh()
+    with pytest.raises(ValueError, match=message):
+        dh.Equilibrium(c.f, c.theta, c.x, c.h0, **option)
+
+
+def test_options_at_their_limits_are_valid():
+    """tol=0 forces max_iter (a benchmark's setting), max_condition=inf turns the check off,
+    a NumPy integer is an int: the answers are the usual exact ones."""
+    import numpy as np
+
+    c = _tanh()
+    reference = dh.Equilibrium(c.f, c.theta, c.x, c.h0).grad(c.loss)
+    eq = dh.Equilibrium(
+        c.f, c.theta, c.x, c.h0, tol=0.0, atol=0.0, max_iter=np.int64(60),
+        max_condition=float("inf"), require_convergence=False,
+    )  # fmt: skip
+    for k, v in eq.grad(c.loss).items():
+        assert torch.allclose(v, reference[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("tol", [None, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_with_what_to_do(tol, dtype):
+    c = _tanh()
+    theta = {k: v.to(dtype) for k, v in c.theta.items()}
+    with pytest.raises(ValueError, match=rf"theta\['W'\] has dtype {dtype}; deqhess supports"):
+        dh.Equilibrium(c.f, theta, c.x.to(dtype), c.h0.to(dtype), tol=tol)
+    with pytest.raises(ValueError, match=rf"h0 has dtype {dtype}; .*\.float\(\) or \.double\(\)"):
+        dh.Equilibrium(
+            lambda x, h, t: 0.5 * h, torch.tensor(1.0), None, torch.zeros(2, dtype=dtype)
+        )
+
+
+def test_an_empty_block_of_directions_gives_an_empty_product():
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    out = eq.hvp(c.loss, torch.zeros(eq.num_parameters, 0))
+    assert out.shape == (eq.num_parameters, 0)
+    block = torch.randn(eq.num_parameters, 2)
+    assert torch.allclose(eq.hvp(c.loss, block), eq.hessian(c.loss) @ block, atol=1e-12)
