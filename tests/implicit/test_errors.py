@@ -304,3 +304,210 @@ def test_an_empty_block_of_directions_gives_an_empty_product():
     assert out.shape == (eq.num_parameters, 0)
     block = torch.randn(eq.num_parameters, 2)
     assert torch.allclose(eq.hvp(c.loss, block), eq.hessian(c.loss) @ block, atol=1e-12)
+
+
+# --------------------------------------------------------------- non-finite derivatives
+def _calls(eq, loss):
+    return {
+        "grad": lambda: eq.grad(loss),
+        "hvp": lambda: eq.hvp(loss, torch.ones(eq.num_parameters)),
+        "hessian": lambda: eq.hessian(loss),
+    }
+
+
+@pytest.mark.parametrize("call", ["grad", "hvp", "hessian"])
+def test_a_loss_that_is_not_finite_at_the_fixed_point_is_named(call):
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+
+    def loss(h):  # log(0): the loss is -inf and its gradient inf · 0 = NaN
+        return torch.log(0.0 * h.sum())
+
+    with pytest.raises(dh.NonFiniteError, match=r"^∇L at h\* has 15 non-finite entries of 60 .*"
+                       r"evaluate loss\(eq\.h\)") as err:  # fmt: skip
+        _calls(eq, loss)[call]()
+    assert err.value.quantity == "∇L at h*"
+
+
+def test_a_jacobian_that_is_not_finite_at_the_fixed_point_is_named():
+    """f = 0.5·t·sqrt(h²) has h* = 0, where ∂f/∂h = 0.5·t·h/|h| is 0/0."""
+    eq = dh.Equilibrium(
+        lambda x, h, t: 0.5 * t * torch.sqrt(h**2), torch.tensor(1.0), None, torch.zeros(3)
+    )
+    with pytest.raises(dh.NonFiniteError, match=r"^the adjoint λ has 3 non-finite .*∂f/∂h"):
+        eq.grad(lambda h: (h - 1).pow(2).sum())
+
+
+def test_first_and_second_derivatives_in_theta_that_are_not_finite_are_named():
+    """At t = 0, f = 0.5 h + sqrt(t) has ∂f/∂t = inf; f = 0.5 h + t^1.5 has a finite
+    ∂f/∂t = 0 but ∂²f/∂t² = inf."""
+    loss = lambda h: h.sum()  # noqa: E731
+    eq = dh.Equilibrium(lambda x, h, t: 0.5 * h + t.sqrt(), torch.zeros(1), None, torch.zeros(2))
+    with pytest.raises(dh.NonFiniteError, match=r"^the gradient has 1 non-finite .*∂f/∂θ"):
+        eq.grad(loss)
+    with pytest.raises(dh.NonFiniteError, match=r"^the sensitivity Z has 2 non-finite"):
+        eq.sensitivity()
+    eq = dh.Equilibrium(lambda x, h, t: 0.5 * h + t**1.5, torch.zeros(1), None, torch.zeros(2))
+    assert torch.equal(eq.grad(loss), torch.zeros(1))  # finite, exact
+    with pytest.raises(dh.NonFiniteError, match=r"^the Hessian has 1 non-finite .*second deriv"):
+        eq.hessian(loss)
+    with pytest.raises(dh.NonFiniteError, match=r"^the Hessian-vector products has 1 non-fin"):
+        eq.hvp(loss, torch.ones(1))
+    with pytest.raises(dh.NonFiniteError, match=r"^d²h\*/dθ² has 2 non-finite"):
+        eq.second_sensitivity()
+
+
+# --------------------------------------------------------------- stale inputs and the caches
+@pytest.mark.parametrize(
+    ("make_x", "change", "label", "first"),
+    [
+        (
+            lambda x: (x[:, :2].clone(), x[:, 2:].clone()),
+            lambda x: x[1].mul_(2),
+            r"x\[1\]",
+            r"x\[0\]",
+        ),
+        (
+            lambda x: {"u": x.clone(), "s": 2.0},
+            lambda x: x["u"].add_(1),
+            r"x\['u'\]",
+            r"x\['u'\]",
+        ),
+    ],
+)
+def test_tensors_inside_a_structured_x_are_watched(make_x, change, label, first):
+    c = _tanh()
+
+    def f(x, h, t):
+        u = torch.cat(x, dim=1) if isinstance(x, tuple) else x["u"]
+        return c.f(u, h, t)
+
+    x = make_x(c.x)
+    eq = dh.Equilibrium(f, c.theta, x, c.h0)
+    expected = dh.Equilibrium(c.f, c.theta, c.x, c.h0).grad(c.loss)
+    assert all(torch.allclose(eq.grad(c.loss)[k], expected[k]) for k in expected)
+    change(x)
+    with pytest.raises(
+        dh.StaleEquilibriumError, match=rf"^{label} was modified in place .*version 0 → 1"
+    ):
+        eq.grad(c.loss)
+    bad = make_x(c.x)
+    (bad[0] if isinstance(bad, tuple) else bad["u"])[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"^{first} contains non-finite values"):
+        dh.Equilibrium(f, c.theta, bad, c.h0)
+
+
+TARGET = torch.zeros(3, 5)  # a module-level tensor a loss reads as a global
+
+
+def _global_loss(h):
+    return (h - TARGET).pow(2).sum()
+
+
+def test_a_cached_adjoint_follows_what_the_loss_captured():
+    """λ is cached per loss object; a captured tensor changed in place, a rebound closure
+    variable, a global tensor, or a loss module's buffer makes it be recomputed. Each
+    answer is compared with a fresh Equilibrium's."""
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    v = torch.randn(eq.num_parameters)
+
+    def fresh(loss):
+        return dh.Equilibrium(c.f, c.theta, c.x, c.h0).hvp(loss, v)
+
+    target = torch.zeros(3, 5)
+
+    def closure(h):
+        return (h - target).pow(2).sum()
+
+    first = eq.hvp(closure, v)
+    target.add_(0.5)  # in place
+    assert torch.allclose(eq.hvp(closure, v), fresh(closure), rtol=1e-12)
+    assert not torch.allclose(eq.hvp(closure, v), first)
+    target = torch.ones(3, 5)  # rebound
+    assert torch.allclose(eq.hvp(closure, v), fresh(closure), rtol=1e-12)
+    eq.hvp(_global_loss, v)
+    TARGET.add_(1.0)
+    try:
+        assert torch.allclose(eq.hvp(_global_loss, v), fresh(_global_loss), rtol=1e-12)
+    finally:
+        TARGET.zero_()
+
+    class Mse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("target", torch.zeros(3, 5))
+
+        def forward(self, h):
+            return (h - self.target).pow(2).sum()
+
+    module = Mse()
+    eq.hvp(module, v)
+    module.target.fill_(2.0)
+    assert torch.allclose(eq.hvp(module, v), fresh(module), rtol=1e-12)
+
+
+def test_state_the_loss_reaches_indirectly_needs_forget():
+    """A Python list changed in place cannot be seen (documented); forget() and
+    clear_cache() drop the cached λ so the next call is exact again."""
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    scales = [1.0]
+
+    def loss(h):
+        return scales[0] * torch.logsumexp(h, dim=1).pow(2).sum()
+
+    stale = eq.grad(loss)["W"]
+    scales[0] = 3.0
+    assert torch.allclose(eq.grad(loss)["W"], stale)  # the contract: not seen
+    eq.forget(loss)
+    assert torch.allclose(eq.grad(loss)["W"], 3.0 * stale, rtol=1e-12)
+    scales[0] = 1.0
+    eq.clear_cache()
+    assert torch.allclose(eq.grad(loss)["W"], stale, rtol=1e-12)
+    eq.forget(lambda h: h.sum())  # never cached: nothing to drop
+
+
+# --------------------------------------------------------------- dense requests beyond memory
+def test_dense_requests_beyond_the_limit_are_refused_before_allocating():
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    with dh.memory_limit(10_000):
+        with pytest.raises(
+            dh.DenseMemoryError,
+            match=r"^eq\.hessian\(loss, split=False\) \(P = 45, N = 15\) would allocate about "
+            r"32\.4 kB of torch\.float64, but 10\.0 kB is the limit set with deqhess\.memory_l"
+            r"imit\. Use the exact matrix-free products instead: eq\.hvp.*memory_limit\(None\)",
+        ) as err:
+            eq.hessian(c.loss)
+        assert err.value.required == 8 * (45 * 45 + 3 * 45 * 15) and err.value.available == 1e4
+        with pytest.raises(dh.DenseMemoryError, match=r"^op\.to_dense\(\) \(P = 45\) .*op @ V"):
+            eq.hessian_operator(c.loss).to_dense()
+        with pytest.raises(dh.DenseMemoryError, match=r"^eq\.second_sensitivity\(\)"):
+            eq.second_sensitivity()
+        eq.grad(c.loss)  # no dense object: allowed
+        with dh.memory_limit(None):  # the explicit override
+            assert eq.hessian(c.loss).shape == (45, 45)
+    with pytest.raises(ValueError, match=r"memory_limit takes a number of bytes >= 0 or None"):
+        with dh.memory_limit(-1):
+            pass
+
+
+def test_dense_requests_at_p_1e5_are_refused_at_once():
+    """P = N = 100,000: the Hessian is 80 GB, Z 80 GB (×4 with its set-up), both far
+    above this machine's memory; each is refused before any allocation."""
+    from deqhess.memory import available_bytes
+
+    n = 100_000
+    if (available_bytes(torch.device("cpu")) or 0) > 4 * 8 * n * n:
+        pytest.skip("this machine could hold the request")
+    eq = dh.Equilibrium(lambda x, h, t: 0.5 * h + t, torch.zeros(n), None, torch.zeros(n))
+    loss = lambda h: (h - 1).pow(2).sum()  # noqa: E731
+    with pytest.raises(dh.DenseMemoryError, match=r"P = 100,000, N = 100,000\) would alloc.* GB"):
+        eq.hessian(loss)
+    with pytest.raises(dh.DenseMemoryError, match=r"^eq\.sensitivity\(\) .*needs no Z"):
+        eq.sensitivity()
+    with pytest.raises(dh.DenseMemoryError, match=r"^op\.to_dense\(\) \(P = 100,000\)"):
+        eq.hessian_operator(loss).to_dense()
+    # the gradient needs no dense object: h* = 2t = 0, so dL/dt = 2(h* − 1)·2 = −4
+    assert torch.allclose(eq.grad(loss), torch.full((n,), -4.0))

@@ -15,6 +15,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from ..chunks import default_chunk_size
+from ..memory import check_dense
 from ..parameters import ParameterLayout, Parameters
 
 __all__ = ["PARTS", "CurvatureOperator", "scipy_operator"]
@@ -108,7 +109,21 @@ class CurvatureOperator:
         return v.detach()
 
     def to_dense(self) -> Tensor:
-        """The ``[P, P]`` matrix, column block by column block (``P`` products)."""
+        """The ``[P, P]`` matrix, column block by column block (``P`` products).
+
+        Raises:
+            DenseMemoryError: the identity, the blocks and the result (3·P² numbers)
+                would not fit in the memory available (see :func:`deqhess.memory_limit`).
+        """
+        p = self.layout.size
+        check_dense(
+            3 * p * p,
+            self.dtype,
+            self.device,
+            f"op.to_dense() (P = {p:,})",
+            "Apply the operator to the vectors you need (op @ V for a [P, K] block), or use "
+            "the analyses of deqhess.curvature, which need only products.",
+        )
         eye = torch.eye(self.layout.size, dtype=self.dtype, device=self.device)
         return self.matmat(eye)
 
