@@ -178,3 +178,26 @@ def test_empty_rows_and_zero_iterations():
     assert h.shape == (0, 3) and info.converged and info.iterations == 0
     _, info = solve_fixed_point(lambda h: 0.5 * h, torch.zeros(2, 3), Anderson(), TOL, 0)
     assert info.converged and info.iterations == 0
+
+
+def test_excluding_unconverged_samples_by_re_solving_the_converged_ones():
+    """The README's recipe: re-solving only the converged samples from their fixed points
+    takes no step, and the derivatives equal those of a fresh solve of those samples
+    alone (samples are independent along batch_dim)."""
+
+    def f(x, h, t):  # samples with x > 0 oscillate under undamped Picard
+        return torch.where(x[:, None] > 0, 2.0 - h, torch.tanh(t * h + x[:, None]))
+
+    x, theta, h0 = torch.tensor([-1.0, 1.0, -0.5, 2.0]), torch.tensor(0.5), torch.zeros(4, 3)
+    loss = lambda h: h.pow(2).sum()  # noqa: E731
+    eq = dh.Equilibrium(
+        f, theta, x, h0, solver="picard", batch_dim=0, tol=1e-13,
+        convergence=Convergence("best", warn=False),
+    )  # fmt: skip
+    keep = eq.info.converged_mask
+    assert keep.tolist() == [True, False, True, False]
+    kept = dh.Equilibrium(f, theta, x[keep], eq.h[keep], solver="picard", batch_dim=0, tol=1e-13)
+    assert kept.info.iterations == 0
+    fresh = dh.Equilibrium(f, theta, x[keep], h0[keep], solver="picard", batch_dim=0, tol=1e-13)
+    assert torch.allclose(kept.grad(loss), fresh.grad(loss), rtol=1e-10)
+    assert torch.allclose(kept.hessian(loss), fresh.hessian(loss), rtol=1e-10)
