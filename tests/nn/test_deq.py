@@ -188,5 +188,7 @@ def test_empty_batch_and_option_errors():
     assert torch.equal(deq.cell.lin.weight.grad, torch.zeros(3, 3))
     with pytest.raises(ValueError, match=r"max_iter must be an int; got 10\.5"):
         DEQ(Cell(), max_iter=10.5)
+    with pytest.raises(ValueError, match=r"tol must be a finite number in \[0, 1\); got inf"):
+        DEQ(Cell(), tol=float("inf"))
     with pytest.raises(ValueError, match=r"the state has dtype torch\.float16; deqhess supports"):
         DEQ(Cell().half(), tol=1e-3)(torch.randn(2, 3).half())

@@ -318,8 +318,8 @@ class Equilibrium:
         setup = 0 if self._sensitivity is not None else 3 * n * p  # ∂f/∂θ, columns, Z
         numbers = square * p * p + extra_z * n * p + setup
         shape = f"P = {p:,}, N = {n:,}"
-        check_dense(numbers, self.problem.state.dtype, self._h.device, f"{request} ({shape})",
-                    alternative)  # fmt: skip
+        dtype, device = self.problem.state.dtype, self._h.device
+        check_dense(numbers, dtype, device, f"{request} ({shape})", alternative)
 
     def grad(self, loss: Callable[..., Tensor], method: str = "adjoint") -> Parameters:
         """``dL(h*(θ), θ)/dθ`` in θ's structure.
@@ -356,8 +356,8 @@ class Equilibrium:
             DenseMemoryError: the ``[P, P]`` result (three with ``split``) would not fit
                 in the memory available; use :meth:`hvp` / :meth:`hessian_operator`.
         """
-        self._check_dense(0, f"eq.hessian(loss, split={split})", _HESSIAN_ALTERNATIVE,
-                          square=3 if split else 1)  # fmt: skip
+        request = f"eq.hessian(loss, split={split})"
+        self._check_dense(0, request, _HESSIAN_ALTERNATIVE, square=3 if split else 1)
         solution = self._adjoint_solution(loss)
         with torch.no_grad(), ENGINE_LOCK:
             result = dense_hessian(
@@ -433,8 +433,8 @@ class Equilibrium:
         Raises:
             DenseMemoryError: the ``N × P × P`` result would not fit in memory.
         """
-        self._check_dense(0, "eq.second_sensitivity()", _HESSIAN_ALTERNATIVE,
-                          square=2 * self.problem.state.size)  # fmt: skip
+        square = 2 * self.problem.state.size  # the right-hand sides and the solution
+        self._check_dense(0, "eq.second_sensitivity()", _HESSIAN_ALTERNATIVE, square=square)
         with torch.no_grad(), ENGINE_LOCK:
             rows = second_sensitivity(
                 self.problem,

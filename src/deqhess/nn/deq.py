@@ -79,6 +79,7 @@ class DEQ(nn.Module):
             )
         self.cell = cell
         self.solver = resolve_solver(solver)
+        Tolerance.resolve(tol, atol, torch.float64)  # the values, now; the dtype comes with x
         self.tol, self.atol = tol, atol
         self.max_iter = integer(max_iter, "max_iter", minimum=0)
         self.batch_dim = batch_dim
