@@ -2,8 +2,8 @@
 
 Run: ``python benchmarks/properties.py [-- extra pytest args]``.
 It runs ``tests/properties`` with ``DEQHESS_PROPERTIES=long`` (random, not
-derandomised, examples: Equilibrium 60 per forward × linear solver, data sets 30 per
-linear solver, the layer 40 per derivative mode × linear solver) and prints, per
+derandomised, examples: Equilibrium 100 per forward × linear solver, data sets 50 per
+linear solver, the layer 60 per derivative mode × linear solver) and prints, per
 test, the examples run and, per quantity, the worst relative error against the
 unrolled float64 references (the suite's bound is 1e-9). The layer's reverse-mode
 cases with iterative linear solvers are expected failures until issue 9 is fixed

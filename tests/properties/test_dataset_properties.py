@@ -22,7 +22,7 @@ def flat(values: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("linear", ["dense", "gmres", "neumann"])
-@examples(short=2, long=30)
+@examples(short=2, long=50)
 @given(
     problem=random_deqs(batch_dims=("first",)),
     sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3),

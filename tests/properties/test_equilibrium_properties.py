@@ -21,7 +21,7 @@ def flat(values: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @pytest.mark.parametrize("linear", LINEAR)
 @pytest.mark.parametrize("forward", sorted(FORWARD))
-@examples(short=3, long=60)
+@examples(short=3, long=100)
 @given(problem=random_deqs())
 def test_equilibrium_matches_unrolled(problem, forward, linear):
     EXAMPLES[f"Equilibrium[{forward}-{linear}]"] += 1

@@ -61,7 +61,7 @@ def _loss(problem: RandomDEQ, h, params):
 
 
 @pytest.mark.parametrize(("mode", "linear"), CASES)
-@examples(short=2, long=40)
+@examples(short=2, long=60)
 @given(
     problem=random_deqs(batch_dims=("none", "first")),
     forward=st.sampled_from(["picard", "anderson"]),
