@@ -20,6 +20,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
+from .memory import check_dense
+
 __all__ = ["Operator", "scipy_operator"]
 
 
@@ -87,8 +89,23 @@ class Operator(abc.ABC):
         return v.detach()
 
     def to_dense(self) -> Tensor:
-        """The ``[m, n]`` matrix, from ``n`` products."""
-        return self.matmat(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
+        """The ``[m, n]`` matrix, from ``n`` products.
+
+        Raises:
+            DenseMemoryError: the identity, the products and the result (about
+                ``3·m·n`` numbers) would not fit in the memory available (see
+                :func:`deqhess.memory_limit`).
+        """
+        m, n = self.shape
+        check_dense(
+            m * n + 2 * n * n,
+            self.dtype,
+            self.device,
+            f"op.to_dense() on a {type(self).__name__} ({m:,} × {n:,})",
+            "Apply the operator to the vectors you need (op @ V for an [n, K] block), or use "
+            "the analyses of deqhess.curvature, which need only products.",
+        )
+        return self.matmat(torch.eye(n, dtype=self.dtype, device=self.device))
 
     def to_scipy(self) -> LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` (NumPy in and out, this precision)."""

@@ -193,3 +193,25 @@ def test_batch_norm_in_training_mode_is_refused():
     ):
         DEQ(BN().train())(torch.randn(6, 4))
     assert DEQ(BN().eval())(torch.randn(6, 4)).shape == (6, 4)
+
+
+def test_empty_batch_and_option_errors():
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, h):
+            return torch.tanh(0.5 * self.lin(h) + x)
+
+    deq = DEQ(Cell())
+    h, info = deq(torch.randn(0, 3), return_info=True)  # an empty batch: an empty answer
+    assert h.shape == (0, 3) and info.converged and info.converged_mask.shape == (0,)
+    h.sum().backward()
+    assert torch.equal(deq.cell.lin.weight.grad, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"max_iter must be an int; got 10\.5"):
+        DEQ(Cell(), max_iter=10.5)
+    with pytest.raises(ValueError, match=r"tol must be a finite number in \[0, 1\); got inf"):
+        DEQ(Cell(), tol=float("inf"))
+    with pytest.raises(ValueError, match=r"the state has dtype torch\.float16; deqhess supports"):
+        DEQ(Cell().half(), tol=1e-3)(torch.randn(2, 3).half())

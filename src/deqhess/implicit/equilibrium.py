@@ -24,8 +24,12 @@ from torch import Tensor
 
 from ..chunks import default_chunk_size
 from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
+from ..locking import ENGINE_LOCK, serialized
+from ..memory import check_dense
+from ..options import integer
 from ..parameters import Parameters
 from ..solvers import (
+    Convergence,
     FixedPointSolver,
     Residual,
     SolveInfo,
@@ -34,15 +38,25 @@ from ..solvers import (
     solve_fixed_point,
 )
 from .derivatives import lagrangian_hessian, parameter_jacobian
+from .finite import require_finite
 from .hessian import HessianSplit, dense_hessian, second_sensitivity
 from .hvp import ParameterProducts, hessian_vector_products
-from .loss import Loss
+from .loss import Captured, Loss
 from .operators import CurvatureOperator, check_part
 from .problem import Problem
 
 __all__ = ["Equilibrium", "EquilibriumInfo"]
 
 _ADJOINT_CACHE_SIZE = 8
+_HESSIAN_ALTERNATIVE = (
+    "Use the exact matrix-free products instead: eq.hvp(loss, v), or "
+    "eq.hessian_operator(loss) (its to_scipy() feeds eigsh/cg) with the analyses of "
+    "deqhess.curvature (eigenvalues, trace, diagonal, spectral density)."
+)
+_SENSITIVITY_ALTERNATIVE = (
+    "The gradient needs no Z: eq.grad(loss) uses the adjoint; Hessian-vector products "
+    "(eq.hvp, eq.hessian_operator) apply Z one direction at a time."
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class EquilibriumInfo(SolveInfo):
 @dataclass(frozen=True)
 class _AdjointSolution:
     loss: Loss
+    captured: Captured  # what the loss captured when λ was computed
     adjoint: Tensor  # λ rows [S, d]
     loss_grad_h: Tensor  # ∇ₕL rows [S, d]
     loss_grad_theta: Tensor  # ∂L/∂θ flat [P]
@@ -82,6 +97,17 @@ class Equilibrium:
     Solves once at construction; caches the factorisation of ``I − J``, the
     sensitivity Z and, per loss object, the adjoint λ (hold the loss object to reuse
     it across many :meth:`hvp` calls).
+
+    **Caching contract.** θ and the tensors of x are watched: changed in place, they
+    make every later call raise :class:`deqhess.StaleEquilibriumError`. A loss is
+    cached by identity (the last 8 loss objects); its cached λ is recomputed when an
+    object it captured (closure cells, defaults, ``partial`` arguments, the tensors
+    and numbers among the globals it names, a loss module's parameters and buffers)
+    was rebound or a captured tensor changed in place. State the loss reaches in other
+    ways (through functions or objects it calls, NumPy arrays, lists changed in place)
+    cannot be seen: after changing such state call :meth:`forget` (or
+    :meth:`clear_cache`), or pass a new loss object. Methods are thread-safe: they
+    hold one process-wide lock (``torch.func``'s forward AD is process-global).
 
     Args:
         f: dynamics ``f(x, h, theta)`` returning a tensor shaped like ``h``; it must be
@@ -103,7 +129,12 @@ class Equilibrium:
             ``"neumann"`` or a :class:`deqhess.linear.LinearSolver` instance.
         max_condition: largest acceptable condition number of ``I − J`` (dense LU).
         require_convergence: if False, an unconverged solve warns and keeps its best
-            iterate instead of raising (``info.converged`` tells).
+            iterate instead of raising (``info.converged`` tells); shorthand for
+            ``convergence="best"``.
+        convergence: what to do with samples that miss the tolerance: ``"raise"``
+            (default), ``"best"`` (keep each one's best iterate, warn, and mark it in
+            ``info.converged_mask``) or a :class:`deqhess.solvers.Convergence` with
+            fallback solvers (e.g. ``Convergence(fallback=Picard(damping=0.5))``).
         chunk_size: directions vmapped at once in dense Jacobians/Hessians (bounds
             memory); None picks about 4M numbers per chunk.
 
@@ -128,6 +159,7 @@ class Equilibrium:
         max_condition: float | None = None,
         require_convergence: bool = True,
         chunk_size: int | None = None,
+        convergence: Convergence | str | None = None,
     ) -> None:
         if h0 is None:
             if not isinstance(x, Tensor):
@@ -139,7 +171,7 @@ class Equilibrium:
         self.linear_solver = resolve_linear_solver(
             linear_solver, state.samples, state.width, state.dtype, max_condition
         )
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else integer(chunk_size, "chunk_size", 1)
         tolerance = Tolerance.resolve(tol, atol, state.dtype)
         self._theta = self.problem.params.flatten(theta).detach().clone()
         residual = Residual(lambda r: self.problem.dynamics(self._theta, r))
@@ -150,7 +182,7 @@ class Equilibrium:
                 self.solver,
                 tolerance,
                 max_iter,
-                require_convergence,
+                convergence=Convergence.resolve(convergence, require_convergence),
             )
         self._h = rows
         self._linearization = Linearization(
@@ -191,6 +223,7 @@ class Equilibrium:
         )
 
     @property
+    @serialized
     def linearization(self) -> Linearization:
         """``I − J`` at ``h*`` and its prepared solve (steps 2–4), set up on first use.
 
@@ -205,6 +238,7 @@ class Equilibrium:
         return self._linearization
 
     @property
+    @serialized
     def parameter_products(self) -> ParameterProducts:
         """Products with ``∂f/∂θ`` at ``(θ, h*)``; its pullback is taken once and reused."""
         self.problem.check_fresh()
@@ -214,7 +248,24 @@ class Equilibrium:
             )
         return self._parameter_products
 
+    # ----------------------------------------------------------------- caches
+    def forget(self, loss: Callable[..., Tensor]) -> None:
+        """Drop what is cached for ``loss`` (its λ and second-order pullbacks).
+
+        Call it after changing state the loss reads that deqhess cannot watch (see the
+        caching contract above); the next call with ``loss`` recomputes λ.
+        """
+        try:
+            self._adjoints.pop(loss, None)
+        except TypeError:  # unhashable: never cached
+            pass
+
+    def clear_cache(self) -> None:
+        """Drop what is cached for every loss (the fixed point and ``I − J`` stay)."""
+        self._adjoints.clear()
+
     # ----------------------------------------------------------------- first order
+    @serialized
     def _adjoint_solution(self, loss: Callable[..., Tensor]) -> _AdjointSolution:
         self.problem.check_fresh()
         try:
@@ -223,16 +274,18 @@ class Equilibrium:
             cached, loss_key = None, None
         else:
             loss_key = loss
-        if cached is not None:
+        if cached is not None and not cached.captured.changed():
             self._adjoints.move_to_end(loss_key)
             return cached
+        captured = Captured(loss)
         wrapped = Loss(loss)
         with torch.no_grad():
             grad_theta, grad_h = torch.func.grad(
                 lambda t, r: self.problem.objective(wrapped, t, r), argnums=(0, 1)
             )(self._theta, self._h)
-            adjoint = self.linearization.solve_transpose(grad_h)
-        solution = _AdjointSolution(wrapped, adjoint, grad_h, grad_theta)
+            require_finite(torch.cat([grad_h.reshape(-1), grad_theta]), "∇L at h*")
+            adjoint = require_finite(self.linearization.solve_transpose(grad_h), "the adjoint λ")
+        solution = _AdjointSolution(wrapped, captured, adjoint, grad_h, grad_theta)
         if loss_key is not None:
             self._adjoints[loss_key] = solution
             if len(self._adjoints) > _ADJOINT_CACHE_SIZE:
@@ -244,19 +297,38 @@ class Equilibrium:
         return self.problem.state.from_rows(self._adjoint_solution(loss).adjoint).clone()
 
     def sensitivity(self) -> Tensor:
-        """``Z = dh*/dθ`` solving ``(I − J) Z = ∂f/∂θ`` (step 4), shape ``h.shape + (P,)``."""
+        """``Z = dh*/dθ`` solving ``(I − J) Z = ∂f/∂θ`` (step 4), shape ``h.shape + (P,)``.
+
+        Raises:
+            DenseMemoryError: Z would not fit in the memory available (see
+                :func:`deqhess.memory_limit`).
+        """
+        self._check_dense(1, "eq.sensitivity()", _SENSITIVITY_ALTERNATIVE)
         return self.problem.state.from_rows(self._sensitivity_rows()).clone()
 
+    @serialized
     def _sensitivity_rows(self) -> Tensor:
         self.problem.check_fresh()
         if self._sensitivity is None:
+            self._check_dense(0, "the sensitivity Z = dh*/dθ", _SENSITIVITY_ALTERNATIVE)
             with torch.no_grad():
                 rhs = parameter_jacobian(
                     self.problem.dynamics, self._theta, self._h, self.chunk_size
                 )
                 columns = self.linearization.solve(rhs.permute(2, 0, 1))  # [P, S, d]
-                self._sensitivity = columns.permute(1, 2, 0).contiguous()
+                z = columns.permute(1, 2, 0).contiguous()
+                self._sensitivity = require_finite(z, "the sensitivity Z")
         return self._sensitivity
+
+    def _check_dense(self, extra_z: int, request: str, alternative: str, square: int = 0) -> None:
+        """Refuse a dense request of ``square`` P × P matrices (``× N`` with ``extra_z``
+        copies of Z's N·P besides, plus Z's own set-up unless cached) that cannot fit."""
+        p, n = self.num_parameters, self.problem.state.size
+        setup = 0 if self._sensitivity is not None else 3 * n * p  # ∂f/∂θ, columns, Z
+        numbers = square * p * p + extra_z * n * p + setup
+        shape = f"P = {p:,}, N = {n:,}"
+        dtype, device = self.problem.state.dtype, self._h.device
+        check_dense(numbers, dtype, device, f"{request} ({shape})", alternative)
 
     def grad(self, loss: Callable[..., Tensor], method: str = "adjoint") -> Parameters:
         """``dL(h*(θ), θ)/dθ`` in θ's structure.
@@ -267,7 +339,7 @@ class Equilibrium:
                 agree to rounding; the first is the cheap one.
         """
         solution = self._adjoint_solution(loss)
-        with torch.no_grad():
+        with torch.no_grad(), ENGINE_LOCK:
             if method == "adjoint":
                 flat = solution.loss_grad_theta + self.parameter_products.vjp(solution.adjoint)
             elif method == "sensitivity":
@@ -278,6 +350,7 @@ class Equilibrium:
                 raise ValueError(
                     f"unknown gradient method {method!r}; use 'adjoint' or 'sensitivity'."
                 )
+        require_finite(flat, "the gradient")
         return self.problem.params.unflatten(flat.clone())
 
     # ----------------------------------------------------------------- second order
@@ -287,10 +360,16 @@ class Equilibrium:
         With ``split=True`` returns a :class:`HessianSplit` with ``.loss_curvature``,
         ``.dynamics_curvature`` and ``.total``. Costs P Hessian-vector products of Φ
         and a ``P × N × P`` matrix product; memory ``O(P² + N·P)``.
+
+        Raises:
+            DenseMemoryError: the ``[P, P]`` result (three with ``split``) would not fit
+                in the memory available; use :meth:`hvp` / :meth:`hessian_operator`.
         """
+        request = f"eq.hessian(loss, split={split})"
+        self._check_dense(0, request, _HESSIAN_ALTERNATIVE, square=3 if split else 1)
         solution = self._adjoint_solution(loss)
-        with torch.no_grad():
-            return dense_hessian(
+        with torch.no_grad(), ENGINE_LOCK:
+            result = dense_hessian(
                 self.problem,
                 solution.loss,
                 solution.adjoint,
@@ -300,6 +379,11 @@ class Equilibrium:
                 split=split,
                 chunk_size=self.chunk_size,
             )
+        if split:
+            require_finite(result.loss_curvature, "the Hessian")
+            require_finite(result.dynamics_curvature, "the Hessian")
+            return result
+        return require_finite(result, "the Hessian")
 
     def hvp(self, loss: Callable[..., Tensor], v: Parameters) -> Parameters:
         """``H v``, exact and matrix-free: two solves with the prepared linear solve.
@@ -335,6 +419,7 @@ class Equilibrium:
         :class:`CurvatureOperator` and data-set sums are built on.
         """
 
+        @serialized
         def products(v: Tensor) -> Tensor:
             solution = self._adjoint_solution(loss)
             with torch.no_grad():
@@ -344,15 +429,22 @@ class Equilibrium:
                         solution.adjoint if part != "loss_curvature" else None,
                     )
                     solution.second_order[part] = lagrangian_hessian(phi, self._theta, self._h)
-                return hessian_vector_products(
+                out = hessian_vector_products(
                     self.parameter_products, solution.second_order[part], self.linearization, v
                 )
+            return require_finite(out, "the Hessian-vector products")
 
         return products
 
     def second_sensitivity(self) -> Tensor:
-        """``d²h*/dθ²``, shape ``h.shape + (P, P)`` — the seed's intermediate; small P only."""
-        with torch.no_grad():
+        """``d²h*/dθ²``, shape ``h.shape + (P, P)`` — the seed's intermediate; small P only.
+
+        Raises:
+            DenseMemoryError: the ``N × P × P`` result would not fit in memory.
+        """
+        square = 2 * self.problem.state.size  # the right-hand sides and the solution
+        self._check_dense(0, "eq.second_sensitivity()", _HESSIAN_ALTERNATIVE, square=square)
+        with torch.no_grad(), ENGINE_LOCK:
             rows = second_sensitivity(
                 self.problem,
                 self._theta,
@@ -361,7 +453,7 @@ class Equilibrium:
                 self.linearization,
                 self.chunk_size,
             )
-        return self.problem.state.from_rows(rows)
+        return self.problem.state.from_rows(require_finite(rows, "d²h*/dθ²"))
 
     def __repr__(self) -> str:
         s = self._solve_info

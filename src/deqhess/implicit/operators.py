@@ -63,7 +63,10 @@ class CurvatureOperator(Operator):
 
     def matmat(self, block: Tensor) -> Tensor:
         """``H V`` for ``V`` ``[P, K]``."""
-        step = self.chunk_size or default_chunk_size(self.layout.size)
+        p = self.layout.size
+        if block.shape[1] == 0:  # no directions: the empty product
+            return block.new_zeros(p, 0)
+        step = self.chunk_size or default_chunk_size(p)
         outputs = [self._products(chunk.T.contiguous()).T for chunk in block.split(step, dim=1)]
         return torch.cat(outputs, dim=1)
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SingularSystemError
+from ..options import real
 from .base import LinearSolveInfo, LinearSolver, Solve
 from .operator import ResidualOperator
 
@@ -96,6 +97,15 @@ class Dense(LinearSolver):
     """
 
     def __init__(self, max_condition: float | None = None, chunk_size: int | None = None):
+        if max_condition is not None:
+            max_condition = real(
+                max_condition,
+                "max_condition",
+                minimum=1.0,
+                allow_inf=True,
+                meaning="It bounds the condition number of I − J (always >= 1); None picks "
+                "1/(10ε) by dtype, inf turns the check off.",
+            )
         self.max_condition = max_condition
         self.chunk_size = chunk_size
 

@@ -8,7 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from ..linear import LinearSolver, LinearSolveStats
-from ..solvers import FixedPointSolver, SolveInfo, resolve_solver
+from ..options import integer
+from ..solvers import (
+    Convergence,
+    FixedPointSolver,
+    SolveInfo,
+    Tolerance,
+    resolve_solver,
+    solve_fixed_point,
+)
 from ..state import check_state_map
 from .implicit import FixedPointSpec, fixed_point
 
@@ -53,7 +61,15 @@ class DEQ(nn.Module):
             one product per state entry) and otherwise solves matrix-free with GMRES
             (relative residual 1e-12 in float64, 1e-6 in float32).
         require_convergence: if False, an unconverged forward solve warns and keeps its
-            best iterate (for fixed iteration budgets) instead of raising.
+            best iterate (for fixed iteration budgets) instead of raising; shorthand
+            for ``convergence="best"``.
+        convergence: what to do with samples that miss the tolerance: ``"raise"``
+            (default), ``"best"`` (keep each one's best iterate, warn; with
+            ``return_info=True``, ``info.converged_mask`` marks them so a training loss
+            can leave them out) or a :class:`deqhess.solvers.Convergence` with fallback
+            solvers, e.g. ``Convergence("best", fallback=Picard(damping=0.5))``.
+
+    An empty batch (a state with no entries) returns ``cell(x, h0)``, itself empty.
     """
 
     def __init__(
@@ -67,6 +83,7 @@ class DEQ(nn.Module):
         batch_dim: int | None = 0,
         linear_solver: str | LinearSolver = "auto",
         require_convergence: bool = True,
+        convergence: Convergence | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module):
@@ -80,10 +97,13 @@ class DEQ(nn.Module):
             )
         self.cell = cell
         self.solver = resolve_solver(solver)
-        self.tol, self.atol, self.max_iter = tol, atol, max_iter
+        Tolerance.resolve(tol, atol, torch.float64)  # the values, now; the dtype comes with x
+        self.tol, self.atol = tol, atol
+        self.max_iter = integer(max_iter, "max_iter", minimum=0)
         self.batch_dim = batch_dim
         self.linear_solver = linear_solver
         self.require_convergence = require_convergence
+        self.convergence = Convergence.resolve(convergence, require_convergence)
 
     def initial_state(self, x: Tensor) -> Tensor:
         """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
@@ -98,6 +118,8 @@ class DEQ(nn.Module):
         ``linear_solves`` fill in as derivatives of ``h*`` are taken."""
         _check_no_running_statistics(self.cell)
         h0 = self.initial_state(x) if h0 is None else h0
+        if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
+            return self._empty(x, h0, return_info)
         named = list(self.cell.named_parameters())
         names = [name for name, _ in named]
         values = [value for _, value in named]
@@ -122,12 +144,25 @@ class DEQ(nn.Module):
             check_rows=self.batch_dim == 0,
             on_solve=infos.append if return_info else None,
             stats=stats if return_info else None,
+            convergence=self.convergence,
         )
         h = fixed_point(spec, h0.detach(), x, *values)
         if return_info:
             forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
             return h, LayerInfo(**forward, linear_solves=stats)
         return h
+
+    def _empty(self, x: Tensor, h0: Tensor, return_info: bool) -> Tensor | tuple[Tensor, LayerInfo]:
+        """``cell(x, h0)`` for a state with no entries (still connected to the parameters)."""
+        h = self.cell(x, h0)
+        check_state_map(h, h0, "cell(x, h)")
+        if not return_info:
+            return h
+        tolerance = Tolerance.resolve(self.tol, self.atol, h0.dtype)
+        rows = h0.detach().reshape(h0.shape[0] if self.batch_dim == 0 else 1, 0)
+        _, info = solve_fixed_point(lambda r: r, rows, self.solver, tolerance, 0)
+        forward = {f.name: getattr(info, f.name) for f in fields(SolveInfo)}
+        return h, LayerInfo(**forward, linear_solves=LinearSolveStats())
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"

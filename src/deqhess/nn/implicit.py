@@ -32,7 +32,14 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
-from ..solvers import FixedPointSolver, Residual, SolveInfo, Tolerance, solve_fixed_point
+from ..solvers import (
+    Convergence,
+    FixedPointSolver,
+    Residual,
+    SolveInfo,
+    Tolerance,
+    solve_fixed_point,
+)
 
 __all__ = ["FixedPointSpec", "fixed_point"]
 
@@ -45,8 +52,8 @@ class FixedPointSpec:
         fn: the map; must be traceable by ``torch.func``.
         independent_dims: leading dims of ``z`` indexing independent systems (their
             Jacobian blocks are solved separately; 0 = one coupled system).
-        solver, tol, atol, max_iter, require_convergence: the forward solver (see
-            :func:`deqhess.solvers.solve_fixed_point`).
+        solver, tol, atol, max_iter, require_convergence, convergence: the forward
+            solver and its policy (see :func:`deqhess.solvers.solve_fixed_point`).
         linear_solver: strategy for the solves with ``I − J`` (adjoint, tangent and every
             derived system); ``"auto"`` picks it for few solves per fixed point.
         check_rows: the independent rows are declared by the user (``batch_dim``), so
@@ -66,6 +73,7 @@ class FixedPointSpec:
     check_rows: bool = False
     on_solve: Callable[[SolveInfo], None] | None = None
     stats: LinearSolveStats | None = None
+    convergence: Convergence | None = None  # the policy; None follows require_convergence
 
     def rows(self, z: Tensor) -> Tensor:
         """``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
@@ -177,6 +185,7 @@ class _Nonlinear(_System):
             tolerance,
             spec.max_iter,
             spec.require_convergence,
+            convergence=spec.convergence,
         )
         if spec.on_solve is not None:
             spec.on_solve(info)
