@@ -516,3 +516,20 @@ def test_dense_requests_at_p_1e5_are_refused_at_once():
         eq.hessian_operator(loss).to_dense()
     # the gradient needs no dense object: h* = 2t = 0, so dL/dt = 2(h* − 1)·2 = −4
     assert torch.allclose(eq.grad(loss), torch.full((n,), -4.0))
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "gmres"])
+def test_derivatives_under_inference_mode_are_exact(linear_solver):
+    """torch.func.linearize (GMRES's products) returns zeros under inference_mode; the
+    engine leaves it, and traced products are verified anyway."""
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, batch_dim=0, linear_solver=linear_solver)
+    expected = torch.cat([t.reshape(-1) for t in eq.grad(c.loss).values()])
+    v = torch.randn(eq.num_parameters)
+    hv = eq.hvp(c.loss, v)
+    with torch.inference_mode():
+        inside = dh.Equilibrium(c.f, c.theta, c.x, c.h0, batch_dim=0, linear_solver=linear_solver)
+        got = torch.cat([t.reshape(-1) for t in inside.grad(c.loss).values()])
+        got_hv = inside.hvp(c.loss, v)
+    assert torch.allclose(got, expected, atol=1e-12) and bool(expected.abs().sum() > 0)
+    assert torch.allclose(got_hv, hv, atol=1e-12)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deqhess.linear import GMRES, Dense, Linearization, ResidualOperator, row_coupling
+from deqhess import NonFiniteError
+from deqhess.linear import GMRES, Dense, Linearization, Neumann, ResidualOperator, row_coupling
 from deqhess.linear.linearization import coupling_tolerance
 
 
@@ -75,7 +76,9 @@ def test_non_finite_jacobian_is_named():
         return 0.5 * torch.sqrt(h**2)  # derivative 0/0 at h* = 0
 
     lin = Linearization(fn, torch.zeros(3, 2), GMRES(), independent_rows=True)
-    with pytest.raises(ValueError, match=r"∂F/∂h is not finite at the fixed point \(sample 0\)"):
+    with pytest.raises(
+        NonFiniteError, match=r"∂F/∂h is not finite at the fixed point \(sample 0\)"
+    ):
         lin.solve(torch.ones(3, 2))
 
 
@@ -137,3 +140,41 @@ def test_operator_products_are_exact_inside_function_forward_and_inference_mode(
         assert torch.allclose(op.apply(v), expected, atol=1e-14)
     with torch.no_grad():
         assert torch.allclose(ResidualOperator(fn, h).apply(v), expected, atol=1e-14)
+
+
+@pytest.mark.parametrize("strategy", [GMRES(), Neumann()], ids=repr)
+def test_non_finite_inputs_and_products_are_named_not_zeroed(strategy):
+    """A NaN right-hand side would make GMRES stop at once and return zeros; a NaN J would
+    leave Neumann running its whole budget: both are named instead."""
+    fn, h = _independent()
+    lin = Linearization(fn, h, strategy)
+    rhs = torch.randn(5, 4)
+    rhs[2, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="right-hand side of a solve with I − J is not finite"):
+        lin.solve(rhs)
+
+    def nan_jacobian(h):
+        return 0.5 * torch.sqrt(h**2)
+
+    lin = Linearization(nan_jacobian, torch.zeros(3, 2), strategy)
+    with pytest.raises(NonFiniteError, match=r"products with I − J are not finite"):
+        lin.solve(torch.ones(3, 2))
+    assert lin.stats.solves == 0
+
+
+def test_nan_loss_through_the_layer_is_named():
+    from torch import nn
+
+    from deqhess.nn import DEQ
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, h):
+            return torch.tanh(0.5 * self.lin(h) + x)
+
+    h = DEQ(Cell(), linear_solver="gmres")(torch.randn(2, 3))
+    with pytest.raises(NonFiniteError, match="right-hand side of a solve with I − J"):
+        (h.sum() * float("nan")).backward()

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..chunks import default_chunk_size
 from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
-from ..locking import ENGINE_LOCK, serialized
+from ..locking import engine, serialized
 from ..memory import check_dense
 from ..options import integer
 from ..parameters import Parameters
@@ -339,7 +339,7 @@ class Equilibrium:
                 agree to rounding; the first is the cheap one.
         """
         solution = self._adjoint_solution(loss)
-        with torch.no_grad(), ENGINE_LOCK:
+        with engine(), torch.no_grad():
             if method == "adjoint":
                 flat = solution.loss_grad_theta + self.parameter_products.vjp(solution.adjoint)
             elif method == "sensitivity":
@@ -368,7 +368,7 @@ class Equilibrium:
         request = f"eq.hessian(loss, split={split})"
         self._check_dense(0, request, _HESSIAN_ALTERNATIVE, square=3 if split else 1)
         solution = self._adjoint_solution(loss)
-        with torch.no_grad(), ENGINE_LOCK:
+        with engine(), torch.no_grad():
             result = dense_hessian(
                 self.problem,
                 solution.loss,
@@ -444,7 +444,7 @@ class Equilibrium:
         """
         square = 2 * self.problem.state.size  # the right-hand sides and the solution
         self._check_dense(0, "eq.second_sensitivity()", _HESSIAN_ALTERNATIVE, square=square)
-        with torch.no_grad(), ENGINE_LOCK:
+        with engine(), torch.no_grad():
             rows = second_sensitivity(
                 self.problem,
                 self._theta,

@@ -11,13 +11,14 @@ Right-hand sides are ``[..., S, d]``: any leading dims are independent direction
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError
+from ..errors import ConvergenceError, NonFiniteError
 from .operator import ResidualOperator
 
 __all__ = [
@@ -165,6 +166,13 @@ class IterativeSolve(Solve):
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
         apply = self.operator.apply_transpose if self.transposed else self.operator.apply
         x, info = self.method(apply, rhs, x0)
+        if info.residual is not None and not math.isfinite(info.residual):
+            raise NonFiniteError(
+                f"{self.name}: products with I − J are not finite, so ∂f/∂h is NaN/inf at the "
+                "fixed point (sqrt, abs or division at 0, or overflow there): its "
+                "derivatives do not exist; check torch.func.jacrev of f at the fixed point.",
+                quantity="products with I − J",
+            )
         if not info.converged:
             system = "(I − J)ᵀ" if self.transposed else "I − J"
             raise ConvergenceError(

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import NonFiniteError
 from ..solvers import Residual
 from .base import LinearSolver, LinearSolveStats, Solve, row_norms
 from .operator import ResidualOperator
@@ -45,6 +46,7 @@ class Linearization:
 
     Raises:
         ValueError: (on the first solve) ``F`` couples rows declared independent.
+        NonFiniteError: ``∂F/∂h`` or a right-hand side is not finite.
     """
 
     def __init__(
@@ -99,10 +101,11 @@ class Linearization:
         """Raise ``ValueError`` if ``F`` couples rows declared independent."""
         coupling, row = row_coupling(self.residual.fn, self.h)
         if not math.isfinite(coupling):
-            raise ValueError(
+            raise NonFiniteError(
                 f"∂F/∂h is not finite at the fixed point (sample {row}): its derivatives do "
                 "not exist there. Check the map for non-differentiable points (sqrt or abs "
-                "at 0, log at 0) at the equilibrium."
+                "at 0, log at 0) at the equilibrium.",
+                quantity="∂F/∂h",
             )
         if coupling > coupling_tolerance(self.h.dtype):
             what, remedy = self.declared
@@ -123,6 +126,13 @@ class Linearization:
             warm_start: without ``x0``, start from the previous solution of the same
                 system and shape on this linearisation (kept only where it beats zero).
         """
+        if not bool(torch.isfinite(rhs).all()):
+            raise NonFiniteError(
+                "the right-hand side of a solve with I − J is not finite: a cotangent or "
+                "tangent reaching the fixed point is NaN/inf (the loss, or what follows the "
+                "equilibrium, is not finite or not differentiable there).",
+                quantity="the right-hand side of a linear solve",
+            )
         prepared = self.prepared.transpose() if transpose else self.prepared
         if x0 is None and warm_start:
             previous = self._previous.get(transpose)

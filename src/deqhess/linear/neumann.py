@@ -40,6 +40,8 @@ def neumann(
     x, r, products = warm_start(matvec, b, x0)
     residual = row_norms(r)
     while not bool((residual <= target).all()) and products < max_iter:
+        if not bool(torch.isfinite(residual).all()):  # J is not finite: no use going on
+            break
         x = x + r
         r = b - matvec(x)
         products += 1
