@@ -63,8 +63,8 @@ class ResidualOperator(Operator):
 
     def apply(self, v: Tensor) -> Tensor:
         """``(I − J) v`` for ``v`` ``[..., S, d]`` (leading dims vmapped)."""
-        if v.ndim == 2:
-            return -self._residual_jvp(v)
+        if v.ndim == 2 or v.numel() == self.h.numel():
+            return -self._residual_jvp(v.reshape(self.h.shape)).reshape(v.shape)
         residual, h = self.residual, self.h
         return -_over_leading(lambda t: torch.func.jvp(residual, (h,), (t,))[1], v)
 
@@ -95,4 +95,6 @@ def _over_leading(fn: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
     if v.ndim == 2:
         return fn(v)
     flat = v.reshape(-1, *v.shape[-2:])
+    if flat.shape[0] == 1:  # one direction: no vmap overhead
+        return fn(flat[0]).reshape(v.shape)
     return torch.func.vmap(fn)(flat).reshape(v.shape)
