@@ -67,12 +67,14 @@ class DenseLU(Solve):
 
     def __init__(self, jacobian: Tensor, max_condition: float | None = None) -> None:
         _samples, width, _ = jacobian.shape
-        _check_finite_jacobian(jacobian)
         eye = torch.eye(width, dtype=jacobian.dtype, device=jacobian.device)
         system = eye - jacobian
         self.lu, self.pivots, info = lu_factor_blocks(system)
         limit = default_max_condition(jacobian.dtype) if max_condition is None else max_condition
+        # a non-finite J ends in one of the two checks below (its 1-norm is not finite):
+        # only then is J scanned, so the common case pays nothing for the guard
         if bool((info > 0).any()):
+            _check_finite_jacobian(jacobian)
             block = int(torch.nonzero(info > 0)[0, 0])
             raise SingularSystemError(
                 f"I − ∂f/∂h is exactly singular at the fixed point (sample block {block}): "
@@ -82,6 +84,7 @@ class DenseLU(Solve):
             )
         self.condition_number = _condition_estimate(system, self.lu)
         if math.isnan(self.condition_number):
+            _check_finite_jacobian(jacobian)
             raise SingularSystemError(
                 "the condition number of I − ∂f/∂h at the fixed point is NaN (LAPACK gecon "
                 "on its LU), so no derivative computed from it can be trusted: the LU holds "
