@@ -5,11 +5,14 @@ Every function takes any symmetric operator with ``shape``, ``dtype``, ``device`
 or the dynamics curvature, of one equilibrium or a data set — or a
 :class:`ParameterBlock` of one. Each returns a small result object with the estimate,
 its error estimate where one exists and the number of HVPs used; random probes are
-seeded.
+seeded. Those error estimates are about the operator *as computed* (its dtype, its
+inexact fixed point and solves); :func:`operator_accuracy` estimates that operator's own
+error against the exact Hessian.
 """
 
 from __future__ import annotations
 
+from .accuracy import OperatorAccuracy, operator_accuracy, state_error
 from .base import Counted, ParameterBlock, SymmetricOperator
 from .density import DensityResult, spectral_density
 from .diagonal import DiagonalResult, diagonal
@@ -43,6 +46,10 @@ __all__ = [
     "newton_step",
     "InfluenceResult",
     "influence",
+    # the operator's own error
+    "OperatorAccuracy",
+    "operator_accuracy",
+    "state_error",
     # operators
     "Counted",
     "ParameterBlock",

@@ -82,7 +82,8 @@ class InverseResult:
         solution: ``[P]``; with ``NEGATIVE_CURVATURE`` CG's last iterate before the
             direction was met (the minimiser of the quadratic model on the Krylov space
             built so far), not a solution.
-        residual: ``‖(H + δI) x − b‖ / ‖b‖``, recomputed with one extra product.
+        residual: ``‖(H + δI) x − b‖ / ‖b‖``, recomputed with one extra product of the
+            operator as computed (its own error is not included).
         converged: ``status is CONVERGED``: the recomputed relative residual is within
             ``10 · tol``.
         num_hvps: Hessian-vector products used (including the residual check).
