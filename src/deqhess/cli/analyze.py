@@ -87,7 +87,8 @@ def run_analysis(
     start = time.perf_counter()
     options = options or {}
     data: DatasetEquilibrium = problem.equilibria(bars, dtype=dtype, device=device, **options)
-    stage.done(f"solved {len(data.equilibria)} batches", start)
+    batches = len(data.equilibria)
+    stage.done(f"solved {batches} batch{'' if batches == 1 else 'es'}", start)
     report: dict[str, Any] = {
         "parameters": data.num_parameters,
         "batches": len(data.equilibria),
