@@ -150,3 +150,15 @@ def test_tuple_state_points_to_tuple_state():
         ValueError, match=r"got tuple\. For a tuple state .*deqhess\.nn\.TupleState"
     ):
         dh.Equilibrium(lambda x, h, t: h, torch.ones(2), torch.ones(2), (torch.zeros(2),))
+
+
+def test_casting_a_cell_problem_leaves_the_factory_untouched(factory):
+    """--dtype/--device cast a copy of the cell, θ and the data; the factory's own cell
+    stays float64 (inputs are never modified)."""
+    problem = dh.cli.load_factory(f"{factory}:cell")
+    data = problem.equilibria(progress=False, dtype=torch.float32)
+    assert data.layout.dtype == torch.float32 and data.equilibria[0].h.dtype == torch.float32
+    assert all(p.dtype == torch.float64 for p in problem.f.parameters())
+    problem.theta = torch.zeros(3)
+    with pytest.raises(ValueError, match="with f = the cell Cell, theta must be a dict"):
+        problem.equilibria(progress=False)
