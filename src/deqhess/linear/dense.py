@@ -35,9 +35,12 @@ def lu_factor_blocks(system: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     oneMKL ERROR: Parameter 6 was incorrect on entry to DLASWP`` and never returns (also
     ``solve``, ``inv`` and ``lu`` of such batches). One block per call does not hang, so on
     the CPU blocks wider than :data:`BATCHED_LU_MAX_WIDTH` (a margin below the observed
-    151) are factorised one at a time — no slower here, as MKL threads each block itself.
-    Changing the thread count around the call is no guard: restoring it with
-    ``set_num_threads`` is exactly what arms the hang.
+    151) are factorised one at a time. That costs speed where the batched call would
+    not have hung — whether ``set_num_threads`` was called cannot be queried: 64 blocks
+    of 256 took 86 ms instead of 58 ms with one thread, 290 instead of 72 ms with two on
+    a busy 2-core machine — and is small next to forming ``J`` (``d`` VJPs). Changing the
+    thread count around the call is no guard: restoring it with ``set_num_threads`` is
+    exactly what arms the hang.
     """
     samples, width = system.shape[0], system.shape[-1]
     if system.device.type != "cpu" or samples < 2 or width <= BATCHED_LU_MAX_WIDTH:
