@@ -38,7 +38,7 @@ def lu_factor_blocks(system: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     151) are factorised one at a time. That costs speed where the batched call would
     not have hung — whether ``set_num_threads`` was called cannot be queried: 64 blocks
     of 256 took 86 ms instead of 58 ms with one thread, 290 instead of 72 ms with two on
-    a busy 2-core machine — and is small next to forming ``J`` (``d`` VJPs). Changing the
+    a busy 2-core machine (forming ``J`` by ``d`` VJPs costs about as much). Changing the
     thread count around the call is no guard: restoring it with ``set_num_threads`` is
     exactly what arms the hang.
     """
