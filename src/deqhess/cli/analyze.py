@@ -268,7 +268,7 @@ def _lines(r: dict[str, Any]) -> list[str]:
     lines = [
         "deqhess analyze — curvature of a DEQ's data-set loss",
         f"  P = {r['parameters']:,} parameters ({r['dtype']}); {r['samples']} samples in "
-        f"{r['batches']} batches",
+        f"{r['batches']} batch{'' if r['batches'] == 1 else 'es'}",
         f"  solve: {s['max_iterations']} iterations max, residual ≤ {s['max_residual']:.1e}, "
         f"{s['linear_solver']}, {s['seconds']:.1f} s",
         "  error figures: residual = Lanczos ‖Hv − λv‖ (bounds the distance to an "
