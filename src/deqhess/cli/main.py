@@ -20,7 +20,14 @@ _DTYPES = ("float32", "float64")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each help text; descriptions kept as written."""
+    """Defaults shown after each help text (unless None or False, or the help already
+    says what the default is); descriptions kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,9 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         "operator's error on N probe products and the eigenpairs' residuals (0: skip)",
     )  # fmt: skip
     analyze.add_argument("--seed", type=int, default=0, help="seed of the random probes")
-    solve = analyze.add_argument_group("solver (default: the factory's options)")
+    solve = analyze.add_argument_group("solver options (each default: the factory's)")
     solve.add_argument("--solver", help="forward solver: anderson or picard")
-    solve.add_argument("--tol", type=float, help="forward tolerance (default by dtype)")
+    solve.add_argument("--tol", type=float, help="forward tolerance (the factory's, else by dtype)")
     solve.add_argument("--max-iter", type=int, help="forward iterations cap")
     solve.add_argument("--linear-solver", help="auto, dense, gmres or neumann")
     solve.add_argument("--dtype", choices=_DTYPES, help="cast θ, the cell and the data")
