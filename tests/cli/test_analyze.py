@@ -151,6 +151,8 @@ def test_analysis_argument_errors(factory, tmp_path):
     problem = dh.cli.load_factory(f"{factory}:make")
     with pytest.raises(ValueError, match="unknown trace estimator 'exact'"):
         run_analysis(problem, out=tmp_path, trace="exact", print_fn=lambda line: None)
+    with pytest.raises(ValueError, match=r"float64_probes must be 0 \(skip\) or at least 2; got 1"):
+        run_analysis(problem, out=tmp_path, float64_probes=1, print_fn=lambda line: None)
     problem.theta = None
     with pytest.raises(ValueError, match="the factory gave no theta"):
         problem.equilibria(progress=False)

@@ -78,6 +78,8 @@ def run_analysis(
             raise ValueError(f"unknown part {part!r}; use some of {list(PARTS)}.")
     if trace not in (None, "hutch++", "hutchinson"):
         raise ValueError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
+    if float64_probes == 1 or float64_probes < 0:
+        raise ValueError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
     leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if not leader:  # under torch.distributed only rank 0 reports and writes files
         progress, print_fn = False, _silent
