@@ -141,7 +141,7 @@ def solve_damped(
     max_iter = min(2 * size, MAX_PRODUCTS) if max_iter is None else max_iter
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1; got {max_iter}.")
-    b = b.detach().to(op.dtype)
+    b = b.detach().to(dtype=op.dtype, device=op.device)
     norm_b = float(torch.linalg.vector_norm(b))
     if norm_b == 0:
         return InverseResult(torch.zeros_like(b), 0.0, True, 0, method)
