@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
+import itertools
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +36,8 @@ class AnalysisProblem:
         init_state: ``x ↦ h0`` per batch; default zeros like ``x`` (or ``cell.init_state``).
         reduction: ``"mean"`` or ``"sum"`` over the data.
         batch_dim: the state's sample dimension, or None.
-        options: further :class:`deqhess.Equilibrium` options (solver, tol, linear_solver…).
+        options: further :class:`deqhess.Equilibrium` options (solver, tol, linear_solver…);
+            the command line's ``--solver``, ``--tol``… override them.
         sharded: under ``torch.distributed``, whether ``data`` is already this rank's
             shard (a ``DistributedSampler``); if False, rank ``r`` of ``W`` takes batches
             ``r, r + W, …``.
@@ -50,15 +53,31 @@ class AnalysisProblem:
     options: dict[str, Any] = field(default_factory=dict)
     sharded: bool = False
 
-    def equilibria(self, progress: bool | None = None):
+    def equilibria(
+        self,
+        progress: bool | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ):
         """Solve every batch (see :class:`deqhess.DatasetEquilibrium`); under
         ``torch.distributed`` with several ranks, this rank's shard of a
-        :class:`deqhess.distributed.DistributedDatasetEquilibrium`."""
+        :class:`deqhess.distributed.DistributedDatasetEquilibrium`.
+
+        Args:
+            dtype, device: cast θ, the cell (a copy) and the floating tensors of every
+                batch (targets too) — the loss must then work in that dtype.
+            **overrides: :class:`deqhess.Equilibrium` options replacing ``options``'.
+        """
         f, theta, init = self.f, self.theta, self.init_state
+        cast = _Cast(dtype, device)
         if isinstance(f, nn.Module):
-            cell = f
+            cell = cast.module(f)
+            names = _state_names(cell)
             if theta is None:
                 theta = {n: p.detach() for n, p in cell.named_parameters()}
+            _check_cell_theta(cell, names, theta)
             if init is None and callable(getattr(cell, "init_state", None)):
                 init = lambda x: torch.zeros_like(cell.init_state(x))  # noqa: E731
 
@@ -67,17 +86,106 @@ class AnalysisProblem:
 
         if theta is None:
             raise ValueError("the factory gave no theta; set AnalysisProblem.theta.")
+        theta = cast.tree(theta)
+        if init is not None and cast.active:
+            user_init = init
+            init = lambda x: cast.tree(user_init(x))  # noqa: E731
+        data = cast.batches(self.data)
+        sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if sharded and not self.sharded:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            data = [batch for i, batch in enumerate(data) if i % world == rank]
+        if init is None:
+            data = _check_default_state(f, theta, data)
         kwargs = dict(
             init_state=init, reduction=self.reduction, batch_dim=self.batch_dim,
-            progress=progress, **self.options,
+            progress=progress, **{**self.options, **overrides},
         )  # fmt: skip
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            data = self.data
-            if not self.sharded:
-                rank, world = dist.get_rank(), dist.get_world_size()
-                data = [batch for i, batch in enumerate(data) if i % world == rank]
+        if sharded:
             return DistributedDatasetEquilibrium(f, theta, data, self.loss, **kwargs)
-        return DatasetEquilibrium(f, theta, self.data, self.loss, **kwargs)
+        return DatasetEquilibrium(f, theta, data, self.loss, **kwargs)
+
+
+class _Cast:
+    """Casts to a dtype and device (either None: left as is): floating tensors take the
+    dtype, every tensor the device; tuples, lists and dicts are walked."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device | str | None):
+        self.dtype, self.device = dtype, device
+        self.active = dtype is not None or device is not None
+
+    def tensor(self, t: Tensor) -> Tensor:
+        dtype = self.dtype if t.is_floating_point() else None
+        return t.to(device=self.device, dtype=dtype) if self.active else t
+
+    def tree(self, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return self.tensor(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.tree(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.tree(v) for k, v in value.items()}
+        return value
+
+    def module(self, cell: nn.Module) -> nn.Module:
+        return copy.deepcopy(cell).to(device=self.device, dtype=self.dtype) if self.active else cell
+
+    def batches(self, data: Iterable[Any]) -> Iterable[Any]:
+        return (self.tree(batch) for batch in data) if self.active else data
+
+
+def _state_names(cell: nn.Module) -> list[str]:
+    return [n for n, _ in cell.named_parameters()] + [n for n, _ in cell.named_buffers()]
+
+
+def _check_cell_theta(cell: nn.Module, names: list[str], theta: Parameters) -> None:
+    """With a cell, θ must be a dict of the cell's own parameters (or buffers)."""
+    kind = type(cell).__name__
+    if not isinstance(theta, Mapping):
+        raise ValueError(
+            f"with f = the cell {kind}, theta must be a dict of its named parameters; got "
+            f"{type(theta).__name__}. Leave theta=None to take all of them."
+        )
+    unknown = [n for n in theta if n not in names]
+    if unknown:
+        raise ValueError(
+            f"theta has parameters the cell {kind} does not have: {unknown} (its own: "
+            f"{names[:8]}{' …' if len(names) > 8 else ''}). With an nn.Module cell, theta "
+            "may hold only the cell's parameters (theta=None takes all of them). To "
+            "differentiate also with respect to parameters outside the cell, e.g. a "
+            "readout used in the loss, give f as a function f(x, h, theta) that calls "
+            "torch.func.functional_call(cell, <the cell's entries of theta>, (x, h)), and "
+            "read the other entries in loss(h, theta, target)."
+        )
+
+
+def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iterable[Any]):
+    """With no ``init_state``, the state starts as zeros shaped like x: try ``f`` once on
+    the first batch so that a state of another shape is reported as such (the batches
+    are re-chained, nothing is consumed)."""
+    batches = iter(data)
+    try:
+        first = next(batches)
+    except StopIteration:
+        return []
+    chained = itertools.chain([first], batches)
+    x = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else None
+    if not isinstance(x, Tensor):
+        return chained
+    h0 = torch.zeros_like(x)
+    advice = (
+        "the factory gave no init_state, so the state starts as zeros shaped like x, "
+        f"{tuple(x.shape)}; if the state has another shape, set AnalysisProblem.init_state "
+        "(e.g. lambda x: x.new_zeros(x.shape[0], n)) or give the cell an init_state(x) method"
+    )
+    try:
+        with torch.no_grad():
+            out = f(x, h0, theta)
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise ValueError(f"f failed on the initial state: {advice}.") from error
+    if isinstance(out, Tensor) and out.shape != h0.shape:
+        raise ValueError(f"f returned shape {tuple(out.shape)} on the initial state: {advice}.")
+    return chained
 
 
 def load_factory(spec: str) -> AnalysisProblem:

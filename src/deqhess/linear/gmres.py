@@ -93,9 +93,9 @@ def gmres(
             if bool(((estimate <= target) | ~active).all()):
                 break
         rhs = beta[:, None] * rotations[:, :size, 0]
-        y = torch.linalg.solve_triangular(
-            triangle[:, :size, :size], rhs[:, :, None], upper=True
-        )[:, :, 0]
+        y = torch.linalg.solve_triangular(triangle[:, :size, :size], rhs[:, :, None], upper=True)[
+            :, :, 0
+        ]
         update = torch.bmm(basis[:, :size].transpose(1, 2), y[:, :, None])[:, :, 0]
         x = torch.where(active[:, None], x + update, x)
         r = flat_b - matvec(x.reshape(shape)).reshape(rows, width)

@@ -128,9 +128,11 @@ class Linearization:
         """
         if not bool(torch.isfinite(rhs).all()):
             raise NonFiniteError(
-                "the right-hand side of a solve with I − J is not finite: a cotangent or "
-                "tangent reaching the fixed point is NaN/inf (the loss, or what follows the "
-                "equilibrium, is not finite or not differentiable there).",
+                "the right-hand side of a solve with I − J is not finite: what reaches the "
+                "fixed point — ∇L or a cotangent from the layers after it, ∂f/∂θ along a "
+                "direction, or a second derivative of f — is NaN/inf there (the loss or f is "
+                "not finite or not differentiable at the fixed point: sqrt, abs or division "
+                "at 0, overflow).",
                 quantity="the right-hand side of a linear solve",
             )
         prepared = self.prepared.transpose() if transpose else self.prepared
