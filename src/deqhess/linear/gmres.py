@@ -127,6 +127,7 @@ class GMRES(LinearSolver):
         return f"GMRES(restart={self.restart}, max_iter={self.max_iter})"
 
     def init(self, operator: ResidualOperator) -> IterativeSolve:
+        operator.require_independent_rows()  # each row is its own Krylov problem
         rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
 
         def method(matvec, b, x0):
