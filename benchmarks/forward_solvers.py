@@ -65,22 +65,16 @@ def main() -> None:
         with torch.no_grad():
             for label, solver in (("deqhess Anderson", Anderson()), ("deqhess Picard", Picard())):
 
-                def run(solver=solver):
+                def run(solver=solver, step=step, rows=rows):
                     return solve_fixed_point(step, rows, solver, Tolerance(TOL, 0.0), 500)
 
-                iterations = run()[1].iterations
-                print(
-                    f"  {label:<18} {iterations:4d} iterations  {1e3 * cpu_median(run, args.repeats):7.1f} ms"
-                )
+                report(label, run()[1].iterations, cpu_median(run, args.repeats))
             for label, solve in theirs.items():
 
                 def run(solve=solve, cell=cell, x=x, z0=z0):
                     return solve(lambda z: cell(x, z), z0, max_iter=500, tol=TOL, stop_mode="rel")
 
-                iterations = int(run()[2]["nstep"].max())
-                print(
-                    f"  {label:<18} {iterations:4d} iterations  {1e3 * cpu_median(run, args.repeats):7.1f} ms"
-                )
+                report(label, int(run()[2]["nstep"].max()), cpu_median(run, args.repeats))
 
 
 if __name__ == "__main__":
