@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deqhess-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-extras clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+# optional baselines for the benchmarks, never dependencies of deqhess (torchdeq needs only
+# torch and numpy; --no-deps keeps pip from touching the CPU torch)
+bench-extras: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps "torchdeq==0.1.0"
 
 bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python dense_hessian.py && ../$(BIN)/python hvp.py \
