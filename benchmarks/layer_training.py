@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from deqhess.linear import NeumannGMRES
 from deqhess.nn import DEQ
 
 FORWARD_TOL = 1e-5  # relative, both libraries
@@ -135,7 +136,8 @@ def relative_error(a: Tensor, b: Tensor) -> float:
 
 
 def deqhess_step(cell, x, target, tol=FORWARD_TOL):
-    deq = DEQ(cell, tol=tol, atol=0.0, max_iter=MAX_ITER)
+    backward = NeumannGMRES(rtol=BACKWARD_TOL)  # the default's method, torchdeq's tolerance
+    deq = DEQ(cell, tol=tol, atol=0.0, max_iter=MAX_ITER, linear_solver=backward)
 
     def step():
         loss_of(deq(x), target).backward()
@@ -163,7 +165,8 @@ def torchdeq_step(cell, x, target):
 
 def penalty_steps(cell, x, target):
     params = list(cell.parameters())
-    deq = DEQ(cell, tol=FORWARD_TOL, atol=0.0, max_iter=MAX_ITER)
+    backward = NeumannGMRES(rtol=BACKWARD_TOL)
+    deq = DEQ(cell, tol=FORWARD_TOL, atol=0.0, max_iter=MAX_ITER, linear_solver=backward)
     init = getattr(cell, "init_state", None)
     z0 = torch.zeros_like(init(x) if callable(init) else x)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..solvers import default_tolerance
 from .adaptive import NeumannGMRES, neumann_then_gmres
 from .base import (
     IterativeSolve,
@@ -80,7 +81,8 @@ def resolve_linear_solver(
     fixed point (HVPs). With ``few_solves`` (a layer's backward) it is :class:`Dense` only
     up to ``FEW_SOLVES_MAX_WIDTH`` (forming ``J`` costs ``d`` products, more than the
     solves save) and else :class:`NeumannGMRES`, as cheap per product as a plain
-    fixed-point iteration.
+    fixed-point iteration, to the forward solve's default relative tolerance (1e-10 in
+    float64, 1e-5 in float32: the gradient's error is set by the larger of the two).
     """
     if isinstance(solver, LinearSolver):
         return solver
@@ -90,7 +92,8 @@ def resolve_linear_solver(
         small = width <= widest and samples * width * width * itemsize <= DENSE_MAX_BYTES
         if small:
             return Dense(max_condition)
-        return NeumannGMRES() if few_solves else GMRES()
+        # a backward needs its solve no more accurate than the forward's default tolerance
+        return NeumannGMRES(rtol=default_tolerance(dtype)) if few_solves else GMRES()
     if isinstance(solver, str) and solver.lower() in _ALIASES:
         cls = _ALIASES[solver.lower()]
         return cls(max_condition) if cls is Dense else cls()

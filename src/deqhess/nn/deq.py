@@ -58,8 +58,9 @@ class DEQ(nn.Module):
         linear_solver: strategy for the adjoint and tangent solves (``"auto"``,
             ``"dense"``, ``"gmres"``, ``"neumann"`` or an instance). ``"auto"`` factorises
             ``I − J`` only for per-sample states of at most 64 numbers (forming ``J`` costs
-            one product per state entry) and otherwise solves matrix-free with GMRES
-            (relative residual 1e-12 in float64, 1e-6 in float32).
+            one product per state entry) and otherwise solves matrix-free: Neumann steps
+            while they converge fast, GMRES once they do not (:class:`deqhess.linear.
+            NeumannGMRES`), to a relative residual of 1e-10 in float64, 1e-5 in float32.
         require_convergence: if False, an unconverged forward solve warns and keeps its
             best iterate (for fixed iteration budgets) instead of raising; shorthand
             for ``convergence="best"``.
