@@ -121,3 +121,22 @@ def test_float32_operator():
     assert op32.dtype == torch.float32 and op32.to_scipy().dtype == np.float32
     v = torch.randn(eq64.num_parameters)
     assert relative_error((op32 @ v.float()).double(), eq64.hvp(c.loss, v)) <= 1e-4
+
+
+def test_curvlinops_functions_run_on_deqhess_operators():
+    """The operator surface curvlinops' functions use (shape, dtype, device, ``@`` on
+    ``[P, K]`` blocks): its Hutchinson trace on the exact Hessian operator equals
+    ``Σᵢ gᵢᵀ H gᵢ / K`` of the dense Hessian for the same probes (curvlinops draws them from
+    torch's global generator, so re-seeding replays them)."""
+    curvlinops = pytest.importorskip("curvlinops")
+    c = case("tanh_batched")
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, batch_dim=0, tol=1e-14, atol=1e-15)
+    op, dense = eq.hessian_operator(c.loss), eq.hessian(c.loss)
+    torch.manual_seed(3)
+    estimate = curvlinops.hutchinson_trace(op, num_matvecs=10)
+    torch.manual_seed(3)
+    probes = torch.stack(
+        [curvlinops.sampling.random_vector(op.shape[0], "rademacher", op.device, op.dtype)
+         for _ in range(10)], dim=1,
+    )  # fmt: skip
+    assert torch.allclose(estimate, torch.einsum("ij,ij", probes, dense @ probes) / 10, rtol=1e-12)
