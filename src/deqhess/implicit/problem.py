@@ -2,8 +2,8 @@
 
 Every derivative in :mod:`deqhess.implicit` is taken of these two functions with
 ``torch.func``: θ as a flat ``[P]`` vector (see :mod:`deqhess.parameters`) and the
-state as rows ``[S, d]`` (see :mod:`deqhess.state`). The residual
-``g(θ, h) = f(x, h, θ) − h`` whose zero is the equilibrium is defined here only.
+state as rows ``[S, d]`` (see :mod:`deqhess.state`). The residual whose zero is the
+equilibrium is :class:`deqhess.solvers.Residual` of :meth:`Problem.dynamics`.
 """
 
 from __future__ import annotations
@@ -83,10 +83,6 @@ class Problem:
         """``f(x, h, θ)`` as rows ``[S, d]``, for flat ``θ`` ``[P]`` and rows ``h``."""
         out = self.f(self.x, self.state.from_rows(h), self.params.unflatten(theta))
         return self.state.to_rows(out)
-
-    def residual(self, theta: Tensor, h: Tensor) -> Tensor:
-        """``g(θ, h) = f(x, h, θ) − h`` as rows; the equilibrium is its zero."""
-        return self.dynamics(theta, h) - h
 
     def objective(self, loss: Loss, theta: Tensor, h: Tensor) -> Tensor:
         """``L(h, θ)`` for flat ``θ`` and rows ``h``."""
