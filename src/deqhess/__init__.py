@@ -14,6 +14,7 @@ from .errors import (
     NonFiniteError,
     SingularSystemError,
     StaleEquilibriumError,
+    UnsupportedDerivativeError,
 )
 from .implicit import (
     CurvatureOperator,
@@ -56,6 +57,7 @@ __all__ = [
     "NonFiniteError",
     "SingularSystemError",
     "StaleEquilibriumError",
+    "UnsupportedDerivativeError",
     "memory_limit",
     # layers
     "curvature",

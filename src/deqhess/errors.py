@@ -12,6 +12,7 @@ __all__ = [
     "NonFiniteError",
     "SingularSystemError",
     "StaleEquilibriumError",
+    "UnsupportedDerivativeError",
 ]
 
 
@@ -74,3 +75,10 @@ class DenseMemoryError(MemoryError):
         super().__init__(message)
         self.required = required
         self.available = available
+
+
+class UnsupportedDerivativeError(NotImplementedError):
+    """A derivative mode that cannot be computed exactly through the DEQ layer.
+
+    The message names the mode, why, and the supported way to get the same derivative.
+    """

@@ -215,3 +215,32 @@ def test_empty_batch_and_option_errors():
         DEQ(Cell(), tol=float("inf"))
     with pytest.raises(ValueError, match=r"the state has dtype torch\.float16; deqhess supports"):
         DEQ(Cell().half(), tol=1e-3)(torch.randn(2, 3).half())
+
+
+def test_legacy_batched_gradients_are_refused_with_the_supported_alternative():
+    """is_grads_batched runs the backward under torch's legacy vmap, which never calls the
+    Function's vmap rule; torch.func.vmap over torch.autograd.grad does, and is exact."""
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 5)
+
+        def forward(self, x, h):
+            return torch.tanh(0.4 * self.lin(h) + x)
+
+    deq = DEQ(Cell(), tol=1e-13, atol=1e-14)
+    params = list(deq.parameters())
+    grads = torch.autograd.grad(deq(torch.randn(3, 5)).pow(2).sum(), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    directions = torch.randn(4, flat.numel())
+    with pytest.raises(dh.UnsupportedDerivativeError, match=r"is_grads_batched=True.*torch\.func"):
+        torch.autograd.grad(flat, params, directions, is_grads_batched=True, retain_graph=True)
+
+    def product(v):
+        parts = torch.autograd.grad(flat, params, v, retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in parts])
+
+    batched = torch.func.vmap(product)(directions)
+    looped = torch.stack([product(v) for v in directions])
+    assert relative_error(batched, looped) <= 1e-12

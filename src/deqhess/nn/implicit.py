@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from ..errors import UnsupportedDerivativeError
 from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
 from ..solvers import (
     Convergence,
@@ -272,6 +273,22 @@ def _pullback(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Callable[[Tenso
     return apply
 
 
+def _refuse_legacy_vmap() -> None:
+    """``is_grads_batched=True`` (and ``torch.autograd.functional``'s ``vectorize=True``)
+    run the backward under torch's legacy vmap, which does not call this Function's
+    ``vmap`` rule: the solves' data-dependent loops cannot run there."""
+    level = torch._C._vmapmode_increment_nesting()
+    torch._C._vmapmode_decrement_nesting()
+    if level > 1:
+        raise UnsupportedDerivativeError(
+            "torch.autograd.grad(..., is_grads_batched=True) (or torch.autograd.functional's "
+            "vectorize=True) runs the backward under torch's legacy vmap, which cannot run "
+            "the fixed point's data-dependent solves. Batch the directions with torch.func "
+            "instead — torch.func.vmap over torch.func.vjp, or over torch.autograd.grad with "
+            "one direction each — which is supported and exact; or loop over the directions."
+        )
+
+
 class _FixedPoint(torch.autograd.Function):
     @staticmethod
     def forward(system: _System, z0: Tensor, *args: Tensor) -> Tensor:
@@ -287,6 +304,7 @@ class _FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
+        _refuse_legacy_vmap()
         z, *args = ctx.saved_tensors
         system: _System = ctx.system
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
@@ -308,6 +326,7 @@ class _FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, _system: None, _z0: Tensor | None, *arg_tangents: Tensor | None) -> Tensor:
+        _refuse_legacy_vmap()
         z, *args = ctx.saved_tensors
         tangents = [
             torch.zeros_like(a) if t is None else t for a, t in zip(args, arg_tangents, strict=True)
