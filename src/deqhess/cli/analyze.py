@@ -56,13 +56,13 @@ def run_analysis(
     data: DatasetEquilibrium = problem.equilibria(progress)
     report: dict[str, Any] = {
         "parameters": data.num_parameters,
-        "batches": len(data.equilibria),
+        "batches": len(data.batch_infos),
         "samples": data.num_samples,
         "solve": {
             "seconds": time.perf_counter() - start,
-            "max_iterations": max(eq.info.iterations for eq in data.equilibria),
-            "max_residual": max(eq.info.residual_norm for eq in data.equilibria),
-            "linear_solver": data.equilibria[0].info.linear_solver,
+            "max_iterations": max(info.iterations for info in data.batch_infos),
+            "max_residual": max(info.residual_norm for info in data.batch_infos),
+            "linear_solver": data.batch_infos[0].linear_solver,
         },
         "parts": {},
         "files": [],

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -176,9 +177,9 @@ class Equilibrium:
         self.problem.check_fresh()
         if self._linear_solve is None:
             with torch.no_grad():
-                operator = ResidualOperator(
-                    lambda r: self.problem.dynamics(self._theta, r), self._h
-                )
+                # bound to the problem, not to self: a cycle through self would keep a
+                # streamed batch's equilibrium alive until Python's full collection
+                operator = ResidualOperator(partial(self.problem.dynamics, self._theta), self._h)
                 coupling = operator.row_coupling()
                 if coupling > 1e-10:
                     raise ValueError(
