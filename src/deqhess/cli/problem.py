@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..batches import RankShard
 from ..distributed import DistributedDatasetEquilibrium
 from ..implicit import DatasetEquilibrium
 from ..parameters import Parameters
@@ -75,7 +76,7 @@ class AnalysisProblem:
             data = self.data
             if not self.sharded:
                 rank, world = dist.get_rank(), dist.get_world_size()
-                data = [batch for i, batch in enumerate(data) if i % world == rank]
+                data = RankShard(data, rank, world)
             return DistributedDatasetEquilibrium(f, theta, data, self.loss, **kwargs)
         return DatasetEquilibrium(f, theta, self.data, self.loss, **kwargs)
 
