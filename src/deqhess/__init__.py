@@ -7,7 +7,7 @@ densely, or as exact matrix-free Hessian-vector products.
 
 from __future__ import annotations
 
-from . import curvature, distributed, linear, nn, solvers
+from . import batches, curvature, distributed, linear, models, nn, solvers
 from .errors import ConvergenceError, SingularSystemError, StaleEquilibriumError
 from .implicit import (
     CurvatureOperator,
@@ -20,6 +20,7 @@ from .implicit import (
     hvp,
 )
 from .linear import GMRES, Dense, Neumann
+from .models import ModelCurvature
 from .solvers import Anderson, Picard
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     # operators and data sets
     "CurvatureOperator",
     "DatasetEquilibrium",
+    "ModelCurvature",
     # forward solvers
     "Anderson",
     "Picard",
@@ -47,9 +49,11 @@ __all__ = [
     "SingularSystemError",
     "StaleEquilibriumError",
     # layers
+    "batches",
     "curvature",
     "distributed",
     "linear",
+    "models",
     "nn",
     "solvers",
 ]
