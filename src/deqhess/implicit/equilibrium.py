@@ -14,6 +14,7 @@ The seed's computation graph, step by step:
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -302,8 +303,10 @@ class Equilibrium:
         """The Hessian (or one part of it) as a ``P × P`` operator of exact products.
 
         Args:
-            part: ``"total"`` (the Hessian), ``"loss_curvature"`` (the GGN part
-                ``[I; Z]ᵀ∇²L[I; Z]``) or ``"dynamics_curvature"``.
+            part: ``"total"`` (the Hessian), ``"loss_curvature"``
+                (``[I; Z]ᵀ∇²L[I; Z]``: the Gauss–Newton matrix of θ ↦ h* when L ignores
+                θ; with a readout in ``L(h, θ)`` it can be indefinite) or
+                ``"dynamics_curvature"`` (``[I; Z]ᵀ∇²(λᵀf)[I; Z]``).
         """
         check_part(part)
         state = self.problem.state
@@ -311,7 +314,22 @@ class Equilibrium:
         return CurvatureOperator(self.block_products(loss, part), self.problem.params, part, chunk)
 
     def ggn_operator(self, loss: Callable[..., Tensor]) -> CurvatureOperator:
-        """The loss curvature (generalised Gauss–Newton part) as an operator."""
+        """Deprecated name of ``hessian_operator(loss, "loss_curvature")``.
+
+        It returns the loss curvature ``[I; Z]ᵀ∇²L[I; Z]``, which is the generalised
+        Gauss–Newton matrix ``Zᵀ∇²ₕL Z`` of θ ↦ h* only when L ignores θ; with a readout
+        inside ``L(h, θ)`` it is not a GGN and can be indefinite. For the GGN at a
+        model's output (``Jᵀ∇²ℓJ``, as curvlinops defines it), use
+        :meth:`deqhess.ModelCurvature.ggn_operator`.
+        """
+        warnings.warn(
+            "Equilibrium.ggn_operator(loss) is the loss curvature [I; Z]ᵀ∇²L[I; Z], not "
+            "a GGN when the loss takes theta; call hessian_operator(loss, "
+            "'loss_curvature'), or deqhess.ModelCurvature(...).ggn_operator() for the GGN "
+            "at a model's output.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.hessian_operator(loss, "loss_curvature")
 
     def block_products(self, loss: Callable[..., Tensor], part: str) -> Callable[[Tensor], Tensor]:
