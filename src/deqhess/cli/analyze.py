@@ -18,17 +18,18 @@ from ..curvature import (
     hutchpp,
     spectral_density,
 )
-from ..implicit import PARTS, DatasetEquilibrium
+from ..implicit import DatasetEquilibrium
+from ..models import ModelCurvature
 from .plots import plot_densities, plot_diagonal, plot_top_eigenvalues
-from .problem import AnalysisProblem
+from .problem import AnalysisProblem, ModelProblem
 
 __all__ = ["run_analysis"]
 
 
 def run_analysis(
-    problem: AnalysisProblem,
+    problem: AnalysisProblem | ModelProblem,
     out: str | Path = "deqhess-analysis",
-    parts: Sequence[str] = PARTS,
+    parts: Sequence[str] | None = None,
     top_k: int = 5,
     bottom_k: int = 0,
     trace: str | None = "hutch++",
@@ -42,10 +43,12 @@ def run_analysis(
     progress: bool | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the chosen analyses on each part, print a report, write plots and ``report.json``."""
+    """Run the chosen analyses on each part (default: every part the problem defines),
+    print a report, write plots and ``report.json``."""
+    parts = problem.parts if parts is None else parts
     for part in parts:
-        if part not in PARTS:
-            raise ValueError(f"unknown part {part!r}; use some of {list(PARTS)}.")
+        if part not in problem.parts:
+            raise ValueError(f"unknown part {part!r}; use some of {list(problem.parts)}.")
     if trace not in (None, "hutch++", "hutchinson"):
         raise ValueError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
     leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -53,17 +56,12 @@ def run_analysis(
         progress, print_fn = False, _silent
     out = Path(out)
     start = time.perf_counter()
-    data: DatasetEquilibrium = problem.equilibria(progress)
+    data: DatasetEquilibrium | ModelCurvature = problem.equilibria(progress)
     report: dict[str, Any] = {
         "parameters": data.num_parameters,
-        "batches": len(data.batch_infos),
+        "batches": data.num_batches,
         "samples": data.num_samples,
-        "solve": {
-            "seconds": time.perf_counter() - start,
-            "max_iterations": max(info.iterations for info in data.batch_infos),
-            "max_residual": max(info.residual_norm for info in data.batch_infos),
-            "linear_solver": data.batch_infos[0].linear_solver,
-        },
+        "solve": _solve_summary(data, time.perf_counter() - start),
         "parts": {},
         "files": [],
     }
@@ -146,14 +144,30 @@ def _silent(line: str) -> None:
     return None
 
 
+def _solve_summary(data: DatasetEquilibrium | ModelCurvature, seconds: float) -> dict[str, Any]:
+    """The batches' forward solves (a model's DEQ layers solve inside each product)."""
+    if isinstance(data, ModelCurvature):
+        return {"seconds": seconds}
+    infos = data.batch_infos
+    return {
+        "seconds": seconds,
+        "max_iterations": max(info.iterations for info in infos),
+        "max_residual": max(info.residual_norm for info in infos),
+        "linear_solver": infos[0].linear_solver,
+    }
+
+
 def _lines(r: dict[str, Any]) -> list[str]:
     s = r["solve"]
     lines = [
         "deqhess analyze — curvature of a DEQ's data-set loss",
         f"  P = {r['parameters']:,} parameters; {r['samples']} samples in {r['batches']} batches",
-        f"  solve: {s['max_iterations']} iterations max, residual ≤ {s['max_residual']:.1e}, "
-        f"{s['linear_solver']}, {s['seconds']:.1f} s",
     ]
+    if "max_iterations" in s:
+        lines.append(
+            f"  solve: {s['max_iterations']} iterations max, residual ≤ "
+            f"{s['max_residual']:.1e}, {s['linear_solver']}, {s['seconds']:.1f} s"
+        )
     for part, e in r["parts"].items():
         lines.append(f"{part} ({e['hvps']} HVPs, {e['seconds']:.1f} s)")
         if "top" in e:

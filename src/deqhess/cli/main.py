@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -36,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("factory", help="package.module:function or path/to/file.py:function")
     analyze.add_argument("--out", default="deqhess-analysis", help="folder for plots and report")
     analyze.add_argument(
-        "--parts", default="total,loss_curvature,dynamics_curvature",
-        help="comma list of: total, loss_curvature (GGN), dynamics_curvature",
+        "--parts", default=None,
+        help="comma list of: total, loss_curvature, dynamics_curvature, and ggn (the GGN "
+        "at a model's output, for a ModelProblem); default: every part the problem defines",
     )  # fmt: skip
     analyze.add_argument("--top-k", type=int, default=5, help="top eigenvalues (0: none)")
     analyze.add_argument("--bottom-k", type=int, default=0, help="bottom eigenvalues")
@@ -87,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_analysis(
             problem,
             out=args.out,
-            parts=[p.strip() for p in args.parts.split(",") if p.strip()],
+            parts=None
+            if args.parts is None
+            else [p.strip() for p in args.parts.split(",") if p.strip()],
             top_k=args.top_k,
             bottom_k=args.bottom_k,
             trace=None if args.trace == "none" else args.trace,
@@ -98,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             diagonal_probes=args.diagonal,
             blocks=args.blocks,
             seed=args.seed,
-            progress=None if not args.no_progress else False,
+            # bars only on a terminal: logs stay line-oriented (no carriage returns)
+            progress=None if not args.no_progress and sys.stdout.isatty() else False,
         )
     except ValueError as error:
         parser.exit(2, f"deqhess analyze: error: {error}\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from ..batches import RankShard
 from ..distributed import DistributedDatasetEquilibrium
-from ..implicit import DatasetEquilibrium
+from ..implicit import PARTS, DatasetEquilibrium
+from ..models import ModelCurvature
 from ..parameters import Parameters
 
-__all__ = ["AnalysisProblem", "load_factory"]
+__all__ = ["AnalysisProblem", "ModelProblem", "load_factory"]
 
 
 @dataclass
@@ -51,6 +52,9 @@ class AnalysisProblem:
     options: dict[str, Any] = field(default_factory=dict)
     sharded: bool = False
 
+    #: the operators this problem defines
+    parts = PARTS
+
     def equilibria(self, progress: bool | None = None):
         """Solve every batch (see :class:`deqhess.DatasetEquilibrium`); under
         ``torch.distributed`` with several ranks, this rank's shard of a
@@ -81,7 +85,54 @@ class AnalysisProblem:
         return DatasetEquilibrium(f, theta, self.data, self.loss, **kwargs)
 
 
-def load_factory(spec: str) -> AnalysisProblem:
+@dataclass
+class ModelProblem:
+    """A whole model holding DEQ layers, its loss and data, for ``deqhess analyze``.
+
+    Attributes:
+        model: the ``nn.Module`` (e.g. encoder → ``deqhess.nn.DEQ`` → head), deterministic
+            (``eval()`` mode if it has dropout or batch norm).
+        loss: ``loss_func(output, target)`` → 0-dim tensor (e.g. ``nn.CrossEntropyLoss()``).
+        data: ``(x, target)`` batches, re-iterable (a list, a DataLoader).
+        params: parameter names (None: all that require grad).
+        reduction: ``"mean"`` or ``"sum"``; default ``loss.reduction`` or ``"mean"``.
+        split_at: the DEQ layer (module or name) splitting the Hessian into loss and
+            dynamics curvature; default the model's only DEQ layer.
+        batch_size_fn: ``x ↦`` sample count; default ``x.shape[0]``.
+
+    See :class:`deqhess.ModelCurvature` for the operators (``total``, ``ggn``,
+    ``loss_curvature``, ``dynamics_curvature``).
+    """
+
+    model: nn.Module
+    loss: Callable[[Tensor, Any], Tensor]
+    data: Iterable[tuple[Any, Any]]
+    params: Sequence[str] | None = None
+    reduction: str | None = None
+    split_at: nn.Module | str | None = None
+    batch_size_fn: Callable[[Any], int] | None = None
+
+    def equilibria(self, progress: bool | None = None) -> ModelCurvature:
+        """The model's curvature over the data (nothing is solved until a product)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "deqhess analyze runs a ModelProblem in one process; launch it without "
+                "torchrun (data-parallel model operators are not available yet)."
+            )
+        return self._curvature()
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return self._curvature().parts
+
+    def _curvature(self) -> ModelCurvature:
+        return ModelCurvature(
+            self.model, self.loss, self.data, self.params, reduction=self.reduction,
+            split_at=self.split_at, batch_size_fn=self.batch_size_fn,
+        )  # fmt: skip
+
+
+def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
     """Call ``package.module:function`` or ``path/to/file.py:function`` and check its result."""
     if ":" not in spec:
         raise ValueError(
@@ -106,10 +157,10 @@ def load_factory(spec: str) -> AnalysisProblem:
         raise ValueError(f"{target!r} has no callable {name!r}.")
     result = factory()
     if isinstance(result, Mapping):
-        result = AnalysisProblem(**result)
-    if not isinstance(result, AnalysisProblem):
+        result = (ModelProblem if "model" in result else AnalysisProblem)(**result)
+    if not isinstance(result, (AnalysisProblem, ModelProblem)):
         raise ValueError(
             f"the factory {spec!r} returned {type(result).__name__}; return a "
-            "deqhess.cli.AnalysisProblem (or a dict of its fields)."
+            "deqhess.cli.AnalysisProblem or ModelProblem (or a dict of its fields)."
         )
     return result

@@ -122,10 +122,18 @@ class ModelCurvature:
     @property
     def num_samples(self) -> int:
         """``N``, counted by the first pass (a pass of its own if none ran yet)."""
+        return self._count()[0]
+
+    @property
+    def num_batches(self) -> int:
+        """The number of batches, counted by the first pass."""
+        return self._count()[1]
+
+    def _count(self) -> tuple[int, int]:
         if self._seen is None:
             counts = [self.batch_size_fn(x) for x, _ in self._data]
             self._seen = (sum(counts), len(counts))
-        return self._seen[0]
+        return self._seen
 
     def _leaves(self) -> dict[str, Tensor]:
         named = dict(self.model.named_parameters())
