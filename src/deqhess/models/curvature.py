@@ -38,6 +38,7 @@ from ..implicit import CurvatureOperator, HessianSplit
 from ..implicit.operators import check_part
 from ..nn import DEQ
 from ..parameters import ParameterLayout, Parameters
+from .backward import BlockBackward
 from .graph import BatchGraph, LossFunc
 
 __all__ = ["MODEL_PARTS", "ModelCurvature"]
@@ -69,6 +70,9 @@ class ModelCurvature:
         batch_size_fn: ``x ↦`` the batch's sample count; default ``x.shape[0]``.
         chunk_size: directions per pass in ``to_dense`` and large blocks; default about
             4M numbers.
+        backward: how a block's K directions go through a batch's graph: ``"auto"``
+            (default), ``"batched"``, ``"vmap"`` or ``"loop"`` (see
+            :class:`deqhess.models.backward.BlockBackward`).
 
     Raises:
         ValueError: unknown parameter names, parameters of several dtypes, a one-shot
@@ -87,6 +91,7 @@ class ModelCurvature:
         split_at: nn.Module | str | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         chunk_size: int | None = None,
+        backward: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -109,6 +114,7 @@ class ModelCurvature:
         self.batch_size_fn = batch_size_fn or _leading_size
         self.chunk_size = chunk_size or default_chunk_size(2 * self.layout.size)
         self._seen: tuple[int, int] | None = None  # samples and batches of the first pass
+        self.backward = BlockBackward(backward)
 
     @property
     def num_parameters(self) -> int:
@@ -149,7 +155,7 @@ class ModelCurvature:
             n = self.batch_size_fn(x)
             graph = BatchGraph(
                 self.model, self.loss_func, self.layout, params, x, target,
-                float(n) if self.reduction == "mean" else 1.0, part, self.split_at,
+                float(n) if self.reduction == "mean" else 1.0, part, self.split_at, self.backward,
             )  # fmt: skip
             value = compute(graph)
             del graph

@@ -3,8 +3,7 @@
 A model's DEQ layers (:class:`deqhess.nn.DEQ`) are differentiable to every order, so
 second derivatives of the whole model go through plain autograd: the batch's forward
 is run once (each DEQ solves its fixed point once) and the K directions of a block go
-through one batched backward (``is_grads_batched``) of the graph it leaves — about 5–15×
-faster than K separate backwards through the layer's implicit rules. With θ the
+together through the graph it leaves. With θ the
 chosen parameters, ``o`` the model's output and ``ℓ(o)`` the weighted batch loss:
 
 * ``total`` — the Hessian ``∇²_θ ℓ``: a backward of ``∇_θ ℓ`` (built with
@@ -20,6 +19,9 @@ chosen parameters, ``o`` the model's output and ``ℓ(o)`` the weighted batch lo
   ``f`` the cell fed by the encoder). The forward substitutes a leaf for ``h*`` after
   the layer (a forward hook held only during that forward), so ``L`` can be
   differentiated in ``h`` alone.
+
+How the K directions go through the graph is :class:`deqhess.models.backward.BlockBackward`'s
+choice (batched, vmapped or looped).
 """
 
 from __future__ import annotations
@@ -31,35 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from ..parameters import ParameterLayout
+from .backward import BlockBackward
 
 __all__ = ["BatchGraph"]
 
 LossFunc = Callable[[Tensor, Any], Tensor]
-
-
-def _grads(outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor]):
-    """``Σ_outputs cₖ · ∂output/∂input`` for K directions: one ``[K, *input.shape]`` each.
-
-    Outputs that do not depend on any input (constant gradients) contribute zero.
-    """
-    count = cotangents[0].shape[0]
-    pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
-    if not pairs:
-        return [t.new_zeros((count, *t.shape)) for t in inputs]
-    outs, cots = zip(*pairs, strict=True)
-    if count == 1:  # no vmap for one direction
-        grads = torch.autograd.grad(
-            outs, inputs, [c[0] for c in cots], retain_graph=True, allow_unused=True
-        )
-        grads = [None if g is None else g[None] for g in grads]
-    else:
-        grads = torch.autograd.grad(
-            outs, inputs, cots, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-    return [
-        t.new_zeros((count, *t.shape)) if g is None else g
-        for g, t in zip(grads, inputs, strict=True)
-    ]
 
 
 def _first_grads(value: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -69,7 +47,12 @@ def _first_grads(value: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     )
 
 
-def _directional(output: Tensor, params: Sequence[Tensor], directions: Sequence[Tensor]):
+def _directional(
+    backward: BlockBackward,
+    output: Tensor,
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+) -> Tensor:
     """``J V`` ``[K, *output.shape]`` with ``J = ∂output/∂θ``, by double backward."""
     count = directions[0].shape[0]
     if not output.requires_grad:
@@ -78,7 +61,7 @@ def _directional(output: Tensor, params: Sequence[Tensor], directions: Sequence[
     transposed = torch.autograd.grad(
         output, params, probe, create_graph=True, allow_unused=True, materialize_grads=True
     )
-    return _grads(transposed, [probe], directions)[0]
+    return backward(transposed, [probe], directions)[0]
 
 
 class BatchGraph:
@@ -94,6 +77,7 @@ class BatchGraph:
         part: one of ``total``, ``ggn``, ``loss_curvature``, ``dynamics_curvature``, or
             None (the loss only, for its gradient).
         split_at: the DEQ layer whose fixed point splits the Hessian (split parts only).
+        backward: how K directions go through the graph (default ``"auto"``).
 
     Raises:
         ValueError: the loss is not a 0-dim floating tensor; ``split_at`` was not
@@ -111,8 +95,10 @@ class BatchGraph:
         weight: float,
         part: str | None,
         split_at: nn.Module | None = None,
+        backward: BlockBackward | None = None,
     ) -> None:
         self.layout, self.part = layout, part
+        self.backward = backward or BlockBackward()
         self.params = [params[name] for name in layout.names]
         self.split_at = split_at
         with torch.enable_grad():
@@ -181,16 +167,17 @@ class BatchGraph:
     def products(self, v: Tensor) -> Tensor:
         """``(C Vᵀ)ᵀ`` ``[K, P]`` for directions ``v`` ``[K, P]``, C this graph's part."""
         directions = list(self.layout.tensors(self.layout.unflatten(v)))
+        backward = self.backward
         with torch.enable_grad():
             if self.part in ("total", "dynamics_curvature"):
-                out = _grads(self.first, self.params, directions)
+                out = backward(self.first, self.params, directions)
             elif self.part == "ggn":
-                jv = _directional(self.output, self.params, directions)
-                hjv = _grads(self.out_grad, [self.out_leaf], [jv])[0]
-                out = _grads([self.output], self.params, [hjv])
+                jv = _directional(backward, self.output, self.params, directions)
+                hjv = backward(self.out_grad, [self.out_leaf], [jv])[0]
+                out = backward([self.output], self.params, [hjv])
             else:  # [I; Z]ᵀ ∇²L [I; Z]
-                zv = _directional(self.state, self.params, directions)
-                *g_theta, g_h = _grads(self.first, [*self.params, self.leaf], [*directions, zv])
-                back = _grads([self.state], self.params, [g_h])
+                zv = _directional(backward, self.state, self.params, directions)
+                *g_theta, g_h = backward(self.first, [*self.params, self.leaf], [*directions, zv])
+                back = backward([self.state], self.params, [g_h])
                 out = [a + b for a, b in zip(g_theta, back, strict=True)]
         return torch.cat([g.reshape(v.shape[0], -1) for g in out], dim=1).detach()
