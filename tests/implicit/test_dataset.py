@@ -254,3 +254,16 @@ def test_one_shot_iterators_and_changing_data():
         dh.DatasetEquilibrium(f, theta, batches, _mean_loss, cache_bytes=-1, **init)
     with pytest.raises(ValueError, match="batches must be an iterable"):
         dh.DatasetEquilibrium(f, theta, 3, _mean_loss, **init)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**30])
+def test_theta_changed_in_place_is_stale_for_every_pass(cache_bytes):
+    f, theta, x, y = _data(samples=6)
+    data = dh.DatasetEquilibrium(
+        f, theta, _batches(x, y, [3, 3]), _mean_loss, cache_bytes=cache_bytes,
+        init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS,
+    )  # fmt: skip
+    with torch.no_grad():
+        theta["b"].add_(0.1)
+    with pytest.raises(dh.StaleEquilibriumError, match="theta was modified in place"):
+        data.grad()

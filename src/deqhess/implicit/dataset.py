@@ -37,6 +37,7 @@ from ..batches import (
     saved_activation_bytes,
 )
 from ..chunks import default_chunk_size
+from ..errors import StaleEquilibriumError
 from ..parameters import ParameterLayout, Parameters
 from .equilibrium import Equilibrium, EquilibriumInfo
 from .hessian import HessianSplit
@@ -141,6 +142,7 @@ class DatasetEquilibrium:
         self._uses_theta = _loss_uses_theta(loss)
         self.layout = ParameterLayout(theta)
         self.f, self.theta, self.loss = f, theta, loss
+        self._versions = [t._version for t in self.layout.tensors(theta)]
         self.init_state, self.reduction, self.batch_dim = init_state, reduction, batch_dim
         self.options = options
         self.progress = progress
@@ -207,6 +209,12 @@ class DatasetEquilibrium:
     def _each_batch(self, visit: Callable[[_Solved], None], desc: str | None = None) -> None:
         """One pass: ``visit`` every batch, solved (or taken from the cache) with its
         weighted loss; a streamed batch is dropped before the next one is solved."""
+        if [t._version for t in self.layout.tensors(self.theta)] != self._versions:
+            raise StaleEquilibriumError(
+                "theta was modified in place after the DatasetEquilibrium was built, so its "
+                "batches' statistics and cached solves are stale. Build a new one after "
+                "changing theta (or pass copies: theta.clone())."
+            )
         if self._cache.complete:
             for solved in self._bar(self._cache.values(), desc):
                 visit(solved)

@@ -21,7 +21,8 @@ loss. ``loss_curvature + dynamics_curvature = total``.
 
 Every product streams the data: one pass per block of K directions, in which each
 batch's forward runs once (each DEQ solves once) and the K directions share its graph.
-Memory: one batch's graph, K-fold in its backward; not the number of batches.
+Memory: one batch's graph, K-fold in its backward; not the number of batches. Like
+curvlinops' operators, these read the model's parameters as they are at each product.
 """
 
 from __future__ import annotations
