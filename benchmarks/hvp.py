@@ -71,7 +71,7 @@ def child(spec: dict) -> dict:
 
     def setup_and(op):
         eq = dh.Equilibrium(f, theta, x, h0, **opts)
-        _ = (eq.linear_solve, eq.parameter_products)  # one-time set-up: LU, pullback
+        _ = (eq.linearization, eq.parameter_products)  # one-time set-up: LU, pullback
         eq.grad(loss)  # λ for the HVP's loss
         return lambda: op(eq)
 

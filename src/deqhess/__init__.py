@@ -8,7 +8,13 @@ densely, or as exact matrix-free Hessian-vector products.
 from __future__ import annotations
 
 from . import batches, curvature, distributed, linear, models, nn, solvers
-from .errors import ConvergenceError, SingularSystemError, StaleEquilibriumError
+from .errors import (
+    ConvergenceError,
+    DenseMemoryError,
+    NonFiniteError,
+    SingularSystemError,
+    StaleEquilibriumError,
+)
 from .implicit import (
     CurvatureOperator,
     DatasetEquilibrium,
@@ -20,8 +26,9 @@ from .implicit import (
     hvp,
 )
 from .linear import GMRES, Dense, Neumann
+from .memory import memory_limit
 from .models import ModelCurvature
-from .solvers import Anderson, Picard
+from .solvers import Anderson, Convergence, Picard
 
 __version__ = "0.1.0"
 
@@ -37,17 +44,21 @@ __all__ = [
     "CurvatureOperator",
     "DatasetEquilibrium",
     "ModelCurvature",
-    # forward solvers
+    # forward solvers and the convergence policy
     "Anderson",
+    "Convergence",
     "Picard",
     # linear solvers for I − J
     "Dense",
     "GMRES",
     "Neumann",
-    # errors
+    # errors, and the override of the dense-memory check
     "ConvergenceError",
+    "DenseMemoryError",
+    "NonFiniteError",
     "SingularSystemError",
     "StaleEquilibriumError",
+    "memory_limit",
     # layers
     "batches",
     "curvature",

@@ -6,7 +6,13 @@ and what to try.
 
 from __future__ import annotations
 
-__all__ = ["ConvergenceError", "SingularSystemError", "StaleEquilibriumError"]
+__all__ = [
+    "ConvergenceError",
+    "DenseMemoryError",
+    "NonFiniteError",
+    "SingularSystemError",
+    "StaleEquilibriumError",
+]
 
 
 class ConvergenceError(RuntimeError):
@@ -37,4 +43,34 @@ class SingularSystemError(RuntimeError):
 
 
 class StaleEquilibriumError(RuntimeError):
-    """θ or x was modified in place after the equilibrium was solved."""
+    """θ or a tensor of x was modified in place after the equilibrium was solved."""
+
+
+class NonFiniteError(RuntimeError):
+    """A quantity deqhess computed at the fixed point has NaN or inf entries.
+
+    The inputs were finite, so the loss or ``f`` is not differentiable (or overflows)
+    at the fixed point; the message names the quantity and what to check.
+
+    Attributes:
+        quantity: what went non-finite (e.g. ``"the adjoint λ"``).
+    """
+
+    def __init__(self, message: str, quantity: str) -> None:
+        super().__init__(message)
+        self.quantity = quantity
+
+
+class DenseMemoryError(MemoryError):
+    """A dense result would not fit in the memory available; refused before allocating.
+
+    Attributes:
+        required: estimated bytes the request would allocate.
+        available: bytes available (or the limit set with
+            :func:`deqhess.memory_limit`).
+    """
+
+    def __init__(self, message: str, required: float, available: float) -> None:
+        super().__init__(message)
+        self.required = required
+        self.available = available

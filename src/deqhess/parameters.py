@@ -13,6 +13,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .options import supported_dtype
+
 __all__ = ["ParameterLayout", "Parameters"]
 
 Parameters = Union[Tensor, Mapping[str, Tensor]]  # noqa: UP007 (a runtime alias on 3.10)
@@ -26,8 +28,8 @@ class ParameterLayout:
             (0-dim allowed), all of one dtype and device.
 
     Raises:
-        ValueError: θ is empty, holds a non-tensor or non-floating tensor, or mixes
-            dtypes or devices.
+        ValueError: θ is empty, holds a non-tensor or a tensor that is not float32 or
+            float64, or mixes dtypes or devices.
     """
 
     def __init__(self, theta: Parameters) -> None:
@@ -56,6 +58,7 @@ class ParameterLayout:
                     f"{label} has dtype {t.dtype}; parameters must be floating point "
                     "(float32 or float64)."
                 )
+            supported_dtype(t.dtype, label)
         first = tensors[0]
         for label, t in zip(labels, tensors, strict=True):
             if t.dtype != first.dtype or t.device != first.device:

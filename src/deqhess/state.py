@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .options import integer, supported_dtype
+
 __all__ = ["StateLayout", "check_state_map"]
 
 
@@ -23,7 +25,8 @@ class StateLayout:
         batch_dim: the dimension whose slices are independent samples, or ``None``.
 
     Raises:
-        ValueError: ``h0`` is not floating, is empty, or ``batch_dim`` is out of range.
+        ValueError: ``h0`` is not float32/float64, is empty, or ``batch_dim`` is not an
+            int in range.
     """
 
     def __init__(self, h0: Tensor, batch_dim: int | None = None) -> None:
@@ -31,6 +34,7 @@ class StateLayout:
             raise ValueError(f"h0 must be a torch.Tensor; got {type(h0).__name__}.")
         if not h0.is_floating_point():
             raise ValueError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
+        supported_dtype(h0.dtype, "h0")
         if h0.numel() == 0:
             raise ValueError(f"h0 is empty (shape {tuple(h0.shape)}); the state needs entries.")
         self.shape = h0.shape
@@ -40,6 +44,7 @@ class StateLayout:
             self.batch_dim: int | None = None
             self.samples = 1
         else:
+            batch_dim = integer(batch_dim, "batch_dim")
             if h0.ndim == 0 or not -h0.ndim <= batch_dim < h0.ndim:
                 raise ValueError(
                     f"batch_dim={batch_dim} is out of range for a state of shape "

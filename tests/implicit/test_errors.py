@@ -118,8 +118,8 @@ def test_bad_directions_and_methods():
     eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
     with pytest.raises(
         ValueError,
-        match=r"acts on flat \[45\] vectors, \[45, K\] blocks or theta-structured vectors "
-        r"\(\{'W': \(5, 5\).*got \(7,\)",
+        match=r"acts on flat \[45\] vectors, \[45, K\] blocks, theta-structured vectors "
+        r"\(\{'W': \(5, 5\).*lists of tensors shaped like theta's; got \(7,\)",
     ):
         eq.hvp(c.loss, torch.ones(7))
     with pytest.raises(
@@ -153,7 +153,7 @@ def test_no_fixed_point_raises_convergence_error():
 
 
 def test_divergence_raises_convergence_error():
-    with pytest.raises(dh.ConvergenceError, match="diverged: f returned non-finite"):
+    with pytest.raises(dh.ConvergenceError, match=r"diverged: .* at iteration"):
         dh.Equilibrium(
             lambda x, h, t: t * h * h + 1, torch.tensor(3.0), None, torch.zeros(2), solver="picard"
         )
@@ -243,3 +243,293 @@ def test_more_state_and_data_set_errors():
         dh.Equilibrium(f, t, None, torch.zeros(0))
     with pytest.raises(ValueError, match="loss must be callable; got str"):
         dh.DatasetEquilibrium(f, t, [(torch.zeros(2), None)], "mse")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"tol": float("inf")}, r"tol must be a finite number in \[0, 1\); got inf\. It is rel"),
+        ({"tol": float("nan")}, r"tol must be a finite number in \[0, 1\); got nan"),
+        ({"tol": 1.0}, r"tol must be .*got 1\.0\. .*tol >= 1 accepts any iterate"),
+        ({"tol": "1e-8"}, r"tol must be a number; got '1e-8' \(str\)"),
+        ({"atol": float("inf")}, r"atol must be a finite number >= 0; got inf"),
+        ({"max_iter": 10.5}, r"max_iter must be an int; got 10\.5 \(float\)"),
+        ({"max_iter": "100"}, r"max_iter must be an int; got '100' \(str\)"),
+        ({"batch_dim": 0.0}, r"batch_dim must be an int; got 0\.0 .*batch_dim=0"),
+        ({"chunk_size": 0}, r"chunk_size must be an int >= 1; got 0"),
+        ({"max_condition": 0.0}, r"max_condition must be a number >= 1; got 0\.0. .*inf turns"),
+        ({"max_condition": float("nan")}, r"max_condition must be a number >= 1; got nan"),
+        ({"max_condition": -5}, r"max_condition must be a number >= 1; got -5"),
+        ({"solver": "newton"}, r"unknown solver 'newton'"),
+    ],
+)
+def test_options_that_make_no_sense_are_refused_at_construction(option, message):
+    c = _tanh()
+    with pytest.raises(ValueError, match=message):
+        dh.Equilibrium(c.f, c.theta, c.x, c.h0, **option)
+
+
+def test_options_at_their_limits_are_valid():
+    """tol=0 forces max_iter (a benchmark's setting), max_condition=inf turns the check off,
+    a NumPy integer is an int: the answers are the usual exact ones."""
+    import numpy as np
+
+    c = _tanh()
+    reference = dh.Equilibrium(c.f, c.theta, c.x, c.h0).grad(c.loss)
+    eq = dh.Equilibrium(
+        c.f, c.theta, c.x, c.h0, tol=0.0, atol=0.0, max_iter=np.int64(60),
+        max_condition=float("inf"), require_convergence=False,
+    )  # fmt: skip
+    for k, v in eq.grad(c.loss).items():
+        assert torch.allclose(v, reference[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("tol", [None, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_with_what_to_do(tol, dtype):
+    c = _tanh()
+    theta = {k: v.to(dtype) for k, v in c.theta.items()}
+    with pytest.raises(ValueError, match=rf"theta\['W'\] has dtype {dtype}; deqhess supports"):
+        dh.Equilibrium(c.f, theta, c.x.to(dtype), c.h0.to(dtype), tol=tol)
+    with pytest.raises(ValueError, match=rf"h0 has dtype {dtype}; .*\.float\(\) or \.double\(\)"):
+        dh.Equilibrium(
+            lambda x, h, t: 0.5 * h, torch.tensor(1.0), None, torch.zeros(2, dtype=dtype)
+        )
+
+
+def test_an_empty_block_of_directions_gives_an_empty_product():
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    out = eq.hvp(c.loss, torch.zeros(eq.num_parameters, 0))
+    assert out.shape == (eq.num_parameters, 0)
+    block = torch.randn(eq.num_parameters, 2)
+    assert torch.allclose(eq.hvp(c.loss, block), eq.hessian(c.loss) @ block, atol=1e-12)
+
+
+# --------------------------------------------------------------- non-finite derivatives
+def _calls(eq, loss):
+    return {
+        "grad": lambda: eq.grad(loss),
+        "hvp": lambda: eq.hvp(loss, torch.ones(eq.num_parameters)),
+        "hessian": lambda: eq.hessian(loss),
+    }
+
+
+@pytest.mark.parametrize("call", ["grad", "hvp", "hessian"])
+def test_a_loss_that_is_not_finite_at_the_fixed_point_is_named(call):
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+
+    def loss(h):  # log(0): the loss is -inf and its gradient inf · 0 = NaN
+        return torch.log(0.0 * h.sum())
+
+    with pytest.raises(dh.NonFiniteError, match=r"^∇L at h\* has 15 non-finite entries of 60 .*"
+                       r"evaluate loss\(eq\.h\)") as err:  # fmt: skip
+        _calls(eq, loss)[call]()
+    assert err.value.quantity == "∇L at h*"
+
+
+def test_a_jacobian_that_is_not_finite_at_the_fixed_point_is_named():
+    """f = 0.5·t·sqrt(h²) has h* = 0, where ∂f/∂h = 0.5·t·h/|h| is 0/0."""
+    eq = dh.Equilibrium(
+        lambda x, h, t: 0.5 * t * torch.sqrt(h**2), torch.tensor(1.0), None, torch.zeros(3)
+    )
+    with pytest.raises(dh.NonFiniteError, match=r"^the adjoint λ has 3 non-finite .*∂f/∂h"):
+        eq.grad(lambda h: (h - 1).pow(2).sum())
+
+
+def test_first_and_second_derivatives_in_theta_that_are_not_finite_are_named():
+    """At t = 0, f = 0.5 h + sqrt(t) has ∂f/∂t = inf; f = 0.5 h + t^1.5 has a finite
+    ∂f/∂t = 0 but ∂²f/∂t² = inf."""
+    loss = lambda h: h.sum()  # noqa: E731
+    eq = dh.Equilibrium(lambda x, h, t: 0.5 * h + t.sqrt(), torch.zeros(1), None, torch.zeros(2))
+    with pytest.raises(dh.NonFiniteError, match=r"^the gradient has 1 non-finite .*∂f/∂θ"):
+        eq.grad(loss)
+    with pytest.raises(dh.NonFiniteError, match=r"^the sensitivity Z has 2 non-finite"):
+        eq.sensitivity()
+    eq = dh.Equilibrium(lambda x, h, t: 0.5 * h + t**1.5, torch.zeros(1), None, torch.zeros(2))
+    assert torch.equal(eq.grad(loss), torch.zeros(1))  # finite, exact
+    with pytest.raises(dh.NonFiniteError, match=r"^the Hessian has 1 non-finite .*second deriv"):
+        eq.hessian(loss)
+    with pytest.raises(dh.NonFiniteError, match=r"^the Hessian-vector products has 1 non-fin"):
+        eq.hvp(loss, torch.ones(1))
+    with pytest.raises(dh.NonFiniteError, match=r"^d²h\*/dθ² has 2 non-finite"):
+        eq.second_sensitivity()
+
+
+# --------------------------------------------------------------- stale inputs and the caches
+@pytest.mark.parametrize(
+    ("make_x", "change", "label", "first"),
+    [
+        (
+            lambda x: (x[:, :2].clone(), x[:, 2:].clone()),
+            lambda x: x[1].mul_(2),
+            r"x\[1\]",
+            r"x\[0\]",
+        ),
+        (
+            lambda x: {"u": x.clone(), "s": 2.0},
+            lambda x: x["u"].add_(1),
+            r"x\['u'\]",
+            r"x\['u'\]",
+        ),
+    ],
+)
+def test_tensors_inside_a_structured_x_are_watched(make_x, change, label, first):
+    c = _tanh()
+
+    def f(x, h, t):
+        u = torch.cat(x, dim=1) if isinstance(x, tuple) else x["u"]
+        return c.f(u, h, t)
+
+    x = make_x(c.x)
+    eq = dh.Equilibrium(f, c.theta, x, c.h0)
+    expected = dh.Equilibrium(c.f, c.theta, c.x, c.h0).grad(c.loss)
+    assert all(torch.allclose(eq.grad(c.loss)[k], expected[k]) for k in expected)
+    change(x)
+    with pytest.raises(
+        dh.StaleEquilibriumError, match=rf"^{label} was modified in place .*version 0 → 1"
+    ):
+        eq.grad(c.loss)
+    bad = make_x(c.x)
+    (bad[0] if isinstance(bad, tuple) else bad["u"])[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"^{first} contains non-finite values"):
+        dh.Equilibrium(f, c.theta, bad, c.h0)
+
+
+TARGET = torch.zeros(3, 5)  # a module-level tensor a loss reads as a global
+
+
+def _global_loss(h):
+    return (h - TARGET).pow(2).sum()
+
+
+def test_a_cached_adjoint_follows_what_the_loss_captured():
+    """λ is cached per loss object; a captured tensor changed in place, a rebound closure
+    variable, a global tensor, or a loss module's buffer makes it be recomputed. Each
+    answer is compared with a fresh Equilibrium's."""
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    v = torch.randn(eq.num_parameters)
+
+    def fresh(loss):
+        return dh.Equilibrium(c.f, c.theta, c.x, c.h0).hvp(loss, v)
+
+    target = torch.zeros(3, 5)
+
+    def closure(h):
+        return (h - target).pow(2).sum()
+
+    first = eq.hvp(closure, v)
+    target.add_(0.5)  # in place
+    assert torch.allclose(eq.hvp(closure, v), fresh(closure), rtol=1e-12)
+    assert not torch.allclose(eq.hvp(closure, v), first)
+    target = torch.ones(3, 5)  # rebound
+    assert torch.allclose(eq.hvp(closure, v), fresh(closure), rtol=1e-12)
+    eq.hvp(_global_loss, v)
+    TARGET.add_(1.0)
+    try:
+        assert torch.allclose(eq.hvp(_global_loss, v), fresh(_global_loss), rtol=1e-12)
+    finally:
+        TARGET.zero_()
+
+    class Mse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("target", torch.zeros(3, 5))
+
+        def forward(self, h):
+            return (h - self.target).pow(2).sum()
+
+    module = Mse()
+    eq.hvp(module, v)
+    module.target.fill_(2.0)
+    assert torch.allclose(eq.hvp(module, v), fresh(module), rtol=1e-12)
+
+
+def test_state_the_loss_reaches_indirectly_needs_forget():
+    """A Python list changed in place cannot be seen (documented); forget() and
+    clear_cache() drop the cached λ so the next call is exact again."""
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    scales = [1.0]
+
+    def loss(h):
+        return scales[0] * torch.logsumexp(h, dim=1).pow(2).sum()
+
+    stale = eq.grad(loss)["W"]
+    scales[0] = 3.0
+    assert torch.allclose(eq.grad(loss)["W"], stale)  # the contract: not seen
+    eq.forget(loss)
+    assert torch.allclose(eq.grad(loss)["W"], 3.0 * stale, rtol=1e-12)
+    scales[0] = 1.0
+    eq.clear_cache()
+    assert torch.allclose(eq.grad(loss)["W"], stale, rtol=1e-12)
+    eq.forget(lambda h: h.sum())  # never cached: nothing to drop
+
+
+# --------------------------------------------------------------- dense requests beyond memory
+def test_dense_requests_beyond_the_limit_are_refused_before_allocating():
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    with dh.memory_limit(10_000):
+        with pytest.raises(
+            dh.DenseMemoryError,
+            match=r"^eq\.hessian\(loss, split=False\) \(P = 45, N = 15\) would allocate about "
+            r"32\.4 kB of torch\.float64, but 10\.0 kB is the limit set with deqhess\.memory_l"
+            r"imit\. Use the exact matrix-free products instead: eq\.hvp.*memory_limit\(None\)",
+        ) as err:
+            eq.hessian(c.loss)
+        assert err.value.required == 8 * (45 * 45 + 3 * 45 * 15) and err.value.available == 1e4
+        with pytest.raises(
+            dh.DenseMemoryError,
+            match=r"^op\.to_dense\(\) on a CurvatureOperator \(45 × 45\) .*op @ V",
+        ):
+            eq.hessian_operator(c.loss).to_dense()
+        with pytest.raises(dh.DenseMemoryError, match=r"^eq\.second_sensitivity\(\)"):
+            eq.second_sensitivity()
+        eq.grad(c.loss)  # no dense object: allowed
+        with dh.memory_limit(None):  # the explicit override
+            assert eq.hessian(c.loss).shape == (45, 45)
+    with pytest.raises(ValueError, match=r"memory_limit takes a number of bytes >= 0 or None"):
+        with dh.memory_limit(-1):
+            pass
+
+
+def test_dense_requests_at_p_1e5_are_refused_at_once():
+    """P = N = 100,000: the Hessian is 80 GB, Z 80 GB (×4 with its set-up), both far
+    above this machine's memory; each is refused before any allocation."""
+    from deqhess.memory import available_bytes
+
+    n = 100_000
+    if (available_bytes(torch.device("cpu")) or 0) > 4 * 8 * n * n:
+        pytest.skip("this machine could hold the request")
+    eq = dh.Equilibrium(lambda x, h, t: 0.5 * h + t, torch.zeros(n), None, torch.zeros(n))
+    loss = lambda h: (h - 1).pow(2).sum()  # noqa: E731
+    with pytest.raises(dh.DenseMemoryError, match=r"P = 100,000, N = 100,000\) would alloc.* GB"):
+        eq.hessian(loss)
+    with pytest.raises(dh.DenseMemoryError, match=r"^eq\.sensitivity\(\) .*needs no Z"):
+        eq.sensitivity()
+    with pytest.raises(
+        dh.DenseMemoryError, match=r"^op\.to_dense\(\) on a CurvatureOperator \(100,000 × 100,000\)"
+    ):
+        eq.hessian_operator(loss).to_dense()
+    # the gradient needs no dense object: h* = 2t = 0, so dL/dt = 2(h* − 1)·2 = −4
+    assert torch.allclose(eq.grad(loss), torch.full((n,), -4.0))
+
+
+@pytest.mark.parametrize("linear_solver", ["dense", "gmres"])
+def test_derivatives_under_inference_mode_are_exact(linear_solver):
+    """torch.func.linearize (GMRES's products) returns zeros under inference_mode; the
+    engine leaves it, and traced products are verified anyway."""
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, batch_dim=0, linear_solver=linear_solver)
+    expected = torch.cat([t.reshape(-1) for t in eq.grad(c.loss).values()])
+    v = torch.randn(eq.num_parameters)
+    hv = eq.hvp(c.loss, v)
+    with torch.inference_mode():
+        inside = dh.Equilibrium(c.f, c.theta, c.x, c.h0, batch_dim=0, linear_solver=linear_solver)
+        got = torch.cat([t.reshape(-1) for t in inside.grad(c.loss).values()])
+        got_hv = inside.hvp(c.loss, v)
+    assert torch.allclose(got, expected, atol=1e-12) and bool(expected.abs().sum() > 0)
+    assert torch.allclose(got_hv, hv, atol=1e-12)

@@ -27,7 +27,8 @@ def test_solves_and_transposed_solves():
     lu = DenseLU(j)
     a = torch.eye(6) - j
     rhs = torch.randn(4, 2, 6)  # [K, S, d]: K directions over S sample blocks
-    x, y = lu.solve(rhs), lu.solve_transpose(rhs)
+    x, y = lu.solve(rhs), lu.transpose().solve(rhs)
+    assert torch.equal(y, lu.solve_transpose(rhs))
     assert torch.allclose(torch.einsum("sij,ksj->ksi", a, x), rhs, atol=1e-13)
     assert torch.allclose(torch.einsum("sji,ksj->ksi", a, y), rhs, atol=1e-13)
     single = torch.randn(2, 6)  # no leading dims

@@ -34,22 +34,34 @@ def test_operator_products_match_dense_blocks():
     op = ResidualOperator(fn, h)
     a = torch.eye(7) - op.jacobian_blocks()
     v = torch.randn(5, 3, 7)
-    assert torch.allclose(op.matvec(v), torch.einsum("sij,ksj->ksi", a, v), atol=1e-14)
-    assert torch.allclose(op.rmatvec(v), torch.einsum("sji,ksj->ksi", a, v), atol=1e-14)
-    assert torch.allclose(op.matvec(v[0]), torch.einsum("sij,sj->si", a, v[0]), atol=1e-14)
+    assert torch.allclose(op.apply(v), torch.einsum("sij,ksj->ksi", a, v), atol=1e-14)
+    assert torch.allclose(op.apply_transpose(v), torch.einsum("sji,ksj->ksi", a, v), atol=1e-14)
+    assert torch.allclose(op.apply(v[0]), torch.einsum("sij,sj->si", a, v[0]), atol=1e-14)
+    # the flat Operator view: [S·d, K] blocks, its transpose, and the dense matrix
+    full = torch.block_diag(*a)
+    flat = v.reshape(5, 21).T
+    assert op.shape == (21, 21) and not op.symmetric
+    assert torch.allclose(op @ flat, full @ flat, atol=1e-14)
+    assert torch.allclose(op.T @ flat[:, 0], full.T @ flat[:, 0], atol=1e-14)
+    assert torch.allclose(op.to_dense(), full, atol=1e-14)
+    assert torch.allclose(torch.as_tensor(op.to_scipy().rmatvec(flat[:, 1].numpy())),
+                          full.T @ flat[:, 1], atol=1e-14)  # fmt: skip
 
 
 @pytest.mark.parametrize("strategy", [GMRES(), GMRES(restart=3), Neumann()], ids=repr)
 def test_matrix_free_solves_match_dense(strategy):
     fn, h = _rowwise()
     op = ResidualOperator(fn, h)
-    dense = Dense().prepare(op)
-    solve = strategy.prepare(op)
+    dense = Dense().init(op)
+    solve = strategy.init(op)
     rhs = torch.randn(4, 3, 7)
     assert torch.allclose(solve.solve(rhs), dense.solve(rhs), rtol=0, atol=1e-10)
     assert torch.allclose(solve.solve_transpose(rhs), dense.solve_transpose(rhs), atol=1e-10)
-    _, info = solve.solve_with_info(rhs)
+    _, info = solve.compute(rhs)
     assert info.converged and info.residual <= 1e-12 and info.iterations >= 1
+    _, info = solve.transpose().compute(rhs)
+    assert info.converged and info.residual <= 1e-12
+    assert solve.transpose().transpose().solve(rhs).allclose(solve.solve(rhs), atol=1e-14)
 
 
 def test_gmres_rows_are_independent_and_warm_start_helps():
@@ -64,6 +76,11 @@ def test_gmres_rows_are_independent_and_warm_start_helps():
     assert torch.allclose(x @ a.T, b, atol=1e-13) and torch.equal(x[1], torch.zeros(4))
     _, warm = gmres(matvec, b, x0=x, rtol=1e-14)
     assert warm.iterations == 1  # only the residual check
+    # a guess worse than zero is dropped row by row: it costs the one product that tests it
+    bad = x.clone()
+    bad[0] = -10 * x[0]
+    y, info = gmres(matvec, b, x0=bad, rtol=1e-14)
+    assert info.converged and torch.allclose(y @ a.T, b, atol=1e-13)
 
 
 def test_gmres_reports_failure_without_raising_and_solver_raises():
@@ -76,7 +93,7 @@ def test_gmres_reports_failure_without_raising_and_solver_raises():
     _, info = gmres(matvec, b, rtol=1e-12, restart=1, max_iter=10)
     assert not info.converged and info.residual > 0.5
     fn, h = _rowwise(rate=0.95)
-    solve = GMRES(restart=1, max_iter=2).prepare(ResidualOperator(fn, h))
+    solve = GMRES(restart=1, max_iter=2).init(ResidualOperator(fn, h))
     with pytest.raises(ConvergenceError, match=r"GMRES.* did not solve I − J x = b: relative"):
         solve.solve(torch.randn(3, 7))
 
@@ -88,7 +105,7 @@ def test_neumann_needs_a_contraction():
     _, info = neumann(lambda x: x * -0.5, b, rtol=1e-12, max_iter=50)  # J = 1.5 I
     assert not info.converged
     fn, h = _rowwise(rate=0.9)
-    solve = Neumann(max_iter=3).prepare(ResidualOperator(fn, h))
+    solve = Neumann(max_iter=3).init(ResidualOperator(fn, h))
     with pytest.raises(ConvergenceError, match=r"Neumann.* did not solve \(I − J\)ᵀ x = b"):
         solve.solve_transpose(torch.randn(3, 7))
 
@@ -98,6 +115,10 @@ def test_resolve_linear_solver():
     assert isinstance(resolve_linear_solver("auto", 1, 4096, torch.float64), GMRES)
     assert isinstance(resolve_linear_solver("auto", 10_000, 2048, torch.float64), GMRES)
     assert isinstance(resolve_linear_solver("gmres", 1, 4, torch.float64), GMRES)
+    # a layer's backward (few solves per fixed point) factorises only narrow blocks
+    assert isinstance(resolve_linear_solver("auto", 64, 64, torch.float32, few_solves=True), Dense)
+    few = resolve_linear_solver("auto", 64, 256, torch.float32, few_solves=True)
+    assert isinstance(few, GMRES)
     assert isinstance(resolve_linear_solver("neumann", 1, 4, torch.float64), Neumann)
     mine = GMRES(restart=5)
     assert resolve_linear_solver(mine, 1, 4, torch.float64) is mine
@@ -111,4 +132,4 @@ def test_resolve_linear_solver():
 
 def test_dense_strategy_prepares_lu():
     fn, h = _rowwise()
-    assert isinstance(Dense().prepare(ResidualOperator(fn, h)), DenseLU)
+    assert isinstance(Dense().init(ResidualOperator(fn, h)), DenseLU)

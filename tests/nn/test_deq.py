@@ -167,6 +167,51 @@ def test_coupled_cell_with_batch_dim_raises():
             return self.a * torch.tanh(h - h.mean(dim=0, keepdim=True)) + x
 
     x = torch.randn(4, 3)
+    h = DEQ(BatchMixing())(x)  # checked once a derivative is taken
     with pytest.raises(ValueError, match=r"couples the samples .*batch_dim=None"):
-        DEQ(BatchMixing())(x)
-    assert DEQ(BatchMixing(), batch_dim=None)(x).shape == x.shape
+        h.sum().backward()
+    h = DEQ(BatchMixing(), batch_dim=None)(x)
+    h.sum().backward()
+    assert h.shape == x.shape
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    """Running statistics would be updated at every solver iteration and batch statistics
+    couple the samples; in eval mode batch norm is per-sample (see the derivative grid)."""
+
+    class BN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.norm = nn.BatchNorm1d(4)
+
+        def forward(self, x, h):
+            return torch.tanh(0.3 * self.norm(self.lin(h)) + x)
+
+    with pytest.raises(
+        ValueError, match=r"cell.norm is a BatchNorm1d in training mode: .*\.eval\(\)"
+    ):
+        DEQ(BN().train())(torch.randn(6, 4))
+    assert DEQ(BN().eval())(torch.randn(6, 4)).shape == (6, 4)
+
+
+def test_empty_batch_and_option_errors():
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, h):
+            return torch.tanh(0.5 * self.lin(h) + x)
+
+    deq = DEQ(Cell())
+    h, info = deq(torch.randn(0, 3), return_info=True)  # an empty batch: an empty answer
+    assert h.shape == (0, 3) and info.converged and info.converged_mask.shape == (0,)
+    h.sum().backward()
+    assert torch.equal(deq.cell.lin.weight.grad, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"max_iter must be an int; got 10\.5"):
+        DEQ(Cell(), max_iter=10.5)
+    with pytest.raises(ValueError, match=r"tol must be a finite number in \[0, 1\); got inf"):
+        DEQ(Cell(), tol=float("inf"))
+    with pytest.raises(ValueError, match=r"the state has dtype torch\.float16; deqhess supports"):
+        DEQ(Cell().half(), tol=1e-3)(torch.randn(2, 3).half())

@@ -1,10 +1,10 @@
 """What every analysis takes: a symmetric operator applied to ``[P, K]`` blocks.
 
-Anything with ``shape``, ``dtype``, ``device`` and ``matmat`` qualifies — a
-:class:`deqhess.CurvatureOperator` (Hessian, loss curvature, dynamics curvature of one
-equilibrium or of a data set) or a :class:`ParameterBlock` of one. :class:`Counted`
-wraps an operator to count its products and drive a progress bar, without touching
-the operator itself.
+A symmetric :class:`deqhess.operator.Operator` — a :class:`deqhess.CurvatureOperator`
+(Hessian, loss curvature, dynamics curvature of one equilibrium or of a data set) or a
+:class:`ParameterBlock` of one — or anything else with ``shape``, ``dtype``, ``device``
+and ``matmat`` (:class:`SymmetricOperator`). :class:`Counted` wraps an operator to count
+its products and drive a progress bar, without touching the operator itself.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..implicit.operators import scipy_operator
+from ..operator import Operator
 from ..parameters import ParameterLayout
 
 __all__ = ["Counted", "ParameterBlock", "SymmetricOperator", "rademacher"]
@@ -32,7 +31,7 @@ class SymmetricOperator(Protocol):
     def matmat(self, block: Tensor) -> Tensor: ...
 
 
-class Counted:
+class Counted(Operator):
     """``op`` with a count of matrix-vector products and an optional progress bar.
 
     Args:
@@ -45,6 +44,7 @@ class Counted:
     def __init__(self, op: SymmetricOperator, total: int | None, progress: bool | None, desc: str):
         self.op = op
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.symmetric = getattr(op, "symmetric", True)  # analyses take symmetric operators
         self.products = 0
         self.bar = tqdm(
             total=total,
@@ -60,17 +60,11 @@ class Counted:
         self.bar.update(block.shape[1])
         return out
 
-    def matvec(self, v: Tensor) -> Tensor:
-        return self.matmat(v[:, None])[:, 0]
-
-    def to_scipy(self) -> LinearOperator:
-        return scipy_operator(self)
-
     def close(self) -> None:
         self.bar.close()
 
 
-class ParameterBlock:
+class ParameterBlock(Operator):
     """The principal block of an operator on some named parameters: ``H[I, I]``.
 
     Args:
@@ -96,6 +90,7 @@ class ParameterBlock:
         ]
         self.index = torch.cat(pieces).to(op.device)
         self.op = op
+        self.symmetric = getattr(op, "symmetric", True)
         self.names = list(names)
         size = len(self.index)
         self.shape, self.dtype, self.device = (size, size), op.dtype, op.device

@@ -62,7 +62,7 @@ def run_demo(
     objective = model.loss(y)
     layout = ParameterLayout(theta)
     eq = clock.time("forward solve", model.equilibrium, theta, x, tol=1e-12)
-    clock.time("factorise I − J", lambda: eq.linear_solve)
+    clock.time("factorise I − J", lambda: eq.linearization)
     grad_adjoint = layout.flatten(clock.time("gradient (adjoint)", eq.grad, objective))
     clock.time("sensitivity Z", eq.sensitivity)
     grad_sensitivity = layout.flatten(eq.grad(objective, method="sensitivity"))

@@ -253,7 +253,7 @@ class DatasetEquilibrium:
         state = eq.problem.state.size * itemsize
         activations = self._activations if self._activations is not None else 8 * state
         return (
-            held_bytes(solved.x, solved.target, eq.linear_solve)
+            held_bytes(solved.x, solved.target, eq.linearization.prepared)
             + 4 * state
             + 4 * self.num_parameters * itemsize
             + _PULLBACK_COPIES * activations

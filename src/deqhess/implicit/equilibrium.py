@@ -3,9 +3,9 @@
 The seed's computation graph, step by step:
 
 1. forward — :func:`deqhess.solvers.solve_fixed_point` (at construction);
-2. Jacobian — ``J = ∂f/∂h`` as a :class:`deqhess.linear.ResidualOperator` (JVP/VJP),
-   prepared once by the linear solver: a dense LU per sample block or a matrix-free
-   GMRES/Neumann solve (:attr:`Equilibrium.linear_solve`);
+2. Jacobian — ``J = ∂f/∂h`` in the fixed point's :class:`deqhess.linear.Linearization`
+   (:attr:`Equilibrium.linearization`): ``I − J`` by JVP/VJP, prepared once by the linear
+   solver — a dense LU per sample block or a matrix-free GMRES/Neumann solve;
 3. adjoint — :meth:`Equilibrium.adjoint`, ``(I − J)ᵀ λ = ∇ₕL``;
 4. sensitivity — :meth:`Equilibrium.sensitivity`, ``(I − J) Z = ∂f/∂θ``;
 5. assemble — :meth:`Equilibrium.hessian` (dense) and :meth:`Equilibrium.hvp`
@@ -25,19 +25,40 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
-from ..linear import LinearSolver, ResidualOperator, Solve, resolve_linear_solver
+from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
+from ..locking import engine, serialized
+from ..memory import check_dense
+from ..options import integer
 from ..parameters import Parameters
-from ..solvers import FixedPointSolver, SolveInfo, Tolerance, resolve_solver, solve_fixed_point
+from ..solvers import (
+    Convergence,
+    FixedPointSolver,
+    Residual,
+    SolveInfo,
+    Tolerance,
+    resolve_solver,
+    solve_fixed_point,
+)
 from .derivatives import lagrangian_hessian, parameter_jacobian
+from .finite import require_finite
 from .hessian import HessianSplit, dense_hessian, second_sensitivity
 from .hvp import ParameterProducts, hessian_vector_products
-from .loss import Loss
+from .loss import Captured, Loss
 from .operators import CurvatureOperator, check_part
 from .problem import Problem
 
 __all__ = ["Equilibrium", "EquilibriumInfo"]
 
 _ADJOINT_CACHE_SIZE = 8
+_HESSIAN_ALTERNATIVE = (
+    "Use the exact matrix-free products instead: eq.hvp(loss, v), or "
+    "eq.hessian_operator(loss) (its to_scipy() feeds eigsh/cg) with the analyses of "
+    "deqhess.curvature (eigenvalues, trace, diagonal, spectral density)."
+)
+_SENSITIVITY_ALTERNATIVE = (
+    "The gradient needs no Z: eq.grad(loss) uses the adjoint; Hessian-vector products "
+    "(eq.hvp, eq.hessian_operator) apply Z one direction at a time."
+)
 
 
 @dataclass(frozen=True)
@@ -52,15 +73,19 @@ class EquilibriumInfo(SolveInfo):
             matrix-free solver). Expect to lose about ``log10`` of it in digits
             relative to the residual.
         linear_solver: the strategy for solves with ``I − J``.
+        linear_solves: the solves with ``I − J`` so far (count, products, the largest
+            iteration count and relative residual of the iterative ones), as of this call.
     """
 
     condition_number: float | None = None
     linear_solver: str = ""
+    linear_solves: LinearSolveStats | None = None
 
 
 @dataclass(frozen=True)
 class _AdjointSolution:
     loss: Loss
+    captured: Captured  # what the loss captured when λ was computed
     adjoint: Tensor  # λ rows [S, d]
     loss_grad_h: Tensor  # ∇ₕL rows [S, d]
     loss_grad_theta: Tensor  # ∂L/∂θ flat [P]
@@ -74,6 +99,17 @@ class Equilibrium:
     Solves once at construction; caches the factorisation of ``I − J``, the
     sensitivity Z and, per loss object, the adjoint λ (hold the loss object to reuse
     it across many :meth:`hvp` calls).
+
+    **Caching contract.** θ and the tensors of x are watched: changed in place, they
+    make every later call raise :class:`deqhess.StaleEquilibriumError`. A loss is
+    cached by identity (the last 8 loss objects); its cached λ is recomputed when an
+    object it captured (closure cells, defaults, ``partial`` arguments, the tensors
+    and numbers among the globals it names, a loss module's parameters and buffers)
+    was rebound or a captured tensor changed in place. State the loss reaches in other
+    ways (through functions or objects it calls, NumPy arrays, lists changed in place)
+    cannot be seen: after changing such state call :meth:`forget` (or
+    :meth:`clear_cache`), or pass a new loss object. Methods are thread-safe: they
+    hold one process-wide lock (``torch.func``'s forward AD is process-global).
 
     Args:
         f: dynamics ``f(x, h, theta)`` returning a tensor shaped like ``h``; it must be
@@ -95,7 +131,12 @@ class Equilibrium:
             ``"neumann"`` or a :class:`deqhess.linear.LinearSolver` instance.
         max_condition: largest acceptable condition number of ``I − J`` (dense LU).
         require_convergence: if False, an unconverged solve warns and keeps its best
-            iterate instead of raising (``info.converged`` tells).
+            iterate instead of raising (``info.converged`` tells); shorthand for
+            ``convergence="best"``.
+        convergence: what to do with samples that miss the tolerance: ``"raise"``
+            (default), ``"best"`` (keep each one's best iterate, warn, and mark it in
+            ``info.converged_mask``) or a :class:`deqhess.solvers.Convergence` with
+            fallback solvers (e.g. ``Convergence(fallback=Picard(damping=0.5))``).
         chunk_size: directions vmapped at once in dense Jacobians/Hessians (bounds
             memory); None picks about 4M numbers per chunk.
 
@@ -120,6 +161,7 @@ class Equilibrium:
         max_condition: float | None = None,
         require_convergence: bool = True,
         chunk_size: int | None = None,
+        convergence: Convergence | str | None = None,
     ) -> None:
         if h0 is None:
             if not isinstance(x, Tensor):
@@ -131,20 +173,32 @@ class Equilibrium:
         self.linear_solver = resolve_linear_solver(
             linear_solver, state.samples, state.width, state.dtype, max_condition
         )
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else integer(chunk_size, "chunk_size", 1)
         tolerance = Tolerance.resolve(tol, atol, state.dtype)
         self._theta = self.problem.params.flatten(theta).detach().clone()
+        # bound to the problem, not to self: a cycle through self would keep a streamed
+        # batch's equilibrium alive until Python's full collection
+        residual = Residual(partial(self.problem.dynamics, self._theta))
         with torch.no_grad():
             rows, self._solve_info = solve_fixed_point(
-                lambda r: self.problem.dynamics(self._theta, r),
+                residual,
                 state.to_rows(h0.detach()).clone(),
                 self.solver,
                 tolerance,
                 max_iter,
-                require_convergence,
+                convergence=Convergence.resolve(convergence, require_convergence),
             )
         self._h = rows
-        self._linear_solve: Solve | None = None
+        self._linearization = Linearization(
+            residual,
+            rows,
+            self.linear_solver,
+            independent_rows=state.batch_dim is not None,
+            declared=(
+                f"f couples the samples along batch_dim={state.batch_dim}",
+                "pass batch_dim=None for one coupled system",
+            ),
+        )
         self._sensitivity: Tensor | None = None
         self._parameter_products: ParameterProducts | None = None
         self._adjoints: OrderedDict[Any, _AdjointSolution] = OrderedDict()
@@ -162,36 +216,33 @@ class Equilibrium:
 
     @property
     def info(self) -> EquilibriumInfo:
-        """Forward-solve statistics and, once factorised, the conditioning of ``I − J``."""
+        """Forward-solve statistics and, once used, those of the linear solves."""
         forward = {f.name: getattr(self._solve_info, f.name) for f in fields(SolveInfo)}
+        linearization = self._linearization
         return EquilibriumInfo(
             **forward,
-            condition_number=(
-                None if self._linear_solve is None else self._linear_solve.condition_number
-            ),
+            condition_number=linearization.condition_number,
             linear_solver=repr(self.linear_solver),
+            linear_solves=linearization.stats.snapshot(),
         )
 
     @property
-    def linear_solve(self) -> Solve:
-        """Solves with ``I − J`` and ``(I − J)ᵀ`` at ``h*`` (steps 2–4), set up on first use."""
+    @serialized
+    def linearization(self) -> Linearization:
+        """``I − J`` at ``h*`` and its prepared solve (steps 2–4), set up on first use.
+
+        Raises:
+            ValueError: on first use, ``f`` couples samples ``batch_dim`` declares
+                independent.
+        """
         self.problem.check_fresh()
-        if self._linear_solve is None:
+        if not self._linearization.is_prepared:
             with torch.no_grad():
-                # bound to the problem, not to self: a cycle through self would keep a
-                # streamed batch's equilibrium alive until Python's full collection
-                operator = ResidualOperator(partial(self.problem.dynamics, self._theta), self._h)
-                coupling = operator.row_coupling()
-                if coupling > 1e-10:
-                    raise ValueError(
-                        f"f couples the samples along batch_dim={self.problem.state.batch_dim} "
-                        f"(relative cross-sample Jacobian {coupling:.1e}), but batch_dim "
-                        "declares them independent; pass batch_dim=None for one coupled system."
-                    )
-                self._linear_solve = self.linear_solver.prepare(operator)
-        return self._linear_solve
+                _ = self._linearization.prepared
+        return self._linearization
 
     @property
+    @serialized
     def parameter_products(self) -> ParameterProducts:
         """Products with ``∂f/∂θ`` at ``(θ, h*)``; its pullback is taken once and reused."""
         self.problem.check_fresh()
@@ -201,7 +252,24 @@ class Equilibrium:
             )
         return self._parameter_products
 
+    # ----------------------------------------------------------------- caches
+    def forget(self, loss: Callable[..., Tensor]) -> None:
+        """Drop what is cached for ``loss`` (its λ and second-order pullbacks).
+
+        Call it after changing state the loss reads that deqhess cannot watch (see the
+        caching contract above); the next call with ``loss`` recomputes λ.
+        """
+        try:
+            self._adjoints.pop(loss, None)
+        except TypeError:  # unhashable: never cached
+            pass
+
+    def clear_cache(self) -> None:
+        """Drop what is cached for every loss (the fixed point and ``I − J`` stay)."""
+        self._adjoints.clear()
+
     # ----------------------------------------------------------------- first order
+    @serialized
     def _adjoint_solution(self, loss: Callable[..., Tensor]) -> _AdjointSolution:
         self.problem.check_fresh()
         try:
@@ -210,16 +278,18 @@ class Equilibrium:
             cached, loss_key = None, None
         else:
             loss_key = loss
-        if cached is not None:
+        if cached is not None and not cached.captured.changed():
             self._adjoints.move_to_end(loss_key)
             return cached
+        captured = Captured(loss)
         wrapped = Loss(loss)
         with torch.no_grad():
             grad_theta, grad_h = torch.func.grad(
                 lambda t, r: self.problem.objective(wrapped, t, r), argnums=(0, 1)
             )(self._theta, self._h)
-            adjoint = self.linear_solve.solve_transpose(grad_h)
-        solution = _AdjointSolution(wrapped, adjoint, grad_h, grad_theta)
+            require_finite(torch.cat([grad_h.reshape(-1), grad_theta]), "∇L at h*")
+            adjoint = require_finite(self.linearization.solve_transpose(grad_h), "the adjoint λ")
+        solution = _AdjointSolution(wrapped, captured, adjoint, grad_h, grad_theta)
         if loss_key is not None:
             self._adjoints[loss_key] = solution
             if len(self._adjoints) > _ADJOINT_CACHE_SIZE:
@@ -231,19 +301,38 @@ class Equilibrium:
         return self.problem.state.from_rows(self._adjoint_solution(loss).adjoint).clone()
 
     def sensitivity(self) -> Tensor:
-        """``Z = dh*/dθ`` solving ``(I − J) Z = ∂f/∂θ`` (step 4), shape ``h.shape + (P,)``."""
+        """``Z = dh*/dθ`` solving ``(I − J) Z = ∂f/∂θ`` (step 4), shape ``h.shape + (P,)``.
+
+        Raises:
+            DenseMemoryError: Z would not fit in the memory available (see
+                :func:`deqhess.memory_limit`).
+        """
+        self._check_dense(1, "eq.sensitivity()", _SENSITIVITY_ALTERNATIVE)
         return self.problem.state.from_rows(self._sensitivity_rows()).clone()
 
+    @serialized
     def _sensitivity_rows(self) -> Tensor:
         self.problem.check_fresh()
         if self._sensitivity is None:
+            self._check_dense(0, "the sensitivity Z = dh*/dθ", _SENSITIVITY_ALTERNATIVE)
             with torch.no_grad():
                 rhs = parameter_jacobian(
                     self.problem.dynamics, self._theta, self._h, self.chunk_size
                 )
-                columns = self.linear_solve.solve(rhs.permute(2, 0, 1))  # [P, S, d]
-                self._sensitivity = columns.permute(1, 2, 0).contiguous()
+                columns = self.linearization.solve(rhs.permute(2, 0, 1))  # [P, S, d]
+                z = columns.permute(1, 2, 0).contiguous()
+                self._sensitivity = require_finite(z, "the sensitivity Z")
         return self._sensitivity
+
+    def _check_dense(self, extra_z: int, request: str, alternative: str, square: int = 0) -> None:
+        """Refuse a dense request of ``square`` P × P matrices (``× N`` with ``extra_z``
+        copies of Z's N·P besides, plus Z's own set-up unless cached) that cannot fit."""
+        p, n = self.num_parameters, self.problem.state.size
+        setup = 0 if self._sensitivity is not None else 3 * n * p  # ∂f/∂θ, columns, Z
+        numbers = square * p * p + extra_z * n * p + setup
+        shape = f"P = {p:,}, N = {n:,}"
+        dtype, device = self.problem.state.dtype, self._h.device
+        check_dense(numbers, dtype, device, f"{request} ({shape})", alternative)
 
     def grad(self, loss: Callable[..., Tensor], method: str = "adjoint") -> Parameters:
         """``dL(h*(θ), θ)/dθ`` in θ's structure.
@@ -254,7 +343,7 @@ class Equilibrium:
                 agree to rounding; the first is the cheap one.
         """
         solution = self._adjoint_solution(loss)
-        with torch.no_grad():
+        with engine(), torch.no_grad():
             if method == "adjoint":
                 flat = solution.loss_grad_theta + self.parameter_products.vjp(solution.adjoint)
             elif method == "sensitivity":
@@ -265,6 +354,7 @@ class Equilibrium:
                 raise ValueError(
                     f"unknown gradient method {method!r}; use 'adjoint' or 'sensitivity'."
                 )
+        require_finite(flat, "the gradient")
         return self.problem.params.unflatten(flat.clone())
 
     # ----------------------------------------------------------------- second order
@@ -274,10 +364,16 @@ class Equilibrium:
         With ``split=True`` returns a :class:`HessianSplit` with ``.loss_curvature``,
         ``.dynamics_curvature`` and ``.total``. Costs P Hessian-vector products of Φ
         and a ``P × N × P`` matrix product; memory ``O(P² + N·P)``.
+
+        Raises:
+            DenseMemoryError: the ``[P, P]`` result (three with ``split``) would not fit
+                in the memory available; use :meth:`hvp` / :meth:`hessian_operator`.
         """
+        request = f"eq.hessian(loss, split={split})"
+        self._check_dense(0, request, _HESSIAN_ALTERNATIVE, square=3 if split else 1)
         solution = self._adjoint_solution(loss)
-        with torch.no_grad():
-            return dense_hessian(
+        with engine(), torch.no_grad():
+            result = dense_hessian(
                 self.problem,
                 solution.loss,
                 solution.adjoint,
@@ -287,6 +383,11 @@ class Equilibrium:
                 split=split,
                 chunk_size=self.chunk_size,
             )
+        if split:
+            require_finite(result.loss_curvature, "the Hessian")
+            require_finite(result.dynamics_curvature, "the Hessian")
+            return result
+        return require_finite(result, "the Hessian")
 
     def hvp(self, loss: Callable[..., Tensor], v: Parameters) -> Parameters:
         """``H v``, exact and matrix-free: two solves with the prepared linear solve.
@@ -339,6 +440,7 @@ class Equilibrium:
         :class:`CurvatureOperator` and data-set sums are built on.
         """
 
+        @serialized
         def products(v: Tensor) -> Tensor:
             solution = self._adjoint_solution(loss)
             with torch.no_grad():
@@ -348,24 +450,31 @@ class Equilibrium:
                         solution.adjoint if part != "loss_curvature" else None,
                     )
                     solution.second_order[part] = lagrangian_hessian(phi, self._theta, self._h)
-                return hessian_vector_products(
-                    self.parameter_products, solution.second_order[part], self.linear_solve, v
+                out = hessian_vector_products(
+                    self.parameter_products, solution.second_order[part], self.linearization, v
                 )
+            return require_finite(out, "the Hessian-vector products")
 
         return products
 
     def second_sensitivity(self) -> Tensor:
-        """``d²h*/dθ²``, shape ``h.shape + (P, P)`` — the seed's intermediate; small P only."""
-        with torch.no_grad():
+        """``d²h*/dθ²``, shape ``h.shape + (P, P)`` — the seed's intermediate; small P only.
+
+        Raises:
+            DenseMemoryError: the ``N × P × P`` result would not fit in memory.
+        """
+        square = 2 * self.problem.state.size  # the right-hand sides and the solution
+        self._check_dense(0, "eq.second_sensitivity()", _HESSIAN_ALTERNATIVE, square=square)
+        with engine(), torch.no_grad():
             rows = second_sensitivity(
                 self.problem,
                 self._theta,
                 self._h,
                 self._sensitivity_rows(),
-                self.linear_solve,
+                self.linearization,
                 self.chunk_size,
             )
-        return self.problem.state.from_rows(rows)
+        return self.problem.state.from_rows(require_finite(rows, "d²h*/dθ²"))
 
     def __repr__(self) -> str:
         s = self._solve_info

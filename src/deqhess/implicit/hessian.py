@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
-from ..linear import Solve
+from ..linear import Linearization
 from .derivatives import lagrangian_hessian
 from .loss import Loss
 from .problem import Problem
@@ -99,7 +99,7 @@ def second_sensitivity(
     theta: Tensor,
     h: Tensor,
     sensitivity: Tensor,
-    solver: Solve,
+    solver: Linearization,
     chunk_size: int | None = None,
 ) -> Tensor:
     """``d²h*/dθ²`` ``[S, d, P, P]``, solving ``(I − J) d²h*/dθᵢdθⱼ = D²f[(eᵢ, Zᵢ), (eⱼ, Zⱼ)]``.

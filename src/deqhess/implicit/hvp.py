@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..linear import Solve
+from ..linear import Linearization
 from .derivatives import dynamics_jvp
 
 __all__ = ["ParameterProducts", "hessian_vector_products"]
@@ -59,7 +59,7 @@ class ParameterProducts:
 def hessian_vector_products(
     parameter: ParameterProducts,
     second_order: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
-    solver: Solve,
+    solver: Linearization,
     v: Tensor,
 ) -> Tensor:
     """``H vₖ`` ``[K, P]`` for flat directions ``v`` ``[K, P]``.

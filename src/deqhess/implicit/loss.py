@@ -1,15 +1,21 @@
-"""A user's loss, ``L(h)`` or ``L(h, θ)``, with its arity decided once from its signature."""
+"""A user's loss, ``L(h)`` or ``L(h, θ)``: its arity, decided once from its signature, and
+what it captured, to notice when a cached adjoint no longer matches it."""
 
 from __future__ import annotations
 
+import functools
 import inspect
+import types
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor
+from torch.utils import _pytree
 
 from ..parameters import Parameters
 
-__all__ = ["Loss", "required_positional"]
+__all__ = ["Captured", "Loss", "required_positional"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -67,3 +73,81 @@ def _required_positional(fn: Callable[..., Tensor]) -> int:
             "functools.partial or a closure."
         )
     return required
+
+
+class Captured:
+    """What a loss reads besides its arguments, as far as Python shows it, one level deep.
+
+    The objects in its closure cells, its defaults, ``functools.partial`` arguments,
+    the instance of a bound method or callable object, and the tensors, numbers and
+    containers among the globals it names; and the ``_version`` of every tensor among
+    them (also inside lists, tuples, dicts, ``nn.Module`` parameters and buffers, and
+    an instance's attributes). :meth:`changed` tells whether any was rebound or
+    modified in place since — so an adjoint cached for the loss can be recomputed.
+
+    Not seen: state reached through other functions or objects the loss calls,
+    NumPy arrays or Python lists changed in place, files, random state.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._objects = _referenced(fn)
+        self._tensors = [(t, t._version) for t in _tensors_in(self._objects)]
+
+    def changed(self) -> bool:
+        """Whether a captured object was rebound or a captured tensor changed in place."""
+        objects = _referenced(self.fn)
+        if len(objects) != len(self._objects) or any(
+            a is not b for a, b in zip(objects, self._objects, strict=True)
+        ):
+            return True
+        tensors = _tensors_in(objects)
+        return len(tensors) != len(self._tensors) or any(
+            t is not u or t._version != version
+            for t, (u, version) in zip(tensors, self._tensors, strict=True)
+        )
+
+
+_EMPTY_CELL = object()
+_MAX_LEAVES = 1024
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _referenced(fn: Any) -> list[Any]:
+    objects: list[Any] = []
+    while isinstance(fn, functools.partial):
+        objects += [*fn.args, *fn.keywords.values()]
+        fn = fn.func
+    if inspect.ismethod(fn):
+        objects.append(fn.__self__)
+        fn = fn.__func__
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object: its state is its attributes
+        return [*objects, fn]
+    for cell in fn.__closure__ or ():
+        try:
+            objects.append(cell.cell_contents)
+        except ValueError:  # a cell not yet bound
+            objects.append(_EMPTY_CELL)
+    objects += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+    names = fn.__globals__
+    for name in code.co_names:
+        value = names.get(name, _EMPTY_CELL)
+        if isinstance(value, (Tensor, int, float, complex, list, tuple, dict)):
+            objects.append(value)
+    return objects
+
+
+def _tensors_in(objects: list[Any]) -> list[Tensor]:
+    found: list[Tensor] = []
+    for obj in objects:
+        if isinstance(obj, Tensor):
+            found.append(obj)
+        elif isinstance(obj, torch.nn.Module):
+            found += [*obj.parameters(), *obj.buffers()]
+        elif isinstance(obj, (list, tuple, dict)):
+            leaves = _pytree.tree_leaves(obj)
+            found += [t for t in leaves[:_MAX_LEAVES] if isinstance(t, Tensor)]
+        elif hasattr(obj, "__dict__") and not isinstance(obj, _OPAQUE):
+            found += [t for t in vars(obj).values() if isinstance(t, Tensor)]
+    return found

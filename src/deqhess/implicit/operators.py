@@ -1,23 +1,24 @@
-"""Curvature operators: the Hessian and its two parts as ``P × P`` linear operators.
+"""Curvature operators: the Hessian and its parts as ``P × P`` linear operators.
 
 An operator applies exact products ``H V`` for flat ``[P]`` vectors, ``[P, K]`` blocks
-(the K directions go through the solves and AD passes together) and θ-structured
-vectors, and converts to a dense tensor or a ``scipy.sparse.linalg.LinearOperator``.
+(the K directions go through the solves and AD passes together), θ-structured vectors
+and, as curvlinops operators do, lists of tensors in θ's flattening order; it is a
+symmetric :class:`deqhess.operator.Operator`, so it converts to a dense tensor or a
+``scipy.sparse.linalg.LinearOperator``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from ..chunks import default_chunk_size
+from ..operator import Operator
 from ..parameters import ParameterLayout, Parameters
 
-__all__ = ["OPERATOR_PARTS", "PARTS", "CurvatureOperator", "scipy_operator"]
+__all__ = ["OPERATOR_PARTS", "PARTS", "CurvatureOperator"]
 
 #: the operators of an equilibrium: the Hessian and its two parts at the fixed point,
 #: the loss curvature ``[I; Z]ᵀ∇²L[I; Z]`` (the Gauss–Newton matrix of θ ↦ h* when L
@@ -34,7 +35,7 @@ def check_part(part: str, allowed: tuple[str, ...] = PARTS) -> str:
     return part
 
 
-class CurvatureOperator:
+class CurvatureOperator(Operator):
     """A symmetric ``P × P`` operator given by block products ``[K, P] → [K, P]``.
 
     Args:
@@ -44,6 +45,8 @@ class CurvatureOperator:
         chunk_size: directions per block product in :meth:`to_dense` and large
             ``[P, K]`` products; default about 4M numbers per chunk.
     """
+
+    symmetric = True
 
     def __init__(
         self,
@@ -56,19 +59,9 @@ class CurvatureOperator:
         self.layout = layout
         self.part = check_part(part, OPERATOR_PARTS)
         self.chunk_size = chunk_size
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        p = self.layout.size
-        return (p, p)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.layout.device
+        p = layout.size
+        self.shape = (p, p)
+        self.dtype, self.device = layout.dtype, layout.device
 
     def __repr__(self) -> str:
         return f"CurvatureOperator(part={self.part!r}, shape={self.shape}, dtype={self.dtype})"
@@ -76,6 +69,8 @@ class CurvatureOperator:
     def matmat(self, block: Tensor) -> Tensor:
         """``H V`` for ``V`` ``[P, K]``."""
         p = self.layout.size
+        if block.shape[1] == 0:  # no directions: the empty product
+            return block.new_zeros(p, 0)
         step = self.chunk_size or default_chunk_size(p)
         outputs = [self._products(chunk.T.contiguous()).T for chunk in block.split(step, dim=1)]
         return torch.cat(outputs, dim=1)
@@ -84,54 +79,46 @@ class CurvatureOperator:
         """``H v`` for ``v`` ``[P]``."""
         return self._products(v[None])[0]
 
-    def __matmul__(self, other: Parameters) -> Parameters:
-        """``H @ v``: ``[P]`` → ``[P]``, ``[P, K]`` → ``[P, K]``, θ-structured → same."""
-        p = self.layout.size
-        if self.layout.names is not None and self.layout.matches(other):
-            return self.layout.unflatten(self.matvec(self._checked(self.layout.flatten(other))))
-        if isinstance(other, Tensor) and other.ndim in (1, 2) and other.shape[0] == p:
-            other = self._checked(other)
-            return self.matvec(other) if other.ndim == 1 else self.matmat(other)
-        if self.layout.matches(other):  # a single-tensor θ of another shape
-            return self.layout.unflatten(self.matvec(self._checked(self.layout.flatten(other))))
+    def __matmul__(self, other: Parameters | list[Tensor]) -> Parameters | list[Tensor]:
+        """``H @ v``: ``[P]`` → ``[P]``, ``[P, K]`` → ``[P, K]``, θ-structured → same, and a
+        list of tensors shaped like θ's (each optionally with a trailing ``K``) → same."""
+        layout = self.layout
+        if layout.names is not None and layout.matches(other):
+            return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
+        if isinstance(other, (list, tuple)):
+            return self._list_product(list(other))
+        if isinstance(other, Tensor) and other.ndim in (1, 2) and other.shape[0] == layout.size:
+            return super().__matmul__(other)
+        if layout.matches(other):  # a single-tensor θ of another shape
+            return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
         got = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
         raise ValueError(
-            f"the operator acts on flat [{p}] vectors, [{p}, K] blocks or theta-structured "
-            f"vectors ({self.layout.describe()}); got {got}."
+            f"the operator acts on flat [{layout.size}] vectors, [{layout.size}, K] blocks, "
+            f"theta-structured vectors ({layout.describe()}) or lists of tensors shaped "
+            f"like theta's; got {got}."
         )
 
-    def _checked(self, v: Tensor) -> Tensor:
-        if v.dtype != self.dtype:
-            raise ValueError(
-                f"vector has dtype {v.dtype} but the operator is {self.dtype}; convert it "
-                f"with .to({self.dtype})."
+    def _list_product(self, tensors: list[Tensor]) -> list[Tensor]:
+        """curvlinops' convention: one tensor per parameter, ``[*shape]`` or ``[*shape, K]``."""
+        layout = self.layout
+        shapes = list(layout.shapes)
+        ok = len(tensors) == len(shapes) and all(isinstance(t, Tensor) for t in tensors)
+        trailing = None
+        if ok:
+            extra = {tuple(t.shape[len(s) :]) for t, s in zip(tensors, shapes, strict=True)}
+            ok = len(extra) == 1 and all(
+                tuple(t.shape[: len(s)]) == tuple(s) for t, s in zip(tensors, shapes, strict=True)
             )
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError("vector contains non-finite values (NaN or inf).")
-        return v.detach()
-
-    def to_dense(self) -> Tensor:
-        """The ``[P, P]`` matrix, column block by column block (``P`` products)."""
-        eye = torch.eye(self.layout.size, dtype=self.dtype, device=self.device)
-        return self.matmat(eye)
-
-    def to_scipy(self) -> LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` (NumPy in and out, θ's precision).
-
-        Symmetric, so ``rmatvec`` is ``matvec``: ready for ``eigsh``, ``cg``, ``minres``.
-        """
-        return scipy_operator(self)
-
-
-def scipy_operator(op) -> LinearOperator:
-    """A symmetric operator with ``shape``, ``dtype``, ``device`` and ``matmat`` as a
-    ``scipy.sparse.linalg.LinearOperator`` (vectors and blocks, NumPy in and out)."""
-    np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
-
-    def apply(a: np.ndarray) -> np.ndarray:
-        t = torch.as_tensor(np.asarray(a, dtype=np_dtype), device=op.device)
-        return op.matmat(t.reshape(t.shape[0], -1)).reshape(t.shape).cpu().numpy()
-
-    return LinearOperator(
-        op.shape, matvec=apply, rmatvec=apply, matmat=apply, rmatmat=apply, dtype=np_dtype
-    )
+            trailing = extra.pop() if ok else None
+            ok = ok and len(trailing) <= 1
+        if not ok:
+            got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in tensors]
+            raise ValueError(
+                f"a list operand must hold one tensor per parameter with shapes "
+                f"{[tuple(s) for s in shapes]} (each optionally with one trailing K); got {got}."
+            )
+        k = trailing[0] if trailing else 1
+        block = torch.cat([t.reshape(-1, k) for t in tensors])
+        out = self.matmat(self.checked(block))
+        pieces = out.split(list(layout.numels))
+        return [p.reshape(*s, *trailing) for p, s in zip(pieces, shapes, strict=True)]

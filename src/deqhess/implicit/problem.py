@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree
 
 from ..errors import StaleEquilibriumError
 from ..parameters import ParameterLayout, Parameters
@@ -28,12 +29,14 @@ class Problem:
     Args:
         f: the dynamics ``f(x, h, theta)`` returning a tensor shaped like ``h``.
         theta: θ (tensor or dict of tensors); only its layout and versions are kept.
-        x: the input passed to ``f`` unchanged (any object; tensors are checked).
+        x: the input passed to ``f`` (any object); its tensors — ``x`` itself, or the
+            leaves of tuples, lists and dicts of tensors — are checked for NaN/inf,
+            detached and watched for in-place changes.
         h0: initial state, fixing the state's shape and dtype.
         batch_dim: dimension of ``h`` whose slices are independent samples, or None.
 
     Raises:
-        ValueError: non-finite θ, x or h0; θ and h0 of different dtype or device;
+        ValueError: non-finite θ, tensors of x or h0; θ and h0 of different dtype or device;
             ``f`` returning a non-tensor or a tensor of another shape or dtype.
     """
 
@@ -50,32 +53,30 @@ class Problem:
         self.f = f
         self.params = ParameterLayout(theta)
         self.state = StateLayout(h0, batch_dim)
-        for label, t in zip(self.params.labels(), self.params.tensors(theta), strict=True):
+        watched = list(zip(self.params.labels(), self.params.tensors(theta), strict=True))
+        watched += _tensor_leaves(x, "x")
+        for label, t in watched:
             _check_finite(t, label)
-        if isinstance(x, Tensor):
-            _check_finite(x, "x")
         _check_finite(h0, "h0")
         if h0.dtype != self.params.dtype or h0.device != self.params.device:
             raise ValueError(
                 f"h0 is {h0.dtype} on {h0.device} but theta is {self.params.dtype} on "
                 f"{self.params.device}; make them match, e.g. h0.to(theta_tensor)."
             )
-        self.x = x.detach() if isinstance(x, Tensor) else x
-        self._watched = [t for t in self.params.tensors(theta)]
-        if isinstance(x, Tensor):
-            self._watched.append(x)
-        self._versions = [t._version for t in self._watched]
+        self.x = _pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, x)
+        self._watched = [(label, t, t._version) for label, t in watched]
         with torch.no_grad():
             check_state_map(f(self.x, h0.detach(), _detached(theta)), h0, "f(x, h, theta)")
 
     def check_fresh(self) -> None:
-        """Raise if θ or x was modified in place since the equilibrium was solved."""
-        for t, version in zip(self._watched, self._versions, strict=True):
+        """Raise if θ or a tensor of x was modified in place since the equilibrium was solved."""
+        for label, t, version in self._watched:
             if t._version != version:
                 raise StaleEquilibriumError(
-                    "theta or x was modified in place after the Equilibrium was built, so "
-                    "its fixed point and caches are stale. Build a new Equilibrium after "
-                    "changing them (or pass copies: theta.clone())."
+                    f"{label} was modified in place after the Equilibrium was built (tensor "
+                    f"version {version} → {t._version}), so its fixed point and caches are "
+                    "stale. Build a new Equilibrium after changing theta or x (or pass "
+                    "copies: theta.clone())."
                 )
 
     def dynamics(self, theta: Tensor, h: Tensor) -> Tensor:
@@ -114,6 +115,14 @@ def _check_finite(t: Tensor, label: str) -> None:
                 f"{label} contains non-finite values (NaN or inf); pass finite values "
                 "(check the data and the previous optimisation step)."
             )
+
+
+def _tensor_leaves(x: Any, name: str) -> list[tuple[str, Tensor]]:
+    """The tensors of ``x`` (itself, or leaves of its tuples, lists and dicts), labelled."""
+    if isinstance(x, Tensor):
+        return [(name, x)]
+    leaves, _ = _pytree.tree_flatten_with_path(x)
+    return [(name + _pytree.keystr(path), t) for path, t in leaves if isinstance(t, Tensor)]
 
 
 def _detached(theta: Parameters) -> Parameters:

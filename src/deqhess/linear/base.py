@@ -1,27 +1,30 @@
 """The contract of a linear solver for ``A = I − J`` and ``Aᵀ``, and the shared pieces.
 
 A :class:`LinearSolver` is a strategy chosen by the user (``Dense()``, ``GMRES()``,
-``Neumann()``); ``prepare(operator)`` does the one-time set-up at a fixed point (an LU
-for the dense solver) and returns a :class:`Solve` whose ``solve`` and
-``solve_transpose`` are reused for the adjoint, the sensitivity and every HVP.
+``Neumann()``). As in lineax, ``init(operator)`` does the one-time set-up at a fixed
+point (an LU for the dense solver) and returns a :class:`Solve`; ``compute`` solves with
+it and ``transpose()`` gives the solve with ``Aᵀ`` on the same set-up, so the
+sensitivity, the adjoint and every derived system share one factorisation.
 Right-hand sides are ``[..., S, d]``: any leading dims are independent directions.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError
+from ..errors import ConvergenceError, NonFiniteError
 from .operator import ResidualOperator
 
 __all__ = [
     "IterativeSolve",
     "LinearSolveInfo",
+    "LinearSolveStats",
     "LinearSolver",
     "Solve",
     "default_linear_tolerance",
@@ -37,18 +40,21 @@ def default_linear_tolerance(dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class LinearSolveInfo:
-    """Statistics of one iterative solve over a block of right-hand sides.
+    """Statistics of one solve over a block of right-hand sides.
 
     Attributes:
         method: the solver.
-        iterations: matrix-vector products per right-hand side (slowest one).
-        residual: largest final relative residual ``‖b − A x‖ / ‖b‖``.
+        iterations: matrix-vector products per right-hand side (slowest one); 0 for a
+            direct solve.
+        residual: largest final relative residual ``‖b − A x‖ / ‖b‖``, or None where it
+            is not measured (a direct solve: its accuracy is set by the condition
+            number).
         converged: whether every right-hand side met the tolerance.
     """
 
     method: str
     iterations: int
-    residual: float
+    residual: float | None
     converged: bool
 
     @classmethod
@@ -63,26 +69,70 @@ class LinearSolveInfo:
         )
 
 
+@dataclass
+class LinearSolveStats:
+    """A running record of the solves on one linearisation (no per-solve storage).
+
+    Attributes:
+        solves: solves done (each over a block of right-hand sides).
+        products: matrix-vector products with ``A`` or ``Aᵀ`` over all solves.
+        max_iterations: most products any one solve took.
+        max_residual: largest relative residual any iterative solve ended with (None
+            until one has run).
+        last: the latest solve's :class:`LinearSolveInfo`.
+    """
+
+    solves: int = 0
+    products: int = 0
+    max_iterations: int = 0
+    max_residual: float | None = None
+    last: LinearSolveInfo | None = None
+
+    def record(self, info: LinearSolveInfo) -> None:
+        self.solves += 1
+        self.products += info.iterations
+        self.max_iterations = max(self.max_iterations, info.iterations)
+        if info.residual is not None:
+            self.max_residual = max(self.max_residual or 0.0, info.residual)
+        self.last = info
+
+    def snapshot(self) -> LinearSolveStats:
+        """A copy that later solves do not change."""
+        return LinearSolveStats(
+            self.solves, self.products, self.max_iterations, self.max_residual, self.last
+        )
+
+
 class Solve(abc.ABC):
-    """Solves with ``A`` and ``Aᵀ`` at one fixed point."""
+    """Solves with ``A`` (or, after :meth:`transpose`, ``Aᵀ``) at one fixed point."""
 
     #: estimated condition number of ``A`` where the method provides one, else None.
     condition_number: float | None = None
 
     @abc.abstractmethod
-    def solve(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
-        """``A⁻¹ rhs`` for ``rhs`` ``[..., S, d]``; ``x0`` is an optional warm start."""
+    def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
+        """``A⁻¹ rhs`` for ``rhs`` ``[..., S, d]`` and its statistics; ``x0`` is an optional
+        warm start. Raises :class:`deqhess.ConvergenceError` rather than return an
+        inexact answer."""
 
     @abc.abstractmethod
+    def transpose(self) -> Solve:
+        """The solve with ``Aᵀ``, sharing this one's set-up (factorisation, traces)."""
+
+    def solve(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
+        """``A⁻¹ rhs`` (see :meth:`compute`)."""
+        return self.compute(rhs, x0)[0]
+
     def solve_transpose(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
-        """``A⁻ᵀ rhs`` for ``rhs`` ``[..., S, d]``."""
+        """``A⁻ᵀ rhs``."""
+        return self.transpose().compute(rhs, x0)[0]
 
 
 class LinearSolver(abc.ABC):
-    """A strategy for solves with ``I − J``; ``prepare`` does the per-fixed-point set-up."""
+    """A strategy for solves with ``I − J``; ``init`` does the per-fixed-point set-up."""
 
     @abc.abstractmethod
-    def prepare(self, operator: ResidualOperator) -> Solve:
+    def init(self, operator: ResidualOperator) -> Solve:
         """Set up at one fixed point (factorise, or bind the operator)."""
 
 
@@ -92,26 +142,39 @@ Method = Callable[
 
 
 class IterativeSolve(Solve):
-    """An iterative method applied to ``A`` (``matvec``) or ``Aᵀ`` (``rmatvec``).
+    """An iterative method applied to ``A`` (``operator.apply``) or, transposed, to ``Aᵀ``.
 
     Raises:
         ConvergenceError: a right-hand side did not meet the tolerance; the message
             gives the residual reached and what to try.
     """
 
-    def __init__(self, operator: ResidualOperator, method: Method, name: str) -> None:
+    def __init__(
+        self, operator: ResidualOperator, method: Method, name: str, transposed: bool = False
+    ) -> None:
         self.operator = operator
         self.method = method
         self.name = name
+        self.transposed = transposed
 
-    def solve_with_info(
-        self, rhs: Tensor, x0: Tensor | None = None, transpose: bool = False
-    ) -> tuple[Tensor, LinearSolveInfo]:
-        """The solution and its statistics (raises if not converged)."""
-        apply = self.operator.rmatvec if transpose else self.operator.matvec
+    def __repr__(self) -> str:
+        return self.name + (".transpose()" if self.transposed else "")
+
+    def transpose(self) -> IterativeSolve:
+        return IterativeSolve(self.operator, self.method, self.name, not self.transposed)
+
+    def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
+        apply = self.operator.apply_transpose if self.transposed else self.operator.apply
         x, info = self.method(apply, rhs, x0)
+        if info.residual is not None and not math.isfinite(info.residual):
+            raise NonFiniteError(
+                f"{self.name}: products with I − J are not finite, so ∂f/∂h is NaN/inf at the "
+                "fixed point (sqrt, abs or division at 0, or overflow there): its "
+                "derivatives do not exist; check torch.func.jacrev of f at the fixed point.",
+                quantity="products with I − J",
+            )
         if not info.converged:
-            system = "(I − J)ᵀ" if transpose else "I − J"
+            system = "(I − J)ᵀ" if self.transposed else "I − J"
             raise ConvergenceError(
                 f"{self.name} did not solve {system} x = b: relative residual "
                 f"{info.residual:.3e} after {info.iterations} matrix-vector products. Try "
@@ -121,13 +184,20 @@ class IterativeSolve(Solve):
             )
         return x, info
 
-    def solve(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
-        return self.solve_with_info(rhs, x0)[0]
-
-    def solve_transpose(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
-        return self.solve_with_info(rhs, x0, transpose=True)[0]
-
 
 def row_norms(t: Tensor) -> Tensor:
     """Euclidean norms over the last dimension (each row an independent system)."""
     return torch.linalg.vector_norm(t, dim=-1)
+
+
+def warm_start(
+    matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None
+) -> tuple[Tensor, Tensor, int]:
+    """``(x, r, products)`` to start an iteration: ``x0`` on the rows where it lowers the
+    residual below ``‖b‖`` (a poor guess can only cost the one product that tests it),
+    zero elsewhere."""
+    if x0 is None:
+        return torch.zeros_like(b), b, 0
+    r = b - matvec(x0)
+    better = (row_norms(r) < row_norms(b))[..., None]
+    return torch.where(better, x0, torch.zeros_like(x0)), torch.where(better, r, b), 1

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import scipy.linalg.lapack as lapack
 import torch
 from torch import Tensor
 
 from ..errors import SingularSystemError
-from .base import LinearSolver, Solve
+from ..options import real
+from .base import LinearSolveInfo, LinearSolver, Solve
 from .operator import ResidualOperator
 
 __all__ = ["Dense", "DenseLU", "default_max_condition"]
@@ -61,19 +64,25 @@ class DenseLU(Solve):
                 condition_number=self.condition_number,
             )
 
-    def solve(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
-        """``A⁻¹ rhs`` for ``rhs`` ``[..., S, d]`` (``x0`` is not needed: direct solve)."""
-        return self._apply(rhs, adjoint=False)
+    #: the solve is with ``Aᵀ`` (a view made by :meth:`transpose`).
+    transposed = False
 
-    def solve_transpose(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
-        """``A⁻ᵀ rhs`` for ``rhs`` ``[..., S, d]``."""
-        return self._apply(rhs, adjoint=True)
-
-    def _apply(self, rhs: Tensor, adjoint: bool) -> Tensor:
+    def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
+        """``A⁻¹ rhs`` (``A⁻ᵀ rhs`` when transposed) for ``rhs`` ``[..., S, d]``; a direct
+        solve, so ``x0`` is not needed."""
         lead = rhs.shape[:-2]
         columns = rhs.reshape(-1, *rhs.shape[-2:]).permute(1, 2, 0)  # [S, d, K]
-        out = torch.linalg.lu_solve(self.lu, self.pivots, columns, adjoint=adjoint)
-        return out.permute(2, 0, 1).reshape(*lead, *rhs.shape[-2:])
+        out = torch.linalg.lu_solve(self.lu, self.pivots, columns, adjoint=self.transposed)
+        return out.permute(2, 0, 1).reshape(*lead, *rhs.shape[-2:]), _DIRECT
+
+    def transpose(self) -> DenseLU:
+        """The solve with ``Aᵀ`` on the same LU factors."""
+        view = copy.copy(self)
+        view.transposed = not self.transposed
+        return view
+
+
+_DIRECT = LinearSolveInfo(method="LU", iterations=0, residual=None, converged=True)
 
 
 class Dense(LinearSolver):
@@ -88,13 +97,22 @@ class Dense(LinearSolver):
     """
 
     def __init__(self, max_condition: float | None = None, chunk_size: int | None = None):
+        if max_condition is not None:
+            max_condition = real(
+                max_condition,
+                "max_condition",
+                minimum=1.0,
+                allow_inf=True,
+                meaning="It bounds the condition number of I − J (always >= 1); None picks "
+                "1/(10ε) by dtype, inf turns the check off.",
+            )
         self.max_condition = max_condition
         self.chunk_size = chunk_size
 
     def __repr__(self) -> str:
         return "Dense()"
 
-    def prepare(self, operator: ResidualOperator) -> DenseLU:
+    def init(self, operator: ResidualOperator) -> DenseLU:
         return DenseLU(operator.jacobian_blocks(self.chunk_size), self.max_condition)
 
 

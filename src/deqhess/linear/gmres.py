@@ -15,7 +15,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .base import IterativeSolve, LinearSolveInfo, LinearSolver, default_linear_tolerance, row_norms
+from .base import (
+    IterativeSolve,
+    LinearSolveInfo,
+    LinearSolver,
+    default_linear_tolerance,
+    row_norms,
+    warm_start,
+)
 from .operator import ResidualOperator
 
 __all__ = ["GMRES", "gmres"]
@@ -34,13 +41,12 @@ def gmres(
     """Solve ``A x = b`` row-wise, ``A`` given by ``matvec`` on ``[..., d]`` blocks.
 
     Stops when every row has ``‖b − A x‖ ≤ max(atol, rtol ‖b‖)`` or after
-    ``max_iter`` products with ``A``. Returns ``(x, info)``; does not raise.
+    ``max_iter`` products with ``A``. A warm start ``x0`` is kept on the rows where it
+    beats zero (see :func:`warm_start`). Returns ``(x, info)``; does not raise.
     """
     tiny = torch.finfo(b.dtype).tiny
     target = torch.clamp(rtol * row_norms(b), min=atol)
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
-    r = b if x0 is None else b - matvec(x)
-    products = 0 if x0 is None else 1
+    x, r, products = warm_start(matvec, b, x0)
     beta = row_norms(r)
     while bool((beta > target).any()) and products < max_iter:
         active = beta > target
@@ -112,8 +118,8 @@ class GMRES(LinearSolver):
     def __repr__(self) -> str:
         return f"GMRES(restart={self.restart}, max_iter={self.max_iter})"
 
-    def prepare(self, operator: ResidualOperator) -> IterativeSolve:
-        rtol = default_linear_tolerance(operator.h.dtype) if self.rtol is None else self.rtol
+    def init(self, operator: ResidualOperator) -> IterativeSolve:
+        rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
 
         def method(matvec, b, x0):
             return gmres(

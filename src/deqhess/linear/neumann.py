@@ -7,7 +7,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .base import IterativeSolve, LinearSolveInfo, LinearSolver, default_linear_tolerance, row_norms
+from .base import (
+    IterativeSolve,
+    LinearSolveInfo,
+    LinearSolver,
+    default_linear_tolerance,
+    row_norms,
+    warm_start,
+)
 from .operator import ResidualOperator
 
 __all__ = ["Neumann", "neumann"]
@@ -26,19 +33,19 @@ def neumann(
 
     This sums the Neumann series ``Σ Jᵏ b``; it converges, at rate ``ρ(J)``, exactly
     when the spectral radius ``ρ(J) < 1`` — true at the fixed point of a contraction,
-    where ``‖J‖ ≤ c < 1``. Returns ``(x, info)``; does not raise.
+    where ``‖J‖ ≤ c < 1``. A warm start ``x0`` is kept on the rows where it beats zero
+    (see :func:`warm_start`). Returns ``(x, info)``; does not raise.
     """
     target = torch.clamp(rtol * row_norms(b), min=atol)
-    x = b.clone() if x0 is None else x0.clone()
-    products = 0
-    residual = torch.full_like(target, float("inf"))
-    for _ in range(max_iter):
+    x, r, products = warm_start(matvec, b, x0)
+    residual = row_norms(r)
+    while not bool((residual <= target).all()) and products < max_iter:
+        if not bool(torch.isfinite(residual).all()):  # J is not finite: no use going on
+            break
+        x = x + r
         r = b - matvec(x)
         products += 1
         residual = row_norms(r)
-        if bool((residual <= target).all()):
-            break
-        x = x + r
     return x, LinearSolveInfo.of("Neumann", products, b, residual, target)
 
 
@@ -59,8 +66,8 @@ class Neumann(LinearSolver):
     def __repr__(self) -> str:
         return f"Neumann(max_iter={self.max_iter})"
 
-    def prepare(self, operator: ResidualOperator) -> IterativeSolve:
-        rtol = default_linear_tolerance(operator.h.dtype) if self.rtol is None else self.rtol
+    def init(self, operator: ResidualOperator) -> IterativeSolve:
+        rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
 
         def method(matvec, b, x0):
             return neumann(matvec, b, x0, rtol=rtol, atol=self.atol, max_iter=self.max_iter)

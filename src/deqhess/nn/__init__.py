@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .adapters import StateFirst, TupleState
-from .deq import DEQ
+from .deq import DEQ, LayerInfo
 from .implicit import FixedPointSpec, fixed_point
 
-__all__ = ["DEQ", "FixedPointSpec", "StateFirst", "TupleState", "fixed_point"]
+__all__ = ["DEQ", "FixedPointSpec", "LayerInfo", "StateFirst", "TupleState", "fixed_point"]

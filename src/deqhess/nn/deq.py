@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import Tensor, nn
 
-from ..linear import LinearSolver
-from ..solvers import FixedPointSolver, SolveInfo, resolve_solver
+from ..linear import LinearSolver, LinearSolveStats
+from ..options import integer
+from ..solvers import (
+    Convergence,
+    FixedPointSolver,
+    SolveInfo,
+    Tolerance,
+    resolve_solver,
+    solve_fixed_point,
+)
 from ..state import check_state_map
 from .implicit import FixedPointSpec, fixed_point
 
-__all__ = ["DEQ"]
+__all__ = ["DEQ", "LayerInfo"]
+
+
+@dataclass(frozen=True)
+class LayerInfo(SolveInfo):
+    """The forward solve's statistics (:class:`deqhess.solvers.SolveInfo`) and a live
+    record of the linear solves the backward and forward-mode passes make with ``I − J``.
+
+    Attributes:
+        linear_solves: filled as derivatives are taken (solves, products, the largest
+            iteration count and relative residual); empty until then.
+    """
+
+    linear_solves: LinearSolveStats
 
 
 class DEQ(nn.Module):
@@ -33,9 +56,20 @@ class DEQ(nn.Module):
         batch_dim: ``0`` (default): ``h``'s first dim indexes independent samples;
             ``None``: one coupled system.
         linear_solver: strategy for the adjoint and tangent solves (``"auto"``,
-            ``"dense"``, ``"gmres"``, ``"neumann"`` or an instance).
+            ``"dense"``, ``"gmres"``, ``"neumann"`` or an instance). ``"auto"`` factorises
+            ``I − J`` only for per-sample states of at most 64 numbers (forming ``J`` costs
+            one product per state entry) and otherwise solves matrix-free with GMRES
+            (relative residual 1e-12 in float64, 1e-6 in float32).
         require_convergence: if False, an unconverged forward solve warns and keeps its
-            best iterate (for fixed iteration budgets) instead of raising.
+            best iterate (for fixed iteration budgets) instead of raising; shorthand
+            for ``convergence="best"``.
+        convergence: what to do with samples that miss the tolerance: ``"raise"``
+            (default), ``"best"`` (keep each one's best iterate, warn; with
+            ``return_info=True``, ``info.converged_mask`` marks them so a training loss
+            can leave them out) or a :class:`deqhess.solvers.Convergence` with fallback
+            solvers, e.g. ``Convergence("best", fallback=Picard(damping=0.5))``.
+
+    An empty batch (a state with no entries) returns ``cell(x, h0)``, itself empty.
     """
 
     def __init__(
@@ -49,6 +83,7 @@ class DEQ(nn.Module):
         batch_dim: int | None = 0,
         linear_solver: str | LinearSolver = "auto",
         require_convergence: bool = True,
+        convergence: Convergence | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module):
@@ -62,10 +97,13 @@ class DEQ(nn.Module):
             )
         self.cell = cell
         self.solver = resolve_solver(solver)
-        self.tol, self.atol, self.max_iter = tol, atol, max_iter
+        Tolerance.resolve(tol, atol, torch.float64)  # the values, now; the dtype comes with x
+        self.tol, self.atol = tol, atol
+        self.max_iter = integer(max_iter, "max_iter", minimum=0)
         self.batch_dim = batch_dim
         self.linear_solver = linear_solver
         self.require_convergence = require_convergence
+        self.convergence = Convergence.resolve(convergence, require_convergence)
 
     def initial_state(self, x: Tensor) -> Tensor:
         """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
@@ -75,9 +113,13 @@ class DEQ(nn.Module):
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, *, return_info: bool = False
-    ) -> Tensor | tuple[Tensor, SolveInfo]:
-        """The fixed point ``h*`` (and, with ``return_info=True``, the solve's statistics)."""
+    ) -> Tensor | tuple[Tensor, LayerInfo]:
+        """The fixed point ``h*``; with ``return_info=True`` also a :class:`LayerInfo`, whose
+        ``linear_solves`` fill in as derivatives of ``h*`` are taken."""
+        _check_no_running_statistics(self.cell)
         h0 = self.initial_state(x) if h0 is None else h0
+        if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
+            return self._empty(x, h0, return_info)
         named = list(self.cell.named_parameters())
         names = [name for name, _ in named]
         values = [value for _, value in named]
@@ -89,10 +131,10 @@ class DEQ(nn.Module):
             return out
 
         infos: list[SolveInfo] = []
+        stats = LinearSolveStats()
         spec = FixedPointSpec(
             fn=step,
             independent_dims=0 if self.batch_dim is None else 1,
-            linear=False,
             solver=self.solver,
             tol=self.tol,
             atol=self.atol,
@@ -101,11 +143,43 @@ class DEQ(nn.Module):
             require_convergence=self.require_convergence,
             check_rows=self.batch_dim == 0,
             on_solve=infos.append if return_info else None,
+            stats=stats if return_info else None,
+            convergence=self.convergence,
         )
         h = fixed_point(spec, h0.detach(), x, *values)
         if return_info:
-            return h, infos[-1]
+            forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
+            return h, LayerInfo(**forward, linear_solves=stats)
         return h
+
+    def _empty(self, x: Tensor, h0: Tensor, return_info: bool) -> Tensor | tuple[Tensor, LayerInfo]:
+        """``cell(x, h0)`` for a state with no entries (still connected to the parameters)."""
+        h = self.cell(x, h0)
+        check_state_map(h, h0, "cell(x, h)")
+        if not return_info:
+            return h
+        tolerance = Tolerance.resolve(self.tol, self.atol, h0.dtype)
+        rows = h0.detach().reshape(h0.shape[0] if self.batch_dim == 0 else 1, 0)
+        _, info = solve_fixed_point(lambda r: r, rows, self.solver, tolerance, 0)
+        forward = {f.name: getattr(info, f.name) for f in fields(SolveInfo)}
+        return h, LayerInfo(**forward, linear_solves=LinearSolveStats())
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
+
+
+def _check_no_running_statistics(cell: nn.Module) -> None:
+    """Batch norm in training mode updates its running statistics at every call of the cell
+    — at every solver iteration — and torch.func cannot differentiate through that update."""
+    for name, module in cell.named_modules():
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and module.training
+            and module.track_running_stats
+        ):
+            raise ValueError(
+                f"cell.{name or 'self'} is a {type(module).__name__} in training mode: it would "
+                "update its running statistics at every solver iteration, and its batch "
+                "statistics couple the samples. Call .eval() on it (batch norm with fixed "
+                "statistics is a per-sample affine map), or use GroupNorm/LayerNorm."
+            )

@@ -1,17 +1,23 @@
 """A fixed point ``z* = F(z*, *args)`` differentiable to every order, in autograd and torch.func.
 
 :func:`fixed_point` solves with no graph and attaches the implicit derivatives through
-one ``torch.autograd.Function`` whose rules are themselves fixed points of linear maps,
-solved by the same Function — so they are again differentiable:
+one ``torch.autograd.Function``. Its rules are solves with the fixed point's
+:class:`deqhess.linear.Linearization`, applied through the same Function so that they
+are differentiable again:
 
-* backward: ``μ = ḡ + (∂F/∂z)ᵀ μ`` (the adjoint), then ``ḡ_args = (∂F/∂args)ᵀ μ``;
-* forward mode: ``ż = (∂F/∂args)·ȧrgs + (∂F/∂z) ż`` (the tangent);
+* backward: ``(I − J)ᵀ μ = ḡ`` (the adjoint), then ``ḡ_args = (∂F/∂args)ᵀ μ``;
+* forward mode: ``(I − J) ż = (∂F/∂args)·ȧrgs`` (the tangent);
 * vmap: the vmapped dimension becomes one more dimension of independent systems.
 
-Each rule is built from differentiable pieces only (``torch.func`` products at the saved
-output, which stays connected to the Function), so ``create_graph=True``, third
-derivatives, ``torch.func.grad/vjp/jvp/hessian`` are exact. No solver iteration is ever
-recorded: memory does not grow with iterations.
+Every system derived this way — the adjoint, the tangent, and their own adjoints and
+tangents at any order — is affine in its unknown with Jacobian ``J`` or ``Jᵀ`` of the
+original fixed point, taken at the same point. So they all solve with the original
+linearisation: a double-backward HVP prepares ``I − J`` once. Only when ``vmap`` batches
+the point itself (per-sample gradients over a batched input, say) is a linearisation of
+the batched system built. Each rule is made of differentiable pieces only
+(``torch.func`` products at the saved output, which stays connected to the Function),
+so ``create_graph=True``, third derivatives and ``torch.func.grad/vjp/jvp/hessian`` are
+exact. No solver iteration is ever recorded: memory does not grow with iterations.
 """
 
 from __future__ import annotations
@@ -23,9 +29,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
-from ..linear import LinearSolver, ResidualOperator, resolve_linear_solver
-from ..solvers import FixedPointSolver, SolveInfo, Tolerance, solve_fixed_point
+from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
+from ..solvers import (
+    Convergence,
+    FixedPointSolver,
+    Residual,
+    SolveInfo,
+    Tolerance,
+    solve_fixed_point,
+)
 
 __all__ = ["FixedPointSpec", "fixed_point"]
 
@@ -38,19 +52,18 @@ class FixedPointSpec:
         fn: the map; must be traceable by ``torch.func``.
         independent_dims: leading dims of ``z`` indexing independent systems (their
             Jacobian blocks are solved separately; 0 = one coupled system).
-        linear: ``fn`` is affine in ``z``: solve ``(I − ∂fn/∂z) z = fn(0)`` directly.
-        solver, tol, atol, max_iter, require_convergence: the forward solver for a
-            nonlinear ``fn`` (see :func:`deqhess.solvers.solve_fixed_point`).
-        linear_solver: strategy for linear ``fn`` (adjoint and tangent systems).
-        check_rows: after a nonlinear solve, probe that ``fn`` does not couple the
-            independent rows (one JVP; raises ``ValueError`` if it does).
-        on_solve: called with the forward solve's statistics (None: ignored); the
-            derived adjoint/tangent problems never call it.
+        solver, tol, atol, max_iter, require_convergence, convergence: the forward
+            solver and its policy (see :func:`deqhess.solvers.solve_fixed_point`).
+        linear_solver: strategy for the solves with ``I − J`` (adjoint, tangent and every
+            derived system); ``"auto"`` picks it for few solves per fixed point.
+        check_rows: the independent rows are declared by the user (``batch_dim``), so
+            the linearisation checks them (a few JVPs) before its first solve.
+        on_solve: called with the forward solve's statistics (None: ignored).
+        stats: where the linear solves are recorded (None: nowhere the caller sees).
     """
 
     fn: Callable[..., Tensor]
     independent_dims: int
-    linear: bool
     solver: FixedPointSolver
     tol: float | None
     atol: float | None
@@ -59,118 +72,250 @@ class FixedPointSpec:
     require_convergence: bool = True
     check_rows: bool = False
     on_solve: Callable[[SolveInfo], None] | None = None
+    stats: LinearSolveStats | None = None
+    convergence: Convergence | None = None  # the policy; None follows require_convergence
 
     def rows(self, z: Tensor) -> Tensor:
+        """``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
         samples = math.prod(z.shape[: self.independent_dims])
         return z.reshape(samples, -1)
 
+    def linearization(self, fn_rows: Callable[[Tensor], Tensor], rows: Tensor) -> Linearization:
+        """The linearisation of the rows map at ``rows``, with this spec's strategy."""
+        strategy = resolve_linear_solver(
+            self.linear_solver, rows.shape[0], rows.shape[1], rows.dtype, few_solves=True
+        )
+        return Linearization(
+            Residual(fn_rows),
+            rows,
+            strategy,
+            independent_rows=self.check_rows,
+            declared=(
+                "the cell couples the samples of the batch (the state's first dim)",
+                "use DEQ(..., batch_dim=None) for one coupled system",
+            ),
+            stats=self.stats,
+        )
+
+
+@dataclass
+class _Jacobian:
+    """The Jacobian of a system's map in its unknown: ``J`` (or ``Jᵀ``) of ``linearization``."""
+
+    linearization: Linearization
+    transposed: bool
+
+
+class _System:
+    """One system ``z = fn(z, *args)`` solved by the Function; its Jacobian once solved."""
+
+    spec: FixedPointSpec
+    #: argument positions the Jacobian in ``z`` depends on (besides ``z`` itself).
+    point: frozenset[int]
+    #: the Jacobian in the unknown, set by the forward solve (None: not solved here).
+    jacobian: _Jacobian | None = None
+
     def solve(self, z0: Tensor, args: tuple[Tensor, ...]) -> Tensor:
-        """The fixed point, with no autograd graph."""
-        shape = z0.shape
+        raise NotImplementedError
 
-        def step(rows: Tensor) -> Tensor:
-            return self.rows(self.fn(rows.reshape(shape), *args))
-
-        with torch.no_grad():
-            if not self.linear:
-                tolerance = Tolerance.resolve(self.tol, self.atol, z0.dtype)
-                rows, info = solve_fixed_point(
-                    step,
-                    self.rows(z0).clone(),
-                    self.solver,
-                    tolerance,
-                    self.max_iter,
-                    self.require_convergence,
-                )
-                if self.on_solve is not None:
-                    self.on_solve(info)
-                if self.check_rows and ResidualOperator(step, rows).row_coupling() > 1e-10:
-                    raise ValueError(
-                        "the cell couples the samples of the batch (its first state dim), but "
-                        "batch_dim=0 declares them independent; use DEQ(..., batch_dim=None)."
-                    )
-                return rows.reshape(shape)
-            zero = torch.zeros_like(self.rows(z0))
-            constant = step(zero)
-            strategy = resolve_linear_solver(
-                self.linear_solver, zero.shape[0], zero.shape[1], zero.dtype
-            )
-            return strategy.prepare(ResidualOperator(step, zero)).solve(constant).reshape(shape)
-
-    def adjoint(self) -> FixedPointSpec:
-        """``μ ↦ ḡ + (∂fn/∂z)ᵀ μ`` at ``(z, args)``: called as ``fn(μ, ḡ, z, *args)``."""
-        fn = self.fn
+    def adjoint(self) -> _Linear:
+        """``μ = ḡ + (∂fn/∂z)ᵀ μ`` at ``(z, args)``: called as ``(ḡ, z, *args)``."""
+        fn = self.spec.fn
 
         def adjoint_map(mu: Tensor, g: Tensor, z: Tensor, *args: Tensor) -> Tensor:
-            _, pullback = torch.func.vjp(lambda zz: fn(zz, *args), z)
-            return g + pullback(mu)[0]
+            return g + _pullback(lambda zz: fn(zz, *args), z)(mu)[0]
 
-        return replace(self, fn=adjoint_map, linear=True, on_solve=None, check_rows=False)
+        jacobian = self.jacobian
+        parent = None
+        if jacobian is not None:
+            parent = _Jacobian(jacobian.linearization, not jacobian.transposed)
+        point = self._shifted(2) | self._solution_at(1)
+        return _Linear(replace(self.spec, fn=adjoint_map), point, parent, constant=_first)
 
-    def tangent(self) -> FixedPointSpec:
-        """``ż ↦ (∂fn/∂z) ż + (∂fn/∂args)·ȧ``: called as ``fn(ż, z, *args, *ȧ)``."""
-        fn = self.fn
+    def tangent(self) -> _Linear:
+        """``ż = (∂fn/∂z) ż + (∂fn/∂args)·ȧ``: called as ``(z, *args, *ȧ)``."""
+        fn = self.spec.fn
 
         def tangent_map(w: Tensor, z: Tensor, *rest: Tensor) -> Tensor:
             half = len(rest) // 2
             return torch.func.jvp(fn, (z, *rest[:half]), (w, *rest[half:]))[1]
 
-        return replace(self, fn=tangent_map, linear=True, on_solve=None, check_rows=False)
+        point = self._shifted(1) | self._solution_at(0)
+        return _Linear(replace(self.spec, fn=tangent_map), point, self.jacobian)
 
-    def vmapped(self, arg_dims: tuple[int | None, ...]) -> FixedPointSpec:
-        """The same problem for a leading vmapped dim of ``z`` (and of args where batched)."""
-        batched = torch.func.vmap(self.fn, in_dims=(0, *arg_dims))
+    def _shifted(self, offset: int) -> frozenset[int]:
+        return frozenset(offset + i for i in self.point)
+
+    def _solution_at(self, index: int) -> frozenset[int]:
+        return frozenset()
+
+    def vmapped(self, arg_dims: tuple[int | None, ...]) -> _System:
+        raise NotImplementedError
+
+    def _batched_spec(self, arg_dims: tuple[int | None, ...]) -> FixedPointSpec:
         return replace(
-            self,
-            fn=batched,
-            independent_dims=self.independent_dims + 1,
+            self.spec,
+            fn=torch.func.vmap(self.spec.fn, in_dims=(0, *arg_dims)),
+            independent_dims=self.spec.independent_dims + 1,
             on_solve=None,
-            check_rows=False,
         )
+
+
+class _Nonlinear(_System):
+    """The DEQ itself, solved by the forward solver; its Jacobian depends on everything."""
+
+    def __init__(self, spec: FixedPointSpec, num_args: int) -> None:
+        self.spec = spec
+        self.point = frozenset(range(num_args))
+
+    def _solution_at(self, index: int) -> frozenset[int]:
+        return frozenset({index})
+
+    def solve(self, z0: Tensor, args: tuple[Tensor, ...]) -> Tensor:
+        spec, shape = self.spec, z0.shape
+
+        def step(rows: Tensor) -> Tensor:
+            return spec.rows(spec.fn(rows.reshape(shape), *args))
+
+        tolerance = Tolerance.resolve(spec.tol, spec.atol, z0.dtype)
+        rows, info = solve_fixed_point(
+            Residual(step),
+            spec.rows(z0).clone(),
+            spec.solver,
+            tolerance,
+            spec.max_iter,
+            spec.require_convergence,
+            convergence=spec.convergence,
+        )
+        if spec.on_solve is not None:
+            spec.on_solve(info)
+        self.jacobian = _Jacobian(spec.linearization(step, rows), transposed=False)
+        return rows.reshape(shape)
+
+    def vmapped(self, arg_dims: tuple[int | None, ...]) -> _System:
+        return _Nonlinear(self._batched_spec(arg_dims), len(arg_dims))
+
+
+class _Linear(_System):
+    """``w = fn(w, *args)`` with ``fn`` affine in ``w``.
+
+    Its Jacobian in ``w`` is ``parent`` — ``J`` or ``Jᵀ`` of a solved fixed point at the
+    same point — when known, else (a batched point) a linearisation built here.
+    ``constant(*args)`` is ``fn(0, *args)`` when cheaper than evaluating ``fn``.
+    """
+
+    def __init__(
+        self,
+        spec: FixedPointSpec,
+        point: frozenset[int],
+        parent: _Jacobian | None,
+        constant: Callable[..., Tensor] | None = None,
+    ) -> None:
+        self.spec, self.point, self.parent, self.constant = spec, point, parent, constant
+
+    def solve(self, z0: Tensor, args: tuple[Tensor, ...]) -> Tensor:
+        spec, shape = self.spec, z0.shape
+        if self.constant is not None:
+            constant = self.constant(*args).expand(shape)
+        else:
+            constant = spec.fn(torch.zeros_like(z0), *args)
+        if self.parent is not None:
+            lin, transposed = self.parent.linearization, self.parent.transposed
+            rhs = constant.reshape(-1, *lin.h.shape)
+            solution = lin.solve(rhs, transpose=transposed, warm_start=True)
+            self.jacobian = self.parent
+            return solution.reshape(shape)
+
+        def affine(rows: Tensor) -> Tensor:
+            return spec.rows(spec.fn(rows.reshape(shape), *args))
+
+        zero = torch.zeros_like(spec.rows(z0))
+        lin = replace(spec, check_rows=False).linearization(affine, zero)
+        self.jacobian = _Jacobian(lin, transposed=False)
+        return lin.solve(spec.rows(constant)).reshape(shape)
+
+    def vmapped(self, arg_dims: tuple[int | None, ...]) -> _System:
+        batched_point = any(arg_dims[i] is not None for i in self.point)
+        constant = self.constant
+        if constant is not None and any(d is not None for d in arg_dims):
+            constant = torch.func.vmap(constant, in_dims=arg_dims)
+        return _Linear(
+            self._batched_spec(arg_dims),
+            self.point,
+            None if batched_point else self.parent,
+            constant,
+        )
+
+
+def _first(g: Tensor, *rest: Tensor) -> Tensor:
+    """The constant of an adjoint system: its cotangent argument."""
+    return g
+
+
+def _pullback(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Callable[[Tensor], tuple]:
+    """The VJP of ``fn`` at ``primal``, forward-differentiable even where an operator's
+    backward has no forward-AD formula (``native_group_norm_backward``, ...): there it is
+    taken as the transpose of the JVP instead (reverse over forward: the same values)."""
+    _, pullback = torch.func.vjp(fn, primal)
+
+    def apply(cotangent: Tensor) -> tuple:
+        try:
+            return pullback(cotangent)
+        except NotImplementedError as error:
+            if "forward AD" not in str(error):
+                raise
+        _, transposed = torch.func.vjp(
+            lambda t: torch.func.jvp(fn, (primal,), (t,))[1], tree_map(torch.zeros_like, primal)
+        )
+        return transposed(cotangent)
+
+    return apply
 
 
 class _FixedPoint(torch.autograd.Function):
     @staticmethod
-    def forward(spec: FixedPointSpec, z0: Tensor, *args: Tensor) -> Tensor:
-        return spec.solve(z0, args)
+    def forward(system: _System, z0: Tensor, *args: Tensor) -> Tensor:
+        with torch.no_grad():
+            return system.solve(z0, args)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        spec, _, *args = inputs
-        ctx.spec = spec
+        system, _, *args = inputs
+        ctx.system = system
         ctx.save_for_backward(output, *args)
         ctx.save_for_forward(output, *args)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         z, *args = ctx.saved_tensors
-        spec: FixedPointSpec = ctx.spec
+        system: _System = ctx.system
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
         if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
-            mu = _FixedPoint.apply(spec.adjoint(), grad, grad, z, *args)
+            mu = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
+            fn = system.spec.fn
 
-            def of_wanted(*chosen: Tensor) -> Tensor:
+            def of_wanted(chosen: tuple[Tensor, ...]) -> Tensor:
                 full = list(args)
                 for i, t in zip(wanted, chosen, strict=True):
                     full[i] = t
-                return spec.fn(z, *full)
+                return fn(z, *full)
 
-            _, pullback = torch.func.vjp(of_wanted, *(args[i] for i in wanted))
-            for i, g in zip(wanted, pullback(mu), strict=True):
+            (pulled,) = _pullback(of_wanted, tuple(args[i] for i in wanted))(mu)
+            for i, g in zip(wanted, pulled, strict=True):
                 grads[i] = g
         return (None, None, *grads)
 
     @staticmethod
-    def jvp(ctx: Any, _spec: None, _z0: Tensor | None, *arg_tangents: Tensor | None) -> Tensor:
+    def jvp(ctx: Any, _system: None, _z0: Tensor | None, *arg_tangents: Tensor | None) -> Tensor:
         z, *args = ctx.saved_tensors
         tangents = [
             torch.zeros_like(a) if t is None else t for a, t in zip(args, arg_tangents, strict=True)
         ]
-        return _FixedPoint.apply(ctx.spec.tangent(), torch.zeros_like(z), z, *args, *tangents)
+        return _FixedPoint.apply(ctx.system.tangent(), torch.zeros_like(z), z, *args, *tangents)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, spec: FixedPointSpec, z0: Tensor, *args: Tensor):
+    def vmap(info: Any, in_dims: tuple, system: _System, z0: Tensor, *args: Tensor):
         _, z0_dim, *arg_dims = in_dims
         if z0_dim is None:
             z0 = z0.expand(info.batch_size, *z0.shape)
@@ -179,10 +324,10 @@ class _FixedPoint(torch.autograd.Function):
         args = tuple(
             a if d is None else a.movedim(d, 0) for a, d in zip(args, arg_dims, strict=True)
         )
-        batched = spec.vmapped(tuple(None if d is None else 0 for d in arg_dims))
+        batched = system.vmapped(tuple(None if d is None else 0 for d in arg_dims))
         return _FixedPoint.apply(batched, z0, *args), 0
 
 
 def fixed_point(spec: FixedPointSpec, z0: Tensor, *args: Tensor) -> Tensor:
     """``z*`` with ``z* = spec.fn(z*, *args)``, differentiable in ``args`` to every order."""
-    return _FixedPoint.apply(spec, z0, *args)
+    return _FixedPoint.apply(_Nonlinear(spec, len(args)), z0, *args)

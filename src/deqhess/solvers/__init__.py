@@ -1,32 +1,34 @@
-"""Fixed-point solvers for ``h = f(h)``; they know nothing of derivatives."""
+"""Fixed-point solvers for ``h = f(h)``; they know nothing of derivatives.
+
+One driver loop (:func:`solve_fixed_point`) runs every solver under a
+:class:`Convergence` policy: per-sample stopping, fallback solvers, and the choice
+between raising and keeping the best iterate.
+"""
 
 from __future__ import annotations
 
+from .aliases import resolve_solver
 from .anderson import Anderson
-from .driver import FixedPointSolver, SolveInfo, Tolerance, default_tolerance, solve_fixed_point
+from .base import FixedPointSolver
+from .convergence import Convergence, Stage, Status
+from .driver import SolveInfo, solve_fixed_point
 from .picard import Picard
+from .residual import Residual
+from .tolerance import Tolerance, default_tolerance
 
 __all__ = [
+    # solvers
     "Anderson",
     "FixedPointSolver",
     "Picard",
+    "Residual",
+    "resolve_solver",
+    # the driver and its policy
+    "Convergence",
     "SolveInfo",
+    "Stage",
+    "Status",
     "Tolerance",
     "default_tolerance",
-    "resolve_solver",
     "solve_fixed_point",
 ]
-
-_ALIASES = {"anderson": Anderson, "picard": Picard}
-
-
-def resolve_solver(solver: str | FixedPointSolver) -> FixedPointSolver:
-    """A solver object from itself or a short alias (``"anderson"``, ``"picard"``)."""
-    if isinstance(solver, FixedPointSolver):
-        return solver
-    if isinstance(solver, str) and solver.lower() in _ALIASES:
-        return _ALIASES[solver.lower()]()
-    raise ValueError(
-        f"unknown solver {solver!r}; use one of {sorted(_ALIASES)} or an instance such as "
-        "deqhess.solvers.Anderson(memory=5)."
-    )

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .driver import FixedPointSolver
+from ..options import integer
+from .base import FixedPointSolver
 
 __all__ = ["Anderson"]
 
@@ -38,13 +39,12 @@ class Anderson(FixedPointSolver):
     """
 
     def __init__(self, memory: int = 5, damping: float = 1.0, regularization: float = 1e-10):
-        if int(memory) < 1:
-            raise ValueError(f"Anderson memory must be >= 1; got {memory}.")
+        memory = integer(memory, "Anderson memory", minimum=1)
         if not 0.0 < damping <= 1.0:
             raise ValueError(f"Anderson damping must lie in (0, 1]; got {damping}.")
         if regularization < 0:
             raise ValueError(f"Anderson regularization must be >= 0; got {regularization}.")
-        self.memory = int(memory)
+        self.memory = memory
         self.damping = float(damping)
         self.regularization = float(regularization)
 

@@ -1,75 +1,31 @@
 """The one driver loop shared by every fixed-point solver.
 
 A solver only says how to take a step (``init`` / ``step``); this loop alone owns
-the tolerance test, the iteration cap, non-finite detection, the best iterate and
-the statistics, and decides whether to raise. States are held as rows ``[S, d]`` of
-independent systems (see :mod:`deqhess.state`); each row is tested on its own and
-frozen once it has converged, so a sample's result does not depend on which other
-samples share its batch.
+the tolerance test, the iteration cap, non-finite detection, the best iterate, the
+fallback solvers and the statistics, and decides — under a
+:class:`~deqhess.solvers.Convergence` policy — whether to raise. States are held as
+rows ``[S, d]`` of independent systems (see :mod:`deqhess.state`); each row is tested
+on its own and frozen once it has converged, so a sample's result does not depend on
+which other samples share its batch.
 """
 
 from __future__ import annotations
 
-import abc
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError
+from ..options import integer
+from .base import FixedPointSolver
+from .convergence import Convergence, Stage, Status
+from .residual import Residual
+from .tolerance import Tolerance
 
-__all__ = [
-    "FixedPointSolver",
-    "SolveInfo",
-    "Tolerance",
-    "default_tolerance",
-    "solve_fixed_point",
-]
-
-_DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def default_tolerance(dtype: torch.dtype) -> float:
-    """The default relative tolerance for a state of ``dtype``.
-
-    About ``1e-10`` in float64 and ``1e-5`` in float32: a few hundred ulps of the
-    state, which is what the second-order quantities need to keep their own accuracy.
-    """
-    try:
-        return _DEFAULT_RTOL[dtype]
-    except KeyError:
-        raise ValueError(
-            f"the state has dtype {dtype}; deqhess supports float32 and float64 states."
-        ) from None
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Stopping rule ``‖f(h) − h‖₂ ≤ max(atol, rtol · ‖f(h)‖₂)``, per sample row.
-
-    Attributes:
-        rtol: relative tolerance.
-        atol: absolute tolerance (a floor for states near zero).
-    """
-
-    rtol: float
-    atol: float
-
-    @classmethod
-    def resolve(cls, tol: float | None, atol: float | None, dtype: torch.dtype) -> Tolerance:
-        """Fill in defaults: ``tol`` by dtype, ``atol`` equal to ``tol`` (unit scale)."""
-        rtol = default_tolerance(dtype) if tol is None else float(tol)
-        abs_tol = rtol if atol is None else float(atol)
-        if not (rtol >= 0 and abs_tol >= 0):
-            raise ValueError(f"tol and atol must be >= 0; got tol={tol}, atol={atol}.")
-        return cls(rtol=rtol, atol=abs_tol)
-
-    def threshold(self, scale: Tensor) -> Tensor:
-        """Per-row residual bound for rows whose ``‖f(h)‖`` is ``scale``."""
-        return torch.clamp(self.rtol * scale, min=self.atol)
+__all__ = ["SolveInfo", "solve_fixed_point"]
 
 
 @dataclass(frozen=True)
@@ -77,15 +33,19 @@ class SolveInfo:
     """Statistics of one fixed-point solve.
 
     Attributes:
-        solver: the solver's description.
-        iterations: steps taken by the slowest sample.
+        solver: the (main) solver's description.
+        iterations: steps taken by the slowest sample, over all solvers.
         residual_norm: largest final ``‖f(h) − h‖₂`` over samples.
         converged: whether every sample met the tolerance.
         residual_history: per iteration, the largest residual over samples still
-            iterating.
+            iterating (the solvers' runs one after the other).
         sample_iterations: ``[S]`` steps taken by each sample.
-        sample_residuals: ``[S]`` final residual of each sample.
+        sample_residuals: ``[S]`` residual of each sample's returned iterate.
         tolerance: the stopping rule used.
+        converged_mask: ``[S]`` bool, True where the sample met the tolerance (with
+            ``batch_dim``, sample ``s`` is the slice ``s`` along it).
+        sample_status: ``[S]`` :class:`~deqhess.solvers.Status` codes (int8).
+        stages: each solver's run (:class:`~deqhess.solvers.Stage`), main solver first.
     """
 
     solver: str
@@ -96,23 +56,43 @@ class SolveInfo:
     sample_iterations: Tensor
     sample_residuals: Tensor
     tolerance: Tolerance
+    converged_mask: Tensor
+    sample_status: Tensor
+    stages: tuple[Stage, ...]
+
+    @property
+    def unconverged(self) -> int:
+        """The number of samples that missed the tolerance."""
+        return int((~self.converged_mask).sum())
 
 
-class FixedPointSolver(abc.ABC):
-    """A rule for the next iterate of ``h = f(h)`` on rows ``[S, d]``.
+@dataclass
+class _Progress:
+    """Per-row state carried from one solver's run to the next."""
 
-    Subclasses implement :meth:`init` (their memory for a first iterate) and
-    :meth:`step` (the next iterate from ``h`` and ``f(h)``). They never test
-    convergence, count iterations or raise: the driver does.
-    """
+    h: Tensor  # current iterate; a converged row holds its accepted iterate
+    done: Tensor  # [S] met the tolerance
+    status: Tensor  # [S] Status codes
+    best_h: Tensor  # [S, d] finite iterate with the smallest residual so far
+    best_res: Tensor  # [S]
+    accepted_res: Tensor  # [S] residual of the accepted iterate (converged rows)
+    iters: Tensor  # [S] steps taken over all runs
+    history: list[float]
 
-    @abc.abstractmethod
-    def init(self, h: Tensor) -> Any:
-        """Memory for a solve starting at rows ``h`` ``[S, d]``."""
-
-    @abc.abstractmethod
-    def step(self, memory: Any, h: Tensor, fh: Tensor) -> tuple[Tensor, Any]:
-        """Next iterate ``[S, d]`` from ``h`` and ``fh = f(h)``, and updated memory."""
+    @classmethod
+    def start(cls, h0: Tensor) -> _Progress:
+        samples = h0.shape[0]
+        inf = torch.full((samples,), float("inf"), dtype=h0.dtype, device=h0.device)
+        return cls(
+            h=h0,
+            done=torch.zeros(samples, dtype=torch.bool, device=h0.device),
+            status=torch.full((samples,), int(Status.MAX_ITER), dtype=torch.int8),
+            best_h=h0.clone(),
+            best_res=inf,
+            accepted_res=inf.clone(),
+            iters=torch.zeros(samples, dtype=torch.long, device=h0.device),
+            history=[],
+        )
 
 
 def _row_norms(t: Tensor) -> Tensor:
@@ -120,101 +100,202 @@ def _row_norms(t: Tensor) -> Tensor:
 
 
 def solve_fixed_point(
-    fn: Callable[[Tensor], Tensor],
+    fn: Callable[[Tensor], Tensor] | Residual,
     h0: Tensor,
     solver: FixedPointSolver,
     tolerance: Tolerance,
     max_iter: int,
     require_convergence: bool = True,
+    *,
+    convergence: Convergence | str | None = None,
 ) -> tuple[Tensor, SolveInfo]:
-    """Solve ``h = fn(h)`` row-wise from ``h0`` ``[S, d]``.
+    """Solve ``h = fn(h)`` row-wise from ``h0`` ``[S, d]`` under a convergence policy.
+
+    Args:
+        fn: the map on rows ``[S, d]``, or its :class:`Residual` (the stopping test is on
+            the residual's norm).
+        h0: the first iterate.
+        solver: the main solver; it runs first, for ``max_iter`` steps.
+        tolerance: the per-row stopping rule.
+        max_iter: step cap of the main solver.
+        require_convergence: shorthand for ``convergence`` (False: ``"best"``).
+        convergence: the policy (:class:`Convergence`, ``"raise"`` or ``"best"``);
+            default from ``require_convergence``.
 
     Returns:
-        ``(h, info)``: the converged rows ``[S, d]`` (each the iterate whose residual
-        met the tolerance) and the statistics.
+        ``(h, info)``: rows ``[S, d]`` — each converged row the iterate that met the
+        tolerance, each other row (policy ``"best"``) its best iterate — and the
+        statistics, with ``info.converged_mask`` marking the converged rows.
 
     Raises:
-        ConvergenceError: ``fn`` produced non-finite values, or a row did not meet the
-            tolerance within ``max_iter`` steps (unless ``require_convergence=False``,
-            which warns and returns each row's best iterate).
+        ConvergenceError: a row did not meet the tolerance after every solver of the
+            policy, or diverged (``fn`` non-finite, or ``‖fn(h)‖`` overflowing), under
+            ``on_failure="raise"``.
     """
-    if max_iter < 0:
-        raise ValueError(f"max_iter must be >= 0; got {max_iter}.")
-    samples = h0.shape[0]
-    h = h0
-    memory = solver.init(h)
-    done = torch.zeros(samples, dtype=torch.bool, device=h.device)
-    best_h = h0.clone()
-    best_res = torch.full((samples,), float("inf"), dtype=h.dtype, device=h.device)
-    last_res = best_res.clone()
-    iters = torch.zeros(samples, dtype=torch.long, device=h.device)
-    history: list[float] = []
-    for k in range(max_iter + 1):
-        fh = fn(h)
-        finite = torch.isfinite(fh).all(dim=1)
-        if not bool(finite[~done].all()):
-            bad = int(torch.nonzero(~finite & ~done)[0, 0])
-            raise ConvergenceError(
-                f"{solver!r} diverged: f returned non-finite values at iteration {k} "
-                f"(sample {bad}). Try a damped or smaller step (Picard(damping=0.5), "
-                "Anderson(damping=0.5)), a better h0, or check that f is a contraction "
-                "in h (spectral norm of ∂f/∂h below 1).",
-                info=_info(solver, iters, best_res, done, history, tolerance),
+    residual_map = fn if isinstance(fn, Residual) else Residual(fn)
+    policy = Convergence.resolve(convergence, require_convergence)
+    max_iter = integer(max_iter, "max_iter", minimum=0)
+    progress = _Progress.start(h0)
+    schedule = policy.schedule(solver, max_iter)
+    stages: list[Stage] = []
+    tried: list[FixedPointSolver] = []
+    for index, (stage_solver, cap) in enumerate(schedule):
+        if bool(progress.done.all()) and stages:
+            break
+        last = index == len(schedule) - 1
+        tried.append(stage_solver)
+        stages.append(
+            _run(
+                residual_map, stage_solver, cap, progress, tolerance, policy, last, tried, h0.dtype
             )
-        residual = _row_norms(fh - h)
-        active = ~done
-        history.append(float(residual[active].max()))
-        last_res = torch.where(active, residual, last_res)
-        better = active & (residual < best_res)
-        best_res = torch.where(better, residual, best_res)
-        best_h = torch.where(better[:, None], h, best_h)
-        met = (residual <= tolerance.threshold(_row_norms(fh))) & torch.isfinite(residual)
-        done = done | (active & met)
-        iters = torch.where(active, torch.full_like(iters, k), iters)
-        if bool(done.all()) or k == max_iter:
+        )
+    info = _info(solver, progress, tolerance, stages)
+    if info.converged:
+        return progress.h, info
+    message = _unconverged_message(info, tried, policy, max_iter, h0.dtype)
+    if policy.on_failure == "raise":
+        raise ConvergenceError(message, info=info)
+    if policy.warn:
+        warnings.warn(
+            message + " Returning the best iterate of each unconverged sample "
+            "(info.converged_mask marks them).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return torch.where(progress.done[:, None], progress.h, progress.best_h), info
+
+
+def _run(
+    residual_map: Residual,
+    solver: FixedPointSolver,
+    cap: int,
+    p: _Progress,
+    tolerance: Tolerance,
+    policy: Convergence,
+    last: bool,
+    tried: list[FixedPointSolver],
+    dtype: torch.dtype,
+) -> Stage:
+    """One solver's run on the unconverged rows, each from its best iterate."""
+    h = torch.where(p.done[:, None], p.h, p.best_h)
+    frozen = p.done.clone()  # rows this run does not move
+    entering = ~frozen
+    start = p.iters.clone()
+    since_best = torch.zeros_like(p.iters)
+    memory = solver.init(h)
+    steps = 0
+    for k in range(cap + 1):
+        fh, g = residual_map.evaluate(h)
+        residual, scale = _row_norms(g), _row_norms(fh)
+        finite = torch.isfinite(fh).all(dim=1) & torch.isfinite(residual) & torch.isfinite(scale)
+        # A row that met the tolerance is frozen; if f couples rows, the others moving can
+        # push it off its fixed point again (independent rows stay exactly where they were).
+        drifted = p.done & finite & ~tolerance.met(residual, scale)
+        if bool(drifted.any()):
+            p.done = p.done & ~drifted
+            p.status[drifted.cpu()] = int(Status.MAX_ITER)
+            frozen = frozen & ~drifted
+        diverged = ~frozen & ~finite
+        if bool(diverged.any()):
+            if last and policy.on_failure == "raise":
+                raise ConvergenceError(
+                    _diverged_message(solver, k, fh, diverged)
+                    + " "
+                    + policy.advice(tried, tolerance, dtype, diverged=True),
+                    info=_info(solver, p, tolerance, []),
+                )
+            p.status[diverged.cpu()] = int(Status.DIVERGED)
+            frozen = frozen | diverged
+            # back to the best (finite) iterate, so that fn stays finite on the batch
+            h = torch.where(diverged[:, None], p.best_h, h)
+            fh = torch.where(diverged[:, None], h, fh)
+        active = ~frozen
+        if bool(active.any()):
+            p.history.append(float(residual[active].max()))
+        p.iters = torch.where(active, start + k, p.iters)
+        better = active & (residual < p.best_res)
+        p.best_res = torch.where(better, residual, p.best_res)
+        p.best_h = torch.where(better[:, None], h, p.best_h)
+        met = active & tolerance.met(residual, scale)
+        p.done = p.done | met
+        p.accepted_res = torch.where(met, residual, p.accepted_res)
+        p.status[met.cpu()] = int(Status.CONVERGED)
+        frozen = frozen | met
+        if policy.patience is not None:
+            since_best = torch.where(better, torch.zeros_like(since_best), since_best + 1)
+            stalled = active & ~met & (since_best > policy.patience)
+            p.status[stalled.cpu()] = int(Status.STALLED)
+            frozen = frozen | stalled
+        steps = k
+        if bool(frozen.all()) or k == cap:
             break
         h_next, memory = solver.step(memory, h, fh)
-        h = torch.where(done[:, None], h, h_next)
-    if bool(done.all()):
-        return h, _info(solver, iters, last_res, done, history, tolerance)
-    info = _info(solver, iters, best_res, done, history, tolerance)
-    worst = int(torch.argmax(torch.where(done, torch.zeros_like(best_res), best_res)))
-    eps = torch.finfo(h.dtype).eps
-    resolution = (
-        f" rtol={tolerance.rtol:g} is below what {h.dtype} can resolve (ε = {eps:.1e}): use "
-        "tol=None (chosen by dtype) or float64."
-        if tolerance.rtol < 10 * eps
-        else ""
+        h = torch.where(frozen[:, None], h, h_next)
+    still = (~frozen).cpu()
+    p.status[still] = int(Status.MAX_ITER)
+    p.h = h
+    return Stage(
+        solver=repr(solver),
+        samples=int(entering.sum()),
+        iterations=steps,
+        converged=int((entering & p.done).sum()),
     )
-    message = (
-        f"{solver!r} did not converge in max_iter={max_iter} iterations: best residual "
-        f"‖f(h) − h‖ = {float(best_res[worst]):.3e} (sample {worst}) against rtol="
-        f"{tolerance.rtol:g}, atol={tolerance.atol:g}; "
-        f"{int((~done).sum())} of {samples} samples unconverged. Try a larger "
-        "max_iter, solver='anderson', a looser tol, or check that f is a contraction "
-        "in h (spectral norm of ∂f/∂h below 1)." + resolution
-    )
-    if require_convergence:
-        raise ConvergenceError(message, info=info)
-    warnings.warn(message + " Returning the best iterate.", RuntimeWarning, stacklevel=3)
-    return torch.where(done[:, None], h, best_h), info
 
 
 def _info(
-    solver: FixedPointSolver,
-    iters: Tensor,
-    best_res: Tensor,
-    done: Tensor,
-    history: list[float],
-    tolerance: Tolerance,
+    solver: FixedPointSolver, p: _Progress, tolerance: Tolerance, stages: list[Stage]
 ) -> SolveInfo:
+    residuals = torch.where(p.done, p.accepted_res, p.best_res)
     return SolveInfo(
         solver=repr(solver),
-        iterations=int(iters.max()) if iters.numel() else 0,
-        residual_norm=float(best_res.max()),
-        converged=bool(done.all()),
-        residual_history=tuple(history),
-        sample_iterations=iters.cpu(),
-        sample_residuals=best_res.cpu(),
+        iterations=int(p.iters.max()) if p.iters.numel() else 0,
+        residual_norm=float(residuals.max()) if residuals.numel() else 0.0,
+        converged=bool(p.done.all()),
+        residual_history=tuple(p.history),
+        sample_iterations=p.iters.cpu(),
+        sample_residuals=residuals.cpu(),
         tolerance=tolerance,
+        converged_mask=p.done.cpu(),
+        sample_status=p.status.clone(),
+        stages=tuple(stages),
+    )
+
+
+def _diverged_message(solver: FixedPointSolver, k: int, fh: Tensor, diverged: Tensor) -> str:
+    bad = int(torch.nonzero(diverged)[0, 0])
+    row = fh[bad]
+    if bool(torch.isfinite(row).all()):
+        return (
+            f"{solver!r} diverged: ‖f(h)‖ overflowed {fh.dtype} at iteration {k} (sample "
+            f"{bad}, largest entry {float(row.abs().max()):.3e}): f(h) grows without bound."
+        )
+    return f"{solver!r} diverged: f returned non-finite values at iteration {k} (sample {bad})."
+
+
+def _unconverged_message(
+    info: SolveInfo,
+    tried: list[FixedPointSolver],
+    policy: Convergence,
+    max_iter: int,
+    dtype: torch.dtype,
+) -> str:
+    status = info.sample_status
+    missed = ~info.converged_mask
+    worst = int(torch.argmax(torch.where(missed, info.sample_residuals, -1.0)))
+    counts = [
+        f"{int((status == code).sum())} {label}"
+        for code, label in (
+            (Status.MAX_ITER, "out of iterations"),
+            (Status.STALLED, f"stalled (patience={policy.patience})"),
+            (Status.DIVERGED, "diverged"),
+        )
+        if bool((status == code).any())
+    ]
+    more = "".join(f", nor did {s.solver} in {s.iterations} more" for s in info.stages[1:])
+    return (
+        f"{info.solver} did not converge in max_iter={max_iter} iterations{more}: "
+        f"{int(missed.sum())} of {missed.numel()} samples unconverged ({', '.join(counts)}); "
+        f"best residual ‖f(h) − h‖ = {float(info.sample_residuals[worst]):.3e} (sample "
+        f"{worst}) against rtol={info.tolerance.rtol:g}, atol={info.tolerance.atol:g}. "
+        + policy.advice(tried, info.tolerance, dtype)
     )

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .driver import FixedPointSolver
+from .base import FixedPointSolver
 
 __all__ = ["Picard"]
 

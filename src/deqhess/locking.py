@@ -1,0 +1,49 @@
+"""The context every derivative computation of the engine runs in: one lock, autograd on.
+
+``torch.func``'s forward-mode AD keeps its dual levels in process-wide state, so two
+threads taking JVPs at once corrupt each other's tangents: HVPs come back wrong, or
+fail with "no level exists". Every derivative computation of :class:`Equilibrium`
+holds this re-entrant lock; threads then take turns (no speed-up from threads, but
+exact answers). Code outside deqhess that runs ``torch.func`` in other threads at
+the same time is beyond its reach (see the README, "What deqhess checks").
+
+Under ``torch.inference_mode`` ``torch.func.linearize`` silently returns zeros and
+autograd records nothing, so the same context leaves inference mode for the
+computation (tensors made in inference mode are fine as inputs there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import torch
+
+__all__ = ["ENGINE_LOCK", "engine", "serialized"]
+
+#: held while a derivative is computed; re-entrant, so nested calls do not deadlock.
+ENGINE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def engine() -> Iterator[None]:
+    """Hold :data:`ENGINE_LOCK`, outside inference mode."""
+    with ENGINE_LOCK, torch.inference_mode(False):
+        yield
+
+
+T = TypeVar("T", bound=Callable)
+
+
+def serialized(fn: T) -> T:
+    """``fn`` run in :func:`engine`."""
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with engine():
+            return fn(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]

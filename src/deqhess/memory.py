@@ -1,0 +1,108 @@
+"""Refuse dense results that cannot fit in memory, before allocating them.
+
+A dense Hessian at P = 10⁵ is 80 GB in float64: allocating it would run for tens of
+seconds and die with the allocator's message. Each dense entry point estimates its
+bytes first and raises :class:`deqhess.DenseMemoryError`, naming the matrix-free
+alternative, when the estimate exceeds the memory available now — read from the OS
+(``/proc/meminfo``'s ``MemAvailable``, else ``os.sysconf``) or, on a CUDA device,
+from ``torch.cuda.mem_get_info`` plus what torch's allocator holds unused.
+:func:`memory_limit` overrides the limit explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+
+from .errors import DenseMemoryError
+
+__all__ = ["available_bytes", "check_dense", "memory_limit"]
+
+_MEASURED = object()  # the default: what the device has available at the time of the call
+_LIMIT: ContextVar[object] = ContextVar("deqhess_memory_limit", default=_MEASURED)
+
+
+@contextlib.contextmanager
+def memory_limit(nbytes: float | None) -> Iterator[None]:
+    """Within the block, check dense requests against ``nbytes`` (``None``: no check).
+
+    Example:
+        >>> import deqhess as dh
+        >>> with dh.memory_limit(None):  # I know it fits (swap, memory freed meanwhile)
+        ...     pass  # H = eq.hessian(loss)
+    """
+    if nbytes is not None and not float(nbytes) >= 0:
+        raise ValueError(f"memory_limit takes a number of bytes >= 0 or None; got {nbytes!r}.")
+    token = _LIMIT.set(None if nbytes is None else float(nbytes))
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
+
+
+def available_bytes(device: torch.device) -> float | None:
+    """Bytes available now on ``device`` (None where it cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return float(free + cached)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_dense(
+    numbers: int, dtype: torch.dtype, device: torch.device, request: str, alternative: str
+) -> None:
+    """Raise unless ``numbers`` entries of ``dtype`` fit in the memory available.
+
+    Args:
+        numbers: entries the request allocates at its peak (estimated by the caller).
+        request: what was asked and its shape, e.g. ``"eq.hessian(loss): [P, P] with
+            P = 100,000"``.
+        alternative: the matrix-free way to get what the user wants.
+
+    Raises:
+        DenseMemoryError: the estimate exceeds the limit.
+    """
+    limit = _LIMIT.get()
+    if limit is _MEASURED:
+        limit = available_bytes(device)
+    if limit is None:
+        return
+    required = float(numbers) * torch.finfo(dtype).bits / 8
+    if required <= limit:  # type: ignore[operator]
+        return
+    source = (
+        "the limit set with deqhess.memory_limit"
+        if _LIMIT.get() is not _MEASURED
+        else (f"available on {device}")
+    )
+    raise DenseMemoryError(
+        f"{request} would allocate about {_size(required)} of {dtype}, but {_size(limit)} is "
+        f"{source}. {alternative} If it does fit (swap, memory freed meanwhile), allow it "
+        "explicitly: `with deqhess.memory_limit(None): ...`.",
+        required=required,
+        available=float(limit),  # type: ignore[arg-type]
+    )
+
+
+def _size(nbytes: float) -> str:
+    units = ("B", "kB", "MB", "GB", "TB")
+    exponent = min(int(math.log10(max(nbytes, 1.0)) // 3), len(units) - 1)
+    return f"{nbytes / 1000**exponent:.1f} {units[exponent]}"

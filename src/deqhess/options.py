@@ -1,0 +1,87 @@
+"""Checks of the values a user passes: option counts and bounds, and tensor dtypes.
+
+Each check names the option, shows what was received and says what is expected, so a
+wrong option fails at once with a ``ValueError`` instead of a ``TypeError`` or an
+``IndexError`` deep inside a solver loop.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+__all__ = ["SUPPORTED_DTYPES", "integer", "real", "supported_dtype"]
+
+#: the floating dtypes deqhess computes in; half precisions cannot resolve the
+#: tolerances its solves need (float16 has ε ≈ 1e-3).
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def supported_dtype(dtype: torch.dtype, label: str) -> torch.dtype:
+    """``dtype`` if it is float32 or float64.
+
+    Raises:
+        ValueError: another dtype (float16, bfloat16, integers, complex), with what to do.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{label} has dtype {dtype}; deqhess supports float32 and float64 (half "
+            "precision cannot resolve the tolerances of the fixed-point and linear solves). "
+            "Convert the tensors (and a module's parameters) with .float() or .double()."
+        )
+    return dtype
+
+
+def integer(value: object, name: str, minimum: int | None = None) -> int:
+    """``value`` as a Python ``int`` (ints and NumPy integers; not bools or floats).
+
+    Raises:
+        ValueError: ``value`` is not an integer, or is below ``minimum``.
+    """
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise ValueError(
+            f"{name} must be an int; got {value!r} ({type(value).__name__})"
+            + (f". Pass e.g. {name}={int(value)}." if _integral_float(value) else ".")
+        )
+    number = operator.index(value)
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {number}.")
+    return number
+
+
+def real(
+    value: object,
+    name: str,
+    *,
+    minimum: float,
+    below: float | None = None,
+    allow_inf: bool = False,
+    meaning: str = "",
+) -> float:
+    """``value`` as a float in ``[minimum, below)`` (``below=None``: no upper bound).
+
+    NaN is always rejected, ``inf`` unless ``allow_inf``. ``meaning`` is appended to
+    the message (what the option controls, what to pass instead).
+
+    Raises:
+        ValueError: ``value`` is not a real number, is NaN, infinite (unless allowed)
+            or out of range.
+    """
+    numeric = isinstance(value, (int, float)) or hasattr(value, "__float__")
+    if isinstance(value, bool) or not numeric:
+        raise ValueError(f"{name} must be a number; got {value!r} ({type(value).__name__}).")
+    number = float(value)  # type: ignore[arg-type]
+    in_range = number >= minimum and (below is None or number < below)
+    if math.isnan(number) or (math.isinf(number) and not allow_inf) or not in_range:
+        kind = "a number" if allow_inf else "a finite number"
+        where = f">= {minimum:g}" if below is None else f"in [{minimum:g}, {below:g})"
+        raise ValueError(
+            f"{name} must be {kind} {where}; got {value!r}." + (f" {meaning}" if meaning else "")
+        )
+    return number
+
+
+def _integral_float(value: object) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value.is_integer()

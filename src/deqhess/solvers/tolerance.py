@@ -1,0 +1,77 @@
+"""The stopping rule of a fixed-point solve, and its defaults by dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..options import real, supported_dtype
+
+__all__ = ["Tolerance", "default_tolerance"]
+
+_DEFAULT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The default relative tolerance for a state of ``dtype``.
+
+    About ``1e-10`` in float64 and ``1e-5`` in float32: a few hundred ulps of the
+    state, which is what the second-order quantities need to keep their own accuracy.
+
+    Raises:
+        ValueError: ``dtype`` is neither float32 nor float64.
+    """
+    return _DEFAULT_RTOL[supported_dtype(dtype, "the state")]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Stopping rule ``‖f(h) − h‖₂ ≤ max(atol, rtol · ‖f(h)‖₂)``, per sample row.
+
+    A row is accepted only where ``‖f(h)‖₂`` and the residual are finite: a state
+    whose norm overflows has diverged, however large ``rtol · ‖f(h)‖₂`` becomes.
+
+    Attributes:
+        rtol: relative tolerance, in ``[0, 1)``.
+        atol: absolute tolerance (a floor for states near zero), finite and ``>= 0``.
+    """
+
+    rtol: float
+    atol: float
+
+    @classmethod
+    def resolve(cls, tol: float | None, atol: float | None, dtype: torch.dtype) -> Tolerance:
+        """Fill in defaults: ``tol`` by dtype, ``atol`` equal to ``tol`` (unit scale).
+
+        Raises:
+            ValueError: ``dtype`` is not float32/float64; ``tol`` outside ``[0, 1)`` or
+                ``atol`` negative, NaN or infinite (``tol=inf`` would accept ``h0``).
+        """
+        supported_dtype(dtype, "the state")
+        rtol = default_tolerance(dtype) if tol is None else tol
+        rtol = real(
+            rtol,
+            "tol",
+            minimum=0.0,
+            below=1.0,
+            meaning="It is relative to ‖f(h)‖ (tol >= 1 accepts any iterate); tol=None "
+            "picks 1e-10 in float64, 1e-5 in float32.",
+        )
+        abs_tol = real(
+            rtol if atol is None else atol,
+            "atol",
+            minimum=0.0,
+            meaning="It bounds ‖f(h) − h‖ for states near zero; atol=None uses tol.",
+        )
+        return cls(rtol=rtol, atol=abs_tol)
+
+    def threshold(self, scale: Tensor) -> Tensor:
+        """Per-row residual bound for rows whose ``‖f(h)‖`` is ``scale``."""
+        return torch.clamp(self.rtol * scale, min=self.atol)
+
+    def met(self, residual: Tensor, scale: Tensor) -> Tensor:
+        """Rows ``[S]`` whose residual meets the bound, both finite."""
+        finite = torch.isfinite(residual) & torch.isfinite(scale)
+        return finite & (residual <= self.threshold(scale))
