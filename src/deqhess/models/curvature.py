@@ -72,7 +72,7 @@ class ModelCurvature:
         chunk_size: directions per pass in ``to_dense`` and large blocks; default about
             4M numbers.
         backward: how a block's K directions go through a batch's graph: ``"auto"``
-            (default), ``"batched"``, ``"vmap"`` or ``"loop"`` (see
+            (default), ``"vmap"``, ``"batched"`` or ``"loop"`` (see
             :class:`deqhess.models.backward.BlockBackward`).
 
     Raises:

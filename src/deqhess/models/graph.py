@@ -21,7 +21,7 @@ chosen parameters, ``o`` the model's output and ``ℓ(o)`` the weighted batch lo
   differentiated in ``h`` alone.
 
 How the K directions go through the graph is :class:`deqhess.models.backward.BlockBackward`'s
-choice (batched, vmapped or looped).
+choice (vmapped, batched or looped).
 """
 
 from __future__ import annotations
