@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_CACHE_BYTES",
     "BatchCache",
     "Batches",
+    "MappedBatches",
     "RankShard",
     "check_same_data",
     "held_bytes",
@@ -55,7 +56,7 @@ class Batches:
                 f"got {type(data).__name__}."
             )
         self.data = data
-        self.one_shot = isinstance(data, Iterator)
+        self.one_shot = isinstance(data, Iterator) or getattr(data, "one_shot", False)
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         for item in self.data:
@@ -70,11 +71,27 @@ class Batches:
         return len(self.data)  # type: ignore[arg-type]
 
 
+class MappedBatches:
+    """``fn(batch)`` for every batch of ``data``, as it is read: re-iterable and lazy."""
+
+    def __init__(self, data: Iterable[Any], fn: Callable[[Any], Any]) -> None:
+        self.data, self.fn = data, fn
+        self.one_shot = isinstance(data, Iterator) or getattr(data, "one_shot", False)
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.data:
+            yield self.fn(item)
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+
 class RankShard:
     """Batches ``rank, rank + world, …`` of ``data``: a rank's shard, re-iterable and lazy."""
 
     def __init__(self, data: Iterable[Any], rank: int, world: int) -> None:
         self.data, self.rank, self.world = data, rank, world
+        self.one_shot = isinstance(data, Iterator) or getattr(data, "one_shot", False)
 
     def __iter__(self) -> Iterator[Any]:
         for index, item in enumerate(self.data):

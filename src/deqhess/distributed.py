@@ -26,7 +26,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .chunks import default_chunk_size
-from .implicit import CurvatureOperator, DatasetEquilibrium, EquilibriumInfo, HessianSplit
+from .implicit import (
+    BatchSolve,
+    CurvatureOperator,
+    DatasetEquilibrium,
+    EquilibriumInfo,
+    HessianSplit,
+)
 from .implicit.operators import check_part
 from .parameters import ParameterLayout, Parameters
 
@@ -95,7 +101,8 @@ class DistributedDatasetEquilibrium:
     Attributes:
         local: this rank's :class:`DatasetEquilibrium` (its shard; possibly empty).
         num_samples: the global sample count.
-        batch_infos: the solve statistics of every batch of every rank, rank by rank.
+        batch_solves: every batch's :class:`deqhess.implicit.BatchSolve`, rank by rank
+            (``batch_infos``: their statistics).
 
     Raises:
         RankFailedError: on every rank but the failing one, when another rank fails
@@ -138,8 +145,8 @@ class DistributedDatasetEquilibrium:
             raise ValueError("every rank's shard is empty; pass at least one (x, target) batch.")
         self._scale = self.local.num_samples / self.num_samples if reduction == "mean" else 1.0
         gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, self.local.batch_infos, group=group)
-        self.batch_infos: list[EquilibriumInfo] = [info for infos in gathered for info in infos]
+        dist.all_gather_object(gathered, self.local.batch_solves, group=group)
+        self.batch_solves: list[BatchSolve] = [solve for shard in gathered for solve in shard]
 
     @property
     def num_parameters(self) -> int:
@@ -147,7 +154,11 @@ class DistributedDatasetEquilibrium:
 
     @property
     def num_batches(self) -> int:
-        return len(self.batch_infos)
+        return len(self.batch_solves)
+
+    @property
+    def batch_infos(self) -> list[EquilibriumInfo]:
+        return [solve.info for solve in self.batch_solves]
 
     def _agreed(self, compute: Callable[[], Any]) -> Any:
         return _agreed(compute, self.group, self.layout.device)

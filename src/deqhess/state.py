@@ -31,7 +31,14 @@ class StateLayout:
 
     def __init__(self, h0: Tensor, batch_dim: int | None = None) -> None:
         if not isinstance(h0, Tensor):
-            raise ValueError(f"h0 must be a torch.Tensor; got {type(h0).__name__}.")
+            hint = (
+                " For a tuple state (h₁, …, hₖ), wrap the cell in deqhess.nn.TupleState(cell, "
+                "shapes), which presents it as one flat [B, Σ dᵢ] state (.split(h) gives the "
+                "tuple back), or concatenate the parts in f yourself."
+                if isinstance(h0, (tuple, list))
+                else ""
+            )
+            raise ValueError(f"h0 must be a torch.Tensor; got {type(h0).__name__}.{hint}")
         if not h0.is_floating_point():
             raise ValueError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
         supported_dtype(h0.dtype, "h0")

@@ -38,6 +38,41 @@ FACTORY = textwrap.dedent(
 
     def not_a_problem():
         return 42
+
+    def raises_its_own_value_error():
+        raise ValueError("the user's own bug")
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(1)
+            self.W = torch.nn.Parameter(0.3 * torch.randn(4, 4, generator=g, dtype=torch.float64))
+            self.U = torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64))
+
+        def forward(self, x, h):
+            return torch.tanh(h @ self.W.T + x @ self.U.T)
+
+    def _cell_problem(**fields):
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+        y = torch.randn(6, 4, generator=g, dtype=torch.float64)
+        defaults = dict(
+            f=Cell(), data=[(x[:4], y[:4]), (x[4:], y[4:])],
+            loss=lambda h, t: ((h - t) ** 2).sum(1).mean(),
+            init_state=lambda x: x.new_zeros(x.shape[0], 4),
+        )
+        return AnalysisProblem(**{**defaults, **fields})
+
+    def cell():
+        return _cell_problem()
+
+    def cell_with_readout_theta():
+        model = torch.nn.ModuleDict({"deq": Cell(), "head": torch.nn.Linear(4, 2)})
+        theta = {n: p.detach() for n, p in model.named_parameters()}
+        return _cell_problem(theta=theta)
+
+    def cell_without_init_state():
+        return _cell_problem(init_state=None)
     """
 )
 
@@ -71,16 +106,22 @@ def test_analyze_writes_report_and_plots(factory, tmp_path, capsys):
                          ("dynamics_curvature", dense.dynamics_curvature)]:  # fmt: skip
         exact = torch.linalg.eigvalsh(0.5 * (matrix + matrix.T))
         got = report["parts"][part]
-        assert torch.allclose(torch.tensor(got["top"]), exact[-3:], atol=1e-8)
+        # "top" descending (as printed), "bottom" ascending; each with its residuals
+        assert torch.allclose(torch.tensor(got["top"]), exact[-3:].flip(0), atol=1e-8)
         assert torch.allclose(torch.tensor(got["bottom"]), exact[:2], atol=1e-8)
+        assert len(got["top_residuals"]) == 3 and len(got["bottom_residuals"]) == 2
+        density = got["density"]
+        assert len(density["grid"]) == len(density["density"]) == 400
+        assert len(density["nodes"]) == len(density["weights"]) == 8
+        assert abs(sum(density["weights"][0]) - 1.0) <= 1e-10
+        assert got["accuracy"]["float64_error"] is None  # float64: nothing to measure
+        assert got["accuracy"]["state_error"] <= 1e-10
         assert abs(got["trace"]["estimate"] - float(torch.trace(matrix))) <= 1e-8
     assert set(report["blocks"]) == {"W", "U", "b"}
 
 
 def test_analyze_errors(factory, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["analyze", f"{factory}:not_a_problem", "--no-progress"])
-    assert exit_info.value.code == 2
+    assert main(["analyze", f"{factory}:not_a_problem", "--no-progress"]) == 2
     assert "returned int; return a deqhess.cli.AnalysisProblem" in capsys.readouterr().err
     for spec, message in [
         ("no_colon", "must look like 'package.module:function'"),
@@ -88,11 +129,9 @@ def test_analyze_errors(factory, capsys):
         ("deqhess_no_such_module:make", "cannot import"),
         (f"{factory}:absent", "has no callable 'absent'"),
     ]:
-        with pytest.raises(SystemExit):
-            main(["analyze", spec, "--no-progress"])
+        assert main(["analyze", spec, "--no-progress"]) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["analyze", f"{factory}:make", "--parts", "ggn", "--no-progress"])
+    assert main(["analyze", f"{factory}:make", "--parts", "ggn", "--no-progress"]) == 2
     assert "unknown part 'ggn'" in capsys.readouterr().err
 
 
@@ -112,6 +151,8 @@ def test_analysis_argument_errors(factory, tmp_path):
     problem = dh.cli.load_factory(f"{factory}:make")
     with pytest.raises(ValueError, match="unknown trace estimator 'exact'"):
         run_analysis(problem, out=tmp_path, trace="exact", print_fn=lambda line: None)
+    with pytest.raises(ValueError, match=r"float64_probes must be 0 \(skip\) or at least 2; got 1"):
+        run_analysis(problem, out=tmp_path, float64_probes=1, print_fn=lambda line: None)
     problem.theta = None
     with pytest.raises(ValueError, match="the factory gave no theta"):
         problem.equilibria(progress=False)

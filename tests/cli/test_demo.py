@@ -55,8 +55,22 @@ def test_command_line_runs_demo(tmp_path, capsys):
         ]
     )
     assert code == 0
-    assert "deqhess demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "deqhess demo" in out and "GGN" not in out
     assert (tmp_path / "hessian_spectrum.png").exists()
+
+
+def test_no_progress_bars_off_a_terminal(tmp_path, capsys):
+    """Under pytest stderr is not a terminal: no tqdm output, plain lines instead (a
+    redirected log used to get hundreds of bar frames)."""
+    lines: list[str] = []
+    run_demo(out=tmp_path, steps=20, hessian_batch=4, state=3, fd_directions=1,
+             print_fn=lines.append, large_state=4, large_steps=2)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "training DEQ" not in err and "HVP/s" not in err and "it/s" not in err
+    steps = [line for line in lines if line.startswith("  training: step") and "/20," in line]
+    assert len(steps) == 10 and steps[-1].startswith("  training: step 20/20, loss")
+    assert any(line.startswith("  … total: top-5 eigenvalues") for line in lines)
 
 
 def test_command_line_rejects_unknown_command(capsys):

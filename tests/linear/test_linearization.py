@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from deqhess import NonFiniteError
-from deqhess.linear import GMRES, Dense, Linearization, Neumann, ResidualOperator, row_coupling
-from deqhess.linear.linearization import coupling_tolerance
+from deqhess.linear import (
+    GMRES,
+    Dense,
+    Linearization,
+    Neumann,
+    ResidualOperator,
+    coupling_tolerance,
+    row_coupling,
+)
 
 
 def _independent(samples=5, width=4, seed=0, rate=0.5):
@@ -31,9 +38,10 @@ def _with_coupling(samples, source, target, strength=1e-3):
     return coupled, h
 
 
-def test_independent_rows_show_no_coupling():
+@pytest.mark.parametrize("direction", ["apply", "apply_transpose"])
+def test_independent_rows_show_no_coupling(direction):
     fn, h = _independent(samples=40)
-    coupling, _ = row_coupling(fn, h)
+    coupling, _ = row_coupling(getattr(ResidualOperator(fn, h), direction), h)
     assert coupling <= coupling_tolerance(h.dtype)
 
 
@@ -46,10 +54,14 @@ def test_independent_rows_show_no_coupling():
 def test_any_one_way_coupling_is_seen(samples, source, target):
     """One-way couplings, between rows of the same parity, and between rows whose indices
     differ only in a high base-16 digit: each changes the coupled row's derivative by
-    ~1e-3 relative, far above the 2e-13 tolerance, and is reported at the receiving row."""
+    ~1e-3 relative, far above the 2e-13 tolerance, and is reported at the receiving row
+    (of ``J``; of ``(I − J)ᵀ`` the coupling runs the other way)."""
     fn, h = _with_coupling(samples, source, target)
-    coupling, row = row_coupling(fn, h)
+    op = ResidualOperator(fn, h)
+    coupling, row = row_coupling(op.apply, h)
     assert coupling > 1e-5 and row == target
+    coupling, row = row_coupling(op.apply_transpose, h)
+    assert coupling > 1e-5 and row == source
 
 
 def test_linearization_checks_before_its_first_solve():
@@ -57,7 +69,8 @@ def test_linearization_checks_before_its_first_solve():
     lin = Linearization(fn, h, Dense(), independent_rows=True, declared=("f couples", "fix it"))
     assert not lin.is_prepared  # the check and the set-up are lazy
     with pytest.raises(
-        ValueError, match=r"f couples \(declared independent\): sample 3's .*fix it"
+        ValueError,
+        match=r"f couples \(declared independent\): the products of ∂F/∂h for sample 1 .*fix it",
     ):
         lin.solve(torch.randn(5, 4))
 
@@ -178,3 +191,22 @@ def test_nan_loss_through_the_layer_is_named():
     h = DEQ(Cell(), linear_solver="gmres")(torch.randn(2, 3))
     with pytest.raises(NonFiniteError, match="right-hand side of a solve with I − J"):
         (h.sum() * float("nan")).backward()
+
+
+def test_only_strategies_that_rely_on_independent_rows_check_them():
+    """A Neumann iteration applies the full (I − J)ᵀ and so is exact for coupled rows
+    too; dense blocks and GMRES per row would not be, and refuse."""
+    fn, h = _with_coupling(5, 1, 3, strength=0.2)
+
+    def whole(r):
+        return fn(r.reshape(5, 4)).reshape(1, -1)
+
+    jac = torch.func.jacrev(whole)(h.reshape(1, -1))[0, :, 0, :]
+    rhs = torch.randn(5, 4)
+    exact = torch.linalg.solve((torch.eye(20) - jac).T, rhs.reshape(-1)).reshape(5, 4)
+    lin = Linearization(fn, h, Neumann(), independent_rows=True)
+    assert torch.allclose(lin.solve(rhs, transpose=True), exact, atol=1e-11)
+    for strategy in (Dense(), GMRES()):
+        lin = Linearization(fn, h, strategy, independent_rows=True)
+        with pytest.raises(ValueError, match=r"declared independent"):
+            lin.solve(rhs, transpose=True)

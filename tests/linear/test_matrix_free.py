@@ -11,9 +11,11 @@ from deqhess.linear import (
     Dense,
     DenseLU,
     Neumann,
+    NeumannGMRES,
     ResidualOperator,
     gmres,
     neumann,
+    neumann_then_gmres,
     resolve_linear_solver,
 )
 
@@ -118,7 +120,8 @@ def test_resolve_linear_solver():
     # a layer's backward (few solves per fixed point) factorises only narrow blocks
     assert isinstance(resolve_linear_solver("auto", 64, 64, torch.float32, few_solves=True), Dense)
     few = resolve_linear_solver("auto", 64, 256, torch.float32, few_solves=True)
-    assert isinstance(few, GMRES)
+    assert isinstance(few, NeumannGMRES)
+    assert isinstance(resolve_linear_solver("neumann-gmres", 1, 4, torch.float64), NeumannGMRES)
     assert isinstance(resolve_linear_solver("neumann", 1, 4, torch.float64), Neumann)
     mine = GMRES(restart=5)
     assert resolve_linear_solver(mine, 1, 4, torch.float64) is mine
@@ -133,3 +136,29 @@ def test_resolve_linear_solver():
 def test_dense_strategy_prepares_lu():
     fn, h = _rowwise()
     assert isinstance(Dense().init(ResidualOperator(fn, h)), DenseLU)
+
+
+def test_neumann_then_gmres_switches_only_when_neumann_is_slow():
+    """J = ρ·Q (Q orthogonal): at ρ = 0.3 Neumann alone; at ρ = 0.97 Neumann would need
+    ~900 products for 1e-12 and hands over to GMRES; at J = −1.5 I (ρ > 1) Neumann
+    diverges and GMRES solves (I − J) x = 2.5 x = b all the same."""
+    q, _ = torch.linalg.qr(torch.randn(30, 30))
+    b = torch.randn(3, 30)
+    for rho, method in [(0.3, "Neumann"), (0.97, "Neumann→GMRES")]:
+        a = torch.eye(30) - rho * q
+
+        def matvec(v, a=a):
+            return v @ a.T
+
+        x, info = neumann_then_gmres(matvec, b, rtol=1e-12)
+        assert info.method == method and info.converged and info.residual <= 1e-12
+        assert torch.allclose(x, torch.linalg.solve(a, b.T).T, atol=1e-10)
+    x, info = neumann_then_gmres(lambda v: 2.5 * v, b, rtol=1e-12)
+    assert info.method == "Neumann→GMRES" and info.converged
+    assert torch.allclose(x, b / 2.5, atol=1e-13)
+    fn, h = _rowwise(width=30)
+    op = ResidualOperator(fn, h)
+    x = NeumannGMRES().init(op).transpose().solve(b)
+    assert torch.allclose(x, Dense().init(op).transpose().solve(b), atol=1e-10)
+    with pytest.raises(ValueError, match=r"NeumannGMRES needs 0 < rate < 1"):
+        NeumannGMRES(rate=1.0)

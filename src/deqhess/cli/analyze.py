@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from ..curvature import (
+    EigenResult,
     ParameterBlock,
     diagonal,
     extreme_eigenpairs,
     hutchinson,
     hutchpp,
+    operator_accuracy,
     spectral_density,
 )
 from ..implicit import DatasetEquilibrium
@@ -24,6 +28,17 @@ from .plots import plot_densities, plot_diagonal, plot_top_eigenvalues
 from .problem import AnalysisProblem, ModelProblem
 
 __all__ = ["run_analysis"]
+
+#: What each error figure of the report bounds or estimates (also written to report.json).
+ERROR_NOTES = {
+    "residuals": "Lanczos residuals ‖Hv − λv‖: some eigenvalue of the operator as computed "
+    "(its dtype, its inexact fixed point and solves) lies within this of λ",
+    "float64_residuals": "‖H₆₄v − λv‖ with the problem rebuilt in float64: some float64 "
+    "eigenvalue lies within this of λ",
+    "std_error": "standard error of the stochastic estimator for the operator as computed",
+    "accuracy": "relative error of the operator itself vs the exact one: measured against "
+    "float64 on probes when available, else estimated (see deqhess.curvature.accuracy)",
+}
 
 
 def run_analysis(
@@ -42,63 +57,107 @@ def run_analysis(
     seed: int = 0,
     progress: bool | None = None,
     print_fn: Callable[[str], None] = print,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    options: dict[str, Any] | None = None,
+    float64_probes: int = 4,
 ) -> dict[str, Any]:
-    """Run the chosen analyses on each part (default: every part the problem defines),
-    print a report, write plots and ``report.json``."""
+    """Run the chosen analyses on each part, print a report, write plots and ``report.json``.
+
+    Args:
+        parts: the operators to analyse; default every part the problem defines.
+        progress: progress bars; None shows them only on a terminal and prints a plain
+            line per finished analysis otherwise.
+        dtype, device, options: passed to :meth:`AnalysisProblem.equilibria` (casts and
+            solver options overriding the factory's).
+        float64_probes: when the analysis runs below float64, rebuild the problem in
+            float64 and measure each part's error on this many probes, and each
+            eigenpair's residual against it (0: skip; the cheap estimate remains).
+    """
     parts = problem.parts if parts is None else parts
     for part in parts:
         if part not in problem.parts:
             raise ValueError(f"unknown part {part!r}; use some of {list(problem.parts)}.")
     if trace not in (None, "hutch++", "hutchinson"):
         raise ValueError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
+    if float64_probes == 1 or float64_probes < 0:
+        raise ValueError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
     leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if not leader:  # under torch.distributed only rank 0 reports and writes files
         progress, print_fn = False, _silent
+    bars = sys.stderr.isatty() if progress is None else progress
+    stage = _Stages(print_fn if leader and not bars else _silent)
     out = Path(out)
     start = time.perf_counter()
-    data: DatasetEquilibrium | ModelCurvature = problem.equilibria(progress)
+    options = options or {}
+    data: DatasetEquilibrium | ModelCurvature = problem.equilibria(
+        bars, dtype=dtype, device=device, **options
+    )
+    batches = data.num_batches
+    stage.done(f"solved {batches} batch{'' if batches == 1 else 'es'}", start)
     report: dict[str, Any] = {
         "parameters": data.num_parameters,
-        "batches": data.num_batches,
+        "batches": batches,
         "samples": data.num_samples,
+        "dtype": str(data.layout.dtype).removeprefix("torch."),
         "solve": _solve_summary(data, time.perf_counter() - start),
+        "error_notes": ERROR_NOTES,
         "parts": {},
         "files": [],
     }
-    densities = {}
+    densities, eigenpairs = {}, {}
+    check_float64 = float64_probes > 0 and data.layout.dtype != torch.float64
     for part in parts:
         op = data.hessian_operator(part)
         entry: dict[str, Any] = {}
         tic = time.perf_counter()
         hvps = 0
-        if top_k:
-            top = extreme_eigenpairs(op, top_k, "largest", seed=seed, progress=progress)
-            entry["top"] = top.eigenvalues.tolist()
-            entry["top_residuals"] = top.residuals.tolist()
-            hvps += top.num_hvps
-        if bottom_k:
-            bottom = extreme_eigenpairs(op, bottom_k, "smallest", seed=seed, progress=progress)
-            entry["bottom"] = bottom.eigenvalues.tolist()
-            entry["bottom_residuals"] = bottom.residuals.tolist()
-            hvps += bottom.num_hvps
+        for which, k in (("top", top_k), ("bottom", bottom_k)):
+            if k:
+                mark = time.perf_counter()
+                order = "largest" if which == "top" else "smallest"
+                result = extreme_eigenpairs(op, k, order, seed=seed, progress=bars)
+                if which == "top":  # descending, as printed
+                    result = _reversed(result)
+                eigenpairs[part, which] = result
+                entry[which] = result.eigenvalues.tolist()
+                entry[f"{which}_residuals"] = result.residuals.tolist()
+                hvps += result.num_hvps
+                stage.done(f"{part}: {which}-{k} eigenvalues, {result.num_hvps} HVPs", mark)
         if trace is not None:
+            mark = time.perf_counter()
             estimator = hutchpp if trace == "hutch++" else hutchinson
-            result = estimator(op, trace_hvps, seed=seed, progress=progress)
+            result = estimator(op, trace_hvps, seed=seed, progress=bars)
             entry["trace"] = {"estimate": result.estimate, "std_error": result.std_error,
                               "method": result.method}  # fmt: skip
             hvps += result.num_hvps
+            stage.done(f"{part}: trace ({trace}), {result.num_hvps} HVPs", mark)
         if density:
+            mark = time.perf_counter()
             densities[part] = spectral_density(
-                op, density_probes, density_steps, seed=seed, progress=progress
+                op, density_probes, density_steps, seed=seed, progress=bars
             )
+            entry["density"] = _density_entry(densities[part])
             hvps += densities[part].num_hvps
+            stage.done(f"{part}: spectral density, {densities[part].num_hvps} HVPs", mark)
+        if not check_float64:  # else measured against float64 below
+            mark = time.perf_counter()
+            accuracy = operator_accuracy(op, _solves(data), seed=seed, progress=bars)
+            entry["accuracy"] = _accuracy_entry(accuracy)
+            hvps += accuracy.num_hvps
+            stage.done(f"{part}: operator accuracy, {accuracy.num_hvps} HVPs", mark)
         entry["hvps"], entry["seconds"] = hvps, time.perf_counter() - tic
         report["parts"][part] = entry
+    if check_float64:
+        mark = time.perf_counter()
+        _float64_check(data, problem, report, eigenpairs, float64_probes, seed, bars, options,
+                       device)  # fmt: skip
+        stage.done("measured against the problem in float64", mark)
     layout = data.layout
     if diagonal_probes:
-        diag = diagonal(
-            data.hessian_operator("total"), diagonal_probes, seed=seed, progress=progress
-        )
+        mark = time.perf_counter()
+        diag = diagonal(data.hessian_operator("total"), diagonal_probes, seed=seed, progress=bars)
         groups = layout.unflatten(diag.estimate)
         errors = layout.unflatten(diag.std_error)
         if not isinstance(groups, dict):
@@ -111,6 +170,7 @@ def run_analysis(
             }
             for name in groups
         }
+        stage.done(f"diagonal, {diag.num_hvps} HVPs", mark)
     if blocks and layout.names is not None and top_k:
         op = data.hessian_operator("total")
         report["blocks"] = {}
@@ -118,9 +178,8 @@ def run_analysis(
             k = min(top_k, size - 1)
             if k >= 1:
                 block = ParameterBlock(op, layout, [name])
-                report["blocks"][name] = extreme_eigenpairs(
-                    block, k, seed=seed, progress=progress
-                ).eigenvalues.tolist()
+                values = extreme_eigenpairs(block, k, seed=seed, progress=bars).eigenvalues
+                report["blocks"][name] = values.flip(0).tolist()  # descending
     report["seconds"] = time.perf_counter() - start
     report["processes"] = dist.get_world_size() if dist.is_initialized() else 1
     if not leader:
@@ -133,27 +192,94 @@ def run_analysis(
         report["files"].append(str(plot_top_eigenvalues(tops, out / "top_eigenvalues.png")))
     if densities:
         report["files"].append(str(plot_densities(densities, out / "spectral_density.png")))
-    (out / "report.json").write_text(json.dumps(report, indent=2))
     report["files"].append(str(out / "report.json"))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     for line in _lines(report):
         print_fn(line)
     return report
+
+
+def _float64_check(data, problem, report, eigenpairs, probes, seed, bars, options, device):
+    """Rebuild the problem in float64 (with its default tolerance) and measure each part
+    against it: the operator's error on probes, the eigenpairs' residuals."""
+    reference_options = {k: v for k, v in options.items() if k != "tol"}
+    data64 = problem.equilibria(bars, dtype=torch.float64, device=device, **reference_options)
+    for part, entry in report["parts"].items():
+        reference = data64.hessian_operator(part)
+        accuracy = operator_accuracy(
+            data.hessian_operator(part), _solves(data), reference=reference,
+            num_probes=probes, seed=seed, progress=bars,
+        )  # fmt: skip
+        entry["accuracy"] = _accuracy_entry(accuracy)
+        entry["hvps"] += accuracy.num_hvps
+        for which in ("top", "bottom"):
+            if (part, which) in eigenpairs:
+                bounds = eigenpairs[part, which].residuals_against(reference)
+                entry[f"{which}_float64_residuals"] = bounds.tolist()
+
+
+def _reversed(result: EigenResult) -> EigenResult:
+    return EigenResult(
+        eigenvalues=result.eigenvalues.flip(0),
+        eigenvectors=result.eigenvectors.flip(1),
+        residuals=result.residuals.flip(0),
+        num_hvps=result.num_hvps,
+    )
+
+
+def _density_entry(result) -> dict[str, Any]:
+    nodes = torch.cat(result.nodes)
+    return {
+        "grid": result.grid.tolist(),
+        "density": result.density.tolist(),
+        "sigma": result.sigma,
+        "probes": len(result.nodes),
+        "nodes": [t.tolist() for t in result.nodes],
+        "weights": [t.tolist() for t in result.weights],
+        "node_range": [float(nodes.min()), float(nodes.max())],
+    }
+
+
+def _accuracy_entry(accuracy) -> dict[str, Any]:
+    return {
+        "estimate": accuracy.estimate,
+        "state_error": accuracy.state_error,
+        "condition_known": accuracy.condition_known,
+        "asymmetry": accuracy.asymmetry,
+        "scale": accuracy.scale,
+        "float64_error": accuracy.reference_error,
+    }
+
+
+class _Stages:
+    """Plain progress lines, one per finished analysis (when no bars are shown)."""
+
+    def __init__(self, print_fn: Callable[[str], None]) -> None:
+        self.print_fn = print_fn
+
+    def done(self, what: str, since: float) -> None:
+        self.print_fn(f"  … {what} ({time.perf_counter() - since:.1f} s)")
 
 
 def _silent(line: str) -> None:
     return None
 
 
+def _solves(data: DatasetEquilibrium | ModelCurvature) -> list | None:
+    """The batches' forward solves, for the state error (a model's DEQ layers solve
+    inside each product: none)."""
+    return None if isinstance(data, ModelCurvature) else data.batch_solves
+
+
 def _solve_summary(data: DatasetEquilibrium | ModelCurvature, seconds: float) -> dict[str, Any]:
-    """The batches' forward solves (a model's DEQ layers solve inside each product)."""
-    if isinstance(data, ModelCurvature):
+    solves = _solves(data)
+    if not solves:
         return {"seconds": seconds}
-    infos = data.batch_infos
     return {
         "seconds": seconds,
-        "max_iterations": max(info.iterations for info in infos),
-        "max_residual": max(info.residual_norm for info in infos),
-        "linear_solver": infos[0].linear_solver,
+        "max_iterations": max(s.info.iterations for s in solves),
+        "max_residual": max(s.info.residual_norm for s in solves),
+        "linear_solver": solves[0].info.linear_solver,
     }
 
 
@@ -161,26 +287,39 @@ def _lines(r: dict[str, Any]) -> list[str]:
     s = r["solve"]
     lines = [
         "deqhess analyze — curvature of a DEQ's data-set loss",
-        f"  P = {r['parameters']:,} parameters; {r['samples']} samples in {r['batches']} batches",
+        f"  P = {r['parameters']:,} parameters ({r['dtype']}); {r['samples']} samples in "
+        f"{r['batches']} batch{'' if r['batches'] == 1 else 'es'}",
     ]
     if "max_iterations" in s:
         lines.append(
             f"  solve: {s['max_iterations']} iterations max, residual ≤ "
             f"{s['max_residual']:.1e}, {s['linear_solver']}, {s['seconds']:.1f} s"
         )
+    lines += [
+        "  error figures: residual = Lanczos ‖Hv − λv‖ (bounds the distance to an "
+        "eigenvalue of the operator as computed); ± = standard error of the estimator; "
+        "operator = that operator's own relative error vs the exact one",
+    ]
     for part, e in r["parts"].items():
         lines.append(f"{part} ({e['hvps']} HVPs, {e['seconds']:.1f} s)")
-        if "top" in e:
-            values = ", ".join(f"{v:+.4e}" for v in reversed(e["top"]))
-            lines.append(
-                f"  top eigenvalues:    {values}  (residual ≤ {max(e['top_residuals']):.1e})"
-            )
-        if "bottom" in e:
-            values = ", ".join(f"{v:+.4e}" for v in e["bottom"])
-            lines.append(f"  bottom eigenvalues: {values}")
+        for which in ("top", "bottom"):
+            if which in e:
+                values = ", ".join(f"{v:+.4e}" for v in e[which])
+                line = f"  {which} eigenvalues:{' ' * (7 - len(which))}{values}"
+                line += f"  (residual ≤ {max(e[which + '_residuals']):.1e}"
+                if f"{which}_float64_residuals" in e:
+                    line += f"; vs float64 ≤ {max(e[which + '_float64_residuals']):.1e}"
+                lines.append(line + ")")
         if "trace" in e:
             t = e["trace"]
             lines.append(f"  trace ({t['method']}): {t['estimate']:+.4e} ± {t['std_error']:.1e}")
+        if "density" in e:
+            low, high = e["density"]["node_range"]
+            lines.append(
+                f"  spectral density: {e['density']['probes']} probes, Ritz values in "
+                f"[{low:+.3e}, {high:+.3e}], σ = {e['density']['sigma']:.1e}"
+            )
+        lines.append(f"  operator: {_describe_accuracy(e['accuracy'])}")
     if "diagonal" in r:
         lines.append("diagonal of H by parameter (Hutchinson): sum, mean |·|")
         for name, d in r["diagonal"].items():
@@ -190,6 +329,18 @@ def _lines(r: dict[str, Any]) -> list[str]:
     if "blocks" in r:
         lines.append("top eigenvalues of each parameter's diagonal block of H")
         for name, values in r["blocks"].items():
-            lines.append(f"  {name:<20} " + ", ".join(f"{v:+.3e}" for v in reversed(values)))
+            lines.append(f"  {name:<20} " + ", ".join(f"{v:+.3e}" for v in values))
     lines.append(f"total {r['seconds']:.1f} s; files: " + ", ".join(r["files"]))
     return lines
+
+
+def _describe_accuracy(a: dict[str, Any]) -> str:
+    text = f"relative error ≈ {a['estimate']:.1e}"
+    if a["float64_error"] is not None:
+        text += " (measured against float64"
+    else:
+        text += " (estimated"
+    if a["state_error"] is None:  # a model: its DEQ layers solve inside each product
+        return text + f"; asymmetry {a['asymmetry']:.1e})"
+    how = "cond(I − J)·‖f(h) − h‖/‖h‖" if a["condition_known"] else "‖f(h) − h‖/‖h‖"
+    return text + f"; state {a['state_error']:.1e} from {how}, asymmetry {a['asymmetry']:.1e})"

@@ -1,38 +1,72 @@
-"""``deqhess`` — the command line: ``deqhess demo`` and ``deqhess analyze``."""
+"""``deqhess`` — the command line: ``deqhess demo`` and ``deqhess analyze``.
+
+Errors: deqhess's own (its named errors, and the ``ValueError`` s it raises on bad input)
+are printed as one message with exit status 2 (bad input) or 1 (a numerical failure);
+any other exception — from the user's factory, cell or loss — propagates with its
+traceback, since that is where its cause lies.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+_DTYPES = ("float32", "float64")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each help text (unless None or False, or the help already
+    says what the default is); descriptions kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="deqhess", description="Exact Hessians of deep equilibrium models."
+        prog="deqhess",
+        description="Exact Hessians of deep equilibrium models.",
+        formatter_class=_Formatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="train a DEQ on the digits data and report its exact Hessian"
+        "demo",
+        help="train a DEQ on the digits data and report its exact Hessian",
+        description="Train a DEQ classifier on the digits data, report its exact Hessian "
+        "(checks, spectra, the share of the dynamics curvature) and write plots.",
+        formatter_class=_Formatter,
     )
-    demo.add_argument("--out", default="deqhess-demo", help="folder for the plot")
+    demo.add_argument("--out", default="deqhess-demo", help="folder for the plots")
     demo.add_argument("--steps", type=int, default=150, help="training steps")
     demo.add_argument("--batch", type=int, default=128, help="samples in the Hessian's loss")
     demo.add_argument("--state", type=int, default=32, help="DEQ state width n")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--seed", type=int, default=0, help="seed of data split and training")
     demo.add_argument(
         "--large-state", type=int, default=192,
         help="state width of the demo's matrix-free section (0 skips it)",
     )  # fmt: skip
+    demo.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads; the demo's tensors are small, and more threads only wait "
+        "on each other (10× slower on a busy 2-core machine)",
+    )  # fmt: skip
+    _progress_flag(demo)
 
     analyze = commands.add_parser(
         "analyze",
         help="curvature analyses of your DEQ from a factory",
         description="Run curvature analyses on the data-set loss of the DEQ a factory returns "
-        "(a deqhess.cli.AnalysisProblem); print a report, write plots and report.json.",
+        "(a deqhess.cli.AnalysisProblem); print a report, write plots and report.json.\n"
+        "Solver flags override the factory's options.",
+        formatter_class=_Formatter,
     )
     analyze.add_argument("factory", help="package.module:function or path/to/file.py:function")
     analyze.add_argument("--out", default="deqhess-analysis", help="folder for plots and report")
@@ -49,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     analyze.add_argument("--trace-hvps", type=int, default=60, help="HVPs for the trace")
     analyze.add_argument("--density", action="store_true", help="spectral density by SLQ")
-    analyze.add_argument("--density-probes", type=int, default=8)
-    analyze.add_argument("--density-steps", type=int, default=60)
+    analyze.add_argument("--density-probes", type=int, default=8, help="SLQ probes")
+    analyze.add_argument("--density-steps", type=int, default=60, help="Lanczos steps per probe")
     analyze.add_argument(
         "--diagonal", type=int, default=0, metavar="PROBES",
         help="estimate diag(H) with this many probes (0: skip)",
@@ -58,56 +92,130 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--blocks", action="store_true", help="top eigenvalues of each parameter's block"
     )
-    analyze.add_argument("--seed", type=int, default=0)
-    analyze.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    analyze.add_argument(
+        "--float64-probes", type=int, default=4, metavar="N",
+        help="for analyses below float64: rebuild the problem in float64 and measure the "
+        "operator's error on N probe products and the eigenpairs' residuals (0: skip)",
+    )  # fmt: skip
+    analyze.add_argument("--seed", type=int, default=0, help="seed of the random probes")
+    solve = analyze.add_argument_group("solver options (each default: the factory's)")
+    solve.add_argument("--solver", help="forward solver: anderson or picard")
+    solve.add_argument("--tol", type=float, help="forward tolerance (the factory's, else by dtype)")
+    solve.add_argument("--max-iter", type=int, help="forward iterations cap")
+    solve.add_argument("--linear-solver", help="auto, dense, gmres or neumann")
+    solve.add_argument("--dtype", choices=_DTYPES, help="cast θ, the cell and the data")
+    solve.add_argument("--device", help="move θ, the cell and the data, e.g. cuda:0")
+    analyze.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    _progress_flag(analyze)
     return parser
+
+
+def _progress_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="progress bars (default: only on a terminal; otherwise plain lines)",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deqhess`` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from ..demo import run_demo
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1; got {args.threads}.")
+        import torch
 
-        run_demo(
-            out=args.out,
-            steps=args.steps,
-            hessian_batch=args.batch,
-            state=args.state,
-            large_state=args.large_state,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-        return 0
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "demo":
+            _demo(args)
+        else:
+            _analyze(args)
+    except Exception as error:
+        if not _raised_by_deqhess(error):
+            raise
+        return _report_error(args.command, error)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from ..demo import run_demo
+
+    run_demo(
+        out=args.out,
+        steps=args.steps,
+        hessian_batch=args.batch,
+        state=args.state,
+        large_state=args.large_state,
+        seed=args.seed,
+        progress=args.progress,
+    )
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    import torch
+
     from .analyze import run_analysis
     from .problem import load_factory
 
     _join_torchrun_group()
-    try:
-        problem = load_factory(args.factory)
-        run_analysis(
-            problem,
-            out=args.out,
-            parts=None
-            if args.parts is None
-            else [p.strip() for p in args.parts.split(",") if p.strip()],
-            top_k=args.top_k,
-            bottom_k=args.bottom_k,
-            trace=None if args.trace == "none" else args.trace,
-            trace_hvps=args.trace_hvps,
-            density=args.density,
-            density_probes=args.density_probes,
-            density_steps=args.density_steps,
-            diagonal_probes=args.diagonal,
-            blocks=args.blocks,
-            seed=args.seed,
-            # bars only on a terminal: logs stay line-oriented (no carriage returns)
-            progress=None if not args.no_progress and sys.stdout.isatty() else False,
-        )
-    except ValueError as error:
-        parser.exit(2, f"deqhess analyze: error: {error}\n")
-    return 0
+    overrides = {
+        "solver": args.solver,
+        "tol": args.tol,
+        "max_iter": args.max_iter,
+        "linear_solver": args.linear_solver,
+    }
+    problem = load_factory(args.factory)
+    run_analysis(
+        problem,
+        out=args.out,
+        parts=None
+        if args.parts is None
+        else [p.strip() for p in args.parts.split(",") if p.strip()],
+        top_k=args.top_k,
+        bottom_k=args.bottom_k,
+        trace=None if args.trace == "none" else args.trace,
+        trace_hvps=args.trace_hvps,
+        density=args.density,
+        density_probes=args.density_probes,
+        density_steps=args.density_steps,
+        diagonal_probes=args.diagonal,
+        blocks=args.blocks,
+        seed=args.seed,
+        progress=args.progress,
+        dtype=None if args.dtype is None else getattr(torch, args.dtype),
+        device=args.device,
+        options={k: v for k, v in overrides.items() if v is not None},
+        float64_probes=args.float64_probes,
+    )
+
+
+def _raised_by_deqhess(error: BaseException) -> bool:
+    """A deqhess named error, or a ValueError raised inside the deqhess package (not in
+    the user's code that deqhess called)."""
+    if type(error).__module__.split(".")[0] == "deqhess":
+        return True
+    if not isinstance(error, ValueError):
+        return False
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return False
+    return Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+def _report_error(command: str, error: BaseException) -> int:
+    kind = "" if isinstance(error, ValueError) else f"{type(error).__name__}: "
+    lines = [f"deqhess {command}: error: {kind}{error}"]
+    cause = error.__cause__
+    if cause is not None:
+        lines.append(f"  caused by {type(cause).__name__}: {cause}")
+    print("\n".join(lines), file=sys.stderr)
+    return 2 if isinstance(error, ValueError) else 1
 
 
 def _join_torchrun_group() -> None:

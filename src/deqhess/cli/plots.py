@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_densities", "plot_diagonal", "plot_top_eigenvalues"]
+__all__ = ["diagonal_figure", "plot_densities", "plot_diagonal", "plot_top_eigenvalues"]
 
 COLORS = {"total": "black", "loss_curvature": "tab:blue", "dynamics_curvature": "tab:red",
           "ggn": "tab:green"}  # fmt: skip
@@ -69,13 +69,25 @@ def plot_top_eigenvalues(eigenvalues: dict[str, list[float]], path: Path) -> Pat
 
 def plot_diagonal(groups: dict[str, dict[str, float]], path: Path) -> Path:
     """Mean |diag(H)| per parameter group, with the estimator's standard error."""
+    fig, ax = diagonal_figure(groups)
+    return _finish(fig, ax, "Hessian diagonal by parameter group", path, legend=False)
+
+
+def diagonal_figure(groups: dict[str, dict[str, float]]):
+    """The figure of :func:`plot_diagonal`: horizontal bars with the names on the
+    vertical axis, so long dotted names (``cell.block.conv1.weight``) never overlap."""
     plt = _pyplot()
     names = list(groups)
     means = [groups[n]["abs_mean"] for n in names]
     errors = [groups[n]["std_error"] for n in names]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4.5))
-    ax.bar(names, means, yerr=errors, color="tab:gray", capsize=4)
-    ax.set_yscale("log")
-    ax.set_ylabel("mean |diag(H)| (Hutchinson)")
-    ax.grid(alpha=0.3, axis="y")
-    return _finish(fig, ax, "Hessian diagonal by parameter group", path, legend=False)
+    longest = max(len(n) for n in names)
+    fig, ax = plt.subplots(figsize=(6 + 0.07 * longest, 1.5 + 0.35 * len(names)))
+    rows = np.arange(len(names))
+    ax.barh(rows, means, xerr=errors, color="tab:gray", capsize=3)
+    ax.set_yticks(rows, names)
+    ax.invert_yaxis()  # θ's order, top to bottom
+    ax.set_xscale("log")
+    ax.set_xlabel("mean |diag(H)| (Hutchinson)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig, ax

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
+import itertools
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..batches import RankShard
+from ..batches import MappedBatches, RankShard
 from ..distributed import DistributedDatasetEquilibrium
 from ..implicit import PARTS, DatasetEquilibrium
 from ..models import ModelCurvature
@@ -36,7 +38,8 @@ class AnalysisProblem:
         init_state: ``x ↦ h0`` per batch; default zeros like ``x`` (or ``cell.init_state``).
         reduction: ``"mean"`` or ``"sum"`` over the data.
         batch_dim: the state's sample dimension, or None.
-        options: further :class:`deqhess.Equilibrium` options (solver, tol, linear_solver…).
+        options: further :class:`deqhess.Equilibrium` options (solver, tol, linear_solver…);
+            the command line's ``--solver``, ``--tol``… override them.
         sharded: under ``torch.distributed``, whether ``data`` is already this rank's
             shard (a ``DistributedSampler``); if False, rank ``r`` of ``W`` takes batches
             ``r, r + W, …``.
@@ -55,15 +58,31 @@ class AnalysisProblem:
     #: the operators this problem defines
     parts = PARTS
 
-    def equilibria(self, progress: bool | None = None):
+    def equilibria(
+        self,
+        progress: bool | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ):
         """Solve every batch (see :class:`deqhess.DatasetEquilibrium`); under
         ``torch.distributed`` with several ranks, this rank's shard of a
-        :class:`deqhess.distributed.DistributedDatasetEquilibrium`."""
+        :class:`deqhess.distributed.DistributedDatasetEquilibrium`.
+
+        Args:
+            dtype, device: cast θ, the cell (a copy) and the floating tensors of every
+                batch (targets too) — the loss must then work in that dtype.
+            **overrides: :class:`deqhess.Equilibrium` options replacing ``options``'.
+        """
         f, theta, init = self.f, self.theta, self.init_state
+        cast = _Cast(dtype, device)
         if isinstance(f, nn.Module):
-            cell = f
+            cell = cast.module(f)
+            names = _state_names(cell)
             if theta is None:
                 theta = {n: p.detach() for n, p in cell.named_parameters()}
+            _check_cell_theta(cell, names, theta)
             if init is None and callable(getattr(cell, "init_state", None)):
                 init = lambda x: torch.zeros_like(cell.init_state(x))  # noqa: E731
 
@@ -72,17 +91,108 @@ class AnalysisProblem:
 
         if theta is None:
             raise ValueError("the factory gave no theta; set AnalysisProblem.theta.")
+        theta = cast.tree(theta)
+        if init is not None and cast.active:
+            user_init = init
+            init = lambda x: cast.tree(user_init(x))  # noqa: E731
+        data = cast.batches(self.data)
+        sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if sharded and not self.sharded:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            data = RankShard(data, rank, world)
+        if init is None:
+            data = _check_default_state(f, theta, data)
         kwargs = dict(
             init_state=init, reduction=self.reduction, batch_dim=self.batch_dim,
-            progress=progress, **self.options,
+            progress=progress, **{**self.options, **overrides},
         )  # fmt: skip
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            data = self.data
-            if not self.sharded:
-                rank, world = dist.get_rank(), dist.get_world_size()
-                data = RankShard(data, rank, world)
+        if sharded:
             return DistributedDatasetEquilibrium(f, theta, data, self.loss, **kwargs)
-        return DatasetEquilibrium(f, theta, self.data, self.loss, **kwargs)
+        return DatasetEquilibrium(f, theta, data, self.loss, **kwargs)
+
+
+class _Cast:
+    """Casts to a dtype and device (either None: left as is): floating tensors take the
+    dtype, every tensor the device; tuples, lists and dicts are walked."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device | str | None):
+        self.dtype, self.device = dtype, device
+        self.active = dtype is not None or device is not None
+
+    def tensor(self, t: Tensor) -> Tensor:
+        dtype = self.dtype if t.is_floating_point() else None
+        return t.to(device=self.device, dtype=dtype) if self.active else t
+
+    def tree(self, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return self.tensor(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.tree(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.tree(v) for k, v in value.items()}
+        return value
+
+    def module(self, cell: nn.Module) -> nn.Module:
+        return copy.deepcopy(cell).to(device=self.device, dtype=self.dtype) if self.active else cell
+
+    def batches(self, data: Iterable[Any]) -> Iterable[Any]:
+        """The batches cast as they are read (re-iterable: data-set passes read them
+        once per product)."""
+        return MappedBatches(data, self.tree) if self.active else data
+
+
+def _state_names(cell: nn.Module) -> list[str]:
+    return [n for n, _ in cell.named_parameters()] + [n for n, _ in cell.named_buffers()]
+
+
+def _check_cell_theta(cell: nn.Module, names: list[str], theta: Parameters) -> None:
+    """With a cell, θ must be a dict of the cell's own parameters (or buffers)."""
+    kind = type(cell).__name__
+    if not isinstance(theta, Mapping):
+        raise ValueError(
+            f"with f = the cell {kind}, theta must be a dict of its named parameters; got "
+            f"{type(theta).__name__}. Leave theta=None to take all of them."
+        )
+    unknown = [n for n in theta if n not in names]
+    if unknown:
+        raise ValueError(
+            f"theta has parameters the cell {kind} does not have: {unknown} (its own: "
+            f"{names[:8]}{' …' if len(names) > 8 else ''}). With an nn.Module cell, theta "
+            "may hold only the cell's parameters (theta=None takes all of them). To "
+            "differentiate also with respect to parameters outside the cell, e.g. a "
+            "readout used in the loss, give f as a function f(x, h, theta) that calls "
+            "torch.func.functional_call(cell, <the cell's entries of theta>, (x, h)), and "
+            "read the other entries in loss(h, theta, target)."
+        )
+
+
+def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iterable[Any]):
+    """With no ``init_state``, the state starts as zeros shaped like x: try ``f`` once on
+    the first batch so that a state of another shape is reported as such (nothing is
+    consumed: a one-shot iterator is re-chained, anything else read afresh)."""
+    batches = iter(data)
+    try:
+        first = next(batches)
+    except StopIteration:
+        return []
+    chained = itertools.chain([first], batches) if isinstance(data, Iterator) else data
+    x = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else None
+    if not isinstance(x, Tensor):
+        return chained
+    h0 = torch.zeros_like(x)
+    advice = (
+        "the factory gave no init_state, so the state starts as zeros shaped like x, "
+        f"{tuple(x.shape)}; if the state has another shape, set AnalysisProblem.init_state "
+        "(e.g. lambda x: x.new_zeros(x.shape[0], n)) or give the cell an init_state(x) method"
+    )
+    try:
+        with torch.no_grad():
+            out = f(x, h0, theta)
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise ValueError(f"f failed on the initial state: {advice}.") from error
+    if isinstance(out, Tensor) and out.shape != h0.shape:
+        raise ValueError(f"f returned shape {tuple(out.shape)} on the initial state: {advice}.")
+    return chained
 
 
 @dataclass
@@ -112,23 +222,46 @@ class ModelProblem:
     split_at: nn.Module | str | None = None
     batch_size_fn: Callable[[Any], int] | None = None
 
-    def equilibria(self, progress: bool | None = None) -> ModelCurvature:
-        """The model's curvature over the data (nothing is solved until a product)."""
+    def equilibria(
+        self,
+        progress: bool | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> ModelCurvature:
+        """The model's curvature over the data (nothing is solved until a product).
+
+        Args:
+            dtype, device: cast a copy of the model and the floating tensors of every
+                batch.
+            **overrides: not accepted: set solver options on the model's DEQ layers.
+        """
+        if overrides:
+            raise ValueError(
+                f"solver options {sorted(overrides)} apply to a DEQ layer; for a "
+                "ModelProblem set them on the model's deqhess.nn.DEQ layers in the factory."
+            )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(
                 "deqhess analyze runs a ModelProblem in one process; launch it without "
                 "torchrun (data-parallel model operators are not available yet)."
             )
-        return self._curvature()
+        cast = _Cast(dtype, device)
+        return self._curvature(cast.module(self.model), cast.batches(self.data))
 
     @property
     def parts(self) -> tuple[str, ...]:
-        return self._curvature().parts
+        """The operators the model defines (the split ones need one DEQ layer or split_at)."""
+        return self._curvature(self.model, self.data).parts
 
-    def _curvature(self) -> ModelCurvature:
+    def _curvature(self, model: nn.Module, data: Iterable[Any]) -> ModelCurvature:
+        split_at = self.split_at
+        if isinstance(split_at, nn.Module) and model is not self.model:  # the cast copy's
+            split_at = next(n for n, m in self.model.named_modules() if m is split_at)
         return ModelCurvature(
-            self.model, self.loss, self.data, self.params, reduction=self.reduction,
-            split_at=self.split_at, batch_size_fn=self.batch_size_fn,
+            model, self.loss, data, self.params, reduction=self.reduction,
+            split_at=split_at, batch_size_fn=self.batch_size_fn,
         )  # fmt: skip
 
 

@@ -2,19 +2,29 @@
 
 Every function takes any symmetric operator with ``shape``, ``dtype``, ``device`` and
 ``matmat`` — a :class:`deqhess.CurvatureOperator` for the Hessian, the loss curvature
-(GGN) or the dynamics curvature, of one equilibrium or a data set — or a
+or the dynamics curvature, of one equilibrium or a data set — or a
 :class:`ParameterBlock` of one. Each returns a small result object with the estimate,
 its error estimate where one exists and the number of HVPs used; random probes are
-seeded.
+seeded. Those error estimates are about the operator *as computed* (its dtype, its
+inexact fixed point and solves); :func:`operator_accuracy` estimates that operator's own
+error against the exact Hessian.
 """
 
 from __future__ import annotations
 
+from .accuracy import OperatorAccuracy, operator_accuracy, state_error
 from .base import Counted, ParameterBlock, SymmetricOperator
 from .density import DensityResult, spectral_density
 from .diagonal import DiagonalResult, diagonal
 from .eigen import EigenResult, extreme_eigenpairs
-from .inverse import InfluenceResult, InverseResult, influence, newton_step, solve_damped
+from .inverse import (
+    InfluenceResult,
+    InverseResult,
+    InverseStatus,
+    influence,
+    newton_step,
+    solve_damped,
+)
 from .trace import TraceResult, hutchinson, hutchpp
 
 __all__ = [
@@ -31,10 +41,15 @@ __all__ = [
     "diagonal",
     # inverse products
     "InverseResult",
+    "InverseStatus",
     "solve_damped",
     "newton_step",
     "InfluenceResult",
     "influence",
+    # the operator's own error
+    "OperatorAccuracy",
+    "operator_accuracy",
+    "state_error",
     # operators
     "Counted",
     "ParameterBlock",

@@ -23,7 +23,8 @@ __all__ = ["DensityResult", "spectral_density"]
 
 @dataclass(frozen=True)
 class DensityResult:
-    """A smoothed spectral density and the quadrature it came from.
+    """A smoothed spectral density and the quadrature it came from (of the operator as
+    computed; see :func:`deqhess.curvature.operator_accuracy` for its own error).
 
     Attributes:
         grid: ``[G]`` eigenvalue axis.

@@ -19,7 +19,8 @@ class DiagonalResult:
 
     Attributes:
         estimate: ``[P]`` the estimate ``(1/n) Σ zᵢ ⊙ H zᵢ`` (Rademacher ``zᵢ``).
-        std_error: ``[P]`` per-entry standard error (sample std / √n).
+        std_error: ``[P]`` per-entry standard error (sample std / √n): sampling error
+            for the operator as computed, not the operator's own error.
         num_hvps: Hessian-vector products used.
     """
 

@@ -4,7 +4,11 @@
 implicitly (bounded memory of ``ncv`` vectors), keeps the basis orthogonal, and stops
 on a residual test — everything a from-scratch Lanczos with full reorthogonalisation
 would do, well kept and widely trusted. Each eigenpair's residual ``‖H v − λ v‖`` is
-recomputed afterwards (one block product) as its error estimate. Operators of at most
+recomputed afterwards (one block product) as its error bound — a bound against the
+eigenvalues of the operator *as computed* (its dtype, its inexact fixed point and
+solves), not of the exact Hessian: add the operator's own error
+(:func:`deqhess.curvature.operator_accuracy`), or bound against a float64 reference
+with :meth:`EigenResult.residuals_against`. Operators of at most
 ``dense_below`` rows (ARPACK is unreliable when ``P`` is close to ``k``) are formed
 densely with ``P`` products and diagonalised exactly.
 """
@@ -33,8 +37,10 @@ class EigenResult:
     Attributes:
         eigenvalues: ``[k]``.
         eigenvectors: ``[P, k]``, orthonormal columns.
-        residuals: ``[k]`` ``‖H v − λ v‖`` — the error bound of each eigenvalue
-            (|λ − λ_true| ≤ residual for symmetric H).
+        residuals: ``[k]`` ``‖H v − λ v‖`` with ``H`` the operator as computed: some
+            eigenvalue of that operator lies within it of ``λ``. It says nothing of how
+            far that operator is from the exact Hessian (in float32 usually much
+            further: see :func:`deqhess.curvature.operator_accuracy`).
         num_hvps: Hessian-vector products used.
     """
 
@@ -42,6 +48,15 @@ class EigenResult:
     eigenvectors: Tensor
     residuals: Tensor
     num_hvps: int
+
+    def residuals_against(self, reference: SymmetricOperator) -> Tensor:
+        """``[k]`` ``‖H_ref v − λ v‖`` (float64): some eigenvalue of ``reference`` — the
+        same operator computed more accurately, e.g. the problem rebuilt in float64 —
+        lies within it of ``λ``. ``k`` products of ``reference``."""
+        vectors = self.eigenvectors.to(reference.dtype).to(reference.device)
+        values = self.eigenvalues.to(reference.dtype).to(reference.device)
+        residual = reference.matmat(vectors) - vectors * values
+        return torch.linalg.vector_norm(residual.double(), dim=0).cpu()
 
 
 def extreme_eigenpairs(

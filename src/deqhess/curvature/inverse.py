@@ -1,30 +1,77 @@
 """Inverse-Hessian-vector products: damped CG / MINRES, Newton steps, influence scores.
 
-``(H + δI) x = b`` is solved by ``scipy.sparse.linalg`` on the operator. The DEQ
-Hessian is often **indefinite** (the dynamics curvature has negative eigenvalues):
+``(H + δI) x = b`` is solved with products of the operator. Which method suits which
+operator:
 
-* ``method="minres"`` (default) handles any symmetric ``H + δI``; for singular systems it
-  returns a least-squares solution;
-* ``method="cg"`` needs ``H + δI`` positive definite — choose ``δ > −λ_min`` (get λ_min
-  from :func:`extreme_eigenpairs` with ``which="smallest"``), or use the GGN operator,
-  which is positive semi-definite for losses convex in (θ, h).
+* ``method="minres"`` (default; SciPy's MINRES) handles any symmetric ``H + δI``,
+  definite or not; for a singular system it returns a least-squares solution.
+* ``method="cg"`` needs ``H + δI`` positive definite. That holds for any part when
+  ``δ > −λ_min`` (get λ_min from :func:`extreme_eigenpairs` with ``which="smallest"``);
+  without damping it holds only for the ``loss_curvature`` part of a loss convex in
+  ``(θ, h)`` (then ``[I; Z]ᵀ ∇²L [I; Z]`` is positive semi-definite — still singular
+  where ``Z`` has a null space, so add some ``δ > 0``). The ``total`` Hessian and the
+  ``dynamics_curvature`` are indefinite in general, and so is ``loss_curvature`` as soon
+  as ``L(h, θ)`` holds a readout (a cross-entropy of ``V h + c`` is not convex in
+  ``(V, h)`` jointly). CG checks this as it goes: when it meets a direction ``p`` with
+  ``pᵀ(H + δI)p ≤ 0`` it stops with status ``NEGATIVE_CURVATURE`` and returns ``p``.
 
-A Newton step with an indefinite H may point uphill; damping with ``δ > −λ_min`` makes it
-a descent direction.
+Both stop after ``max_iter`` products (default ``min(2P, 1000)``), never SciPy's ``10·P``
+or ``5·P`` (64,100 products, over 15 minutes, at ``P = 6,410``). A Newton step with an
+indefinite H may point uphill; damping with ``δ > −λ_min`` makes it a descent direction.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator, cg, minres
+from scipy.sparse.linalg import minres
 from torch import Tensor
 
 from .base import Counted, SymmetricOperator
 
-__all__ = ["InfluenceResult", "InverseResult", "influence", "newton_step", "solve_damped"]
+__all__ = [
+    "InfluenceResult",
+    "InverseResult",
+    "InverseStatus",
+    "influence",
+    "newton_step",
+    "solve_damped",
+]
+
+#: Upper end of the default product cap of :func:`solve_damped`.
+MAX_PRODUCTS = 1000
+
+
+class InverseStatus(enum.Enum):
+    """How a damped solve ended; ``advice`` says what to try."""
+
+    CONVERGED = "converged"
+    NEGATIVE_CURVATURE = "negative curvature"
+    MAX_ITER = "max_iter reached"
+    INACCURATE = "inaccurate"
+
+    @property
+    def advice(self) -> str:
+        return {
+            "converged": "",
+            "negative curvature": (
+                "H + δI is not positive definite (see `direction` and `curvature`): raise "
+                "the damping above −λ_min(H), or use method='minres'."
+            ),
+            "max_iter reached": (
+                "the product cap was reached before the tolerance: raise max_iter, add "
+                "damping (better conditioning), or loosen tol."
+            ),
+            "inaccurate": (
+                "the solver stopped but the recomputed residual exceeds 10·tol: the system "
+                "is singular or too ill-conditioned for tol (MINRES then returns a "
+                "least-squares solution); add damping or loosen tol."
+            ),
+        }[self.value]
 
 
 @dataclass(frozen=True)
@@ -32,12 +79,20 @@ class InverseResult:
     """A solution of ``(H + δI) x = b``.
 
     Attributes:
-        solution: ``[P]``.
-        residual: ``‖(H + δI) x − b‖ / ‖b‖``, recomputed with one extra product.
-        converged: whether the recomputed relative residual is within ``10 · tol``
-            (MINRES also stops on singular systems, with a least-squares solution).
+        solution: ``[P]``; with ``NEGATIVE_CURVATURE`` CG's last iterate before the
+            direction was met (the minimiser of the quadratic model on the Krylov space
+            built so far), not a solution.
+        residual: ``‖(H + δI) x − b‖ / ‖b‖``, recomputed with one extra product of the
+            operator as computed (its own error is not included).
+        converged: ``status is CONVERGED``: the recomputed relative residual is within
+            ``10 · tol``.
         num_hvps: Hessian-vector products used (including the residual check).
         method: ``"cg"`` or ``"minres"``.
+        status: how the solve ended (:class:`InverseStatus`, with advice).
+        direction: ``[P]`` unit vector ``p`` with ``pᵀ(H + δI)p ≤ 0`` when CG met
+            negative curvature, else None.
+        curvature: ``pᵀ(H + δI)p`` for that unit ``p`` (so ``λ_min(H) ≤ curvature − δ``),
+            else None.
     """
 
     solution: Tensor
@@ -45,6 +100,9 @@ class InverseResult:
     converged: bool
     num_hvps: int
     method: str
+    status: InverseStatus = InverseStatus.CONVERGED
+    direction: Tensor | None = None
+    curvature: float | None = None
 
 
 def solve_damped(
@@ -56,29 +114,104 @@ def solve_damped(
     max_iter: int | None = None,
     progress: bool | None = None,
 ) -> InverseResult:
-    """Solve ``(H + δI) x = b`` for ``b`` ``[P]`` (see the module docstring on indefinite H)."""
+    """Solve ``(H + δI) x = b`` for ``b`` ``[P]`` (see the module docstring for which
+    operators suit CG).
+
+    Args:
+        damping: ``δ``.
+        method: ``"minres"`` (any symmetric system) or ``"cg"`` (positive definite;
+            stops at the first direction of non-positive curvature).
+        tol: relative residual ``‖(H + δI)x − b‖ / ‖b‖`` to reach.
+        max_iter: cap on products; default ``min(2P, 1000)``.
+
+    Returns:
+        An :class:`InverseResult`; it does not raise when the solve fails: check
+        ``converged`` / ``status``.
+    """
     if method not in ("cg", "minres"):
         raise ValueError(f"unknown method {method!r}; use 'minres' (indefinite) or 'cg'.")
+    size = op.shape[0]
+    if not (isinstance(b, Tensor) and b.shape == (size,)):
+        got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+        raise ValueError(f"b must be a [{size}] tensor (the operator's size); got {got}.")
+    if not (math.isfinite(damping) and bool(torch.isfinite(b).all())):
+        raise ValueError(f"damping and b must be finite; got damping={damping}.")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive; got {tol}.")
+    max_iter = min(2 * size, MAX_PRODUCTS) if max_iter is None else max_iter
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1; got {max_iter}.")
+    b = b.detach().to(dtype=op.dtype, device=op.device)
+    norm_b = float(torch.linalg.vector_norm(b))
+    if norm_b == 0:
+        return InverseResult(torch.zeros_like(b), 0.0, True, 0, method)
     counted = Counted(op, max_iter, progress, method.upper())
-    np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
-    base = counted.to_scipy()
-
-    def damped(a: np.ndarray) -> np.ndarray:
-        return base.matvec(a) + damping * np.asarray(a).reshape(-1)
-
-    rhs = b.detach().cpu().numpy().astype(np_dtype)
-    if method == "cg":
-        shape = op.shape
-        system = LinearOperator(shape, matvec=damped, rmatvec=damped, dtype=np_dtype)
-        x, info = cg(system, rhs, rtol=tol, maxiter=max_iter)
-    else:
-        x, info = minres(base, rhs, rtol=tol, shift=-damping, maxiter=max_iter)
-    counted.close()
-    solution = torch.as_tensor(x, dtype=op.dtype, device=op.device)
+    try:
+        if method == "cg":
+            solution, status, direction, curvature = _cg(counted, b, damping, tol, max_iter)
+        else:
+            solution, status = _minres(counted, b, damping, tol, max_iter)
+            direction = curvature = None
+    finally:
+        counted.close()
     applied = op.matmat(solution[:, None])[:, 0] + damping * solution
-    residual = float(torch.linalg.vector_norm(applied - b) / torch.linalg.vector_norm(b))
-    converged = info == 0 and residual <= 10 * tol
-    return InverseResult(solution, residual, converged, counted.products + 1, method)
+    residual = float(torch.linalg.vector_norm(applied - b)) / norm_b
+    if status is InverseStatus.CONVERGED and not residual <= 10 * tol:
+        status = InverseStatus.INACCURATE
+    return InverseResult(
+        solution=solution,
+        residual=residual,
+        converged=status is InverseStatus.CONVERGED,
+        num_hvps=counted.products + 1,
+        method=method,
+        status=status,
+        direction=direction,
+        curvature=curvature,
+    )
+
+
+def _cg(
+    op: Counted, b: Tensor, damping: float, tol: float, max_iter: int
+) -> tuple[Tensor, InverseStatus, Tensor | None, float | None]:
+    """Conjugate gradients on ``H + δI`` that watches the curvature ``pᵀ(H + δI)p``.
+
+    Written here rather than calling ``scipy.sparse.linalg.cg`` because SciPy's CG does
+    not expose ``pᵀAp``: on an indefinite operator it keeps iterating on a meaningless
+    recurrence until its cap, and cannot say that the operator, not the tolerance, was
+    the problem. Here the first ``pᵀ(H + δI)p ≤ 0`` ends the run (as in Steihaug's
+    truncated CG) and ``p`` is returned.
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = float(r @ r)
+    threshold = tol * float(torch.linalg.vector_norm(b))
+    for _ in range(max_iter):
+        q = op.matvec(p) + damping * p
+        curvature = float(p @ q)
+        if curvature <= 0:
+            norm_p = float(torch.linalg.vector_norm(p))
+            return x, InverseStatus.NEGATIVE_CURVATURE, p / norm_p, curvature / norm_p**2
+        alpha = rr / curvature
+        x = x + alpha * p
+        r = r - alpha * q
+        rr_next = float(r @ r)
+        if math.sqrt(rr_next) <= threshold:
+            return x, InverseStatus.CONVERGED, None, None
+        p = r + (rr_next / rr) * p
+        rr = rr_next
+    return x, InverseStatus.MAX_ITER, None, None
+
+
+def _minres(
+    op: Counted, b: Tensor, damping: float, tol: float, max_iter: int
+) -> tuple[Tensor, InverseStatus]:
+    """SciPy's MINRES on ``H + δI`` (its ``shift`` solves ``(H − shift·I) x = b``)."""
+    np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
+    rhs = b.cpu().numpy().astype(np_dtype)
+    x, info = minres(op.to_scipy(), rhs, rtol=tol, shift=-damping, maxiter=max_iter)
+    solution = torch.as_tensor(x, dtype=op.dtype, device=op.device)
+    return solution, InverseStatus.MAX_ITER if info > 0 else InverseStatus.CONVERGED
 
 
 def newton_step(

@@ -17,7 +17,9 @@ class TraceResult:
 
     Attributes:
         estimate: the estimate of ``tr(H)``.
-        std_error: its estimated standard error (from the spread of the probes).
+        std_error: its estimated standard error (from the spread of the probes): the
+            sampling error of the estimator for the operator as computed, not the
+            operator's own error (see :func:`deqhess.curvature.operator_accuracy`).
         num_hvps: Hessian-vector products used.
         method: ``"hutchinson"`` or ``"hutch++"``.
     """

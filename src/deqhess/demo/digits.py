@@ -7,7 +7,9 @@ Lagrangian form ``L(h, θ)``. Training uses deqhess's own implicit gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,8 +107,17 @@ def train(
     lr: float = 0.02,
     seed: int = 0,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **equilibrium_options: Any,
 ) -> tuple[dict[str, Tensor], list[float]]:
-    """Adam on minibatches with deqhess's implicit gradient; returns θ and the losses."""
+    """Adam on minibatches with deqhess's implicit gradient; returns θ and the losses.
+
+    Args:
+        progress: a tqdm bar (for a terminal).
+        log: without a bar, receives a plain line every tenth of the steps.
+        **equilibrium_options: for each step's :class:`Equilibrium` (e.g.
+            ``linear_solver="gmres"``: one adjoint solve per step needs no dense LU).
+    """
     from tqdm.auto import tqdm
 
     theta = model.init(seed, x.dtype)
@@ -114,10 +125,11 @@ def train(
     optimizer = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    for _ in tqdm(range(steps), desc="training DEQ", disable=not progress, leave=False):
+    every = max(1, steps // 10)
+    for step in tqdm(range(steps), desc="training DEQ", disable=not progress, leave=False):
         idx = torch.randint(len(y), (batch,), generator=g)
         snapshot = {k: v.detach().clone() for k, v in theta.items()}
-        eq = model.equilibrium(snapshot, x[idx], tol=1e-8)
+        eq = model.equilibrium(snapshot, x[idx], tol=1e-8, **equilibrium_options)
         objective = model.loss(y[idx])
         gradient = eq.grad(objective)
         for name, t in theta.items():
@@ -127,4 +139,6 @@ def train(
             model.project(theta)
         with torch.no_grad():
             losses.append(float(objective(eq.h, snapshot)))
+        if log is not None and not progress and ((step + 1) % every == 0 or step + 1 == steps):
+            log(f"  training: step {step + 1}/{steps}, loss {losses[-1]:.3f}")
     return {k: v.detach().clone() for k, v in theta.items()}, losses

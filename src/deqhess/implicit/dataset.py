@@ -44,7 +44,7 @@ from .hessian import HessianSplit
 from .loss import required_positional
 from .operators import CurvatureOperator, check_part
 
-__all__ = ["DatasetEquilibrium"]
+__all__ = ["BatchSolve", "DatasetEquilibrium"]
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -74,6 +74,24 @@ class _Solved:
     equilibrium: Equilibrium
     loss: _BatchLoss | None = None  # set once the total sample count is known
     cached: bool = False
+
+
+@dataclass(frozen=True)
+class BatchSolve:
+    """One batch's forward solve, as the first pass saw it (kept for every batch).
+
+    Attributes:
+        info: the solve statistics (per-sample residuals and convergence included; the
+            condition number of ``I − J`` when the batch was factorised for the cache).
+        samples: the batch's sample count.
+        state_norm: ``‖h*‖₂`` of the batch's fixed point.
+        dtype: the state's dtype.
+    """
+
+    info: EquilibriumInfo
+    samples: int
+    state_norm: float
+    dtype: torch.dtype
 
 
 def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
@@ -116,8 +134,8 @@ class DatasetEquilibrium:
         **options: passed to every :class:`Equilibrium` (solver, tol, linear_solver…).
 
     Attributes:
-        batch_infos: the solve statistics of each batch (:class:`EquilibriumInfo`),
-            in the order of the first pass.
+        batch_solves: each batch's :class:`BatchSolve` (statistics, samples, ‖h*‖), in
+            the order of the first pass; ``batch_infos`` their statistics alone.
         num_samples: the total sample count ``N``.
         layout: θ's layout (names, shapes, flattening order).
     """
@@ -149,28 +167,31 @@ class DatasetEquilibrium:
         self._data = Batches(batches)
         self._cache = BatchCache(cache_bytes)
         self._activations: int | None = None
-        self.batch_infos: list[EquilibriumInfo] = []
+        self.batch_solves: list[BatchSolve] = []
         self._widest = 0
         samples = 0
         for index, (x, target) in enumerate(self._bar(self._data, "solving batches", leave=True)):
             eq = self._solve(x)
-            self.batch_infos.append(eq.info)
             samples += eq.problem.state.samples
             self._widest = max(self._widest, eq.problem.state.size)
             solved = _Solved(x, target, eq)
             solved.cached = self._cache.offer(
                 index, x, target, solved, partial(self._cached_bytes, solved)
             )
+            state_norm = float(torch.linalg.vector_norm(eq.h.double()))
+            self.batch_solves.append(
+                BatchSolve(eq.info, eq.problem.state.samples, state_norm, eq.problem.state.dtype)
+            )  # after offering: a cached batch is factorised, and its info says cond(I − J)
             del eq, solved
-        if not self.batch_infos and not allow_empty:
+        if not self.batch_solves and not allow_empty:
             raise ValueError("batches is empty; pass at least one (x, target) batch.")
         self.num_samples = samples
-        self._cache.seal(len(self.batch_infos))
+        self._cache.seal(self.num_batches)
         if self._data.one_shot and not self._cache.complete:
             raise ValueError(
                 f"batches is a one-shot iterator ({type(batches).__name__}), but products "
                 "read the data once per pass and the cache holds only "
-                f"{len(self._cache)} of {len(self.batch_infos)} batches (cache_bytes="
+                f"{len(self._cache)} of {self.num_batches} batches (cache_bytes="
                 f"{self._cache.budget:,}). Pass a list or a DataLoader, or a larger cache_bytes."
             )
         for solved in self._cache.values():
@@ -183,7 +204,12 @@ class DatasetEquilibrium:
 
     @property
     def num_batches(self) -> int:
-        return len(self.batch_infos)
+        return len(self.batch_solves)
+
+    @property
+    def batch_infos(self) -> list[EquilibriumInfo]:
+        """Each batch's solve statistics, in the order of the first pass."""
+        return [solve.info for solve in self.batch_solves]
 
     @property
     def cached_batches(self) -> int:
@@ -235,9 +261,12 @@ class DatasetEquilibrium:
     def _bar(self, items: Iterable, desc: str | None, leave: bool = False) -> Iterable:
         if desc is None:
             return items
-        total = len(self.batch_infos) or None
-        if total is None and hasattr(self._data.data, "__len__"):
-            total = len(self._data.data)
+        total = self.num_batches or None
+        if total is None:
+            try:
+                total = len(self._data.data)  # type: ignore[arg-type]
+            except TypeError:  # a generator, or a view of one
+                total = None
         disable = None if self.progress is None else not self.progress
         return tqdm(items, desc=desc, total=total, disable=disable, leave=leave)
 

@@ -1,8 +1,9 @@
 """Solves with ``I − J`` and ``(I − J)ᵀ``; they know nothing of losses.
 
 Strategies: :class:`Dense` (LU per sample block), :class:`GMRES` (restarted,
-matrix-free) and :class:`Neumann` (matrix-free, contractive maps); ``"auto"`` picks
-between them (see :func:`resolve_linear_solver`). A :class:`Linearization` binds one
+matrix-free), :class:`Neumann` (matrix-free, contractive maps) and :class:`NeumannGMRES`
+(Neumann while it is fast, then GMRES); ``"auto"`` picks between them (see
+:func:`resolve_linear_solver`). A :class:`Linearization` binds one
 strategy to one fixed point: the object every implicit derivative solves with.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .adaptive import NeumannGMRES, neumann_then_gmres
 from .base import (
     IterativeSolve,
     LinearSolveInfo,
@@ -18,10 +20,11 @@ from .base import (
     Solve,
     default_linear_tolerance,
 )
+from .coupling import coupling_tolerance, row_coupling
 from .dense import Dense, DenseLU, default_max_condition
 from .gmres import GMRES, gmres
 from .jacobian import jacobian_blocks
-from .linearization import Linearization, row_coupling
+from .linearization import Linearization
 from .neumann import Neumann, neumann
 from .operator import ResidualOperator
 
@@ -35,6 +38,7 @@ __all__ = [
     "LinearSolver",
     "Linearization",
     "Neumann",
+    "NeumannGMRES",
     "ResidualOperator",
     "Solve",
     "default_linear_tolerance",
@@ -42,8 +46,10 @@ __all__ = [
     "gmres",
     "jacobian_blocks",
     "neumann",
+    "neumann_then_gmres",
     "resolve_linear_solver",
     "row_coupling",
+    "coupling_tolerance",
 ]
 
 #: ``"auto"`` factorises blocks up to this width...
@@ -54,7 +60,7 @@ DENSE_MAX_BYTES = 2 * 1024**3
 #: products against the tens an iterative solve takes: factorise only blocks this narrow.
 FEW_SOLVES_MAX_WIDTH = 64
 
-_ALIASES = {"dense": Dense, "gmres": GMRES, "neumann": Neumann}
+_ALIASES = {"dense": Dense, "gmres": GMRES, "neumann": Neumann, "neumann-gmres": NeumannGMRES}
 
 
 def resolve_linear_solver(
@@ -66,12 +72,15 @@ def resolve_linear_solver(
     *,
     few_solves: bool = False,
 ) -> LinearSolver:
-    """A strategy from itself or an alias: ``"auto"``, ``"dense"``, ``"gmres"``, ``"neumann"``.
+    """A strategy from itself or an alias: ``"auto"``, ``"dense"``, ``"gmres"``,
+    ``"neumann"``, ``"neumann-gmres"``.
 
-    ``"auto"`` is :class:`Dense` when a block is at most ``DENSE_MAX_WIDTH`` wide (only
-    ``FEW_SOLVES_MAX_WIDTH`` with ``few_solves``, as in a training step, where the ``d``
-    products that form ``J`` would cost more than the solves they save) and the ``S``
-    blocks fit in ``DENSE_MAX_BYTES``; else :class:`GMRES`.
+    ``"auto"`` is :class:`Dense` when a block is at most ``DENSE_MAX_WIDTH`` wide and the
+    ``S`` blocks fit in ``DENSE_MAX_BYTES``, else :class:`GMRES` — for many solves per
+    fixed point (HVPs). With ``few_solves`` (a layer's backward) it is :class:`Dense` only
+    up to ``FEW_SOLVES_MAX_WIDTH`` (forming ``J`` costs ``d`` products, more than the
+    solves save) and else :class:`NeumannGMRES`, as cheap per product as a plain
+    fixed-point iteration.
     """
     if isinstance(solver, LinearSolver):
         return solver
@@ -79,7 +88,9 @@ def resolve_linear_solver(
         itemsize = torch.finfo(dtype).bits // 8
         widest = FEW_SOLVES_MAX_WIDTH if few_solves else DENSE_MAX_WIDTH
         small = width <= widest and samples * width * width * itemsize <= DENSE_MAX_BYTES
-        return Dense(max_condition) if small else GMRES()
+        if small:
+            return Dense(max_condition)
+        return NeumannGMRES() if few_solves else GMRES()
     if isinstance(solver, str) and solver.lower() in _ALIASES:
         cls = _ALIASES[solver.lower()]
         return cls(max_condition) if cls is Dense else cls()

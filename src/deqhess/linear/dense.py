@@ -3,23 +3,52 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import scipy.linalg.lapack as lapack
 import torch
 from torch import Tensor
 
-from ..errors import SingularSystemError
+from ..errors import NonFiniteError, SingularSystemError
 from ..options import real
 from .base import LinearSolveInfo, LinearSolver, Solve
 from .operator import ResidualOperator
 
-__all__ = ["Dense", "DenseLU", "default_max_condition"]
+__all__ = ["Dense", "DenseLU", "default_max_condition", "lu_factor_blocks"]
+
+#: Widest block factorised in one batched ``lu_factor_ex`` call on the CPU; wider blocks
+#: are factorised one at a time (see :func:`lu_factor_blocks`).
+BATCHED_LU_MAX_WIDTH = 64
 
 
 def default_max_condition(dtype: torch.dtype) -> float:
     """``1 / (10 ε)``: beyond this condition number a solve keeps no correct digit."""
     return 1.0 / (10.0 * torch.finfo(dtype).eps)
+
+
+def lu_factor_blocks(system: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.lu_factor_ex`` of ``[S, d, d]`` blocks, safe from an MKL hang.
+
+    Returns ``(lu, pivots, info)`` exactly as ``lu_factor_ex`` does.
+
+    Why: with torch 2.13's MKL (2024.2), once ``torch.set_num_threads(n)`` has been called
+    with ``n ≥ 2``, a *batched* LU of CPU blocks wider than about 150 prints ``Intel
+    oneMKL ERROR: Parameter 6 was incorrect on entry to DLASWP`` and never returns (also
+    ``solve``, ``inv`` and ``lu`` of such batches). One block per call does not hang, so on
+    the CPU blocks wider than :data:`BATCHED_LU_MAX_WIDTH` (a margin below the observed
+    151) are factorised one at a time. That costs speed where the batched call would
+    not have hung — whether ``set_num_threads`` was called cannot be queried: 64 blocks
+    of 256 took 86 ms instead of 58 ms with one thread, 290 instead of 72 ms with two on
+    a busy 2-core machine (forming ``J`` by ``d`` VJPs costs about as much). Changing the
+    thread count around the call is no guard: restoring it with ``set_num_threads`` is
+    exactly what arms the hang.
+    """
+    samples, width = system.shape[0], system.shape[-1]
+    if system.device.type != "cpu" or samples < 2 or width <= BATCHED_LU_MAX_WIDTH:
+        return torch.linalg.lu_factor_ex(system)
+    factors = [torch.linalg.lu_factor_ex(block) for block in system]
+    return tuple(torch.stack(parts) for parts in zip(*factors, strict=True))
 
 
 class DenseLU(Solve):
@@ -36,17 +65,22 @@ class DenseLU(Solve):
             adjoint, sensitivity and Hessian can lose (about ``log10`` of it).
 
     Raises:
-        SingularSystemError: a block of ``A`` is singular or its condition number
-            exceeds ``max_condition``.
+        NonFiniteError: ``J`` has non-finite entries (``f`` is not differentiable at the
+            fixed point).
+        SingularSystemError: a block of ``A`` is singular, or its condition
+            number is not finite or exceeds ``max_condition``.
     """
 
     def __init__(self, jacobian: Tensor, max_condition: float | None = None) -> None:
         _samples, width, _ = jacobian.shape
         eye = torch.eye(width, dtype=jacobian.dtype, device=jacobian.device)
         system = eye - jacobian
-        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(system)
+        self.lu, self.pivots, info = lu_factor_blocks(system)
         limit = default_max_condition(jacobian.dtype) if max_condition is None else max_condition
+        # a non-finite J ends in one of the two checks below (its 1-norm is not finite):
+        # only then is J scanned, so the common case pays nothing for the guard
         if bool((info > 0).any()):
+            _check_finite_jacobian(jacobian)
             block = int(torch.nonzero(info > 0)[0, 0])
             raise SingularSystemError(
                 f"I − ∂f/∂h is exactly singular at the fixed point (sample block {block}): "
@@ -55,6 +89,15 @@ class DenseLU(Solve):
                 "below 1), e.g. by rescaling the recurrent weights."
             )
         self.condition_number = _condition_estimate(system, self.lu)
+        if math.isnan(self.condition_number):
+            _check_finite_jacobian(jacobian)
+            raise SingularSystemError(
+                "the condition number of I − ∂f/∂h at the fixed point is NaN (LAPACK gecon "
+                "on its LU), so no derivative computed from it can be trusted: the LU holds "
+                "overflowed or non-finite values. Check that f is differentiable with "
+                "moderate derivatives at the fixed point, or use float64.",
+                condition_number=self.condition_number,
+            )
         if not self.condition_number <= limit:
             raise SingularSystemError(
                 f"I − ∂f/∂h is too ill-conditioned to trust: estimated condition number "
@@ -116,13 +159,37 @@ class Dense(LinearSolver):
         return DenseLU(operator.jacobian_blocks(self.chunk_size), self.max_condition)
 
 
+def _check_finite_jacobian(jacobian: Tensor) -> None:
+    """Raise :class:`NonFiniteError` if ``J`` (``[S, d, d]``) has NaN or inf entries."""
+    finite = torch.isfinite(jacobian)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    block = int(torch.nonzero(~finite.reshape(finite.shape[0], -1).all(1))[0, 0])
+    raise NonFiniteError(
+        f"∂f/∂h at the fixed point has {bad} non-finite (NaN or inf) entries of "
+        f"{jacobian.numel()} (first in sample block {block}): f is not differentiable "
+        "there — e.g. sqrt(h²) at h = 0 gives 0/0 — so I − ∂f/∂h and every derivative "
+        "through it are undefined. Make f differentiable at its fixed point (e.g. "
+        "sqrt(h² + ε)).",
+        quantity="∂f/∂h",
+    )
+
+
 def _condition_estimate(system: Tensor, lu: Tensor) -> float:
-    """Largest 1-norm condition estimate over blocks, from the LU (O(d²) per block)."""
+    """Largest 1-norm condition estimate over blocks, from the LU (O(d²) per block).
+
+    NaN when a block's norm overflows or ``gecon`` returns NaN (a NaN or overflowed LU):
+    it must not vanish in the maximum, as ``max(0.0, nan)`` would make it.
+    """
     gecon = lapack.dgecon if system.dtype == torch.float64 else lapack.sgecon
     norms = torch.linalg.matrix_norm(system, ord=1).cpu().numpy()
     factors = lu.detach().cpu().numpy()
     worst = 0.0
     for block, anorm in zip(factors, norms, strict=True):
         rcond, _ = gecon(np.asfortranarray(block), float(anorm), norm="1")
-        worst = max(worst, float("inf") if rcond == 0 else 1.0 / float(rcond))
+        estimate = float("inf") if rcond == 0 else 1.0 / float(rcond)
+        if math.isnan(estimate) or not math.isfinite(float(anorm)):
+            return float("nan")
+        worst = max(worst, estimate)
     return worst

@@ -43,57 +43,65 @@ def gmres(
     Stops when every row has ``‖b − A x‖ ≤ max(atol, rtol ‖b‖)`` or after
     ``max_iter`` products with ``A``. A warm start ``x0`` is kept on the rows where it
     beats zero (see :func:`warm_start`). Returns ``(x, info)``; does not raise.
+
+    The rows ``R`` (every leading index) are batched through each step: the Krylov basis
+    is ``[R, m + 1, d]``, Gram–Schmidt is two batched matrix products per pass, and the
+    Givens rotations are accumulated in one ``[R, m + 1, m + 1]`` orthogonal matrix, so
+    a step costs a fixed handful of tensor operations whatever its index.
     """
+    shape, width = b.shape, b.shape[-1]
+    rows = b.numel() // max(width, 1)
     tiny = torch.finfo(b.dtype).tiny
-    target = torch.clamp(rtol * row_norms(b), min=atol)
+    flat_b = b.reshape(rows, width)
+    target = torch.clamp(rtol * row_norms(flat_b), min=atol)
     x, r, products = warm_start(matvec, b, x0)
+    x, r = x.reshape(rows, width), r.reshape(rows, width)
     beta = row_norms(r)
     while bool((beta > target).any()) and products < max_iter:
         active = beta > target
         steps = min(restart, max_iter - products)
-        basis = b.new_empty(steps + 1, *b.shape)  # Krylov vectors, filled in order
-        basis[0] = r / beta.clamp_min(tiny)[..., None]
-        hessenberg = b.new_zeros(*beta.shape, steps + 1, steps)
-        cos, sin = b.new_zeros(*beta.shape, steps), b.new_zeros(*beta.shape, steps)
-        g = b.new_zeros(*beta.shape, steps + 1)
-        g[..., 0] = beta
+        basis = flat_b.new_zeros(rows, steps + 1, width)  # Krylov vectors, filled in order
+        basis[:, 0] = r / beta.clamp_min(tiny)[:, None]
+        triangle = flat_b.new_zeros(rows, steps, steps)  # the rotated Hessenberg matrix
+        # rotations so far, G_{j-1} ⋯ G_0: its first column times β is the rotated rhs
+        rotations = torch.eye(steps + 1, dtype=b.dtype, device=b.device).repeat(rows, 1, 1)
         size = 0
         for j in range(steps):
-            w = matvec(basis[j])
+            w = matvec(basis[:, j].reshape(shape)).reshape(rows, width)
             products += 1
-            known = basis[: j + 1]
-            coeffs = (known * w).sum(-1)
-            w = w - (coeffs[..., None] * known).sum(0)
-            again = (known * w).sum(-1)  # reorthogonalise once (CGS2)
-            w = w - (again[..., None] * known).sum(0)
+            known = basis[:, : j + 1]  # [R, j + 1, d]
+            coeffs = torch.bmm(known, w[:, :, None])
+            w = w - torch.bmm(known.transpose(1, 2), coeffs)[:, :, 0]
+            again = torch.bmm(known, w[:, :, None])  # reorthogonalise once (CGS2)
+            w = w - torch.bmm(known.transpose(1, 2), again)[:, :, 0]
             norm = row_norms(w)
-            column = [*(coeffs + again).unbind(0), norm]
-            for i in range(j):  # earlier rotations
-                a, c = column[i], column[i + 1]
-                column[i] = cos[..., i] * a + sin[..., i] * c
-                column[i + 1] = -sin[..., i] * a + cos[..., i] * c
-            radius = torch.hypot(column[j], column[j + 1])
+            column = torch.cat([(coeffs + again)[:, :, 0], norm[:, None]], dim=1)
+            rotated = torch.bmm(rotations[:, : j + 2, : j + 2], column[:, :, None])[:, :, 0]
+            top, bottom = rotated[:, j], rotated[:, j + 1]
+            radius = torch.hypot(top, bottom)
             degenerate = radius <= tiny  # lucky breakdown earlier: keep y_j = 0
-            cos[..., j] = torch.where(degenerate, 1.0, column[j] / radius.clamp_min(tiny))
-            sin[..., j] = torch.where(degenerate, 0.0, column[j + 1] / radius.clamp_min(tiny))
-            column[j] = torch.where(degenerate, 1.0, radius)
-            column[j + 1] = torch.zeros_like(radius)
-            hessenberg[..., : j + 2, j] = torch.stack(column, dim=-1)
-            g[..., j + 1] = -sin[..., j] * g[..., j]
-            g[..., j] = cos[..., j] * g[..., j]
-            basis[j + 1] = w / norm.clamp_min(tiny)[..., None]
+            cos = torch.where(degenerate, 1.0, top / radius.clamp_min(tiny))
+            sin = torch.where(degenerate, 0.0, bottom / radius.clamp_min(tiny))
+            upper, lower = rotations[:, j].clone(), rotations[:, j + 1].clone()
+            rotations[:, j] = cos[:, None] * upper + sin[:, None] * lower
+            rotations[:, j + 1] = cos[:, None] * lower - sin[:, None] * upper
+            triangle[:, : j + 1, j] = rotated[:, : j + 1]
+            triangle[:, j, j] = torch.where(degenerate, 1.0, radius)
+            basis[:, j + 1] = w / norm.clamp_min(tiny)[:, None]
             size = j + 1
-            if bool(((g[..., j + 1].abs() <= target) | ~active).all()):
+            estimate = beta * rotations[:, j + 1, 0].abs()  # ‖b − A xⱼ‖ without xⱼ
+            if bool(((estimate <= target) | ~active).all()):
                 break
-        y = torch.linalg.solve_triangular(
-            hessenberg[..., :size, :size], g[..., :size, None], upper=True
-        )[..., 0]
-        update = (basis[:size] * y.movedim(-1, 0)[..., None]).sum(0)
-        x = torch.where(active[..., None], x + update, x)
-        r = b - matvec(x)
+        rhs = beta[:, None] * rotations[:, :size, 0]
+        y = torch.linalg.solve_triangular(triangle[:, :size, :size], rhs[:, :, None], upper=True)[
+            :, :, 0
+        ]
+        update = torch.bmm(basis[:, :size].transpose(1, 2), y[:, :, None])[:, :, 0]
+        x = torch.where(active[:, None], x + update, x)
+        r = flat_b - matvec(x.reshape(shape)).reshape(rows, width)
         products += 1
         beta = row_norms(r)
-    return x, LinearSolveInfo.of("GMRES", products, b, beta, target)
+    return x.reshape(shape), LinearSolveInfo.of("GMRES", products, flat_b, beta, target)
 
 
 class GMRES(LinearSolver):
@@ -119,6 +127,7 @@ class GMRES(LinearSolver):
         return f"GMRES(restart={self.restart}, max_iter={self.max_iter})"
 
     def init(self, operator: ResidualOperator) -> IterativeSolve:
+        operator.require_independent_rows()  # each row is its own Krylov problem
         rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
 
         def method(matvec, b, x0):

@@ -13,7 +13,6 @@ asks for its derivatives.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -21,13 +20,11 @@ from torch import Tensor
 
 from ..errors import NonFiniteError
 from ..solvers import Residual
-from .base import LinearSolver, LinearSolveStats, Solve, row_norms
+from .base import LinearSolver, LinearSolveStats, Solve
+from .coupling import coupling_tolerance, row_coupling
 from .operator import ResidualOperator
 
-__all__ = ["Linearization", "row_coupling"]
-
-#: scale factors are powers of two in [2⁻⁸, 2⁷]: one digit of base 16 per probe.
-_DIGIT = 16
+__all__ = ["Linearization", "coupling_tolerance", "row_coupling"]
 
 
 class Linearization:
@@ -38,14 +35,15 @@ class Linearization:
         h: the fixed point, rows ``[S, d]``.
         solver: the strategy for solves with ``I − J`` (see :mod:`deqhess.linear`).
         independent_rows: the rows are declared independent systems (``batch_dim``):
-            checked by :func:`row_coupling` before the first solve, since a dense block
-            solve of a coupled ``J`` would be silently wrong.
+            checked by :func:`row_coupling` before a strategy relies on it (a dense
+            solve per block or GMRES per row of a coupled ``J`` would be silently wrong;
+            a Neumann iteration on the full operator is right either way).
         declared: for the error message, what couples what (e.g. ``"f couples the
             samples along batch_dim=0"``) and what to do instead.
         stats: where every solve is recorded (default: a fresh record).
 
     Raises:
-        ValueError: (on the first solve) ``F`` couples rows declared independent.
+        ValueError: (on a solve that relies on it) ``F`` couples rows declared independent.
         NonFiniteError: ``∂F/∂h`` or a right-hand side is not finite.
     """
 
@@ -62,10 +60,10 @@ class Linearization:
         ),
         stats: LinearSolveStats | None = None,
     ) -> None:
-        self.operator = ResidualOperator(residual, h)
+        self.operator = ResidualOperator(
+            residual, h, independent_rows=independent_rows, declared=declared
+        )
         self.solver = solver
-        self.independent_rows = independent_rows
-        self.declared = declared
         self.stats = LinearSolveStats() if stats is None else stats
         self._prepared: Solve | None = None
         self._previous: dict[bool, Tensor] = {}
@@ -81,10 +79,9 @@ class Linearization:
 
     @property
     def prepared(self) -> Solve:
-        """The solve with ``I − J`` set up once (after the independence check)."""
+        """The solve with ``I − J``, set up once. Strategies that rely on independent
+        rows (dense blocks, GMRES per row) check them first."""
         if self._prepared is None:
-            if self.independent_rows:
-                self.check_independent_rows()
             self._prepared = self.solver.init(self.operator)
         return self._prepared
 
@@ -99,21 +96,7 @@ class Linearization:
 
     def check_independent_rows(self) -> None:
         """Raise ``ValueError`` if ``F`` couples rows declared independent."""
-        coupling, row = row_coupling(self.residual.fn, self.h)
-        if not math.isfinite(coupling):
-            raise NonFiniteError(
-                f"∂F/∂h is not finite at the fixed point (sample {row}): its derivatives do "
-                "not exist there. Check the map for non-differentiable points (sqrt or abs "
-                "at 0, log at 0) at the equilibrium.",
-                quantity="∂F/∂h",
-            )
-        if coupling > coupling_tolerance(self.h.dtype):
-            what, remedy = self.declared
-            raise ValueError(
-                f"{what} (declared independent): sample {row}'s ∂F/∂h·v "
-                f"changes by a relative {coupling:.1e} when only the other samples' "
-                f"directions are rescaled (0 for independent samples); {remedy}."
-            )
+        self.operator.require_independent_rows()
 
     def solve(
         self, rhs: Tensor, x0: Tensor | None = None, *, transpose: bool = False,
@@ -128,9 +111,11 @@ class Linearization:
         """
         if not bool(torch.isfinite(rhs).all()):
             raise NonFiniteError(
-                "the right-hand side of a solve with I − J is not finite: a cotangent or "
-                "tangent reaching the fixed point is NaN/inf (the loss, or what follows the "
-                "equilibrium, is not finite or not differentiable there).",
+                "the right-hand side of a solve with I − J is not finite: what reaches the "
+                "fixed point — ∇L or a cotangent from the layers after it, ∂f/∂θ along a "
+                "direction, or a second derivative of f — is NaN/inf there (the loss or f is "
+                "not finite or not differentiable at the fixed point: sqrt, abs or division "
+                "at 0, overflow).",
                 quantity="the right-hand side of a linear solve",
             )
         prepared = self.prepared.transpose() if transpose else self.prepared
@@ -146,46 +131,3 @@ class Linearization:
     def solve_transpose(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
         """``(I − J)⁻ᵀ rhs`` for ``rhs`` ``[..., S, d]``."""
         return self.solve(rhs, x0, transpose=True)
-
-
-def coupling_tolerance(dtype: torch.dtype) -> float:
-    """Relative cross-row coupling above rounding: ``1000 ε`` of the dtype."""
-    return 1e3 * torch.finfo(dtype).eps
-
-
-def row_coupling(fn: Callable[[Tensor], Tensor], h: Tensor, seed: int = 0) -> tuple[float, int]:
-    """How much ``J = ∂fn/∂h`` at rows ``h`` ``[S, d]`` couples different rows.
-
-    A random direction ``v`` and copies with row ``s`` scaled by ``cₛ``: if rows are
-    independent, ``J(c ⊙ v)ₛ = cₛ (J v)ₛ`` for every row, while a coupling ``Jₛₜ ≠ 0``
-    adds ``Jₛₜ (cₜ − cₛ) vₜ`` — nonzero for almost every ``v`` whenever ``cₜ ≠ cₛ``. The
-    factors are powers of two (exact in floating point, so independent rows give zero
-    up to the order of summation), one base-16 digit of the row index per probe, so
-    every pair of rows differs in some probe: ``1 + ⌈log₁₆ S⌉`` JVPs in one vmapped
-    call (3 for ``S ≤ 256``) see any coupling, one-way or not, between any rows.
-
-    Returns:
-        ``(coupling, row)``: the largest relative discrepancy over rows and probes (0 for
-        independent rows) and the row where it occurs.
-    """
-    samples = h.shape[0]
-    if samples == 1:
-        return 0.0, 0
-    levels = max(1, math.ceil(math.log(samples) / math.log(_DIGIT)))
-    generator = torch.Generator().manual_seed(seed)
-    v = torch.randn(h.shape, generator=generator, dtype=h.dtype).to(h.device)
-    index = torch.arange(samples, device=h.device)
-    scales = torch.stack(
-        [2.0 ** ((index // _DIGIT**level) % _DIGIT - _DIGIT // 2) for level in range(levels)]
-    ).to(h.dtype)  # [L, S]
-    tangents = torch.cat([v[None], scales[:, :, None] * v[None]])  # [L + 1, S, d]
-    products = torch.func.vmap(lambda t: torch.func.jvp(fn, (h,), (t,))[1])(tangents)
-    expected = scales[:, :, None] * products[0][None]
-    discrepancy = row_norms(products[1:] - expected)  # [L, S]
-    size = row_norms(products[1:]) + row_norms(expected)
-    relative = torch.where(size > 0, discrepancy / size.clamp_min(torch.finfo(h.dtype).tiny), 0.0)
-    relative = torch.where(torch.isfinite(products[1:]).all(-1), relative, float("nan"))
-    if not bool(torch.isfinite(products[0]).all()):
-        return float("nan"), int(torch.nonzero(~torch.isfinite(products[0]).all(-1))[0, 0])
-    worst = torch.argmax(torch.nan_to_num(relative, nan=float("inf")).amax(dim=0))
-    return float(relative[:, worst].max()), int(worst)

@@ -7,14 +7,17 @@ forms its diagonal blocks for the dense solver on request.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from ..errors import NonFiniteError
 from ..operator import Operator
 from ..solvers import Residual
 from ..tangents import linearize
+from .coupling import coupling_tolerance, row_coupling
 from .jacobian import jacobian_blocks
 
 __all__ = ["ResidualOperator"]
@@ -31,11 +34,30 @@ class ResidualOperator(Operator):
     Args:
         residual: the residual ``g`` (or the map ``F`` itself) on rows ``[S, d]``.
         h: the fixed point, rows ``[S, d]``.
+        independent_rows: the rows are declared independent systems (``batch_dim``), so
+            ``J`` is block-diagonal. Solvers that rely on it (a dense LU per block, GMRES
+            per row) call :meth:`require_independent_rows` first; a Neumann iteration on
+            the full operator does not need it.
+        declared: for the error message, what couples what (e.g. ``"f couples the
+            samples along batch_dim=0"``) and what to do instead.
     """
 
-    def __init__(self, residual: Residual | Callable[[Tensor], Tensor], h: Tensor) -> None:
+    def __init__(
+        self,
+        residual: Residual | Callable[[Tensor], Tensor],
+        h: Tensor,
+        *,
+        independent_rows: bool = False,
+        declared: tuple[str, str] = (
+            "the map couples rows declared independent",
+            "declare one coupled system instead",
+        ),
+    ) -> None:
         self.residual = residual if isinstance(residual, Residual) else Residual(residual)
         self.h = h
+        self.independent_rows = independent_rows
+        self.declared = declared
+        self._rows_checked = False
         self.shape = (h.numel(), h.numel())
         self.dtype, self.device = h.dtype, h.device
         self._pullback: Callable[[Tensor], tuple[Tensor]] | None = None  # on first Aᵀ
@@ -63,8 +85,8 @@ class ResidualOperator(Operator):
 
     def apply(self, v: Tensor) -> Tensor:
         """``(I − J) v`` for ``v`` ``[..., S, d]`` (leading dims vmapped)."""
-        if v.ndim == 2:
-            return -self._residual_jvp(v)
+        if v.ndim == 2 or v.numel() == self.h.numel():
+            return -self._residual_jvp(v.reshape(self.h.shape)).reshape(v.shape)
         residual, h = self.residual, self.h
         return -_over_leading(lambda t: torch.func.jvp(residual, (h,), (t,))[1], v)
 
@@ -86,8 +108,36 @@ class ResidualOperator(Operator):
         rows = block.T.reshape(block.shape[1], self.samples, self.width)
         return product(rows).reshape(block.shape[1], -1).T
 
+    def require_independent_rows(self) -> None:
+        """Check, once, that rows declared independent are (see :func:`row_coupling`).
+
+        Raises:
+            ValueError: ``F`` couples rows declared independent.
+            NonFiniteError: ``∂F/∂h`` is not finite at the fixed point.
+        """
+        if not self.independent_rows or self._rows_checked:
+            return
+        coupling, row = row_coupling(self.apply_transpose, self.h)
+        if not math.isfinite(coupling):
+            raise NonFiniteError(
+                f"∂F/∂h is not finite at the fixed point (sample {row}): its derivatives do "
+                "not exist there. Check the map for non-differentiable points (sqrt or abs "
+                "at 0, log at 0) at the equilibrium.",
+                quantity="∂F/∂h",
+            )
+        if coupling > coupling_tolerance(self.h.dtype):
+            what, remedy = self.declared
+            raise ValueError(
+                f"{what} (declared independent): the products of ∂F/∂h for sample {row} "
+                f"change by a relative {coupling:.1e} when only the other samples' "
+                f"directions are rescaled (0 for independent samples); {remedy}."
+            )
+        self._rows_checked = True
+
     def jacobian_blocks(self, chunk_size: int | None = None) -> Tensor:
-        """The diagonal blocks of ``J``, ``[S, d, d]`` (see :func:`jacobian_blocks`)."""
+        """The diagonal blocks of ``J``, ``[S, d, d]`` (see :func:`jacobian_blocks`); exact
+        when the rows are independent (checked first if declared)."""
+        self.require_independent_rows()
         return jacobian_blocks(self.residual.fn, self.h, chunk_size)
 
 
@@ -95,4 +145,6 @@ def _over_leading(fn: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
     if v.ndim == 2:
         return fn(v)
     flat = v.reshape(-1, *v.shape[-2:])
+    if flat.shape[0] == 1:  # one direction: no vmap overhead
+        return fn(flat[0]).reshape(v.shape)
     return torch.func.vmap(fn)(flat).reshape(v.shape)

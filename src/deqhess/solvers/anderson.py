@@ -15,24 +15,38 @@ __all__ = ["Anderson"]
 
 @dataclass
 class _History:
-    """The last ``m`` iterates and residuals, ``[S, m, d]`` each, newest last."""
+    """Anderson's memory, ``m`` consecutive differences kept in ring buffers (slot
+    ``count mod m`` next): the least squares ignore their order.
 
-    h: Tensor
-    g: Tensor
+    Attributes:
+        h, g: the previous iterate and its residual ``[S, d]`` (None before the first).
+        dg: ``[S, m, d]`` residual differences ``Δg``.
+        dx: ``[S, m, d]`` the mixing directions ``Δh + β Δg``.
+        gram: ``[S, m, m]`` ``ΔGᵀΔG``, one row and column updated per step.
+        count: differences stored so far.
+    """
+
+    h: Tensor | None
+    g: Tensor | None
+    dg: Tensor
+    dx: Tensor
+    gram: Tensor
     count: int
 
 
 class Anderson(FixedPointSolver):
-    """Anderson acceleration of ``h = f(h)``.
+    """Anderson acceleration of ``h = f(h)`` (type II, Walker & Ni 2011).
 
-    With residual ``g = f(h) − h`` and the differences ``ΔH = h_k − h_i``,
-    ``ΔG = g_k − g_i`` over the last ``m`` iterates, each row solves the regularised
+    With residual ``g = f(h) − h`` and the consecutive differences ``ΔH``, ``ΔG`` of the
+    last ``m + 1`` iterates and residuals, each row solves the regularised
     least-squares problem ``γ = argmin ‖g_k − ΔG γ‖² + δ·tr(ΔGᵀΔG)/m ‖γ‖²`` and steps
     ``h ← h_k + β g_k − (ΔH + β ΔG) γ``. Rows (samples) get their own ``γ``; a row whose
-    least squares cannot be solved takes the plain damped step ``h_k + β g_k``.
+    least squares cannot be solved takes the plain damped step ``h_k + β g_k``. The Gram
+    matrix ``ΔGᵀΔG`` is updated by one row per step, so a step costs three passes over
+    the ``[S, m, d]`` history.
 
     Args:
-        memory: m, the number of past iterates mixed (≥ 1).
+        memory: m, the number of past differences mixed (≥ 1).
         damping: β in ``(0, 1]``.
         regularization: δ, relative Tikhonov regularisation of the least squares
             (at least ``10 ε`` of the dtype).
@@ -52,33 +66,45 @@ class Anderson(FixedPointSolver):
         return f"Anderson(memory={self.memory}, damping={self.damping:g})"
 
     def init(self, h: Tensor) -> _History:
-        shape = (h.shape[0], self.memory, h.shape[1])
-        return _History(h=h.new_zeros(shape), g=h.new_zeros(shape), count=0)
+        samples, width, m = h.shape[0], h.shape[1], self.memory
+        return _History(
+            h=None,
+            g=None,
+            dg=h.new_zeros(samples, m, width),
+            dx=h.new_zeros(samples, m, width),
+            gram=h.new_zeros(samples, m, m),
+            count=0,
+        )
 
     def step(self, memory: _History, h: Tensor, fh: Tensor) -> tuple[Tensor, _History]:
         beta = self.damping
         g = fh - h
-        k = min(memory.count, self.memory)
-        h_next = h + beta * g
-        if k > 0:
-            d_h = h[:, None, :] - memory.h[:, -k:, :]  # [S, k, d]
-            d_g = g[:, None, :] - memory.g[:, -k:, :]
-            gram = d_g @ d_g.transpose(1, 2)  # [S, k, k]
-            scale = torch.diagonal(gram, dim1=1, dim2=2).mean(dim=1)
+        h_next = torch.add(h, g, alpha=beta)
+        if memory.h is not None:
+            slot = memory.count % self.memory
+            delta_g = g - memory.g
+            memory.dg[:, slot] = delta_g
+            torch.add(h - memory.h, delta_g, alpha=beta, out=memory.dx[:, slot])
+            memory.count += 1
+            k = min(memory.count, self.memory)
+            dg = memory.dg[:, :k]
+            # products with [S, k, d] histories as row-vector × matrix: batched gemv with the
+            # history transposed is several times faster than with it upright
+            row = torch.bmm(delta_g[:, None, :], dg.transpose(1, 2))[:, 0]  # [S, k]
+            memory.gram[:, slot, :k] = row
+            memory.gram[:, :k, slot] = row
+            gram = memory.gram[:, :k, :k].clone()
             finfo = torch.finfo(h.dtype)
             # δ below the dtype's resolution would leave the Gram matrix singular
             relative = max(self.regularization, 10 * finfo.eps)
-            ridge = (relative * scale + finfo.tiny)[:, None, None]
-            eye = torch.eye(k, dtype=h.dtype, device=h.device)
-            rhs = (d_g @ g[:, :, None])[:, :, 0]  # [S, k]
-            gamma, failed = torch.linalg.solve_ex(gram + ridge * eye, rhs)
-            mixed = h_next - ((d_h + beta * d_g) * gamma[:, :, None]).sum(dim=1)
-            # a row whose mixing failed takes the plain damped step instead
-            ok = (failed == 0)[:, None] & torch.isfinite(mixed).all(dim=1, keepdim=True)
-            h_next = torch.where(ok, mixed, h_next)
-        history = _History(
-            h=torch.cat([memory.h[:, 1:], h[:, None]], dim=1),
-            g=torch.cat([memory.g[:, 1:], g[:, None]], dim=1),
-            count=memory.count + 1,
-        )
-        return h_next, history
+            diagonal = torch.diagonal(gram, dim1=1, dim2=2)
+            diagonal.add_(relative * diagonal.mean(dim=1, keepdim=True) + finfo.tiny)
+            rhs = torch.bmm(g[:, None, :], dg.transpose(1, 2)).transpose(1, 2)  # [S, k, 1]
+            gamma, failed = torch.linalg.solve_ex(gram, rhs)
+            mixed = h_next - torch.bmm(gamma.transpose(1, 2), memory.dx[:, :k])[:, 0]
+            # a row whose mixing failed takes the plain damped step instead (a row sum is
+            # NaN or inf exactly when an entry is, barring overflow of the sum itself)
+            ok = (failed == 0) & torch.isfinite(mixed.sum(dim=1))
+            h_next = torch.where(ok[:, None], mixed, h_next)
+        memory.h, memory.g = h, g
+        return h_next, memory

@@ -187,39 +187,41 @@ def _run(
     for k in range(cap + 1):
         fh, g = residual_map.evaluate(h)
         residual, scale = _row_norms(g), _row_norms(fh)
-        finite = torch.isfinite(fh).all(dim=1) & torch.isfinite(residual) & torch.isfinite(scale)
+        # a NaN or inf entry, or an overflowing norm, leaves a norm non-finite
+        finite = torch.isfinite(residual) & torch.isfinite(scale)
+        ok = finite & (residual <= tolerance.threshold(scale))
         # A row that met the tolerance is frozen; if f couples rows, the others moving can
         # push it off its fixed point again (independent rows stay exactly where they were).
-        drifted = p.done & finite & ~tolerance.met(residual, scale)
-        if bool(drifted.any()):
-            p.done = p.done & ~drifted
-            p.status[drifted.cpu()] = int(Status.MAX_ITER)
-            frozen = frozen & ~drifted
+        drifted = p.done & ~ok
         diverged = ~frozen & ~finite
-        if bool(diverged.any()):
-            if last and policy.on_failure == "raise":
-                raise ConvergenceError(
-                    _diverged_message(solver, k, fh, diverged)
-                    + " "
-                    + policy.advice(tried, tolerance, dtype, diverged=True),
-                    info=_info(solver, p, tolerance, []),
-                )
-            p.status[diverged.cpu()] = int(Status.DIVERGED)
-            frozen = frozen | diverged
-            # back to the best (finite) iterate, so that fn stays finite on the batch
-            h = torch.where(diverged[:, None], p.best_h, h)
-            fh = torch.where(diverged[:, None], h, fh)
+        if bool((drifted | diverged).any()):  # rare: one check for both
+            if bool(drifted.any()):
+                p.done = p.done & ~drifted
+                p.status[drifted.cpu()] = int(Status.MAX_ITER)
+                frozen = frozen & ~drifted
+                diverged = ~frozen & ~finite
+            if bool(diverged.any()):
+                if last and policy.on_failure == "raise":
+                    raise ConvergenceError(
+                        _diverged_message(solver, k, fh, diverged)
+                        + " "
+                        + policy.advice(tried, tolerance, dtype, diverged=True),
+                        info=_info(solver, p, tolerance, []),
+                    )
+                p.status[diverged.cpu()] = int(Status.DIVERGED)
+                frozen = frozen | diverged
+                # back to the best (finite) iterate, so that fn stays finite on the batch
+                h = torch.where(diverged[:, None], p.best_h, h)
+                fh = torch.where(diverged[:, None], h, fh)
         active = ~frozen
-        if bool(active.any()):
-            p.history.append(float(residual[active].max()))
+        worst = torch.where(active, residual, 0.0).amax() if residual.numel() else None
         p.iters = torch.where(active, start + k, p.iters)
         better = active & (residual < p.best_res)
         p.best_res = torch.where(better, residual, p.best_res)
         p.best_h = torch.where(better[:, None], h, p.best_h)
-        met = active & tolerance.met(residual, scale)
+        met = active & ok
         p.done = p.done | met
         p.accepted_res = torch.where(met, residual, p.accepted_res)
-        p.status[met.cpu()] = int(Status.CONVERGED)
         frozen = frozen | met
         if policy.patience is not None:
             since_best = torch.where(better, torch.zeros_like(since_best), since_best + 1)
@@ -227,10 +229,14 @@ def _run(
             p.status[stalled.cpu()] = int(Status.STALLED)
             frozen = frozen | stalled
         steps = k
-        if bool(frozen.all()) or k == cap:
+        all_frozen = bool(frozen.all())
+        if bool(active.any()):
+            p.history.append(float(worst))
+        if all_frozen or k == cap:
             break
         h_next, memory = solver.step(memory, h, fh)
-        h = torch.where(frozen[:, None], h, h_next)
+        h = torch.where(frozen[:, None], h, h_next) if bool(frozen.any()) else h_next
+    p.status[p.done.cpu()] = int(Status.CONVERGED)
     still = (~frozen).cpu()
     p.status[still] = int(Status.MAX_ITER)
     p.h = h

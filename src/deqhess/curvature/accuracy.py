@@ -1,0 +1,161 @@
+"""How far an operator, as computed, may be from the exact Hessian (or one of its parts).
+
+Every error estimate of the analyses — a Lanczos residual, a trace's standard error, a
+solve's residual — is about the operator **as computed**: in its dtype, at the fixed
+point the forward solver reached, with its linear solves. They do not see that operator's
+own error, which in float32 is usually the larger one (the fixed point is solved to 1e-5
+by default). :func:`operator_accuracy` estimates it, cheaply, from three sources:
+
+* **state error** — the fixed point is inexact: ``δh ≈ (I − J)⁻¹ (f(h) − h)``, so
+  ``‖δh‖/‖h‖ ≲ cond(I − J) · ‖f(h) − h‖ / ‖h‖``; derivatives at ``h`` move by about as
+  much, relative. Not so for what scales with the adjoint λ (the dynamics curvature)
+  when ``∇ₕL`` is small (near a minimum of the loss in h): λ's relative error is then larger,
+  and so is that part's. No products needed. This error leaves the operator symmetric
+  (it is the exact Hessian at a nearby point), so nothing computed from the operator
+  alone can see it.
+* **asymmetry** — ``|uᵀHv − vᵀHu|`` on random probes, zero for the exact symmetric
+  operator: it sees rounding and linear-solve errors (not symmetric), from ``k``
+  products for ``k(k−1)/2`` pairs.
+* **reference error** — when the same operator is available in higher precision
+  (the problem rebuilt in float64): ``‖(H − H_ref) u‖`` on the probes, a measurement of
+  the whole error rather than an estimate.
+
+On the test problems in float32 (tests/curvature/test_accuracy.py) the asymmetry was
+25–100× below the true error, the state error within 0.45–3.8× of it — except 80× above
+on a Hessian that barely depends on the state, and 25× below on the dynamics curvature
+of a linear DEQ near a minimum of its loss in h — and the float64 reference 1.0–2.7×. So the
+estimate without a reference is an order of magnitude, not a bound; ``deqhess analyze``
+measures against float64 for float32 analyses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..implicit.dataset import BatchSolve
+from .base import Counted, SymmetricOperator
+
+if TYPE_CHECKING:
+    from ..implicit import Equilibrium
+
+__all__ = ["OperatorAccuracy", "operator_accuracy", "state_error"]
+
+
+@dataclass(frozen=True)
+class OperatorAccuracy:
+    """Estimates of an operator's relative error ``‖H_computed − H_exact‖ / ‖H‖``.
+
+    Attributes:
+        scale: ``max ‖H u‖ / ‖u‖`` over the probes, the ``‖H‖`` the relative figures
+            divide by (at most ``‖H‖₂``, so they err on the large side).
+        asymmetry: ``max |uᵢᵀHuⱼ − uⱼᵀHuᵢ| / (‖uᵢ‖‖uⱼ‖ · scale)`` over probe pairs.
+        state_error: ``cond(I − J) · ‖f(h) − h‖ / ‖h‖``, largest over the equilibria, or
+            None when none were given.
+        condition_known: whether ``state_error`` used a condition number (dense LU);
+            without one (iterative solves) it is ``‖f(h) − h‖ / ‖h‖``, an underestimate.
+        reference_error: ``max ‖(H − H_ref) u‖ / (‖u‖ · scale)`` against a reference
+            operator, or None.
+        num_hvps: products of the operator used; ``reference_hvps`` of the reference.
+    """
+
+    scale: float
+    asymmetry: float
+    state_error: float | None
+    condition_known: bool
+    reference_error: float | None
+    num_hvps: int
+    reference_hvps: int = 0
+
+    @property
+    def estimate(self) -> float:
+        """The relative error to quote: the measured reference error when there is one,
+        else the larger of the state error and the asymmetry."""
+        if self.reference_error is not None:
+            return self.reference_error
+        return max(self.asymmetry, self.state_error or 0.0)
+
+    def describe(self) -> str:
+        """One line for a report."""
+        parts = [f"relative error ≈ {self.estimate:.1e}"]
+        if self.state_error is not None:
+            how = "cond(I − J)·‖f(h) − h‖/‖h‖" if self.condition_known else "‖f(h) − h‖/‖h‖"
+            parts.append(f"state {self.state_error:.1e} ({how})")
+        parts.append(f"asymmetry {self.asymmetry:.1e}")
+        if self.reference_error is not None:
+            parts.append(f"measured against float64 {self.reference_error:.1e}")
+        return "; ".join(parts)
+
+
+def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, bool]:
+    """``max cond(I − J) · ‖f(h) − h‖₂ / ‖h‖₂`` over the equilibria (or a data set's
+    ``batch_solves``), and whether every condition number was known (it is once a dense
+    LU has been formed)."""
+    worst, known = 0.0, True
+    for eq in equilibria:
+        info = eq.info
+        residual = float(torch.linalg.vector_norm(info.sample_residuals.double()))
+        if isinstance(eq, BatchSolve):
+            norm, dtype = eq.state_norm, eq.dtype
+        else:
+            norm, dtype = float(torch.linalg.vector_norm(eq.h.double())), eq.h.dtype
+        condition = info.condition_number
+        known = known and condition is not None and math.isfinite(condition)
+        factor = condition if condition is not None and math.isfinite(condition) else 1.0
+        worst = max(worst, factor * residual / max(norm, torch.finfo(dtype).tiny))
+    return worst, known
+
+
+def operator_accuracy(
+    op: SymmetricOperator,
+    equilibria: Sequence[Equilibrium | BatchSolve] | None = None,
+    reference: SymmetricOperator | None = None,
+    num_probes: int = 4,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> OperatorAccuracy:
+    """Estimate how far ``op`` (as computed) is from the exact operator.
+
+    Args:
+        op: the operator, e.g. ``data.hessian_operator(part)`` in float32.
+        equilibria: the equilibria it was built on (``[eq]``, or a data set's
+            ``batch_solves``), for the state error.
+        reference: the same operator computed more accurately (the problem rebuilt in
+            float64); its products are compared on the probes.
+        num_probes: Gaussian probes (``≥ 2``): ``num_probes`` products of ``op`` (and of
+            ``reference``).
+    """
+    if num_probes < 2:
+        raise ValueError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")
+    if reference is not None and reference.shape != op.shape:
+        raise ValueError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
+    counted = Counted(op, num_probes, progress, "operator accuracy")
+    g = torch.Generator().manual_seed(seed)
+    probes = torch.randn(op.shape[0], num_probes, generator=g, dtype=torch.float64)
+    products = counted.matmat(probes.to(op.dtype).to(op.device)).double().cpu()
+    counted.close()
+    norms = torch.linalg.vector_norm(probes, dim=0)
+    scale = float((torch.linalg.vector_norm(products, dim=0) / norms).max())
+    scale = scale if scale > 0 else 1.0
+    gram = probes.T @ products  # uᵢᵀ H uⱼ
+    asymmetry = float(((gram - gram.T).abs() / (norms[:, None] * norms[None])).max()) / scale
+    reference_error, reference_hvps = None, 0
+    if reference is not None:
+        exact = reference.matmat(probes.to(reference.dtype).to(reference.device)).double().cpu()
+        reference_error = float((torch.linalg.vector_norm(products - exact, dim=0) / norms).max())
+        reference_error /= scale
+        reference_hvps = num_probes
+    state, known = (None, False) if equilibria is None else state_error(equilibria)
+    return OperatorAccuracy(
+        scale=scale,
+        asymmetry=asymmetry,
+        state_error=state,
+        condition_known=known,
+        reference_error=reference_error,
+        num_hvps=counted.products,
+        reference_hvps=reference_hvps,
+    )

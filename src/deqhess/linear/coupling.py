@@ -1,0 +1,65 @@
+"""The batch-independence check: does a linear map couple rows declared independent?"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["coupling_tolerance", "row_coupling"]
+
+#: scale factors are powers of two in [2⁻⁸, 2⁷]: one digit of base 16 per probe.
+_DIGIT = 16
+
+
+def coupling_tolerance(dtype: torch.dtype) -> float:
+    """Relative cross-row coupling above rounding: ``1000 ε`` of the dtype."""
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def row_coupling(
+    products: Callable[[Tensor], Tensor], h: Tensor, seed: int = 0
+) -> tuple[float, int]:
+    """How much a linear map ``M`` (``products``: ``[K, S, d] → [K, S, d]``, e.g.
+    ``(I − J)ᵀ`` or ``J`` at rows ``h``) couples different rows.
+
+    A random direction ``v`` and copies with row ``s`` scaled by ``cₛ``: if rows are
+    independent, ``M(c ⊙ v)ₛ = cₛ (M v)ₛ`` for every row, while a coupling ``Mₛₜ ≠ 0``
+    adds ``Mₛₜ (cₜ − cₛ) vₜ`` — nonzero for almost every ``v`` whenever ``cₜ ≠ cₛ``. The
+    factors are powers of two (exact in floating point, so independent rows give zero
+    up to the order of summation), one base-16 digit of the row index per probe, so
+    every pair of rows differs in some probe: ``1 + ⌈log₁₆ S⌉`` products in one call (3
+    for ``S ≤ 256``) see any coupling, one-way or not, between any rows. ``J`` couples
+    rows exactly when ``(I − J)ᵀ`` does, so the adjoint's cheap VJPs serve.
+
+    Returns:
+        ``(coupling, row)``: the largest relative discrepancy over rows and probes (0 for
+        independent rows; NaN if a product is not finite) and the row where it occurs.
+    """
+    samples = h.shape[0]
+    if samples == 1:
+        return 0.0, 0
+    levels = max(1, math.ceil(math.log(samples) / math.log(_DIGIT)))
+    generator = torch.Generator().manual_seed(seed)
+    v = torch.randn(h.shape, generator=generator, dtype=h.dtype).to(h.device)
+    index = torch.arange(samples, device=h.device)
+    scales = torch.stack(
+        [2.0 ** ((index // _DIGIT**level) % _DIGIT - _DIGIT // 2) for level in range(levels)]
+    ).to(h.dtype)  # [L, S]
+    tangents = torch.cat([v[None], scales[:, :, None] * v[None]])  # [L + 1, S, d]
+    out = products(tangents)
+    if not bool(torch.isfinite(out[0]).all()):
+        return float("nan"), int(torch.nonzero(~torch.isfinite(out[0]).all(-1))[0, 0])
+    expected = scales[:, :, None] * out[0][None]
+    discrepancy = _row_norms(out[1:] - expected)  # [L, S]
+    size = _row_norms(out[1:]) + _row_norms(expected)
+    relative = torch.where(size > 0, discrepancy / size.clamp_min(torch.finfo(h.dtype).tiny), 0.0)
+    relative = torch.where(torch.isfinite(out[1:]).all(-1), relative, float("nan"))
+    worst = torch.argmax(torch.nan_to_num(relative, nan=float("inf")).amax(dim=0))
+    return float(relative[:, worst].max()), int(worst)
+
+
+def _row_norms(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t, dim=-1)

@@ -1,0 +1,111 @@
+"""Damped solves: CG stops at negative curvature, product caps, statuses, argument errors.
+
+The references are the dense parts of the exact Hessian (``eq.hessian(..., split=True)``,
+checked against unrolled autodiff in tests/implicit) and ``torch.linalg``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import case, relative_error
+
+import deqhess as dh
+from deqhess.curvature import InverseStatus, inverse, solve_damped
+from deqhess.curvature.inverse import MAX_PRODUCTS
+
+
+@pytest.fixture(scope="module")
+def setup():
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        c = case("tanh_batched")
+        eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, tol=1e-14, atol=1e-15, batch_dim=0)
+        readout = eq.hessian(c.loss_theta, split=True)  # L(h, θ) with a readout
+        convex = eq.hessian(c.loss, split=True)  # L(h) convex in h
+    return c, eq, readout, convex
+
+
+def test_cg_stops_at_negative_curvature_of_the_readout_loss_curvature(setup):
+    """With a readout in L(h, θ), [I; Z]ᵀ∇²L[I; Z] is indefinite (λ_min ≈ −3.2 here):
+    CG must stop at the first pᵀ(H + δI)p ≤ 0 and return p, whose Rayleigh quotient
+    (checked on the dense matrix to 1e-10 relative: a product against a dense product)
+    bounds λ_min from above."""
+    c, eq, readout, _ = setup
+    dense = 0.5 * (readout.loss_curvature + readout.loss_curvature.T)
+    low = float(torch.linalg.eigvalsh(dense)[0])
+    assert low < -1.0
+    op = eq.hessian_operator(c.loss_theta, "loss_curvature")
+    b = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0))
+    result = solve_damped(op, b, damping=1e-3, method="cg", tol=1e-10, progress=False)
+    assert result.status is InverseStatus.NEGATIVE_CURVATURE and not result.converged
+    assert "raise the damping above −λ_min(H), or use method='minres'" in result.status.advice
+    p = result.direction
+    assert abs(float(p.norm()) - 1.0) <= 1e-12
+    quotient = float(p @ dense @ p) + 1e-3
+    assert abs(result.curvature - quotient) <= 1e-10 * abs(quotient) + 1e-12
+    assert result.curvature <= 0 and low + 1e-3 <= result.curvature
+    assert result.num_hvps <= op.shape[0] + 1  # stopped early, not at a cap
+    assert result.residual > 1e-3  # the last iterate is no solution, and says so
+
+
+def test_cg_converges_on_the_loss_curvature_of_a_convex_loss(setup):
+    """L(h) convex in h: Zᵀ∇²L Z is positive semi-definite, and positive definite once
+    damped; CG reaches the dense solution (1e-8: tol 1e-12 times cond ≈ 4e4)."""
+    c, eq, _, convex = setup
+    dense = 0.5 * (convex.loss_curvature + convex.loss_curvature.T)
+    assert float(torch.linalg.eigvalsh(dense)[0]) >= -1e-12
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    b = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(1))
+    result = solve_damped(op, b, damping=1e-3, method="cg", tol=1e-12, progress=False)
+    assert result.status is InverseStatus.CONVERGED and result.converged
+    assert result.direction is None and result.curvature is None
+    expected = torch.linalg.solve(dense + 1e-3 * torch.eye(len(b)), b)
+    assert relative_error(result.solution, expected) <= 1e-8
+
+
+def test_caps_and_statuses(setup, monkeypatch):
+    """An explicit cap is respected (products = cap + 1 for the residual check); the
+    default is min(2P, MAX_PRODUCTS = 1000), never SciPy's 10·P; b = 0 needs no product."""
+    c, eq, _, _ = setup
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    p = op.shape[0]
+    b = torch.randn(p, generator=torch.Generator().manual_seed(2))
+    for method in ("cg", "minres"):
+        capped = solve_damped(op, b, 1e-3, method=method, tol=1e-14, max_iter=3, progress=False)
+        assert capped.status is InverseStatus.MAX_ITER and not capped.converged
+        assert capped.num_hvps <= 4 and "raise max_iter" in capped.status.advice
+    assert MAX_PRODUCTS == 1000
+    monkeypatch.setattr(inverse, "MAX_PRODUCTS", 5)  # below 2P = 90: the default binds
+    for method in ("cg", "minres"):
+        stuck = solve_damped(op, b, 1e-3, method=method, tol=1e-14, progress=False)
+        assert stuck.status is InverseStatus.MAX_ITER and stuck.num_hvps <= 6
+    zero = solve_damped(op, torch.zeros(p), 1.0, method="cg", progress=False)
+    assert zero.converged and zero.num_hvps == 0 and float(zero.solution.abs().max()) == 0.0
+
+
+def test_minres_on_a_singular_system_is_inaccurate_not_converged(setup):
+    c, eq, readout, _ = setup
+    op = eq.hessian_operator(c.loss_theta)
+    dense = 0.5 * (readout.total + readout.total.T)
+    shift = -float(torch.linalg.eigvalsh(dense)[0])  # H + δI singular
+    b = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3))
+    result = solve_damped(op, b, shift, tol=1e-12, progress=False)
+    assert result.status in (InverseStatus.INACCURATE, InverseStatus.MAX_ITER)
+    assert not result.converged and result.residual > 1e-6 and result.status.advice
+
+
+def test_argument_errors(setup):
+    c, eq, _, _ = setup
+    op = eq.hessian_operator(c.loss)
+    p = op.shape[0]
+    with pytest.raises(ValueError, match=rf"b must be a \[{p}\] tensor .*got \(3,\)"):
+        solve_damped(op, torch.ones(3))
+    with pytest.raises(ValueError, match="damping and b must be finite; got damping=nan"):
+        solve_damped(op, torch.ones(p), damping=float("nan"))
+    with pytest.raises(ValueError, match="damping and b must be finite"):
+        solve_damped(op, torch.full((p,), float("inf")))
+    with pytest.raises(ValueError, match="tol must be positive; got 0"):
+        solve_damped(op, torch.ones(p), tol=0)
+    with pytest.raises(ValueError, match="max_iter must be at least 1; got 0"):
+        solve_damped(op, torch.ones(p), max_iter=0)
