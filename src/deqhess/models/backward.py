@@ -6,7 +6,7 @@ per DEQ layer). Three ways to push K cotangents through it:
 * ``"vmap"`` — ``torch.func.vmap`` over ``torch.autograd.grad``: a DEQ layer's own vmap
   rule solves the K systems at once, whatever its linear solver. Measured on one batch
   of 60 digits through ``Linear → DEQ(tanh, n = 32) → Linear`` (float32, one thread):
-  12 ms for K = 8 and 14 ms for K = 32, against 21 ms and 59 ms looped
+  10 ms for K = 8 and 13 ms for K = 32, against 20 ms and 63 ms looped
   (``python benchmarks/dataset_scale.py --sections backward``);
 * ``"batched"`` — ``torch.autograd.grad(..., is_grads_batched=True)``, autograd's own
   batching: it cannot batch the data-dependent checks inside a DEQ layer's solves and
