@@ -1,6 +1,8 @@
-"""Factories for ``deqhess analyze`` (each returns a ``deqhess.cli.AnalysisProblem``).
+"""Factories for ``deqhess analyze`` (each returns a ``deqhess.cli.AnalysisProblem``, or a
+``deqhess.cli.ModelProblem`` for a whole model).
 
 deqhess analyze examples/factories.py:tanh_deq_100k --top-k 5 --trace hutch++
+deqhess analyze examples/factories.py:digits_classifier --top-k 5 --trace hutch++
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deqhess.cli import AnalysisProblem
+from deqhess.cli import AnalysisProblem, ModelProblem
+from deqhess.nn import DEQ
 
 
 class TanhCell(nn.Module):
@@ -53,3 +56,32 @@ def tanh_deq_100k() -> AnalysisProblem:
 def tanh_deq_tiny() -> AnalysisProblem:
     """n = 4, m = 3: P = 32; for trying the command in a second."""
     return _regression(4, 3, 10, 4)
+
+
+class InputCell(nn.Module):
+    """``tanh(W h + x + b)``, ``‖W‖₂ = 0.5``: the input already mapped to the state's width."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, n, generator=g)
+        self.W = nn.Parameter(0.5 * w / torch.linalg.matrix_norm(w, ord=2))
+        self.b = nn.Parameter(0.1 * torch.randn(n, generator=g))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h @ self.W.T + x + self.b)
+
+
+def digits_classifier() -> ModelProblem:
+    """``Linear(64, 32) → DEQ → Linear(32, 10)`` on the 1,797 digits (P = 3,466), float64:
+    every parameter, encoder and head included; the output GGN beside the Hessian."""
+    from sklearn.datasets import load_digits
+
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.data) / 16.0
+    y = torch.tensor(digits.target)
+    model = nn.Sequential(nn.Linear(64, 32), DEQ(InputCell(32)), nn.Linear(32, 10))
+    data = list(zip(x.split(600), y.split(600), strict=True))
+    return ModelProblem(model, nn.CrossEntropyLoss(), data)

@@ -8,7 +8,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-import deqhess as dh
 from deqhess.curvature import extreme_eigenpairs, hutchpp
 from deqhess.distributed import DistributedDatasetEquilibrium
 
@@ -38,6 +37,51 @@ def problem(seed: int = 0, n: int = 5, m: int = 3):
     return f, theta, batches, loss, options
 
 
+def _error_of(call) -> tuple[str, str] | None:
+    try:
+        call()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+def _fails_to_converge(rank, f, theta, shard, loss, options):
+    if rank == 1:
+        options["max_iter"] = 1  # this rank's solve cannot converge
+    return _error_of(lambda: DistributedDatasetEquilibrium(f, theta, shard, loss, **options))
+
+
+def _loss_raises_lazily(rank, f, theta, shard, loss, options):
+    """Rank 1's loss raises on first use (its first product), after a clean set-up."""
+
+    def strict(h, target):
+        if rank == 1:
+            raise ValueError("target has the wrong scale")
+        return loss(h, target)
+
+    data = DistributedDatasetEquilibrium(f, theta, shard, strict, **options)
+    return _error_of(lambda: data.hvp(torch.ones(data.num_parameters, dtype=torch.float64)))
+
+
+def analyze_first_batch(out: str) -> dict:
+    """``deqhess analyze``'s run on the first batch only: with two ranks, rank 1's shard
+    (the command's own sharding) is empty."""
+    from deqhess.cli import AnalysisProblem
+    from deqhess.cli.analyze import run_analysis
+
+    f, theta, batches, loss, options = problem()
+    init = options.pop("init_state")
+    options.pop("progress")
+    first = AnalysisProblem(f, batches[:1], loss, theta=theta, init_state=init, options=options)
+    return run_analysis(
+        first, out=out, parts=["total"], top_k=2, trace_hvps=30, progress=False,
+        print_fn=lambda line: None,
+    )  # fmt: skip
+
+
+FAILURES = {"failure": _fails_to_converge, "lazy_failure": _loss_raises_lazily}
+
+
 def run(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     dist.init_process_group(
@@ -48,15 +92,13 @@ def run(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
         f, theta, batches, loss, options = problem()
         shard = batches[rank::world]
         result: dict = {}
-        if scenario == "failure":
-            if rank == 1:
-                options["max_iter"] = 1  # this rank's solve cannot converge
-            try:
-                DistributedDatasetEquilibrium(f, theta, shard, loss, **options)
-                result["error"] = None
-            except dh.ConvergenceError as error:
-                result["error"] = str(error)
+        if scenario in FAILURES:
+            result["error"] = FAILURES[scenario](rank, f, theta, shard, loss, options)
+        elif scenario == "empty_shard":
+            result = {"report": analyze_first_batch(os.path.join(out_dir, "report"))}
         else:
+            if scenario == "streamed":
+                options["cache_bytes"] = 0  # every product re-reads and re-solves the shard
             data = DistributedDatasetEquilibrium(f, theta, shard, loss, **options)
             v = torch.arange(data.num_parameters, dtype=torch.float64).sin()
             op = data.hessian_operator()
@@ -67,9 +109,10 @@ def run(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
                 "ggn": data.hessian(split=True).loss_curvature,
                 "hvp": data.hvp(v),
                 "block": op @ torch.stack([v, v.cos()], dim=1),
-                "top": extreme_eigenpairs(op, 2, dense_below=0, progress=False).eigenvalues,
-                "trace": hutchpp(op, 12, seed=3, progress=False).estimate,
             }
+            if scenario == "results":  # the analyses' collectives (streaming adds nothing)
+                result["top"] = extreme_eigenpairs(op, 2, dense_below=0, progress=False).eigenvalues
+                result["trace"] = hutchpp(op, 12, seed=3, progress=False).estimate
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from distributed_workers import SIZES, problem, run
+from distributed_workers import SIZES, analyze_first_batch, problem, run
 from problems import relative_error
 
 import deqhess as dh
@@ -25,9 +25,11 @@ def _spawn(world: int, tmp_path, scenario: str) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_distributed_equals_single_process_on_uneven_shards(world, tmp_path):
-    results = _spawn(world, tmp_path, "results")
+@pytest.mark.parametrize(("world", "scenario"), [(3, "results"), (2, "streamed")])
+def test_distributed_equals_single_process_on_uneven_shards(world, scenario, tmp_path):
+    """Cached (3 ranks) and streamed shards (2 ranks, no cache: every product re-reads
+    and re-solves each rank's batches) give the single process's results."""
+    results = _spawn(world, tmp_path, scenario)
     f, theta, batches, loss, options = problem()
     single = dh.DatasetEquilibrium(f, theta, batches, loss, **options)
     v = torch.arange(single.num_parameters, dtype=torch.float64).sin()
@@ -44,6 +46,8 @@ def test_distributed_equals_single_process_on_uneven_shards(world, tmp_path):
         assert r["samples"] == sum(SIZES)
         for key, value in expected.items():
             assert relative_error(r[key], value) <= 1e-12, key
+    if scenario == "streamed":
+        return
     top = extreme_eigenpairs(op, 2, dense_below=0, progress=False).eigenvalues
     trace = hutchpp(op, 12, seed=3, progress=False).estimate
     for r in results:  # identical probes on every rank: identical analyses
@@ -53,9 +57,38 @@ def test_distributed_equals_single_process_on_uneven_shards(world, tmp_path):
 
 
 def test_a_failing_rank_makes_every_rank_raise(tmp_path):
-    results = _spawn(2, tmp_path, "failure")
-    assert "did not converge in max_iter=1" in results[1]["error"]
-    assert "rank 1 failed" in results[0]["error"]
+    """The failing rank raises its own error; the other names it, its type and message."""
+    other, own = (r["error"] for r in _spawn(2, tmp_path, "failure"))
+    assert own[0] == "ConvergenceError" and "did not converge in max_iter=1" in own[1]
+    assert other[0] == "RankFailedError"
+    assert other[1].startswith("rank 1 failed with ConvergenceError: ")
+    assert "did not converge in max_iter=1" in other[1]
+
+
+def test_an_error_raised_lazily_on_one_rank_reaches_every_rank(tmp_path):
+    """A ValueError from the loss at rank 1's first product: rank 0 raises at once
+    (a RankFailedError with rank 1's message) instead of waiting in all_reduce until
+    the 60 s timeout — or the test would fail on gloo's timeout message."""
+    other, own = (r["error"] for r in _spawn(2, tmp_path, "lazy_failure"))
+    assert own == ("ValueError", "target has the wrong scale")
+    assert other == (
+        "RankFailedError",
+        "rank 1 failed with ValueError: target has the wrong scale; this rank stops too "
+        "instead of waiting for it.",
+    )
+
+
+def test_analyze_with_an_empty_shard_reports_as_one_process(tmp_path):
+    """One batch on two ranks: rank 1's shard is empty, and the report is the single
+    process's (eigenvalues to 1e-10: the same products, summed with zeros)."""
+    results = _spawn(2, tmp_path, "empty_shard")
+    single = analyze_first_batch(str(tmp_path / "single"))
+    for r in results:
+        report = r["report"]
+        assert report["processes"] == 2 and report["batches"] == 1
+        assert report["samples"] == single["samples"] == SIZES[0]
+        top = torch.tensor(report["parts"]["total"]["top"])
+        assert torch.allclose(top, torch.tensor(single["parts"]["total"]["top"]), rtol=1e-10)
 
 
 def test_requires_an_initialised_group():

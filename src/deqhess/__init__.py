@@ -7,7 +7,7 @@ densely, or as exact matrix-free Hessian-vector products.
 
 from __future__ import annotations
 
-from . import curvature, distributed, linear, nn, solvers
+from . import batches, curvature, distributed, linear, models, nn, solvers
 from .errors import (
     ConvergenceError,
     DenseMemoryError,
@@ -28,6 +28,7 @@ from .implicit import (
 )
 from .linear import GMRES, Dense, Neumann
 from .memory import memory_limit
+from .models import ModelCurvature
 from .solvers import Anderson, Convergence, Picard
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     # operators and data sets
     "CurvatureOperator",
     "DatasetEquilibrium",
+    "ModelCurvature",
     # forward solvers and the convergence policy
     "Anderson",
     "Convergence",
@@ -60,9 +62,11 @@ __all__ = [
     "UnsupportedDerivativeError",
     "memory_limit",
     # layers
+    "batches",
     "curvature",
     "distributed",
     "linear",
+    "models",
     "nn",
     "solvers",
 ]

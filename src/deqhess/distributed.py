@@ -7,10 +7,13 @@ rank the full-data result — ``P`` numbers per HVP (``K·P`` for a block). With
 share of the global sample count, agreed by one ``all_reduce`` at set-up), so the
 result is the global mean whatever the sharding.
 
-Failures never hang the group: before each collective the ranks agree (one more tiny
-``all_reduce``) on whether any of them failed, and if one did, every rank raises —
-:class:`deqhess.ConvergenceError` when a solve did not converge, with the rank named.
-Works with any backend: gloo on CPU, NCCL on GPU (tensors then live on the GPU).
+Failures never hang the group: every local computation between collectives runs
+under :func:`_agreed`, and before the next collective the ranks agree (one tiny
+``all_reduce``) on whether any failed. If one did, the failing rank re-raises its own
+exception and every other rank raises :class:`RankFailedError` naming the rank and the
+original exception's type and message (shared by one ``all_gather_object``) — within
+seconds, whatever the exception. Works with any backend: gloo on CPU, NCCL on GPU
+(tensors then live on the GPU).
 """
 
 from __future__ import annotations
@@ -23,49 +26,87 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .chunks import default_chunk_size
-from .errors import ConvergenceError, SingularSystemError
-from .implicit import CurvatureOperator, DatasetEquilibrium, HessianSplit
+from .implicit import (
+    BatchSolve,
+    CurvatureOperator,
+    DatasetEquilibrium,
+    EquilibriumInfo,
+    HessianSplit,
+)
 from .implicit.operators import check_part
 from .parameters import ParameterLayout, Parameters
 
-__all__ = ["DistributedDatasetEquilibrium"]
-
-_CODES = {ConvergenceError: 1, SingularSystemError: 2}
+__all__ = ["DistributedDatasetEquilibrium", "RankFailedError"]
 
 
-def _agree(error: BaseException | None, group: Any, device: torch.device) -> None:
-    """All ranks learn whether any failed; then every rank raises (never hangs)."""
+class RankFailedError(RuntimeError):
+    """Another rank failed, so this one stops too instead of waiting in a collective.
+
+    Attributes:
+        rank: the (first) rank that failed.
+        error_type: the name of its exception's type.
+        message: its exception's message.
+    """
+
+    def __init__(self, rank: int, error_type: str, message: str, failed: list[int]) -> None:
+        super().__init__(
+            f"rank {rank} failed with {error_type}: {message}"
+            + (f" (ranks {failed} failed)" if len(failed) > 1 else "")
+            + "; this rank stops too instead of waiting for it."
+        )
+        self.rank, self.error_type, self.message = rank, error_type, message
+
+
+def _agreed(compute: Callable[[], Any], group: Any, device: torch.device) -> Any:
+    """``compute()`` on this rank, then agreement: every rank returns, or every rank raises."""
+    error: Exception | None = None
+    value = None
+    try:
+        value = compute()
+    except Exception as caught:  # any failure must reach the other ranks
+        error = caught
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    codes = torch.zeros(world, device=device)
+    flags = torch.zeros(world, device=device)
     if error is not None:
-        codes[rank] = float(next((c for t, c in _CODES.items() if isinstance(error, t)), 3))
-    dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=group)
-    failed = torch.nonzero(codes).flatten().tolist()
+        flags[rank] = 1.0
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    failed = torch.nonzero(flags).flatten().tolist()
     if not failed:
-        return
+        return value
+    reports: list[Any] = [None] * world
+    mine = None if error is None else (type(error).__name__, str(error))
+    dist.all_gather_object(reports, mine, group=group)
     if error is not None:
         raise error
     first = failed[0]
-    kind = {1: ConvergenceError, 2: SingularSystemError}.get(int(codes[first]), RuntimeError)
-    raise kind(
-        f"rank {first} failed (ranks {failed}); this rank stops too instead of waiting. "
-        "See that rank's error for the residual and what to try."
-    )
+    raise RankFailedError(first, *reports[first], failed)
 
 
 class DistributedDatasetEquilibrium:
     """The data-set derivatives of :class:`DatasetEquilibrium`, summed over ranks.
 
+    Each rank streams its own shard exactly as :class:`DatasetEquilibrium` streams a
+    data set (one pass per product block, a budgeted cache), so a rank's memory does
+    not grow with its number of batches.
+
     Args:
         f, theta, loss, init_state, reduction, batch_dim, progress, **options: as for
-            :class:`DatasetEquilibrium`; θ must be identical on every rank.
-        batches: this rank's shard (a DataLoader with a ``DistributedSampler``, or any
-            iterable of ``(x, target)``); it may be empty.
+            :class:`DatasetEquilibrium` (``cache_bytes`` included); θ must be identical
+            on every rank.
+        batches: this rank's shard (a DataLoader with a ``DistributedSampler``, a
+            :class:`deqhess.batches.RankShard`, or any re-iterable of ``(x, target)``);
+            it may be empty.
         group: the process group (default: the world).
 
     Attributes:
-        local: this rank's :class:`DatasetEquilibrium` (None for an empty shard).
+        local: this rank's :class:`DatasetEquilibrium` (its shard; possibly empty).
         num_samples: the global sample count.
+        batch_solves: every batch's :class:`deqhess.implicit.BatchSolve`, rank by rank
+            (``batch_infos``: their statistics).
+
+    Raises:
+        RankFailedError: on every rank but the failing one, when another rank fails
+            (the failing rank raises its own exception).
     """
 
     def __init__(
@@ -89,71 +130,70 @@ class DistributedDatasetEquilibrium:
             )
         self.group = group
         self.layout = ParameterLayout(theta)
-        batches = list(batches)
-        error: BaseException | None = None
-        self.local: DatasetEquilibrium | None = None
-        try:
-            if batches:
-                self.local = DatasetEquilibrium(
-                    f, theta, batches, loss, init_state=init_state, reduction=reduction,
-                    batch_dim=batch_dim, progress=progress, **options,
-                )  # fmt: skip
-        except (ConvergenceError, SingularSystemError, ValueError, RuntimeError) as caught:
-            error = caught
-        _agree(error, group, self.layout.device)
-        local_count = self.local.num_samples if self.local is not None else 0
-        count = torch.tensor([float(local_count)], device=self.layout.device)
+
+        def shard() -> DatasetEquilibrium:
+            return DatasetEquilibrium(
+                f, theta, batches, loss, init_state=init_state, reduction=reduction,
+                batch_dim=batch_dim, progress=progress, allow_empty=True, **options,
+            )  # fmt: skip
+
+        self.local: DatasetEquilibrium = self._agreed(shard)
+        count = torch.tensor([float(self.local.num_samples)], device=self.layout.device)
         dist.all_reduce(count, group=group)
         self.num_samples = int(count.item())
-        self._scale = local_count / self.num_samples if reduction == "mean" else 1.0
+        if self.num_samples == 0:
+            raise ValueError("every rank's shard is empty; pass at least one (x, target) batch.")
+        self._scale = self.local.num_samples / self.num_samples if reduction == "mean" else 1.0
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, self.local.batch_solves, group=group)
+        self.batch_solves: list[BatchSolve] = [solve for shard in gathered for solve in shard]
 
     @property
     def num_parameters(self) -> int:
         return self.layout.size
 
     @property
-    def equilibria(self) -> list:
-        """This rank's equilibria (for their solve statistics)."""
-        return [] if self.local is None else self.local.equilibria
+    def num_batches(self) -> int:
+        return len(self.batch_solves)
 
-    def _summed(self, compute: Callable[[DatasetEquilibrium], Tensor], shape: tuple) -> Tensor:
-        error, value = None, None
-        try:
-            value = compute(self.local) if self.local is not None else None
-        except (ConvergenceError, SingularSystemError, RuntimeError) as caught:
-            error = caught
-        _agree(error, self.group, self.layout.device)
-        if value is None:
-            value = torch.zeros(shape, dtype=self.layout.dtype, device=self.layout.device)
+    @property
+    def batch_infos(self) -> list[EquilibriumInfo]:
+        return [solve.info for solve in self.batch_solves]
+
+    def _agreed(self, compute: Callable[[], Any]) -> Any:
+        return _agreed(compute, self.group, self.layout.device)
+
+    def _summed(self, compute: Callable[[], Tensor]) -> Tensor:
+        """This rank's ``compute()`` weighted by its share, all-reduced (sum) in place."""
+        value = self._agreed(compute)
         value = (value * self._scale).contiguous()
         dist.all_reduce(value, group=self.group)
         return value
 
     def grad(self) -> Parameters:
         """The global data-set gradient, in θ's structure, on every rank."""
-        flat = self._summed(lambda d: self.layout.flatten(d.grad()), (self.num_parameters,))
-        return self.layout.unflatten(flat)
+        return self.layout.unflatten(self._summed(lambda: self.layout.flatten(self.local.grad())))
 
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
         """The global dense Hessian ``[P, P]`` (or its split), on every rank."""
-        p = self.num_parameters
         if not split:
-            return self._summed(lambda d: d.hessian(), (p, p))
-
-        def both(d: DatasetEquilibrium) -> Tensor:
-            split = d.hessian(split=True)
-            return torch.stack([split.loss_curvature, split.dynamics_curvature])
-
-        loss_part, dynamics_part = self._summed(both, (2, p, p))
-        return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
+            return self._summed(self.local.hessian)
+        local = self._agreed(lambda: self.local.hessian(split=True))
+        parts = []
+        for part in (local.loss_curvature, local.dynamics_curvature):
+            part.mul_(self._scale)
+            dist.all_reduce(part, group=self.group)
+            parts.append(part)
+        return HessianSplit(parts[0], parts[1], parts[0] + parts[1])
 
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
-        """The global operator: each block product is one all-reduce of ``K·P`` numbers."""
+        """The global operator: each block product is one pass over this rank's shard
+        and one all-reduce of ``K·P`` numbers."""
         check_part(part)
-        local = self.local.hessian_operator(part) if self.local is not None else None
+        local = self.local.hessian_operator(part)
 
         def products(v: Tensor) -> Tensor:
-            return self._summed(lambda _: local.matmat(v.T).T, tuple(v.shape))
+            return self._summed(lambda: local.matmat(v.T).T)
 
         # every rank must split a block the same way: collectives pair up in order
         chunk = default_chunk_size(self.num_parameters)

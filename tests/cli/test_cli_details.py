@@ -157,7 +157,7 @@ def test_casting_a_cell_problem_leaves_the_factory_untouched(factory):
     stays float64 (inputs are never modified)."""
     problem = dh.cli.load_factory(f"{factory}:cell")
     data = problem.equilibria(progress=False, dtype=torch.float32)
-    assert data.layout.dtype == torch.float32 and data.equilibria[0].h.dtype == torch.float32
+    assert data.layout.dtype == torch.float32 and data.batch_solves[0].dtype == torch.float32
     assert all(p.dtype == torch.float64 for p in problem.f.parameters())
     problem.theta = torch.zeros(3)
     with pytest.raises(ValueError, match="with f = the cell Cell, theta must be a dict"):

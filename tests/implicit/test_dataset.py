@@ -49,7 +49,7 @@ def test_mean_over_uneven_batches_equals_concatenated(linear):
         f, theta, _batches(x, y, [4, 2, 5]), _mean_loss,
         init_state=lambda xb: torch.zeros(xb.shape[0], 5), linear_solver=linear, **OPTS,
     )  # fmt: skip
-    assert data.num_samples == 11 and len(data.equilibria) == 3
+    assert data.num_samples == 11 and data.num_batches == 3
     whole = dh.Equilibrium(f, theta, x, torch.zeros(11, 5), batch_dim=0, tol=1e-14, atol=1e-15)
 
     def loss(h):
@@ -127,6 +127,143 @@ def test_torch_data_loader_with_progress_bar():
         f, theta, loader, _mean_loss, init_state=lambda xb: torch.zeros(xb.shape[0], 5),
         progress=True, tol=1e-14, atol=1e-15,
     )  # fmt: skip
-    assert [eq.problem.state.samples for eq in data.equilibria] == [4, 4, 2]
+    assert [len(info.sample_iterations) for info in data.batch_infos] == [4, 4, 2]
     whole = dh.Equilibrium(f, theta, x, torch.zeros(10, 5), batch_dim=0, tol=1e-14, atol=1e-15)
     assert relative_error(data.hessian(), whole.hessian(lambda h: _mean_loss(h, y))) <= 1e-10
+
+
+def _whole(f, theta, x, y):
+    whole = dh.Equilibrium(f, theta, x, torch.zeros(len(x), 5), batch_dim=0, tol=1e-14, atol=1e-15)
+    return whole, (lambda h: _mean_loss(h, y))
+
+
+@pytest.mark.parametrize("cache", ["all", "part", "none"])
+def test_streaming_and_partial_cache_equal_the_concatenated_data(cache):
+    """Whatever the cache holds, every pass sums the same batches: gradient, products,
+    dense Hessian and split equal one equilibrium on the concatenated data (≤ 1e-10,
+    the tolerance of the other data-set tests: solves to 1e-14 amplified by cond ≈ 2)."""
+    f, theta, x, y = _data(samples=12)
+    batches = _batches(x, y, [3, 3, 3, 3])
+    init = dict(init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS)
+    full = dh.DatasetEquilibrium(f, theta, batches, _mean_loss, **init)
+    assert full.cached_batches == 4 and full.cached_bytes > 0
+    budget = {"all": full.cached_bytes, "part": full.cached_bytes // 2, "none": 0}[cache]
+    data = dh.DatasetEquilibrium(f, theta, batches, _mean_loss, cache_bytes=budget, **init)
+    assert data.cached_batches == {"all": 4, "part": 2, "none": 0}[cache]
+    whole, loss = _whole(f, theta, x, y)
+    layout = ParameterLayout(theta)
+    assert relative_error(layout.flatten(data.grad()), layout.flatten(whole.grad(loss))) <= 1e-12
+    dense = whole.hessian(loss, split=True)
+    block = torch.randn(layout.size, 3)
+    assert relative_error(data.hessian_operator() @ block, dense.total @ block) <= 1e-10
+    ggn = data.hessian_operator("loss_curvature") @ block
+    assert relative_error(ggn, dense.loss_curvature @ block) <= 1e-10
+    split = data.hessian(split=True)
+    assert relative_error(split.dynamics_curvature, dense.dynamics_curvature) <= 1e-10
+    assert relative_error(data.hessian(), dense.total) <= 1e-10
+
+
+def test_streamed_batches_are_freed_before_the_next_is_solved(monkeypatch):
+    """Memory does not grow with the number of batches: with no cache, every batch's
+    equilibrium is gone (no reference cycle, gc off) once the pass moves on."""
+    import gc
+    import weakref
+
+    f, theta, x, y = _data(samples=12)
+    data = dh.DatasetEquilibrium(
+        f, theta, _batches(x, y, [3, 3, 3, 3]), _mean_loss, cache_bytes=0,
+        init_state=lambda xb: torch.zeros(xb.shape[0], 5), linear_solver="gmres", **OPTS,
+    )  # fmt: skip
+    alive: list[weakref.ref] = []
+    solve = data._solve
+
+    def tracked(*args, **kwargs):
+        assert sum(r() is not None for r in alive) == 0  # the previous batch is gone
+        eq = solve(*args, **kwargs)
+        alive.append(weakref.ref(eq))
+        return eq
+
+    monkeypatch.setattr(data, "_solve", tracked)
+    gc.disable()
+    try:
+        data.hessian_operator() @ torch.randn(data.num_parameters, 2)
+        data.grad()
+    finally:
+        gc.enable()
+    assert len(alive) == 8 and all(r() is None for r in alive)
+
+
+def test_shuffled_loader_with_workers_streams_the_same_sums():
+    """A DataLoader that reshuffles on every pass, with worker processes: each pass
+    sums other batches of the same samples, so the results equal the concatenated
+    data's (≤ 1e-10 as above; a per-sample loss makes the grouping irrelevant)."""
+    f, theta, x, y = _data(samples=10)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=True, num_workers=2)
+    data = dh.DatasetEquilibrium(
+        f, theta, loader, _mean_loss, init_state=lambda xb: torch.zeros(xb.shape[0], 5),
+        cache_bytes=0, **OPTS,
+    )  # fmt: skip
+    whole, loss = _whole(f, theta, x, y)
+    dense = whole.hessian(loss)
+    block = torch.randn(dense.shape[0], 2)
+    assert relative_error(data.hessian_operator() @ block, dense @ block) <= 1e-10
+    assert relative_error(data.hessian(), dense) <= 1e-10
+
+
+def test_a_shuffled_loader_never_reuses_another_batch_s_solve():
+    """A partial cache is keyed by position but used only for an equal batch: with a
+    reshuffling loader the products still equal the concatenated data's."""
+    f, theta, x, y = _data(samples=12)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=3, shuffle=True
+    )
+    init = dict(init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS)
+    full = dh.DatasetEquilibrium(f, theta, loader, _mean_loss, **init)
+    data = dh.DatasetEquilibrium(
+        f, theta, loader, _mean_loss, cache_bytes=full.cached_bytes // 2, **init
+    )
+    assert 0 < data.cached_batches < 4
+    whole, loss = _whole(f, theta, x, y)
+    v = torch.randn(data.num_parameters)
+    assert relative_error(data.hvp(v), whole.hvp(loss, v)) <= 1e-10
+
+
+def test_one_shot_iterators_and_changing_data():
+    f, theta, x, y = _data(samples=6)
+    init = dict(init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS)
+    batches = _batches(x, y, [3, 3])
+    with pytest.raises(ValueError, match=r"one-shot iterator \(generator\).*holds only 0 of 2"):
+        dh.DatasetEquilibrium(f, theta, (b for b in batches), _mean_loss, cache_bytes=0, **init)
+    cached = dh.DatasetEquilibrium(f, theta, (b for b in batches), _mean_loss, **init)
+    whole, loss = _whole(f, theta, x, y)
+    assert relative_error(cached.hessian(), whole.hessian(loss)) <= 1e-10
+
+    class Shrinking:  # re-iterable, but gives one batch fewer on every pass
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(batches[: 3 - self.passes])
+
+    data = dh.DatasetEquilibrium(f, theta, Shrinking(), _mean_loss, cache_bytes=0, **init)
+    with pytest.raises(ValueError, match="gave 3 samples in 1 batches on this pass but 6 in 2"):
+        data.grad()
+    with pytest.raises(ValueError, match="cache_bytes must be a non-negative int"):
+        dh.DatasetEquilibrium(f, theta, batches, _mean_loss, cache_bytes=-1, **init)
+    with pytest.raises(ValueError, match="batches must be an iterable"):
+        dh.DatasetEquilibrium(f, theta, 3, _mean_loss, **init)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**30])
+def test_theta_changed_in_place_is_stale_for_every_pass(cache_bytes):
+    f, theta, x, y = _data(samples=6)
+    data = dh.DatasetEquilibrium(
+        f, theta, _batches(x, y, [3, 3]), _mean_loss, cache_bytes=cache_bytes,
+        init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS,
+    )  # fmt: skip
+    with torch.no_grad():
+        theta["b"].add_(0.1)
+    with pytest.raises(dh.StaleEquilibriumError, match="theta was modified in place"):
+        data.grad()

@@ -56,7 +56,8 @@ def test_operators_match_dense_hessian_and_split(name):
         assert relative_error(op @ block, dense @ block) <= 1e-12
         assert relative_error(op @ block[:, 0], dense @ block[:, 0]) <= 1e-12
         assert relative_error(op.to_dense(), dense) <= 1e-12
-    ggn = eq.ggn_operator(c.loss_theta)
+    with pytest.warns(DeprecationWarning, match=r"is the loss curvature \[I; Z\]ᵀ∇²L\[I; Z\]"):
+        ggn = eq.ggn_operator(c.loss_theta)
     assert relative_error(ggn.to_dense(), split.loss_curvature) <= 1e-12
 
 

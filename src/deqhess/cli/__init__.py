@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .problem import AnalysisProblem, load_factory
+from .problem import AnalysisProblem, ModelProblem, load_factory
 
-__all__ = ["AnalysisProblem", "load_factory"]
+__all__ = ["AnalysisProblem", "ModelProblem", "load_factory"]

@@ -22,9 +22,10 @@ from ..curvature import (
     operator_accuracy,
     spectral_density,
 )
-from ..implicit import PARTS, DatasetEquilibrium
+from ..implicit import DatasetEquilibrium
+from ..models import ModelCurvature
 from .plots import plot_densities, plot_diagonal, plot_top_eigenvalues
-from .problem import AnalysisProblem
+from .problem import AnalysisProblem, ModelProblem
 
 __all__ = ["run_analysis"]
 
@@ -41,9 +42,9 @@ ERROR_NOTES = {
 
 
 def run_analysis(
-    problem: AnalysisProblem,
+    problem: AnalysisProblem | ModelProblem,
     out: str | Path = "deqhess-analysis",
-    parts: Sequence[str] = PARTS,
+    parts: Sequence[str] | None = None,
     top_k: int = 5,
     bottom_k: int = 0,
     trace: str | None = "hutch++",
@@ -65,6 +66,7 @@ def run_analysis(
     """Run the chosen analyses on each part, print a report, write plots and ``report.json``.
 
     Args:
+        parts: the operators to analyse; default every part the problem defines.
         progress: progress bars; None shows them only on a terminal and prints a plain
             line per finished analysis otherwise.
         dtype, device, options: passed to :meth:`AnalysisProblem.equilibria` (casts and
@@ -73,9 +75,10 @@ def run_analysis(
             float64 and measure each part's error on this many probes, and each
             eigenpair's residual against it (0: skip; the cheap estimate remains).
     """
+    parts = problem.parts if parts is None else parts
     for part in parts:
-        if part not in PARTS:
-            raise ValueError(f"unknown part {part!r}; use some of {list(PARTS)}.")
+        if part not in problem.parts:
+            raise ValueError(f"unknown part {part!r}; use some of {list(problem.parts)}.")
     if trace not in (None, "hutch++", "hutchinson"):
         raise ValueError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
     if float64_probes == 1 or float64_probes < 0:
@@ -88,20 +91,17 @@ def run_analysis(
     out = Path(out)
     start = time.perf_counter()
     options = options or {}
-    data: DatasetEquilibrium = problem.equilibria(bars, dtype=dtype, device=device, **options)
-    batches = len(data.equilibria)
+    data: DatasetEquilibrium | ModelCurvature = problem.equilibria(
+        bars, dtype=dtype, device=device, **options
+    )
+    batches = data.num_batches
     stage.done(f"solved {batches} batch{'' if batches == 1 else 'es'}", start)
     report: dict[str, Any] = {
         "parameters": data.num_parameters,
-        "batches": len(data.equilibria),
+        "batches": batches,
         "samples": data.num_samples,
         "dtype": str(data.layout.dtype).removeprefix("torch."),
-        "solve": {
-            "seconds": time.perf_counter() - start,
-            "max_iterations": max(eq.info.iterations for eq in data.equilibria),
-            "max_residual": max(eq.info.residual_norm for eq in data.equilibria),
-            "linear_solver": data.equilibria[0].info.linear_solver,
-        },
+        "solve": _solve_summary(data, time.perf_counter() - start),
         "error_notes": ERROR_NOTES,
         "parts": {},
         "files": [],
@@ -143,7 +143,7 @@ def run_analysis(
             stage.done(f"{part}: spectral density, {densities[part].num_hvps} HVPs", mark)
         if not check_float64:  # else measured against float64 below
             mark = time.perf_counter()
-            accuracy = operator_accuracy(op, data.equilibria, seed=seed, progress=bars)
+            accuracy = operator_accuracy(op, _solves(data), seed=seed, progress=bars)
             entry["accuracy"] = _accuracy_entry(accuracy)
             hvps += accuracy.num_hvps
             stage.done(f"{part}: operator accuracy, {accuracy.num_hvps} HVPs", mark)
@@ -207,7 +207,7 @@ def _float64_check(data, problem, report, eigenpairs, probes, seed, bars, option
     for part, entry in report["parts"].items():
         reference = data64.hessian_operator(part)
         accuracy = operator_accuracy(
-            data.hessian_operator(part), data.equilibria, reference=reference,
+            data.hessian_operator(part), _solves(data), reference=reference,
             num_probes=probes, seed=seed, progress=bars,
         )  # fmt: skip
         entry["accuracy"] = _accuracy_entry(accuracy)
@@ -265,14 +265,37 @@ def _silent(line: str) -> None:
     return None
 
 
+def _solves(data: DatasetEquilibrium | ModelCurvature) -> list | None:
+    """The batches' forward solves, for the state error (a model's DEQ layers solve
+    inside each product: none)."""
+    return None if isinstance(data, ModelCurvature) else data.batch_solves
+
+
+def _solve_summary(data: DatasetEquilibrium | ModelCurvature, seconds: float) -> dict[str, Any]:
+    solves = _solves(data)
+    if not solves:
+        return {"seconds": seconds}
+    return {
+        "seconds": seconds,
+        "max_iterations": max(s.info.iterations for s in solves),
+        "max_residual": max(s.info.residual_norm for s in solves),
+        "linear_solver": solves[0].info.linear_solver,
+    }
+
+
 def _lines(r: dict[str, Any]) -> list[str]:
     s = r["solve"]
     lines = [
         "deqhess analyze — curvature of a DEQ's data-set loss",
         f"  P = {r['parameters']:,} parameters ({r['dtype']}); {r['samples']} samples in "
         f"{r['batches']} batch{'' if r['batches'] == 1 else 'es'}",
-        f"  solve: {s['max_iterations']} iterations max, residual ≤ {s['max_residual']:.1e}, "
-        f"{s['linear_solver']}, {s['seconds']:.1f} s",
+    ]
+    if "max_iterations" in s:
+        lines.append(
+            f"  solve: {s['max_iterations']} iterations max, residual ≤ "
+            f"{s['max_residual']:.1e}, {s['linear_solver']}, {s['seconds']:.1f} s"
+        )
+    lines += [
         "  error figures: residual = Lanczos ‖Hv − λv‖ (bounds the distance to an "
         "eigenvalue of the operator as computed); ± = standard error of the estimator; "
         "operator = that operator's own relative error vs the exact one",
@@ -317,5 +340,7 @@ def _describe_accuracy(a: dict[str, Any]) -> str:
         text += " (measured against float64"
     else:
         text += " (estimated"
+    if a["state_error"] is None:  # a model: its DEQ layers solve inside each product
+        return text + f"; asymmetry {a['asymmetry']:.1e})"
     how = "cond(I − J)·‖f(h) − h‖/‖h‖" if a["condition_known"] else "‖f(h) − h‖/‖h‖"
     return text + f"; state {a['state_error']:.1e} from {how}, asymmetry {a['asymmetry']:.1e})"

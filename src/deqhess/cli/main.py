@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("factory", help="package.module:function or path/to/file.py:function")
     analyze.add_argument("--out", default="deqhess-analysis", help="folder for plots and report")
     analyze.add_argument(
-        "--parts", default="total,loss_curvature,dynamics_curvature",
-        help="comma list of: total, loss_curvature, dynamics_curvature",
+        "--parts", default=None,
+        help="comma list of: total, loss_curvature, dynamics_curvature, and ggn (the GGN "
+        "at a model's output, for a ModelProblem); default: every part the problem defines",
     )  # fmt: skip
     analyze.add_argument("--top-k", type=int, default=5, help="top eigenvalues (0: none)")
     analyze.add_argument("--bottom-k", type=int, default=0, help="bottom eigenvalues")
@@ -171,7 +172,9 @@ def _analyze(args: argparse.Namespace) -> None:
     run_analysis(
         problem,
         out=args.out,
-        parts=[p.strip() for p in args.parts.split(",") if p.strip()],
+        parts=None
+        if args.parts is None
+        else [p.strip() for p in args.parts.split(",") if p.strip()],
         top_k=args.top_k,
         bottom_k=args.bottom_k,
         trace=None if args.trace == "none" else args.trace,

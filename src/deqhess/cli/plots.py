@@ -8,11 +8,13 @@ import numpy as np
 
 __all__ = ["diagonal_figure", "plot_densities", "plot_diagonal", "plot_top_eigenvalues"]
 
-COLORS = {"total": "black", "loss_curvature": "tab:blue", "dynamics_curvature": "tab:red"}
+COLORS = {"total": "black", "loss_curvature": "tab:blue", "dynamics_curvature": "tab:red",
+          "ggn": "tab:green"}  # fmt: skip
 LABELS = {
     "total": "total Hessian",
     "loss_curvature": "loss curvature",
     "dynamics_curvature": "dynamics curvature",
+    "ggn": "GGN at the output",
 }
 
 

@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import itertools
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..batches import MappedBatches, RankShard
 from ..distributed import DistributedDatasetEquilibrium
-from ..implicit import DatasetEquilibrium
+from ..implicit import PARTS, DatasetEquilibrium
+from ..models import ModelCurvature
 from ..parameters import Parameters
 
-__all__ = ["AnalysisProblem", "load_factory"]
+__all__ = ["AnalysisProblem", "ModelProblem", "load_factory"]
 
 
 @dataclass
@@ -52,6 +54,9 @@ class AnalysisProblem:
     batch_dim: int | None = 0
     options: dict[str, Any] = field(default_factory=dict)
     sharded: bool = False
+
+    #: the operators this problem defines
+    parts = PARTS
 
     def equilibria(
         self,
@@ -94,7 +99,7 @@ class AnalysisProblem:
         sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if sharded and not self.sharded:
             rank, world = dist.get_rank(), dist.get_world_size()
-            data = [batch for i, batch in enumerate(data) if i % world == rank]
+            data = RankShard(data, rank, world)
         if init is None:
             data = _check_default_state(f, theta, data)
         kwargs = dict(
@@ -131,7 +136,9 @@ class _Cast:
         return copy.deepcopy(cell).to(device=self.device, dtype=self.dtype) if self.active else cell
 
     def batches(self, data: Iterable[Any]) -> Iterable[Any]:
-        return (self.tree(batch) for batch in data) if self.active else data
+        """The batches cast as they are read (re-iterable: data-set passes read them
+        once per product)."""
+        return MappedBatches(data, self.tree) if self.active else data
 
 
 def _state_names(cell: nn.Module) -> list[str]:
@@ -161,14 +168,14 @@ def _check_cell_theta(cell: nn.Module, names: list[str], theta: Parameters) -> N
 
 def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iterable[Any]):
     """With no ``init_state``, the state starts as zeros shaped like x: try ``f`` once on
-    the first batch so that a state of another shape is reported as such (the batches
-    are re-chained, nothing is consumed)."""
+    the first batch so that a state of another shape is reported as such (nothing is
+    consumed: a one-shot iterator is re-chained, anything else read afresh)."""
     batches = iter(data)
     try:
         first = next(batches)
     except StopIteration:
         return []
-    chained = itertools.chain([first], batches)
+    chained = itertools.chain([first], batches) if isinstance(data, Iterator) else data
     x = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else None
     if not isinstance(x, Tensor):
         return chained
@@ -188,7 +195,77 @@ def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iter
     return chained
 
 
-def load_factory(spec: str) -> AnalysisProblem:
+@dataclass
+class ModelProblem:
+    """A whole model holding DEQ layers, its loss and data, for ``deqhess analyze``.
+
+    Attributes:
+        model: the ``nn.Module`` (e.g. encoder → ``deqhess.nn.DEQ`` → head), deterministic
+            (``eval()`` mode if it has dropout or batch norm).
+        loss: ``loss_func(output, target)`` → 0-dim tensor (e.g. ``nn.CrossEntropyLoss()``).
+        data: ``(x, target)`` batches, re-iterable (a list, a DataLoader).
+        params: parameter names (None: all that require grad).
+        reduction: ``"mean"`` or ``"sum"``; default ``loss.reduction`` or ``"mean"``.
+        split_at: the DEQ layer (module or name) splitting the Hessian into loss and
+            dynamics curvature; default the model's only DEQ layer.
+        batch_size_fn: ``x ↦`` sample count; default ``x.shape[0]``.
+
+    See :class:`deqhess.ModelCurvature` for the operators (``total``, ``ggn``,
+    ``loss_curvature``, ``dynamics_curvature``).
+    """
+
+    model: nn.Module
+    loss: Callable[[Tensor, Any], Tensor]
+    data: Iterable[tuple[Any, Any]]
+    params: Sequence[str] | None = None
+    reduction: str | None = None
+    split_at: nn.Module | str | None = None
+    batch_size_fn: Callable[[Any], int] | None = None
+
+    def equilibria(
+        self,
+        progress: bool | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> ModelCurvature:
+        """The model's curvature over the data (nothing is solved until a product).
+
+        Args:
+            dtype, device: cast a copy of the model and the floating tensors of every
+                batch.
+            **overrides: not accepted: set solver options on the model's DEQ layers.
+        """
+        if overrides:
+            raise ValueError(
+                f"solver options {sorted(overrides)} apply to a DEQ layer; for a "
+                "ModelProblem set them on the model's deqhess.nn.DEQ layers in the factory."
+            )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "deqhess analyze runs a ModelProblem in one process; launch it without "
+                "torchrun (data-parallel model operators are not available yet)."
+            )
+        cast = _Cast(dtype, device)
+        return self._curvature(cast.module(self.model), cast.batches(self.data))
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The operators the model defines (the split ones need one DEQ layer or split_at)."""
+        return self._curvature(self.model, self.data).parts
+
+    def _curvature(self, model: nn.Module, data: Iterable[Any]) -> ModelCurvature:
+        split_at = self.split_at
+        if isinstance(split_at, nn.Module) and model is not self.model:  # the cast copy's
+            split_at = next(n for n, m in self.model.named_modules() if m is split_at)
+        return ModelCurvature(
+            model, self.loss, data, self.params, reduction=self.reduction,
+            split_at=split_at, batch_size_fn=self.batch_size_fn,
+        )  # fmt: skip
+
+
+def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
     """Call ``package.module:function`` or ``path/to/file.py:function`` and check its result."""
     if ":" not in spec:
         raise ValueError(
@@ -213,10 +290,10 @@ def load_factory(spec: str) -> AnalysisProblem:
         raise ValueError(f"{target!r} has no callable {name!r}.")
     result = factory()
     if isinstance(result, Mapping):
-        result = AnalysisProblem(**result)
-    if not isinstance(result, AnalysisProblem):
+        result = (ModelProblem if "model" in result else AnalysisProblem)(**result)
+    if not isinstance(result, (AnalysisProblem, ModelProblem)):
         raise ValueError(
             f"the factory {spec!r} returned {type(result).__name__}; return a "
-            "deqhess.cli.AnalysisProblem (or a dict of its fields)."
+            "deqhess.cli.AnalysisProblem or ModelProblem (or a dict of its fields)."
         )
     return result

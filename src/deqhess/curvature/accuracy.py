@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..implicit.dataset import BatchSolve
 from .base import Counted, SymmetricOperator
 
 if TYPE_CHECKING:
@@ -90,24 +91,28 @@ class OperatorAccuracy:
         return "; ".join(parts)
 
 
-def state_error(equilibria: Sequence[Equilibrium]) -> tuple[float, bool]:
-    """``max cond(I − J) · ‖f(h) − h‖₂ / ‖h‖₂`` over the equilibria, and whether every
-    condition number was known (it is once a dense LU has been formed)."""
+def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, bool]:
+    """``max cond(I − J) · ‖f(h) − h‖₂ / ‖h‖₂`` over the equilibria (or a data set's
+    ``batch_solves``), and whether every condition number was known (it is once a dense
+    LU has been formed)."""
     worst, known = 0.0, True
     for eq in equilibria:
         info = eq.info
         residual = float(torch.linalg.vector_norm(info.sample_residuals.double()))
-        norm = float(torch.linalg.vector_norm(eq.h.double()))
+        if isinstance(eq, BatchSolve):
+            norm, dtype = eq.state_norm, eq.dtype
+        else:
+            norm, dtype = float(torch.linalg.vector_norm(eq.h.double())), eq.h.dtype
         condition = info.condition_number
         known = known and condition is not None and math.isfinite(condition)
         factor = condition if condition is not None and math.isfinite(condition) else 1.0
-        worst = max(worst, factor * residual / max(norm, torch.finfo(eq.h.dtype).tiny))
+        worst = max(worst, factor * residual / max(norm, torch.finfo(dtype).tiny))
     return worst, known
 
 
 def operator_accuracy(
     op: SymmetricOperator,
-    equilibria: Sequence[Equilibrium] | None = None,
+    equilibria: Sequence[Equilibrium | BatchSolve] | None = None,
     reference: SymmetricOperator | None = None,
     num_probes: int = 4,
     seed: int = 0,
@@ -117,8 +122,8 @@ def operator_accuracy(
 
     Args:
         op: the operator, e.g. ``data.hessian_operator(part)`` in float32.
-        equilibria: the equilibria it was built on (``data.equilibria`` or ``[eq]``),
-            for the state error.
+        equilibria: the equilibria it was built on (``[eq]``, or a data set's
+            ``batch_solves``), for the state error.
         reference: the same operator computed more accurately (the problem rebuilt in
             float64); its products are compared on the probes.
         num_probes: Gaussian probes (``≥ 2``): ``num_probes`` products of ``op`` (and of

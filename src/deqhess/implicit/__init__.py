@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .dataset import DatasetEquilibrium
+from .dataset import BatchSolve, DatasetEquilibrium
 from .equilibrium import Equilibrium, EquilibriumInfo
 from .functional import grad, hessian, hvp
 from .hessian import HessianSplit
@@ -21,6 +21,7 @@ __all__ = [
     "PARTS",
     "CurvatureOperator",
     "DatasetEquilibrium",
+    "BatchSolve",
     # one-shot forms
     "grad",
     "hessian",

@@ -1,11 +1,16 @@
-"""Derivatives of a loss summed over a data set: one equilibrium per batch.
+"""Derivatives of a loss summed over a data set, streaming one batch's equilibrium at a time.
 
 The data-set loss is ``L(θ) = Σ_b w_b ℓ(h*_b(θ), y_b)`` over batches ``(x_b, y_b)``,
 with ``w_b = 1`` for ``reduction="sum"`` and ``w_b = n_b / N`` for ``reduction="mean"``
 (``ℓ`` then a per-batch mean, ``n_b`` the batch's sample count, ``N`` the total), so
-the result does not depend on how the data are cut into batches. Its gradient,
-Hessian and products are the sums of the batches' — each batch solved once and its
-linear solve reused for every product.
+the result does not depend on how the data are cut into batches or ordered. Its
+gradient, Hessian and products are sums over batches.
+
+**Streaming.** Every gradient, dense Hessian and product block ``H V`` (``V`` ``[P, K]``)
+is one pass over the data: each batch is solved, used for all K directions at once and
+dropped, so memory does not grow with the number of batches. A :class:`BatchCache`
+keeps solved batches (fixed point, linear-solve set-up, adjoints) between passes up to
+``cache_bytes``; when it holds every batch, passes do not read the data again.
 
 **Loss signature for every data-set entry point:** ``loss(h, target)`` or
 ``loss(h, theta, target)`` (decided from the number of required positional
@@ -15,21 +20,37 @@ parameters), where ``target`` is the batch's second element as the loader yields
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..batches import (
+    DEFAULT_CACHE_BYTES,
+    BatchCache,
+    Batches,
+    check_same_data,
+    held_bytes,
+    saved_activation_bytes,
+)
 from ..chunks import default_chunk_size
+from ..errors import StaleEquilibriumError
 from ..parameters import ParameterLayout, Parameters
-from .equilibrium import Equilibrium
+from .equilibrium import Equilibrium, EquilibriumInfo
 from .hessian import HessianSplit
 from .loss import required_positional
 from .operators import CurvatureOperator, check_part
 
-__all__ = ["DatasetEquilibrium"]
+__all__ = ["BatchSolve", "DatasetEquilibrium"]
 
 _REDUCTIONS = ("mean", "sum")
+
+# A cached batch's pullbacks (∂f/∂θ's, and ∇Φ's per operator part) each keep about
+# one to two copies of what autograd saves for one call of f: budget six.
+_PULLBACK_COPIES = 6
 
 
 class _BatchLoss:
@@ -42,6 +63,35 @@ class _BatchLoss:
         if self.uses_theta:
             return self.weight * self.loss(h, theta, self.target)
         return self.weight * self.loss(h, self.target)
+
+
+@dataclass
+class _Solved:
+    """One batch ready for products: its equilibrium and its weighted loss."""
+
+    x: Any
+    target: Any
+    equilibrium: Equilibrium
+    loss: _BatchLoss | None = None  # set once the total sample count is known
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class BatchSolve:
+    """One batch's forward solve, as the first pass saw it (kept for every batch).
+
+    Attributes:
+        info: the solve statistics (per-sample residuals and convergence included; the
+            condition number of ``I − J`` when the batch was factorised for the cache).
+        samples: the batch's sample count.
+        state_norm: ``‖h*‖₂`` of the batch's fixed point.
+        dtype: the state's dtype.
+    """
+
+    info: EquilibriumInfo
+    samples: int
+    state_norm: float
+    dtype: torch.dtype
 
 
 def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
@@ -57,13 +107,17 @@ def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
 
 
 class DatasetEquilibrium:
-    """The equilibria of all batches of a data set and the derivatives of their total loss.
+    """The derivatives of a loss summed over a data set, one batch's equilibrium at a time.
+
+    Construction makes one pass: it solves every batch (so a solve that fails raises
+    here), records its statistics and sample count, and fills the cache.
 
     Args:
         f: dynamics ``f(x, h, theta)``.
         theta: parameters (tensor or dict of tensors).
-        batches: an iterable of ``(x, target)`` pairs — a ``DataLoader``, a list; it is
-            iterated once, at construction.
+        batches: ``(x, target)`` pairs, iterated once per pass — a list or a
+            ``DataLoader`` (see :class:`deqhess.batches.Batches`). A generator is
+            accepted only if the cache holds every batch.
         loss: ``loss(h, target)`` or ``loss(h, theta, target)`` for one batch.
         init_state: ``x ↦ h0`` for a batch; default zeros like ``x``.
         reduction: ``"mean"`` (``loss`` is a batch mean; the total is the data mean)
@@ -71,7 +125,19 @@ class DatasetEquilibrium:
         batch_dim: the sample dimension of the state (default 0), which also counts
             the samples of a batch; None makes every batch one sample.
         progress: show a progress bar over batches (None: only on a terminal).
+        cache_bytes: budget for solved batches kept between passes (default 1 GiB;
+            0 streams every pass). A batch is counted as its inputs, fixed point and
+            linear-solve factors, θ-sized gradients, and its pullbacks estimated from
+            what autograd saves for one call of ``f``.
+        allow_empty: accept data with no batch (a rank's empty shard); every
+            derivative is then zero.
         **options: passed to every :class:`Equilibrium` (solver, tol, linear_solver…).
+
+    Attributes:
+        batch_solves: each batch's :class:`BatchSolve` (statistics, samples, ‖h*‖), in
+            the order of the first pass; ``batch_infos`` their statistics alone.
+        num_samples: the total sample count ``N``.
+        layout: θ's layout (names, shapes, flattening order).
     """
 
     def __init__(
@@ -85,77 +151,200 @@ class DatasetEquilibrium:
         reduction: str = "mean",
         batch_dim: int | None = 0,
         progress: bool | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        allow_empty: bool = False,
         **options: Any,
     ) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'.")
-        uses_theta = _loss_uses_theta(loss)
+        self._uses_theta = _loss_uses_theta(loss)
         self.layout = ParameterLayout(theta)
+        self.f, self.theta, self.loss = f, theta, loss
+        self._versions = [t._version for t in self.layout.tensors(theta)]
+        self.init_state, self.reduction, self.batch_dim = init_state, reduction, batch_dim
+        self.options = options
         self.progress = progress
-        self.equilibria: list[Equilibrium] = []
-        targets, counts = [], []
-        for item in tqdm(batches, desc="solving batches", disable=_disabled(progress)):
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise ValueError(
-                    f"each batch must be an (x, target) pair; got {type(item).__name__}"
-                    + (f" of length {len(item)}." if hasattr(item, "__len__") else ".")
-                )
-            x, target = item
-            h0 = init_state(x) if init_state is not None else None
-            eq = Equilibrium(f, theta, x, h0, batch_dim=batch_dim, **options)
-            self.equilibria.append(eq)
-            targets.append(target)
-            counts.append(eq.problem.state.samples)
-        if not self.equilibria:
+        self._data = Batches(batches)
+        self._cache = BatchCache(cache_bytes)
+        self._activations: int | None = None
+        self.batch_solves: list[BatchSolve] = []
+        self._widest = 0
+        samples = 0
+        for index, (x, target) in enumerate(self._bar(self._data, "solving batches", leave=True)):
+            eq = self._solve(x)
+            samples += eq.problem.state.samples
+            self._widest = max(self._widest, eq.problem.state.size)
+            solved = _Solved(x, target, eq)
+            solved.cached = self._cache.offer(
+                index, x, target, solved, partial(self._cached_bytes, solved)
+            )
+            state_norm = float(torch.linalg.vector_norm(eq.h.double()))
+            self.batch_solves.append(
+                BatchSolve(eq.info, eq.problem.state.samples, state_norm, eq.problem.state.dtype)
+            )  # after offering: a cached batch is factorised, and its info says cond(I − J)
+            del eq, solved
+        if not self.batch_solves and not allow_empty:
             raise ValueError("batches is empty; pass at least one (x, target) batch.")
-        self.num_samples = sum(counts)
-        weights = [n / self.num_samples if reduction == "mean" else 1.0 for n in counts]
-        self.losses = [
-            _BatchLoss(loss, uses_theta, y, w) for y, w in zip(targets, weights, strict=True)
-        ]
+        self.num_samples = samples
+        self._cache.seal(self.num_batches)
+        if self._data.one_shot and not self._cache.complete:
+            raise ValueError(
+                f"batches is a one-shot iterator ({type(batches).__name__}), but products "
+                "read the data once per pass and the cache holds only "
+                f"{len(self._cache)} of {self.num_batches} batches (cache_bytes="
+                f"{self._cache.budget:,}). Pass a list or a DataLoader, or a larger cache_bytes."
+            )
+        for solved in self._cache.values():
+            solved.loss = self._batch_loss(solved.target, solved.equilibrium)
 
+    # ------------------------------------------------------------------ the passes
     @property
     def num_parameters(self) -> int:
         return self.layout.size
 
-    def _batches(self, desc: str):
-        pairs = zip(self.equilibria, self.losses, strict=True)
-        return tqdm(list(pairs), desc=desc, disable=_disabled(self.progress), leave=False)
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_solves)
 
+    @property
+    def batch_infos(self) -> list[EquilibriumInfo]:
+        """Each batch's solve statistics, in the order of the first pass."""
+        return [solve.info for solve in self.batch_solves]
+
+    @property
+    def cached_batches(self) -> int:
+        """How many batches the cache holds (a prefix of the data)."""
+        return len(self._cache)
+
+    @property
+    def cached_bytes(self) -> int:
+        """The estimated bytes of the cached batches (at most ``cache_bytes``)."""
+        return self._cache.used
+
+    def _solve(self, x: Any, h0: Tensor | None = None) -> Equilibrium:
+        """One batch's equilibrium (the seam for per-batch options and policies)."""
+        if h0 is None and self.init_state is not None:
+            h0 = self.init_state(x)
+        return Equilibrium(self.f, self.theta, x, h0, batch_dim=self.batch_dim, **self.options)
+
+    def _batch_loss(self, target: Any, eq: Equilibrium) -> _BatchLoss:
+        n = eq.problem.state.samples
+        weight = n / self.num_samples if self.reduction == "mean" else 1.0
+        return _BatchLoss(self.loss, self._uses_theta, target, weight)
+
+    def _each_batch(self, visit: Callable[[_Solved], None], desc: str | None = None) -> None:
+        """One pass: ``visit`` every batch, solved (or taken from the cache) with its
+        weighted loss; a streamed batch is dropped before the next one is solved."""
+        if [t._version for t in self.layout.tensors(self.theta)] != self._versions:
+            raise StaleEquilibriumError(
+                "theta was modified in place after the DatasetEquilibrium was built, so its "
+                "batches' statistics and cached solves are stale. Build a new one after "
+                "changing theta (or pass copies: theta.clone())."
+            )
+        if self._cache.complete:
+            for solved in self._bar(self._cache.values(), desc):
+                visit(solved)
+            return
+        samples = batches = 0
+        for index, (x, target) in enumerate(self._bar(self._data, desc)):
+            solved = self._cache.get(index, x, target)
+            if solved is None:
+                eq = self._solve(x)
+                solved = _Solved(x, target, eq, self._batch_loss(target, eq))
+                del eq
+            samples += solved.equilibrium.problem.state.samples
+            batches += 1
+            visit(solved)
+            del solved
+        check_same_data(samples, batches, self.num_samples, self.num_batches)
+
+    def _bar(self, items: Iterable, desc: str | None, leave: bool = False) -> Iterable:
+        if desc is None:
+            return items
+        total = self.num_batches or None
+        if total is None:
+            try:
+                total = len(self._data.data)  # type: ignore[arg-type]
+            except TypeError:  # a generator, or a view of one
+                total = None
+        disable = None if self.progress is None else not self.progress
+        return tqdm(items, desc=desc, total=total, disable=disable, leave=leave)
+
+    def _cached_bytes(self, solved: _Solved) -> int:
+        """Estimated bytes a batch holds once cached and used for products."""
+        eq = solved.equilibrium
+        itemsize = torch.finfo(self.layout.dtype).bits // 8
+        if self._activations is None:
+            theta = self.layout.flatten(self.theta).detach()
+            self._activations = saved_activation_bytes(
+                lambda t, h: self.f(solved.x, h, self.layout.unflatten(t)), theta, eq.h
+            )
+        state = eq.problem.state.size * itemsize
+        activations = self._activations if self._activations is not None else 8 * state
+        return (
+            held_bytes(solved.x, solved.target, eq.linearization.prepared)
+            + 4 * state
+            + 4 * self.num_parameters * itemsize
+            + _PULLBACK_COPIES * activations
+        )
+
+    # ------------------------------------------------------------------ derivatives
     def grad(self) -> Parameters:
-        """The data-set gradient, in θ's structure."""
-        total = sum(self.layout.flatten(eq.grad(loss)) for eq, loss in self._batches("gradient"))
+        """The data-set gradient, in θ's structure (one pass)."""
+        total = self._zeros(self.num_parameters)
+
+        def add(solved: _Solved) -> None:
+            total.add_(self.layout.flatten(solved.equilibrium.grad(solved.loss)))
+
+        self._each_batch(add, "gradient")
         return self.layout.unflatten(total)
 
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
-        """The data-set Hessian ``[P, P]`` (or its :class:`HessianSplit`), batch by batch."""
-        parts = [eq.hessian(loss, split=split) for eq, loss in self._batches("Hessian")]
+        """The data-set Hessian ``[P, P]`` (or its :class:`HessianSplit`), in one pass.
+
+        Each batch's Hessian is added in place into one ``[P, P]`` sum (two with
+        ``split``) and dropped with the batch's sensitivity Z ``[S, d, P]``; a cached
+        batch is solved afresh from its fixed point for this, so no Z stays cached.
+        """
+        p = self.num_parameters
+        sums = [self._zeros(p, p) for _ in range(2 if split else 1)]
+
+        def add(solved: _Solved) -> None:
+            eq = solved.equilibrium
+            if solved.cached:
+                eq = self._solve(solved.x, h0=eq.h)
+            hessian = eq.hessian(solved.loss, split=split)
+            if split:
+                sums[0].add_(hessian.loss_curvature)
+                sums[1].add_(hessian.dynamics_curvature)
+            else:
+                sums[0].add_(hessian)
+
+        self._each_batch(add, "Hessian")
         if not split:
-            return sum(parts[1:], parts[0].clone())
-        return HessianSplit(
-            *(sum((getattr(s, k) for s in parts[1:]), getattr(parts[0], k).clone())
-              for k in ("loss_curvature", "dynamics_curvature", "total"))
-        )  # fmt: skip
+            return sums[0]
+        return HessianSplit(sums[0], sums[1], sums[0] + sums[1])
 
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
-        """The data-set Hessian (or one part) as an operator; each product sums batches."""
+        """The data-set Hessian (or one part) as an operator; each block product is one
+        pass, every batch's solves shared by the block's K directions."""
         check_part(part)
-        per_batch = [
-            eq.block_products(loss, part)
-            for eq, loss in zip(self.equilibria, self.losses, strict=True)
-        ]
 
         def products(v: Tensor) -> Tensor:
-            return sum(product(v) for product in per_batch)
+            total = torch.zeros_like(v)
 
-        widest = max(eq.problem.state.size for eq in self.equilibria)
-        chunk = default_chunk_size(self.num_parameters + widest)
+            def add(solved: _Solved) -> None:
+                total.add_(solved.equilibrium.block_products(solved.loss, part)(v))
+
+            self._each_batch(add)
+            return total
+
+        chunk = default_chunk_size(self.num_parameters + self._widest)
         return CurvatureOperator(products, self.layout, part, chunk)
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self.layout.dtype, device=self.layout.device)
 
     def hvp(self, v: Parameters) -> Parameters:
         """``H v`` of the data-set loss; ``v`` θ-structured or flat ``[P]``."""
         return self.hessian_operator() @ v
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress

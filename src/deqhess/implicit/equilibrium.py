@@ -14,9 +14,11 @@ The seed's computation graph, step by step:
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -174,7 +176,9 @@ class Equilibrium:
         self.chunk_size = None if chunk_size is None else integer(chunk_size, "chunk_size", 1)
         tolerance = Tolerance.resolve(tol, atol, state.dtype)
         self._theta = self.problem.params.flatten(theta).detach().clone()
-        residual = Residual(lambda r: self.problem.dynamics(self._theta, r))
+        # bound to the problem, not to self: a cycle through self would keep a streamed
+        # batch's equilibrium alive until Python's full collection
+        residual = Residual(partial(self.problem.dynamics, self._theta))
         with torch.no_grad():
             rows, self._solve_info = solve_fixed_point(
                 residual,
@@ -400,8 +404,10 @@ class Equilibrium:
         """The Hessian (or one part of it) as a ``P × P`` operator of exact products.
 
         Args:
-            part: ``"total"`` (the Hessian), ``"loss_curvature"`` (the GGN part
-                ``[I; Z]ᵀ∇²L[I; Z]``) or ``"dynamics_curvature"``.
+            part: ``"total"`` (the Hessian), ``"loss_curvature"``
+                (``[I; Z]ᵀ∇²L[I; Z]``: the Gauss–Newton matrix of θ ↦ h* when L ignores
+                θ; with a readout in ``L(h, θ)`` it can be indefinite) or
+                ``"dynamics_curvature"`` (``[I; Z]ᵀ∇²(λᵀf)[I; Z]``).
         """
         check_part(part)
         state = self.problem.state
@@ -409,7 +415,22 @@ class Equilibrium:
         return CurvatureOperator(self.block_products(loss, part), self.problem.params, part, chunk)
 
     def ggn_operator(self, loss: Callable[..., Tensor]) -> CurvatureOperator:
-        """The loss curvature (generalised Gauss–Newton part) as an operator."""
+        """Deprecated name of ``hessian_operator(loss, "loss_curvature")``.
+
+        It returns the loss curvature ``[I; Z]ᵀ∇²L[I; Z]``, which is the generalised
+        Gauss–Newton matrix ``Zᵀ∇²ₕL Z`` of θ ↦ h* only when L ignores θ; with a readout
+        inside ``L(h, θ)`` it is not a GGN and can be indefinite. For the GGN at a
+        model's output (``Jᵀ∇²ℓJ``, as curvlinops defines it), use
+        :meth:`deqhess.ModelCurvature.ggn_operator`.
+        """
+        warnings.warn(
+            "Equilibrium.ggn_operator(loss) is the loss curvature [I; Z]ᵀ∇²L[I; Z], not "
+            "a GGN when the loss takes theta; call hessian_operator(loss, "
+            "'loss_curvature'), or deqhess.ModelCurvature(...).ggn_operator() for the GGN "
+            "at a model's output.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.hessian_operator(loss, "loss_curvature")
 
     def block_products(self, loss: Callable[..., Tensor], part: str) -> Callable[[Tensor], Tensor]:

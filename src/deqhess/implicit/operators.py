@@ -18,15 +18,20 @@ from ..chunks import default_chunk_size
 from ..operator import Operator
 from ..parameters import ParameterLayout, Parameters
 
-__all__ = ["PARTS", "CurvatureOperator"]
+__all__ = ["OPERATOR_PARTS", "PARTS", "CurvatureOperator"]
 
-#: the operators: the Hessian, its loss curvature and its dynamics curvature.
+#: the operators of an equilibrium: the Hessian and its two parts at the fixed point,
+#: the loss curvature ``[I; Z]ᵀ∇²L[I; Z]`` (the Gauss–Newton matrix of θ ↦ h* when L
+#: ignores θ; indefinite when L(h, θ) holds a readout) and the dynamics curvature.
 PARTS = ("total", "loss_curvature", "dynamics_curvature")
 
+#: every operator's name: also the GGN ``Jᵀ∇²ℓJ`` at a model's output (deqhess.models).
+OPERATOR_PARTS = (*PARTS, "ggn")
 
-def check_part(part: str) -> str:
-    if part not in PARTS:
-        raise ValueError(f"unknown curvature part {part!r}; use one of {list(PARTS)}.")
+
+def check_part(part: str, allowed: tuple[str, ...] = PARTS) -> str:
+    if part not in allowed:
+        raise ValueError(f"unknown curvature part {part!r}; use one of {list(allowed)}.")
     return part
 
 
@@ -52,7 +57,7 @@ class CurvatureOperator(Operator):
     ) -> None:
         self._products = products
         self.layout = layout
-        self.part = check_part(part)
+        self.part = check_part(part, OPERATOR_PARTS)
         self.chunk_size = chunk_size
         p = layout.size
         self.shape = (p, p)

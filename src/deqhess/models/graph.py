@@ -1,0 +1,183 @@
+"""One batch's forward through a model, and exact curvature products taken from its graph.
+
+A model's DEQ layers (:class:`deqhess.nn.DEQ`) are differentiable to every order, so
+second derivatives of the whole model go through plain autograd: the batch's forward
+is run once (each DEQ solves its fixed point once) and the K directions of a block go
+together through the graph it leaves. With θ the
+chosen parameters, ``o`` the model's output and ``ℓ(o)`` the weighted batch loss:
+
+* ``total`` — the Hessian ``∇²_θ ℓ``: a backward of ``∇_θ ℓ`` (built with
+  ``create_graph``) along each direction;
+* ``ggn`` — the generalised Gauss–Newton matrix ``Jᵀ ∇²_o ℓ J`` at the output,
+  ``J = ∂o/∂θ`` (positive semi-definite for a convex ℓ): ``J V`` by the double-backward
+  trick (``Jᵀu`` is linear in ``u``; its VJP along ``V`` is ``J V``), ``∇²_o ℓ`` by a
+  backward of ``∇_o ℓ``, ``Jᵀ`` by a backward of ``o``;
+* ``loss_curvature`` / ``dynamics_curvature`` — the split of the Hessian at one DEQ
+  layer's fixed point ``h*``: with ``L(h, θ)`` the loss as a function of that layer's
+  output (everything after it) and ``Z = dh*/dθ`` (everything before it and the cell),
+  ``[I; Z]ᵀ ∇²L [I; Z]`` and ``Σᵢ (∂L/∂h)ᵢ ∇²_θ h*ᵢ`` (``= [I; Z]ᵀ∇²(λᵀf)[I; Z]`` with
+  ``f`` the cell fed by the encoder). The forward substitutes a leaf for ``h*`` after
+  the layer (a forward hook held only during that forward), so ``L`` can be
+  differentiated in ``h`` alone.
+
+How the K directions go through the graph is :class:`deqhess.models.backward.BlockBackward`'s
+choice (vmapped, batched or looped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..parameters import ParameterLayout
+from .backward import BlockBackward
+
+__all__ = ["BatchGraph"]
+
+LossFunc = Callable[[Tensor, Any], Tensor]
+
+
+def _first_grads(value: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``∇ value`` with a graph, for second derivatives (zeros for unused inputs)."""
+    return torch.autograd.grad(
+        value, inputs, create_graph=True, allow_unused=True, materialize_grads=True
+    )
+
+
+def _directional(
+    backward: BlockBackward,
+    output: Tensor,
+    params: Sequence[Tensor],
+    directions: Sequence[Tensor],
+) -> Tensor:
+    """``J V`` ``[K, *output.shape]`` with ``J = ∂output/∂θ``, by double backward."""
+    count = directions[0].shape[0]
+    if not output.requires_grad:
+        return output.new_zeros((count, *output.shape))
+    probe = torch.zeros_like(output, requires_grad=True)
+    transposed = torch.autograd.grad(
+        output, params, probe, create_graph=True, allow_unused=True, materialize_grads=True
+    )
+    return backward(transposed, [probe], directions)[0]
+
+
+class BatchGraph:
+    """The graph of one batch's weighted loss through the model, for one operator part.
+
+    Args:
+        model: the ``nn.Module``.
+        loss_func: ``loss_func(output, target)`` → a 0-dim tensor.
+        layout: the chosen parameters' layout (names of ``model``'s parameters).
+        params: leaf tensors standing for those parameters (``requires_grad``).
+        x, target: the batch.
+        weight: the batch's weight in the data-set sum.
+        part: one of ``total``, ``ggn``, ``loss_curvature``, ``dynamics_curvature``, or
+            None (the loss only, for its gradient).
+        split_at: the DEQ layer whose fixed point splits the Hessian (split parts only).
+        backward: how K directions go through the graph (default ``"auto"``).
+
+    Raises:
+        ValueError: the loss is not a 0-dim floating tensor; ``split_at`` was not
+            called exactly once in the forward or returned a non-tensor.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: LossFunc,
+        layout: ParameterLayout,
+        params: dict[str, Tensor],
+        x: Any,
+        target: Any,
+        weight: float,
+        part: str | None,
+        split_at: nn.Module | None = None,
+        backward: BlockBackward | None = None,
+    ) -> None:
+        self.layout, self.part = layout, part
+        self.backward = backward or BlockBackward()
+        self.params = [params[name] for name in layout.names]
+        self.split_at = split_at
+        with torch.enable_grad():
+            if part in ("loss_curvature", "dynamics_curvature"):
+                output, (self.state, self.leaf) = self._forward_split(model, params, x)
+            else:
+                output = torch.func.functional_call(model, params, (x,))
+            self.output = output
+            self.loss_func, self.target, self.weight = loss_func, target, weight
+            self.loss = self._loss(output)
+            self._prepare()
+
+    def _loss(self, output: Tensor) -> Tensor:
+        value = self.loss_func(output, self.target)
+        if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value)
+            raise ValueError(
+                f"loss_func(output, target) must return a 0-dim floating tensor; got {got}. "
+                "Reduce it, e.g. nn.MSELoss(reduction='mean')."
+            )
+        return self.weight * value
+
+    def _forward_split(self, model: nn.Module, params: dict[str, Tensor], x: Any):
+        captured: list[tuple[Tensor, Tensor]] = []
+
+        def substitute(module: nn.Module, inputs: Any, output: Any) -> Tensor:
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    f"the split layer returned {type(output).__name__}; the loss/dynamics "
+                    "split needs the fixed point as a tensor (call the DEQ without "
+                    "return_info inside the model)."
+                )
+            leaf = output.detach().requires_grad_()
+            captured.append((output, leaf))
+            return leaf
+
+        handle = self.split_at.register_forward_hook(substitute)
+        try:
+            output = torch.func.functional_call(model, params, (x,))
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise ValueError(
+                f"the split layer {type(self.split_at).__name__} ran {len(captured)} times "
+                "in one forward; the loss/dynamics split is defined at a fixed point computed "
+                "once per forward (choose another split_at, or use 'total' or 'ggn')."
+            )
+        return output, captured[0]
+
+    def _prepare(self) -> None:
+        """The first-order graphs the part's products differentiate again."""
+        if self.part is None:
+            return
+        if self.part == "total":
+            self.first = _first_grads(self.loss, self.params)
+        elif self.part == "ggn":
+            out = self.output.detach().requires_grad_()
+            self.out_leaf = out
+            self.out_grad = _first_grads(self._loss(out), [out])
+        elif self.part == "loss_curvature":
+            self.first = _first_grads(self.loss, [*self.params, self.leaf])
+        else:  # dynamics curvature: Σ (∂L/∂h)ᵢ ∇²h*ᵢ, the second derivatives of ⟨ḡ, h*(θ)⟩
+            (state_grad,) = torch.autograd.grad(self.loss, self.leaf, retain_graph=True)
+            self.first = _first_grads((state_grad.detach() * self.state).sum(), self.params)
+
+    def products(self, v: Tensor) -> Tensor:
+        """``(C Vᵀ)ᵀ`` ``[K, P]`` for directions ``v`` ``[K, P]``, C this graph's part."""
+        directions = list(self.layout.tensors(self.layout.unflatten(v)))
+        backward = self.backward
+        with torch.enable_grad():
+            if self.part in ("total", "dynamics_curvature"):
+                out = backward(self.first, self.params, directions)
+            elif self.part == "ggn":
+                jv = _directional(backward, self.output, self.params, directions)
+                hjv = backward(self.out_grad, [self.out_leaf], [jv])[0]
+                out = backward([self.output], self.params, [hjv])
+            else:  # [I; Z]ᵀ ∇²L [I; Z]
+                zv = _directional(backward, self.state, self.params, directions)
+                *g_theta, g_h = backward(self.first, [*self.params, self.leaf], [*directions, zv])
+                back = backward([self.state], self.params, [g_h])
+                out = [a + b for a, b in zip(g_theta, back, strict=True)]
+        return torch.cat([g.reshape(v.shape[0], -1) for g in out], dim=1).detach()

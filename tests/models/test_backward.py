@@ -1,0 +1,86 @@
+"""The three ways to push K directions through one graph agree, and "auto" falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import Classifier
+from torch import nn
+
+import deqhess as dh
+from deqhess.models.backward import BlockBackward
+from deqhess.nn import DEQ
+
+
+def _data():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("part", ["total", "ggn", "loss_curvature"])
+def test_vmapped_and_looped_backwards_agree_and_batched_agrees_or_refuses(part):
+    """Same graph, same products, to rounding (1e-12). Autograd's own batching cannot
+    batch the data-dependent checks inside the layer's solves: it raises (which "auto"
+    then passes over) rather than answer."""
+    model, data = Classifier(), _data()
+    block = torch.randn(dh.ModelCurvature(model, nn.MSELoss(), data).num_parameters, 3)
+
+    def product(mode):
+        curvature = dh.ModelCurvature(model, nn.MSELoss(), data, backward=mode)
+        return curvature.hessian_operator(part) @ block
+
+    loop = product("loop")
+    assert torch.allclose(product("vmap"), loop, rtol=1e-12, atol=1e-14)
+    try:
+        batched = product("batched")
+    except RuntimeError as error:
+        assert "Batching rule not implemented" in str(error)
+    else:
+        assert torch.allclose(batched, loop, rtol=1e-12, atol=1e-14)
+
+
+def test_auto_falls_back_when_the_backward_cannot_be_batched():
+    """A backward with data-dependent control flow batches under neither vmap: "auto"
+    ends with the loop and gives its products."""
+
+    class Branching(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.sin()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            if bool(grad.isfinite().all()):  # data-dependent control flow
+                return grad * x.cos()
+            raise ValueError("non-finite gradient")
+
+    x = torch.randn(5, requires_grad=True)
+    (first,) = torch.autograd.grad(Branching.apply(x).pow(2).sum(), x, create_graph=True)
+    directions = torch.randn(3, 5)
+    auto = BlockBackward()
+    got = auto([first], [x], [directions])[0]
+    assert auto.working == "loop"
+    assert torch.equal(got, BlockBackward("loop")([first], [x], [directions])[0])
+
+
+def test_auto_works_with_an_iterative_linear_solver_in_the_layer():
+    """A GMRES DEQ's backward has a data-dependent loop: "auto" still runs, with the
+    layer's own vmap rule or the loop, and agrees with the loop."""
+    torch.manual_seed(0)
+    model = Classifier()
+    model.deq0 = DEQ(model.deq0.cell, tol=1e-13, linear_solver="gmres")
+    data = _data()
+    block = torch.randn(dh.ModelCurvature(model, nn.MSELoss(), data).num_parameters, 2)
+    auto = dh.ModelCurvature(model, nn.MSELoss(), data).hessian_operator() @ block
+    loop = dh.ModelCurvature(model, nn.MSELoss(), data, backward="loop").hessian_operator()
+    assert torch.allclose(auto, loop @ block, rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_backward_mode():
+    with pytest.raises(ValueError, match="unknown backward mode 'fast'"):
+        BlockBackward("fast")

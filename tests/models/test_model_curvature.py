@@ -1,0 +1,198 @@
+"""Whole-model operators against unrolled float64 autograd of the same model.
+
+Tolerance 1e-9 relative throughout (the project's exactness bound): the DEQ layers
+solve to 1e-13 with ``cond(I − J) ≤ 1/(1 − 0.4)``, so their derivatives carry ~1e-12;
+the unrolled references are exact to rounding (see ``models.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import Classifier, Reference, unrolled_twin
+from problems import relative_error
+from torch import nn
+
+import deqhess as dh
+from deqhess.curvature import ParameterBlock, extreme_eigenpairs
+
+TOL = 1e-9
+
+
+def _data(sizes=(3, 4), m=3, k=2, classes=False):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(sum(sizes), m, generator=g)
+    y = (
+        torch.randint(0, k, (sum(sizes),), generator=g)
+        if classes
+        else torch.randn(sum(sizes), k, generator=g)
+    )
+    return list(zip(x.split(list(sizes)), y.split(list(sizes)), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("loss_func", "classes"),
+    [(nn.MSELoss(), False), (nn.CrossEntropyLoss(reduction="sum"), True)],
+    ids=["mse-mean", "cross-entropy-sum"],
+)
+def test_every_operator_equals_unrolled_autograd(loss_func, classes):
+    """Hessian, output GGN and the split at the DEQ, dense and as block products, for
+    a mean- and a sum-reduced loss; the GGN is PSD, the loss curvature is not."""
+    model = Classifier()
+    data = _data(classes=classes)
+    curvature = dh.ModelCurvature(model, loss_func, data)
+    reference = Reference(unrolled_twin(model), loss_func, data, curvature.layout.names,
+                          reduction=loss_func.reduction)  # fmt: skip
+    total = reference.total()
+    loss_part, dynamics_part = reference.split()
+    assert relative_error(loss_part + dynamics_part, total) <= 1e-12  # the reference's own split
+    block = torch.randn(curvature.num_parameters, 3)
+    expected = {"total": total, "ggn": reference.ggn(), "loss_curvature": loss_part,
+                "dynamics_curvature": dynamics_part}  # fmt: skip
+    for part, matrix in expected.items():
+        op = curvature.hessian_operator(part)
+        assert relative_error(op @ block, matrix @ block) <= TOL, part
+        assert relative_error(op.to_dense(), matrix) <= TOL, part
+    assert torch.linalg.eigvalsh(expected["ggn"]).min() >= -1e-12
+    split = curvature.hessian(split=True)
+    assert relative_error(split.total, total) <= TOL
+    assert relative_error(curvature.hessian(), total) <= TOL
+    v = torch.randn(curvature.num_parameters)
+    assert relative_error(curvature.hvp(v), total @ v) <= TOL
+
+
+def test_gradient_and_structured_directions():
+    model = Classifier()
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    twin = unrolled_twin(model)
+    loss = sum(x.shape[0] / 7 * nn.MSELoss()(twin(x), y) for x, y in data)
+    expected = torch.autograd.grad(loss, list(twin.parameters()))
+    got = curvature.grad()
+    assert list(got) == [n for n, _ in model.named_parameters()]
+    for g, e in zip(got.values(), expected, strict=True):
+        assert relative_error(g, e) <= TOL
+    ones = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    structured = curvature.hvp(ones)
+    flat = curvature.layout.flatten(structured)
+    assert relative_error(flat, curvature.hvp(torch.ones(curvature.num_parameters))) <= 1e-14
+
+
+def test_chosen_parameters_give_the_principal_block():
+    """Parameters by name (or as tensors): the Hessian over them is the principal
+    submatrix of the full one, in the order given."""
+    model = Classifier()
+    data = _data()
+    names = ["head.weight", "deq0.cell.W"]
+    full = dh.ModelCurvature(model, nn.MSELoss(), data)
+    chosen = dh.ModelCurvature(model, nn.MSELoss(), data, params=names)
+    tensors = [model.head.weight, model.deq0.cell.W]
+    by_tensor = dh.ModelCurvature(model, nn.MSELoss(), data, params=tensors)
+    assert by_tensor.layout.names == chosen.layout.names == tuple(names)
+    dense = full.hessian()
+    ranges, start = {}, 0
+    for name, size in zip(full.layout.names, full.layout.numels, strict=True):
+        ranges[name], start = torch.arange(start, start + size), start + size
+    index = torch.cat([ranges[n] for n in names])
+    assert relative_error(chosen.hessian(), dense[index][:, index]) <= TOL
+    block = ParameterBlock(full.hessian_operator(), full.layout, ["deq0.cell.W"])
+    top = extreme_eigenpairs(block, 2, progress=False).eigenvalues
+    w = ranges["deq0.cell.W"]
+    assert torch.allclose(top, torch.linalg.eigvalsh(dense[w][:, w])[-2:], atol=1e-9)
+
+
+def test_two_deq_layers_and_the_split_at_either():
+    """Stacked DEQs: total and GGN exact; the split needs split_at, and at each layer
+    its parts match the reference split there (and sum to the total)."""
+    model = Classifier(depth=2)
+    data = _data(sizes=(2, 3))
+    reference = Reference(unrolled_twin(model), nn.MSELoss(), data,
+                          [n for n, _ in model.named_parameters()])  # fmt: skip
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    assert curvature.parts == ("total", "ggn")
+    total = reference.total()
+    assert relative_error(curvature.hessian(), total) <= TOL
+    assert relative_error(curvature.ggn_operator().to_dense(), reference.ggn()) <= TOL
+    with pytest.raises(ValueError, match="the model has 2 DEQ layers and no split_at"):
+        curvature.hessian_operator("loss_curvature")
+    for layer, split_at in [(0, "deq0"), (1, model.deq1)]:
+        at = dh.ModelCurvature(model, nn.MSELoss(), data, split_at=split_at)
+        loss_part, dynamics_part = reference.split(layer)
+        split = at.hessian(split=True)
+        assert relative_error(split.loss_curvature, loss_part) <= TOL, layer
+        assert relative_error(split.dynamics_curvature, dynamics_part) <= TOL, layer
+
+
+def test_streams_the_data_once_per_block_and_shuffled_loaders_agree():
+    """A block of K directions is one pass: each DEQ solves once per batch, not once
+    per direction; a reshuffling DataLoader gives the same products."""
+    model = Classifier()
+    data = _data(sizes=(3, 4))
+    solves = []
+    handle = model.deq0.register_forward_hook(lambda *args: solves.append(1))
+    try:
+        op = dh.ModelCurvature(model, nn.MSELoss(), data).hessian_operator()
+        block = torch.randn(op.shape[0], 5)
+        product = op @ block
+    finally:
+        handle.remove()
+    assert len(solves) == 2  # two batches, five directions
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=2, shuffle=True
+    )
+    shuffled = dh.ModelCurvature(model, nn.MSELoss(), loader).hessian_operator()
+    assert relative_error(shuffled @ block, product) <= 1e-12
+
+
+def test_model_errors():
+    model = Classifier()
+    data = _data()
+    mse = nn.MSELoss()
+    with pytest.raises(ValueError, match=r"unknown parameter names \['nope'\]"):
+        dh.ModelCurvature(model, mse, data, params=["nope"])
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        dh.ModelCurvature(model, mse, (b for b in data))
+    with pytest.raises(ValueError, match=r"split_at must be one of the model's deqhess\.nn\.DEQ"):
+        dh.ModelCurvature(model, mse, data, split_at=model.head)
+    with pytest.raises(ValueError, match="split_at='nothing' is not a submodule"):
+        dh.ModelCurvature(model, mse, data, split_at="nothing")
+    with pytest.raises(ValueError, match="unknown reduction 'max'"):
+        dh.ModelCurvature(model, mse, data, reduction="max")
+    with pytest.raises(ValueError, match="unknown curvature part 'fisher'"):
+        dh.ModelCurvature(model, mse, data).hessian_operator("fisher")
+    with pytest.raises(ValueError, match="must return a 0-dim floating tensor; got shape"):
+        dh.ModelCurvature(model, nn.MSELoss(reduction="none"), data, reduction="sum").grad()
+    with pytest.raises(ValueError, match="pass batch_size_fn"):
+        dh.ModelCurvature(model, mse, [((x,), y) for x, y in data]).grad()
+    with pytest.raises(ValueError, match="data is empty"):
+        dh.ModelCurvature(model, mse, []).grad()
+
+    class Twice(nn.Module):  # the same DEQ twice in one forward: no single fixed point
+        def __init__(self):
+            super().__init__()
+            self.inner = Classifier()
+
+        def forward(self, x):
+            h = self.inner.deq0(torch.tanh(self.inner.encoder(x)))
+            return self.inner.head(self.inner.deq0(h))
+
+    twice = dh.ModelCurvature(Twice(), mse, data).hessian_operator("dynamics_curvature")
+    with pytest.raises(ValueError, match="ran 2 times in one forward"):
+        twice @ torch.randn(twice.shape[0])
+
+
+def test_curvlinops_agrees_on_the_same_model():
+    """curvlinops' Hessian and GGN operators, through the layer's exact autograd, give
+    the same products (≤ 1e-9: both exact, the DEQ solved to 1e-13)."""
+    curvlinops = pytest.importorskip("curvlinops")
+    model = Classifier()
+    data = _data()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = dh.ModelCurvature(model, nn.MSELoss(), data)
+    v = torch.randn(ours.num_parameters)
+    for theirs, part in [(curvlinops.HessianLinearOperator, "total"),
+                         (curvlinops.GGNLinearOperator, "ggn")]:  # fmt: skip
+        op = theirs(model, nn.MSELoss(), params, data, check_deterministic=False)
+        assert relative_error(op @ v, ours.hessian_operator(part) @ v) <= TOL, part
