@@ -24,13 +24,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError, SingularSystemError, StaleEquilibriumError
+from ..errors import (
+    ConvergenceError,
+    NonFiniteError,
+    SingularSystemError,
+    StaleEquilibriumError,
+)
 
 __all__ = ["BACKWARD_MODES", "BlockBackward"]
 
 BACKWARD_MODES = ("vmap", "batched", "loop")
 
-_OURS = (ConvergenceError, SingularSystemError, StaleEquilibriumError)
+# deqhess's answers about the problem itself: no other way of batching would change them
+_OURS = (ConvergenceError, NonFiniteError, SingularSystemError, StaleEquilibriumError)
 
 
 class BlockBackward:
