@@ -157,6 +157,11 @@ class DistributedDatasetEquilibrium:
         return len(self.batch_solves)
 
     @property
+    def excluded_samples(self) -> int:
+        """Samples left out as unconverged on all ranks (``exclude_unconverged``)."""
+        return sum(solve.excluded for solve in self.batch_solves)
+
+    @property
     def batch_infos(self) -> list[EquilibriumInfo]:
         return [solve.info for solve in self.batch_solves]
 

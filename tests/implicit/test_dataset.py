@@ -267,3 +267,54 @@ def test_theta_changed_in_place_is_stale_for_every_pass(cache_bytes):
         theta["b"].add_(0.1)
     with pytest.raises(dh.StaleEquilibriumError, match="theta was modified in place"):
         data.grad()
+
+
+def _slow_and_fast(seed=0):
+    """``h = θ·r(x)·h + x₁``: samples whose rate r(x) = x₀ is 0.9 need ~260 Picard steps
+    for 1e-12, those at 0.1 about 12; with max_iter=30 the slow ones miss the tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(3):
+        rate = torch.where(torch.rand(5, generator=g) < 0.4, 0.9, 0.1)
+        x = torch.stack([rate, torch.randn(5, generator=g)], dim=1)
+        batches.append((x, torch.randn(5, generator=g)))
+
+    def f(x, h, theta):
+        return theta * x[:, :1] * h + x[:, 1:]
+
+    def loss(h, target):
+        return ((h[:, 0] - target) ** 2).mean()
+
+    return f, torch.tensor(1.0), batches, loss
+
+
+def test_unconverged_samples_are_excluded_explicitly_and_counted():
+    f, theta, batches, loss = _slow_and_fast()
+    options = dict(solver="picard", tol=1e-12, atol=1e-13, max_iter=30)
+    with pytest.raises(dh.ConvergenceError, match="did not converge"):
+        dh.DatasetEquilibrium(f, theta, batches, loss, **options)
+    data = dh.DatasetEquilibrium(
+        f, theta, batches, loss, convergence="best", exclude_unconverged=True, cache_bytes=0,
+        **options,
+    )  # fmt: skip
+    slow = sum(int((x[:, 0] > 0.5).sum()) for x, _ in batches)
+    assert data.excluded_samples == slow and data.num_samples == 15 - slow
+    kept = [(x[x[:, 0] < 0.5], y[x[:, 0] < 0.5]) for x, y in batches]
+    reference = dh.DatasetEquilibrium(f, theta, [b for b in kept if len(b[0])], loss, **options)
+    assert torch.allclose(data.grad(), reference.grad(), rtol=1e-12)
+    assert torch.allclose(data.hessian(), reference.hessian(), rtol=1e-12)
+    v = torch.ones(1)
+    assert torch.allclose(data.hvp(v), reference.hvp(v), rtol=1e-12)
+
+
+def test_excluding_needs_tensor_samples_and_a_converged_one():
+    f, theta, batches, loss = _slow_and_fast()
+    options = dict(solver="picard", tol=1e-12, atol=1e-13, max_iter=30, convergence="best")
+    listed = [(x, y.tolist()) for x, y in batches]
+    with pytest.raises(ValueError, match="exclude_unconverged needs tensor inputs and targets"):
+        dh.DatasetEquilibrium(f, theta, listed, loss, exclude_unconverged=True, **options)
+    slow = [(x[x[:, 0] > 0.5], y[x[:, 0] > 0.5]) for x, y in batches]
+    with pytest.raises(ValueError, match=r"no sample converged: all \d+ were excluded"):
+        dh.DatasetEquilibrium(
+            f, theta, [b for b in slow if len(b[0])], loss, exclude_unconverged=True, **options
+        )

@@ -100,6 +100,7 @@ def run_analysis(
         "parameters": data.num_parameters,
         "batches": batches,
         "samples": data.num_samples,
+        "excluded_samples": getattr(data, "excluded_samples", 0),
         "dtype": str(data.layout.dtype).removeprefix("torch."),
         "solve": _solve_summary(data, time.perf_counter() - start),
         "error_notes": ERROR_NOTES,
@@ -290,6 +291,11 @@ def _lines(r: dict[str, Any]) -> list[str]:
         f"  P = {r['parameters']:,} parameters ({r['dtype']}); {r['samples']} samples in "
         f"{r['batches']} batch{'' if r['batches'] == 1 else 'es'}",
     ]
+    if r.get("excluded_samples"):
+        lines.append(
+            f"  excluded {r['excluded_samples']} samples whose forward solve missed the "
+            "tolerance (not in the loss, the weights or the sample count)"
+        )
     if "max_iterations" in s:
         lines.append(
             f"  solve: {s['max_iterations']} iterations max, residual ≤ "

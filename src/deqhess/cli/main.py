@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import ConvergenceError
+
 __all__ = ["main"]
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -102,7 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     solve.add_argument("--solver", help="forward solver: anderson or picard")
     solve.add_argument("--tol", type=float, help="forward tolerance (the factory's, else by dtype)")
     solve.add_argument("--max-iter", type=int, help="forward iterations cap")
-    solve.add_argument("--linear-solver", help="auto, dense, gmres or neumann")
+    solve.add_argument("--linear-solver", help="auto, dense, gmres, neumann or neumann-gmres")
+    solve.add_argument(
+        "--exclude-unconverged", action="store_true",
+        help="leave out (and count) the samples whose forward solve misses the tolerance, "
+        "instead of stopping at the first (keeps each one's best iterate only to drop it)",
+    )  # fmt: skip
     solve.add_argument("--dtype", choices=_DTYPES, help="cast θ, the cell and the data")
     solve.add_argument("--device", help="move θ, the cell and the data, e.g. cuda:0")
     analyze.add_argument(
@@ -168,6 +175,8 @@ def _analyze(args: argparse.Namespace) -> None:
         "max_iter": args.max_iter,
         "linear_solver": args.linear_solver,
     }
+    if args.exclude_unconverged:
+        overrides.update(exclude_unconverged=True, convergence="best")
     problem = load_factory(args.factory)
     run_analysis(
         problem,
@@ -214,6 +223,10 @@ def _report_error(command: str, error: BaseException) -> int:
     cause = error.__cause__
     if cause is not None:
         lines.append(f"  caused by {type(cause).__name__}: {cause}")
+    if command == "analyze" and isinstance(error, ConvergenceError):
+        lines.append(
+            "  (deqhess analyze --exclude-unconverged leaves such samples out and counts them)"
+        )
     print("\n".join(lines), file=sys.stderr)
     return 2 if isinstance(error, ValueError) else 1
 

@@ -19,6 +19,7 @@ parameters), where ``target`` is the batch's second element as the loader yields
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +40,7 @@ from ..batches import (
 from ..chunks import default_chunk_size
 from ..errors import StaleEquilibriumError
 from ..parameters import ParameterLayout, Parameters
+from ..solvers import Convergence
 from .equilibrium import Equilibrium, EquilibriumInfo
 from .hessian import HessianSplit
 from .loss import required_positional
@@ -83,15 +85,17 @@ class BatchSolve:
     Attributes:
         info: the solve statistics (per-sample residuals and convergence included; the
             condition number of ``I − J`` when the batch was factorised for the cache).
-        samples: the batch's sample count.
+        samples: the batch's sample count (after exclusion).
         state_norm: ``‖h*‖₂`` of the batch's fixed point.
         dtype: the state's dtype.
+        excluded: unconverged samples left out (``exclude_unconverged``).
     """
 
     info: EquilibriumInfo
     samples: int
     state_norm: float
     dtype: torch.dtype
+    excluded: int = 0
 
 
 def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
@@ -131,12 +135,21 @@ class DatasetEquilibrium:
             what autograd saves for one call of ``f``.
         allow_empty: accept data with no batch (a rank's empty shard); every
             derivative is then zero.
-        **options: passed to every :class:`Equilibrium` (solver, tol, linear_solver…).
+        exclude_unconverged: leave out, explicitly, the samples whose forward solve
+            missed the tolerance (with ``convergence="best"`` or a policy ending in it;
+            the default ``"raise"`` stops at the first): each such batch is rebuilt on
+            its converged samples from their fixed points, and the loss, the weights
+            and ``num_samples`` count only those. Needs tensor ``x`` and ``target``
+            whose first dimension indexes the samples. ``excluded_samples`` says how
+            many were left out.
+        **options: passed to every :class:`Equilibrium` (solver, tol, linear_solver,
+            convergence…).
 
     Attributes:
         batch_solves: each batch's :class:`BatchSolve` (statistics, samples, ‖h*‖), in
             the order of the first pass; ``batch_infos`` their statistics alone.
-        num_samples: the total sample count ``N``.
+        num_samples: the total sample count ``N`` (of the samples kept).
+        excluded_samples: samples left out as unconverged (``exclude_unconverged``).
         layout: θ's layout (names, shapes, flattening order).
     """
 
@@ -153,6 +166,7 @@ class DatasetEquilibrium:
         progress: bool | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         allow_empty: bool = False,
+        exclude_unconverged: bool = False,
         **options: Any,
     ) -> None:
         if reduction not in _REDUCTIONS:
@@ -162,6 +176,15 @@ class DatasetEquilibrium:
         self.f, self.theta, self.loss = f, theta, loss
         self._versions = [t._version for t in self.layout.tensors(theta)]
         self.init_state, self.reduction, self.batch_dim = init_state, reduction, batch_dim
+        self.exclude_unconverged = exclude_unconverged
+        if exclude_unconverged:  # the data set reports what it leaves out: no warnings
+            policy = copy.copy(
+                Convergence.resolve(
+                    options.pop("convergence", None), options.pop("require_convergence", True)
+                )
+            )
+            policy.warn = False
+            options["convergence"] = policy
         self.options = options
         self.progress = progress
         self._data = Batches(batches)
@@ -171,21 +194,41 @@ class DatasetEquilibrium:
         self._widest = 0
         samples = 0
         for index, (x, target) in enumerate(self._bar(self._data, "solving batches", leave=True)):
-            eq = self._solve(x)
+            full = self._solve(x)
+            info, keep = full.info, self._converged(full)
+            solved = self._restricted(x, target, full, keep)
+            excluded = info.converged_mask.numel() - (len(keep) if keep is not None else 0)
+            if solved is None:  # no sample of this batch converged
+                self.batch_solves.append(
+                    BatchSolve(info, 0, 0.0, full.problem.state.dtype, excluded)
+                )
+                continue
+            eq = solved.equilibrium
             samples += eq.problem.state.samples
             self._widest = max(self._widest, eq.problem.state.size)
-            solved = _Solved(x, target, eq)
-            solved.cached = self._cache.offer(
+            solved.cached = self._cache.offer(  # keyed by the batch as the data give it
                 index, x, target, solved, partial(self._cached_bytes, solved)
             )
             state_norm = float(torch.linalg.vector_norm(eq.h.double()))
             self.batch_solves.append(
-                BatchSolve(eq.info, eq.problem.state.samples, state_norm, eq.problem.state.dtype)
+                BatchSolve(
+                    info if keep is None else eq.info,
+                    eq.problem.state.samples,
+                    state_norm,
+                    eq.problem.state.dtype,
+                    0 if keep is None else excluded,
+                )
             )  # after offering: a cached batch is factorised, and its info says cond(I − J)
-            del eq, solved
+            del eq, solved, full
         if not self.batch_solves and not allow_empty:
             raise ValueError("batches is empty; pass at least one (x, target) batch.")
         self.num_samples = samples
+        self.excluded_samples = sum(solve.excluded for solve in self.batch_solves)
+        if self.batch_solves and samples == 0:
+            raise ValueError(
+                f"no sample converged: all {self.excluded_samples} were excluded as "
+                "unconverged. Loosen tol, raise max_iter or add a fallback solver."
+            )
         self._cache.seal(self.num_batches)
         if self._data.one_shot and not self._cache.complete:
             raise ValueError(
@@ -227,6 +270,33 @@ class DatasetEquilibrium:
             h0 = self.init_state(x)
         return Equilibrium(self.f, self.theta, x, h0, batch_dim=self.batch_dim, **self.options)
 
+    def _converged(self, eq: Equilibrium) -> Tensor | None:
+        """The samples to keep (indices), or None to keep the whole batch."""
+        mask = eq.info.converged_mask
+        if not self.exclude_unconverged or bool(mask.all()):
+            return None
+        return torch.nonzero(mask).flatten()
+
+    def _restricted(
+        self, x: Any, target: Any, eq: Equilibrium, keep: Tensor | None
+    ) -> _Solved | None:
+        """The batch on the samples in ``keep`` (all when None), rebuilt from their fixed
+        points so that it needs no further iteration; None if no sample is kept."""
+        if keep is None:
+            return _Solved(x, target, eq)
+        if len(keep) == 0:
+            return None
+        if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
+            raise ValueError(
+                "exclude_unconverged needs tensor inputs and targets whose first dimension "
+                f"indexes the samples; got x of type {type(x).__name__} and target of type "
+                f"{type(target).__name__}."
+            )
+        batch_dim = eq.problem.state.batch_dim
+        kept_x, kept_target = x.index_select(0, keep), target.index_select(0, keep)
+        h0 = eq.h.index_select(0 if batch_dim is None else batch_dim, keep.to(eq.h.device))
+        return _Solved(kept_x, kept_target, self._solve(kept_x, h0=h0))
+
     def _batch_loss(self, target: Any, eq: Equilibrium) -> _BatchLoss:
         n = eq.problem.state.samples
         weight = n / self.num_samples if self.reduction == "mean" else 1.0
@@ -247,13 +317,17 @@ class DatasetEquilibrium:
             return
         samples = batches = 0
         for index, (x, target) in enumerate(self._bar(self._data, desc)):
+            batches += 1
             solved = self._cache.get(index, x, target)
             if solved is None:
-                eq = self._solve(x)
-                solved = _Solved(x, target, eq, self._batch_loss(target, eq))
-                del eq
+                # per-sample stopping: which samples converge does not depend on the batching
+                full = self._solve(x)
+                solved = self._restricted(x, target, full, self._converged(full))
+                del full
+                if solved is None:  # every sample of this batch was excluded
+                    continue
+                solved.loss = self._batch_loss(solved.target, solved.equilibrium)
             samples += solved.equilibrium.problem.state.samples
-            batches += 1
             visit(solved)
             del solved
         check_same_data(samples, batches, self.num_samples, self.num_batches)
