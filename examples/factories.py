@@ -3,6 +3,7 @@
 
 deqhess analyze examples/factories.py:tanh_deq_100k --top-k 5 --trace hutch++
 deqhess analyze examples/factories.py:digits_classifier --top-k 5 --trace hutch++
+deqhess analyze examples/factories.py:mdeq_digits --top-k 5 --trace hutch++
 """
 
 from __future__ import annotations
@@ -84,4 +85,24 @@ def digits_classifier() -> ModelProblem:
     y = torch.tensor(digits.target)
     model = nn.Sequential(nn.Linear(64, 32), DEQ(InputCell(32)), nn.Linear(32, 10))
     data = list(zip(x.split(600), y.split(600), strict=True))
+    return ModelProblem(model, nn.CrossEntropyLoss(), data)
+
+
+def mdeq_digits() -> ModelProblem:
+    """The MDEQ-style conv DEQ of ``examples/mdeq_digits.py``, trained there (float32,
+    ~10 s), analysed in float64 on the 360 test images over all its parameters —
+    encoder, DEQ cell, head — with the split at its DEQ layer."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).with_name("mdeq_digits.py")
+    spec = importlib.util.spec_from_file_location("mdeq_digits", path)
+    example = importlib.util.module_from_spec(spec)
+    sys.modules["mdeq_digits"] = example
+    spec.loader.exec_module(example)
+    model, _, (_, _, x_test, y_test) = example.train(log=lambda line: None)
+    model = model.double()
+    model.deq.tol, model.deq.atol, model.deq.max_iter = 1e-11, 1e-12, 2000
+    data = list(zip(x_test.double().split(120), y_test.split(120), strict=True))
     return ModelProblem(model, nn.CrossEntropyLoss(), data)

@@ -92,9 +92,10 @@ class MDEQDigits(nn.Module):
         return self.head(z.flatten(1))
 
     def forward(self, images: Tensor, return_info: bool = False):
+        if not return_info:
+            return self.readout(self.deq(self.injection(images)))
         z, info = self.deq(self.injection(images), return_info=True)
-        logits = self.readout(z)
-        return (logits, info) if return_info else logits
+        return self.readout(z), info
 
 
 def training_policy() -> Convergence:
