@@ -30,9 +30,14 @@ ENGINE_LOCK = threading.RLock()
 
 @contextlib.contextmanager
 def engine() -> Iterator[None]:
-    """Hold :data:`ENGINE_LOCK`, outside inference mode."""
-    with ENGINE_LOCK, torch.inference_mode(False):
-        yield
+    """Hold :data:`ENGINE_LOCK`, outside inference mode (grad mode is left as it is, except
+    that leaving inference mode turns grad mode on: callers that want none say so)."""
+    with ENGINE_LOCK:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                yield
+        else:
+            yield
 
 
 T = TypeVar("T", bound=Callable)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from ..solvers import (
     solve_fixed_point,
 )
 from ..state import check_state_map
+from .contract import InputLayout, check_deterministic, check_registered, state_arguments
 from .implicit import FixedPointSpec, fixed_point
 
 __all__ = ["DEQ", "LayerInfo"]
@@ -106,31 +108,53 @@ class DEQ(nn.Module):
         self.require_convergence = require_convergence
         self.convergence = Convergence.resolve(convergence, require_convergence)
 
-    def initial_state(self, x: Tensor) -> Tensor:
+    def initial_state(self, x: Any) -> Tensor:
         """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
         init = getattr(self.cell, "init_state", None)
-        like = init(x) if callable(init) else x
-        return torch.zeros_like(like)
+        if callable(init):
+            return torch.zeros_like(init(x))
+        if not isinstance(x, Tensor):
+            raise ValueError(
+                f"x is a {type(x).__name__}, so the initial state cannot be zeros like x: pass "
+                "h0, or define init_state(x) on the cell."
+            )
+        return torch.zeros_like(x)
 
     def forward(
-        self, x: Tensor, h0: Tensor | None = None, *, return_info: bool = False
+        self, x: Any, h0: Tensor | None = None, *, return_info: bool = False
     ) -> Tensor | tuple[Tensor, LayerInfo]:
         """The fixed point ``h*``; with ``return_info=True`` also a :class:`LayerInfo`, whose
-        ``linear_solves`` fill in as derivatives of ``h*`` are taken."""
-        _check_no_running_statistics(self.cell)
+        ``linear_solves`` fill in as derivatives of ``h*`` are taken.
+
+        Args:
+            x: the input — a tensor, or a tuple/list/dict of tensors (and constants); the
+                fixed point is differentiable in every tensor of it.
+            h0: the initial state (default :meth:`initial_state`).
+        """
+        if not isinstance(return_info, bool):
+            raise ValueError(f"return_info must be True or False; got {return_info!r}.")
+        check_deterministic(self.cell)
+        inputs = InputLayout(x)
         h0 = self.initial_state(x) if h0 is None else h0
+        names, values = state_arguments(self.cell)
+        _check_inputs(inputs, h0, values)
         if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
             return self._empty(x, h0, return_info)
-        named = list(self.cell.named_parameters())
-        names = [name for name, _ in named]
-        values = [value for _, value in named]
-        cell = self.cell
+        cell, count = self.cell, len(inputs.positions)
 
-        def step(z: Tensor, x: Tensor, *params: Tensor) -> Tensor:
-            out = torch.func.functional_call(cell, dict(zip(names, params, strict=True)), (x, z))
+        def step(z: Tensor, *args: Tensor) -> Tensor:
+            arguments = dict(zip(names, args[count:], strict=True))
+            out = torch.func.functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
             check_state_map(out, z, "cell(x, h)")
             return out
 
+        if torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
+            detached = {n: v.detach() for n, v in zip(names, values, strict=True)}
+            check_registered(
+                lambda x, h: torch.func.functional_call(cell, detached, (x, h)),
+                inputs.detached(),
+                h0,
+            )
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
         spec = FixedPointSpec(
@@ -146,8 +170,12 @@ class DEQ(nn.Module):
             on_solve=infos.append if return_info else None,
             stats=stats if return_info else None,
             convergence=self.convergence,
+            names=(
+                *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
+                *(f"cell.{n}" for n in names),
+            ),
         )
-        h = fixed_point(spec, h0.detach(), x, *values)
+        h = fixed_point(spec, h0.detach(), *inputs.tensors, *values)
         if return_info:
             forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
             return h, LayerInfo(**forward, linear_solves=stats)
@@ -169,18 +197,18 @@ class DEQ(nn.Module):
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
 
 
-def _check_no_running_statistics(cell: nn.Module) -> None:
-    """Batch norm in training mode updates its running statistics at every call of the cell
-    — at every solver iteration — and torch.func cannot differentiate through that update."""
-    for name, module in cell.named_modules():
-        if (
-            isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and module.training
-            and module.track_running_stats
-        ):
-            raise ValueError(
-                f"cell.{name or 'self'} is a {type(module).__name__} in training mode: it would "
-                "update its running statistics at every solver iteration, and its batch "
-                "statistics couple the samples. Call .eval() on it (batch norm with fixed "
-                "statistics is a per-sample affine map), or use GroupNorm/LayerNorm."
-            )
+def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
+    """``h0`` a floating tensor of the parameters' dtype (their values are checked finite
+    where the solve starts, outside any torch.func transform)."""
+    if not isinstance(h0, Tensor):
+        raise ValueError(
+            f"h0 must be a torch.Tensor shaped like the state; got {type(h0).__name__}."
+        )
+    if not h0.is_floating_point():
+        raise ValueError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
+    floating = [v for v in values if v.is_floating_point()]
+    if floating and floating[0].dtype != h0.dtype:
+        raise ValueError(
+            f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
+            f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
+        )

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import UnsupportedDerivativeError
 from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
+from ..locking import engine
 from ..solvers import (
     Convergence,
     FixedPointSolver,
@@ -75,6 +76,7 @@ class FixedPointSpec:
     on_solve: Callable[[SolveInfo], None] | None = None
     stats: LinearSolveStats | None = None
     convergence: Convergence | None = None  # the policy; None follows require_convergence
+    names: tuple[str, ...] = ()  # the arguments', for messages
 
     def rows(self, z: Tensor) -> Tensor:
         """``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
@@ -133,13 +135,25 @@ class _System:
         point = self._shifted(2) | self._solution_at(1)
         return _Linear(replace(self.spec, fn=adjoint_map), point, parent, constant=_first)
 
-    def tangent(self) -> _Linear:
-        """``ż = (∂fn/∂z) ż + (∂fn/∂args)·ȧ``: called as ``(z, *args, *ȧ)``."""
-        fn = self.spec.fn
+    def tangent(self, moving: tuple[bool, ...]) -> _Linear:
+        """``ż = (∂fn/∂z) ż + (∂fn/∂args)·ȧ``: called as ``(z, *args, *ȧ)`` with a tangent
+        ``ȧ`` only for the arguments flagged in ``moving`` (the others are constants: a
+        zero tangent would still ask for derivatives some arguments lack, such as batch
+        norm's running statistics)."""
+        fn, count = self.spec.fn, len(moving)
+        where = [i for i, m in enumerate(moving) if m]
 
         def tangent_map(w: Tensor, z: Tensor, *rest: Tensor) -> Tensor:
-            half = len(rest) // 2
-            return torch.func.jvp(fn, (z, *rest[:half]), (w, *rest[half:]))[1]
+            args, tangents = rest[:count], rest[count:]
+
+            def of_moving(zz: Tensor, *chosen: Tensor) -> Tensor:
+                full = list(args)
+                for i, t in zip(where, chosen, strict=True):
+                    full[i] = t
+                return fn(zz, *full)
+
+            primals = (z, *(args[i] for i in where))
+            return torch.func.jvp(of_moving, primals, (w, *tangents))[1]
 
         point = self._shifted(1) | self._solution_at(0)
         return _Linear(replace(self.spec, fn=tangent_map), point, self.jacobian)
@@ -174,6 +188,14 @@ class _Nonlinear(_System):
 
     def solve(self, z0: Tensor, args: tuple[Tensor, ...]) -> Tensor:
         spec, shape = self.spec, z0.shape
+        names = ("h0", *spec.names) if len(spec.names) == len(args) else ()
+        for i, t in enumerate((z0, *args)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                name = names[i] if names else f"argument {i} of the fixed point"
+                raise ValueError(
+                    f"{name} contains non-finite values (NaN or inf); pass finite values "
+                    "(check the data and the previous layers or optimisation step)."
+                )
 
         def step(rows: Tensor) -> Tensor:
             return spec.rows(spec.fn(rows.reshape(shape), *args))
@@ -230,8 +252,9 @@ class _Linear(_System):
         def affine(rows: Tensor) -> Tensor:
             return spec.rows(spec.fn(rows.reshape(shape), *args))
 
-        zero = torch.zeros_like(spec.rows(z0))
-        lin = replace(spec, check_rows=False).linearization(affine, zero)
+        # the batched system's rows are the vmapped instances' samples: if the cell's samples
+        # are declared independent, these rows must be too (checked like the original's)
+        lin = spec.linearization(affine, torch.zeros_like(spec.rows(z0)))
         self.jacobian = _Jacobian(lin, transposed=False)
         return lin.solve(spec.rows(constant)).reshape(shape)
 
@@ -292,8 +315,10 @@ def _refuse_legacy_vmap() -> None:
 class _FixedPoint(torch.autograd.Function):
     @staticmethod
     def forward(system: _System, z0: Tensor, *args: Tensor) -> Tensor:
-        with torch.no_grad():
-            return system.solve(z0, args)
+        with engine(), torch.no_grad():
+            out = system.solve(z0, args)
+        # a view of the solver's rows would forbid in-place use of the output
+        return out if out._base is None else out.clone()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -305,6 +330,11 @@ class _FixedPoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         _refuse_legacy_vmap()
+        with engine():
+            return _FixedPoint._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple:
         z, *args = ctx.saved_tensors
         system: _System = ctx.system
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
@@ -328,10 +358,11 @@ class _FixedPoint(torch.autograd.Function):
     def jvp(ctx: Any, _system: None, _z0: Tensor | None, *arg_tangents: Tensor | None) -> Tensor:
         _refuse_legacy_vmap()
         z, *args = ctx.saved_tensors
-        tangents = [
-            torch.zeros_like(a) if t is None else t for a, t in zip(args, arg_tangents, strict=True)
-        ]
-        return _FixedPoint.apply(ctx.system.tangent(), torch.zeros_like(z), z, *args, *tangents)
+        moving = tuple(t is not None for t in arg_tangents)
+        tangents = [t for t in arg_tangents if t is not None]
+        with engine():
+            system = ctx.system.tangent(moving)
+            return _FixedPoint.apply(system, torch.zeros_like(z), z, *args, *tangents)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, system: _System, z0: Tensor, *args: Tensor):

@@ -139,6 +139,10 @@ class Convergence:
             ValueError: an unknown alias or object, or ``require_convergence=False``
                 together with a policy that raises.
         """
+        if not isinstance(require_convergence, bool):
+            raise ValueError(
+                f"require_convergence must be True or False; got {require_convergence!r}."
+            )
         if policy is None:
             return cls() if require_convergence else cls("best")
         if isinstance(policy, str):

@@ -1,0 +1,123 @@
+"""What a cell must be for its fixed point to have exact derivatives, checked up front.
+
+The layer differentiates ``h* = cell(x, h*)`` in the cell's parameters and floating
+buffers and in the tensors of ``x``. That needs a *deterministic* map of exactly those
+inputs: every check here turns a way to break that into an error that says what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["InputLayout", "check_deterministic", "check_registered", "state_arguments"]
+
+
+def check_deterministic(cell: nn.Module) -> None:
+    """Refuse modules that change the map from one call to the next.
+
+    Raises:
+        ValueError: batch norm with running statistics, dropout or a spectral norm (its
+            power iteration) in training mode.
+    """
+    for name, module in cell.named_modules():
+        label = f"cell.{name}" if name else "cell"
+        kind = type(module).__name__
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise ValueError(
+                f"{label} is a {kind} in training mode: it would update its running statistics "
+                "at every solver iteration, and its batch statistics couple the samples. Call "
+                ".eval() on it (batch norm with fixed statistics is a per-sample affine map), or "
+                "use GroupNorm/LayerNorm."
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise ValueError(
+                f"{label} is a {kind} in training mode: it draws a new random mask at every call "
+                "of the cell — at every solver iteration — so the cell is a different map each "
+                "time and has no fixed point. Call .eval() on it, or draw one mask per forward "
+                "and pass it in x (variational dropout, as DEQ models use)."
+            )
+        if _spectral_norm(module):
+            raise ValueError(
+                f"{label} has a spectral norm in training mode: its power iteration updates the "
+                "weight at every call of the cell, so the map moves during the solve. Call "
+                ".eval() on it (the normalised weight is then fixed) while solving."
+            )
+
+
+def _spectral_norm(module: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    if any(isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values()):
+        return True
+    if parametrize.is_parametrized(module):
+        for parametrizations in module.parametrizations.values():
+            if any(type(p).__name__ == "_SpectralNorm" for p in parametrizations):
+                return True
+    return False
+
+
+def state_arguments(cell: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """The names and values the fixed point is differentiated in (``functional_call``
+    names): the cell's parameters and floating buffers — but not the running statistics
+    of normalisation layers, which have no derivatives (in eval mode they are constants)."""
+    named = list(cell.named_parameters())
+    statistics = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in cell.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        for name, _ in module.named_buffers(recurse=False)
+    }
+    named += [
+        (n, b) for n, b in cell.named_buffers() if b.is_floating_point() and n not in statistics
+    ]
+    return [name for name, _ in named], [value for _, value in named]
+
+
+def check_registered(call: Callable[[Any, Tensor], Tensor], x: Any, h0: Tensor) -> None:
+    """Refuse a cell that reads a tensor requiring grad besides its arguments.
+
+    ``call(x, h)`` is the cell with detached parameters and buffers; given detached ``x``
+    and ``h0``, its output needs no grad unless the cell reads another such tensor — a
+    weight shared by reference, or made by a hypernetwork — whose gradient the fixed
+    point would silently drop.
+    """
+    with torch.enable_grad():
+        out = call(x, h0.detach())
+    if isinstance(out, Tensor) and out.requires_grad:
+        raise ValueError(
+            "the cell reads a tensor that requires grad but is neither one of its parameters "
+            "or buffers nor part of x (e.g. a weight shared with another module by "
+            "reference): the fixed point's derivatives would leave its gradient out. "
+            "Register it on the cell (nn.Parameter, or register_buffer) or pass it in x."
+        )
+
+
+class InputLayout:
+    """``x`` — a tensor or a tuple/list/dict of them (other leaves kept as constants) —
+    as the tensors the fixed point is differentiated in, and back."""
+
+    def __init__(self, x: Any) -> None:
+        leaves, self.spec = tree_flatten(x)
+        self.leaves = leaves
+        self.positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return [self.leaves[i] for i in self.positions]
+
+    def rebuild(self, tensors: tuple[Tensor, ...]) -> Any:
+        leaves = list(self.leaves)
+        for i, t in zip(self.positions, tensors, strict=True):
+            leaves[i] = t
+        return tree_unflatten(leaves, self.spec)
+
+    def detached(self) -> Any:
+        return self.rebuild(tuple(t.detach() for t in self.tensors))
