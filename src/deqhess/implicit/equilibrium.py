@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
-from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
+from ..linear import DenseLU, Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
 from ..locking import engine, serialized
 from ..memory import check_dense
 from ..options import integer
@@ -378,12 +378,25 @@ class Equilibrium:
                 self._sensitivity_rows(),
                 split=split,
                 chunk_size=self.chunk_size,
+                back_projection=self._back_projection(),
             )
         if split:
             require_finite(result.loss_curvature, "the Hessian")
             require_finite(result.dynamics_curvature, "the Hessian")
             return result
         return require_finite(result, "the Hessian")
+
+    def _back_projection(self) -> Callable[[Tensor], Tensor] | None:
+        """``g ↦ Zᵀ g = (∂f/∂θ)ᵀ (I − J)⁻ᵀ g`` on blocks ``[K, S, d]``, where that is
+        cheaper than projecting by Z: a direct solve (``S·d²`` per column) with blocks
+        narrower than P (the projection costs ``N·P = S·d·P``); else None."""
+        linearization = self.linearization
+        if not isinstance(linearization.prepared, DenseLU):
+            return None
+        if self.problem.state.width >= self.num_parameters:
+            return None
+        products = self.parameter_products
+        return lambda g: products.vjps(linearization.solve_transpose(g))
 
     def hvp(self, loss: Callable[..., Tensor], v: Parameters) -> Parameters:
         """``H v``, exact and matrix-free: two solves with the prepared linear solve.
