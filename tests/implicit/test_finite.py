@@ -1,4 +1,5 @@
-"""``require_finite``: one sum decides the common case; the entrywise check decides the rest."""
+"""``all_finite`` and ``require_finite``: one sum decides the common case; the entrywise
+check decides the rest."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import deqhess as dh
+from deqhess.finiteness import all_finite
 from deqhess.implicit.finite import require_finite
 
 
@@ -29,3 +31,11 @@ def test_one_non_finite_entry_among_many_is_caught(bad):
     value[5, 0] = -bad if bad == bad else bad
     with pytest.raises(dh.NonFiniteError, match=r"has 2 non-finite entries of 2100 \(first at "):
         require_finite(value, "the Hessian")
+
+
+def test_all_finite_on_other_dtypes():
+    """Integer and boolean tensors cannot hold NaN; float32 sums overflow sooner (3e38)."""
+    assert all_finite(torch.tensor([1, 2, 3])) and all_finite(torch.tensor([True]))
+    assert all_finite(torch.full((4,), 3e38, dtype=torch.float32))
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.float32))
+    assert all_finite(torch.empty(0))
