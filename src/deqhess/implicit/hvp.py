@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..linear import Linearization
+from ..tangents import linearize
 from .derivatives import dynamics_jvp
 
 __all__ = ["ParameterProducts", "hessian_vector_products"]
@@ -29,14 +30,21 @@ __all__ = ["ParameterProducts", "hessian_vector_products"]
 @dataclass(frozen=True)
 class ParameterProducts:
     """Products with ``∂f/∂θ`` at ``(θ, h*)`` on blocks: ``[K, P] → [K, S, d]`` (JVPs) and
-    ``[K, S, d] → [K, P]`` (VJPs through one cached pullback: no forward per call)."""
+    ``[K, S, d] → [K, P]`` (VJPs through one cached pullback: no forward per call).
+
+    A single direction's JVP replays a tangent traced once (:func:`deqhess.tangents.linearize`:
+    no forward of ``f`` per call, 0.3 instead of 0.8 ms at P = 82k); a block is vmapped.
+    """
 
     jvp: Callable[[Tensor], Tensor]
     vjp: Callable[[Tensor], Tensor]
+    traced_jvp: Callable[[Tensor], Tensor] | None = None
 
     def jvps(self, v: Tensor) -> Tensor:
         """``[K, P] → [K, S, d]`` (vmapped; a single direction skips vmap's overhead)."""
-        return self.jvp(v[0])[None] if v.shape[0] == 1 else torch.func.vmap(self.jvp)(v)
+        if v.shape[0] == 1:
+            return (self.traced_jvp or self.jvp)(v[0])[None]
+        return torch.func.vmap(self.jvp)(v)
 
     def vjps(self, mu: Tensor) -> Tensor:
         """``[K, S, d] → [K, P]``."""
@@ -53,6 +61,7 @@ class ParameterProducts:
         return cls(
             jvp=lambda v: dynamics_jvp(dynamics, theta, h, v),
             vjp=lambda mu: pullback(mu)[0],
+            traced_jvp=linearize(of_theta, theta),
         )
 
 
