@@ -14,6 +14,7 @@ The seed's computation graph, step by step:
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -174,7 +175,9 @@ class Equilibrium:
         self.chunk_size = None if chunk_size is None else integer(chunk_size, "chunk_size", 1)
         tolerance = Tolerance.resolve(tol, atol, state.dtype)
         self._theta = self.problem.params.flatten(theta).detach().clone()
-        residual = Residual(lambda r: self.problem.dynamics(self._theta, r))
+        # a partial, not a lambda over self: the linearisation it ends up in must not hold
+        # the Equilibrium in a reference cycle (its LU would outlive it until the next GC)
+        residual = Residual(functools.partial(self.problem.dynamics, self._theta))
         with torch.no_grad():
             rows, self._solve_info = solve_fixed_point(
                 residual,
