@@ -20,11 +20,12 @@ deqhess runs with ``batch_dim=0`` (samples declared independent) and without
 solves (the gradient its ∇L, adjoint solve and VJP — ``eq.forget(loss)`` drops the cached
 λ first — the HVP its two solves and AD passes).
 
-Timing: both libraries use ``--threads`` threads (torch's intra-op threads; XLA's Eigen
-pool is single-threaded for 1). On a shared machine absolute times wander, so each figure
-is the median over ``--rounds`` rounds, and each ratio the median of per-round ratios,
-deqhess and JAX timed back to back within a round. Agreement is the relative Frobenius
-difference of the results (goal ≤ 1e-9).
+Timing: both libraries use ``--threads`` threads (torch's intra-op threads; for 1, XLA's
+flags for one thread and the process pinned to one core, as XLA otherwise still used two).
+On a shared machine absolute times wander, so each figure is the median over ``--rounds``
+rounds (a millisecond product: the mean of 10–20 calls in a row), and each ratio the
+median of per-round CPU-time ratios, deqhess and JAX timed back to back within a round.
+Agreement is the relative Frobenius difference of the results (goal ≤ 1e-9).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ if ARGS is not None and ARGS.threads == 1:
         os.environ.get("XLA_FLAGS", "")
         + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     )
+    # XLA still ran on two cores with those flags (CPU time 1.8× its wall time): pin the
+    # whole process, both libraries' threads, to one core for a single-core comparison
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -124,11 +128,12 @@ def jax_loss(data: dict[str, np.ndarray]) -> tuple[Callable, jnp.ndarray]:
     return loss, flat
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall, CPU) seconds of one call; CPU time is this process's, all threads."""
+def _timed(fn: Callable[[], object], calls: int = 1) -> tuple[float, float]:
+    """(wall, CPU) seconds per call, over ``calls`` calls; CPU time is this process's."""
     wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
 class Rounds:
@@ -136,11 +141,12 @@ class Rounds:
 
     Ratios use CPU time: on a machine shared with other jobs, a process that is
     descheduled loses wall time it did not spend, while its CPU time stays put (with
-    one thread per library the two agree on an idle machine).
+    the process pinned to one core the two agree on an idle machine). Each timing is
+    the mean of ``calls`` consecutive calls (milliseconds-long operations).
     """
 
-    def __init__(self, rounds: int) -> None:
-        self.rounds = rounds
+    def __init__(self, rounds: int, calls: int = 1) -> None:
+        self.rounds, self.calls = rounds, calls
         self.ops: dict[str, Callable[[], object]] = {}
         self.wall: dict[str, list[float]] = {}
         self.cpu: dict[str, list[float]] = {}
@@ -154,7 +160,7 @@ class Rounds:
         self.cpu = {name: [] for name in self.ops}
         for _ in range(self.rounds):
             for name, fn in self.ops.items():
-                wall, cpu = _timed(fn)
+                wall, cpu = _timed(fn, self.calls)
                 self.wall[name].append(wall)
                 self.cpu[name].append(cpu)
 
@@ -192,34 +198,36 @@ def problem_6k(rounds: int) -> None:
     print("\n== n=64, m=32, B=16: P = 6,208 (dense Hessian; cached HVP and gradient) ==")
     jl, flat = jax_loss(data)
     hessian = jax.jit(jax.hessian(jl))
-    compile_s = _timed(lambda: _block(hessian(flat)))
+    compile_s, _ = _timed(lambda: _block(hessian(flat)))
     _, linear = jax.linearize(jax.grad(jl), flat)
     linear = jax.jit(linear)
     v = np.random.default_rng(7).standard_normal(flat.shape[0])
     jv, tv = jnp.asarray(v), torch.from_numpy(v)
     print(f"JAX jit of the Hessian (compile + first run): {compile_s:.1f} s")
 
-    r = Rounds(rounds)
-    h_jax = r.add("jax hessian", lambda: _block(hessian(flat)))
-    hv_jax = r.add("jax hvp", lambda: _block(linear(jv)))
+    dense = Rounds(rounds)  # the second-long Hessians apart from the millisecond products
+    small = Rounds(rounds, calls=20)
+    h_jax = dense.add("jax hessian", lambda: _block(hessian(flat)))
+    hv_jax = small.add("jax hvp", lambda: _block(linear(jv)))
     results = {}
     for batch_dim in (0, None):
         tag = f"bd={batch_dim}"
-        results[tag, "H"] = r.add(
+        results[tag, "H"] = dense.add(
             f"deqhess hessian {tag}",
             lambda b=batch_dim: dh.Equilibrium(f, theta, x, h0, tol=TOL, batch_dim=b).hessian(loss),
         )
         eq = dh.Equilibrium(f, theta, x, h0, tol=TOL, batch_dim=batch_dim)
         eq.grad(loss)
-        results[tag, "Hv"] = r.add(f"deqhess hvp {tag}", lambda e=eq: e.hvp(loss, tv))
-        r.add(f"deqhess grad {tag}", lambda e=eq: (e.forget(loss), e.grad(loss)))
-    r.run()
-    r.table()
+        results[tag, "Hv"] = small.add(f"deqhess hvp {tag}", lambda e=eq: e.hvp(loss, tv))
+        small.add(f"deqhess grad {tag}", lambda e=eq: (e.forget(loss), e.grad(loss)))
+    for r in (dense, small):
+        r.run()
+        r.table()
     for batch_dim in (0, None):
         tag = f"bd={batch_dim}"
-        hess = r.ratio(f"deqhess hessian {tag}", "jax hessian")
-        hvp = r.ratio(f"deqhess hvp {tag}", "jax hvp")
-        over = r.ratio(f"deqhess hvp {tag}", f"deqhess grad {tag}")
+        hess = dense.ratio(f"deqhess hessian {tag}", "jax hessian")
+        hvp = small.ratio(f"deqhess hvp {tag}", "jax hvp")
+        over = small.ratio(f"deqhess hvp {tag}", f"deqhess grad {tag}")
         print(f"-- deqhess batch_dim={batch_dim}")
         print(
             f"   dense Hessian / JAX = {hess:.2f} ({_verdict(hess, GOALS['hessian'])}); "
@@ -243,7 +251,7 @@ def problem_82k(rounds: int) -> None:
     v = np.random.default_rng(7).standard_normal(flat.shape[0])
     jv, tv = jnp.asarray(v), torch.from_numpy(v)
 
-    r = Rounds(rounds)
+    r = Rounds(rounds, calls=10)
     hv_jax = r.add("jax linearized hvp", lambda: _block(linear(jv)))
     results = {}
     for batch_dim in (0, None):
