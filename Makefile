@@ -32,6 +32,11 @@ lint: $(STAMP)
 # torch and numpy; --no-deps keeps pip from touching the CPU torch)
 bench-extras: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps "torchdeq==0.1.0"
+	# JAX + optimistix for benchmarks/vs_jax.py (none of them depends on torch); the check
+	# fails loudly if pip ever replaced the CPU torch
+	$(BIN)/python -c "import torch; print(torch.__version__)" > $(VENV)/.torch-before
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -c "import torch; print(torch.__version__)" | cmp - $(VENV)/.torch-before
 
 bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python dense_hessian.py && ../$(BIN)/python hvp.py \

@@ -57,6 +57,7 @@ def _unrolled_hvp(f, loss, theta, x, h0, steps):
 
 def child(spec: dict) -> dict:
     """One configuration: set up, reset the high-water mark, run the operation."""
+    torch.set_num_threads(spec.get("threads", 1))
     torch.manual_seed(0)
     f, loss, theta, x, h0, v = _problem(CONFIGS[spec["size"]])
     kind, repeats = spec["kind"], spec.get("repeats", 5)
@@ -102,8 +103,11 @@ def child(spec: dict) -> dict:
     return measure_operation(run, repeats)
 
 
+THREADS = 1
+
+
 def measure(**spec) -> dict:
-    return in_subprocess(__file__, spec)
+    return in_subprocess(__file__, {"threads": THREADS, **spec})
 
 
 def accuracy(size: str) -> tuple[float, int, float]:
@@ -193,11 +197,15 @@ def _change(a: float, b: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="82k,1M")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, every process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    global THREADS
+    THREADS = args.threads
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for size in args.sizes.split(","):
         report(size)

@@ -20,6 +20,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
+from .finiteness import all_finite
 from .memory import check_dense
 
 __all__ = ["Operator", "scipy_operator"]
@@ -84,7 +85,7 @@ class Operator(abc.ABC):
                 f"vector has dtype {v.dtype} but the operator is {self.dtype}; convert it "
                 f"with .to({self.dtype})."
             )
-        if not bool(torch.isfinite(v).all()):
+        if not all_finite(v):
             raise ValueError("vector contains non-finite values (NaN or inf).")
         return v.detach()
 

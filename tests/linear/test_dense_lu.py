@@ -57,3 +57,50 @@ def test_max_condition_is_configurable():
     DenseLU(j)
     with pytest.raises(SingularSystemError, match="too ill-conditioned"):
         DenseLU(j, max_condition=100.0)
+
+
+def test_diagonal_block_width():
+    """The narrowest equal diagonal blocks outside which the matrix is exactly zero: any
+    entry outside (also a tiny, a NaN or a one-way one) merges blocks; unequal blocks that
+    no equal width covers keep it whole."""
+    from deqhess.linear.dense import diagonal_block_width
+
+    blocks = torch.block_diag(*torch.randn(4, 3, 3))
+    assert diagonal_block_width(blocks) == 3
+    assert diagonal_block_width(torch.eye(6)) == 1
+    assert diagonal_block_width(torch.randn(5, 5)) == 5
+    assert diagonal_block_width(torch.block_diag(torch.randn(2, 2), torch.randn(3, 3))) == 5
+    for row, col, value, width in [
+        (0, 5, 1e-300, 6),  # blocks 0 and 1 coupled: blocks of 6 remain
+        (11, 0, 1.0, 12),
+        (4, 9, float("nan"), 12),  # blocks 1 to 3 coupled
+    ]:
+        coupled = blocks.clone()
+        coupled[row, col] = value
+        assert diagonal_block_width(coupled) == width, (row, col)
+    inside = blocks.clone()
+    inside[4, 4] = float("nan")  # a non-finite entry inside a block stays in that block
+    assert diagonal_block_width(inside) == 3
+
+
+def test_one_system_with_block_diagonal_jacobian_is_solved_by_blocks():
+    """``S = 1`` with ``J`` block-diagonal (independent samples under ``batch_dim=None``):
+    factorised as its 4 blocks of 6, the solves and transposed solves still solve the whole
+    24 × 24 system, and the condition number is the whole system's, not a block's."""
+    j = torch.block_diag(*(0.4 * torch.randn(4, 6, 6) / 6**0.5))
+    # A's blocks 3·I and 0.1·I are perfectly conditioned; the whole is not (3 / 0.1 = 30)
+    j[:6, :6], j[6:12, 6:12] = -2.0 * torch.eye(6), 0.9 * torch.eye(6)
+    lu = DenseLU(j[None])
+    assert lu.split and lu.lu.shape == (4, 6, 6)
+    a = torch.eye(24) - j
+    rhs = torch.randn(5, 1, 24)
+    x, y = lu.solve(rhs), lu.solve_transpose(rhs)
+    assert x.shape == y.shape == rhs.shape
+    assert torch.allclose(x[:, 0], torch.linalg.solve(a, rhs[:, 0].T).T, atol=1e-13)
+    assert torch.allclose(y[:, 0], torch.linalg.solve(a.T, rhs[:, 0].T).T, atol=1e-13)
+    exact = float(torch.linalg.cond(a, p=1))
+    worst_block = max(float(torch.linalg.cond(a[6 * k : 6 * k + 6, 6 * k : 6 * k + 6], p=1))
+                      for k in range(4))  # fmt: skip
+    assert exact >= 30 > 3 * worst_block
+    assert exact / 3 <= lu.condition_number <= exact * 3  # gecon is an estimate
+    assert not DenseLU(torch.randn(1, 24, 24) / 24).split

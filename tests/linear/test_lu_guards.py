@@ -96,12 +96,14 @@ def test_batched_lu_hang_is_reproduced_and_the_guarded_path_completes():
 
 def test_lu_factor_blocks_matches_one_block_at_a_time():
     """Wide blocks take the per-block path, narrow ones the batched call; both give
-    ``lu_factor_ex``'s own factors (the same LAPACK getrf: identical to rounding)."""
+    ``lu_factor_ex``'s own factors (the same LAPACK getrf: identical to rounding), in its
+    column-major layout (a row-major stack made every ``lu_solve`` copy the LU first)."""
     g = torch.Generator().manual_seed(1)
     for width in (BATCHED_LU_MAX_WIDTH - 1, BATCHED_LU_MAX_WIDTH + 1):
         system = torch.eye(width) + 0.3 * torch.randn(3, width, width, generator=g) / width**0.5
         lu, pivots, info = lu_factor_blocks(system)
         assert lu.shape == system.shape and pivots.shape == (3, width) and info.shape == (3,)
+        assert lu.mT.is_contiguous(), lu.stride()
         for s in range(3):
             lu_s, pivots_s, info_s = torch.linalg.lu_factor_ex(system[s])
             assert torch.allclose(lu[s], lu_s, rtol=0, atol=1e-14)

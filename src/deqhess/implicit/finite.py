@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
+from ..finiteness import all_finite
 
 __all__ = ["require_finite"]
 
@@ -43,7 +44,7 @@ def require_finite(value: Tensor, quantity: str) -> Tensor:
         NonFiniteError: naming ``quantity`` (a key of the advice table), how many
             entries are non-finite, the first one, and what to check.
     """
-    if bool(torch.isfinite(value).all()):
+    if all_finite(value):
         return value
     bad = ~torch.isfinite(value.detach()).reshape(-1)
     first = int(torch.nonzero(bad)[0, 0])

@@ -4,8 +4,10 @@
 choice. deqhess carries its own because ``scipy.sparse.linalg.gmres`` works on one
 NumPy system at a time on the CPU, while here a batch of per-sample systems times K
 right-hand sides must be solved together, on θ's device and dtype, with per-row
-tolerances. Arnoldi uses classical Gram–Schmidt with one reorthogonalisation (CGS2),
-and Givens rotations give each row's residual without forming the iterate.
+tolerances. Arnoldi uses classical Gram–Schmidt, reorthogonalised where a pass lost
+more than ``1 − 1/√2`` of a vector's norm (the Daniel–Gragg–Kaufman–Stewart test:
+"twice is enough"), and Givens rotations give each row's residual without forming the
+iterate. Convergence is always judged on the recomputed residual ``b − A x``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def gmres(
     atol: float = 0.0,
     restart: int = 30,
     max_iter: int = 500,
+    workspace: dict | None = None,
 ) -> tuple[Tensor, LinearSolveInfo]:
     """Solve ``A x = b`` row-wise, ``A`` given by ``matvec`` on ``[..., d]`` blocks.
 
@@ -45,9 +48,15 @@ def gmres(
     beats zero (see :func:`warm_start`). Returns ``(x, info)``; does not raise.
 
     The rows ``R`` (every leading index) are batched through each step: the Krylov basis
-    is ``[R, m + 1, d]``, Gram–Schmidt is two batched matrix products per pass, and the
-    Givens rotations are accumulated in one ``[R, m + 1, m + 1]`` orthogonal matrix, so
-    a step costs a fixed handful of tensor operations whatever its index.
+    is ``[R, m + 1, d]``, Gram–Schmidt is two batched matrix products per pass (a second
+    pass only when some row needs it), and the Givens rotations are accumulated in one
+    ``[R, m + 1, m + 1]`` orthogonal matrix, so a step costs a fixed handful of tensor
+    operations whatever its index.
+
+    Args:
+        workspace: a dict kept by the caller across solves; the Krylov basis is taken
+            from it and put back, so repeated solves of one shape reuse its memory
+            instead of allocating (and faulting in) ``R·(m + 1)·d`` numbers each time.
     """
     shape, width = b.shape, b.shape[-1]
     rows = b.numel() // max(width, 1)
@@ -60,7 +69,7 @@ def gmres(
     while bool((beta > target).any()) and products < max_iter:
         active = beta > target
         steps = min(restart, max_iter - products)
-        basis = flat_b.new_zeros(rows, steps + 1, width)  # Krylov vectors, filled in order
+        basis = _basis(workspace, flat_b, steps + 1)  # Krylov vectors, filled in order
         basis[:, 0] = r / beta.clamp_min(tiny)[:, None]
         triangle = flat_b.new_zeros(rows, steps, steps)  # the rotated Hessenberg matrix
         # rotations so far, G_{j-1} ⋯ G_0: its first column times β is the rotated rhs
@@ -70,12 +79,15 @@ def gmres(
             w = matvec(basis[:, j].reshape(shape)).reshape(rows, width)
             products += 1
             known = basis[:, : j + 1]  # [R, j + 1, d]
+            before = row_norms(w)
             coeffs = torch.bmm(known, w[:, :, None])
             w = w - torch.bmm(known.transpose(1, 2), coeffs)[:, :, 0]
-            again = torch.bmm(known, w[:, :, None])  # reorthogonalise once (CGS2)
-            w = w - torch.bmm(known.transpose(1, 2), again)[:, :, 0]
             norm = row_norms(w)
-            column = torch.cat([(coeffs + again)[:, :, 0], norm[:, None]], dim=1)
+            if bool((norm < _TWICE * before).any()):  # cancellation: reorthogonalise
+                again = torch.bmm(known, w[:, :, None])
+                w = w - torch.bmm(known.transpose(1, 2), again)[:, :, 0]
+                coeffs, norm = coeffs + again, row_norms(w)
+            column = torch.cat([coeffs[:, :, 0], norm[:, None]], dim=1)
             rotated = torch.bmm(rotations[:, : j + 2, : j + 2], column[:, :, None])[:, :, 0]
             top, bottom = rotated[:, j], rotated[:, j + 1]
             radius = torch.hypot(top, bottom)
@@ -98,10 +110,30 @@ def gmres(
         ]
         update = torch.bmm(basis[:, :size].transpose(1, 2), y[:, :, None])[:, :, 0]
         x = torch.where(active[:, None], x + update, x)
+        _release(workspace, basis)
         r = flat_b - matvec(x.reshape(shape)).reshape(rows, width)
         products += 1
         beta = row_norms(r)
     return x.reshape(shape), LinearSolveInfo.of("GMRES", products, flat_b, beta, target)
+
+
+#: a Gram–Schmidt pass that keeps less than this share of a vector's norm is repeated.
+_TWICE = 2**-0.5
+
+
+def _basis(workspace: dict | None, b: Tensor, length: int) -> Tensor:
+    """An uninitialised ``[R, length, d]`` basis, from ``workspace`` when one fits."""
+    key = (b.shape[0], length, b.shape[1], b.dtype, b.device)
+    kept = workspace.pop(key, None) if workspace is not None else None
+    return kept if kept is not None else b.new_empty(b.shape[0], length, b.shape[1])
+
+
+def _release(workspace: dict | None, basis: Tensor) -> None:
+    if workspace is not None:
+        workspace.clear()  # one basis kept: the latest shape
+        workspace[(basis.shape[0], basis.shape[1], basis.shape[2], basis.dtype, basis.device)] = (
+            basis
+        )
 
 
 class GMRES(LinearSolver):
@@ -129,11 +161,12 @@ class GMRES(LinearSolver):
     def init(self, operator: ResidualOperator) -> IterativeSolve:
         operator.require_independent_rows()  # each row is its own Krylov problem
         rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
+        workspace: dict = {}  # the Krylov basis, reused by this fixed point's solves
 
         def method(matvec, b, x0):
             return gmres(
                 matvec, b, x0, rtol=rtol, atol=self.atol, restart=self.restart,
-                max_iter=self.max_iter,
+                max_iter=self.max_iter, workspace=workspace,
             )  # fmt: skip
 
         return IterativeSolve(operator, method, repr(self))

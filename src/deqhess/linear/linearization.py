@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
+from ..finiteness import all_finite
 from ..solvers import Residual
 from .base import LinearSolver, LinearSolveStats, Solve
 from .coupling import coupling_tolerance, row_coupling
@@ -109,7 +109,7 @@ class Linearization:
             warm_start: without ``x0``, start from the previous solution of the same
                 system and shape on this linearisation (kept only where it beats zero).
         """
-        if not bool(torch.isfinite(rhs).all()):
+        if not all_finite(rhs):
             raise NonFiniteError(
                 "the right-hand side of a solve with I − J is not finite: what reaches the "
                 "fixed point — ∇L or a cotangent from the layers after it, ∂f/∂θ along a "
