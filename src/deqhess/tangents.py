@@ -8,10 +8,49 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["linearize"]
+__all__ = ["Linearized", "linearize"]
 
 
-def linearize(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Callable[[Tensor], Tensor]:
+class Linearized:
+    """The JVP ``v ↦ (∂fn/∂h)(primal) v`` as a function of the tangent (see :func:`linearize`).
+
+    Attributes:
+        traced: whether calls replay the verified trace (None until the first call with a
+            nonzero product has decided; False: each call is a plain ``torch.func.jvp``).
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], primal: Tensor) -> None:
+        self.fn, self.primal = fn, primal
+        self._trace: Callable[[Tensor], Tensor] | None = None
+        self.traced: bool | None = None
+        try:
+            with warnings.catch_warnings():
+                # torch's own tracing warnings (constants folded into the traced graph)
+                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+                warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+                _, self._trace = torch.func.linearize(fn, primal)
+        except Exception:  # untraceable fn: plain JVPs, same results
+            self.traced = False
+
+    def plain(self, v: Tensor) -> Tensor:
+        """``torch.func.jvp`` afresh (vmappable)."""
+        return torch.func.jvp(self.fn, (self.primal,), (v,))[1]
+
+    def __call__(self, v: Tensor) -> Tensor:
+        if self.traced is not None:
+            return self._trace(v) if self.traced else self.plain(v)
+        expected = self.plain(v)
+        if not bool(expected.any()):  # a zero product cannot tell zeros from a bug
+            return expected
+        try:
+            got = self._trace(v)
+        except Exception:
+            got = None
+        self.traced = got is not None and _agrees(got, expected)
+        return expected
+
+
+def linearize(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Linearized:
     """The JVP ``v ↦ (∂fn/∂h)(primal) v`` as a function of the tangent.
 
     ``torch.func.linearize`` traces the tangent computation once, so each call replays
@@ -22,35 +61,7 @@ def linearize(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Callable[[Tenso
     it fails. In either case every call computes ``torch.func.jvp`` instead — the same
     values, at the plain cost.
     """
-
-    def plain(v: Tensor) -> Tensor:
-        return torch.func.jvp(fn, (primal,), (v,))[1]
-
-    try:
-        with warnings.catch_warnings():
-            # torch's own tracing warnings (constants folded into the traced graph)
-            warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
-            _, traced = torch.func.linearize(fn, primal)
-    except Exception:  # untraceable fn: plain JVPs, same results
-        return plain
-
-    chosen: list[Callable[[Tensor], Tensor]] = []
-
-    def product(v: Tensor) -> Tensor:
-        if chosen:
-            return chosen[0](v)
-        expected = plain(v)
-        if not bool(expected.any()):  # a zero product cannot tell zeros from a bug
-            return expected
-        try:
-            got = traced(v)
-        except Exception:
-            got = None
-        chosen.append(traced if got is not None and _agrees(got, expected) else plain)
-        return expected
-
-    return product
+    return Linearized(fn, primal)
 
 
 def _agrees(got: Tensor, expected: Tensor) -> bool:

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ..operator import Operator
 from ..solvers import Residual
-from ..tangents import linearize
+from ..tangents import Linearized, linearize
 from .coupling import coupling_tolerance, row_coupling
 from .jacobian import jacobian_blocks
 
@@ -61,7 +61,7 @@ class ResidualOperator(Operator):
         self.shape = (h.numel(), h.numel())
         self.dtype, self.device = h.dtype, h.device
         self._pullback: Callable[[Tensor], tuple[Tensor]] | None = None  # on first Aᵀ
-        self._tangent: Callable[[Tensor], Tensor] | None = None  # on first A
+        self._tangent: Linearized | None = None  # on first A
 
     @property
     def samples(self) -> int:
@@ -74,21 +74,36 @@ class ResidualOperator(Operator):
     def __repr__(self) -> str:
         return f"ResidualOperator(samples={self.samples}, width={self.width}, dtype={self.dtype})"
 
-    def _residual_jvp(self, v: Tensor) -> Tensor:
+    @property
+    def _tangent_product(self) -> Linearized:
         # traced once, verified, then replayed (iterative solves take tens of products)
         if self._tangent is None:
             self._tangent = linearize(self.residual, self.h)
-        return self._tangent(v.contiguous())
+        return self._tangent
+
+    def _residual_jvp(self, v: Tensor) -> Tensor:
+        return self._tangent_product(v.contiguous())
 
     def _residual_vjp(self, w: Tensor) -> Tensor:
         return self._pullback(w)[0]
 
     def apply(self, v: Tensor) -> Tensor:
-        """``(I − J) v`` for ``v`` ``[..., S, d]`` (leading dims vmapped)."""
+        """``(I − J) v`` for ``v`` ``[..., S, d]`` (leading dims are directions: the traced
+        tangent replayed for each, or one vmapped JVP where the cell cannot be traced)."""
         if v.ndim == 2 or v.numel() == self.h.numel():
             return -self._residual_jvp(v.reshape(self.h.shape)).reshape(v.shape)
-        residual, h = self.residual, self.h
-        return -_over_leading(lambda t: torch.func.jvp(residual, (h,), (t,))[1], v)
+        directions = v.reshape(-1, *self.h.shape)
+        tangent = self._tangent_product
+        if tangent.traced is None:  # the first product decides whether the trace serves
+            first = tangent(directions[0].contiguous())
+            if not tangent.traced:
+                rest = _over_leading(tangent.plain, directions[1:])
+                return -torch.cat([first[None], rest]).reshape(v.shape)
+            products = [first, *(tangent(d.contiguous()) for d in directions[1:])]
+            return -torch.stack(products).reshape(v.shape)
+        if tangent.traced:  # replaying the trace per direction beats a vmapped fresh JVP
+            return -torch.stack([tangent(d.contiguous()) for d in directions]).reshape(v.shape)
+        return -_over_leading(tangent.plain, v)
 
     def apply_transpose(self, w: Tensor) -> Tensor:
         """``(I − J)ᵀ w`` for ``w`` ``[..., S, d]``."""
