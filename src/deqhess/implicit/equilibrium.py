@@ -198,6 +198,8 @@ class Equilibrium:
                 f"f couples the samples along batch_dim={state.batch_dim}",
                 "pass batch_dim=None for one coupled system",
             ),
+            accepted=self._solve_info.sample_residuals,
+            tolerance=tolerance,
         )
         self._sensitivity: Tensor | None = None
         self._parameter_products: ParameterProducts | None = None

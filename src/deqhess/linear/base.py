@@ -80,6 +80,8 @@ class LinearSolveStats:
         max_residual: largest relative residual any iterative solve ended with (None
             until one has run).
         last: the latest solve's :class:`LinearSolveInfo`.
+        condition_number: estimated condition number of ``I − J`` where the strategy
+            gives one (dense LU), else None.
     """
 
     solves: int = 0
@@ -87,6 +89,7 @@ class LinearSolveStats:
     max_iterations: int = 0
     max_residual: float | None = None
     last: LinearSolveInfo | None = None
+    condition_number: float | None = None
 
     def record(self, info: LinearSolveInfo) -> None:
         self.solves += 1
@@ -99,8 +102,9 @@ class LinearSolveStats:
     def snapshot(self) -> LinearSolveStats:
         """A copy that later solves do not change."""
         return LinearSolveStats(
-            self.solves, self.products, self.max_iterations, self.max_residual, self.last
-        )
+            self.solves, self.products, self.max_iterations, self.max_residual, self.last,
+            self.condition_number,
+        )  # fmt: skip
 
 
 class Solve(abc.ABC):
@@ -108,6 +112,8 @@ class Solve(abc.ABC):
 
     #: estimated condition number of ``A`` where the method provides one, else None.
     condition_number: float | None = None
+    #: estimated ``‖A⁻¹‖`` (how much a residual is amplified into the solution), or None.
+    inverse_norm: float | None = None
 
     @abc.abstractmethod
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:

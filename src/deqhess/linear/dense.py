@@ -110,7 +110,9 @@ class DenseLU(Solve):
                 "f is a contraction in h there (the spectral radius of ∂f/∂h must stay "
                 "below 1), e.g. by rescaling the recurrent weights."
             )
-        self.condition_number = _condition_estimate(system, self.lu, one_system=self.split)
+        self.condition_number, self.inverse_norm = _condition_estimate(
+            system, self.lu, one_system=self.split
+        )
         if math.isnan(self.condition_number):
             _check_finite_jacobian(jacobian)
             raise SingularSystemError(
@@ -198,8 +200,11 @@ def _check_finite_jacobian(jacobian: Tensor) -> None:
     )
 
 
-def _condition_estimate(system: Tensor, lu: Tensor, one_system: bool = False) -> float:
-    """Largest 1-norm condition estimate over blocks, from the LU (O(d²) per block).
+def _condition_estimate(
+    system: Tensor, lu: Tensor, one_system: bool = False
+) -> tuple[float, float]:
+    """Largest 1-norm condition estimate over blocks, from the LU (O(d²) per block), and
+    the largest ``‖A_k⁻¹‖₁``.
 
     With ``one_system`` the blocks are the diagonal of one block-diagonal matrix, whose
     1-norm condition is ``max ‖A_k‖₁ · max ‖A_k⁻¹‖₁`` (at least the largest block's).
@@ -214,11 +219,11 @@ def _condition_estimate(system: Tensor, lu: Tensor, one_system: bool = False) ->
         rcond, _ = gecon(np.asfortranarray(block), float(anorm), norm="1")
         estimate = float("inf") if rcond == 0 else 1.0 / float(rcond)
         if math.isnan(estimate) or not math.isfinite(float(anorm)):
-            return float("nan")
+            return float("nan"), float("nan")
         worst = max(worst, estimate)
         largest_norm = max(largest_norm, float(anorm))
         largest_inverse = max(largest_inverse, estimate / float(anorm) if anorm > 0 else math.inf)
-    return largest_norm * largest_inverse if one_system else worst
+    return (largest_norm * largest_inverse if one_system else worst), largest_inverse
 
 
 def diagonal_block_width(matrix: Tensor) -> int:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, SingularSystemError
 from ..finiteness import all_finite
-from ..solvers import Residual
+from ..solvers import Residual, Tolerance
 from .base import LinearSolver, LinearSolveStats, Solve
 from .coupling import coupling_tolerance, row_coupling
 from .operator import ResidualOperator
@@ -41,10 +42,21 @@ class Linearization:
         declared: for the error message, what couples what (e.g. ``"f couples the
             samples along batch_dim=0"``) and what to do instead.
         stats: where every solve is recorded (default: a fresh record).
+        accepted: ``[S]`` each row's residual ``‖F(h) − h‖`` as the forward solve measured
+            it. Before the first solve ``F`` is evaluated once more at ``h``: a row whose
+            residual is now clearly above both that and the tolerance means ``F`` is not a
+            deterministic function of ``h`` (dropout, noise, state updated at each call)
+            and has no fixed point.
+        tolerance: the forward solve's stopping rule. With an estimate of ``‖(I − J)⁻¹‖``
+            (dense LU), ``‖(I − J)⁻¹‖ × rtol`` bounds the derivatives' relative error (the
+            residual left in ``h*`` is amplified by it); above ``0.1`` they keep no correct
+            digit and the first solve raises.
 
     Raises:
-        ValueError: (on a solve that relies on it) ``F`` couples rows declared independent.
+        ValueError: (on a solve that relies on it) ``F`` couples rows declared
+            independent; ``F`` is not deterministic (see ``accepted``).
         NonFiniteError: ``∂F/∂h`` or a right-hand side is not finite.
+        SingularSystemError: ``I − J`` too ill-conditioned for the forward tolerance.
     """
 
     def __init__(
@@ -59,12 +71,15 @@ class Linearization:
             "declare one coupled system instead",
         ),
         stats: LinearSolveStats | None = None,
+        accepted: Tensor | None = None,
+        tolerance: Tolerance | None = None,
     ) -> None:
         self.operator = ResidualOperator(
             residual, h, independent_rows=independent_rows, declared=declared
         )
         self.solver = solver
         self.stats = LinearSolveStats() if stats is None else stats
+        self.accepted, self.tolerance = accepted, tolerance
         self._prepared: Solve | None = None
         self._previous: dict[bool, Tensor] = {}
 
@@ -82,8 +97,36 @@ class Linearization:
         """The solve with ``I − J``, set up once. Strategies that rely on independent
         rows (dense blocks, GMRES per row) check them first."""
         if self._prepared is None:
-            self._prepared = self.solver.init(self.operator)
+            if self.accepted is not None:
+                self._check_deterministic()
+            prepared = self.solver.init(self.operator)
+            self.stats.condition_number = prepared.condition_number
+            if prepared.inverse_norm is not None and self.tolerance is not None:
+                _check_accuracy(prepared.inverse_norm, self.tolerance.rtol, self.h.dtype)
+            self._prepared = prepared
         return self._prepared
+
+    def _check_deterministic(self) -> None:
+        h = self.h
+        value, g = self.residual.evaluate(h)
+        now = torch.linalg.vector_norm(g, dim=-1)
+        allowed = 2 * self.accepted.to(now)
+        if self.tolerance is not None:  # coupled rows may drift within the tolerance
+            allowed = torch.maximum(
+                allowed, 2 * self.tolerance.threshold(torch.linalg.vector_norm(value, dim=-1))
+            )
+        slack = 64 * torch.finfo(h.dtype).eps * torch.linalg.vector_norm(h, dim=-1)
+        moved = now > allowed + slack
+        if bool(moved.any()):
+            row = int(torch.nonzero(moved)[0, 0])
+            raise ValueError(
+                f"f is not a deterministic function of the state: evaluated again at the fixed "
+                f"point, sample {row}'s residual ‖f(h) − h‖ is {float(now[row]):.2e} where the "
+                f"solve accepted {float(self.accepted[row]):.2e}. A map that changes between calls "
+                "(dropout or noise in training mode, a parametrisation or buffer updated at "
+                "each call) has no fixed point to differentiate: make it deterministic (eval "
+                "mode, or draw any random mask once and pass it in x)."
+            )
 
     @property
     def is_prepared(self) -> bool:
@@ -131,3 +174,21 @@ class Linearization:
     def solve_transpose(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
         """``(I − J)⁻ᵀ rhs`` for ``rhs`` ``[..., S, d]``."""
         return self.solve(rhs, x0, transpose=True)
+
+
+#: above this bound on the derivatives' relative error, ``‖(I − J)⁻¹‖ × rtol``, they keep
+#: no correct digit.
+ACCURACY_LIMIT = 0.1
+
+
+def _check_accuracy(inverse_norm: float, rtol: float, dtype: torch.dtype) -> None:
+    bound = inverse_norm * max(rtol, torch.finfo(dtype).eps)
+    if bound > ACCURACY_LIMIT:
+        raise SingularSystemError(
+            f"I − ∂f/∂h is too ill-conditioned for the fixed point's accuracy: ‖(I − J)⁻¹‖ ≈ "
+            f"{inverse_norm:.2e} amplifies the forward tolerance {rtol:.1e} left in h* into a "
+            f"relative error of up to {bound:.1e} in the derivatives, so they keep no correct "
+            "digit. Tighten tol (float64 allows ~1e-12), or make f more contractive in h at "
+            "its fixed point.",
+            condition_number=inverse_norm,
+        )

@@ -175,7 +175,9 @@ class DEQ(nn.Module):
                 *(f"cell.{n}" for n in names),
             ),
         )
-        h = fixed_point(spec, h0.detach(), *inputs.tensors, *values)
+        # a copy for the caller: the Function's own output is saved for the backward, so
+        # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
+        h = fixed_point(spec, h0.detach(), *inputs.tensors, *values).clone()
         if return_info:
             forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
             return h, LayerInfo(**forward, linear_solves=stats)

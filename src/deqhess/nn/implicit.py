@@ -83,8 +83,15 @@ class FixedPointSpec:
         samples = math.prod(z.shape[: self.independent_dims])
         return z.reshape(samples, -1)
 
-    def linearization(self, fn_rows: Callable[[Tensor], Tensor], rows: Tensor) -> Linearization:
-        """The linearisation of the rows map at ``rows``, with this spec's strategy."""
+    def linearization(
+        self,
+        fn_rows: Callable[[Tensor], Tensor],
+        rows: Tensor,
+        accepted: Tensor | None = None,
+        tolerance: Tolerance | None = None,
+    ) -> Linearization:
+        """The linearisation of the rows map at ``rows``, with this spec's strategy (and,
+        for a solved fixed point, its accepted residuals and tolerance)."""
         strategy = resolve_linear_solver(
             self.linear_solver, rows.shape[0], rows.shape[1], rows.dtype, few_solves=True
         )
@@ -98,6 +105,8 @@ class FixedPointSpec:
                 "use DEQ(..., batch_dim=None) for one coupled system",
             ),
             stats=self.stats,
+            accepted=accepted,
+            tolerance=tolerance,
         )
 
 
@@ -212,7 +221,8 @@ class _Nonlinear(_System):
         )
         if spec.on_solve is not None:
             spec.on_solve(info)
-        self.jacobian = _Jacobian(spec.linearization(step, rows), transposed=False)
+        lin = spec.linearization(step, rows, info.sample_residuals, tolerance)
+        self.jacobian = _Jacobian(lin, transposed=False)
         return rows.reshape(shape)
 
     def vmapped(self, arg_dims: tuple[int | None, ...]) -> _System:
@@ -317,7 +327,7 @@ class _FixedPoint(torch.autograd.Function):
     def forward(system: _System, z0: Tensor, *args: Tensor) -> Tensor:
         with engine(), torch.no_grad():
             out = system.solve(z0, args)
-        # a view of the solver's rows would forbid in-place use of the output
+        # not a view of the solver's rows (a view output would be marked as one)
         return out if out._base is None else out.clone()
 
     @staticmethod

@@ -1,0 +1,196 @@
+"""What a cell must be for exact derivatives, and the errors when it is not (found by an
+adversarial review: each case once returned a wrong number silently, or a raw error).
+
+References are unrolled float64 autograd through 60 steps of contractions with c ≤ 0.45
+(error ~K²cᴷ < 1e-16); the layer solves to 1e-12, so 1e-8 leaves ample margin."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from problems import relative_error
+from torch import nn
+
+import deqhess as dh
+from deqhess.nn import DEQ
+
+
+class Tanh(nn.Module):
+    def __init__(self, n: int = 4):
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.45 / torch.linalg.matrix_norm(self.lin.weight, ord=2))
+
+    def forward(self, x, h):
+        return torch.tanh(self.lin(h) + x)
+
+
+def _unrolled(cell, x, h0, steps=60):
+    h = h0
+    for _ in range(steps):
+        h = cell(x, h)
+    return h
+
+
+@pytest.mark.parametrize("solver", ["auto", "dense", "gmres"])
+def test_coupling_is_checked_under_vmap_too(solver):
+    """Per-instance gradients of a cell that couples its samples: each vmapped instance's
+    linear algebra relies on independent samples, so it must refuse, not answer."""
+
+    class Coupled(Tanh):
+        def forward(self, x, h):
+            return torch.tanh(self.lin(h) + 0.4 * h.mean(0, keepdim=True) + x)
+
+    deq = DEQ(Coupled(3), linear_solver=solver)
+    params = {k: v.detach() for k, v in deq.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(deq, p, (x,)).pow(2).sum()
+
+    with pytest.raises(ValueError, match="couples the samples of the batch"):
+        torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, torch.randn(5, 4, 3))
+
+
+def test_stochastic_cells_are_refused():
+    class Dropped(Tanh):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x, h):
+            return self.drop(super().forward(x, h))
+
+    with pytest.raises(ValueError, match=r"cell.drop is a Dropout in training mode.*\.eval\(\)"):
+        DEQ(Dropped().train())(torch.randn(3, 4))
+    assert DEQ(Dropped().eval())(torch.randn(3, 4)).shape == (3, 4)
+
+    class Noisy(Tanh):  # randomness no module check can see: caught at the first derivative
+        def forward(self, x, h):
+            return super().forward(x, h) + 1e-3 * torch.randn_like(h)
+
+    best = dh.solvers.Convergence("best", warn=False)
+    h = DEQ(Noisy(), tol=1e-3, max_iter=50, convergence=best)(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="f is not a deterministic function of the state"):
+        h.sum().backward()
+
+    cell = Tanh()
+    nn.utils.parametrizations.spectral_norm(cell.lin)
+    with pytest.raises(ValueError, match=r"cell\.lin has a spectral norm in training mode"):
+        DEQ(cell.train())(torch.randn(3, 4))
+
+
+def test_buffers_and_structured_inputs_are_differentiated():
+    """A buffer read by the cell and an input given as a dict are arguments of the fixed
+    point: torch.func derivatives in them match the unrolled map."""
+
+    class Buffered(Tanh):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("gain", torch.tensor([0.9, -0.5, 0.3, 0.7]))
+
+        def forward(self, x, h):
+            return torch.tanh(self.lin(h) * self.gain + x["a"] - 0.5 * x["b"])
+
+        def init_state(self, x):
+            return torch.zeros_like(x["a"])
+
+    cell = Buffered()
+    deq = DEQ(cell, tol=1e-13, atol=1e-14)
+    x = {"a": torch.randn(3, 4), "b": torch.randn(3, 4)}
+
+    def through_layer(gain, b):
+        out = torch.func.functional_call(deq, {"cell.gain": gain}, ({"a": x["a"], "b": b},))
+        return out.pow(2).sum()
+
+    def unrolled(gain, b):
+        h = torch.zeros(3, 4)
+        for _ in range(60):
+            h = torch.func.functional_call(cell, {"gain": gain}, ({"a": x["a"], "b": b}, h))
+        return h.pow(2).sum()
+
+    got = torch.func.grad(through_layer, argnums=(0, 1))(cell.gain, x["b"])
+    want = torch.func.grad(unrolled, argnums=(0, 1))(cell.gain, x["b"])
+    for a, b in zip(got, want, strict=True):
+        assert relative_error(a.detach(), b.detach()) <= 1e-8
+
+
+def test_unregistered_tensors_that_need_grad_are_refused():
+    shared = nn.Parameter(0.3 * torch.eye(4))
+
+    class Sharing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.__dict__["weight"] = shared  # read, but not registered on the cell
+
+        def forward(self, x, h):
+            return torch.tanh(h @ self.weight + x)
+
+    with pytest.raises(ValueError, match="reads a tensor that requires grad but is neither"):
+        DEQ(Sharing())(torch.randn(3, 4))
+
+
+def test_output_supports_in_place_use_and_inputs_are_checked():
+    deq = DEQ(Tanh())
+    out = nn.ReLU(inplace=True)(deq(torch.randn(3, 4)))
+    out.sum().backward()
+    with pytest.raises(ValueError, match=r"h0 must be a torch\.Tensor"):
+        deq(torch.randn(3, 4), h0=[[0.0] * 4] * 3)
+    with pytest.raises(
+        ValueError, match=r"parameters are torch.float64 but the state is torch.float32"
+    ):
+        deq(torch.randn(3, 4, dtype=torch.float32))
+    bad = torch.randn(3, 4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^x contains non-finite values"):
+        deq(bad)
+    with pytest.raises(ValueError, match="return_info must be True or False"):
+        deq(torch.randn(3, 4), return_info="yes")
+
+
+def test_ill_conditioning_beyond_the_tolerance_is_refused():
+    """A linear cell with ρ(J) = 1 − 1e-5: cond(I − J) ≈ 2e5, so with float32's 1e-5
+    tolerance the derivatives would keep no digit (measured: 28% off)."""
+
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(1 - 1e-5, dtype=torch.float32))
+
+        def forward(self, x, h):
+            return self.a * h + x
+
+    deq = DEQ(Linear(), solver="picard", max_iter=10, convergence="best", linear_solver="dense")
+    h = deq(torch.full((2, 1), 1e-5, dtype=torch.float32), h0=torch.ones(2, 1, dtype=torch.float32))
+    with pytest.raises(dh.SingularSystemError, match=r"too ill-conditioned for the fixed point's"):
+        h.sum().backward()
+
+
+def test_threads_share_the_engine():
+    """Two threads taking HVPs through their own layers: torch.func's forward-AD levels
+    are per process, so the layer's solves take the engine lock."""
+    errors, results = [], {}
+    torch.manual_seed(0)
+    x, cell = torch.randn(2, 70), Tanh(70)
+    layers = [DEQ(copy.deepcopy(cell), linear_solver="gmres") for _ in range(4)]
+
+    def work(name):
+        try:
+            deq = layers[name]
+            params = list(deq.parameters())
+            g = torch.autograd.grad(deq(x).pow(2).sum(), params, create_graph=True)
+            flat = torch.cat([t.reshape(-1) for t in g])
+            results[name] = torch.autograd.grad(flat.sum(), params)[0]
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.allclose(results[i], results[0], rtol=1e-10) for i in results)
