@@ -66,6 +66,10 @@ class ParameterLayout:
                     f"all of theta must share one dtype and device: {labels[0]} is "
                     f"{first.dtype} on {first.device} but {label} is {t.dtype} on {t.device}."
                 )
+        if sum(t.numel() for t in tensors) == 0:
+            raise ValueError(
+                "theta has no entries (every tensor is empty); pass at least one parameter."
+            )
         self.shapes = tuple(t.shape for t in tensors)
         self.numels = tuple(t.numel() for t in tensors)
         self.dtype = first.dtype

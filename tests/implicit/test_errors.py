@@ -539,3 +539,36 @@ def test_derivatives_under_inference_mode_are_exact(linear_solver):
         got_hv = inside.hvp(c.loss, v)
     assert torch.allclose(got, expected, atol=1e-12) and bool(expected.abs().sum() > 0)
     assert torch.allclose(got_hv, hv, atol=1e-12)
+
+
+def test_state_read_by_f_or_held_by_a_loss_module_is_watched():
+    """f closing over a tensor changed in place, and a loss module whose plain tensor
+    attribute changed, make cached derivatives stale: named or recomputed, never reused."""
+    c = _tanh()
+    scale = torch.tensor(0.5)
+
+    def f(x, h, t):
+        return c.f(x, h, t) * scale
+
+    eq = dh.Equilibrium(f, c.theta, c.x, c.h0)
+    eq.grad(c.loss)
+    scale.fill_(0.7)
+    with pytest.raises(dh.StaleEquilibriumError, match=r"^f reads state that changed"):
+        eq.grad(c.loss)
+
+    class Targeted(torch.nn.Module):
+        def __init__(self, target):
+            super().__init__()
+            self.target = target  # a plain attribute, not a buffer
+
+        def forward(self, h):
+            return (h - self.target).pow(2).sum()
+
+    loss = Targeted(torch.zeros(c.h0.shape))
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    before = eq.grad(loss)
+    loss.target.add_(1.0)
+    fresh = dh.Equilibrium(c.f, c.theta, c.x, c.h0).grad(loss)
+    after = eq.grad(loss)
+    assert not torch.allclose(before["W"], fresh["W"])
+    assert torch.allclose(after["W"], fresh["W"], rtol=1e-12)

@@ -161,10 +161,20 @@ def test_resolve_linear_solver():
     assert resolve_linear_solver(mine, 1, 4, torch.float64) is mine
     with pytest.raises(ValueError, match=r"unknown linear_solver 'lu'; use 'auto', one of"):
         resolve_linear_solver("lu", 1, 4, torch.float64)
-    with pytest.raises(ValueError, match="GMRES needs restart >= 1"):
+    with pytest.raises(ValueError, match="GMRES restart must be an int >= 1; got 0"):
         GMRES(restart=0)
-    with pytest.raises(ValueError, match="Neumann needs max_iter >= 1"):
+    with pytest.raises(ValueError, match=r"GMRES restart must be an int; got 2\.5"):
+        GMRES(restart=2.5)
+    with pytest.raises(ValueError, match="Neumann max_iter must be an int >= 1; got 0"):
         Neumann(max_iter=0)
+    with pytest.raises(
+        ValueError, match=r"GMRES rtol must be a finite number in \[0, 1\); got 1\.0"
+    ):
+        GMRES(rtol=1.0)  # would accept x = 0 for any b
+    with pytest.raises(ValueError, match=r"Neumann atol must be a finite number >= 0; got -1"):
+        Neumann(atol=-1)
+    with pytest.raises(ValueError, match="NeumannGMRES needs rtol > 0 or atol > 0"):
+        NeumannGMRES(rtol=0.0)
 
 
 def test_dense_strategy_prepares_lu():
@@ -196,3 +206,19 @@ def test_neumann_then_gmres_switches_only_when_neumann_is_slow():
     assert torch.allclose(x, Dense().init(op).transpose().solve(b), atol=1e-10)
     with pytest.raises(ValueError, match=r"NeumannGMRES needs 0 < rate < 1"):
         NeumannGMRES(rate=1.0)
+
+
+def test_a_zero_right_hand_side_row_is_held_to_the_others_accuracy():
+    """Neumann iterates the full system, so coupled rows are solved exactly; a row whose
+    right-hand side is zero gets a nonzero solution from the coupling, and its residual is
+    measured against the largest row's scale, not against zero (which would need an exact
+    zero residual and report a ratio of 1e290)."""
+    a = torch.tensor([[1.0, 0.3], [0.2, 1.0]])  # rows coupled
+    b = torch.tensor([[1.0], [0.0]])  # two rows of width 1; row 1's right-hand side is zero
+
+    def matvec(x):
+        return (a @ x.reshape(2)).reshape(2, 1)
+
+    x, info = neumann(matvec, b, rtol=1e-12)
+    assert info.converged and info.residual <= 1e-12
+    assert torch.allclose(x.reshape(2), torch.linalg.solve(a, b.reshape(2)), atol=1e-12)

@@ -145,6 +145,8 @@ def _tensors_in(objects: list[Any]) -> list[Tensor]:
             found.append(obj)
         elif isinstance(obj, torch.nn.Module):
             found += [*obj.parameters(), *obj.buffers()]
+            for module in obj.modules():  # plain tensor attributes (a target set as self.y)
+                found += [t for t in vars(module).values() if isinstance(t, Tensor)]
         elif isinstance(obj, (list, tuple, dict)):
             leaves = _pytree.tree_leaves(obj)
             found += [t for t in leaves[:_MAX_LEAVES] if isinstance(t, Tensor)]

@@ -18,7 +18,7 @@ from torch.utils import _pytree
 from ..errors import StaleEquilibriumError
 from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
-from .loss import Loss
+from .loss import Captured, Loss
 
 __all__ = ["Problem"]
 
@@ -65,11 +65,20 @@ class Problem:
             )
         self.x = _pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, x)
         self._watched = [(label, t, t._version) for label, t in watched]
+        self._captured = Captured(f)  # what f reads besides its arguments
         with torch.no_grad():
             check_state_map(f(self.x, h0.detach(), _detached(theta)), h0, "f(x, h, theta)")
 
     def check_fresh(self) -> None:
-        """Raise if θ or a tensor of x was modified in place since the equilibrium was solved."""
+        """Raise if θ, a tensor of x, or state ``f`` closes over (as far as Python shows it:
+        see :class:`deqhess.implicit.loss.Captured`) changed since the equilibrium was solved."""
+        if self._captured.changed():
+            raise StaleEquilibriumError(
+                "f reads state that changed after the Equilibrium was built (a tensor it closes "
+                "over or whose module it calls was modified in place, or a name it uses was "
+                "rebound), so its fixed point and caches are stale. Build a new Equilibrium "
+                "after changing it, or pass such tensors in theta or x."
+            )
         for label, t, version in self._watched:
             if t._version != version:
                 raise StaleEquilibriumError(

@@ -16,12 +16,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..options import integer
 from .base import (
     IterativeSolve,
     LinearSolveInfo,
     LinearSolver,
     default_linear_tolerance,
+    iterative_tolerances,
     row_norms,
+    row_targets,
     warm_start,
 )
 from .gmres import gmres
@@ -53,7 +56,7 @@ def neumann_then_gmres(
     system, which holds only for independent rows; Neumann iterates the full system).
     Returns ``(x, info)``; does not raise (``before_gmres`` may).
     """
-    target = torch.clamp(rtol * row_norms(b), min=atol)
+    target = row_targets(b, rtol, atol)
     x, r, products = warm_start(matvec, b, x0)
     residual = row_norms(r)
     history = [residual]
@@ -111,13 +114,13 @@ class NeumannGMRES(LinearSolver):
         restart: int = 30,
         max_iter: int = 500,
     ) -> None:
-        if not 0.0 < rate < 1.0 or window < 1 or restart < 1 or max_iter < 1:
-            raise ValueError(
-                "NeumannGMRES needs 0 < rate < 1 and window, restart, max_iter >= 1; got "
-                f"rate={rate}, window={window}, restart={restart}, max_iter={max_iter}."
-            )
-        self.rtol, self.atol = rtol, atol
-        self.rate, self.window, self.restart, self.max_iter = rate, window, restart, max_iter
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"NeumannGMRES needs 0 < rate < 1; got rate={rate!r}.")
+        self.rtol, self.atol = iterative_tolerances(rtol, atol, "NeumannGMRES")
+        self.rate = float(rate)
+        self.window = integer(window, "NeumannGMRES window", minimum=1)
+        self.restart = integer(restart, "NeumannGMRES restart", minimum=1)
+        self.max_iter = integer(max_iter, "NeumannGMRES max_iter", minimum=1)
 
     def __repr__(self) -> str:
         return f"NeumannGMRES(rate={self.rate:g}, restart={self.restart}, max_iter={self.max_iter})"

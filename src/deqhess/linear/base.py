@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError, NonFiniteError
+from ..options import real
 from .operator import ResidualOperator
 
 __all__ = [
@@ -36,6 +37,23 @@ _DEFAULT_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 def default_linear_tolerance(dtype: torch.dtype) -> float:
     """Relative residual for iterative solves: 1e-12 in float64, 1e-6 in float32."""
     return _DEFAULT_RTOL.get(dtype, 1e-6)
+
+
+def iterative_tolerances(
+    rtol: float | None, atol: float, method: str
+) -> tuple[float | None, float]:
+    """``(rtol, atol)`` checked: ``rtol`` in ``(0, 1)`` or None (by dtype), ``atol`` finite
+    and ``≥ 0`` (a relative residual of 1 or more accepts ``x = 0`` for any ``b``)."""
+    if rtol is not None:
+        rtol = real(rtol, f"{method} rtol", minimum=0.0, below=1.0,
+                    meaning="It is the relative residual each solve must reach; None picks "
+                    "it by dtype.")  # fmt: skip
+        if rtol == 0.0 and atol == 0.0:
+            raise ValueError(
+                f"{method} needs rtol > 0 or atol > 0: a zero residual is unreachable."
+            )
+    atol = real(atol, f"{method} atol", minimum=0.0, meaning="It is an absolute residual floor.")
+    return rtol, atol
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,7 @@ class LinearSolveInfo:
     @classmethod
     def of(cls, method: str, products: int, b: Tensor, residual: Tensor, target: Tensor):
         """From per-row residual norms ``‖b − A x‖`` and the per-row bounds they must meet."""
-        relative = residual / torch.clamp(row_norms(b), min=torch.finfo(b.dtype).tiny)
+        relative = residual / row_scales(b)
         return cls(
             method=method,
             iterations=products,
@@ -194,6 +212,21 @@ class IterativeSolve(Solve):
 def row_norms(t: Tensor) -> Tensor:
     """Euclidean norms over the last dimension (each row an independent system)."""
     return torch.linalg.vector_norm(t, dim=-1)
+
+
+def row_scales(b: Tensor) -> Tensor:
+    """What each row's residual is measured against: ``‖b_row‖``, but at least ``ε`` of the
+    largest row's — a row whose right-hand side is zero is then held to the accuracy the
+    others can have, not to exactly zero (which coupled rows, iterated as one system by
+    Neumann, cannot reach)."""
+    norms = row_norms(b)
+    floor = torch.finfo(b.dtype).eps * norms.amax() if norms.numel() else norms.new_zeros(())
+    return torch.maximum(norms, floor).clamp_min(torch.finfo(b.dtype).tiny)
+
+
+def row_targets(b: Tensor, rtol: float, atol: float) -> Tensor:
+    """Per-row residual bounds ``max(atol, rtol · scale)`` (see :func:`row_scales`)."""
+    return torch.clamp(rtol * row_scales(b), min=atol)
 
 
 def warm_start(

@@ -17,12 +17,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..options import integer
 from .base import (
     IterativeSolve,
     LinearSolveInfo,
     LinearSolver,
     default_linear_tolerance,
+    iterative_tolerances,
     row_norms,
+    row_targets,
     warm_start,
 )
 from .operator import ResidualOperator
@@ -62,7 +65,7 @@ def gmres(
     rows = b.numel() // max(width, 1)
     tiny = torch.finfo(b.dtype).tiny
     flat_b = b.reshape(rows, width)
-    target = torch.clamp(rtol * row_norms(flat_b), min=atol)
+    target = row_targets(flat_b, rtol, atol)
     x, r, products = warm_start(matvec, b, x0)
     x, r = x.reshape(rows, width), r.reshape(rows, width)
     beta = row_norms(r)
@@ -149,11 +152,9 @@ class GMRES(LinearSolver):
     def __init__(
         self, rtol: float | None = None, atol: float = 0.0, restart: int = 30, max_iter: int = 500
     ) -> None:
-        if restart < 1 or max_iter < 1:
-            raise ValueError(
-                f"GMRES needs restart >= 1 and max_iter >= 1; got {restart}, {max_iter}."
-            )
-        self.rtol, self.atol, self.restart, self.max_iter = rtol, atol, restart, max_iter
+        self.rtol, self.atol = iterative_tolerances(rtol, atol, "GMRES")
+        self.restart = integer(restart, "GMRES restart", minimum=1)
+        self.max_iter = integer(max_iter, "GMRES max_iter", minimum=1)
 
     def __repr__(self) -> str:
         return f"GMRES(restart={self.restart}, max_iter={self.max_iter})"

@@ -7,12 +7,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..options import integer
 from .base import (
     IterativeSolve,
     LinearSolveInfo,
     LinearSolver,
     default_linear_tolerance,
+    iterative_tolerances,
     row_norms,
+    row_targets,
     warm_start,
 )
 from .operator import ResidualOperator
@@ -36,7 +39,7 @@ def neumann(
     where ``‖J‖ ≤ c < 1``. A warm start ``x0`` is kept on the rows where it beats zero
     (see :func:`warm_start`). Returns ``(x, info)``; does not raise.
     """
-    target = torch.clamp(rtol * row_norms(b), min=atol)
+    target = row_targets(b, rtol, atol)
     x, r, products = warm_start(matvec, b, x0)
     residual = row_norms(r)
     while not bool((residual <= target).all()) and products < max_iter:
@@ -59,9 +62,8 @@ class Neumann(LinearSolver):
     """
 
     def __init__(self, rtol: float | None = None, atol: float = 0.0, max_iter: int = 500):
-        if max_iter < 1:
-            raise ValueError(f"Neumann needs max_iter >= 1; got {max_iter}.")
-        self.rtol, self.atol, self.max_iter = rtol, atol, max_iter
+        self.rtol, self.atol = iterative_tolerances(rtol, atol, "Neumann")
+        self.max_iter = integer(max_iter, "Neumann max_iter", minimum=1)
 
     def __repr__(self) -> str:
         return f"Neumann(max_iter={self.max_iter})"
