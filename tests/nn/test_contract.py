@@ -194,3 +194,14 @@ def test_threads_share_the_engine():
         t.join()
     assert not errors, errors
     assert all(torch.allclose(results[i], results[0], rtol=1e-10) for i in results)
+
+
+def test_autograd_forward_ad_is_refused_with_the_supported_alternative():
+    import torch.autograd.forward_ad as forward_ad
+
+    deq = DEQ(Tanh())
+    x, dx = torch.randn(2, 4), torch.randn(2, 4)
+    with forward_ad.dual_level():
+        with pytest.raises(dh.UnsupportedDerivativeError, match=r"Use torch\.func\.jvp"):
+            deq(forward_ad.make_dual(x, dx))
+    assert torch.func.jvp(deq, (x,), (dx,))[1].shape == (2, 4)

@@ -149,3 +149,22 @@ def test_tolerance_below_dtype_resolution_is_explained():
 
     with pytest.raises(ConvergenceError, match=r"rtol=1e-12 is below what torch.float32 can"):
         solve_fixed_point(fn32, torch.zeros(4, 6).float(), Picard(), Tolerance(1e-12, 1e-12), 5)
+
+
+def test_a_map_that_modifies_its_argument_in_place_is_named():
+    def f(h):
+        return torch.relu_(h) * 0.5 + 1.0
+
+    with pytest.raises(ValueError, match=r"f modified the state it was given in place"):
+        solve_fixed_point(f, torch.randn(2, 3), Picard(), Tolerance(1e-10, 1e-10), 50)
+
+
+def test_running_away_to_huge_states_is_not_convergence():
+    """f(h) = h + 1 + 0.1 sin h has no fixed point (f(h) − h ≥ 0.9), yet Anderson can push h
+    to ~1e10, where the residual 0.9 is below rtol·‖f(h)‖: not a fixed point, and said so."""
+
+    def f(h):
+        return h + 1.0 + 0.1 * torch.sin(h)
+
+    with pytest.raises(ConvergenceError, match=r"ran away: .*‖f\(h\)‖ grew from .* has no fixed"):
+        solve_fixed_point(f, torch.zeros(1, 3), Anderson(), Tolerance(1e-10, 1e-10), 500)

@@ -48,7 +48,13 @@ class TupleState(nn.Module):
         if len(shapes) == 0:
             raise ValueError("TupleState needs at least one state shape.")
         self.module = module
-        self.shapes = [tuple(s) for s in shapes]
+        try:
+            self.shapes = [tuple(int(n) for n in s) for s in shapes]
+        except TypeError:
+            raise ValueError(
+                f"shapes must be a sequence of per-sample shapes, e.g. [(2,), (3, 4)]; got "
+                f"{shapes!r}."
+            ) from None
         self.sizes = [math.prod(s) for s in self.shapes]
 
     def split(self, h: Tensor) -> tuple[Tensor, ...]:
@@ -57,11 +63,28 @@ class TupleState(nn.Module):
         return tuple(p.reshape(*h.shape[:-1], *s) for p, s in zip(pieces, self.shapes, strict=True))
 
     def join(self, states: Sequence[Tensor]) -> Tensor:
-        """The tuple → flat ``[B, Σ dᵢ]``."""
+        """The tuple → flat ``[B, Σ dᵢ]``.
+
+        Raises:
+            ValueError: not a tuple or list of tensors with the declared per-sample shapes
+                (states returned out of order would otherwise join into another map).
+        """
+        if not isinstance(states, (tuple, list)):
+            raise ValueError(
+                f"the cell returned a {type(states).__name__}; a TupleState cell returns a "
+                f"tuple of {len(self.shapes)} state tensors."
+            )
         if len(states) != len(self.shapes):
             raise ValueError(
                 f"the cell returned {len(states)} state tensors; expected {len(self.shapes)}."
             )
+        for i, (state, shape) in enumerate(zip(states, self.shapes, strict=True)):
+            if not isinstance(state, Tensor) or tuple(state.shape[1:]) != shape:
+                got = tuple(state.shape[1:]) if isinstance(state, Tensor) else type(state).__name__
+                raise ValueError(
+                    f"state {i} returned by the cell has per-sample shape {got}; declared "
+                    f"{shape} (shapes={self.shapes}). Return the states in the declared order."
+                )
         return torch.cat([s.reshape(s.shape[0], -1) for s in states], dim=-1)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:

@@ -372,7 +372,17 @@ class _FixedPoint(torch.autograd.Function):
         tangents = [t for t in arg_tangents if t is not None]
         with engine():
             system = ctx.system.tangent(moving)
-            return _FixedPoint.apply(system, torch.zeros_like(z), z, *args, *tangents)
+            try:
+                return _FixedPoint.apply(system, torch.zeros_like(z), z, *args, *tangents)
+            except RuntimeError as error:
+                if "Nested forward mode AD is not supported" not in str(error):
+                    raise
+                raise UnsupportedDerivativeError(
+                    "torch.autograd.forward_ad (make_dual, or gradcheck's check_forward_ad) "
+                    "through the layer: its tangent solve takes forward-mode products, which "
+                    "torch cannot nest inside autograd's own dual level. Use torch.func.jvp "
+                    "(or torch.func.jacfwd), which is supported and exact."
+                ) from error
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, system: _System, z0: Tensor, *args: Tensor):

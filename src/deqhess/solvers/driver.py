@@ -78,6 +78,8 @@ class _Progress:
     accepted_res: Tensor  # [S] residual of the accepted iterate (converged rows)
     iters: Tensor  # [S] steps taken over all runs
     history: list[float]
+    start_scale: Tensor | None = None  # [S] max(‖f(h₀)‖, ‖f(h₀) − h₀‖) at the first evaluation
+    start_res: Tensor | None = None  # [S] ‖f(h₀) − h₀‖
 
     @classmethod
     def start(cls, h0: Tensor) -> _Progress:
@@ -219,7 +221,23 @@ def _run(
         better = active & (residual < p.best_res)
         p.best_res = torch.where(better, residual, p.best_res)
         p.best_h = torch.where(better[:, None], h, p.best_h)
+        if p.start_res is None:
+            p.start_res, p.start_scale = residual, torch.maximum(scale, residual)
         met = active & ok
+        # A relative tolerance is met as well when ‖f(h)‖ runs off to huge values while
+        # the residual stays where it started: no fixed point was found, the scale grew.
+        ran_away = met & (residual >= 0.5 * p.start_res) & (scale > _RUNAWAY * p.start_scale)
+        if bool(ran_away.any()):
+            if last and policy.on_failure == "raise":
+                raise ConvergenceError(
+                    _ran_away_message(solver, k, residual, scale, p, ran_away)
+                    + " "
+                    + policy.advice(tried, tolerance, dtype, diverged=True),
+                    info=_info(solver, p, tolerance, []),
+                )
+            p.status[ran_away.cpu()] = int(Status.DIVERGED)
+            frozen = frozen | ran_away
+            met = met & ~ran_away
         p.done = p.done | met
         p.accepted_res = torch.where(met, residual, p.accepted_res)
         frozen = frozen | met
@@ -264,6 +282,23 @@ def _info(
         converged_mask=p.done.cpu(),
         sample_status=p.status.clone(),
         stages=tuple(stages),
+    )
+
+
+#: a state whose ‖f(h)‖ grew this many times over its start, its residual not halved,
+#: met a relative tolerance by running away rather than converging.
+_RUNAWAY = 1e3
+
+
+def _ran_away_message(
+    solver: FixedPointSolver, k: int, residual: Tensor, scale: Tensor, p: _Progress, rows: Tensor
+) -> str:
+    bad = int(torch.nonzero(rows)[0, 0])
+    return (
+        f"{solver!r} ran away: at iteration {k} sample {bad} met the relative tolerance only "
+        f"because ‖f(h)‖ grew from {float(p.start_scale[bad]):.3e} to {float(scale[bad]):.3e}, "
+        f"while its residual ‖f(h) − h‖ = {float(residual[bad]):.3e} did not fall below half "
+        f"its start {float(p.start_res[bad]):.3e}: f has no fixed point that this solve reaches."
     )
 
 

@@ -28,8 +28,19 @@ class Residual:
         self.fn = fn
 
     def evaluate(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """``(F(h), g(h))`` from one evaluation of ``F``."""
+        """``(F(h), g(h))`` from one evaluation of ``F``.
+
+        Raises:
+            ValueError: ``F`` modified its argument in place (the iterate it was given).
+        """
+        version = None if h.is_inference() else h._version  # inference tensors have none
         value = self.fn(h)
+        if version is not None and h._version != version:
+            raise ValueError(
+                "f modified the state it was given in place (e.g. torch.relu_(h) or h += …), "
+                "which corrupts the solver's iterate: use out-of-place operations on h "
+                "(torch.relu(h), h = h + …)."
+            )
         return value, value - h
 
     def __call__(self, h: Tensor) -> Tensor:
