@@ -99,7 +99,7 @@ def test_tuple_state_checks_what_the_cell_returns():
             return q, p  # wrong order: shapes (3,) and (2,)
 
     cell = TupleState(Swapped(), shapes=[(2,), (3,)])
-    with pytest.raises(ValueError, match=r"state 0 returned by the cell has per-sample shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"state 0 returned by the cell has per-sample shape \(3"):
         cell(torch.randn(4, 3), torch.zeros(4, 5))
     with pytest.raises(ValueError, match="shapes must be a sequence of per-sample shapes"):
         TupleState(Swapped(), shapes=[2, 3])
