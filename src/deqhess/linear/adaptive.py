@@ -18,11 +18,9 @@ from torch import Tensor
 
 from ..options import integer
 from .base import (
-    IterativeSolve,
+    IterativeSolver,
     LinearSolveInfo,
-    LinearSolver,
-    default_linear_tolerance,
-    iterative_tolerances,
+    Method,
     row_norms,
     row_targets,
     warm_start,
@@ -89,7 +87,7 @@ def neumann_then_gmres(
     )
 
 
-class NeumannGMRES(LinearSolver):
+class NeumannGMRES(IterativeSolver):
     """Neumann iteration while ``ρ(J)`` looks small, restarted GMRES once it does not.
 
     The default for a layer's backward (one or two solves per fixed point): as cheap as
@@ -116,23 +114,20 @@ class NeumannGMRES(LinearSolver):
     ) -> None:
         if not 0.0 < rate < 1.0:
             raise ValueError(f"NeumannGMRES needs 0 < rate < 1; got rate={rate!r}.")
-        self.rtol, self.atol = iterative_tolerances(rtol, atol, "NeumannGMRES")
+        super().__init__(rtol, atol, max_iter)
         self.rate = float(rate)
         self.window = integer(window, "NeumannGMRES window", minimum=1)
         self.restart = integer(restart, "NeumannGMRES restart", minimum=1)
-        self.max_iter = integer(max_iter, "NeumannGMRES max_iter", minimum=1)
 
     def __repr__(self) -> str:
         return f"NeumannGMRES(rate={self.rate:g}, restart={self.restart}, max_iter={self.max_iter})"
 
-    def init(self, operator: ResidualOperator) -> IterativeSolve:
-        rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
-
-        def method(matvec, b, x0):
+    def method(self, operator: ResidualOperator, rtol: float) -> Method:
+        def run(matvec, b, x0):
             return neumann_then_gmres(
                 matvec, b, x0, rtol=rtol, atol=self.atol, rate=self.rate, window=self.window,
                 restart=self.restart, max_iter=self.max_iter,
                 before_gmres=operator.require_independent_rows,
             )  # fmt: skip
 
-        return IterativeSolve(operator, method, repr(self))
+        return run

@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError, NonFiniteError
-from ..options import real
+from ..options import integer, real
 from .operator import ResidualOperator
 
 __all__ = [
     "IterativeSolve",
+    "IterativeSolver",
     "LinearSolveInfo",
     "LinearSolveStats",
     "LinearSolver",
@@ -163,6 +164,26 @@ class LinearSolver(abc.ABC):
 Method = Callable[
     [Callable[[Tensor], Tensor], Tensor, Tensor | None], tuple[Tensor, LinearSolveInfo]
 ]
+
+
+class IterativeSolver(LinearSolver):
+    """A matrix-free strategy: an iterative method on products with ``I − J`` (JVPs) or
+    ``(I − J)ᵀ`` (VJPs), to a relative residual ``rtol`` (default by dtype) or ``atol``,
+    within ``max_iter`` products per solve. Subclasses bind their method to a fixed point
+    in :meth:`method`."""
+
+    def __init__(self, rtol: float | None, atol: float, max_iter: int) -> None:
+        name = type(self).__name__
+        self.rtol, self.atol = iterative_tolerances(rtol, atol, name)
+        self.max_iter = integer(max_iter, f"{name} max_iter", minimum=1)
+
+    def init(self, operator: ResidualOperator) -> IterativeSolve:
+        rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
+        return IterativeSolve(operator, self.method(operator, rtol), repr(self))
+
+    @abc.abstractmethod
+    def method(self, operator: ResidualOperator, rtol: float) -> Method:
+        """``(matvec, b, x0) ↦ (x, info)`` at the fixed point of ``operator``."""
 
 
 class IterativeSolve(Solve):

@@ -19,11 +19,9 @@ from torch import Tensor
 
 from ..options import integer
 from .base import (
-    IterativeSolve,
+    IterativeSolver,
     LinearSolveInfo,
-    LinearSolver,
-    default_linear_tolerance,
-    iterative_tolerances,
+    Method,
     row_norms,
     row_targets,
     warm_start,
@@ -139,7 +137,7 @@ def _release(workspace: dict | None, basis: Tensor) -> None:
         )
 
 
-class GMRES(LinearSolver):
+class GMRES(IterativeSolver):
     """Matrix-free restarted GMRES with ``I − J`` applied by JVPs (``Aᵀ`` by VJPs).
 
     Args:
@@ -152,22 +150,20 @@ class GMRES(LinearSolver):
     def __init__(
         self, rtol: float | None = None, atol: float = 0.0, restart: int = 30, max_iter: int = 500
     ) -> None:
-        self.rtol, self.atol = iterative_tolerances(rtol, atol, "GMRES")
+        super().__init__(rtol, atol, max_iter)
         self.restart = integer(restart, "GMRES restart", minimum=1)
-        self.max_iter = integer(max_iter, "GMRES max_iter", minimum=1)
 
     def __repr__(self) -> str:
         return f"GMRES(restart={self.restart}, max_iter={self.max_iter})"
 
-    def init(self, operator: ResidualOperator) -> IterativeSolve:
+    def method(self, operator: ResidualOperator, rtol: float) -> Method:
         operator.require_independent_rows()  # each row is its own Krylov problem
-        rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
         workspace: dict = {}  # the Krylov basis, reused by this fixed point's solves
 
-        def method(matvec, b, x0):
+        def run(matvec, b, x0):
             return gmres(
                 matvec, b, x0, rtol=rtol, atol=self.atol, restart=self.restart,
                 max_iter=self.max_iter, workspace=workspace,
             )  # fmt: skip
 
-        return IterativeSolve(operator, method, repr(self))
+        return run

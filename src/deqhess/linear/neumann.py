@@ -7,13 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..options import integer
 from .base import (
-    IterativeSolve,
+    IterativeSolver,
     LinearSolveInfo,
-    LinearSolver,
-    default_linear_tolerance,
-    iterative_tolerances,
+    Method,
     row_norms,
     row_targets,
     warm_start,
@@ -52,7 +49,7 @@ def neumann(
     return x, LinearSolveInfo.of("Neumann", products, b, residual, target)
 
 
-class Neumann(LinearSolver):
+class Neumann(IterativeSolver):
     """Matrix-free Neumann series for contractive ``f`` (``ρ(∂f/∂h) < 1``).
 
     Args:
@@ -62,16 +59,13 @@ class Neumann(LinearSolver):
     """
 
     def __init__(self, rtol: float | None = None, atol: float = 0.0, max_iter: int = 500):
-        self.rtol, self.atol = iterative_tolerances(rtol, atol, "Neumann")
-        self.max_iter = integer(max_iter, "Neumann max_iter", minimum=1)
+        super().__init__(rtol, atol, max_iter)
 
     def __repr__(self) -> str:
         return f"Neumann(max_iter={self.max_iter})"
 
-    def init(self, operator: ResidualOperator) -> IterativeSolve:
-        rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
-
-        def method(matvec, b, x0):
+    def method(self, operator: ResidualOperator, rtol: float) -> Method:
+        def run(matvec, b, x0):
             return neumann(matvec, b, x0, rtol=rtol, atol=self.atol, max_iter=self.max_iter)
 
-        return IterativeSolve(operator, method, repr(self))
+        return run

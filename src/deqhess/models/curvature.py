@@ -37,7 +37,7 @@ from ..batches import Batches, check_same_data
 from ..chunks import default_chunk_size
 from ..implicit import CurvatureOperator, HessianSplit
 from ..implicit.operators import check_part
-from ..nn import DEQ
+from ..nn import DEQ, warm_starts
 from ..parameters import ParameterLayout, Parameters
 from .backward import BlockBackward
 from .graph import BatchGraph, LossFunc
@@ -46,6 +46,9 @@ __all__ = ["MODEL_PARTS", "ModelCurvature"]
 
 #: the operators of a model: the Hessian, the output GGN, and the split at a DEQ layer.
 MODEL_PARTS = ("total", "ggn", "loss_curvature", "dynamics_curvature")
+
+#: budget for the fixed points kept between passes to start the next pass's solves from.
+WARM_START_BYTES = 256 * 1024**2
 
 _SPLIT_PARTS = ("loss_curvature", "dynamics_curvature")
 
@@ -116,6 +119,10 @@ class ModelCurvature:
         self.chunk_size = chunk_size or default_chunk_size(2 * self.layout.size)
         self._seen: tuple[int, int] | None = None  # samples and batches of the first pass
         self.backward = BlockBackward(backward)
+        # each batch's DEQ fixed points, to start the next pass's solves from (small:
+        # states, not graphs), while they fit in WARM_START_BYTES
+        self._warm: dict[int, dict] = {}
+        self._warm_bytes = 0
 
     @property
     def num_parameters(self) -> int:
@@ -152,12 +159,20 @@ class ModelCurvature:
         """One pass: ``Σ_b compute(graph of batch b)`` with the reduction's weights."""
         params = self._leaves()
         total, samples, batches = None, 0, 0
-        for x, target in self._data:
+        for index, (x, target) in enumerate(self._data):
             n = self.batch_size_fn(x)
-            graph = BatchGraph(
-                self.model, self.loss_func, self.layout, params, x, target,
-                float(n) if self.reduction == "mean" else 1.0, part, self.split_at, self.backward,
-            )  # fmt: skip
+            store = self._warm.get(index)
+            if store is None and self._warm_bytes < WARM_START_BYTES:
+                store = self._warm[index] = {}
+            with warm_starts({} if store is None else store):
+                graph = BatchGraph(
+                    self.model, self.loss_func, self.layout, params, x, target,
+                    float(n) if self.reduction == "mean" else 1.0, part, self.split_at,
+                    self.backward,
+                )  # fmt: skip
+            self._warm_bytes = sum(
+                t.numel() * t.element_size() for kept in self._warm.values() for t in kept.values()
+            )
             value = compute(graph)
             del graph
             total = value if total is None else total.add_(value)

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from .adapters import StateFirst, TupleState
-from .deq import DEQ, LayerInfo
+from .deq import DEQ, LayerInfo, warm_starts
 from .implicit import FixedPointSpec, fixed_point
 
-__all__ = ["DEQ", "FixedPointSpec", "LayerInfo", "StateFirst", "TupleState", "fixed_point"]
+__all__ = [
+    "DEQ",
+    "FixedPointSpec",
+    "LayerInfo",
+    "StateFirst",
+    "TupleState",
+    "fixed_point",
+    "warm_starts",
+]
