@@ -80,6 +80,7 @@ class Linearization:
         self.solver = solver
         self.stats = LinearSolveStats() if stats is None else stats
         self.accepted, self.tolerance = accepted, tolerance
+        self._certified = accepted is None
         self._prepared: Solve | None = None
         self._previous: dict[bool, Tensor] = {}
 
@@ -97,8 +98,8 @@ class Linearization:
         """The solve with ``I − J``, set up once. Strategies that rely on independent
         rows (dense blocks, GMRES per row) check them first."""
         if self._prepared is None:
-            if self.accepted is not None:
-                self._check_deterministic()
+            if not self._certified:
+                self.certify(self.residual.fn(self.h))
             prepared = self.solver.init(self.operator)
             self.stats.condition_number = prepared.condition_number
             if prepared.inverse_norm is not None and self.tolerance is not None:
@@ -106,9 +107,18 @@ class Linearization:
             self._prepared = prepared
         return self._prepared
 
-    def _check_deterministic(self) -> None:
+    def certify(self, value: Tensor) -> None:
+        """Check, once, that ``value = F(h*)`` (a fresh evaluation, rows) still has the
+        residuals the solve accepted (see ``accepted``); a caller that evaluates ``F`` at
+        ``h*`` anyway (a VJP in ``θ``) passes it here and spares an evaluation.
+
+        Raises:
+            ValueError: ``F`` is not a deterministic function of ``h``.
+        """
+        if self._certified:
+            return
         h = self.h
-        value, g = self.residual.evaluate(h)
+        g = value - h
         now = torch.linalg.vector_norm(g, dim=-1)
         allowed = 2 * self.accepted.to(now)
         if self.tolerance is not None:  # coupled rows may drift within the tolerance
@@ -127,6 +137,7 @@ class Linearization:
                 "each call) has no fixed point to differentiate: make it deterministic (eval "
                 "mode, or draw any random mask once and pass it in x)."
             )
+        self._certified = True
 
     @property
     def is_prepared(self) -> bool:

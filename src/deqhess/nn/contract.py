@@ -7,10 +7,8 @@ inputs: every check here turns a way to break that into an error that says what 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -81,16 +79,14 @@ def state_arguments(cell: nn.Module) -> tuple[list[str], list[Tensor]]:
     return [name for name, _ in named], [value for _, value in named]
 
 
-def check_registered(call: Callable[[Any, Tensor], Tensor], x: Any, h0: Tensor) -> None:
+def check_registered(out: Any) -> None:
     """Refuse a cell that reads a tensor requiring grad besides its arguments.
 
-    ``call(x, h)`` is the cell with detached parameters and buffers; given detached ``x``
-    and ``h0``, its output needs no grad unless the cell reads another such tensor — a
-    weight shared by reference, or made by a hypernetwork — whose gradient the fixed
-    point would silently drop.
+    ``out`` is one evaluation of the cell with grad enabled and every argument detached:
+    it needs no grad unless the cell reads another such tensor — a weight shared by
+    reference, or made by a hypernetwork — whose gradient the fixed point would
+    silently drop.
     """
-    with torch.enable_grad():
-        out = call(x, h0.detach())
     if isinstance(out, Tensor) and out.requires_grad:
         raise ValueError(
             "the cell reads a tensor that requires grad but is neither one of its parameters "
@@ -118,6 +114,3 @@ class InputLayout:
         for i, t in zip(self.positions, tensors, strict=True):
             leaves[i] = t
         return tree_unflatten(leaves, self.spec)
-
-    def detached(self) -> Any:
-        return self.rebuild(tuple(t.detach() for t in self.tensors))

@@ -22,7 +22,7 @@ from ..solvers import (
     solve_fixed_point,
 )
 from ..state import check_state_map
-from .contract import InputLayout, check_deterministic, check_registered, state_arguments
+from .contract import InputLayout, check_deterministic, state_arguments
 from .implicit import FixedPointSpec, fixed_point
 
 __all__ = ["DEQ", "LayerInfo", "warm_starts"]
@@ -176,13 +176,6 @@ class DEQ(nn.Module):
             check_state_map(out, z, "cell(x, h)")
             return out
 
-        if torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
-            detached = {n: v.detach() for n, v in zip(names, values, strict=True)}
-            check_registered(
-                lambda x, h: torch.func.functional_call(cell, detached, (x, h)),
-                inputs.detached(),
-                h0,
-            )
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
         spec = FixedPointSpec(
@@ -195,6 +188,9 @@ class DEQ(nn.Module):
             linear_solver=self.linear_solver,
             require_convergence=self.require_convergence,
             check_rows=self.batch_dim == 0,
+            check_registered=(
+                torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
+            ),
             on_solve=infos.append if return_info else None,
             stats=stats if return_info else None,
             convergence=self.convergence,

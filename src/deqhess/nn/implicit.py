@@ -42,6 +42,7 @@ from ..solvers import (
     Tolerance,
     solve_fixed_point,
 )
+from .contract import check_registered
 
 __all__ = ["FixedPointSpec", "fixed_point"]
 
@@ -77,6 +78,9 @@ class FixedPointSpec:
     stats: LinearSolveStats | None = None
     convergence: Convergence | None = None  # the policy; None follows require_convergence
     names: tuple[str, ...] = ()  # the arguments', for messages
+    #: check that ``fn`` reads no tensor needing grad besides its arguments (see
+    #: :func:`deqhess.nn.contract.check_registered`), on the solve's first evaluation
+    check_registered: bool = False
 
     def rows(self, z: Tensor) -> Tensor:
         """``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
@@ -135,7 +139,7 @@ class _System:
         fn = self.spec.fn
 
         def adjoint_map(mu: Tensor, g: Tensor, z: Tensor, *args: Tensor) -> Tensor:
-            return g + _pullback(lambda zz: fn(zz, *args), z)(mu)[0]
+            return g + _pullback(lambda zz: fn(zz, *args), z)[1](mu)[0]
 
         jacobian = self.jacobian
         parent = None
@@ -206,8 +210,16 @@ class _Nonlinear(_System):
                     "(check the data and the previous layers or optimisation step)."
                 )
 
+        plain = tuple(a.detach() for a in args)  # the solve differentiates in h only
+        unchecked = [spec.check_registered]
+
         def step(rows: Tensor) -> Tensor:
-            return spec.rows(spec.fn(rows.reshape(shape), *args))
+            if unchecked and unchecked.pop():  # the first evaluation checks, at no extra cost
+                with torch.enable_grad():
+                    out = spec.fn(rows.reshape(shape), *plain)
+                check_registered(out)
+                return spec.rows(out.detach())
+            return spec.rows(spec.fn(rows.reshape(shape), *plain))
 
         tolerance = Tolerance.resolve(spec.tol, spec.atol, z0.dtype)
         rows, info = solve_fixed_point(
@@ -286,11 +298,12 @@ def _first(g: Tensor, *rest: Tensor) -> Tensor:
     return g
 
 
-def _pullback(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Callable[[Tensor], tuple]:
-    """The VJP of ``fn`` at ``primal``, forward-differentiable even where an operator's
-    backward has no forward-AD formula (``native_group_norm_backward``, ...): there it is
-    taken as the transpose of the JVP instead (reverse over forward: the same values)."""
-    _, pullback = torch.func.vjp(fn, primal)
+def _pullback(fn: Callable[[Any], Tensor], primal: Any) -> tuple[Tensor, Callable]:
+    """``fn(primal)`` and the VJP of ``fn`` there, forward-differentiable even where an
+    operator's backward has no forward-AD formula (``native_group_norm_backward``, ...):
+    there it is taken as the transpose of the JVP instead (reverse over forward: the same
+    values)."""
+    value, pullback = torch.func.vjp(fn, primal)
 
     def apply(cotangent: Tensor) -> tuple:
         try:
@@ -303,7 +316,7 @@ def _pullback(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Callable[[Tenso
         )
         return transposed(cotangent)
 
-    return apply
+    return value, apply
 
 
 def _refuse_legacy_vmap() -> None:
@@ -350,7 +363,6 @@ class _FixedPoint(torch.autograd.Function):
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
         if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
-            mu = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
             fn = system.spec.fn
 
             def of_wanted(chosen: tuple[Tensor, ...]) -> Tensor:
@@ -359,7 +371,16 @@ class _FixedPoint(torch.autograd.Function):
                     full[i] = t
                 return fn(z, *full)
 
-            (pulled,) = _pullback(of_wanted, tuple(args[i] for i in wanted))(mu)
+            value, pull = _pullback(of_wanted, tuple(args[i] for i in wanted))
+            jacobian = system.jacobian
+            if (  # F(h*) comes with the VJP: the determinism check needs no evaluation of its own
+                isinstance(system, _Nonlinear)
+                and jacobian is not None
+                and torch._C._functorch.peek_interpreter_stack() is None
+            ):
+                jacobian.linearization.certify(system.spec.rows(value.detach()))
+            mu = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
+            (pulled,) = pull(mu)
             for i, g in zip(wanted, pulled, strict=True):
                 grads[i] = g
         return (None, None, *grads)
