@@ -141,3 +141,31 @@ def test_curvlinops_functions_run_on_deqhess_operators():
          for _ in range(10)], dim=1,
     )  # fmt: skip
     assert torch.allclose(estimate, torch.einsum("ij,ij", probes, dense @ probes) / 10, rtol=1e-12)
+
+
+def test_independent_slices_are_found_without_batch_dim():
+    """batch_dim=None with a 3 × 700 state (one 2,100-wide system: too wide for one dense
+    LU) whose rows f treats independently: the linearisation is found block diagonal and
+    solved per row by LU, with the same derivatives as declaring batch_dim=0; a cell that
+    couples the rows keeps the matrix-free solve of the whole system."""
+    g = torch.Generator().manual_seed(0)
+    theta = {"a": 0.4 * torch.rand(700, generator=g), "u": torch.randn(700, 2, generator=g)}
+    x = torch.randn(3, 2, generator=g)
+
+    def f(x, h, t):
+        return torch.tanh(t["a"] * h + x @ t["u"].T)
+
+    def coupled(x, h, t):
+        return f(x, h, t) + 0.1 * torch.tanh(h.mean(0, keepdim=True))
+
+    def loss(h):
+        return (h**2).sum() + h.sum(0).pow(2).sum()
+
+    v = torch.randn(2100, generator=g)
+    whole = dh.Equilibrium(f, theta, x, torch.zeros(3, 700), tol=1e-13, atol=1e-14)
+    rows = dh.Equilibrium(f, theta, x, torch.zeros(3, 700), tol=1e-13, atol=1e-14, batch_dim=0)
+    assert relative_error(whole.hvp(loss, v), rows.hvp(loss, v)) <= 1e-11
+    assert whole.linearization.outer == (1, 2100) and isinstance(whole.linear_solver, dh.Dense)
+    other = dh.Equilibrium(coupled, theta, x, torch.zeros(3, 700), tol=1e-13, atol=1e-14)
+    other.hvp(loss, v)
+    assert other.linearization.outer is None and isinstance(other.linear_solver, dh.GMRES)

@@ -25,7 +25,16 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
-from ..linear import DenseLU, Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
+from ..linear import (
+    Dense,
+    DenseLU,
+    Linearization,
+    LinearSolver,
+    LinearSolveStats,
+    coupling_tolerance,
+    resolve_linear_solver,
+    row_coupling,
+)
 from ..locking import engine, serialized
 from ..memory import check_dense
 from ..options import integer
@@ -173,6 +182,15 @@ class Equilibrium:
         self.linear_solver = resolve_linear_solver(
             linear_solver, state.samples, state.width, state.dtype, max_condition
         )
+        self._max_condition = max_condition
+        # one coupled system too wide for a dense LU: probe for independent slices first
+        self._probe_blocks = (
+            linear_solver == "auto"
+            and state.batch_dim is None
+            and not isinstance(self.linear_solver, Dense)
+            and len(state.shape) >= 2
+            and state.shape[0] > 1
+        )
         self.chunk_size = None if chunk_size is None else integer(chunk_size, "chunk_size", 1)
         tolerance = Tolerance.resolve(tol, atol, state.dtype)
         self._theta = self.problem.params.flatten(theta).detach().clone()
@@ -240,8 +258,29 @@ class Equilibrium:
         self.problem.check_fresh()
         if not self._linearization.is_prepared:
             with torch.no_grad():
+                if self._probe_blocks:
+                    self._linearization = self._blocked() or self._linearization
+                    self._probe_blocks = False
                 _ = self._linearization.prepared
         return self._linearization
+
+    def _blocked(self) -> Linearization | None:
+        """For ``batch_dim=None`` and a state too wide for one dense LU: if ``f`` does not
+        couple the slices along the state's first dimension at ``h*`` (probed as for a
+        declared ``batch_dim``, a few products), the same linearisation solved per slice
+        — dense blocks where they fit — instead of matrix-free on the whole."""
+        state, lin = self.problem.state, self._linearization
+        blocks = (state.shape[0], state.size // state.shape[0])
+        probe = Linearization.in_blocks(lin.residual, lin.h, blocks, self.linear_solver)
+        coupling, _ = row_coupling(probe.operator.apply_transpose, probe.h)
+        if not coupling <= coupling_tolerance(state.dtype):
+            return None
+        strategy = resolve_linear_solver("auto", *blocks, state.dtype, self._max_condition)
+        self.linear_solver = strategy
+        return Linearization.in_blocks(
+            lin.residual, lin.h, blocks, strategy, stats=lin.stats,
+            accepted=lin.accepted.amax().expand(blocks[0]), tolerance=lin.tolerance,
+        )  # fmt: skip
 
     @property
     @serialized

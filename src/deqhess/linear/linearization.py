@@ -80,6 +80,7 @@ class Linearization:
         self.solver = solver
         self.stats = LinearSolveStats() if stats is None else stats
         self.accepted, self.tolerance = accepted, tolerance
+        self.outer: tuple[int, ...] | None = None  # the callers' row layout, if not h's
         self._certified = accepted is None
         self._prepared: Solve | None = None
         self._previous: dict[bool, Tensor] = {}
@@ -152,6 +153,22 @@ class Linearization:
         """Raise ``ValueError`` if ``F`` couples rows declared independent."""
         self.operator.require_independent_rows()
 
+    @classmethod
+    def in_blocks(
+        cls, residual: Residual, h: Tensor, blocks: tuple[int, int], solver: LinearSolver,
+        **options,
+    ) -> Linearization:  # fmt: skip
+        """The linearisation of one coupled system ``h`` ``[1, N]`` whose ``J`` is block
+        diagonal with ``blocks = (B, n)`` blocks, solved block by block; right-hand sides
+        stay ``[..., 1, N]`` for the caller."""
+
+        def in_rows(r: Tensor) -> Tensor:
+            return residual.fn(r.reshape(h.shape)).reshape(blocks)
+
+        lin = cls(in_rows, h.reshape(blocks), solver, **options)
+        lin.outer = tuple(h.shape)
+        return lin
+
     def solve(
         self, rhs: Tensor, x0: Tensor | None = None, *, transpose: bool = False,
         warm_start: bool = False,
@@ -172,6 +189,10 @@ class Linearization:
                 "at 0, overflow).",
                 quantity="the right-hand side of a linear solve",
             )
+        shape = rhs.shape
+        if self.outer is not None:  # the caller's [..., 1, N] as [..., B, n] blocks
+            rhs = rhs.reshape(*shape[:-2], *self.h.shape)
+            x0 = None if x0 is None else x0.reshape(rhs.shape)
         prepared = self.prepared.transpose() if transpose else self.prepared
         if x0 is None and warm_start:
             previous = self._previous.get(transpose)
@@ -180,7 +201,7 @@ class Linearization:
         self.stats.record(info)
         if warm_start:
             self._previous[transpose] = x
-        return x
+        return x.reshape(shape)
 
     def solve_transpose(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
         """``(I − J)⁻ᵀ rhs`` for ``rhs`` ``[..., S, d]``."""
