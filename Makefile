@@ -25,8 +25,8 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 # optional baselines for the benchmarks, never dependencies of deqhess (torchdeq needs only
 # torch and numpy; --no-deps keeps pip from touching the CPU torch)
@@ -38,9 +38,17 @@ bench-extras: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -c "import torch; print(torch.__version__)" | cmp - $(VENV)/.torch-before
 
+# every benchmark, one thread each (ratios against baselines measured in the same run; about
+# 40 minutes here). The torchdeq and JAX columns need `make bench-extras` and are skipped
+# without it; vs_jax.py needs JAX.
 bench: $(STAMP)
-	cd benchmarks && ../$(BIN)/python dense_hessian.py && ../$(BIN)/python hvp.py \
-		&& ../$(BIN)/python nn_memory.py
+	cd benchmarks && export OMP_NUM_THREADS=1 \
+		&& ../$(BIN)/python dense_hessian.py && ../$(BIN)/python hvp.py \
+		&& ../$(BIN)/python conv_hvp.py && ../$(BIN)/python nn_memory.py \
+		&& ../$(BIN)/python layer_training.py && ../$(BIN)/python forward_solvers.py \
+		&& ../$(BIN)/python dataset_scale.py \
+		&& { ../$(BIN)/python -c "import optimistix" 2>/dev/null \
+			&& ../$(BIN)/python vs_jax.py || echo "vs_jax.py skipped: make bench-extras"; }
 
 clean:
 	rm -rf $(VENV) deqhess-demo

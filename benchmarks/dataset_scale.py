@@ -11,8 +11,10 @@ Sections (each configuration runs in its own subprocess; memory is the peak RSS 
 operation above the RSS it started from, the kernel's high-water mark reset just
 before it, and the process's peak):
 
-* ``scan`` — one HVP over 10, 100 and 1,000 batches of 60 samples: its time (linear in
-  the batches: one pass, one forward per batch) and peak RSS (flat: one batch at a time);
+* ``scan`` — one HVP over 10, 100 and 1,000 batches of 60 samples, the second pass (as
+  in an analysis: each DEQ starts from the previous pass's fixed point, kept within
+  ``--warm-start-bytes``; 0 keeps none): its time (linear in the batches: one pass, one
+  forward per batch) and peak RSS (flat: one batch at a time), and the warm-start store;
 * ``block`` — one block of K = 16 directions over the same batches (one pass: the K
   directions share every batch's forward);
 * ``analysis`` — top-5 eigenvalues (``extreme_eigenpairs``, ARPACK, tol 1e-4 for
@@ -37,6 +39,7 @@ from torch import nn
 
 import deqhess as dh
 from deqhess.curvature import extreme_eigenpairs, hutchpp
+from deqhess.models.curvature import WARM_START_BYTES
 from deqhess.nn import DEQ
 
 SAMPLES = 60_000
@@ -75,13 +78,13 @@ class TanhCell(nn.Module):
         return torch.tanh(h @ self.W.T + x + self.b)
 
 
-def model_operator(data) -> dh.ModelCurvature:
+def model_operator(data, warm_start_bytes: int) -> dh.ModelCurvature:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, WIDTH), DEQ(TanhCell(WIDTH)), nn.Linear(WIDTH, 10))
-    return dh.ModelCurvature(model, nn.CrossEntropyLoss(), data)
+    return dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, warm_start_bytes=warm_start_bytes)
 
 
-def dataset_operator(data) -> dh.DatasetEquilibrium:
+def dataset_operator(data, warm_start_bytes: int) -> dh.DatasetEquilibrium:
     torch.manual_seed(0)
     w = torch.randn(WIDTH, WIDTH)
     theta = {
@@ -113,7 +116,7 @@ def child(spec: dict) -> dict:
     if spec["kind"] == "backward":
         return _backward(data)
     start = time.perf_counter()
-    curvature = OPERATORS[spec["operator"]](data)
+    curvature = OPERATORS[spec["operator"]](data, spec["warm_start_bytes"])
     setup = time.perf_counter() - start
     op = curvature.hessian_operator()
     p = op.shape[0]
@@ -133,8 +136,10 @@ def child(spec: dict) -> dict:
         )  # fmt: skip
     k = spec.get("k", 1)
     block = torch.randn(p, k, generator=g)
+    op @ block  # the first pass (it keeps the fixed points for warm starts)
     measured = measure_operation(lambda: op @ block, repeats=1)
-    return dict(parameters=p, setup_seconds=setup, **measured)
+    kept = getattr(curvature, "_warm_bytes", 0) / 2**20  # the warm-start store's size
+    return dict(parameters=p, setup_seconds=setup, kept_mb=kept, **measured)
 
 
 def _backward(data) -> dict:
@@ -166,23 +171,30 @@ def main() -> None:
     parser.add_argument("--sections", default="scan,block,analysis,backward")
     parser.add_argument("--operator", default="model", choices=sorted(OPERATORS))
     parser.add_argument("--batches", default="10,100,1000")
+    parser.add_argument(
+        "--warm-start-bytes", type=int, default=WARM_START_BYTES,
+        help="ModelCurvature's budget for the fixed points kept between passes (0: none)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
     sections = args.sections.split(",")
-    common = dict(threads=args.threads, operator=args.operator)
+    common = dict(
+        threads=args.threads, operator=args.operator, warm_start_bytes=args.warm_start_bytes
+    )
     print(f"deqhess dataset_scale: {args.operator} operator, float32, {args.threads} thread(s)")
     for section, k in (("scan", 1), ("block", 16)):
         if section not in sections:
             continue
-        print(f"{section}: one product of K = {k} over B batches of 60 samples")
-        print("  batches  samples   s/product  ms/batch  op peak MB  process peak MB")
+        print(f"{section}: one product of K = {k} over B batches of 60 samples (the second "
+              "pass; kept: the fixed points held for warm starts)")  # fmt: skip
+        print("  batches  samples   s/product  ms/batch  op peak MB  process peak MB  kept MB")
         for batches in (int(b) for b in args.batches.split(",")):
             r = in_subprocess(__file__, dict(common, kind="hvp", batches=batches, size=60, k=k))
             print(f"  {batches:7d}  {batches * 60:7d}  {r['seconds']:10.2f}  "
                   f"{1e3 * r['seconds'] / batches:8.1f}  {r['op_peak_mb']:10.1f}  "
-                  f"{r['process_peak_mb']:15.1f}")  # fmt: skip
+                  f"{r['process_peak_mb']:15.1f}  {r['kept_mb']:7.1f}")  # fmt: skip
     if "analysis" in sections:
         r = in_subprocess(__file__, dict(common, kind="analysis", batches=100, size=600))
         print(f"analysis: the whole model's Hessian on {r['samples']:,} samples (100 batches "

@@ -19,10 +19,12 @@ class Linearized:
             nonzero product has decided; False: each call is a plain ``torch.func.jvp``).
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], primal: Tensor) -> None:
+    def __init__(self, fn: Callable[[Tensor], Tensor], primal: Tensor, trace: bool = True) -> None:
         self.fn, self.primal = fn, primal
         self._trace: Callable[[Tensor], Tensor] | None = None
-        self.traced: bool | None = None
+        self.traced: bool | None = None if trace else False
+        if not trace:
+            return
         try:
             with warnings.catch_warnings():
                 # torch's own tracing warnings (constants folded into the traced graph)
@@ -50,7 +52,7 @@ class Linearized:
         return expected
 
 
-def linearize(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Linearized:
+def linearize(fn: Callable[[Tensor], Tensor], primal: Tensor, trace: bool = True) -> Linearized:
     """The JVP ``v ↦ (∂fn/∂h)(primal) v`` as a function of the tangent.
 
     ``torch.func.linearize`` traces the tangent computation once, so each call replays
@@ -59,9 +61,10 @@ def linearize(fn: Callable[[Tensor], Tensor], primal: Tensor) -> Linearized:
     ``autograd.Function.forward`` and under ``inference_mode`` ``linearize`` silently
     returns zeros, and where ``fn`` cannot be traced (data-dependent Python control flow)
     it fails. In either case every call computes ``torch.func.jvp`` instead — the same
-    values, at the plain cost.
+    values, at the plain cost. ``trace=False`` skips the trace where the caller knows it
+    cannot serve (inside ``autograd.Function.forward``): plain JVPs from the start.
     """
-    return Linearized(fn, primal)
+    return Linearized(fn, primal, trace)
 
 
 def _agrees(got: Tensor, expected: Tensor) -> bool:

@@ -155,6 +155,52 @@ def test_operator_products_are_exact_inside_function_forward_and_inference_mode(
         assert torch.allclose(ResidualOperator(fn, h).apply(v), expected, atol=1e-14)
 
 
+def test_untraced_operator_gives_the_same_products_without_tracing(monkeypatch):
+    """``trace_tangent=False`` (the layer, whose solves run inside
+    ``autograd.Function.forward`` where a trace returns zeros) never calls
+    ``torch.func.linearize`` and gives the plain JVP's products."""
+    fn, h = _independent()
+    v = torch.randn(5, 4)
+    expected = v - torch.func.jvp(fn, (h,), (v,))[1]
+    calls = []
+    original = torch.func.linearize
+    monkeypatch.setattr(torch.func, "linearize", lambda *a: calls.append(1) or original(*a))
+    op = ResidualOperator(fn, h, trace_tangent=False)
+    for _ in range(2):
+        assert torch.allclose(op.apply(v), expected, atol=1e-14)
+    assert torch.allclose(op.apply(torch.stack([v, 2 * v])[:, None]).squeeze(1)[1], 2 * expected)
+    assert not calls
+    ResidualOperator(fn, h).apply(v)  # the default traces (and verifies) once
+    assert len(calls) == 1
+
+
+def test_the_layer_never_traces_a_tangent(monkeypatch):
+    """A double-backward HVP through the layer with a matrix-free solver takes JVPs with
+    ``I − J`` (the adjoint's own derivative) without paying for a trace that cannot serve."""
+    from deqhess.nn import DEQ
+
+    calls = []
+    original = torch.func.linearize
+    monkeypatch.setattr(torch.func, "linearize", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 6, dtype=torch.float64)
+    cell = lambda x, h: torch.tanh(0.4 * lin(h) + x)  # noqa: E731
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x, h):
+            return cell(x, h)
+
+    deq = DEQ(Cell(), tol=1e-12, linear_solver="gmres")
+    x = torch.randn(3, 6, dtype=torch.float64)
+    (g,) = torch.autograd.grad((deq(x) ** 2).sum(), lin.weight, create_graph=True)
+    (hv,) = torch.autograd.grad((g * torch.ones_like(g)).sum(), lin.weight)
+    assert torch.isfinite(hv).all() and not calls
+
+
 @pytest.mark.parametrize("strategy", [GMRES(), Neumann()], ids=repr)
 def test_non_finite_inputs_and_products_are_named_not_zeroed(strategy):
     """A NaN right-hand side would make GMRES stop at once and return zeros; a NaN J would

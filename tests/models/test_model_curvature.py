@@ -146,6 +146,27 @@ def test_streams_the_data_once_per_block_and_shuffled_loaders_agree():
     assert relative_error(shuffled @ block, product) <= 1e-12
 
 
+def test_warm_starts_are_kept_within_their_budget_and_change_no_product():
+    """The second pass starts each DEQ from the first pass's fixed point (the same
+    products to the solves' accuracy); ``warm_start_bytes=0`` keeps none, and a budget
+    that one batch's states fill keeps only the first batch's."""
+    model = Classifier()
+    data = _data(sizes=(3, 4))
+    block = torch.randn(dh.ModelCurvature(model, nn.MSELoss(), data).num_parameters, 2)
+    products = {}
+    for budget in (0, 1, 2**20):
+        curvature = dh.ModelCurvature(model, nn.MSELoss(), data, warm_start_bytes=budget)
+        op = curvature.hessian_operator()
+        first, second = op @ block, op @ block
+        products[budget] = second
+        kept = [bool(store) for store in curvature._warm.values()]
+        assert kept == {0: [], 1: [True], 2**20: [True, True]}[budget]
+        assert relative_error(second, first) <= 1e-10
+    assert relative_error(products[2**20], products[0]) <= 1e-10
+    with pytest.raises(ValueError, match="warm_start_bytes must be an int >= 0"):
+        dh.ModelCurvature(model, nn.MSELoss(), data, warm_start_bytes=-1)
+
+
 def test_model_errors():
     model = Classifier()
     data = _data()

@@ -51,6 +51,9 @@ class Linearization:
             (dense LU), ``‖(I − J)⁻¹‖ × rtol`` bounds the derivatives' relative error (the
             residual left in ``h*`` is amplified by it); above ``0.1`` they keep no correct
             digit and the first solve raises.
+        trace_tangent: trace the JVP of ``F`` once for the solves with ``I − J``
+            (verified on its first use); False where the caller knows tracing cannot
+            serve (see :class:`ResidualOperator`).
 
     Raises:
         ValueError: (on a solve that relies on it) ``F`` couples rows declared
@@ -73,9 +76,14 @@ class Linearization:
         stats: LinearSolveStats | None = None,
         accepted: Tensor | None = None,
         tolerance: Tolerance | None = None,
+        trace_tangent: bool = True,
     ) -> None:
         self.operator = ResidualOperator(
-            residual, h, independent_rows=independent_rows, declared=declared
+            residual,
+            h,
+            independent_rows=independent_rows,
+            declared=declared,
+            trace_tangent=trace_tangent,
         )
         self.solver = solver
         self.stats = LinearSolveStats() if stats is None else stats

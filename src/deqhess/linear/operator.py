@@ -40,6 +40,9 @@ class ResidualOperator(Operator):
             the full operator does not need it.
         declared: for the error message, what couples what (e.g. ``"f couples the
             samples along batch_dim=0"``) and what to do instead.
+        trace_tangent: trace the JVP once and replay it (verified on first use); False
+            where tracing cannot serve (inside ``autograd.Function.forward``, where
+            ``torch.func.linearize`` returns zeros): plain JVPs from the start.
     """
 
     def __init__(
@@ -52,8 +55,10 @@ class ResidualOperator(Operator):
             "the map couples rows declared independent",
             "declare one coupled system instead",
         ),
+        trace_tangent: bool = True,
     ) -> None:
         self.residual = residual if isinstance(residual, Residual) else Residual(residual)
+        self.trace_tangent = trace_tangent
         self.h = h
         self.independent_rows = independent_rows
         self.declared = declared
@@ -78,7 +83,7 @@ class ResidualOperator(Operator):
     def _tangent_product(self) -> Linearized:
         # traced once, verified, then replayed (iterative solves take tens of products)
         if self._tangent is None:
-            self._tangent = linearize(self.residual, self.h)
+            self._tangent = linearize(self.residual, self.h, self.trace_tangent)
         return self._tangent
 
     def _residual_jvp(self, v: Tensor) -> Tensor:

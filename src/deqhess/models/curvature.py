@@ -38,6 +38,7 @@ from ..chunks import default_chunk_size
 from ..implicit import CurvatureOperator, HessianSplit
 from ..implicit.operators import check_part
 from ..nn import DEQ, warm_starts
+from ..options import integer
 from ..parameters import ParameterLayout, Parameters
 from .backward import BlockBackward
 from .graph import BatchGraph, LossFunc
@@ -74,6 +75,9 @@ class ModelCurvature:
         batch_size_fn: ``x ↦`` the batch's sample count; default ``x.shape[0]``.
         chunk_size: directions per pass in ``to_dense`` and large blocks; default about
             4M numbers.
+        warm_start_bytes: each batch's DEQ fixed points are kept (states, not graphs)
+            to start the next pass's solves from, until they hold this many bytes (the
+            rest of the batches start cold; 0 keeps none). Default 256 MB.
         backward: how a block's K directions go through a batch's graph: ``"auto"``
             (default), ``"vmap"``, ``"batched"`` or ``"loop"`` (see
             :class:`deqhess.models.backward.BlockBackward`).
@@ -96,6 +100,7 @@ class ModelCurvature:
         batch_size_fn: Callable[[Any], int] | None = None,
         chunk_size: int | None = None,
         backward: str = "auto",
+        warm_start_bytes: int = WARM_START_BYTES,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -119,8 +124,9 @@ class ModelCurvature:
         self.chunk_size = chunk_size or default_chunk_size(2 * self.layout.size)
         self._seen: tuple[int, int] | None = None  # samples and batches of the first pass
         self.backward = BlockBackward(backward)
+        self.warm_start_bytes = integer(warm_start_bytes, "warm_start_bytes", minimum=0)
         # each batch's DEQ fixed points, to start the next pass's solves from (small:
-        # states, not graphs), while they fit in WARM_START_BYTES
+        # states, not graphs), while they fit in warm_start_bytes
         self._warm: dict[int, dict] = {}
         self._warm_bytes = 0
 
@@ -162,17 +168,16 @@ class ModelCurvature:
         for index, (x, target) in enumerate(self._data):
             n = self.batch_size_fn(x)
             store = self._warm.get(index)
-            if store is None and self._warm_bytes < WARM_START_BYTES:
+            if store is None and self._warm_bytes < self.warm_start_bytes:
                 store = self._warm[index] = {}
+            kept = _bytes(store)
             with warm_starts({} if store is None else store):
                 graph = BatchGraph(
                     self.model, self.loss_func, self.layout, params, x, target,
                     float(n) if self.reduction == "mean" else 1.0, part, self.split_at,
                     self.backward,
                 )  # fmt: skip
-            self._warm_bytes = sum(
-                t.numel() * t.element_size() for kept in self._warm.values() for t in kept.values()
-            )
+            self._warm_bytes += _bytes(store) - kept
             value = compute(graph)
             del graph
             total = value if total is None else total.add_(value)
@@ -228,6 +233,11 @@ class ModelCurvature:
         loss_part = self.hessian_operator("loss_curvature").to_dense()
         dynamics_part = self.hessian_operator("dynamics_curvature").to_dense()
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
+
+
+def _bytes(store: dict | None) -> int:
+    """The bytes of the fixed points a warm-start store holds."""
+    return sum(t.numel() * t.element_size() for t in store.values()) if store else 0
 
 
 def _leading_size(x: Any) -> int:

@@ -111,6 +111,10 @@ class FixedPointSpec:
             stats=self.stats,
             accepted=accepted,
             tolerance=tolerance,
+            # every solve of the layer runs inside _FixedPoint.forward, where
+            # torch.func.linearize returns zeros: its trace would cost a tracing pass per
+            # backward only to be rejected, so JVPs are plain from the start
+            trace_tangent=False,
         )
 
 
