@@ -171,8 +171,15 @@ class DEQ(nn.Module):
         cell, count = self.cell, len(inputs.positions)
 
         def step(z: Tensor, *args: Tensor) -> Tensor:
-            arguments = dict(zip(names, args[count:], strict=True))
-            out = torch.func.functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
+            state = args[count:]
+            if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
+                # the cell's own numbers, nothing to differentiate (the forward solve):
+                # calling it is the same map, without functional_call swapping each tensor
+                # in and out at every evaluation
+                out = cell(inputs.rebuild(args[:count]), z)
+            else:
+                arguments = dict(zip(names, state, strict=True))
+                out = torch.func.functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
             check_state_map(out, z, "cell(x, h)")
             return out
 
@@ -249,3 +256,20 @@ def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
             f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
             f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
         )
+
+
+def _same_data(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` is ``b`` or a view of the same numbers (e.g. ``b.detach()``): a plain
+    tensor with ``b``'s storage, offset, shape, strides and dtype."""
+    if a is b:
+        return True
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(a) or wrapped(b) or a.layout != torch.strided or b.layout != torch.strided:
+        return False
+    return (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
