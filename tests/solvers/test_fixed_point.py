@@ -168,3 +168,49 @@ def test_running_away_to_huge_states_is_not_convergence():
 
     with pytest.raises(ConvergenceError, match=r"ran away: .*‖f\(h\)‖ grew from .* has no fixed"):
         solve_fixed_point(f, torch.zeros(1, 3), Anderson(), Tolerance(1e-10, 1e-10), 500)
+
+
+def _anderson_reference(fn, h0, steps, memory, damping, regularization=1e-10):
+    """Type-II Anderson written out from its definition: per row, the regularised normal
+    equations over the last ``memory`` differences, ``h ← h + βg − (ΔH + βΔG)γ``."""
+    hs, gs, h = [], [], h0
+    for _ in range(steps):
+        g = fn(h) - h
+        hs.append(h)
+        gs.append(g)
+        nxt = h + damping * g
+        k = min(len(hs) - 1, memory)
+        if k:
+            dh = torch.stack([hs[-i] - hs[-i - 1] for i in range(1, k + 1)], 1)  # [S, k, d]
+            dg = torch.stack([gs[-i] - gs[-i - 1] for i in range(1, k + 1)], 1)
+            gram = dg @ dg.transpose(1, 2)
+            diag = torch.diagonal(gram, dim1=1, dim2=2)
+            reg = regularization * diag.mean(1, keepdim=True) + torch.finfo(h.dtype).tiny
+            gram = gram + torch.diag_embed(reg.expand_as(diag))
+            gamma = torch.linalg.solve(gram, dg @ g[:, :, None])  # [S, k, 1]
+            nxt = nxt - ((dh + damping * dg) * gamma).sum(1)
+        h = nxt
+    return h
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.8])
+def test_anderson_steps_match_their_definition(damping):
+    """The ring buffers, the one-row Gram update and the β = 1 shortcut ``ΔH + ΔG =
+    Δf(h)`` take the same steps as the textbook formula (float64, before convergence)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
+    bias = torch.randn(3, 8, generator=g, dtype=torch.float64)
+
+    def fn64(h):
+        return torch.tanh(h @ w.T + bias)
+
+    solver = Anderson(memory=3, damping=damping)
+    h = torch.zeros(3, 8, dtype=torch.float64)
+    memory = solver.init(h)
+    for steps in range(1, 8):
+        h, memory = solver.step(memory, h, fn64(h))
+        h0 = torch.zeros(3, 8, dtype=torch.float64)
+        expected = _anderson_reference(fn64, h0, steps, 3, damping)
+        # the same arithmetic in another order: rounding, amplified by the least squares
+        assert torch.allclose(h, expected, rtol=0, atol=1e-10), steps

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils import _pytree
 
 from ..errors import StaleEquilibriumError
+from ..finiteness import all_finite
 from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
 from .loss import Captured, Loss
@@ -114,12 +115,11 @@ class Problem:
 
 
 def _check_finite(t: Tensor, label: str) -> None:
-    if t.is_floating_point() or t.is_complex():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"{label} contains non-finite values (NaN or inf); pass finite values "
-                "(check the data and the previous optimisation step)."
-            )
+    if not all_finite(t):
+        raise ValueError(
+            f"{label} contains non-finite values (NaN or inf); pass finite values "
+            "(check the data and the previous optimisation step)."
+        )
 
 
 def _tensor_leaves(x: Any, name: str) -> list[tuple[str, Tensor]]:

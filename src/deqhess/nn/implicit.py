@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from ..errors import UnsupportedDerivativeError
+from ..finiteness import all_finite
 from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
 from ..locking import engine
 from ..solvers import (
@@ -207,7 +208,7 @@ class _Nonlinear(_System):
         spec, shape = self.spec, z0.shape
         names = ("h0", *spec.names) if len(spec.names) == len(args) else ()
         for i, t in enumerate((z0, *args)):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 name = names[i] if names else f"argument {i} of the fixed point"
                 raise ValueError(
                     f"{name} contains non-finite values (NaN or inf); pass finite values "

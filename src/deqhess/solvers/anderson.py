@@ -19,7 +19,8 @@ class _History:
     ``count mod m`` next): the least squares ignore their order.
 
     Attributes:
-        h, g: the previous iterate and its residual ``[S, d]`` (None before the first).
+        h, g, fh: the previous iterate, its residual and its image ``f(h)`` ``[S, d]``
+            (None before the first).
         dg: ``[S, m, d]`` residual differences ``Δg``.
         dx: ``[S, m, d]`` the mixing directions ``Δh + β Δg``.
         gram: ``[S, m, m]`` ``ΔGᵀΔG``, one row and column updated per step.
@@ -28,6 +29,7 @@ class _History:
 
     h: Tensor | None
     g: Tensor | None
+    fh: Tensor | None
     dg: Tensor
     dx: Tensor
     gram: Tensor
@@ -70,6 +72,7 @@ class Anderson(FixedPointSolver):
         return _History(
             h=None,
             g=None,
+            fh=None,
             dg=h.new_zeros(samples, m, width),
             dx=h.new_zeros(samples, m, width),
             gram=h.new_zeros(samples, m, m),
@@ -79,12 +82,14 @@ class Anderson(FixedPointSolver):
     def step(self, memory: _History, h: Tensor, fh: Tensor) -> tuple[Tensor, _History]:
         beta = self.damping
         g = fh - h
-        h_next = torch.add(h, g, alpha=beta)
+        h_next = fh if beta == 1.0 else torch.add(h, g, alpha=beta)
         if memory.h is not None:
             slot = memory.count % self.memory
-            delta_g = g - memory.g
-            memory.dg[:, slot] = delta_g
-            torch.add(h - memory.h, delta_g, alpha=beta, out=memory.dx[:, slot])
+            delta_g = torch.sub(g, memory.g, out=memory.dg[:, slot])
+            if beta == 1.0:  # Δh + Δg = Δf(h)
+                torch.sub(fh, memory.fh, out=memory.dx[:, slot])
+            else:
+                torch.add(h - memory.h, delta_g, alpha=beta, out=memory.dx[:, slot])
             memory.count += 1
             k = min(memory.count, self.memory)
             dg = memory.dg[:, :k]
@@ -102,9 +107,13 @@ class Anderson(FixedPointSolver):
             rhs = torch.bmm(g[:, None, :], dg.transpose(1, 2)).transpose(1, 2)  # [S, k, 1]
             gamma, failed = torch.linalg.solve_ex(gram, rhs)
             mixed = h_next - torch.bmm(gamma.transpose(1, 2), memory.dx[:, :k])[:, 0]
-            # a row whose mixing failed takes the plain damped step instead (a row sum is
-            # NaN or inf exactly when an entry is, barring overflow of the sum itself)
-            ok = (failed == 0) & torch.isfinite(mixed.sum(dim=1))
-            h_next = torch.where(ok[:, None], mixed, h_next)
-        memory.h, memory.g = h, g
+            # a row whose mixing failed takes the plain damped step instead (a sum is NaN
+            # or inf exactly when an entry is, barring overflow of the sum itself: then
+            # the rows are checked one by one)
+            if bool(failed.eq(0).all()) and bool(torch.isfinite(mixed.sum())):
+                h_next = mixed
+            else:
+                ok = (failed == 0) & torch.isfinite(mixed.sum(dim=1))
+                h_next = torch.where(ok[:, None], mixed, h_next)
+        memory.h, memory.g, memory.fh = h, g, fh
         return h_next, memory

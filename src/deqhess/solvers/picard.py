@@ -34,4 +34,6 @@ class Picard(FixedPointSolver):
         return None
 
     def step(self, memory: Any, h: Tensor, fh: Tensor) -> tuple[Tensor, None]:
+        if self.damping == 1.0:  # the plain iteration: f(h) itself
+            return fh, None
         return h + self.damping * (fh - h), None

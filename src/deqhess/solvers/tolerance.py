@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,8 +68,11 @@ class Tolerance:
         )
         return cls(rtol=rtol, atol=abs_tol)
 
-    def threshold(self, scale: Tensor) -> Tensor:
-        """Per-row residual bound for rows whose ``‖f(h)‖`` is ``scale``."""
+    def threshold(self, scale: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        """Per-row residual bound for rows whose ``‖f(h)‖`` is ``scale`` (a tensor or a
+        NumPy array, answered in kind)."""
+        if isinstance(scale, np.ndarray):
+            return np.maximum(self.rtol * scale, scale.dtype.type(self.atol))
         return torch.clamp(self.rtol * scale, min=self.atol)
 
     def met(self, residual: Tensor, scale: Tensor) -> Tensor:
