@@ -18,10 +18,11 @@ def _data():
 
 
 @pytest.mark.parametrize("part", ["total", "ggn", "loss_curvature"])
-def test_vmapped_and_looped_backwards_agree_and_batched_agrees_or_refuses(part):
+def test_vmapped_and_looped_backwards_agree_and_batched_is_refused(part):
     """Same graph, same products, to rounding (1e-12). Autograd's own batching cannot
     batch the data-dependent checks inside the layer's solves: the layer refuses it with
-    UnsupportedDerivativeError (which "auto" passes over) rather than answer."""
+    UnsupportedDerivativeError (which "auto" passes over, see tests/nn for the layer's
+    message), and ModelCurvature refuses the option for DEQ models when it is given."""
     model, data = Classifier(), _data()
     block = torch.randn(dh.ModelCurvature(model, nn.MSELoss(), data).num_parameters, 3)
 
@@ -31,7 +32,7 @@ def test_vmapped_and_looped_backwards_agree_and_batched_agrees_or_refuses(part):
 
     loop = product("loop")
     assert torch.allclose(product("vmap"), loop, rtol=1e-12, atol=1e-14)
-    with pytest.raises(dh.UnsupportedDerivativeError, match="is_grads_batched"):
+    with pytest.raises(ValueError, match=r"backward='batched' .* Use backward='vmap'"):
         product("batched")
 
 

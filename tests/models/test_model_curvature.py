@@ -217,3 +217,109 @@ def test_curvlinops_agrees_on_the_same_model():
                          (curvlinops.GGNLinearOperator, "ggn")]:  # fmt: skip
         op = theirs(model, nn.MSELoss(), params, data, check_deterministic=False)
         assert relative_error(op @ v, ours.hessian_operator(part) @ v) <= TOL, part
+
+
+class _TwoOutputs(Classifier):
+    """The classifier returning its logits and the DEQ's state, as a dict or a tuple."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        h = self.before(x)
+        y = self.after(h)
+        return {"y": y, "h": h} if self.kind == "dict" else (y, h)
+
+
+def _two_output_loss(out, target):
+    y, h = (out["y"], out["h"]) if isinstance(out, dict) else out
+    return ((y - target) ** 2).mean() + 0.3 * (h**4).mean()
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+def test_ggn_of_a_model_with_several_outputs(kind):
+    """The GGN at an output made of several tensors is ``Jᵀ∇²ℓJ`` with ``J`` stacking
+    their Jacobians: against the unrolled twin's, built on the concatenated output."""
+    model = _TwoOutputs(kind)
+    data = _data()
+    curvature = dh.ModelCurvature(model, _two_output_loss, data)
+    twin = unrolled_twin(model)
+    names = curvature.layout.names
+    named = dict(twin.named_parameters())
+    flat = torch.cat([named[n].detach().reshape(-1) for n in names])
+    shapes = [named[n].shape for n in names]
+
+    def stacked(f, x):
+        params = dict(zip(names, (t.reshape(s) for t, s in zip(
+            f.split([s.numel() for s in shapes]), shapes, strict=True)), strict=True))  # fmt: skip
+        y, h = torch.func.functional_call(twin, params, (x,)).values() if kind == "dict" else (
+            torch.func.functional_call(twin, params, (x,)))  # fmt: skip
+        return torch.cat([y.reshape(-1), h.reshape(-1)])
+
+    expected = 0.0
+    total = sum(x.shape[0] for x, _ in data)
+    for x, y in data:
+        out = stacked(flat, x)
+        jac = torch.func.jacrev(stacked)(flat, x)
+        cut = y.numel()
+
+        def loss_of(o, y=y, x=x, cut=cut):
+            return _two_output_loss((o[:cut].reshape(y.shape), o[cut:].reshape(x.shape[0], -1)), y)
+
+        expected = expected + x.shape[0] / total * jac.T @ torch.func.hessian(loss_of)(out) @ jac
+    got = curvature.ggn_operator().to_dense()
+    assert relative_error(got, expected) <= TOL
+    assert relative_error(curvature.hessian(), dh.ModelCurvature(
+        twin, _two_output_loss, data).hessian()) <= TOL  # fmt: skip
+
+
+def test_a_shared_submodule_keeps_its_parameters():
+    """A module registered under two paths (the cell holds the encoder it shares with the
+    model): torch's functional_call puts plain tensors back for one path; the model's
+    Parameters must be the same objects after every operator (an optimizer holds them)."""
+
+    class Cell(nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.lin, self.encoder = nn.Linear(4, 4), encoder
+
+        def forward(self, x, h):
+            return torch.tanh(0.3 * self.lin(h) + x + 0.1 * self.encoder.bias)
+
+    encoder = nn.Linear(3, 4)
+    model = nn.Sequential(encoder, dh.nn.DEQ(Cell(encoder), tol=1e-13), nn.Linear(4, 2))
+    before = {id(p): p for p in model.parameters()}
+    registered = [(m, dict(m._parameters)) for m in model.modules()]
+    data = [(torch.randn(5, 3), torch.randn(5, 2))]
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    v = torch.randn(curvature.num_parameters)
+    curvature.grad()
+    curvature.hessian_operator("ggn") @ v
+    curvature.hessian_operator("loss_curvature") @ v
+    for module, parameters in registered:
+        for name, p in parameters.items():
+            assert module._parameters[name] is p and isinstance(p, nn.Parameter), name
+    assert {id(p) for p in model.parameters()} == set(before)
+    x, y = data[0]
+    loss = nn.MSELoss()(model(x), y)  # the layer's exact gradient, by plain autograd
+    named = dict(model.named_parameters())
+    got = curvature.grad()
+    for name, g in zip(got, torch.autograd.grad(loss, [named[n] for n in got]), strict=True):
+        assert relative_error(got[name], g) <= TOL, name
+
+
+def test_model_options_are_checked_at_construction():
+    model, data = Classifier(), _data()
+    for bad, match in [(0, "an int >= 1; got 0"), (-1, "an int >= 1; got -1"),
+                       (2.5, r"an int; got 2\.5"), ("8", "an int; got '8'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"chunk_size must be {match}"):
+            dh.ModelCurvature(model, nn.MSELoss(), data, chunk_size=bad)
+    with pytest.raises(ValueError, match=r"backward='batched' .* cannot go through a deqhess"):
+        dh.ModelCurvature(model, nn.MSELoss(), data, backward="batched")
+    # a model without DEQ layers may batch its backward
+    plain = nn.Sequential(nn.Linear(3, 2))
+    assert dh.ModelCurvature(plain, nn.MSELoss(), data, backward="batched").hessian().shape == (
+        8,
+        8,
+    )

@@ -215,6 +215,35 @@ def test_empty_batch_and_option_errors():
         DEQ(Cell(), tol=float("inf"))
     with pytest.raises(ValueError, match=r"the state has dtype torch\.float16; deqhess supports"):
         DEQ(Cell().half(), tol=1e-3)(torch.randn(2, 3).half())
+    with pytest.raises(ValueError, match=r"unknown linear_solver 'cholesky'; use 'auto'"):
+        DEQ(Cell(), linear_solver="cholesky")  # at construction, not at the first forward
+
+
+def test_an_initial_state_of_the_wrong_shape_is_named():
+    """Where the cell states the state's shape (``init_state``) a wrong ``h0`` is refused
+    before the cell runs; elsewhere the cell's own error carries a note about ``h0``."""
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.rec = nn.Linear(4, 6), nn.Linear(6, 6)
+
+        def forward(self, x, h):
+            return torch.tanh(0.3 * self.rec(h) + self.lin(x))
+
+    class Stated(Cell):
+        def init_state(self, x):
+            return x.new_zeros(x.shape[0], 6)
+
+    x = torch.randn(3, 4)
+    for h0 in (torch.zeros(2, 6), torch.zeros(3, 5)):
+        shape = str(tuple(h0.shape)).replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(ValueError, match=rf"h0 has shape {shape} but the state has shape"):
+            DEQ(Stated())(x, h0=h0)
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as error:
+        DEQ(Cell())(x, h0=torch.zeros(3, 5))  # the user's own error, untouched ...
+    assert "from the h0 you passed (shape (3, 5); x: (3, 4))" in "".join(error.value.__notes__)
+    assert DEQ(Cell())(x, h0=torch.zeros(3, 6)).shape == (3, 6)  # ... and a right h0 works
 
 
 def test_legacy_batched_gradients_are_refused_with_the_supported_alternative():

@@ -20,6 +20,7 @@ from ..batches import MappedBatches, RankShard
 from ..distributed import DistributedDatasetEquilibrium
 from ..implicit import PARTS, DatasetEquilibrium
 from ..models import ModelCurvature
+from ..nn.reparametrize import functional_call
 from ..parameters import Parameters
 
 __all__ = ["AnalysisProblem", "ModelProblem", "load_factory"]
@@ -87,7 +88,7 @@ class AnalysisProblem:
                 init = lambda x: torch.zeros_like(cell.init_state(x))  # noqa: E731
 
             def f(x, h, t):
-                return torch.func.functional_call(cell, t, (x, h))
+                return functional_call(cell, t, (x, h))
 
         if theta is None:
             raise ValueError("the factory gave no theta; set AnalysisProblem.theta.")

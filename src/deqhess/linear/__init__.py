@@ -42,6 +42,7 @@ __all__ = [
     "NeumannGMRES",
     "ResidualOperator",
     "Solve",
+    "check_linear_solver",
     "default_linear_tolerance",
     "default_max_condition",
     "gmres",
@@ -94,9 +95,22 @@ def resolve_linear_solver(
             return Dense(max_condition)
         # a backward needs its solve no more accurate than the forward's default tolerance
         return NeumannGMRES(rtol=default_tolerance(dtype)) if few_solves else GMRES()
+    check_linear_solver(solver)
+    cls = _ALIASES[solver.lower()]
+    return cls(max_condition) if cls is Dense else cls()
+
+
+def check_linear_solver(solver: str | LinearSolver) -> None:
+    """Refuse, now, a ``linear_solver`` that :func:`resolve_linear_solver` would refuse
+    later (an option is checked where it is given).
+
+    Raises:
+        ValueError: not ``"auto"``, a known name or a :class:`LinearSolver`.
+    """
+    if isinstance(solver, LinearSolver) or solver == "auto":
+        return
     if isinstance(solver, str) and solver.lower() in _ALIASES:
-        cls = _ALIASES[solver.lower()]
-        return cls(max_condition) if cls is Dense else cls()
+        return
     raise ValueError(
         f"unknown linear_solver {solver!r}; use 'auto', one of {sorted(_ALIASES)}, or an "
         "instance such as deqhess.linear.GMRES(restart=50)."

@@ -79,7 +79,7 @@ class ModelCurvature:
             to start the next pass's solves from, until they hold this many bytes (the
             rest of the batches start cold; 0 keeps none). Default 256 MB.
         backward: how a block's K directions go through a batch's graph: ``"auto"``
-            (default), ``"vmap"``, ``"batched"`` or ``"loop"`` (see
+            (default), ``"vmap"``, ``"batched"`` (models without DEQ layers) or ``"loop"`` (see
             :class:`deqhess.models.backward.BlockBackward`).
 
     Raises:
@@ -121,9 +121,20 @@ class ModelCurvature:
                 "the data once, so pass a list or a DataLoader."
             )
         self.batch_size_fn = batch_size_fn or _leading_size
-        self.chunk_size = chunk_size or default_chunk_size(2 * self.layout.size)
+        self.chunk_size = (
+            default_chunk_size(2 * self.layout.size)
+            if chunk_size is None
+            else integer(chunk_size, "chunk_size", minimum=1)
+        )
         self._seen: tuple[int, int] | None = None  # samples and batches of the first pass
         self.backward = BlockBackward(backward)
+        if backward == "batched" and _deq_layers(model):
+            raise ValueError(
+                "backward='batched' (torch.autograd.grad with is_grads_batched=True) cannot "
+                "go through a deqhess.nn.DEQ layer: torch's legacy batching cannot run its "
+                "solves. Use backward='vmap' (what 'auto', the default, picks for DEQ models) "
+                "or 'loop'."
+            )
         self.warm_start_bytes = integer(warm_start_bytes, "warm_start_bytes", minimum=0)
         # each batch's DEQ fixed points, to start the next pass's solves from (small:
         # states, not graphs), while they fit in warm_start_bytes

@@ -31,7 +31,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..nn.reparametrize import functional_call
 from ..parameters import ParameterLayout
 from .backward import BlockBackward
 
@@ -49,19 +51,41 @@ def _first_grads(value: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
 
 def _directional(
     backward: BlockBackward,
-    output: Tensor,
+    outputs: Sequence[Tensor],
     params: Sequence[Tensor],
     directions: Sequence[Tensor],
-) -> Tensor:
-    """``J V`` ``[K, *output.shape]`` with ``J = ∂output/∂θ``, by double backward."""
+) -> list[Tensor]:
+    """``J V`` ``[K, *output.shape]`` for each output, ``J = ∂output/∂θ``, by double
+    backward."""
     count = directions[0].shape[0]
-    if not output.requires_grad:
-        return output.new_zeros((count, *output.shape))
-    probe = torch.zeros_like(output, requires_grad=True)
+    live = [o for o in outputs if o.requires_grad]
+    if not live:
+        return [o.new_zeros((count, *o.shape)) for o in outputs]
+    probes = [torch.zeros_like(o, requires_grad=True) for o in live]
     transposed = torch.autograd.grad(
-        output, params, probe, create_graph=True, allow_unused=True, materialize_grads=True
+        live, params, probes, create_graph=True, allow_unused=True, materialize_grads=True
     )
-    return backward(transposed, [probe], directions)[0]
+    found = iter(backward(transposed, probes, directions))
+    return [next(found) if o.requires_grad else o.new_zeros((count, *o.shape)) for o in outputs]
+
+
+def _output_leaves(output: Any) -> tuple[list[Tensor], Any]:
+    """The floating tensors of a model's output (a tensor, or a tuple / list / dict of
+    them) and the structure to rebuild it from them.
+
+    Raises:
+        ValueError: the output holds no floating tensor, or something other than tensors.
+    """
+    leaves, spec = tree_flatten(output)
+    if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
+        kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, Tensor)})
+        raise ValueError(
+            "the GGN Jᵀ∇²ℓJ is taken at the model's output, which must be a floating "
+            "tensor or a tuple / list / dict of them; got "
+            f"{type(output).__name__}{f' holding {kinds}' if kinds else ''}. Use the "
+            "'total' Hessian, or return the tensors the loss is convex in."
+        )
+    return leaves, spec
 
 
 class BatchGraph:
@@ -105,7 +129,7 @@ class BatchGraph:
             if part in ("loss_curvature", "dynamics_curvature"):
                 output, (self.state, self.leaf) = self._forward_split(model, params, x)
             else:
-                output = torch.func.functional_call(model, params, (x,))
+                output = functional_call(model, params, (x,))
             self.output = output
             self.loss_func, self.target, self.weight = loss_func, target, weight
             self.loss = self._loss(output)
@@ -137,7 +161,7 @@ class BatchGraph:
 
         handle = self.split_at.register_forward_hook(substitute)
         try:
-            output = torch.func.functional_call(model, params, (x,))
+            output = functional_call(model, params, (x,))
         finally:
             handle.remove()
         if len(captured) != 1:
@@ -155,9 +179,11 @@ class BatchGraph:
         if self.part == "total":
             self.first = _first_grads(self.loss, self.params)
         elif self.part == "ggn":
-            out = self.output.detach().requires_grad_()
-            self.out_leaf = out
-            self.out_grad = _first_grads(self._loss(out), [out])
+            self.outputs, spec = _output_leaves(self.output)
+            self.out_leaves = [o.detach().requires_grad_() for o in self.outputs]
+            self.out_grad = _first_grads(
+                self._loss(tree_unflatten(self.out_leaves, spec)), self.out_leaves
+            )
         elif self.part == "loss_curvature":
             self.first = _first_grads(self.loss, [*self.params, self.leaf])
         else:  # dynamics curvature: Σ (∂L/∂h)ᵢ ∇²h*ᵢ, the second derivatives of ⟨ḡ, h*(θ)⟩
@@ -172,11 +198,11 @@ class BatchGraph:
             if self.part in ("total", "dynamics_curvature"):
                 out = backward(self.first, self.params, directions)
             elif self.part == "ggn":
-                jv = _directional(backward, self.output, self.params, directions)
-                hjv = backward(self.out_grad, [self.out_leaf], [jv])[0]
-                out = backward([self.output], self.params, [hjv])
+                jv = _directional(backward, self.outputs, self.params, directions)
+                hjv = backward(self.out_grad, self.out_leaves, jv)
+                out = backward(self.outputs, self.params, hjv)
             else:  # [I; Z]ᵀ ∇²L [I; Z]
-                zv = _directional(backward, self.state, self.params, directions)
+                (zv,) = _directional(backward, [self.state], self.params, directions)
                 *g_theta, g_h = backward(self.first, [*self.params, self.leaf], [*directions, zv])
                 back = backward([self.state], self.params, [g_h])
                 out = [a + b for a, b in zip(g_theta, back, strict=True)]

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
-from ..linear import LinearSolver, LinearSolveStats
+from ..linear import LinearSolver, LinearSolveStats, check_linear_solver
 from ..options import integer
 from ..solvers import (
     Convergence,
@@ -24,6 +25,7 @@ from ..solvers import (
 from ..state import check_state_map
 from .contract import InputLayout, check_deterministic, state_arguments
 from .implicit import FixedPointSpec, fixed_point
+from .reparametrize import functional_call
 
 __all__ = ["DEQ", "LayerInfo", "warm_starts"]
 
@@ -127,6 +129,7 @@ class DEQ(nn.Module):
         self.tol, self.atol = tol, atol
         self.max_iter = integer(max_iter, "max_iter", minimum=0)
         self.batch_dim = batch_dim
+        check_linear_solver(linear_solver)
         self.linear_solver = linear_solver
         self.require_convergence = require_convergence
         self.convergence = Convergence.resolve(convergence, require_convergence)
@@ -142,6 +145,18 @@ class DEQ(nn.Module):
                 "h0, or define init_state(x) on the cell."
             )
         return torch.zeros_like(x)
+
+    def _check_initial_shape(self, x: Any, h0: Any) -> None:
+        """A given ``h0`` has the state's shape where the cell says it (``init_state``)."""
+        init = getattr(self.cell, "init_state", None)
+        if not callable(init) or not isinstance(h0, Tensor):
+            return
+        expected = init(x).shape
+        if h0.shape != expected:
+            raise ValueError(
+                f"h0 has shape {tuple(h0.shape)} but the state has shape {tuple(expected)} "
+                "(cell.init_state(x)); pass h0 shaped like the state, or leave it out."
+            )
 
     def forward(
         self, x: Any, h0: Tensor | None = None, *, return_info: bool = False
@@ -159,6 +174,9 @@ class DEQ(nn.Module):
         check_deterministic(self.cell)
         inputs = InputLayout(x)
         warm = self._warm_entry() if h0 is None else None
+        given = h0 is not None
+        if given:
+            self._check_initial_shape(x, h0)
         h0 = self.initial_state(x) if h0 is None else h0
         if warm is not None:
             previous = warm[0].get(warm[1])
@@ -170,7 +188,15 @@ class DEQ(nn.Module):
             return self._empty(x, h0, return_info)
         cell, count = self.cell, len(inputs.positions)
 
+        unexplained = [given]  # the first evaluation from a user's h0 explains a failure
+
         def step(z: Tensor, *args: Tensor) -> Tensor:
+            if unexplained and unexplained.pop():
+                try:
+                    return step(z, *args)
+                except Exception as error:
+                    error.add_note(_initial_state_note(x, z))
+                    raise
             state = args[count:]
             if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
                 # the cell's own numbers, nothing to differentiate (the forward solve):
@@ -179,7 +205,7 @@ class DEQ(nn.Module):
                 out = cell(inputs.rebuild(args[:count]), z)
             else:
                 arguments = dict(zip(names, state, strict=True))
-                out = torch.func.functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
+                out = functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
             check_state_map(out, z, "cell(x, h)")
             return out
 
@@ -256,6 +282,17 @@ def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
             f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
             f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
         )
+
+
+def _initial_state_note(x: Any, h0: Tensor) -> str:
+    """What a failure of the cell's first evaluation from a user's ``h0`` may mean."""
+    shapes = [tuple(t.shape) for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
+    described = shapes[0] if len(shapes) == 1 else shapes
+    return (
+        f"deqhess: the cell raised this at its first evaluation, from the h0 you passed "
+        f"(shape {tuple(h0.shape)}; x: {described}). If h0 is not shaped like the state "
+        "cell(x, h) returns, pass one that is, or leave h0 out."
+    )
 
 
 def _same_data(a: Tensor, b: Tensor) -> bool:
