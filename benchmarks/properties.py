@@ -47,7 +47,7 @@ def main() -> None:
     print("\nexamples run per test:")
     for name, count in sorted(data["examples"].items()):
         print(f"  {name:48s} {count:5d}")
-    print("\nworst relative error per quantity (bound 1e-9; issue 9 cases are expected failures):")
+    print("\nworst relative error per quantity (bound 1e-9):")
     for name, error in sorted(data["worst"].items()):
         print(f"  {name:48s} {error:9.2e}")
     sys.exit(run.returncode)

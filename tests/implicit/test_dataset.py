@@ -293,10 +293,9 @@ def test_unconverged_samples_are_excluded_explicitly_and_counted():
     options = dict(solver="picard", tol=1e-12, atol=1e-13, max_iter=30)
     with pytest.raises(dh.ConvergenceError, match="did not converge"):
         dh.DatasetEquilibrium(f, theta, batches, loss, **options)
-    data = dh.DatasetEquilibrium(
-        f, theta, batches, loss, convergence="best", exclude_unconverged=True, cache_bytes=0,
-        **options,
-    )  # fmt: skip
+    data = dh.DatasetEquilibrium(  # excluding implies keeping the best iterates to exclude
+        f, theta, batches, loss, exclude_unconverged=True, cache_bytes=0, **options
+    )
     slow = sum(int((x[:, 0] > 0.5).sum()) for x, _ in batches)
     assert data.excluded_samples == slow and data.num_samples == 15 - slow
     kept = [(x[x[:, 0] < 0.5], y[x[:, 0] < 0.5]) for x, y in batches]
@@ -305,6 +304,10 @@ def test_unconverged_samples_are_excluded_explicitly_and_counted():
     assert torch.allclose(data.hessian(), reference.hessian(), rtol=1e-12)
     v = torch.ones(1)
     assert torch.allclose(data.hvp(v), reference.hvp(v), rtol=1e-12)
+    with pytest.raises(dh.ConvergenceError, match="did not converge"):  # a policy chosen stays
+        dh.DatasetEquilibrium(
+            f, theta, batches, loss, exclude_unconverged=True, convergence="raise", **options
+        )
 
 
 def test_excluding_needs_tensor_samples_and_a_converged_one():

@@ -136,8 +136,9 @@ class DatasetEquilibrium:
         allow_empty: accept data with no batch (a rank's empty shard); every
             derivative is then zero.
         exclude_unconverged: leave out, explicitly, the samples whose forward solve
-            missed the tolerance (with ``convergence="best"`` or a policy ending in it;
-            the default ``"raise"`` stops at the first): each such batch is rebuilt on
+            missed the tolerance (the policy defaults to ``convergence="best"``, keeping
+            each unconverged sample's best iterate to leave out; an explicit ``"raise"``
+            still stops at the first): each such batch is rebuilt on
             its converged samples from their fixed points, and the loss, the weights
             and ``num_samples`` count only those. Needs tensor ``x`` and ``target``
             whose first dimension indexes the samples. ``excluded_samples`` says how
@@ -178,9 +179,11 @@ class DatasetEquilibrium:
         self.init_state, self.reduction, self.batch_dim = init_state, reduction, batch_dim
         self.exclude_unconverged = exclude_unconverged
         if exclude_unconverged:  # the data set reports what it leaves out: no warnings
+            chosen = "convergence" in options or "require_convergence" in options
             policy = copy.copy(
                 Convergence.resolve(
-                    options.pop("convergence", None), options.pop("require_convergence", True)
+                    options.pop("convergence", None if chosen else "best"),
+                    options.pop("require_convergence", True),
                 )
             )
             policy.warn = False
