@@ -214,3 +214,21 @@ def test_anderson_steps_match_their_definition(damping):
         expected = _anderson_reference(fn64, h0, steps, 3, damping)
         # the same arithmetic in another order: rounding, amplified by the least squares
         assert torch.allclose(h, expected, rtol=0, atol=1e-10), steps
+
+
+@pytest.mark.parametrize("key", sorted(SOLVERS))
+def test_a_map_that_reuses_its_output_buffer_solves_the_same(key):
+    """``f`` writing each image into one buffer it returns (``out=``): the driver and the
+    solvers keep no reference to ``f``'s output across evaluations, so the iterates and
+    the fixed point are those of the plain map."""
+    fn, _ = _rowwise_map()
+    buffer = torch.empty(4, 6)
+
+    def reusing(h):
+        return buffer.copy_(fn(h))
+
+    tol = Tolerance(rtol=1e-12, atol=1e-12)
+    h, info = solve_fixed_point(reusing, torch.zeros(4, 6), SOLVERS[key], tol, max_iter=500)
+    expected, plain = solve_fixed_point(fn, torch.zeros(4, 6), SOLVERS[key], tol, max_iter=500)
+    assert info.converged and info.iterations == plain.iterations
+    assert torch.equal(h, expected)

@@ -19,8 +19,7 @@ class _History:
     ``count mod m`` next): the least squares ignore their order.
 
     Attributes:
-        h, g, fh: the previous iterate, its residual and its image ``f(h)`` ``[S, d]``
-            (None before the first).
+        h, g: the previous iterate and its residual ``[S, d]`` (None before the first).
         dg: ``[S, m, d]`` residual differences ``Δg``.
         dx: ``[S, m, d]`` the mixing directions ``Δh + β Δg``.
         gram: ``[S, m, m]`` ``ΔGᵀΔG``, one row and column updated per step.
@@ -29,7 +28,6 @@ class _History:
 
     h: Tensor | None
     g: Tensor | None
-    fh: Tensor | None
     dg: Tensor
     dx: Tensor
     gram: Tensor
@@ -72,7 +70,6 @@ class Anderson(FixedPointSolver):
         return _History(
             h=None,
             g=None,
-            fh=None,
             dg=h.new_zeros(samples, m, width),
             dx=h.new_zeros(samples, m, width),
             gram=h.new_zeros(samples, m, m),
@@ -86,10 +83,8 @@ class Anderson(FixedPointSolver):
         if memory.h is not None:
             slot = memory.count % self.memory
             delta_g = torch.sub(g, memory.g, out=memory.dg[:, slot])
-            if beta == 1.0:  # Δh + Δg = Δf(h)
-                torch.sub(fh, memory.fh, out=memory.dx[:, slot])
-            else:
-                torch.add(h - memory.h, delta_g, alpha=beta, out=memory.dx[:, slot])
+            # ΔH + βΔG (from h and g, which the driver owns: f may reuse its output buffer)
+            torch.add(h - memory.h, delta_g, alpha=beta, out=memory.dx[:, slot])
             memory.count += 1
             k = min(memory.count, self.memory)
             dg = memory.dg[:, :k]
@@ -115,5 +110,5 @@ class Anderson(FixedPointSolver):
             else:
                 ok = (failed == 0) & torch.isfinite(mixed.sum(dim=1))
                 h_next = torch.where(ok[:, None], mixed, h_next)
-        memory.h, memory.g, memory.fh = h, g, fh
+        memory.h, memory.g = h, g
         return h_next, memory

@@ -283,6 +283,8 @@ def _run(
         if frozen.all() or k == cap:
             break
         h_next, memory = solver.step(memory, h, fh)
+        if h_next is fh:  # f(h) itself (Picard): copied, as f may reuse its output buffer
+            h_next = fh.clone()
         h = torch.where(_rows(frozen, h), h, h_next) if frozen.any() else h_next
     p.status[p.done] = int(Status.CONVERGED)
     p.status[~frozen] = int(Status.MAX_ITER)
