@@ -151,10 +151,11 @@ class DEQ(nn.Module):
         init = getattr(self.cell, "init_state", None)
         if not callable(init) or not isinstance(h0, Tensor):
             return
-        expected = init(x).shape
-        if h0.shape != expected:
+        expected = init(x)
+        if isinstance(expected, Tensor) and h0.shape != expected.shape:
             raise ValueError(
-                f"h0 has shape {tuple(h0.shape)} but the state has shape {tuple(expected)} "
+                f"h0 has shape {tuple(h0.shape)} but the state has shape "
+                f"{tuple(expected.shape)} "
                 "(cell.init_state(x)); pass h0 shaped like the state, or leave it out."
             )
 
