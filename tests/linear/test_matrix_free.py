@@ -222,3 +222,25 @@ def test_a_zero_right_hand_side_row_is_held_to_the_others_accuracy():
     x, info = neumann(matvec, b, rtol=1e-12)
     assert info.converged and info.residual <= 1e-12
     assert torch.allclose(x.reshape(2), torch.linalg.solve(a, b.reshape(2)), atol=1e-12)
+
+
+def test_a_diverging_neumann_series_is_named_for_its_spectral_radius():
+    """At an unstable fixed point (ρ(J) = 1.5: f(h) = 1.5 h + c, h* = −2c, given as h0)
+    the Neumann series runs off; the error says why and what to use instead, and GMRES
+    gives the exact answer: ∇_c L = (I − J)⁻ᵀ ∇L = −2 ∇L."""
+    import deqhess as dh
+
+    c = torch.tensor([[0.3, -0.2, 0.5]])
+
+    def f(x, h, theta):
+        return 1.5 * h + theta
+
+    def loss(h):
+        return (h**2).sum()
+
+    with pytest.raises(ConvergenceError, match=r"diverged: .*\(ρ\(J\) ≥ 1\)\. Use linear_solver"):
+        dh.Equilibrium(f, c, None, -2 * c, linear_solver="neumann").grad(loss)
+    grad = dh.Equilibrium(f, c, None, -2 * c, linear_solver="gmres").grad(loss)
+    assert torch.allclose(grad, -2 * (2 * (-2 * c)), rtol=1e-10)
+    _, info = neumann(lambda x: x * -0.5, torch.ones(1, 2), rtol=1e-12, max_iter=500)
+    assert info.method == "Neumann (diverging)" and info.iterations < 40  # stops early

@@ -173,6 +173,8 @@ def test_model_errors():
     mse = nn.MSELoss()
     with pytest.raises(ValueError, match=r"unknown parameter names \['nope'\]"):
         dh.ModelCurvature(model, mse, data, params=["nope"])
+    with pytest.raises(ValueError, match="params is empty: name the parameters"):
+        dh.ModelCurvature(model, mse, data, params=[])
     with pytest.raises(ValueError, match="one-shot iterator"):
         dh.ModelCurvature(model, mse, (b for b in data))
     with pytest.raises(ValueError, match=r"split_at must be one of the model's deqhess\.nn\.DEQ"):

@@ -273,3 +273,29 @@ def test_legacy_batched_gradients_are_refused_with_the_supported_alternative():
     batched = torch.func.vmap(product)(directions)
     looped = torch.stack([product(v) for v in directions])
     assert relative_error(batched, looped) <= 1e-12
+
+
+def test_in_place_use_of_the_output_does_not_move_the_next_warm_start():
+    """The store keeps the layer's own copy of h*: negating what was returned (a map with
+    two stable fixed points, ±0.96) must not send the next call to the other one."""
+
+    class Bistable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x, h):
+            return torch.tanh(self.g * h + x)
+
+    deq = DEQ(Bistable(), solver="picard", tol=1e-12)
+    x = torch.full((2, 3), 0.05)
+    store = {}
+    with dh.nn.warm_starts(store):
+        first = deq(x)
+    assert all(v.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+               for v in store.values())  # fmt: skip
+    with torch.no_grad():
+        first.neg_()
+    with dh.nn.warm_starts(store):
+        second = deq(x)
+    assert bool((second > 0.9).all()), second

@@ -232,3 +232,25 @@ def test_a_map_that_reuses_its_output_buffer_solves_the_same(key):
     expected, plain = solve_fixed_point(fn, torch.zeros(4, 6), SOLVERS[key], tol, max_iter=500)
     assert info.converged and info.iterations == plain.iterations
     assert torch.equal(h, expected)
+
+
+def test_the_public_driver_checks_its_inputs_and_detaches_fn():
+    """``solve_fixed_point`` on its own: rows ``[S, d]`` only, ``fn`` of the same shape and
+    dtype (a float32 image of float64 rows would be 'converged' at float32's accuracy), and
+    an ``fn`` whose output carries a graph is iterated without it."""
+    fn, _ = _rowwise_map()
+    tol = Tolerance(rtol=1e-10, atol=1e-10)
+    for bad in (torch.zeros(6), torch.zeros(2, 2, 6)):
+        with pytest.raises(ValueError, match=r"h0 must be rows \[S, d\] .* got shape"):
+            solve_fixed_point(fn, bad, Picard(), tol, 50)
+    with pytest.raises(ValueError, match="supports float32 and float64"):
+        solve_fixed_point(fn, torch.zeros(4, 6, dtype=torch.float16), Picard(), tol, 50)
+    rows = torch.zeros(4, 6, dtype=torch.float64)
+    for solver in (Picard(), Anderson()):
+        with pytest.raises(ValueError, match=r"fn\(h\) returned shape \(4, 6\) and dtype torch"):
+            solve_fixed_point(lambda h: fn(h).float(), rows, solver, tol, 50)
+    scale = torch.tensor(1.0, requires_grad=True)
+    for solver in (Picard(), Anderson()):
+        h, info = solve_fixed_point(lambda h: scale * fn(h), torch.zeros(4, 6), solver, tol, 500)
+        assert info.converged and not h.requires_grad
+        assert torch.allclose(h, solve_fixed_point(fn, torch.zeros(4, 6), solver, tol, 500)[0])

@@ -22,6 +22,9 @@ from ..errors import ConvergenceError, NonFiniteError
 from ..options import integer, real
 from .operator import ResidualOperator
 
+#: the method of a Neumann solve stopped because its series diverges (ρ(J) ≥ 1)
+NEUMANN_DIVERGING = "Neumann (diverging)"
+
 __all__ = [
     "IterativeSolve",
     "IterativeSolver",
@@ -211,6 +214,15 @@ class IterativeSolve(Solve):
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
         apply = self.operator.apply_transpose if self.transposed else self.operator.apply
         x, info = self.method(apply, rhs, x0)
+        if info.method == NEUMANN_DIVERGING:
+            raise ConvergenceError(
+                f"{self.name} diverged: its residual grew a million-fold in "
+                f"{info.iterations} products. The Neumann series Σ Jᵏ b converges only when "
+                "every eigenvalue of J = ∂f/∂h lies inside the unit circle, and at this fixed "
+                "point one does not (ρ(J) ≥ 1). Use linear_solver='gmres' or 'dense' (or "
+                "NeumannGMRES), which need only I − J invertible.",
+                info=info,
+            )
         if info.residual is not None and not math.isfinite(info.residual):
             raise NonFiniteError(
                 f"{self.name}: products with I − J are not finite, so ∂f/∂h is NaN/inf at the "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .base import (
+    NEUMANN_DIVERGING,
     IterativeSolver,
     LinearSolveInfo,
     Method,
@@ -39,6 +41,9 @@ def neumann(
     target = row_targets(b, rtol, atol)
     x, r, products = warm_start(matvec, b, x0)
     residual = row_norms(r)
+    # the largest starting residual: a row whose right-hand side is zero may grow from 0
+    ceiling = _DIVERGING * float(residual.max()) if residual.numel() else math.inf
+    method = "Neumann"
     while not bool((residual <= target).all()) and products < max_iter:
         if not bool(torch.isfinite(residual).all()):  # J is not finite: no use going on
             break
@@ -46,7 +51,14 @@ def neumann(
         r = b - matvec(x)
         products += 1
         residual = row_norms(r)
-    return x, LinearSolveInfo.of("Neumann", products, b, residual, target)
+        if bool((residual > ceiling).any()):  # the series diverges: ρ(J) ≥ 1
+            method = NEUMANN_DIVERGING
+            break
+    return x, LinearSolveInfo.of(method, products, b, residual, target)
+
+
+#: a row whose residual grew this many times over its start: the series diverges
+_DIVERGING = 1e6
 
 
 class Neumann(IterativeSolver):

@@ -276,7 +276,12 @@ def _chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | N
         if unknown:
             raise ValueError(f"unknown parameter names {unknown}; the model has {list(named)}.")
     if not names:
-        raise ValueError("no parameters chosen: the model has none that require grad.")
+        raise ValueError(
+            "no parameters chosen: the model has none that require grad."
+            if params is None
+            else "params is empty: name the parameters to differentiate in, or pass "
+            "params=None for all that require grad."
+        )
     return names
 
 

@@ -235,9 +235,12 @@ class DEQ(nn.Module):
         )
         # a copy for the caller: the Function's own output is saved for the backward, so
         # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
-        h = fixed_point(spec, h0.detach(), *inputs.tensors, *values).clone()
+        solved = fixed_point(spec, h0.detach(), *inputs.tensors, *values)
+        h = solved.clone()
         if warm is not None and torch._C._functorch.peek_interpreter_stack() is None:
-            warm[0][warm[1]] = h.detach()
+            # the Function's own output, which the caller never sees: in-place use of
+            # what is returned must not move the next call's start either
+            warm[0][warm[1]] = solved.detach()
         if return_info:
             forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
             return h, LayerInfo(**forward, linear_solves=stats)

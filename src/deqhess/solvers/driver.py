@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError
-from ..options import integer
+from ..options import integer, supported_dtype
+from ..state import check_state_map
 from .base import FixedPointSolver
 from .convergence import Convergence, Stage, Status
 from .residual import Residual
@@ -160,6 +161,13 @@ def solve_fixed_point(
             policy, or diverged (``fn`` non-finite, or ``‖fn(h)‖`` overflowing), under
             ``on_failure="raise"``.
     """
+    if not isinstance(h0, Tensor) or h0.ndim != 2:
+        got = f"shape {tuple(h0.shape)}" if isinstance(h0, Tensor) else type(h0).__name__
+        raise ValueError(
+            f"h0 must be rows [S, d] (S independent systems of width d); got {got}. Reshape "
+            "the state, e.g. h0.reshape(1, -1) for one system."
+        )
+    supported_dtype(h0.dtype, "h0")
     residual_map = fn if isinstance(fn, Residual) else Residual(fn)
     policy = Convergence.resolve(convergence, require_convergence)
     max_iter = integer(max_iter, "max_iter", minimum=0)
@@ -214,6 +222,10 @@ def _run(
     steps = 0
     for k in range(cap + 1):
         fh, g = residual_map.evaluate(h)
+        if k == 0:
+            check_state_map(fh, h, "fn(h)")
+        if fh.requires_grad:  # the solve differentiates nothing: no graph across iterations
+            fh, g = fh.detach(), g.detach()
         residual, scale = _row_norms(g), _row_norms(fh)
         # a NaN or inf entry, or an overflowing norm, leaves a norm non-finite
         finite = np.isfinite(residual) & np.isfinite(scale)
