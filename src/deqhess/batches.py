@@ -238,8 +238,13 @@ class BatchCache:
 
     def values(self) -> Iterator[Any]:
         """The cached values, in data order."""
+        for _, value in self.items():
+            yield value
+
+    def items(self) -> Iterator[tuple[int, Any]]:
+        """``(batch index, cached value)``, in data order."""
         for index in sorted(self._entries):
-            yield self._entries[index].value
+            yield index, self._entries[index].value
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -39,6 +39,9 @@ FACTORY = textwrap.dedent(
     def not_a_problem():
         return 42
 
+    def incomplete_fields():
+        return {"f": lambda x, h, t: h, "colour": "red"}
+
     def raises_its_own_value_error():
         raise ValueError("the user's own bug")
 
@@ -123,6 +126,10 @@ def test_analyze_writes_report_and_plots(factory, tmp_path, capsys):
 def test_analyze_errors(factory, capsys):
     assert main(["analyze", f"{factory}:not_a_problem", "--no-progress"]) == 2
     assert "returned int; return a deqhess.cli.AnalysisProblem" in capsys.readouterr().err
+    assert main(["analyze", f"{factory}:incomplete_fields", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "returned a dict for AnalysisProblem without ['data', 'loss'] and with unknown" in err
+    assert "Traceback" not in err
     for spec, message in [
         ("no_colon", "must look like 'package.module:function'"),
         ("missing.py:make", "does not exist"),

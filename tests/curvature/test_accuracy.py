@@ -98,3 +98,46 @@ def test_accuracy_argument_errors():
     block = dh.curvature.ParameterBlock(op, eq32.problem.params, ["W"])
     with pytest.raises(ValueError, match=r"reference operator has shape \(25, 25\); op has"):
         operator_accuracy(op, reference=block)
+
+
+def _slow_rows(contractions):
+    """A linear DEQ ``h = c x₀ h + x₁`` per sample, with contraction ``c x₀`` per row."""
+    x = torch.stack([torch.tensor(contractions), torch.linspace(0.5, 1.5, len(contractions))], 1)
+
+    def f(x, h, theta):
+        return theta * x[:, :1] * h + x[:, 1:]
+
+    def loss(h, target):
+        return ((h[:, 0] - target) ** 2).mean()
+
+    return f, x, loss
+
+
+def test_a_data_set_accuracy_skips_batches_left_out_and_knows_cond_once_factorised():
+    """(1) A batch none of whose samples converged is left out of the operator; its
+    residuals (~1) must not enter the state error (which divided them by ‖h‖ = 0: 4e307).
+    (2) With the dense LU, the first product pass factorises each batch and records
+    ‖(I − J)⁻¹‖: the state error is then ``‖(I − J)⁻¹‖ · ‖f(h) − h‖/‖h‖``
+    (condition_known), the honest figure for a slow sample (J = 0.999: its residual is
+    amplified 1,000-fold though its scalar system has condition 1)."""
+    f, x, loss = _slow_rows([0.2, 0.3, 0.999, 0.999])  # the last batch never converges
+    theta = torch.tensor(1.0)
+    batches = [(x[:2], torch.ones(2)), (x[2:], torch.ones(2))]
+    options = dict(solver="picard", tol=1e-12, atol=1e-13, max_iter=60, linear_solver="dense")
+    data = dh.DatasetEquilibrium(f, theta, batches, loss, exclude_unconverged=True, **options)
+    assert [s.samples for s in data.batch_solves] == [2, 0] and data.excluded_samples == 2
+    accuracy = operator_accuracy(data.hessian_operator(), data.batch_solves)
+    assert accuracy.state_error <= 1e-10 and accuracy.condition_known
+
+    f, x, loss = _slow_rows([0.5, 0.999])
+    batches = [(x, torch.ones(2))]
+    options.update(max_iter=100_000, cache_bytes=0)  # streamed: factorised in the passes
+    data = dh.DatasetEquilibrium(f, theta, batches, loss, **options)
+    assert data.batch_solves[0].info.condition_number is None  # only the fixed point so far
+    accuracy = operator_accuracy(data.hessian_operator(), data.batch_solves)
+    info = data.batch_solves[0].info
+    assert info.condition_number == pytest.approx(1.0)  # 1 × 1 blocks
+    assert accuracy.condition_known and info.inverse_norm == pytest.approx(1e3, rel=1e-6)
+    residual = float(info.sample_residuals.norm())
+    norm = data.batch_solves[0].state_norm
+    assert accuracy.state_error == pytest.approx(1e3 * residual / norm, rel=1e-6)

@@ -273,7 +273,8 @@ def _solves(data: DatasetEquilibrium | ModelCurvature) -> list | None:
 
 
 def _solve_summary(data: DatasetEquilibrium | ModelCurvature, seconds: float) -> dict[str, Any]:
-    solves = _solves(data)
+    # a batch whose samples were all left out contributes no state to the operator
+    solves = [s for s in _solves(data) or () if s.samples > 0]
     if not solves:
         return {"seconds": seconds}
     return {
@@ -347,6 +348,11 @@ def _describe_accuracy(a: dict[str, Any]) -> str:
     else:
         text += " (estimated"
     if a["state_error"] is None:  # a model: its DEQ layers solve inside each product
-        return text + f"; asymmetry {a['asymmetry']:.1e})"
-    how = "cond(I − J)·‖f(h) − h‖/‖h‖" if a["condition_known"] else "‖f(h) − h‖/‖h‖"
+        return text + (
+            f"; asymmetry {a['asymmetry']:.1e} only: the DEQ layers' own solve error, about "
+            "tol × cond(I − J) relative, is not estimated for models)"
+            if a["float64_error"] is None
+            else f"; asymmetry {a['asymmetry']:.1e})"
+        )
+    how = "‖(I − J)⁻¹‖·‖f(h) − h‖/‖h‖" if a["condition_known"] else "‖f(h) − h‖/‖h‖"
     return text + f"; state {a['state_error']:.1e} from {how}, asymmetry {a['asymmetry']:.1e})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -291,10 +292,32 @@ def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
         raise ValueError(f"{target!r} has no callable {name!r}.")
     result = factory()
     if isinstance(result, Mapping):
-        result = (ModelProblem if "model" in result else AnalysisProblem)(**result)
+        result = _from_fields(spec, result)
     if not isinstance(result, (AnalysisProblem, ModelProblem)):
         raise ValueError(
             f"the factory {spec!r} returned {type(result).__name__}; return a "
             "deqhess.cli.AnalysisProblem or ModelProblem (or a dict of its fields)."
         )
     return result
+
+
+def _from_fields(spec: str, fields_: Mapping[str, Any]) -> AnalysisProblem | ModelProblem:
+    """A problem from a factory's dict: ``ModelProblem`` if it names a model."""
+    kind = ModelProblem if "model" in fields_ else AnalysisProblem
+    known = [f.name for f in dataclasses.fields(kind)]
+    required = [
+        f.name
+        for f in dataclasses.fields(kind)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [n for n in required if n not in fields_]
+    unknown = [n for n in fields_ if n not in known]
+    if missing or unknown:
+        raise ValueError(
+            f"the factory {spec!r} returned a dict for {kind.__name__} "
+            + (f"without {missing}" if missing else "")
+            + (" and " if missing and unknown else "")
+            + (f"with unknown fields {unknown}" if unknown else "")
+            + f"; its fields are {known} (required: {required})."
+        )
+    return kind(**fields_)

@@ -7,8 +7,10 @@ own error, which in float32 is usually the larger one (the fixed point is solved
 by default). :func:`operator_accuracy` estimates it, cheaply, from three sources:
 
 * **state error** — the fixed point is inexact: ``δh ≈ (I − J)⁻¹ (f(h) − h)``, so
-  ``‖δh‖/‖h‖ ≲ cond(I − J) · ‖f(h) − h‖ / ‖h‖``; derivatives at ``h`` move by about as
-  much, relative. Not so for what scales with the adjoint λ (the dynamics curvature)
+  ``‖δh‖/‖h‖ ≲ ‖(I − J)⁻¹‖ · ‖f(h) − h‖ / ‖h‖`` (the inverse's norm, not the condition
+  number: a sample with ``J`` near 1 amplifies its residual 1/(1 − J)-fold though its
+  scalar system has condition 1); derivatives at ``h`` move by about as much, relative.
+  Not so for what scales with the adjoint λ (the dynamics curvature)
   when ``∇ₕL`` is small (near a minimum of the loss in h): λ's relative error is then larger,
   and so is that part's. No products needed. This error leaves the operator symmetric
   (it is the exact Hessian at a nearby point), so nothing computed from the operator
@@ -54,10 +56,11 @@ class OperatorAccuracy:
         scale: ``max ‖H u‖ / ‖u‖`` over the probes, the ``‖H‖`` the relative figures
             divide by (at most ``‖H‖₂``, so they err on the large side).
         asymmetry: ``max |uᵢᵀHuⱼ − uⱼᵀHuᵢ| / (‖uᵢ‖‖uⱼ‖ · scale)`` over probe pairs.
-        state_error: ``cond(I − J) · ‖f(h) − h‖ / ‖h‖``, largest over the equilibria, or
-            None when none were given.
-        condition_known: whether ``state_error`` used a condition number (dense LU);
-            without one (iterative solves) it is ``‖f(h) − h‖ / ‖h‖``, an underestimate.
+        state_error: ``‖(I − J)⁻¹‖ · ‖f(h) − h‖ / ‖h‖``, largest over the equilibria,
+            or None when none were given.
+        condition_known: whether ``state_error`` used ``‖(I − J)⁻¹‖`` (known once a
+            dense LU is formed); without it (iterative solves) the figure is
+            ``‖f(h) − h‖ / ‖h‖``, an underestimate.
         reference_error: ``max ‖(H − H_ref) u‖ / (‖u‖ · scale)`` against a reference
             operator, or None.
         num_hvps: products of the operator used; ``reference_hvps`` of the reference.
@@ -83,7 +86,7 @@ class OperatorAccuracy:
         """One line for a report."""
         parts = [f"relative error ≈ {self.estimate:.1e}"]
         if self.state_error is not None:
-            how = "cond(I − J)·‖f(h) − h‖/‖h‖" if self.condition_known else "‖f(h) − h‖/‖h‖"
+            how = "‖(I − J)⁻¹‖·‖f(h) − h‖/‖h‖" if self.condition_known else "‖f(h) − h‖/‖h‖"
             parts.append(f"state {self.state_error:.1e} ({how})")
         parts.append(f"asymmetry {self.asymmetry:.1e}")
         if self.reference_error is not None:
@@ -92,20 +95,24 @@ class OperatorAccuracy:
 
 
 def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, bool]:
-    """``max cond(I − J) · ‖f(h) − h‖₂ / ‖h‖₂`` over the equilibria (or a data set's
-    ``batch_solves``), and whether every condition number was known (it is once a dense
-    LU has been formed)."""
+    """``max ‖(I − J)⁻¹‖ · ‖f(h) − h‖₂ / ‖h‖₂`` over the equilibria (or a data set's
+    ``batch_solves``; a batch whose samples were all left out has no state in the
+    operator and is skipped), and whether every ``‖(I − J)⁻¹‖`` was known (it is once a
+    dense LU has been formed)."""
     worst, known = 0.0, True
     for eq in equilibria:
+        if isinstance(eq, BatchSolve) and eq.samples == 0:  # every sample left out
+            continue
         info = eq.info
         residual = float(torch.linalg.vector_norm(info.sample_residuals.double()))
         if isinstance(eq, BatchSolve):
             norm, dtype = eq.state_norm, eq.dtype
         else:
             norm, dtype = float(torch.linalg.vector_norm(eq.h.double())), eq.h.dtype
-        condition = info.condition_number
-        known = known and condition is not None and math.isfinite(condition)
-        factor = condition if condition is not None and math.isfinite(condition) else 1.0
+        amplification = getattr(info, "inverse_norm", None)
+        finite = amplification is not None and math.isfinite(amplification)
+        known = known and finite
+        factor = amplification if finite else 1.0
         worst = max(worst, factor * residual / max(norm, torch.finfo(dtype).tiny))
     return worst, known
 

@@ -69,13 +69,18 @@ def spectral_density(
     Args:
         num_probes: independent probes (the estimator's variance falls as 1/n).
         steps: Lanczos steps per probe (``≤ P``); resolves ``~steps`` spectral features.
-        num_points: grid size, spanning the Ritz values ± 3σ.
+        num_points: grid size, spanning the Ritz values ± 3σ; its spacing must not
+            exceed σ (else the density would not integrate to 1: a ``ValueError``).
         sigma: Gaussian width; default 1% of the Ritz-value range.
     """
     size = op.shape[0]
     steps = min(steps, size)
     if num_probes < 1 or steps < 1:
         raise ValueError(f"need num_probes >= 1 and steps >= 1; got {num_probes}, {steps}.")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive width; got {sigma}.")
+    if num_points < 2:
+        raise ValueError(f"num_points must be at least 2; got {num_points}.")
     counted = Counted(op, steps * num_probes, progress, "SLQ")
     g = torch.Generator().manual_seed(seed)
     q = rademacher(size, num_probes, g, op) / math.sqrt(size)
@@ -113,6 +118,15 @@ def spectral_density(
     low = min(float(t.min()) for t in nodes)
     high = max(float(t.max()) for t in nodes)
     width = sigma if sigma is not None else max(0.01 * (high - low), 1e-12 * max(abs(high), 1.0))
+    spacing = (high - low + 6 * width) / (num_points - 1)
+    if spacing > width:  # the grid would skip over the Gaussians: ∫density ≠ 1
+        raise ValueError(
+            f"sigma={width:.3g} is narrower than the grid's spacing {spacing:.3g} (the Ritz "
+            f"values span [{low:.3g}, {high:.3g}] on {num_points} points), so the density "
+            f"would not integrate to 1: raise num_points to at least "
+            f"{math.ceil((high - low) / width) + 7} or sigma to at least "
+            f"{(high - low) / (num_points - 7):.3g}."
+        )
     grid = torch.linspace(low - 3 * width, high + 3 * width, num_points, dtype=op.dtype)
     grid = grid.to(op.device)
     return DensityResult(

@@ -206,12 +206,36 @@ def _cg(
 def _minres(
     op: Counted, b: Tensor, damping: float, tol: float, max_iter: int
 ) -> tuple[Tensor, InverseStatus]:
-    """SciPy's MINRES on ``H + δI`` (its ``shift`` solves ``(H − shift·I) x = b``)."""
+    """SciPy's MINRES on ``H + δI`` (its ``shift`` solves ``(H − shift·I) x = b``),
+    restarted on the residual until ``‖b − (H + δI) x‖ ≤ tol ‖b‖``.
+
+    SciPy stops on its own estimate, relative to ``‖A‖‖x‖ + ‖b‖``, which can sit 10–100×
+    above the residual relative to ``‖b‖`` asked for here (measured: 1.7e-7 for tol 1e-8
+    on a system of condition 663, which CG solved in 20 products); each restart solves for
+    the correction with the remaining budget, one product recomputing the residual.
+    """
     np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
-    rhs = b.cpu().numpy().astype(np_dtype)
-    x, info = minres(op.to_scipy(), rhs, rtol=tol, shift=-damping, maxiter=max_iter)
-    solution = torch.as_tensor(x, dtype=op.dtype, device=op.device)
-    return solution, InverseStatus.MAX_ITER if info > 0 else InverseStatus.CONVERGED
+    scipy_op = op.to_scipy()
+    x = torch.zeros_like(b)
+    r = b
+    norm_b = float(torch.linalg.vector_norm(b))
+    while True:
+        remaining = max_iter - op.products
+        if remaining < 1:
+            return x, InverseStatus.MAX_ITER
+        norm_r = float(torch.linalg.vector_norm(r))
+        relative = min(0.5, tol * norm_b / norm_r)  # the correction's tolerance
+        rhs = r.cpu().numpy().astype(np_dtype)
+        d, info = minres(scipy_op, rhs, rtol=relative, shift=-damping, maxiter=remaining)
+        x = x + torch.as_tensor(d, dtype=op.dtype, device=op.device)
+        if info > 0:  # out of products (the caller recomputes the residual)
+            return x, InverseStatus.MAX_ITER
+        r = b - (op.matmat(x[:, None])[:, 0] + damping * x)
+        norm_next = float(torch.linalg.vector_norm(r))
+        if norm_next <= tol * norm_b:
+            return x, InverseStatus.CONVERGED
+        if norm_next > 0.5 * norm_r:  # a restart that does not halve it: singular or stuck
+            return x, InverseStatus.INACCURATE
 
 
 def newton_step(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -84,7 +84,7 @@ class BatchSolve:
 
     Attributes:
         info: the solve statistics (per-sample residuals and convergence included; the
-            condition number of ``I − J`` when the batch was factorised for the cache).
+            condition number of ``I − J`` once a pass has factorised the batch).
         samples: the batch's sample count (after exclusion).
         state_norm: ``‖h*‖₂`` of the batch's fixed point.
         dtype: the state's dtype.
@@ -221,7 +221,7 @@ class DatasetEquilibrium:
                     eq.problem.state.dtype,
                     0 if keep is None else excluded,
                 )
-            )  # after offering: a cached batch is factorised, and its info says cond(I − J)
+            )  # cond(I − J) joins the record once a pass has factorised the batch
             del eq, solved, full
         if not self.batch_solves and not allow_empty:
             raise ValueError("batches is empty; pass at least one (x, target) batch.")
@@ -315,8 +315,9 @@ class DatasetEquilibrium:
                 "changing theta (or pass copies: theta.clone())."
             )
         if self._cache.complete:
-            for solved in self._bar(self._cache.values(), desc):
+            for index, solved in self._bar(self._cache.items(), desc):
                 visit(solved)
+                self._record_condition(index, solved.equilibrium)
             return
         samples = batches = 0
         for index, (x, target) in enumerate(self._bar(self._data, desc)):
@@ -332,8 +333,18 @@ class DatasetEquilibrium:
                 solved.loss = self._batch_loss(solved.target, solved.equilibrium)
             samples += solved.equilibrium.problem.state.samples
             visit(solved)
+            self._record_condition(index, solved.equilibrium)
             del solved
         check_same_data(samples, batches, self.num_samples, self.num_batches)
+
+    def _record_condition(self, index: int, eq: Equilibrium) -> None:
+        """A batch factorised during a pass gives its :class:`BatchSolve` ``cond(I − J)``
+        (the first pass solved only its fixed point), for the state error."""
+        record = self.batch_solves[index] if index < len(self.batch_solves) else None
+        if record is None or record.info.condition_number is not None:
+            return
+        if eq.info.condition_number is not None:
+            self.batch_solves[index] = replace(record, info=eq.info)
 
     def _bar(self, items: Iterable, desc: str | None, leave: bool = False) -> Iterable:
         if desc is None:

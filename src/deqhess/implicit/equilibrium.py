@@ -84,11 +84,14 @@ class EquilibriumInfo(SolveInfo):
         linear_solver: the strategy for solves with ``I − J``.
         linear_solves: the solves with ``I − J`` so far (count, products, the largest
             iteration count and relative residual of the iterative ones), as of this call.
+        inverse_norm: estimated ``‖(I − J)⁻¹‖₁`` (largest over samples) from the dense
+            LU, or None: the fixed point's error is about this times its residual.
     """
 
     condition_number: float | None = None
     linear_solver: str = ""
     linear_solves: LinearSolveStats | None = None
+    inverse_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,7 @@ class Equilibrium:
             condition_number=linearization.condition_number,
             linear_solver=repr(self.linear_solver),
             linear_solves=linearization.stats.snapshot(),
+            inverse_norm=linearization.inverse_norm,
         )
 
     @property

@@ -157,6 +157,12 @@ class Linearization:
         """Estimated condition number of ``I − J`` once prepared (dense LU), else None."""
         return None if self._prepared is None else self._prepared.condition_number
 
+    @property
+    def inverse_norm(self) -> float | None:
+        """Estimated ``‖(I − J)⁻¹‖₁`` (largest over blocks) once prepared (dense LU): how
+        much a residual left in ``h*`` is amplified into its error. Else None."""
+        return None if self._prepared is None else self._prepared.inverse_norm
+
     def check_independent_rows(self) -> None:
         """Raise ``ValueError`` if ``F`` couples rows declared independent."""
         self.operator.require_independent_rows()
