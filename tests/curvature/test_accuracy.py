@@ -35,8 +35,8 @@ def _true_error(eq32, eq64, loss, part):
 @pytest.mark.parametrize("name", ["tanh_batched", "sigmoid_single_matrix", "scalar_gains"])
 @pytest.mark.parametrize("part", ["total", "loss_curvature"])
 def test_float32_estimate_is_of_the_right_order(name, part):
-    """Without a reference the estimate is the state error cond·‖f(h) − h‖/‖h‖: within
-    [1/3, 10]× the true error here (measured 1.5–3.3×). The asymmetry alone is 25–100×
+    """Without a reference the estimate is the state error ‖(I − J)⁻¹‖·‖f(h) − h‖/‖h‖:
+    within [1/3, 10]× the true error here (measured 1.2–1.9×). The asymmetry alone is 70–1,400×
     too small in float32 (the inexact state leaves the operator symmetric) — the reason
     the state error is part of the estimate. With a float64 reference the measured error
     on 4 probes is within [1/3, 3]× (measured 1.1–1.5×)."""

@@ -23,9 +23,9 @@ by default). :func:`operator_accuracy` estimates it, cheaply, from three sources
   the whole error rather than an estimate.
 
 On the test problems in float32 (tests/curvature/test_accuracy.py) the asymmetry was
-25–100× below the true error, the state error within 0.45–3.8× of it — except 80× above
-on a Hessian that barely depends on the state, and 25× below on the dynamics curvature
-of a linear DEQ near a minimum of its loss in h — and the float64 reference 1.0–2.7×. So the
+70–1,400× below the true error, the state error 1.2–1.9× of it (0.6× on a linear DEQ's
+Hessian) — except 30× below on the dynamics curvature of a linear DEQ near a minimum of
+its loss in h — and the float64 reference 1.0–2.7×. So the
 estimate without a reference is an order of magnitude, not a bound; ``deqhess analyze``
 measures against float64 for float32 analyses.
 """
