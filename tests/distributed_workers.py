@@ -79,7 +79,30 @@ def analyze_first_batch(out: str) -> dict:
     )  # fmt: skip
 
 
-FAILURES = {"failure": _fails_to_converge, "lazy_failure": _loss_raises_lazily}
+def _ranks_disagree(rank, f, theta, shard, loss, options):
+    """Rank 1 differs in one thing per check: θ's key order, one value, the reduction,
+    the dtype; every rank must refuse, none may sum a mixture."""
+    errors = []
+    for change in ("order", "value", "reduction", "dtype"):
+        t, opts = dict(theta), dict(options)
+        if rank == 1 and change == "order":
+            t = dict(reversed(list(t.items())))
+        elif rank == 1 and change == "value":
+            t["b"] = t["b"] + 1e-12
+        elif rank == 1 and change == "reduction":
+            opts["reduction"] = "sum"
+        elif rank == 1 and change == "dtype":
+            t = {k: v.float() for k, v in t.items()}
+        errors.append(_error_of(lambda t=t, o=opts: DistributedDatasetEquilibrium(
+            f, t, shard, loss, **o)))  # fmt: skip
+    return errors
+
+
+FAILURES = {
+    "failure": _fails_to_converge,
+    "lazy_failure": _loss_raises_lazily,
+    "disagree": _ranks_disagree,
+}
 
 
 def run(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:

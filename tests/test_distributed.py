@@ -65,6 +65,21 @@ def test_a_failing_rank_makes_every_rank_raise(tmp_path):
     assert "did not converge in max_iter=1" in other[1]
 
 
+def test_ranks_that_disagree_on_the_problem_all_refuse(tmp_path):
+    """θ's key order, one value (1e-12 off), the reduction or the dtype differing on one
+    rank made the sum a mixture of two problems (gradients 20–70% off) or aborted gloo:
+    every rank now raises the same ValueError naming the difference."""
+    first, second = (r["error"] for r in _spawn(2, tmp_path, "disagree"))
+    assert first == second
+    expected = ["θ's keys: rank 0 has ('W', 'U', 'b'), rank 1 has ('b', 'U', 'W')",
+                "θ's values differ between rank 0 and rank 1",
+                "reduction: rank 0 has 'mean', rank 1 has 'sum'",
+                "θ's dtype: rank 0 has 'torch.float64', rank 1 has 'torch.float32'"]  # fmt: skip
+    for (kind, message), text in zip(first, expected, strict=True):
+        assert kind == "ValueError" and "the ranks disagree on the problem" in message
+        assert text in message
+
+
 def test_an_error_raised_lazily_on_one_rank_reaches_every_rank(tmp_path):
     """A ValueError from the loss at rank 1's first product: rank 0 raises at once
     (a RankFailedError with rank 1's message) instead of waiting in all_reduce until

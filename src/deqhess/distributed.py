@@ -18,6 +18,7 @@ seconds, whatever the exception. Works with any backend: gloo on CPU, NCCL on GP
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -76,10 +77,53 @@ def _agreed(compute: Callable[[], Any], group: Any, device: torch.device) -> Any
     reports: list[Any] = [None] * world
     mine = None if error is None else (type(error).__name__, str(error))
     dist.all_gather_object(reports, mine, group=group)
+    # leave together: a rank that raised and tore the group down while another was still
+    # finishing the gather made gloo abort that process now and then (1 run in 10)
+    dist.barrier(group=group)
     if error is not None:
         raise error
     first = failed[0]
     raise RankFailedError(first, *reports[first], failed)
+
+
+_SETUP_FIELDS = ("θ's keys", "θ's shapes", "θ's dtype", "θ's values", "reduction", "batch_dim")
+
+
+def _device_of(theta: Any) -> torch.device:
+    first = theta if isinstance(theta, Tensor) else next(iter(dict(theta).values()), None)
+    return first.device if isinstance(first, Tensor) else torch.device("cpu")
+
+
+def _setup(theta: Parameters, reduction: str, batch_dim: int | None) -> tuple:
+    """What every rank must agree on, small enough to gather: θ's layout, a digest of
+    its values (exactly equal θ, not merely close), the reduction and batch_dim."""
+    layout = ParameterLayout(theta)
+    digest = hashlib.sha256()
+    for t in layout.tensors(theta):
+        digest.update(t.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    shapes = tuple(tuple(s) for s in layout.shapes)
+    return (layout.names, shapes, str(layout.dtype), digest.hexdigest(), reduction, batch_dim)
+
+
+def _check_same_setup(setups: list[tuple]) -> None:
+    """Raise on every rank alike (each sees every rank's setup) unless all agree: ranks
+    that differ would sum products of different problems into a silently wrong one."""
+    differences = [
+        f"{field}: rank 0 has {a!r}, rank {rank} has {b!r}"
+        if field != "θ's values"
+        else f"θ's values differ between rank 0 and rank {rank}"
+        for rank, setup in enumerate(setups[1:], start=1)
+        for field, a, b in zip(_SETUP_FIELDS, setups[0], setup, strict=True)
+        if a != b
+    ]
+    if differences:
+        raise ValueError(
+            "the ranks disagree on the problem, so their sum would be no one's derivative: "
+            + "; ".join(differences[:4])
+            + ". Pass every rank the same θ (same keys in the same order, identical values, "
+            "one dtype) and the same reduction and batch_dim — e.g. load θ from one "
+            "checkpoint, or broadcast it from rank 0."
+        )
 
 
 class DistributedDatasetEquilibrium:
@@ -91,8 +135,9 @@ class DistributedDatasetEquilibrium:
 
     Args:
         f, theta, loss, init_state, reduction, batch_dim, progress, **options: as for
-            :class:`DatasetEquilibrium` (``cache_bytes`` included); θ must be identical
-            on every rank.
+            :class:`DatasetEquilibrium` (``cache_bytes`` included); θ (keys, order,
+            values, dtype), ``reduction`` and ``batch_dim`` must be identical on every
+            rank — checked at construction (a ``ValueError`` on every rank otherwise).
         batches: this rank's shard (a DataLoader with a ``DistributedSampler``, a
             :class:`deqhess.batches.RankShard`, or any re-iterable of ``(x, target)``);
             it may be empty.
@@ -129,6 +174,11 @@ class DistributedDatasetEquilibrium:
                 "torch.distributed.init_process_group (e.g. under torchrun) first."
             )
         self.group = group
+        device = _device_of(theta)
+        mine = _agreed(lambda: _setup(theta, reduction, batch_dim), group, device)
+        setups: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(setups, mine, group=group)
+        _check_same_setup(setups)
         self.layout = ParameterLayout(theta)
 
         def shard() -> DatasetEquilibrium:

@@ -104,10 +104,13 @@ class ParameterLayout:
         return dict(zip(self.names, leaves, strict=True))
 
     def matches(self, value: object) -> bool:
-        """Whether ``value`` has θ's structure and shapes."""
+        """Whether ``value`` has θ's structure and shapes (a dict's keys in any order:
+        :meth:`flatten` reads them by name)."""
         if self.names is None:
             return isinstance(value, Tensor) and value.shape == self.shapes[0]
-        if not isinstance(value, Mapping) or tuple(value.keys()) != self.names:
+        if not isinstance(value, Mapping) or set(value.keys()) != set(self.names):
+            return False
+        if len(value) != len(self.names):
             return False
         return all(
             isinstance(value[n], Tensor) and value[n].shape == s

@@ -144,6 +144,21 @@ def test_parameter_blocks():
     assert relative_error(block.matmat(v), expected @ v) <= 1e-12
     top = extreme_eigenpairs(block, k=2, progress=False, dense_below=0)
     assert torch.allclose(top.eigenvalues, torch.linalg.eigvalsh(_sym(expected))[-2:], atol=1e-8)
+    # the block's order is the names' order (it was θ's, whatever was asked)
+    swapped = ParameterBlock(op, eq.problem.params, ["b", "W"])
+    index = torch.cat([torch.arange(40, 45), torch.arange(0, 25)])
+    expected = dense["total"][index][:, index]
+    assert relative_error(swapped.matmat(v), expected @ v) <= 1e-12
+    with pytest.raises(ValueError, match=r"parameter names \['b'\] are given more than once"):
+        ParameterBlock(op, eq.problem.params, ["b", "b"])
+    with pytest.raises(ValueError, match=r"names is empty; choose from \['W', 'U', 'b'\]"):
+        ParameterBlock(op, eq.problem.params, [])
+    # a θ-structured direction may list its keys in any order: they are read by name
+    direction = {n: torch.ones_like(t) for n, t in reversed(list(c.theta.items()))}
+    in_order = {n: torch.ones_like(t) for n, t in c.theta.items()}
+    flatten = eq.problem.params.flatten
+    got, want = (flatten(eq.hvp(c.loss_theta, d)) for d in (direction, in_order))
+    assert torch.equal(got, want)
 
 
 def test_analysis_errors():

@@ -11,7 +11,7 @@ import torch
 from problems import case, relative_error
 
 import deqhess as dh
-from deqhess.curvature import InverseStatus, inverse, solve_damped
+from deqhess.curvature import InverseStatus, inverse, newton_step, solve_damped
 from deqhess.curvature.inverse import MAX_PRODUCTS
 
 
@@ -130,3 +130,18 @@ def test_minres_reaches_the_tolerance_asked_for(setup):
         assert float(residual.norm() / b.norm()) <= tol * (1 + 1e-6)
         # ‖δx‖/‖x‖ ≤ cond · ‖r‖/‖b‖ (the dense operator agrees with the products to ~1e-12)
         assert relative_error(result.solution, expected) <= 2 * condition * tol
+
+
+def test_a_structured_gradient_is_refused_alike_everywhere(setup):
+    """``newton_step`` with eq.grad's dict raised a raw TypeError (unary minus on a dict);
+    it now gives solve_damped's message, which says how to flatten."""
+    c, eq, _, _ = setup
+    op = eq.hessian_operator(c.loss)
+    grad = eq.grad(c.loss)
+    for call in (lambda: newton_step(op, grad), lambda: solve_damped(op, grad)):
+        with pytest.raises(ValueError, match=r"got dict\. Flatten a θ-structured vector first"):
+            call()
+    flat = eq.problem.params.flatten(grad)
+    step = newton_step(op, flat, damping=1.0, progress=False)
+    assert step.converged and relative_error(step.solution, -solve_damped(
+        op, flat, 1.0, progress=False).solution) <= 1e-12  # fmt: skip

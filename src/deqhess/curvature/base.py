@@ -70,24 +70,28 @@ class ParameterBlock(Operator):
     Args:
         op: the full ``P × P`` operator.
         layout: θ's layout (names and sizes), e.g. ``eq.problem.params``.
-        names: the parameter names to keep (dict θ only).
+        names: the parameter names to keep (dict θ only), in the order the block's rows
+            and columns take: ``I`` is their index ranges one after the other.
     """
 
     def __init__(self, op: SymmetricOperator, layout: ParameterLayout, names: Sequence[str]):
         if layout.names is None:
             raise ValueError("parameter blocks need a dict theta (named parameters).")
+        if isinstance(names, str):
+            names = [names]
+        if not names:
+            raise ValueError(f"names is empty; choose from {list(layout.names)}.")
         unknown = [n for n in names if n not in layout.names]
-        if unknown or not names:
+        if unknown:
             raise ValueError(
-                f"unknown parameter names {unknown or list(names)}; choose from "
-                f"{list(layout.names)}."
+                f"unknown parameter names {unknown}; choose from {list(layout.names)}."
             )
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise ValueError(f"parameter names {repeated} are given more than once.")
         offsets = np.cumsum([0, *layout.numels])
-        pieces = [
-            torch.arange(offsets[i], offsets[i + 1])
-            for i, n in enumerate(layout.names)
-            if n in names
-        ]
+        where = {n: i for i, n in enumerate(layout.names)}
+        pieces = [torch.arange(offsets[where[n]], offsets[where[n] + 1]) for n in names]
         self.index = torch.cat(pieces).to(op.device)
         self.op = op
         self.symmetric = getattr(op, "symmetric", True)

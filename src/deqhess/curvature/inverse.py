@@ -133,7 +133,11 @@ def solve_damped(
     size = op.shape[0]
     if not (isinstance(b, Tensor) and b.shape == (size,)):
         got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-        raise ValueError(f"b must be a [{size}] tensor (the operator's size); got {got}.")
+        raise ValueError(
+            f"b must be a [{size}] tensor (the operator's size); got {got}. Flatten a "
+            "θ-structured vector first: eq.problem.params.flatten(g) (or "
+            "curvature.layout.flatten(g) for a ModelCurvature)."
+        )
     if not (math.isfinite(damping) and bool(torch.isfinite(b).all())):
         raise ValueError(f"damping and b must be finite; got damping={damping}.")
     if not tol > 0:
@@ -241,7 +245,9 @@ def _minres(
 def newton_step(
     op: SymmetricOperator, gradient: Tensor, damping: float = 0.0, **options
 ) -> InverseResult:
-    """The (damped) Newton step ``−(H + δI)⁻¹ ∇L``."""
+    """The (damped) Newton step ``−(H + δI)⁻¹ ∇L`` for a flat gradient ``[P]``."""
+    if not isinstance(gradient, Tensor):  # the checks and their message are solve_damped's
+        return solve_damped(op, gradient, damping, **options)
     return solve_damped(op, -gradient, damping, **options)
 
 
