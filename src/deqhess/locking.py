@@ -10,6 +10,13 @@ the same time is beyond its reach (see the README, "What deqhess checks").
 Under ``torch.inference_mode`` ``torch.func.linearize`` silently returns zeros and
 autograd records nothing, so the same context leaves inference mode for the
 computation (tensors made in inference mode are fine as inputs there).
+
+Under ``torch.autocast`` a map evaluated in bfloat16 at one call and float32 at another
+is two maps: the forward solve's iterates, the backward's re-evaluation of ``f(h*)``
+and the solvers' own products (``bmm`` is on autocast's list) would disagree in dtype
+and value (measured: a raw dtype error in Anderson; a "non-deterministic map" error when
+only the backward ran under autocast). An equilibrium is solved and differentiated in
+one precision — its tensors' dtype — so the context turns autocast off inside.
 """
 
 from __future__ import annotations
@@ -28,16 +35,22 @@ __all__ = ["ENGINE_LOCK", "engine", "serialized"]
 ENGINE_LOCK = threading.RLock()
 
 
+#: device types whose autocast the engine turns off inside
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 @contextlib.contextmanager
 def engine() -> Iterator[None]:
-    """Hold :data:`ENGINE_LOCK`, outside inference mode (grad mode is left as it is, except
-    that leaving inference mode turns grad mode on: callers that want none say so)."""
-    with ENGINE_LOCK:
+    """Hold :data:`ENGINE_LOCK`, outside inference mode and autocast (grad mode is left as
+    it is, except that leaving inference mode turns grad mode on: callers that want none
+    say so)."""
+    with ENGINE_LOCK, contextlib.ExitStack() as stack:
         if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
-                yield
-        else:
-            yield
+            stack.enter_context(torch.inference_mode(False))
+        for device in _AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 T = TypeVar("T", bound=Callable)

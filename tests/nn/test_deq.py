@@ -299,3 +299,67 @@ def test_in_place_use_of_the_output_does_not_move_the_next_warm_start():
     with dh.nn.warm_starts(store):
         second = deq(x)
     assert bool((second > 0.9).all()), second
+
+
+def test_autocast_around_the_layer_changes_nothing_inside_it():
+    """Under torch.autocast (CPU bfloat16) the layer solves and differentiates in its
+    state's dtype (float32 here): the same output and gradients, bitwise, as without
+    autocast — with the forward, or only the backward, inside it. Before: a raw dtype
+    error in Anderson, or a 'non-deterministic map' error."""
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, h):
+            return torch.tanh(0.4 * self.lin(h) + x)
+
+    torch.manual_seed(0)
+    cell = Cell().float()
+    x = torch.randn(16, 8, dtype=torch.float32)
+
+    def step(forward_autocast, backward_autocast):
+        deq = DEQ(cell)
+        cell.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=forward_autocast):
+            h = deq(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_autocast):
+            h.pow(2).sum().backward()
+        return h.detach(), [p.grad.clone() for p in cell.parameters()]
+
+    h, grads = step(False, False)
+    for modes in ((True, True), (True, False), (False, True)):
+        h_amp, grads_amp = step(*modes)
+        assert h_amp.dtype == torch.float32 and torch.equal(h_amp, h), modes
+        assert all(torch.equal(a, b) for a, b in zip(grads_amp, grads, strict=True)), modes
+
+
+def test_a_parametrised_cell_inside_parametrize_cached_is_refused():
+    """weight_norm's weight cached on first use inside the layer's solve was detached from
+    its parameters (their gradients exactly zero, no error); outside cached() it is exact."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = weight_norm(nn.Linear(4, 4))
+
+        def forward(self, x, h):
+            return torch.tanh(0.3 * self.lin(h) + x)
+
+    deq = DEQ(Cell(), tol=1e-13)
+    x = torch.randn(3, 4)
+    with parametrize.cached():
+        with pytest.raises(ValueError, match=r"\['lin'\] are called inside .*cached\(\)"):
+            deq(x)
+    names = [n for n, _ in deq.cell.named_parameters()]
+    got = torch.autograd.grad(deq(x).pow(2).sum(), list(deq.cell.parameters()))
+    cell = deq.cell
+    h = torch.zeros(3, 4)
+    for _ in range(80):  # contraction ≤ 0.3 ‖W‖: 0.3⁸⁰ is far below rounding
+        h = cell(x, h)
+    expected = torch.autograd.grad(h.pow(2).sum(), list(cell.parameters()))
+    for name, a, b in zip(names, got, expected, strict=True):
+        assert relative_error(a, b) <= 1e-9, name

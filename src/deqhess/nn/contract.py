@@ -20,8 +20,10 @@ def check_deterministic(cell: nn.Module) -> None:
 
     Raises:
         ValueError: batch norm with running statistics, dropout or a spectral norm (its
-            power iteration) in training mode.
+            power iteration) in training mode; a parametrised cell inside
+            ``torch.nn.utils.parametrize.cached()``.
     """
+    _check_parametrize_cache(cell)
     for name, module in cell.named_modules():
         label = f"cell.{name}" if name else "cell"
         kind = type(module).__name__
@@ -47,6 +49,26 @@ def check_deterministic(cell: nn.Module) -> None:
                 "weight at every call of the cell, so the map moves during the solve. Call "
                 ".eval() on it (the normalised weight is then fixed) while solving."
             )
+
+
+def _check_parametrize_cache(cell: nn.Module) -> None:
+    """Inside ``parametrize.cached()`` a parametrised weight is computed once and kept;
+    the layer evaluates its cell with the parameters swapped for the solve's own (detached)
+    copies, so the cache would keep a weight cut off from its parameters — their gradients
+    came back exactly zero (weight_norm, measured)."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize._cache_enabled:
+        return
+    names = [name or "cell" for name, m in cell.named_modules() if parametrize.is_parametrized(m)]
+    if names:
+        raise ValueError(
+            f"the cell's parametrised module(s) {names} are called inside "
+            "torch.nn.utils.parametrize.cached(): the layer evaluates the cell with its "
+            "parameters substituted, and the cache would keep a weight detached from them "
+            "(their gradients would be zero). Call the DEQ layer outside the cached() block "
+            "(keep it around the rest of the model)."
+        )
 
 
 def _spectral_norm(module: nn.Module) -> bool:
