@@ -572,3 +572,33 @@ def test_state_read_by_f_or_held_by_a_loss_module_is_watched():
     after = eq.grad(loss)
     assert not torch.allclose(before["W"], fresh["W"])
     assert torch.allclose(after["W"], fresh["W"], rtol=1e-12)
+
+
+_GLOBAL_SCALE = torch.tensor(0.5)
+
+
+def _reads_a_global(x, h, t):
+    """``f`` reading a module-level tensor, and the attribute ``.T`` of θ's weight."""
+    return torch.tanh(_GLOBAL_SCALE * (h @ t["W"].T) + x @ t["U"].T + t["b"])
+
+
+def test_globals_f_reads_are_watched_and_attribute_names_are_not_globals():
+    """``f`` reads the global ``_GLOBAL_SCALE`` and the attribute ``T``: binding a global
+    named ``T`` after the solve changes nothing ``f`` reads (it raised
+    StaleEquilibriumError: attribute names were taken for globals); changing the global
+    tensor in place is named."""
+    c = _tanh()
+    eq = dh.Equilibrium(_reads_a_global, c.theta, c.x, c.h0)
+    first = eq.grad(c.loss)
+    globals()["T"] = torch.ones(3)  # unrelated, but named like an attribute f reads
+    try:
+        again = eq.grad(c.loss)
+        assert all(torch.equal(again[k], first[k]) for k in first)
+    finally:
+        del globals()["T"]
+    _GLOBAL_SCALE.fill_(0.6)
+    try:
+        with pytest.raises(dh.StaleEquilibriumError, match=r"^f reads state that changed"):
+            eq.grad(c.loss)
+    finally:
+        _GLOBAL_SCALE.fill_(0.5)

@@ -3,6 +3,7 @@ what it captured, to notice when a cached adjoint no longer matches it."""
 
 from __future__ import annotations
 
+import dis
 import functools
 import inspect
 import types
@@ -131,11 +132,26 @@ def _referenced(fn: Any) -> list[Any]:
             objects.append(_EMPTY_CELL)
     objects += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
     names = fn.__globals__
-    for name in code.co_names:
+    for name in _global_names(code):
         value = names.get(name, _EMPTY_CELL)
         if isinstance(value, (Tensor, int, float, complex, list, tuple, dict)):
             objects.append(value)
     return objects
+
+
+@functools.lru_cache(maxsize=256)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """The globals ``code`` reads (``LOAD_GLOBAL``/``LOAD_NAME``, nested code included) —
+    not ``co_names`` as a whole, which also lists attribute names: ``theta["W"].T``
+    would have made any global named ``T`` part of what the function reads."""
+    found: list[str] = []
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            found.append(instruction.argval)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            found += _global_names(constant)
+    return tuple(dict.fromkeys(found))
 
 
 def _tensors_in(objects: list[Any]) -> list[Tensor]:
