@@ -90,7 +90,11 @@ _SETUP_FIELDS = ("θ's keys", "θ's shapes", "θ's dtype", "θ's values", "reduc
 
 
 def _device_of(theta: Any) -> torch.device:
-    first = theta if isinstance(theta, Tensor) else next(iter(dict(theta).values()), None)
+    """θ's device for the agreement collectives; CPU when θ is malformed (its own error
+    then comes from :func:`_setup`, agreed across ranks, not from here)."""
+    if isinstance(theta, Tensor):
+        return theta.device
+    first = next(iter(theta.values()), None) if isinstance(theta, dict) else None
     return first.device if isinstance(first, Tensor) else torch.device("cpu")
 
 
