@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Any
@@ -189,15 +189,7 @@ class DEQ(nn.Module):
             return self._empty(x, h0, return_info)
         cell, count = self.cell, len(inputs.positions)
 
-        unexplained = [given]  # the first evaluation from a user's h0 explains a failure
-
-        def step(z: Tensor, *args: Tensor) -> Tensor:
-            if unexplained and unexplained.pop():
-                try:
-                    return step(z, *args)
-                except Exception as error:
-                    error.add_note(_initial_state_note(x, z))
-                    raise
+        def evaluate(z: Tensor, *args: Tensor) -> Tensor:
             state = args[count:]
             if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
                 # the cell's own numbers, nothing to differentiate (the forward solve):
@@ -210,6 +202,7 @@ class DEQ(nn.Module):
             check_state_map(out, z, "cell(x, h)")
             return out
 
+        step = _explaining_first_call(evaluate, x) if given else evaluate
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
         spec = FixedPointSpec(
@@ -286,6 +279,25 @@ def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
             f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
             f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
         )
+
+
+def _explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[..., Tensor]:
+    """``evaluate`` whose first call — the cell at the user's ``h0`` — adds a note about
+    ``h0`` to whatever the cell raises."""
+    first = True
+
+    def step(z: Tensor, *args: Tensor) -> Tensor:
+        nonlocal first
+        if not first:
+            return evaluate(z, *args)
+        first = False
+        try:
+            return evaluate(z, *args)
+        except Exception as error:
+            error.add_note(_initial_state_note(x, z))
+            raise
+
+    return step
 
 
 def _initial_state_note(x: Any, h0: Tensor) -> str:
