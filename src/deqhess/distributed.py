@@ -98,15 +98,19 @@ def _device_of(theta: Any) -> torch.device:
     return first.device if isinstance(first, Tensor) else torch.device("cpu")
 
 
-def _setup(theta: Parameters, reduction: str, batch_dim: int | None) -> tuple:
-    """What every rank must agree on, small enough to gather: θ's layout, a digest of
-    its values (exactly equal θ, not merely close), the reduction and batch_dim."""
+def _setup(
+    theta: Parameters, reduction: str, batch_dim: int | None
+) -> tuple[ParameterLayout, tuple]:
+    """θ's layout, and what every rank must agree on, small enough to gather: the
+    layout's names, shapes and dtype, a digest of θ's values (exactly equal θ, not merely
+    close), the reduction and batch_dim."""
     layout = ParameterLayout(theta)
     digest = hashlib.sha256()
     for t in layout.tensors(theta):
         digest.update(t.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
     shapes = tuple(tuple(s) for s in layout.shapes)
-    return (layout.names, shapes, str(layout.dtype), digest.hexdigest(), reduction, batch_dim)
+    agreed = (layout.names, shapes, str(layout.dtype), digest.hexdigest(), reduction, batch_dim)
+    return layout, agreed
 
 
 def _check_same_setup(setups: list[tuple]) -> None:
@@ -179,11 +183,10 @@ class DistributedDatasetEquilibrium:
             )
         self.group = group
         device = _device_of(theta)
-        mine = _agreed(lambda: _setup(theta, reduction, batch_dim), group, device)
+        self.layout, mine = _agreed(lambda: _setup(theta, reduction, batch_dim), group, device)
         setups: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(setups, mine, group=group)
         _check_same_setup(setups)
-        self.layout = ParameterLayout(theta)
 
         def shard() -> DatasetEquilibrium:
             return DatasetEquilibrium(

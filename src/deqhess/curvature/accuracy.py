@@ -109,7 +109,7 @@ def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, 
             norm, dtype = eq.state_norm, eq.dtype
         else:
             norm, dtype = float(torch.linalg.vector_norm(eq.h.double())), eq.h.dtype
-        amplification = getattr(info, "inverse_norm", None)
+        amplification = info.inverse_norm
         finite = amplification is not None and math.isfinite(amplification)
         known = known and finite
         factor = amplification if finite else 1.0
