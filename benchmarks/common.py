@@ -99,6 +99,20 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(field)
 
 
+def median_seconds(
+    run: Callable[[], Any], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Median of ``repeats`` timed calls of ``run`` after an untimed warm-up call, on
+    ``clock`` (wall time by default; ``time.process_time`` for this process's CPU time)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        run()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
 def measure_operation(run: Callable[[], Any], repeats: int) -> dict[str, float]:
     """Median time of ``repeats`` calls after a first one, and the operation's peak memory.
 
@@ -109,14 +123,9 @@ def measure_operation(run: Callable[[], Any], repeats: int) -> dict[str, float]:
     start_rss = _rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    seconds = median_seconds(run, repeats)
     return dict(
-        seconds=statistics.median(times),
+        seconds=seconds,
         op_peak_mb=(_rss_kb("VmHWM") - start_rss) / 1024,
         process_peak_mb=_rss_kb("VmHWM") / 1024,
     )

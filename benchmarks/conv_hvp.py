@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import median_seconds
 from torch import Tensor, nn
 
 import deqhess as dh
@@ -94,17 +95,7 @@ def product_costs(eq: dh.Equilibrium, repeats: int = 5) -> tuple[float, float]:
     jvp = linearize(fn, h)
     _, pullback = torch.func.vjp(fn, h)
     v = torch.randn_like(h)
-
-    def timed(run):
-        run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    return timed(lambda: jvp(v)), timed(lambda: pullback(v))
+    return median_seconds(lambda: jvp(v), repeats), median_seconds(lambda: pullback(v), repeats)
 
 
 def block_krylov_iterations(block: int, rtol: float = 1e-12, limit: int = 60) -> dict[int, int]:

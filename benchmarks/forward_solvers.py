@@ -9,26 +9,15 @@ Broyden solvers (the latter two only when torchdeq is installed: ``make bench-ex
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable
 
 import torch
+from common import median_seconds
 from layer_training import TanhCell, problems
 
 from deqhess.solvers import Anderson, Picard, Tolerance, solve_fixed_point
 
 TOL = 1e-5
-
-
-def cpu_median(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def report(label: str, iterations: int, seconds: float) -> None:
@@ -68,13 +57,15 @@ def main() -> None:
                 def run(solver=solver, step=step, rows=rows):
                     return solve_fixed_point(step, rows, solver, Tolerance(TOL, 0.0), 500)
 
-                report(label, run()[1].iterations, cpu_median(run, args.repeats))
+                seconds = median_seconds(run, args.repeats, time.process_time)
+                report(label, run()[1].iterations, seconds)
             for label, solve in theirs.items():
 
                 def run(solve=solve, cell=cell, x=x, z0=z0):
                     return solve(lambda z: cell(x, z), z0, max_iter=500, tol=TOL, stop_mode="rel")
 
-                report(label, int(run()[2]["nstep"].max()), cpu_median(run, args.repeats))
+                seconds = median_seconds(run, args.repeats, time.process_time)
+                report(label, int(run()[2]["nstep"].max()), seconds)
 
 
 if __name__ == "__main__":
