@@ -224,6 +224,8 @@ def test_a_density_narrower_than_its_grid_is_refused():
         spectral_density(op, 2, 20, sigma=1e-3, progress=False)
     with pytest.raises(ValueError, match="sigma must be a positive width"):
         spectral_density(op, 2, 20, sigma=0.0, progress=False)
+    with pytest.raises(ValueError, match="num_points must be at least 2; got 1"):
+        spectral_density(op, 2, 20, num_points=1, progress=False)
     coarse = spectral_density(op, 2, 20, progress=False)
     span = max(float(t.max()) for t in coarse.nodes) - min(float(t.min()) for t in coarse.nodes)
     sigma = span / 1000

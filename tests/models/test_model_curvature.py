@@ -276,6 +276,24 @@ def test_ggn_of_a_model_with_several_outputs(kind):
         twin, _two_output_loss, data).hessian()) <= TOL  # fmt: skip
 
 
+def test_the_ggn_refuses_an_output_that_is_not_floating_tensors():
+    """Class indices beside the logits: no Jacobian to stack, so the GGN says what it needs
+    (the total Hessian of the same model still runs)."""
+
+    class WithIndices(Classifier):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits, logits.argmax(-1)
+
+    def loss(out, target):
+        return ((out[0] - target) ** 2).mean()
+
+    curvature = dh.ModelCurvature(WithIndices(), loss, _data())
+    with pytest.raises(ValueError, match=r"must be a floating tensor or a tuple / list / dict"):
+        curvature.ggn_operator() @ torch.randn(curvature.num_parameters)
+    assert curvature.hessian().shape == (curvature.num_parameters,) * 2
+
+
 def test_a_shared_submodule_keeps_its_parameters():
     """A module registered under two paths (the cell holds the encoder it shares with the
     model): torch's functional_call puts plain tensors back for one path; the model's
