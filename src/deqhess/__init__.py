@@ -7,10 +7,12 @@ densely, or as exact matrix-free Hessian-vector products.
 
 from __future__ import annotations
 
-from . import batches, curvature, distributed, linear, models, nn, solvers
+from . import batches, curvature, distributed, linear, models, nn, solvers, streaming
 from .errors import (
     ConvergenceError,
+    DataChangedError,
     DenseMemoryError,
+    ModelChangedError,
     NonFiniteError,
     SingularSystemError,
     StaleEquilibriumError,
@@ -55,7 +57,9 @@ __all__ = [
     "Neumann",
     # errors, and the override of the dense-memory check
     "ConvergenceError",
+    "DataChangedError",
     "DenseMemoryError",
+    "ModelChangedError",
     "NonFiniteError",
     "SingularSystemError",
     "StaleEquilibriumError",
@@ -69,4 +73,5 @@ __all__ = [
     "models",
     "nn",
     "solvers",
+    "streaming",
 ]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 __all__ = [
     "ConvergenceError",
+    "DataChangedError",
     "DenseMemoryError",
+    "ModelChangedError",
     "NonFiniteError",
     "SingularSystemError",
     "StaleEquilibriumError",
@@ -82,3 +84,36 @@ class UnsupportedDerivativeError(NotImplementedError):
 
     The message names the mode, why, and the supported way to get the same derivative.
     """
+
+
+class DataChangedError(ValueError):
+    """A pass over the data saw other samples than the first pass did.
+
+    A data-set operator is a fixed matrix only if every pass reads the same samples
+    (in any order and grouping). Random augmentation, a loader that draws a different
+    subset each pass (``shuffle=True`` with ``drop_last=True``, a sampler with
+    replacement) and data changed after construction all break that.
+
+    Attributes:
+        samples: samples this pass read (so far, if it stopped early).
+        expected: samples the first pass read.
+        changed: samples of this pass the first pass did not read (or -1 if unknown).
+    """
+
+    def __init__(self, message: str, samples: int, expected: int, changed: int) -> None:
+        super().__init__(message)
+        self.samples, self.expected, self.changed = samples, expected, changed
+
+
+class ModelChangedError(RuntimeError):
+    """The model gave another result on the same samples than on the first pass, or
+    changed its own parameters or buffers during a pass.
+
+    Attributes:
+        samples: how many samples' results changed (0 when the model's state changed).
+        change: the largest relative change of a result (0 when the state changed).
+    """
+
+    def __init__(self, message: str, samples: int = 0, change: float = 0.0) -> None:
+        super().__init__(message)
+        self.samples, self.change = samples, change

@@ -94,7 +94,7 @@ def test_data_set_errors():
         dh.DatasetEquilibrium(f, theta, _batches(x, y, [11]), lambda h: h.sum(), **init)
     with pytest.raises(ValueError, match=r"\(x, target\) pair; got Tensor of length 11"):
         dh.DatasetEquilibrium(f, theta, [x], _mean_loss, **init)
-    with pytest.raises(ValueError, match="batches is empty"):
+    with pytest.raises(ValueError, match="data is empty"):
         dh.DatasetEquilibrium(f, theta, [], _mean_loss, **init)
 
 
@@ -248,7 +248,9 @@ def test_one_shot_iterators_and_changing_data():
             return iter(batches[: 3 - self.passes])
 
     data = dh.DatasetEquilibrium(f, theta, Shrinking(), _mean_loss, cache_bytes=0, **init)
-    with pytest.raises(ValueError, match="gave 3 samples in 1 batches on this pass but 6 in 2"):
+    with pytest.raises(
+        dh.DataChangedError, match="read 3 samples in 1 batches, the first read 6 in 2"
+    ):
         data.grad()
     with pytest.raises(ValueError, match="cache_bytes must be a non-negative int"):
         dh.DatasetEquilibrium(f, theta, batches, _mean_loss, cache_bytes=-1, **init)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from .adapters import StateFirst, TupleState
-from .deq import DEQ, LayerInfo, warm_starts
+from .deq import DEQ, LayerCall, LayerInfo, layer_calls, warm_starts
 from .implicit import FixedPointSpec, fixed_point
 
 __all__ = [
     "DEQ",
     "FixedPointSpec",
+    "LayerCall",
     "LayerInfo",
     "StateFirst",
     "TupleState",
     "fixed_point",
+    "layer_calls",
     "warm_starts",
 ]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,27 +28,64 @@ from .contract import InputLayout, check_deterministic, state_arguments
 from .implicit import FixedPointSpec, fixed_point
 from .reparametrize import functional_call
 
-__all__ = ["DEQ", "LayerInfo", "warm_starts"]
+__all__ = ["DEQ", "LayerCall", "LayerInfo", "layer_calls", "warm_starts"]
 
-_WARM: ContextVar[dict | None] = ContextVar("deqhess_warm_starts", default=None)
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of a :class:`DEQ` recorded by :func:`layer_calls`: the layer and its
+    forward solve's statistics (``info.converged_mask`` marks the samples that met the
+    tolerance)."""
+
+    layer: DEQ
+    info: SolveInfo
+
+
+@dataclass
+class _Calls:
+    """What :func:`layer_calls` asks of the DEQ calls in its block."""
+
+    store: dict | None
+    records: list[LayerCall] | None
+    keep_best: bool
+    counts: dict[int, int] = field(default_factory=dict)
+
+
+_CALLS: ContextVar[_Calls | None] = ContextVar("deqhess_layer_calls", default=None)
+
+
+@contextlib.contextmanager
+def layer_calls(
+    *, warm: dict | None = None, records: list[LayerCall] | None = None, keep_best: bool = False
+) -> Iterator[None]:
+    """Within the block, every :class:`DEQ` call (outside ``torch.func`` transforms):
+
+    * ``warm`` — called without ``h0``, starts from the fixed point it reached on the
+      same call in ``warm`` last time, and records the new one there. Calls are told
+      apart by layer and by order within the block (a layer called twice is two
+      entries); an entry is used only if its shape and dtype match. The fixed point is
+      still solved to the tolerance — only the start changes.
+    * ``records`` — appends a :class:`LayerCall` with its solve's statistics.
+    * ``keep_best`` — a sample that misses the tolerance keeps its best iterate,
+      without a warning, whatever the layer's own policy (its fallback solvers still
+      run first): for a caller that reads ``records`` and leaves such samples out.
+    """
+    token = _CALLS.set(_Calls(warm, records, keep_best))
+    try:
+        yield
+    finally:
+        _CALLS.reset(token)
 
 
 @contextlib.contextmanager
 def warm_starts(store: dict) -> Iterator[None]:
-    """Within the block, a :class:`DEQ` called without ``h0`` starts from the fixed point
-    it reached on the same call in ``store`` last time, and records the new one there.
-
-    Calls are told apart by layer and by order within the block (a layer called twice is
-    two entries); an entry is used only if its shape and dtype match. The fixed point is
-    still solved to the tolerance — only the start changes — so what depends on it
-    changes by at most the tolerance. Meant for re-running the same forward many times
-    (a curvature operator's passes over the data, one ``store`` per batch).
-    """
-    token = _WARM.set({"store": store, "calls": {}})
-    try:
+    """:func:`layer_calls` with ``warm=store`` alone: within the block, a :class:`DEQ`
+    called without ``h0`` starts from the fixed point it reached on the same call in
+    ``store`` last time, and records the new one there. Meant for re-running the same
+    forward many times (a curvature operator's passes over the data, one ``store`` per
+    batch)."""
+    with layer_calls(warm=store):
         yield
-    finally:
-        _WARM.reset(token)
 
 
 @dataclass(frozen=True)
@@ -174,7 +212,8 @@ class DEQ(nn.Module):
             raise ValueError(f"return_info must be True or False; got {return_info!r}.")
         check_deterministic(self.cell)
         inputs = InputLayout(x)
-        warm = self._warm_entry() if h0 is None else None
+        calls = _CALLS.get() if torch._C._functorch.peek_interpreter_stack() is None else None
+        warm = self._warm_entry(calls) if h0 is None else None
         given = h0 is not None
         if given:
             self._check_initial_shape(x, h0)
@@ -218,9 +257,9 @@ class DEQ(nn.Module):
             check_registered=(
                 torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
             ),
-            on_solve=infos.append if return_info else None,
+            on_solve=infos.append if return_info or _recording(calls) else None,
             stats=stats if return_info else None,
-            convergence=self.convergence,
+            convergence=self._convergence(calls),
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
                 *(f"cell.{n}" for n in names),
@@ -230,23 +269,32 @@ class DEQ(nn.Module):
         # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
         solved = fixed_point(spec, h0.detach(), *inputs.tensors, *values)
         h = solved.clone()
-        if warm is not None and torch._C._functorch.peek_interpreter_stack() is None:
+        if warm is not None:
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either
             warm[0][warm[1]] = solved.detach()
+        if _recording(calls):
+            calls.records.append(LayerCall(self, infos[-1]))
         if return_info:
             forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
             return h, LayerInfo(**forward, linear_solves=stats)
         return h
 
-    def _warm_entry(self) -> tuple[dict, tuple[int, int]] | None:
-        """``(store, key)`` of this call under :func:`warm_starts`, else None."""
-        active = _WARM.get()
-        if active is None:
+    def _warm_entry(self, calls: _Calls | None) -> tuple[dict, tuple[int, int]] | None:
+        """``(store, key)`` of this call under :func:`layer_calls` with a store, else None."""
+        if calls is None or calls.store is None:
             return None
-        calls = active["calls"]
-        calls[id(self)] = count = calls.get(id(self), -1) + 1
-        return active["store"], (id(self), count)
+        calls.counts[id(self)] = count = calls.counts.get(id(self), -1) + 1
+        return calls.store, (id(self), count)
+
+    def _convergence(self, calls: _Calls | None) -> Convergence:
+        """The layer's policy, or under ``layer_calls(keep_best=True)`` the same one
+        keeping unconverged samples' best iterates without a warning."""
+        if calls is None or not calls.keep_best:
+            return self.convergence
+        policy = copy.copy(self.convergence)
+        policy.on_failure, policy.warn = "best", False
+        return policy
 
     def _empty(self, x: Tensor, h0: Tensor, return_info: bool) -> Tensor | tuple[Tensor, LayerInfo]:
         """``cell(x, h0)`` for a state with no entries (still connected to the parameters)."""
@@ -262,6 +310,10 @@ class DEQ(nn.Module):
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
+
+
+def _recording(calls: _Calls | None) -> bool:
+    return calls is not None and calls.records is not None
 
 
 def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
