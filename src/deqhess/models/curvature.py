@@ -212,9 +212,9 @@ class ModelCurvature:
 
     @property
     def num_batches(self) -> int:
-        """The number of batches, by the first pass."""
+        """The number of batches (over every rank), by the first pass."""
         self._first_pass()
-        return self._stream.num_batches or 0
+        return self._stream.total_batches or 0
 
     @property
     def excluded_samples(self) -> int:

@@ -153,13 +153,15 @@ class Stream:
         self.version, self.on_restart = version, on_restart
         self._token: Any = None
         self.record: PassRecord | None = None
-        self.num_samples: int | None = None  # N, over every rank, once the first pass ran
-        self.local_samples: int | None = None
+        # over every rank, once the first pass ran: N (samples kept), batches, excluded
+        self.num_samples: int | None = None
+        self.total_batches: int | None = None
         self.excluded_samples = 0
+        self._excluded = 0  # this process's, in the first pass
 
     def restart(self) -> None:
         """Forget the first pass and everything stored: the next pass is a first pass."""
-        self.record, self.num_samples, self.local_samples = None, None, None
+        self.record, self.num_samples, self.total_batches = None, None, None
         self.excluded_samples = 0
         self.store = BatchStore(self.store.budget)
 
@@ -211,8 +213,8 @@ class Stream:
         else:
             total, samples = agreed(local, self.group, self.device)
         if self.num_samples is None:
-            self.local_samples = samples
-            self.num_samples = self._summed_count(samples)
+            counts = self._summed_counts(samples, self.record.batches, self._excluded)
+            self.num_samples, self.total_batches, self.excluded_samples = counts
         if total is None and empty is not None and (self.group is not None or not samples):
             total = empty()
         if total is None:
@@ -250,7 +252,7 @@ class Stream:
                     total = _accumulate(total, value, weight)
         record = check.finish()
         if record is not None:
-            self.record, self.excluded_samples = record, excluded
+            self.record, self._excluded = record, excluded
             if self.data.one_shot and self.store.solved_count() < record.batches:
                 raise ValueError(
                     f"data is a one-shot iterator ({type(self.data.data).__name__}), but every "
@@ -300,12 +302,13 @@ class Stream:
         return tqdm(items, desc=desc, total=total, disable=disable, leave=False)
 
     # ------------------------------------------------------------------ ranks
-    def _summed_count(self, samples: int) -> int:
+    def _summed_counts(self, *counts: int) -> tuple[int, ...]:
+        """``counts`` added over the ranks."""
         if self.group is None:
-            return samples
-        count = torch.tensor([float(samples)], device=self.device)
-        dist.all_reduce(count, group=self.group)
-        return int(count.item())
+            return counts
+        summed = torch.tensor([float(c) for c in counts], device=self.device)
+        dist.all_reduce(summed, group=self.group)
+        return tuple(int(c) for c in summed.tolist())
 
     def _all_reduced(self, total: Value) -> Value:
         parts = total if isinstance(total, tuple) else (total,)
