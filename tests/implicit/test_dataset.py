@@ -323,3 +323,15 @@ def test_excluding_needs_tensor_samples_and_a_converged_one():
         dh.DatasetEquilibrium(
             f, theta, [b for b in slow if len(b[0])], loss, exclude_unconverged=True, **options
         )
+
+
+def test_batches_is_the_old_name_of_data():
+    f, theta, x, y = _data()
+    init = dict(init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS)
+    batches = _batches(x, y, [5, 6])
+    new = dh.DatasetEquilibrium(f, theta, batches, _mean_loss, **init).grad()
+    with pytest.warns(DeprecationWarning, match=r"DatasetEquilibrium\(batches=...\) is deprec"):
+        old = dh.DatasetEquilibrium(f, theta, batches=batches, loss=_mean_loss, **init)
+    assert all(torch.equal(old.grad()[k], new[k]) for k in new)
+    with pytest.raises(ValueError, match="needs data"):
+        dh.DatasetEquilibrium(f, theta, loss=_mean_loss, **init)

@@ -346,3 +346,23 @@ def test_model_options_are_checked_at_construction():
         8,
         8,
     )
+
+
+def test_old_names_work_with_a_deprecation_warning():
+    """``loss_func``, ``params`` and ``warm_start_bytes`` became ``loss``, ``theta`` and
+    ``cache_bytes`` (the names of every data-set front end); the old ones still work."""
+    from deqhess.cli import ModelProblem
+
+    model, data = Classifier(), _data()
+    names = ["head.weight", "head.bias"]
+    new = dh.ModelCurvature(model, nn.MSELoss(), data, theta=names).hessian()
+    with pytest.warns(DeprecationWarning, match=r"ModelCurvature\(loss_func=...\) is deprecated"):
+        old = dh.ModelCurvature(model, loss_func=nn.MSELoss(), data=data, theta=names)
+    assert torch.equal(old.hessian(), new)
+    with pytest.warns(DeprecationWarning, match=r"\(params=...\) is deprecated.*use theta="):
+        old = dh.ModelCurvature(model, nn.MSELoss(), data, params=names)
+    assert old.names == names
+    with pytest.raises(ValueError, match="got both theta= and its deprecated name params="):
+        dh.ModelCurvature(model, nn.MSELoss(), data, names, params=names)
+    with pytest.warns(DeprecationWarning, match=r"ModelProblem\(params=...\)"):
+        assert ModelProblem(model, nn.MSELoss(), data, params=names).theta == names
