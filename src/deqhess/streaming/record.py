@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -106,8 +107,11 @@ class PassCheck:
         if whole:
             self.whole[key] = (sketch, tolerance)
             sketch = None
-        rows = torch.full((len(hashes), 3), float("nan"), dtype=torch.float64)
-        self.sketches.append(rows if sketch is None else sketch)
+        if sketch is None:
+            sketch_rows = torch.full((len(hashes), 3), float("nan"), dtype=torch.float64)
+        else:
+            sketch_rows = sketch
+        self.sketches.append(sketch_rows)
         if self.record is None:
             return
         if whole:
@@ -117,16 +121,17 @@ class PassCheck:
             return
         if sketch is None or len(hashes) == 0:
             return
-        where = torch.searchsorted(self.record.kept, hashes).clamp(max=len(self.record.kept) - 1)
-        found = self.record.kept[where] == hashes if len(self.record.kept) else hashes < 0
-        if not bool(found.all()):
+        kept = self.record.kept.numpy()
+        where = np.minimum(np.searchsorted(kept, hashes.numpy()), max(len(kept) - 1, 0))
+        found = kept[where] == hashes.numpy() if len(kept) else np.zeros(len(hashes), bool)
+        if not found.all():
             raise ModelChangedError(
                 f"{int((~found).sum())} samples of {self.label}'s data were kept on this pass "
                 "but left out as unconverged on the first (or the reverse): the model's "
                 f"fixed points are not the same on every pass. {_MODEL_FIX}",
                 int((~found).sum()),
             )
-        _compare(sketch, self.record.sketches[where], tolerance, self.label)
+        _compare(sketch, self.record.sketches[torch.from_numpy(where)], tolerance, self.label)
 
     def finish(self) -> PassRecord | None:
         """End of the pass: raise unless it read what the first pass read; the first
@@ -171,12 +176,13 @@ def _empty(*shape: int) -> Tensor:
     return torch.zeros(shape, dtype=torch.float64)
 
 
-def _member(query: Tensor, sorted_: Tensor) -> Tensor:
+def _member(query: Tensor, sorted_: Tensor) -> np.ndarray:
     """``[len(query)]`` bool: whether each hash is in the sorted ``sorted_``."""
     if len(sorted_) == 0:
-        return torch.zeros(len(query), dtype=torch.bool)
-    where = torch.searchsorted(sorted_, query).clamp(max=len(sorted_) - 1)
-    return sorted_[where] == query
+        return np.zeros(len(query), dtype=bool)
+    values = sorted_.numpy()
+    where = np.minimum(np.searchsorted(values, query.numpy()), len(values) - 1)
+    return values[where] == query.numpy()
 
 
 def _cause(changed: int, samples: int) -> str:
@@ -196,15 +202,16 @@ def _cause(changed: int, samples: int) -> str:
 
 def _compare(now: Tensor, first: Tensor, tolerance: float, label: str) -> None:
     """Raise :class:`ModelChangedError` where a response sketch moved past tolerance."""
-    valid = ~(now.isnan().any(dim=1) | first.isnan().any(dim=1))
-    if not bool(valid.any()):
+    now_, first_ = now.numpy(), first.numpy()
+    valid = ~(np.isnan(now_).any(axis=1) | np.isnan(first_).any(axis=1))
+    if not valid.any():
         return
-    now, first = now[valid], first[valid]
-    scale = torch.maximum(now[:, 2], first[:, 2])
-    floor = 1e-3 * float(scale.mean()) + torch.finfo(torch.float64).tiny
-    change = (now - first).abs().amax(dim=1) / (scale + floor)
+    now_, first_ = now_[valid], first_[valid]
+    scale = np.maximum(now_[:, 2], first_[:, 2])
+    floor = 1e-3 * float(scale.mean()) + np.finfo(np.float64).tiny
+    change = np.abs(now_ - first_).max(axis=1) / (scale + floor)
     moved = change > tolerance
-    if bool(moved.any()):
+    if moved.any():
         worst = float(change.max())
         raise ModelChangedError(
             f"the model returned other values on the same samples of {label}'s data than "
