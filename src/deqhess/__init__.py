@@ -11,6 +11,8 @@ from . import batches, curvature, distributed, linear, models, nn, solvers
 from .errors import (
     ConvergenceError,
     DenseMemoryError,
+    DeqhessError,
+    InputError,
     NonFiniteError,
     SingularSystemError,
     StaleEquilibriumError,
@@ -53,7 +55,9 @@ __all__ = [
     "Dense",
     "GMRES",
     "Neumann",
-    # errors, and the override of the dense-memory check
+    # errors (all derive from DeqhessError), and the override of the dense-memory check
+    "DeqhessError",
+    "InputError",
     "ConvergenceError",
     "DenseMemoryError",
     "NonFiniteError",

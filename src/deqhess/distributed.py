@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .chunks import default_chunk_size
+from .errors import DeqhessError
 from .implicit import (
     BatchSolve,
     CurvatureOperator,
@@ -40,7 +41,7 @@ from .parameters import ParameterLayout, Parameters
 __all__ = ["DistributedDatasetEquilibrium", "RankFailedError"]
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(DeqhessError, RuntimeError):
     """Another rank failed, so this one stops too instead of waiting in a collective.
 
     Attributes:

@@ -19,7 +19,7 @@ from contextvars import ContextVar
 
 import torch
 
-from .errors import DenseMemoryError
+from .errors import DenseMemoryError, InputError
 
 __all__ = ["available_bytes", "check_dense", "memory_limit"]
 
@@ -37,7 +37,7 @@ def memory_limit(nbytes: float | None) -> Iterator[None]:
         ...     pass  # H = eq.hessian(loss)
     """
     if nbytes is not None and not float(nbytes) >= 0:
-        raise ValueError(f"memory_limit takes a number of bytes >= 0 or None; got {nbytes!r}.")
+        raise InputError(f"memory_limit takes a number of bytes >= 0 or None; got {nbytes!r}.")
     token = _LIMIT.set(None if nbytes is None else float(nbytes))
     try:
         yield

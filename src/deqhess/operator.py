@@ -20,6 +20,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
+from .errors import InputError
 from .finiteness import all_finite
 from .memory import check_dense
 
@@ -74,19 +75,19 @@ class Operator(abc.ABC):
             other = self.checked(other)
             return self.matvec(other) if other.ndim == 1 else self.matmat(other)
         got = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
-        raise ValueError(
+        raise InputError(
             f"{type(self).__name__} acts on flat [{n}] vectors or [{n}, K] blocks; got {got}."
         )
 
     def checked(self, v: Tensor) -> Tensor:
         """``v`` detached, after checking its dtype and that it is finite."""
         if v.dtype != self.dtype:
-            raise ValueError(
+            raise InputError(
                 f"vector has dtype {v.dtype} but the operator is {self.dtype}; convert it "
                 f"with .to({self.dtype})."
             )
         if not all_finite(v):
-            raise ValueError("vector contains non-finite values (NaN or inf).")
+            raise InputError("vector contains non-finite values (NaN or inf).")
         return v.detach()
 
     def to_dense(self) -> Tensor:

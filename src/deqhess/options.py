@@ -12,6 +12,8 @@ import operator
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["SUPPORTED_DTYPES", "integer", "real", "supported_dtype"]
 
 #: the floating dtypes deqhess computes in; half precisions cannot resolve the
@@ -26,7 +28,7 @@ def supported_dtype(dtype: torch.dtype, label: str) -> torch.dtype:
         ValueError: another dtype (float16, bfloat16, integers, complex), with what to do.
     """
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"{label} has dtype {dtype}; deqhess supports float32 and float64 (half "
             "precision cannot resolve the tolerances of the fixed-point and linear solves). "
             "Convert the tensors (and a module's parameters) with .float() or .double()."
@@ -41,13 +43,13 @@ def integer(value: object, name: str, minimum: int | None = None) -> int:
         ValueError: ``value`` is not an integer, or is below ``minimum``.
     """
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise ValueError(
+        raise InputError(
             f"{name} must be an int; got {value!r} ({type(value).__name__})"
             + (f". Pass e.g. {name}={int(value)}." if _integral_float(value) else ".")
         )
     number = operator.index(value)
     if minimum is not None and number < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {number}.")
+        raise InputError(f"{name} must be an int >= {minimum}; got {number}.")
     return number
 
 
@@ -71,13 +73,13 @@ def real(
     """
     numeric = isinstance(value, (int, float)) or hasattr(value, "__float__")
     if isinstance(value, bool) or not numeric:
-        raise ValueError(f"{name} must be a number; got {value!r} ({type(value).__name__}).")
+        raise InputError(f"{name} must be a number; got {value!r} ({type(value).__name__}).")
     number = float(value)  # type: ignore[arg-type]
     in_range = number >= minimum and (below is None or number < below)
     if math.isnan(number) or (math.isinf(number) and not allow_inf) or not in_range:
         kind = "a number" if allow_inf else "a finite number"
         where = f">= {minimum:g}" if below is None else f"in [{minimum:g}, {below:g})"
-        raise ValueError(
+        raise InputError(
             f"{name} must be {kind} {where}; got {value!r}." + (f" {meaning}" if meaning else "")
         )
     return number

@@ -13,6 +13,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .options import supported_dtype
 
 __all__ = ["ParameterLayout", "Parameters"]
@@ -38,23 +39,23 @@ class ParameterLayout:
             tensors = [theta]
         elif isinstance(theta, Mapping):
             if len(theta) == 0:
-                raise ValueError("theta is an empty dict; pass at least one parameter tensor.")
+                raise InputError("theta is an empty dict; pass at least one parameter tensor.")
             self.names = tuple(theta.keys())
             tensors = list(theta.values())
             for name, t in zip(self.names, tensors, strict=True):
                 if not isinstance(t, Tensor):
-                    raise ValueError(
+                    raise InputError(
                         f"theta[{name!r}] is a {type(t).__name__}, not a torch.Tensor; "
                         "wrap it with torch.tensor(...)."
                     )
         else:
-            raise ValueError(
+            raise InputError(
                 f"theta must be a torch.Tensor or a dict[str, Tensor]; got {type(theta).__name__}."
             )
         labels = self.labels()
         for label, t in zip(labels, tensors, strict=True):
             if not t.is_floating_point():
-                raise ValueError(
+                raise InputError(
                     f"{label} has dtype {t.dtype}; parameters must be floating point "
                     "(float32 or float64)."
                 )
@@ -62,12 +63,12 @@ class ParameterLayout:
         first = tensors[0]
         for label, t in zip(labels, tensors, strict=True):
             if t.dtype != first.dtype or t.device != first.device:
-                raise ValueError(
+                raise InputError(
                     f"all of theta must share one dtype and device: {labels[0]} is "
                     f"{first.dtype} on {first.device} but {label} is {t.dtype} on {t.device}."
                 )
         if sum(t.numel() for t in tensors) == 0:
-            raise ValueError(
+            raise InputError(
                 "theta has no entries (every tensor is empty); pass at least one parameter."
             )
         self.shapes = tuple(t.shape for t in tensors)

@@ -24,19 +24,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import (
-    ConvergenceError,
-    NonFiniteError,
-    SingularSystemError,
-    StaleEquilibriumError,
-)
+from ..errors import DeqhessError, UnsupportedDerivativeError
 
 __all__ = ["BACKWARD_MODES", "BlockBackward"]
 
 BACKWARD_MODES = ("vmap", "batched", "loop")
-
-# deqhess's answers about the problem itself: no other way of batching would change them
-_OURS = (ConvergenceError, NonFiniteError, SingularSystemError, StaleEquilibriumError)
 
 
 class BlockBackward:
@@ -85,7 +77,11 @@ class BlockBackward:
             try:
                 return _MODES[BACKWARD_MODES[self._tried]](outs, inputs, cots)
             except RuntimeError as error:
-                if isinstance(error, _OURS):
+                # deqhess's answers about the problem itself: no other way of batching
+                # would change them (an unsupported mode is about the way: try the next)
+                if isinstance(error, DeqhessError) and not isinstance(
+                    error, UnsupportedDerivativeError
+                ):
                     raise
                 self._tried += 1
         return _looped(outs, inputs, cots)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..options import integer
 from .base import FixedPointSolver
 
@@ -55,9 +56,9 @@ class Anderson(FixedPointSolver):
     def __init__(self, memory: int = 5, damping: float = 1.0, regularization: float = 1e-10):
         memory = integer(memory, "Anderson memory", minimum=1)
         if not 0.0 < damping <= 1.0:
-            raise ValueError(f"Anderson damping must lie in (0, 1]; got {damping}.")
+            raise InputError(f"Anderson damping must lie in (0, 1]; got {damping}.")
         if regularization < 0:
-            raise ValueError(f"Anderson regularization must be >= 0; got {regularization}.")
+            raise InputError(f"Anderson regularization must be >= 0; got {regularization}.")
         self.memory = memory
         self.damping = float(damping)
         self.regularization = float(regularization)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..options import integer
 from .aliases import resolve_solver
 from .anderson import Anderson
@@ -98,7 +99,7 @@ class Convergence:
         warn: bool = True,
     ) -> None:
         if on_failure not in _ON_FAILURE:
-            raise ValueError(
+            raise InputError(
                 f"unknown on_failure {on_failure!r}; use 'raise' (ConvergenceError) or "
                 "'best' (keep each unconverged sample's best iterate, warn, and mark it in "
                 "info.converged_mask)."
@@ -140,7 +141,7 @@ class Convergence:
                 together with a policy that raises.
         """
         if not isinstance(require_convergence, bool):
-            raise ValueError(
+            raise InputError(
                 f"require_convergence must be True or False; got {require_convergence!r}."
             )
         if policy is None:
@@ -148,12 +149,12 @@ class Convergence:
         if isinstance(policy, str):
             policy = cls(policy)
         if not isinstance(policy, Convergence):
-            raise ValueError(
+            raise InputError(
                 f"convergence must be 'raise', 'best' or a deqhess.solvers.Convergence; got "
                 f"{policy!r}."
             )
         if not require_convergence and policy.on_failure == "raise":
-            raise ValueError(
+            raise InputError(
                 f"require_convergence=False (keep the best iterate) contradicts convergence="
                 f"{policy!r}; pass only convergence=Convergence('best', ...)."
             )

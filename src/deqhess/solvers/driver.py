@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError
+from ..errors import ConvergenceError, InputError
 from ..options import integer, supported_dtype
 from ..state import check_state_map
 from .base import FixedPointSolver
@@ -163,7 +163,7 @@ def solve_fixed_point(
     """
     if not isinstance(h0, Tensor) or h0.ndim != 2:
         got = f"shape {tuple(h0.shape)}" if isinstance(h0, Tensor) else type(h0).__name__
-        raise ValueError(
+        raise InputError(
             f"h0 must be rows [S, d] (S independent systems of width d); got {got}. Reshape "
             "the state, e.g. h0.reshape(1, -1) for one system."
         )

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import InputError
 from .base import FixedPointSolver
 
 __all__ = ["Picard"]
@@ -24,7 +25,7 @@ class Picard(FixedPointSolver):
 
     def __init__(self, damping: float = 1.0) -> None:
         if not 0.0 < damping <= 1.0:
-            raise ValueError(f"Picard damping must lie in (0, 1]; got {damping}.")
+            raise InputError(f"Picard damping must lie in (0, 1]; got {damping}.")
         self.damping = float(damping)
 
     def __repr__(self) -> str:

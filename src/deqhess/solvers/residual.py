@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["Residual"]
 
 
@@ -36,7 +38,7 @@ class Residual:
         version = None if h.is_inference() else h._version  # inference tensors have none
         value = self.fn(h)
         if version is not None and h._version != version:
-            raise ValueError(
+            raise InputError(
                 "f modified the state it was given in place (e.g. torch.relu_(h) or h += …), "
                 "which corrupts the solver's iterate: use out-of-place operations on h "
                 "(torch.relu(h), h = h + …)."
