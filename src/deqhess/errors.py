@@ -28,19 +28,18 @@ class DeqhessError(Exception):
     Example:
         >>> import torch, deqhess as dh
         >>> try:
-        ...     dh.Equilibrium(lambda x, h, t: t * h, torch.tensor(float("nan")), None,
-        ...                    torch.zeros(2))
+        ...     dh.Equilibrium(lambda x, h, theta: h, {}, None, torch.zeros(2))
         ... except dh.DeqhessError as error:
-        ...     print(type(error).__name__, isinstance(error, ValueError))
-        InputError True
+        ...     print(f"{type(error).__name__} (a ValueError: {isinstance(error, ValueError)})")
+        InputError (a ValueError: True)
     """
 
 
 class InputError(DeqhessError, ValueError):
-    """An argument deqhess was given is invalid: the message names it, shows what was
-    received and says what to try.
+    """An argument deqhess was given is invalid.
 
-    A ``ValueError``, so code written to catch ``ValueError`` keeps working.
+    The message names the argument, shows what was received and says what to try. A
+    ``ValueError``, so code written to catch ``ValueError`` keeps working.
     """
 
 

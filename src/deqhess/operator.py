@@ -93,10 +93,12 @@ class Operator(abc.ABC):
     def to_dense(self) -> Tensor:
         """The ``[m, n]`` matrix, from ``n`` products.
 
-        Raises:
-            DenseMemoryError: the identity, the products and the result (about
-                ``3·m·n`` numbers) would not fit in the memory available (see
-                :func:`deqhess.memory_limit`).
+        Refused with :class:`~deqhess.DenseMemoryError`, before allocating, when the
+        identity, the products and the result (about ``3·m·n`` numbers) would not fit in
+        the memory available (see :func:`deqhess.memory_limit`).
+
+        Returns:
+            ``A`` as a dense ``[m, n]`` tensor of the operator's dtype and device.
         """
         m, n = self.shape
         check_dense(
@@ -135,8 +137,15 @@ class _Transposed(Operator):
 
 
 def scipy_operator(op: Operator) -> LinearOperator:
-    """``op`` as a ``scipy.sparse.linalg.LinearOperator``: vectors and blocks, NumPy in and
-    out, in ``op``'s precision (``rmatvec`` by the transpose product)."""
+    """``op`` as a ``scipy.sparse.linalg.LinearOperator``.
+
+    Args:
+        op: the operator.
+
+    Returns:
+        A SciPy operator taking vectors and blocks, NumPy in and out, in ``op``'s
+        precision (``rmatvec`` by the transpose product).
+    """
     np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
 
     def as_block(a: np.ndarray) -> tuple[Tensor, tuple[int, ...]]:

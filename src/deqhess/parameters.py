@@ -8,7 +8,7 @@ deqhess and in user code.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Union
+from typing import Union, cast
 
 import torch
 from torch import Tensor
@@ -89,7 +89,9 @@ class ParameterLayout:
 
     def tensors(self, theta: Parameters) -> list[Tensor]:
         """The tensors of ``theta`` in flattening order."""
-        return [theta] if self.names is None else [theta[n] for n in self.names]  # type: ignore[index]
+        if self.names is None:
+            return [cast(Tensor, theta)]
+        return [cast(Mapping[str, Tensor], theta)[n] for n in self.names]
 
     def flatten(self, theta: Parameters) -> Tensor:
         """θ-structured → flat ``[P]`` (differentiable; a new tensor)."""
@@ -105,8 +107,12 @@ class ParameterLayout:
         return dict(zip(self.names, leaves, strict=True))
 
     def matches(self, value: object) -> bool:
-        """Whether ``value`` has θ's structure and shapes (a dict's keys in any order:
-        :meth:`flatten` reads them by name)."""
+        """Whether ``value`` has θ's structure and shapes.
+
+        Returns:
+            True for a tensor of θ's shape (θ a tensor), or a mapping with θ's keys — in
+            any order: :meth:`flatten` reads them by name — and shapes.
+        """
         if self.names is None:
             return isinstance(value, Tensor) and value.shape == self.shapes[0]
         if not isinstance(value, Mapping) or set(value.keys()) != set(self.names):

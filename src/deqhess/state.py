@@ -85,8 +85,16 @@ class StateLayout:
 
 
 def check_state_map(out: object, h: Tensor, call: str) -> None:
-    """Raise ``ValueError`` unless ``out`` (what ``call`` returned for the state ``h``) is
-    a tensor of ``h``'s shape and dtype."""
+    """Check that a map of the state returned a state.
+
+    Args:
+        out: what ``call`` returned for the state ``h``.
+        h: the state it was given.
+        call: the map's name, for the message (e.g. ``"f(x, h, theta)"``).
+
+    Raises:
+        InputError: ``out`` is not a tensor of ``h``'s shape and dtype.
+    """
     if not isinstance(out, Tensor):
         raise InputError(f"{call} must return a tensor shaped like h; got {type(out).__name__}.")
     if out.shape != h.shape or out.dtype != h.dtype:

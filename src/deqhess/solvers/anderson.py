@@ -16,8 +16,9 @@ __all__ = ["Anderson"]
 
 @dataclass
 class _History:
-    """Anderson's memory, ``m`` consecutive differences kept in ring buffers (slot
-    ``count mod m`` next): the least squares ignore their order.
+    """Anderson's memory: ``m`` consecutive differences kept in ring buffers.
+
+    Slot ``count mod m`` is written next: the least squares ignore their order.
 
     Attributes:
         h, g: the previous iterate and its residual ``[S, d]`` (None before the first).
@@ -67,6 +68,7 @@ class Anderson(FixedPointSolver):
         return f"Anderson(memory={self.memory}, damping={self.damping:g})"
 
     def init(self, h: Tensor) -> _History:
+        """Empty differences ``[S, m, d]`` for rows ``h`` ``[S, d]``."""
         samples, width, m = h.shape[0], h.shape[1], self.memory
         return _History(
             h=None,
@@ -78,10 +80,11 @@ class Anderson(FixedPointSolver):
         )
 
     def step(self, memory: _History, h: Tensor, fh: Tensor) -> tuple[Tensor, _History]:
+        """The mixed iterate ``[S, d]`` from ``h`` and ``fh = f(h)``, and the updated memory."""
         beta = self.damping
         g = fh - h
         h_next = fh if beta == 1.0 else torch.add(h, g, alpha=beta)
-        if memory.h is not None:
+        if memory.h is not None and memory.g is not None:
             slot = memory.count % self.memory
             delta_g = torch.sub(g, memory.g, out=memory.dg[:, slot])
             # ΔH + βΔG (from h and g, which the driver owns: f may reuse its output buffer)

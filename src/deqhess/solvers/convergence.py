@@ -104,9 +104,9 @@ class Convergence:
                 "'best' (keep each unconverged sample's best iterate, warn, and mark it in "
                 "info.converged_mask)."
             )
-        single = isinstance(fallback, (str, FixedPointSolver))
+        fallbacks = [fallback] if isinstance(fallback, (str, FixedPointSolver)) else fallback
         self.on_failure = on_failure
-        self.fallback = tuple(resolve_solver(s) for s in ([fallback] if single else fallback))
+        self.fallback = tuple(resolve_solver(s) for s in fallbacks)
         self.fallback_max_iter = (
             None
             if fallback_max_iter is None
@@ -133,11 +133,16 @@ class Convergence:
     ) -> Convergence:
         """A policy from itself, an alias (``"raise"``, ``"best"``) or ``None``.
 
-        ``None`` follows the shorthand ``require_convergence`` (True: ``"raise"``,
-        False: ``"best"``).
+        Args:
+            policy: a :class:`Convergence`, ``"raise"``, ``"best"`` or ``None``, which
+                follows the shorthand ``require_convergence``.
+            require_convergence: True: ``"raise"``, False: ``"best"``.
+
+        Returns:
+            The policy.
 
         Raises:
-            ValueError: an unknown alias or object, or ``require_convergence=False``
+            InputError: an unknown alias or object, or ``require_convergence=False``
                 together with a policy that raises.
         """
         if not isinstance(require_convergence, bool):

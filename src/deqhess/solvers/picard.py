@@ -32,9 +32,11 @@ class Picard(FixedPointSolver):
         return f"Picard(damping={self.damping:g})"
 
     def init(self, h: Tensor) -> None:
+        """No memory: a Picard step needs only ``h`` and ``f(h)``."""
         return None
 
     def step(self, memory: Any, h: Tensor, fh: Tensor) -> tuple[Tensor, None]:
+        """``(1 − β) h + β f(h)`` ``[S, d]``, and no memory."""
         if self.damping == 1.0:  # the plain iteration: f(h) itself
             return fh, None
         return h + self.damping * (fh - h), None

@@ -32,8 +32,14 @@ class Residual:
     def evaluate(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``(F(h), g(h))`` from one evaluation of ``F``.
 
+        Args:
+            h: the iterate, rows ``[S, d]``.
+
+        Returns:
+            ``F(h)`` and ``g(h)``, each ``[S, d]``.
+
         Raises:
-            ValueError: ``F`` modified its argument in place (the iterate it was given).
+            InputError: ``F`` modified its argument in place (the iterate it was given).
         """
         version = None if h.is_inference() else h._version  # inference tensors have none
         value = self.fn(h)
