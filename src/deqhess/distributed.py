@@ -143,7 +143,7 @@ class DistributedDatasetEquilibrium:
     not grow with its number of batches.
 
     Args:
-        f, theta, loss, init_state, reduction, batch_dim, progress, **options: as for
+        f, theta, loss, init_state, reduction, batch_dim, progress, ``**options``: as for
             :class:`DatasetEquilibrium` (``cache_bytes`` included); θ (keys, order,
             values, dtype), ``reduction`` and ``batch_dim`` must be identical on every
             rank — checked at construction (a ``ValueError`` on every rank otherwise).

@@ -86,6 +86,28 @@ class ModelCurvature:
         ValueError: unknown parameter names, parameters of several dtypes, a one-shot
             iterator for ``data``, an unknown reduction or a ``split_at`` that is not a
             DEQ layer of the model.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import deqhess as dh
+        >>> class Cell(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(4, 4)
+        ...     def forward(self, x, h):
+        ...         return torch.tanh(0.5 * self.lin(h) + x)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), dh.nn.DEQ(Cell()), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        >>> data = [(x, y)]
+        >>> curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+        >>> H = curvature.hessian()  # P = 16 + 20 + 10 parameters
+        >>> H.shape
+        torch.Size([46, 46])
+        >>> v = torch.randn(46, dtype=torch.float64)
+        >>> torch.allclose(curvature.hessian_operator() @ v, H @ v)
+        True
     """
 
     def __init__(
