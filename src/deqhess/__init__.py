@@ -12,6 +12,8 @@ from .errors import (
     ConvergenceError,
     DataChangedError,
     DenseMemoryError,
+    DeqhessError,
+    InputError,
     ModelChangedError,
     NonFiniteError,
     SingularSystemError,
@@ -55,7 +57,9 @@ __all__ = [
     "Dense",
     "GMRES",
     "Neumann",
-    # errors, and the override of the dense-memory check
+    # errors (all derive from DeqhessError), and the override of the dense-memory check
+    "DeqhessError",
+    "InputError",
     "ConvergenceError",
     "DataChangedError",
     "DenseMemoryError",

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 __all__ = ["Batches", "MappedBatches", "RankShard", "held_bytes", "saved_activation_bytes"]
 
 
@@ -33,7 +35,7 @@ class Batches:
 
     def __init__(self, data: Iterable[tuple[Any, Any]]) -> None:
         if not isinstance(data, Iterable):
-            raise ValueError(
+            raise InputError(
                 f"batches must be an iterable of (x, target) pairs (a list, a DataLoader); "
                 f"got {type(data).__name__}."
             )
@@ -43,7 +45,7 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         for item in self.data:
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise ValueError(
+                raise InputError(
                     f"each batch must be an (x, target) pair; got {type(item).__name__}"
                     + (f" of length {len(item)}." if hasattr(item, "__len__") else ".")
                 )

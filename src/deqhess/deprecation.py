@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from .errors import InputError
+
 __all__ = ["UNSET", "renamed"]
 
 
@@ -27,7 +29,7 @@ def renamed(new_value: Any, old_value: Any, *, old: str, new: str, where: str) -
     if old_value is UNSET:
         return new_value
     if new_value is not UNSET and new_value is not None:
-        raise ValueError(f"{where} got both {new}= and its deprecated name {old}=; pass {new}=.")
+        raise InputError(f"{where} got both {new}= and its deprecated name {old}=; pass {new}=.")
     warnings.warn(
         f"{where}({old}=...) is deprecated and will be removed in deqhess 0.3; use {new}=.",
         DeprecationWarning,

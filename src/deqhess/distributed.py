@@ -22,6 +22,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import InputError
 from .implicit import BatchSolve, DatasetEquilibrium
 from .models import ModelCurvature
 from .models.graph import LossFunc
@@ -33,7 +34,7 @@ __all__ = ["DistributedDatasetEquilibrium", "DistributedModelCurvature", "RankFa
 
 def _require_group() -> None:
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(
+        raise InputError(
             "torch.distributed is not initialised; call "
             "torch.distributed.init_process_group (e.g. under torchrun) first."
         )
@@ -97,7 +98,7 @@ class DistributedDatasetEquilibrium(DatasetEquilibrium):
 
     def _after_first_pass(self, allow_empty: bool) -> None:
         if self.num_samples == 0:  # the same on every rank: all raise alike
-            raise ValueError(
+            raise InputError(
                 "every rank's shard is empty, or no sample converged on any rank; pass at "
                 "least one (x, target) batch with a converging sample."
             )

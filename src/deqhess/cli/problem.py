@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..batches import MappedBatches, RankShard
 from ..deprecation import UNSET, renamed
 from ..distributed import DistributedDatasetEquilibrium, DistributedModelCurvature
+from ..errors import InputError
 from ..implicit import PARTS, DatasetEquilibrium
 from ..models import ModelCurvature
 from ..nn.reparametrize import functional_call
@@ -93,7 +94,7 @@ class AnalysisProblem:
                 return functional_call(cell, t, (x, h))
 
         if theta is None:
-            raise ValueError("the factory gave no theta; set AnalysisProblem.theta.")
+            raise InputError("the factory gave no theta; set AnalysisProblem.theta.")
         theta = cast.tree(theta)
         if init is not None and cast.active:
             user_init = init
@@ -152,13 +153,13 @@ def _check_cell_theta(cell: nn.Module, names: list[str], theta: Parameters) -> N
     """With a cell, θ must be a dict of the cell's own parameters (or buffers)."""
     kind = type(cell).__name__
     if not isinstance(theta, Mapping):
-        raise ValueError(
+        raise InputError(
             f"with f = the cell {kind}, theta must be a dict of its named parameters; got "
             f"{type(theta).__name__}. Leave theta=None to take all of them."
         )
     unknown = [n for n in theta if n not in names]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"theta has parameters the cell {kind} does not have: {unknown} (its own: "
             f"{names[:8]}{' …' if len(names) > 8 else ''}). With an nn.Module cell, theta "
             "may hold only the cell's parameters (theta=None takes all of them). To "
@@ -192,9 +193,9 @@ def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iter
         with torch.no_grad():
             out = f(x, h0, theta)
     except (RuntimeError, ValueError, IndexError) as error:
-        raise ValueError(f"f failed on the initial state: {advice}.") from error
+        raise InputError(f"f failed on the initial state: {advice}.") from error
     if isinstance(out, Tensor) and out.shape != h0.shape:
-        raise ValueError(f"f returned shape {tuple(out.shape)} on the initial state: {advice}.")
+        raise InputError(f"f returned shape {tuple(out.shape)} on the initial state: {advice}.")
     return chained
 
 
@@ -262,7 +263,7 @@ class ModelProblem:
         if overrides.get("convergence") == "best" and exclude:
             overrides.pop("convergence")
         if overrides:
-            raise ValueError(
+            raise InputError(
                 f"solver options {sorted(overrides)} apply to a DEQ layer; for a "
                 "ModelProblem set them on the model's deqhess.nn.DEQ layers in the factory."
             )
@@ -294,14 +295,14 @@ class ModelProblem:
 def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
     """Call ``package.module:function`` or ``path/to/file.py:function`` and check its result."""
     if ":" not in spec:
-        raise ValueError(
+        raise InputError(
             f"factory {spec!r} must look like 'package.module:function' or 'file.py:function'."
         )
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target)
         if not path.exists():
-            raise ValueError(f"factory file {target!r} does not exist.")
+            raise InputError(f"factory file {target!r} does not exist.")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
@@ -310,15 +311,15 @@ def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
         try:
             module = importlib.import_module(target)
         except ImportError as error:
-            raise ValueError(f"cannot import {target!r} for the factory: {error}") from error
+            raise InputError(f"cannot import {target!r} for the factory: {error}") from error
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise ValueError(f"{target!r} has no callable {name!r}.")
+        raise InputError(f"{target!r} has no callable {name!r}.")
     result = factory()
     if isinstance(result, Mapping):
         result = _from_fields(spec, result)
     if not isinstance(result, (AnalysisProblem, ModelProblem)):
-        raise ValueError(
+        raise InputError(
             f"the factory {spec!r} returned {type(result).__name__}; return a "
             "deqhess.cli.AnalysisProblem or ModelProblem (or a dict of its fields)."
         )
@@ -337,7 +338,7 @@ def _from_fields(spec: str, fields_: Mapping[str, Any]) -> AnalysisProblem | Mod
     missing = [n for n in required if n not in fields_]
     unknown = [n for n in fields_ if n not in known]
     if missing or unknown:
-        raise ValueError(
+        raise InputError(
             f"the factory {spec!r} returned a dict for {kind.__name__} "
             + (f"without {missing}" if missing else "")
             + (" and " if missing and unknown else "")

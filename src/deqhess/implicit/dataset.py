@@ -28,7 +28,7 @@ from torch import Tensor
 from ..batches import held_bytes, saved_activation_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import UNSET, renamed
-from ..errors import StaleEquilibriumError
+from ..errors import InputError, StaleEquilibriumError
 from ..parameters import ParameterLayout, Parameters
 from ..solvers import Convergence
 from ..streaming import (
@@ -102,10 +102,10 @@ class BatchSolve:
 
 def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
     if not callable(loss):
-        raise ValueError(f"loss must be callable; got {type(loss).__name__}.")
+        raise InputError(f"loss must be callable; got {type(loss).__name__}.")
     required = required_positional(loss)
     if required not in (2, 3):
-        raise ValueError(
+        raise InputError(
             "a data-set loss must take loss(h, target) or loss(h, theta, target); "
             f"{getattr(loss, '__name__', loss)!r} requires {required} positional arguments."
         )
@@ -197,7 +197,7 @@ class DatasetEquilibrium:
     ) -> None:
         data = renamed(data, batches, old="batches", new="data", where=self._label)
         if data is None or loss is None:
-            raise ValueError(f"{self._label} needs data (the (x, target) batches) and loss.")
+            raise InputError(f"{self._label} needs data (the (x, target) batches) and loss.")
         self._uses_theta = _loss_uses_theta(loss)
         self.layout = self._setup(theta, reduction, batch_dim)
         self.f, self.theta, self.loss = f, theta, loss
@@ -240,9 +240,9 @@ class DatasetEquilibrium:
     def _after_first_pass(self, allow_empty: bool) -> None:
         """Refuse data with no batch (unless allowed) or no converged sample."""
         if not self._solves and not allow_empty:
-            raise ValueError("data is empty; pass at least one (x, target) batch.")
+            raise InputError("data is empty; pass at least one (x, target) batch.")
         if self._solves and self.num_samples == 0:
-            raise ValueError(
+            raise InputError(
                 f"no sample converged: all {self.excluded_samples} were excluded as "
                 "unconverged. Loosen tol, raise max_iter or add a fallback solver."
             )
@@ -326,7 +326,7 @@ class DatasetEquilibrium:
         if len(keep) == 0:
             return _Solved(batch.key, x, target, None, None, eq.info, keep, excluded)
         if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
-            raise ValueError(
+            raise InputError(
                 "exclude_unconverged needs tensor inputs and targets whose first dimension "
                 f"indexes the samples; got x of type {type(x).__name__} and target of type "
                 f"{type(target).__name__}."

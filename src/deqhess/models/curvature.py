@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..chunks import default_chunk_size
 from ..deprecation import UNSET, renamed
-from ..errors import ConvergenceError
+from ..errors import ConvergenceError, InputError
 from ..implicit import CurvatureOperator, HessianSplit
 from ..implicit.operators import check_part
 from ..nn import DEQ, LayerCall, layer_calls
@@ -113,6 +113,28 @@ class ModelCurvature:
         ValueError: unknown parameter names, parameters of several dtypes, a one-shot
             iterator for ``data``, an unknown reduction, a ``split_at`` that is not a
             DEQ layer of the model, or a module that is not one fixed function.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import deqhess as dh
+        >>> class Cell(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(4, 4)
+        ...     def forward(self, x, h):
+        ...         return torch.tanh(0.5 * self.lin(h) + x)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), dh.nn.DEQ(Cell()), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        >>> data = [(x, y)]
+        >>> curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+        >>> H = curvature.hessian()  # P = 16 + 20 + 10 parameters
+        >>> H.shape
+        torch.Size([46, 46])
+        >>> v = torch.randn(46, dtype=torch.float64)
+        >>> torch.allclose(curvature.hessian_operator() @ v, H @ v)
+        True
     """
 
     _label = "ModelCurvature"
@@ -143,11 +165,11 @@ class ModelCurvature:
             cache_bytes, warm_start_bytes, old="warm_start_bytes", new="cache_bytes", where=where
         )
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+            raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         if not callable(loss):
-            raise ValueError(f"loss must be callable; got {type(loss).__name__}.")
+            raise InputError(f"loss must be callable; got {type(loss).__name__}.")
         if data is None:
-            raise ValueError(f"{where} needs data: the (x, target) batches.")
+            raise InputError(f"{where} needs data: the (x, target) batches.")
         self.model, self.loss = model, loss
         self.names = _chosen_names(model, theta)
         self.layout = ParameterLayout(dict(zip(self.names, self._values(), strict=True)))
@@ -161,7 +183,7 @@ class ModelCurvature:
         )
         self.backward = BlockBackward(backward)
         if backward == "batched" and _deq_layers(model):
-            raise ValueError(
+            raise InputError(
                 "backward='batched' (torch.autograd.grad with is_grads_batched=True) cannot "
                 "go through a deqhess.nn.DEQ layer: torch's legacy batching cannot run its "
                 "solves. Use backward='vmap' (what 'auto', the default, picks for DEQ models) "
@@ -177,7 +199,7 @@ class ModelCurvature:
             guard=self._guard, version=self._version, on_restart=self._restarted,
         )  # fmt: skip
         if self._stream.data.one_shot:
-            raise ValueError(
+            raise InputError(
                 f"data is a one-shot iterator ({type(data).__name__}); every product reads "
                 "the data once, so pass a list or a DataLoader."
             )
@@ -361,12 +383,12 @@ class ModelCurvature:
         if self._stream.num_samples:
             return
         if self._stream.excluded_samples:
-            raise ValueError(
+            raise InputError(
                 f"no sample converged: all {self._stream.excluded_samples} were excluded as "
                 "unconverged. Make the model's DEQ layers converge (max_iter, a fallback "
                 "solver, a looser tol)."
             )
-        raise ValueError("data is empty; pass at least one (x, target) batch.")
+        raise InputError("data is empty; pass at least one (x, target) batch.")
 
     # ------------------------------------------------------------------ operators
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
@@ -374,7 +396,7 @@ class ModelCurvature:
         product is one pass over the data."""
         check_part(part, self.parts if part not in _SPLIT_PARTS else MODEL_PARTS)
         if part in _SPLIT_PARTS and self.split_at is None:
-            raise ValueError(
+            raise InputError(
                 f"{part!r} splits the Hessian at a DEQ layer's fixed point, but the model "
                 f"has {len(_deq_layers(self.model))} DEQ layers and no split_at; pass "
                 "split_at=<the layer or its name>, or use 'total' or 'ggn'."
@@ -422,7 +444,7 @@ def _bytes(store: dict) -> int:
 
 def _restrict(x: Any, target: Any, keep: Tensor) -> tuple[Tensor, Tensor]:
     if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
-        raise ValueError(
+        raise InputError(
             "exclude_unconverged needs tensor inputs and targets whose first dimension "
             f"indexes the samples; got x of type {type(x).__name__} and target of type "
             f"{type(target).__name__}."
@@ -432,7 +454,7 @@ def _restrict(x: Any, target: Any, keep: Tensor) -> tuple[Tensor, Tensor]:
 
 def _leading_size(x: Any) -> int:
     if not isinstance(x, Tensor) or x.ndim == 0:
-        raise ValueError(
+        raise InputError(
             f"cannot count the samples of a batch whose x is {type(x).__name__}; pass "
             "batch_size_fn=lambda x: ... (the number of samples in x)."
         )
@@ -453,9 +475,9 @@ def _chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | N
         ]
         unknown = [n for n in names if n not in named]
         if unknown:
-            raise ValueError(f"unknown parameter names {unknown}; the model has {list(named)}.")
+            raise InputError(f"unknown parameter names {unknown}; the model has {list(named)}.")
     if not names:
-        raise ValueError(
+        raise InputError(
             "no parameters chosen: the model has none that require grad."
             if params is None
             else "theta is empty: name the parameters to differentiate in, or pass "
@@ -476,9 +498,9 @@ def _split_layer(model: nn.Module, split_at: nn.Module | str | None) -> DEQ | No
         try:
             split_at = model.get_submodule(split_at)
         except AttributeError as error:
-            raise ValueError(f"split_at={split_at!r} is not a submodule of the model.") from error
+            raise InputError(f"split_at={split_at!r} is not a submodule of the model.") from error
     if not any(split_at is layer for layer in layers):
-        raise ValueError(
+        raise InputError(
             f"split_at must be one of the model's deqhess.nn.DEQ layers; got "
             f"{type(split_at).__name__}."
         )

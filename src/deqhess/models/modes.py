@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..errors import ModelChangedError
+from ..errors import InputError, ModelChangedError
 from ..nn.contract import training_hazard
 
 __all__ = ["StateGuard", "check_modes"]
@@ -34,7 +34,7 @@ def check_modes(model: nn.Module, label: str) -> None:
         return
     listed = "; ".join(f"{name} is {reason}" for name, reason in hazards[:4])
     more = f" (and {len(hazards) - 4} more)" if len(hazards) > 4 else ""
-    raise ValueError(
+    raise InputError(
         f"{label} reruns the model on every pass and needs it to be the same function each "
         f"time, but {listed}{more}. Call model.eval() before the analysis (and model.train() "
         "after it, to resume training); deqhess does not switch modes itself, since that "

@@ -136,6 +136,23 @@ class DEQ(nn.Module):
             solvers, e.g. ``Convergence("best", fallback=Picard(damping=0.5))``.
 
     An empty batch (a state with no entries) returns ``cell(x, h0)``, itself empty.
+
+    Example:
+        >>> import torch
+        >>> from deqhess.nn import DEQ
+        >>> class Cell(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(4, 4)
+        ...     def forward(self, x, h):
+        ...         return torch.tanh(0.5 * self.lin(h) + x)
+        >>> _ = torch.manual_seed(0)
+        >>> deq = DEQ(Cell())
+        >>> h, info = deq(torch.randn(2, 4), return_info=True)
+        >>> h.shape, info.converged
+        (torch.Size([2, 4]), True)
+        >>> [name for name, _ in deq.named_parameters()]
+        ['cell.lin.weight', 'cell.lin.bias']
     """
 
     def __init__(

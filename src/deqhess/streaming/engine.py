@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..batches import Batches
+from ..errors import InputError
 from .fingerprint import batch_key, response_sketch, sample_hashes
 from .randomness import Draws
 from .ranks import agreed
@@ -53,7 +54,7 @@ Value = Tensor | tuple[Tensor, ...]
 
 def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'.")
+        raise InputError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'.")
     return reduction
 
 
@@ -254,7 +255,7 @@ class Stream:
         if record is not None:
             self.record, self._excluded = record, excluded
             if self.data.one_shot and self.store.solved_count() < record.batches:
-                raise ValueError(
+                raise InputError(
                     f"data is a one-shot iterator ({type(self.data.data).__name__}), but every "
                     "pass reads the data once and "
                     f"the cache holds only {self.store.solved_count()} of {record.batches} "

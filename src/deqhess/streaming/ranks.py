@@ -20,12 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import DeqhessError, InputError
 from ..parameters import ParameterLayout, Parameters
 
 __all__ = ["RankFailedError", "agree_on_setup", "agreed", "check_same_setup", "device_of"]
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(DeqhessError, RuntimeError):
     """Another rank failed, so this one stops too instead of waiting in a collective.
 
     Attributes:
@@ -112,7 +113,7 @@ def check_same_setup(setups: list[dict]) -> None:
     ]
     if differences:
         named = ", ".join(f for f in setups[0] if not f.startswith("θ"))
-        raise ValueError(
+        raise InputError(
             "the ranks disagree on the problem, so their sum would be no one's derivative: "
             + "; ".join(differences[:4])
             + ". Pass every rank the same θ (same keys in the same order, identical values, "

@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["DEFAULT_CACHE_BYTES", "BatchStore", "Offer", "StoredBatch"]
 
 #: the default budget of a :class:`BatchStore`: 1 GiB.
@@ -60,7 +62,7 @@ class BatchStore:
 
     def __init__(self, budget: int) -> None:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
-            raise ValueError(
+            raise InputError(
                 f"cache_bytes must be a non-negative int (bytes; 0 keeps nothing between "
                 f"passes); got {budget!r}."
             )
