@@ -105,7 +105,7 @@ def test_ranks_that_disagree_on_the_problem_all_refuse(tmp_path):
                 "reduction: rank 0 has 'mean', rank 1 has 'sum'",
                 "θ's dtype: rank 0 has 'torch.float64', rank 1 has 'torch.float32'"]  # fmt: skip
     for (kind, message), text in zip(first, expected, strict=True):
-        assert kind == "ValueError" and "the ranks disagree on the problem" in message
+        assert kind == "InputError" and "the ranks disagree on the problem" in message
         assert text in message
 
 

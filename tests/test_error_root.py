@@ -20,6 +20,8 @@ SRC = Path(dh.__file__).resolve().parent
 # keep catching it.
 BUILTIN = {
     dh.InputError: ValueError,
+    dh.DataChangedError: ValueError,
+    dh.ModelChangedError: RuntimeError,
     dh.ConvergenceError: RuntimeError,
     dh.SingularSystemError: RuntimeError,
     dh.StaleEquilibriumError: RuntimeError,
