@@ -44,8 +44,8 @@ class DistributedDatasetEquilibrium(DatasetEquilibrium):
     """The data-set derivatives of :class:`DatasetEquilibrium`, summed over ranks.
 
     Args:
-        f, theta, loss, init_state, reduction, batch_dim, progress, cache_bytes,
-            exclude_unconverged, **options: as for :class:`DatasetEquilibrium`; θ
+        f, theta, loss, ``**options``: as for :class:`DatasetEquilibrium` (its keywords
+            ``init_state``, ``reduction``, ``batch_dim``, ``cache_bytes`` … included); θ
             (keys, order, values, dtype), ``reduction`` and ``batch_dim`` must be
             identical on every rank — checked at construction (a ``ValueError`` on
             every rank otherwise).
@@ -112,7 +112,7 @@ class DistributedModelCurvature(ModelCurvature):
     shard of the data through its copy of the model, one ``all_reduce`` per product.
 
     Args:
-        model, loss, data, theta, **kwargs: as for :class:`deqhess.ModelCurvature`;
+        model, loss, data, theta, ``**kwargs``: as for :class:`deqhess.ModelCurvature`;
             ``data`` is this rank's shard (it may be empty). The chosen parameters
             (names, shapes, dtype, values) and the reduction must be identical on every
             rank — checked at construction (a ``ValueError`` on every rank otherwise).
