@@ -36,12 +36,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from ..chunks import default_chunk_size
 from ..deprecation import UNSET, renamed
 from ..errors import ConvergenceError, InputError
 from ..implicit import CurvatureOperator, HessianSplit
 from ..implicit.operators import check_part
+from ..memory import check_dense
 from ..nn import DEQ, LayerCall, layer_calls
 from ..options import integer
 from ..parameters import ParameterLayout, Parameters
@@ -58,6 +60,7 @@ from ..streaming import (
 from .backward import BlockBackward
 from .graph import BatchGraph, LossFunc
 from .modes import StateGuard, check_modes
+from .per_sample import output_jacobians, sample_gradients
 
 __all__ = ["MODEL_PARTS", "ModelCurvature"]
 
@@ -309,6 +312,7 @@ class ModelCurvature:
     ) -> Formed:
         """A formed batch whose model output is checked to the DEQ layers' tolerance."""
         rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
+        graph.samples = samples
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=0,
             tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
@@ -427,6 +431,77 @@ class ModelCurvature:
         zeros = lambda: torch.zeros(self.num_parameters, dtype=self.layout.dtype)  # noqa: E731
         return self.layout.unflatten(self._sum(None, first, zeros, "gradient"))
 
+    # ------------------------------------------------------------------ per sample
+    def per_sample_gradients(self) -> Tensor:
+        """``[N, P]``: the gradient of each sample's own loss ``ℓ(model(x_i), y_i)`` (the
+        loss on a batch of one), exact through every DEQ layer; one pass, each batch's
+        forward once and its ``n`` samples' backwards together.
+
+        Rows follow the samples in the order the data give them on this pass (a shuffling
+        loader's order is its own), unconverged ones left out under
+        ``exclude_unconverged``. Their mean (``reduction="mean"``) or sum (``"sum"``) is
+        :meth:`grad`. For influence scores, the empirical Fisher ``Σ gᵢgᵢᵀ``, Laplace.
+
+        Raises:
+            DenseMemoryError: ``[N, P]`` would not fit.
+            InputError: the model's output or the target does not hold the batch's samples
+                along its first dimension.
+        """
+        self._first_pass()
+        check_dense(
+            self.num_samples * self.num_parameters, self.layout.dtype, self.layout.device,
+            f"per_sample_gradients(): [N, P] with N = {self.num_samples:,}, "
+            f"P = {self.num_parameters:,}",
+            "Take them batch by batch on a subset of the data, or the products of the "
+            "empirical Fisher you need through hessian_operator('ggn') instead.",
+        )  # fmt: skip
+        return self._rows(sample_gradients, "per-sample gradients")
+
+    def output_jacobians(self) -> Tensor:
+        """``[N, C, P]``: each sample's Jacobian of the model's output (its ``C`` numbers:
+        the floating tensors of a tuple / list / dict output, flattened and concatenated)
+        in the chosen parameters, exact through every DEQ layer; one pass, ``n·C``
+        backwards per batch, together. Rows as in :meth:`per_sample_gradients`. The GGN
+        is ``Σᵢ Jᵢᵀ ∇²ℓᵢ Jᵢ`` with the per-sample loss curvatures ``∇²ℓᵢ`` (Laplace's
+        Jacobian-based GGN).
+
+        Raises:
+            DenseMemoryError: ``[N, C, P]`` would not fit (checked on the first batch).
+            InputError: the output does not hold the batch's samples along its first
+                dimension.
+        """
+        self._first_pass()
+
+        def rows(graph: BatchGraph, n: int) -> Tensor:
+            if not found:
+                width = sum(t[0].numel() for t in _floating_leaves(graph.output))
+                check_dense(
+                    self.num_samples * width * self.num_parameters, self.layout.dtype,
+                    self.layout.device,
+                    f"output_jacobians(): [N, C, P] with N = {self.num_samples:,}, C = "
+                    f"{width:,}, P = {self.num_parameters:,}",
+                    "Take them on a subset of the data, or use the GGN's products "
+                    "(hessian_operator('ggn')).",
+                )  # fmt: skip
+            found.append(True)
+            return output_jacobians(graph, n)
+
+        found: list[bool] = []
+        return self._rows(rows, "output Jacobians")
+
+    def _rows(self, compute: Callable[[BatchGraph, int], Tensor], desc: str) -> Tensor:
+        """One pass collecting ``compute(graph, n)`` for every batch, stacked in order."""
+        collected: list[Tensor] = []
+
+        def collect(graph: BatchGraph | None) -> None:
+            if graph is not None:
+                collected.append(compute(graph, graph.samples))
+
+        self._stream.run(self._former(None), collect, desc=desc)
+        if not collected:
+            return torch.zeros(0, self.num_parameters, dtype=self.layout.dtype)
+        return torch.cat(collected)
+
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
         """The dense ``[P, P]`` Hessian (or its :class:`HessianSplit`), for small models:
         ``P`` products in blocks of ``chunk_size`` directions."""
@@ -435,6 +510,10 @@ class ModelCurvature:
         loss_part = self.hessian_operator("loss_curvature").to_dense()
         dynamics_part = self.hessian_operator("dynamics_curvature").to_dense()
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
+
+
+def _floating_leaves(output: Any) -> list[Tensor]:
+    return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 def _bytes(store: dict) -> int:

@@ -137,14 +137,18 @@ class BatchGraph:
             self._prepare()
 
     def _loss(self, output: Tensor) -> Tensor:
-        value = self.loss_func(output, self.target)
+        return self.weight * self._loss_of(output, self.target)
+
+    def _loss_of(self, output: Any, target: Any) -> Tensor:
+        """``loss_func(output, target)``, checked to be a 0-dim floating tensor."""
+        value = self.loss_func(output, target)
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
             got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value)
             raise InputError(
-                f"loss_func(output, target) must return a 0-dim floating tensor; got {got}. "
+                f"loss(output, target) must return a 0-dim floating tensor; got {got}. "
                 "Reduce it, e.g. nn.MSELoss(reduction='mean')."
             )
-        return self.weight * value
+        return value
 
     def _forward_split(self, model: nn.Module, params: dict[str, Tensor], x: Any):
         captured: list[tuple[Tensor, Tensor]] = []

@@ -1,0 +1,81 @@
+"""Per-sample quantities of a model through its DEQ layers, from one batch's graph.
+
+Influence scores, the empirical Fisher and Laplace approximations need, per sample
+``i`` of a batch, the gradient of that sample's own loss ``∇_θ ℓ(model(x_i), y_i)`` and
+the Jacobian of the model's output ``∂model(x_i)/∂θ``. A batch's forward runs once (each
+DEQ solves once); the ``n`` (or ``n·C``) one-hot cotangents then go through its graph
+together (:class:`deqhess.models.backward.BlockBackward`), each DEQ layer's backward an
+exact adjoint solve. Samples are independent through the model (a DEQ with
+``batch_dim=0`` solves each on its own), so sample ``i``'s rows depend on ``x_i`` alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import InputError
+from .graph import BatchGraph
+
+__all__ = ["output_jacobians", "sample_gradients", "sample_losses"]
+
+
+def _row(value: Any, i: int, n: int) -> Any:
+    """Sample ``i`` of a batch's tensors (those with ``n`` rows), as a batch of one."""
+    return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.ndim and len(t) == n
+                    else t, value)  # fmt: skip
+
+
+def sample_losses(graph: BatchGraph, n: int) -> Tensor:
+    """``[n]``: each sample's loss alone, ``loss(model(x)[i:i+1], target[i:i+1])``.
+
+    Raises:
+        InputError: the output or the target has no first dimension of ``n`` samples.
+    """
+    outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
+    targets = [t for t in tree_flatten(graph.target)[0] if isinstance(t, Tensor)]
+    if not outputs or any(t.ndim == 0 or len(t) != n for t in outputs + targets):
+        raise InputError(
+            f"per-sample quantities need the model's output and the target to hold the "
+            f"batch's {n} samples along their first dimension; got output shapes "
+            f"{[tuple(t.shape) for t in outputs]} and target shapes "
+            f"{[tuple(t.shape) for t in targets]}."
+        )
+    with torch.enable_grad():
+        return torch.stack(
+            [graph._loss_of(_row(graph.output, i, n), _row(graph.target, i, n)) for i in range(n)]
+        )
+
+
+def sample_gradients(graph: BatchGraph, n: int) -> Tensor:
+    """``[n, P]``: each sample's loss gradient in the chosen parameters."""
+    losses = sample_losses(graph, n)
+    eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+    with torch.enable_grad():
+        grads = graph.backward([losses], graph.params, [eye])
+    return torch.cat([g.reshape(n, -1) for g in grads], dim=1).detach()
+
+
+def output_jacobians(graph: BatchGraph, n: int) -> Tensor:
+    """``[n, C, P]``: each sample's output Jacobian, ``C`` the numbers of its output (the
+    floating tensors of a tuple / list / dict output, flattened and concatenated)."""
+    outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
+    outputs = [t for t in outputs if t.is_floating_point()]
+    if not outputs or any(t.ndim == 0 or len(t) != n for t in outputs):
+        raise InputError(
+            f"output Jacobians need the model's output to hold the batch's {n} samples along "
+            f"its first dimension; got shapes {[tuple(t.shape) for t in outputs]}."
+        )
+    widths = [t[0].numel() for t in outputs]
+    c = sum(widths)
+    eye = torch.eye(n * c, dtype=outputs[0].dtype, device=outputs[0].device).reshape(n * c, n, c)
+    cotangents = [
+        part.reshape(n * c, *t.shape)
+        for part, t in zip(eye.split(widths, dim=2), outputs, strict=True)
+    ]
+    with torch.enable_grad():
+        grads = graph.backward(outputs, graph.params, cotangents)
+    return torch.cat([g.reshape(n * c, -1) for g in grads], dim=1).reshape(n, c, -1).detach()
