@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from . import batches, curvature, distributed, linear, models, nn, solvers
 from .errors import (
+    AccuracyWarning,
+    AnalysisConvergenceError,
     ConvergenceError,
     DenseMemoryError,
     NonFiniteError,
@@ -53,7 +55,9 @@ __all__ = [
     "Dense",
     "GMRES",
     "Neumann",
-    # errors, and the override of the dense-memory check
+    # errors and warnings, and the override of the dense-memory check
+    "AccuracyWarning",
+    "AnalysisConvergenceError",
     "ConvergenceError",
     "DenseMemoryError",
     "NonFiniteError",

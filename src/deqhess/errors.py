@@ -7,6 +7,8 @@ and what to try.
 from __future__ import annotations
 
 __all__ = [
+    "AccuracyWarning",
+    "AnalysisConvergenceError",
     "ConvergenceError",
     "DenseMemoryError",
     "NonFiniteError",
@@ -81,4 +83,34 @@ class UnsupportedDerivativeError(NotImplementedError):
     """A derivative mode that cannot be computed exactly through the DEQ layer.
 
     The message names the mode, why, and the supported way to get the same derivative.
+    """
+
+
+class AnalysisConvergenceError(ConvergenceError):
+    """An iterative analysis (:mod:`deqhess.curvature`) stopped short of its tolerance:
+    its cap on products was reached, or its system could not be solved as asked.
+
+    Attributes:
+        result: what it reached, as the analysis' own result type (an
+            :class:`deqhess.curvature.EigenResult` of the Ritz pairs so far, an
+            :class:`deqhess.curvature.InverseResult` with its status); also ``info``.
+        num_hvps: products used.
+        max_hvps: the cap on products it ran under.
+    """
+
+    def __init__(self, message: str, result: object, num_hvps: int, max_hvps: int) -> None:
+        super().__init__(message, info=result)
+        self.result = result
+        self.num_hvps = num_hvps
+        self.max_hvps = max_hvps
+
+
+class AccuracyWarning(UserWarning):
+    """A derivative is computed, but its own error bound is above what its dtype allows
+    to go unremarked (1e-6 relative in float64, 1e-3 in float32).
+
+    The message gives the bound and where it comes from (``‖(I − J)⁻¹‖`` times the
+    forward tolerance, or a linear solve's residual); it is also
+    ``EquilibriumInfo.error_bound``. Past ``max_error_bound`` (default 0.1) the solve
+    is refused with :class:`SingularSystemError` instead.
     """
