@@ -182,7 +182,11 @@ def test_singular_system_is_not_reported_converged():
     c, eq, dense = _setup()
     op = eq.hessian_operator(c.loss_theta)
     shift = -float(torch.linalg.eigvalsh(_sym(dense["total"]))[0])  # H + δI singular
-    result = solve_damped(op, torch.randn(op.shape[0]), shift, tol=1e-12, progress=False)
+    b = torch.randn(op.shape[0])
+    with pytest.raises(dh.AnalysisConvergenceError, match="did not solve") as caught:
+        solve_damped(op, b, shift, tol=1e-12, progress=False)
+    assert not caught.value.result.converged and caught.value.result.residual > 1e-6
+    result = solve_damped(op, b, shift, tol=1e-12, progress=False, require_convergence=False)
     assert not result.converged and result.residual > 1e-6
 
 

@@ -133,8 +133,8 @@ def operator_accuracy(
             ``batch_solves``), for the state error.
         reference: the same operator computed more accurately (the problem rebuilt in
             float64); its products are compared on the probes.
-        num_probes: Gaussian probes (``≥ 2``): ``num_probes`` products of ``op`` (and of
-            ``reference``).
+        num_probes: Gaussian probes (``≥ 2``): exactly ``num_probes`` products of ``op``
+            (and of ``reference``), as one block — the whole cost; no iteration.
     """
     if num_probes < 2:
         raise ValueError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")
