@@ -149,8 +149,8 @@ def test_gmres_estimate_of_the_inverse_enters_the_state_error():
     Hessenberg matrices: exact for 1 × 1 blocks) now amplifies it as the LU's does."""
     f, x, loss = _slow_rows([0.5, 0.999])
     theta, target = torch.tensor(1.0), torch.ones(2)
-    eq = dh.Equilibrium(f, theta, x, torch.zeros(2, 1), solver="picard", tol=1e-12,
-                        atol=1e-13, max_iter=100_000, batch_dim=0, linear_solver="gmres")  # fmt: skip
+    options = dict(solver="picard", tol=1e-12, atol=1e-13, max_iter=100_000, batch_dim=0)
+    eq = dh.Equilibrium(f, theta, x, torch.zeros(2, 1), linear_solver="gmres", **options)
     op = eq.hessian_operator(lambda h: loss(h, target))
     accuracy = operator_accuracy(op, [eq], progress=False)
     assert accuracy.condition_known
