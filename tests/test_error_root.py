@@ -22,6 +22,7 @@ BUILTIN = {
     dh.InputError: ValueError,
     dh.DataChangedError: ValueError,
     dh.ModelChangedError: RuntimeError,
+    dh.AnalysisConvergenceError: RuntimeError,
     dh.ConvergenceError: RuntimeError,
     dh.SingularSystemError: RuntimeError,
     dh.StaleEquilibriumError: RuntimeError,
@@ -69,7 +70,11 @@ def _error_classes() -> set[type]:
             continue  # running the command is what importing it does
         module = importlib.import_module(module_info.name)
         for _, obj in inspect.getmembers(module, inspect.isclass):
-            if issubclass(obj, BaseException) and obj.__module__.startswith("deqhess"):
+            if (
+                issubclass(obj, BaseException)
+                and not issubclass(obj, Warning)  # warnings are not errors
+                and obj.__module__.startswith("deqhess")
+            ):
                 found.add(obj)
     return found
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from . import batches, curvature, distributed, linear, models, nn, solvers, streaming
 from .errors import (
+    AccuracyWarning,
+    AnalysisConvergenceError,
     ConvergenceError,
     DataChangedError,
     DenseMemoryError,
@@ -57,9 +59,12 @@ __all__ = [
     "Dense",
     "GMRES",
     "Neumann",
-    # errors (all derive from DeqhessError), and the override of the dense-memory check
+    # errors (all derive from DeqhessError) and warnings, and the override of the
+    # dense-memory check
     "DeqhessError",
     "InputError",
+    "AccuracyWarning",
+    "AnalysisConvergenceError",
     "ConvergenceError",
     "DataChangedError",
     "DenseMemoryError",

@@ -13,6 +13,8 @@ from __future__ import annotations
 __all__ = [
     "DeqhessError",
     "InputError",
+    "AccuracyWarning",
+    "AnalysisConvergenceError",
     "ConvergenceError",
     "DataChangedError",
     "DenseMemoryError",
@@ -146,3 +148,35 @@ class ModelChangedError(DeqhessError, RuntimeError):
     def __init__(self, message: str, samples: int = 0, change: float = 0.0) -> None:
         super().__init__(message)
         self.samples, self.change = samples, change
+
+
+class AnalysisConvergenceError(ConvergenceError):
+    """An iterative analysis (:mod:`deqhess.curvature`) stopped short of its tolerance.
+
+    Its cap on products was reached, or its system could not be solved as asked.
+
+    Attributes:
+        result: what it reached, as the analysis' own result type (an
+            :class:`deqhess.curvature.EigenResult` of the Ritz pairs so far, an
+            :class:`deqhess.curvature.InverseResult` with its status); also ``info``.
+        num_hvps: products used.
+        max_hvps: the cap on products it ran under.
+    """
+
+    def __init__(self, message: str, result: object, num_hvps: int, max_hvps: int) -> None:
+        super().__init__(message, info=result)
+        self.result = result
+        self.num_hvps = num_hvps
+        self.max_hvps = max_hvps
+
+
+class AccuracyWarning(UserWarning):
+    """A derivative's own error bound is above what its dtype lets pass unremarked.
+
+    That is 1e-6 relative in float64, 1e-3 in float32.
+
+    The message gives the bound and where it comes from (``‖(I − J)⁻¹‖`` times the
+    forward tolerance, or a linear solve's residual); it is also
+    ``EquilibriumInfo.error_bound``. Past ``max_error_bound`` (default 0.1) the solve
+    is refused with :class:`SingularSystemError` instead.
+    """

@@ -109,8 +109,8 @@ def test_analyze_writes_report_and_plots(factory, tmp_path, capsys):
                          ("dynamics_curvature", dense.dynamics_curvature)]:  # fmt: skip
         exact = torch.linalg.eigvalsh(0.5 * (matrix + matrix.T))
         got = report["parts"][part]
-        # "top" descending (as printed), "bottom" ascending; each with its residuals
-        assert torch.allclose(torch.tensor(got["top"]), exact[-3:].flip(0), atol=1e-8)
+        # both ascending, as extreme_eigenpairs returns them; each with its residuals
+        assert torch.allclose(torch.tensor(got["top"]), exact[-3:], atol=1e-8)
         assert torch.allclose(torch.tensor(got["bottom"]), exact[:2], atol=1e-8)
         assert len(got["top_residuals"]) == 3 and len(got["bottom_residuals"]) == 2
         density = got["density"]

@@ -68,7 +68,7 @@ def test_analyze_a_model_factory_in_a_log(tmp_path):
     for part, entry in report["parts"].items():
         matrix = curvature.hessian_operator(part).to_dense()
         exact = torch.linalg.eigvalsh(0.5 * (matrix + matrix.T))
-        assert torch.allclose(torch.tensor(entry["top"]), exact[-3:].flip(0), atol=1e-8), part
+        assert torch.allclose(torch.tensor(entry["top"]), exact[-3:], atol=1e-8), part
         assert abs(entry["trace"]["estimate"] - float(torch.trace(matrix))) <= 1e-8, part
 
 

@@ -11,6 +11,7 @@ from test_analyze import FACTORY
 
 import deqhess as dh
 from deqhess.cli.main import main
+from deqhess.curvature import extreme_eigenpairs
 
 
 @pytest.fixture
@@ -76,7 +77,9 @@ def test_float32_report_carries_the_operator_accuracy(factory, tmp_path, capsys)
     assert "bounds the distance to an eigenvalue of the operator as computed" in text
 
 
-def test_bottom_eigenvalues_printed_with_residuals_and_top_descending(factory, tmp_path, capsys):
+def test_eigenvalues_printed_ascending_as_the_api_returns_them(factory, tmp_path, capsys):
+    """One order everywhere: a user comparing the printed top-3 with
+    ``extreme_eigenpairs(...).eigenvalues`` was off by 2.3 until sorting."""
     main([
         "analyze", f"{factory}:make", "--out", str(tmp_path), "--parts", "total",
         "--top-k", "3", "--bottom-k", "2", "--trace", "none", "--no-progress",
@@ -84,9 +87,12 @@ def test_bottom_eigenvalues_printed_with_residuals_and_top_descending(factory, t
     lines = capsys.readouterr().out.splitlines()
     report = json.loads((tmp_path / "report.json").read_text())
     top, bottom = report["parts"]["total"]["top"], report["parts"]["total"]["bottom"]
-    assert top == sorted(top, reverse=True) and bottom == sorted(bottom)
-    top_line = next(line for line in lines if "top eigenvalues" in line)
-    bottom_line = next(line for line in lines if "bottom eigenvalues" in line)
+    assert top == sorted(top) and bottom == sorted(bottom)
+    problem = dh.cli.load_factory(f"{factory}:make")
+    op = problem.equilibria(progress=False).hessian_operator("total")
+    assert torch.allclose(torch.tensor(top), extreme_eigenpairs(op, 3).eigenvalues, atol=1e-8)
+    top_line = next(line for line in lines if "top eigenvalues (ascending)" in line)
+    bottom_line = next(line for line in lines if "bottom eigenvalues (ascending)" in line)
     assert top_line.split(":", 1)[1].strip().startswith(f"{top[0]:+.4e}")
     assert "residual ≤" in bottom_line and f"{bottom[0]:+.4e}" in bottom_line
 

@@ -141,3 +141,20 @@ def test_a_data_set_accuracy_skips_batches_left_out_and_knows_cond_once_factoris
     residual = float(info.sample_residuals.norm())
     norm = data.batch_solves[0].state_norm
     assert accuracy.state_error == pytest.approx(1e3 * residual / norm, rel=1e-6)
+
+
+def test_gmres_estimate_of_the_inverse_enters_the_state_error():
+    """Matrix-free, the state error used to be ``‖f(h) − h‖/‖h‖`` alone (1,000× low for
+    the slow sample J = 0.999); GMRES's own estimate of ``‖(I − J)⁻¹‖₂`` (1/σ_min of its
+    Hessenberg matrices: exact for 1 × 1 blocks) now amplifies it as the LU's does."""
+    f, x, loss = _slow_rows([0.5, 0.999])
+    theta, target = torch.tensor(1.0), torch.ones(2)
+    options = dict(solver="picard", tol=1e-12, atol=1e-13, max_iter=100_000, batch_dim=0)
+    eq = dh.Equilibrium(f, theta, x, torch.zeros(2, 1), linear_solver="gmres", **options)
+    op = eq.hessian_operator(lambda h: loss(h, target))
+    accuracy = operator_accuracy(op, [eq], progress=False)
+    assert accuracy.condition_known
+    assert eq.info.linear_solves.inverse_norm == pytest.approx(1e3, rel=1e-6)
+    residual = float(eq.info.sample_residuals.norm())
+    norm = float(eq.h.norm())
+    assert accuracy.state_error == pytest.approx(1e3 * residual / norm, rel=1e-6)

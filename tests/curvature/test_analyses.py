@@ -182,7 +182,11 @@ def test_singular_system_is_not_reported_converged():
     c, eq, dense = _setup()
     op = eq.hessian_operator(c.loss_theta)
     shift = -float(torch.linalg.eigvalsh(_sym(dense["total"]))[0])  # H + δI singular
-    result = solve_damped(op, torch.randn(op.shape[0]), shift, tol=1e-12, progress=False)
+    b = torch.randn(op.shape[0])
+    with pytest.raises(dh.AnalysisConvergenceError, match="did not solve") as caught:
+        solve_damped(op, b, shift, tol=1e-12, progress=False)
+    assert not caught.value.result.converged and caught.value.result.residual > 1e-6
+    result = solve_damped(op, b, shift, tol=1e-12, progress=False, require_convergence=False)
     assert not result.converged and result.residual > 1e-6
 
 
@@ -197,7 +201,19 @@ def test_more_analysis_errors():
     eq2 = dh.Equilibrium(tensor_theta.f, tensor_theta.theta, tensor_theta.x, tensor_theta.h0)
     with pytest.raises(ValueError, match="parameter blocks need a dict theta"):
         ParameterBlock(eq2.hessian_operator(tensor_theta.loss), eq2.problem.params, ["theta"])
-    with pytest.raises(dh.ConvergenceError, match=r"Lanczos \(ARPACK\) found .* raise max_iter"):
+    with pytest.raises(dh.AnalysisConvergenceError, match=r"cap of 12 products .* Ritz values"):
+        extreme_eigenpairs(op, k=8, dense_below=0, max_hvps=12, tol=1e-15, progress=False)
+    with pytest.raises(ValueError, match=r"max_hvps must be an int >= 8; got 7"):
+        extreme_eigenpairs(op, k=8, dense_below=0, max_hvps=7)
+    with pytest.raises(ValueError, match=r"basis_size must lie in \[k \+ block_size, P\] = "):
+        extreme_eigenpairs(op, k=8, dense_below=0, basis_size=8)
+    with pytest.raises(ValueError, match=r"tol must be a finite number in \[0, 1\); got 2"):
+        extreme_eigenpairs(op, k=8, dense_below=0, tol=2)
+    # the old cap on ARPACK's restarts still caps the work, with a deprecation warning
+    with (
+        pytest.warns(DeprecationWarning, match=r"max_iter=\.\.\.\) is deprecated.* max_hvps"),
+        pytest.raises(dh.AnalysisConvergenceError, match=r"cap of \d+ products"),
+    ):
         extreme_eigenpairs(op, k=8, dense_below=0, max_iter=1, tol=1e-15, progress=False)
 
 

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from ..curvature import (
-    EigenResult,
     ParameterBlock,
     diagonal,
     extreme_eigenpairs,
@@ -119,8 +118,6 @@ def run_analysis(
                 mark = time.perf_counter()
                 order = "largest" if which == "top" else "smallest"
                 result = extreme_eigenpairs(op, k, order, seed=seed, progress=bars)
-                if which == "top":  # descending, as printed
-                    result = _reversed(result)
                 eigenpairs[part, which] = result
                 entry[which] = result.eigenvalues.tolist()
                 entry[f"{which}_residuals"] = result.residuals.tolist()
@@ -180,7 +177,7 @@ def run_analysis(
             if k >= 1:
                 block = ParameterBlock(op, layout, [name])
                 values = extreme_eigenpairs(block, k, seed=seed, progress=bars).eigenvalues
-                report["blocks"][name] = values.flip(0).tolist()  # descending
+                report["blocks"][name] = values.tolist()  # ascending, as everywhere
     report["seconds"] = time.perf_counter() - start
     report["processes"] = dist.get_world_size() if dist.is_initialized() else 1
     if not leader:
@@ -217,15 +214,6 @@ def _float64_check(data, problem, report, eigenpairs, probes, seed, bars, option
             if (part, which) in eigenpairs:
                 bounds = eigenpairs[part, which].residuals_against(reference)
                 entry[f"{which}_float64_residuals"] = bounds.tolist()
-
-
-def _reversed(result: EigenResult) -> EigenResult:
-    return EigenResult(
-        eigenvalues=result.eigenvalues.flip(0),
-        eigenvectors=result.eigenvectors.flip(1),
-        residuals=result.residuals.flip(0),
-        num_hvps=result.num_hvps,
-    )
 
 
 def _density_entry(result) -> dict[str, Any]:
@@ -312,7 +300,7 @@ def _lines(r: dict[str, Any]) -> list[str]:
         for which in ("top", "bottom"):
             if which in e:
                 values = ", ".join(f"{v:+.4e}" for v in e[which])
-                line = f"  {which} eigenvalues:{' ' * (7 - len(which))}{values}"
+                line = f"  {which} eigenvalues (ascending):{' ' * (7 - len(which))}{values}"
                 line += f"  (residual ≤ {max(e[which + '_residuals']):.1e}"
                 if f"{which}_float64_residuals" in e:
                     line += f"; vs float64 ≤ {max(e[which + '_float64_residuals']):.1e}"

@@ -97,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--float64-probes", type=int, default=4, metavar="N",
         help="for analyses below float64: rebuild the problem in float64 and measure the "
-        "operator's error on N probe products and the eigenpairs' residuals (0: skip)",
+        "operator's error on N probe products and the eigenpairs' residuals (0: skip). "
+        "Costs a second forward solve of every batch in float64 (to float64's tolerance, its "
+        "solved batches kept beside the float32 ones), then per part N products of each "
+        "operator and k float64 products per eigenvalue list",
     )  # fmt: skip
     analyze.add_argument("--seed", type=int, default=0, help="seed of the random probes")
     solve = analyze.add_argument_group("solver options (each default: the factory's)")

@@ -16,7 +16,7 @@ from .accuracy import OperatorAccuracy, operator_accuracy, state_error
 from .base import Counted, ParameterBlock, SymmetricOperator
 from .density import DensityResult, spectral_density
 from .diagonal import DiagonalResult, diagonal
-from .eigen import EigenResult, extreme_eigenpairs
+from .eigen import EigenResult, default_max_hvps, extreme_eigenpairs
 from .inverse import (
     InfluenceResult,
     InverseResult,
@@ -31,6 +31,7 @@ __all__ = [
     # spectra
     "EigenResult",
     "extreme_eigenpairs",
+    "default_max_hvps",
     "DensityResult",
     "spectral_density",
     # traces and diagonals

@@ -58,9 +58,10 @@ class OperatorAccuracy:
         asymmetry: ``max |uᵢᵀHuⱼ − uⱼᵀHuᵢ| / (‖uᵢ‖‖uⱼ‖ · scale)`` over probe pairs.
         state_error: ``‖(I − J)⁻¹‖ · ‖f(h) − h‖ / ‖h‖``, largest over the equilibria,
             or None when none were given.
-        condition_known: whether ``state_error`` used ``‖(I − J)⁻¹‖`` (known once a
-            dense LU is formed); without it (iterative solves) the figure is
-            ``‖f(h) − h‖ / ‖h‖``, an underestimate.
+        condition_known: whether ``state_error`` used ``‖(I − J)⁻¹‖`` — from a dense
+            LU once formed, or GMRES's estimate once it has solved (a lower bound);
+            without it (Neumann solves) the figure is ``‖f(h) − h‖ / ‖h‖``, an
+            underestimate.
         reference_error: ``max ‖(H − H_ref) u‖ / (‖u‖ · scale)`` against a reference
             operator, or None.
         num_hvps: products of the operator used; ``reference_hvps`` of the reference.
@@ -97,8 +98,9 @@ class OperatorAccuracy:
 def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, bool]:
     """``max ‖(I − J)⁻¹‖ · ‖f(h) − h‖₂ / ‖h‖₂`` over the equilibria (or a data set's
     ``batch_solves``; a batch whose samples were all left out has no state in the
-    operator and is skipped), and whether every ``‖(I − J)⁻¹‖`` was known (it is once a
-    dense LU has been formed)."""
+    operator and is skipped), and whether every ``‖(I − J)⁻¹‖`` was known: from a dense
+    LU once formed, else the estimate GMRES made during its solves
+    (``info.linear_solves.inverse_norm``, a lower bound)."""
     worst, known = 0.0, True
     for eq in equilibria:
         if isinstance(eq, BatchSolve) and eq.samples == 0:  # every sample left out
@@ -110,6 +112,8 @@ def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, 
         else:
             norm, dtype = float(torch.linalg.vector_norm(eq.h.double())), eq.h.dtype
         amplification = info.inverse_norm
+        if amplification is None and info.linear_solves is not None:
+            amplification = info.linear_solves.inverse_norm  # GMRES's estimate
         finite = amplification is not None and math.isfinite(amplification)
         known = known and finite
         factor = amplification if finite else 1.0
@@ -133,8 +137,8 @@ def operator_accuracy(
             ``batch_solves``), for the state error.
         reference: the same operator computed more accurately (the problem rebuilt in
             float64); its products are compared on the probes.
-        num_probes: Gaussian probes (``≥ 2``): ``num_probes`` products of ``op`` (and of
-            ``reference``).
+        num_probes: Gaussian probes (``≥ 2``): exactly ``num_probes`` products of ``op``
+            (and of ``reference``), as one block — the whole cost; no iteration.
     """
     if num_probes < 2:
         raise ValueError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")

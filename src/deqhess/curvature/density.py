@@ -72,6 +72,10 @@ def spectral_density(
         num_points: grid size, spanning the Ritz values ± 3σ; its spacing must not
             exceed σ (else the density would not integrate to 1: a ``ValueError``).
         sigma: Gaussian width; default 1% of the Ritz-value range.
+
+    Products: at most ``num_probes · min(steps, P)`` (one ``[P, n]`` block per Lanczos
+    step; a probe whose Krylov space closes early stops adding nodes), so ``steps``
+    caps the work; the progress bar counts them. No tolerance, so nothing to miss.
     """
     size = op.shape[0]
     steps = min(steps, size)

@@ -38,7 +38,10 @@ def diagonal(
     op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
 ) -> DiagonalResult:
     """``diag(H) ≈ (1/n) Σ zᵢ ⊙ H zᵢ``: unbiased, entry ``j``'s variance
-    ``Σ_{k≠j} H_jk²`` per probe."""
+    ``Σ_{k≠j} H_jk²`` per probe.
+
+    Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
+    progress bar counts them)."""
     if num_probes < 2:
         raise ValueError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
     counted = Counted(op, num_probes, progress, "diagonal")

@@ -15,9 +15,14 @@ operator:
   ``(V, h)`` jointly). CG checks this as it goes: when it meets a direction ``p`` with
   ``pᵀ(H + δI)p ≤ 0`` it stops with status ``NEGATIVE_CURVATURE`` and returns ``p``.
 
-Both stop after ``max_iter`` products (default ``min(2P, 1000)``), never SciPy's ``10·P``
-or ``5·P`` (64,100 products, over 15 minutes, at ``P = 6,410``). A Newton step with an
-indefinite H may point uphill; damping with ``δ > −λ_min`` makes it a descent direction.
+Both stop after ``max_iter`` products (default ``min(2P, 1000)``: never more than 1,000
+whatever ``P``, and never SciPy's ``10·P`` or ``5·P`` — 64,100 products, over 15 minutes,
+at ``P = 6,410``), with a progress bar against that cap. A solve that ends short of its
+tolerance — the cap reached, negative curvature met by CG, or a singular system —
+raises :class:`deqhess.AnalysisConvergenceError` saying how it ended and what to try;
+its ``.result`` is the :class:`InverseResult` (``require_convergence=False`` returns that
+instead). A Newton step with an indefinite H may point uphill; damping with
+``δ > −λ_min`` makes it a descent direction.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from scipy.sparse.linalg import minres
 from torch import Tensor
 
+from ..errors import AnalysisConvergenceError
 from .base import Counted, SymmetricOperator
 
 __all__ = [
@@ -113,6 +119,7 @@ def solve_damped(
     tol: float = 1e-8,
     max_iter: int | None = None,
     progress: bool | None = None,
+    require_convergence: bool = True,
 ) -> InverseResult:
     """Solve ``(H + δI) x = b`` for ``b`` ``[P]`` (see the module docstring for which
     operators suit CG).
@@ -122,11 +129,22 @@ def solve_damped(
         method: ``"minres"`` (any symmetric system) or ``"cg"`` (positive definite;
             stops at the first direction of non-positive curvature).
         tol: relative residual ``‖(H + δI)x − b‖ / ‖b‖`` to reach.
-        max_iter: cap on products; default ``min(2P, 1000)``.
+        max_iter: cap on products; default ``min(2P, 1000)`` (one more recomputes the
+            residual).
+        progress: a progress bar of products against ``max_iter`` (None: only on a
+            terminal).
+        require_convergence: raise when the solve ends short of ``tol`` (default); if
+            False, return the :class:`InverseResult` whatever its ``status`` (check
+            ``converged``) — e.g. to use the direction of negative curvature CG found.
 
     Returns:
-        An :class:`InverseResult`; it does not raise when the solve fails: check
-        ``converged`` / ``status``.
+        An :class:`InverseResult` (``status`` CONVERGED unless ``require_convergence`` is
+        False).
+
+    Raises:
+        AnalysisConvergenceError: the cap was reached, CG met ``pᵀ(H + δI)p ≤ 0``, or the
+            recomputed residual stayed above ``10 · tol`` (a singular or too
+            ill-conditioned system); ``.result`` is the :class:`InverseResult`.
     """
     if method not in ("cg", "minres"):
         raise ValueError(f"unknown method {method!r}; use 'minres' (indefinite) or 'cg'.")
@@ -162,7 +180,7 @@ def solve_damped(
     residual = float(torch.linalg.vector_norm(applied - b)) / norm_b
     if status is InverseStatus.CONVERGED and not residual <= 10 * tol:
         status = InverseStatus.INACCURATE
-    return InverseResult(
+    result = InverseResult(
         solution=solution,
         residual=residual,
         converged=status is InverseStatus.CONVERGED,
@@ -171,6 +189,26 @@ def solve_damped(
         status=status,
         direction=direction,
         curvature=curvature,
+    )
+    if require_convergence and not result.converged:
+        raise AnalysisConvergenceError(_unsolved(result, damping, tol, max_iter), result,
+                                       result.num_hvps, max_iter)  # fmt: skip
+    return result
+
+
+def _unsolved(result: InverseResult, damping: float, tol: float, max_iter: int) -> str:
+    found = (
+        f"; its direction p (.result.direction) has pᵀ(H + δI)p = {result.curvature:.3e}, so "
+        f"λ_min(H) ≤ {result.curvature - damping:.3e}"
+        if result.direction is not None
+        else ""
+    )
+    return (
+        f"{result.method.upper()} did not solve (H + δI) x = b with δ = {damping:g}: "
+        f"{result.status.value} after {result.num_hvps} products (cap max_iter={max_iter}), "
+        f"relative residual {result.residual:.1e} where tol = {tol:.0e} was asked{found}. "
+        f"{result.status.advice} The error's .result holds the solution so far; pass "
+        "require_convergence=False to have it returned instead."
     )
 
 
@@ -245,7 +283,9 @@ def _minres(
 def newton_step(
     op: SymmetricOperator, gradient: Tensor, damping: float = 0.0, **options
 ) -> InverseResult:
-    """The (damped) Newton step ``−(H + δI)⁻¹ ∇L`` for a flat gradient ``[P]``."""
+    """The (damped) Newton step ``−(H + δI)⁻¹ ∇L`` for a flat gradient ``[P]``;
+    ``options`` are :func:`solve_damped`'s (``method``, ``tol``, ``max_iter``,
+    ``require_convergence``…), and so are its errors."""
     if not isinstance(gradient, Tensor):  # the checks and their message are solve_damped's
         return solve_damped(op, gradient, damping, **options)
     return solve_damped(op, -gradient, damping, **options)
@@ -272,6 +312,12 @@ def influence(
     damping: float = 0.0,
     **options,
 ) -> InfluenceResult:
-    """Influence scores of ``N`` training gradients ``[N, P]`` on one test gradient ``[P]``."""
+    """Influence scores of ``N`` training gradients ``[N, P]`` on one test gradient ``[P]``.
+
+    ``options`` are :func:`solve_damped`'s: the scores rest on one solve, which raises
+    :class:`deqhess.AnalysisConvergenceError` when it ends short of ``tol`` (scores from
+    an unconverged solve only with ``require_convergence=False``; check
+    ``result.inverse.converged``).
+    """
     inverse = solve_damped(op, test_gradient, damping, **options)
     return InfluenceResult(scores=-(train_gradients @ inverse.solution), inverse=inverse)

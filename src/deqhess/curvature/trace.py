@@ -49,7 +49,10 @@ def hutchinson(
     op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
 ) -> TraceResult:
     """``tr(H) ≈ (1/n) Σ zᵢᵀ H zᵢ`` with Rademacher ``zᵢ`` (unbiased; variance
-    ``2 Σ_{i≠j} H_ij²``). The standard error is the probes' sample std / √n."""
+    ``2 Σ_{i≠j} H_ij²``). The standard error is the probes' sample std / √n.
+
+    Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
+    progress bar counts them)."""
     if num_probes < 2:
         raise ValueError(
             f"hutchinson needs num_probes >= 2 for an error estimate; got {num_probes}."
@@ -78,6 +81,8 @@ def hutchpp(
     Error ``O(1/m)`` instead of Hutchinson's ``O(1/√m)`` when the spectrum decays;
     exact once ``m/3 ≥ P``. The standard error is that of the residual Hutchinson part,
     from ``m/3`` probes: below 12 products it is too uncertain to quote (a warning says so).
+
+    Products: at most ``3·⌊m/3⌋ ≤ num_hvps`` (its own cap; the progress bar counts them).
     """
     third = num_hvps // 3
     if third < 2:

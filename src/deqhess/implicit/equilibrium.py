@@ -26,11 +26,13 @@ from torch import Tensor
 
 from ..chunks import default_chunk_size
 from ..linear import (
+    DEFAULT_MAX_ERROR_BOUND,
     Dense,
     DenseLU,
     Linearization,
     LinearSolver,
     LinearSolveStats,
+    check_max_error_bound,
     coupling_tolerance,
     resolve_linear_solver,
     row_coupling,
@@ -86,12 +88,23 @@ class EquilibriumInfo(SolveInfo):
             iteration count and relative residual of the iterative ones), as of this call.
         inverse_norm: estimated ``‖(I − J)⁻¹‖₁`` (largest over samples) from the dense
             LU, or None: the fixed point's error is about this times its residual.
+        error_bound: the derivatives' relative error bound ``‖(I − J)⁻¹‖ ·
+            max(r_forward, r_linear, ε)`` (:mod:`deqhess.linear.accuracy`): the residual
+            the forward solve left (at most ``tol``) and the linear solves' (iterative
+            ones), amplified by ``‖(I − J)⁻¹‖`` from the dense LU or GMRES's estimate. Above
+            1e-6 (float64) / 1e-3 (float32) an :class:`deqhess.AccuracyWarning` gave it;
+            above ``max_error_bound`` the solve was refused. None where ``‖(I − J)⁻¹‖``
+            is not known: ``error_bound_source`` says why (not set up yet, or Neumann
+            solves, which estimate nothing).
+        error_bound_source: where ``‖(I − J)⁻¹‖`` came from, or why there is no bound.
     """
 
     condition_number: float | None = None
     linear_solver: str = ""
     linear_solves: LinearSolveStats | None = None
     inverse_norm: float | None = None
+    error_bound: float | None = None
+    error_bound_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,12 @@ class Equilibrium:
             2048 wide and fit in 2 GB, else GMRES), ``"dense"``, ``"gmres"``,
             ``"neumann"`` or a :class:`deqhess.linear.LinearSolver` instance.
         max_condition: largest acceptable condition number of ``I − J`` (dense LU).
+        max_error_bound: largest accepted relative error bound of the derivatives,
+            ``‖(I − J)⁻¹‖ × the residual left`` (``info.error_bound``); default 0.1, above
+            which no digit is correct and the first solve raises
+            :class:`deqhess.SingularSystemError` (``inf``: never). Bounds above 1e-6
+            (float64) / 1e-3 (float32) but within it give an
+            :class:`deqhess.AccuracyWarning` with the figure.
         require_convergence: if False, an unconverged solve warns and keeps its best
             iterate instead of raising (``info.converged`` tells); shorthand for
             ``convergence="best"``.
@@ -155,6 +174,13 @@ class Equilibrium:
     Raises:
         ValueError: bad inputs (non-finite θ/x/h0, dtype or shape mismatches).
         ConvergenceError: the forward solve did not reach the tolerance.
+        SingularSystemError: (at the first derivative) ``I − J`` singular, or its
+            condition or the error bound above ``max_condition`` / ``max_error_bound``.
+
+    Warns:
+        AccuracyWarning: (at the first derivative, or during matrix-free solves as
+            ``‖(I − J)⁻¹‖`` is estimated) the derivatives' error bound exceeds 1e-6
+            (float64) / 1e-3 (float32) relative.
 
     Example:
         >>> import torch, deqhess as dh
@@ -187,6 +213,7 @@ class Equilibrium:
         batch_dim: int | None = None,
         linear_solver: str | LinearSolver = "auto",
         max_condition: float | None = None,
+        max_error_bound: float = DEFAULT_MAX_ERROR_BOUND,
         require_convergence: bool = True,
         chunk_size: int | None = None,
         convergence: Convergence | str | None = None,
@@ -202,6 +229,7 @@ class Equilibrium:
             linear_solver, state.samples, state.width, state.dtype, max_condition
         )
         self._max_condition = max_condition
+        max_error_bound = check_max_error_bound(max_error_bound)
         # one coupled system too wide for a dense LU: probe for independent slices first
         self._probe_blocks = (
             linear_solver == "auto"
@@ -237,6 +265,8 @@ class Equilibrium:
             ),
             accepted=self._solve_info.sample_residuals,
             tolerance=tolerance,
+            max_error_bound=max_error_bound,
+            watch_accuracy=True,
         )
         self._sensitivity: Tensor | None = None
         self._parameter_products: ParameterProducts | None = None
@@ -258,12 +288,15 @@ class Equilibrium:
         """Forward-solve statistics and, once used, those of the linear solves."""
         forward = {f.name: getattr(self._solve_info, f.name) for f in fields(SolveInfo)}
         linearization = self._linearization
+        bound = linearization.error_bound
         return EquilibriumInfo(
             **forward,
             condition_number=linearization.condition_number,
             linear_solver=repr(self.linear_solver),
             linear_solves=linearization.stats.snapshot(),
             inverse_norm=linearization.inverse_norm,
+            error_bound=bound.value,
+            error_bound_source=bound.source,
         )
 
     @property
@@ -300,6 +333,7 @@ class Equilibrium:
         return Linearization.in_blocks(
             lin.residual, lin.h, blocks, strategy, stats=lin.stats,
             accepted=lin.accepted.amax().expand(blocks[0]), tolerance=lin.tolerance,
+            max_error_bound=lin.max_error_bound, watch_accuracy=True,
         )  # fmt: skip
 
     @property

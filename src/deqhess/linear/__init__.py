@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 
 from ..solvers import default_tolerance
+from .accuracy import (
+    DEFAULT_MAX_ERROR_BOUND,
+    ErrorBound,
+    check_max_error_bound,
+    warning_threshold,
+)
 from .adaptive import NeumannGMRES, neumann_then_gmres
 from .base import (
     IterativeSolve,
@@ -30,6 +36,8 @@ from .neumann import Neumann, neumann
 from .operator import ResidualOperator
 
 __all__ = [
+    "DEFAULT_MAX_ERROR_BOUND",
+    "ErrorBound",
     "GMRES",
     "Dense",
     "DenseLU",
@@ -43,6 +51,7 @@ __all__ = [
     "ResidualOperator",
     "Solve",
     "check_linear_solver",
+    "check_max_error_bound",
     "default_linear_tolerance",
     "default_max_condition",
     "gmres",
@@ -52,6 +61,7 @@ __all__ = [
     "resolve_linear_solver",
     "row_coupling",
     "coupling_tolerance",
+    "warning_threshold",
 ]
 
 #: ``"auto"`` factorises blocks up to this width...

@@ -84,6 +84,7 @@ def neumann_then_gmres(
         iterations=products + info.iterations,
         residual=info.residual,
         converged=info.converged,
+        inverse_norm=info.inverse_norm,
     )
 
 

@@ -72,15 +72,23 @@ class LinearSolveInfo:
             is not measured (a direct solve: its accuracy is set by the condition
             number).
         converged: whether every right-hand side met the tolerance.
+        inverse_norm: an estimate of ``‖A⁻¹‖₂`` the method found on the way (GMRES: the
+            largest ``1/σ_min`` of its Hessenberg matrices, a lower bound that nears
+            ``‖A⁻¹‖₂`` once the Krylov space holds the direction ``A`` shrinks most), or
+            None.
     """
 
     method: str
     iterations: int
     residual: float | None
     converged: bool
+    inverse_norm: float | None = None
 
     @classmethod
-    def of(cls, method: str, products: int, b: Tensor, residual: Tensor, target: Tensor):
+    def of(
+        cls, method: str, products: int, b: Tensor, residual: Tensor, target: Tensor,
+        inverse_norm: float | None = None,
+    ):  # fmt: skip
         """From per-row residual norms ``‖b − A x‖`` and the per-row bounds they must meet."""
         relative = residual / row_scales(b)
         return cls(
@@ -88,6 +96,7 @@ class LinearSolveInfo:
             iterations=products,
             residual=float(relative.max()) if relative.numel() else 0.0,
             converged=bool((residual <= target).all()),
+            inverse_norm=inverse_norm,
         )
 
 
@@ -104,6 +113,8 @@ class LinearSolveStats:
         last: the latest solve's :class:`LinearSolveInfo`.
         condition_number: estimated condition number of ``I − J`` where the strategy
             gives one (dense LU), else None.
+        inverse_norm: the largest estimate of ``‖(I − J)⁻¹‖₂`` an iterative solve found
+            (GMRES; see :class:`LinearSolveInfo`), else None.
     """
 
     solves: int = 0
@@ -112,6 +123,7 @@ class LinearSolveStats:
     max_residual: float | None = None
     last: LinearSolveInfo | None = None
     condition_number: float | None = None
+    inverse_norm: float | None = None
 
     def record(self, info: LinearSolveInfo) -> None:
         self.solves += 1
@@ -119,13 +131,15 @@ class LinearSolveStats:
         self.max_iterations = max(self.max_iterations, info.iterations)
         if info.residual is not None:
             self.max_residual = max(self.max_residual or 0.0, info.residual)
+        if info.inverse_norm is not None:
+            self.inverse_norm = max(self.inverse_norm or 0.0, info.inverse_norm)
         self.last = info
 
     def snapshot(self) -> LinearSolveStats:
         """A copy that later solves do not change."""
         return LinearSolveStats(
             self.solves, self.products, self.max_iterations, self.max_residual, self.last,
-            self.condition_number,
+            self.condition_number, self.inverse_norm,
         )  # fmt: skip
 
 

@@ -67,6 +67,7 @@ def gmres(
     x, r, products = warm_start(matvec, b, x0)
     x, r = x.reshape(rows, width), r.reshape(rows, width)
     beta = row_norms(r)
+    inverse_norm = None
     while bool((beta > target).any()) and products < max_iter:
         active = beta > target
         steps = min(restart, max_iter - products)
@@ -76,6 +77,7 @@ def gmres(
         # rotations so far, G_{j-1} ⋯ G_0: its first column times β is the rotated rhs
         rotations = torch.eye(steps + 1, dtype=b.dtype, device=b.device).repeat(rows, 1, 1)
         size = 0
+        broke = torch.zeros(rows, dtype=torch.bool, device=b.device)
         for j in range(steps):
             w = matvec(basis[:, j].reshape(shape)).reshape(rows, width)
             products += 1
@@ -93,6 +95,7 @@ def gmres(
             top, bottom = rotated[:, j], rotated[:, j + 1]
             radius = torch.hypot(top, bottom)
             degenerate = radius <= tiny  # lucky breakdown earlier: keep y_j = 0
+            broke |= degenerate
             cos = torch.where(degenerate, 1.0, top / radius.clamp_min(tiny))
             sin = torch.where(degenerate, 0.0, bottom / radius.clamp_min(tiny))
             upper, lower = rotations[:, j].clone(), rotations[:, j + 1].clone()
@@ -105,6 +108,8 @@ def gmres(
             estimate = beta * rotations[:, j + 1, 0].abs()  # ‖b − A xⱼ‖ without xⱼ
             if bool(((estimate <= target) | ~active).all()):
                 break
+        inverse_norm = _inverse_norm_estimate(triangle[:, :size, :size], active & ~broke,
+                                              inverse_norm)  # fmt: skip
         rhs = beta[:, None] * rotations[:, :size, 0]
         y = torch.linalg.solve_triangular(triangle[:, :size, :size], rhs[:, :, None], upper=True)[
             :, :, 0
@@ -115,7 +120,25 @@ def gmres(
         r = flat_b - matvec(x.reshape(shape)).reshape(rows, width)
         products += 1
         beta = row_norms(r)
-    return x.reshape(shape), LinearSolveInfo.of("GMRES", products, flat_b, beta, target)
+    return x.reshape(shape), LinearSolveInfo.of(
+        "GMRES", products, flat_b, beta, target, inverse_norm
+    )
+
+
+def _inverse_norm_estimate(triangle: Tensor, rows: Tensor, so_far: float | None) -> float | None:
+    """The larger of ``so_far`` and ``1/σ_min`` of the cycle's ``R`` ``[R, m, m]`` over the
+    given rows.
+
+    ``R`` is the Arnoldi matrix ``H̄ₘ = V_{m+1}ᵀ A Vₘ`` rotated (Givens rotations are
+    orthogonal), so ``σ_min(R) = min ‖A Vₘ y‖ ≥ σ_min(A)``: ``1/σ_min(R) ≤ ‖A⁻¹‖₂``, a
+    lower bound — an estimate of how much ``A⁻¹`` amplifies errors, no product needed.
+    """
+    rows = rows & torch.isfinite(triangle).all(-1).all(-1)  # NaN products: named elsewhere
+    if triangle.shape[-1] == 0 or not bool(rows.any()):
+        return so_far
+    smallest = torch.linalg.svdvals(triangle[rows].double())[..., -1].min()
+    estimate = float("inf") if float(smallest) == 0.0 else 1.0 / float(smallest)
+    return estimate if so_far is None else max(so_far, estimate)
 
 
 #: a Gram–Schmidt pass that keeps less than this share of a vector's norm is repeated.

@@ -18,9 +18,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError, SingularSystemError
+from ..errors import NonFiniteError
 from ..finiteness import all_finite
 from ..solvers import Residual, Tolerance
+from .accuracy import DEFAULT_MAX_ERROR_BOUND, ErrorBound, check_max_error_bound, forward_residual
 from .base import LinearSolver, LinearSolveStats, Solve
 from .coupling import coupling_tolerance, row_coupling
 from .operator import ResidualOperator
@@ -47,10 +48,19 @@ class Linearization:
             residual is now clearly above both that and the tolerance means ``F`` is not a
             deterministic function of ``h`` (dropout, noise, state updated at each call)
             and has no fixed point.
-        tolerance: the forward solve's stopping rule. With an estimate of ``‖(I − J)⁻¹‖``
-            (dense LU), ``‖(I − J)⁻¹‖ × rtol`` bounds the derivatives' relative error (the
-            residual left in ``h*`` is amplified by it); above ``0.1`` they keep no correct
-            digit and the first solve raises.
+        tolerance: the forward solve's stopping rule. With it (and ``accepted``) the
+            derivatives' relative error bound ``‖(I − J)⁻¹‖ · max(r_forward, r_linear, ε)``
+            is checked (see :mod:`deqhess.linear.accuracy` and :attr:`error_bound`): once a
+            dense LU has given ``‖(I − J)⁻¹‖``, a bound above ``max_error_bound`` is
+            refused; with ``watch_accuracy`` also once GMRES has estimated it during its
+            solves, and a bound above 1e-6 (float64) / 1e-3 (float32) gives an
+            :class:`deqhess.AccuracyWarning` (once per linearisation).
+        max_error_bound: the largest relative error bound accepted (default 0.1: beyond
+            it no digit is correct); ``inf`` never refuses.
+        watch_accuracy: warn above 1e-6 / 1e-3 and check GMRES's estimates too
+            (``Equilibrium`` does). Off by default, so that a caller linearising at every
+            step — a layer's backward in training — chooses whether and how often to warn
+            or refuse beyond what a dense LU shows.
         trace_tangent: trace the JVP of ``F`` once for the solves with ``I − J``
             (verified on its first use); False where the caller knows tracing cannot
             serve (see :class:`ResidualOperator`).
@@ -59,7 +69,8 @@ class Linearization:
         ValueError: (on a solve that relies on it) ``F`` couples rows declared
             independent; ``F`` is not deterministic (see ``accepted``).
         NonFiniteError: ``∂F/∂h`` or a right-hand side is not finite.
-        SingularSystemError: ``I − J`` too ill-conditioned for the forward tolerance.
+        SingularSystemError: ``I − J`` too ill-conditioned for the forward tolerance
+            (the error bound above ``max_error_bound``).
     """
 
     def __init__(
@@ -77,6 +88,8 @@ class Linearization:
         accepted: Tensor | None = None,
         tolerance: Tolerance | None = None,
         trace_tangent: bool = True,
+        max_error_bound: float = DEFAULT_MAX_ERROR_BOUND,
+        watch_accuracy: bool = False,
     ) -> None:
         self.operator = ResidualOperator(
             residual,
@@ -88,6 +101,11 @@ class Linearization:
         self.solver = solver
         self.stats = LinearSolveStats() if stats is None else stats
         self.accepted, self.tolerance = accepted, tolerance
+        self.max_error_bound = check_max_error_bound(max_error_bound)
+        self.watch_accuracy = watch_accuracy
+        # an AccuracyWarning was given (True from the start when none is wanted)
+        self._warned = not watch_accuracy
+        self._forward_residual: float | None = None
         self.outer: tuple[int, ...] | None = None  # the callers' row layout, if not h's
         self._certified = accepted is None
         self._prepared: Solve | None = None
@@ -111,10 +129,53 @@ class Linearization:
                 self.certify(self.residual.fn(self.h))
             prepared = self.solver.init(self.operator)
             self.stats.condition_number = prepared.condition_number
-            if prepared.inverse_norm is not None and self.tolerance is not None:
-                _check_accuracy(prepared.inverse_norm, self.tolerance.rtol, self.h.dtype)
             self._prepared = prepared
+            try:
+                self._check_error_bound()
+            except Exception:
+                self._prepared = None  # refused: every later solve is refused alike
+                raise
         return self._prepared
+
+    @property
+    def error_bound(self) -> ErrorBound:
+        """The derivatives' relative error bound ``‖(I − J)⁻¹‖ · max(r_forward,
+        r_linear, ε)`` (see :mod:`deqhess.linear.accuracy`): its ``value`` is None, and
+        its ``source`` says why, where ``‖(I − J)⁻¹‖`` is not known or there is no
+        forward solve to bound."""
+        eps = torch.finfo(self.h.dtype).eps
+        residual = max(self._residual_left(), self.stats.max_residual or 0.0, eps)
+        if self.tolerance is None or self.accepted is None:
+            return ErrorBound(None, None, residual, "none: not a solved fixed point")
+        if self._prepared is None:
+            return ErrorBound(None, None, residual, "not known yet: I − J is set up by the "
+                              "first derivative")  # fmt: skip
+        if self._prepared.inverse_norm is not None:
+            norm, source = self._prepared.inverse_norm, "‖·‖₁ from the dense LU, LAPACK gecon"
+        elif self.stats.inverse_norm is not None:
+            norm = self.stats.inverse_norm
+            source = "‖·‖₂ from GMRES's Hessenberg matrices, a lower bound"
+        else:
+            return ErrorBound(None, None, residual, (
+                f"not available: {self.solver!r} has not estimated ‖(I − J)⁻¹‖ (GMRES does "
+                "during its solves, the dense LU at once; Neumann never does)"
+            ))  # fmt: skip
+        return ErrorBound(norm * residual, norm, residual, source)
+
+    def _residual_left(self) -> float:
+        """``r_forward`` (see :func:`deqhess.linear.accuracy.forward_residual`), once."""
+        if self._forward_residual is None:
+            if self.tolerance is None or self.accepted is None:
+                self._forward_residual = 0.0
+            else:
+                self._forward_residual = forward_residual(self.accepted, self.h, self.tolerance)
+        return self._forward_residual
+
+    def _check_error_bound(self) -> None:
+        """Warn or refuse on the error bound as now known (see ``tolerance``)."""
+        if self.tolerance is None or self.accepted is None:
+            return
+        self._warned = self.error_bound.enforce(self.max_error_bound, self.h.dtype, self._warned)
 
     def certify(self, value: Tensor) -> None:
         """Check, once, that ``value = F(h*)`` (a fresh evaluation, rows) still has the
@@ -213,6 +274,8 @@ class Linearization:
             x0 = previous if previous is not None and previous.shape == rhs.shape else None
         x, info = prepared.compute(rhs, x0)
         self.stats.record(info)
+        if self.watch_accuracy and self._prepared.inverse_norm is None:  # GMRES's estimate
+            self._check_error_bound()
         if warm_start:
             self._previous[transpose] = x
         return x.reshape(shape)
@@ -220,21 +283,3 @@ class Linearization:
     def solve_transpose(self, rhs: Tensor, x0: Tensor | None = None) -> Tensor:
         """``(I − J)⁻ᵀ rhs`` for ``rhs`` ``[..., S, d]``."""
         return self.solve(rhs, x0, transpose=True)
-
-
-#: above this bound on the derivatives' relative error, ``‖(I − J)⁻¹‖ × rtol``, they keep
-#: no correct digit.
-ACCURACY_LIMIT = 0.1
-
-
-def _check_accuracy(inverse_norm: float, rtol: float, dtype: torch.dtype) -> None:
-    bound = inverse_norm * max(rtol, torch.finfo(dtype).eps)
-    if bound > ACCURACY_LIMIT:
-        raise SingularSystemError(
-            f"I − ∂f/∂h is too ill-conditioned for the fixed point's accuracy: ‖(I − J)⁻¹‖ ≈ "
-            f"{inverse_norm:.2e} amplifies the forward tolerance {rtol:.1e} left in h* into a "
-            f"relative error of up to {bound:.1e} in the derivatives, so they keep no correct "
-            "digit. Tighten tol (float64 allows ~1e-12), or make f more contractive in h at "
-            "its fixed point.",
-            condition_number=inverse_norm,
-        )

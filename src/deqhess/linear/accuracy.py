@@ -1,0 +1,134 @@
+"""The derivatives' own error bound at a fixed point, and what deqhess does with it.
+
+Every derivative at ``h*`` solves with ``A = I − J``. The forward solve leaves a residual
+``r = f(h) − h`` in ``h*``, which the fixed point's error carries amplified by ``A⁻¹``
+(``δh = A⁻¹ r`` to first order); an iterative linear solve leaves its own residual,
+amplified alike. So the derivatives' relative error is about
+
+    ``‖(I − J)⁻¹‖ · max(r_forward, r_linear, ε)``,
+
+``r_forward`` the relative residual the forward solve left (``rtol · min(1, ‖r‖ / its
+threshold)`` per row: at most ``rtol``, less where the solver overshot its tolerance) and
+``r_linear`` the largest relative residual of the iterative solves. ``‖(I − J)⁻¹‖`` comes
+from the dense LU (LAPACK ``gecon``) or, matrix-free, from GMRES's Hessenberg matrices (a
+lower bound); Neumann solves give no estimate, and then there is no bound — which the
+:class:`ErrorBound` says rather than inventing one. Above :func:`warning_threshold`
+(1e-6 relative in float64, 1e-3 in float32) an :class:`deqhess.AccuracyWarning` gives the
+figure; above ``max_error_bound`` (default :data:`DEFAULT_MAX_ERROR_BOUND` = 0.1: no
+correct digit left) the solve is refused with :class:`deqhess.SingularSystemError`.
+
+It bounds the state's error; the derivatives' is of the same scale but not strictly
+below it — the state's error enters ``∇L``, ``∂f/∂θ`` and ``J`` at once, and
+``‖(I − J)⁻¹‖`` is itself estimated (``gecon`` and GMRES from below). On the linear DEQs
+of tests/implicit/test_error_bound.py the gradient's and the HVP's errors were 1.8–4×
+the figure; the thresholds leave room for that.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import AccuracyWarning, SingularSystemError
+from ..options import real
+from ..solvers import Tolerance
+
+__all__ = [
+    "DEFAULT_MAX_ERROR_BOUND",
+    "ErrorBound",
+    "check_max_error_bound",
+    "forward_residual",
+    "warning_threshold",
+]
+
+#: above this relative error bound the derivatives keep no correct digit: refused.
+DEFAULT_MAX_ERROR_BOUND = 0.1
+_WARN_ABOVE = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+def warning_threshold(dtype: torch.dtype) -> float:
+    """The error bound above which an :class:`deqhess.AccuracyWarning` is given: 1e-6
+    in float64, 1e-3 in float32 (about ``10⁴`` ulps: ordinary conditioning stays below)."""
+    return _WARN_ABOVE.get(dtype, 1e-3)
+
+
+def check_max_error_bound(value: object) -> float:
+    """``max_error_bound`` checked: a number ``>= 0`` (``inf`` turns the refusal off).
+
+    Raises:
+        ValueError: not a number, NaN or negative.
+    """
+    return real(
+        value,
+        "max_error_bound",
+        minimum=0.0,
+        allow_inf=True,
+        meaning="It is the largest relative error bound ‖(I − J)⁻¹‖·(residual left) "
+        "accepted before a solve is refused; default 0.1, inf never refuses.",
+    )
+
+
+def forward_residual(accepted: Tensor, h: Tensor, tolerance: Tolerance) -> float:
+    """``r_forward``: ``rtol · min(1, ‖r_row‖ / threshold_row)``, largest over rows
+    ``[S, d]`` — the relative residual the forward solve left, counted against its own
+    tolerance (a row it could not converge counts as ``rtol``: its own failure is
+    reported by the forward solve's policy, not here)."""
+    scale = torch.linalg.vector_norm(h, dim=-1)  # ‖f(h)‖ up to the residual itself
+    threshold = tolerance.threshold(scale)
+    used = accepted.to(scale) / threshold.clamp_min(torch.finfo(h.dtype).tiny)
+    return tolerance.rtol * float(used.clamp(max=1.0).max()) if used.numel() else 0.0
+
+
+@dataclass(frozen=True)
+class ErrorBound:
+    """The derivatives' relative error bound at one fixed point.
+
+    Attributes:
+        value: ``‖(I − J)⁻¹‖ · max(r_forward, r_linear, ε)``, or None where
+            ``‖(I − J)⁻¹‖`` is not known (see ``source``).
+        inverse_norm: the ``‖(I − J)⁻¹‖`` used, or None.
+        residual: ``max(r_forward, r_linear, ε)``, the relative residual amplified.
+        source: where ``‖(I − J)⁻¹‖`` came from, or why there is no bound.
+    """
+
+    value: float | None
+    inverse_norm: float | None
+    residual: float
+    source: str
+
+    def enforce(self, limit: float, dtype: torch.dtype, warned: bool) -> bool:
+        """Refuse above ``limit``; warn (once: ``warned`` says whether already) above
+        :func:`warning_threshold`. Returns whether a warning has now been given.
+
+        Raises:
+            SingularSystemError: ``value > limit``.
+        """
+        if self.value is None:
+            return warned
+        what = (
+            f"‖(I − J)⁻¹‖ ≈ {self.inverse_norm:.2e} ({self.source}) amplifies the residual "
+            f"left in h* and in the linear solves ({self.residual:.1e} relative) into a "
+            f"relative error of up to {self.value:.1e} in the derivatives"
+        )
+        if self.value > limit:
+            raise SingularSystemError(
+                f"I − ∂f/∂h is too ill-conditioned for the fixed point's accuracy: {what}, "
+                f"above max_error_bound={limit:g}. Tighten tol (float64 allows ~1e-13 "
+                "relative), use float64, or make f more contractive in h at its fixed point; "
+                "or raise max_error_bound to accept derivatives this inexact.",
+                condition_number=self.inverse_norm,
+            )
+        threshold = warning_threshold(dtype)
+        if self.value > threshold and not warned:
+            warnings.warn(
+                f"{what}, above the {threshold:.0e} that {dtype} keeps unremarked. Tighten "
+                "tol, use float64, or make f more contractive in h; silence this with "
+                "warnings.filterwarnings('ignore', category=deqhess.AccuracyWarning).",
+                AccuracyWarning,
+                stacklevel=4,
+            )
+            return True
+        return warned
