@@ -177,3 +177,31 @@ def test_float32_warns_above_its_own_threshold():
     calm = dh.Equilibrium(f, theta, x, h0)
     assert max(_errors(calm, loss, reference, theta)) < 1e-3
     assert calm.info.error_bound < 1e-3
+
+
+def test_a_data_set_gives_one_warning_for_all_its_batches():
+    """Each batch's equilibrium warns on its own; a pass over 4 ill-conditioned batches
+    says so once, with the count and the first figure."""
+    slow, tol = 1 - 1e-8, 1e-10
+    f, theta, _, _, loss, _ = _problem(slow, tol)
+    q, _ = torch.linalg.qr(
+        torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )  # _problem's Q
+    a = q @ torch.diag(theta["mu"]) @ q.T
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, generator=g, dtype=torch.float64) for _ in range(4)]
+
+    def start(x):  # the fixed point with the residual a solve stopping at tol leaves
+        exact = torch.linalg.solve(torch.eye(6, dtype=torch.float64) - a, theta["B"] @ x)
+        return exact + 0.9 * tol * float(exact.norm()) / (1 - slow) * q[:, 0]
+
+    data = dh.DatasetEquilibrium(
+        f, theta, [(x, torch.zeros(())) for x in xs], lambda h, target: loss(h),
+        init_state=start, batch_dim=None, cache_bytes=0, progress=False,
+    )  # fmt: skip
+    with pytest.warns(dh.AccuracyWarning) as record:
+        data.grad()
+    ours = [str(r.message) for r in record if r.category is dh.AccuracyWarning]
+    assert len(ours) == 1
+    assert "DatasetEquilibrium: the derivatives of 4 batch solve(s) of 4 batches" in ours[0]
+    assert "‖(I − J)⁻¹‖ ≈ 1." in ours[0]

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..batches import Batches
 from ..errors import InputError
 from .fingerprint import batch_key, response_sketch, sample_hashes
+from .notices import summarised
 from .randomness import Draws
 from .ranks import agreed
 from .record import PassCheck, PassRecord
@@ -232,7 +233,8 @@ class Stream:
         check = PassCheck(self.record, self.label)
         total: Value | None = None
         samples = excluded = 0
-        with self.guard():
+        read: list[int] = []
+        with summarised(self.label, read), self.guard():
             draws = Draws()
             for batch, stored in self._bar(self._batches(check), desc):
                 draws.mark()  # the loader may draw (shuffling); the model may not
@@ -251,6 +253,7 @@ class Stream:
                 del formed
                 if value is not None:
                     total = _accumulate(total, value, weight)
+            read.append(check.batches)
         record = check.finish()
         if record is not None:
             self.record, self._excluded = record, excluded
