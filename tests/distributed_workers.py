@@ -156,11 +156,44 @@ def _model_data_changes(rank, *args):
     return _error_of(curvature.grad)
 
 
+def _model_setups_differ(rank, *args):
+    """Rank 1 differs in what the analysis does not differentiate (a frozen buffer, the
+    loss) or fails a construction check alone (dropout in training mode); a padded
+    DistributedSampler on both: every rank must raise, none may hang or sum a mixture."""
+    from torch import nn
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from deqhess.distributed import DistributedModelCurvature
+
+    errors = []
+    for change in ("buffer", "loss", "dropout", "padded"):
+        model, loss, batches = model_problem()
+        shard = batches[rank::2]
+        if rank == 1 and change == "buffer":
+            model.register_buffer("offset", torch.ones(1, dtype=torch.float64))
+        elif rank == 0 and change == "buffer":
+            model.register_buffer("offset", torch.zeros(1, dtype=torch.float64))
+        elif rank == 1 and change == "loss":
+            loss = nn.HuberLoss()
+        elif rank == 1 and change == "dropout":
+            model = nn.Sequential(model, nn.Dropout(0.1))
+        elif change == "padded":
+            x = torch.cat([b[0] for b in batches])[:7]
+            y = torch.cat([b[1] for b in batches])[:7]
+            dataset = TensorDataset(x, y)
+            sampler = DistributedSampler(dataset, shuffle=False)
+            shard = DataLoader(dataset, batch_size=2, sampler=sampler)
+        errors.append(_error_of(lambda m=model, lo=loss, sh=shard: DistributedModelCurvature(
+            m, lo, sh, progress=False)))  # fmt: skip
+    return errors
+
+
 FAILURES = {
     "failure": _fails_to_converge,
     "lazy_failure": _loss_raises_lazily,
     "disagree": _ranks_disagree,
     "model_data_changes": _model_data_changes,
+    "model_setups_differ": _model_setups_differ,
 }
 
 

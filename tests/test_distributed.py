@@ -85,6 +85,22 @@ def test_a_rank_whose_data_change_makes_every_rank_raise(tmp_path):
     assert other[0] == "RankFailedError" and "rank 1 failed with DataChangedError" in other[1]
 
 
+def test_model_ranks_that_differ_or_fail_at_construction_all_raise(tmp_path):
+    """A buffer or the loss differing on one rank summed two problems with no error (42%
+    off); dropout refused on one rank alone killed the other's collective; a padded
+    DistributedSampler counted a sample twice. Every rank now raises, within seconds."""
+    first, second = (r["error"] for r in _spawn(2, tmp_path, "model_setups_differ"))
+    buffer, loss, dropout, padded = zip(first, second, strict=True)
+    for kind, message in buffer:
+        assert kind == "InputError" and "the model's parameters or buffers differ" in message
+    for kind, message in loss:
+        assert kind == "InputError" and "loss: rank 0 has 'MSELoss" in message
+    assert dropout[1][0] == "InputError" and "dropout in training mode" in dropout[1][1]
+    assert dropout[0][0] == "RankFailedError" and "rank 1 failed with InputError" in dropout[0][1]
+    for kind, message in padded:
+        assert kind == "InputError" and "repeats 1 samples to give every rank" in message
+
+
 def test_a_failing_rank_makes_every_rank_raise(tmp_path):
     """The failing rank raises its own error; the other names it, its type and message."""
     other, own = (r["error"] for r in _spawn(2, tmp_path, "failure"))

@@ -26,8 +26,9 @@ from .errors import InputError
 from .implicit import BatchSolve, DatasetEquilibrium
 from .models import ModelCurvature
 from .models.graph import LossFunc
-from .parameters import ParameterLayout, Parameters
-from .streaming import RankFailedError, agree_on_setup, check_reduction
+from .parameters import Parameters
+from .streaming import RankFailedError, agree_on_setup, agreed
+from .streaming.ranks import callable_identity, check_unpadded, device_of, state_digest
 
 __all__ = ["DistributedDatasetEquilibrium", "DistributedModelCurvature", "RankFailedError"]
 
@@ -47,11 +48,11 @@ class DistributedDatasetEquilibrium(DatasetEquilibrium):
         f, theta, loss, ``**options``: as for :class:`DatasetEquilibrium` (its keywords
             ``init_state``, ``reduction``, ``batch_dim``, ``cache_bytes`` … included); θ
             (keys, order, values, dtype), ``reduction`` and ``batch_dim`` must be
-            identical on every rank — checked at construction (a ``ValueError`` on
-            every rank otherwise).
-        data: this rank's shard (a DataLoader with a ``DistributedSampler``, a
-            :class:`deqhess.batches.RankShard`, or any re-iterable of ``(x, target)``);
-            it may be empty.
+            identical on every rank, and ``f`` and ``loss`` the same functions — checked
+            at construction (a ``ValueError`` on every rank otherwise).
+        data: this rank's shard (a DataLoader with a ``DistributedSampler`` that does not
+            pad, a :class:`deqhess.batches.RankShard`, or any re-iterable of
+            ``(x, target)``); it may be empty.
         group: the process group (default: the world).
 
     Attributes:
@@ -61,7 +62,7 @@ class DistributedDatasetEquilibrium(DatasetEquilibrium):
 
     Raises:
         RankFailedError: on every rank but the failing one, when another rank fails
-            (the failing rank raises its own exception).
+            (the failing rank raises its own exception) — at construction too.
     """
 
     _label = "DistributedDatasetEquilibrium"
@@ -78,8 +79,18 @@ class DistributedDatasetEquilibrium(DatasetEquilibrium):
     ) -> None:
         _require_group()
         self.group = dist.group.WORLD if group is None else group
-        kwargs["allow_empty"] = True
-        super().__init__(f, theta, data, loss, **kwargs)
+        kwargs.pop("allow_empty", None)  # a rank's shard may always be empty
+
+        def configure() -> None:
+            check_unpadded(data)
+            self._configure(f, theta, data, loss, **kwargs)
+
+        agreed(configure, self.group, device_of(theta))
+        agree_on_setup(
+            theta, self.group, reduction=self.reduction, batch_dim=self.batch_dim,
+            f=callable_identity(f), loss=callable_identity(loss),
+        )  # fmt: skip
+        self._first_pass(allow_empty=True)
         gathered: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(gathered, self._solves, group=self.group)
         self._all_solves = [solve for shard in gathered for solve in shard]
@@ -89,14 +100,11 @@ class DistributedDatasetEquilibrium(DatasetEquilibrium):
         """Every rank's batches, rank by rank, as the first pass saw them."""
         return getattr(self, "_all_solves", self._solves)
 
-    def _setup(self, theta: Parameters, reduction: str, batch_dim: int | None) -> ParameterLayout:
-        check_reduction(reduction)
-        return agree_on_setup(theta, self.group, reduction=reduction, batch_dim=batch_dim)
-
     def _group(self) -> Any:
         return self.group
 
-    def _after_first_pass(self, allow_empty: bool) -> None:
+    def _first_pass(self, allow_empty: bool) -> None:
+        self._stream.run(self._form, self._record_first, desc="solving batches")
         if self.num_samples == 0:  # the same on every rank: all raise alike
             raise InputError(
                 "every rank's shard is empty, or no sample converged on any rank; pass at "
@@ -113,13 +121,19 @@ class DistributedModelCurvature(ModelCurvature):
 
     Args:
         model, loss, data, theta, ``**kwargs``: as for :class:`deqhess.ModelCurvature`;
-            ``data`` is this rank's shard (it may be empty). The chosen parameters
-            (names, shapes, dtype, values) and the reduction must be identical on every
-            rank — checked at construction (a ``ValueError`` on every rank otherwise).
+            ``data`` is this rank's shard (it may be empty; a ``DistributedSampler`` that
+            pads shards with repeated samples is refused). The model — every parameter
+            and buffer, chosen or not: names, shapes, dtypes, values — the loss and the
+            reduction must be identical on every rank: checked at construction and again
+            when the model changes between products (a ``ValueError`` on every rank
+            otherwise).
         group: the process group (default: the world).
 
+    :meth:`per_sample_gradients` and :meth:`output_jacobians` give this rank's samples.
+
     Raises:
-        RankFailedError: on every rank but the failing one, when another rank fails.
+        RankFailedError: on every rank but the failing one, when another rank fails —
+            at construction too.
     """
 
     _label = "DistributedModelCurvature"
@@ -136,11 +150,25 @@ class DistributedModelCurvature(ModelCurvature):
     ) -> None:
         _require_group()
         self.group = dist.group.WORLD if group is None else group
-        super().__init__(model, loss, data, theta, **kwargs)
 
-    def _agree(self, layout: ParameterLayout) -> None:
-        params = {n: t for n, t in zip(layout.names, self._values(), strict=True)}
-        agree_on_setup(params, self.group, reduction=self.reduction)
+        def configure() -> None:
+            check_unpadded(data)
+            ModelCurvature.__init__(self, model, loss, data, theta, **kwargs)
+
+        device = (
+            next((p.device for p in model.parameters()), None)
+            if isinstance(model, nn.Module)
+            else None
+        )
+        agreed(configure, self.group, device or device_of(None))
+        self._agree()
+
+    def _agree(self) -> None:
+        params = dict(zip(self.layout.names, self._values(), strict=True))
+        agree_on_setup(
+            params, self.group, reduction=self.reduction, model=state_digest(self.model),
+            loss=callable_identity(self.loss),
+        )  # fmt: skip
 
     def _group(self) -> Any:
         return self.group

@@ -69,7 +69,9 @@ def test_unconverged_samples_are_refused_by_name_or_left_out_and_counted(converg
     x, y, slow = _data()
     model = _model(convergence)
     data = [(x[:4], y[:4]), (x[4:], y[4:])]
-    with pytest.raises(dh.ConvergenceError, match=r"model.0 left 1 of 4 samples of batch 0"):
+    with pytest.raises(
+        dh.ConvergenceError, match=r"model.0 left 1 of 4 samples of batch 1 of this pass"
+    ):
         dh.ModelCurvature(model, nn.MSELoss(), data).grad()
     curvature = dh.ModelCurvature(model, nn.MSELoss(), data, exclude_unconverged=True)
     assert curvature.excluded_samples == 2 and curvature.num_samples == 6

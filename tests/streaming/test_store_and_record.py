@@ -53,8 +53,12 @@ def test_the_record_names_what_changed():
         fewer.finish()
     repeated = PassCheck(record, "X")  # a sampler with replacement: 1 twice, 5 never
     repeated.read(torch.tensor([1, 1, 2, 3, 4]))
-    with pytest.raises(dh.DataChangedError, match="read 5 samples in 1 batches"):
+    with pytest.raises(dh.DataChangedError, match="the same 5 samples as the first pass but "
+                       r"not as often each \(2 of them are read more or fewer times"):  # fmt: skip
         repeated.finish()
+    unsplit = PassCheck(record, "X")
+    with pytest.raises(dh.DataChangedError, match=r"could not be told apart.*pass batch_dim="):
+        unsplit.read(torch.tensor([9, 9]), told_apart=False)
 
 
 def test_responses_are_compared_per_sample_within_tolerance():

@@ -330,17 +330,20 @@ def _lines(r: dict[str, Any]) -> list[str]:
 
 
 def _describe_accuracy(a: dict[str, Any]) -> str:
+    if a["state_error"] is None and a["float64_error"] is None:
+        # a model: its DEQ layers solve inside each product, and nothing measured them
+        return (
+            f"asymmetry ≈ {a['asymmetry']:.1e} — not the operator's error: the DEQ layers' "
+            "own solve error, about their tol × ‖(I − J)⁻¹‖ relative, is not estimated for "
+            "models (measure it against float64 with --dtype float32 --float64-probes, or "
+            "tighten the layers' tol)"
+        )
     text = f"relative error ≈ {a['estimate']:.1e}"
     if a["float64_error"] is not None:
         text += " (measured against float64"
     else:
         text += " (estimated"
-    if a["state_error"] is None:  # a model: its DEQ layers solve inside each product
-        return text + (
-            f"; asymmetry {a['asymmetry']:.1e} only: the DEQ layers' own solve error, about "
-            "tol × cond(I − J) relative, is not estimated for models)"
-            if a["float64_error"] is None
-            else f"; asymmetry {a['asymmetry']:.1e})"
-        )
+    if a["state_error"] is None:
+        return text + f"; asymmetry {a['asymmetry']:.1e})"
     how = "‖(I − J)⁻¹‖·‖f(h) − h‖/‖h‖" if a["condition_known"] else "‖f(h) − h‖/‖h‖"
     return text + f"; state {a['state_error']:.1e} from {how}, asymmetry {a['asymmetry']:.1e})"

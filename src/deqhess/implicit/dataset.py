@@ -54,10 +54,12 @@ _PULLBACK_COPIES = 6
 
 
 class _BatchLoss:
-    """``loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium."""
+    """``loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium; it wraps the
+    user's loss (``_wrapped_loss``), so what that loss captured is watched too."""
 
     def __init__(self, loss: Callable[..., Tensor], uses_theta: bool, target: Any):
         self.loss, self.uses_theta, self.target = loss, uses_theta, target
+        self._wrapped_loss = loss
 
     def __call__(self, h: Tensor, theta: Parameters) -> Tensor:
         if self.uses_theta:
@@ -101,9 +103,13 @@ class BatchSolve:
 
 
 def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
+    """Whether a data-set loss takes θ: ``loss(h, theta, target)`` (3 required positional
+    arguments) rather than ``loss(h, target)`` (2; also taken for ``*args``)."""
     if not callable(loss):
         raise InputError(f"loss must be callable; got {type(loss).__name__}.")
     required = required_positional(loss)
+    if required is None:
+        return False
     if required not in (2, 3):
         raise InputError(
             "a data-set loss must take loss(h, target) or loss(h, theta, target); "
@@ -195,11 +201,36 @@ class DatasetEquilibrium:
         batches: Any = UNSET,
         **options: Any,
     ) -> None:
+        self._configure(
+            f, theta, data, loss, init_state=init_state, reduction=reduction,
+            batch_dim=batch_dim, progress=progress, cache_bytes=cache_bytes,
+            exclude_unconverged=exclude_unconverged, batches=batches, **options,
+        )  # fmt: skip
+        self._first_pass(allow_empty)
+
+    def _configure(
+        self,
+        f: Callable[[Any, Tensor, Parameters], Tensor],
+        theta: Parameters,
+        data: Iterable[tuple[Any, Any]] | None,
+        loss: Callable[..., Tensor] | None,
+        *,
+        init_state: Callable[[Any], Tensor] | None = None,
+        reduction: str = "mean",
+        batch_dim: int | None = 0,
+        progress: bool | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        exclude_unconverged: bool = False,
+        batches: Any = UNSET,
+        **options: Any,
+    ) -> None:
+        """The arguments checked and kept; this process alone (no collective)."""
         data = renamed(data, batches, old="batches", new="data", where=self._label)
         if data is None or loss is None:
             raise InputError(f"{self._label} needs data (the (x, target) batches) and loss.")
         self._uses_theta = _loss_uses_theta(loss)
-        self.layout = self._setup(theta, reduction, batch_dim)
+        check_reduction(reduction)
+        self.layout = ParameterLayout(theta)
         self.f, self.theta, self.loss = f, theta, loss
         self._versions = [t._version for t in self.layout.tensors(theta)]
         self.init_state, self.reduction, self.batch_dim = init_state, reduction, batch_dim
@@ -225,20 +256,15 @@ class DatasetEquilibrium:
         self._solves: list[BatchSolve] = []  # this process's batches, first pass order
         self._first: dict[str, int] = {}  # batch key → its place in batch_solves
         self._widest = 0
-        self._stream.run(self._form, self._record_first, desc="solving batches")
-        self._after_first_pass(allow_empty)
 
     # ------------------------------------------------------------------ set-up seams
-    def _setup(self, theta: Parameters, reduction: str, batch_dim: int | None) -> ParameterLayout:
-        """θ's layout (the distributed form also agrees on it with the other ranks)."""
-        check_reduction(reduction)
-        return ParameterLayout(theta)
-
     def _group(self) -> Any:
         return None
 
-    def _after_first_pass(self, allow_empty: bool) -> None:
-        """Refuse data with no batch (unless allowed) or no converged sample."""
+    def _first_pass(self, allow_empty: bool) -> None:
+        """Solve every batch once (the first pass), then refuse data with no batch
+        (unless allowed) or no converged sample."""
+        self._stream.run(self._form, self._record_first, desc="solving batches")
         if not self._solves and not allow_empty:
             raise InputError("data is empty; pass at least one (x, target) batch.")
         if self._solves and self.num_samples == 0:

@@ -24,9 +24,10 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 class Loss:
     """Wraps ``loss(h)`` or ``loss(h, theta)`` so both are called as ``L(h, θ)``.
 
-    The arity is the number of required positional parameters of ``fn``: one means
-    ``L(h)``, two means ``L(h, θ)`` (θ in the user's structure: a tensor or a dict).
-    A callable whose signature cannot be read is taken as ``L(h)``.
+    The arity is the number of required positional parameters of ``fn`` (of its
+    ``forward`` for an ``nn.Module``): one means ``L(h)``, two means ``L(h, θ)`` (θ in
+    the user's structure: a tensor or a dict). A callable whose signature cannot be read
+    (or that takes ``*args``) is taken as ``L(h)``.
 
     Raises:
         ValueError: ``fn`` is not callable or requires more than two positional
@@ -54,19 +55,25 @@ class Loss:
         return value
 
 
-def required_positional(fn: Callable[..., Tensor]) -> int:
-    """The number of required positional parameters of ``fn`` (1 if unreadable or ``*args``)."""
+def required_positional(fn: Callable[..., Tensor]) -> int | None:
+    """The number of required positional parameters of ``fn`` — of its ``forward`` for an
+    ``nn.Module`` (whose ``__call__`` takes ``*args``) — or None if it cannot be read
+    (no signature, or ``*args``)."""
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.forward
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return 1
+        return None
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return 1
+        return None
     return sum(1 for p in params if p.kind in _POSITIONAL and p.default is p.empty)
 
 
 def _required_positional(fn: Callable[..., Tensor]) -> int:
     required = required_positional(fn)
+    if required is None:  # unreadable: taken as L(h)
+        return 1
     if required not in (1, 2):
         raise ValueError(
             f"loss must take loss(h) or loss(h, theta); {getattr(fn, '__name__', fn)!r} "
@@ -80,8 +87,9 @@ class Captured:
     """What a loss reads besides its arguments, as far as Python shows it, one level deep.
 
     The objects in its closure cells, its defaults, ``functools.partial`` arguments,
-    the instance of a bound method or callable object, and the tensors, numbers and
-    containers among the globals it names; and the ``_version`` of every tensor among
+    the instance of a bound method or callable object (and, through ``__wrapped__`` or
+    ``_wrapped_loss``, what such an object wraps), and the tensors, numbers and containers among the
+    globals it names; and the ``_version`` of every tensor among
     them (also inside lists, tuples, dicts, ``nn.Module`` parameters and buffers, and
     an instance's attributes). :meth:`changed` tells whether any was rebound or
     modified in place since — so an adjoint cached for the loss can be recomputed.
@@ -123,7 +131,12 @@ def _referenced(fn: Any) -> list[Any]:
         objects.append(fn.__self__)
         fn = fn.__func__
     code = getattr(fn, "__code__", None)
-    if code is None:  # a callable object: its state is its attributes
+    if code is None:  # a callable object: its state is its attributes, and what it wraps
+        # functools' convention, or deqhess's own wrappers (whose __wrapped__ would make
+        # inspect.signature read the wrapped function's arguments)
+        wrapped = getattr(fn, "_wrapped_loss", None) or getattr(fn, "__wrapped__", None)
+        if wrapped is not None and wrapped is not fn:
+            return [*objects, fn, *_referenced(wrapped)]
         return [*objects, fn]
     for cell in fn.__closure__ or ():
         try:

@@ -93,7 +93,11 @@ class ModelCurvature:
         split_at: the DEQ layer (a module, or its name in ``model``) at whose fixed point
             the Hessian splits into loss and dynamics curvature; default the model's
             only DEQ layer (with several, the split parts need it).
-        batch_size_fn: ``x ↦`` the batch's sample count; default ``x.shape[0]``.
+        batch_dim: the dimension of the batch's tensors (inputs, targets, outputs) that
+            indexes its samples, default 0 (time-major sequences: 1); None makes every
+            batch one sample. It is how a pass tells samples apart to check them
+            (shuffling regroups samples freely).
+        batch_size_fn: ``x ↦`` the batch's sample count; default ``x.shape[batch_dim]``.
         chunk_size: directions per pass in ``to_dense`` and large blocks; default about
             4M numbers.
         cache_bytes: what is kept between passes, by batch content: each batch's DEQ
@@ -151,6 +155,7 @@ class ModelCurvature:
         *,
         reduction: str | None = None,
         split_at: nn.Module | str | None = None,
+        batch_dim: int | None = 0,
         batch_size_fn: Callable[[Any], int] | None = None,
         chunk_size: int | None = None,
         backward: str = "auto",
@@ -161,6 +166,36 @@ class ModelCurvature:
         params: Any = UNSET,
         warm_start_bytes: Any = UNSET,
     ) -> None:
+        self._configure(
+            model, loss, data, theta, reduction=reduction, split_at=split_at,
+            batch_dim=batch_dim, batch_size_fn=batch_size_fn, chunk_size=chunk_size,
+            backward=backward,
+            cache_bytes=cache_bytes, exclude_unconverged=exclude_unconverged,
+            progress=progress, loss_func=loss_func, params=params,
+            warm_start_bytes=warm_start_bytes,
+        )  # fmt: skip
+
+    def _configure(
+        self,
+        model: nn.Module,
+        loss: LossFunc | None,
+        data: Iterable[tuple[Any, Any]] | None,
+        theta: Sequence[str] | Sequence[Tensor] | None,
+        *,
+        reduction: str | None,
+        split_at: nn.Module | str | None,
+        batch_dim: int | None,
+        batch_size_fn: Callable[[Any], int] | None,
+        chunk_size: int | None,
+        backward: str,
+        cache_bytes: int | None,
+        exclude_unconverged: bool,
+        progress: bool | None,
+        loss_func: Any,
+        params: Any,
+        warm_start_bytes: Any,
+    ) -> None:
+        """The arguments and the model checked and kept; this process alone."""
         where = self._label
         loss = renamed(loss, loss_func, old="loss_func", new="loss", where=where)
         theta = renamed(theta, params, old="params", new="theta", where=where)
@@ -176,9 +211,13 @@ class ModelCurvature:
         self.model, self.loss = model, loss
         self.names = _chosen_names(model, theta)
         self.layout = ParameterLayout(dict(zip(self.names, self._values(), strict=True)))
-        self.reduction = check_reduction(reduction or getattr(loss, "reduction", "mean"))
+        self.reduction = reduction or _loss_reduction(loss)
+        check_reduction(self.reduction)
         self.split_at = _split_layer(model, split_at)
-        self.batch_size_fn = batch_size_fn or _leading_size
+        if batch_dim is not None and (not isinstance(batch_dim, int) or batch_dim < 0):
+            raise InputError(f"batch_dim must be a non-negative int or None; got {batch_dim!r}.")
+        self.batch_dim = batch_dim
+        self.batch_size_fn = batch_size_fn or _size_along(batch_dim)
         self.chunk_size = (
             default_chunk_size(2 * self.layout.size)
             if chunk_size is None
@@ -194,10 +233,10 @@ class ModelCurvature:
             )
         self.exclude_unconverged = bool(exclude_unconverged)
         check_modes(model, where)
-        self._agree(self.layout)
         self._stream = Stream(
             data, label=where, reduction=self.reduction, count=self.batch_size_fn,
-            sample_dim=0, cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
+            sample_dim=batch_dim,
+            cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
             progress=progress, group=self._group(), device=self.layout.device,
             guard=self._guard, version=self._version, on_restart=self._restarted,
         )  # fmt: skip
@@ -213,7 +252,7 @@ class ModelCurvature:
         named = dict(self.model.named_parameters())
         return [named[n].detach() for n in self.names]
 
-    def _agree(self, layout: ParameterLayout) -> None:
+    def _agree(self) -> None:
         """Nothing to agree on in one process (the distributed form checks its ranks)."""
 
     def _group(self) -> Any:
@@ -263,8 +302,8 @@ class ModelCurvature:
         return StateGuard.snapshot(self.model)
 
     def _restarted(self) -> None:
-        """The model changed between products: the layout's values are re-agreed."""
-        self._agree(self.layout)
+        """The model changed between products: the ranks agree on it again."""
+        self._agree()
 
     # ------------------------------------------------------------------ one pass
     @contextlib.contextmanager
@@ -290,7 +329,7 @@ class ModelCurvature:
                 return self._formed(graph, calls, n, None, 0, offers)
             if len(keep) == 0:
                 return Formed(None, 0, keep, n)
-            x, target = _restrict(batch.x, batch.target, keep)
+            x, target = _restrict(batch.x, batch.target, keep, self.batch_dim)
             graph, calls = self._graph(params, x, target, part, {})  # cold: same samples again
             if self._converged(batch, calls, len(keep)) is not None:
                 raise ConvergenceError(
@@ -314,7 +353,7 @@ class ModelCurvature:
         rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
         graph.samples = samples
         return Formed(
-            graph, samples, keep, excluded, response=graph.output, response_dim=0,
+            graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
             tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
         )  # fmt: skip
 
@@ -349,7 +388,8 @@ class ModelCurvature:
         if not self.exclude_unconverged:
             raise ConvergenceError(
                 f"{self._label}: the DEQ layer model.{name} left {info.unconverged} of "
-                f"{info.converged_mask.numel()} samples of batch {batch.index} unconverged "
+                f"{info.converged_mask.numel()} samples of batch {batch.index + 1} of this "
+                "pass unconverged "
                 f"(largest residual {float(info.sample_residuals.max()):.2e}; tolerance "
                 f"rtol={info.tolerance.rtol:g}). Their states are not fixed points, so no "
                 "derivative there is the model's. Pass exclude_unconverged=True to leave such "
@@ -490,7 +530,16 @@ class ModelCurvature:
         return self._rows(rows, "output Jacobians")
 
     def _rows(self, compute: Callable[[BatchGraph, int], Tensor], desc: str) -> Tensor:
-        """One pass collecting ``compute(graph, n)`` for every batch, stacked in order."""
+        """One pass collecting ``compute(graph, n)`` for every batch, stacked in order.
+
+        Raises:
+            InputError: ``batch_dim`` is not 0.
+        """
+        if self.batch_dim != 0:
+            raise InputError(
+                f"{desc} need the samples along the first dimension (batch_dim=0); this "
+                f"{self._label} has batch_dim={self.batch_dim}."
+            )
         collected: list[Tensor] = []
 
         def collect(graph: BatchGraph | None) -> None:
@@ -512,6 +561,29 @@ class ModelCurvature:
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
 
 
+def _loss_reduction(loss: Any) -> str:
+    """The data-set reduction a loss implies by its ``reduction`` attribute: ``"mean"``
+    (also for ``"batchmean"``, a mean over samples) or ``"sum"``.
+
+    Raises:
+        InputError: ``"none"`` (the loss must give one number per batch) or another value.
+    """
+    value = getattr(loss, "reduction", "mean")
+    if value in ("mean", "sum"):
+        return value
+    if value == "batchmean":  # KLDivLoss: the sum over a sample, averaged over samples
+        return "mean"
+    if value == "none":
+        raise InputError(
+            "the loss has reduction='none', but each batch's loss must be one number (a "
+            "0-dim tensor): give the loss reduction='mean' or 'sum'."
+        )
+    raise InputError(
+        f"the loss's reduction attribute is {value!r}, which deqhess cannot read as a mean or "
+        "a sum over samples; pass reduction='mean' or 'sum' to say which it is."
+    )
+
+
 def _floating_leaves(output: Any) -> list[Tensor]:
     return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
@@ -521,23 +593,32 @@ def _bytes(store: dict) -> int:
     return sum(t.numel() * t.element_size() for t in store.values())
 
 
-def _restrict(x: Any, target: Any, keep: Tensor) -> tuple[Tensor, Tensor]:
-    if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
+def _restrict(x: Any, target: Any, keep: Tensor, dim: int | None) -> tuple[Tensor, Tensor]:
+    if not (isinstance(x, Tensor) and isinstance(target, Tensor)) or dim != 0:
         raise InputError(
             "exclude_unconverged needs tensor inputs and targets whose first dimension "
-            f"indexes the samples; got x of type {type(x).__name__} and target of type "
-            f"{type(target).__name__}."
+            f"indexes the samples (batch_dim=0); got x of type {type(x).__name__} and target "
+            f"of type {type(target).__name__}, batch_dim={dim}."
         )
     return x.index_select(0, keep.to(x.device)), target.index_select(0, keep.to(target.device))
 
 
-def _leading_size(x: Any) -> int:
-    if not isinstance(x, Tensor) or x.ndim == 0:
-        raise InputError(
-            f"cannot count the samples of a batch whose x is {type(x).__name__}; pass "
-            "batch_size_fn=lambda x: ... (the number of samples in x)."
-        )
-    return x.shape[0]
+def _size_along(dim: int | None) -> Callable[[Any], int]:
+    """``x ↦`` its sample count: its size along ``dim`` (1 when ``dim`` is None)."""
+
+    def size(x: Any) -> int:
+        if dim is None:
+            return 1
+        if not isinstance(x, Tensor) or x.ndim <= dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise InputError(
+                f"cannot count the samples of a batch whose x is {shape} along "
+                f"batch_dim={dim}; pass batch_size_fn=lambda x: ... (the number of "
+                "samples in x), or the batch_dim that indexes them."
+            )
+        return x.shape[dim]
+
+    return size
 
 
 def _chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | None) -> list[str]:

@@ -34,11 +34,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from ..batches import Batches
-from ..errors import InputError
-from .fingerprint import batch_key, response_sketch, sample_hashes
+from ..errors import InputError, ModelChangedError
+from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart
 from .notices import summarised
 from .randomness import Draws
 from .ranks import agreed
@@ -237,9 +238,14 @@ class Stream:
         with summarised(self.label, read), self.guard():
             draws = Draws()
             for batch, stored in self._bar(self._batches(check), desc):
+                if self.sample_dim is not None and len(batch.hashes) == 0:
+                    check.responded(batch.hashes, None, 0.0, batch.key)
+                    continue  # an empty batch: nothing to add
                 draws.mark()  # the loader may draw (shuffling); the model may not
+                inputs = _versions((batch.x, batch.target))
                 formed = form(batch, stored)
                 draws.check(self.evaluated)
+                _check_unwritten(inputs, self.evaluated)
                 if formed is None:
                     check.responded(batch.hashes[:0], None, 0.0, batch.key)
                     excluded += len(batch.hashes)
@@ -250,6 +256,7 @@ class Stream:
                 weight = formed.samples if self.reduction == "mean" else 1.0
                 value = compute(formed.term)
                 draws.check(self.evaluated)
+                _check_unwritten(inputs, self.evaluated)
                 del formed
                 if value is not None:
                     total = _accumulate(total, value, weight)
@@ -276,8 +283,9 @@ class Stream:
             return
         for index, (x, target) in enumerate(self.data):
             dim = self.sample_dim
-            hashes = sample_hashes((x, target), self.count(x) if dim is not None else 1, dim)
-            check.read(hashes)
+            samples = self.count(x) if dim is not None else 1
+            hashes = sample_hashes((x, target), samples, dim)
+            check.read(hashes, told_apart=told_apart((x, target), samples, dim))
             key = batch_key(hashes)
             yield Batch(index, x, target, hashes, key), self.store.get(key)
 
@@ -319,6 +327,21 @@ class Stream:
         for part in parts:
             dist.all_reduce(part, group=self.group)
         return total
+
+
+def _versions(batch: Any) -> list[tuple[Tensor, int]]:
+    """The tensors of a batch with their versions (bumped by any in-place write)."""
+    return [(t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+
+
+def _check_unwritten(versions: list[tuple[Tensor, int]], evaluated: str) -> None:
+    """Raise :class:`deqhess.ModelChangedError` if ``evaluated`` wrote to the batch."""
+    if any(t._version != version for t, version in versions):
+        raise ModelChangedError(
+            f"{evaluated} wrote to the batch's inputs or targets in place (e.g. x.div_(2) in "
+            "forward), so the data differ on every pass and the user's batches were "
+            "modified. Compute on a copy (x = x / 2) instead."
+        )
 
 
 def _accumulate(total: Value | None, value: Value, weight: float) -> Value:

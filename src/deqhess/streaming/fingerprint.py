@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["batch_key", "response_sketch", "sample_hashes"]
+__all__ = ["batch_key", "response_sketch", "sample_hashes", "told_apart"]
 
 _SEED = 0x5EED_DEC5
 
@@ -105,6 +105,17 @@ def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
     if total is None:
         total = torch.zeros(count, dtype=torch.int64, device=device)
     return (total + context).cpu()
+
+
+def told_apart(batch: Any, samples: int, dim: int | None = 0) -> bool:
+    """Whether :func:`sample_hashes` can tell the samples of ``batch`` apart: some tensor
+    has ``samples`` entries along ``dim`` (or the batch is one sample)."""
+    if dim is None or samples <= 1:
+        return True
+    return any(
+        isinstance(t, Tensor) and t.ndim > dim and t.shape[dim] == samples
+        for t in tree_flatten(batch)[0]
+    )
 
 
 def batch_key(hashes: Tensor) -> str:

@@ -18,12 +18,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import DeqhessError, InputError
 from ..parameters import ParameterLayout, Parameters
 
-__all__ = ["RankFailedError", "agree_on_setup", "agreed", "check_same_setup", "device_of"]
+__all__ = [
+    "RankFailedError",
+    "agree_on_setup",
+    "agreed",
+    "callable_identity",
+    "check_same_setup",
+    "check_unpadded",
+    "device_of",
+    "state_digest",
+]
 
 
 class RankFailedError(DeqhessError, RuntimeError):
@@ -103,10 +112,11 @@ def _setup(theta: Parameters, settings: dict[str, Any]) -> tuple[ParameterLayout
 def check_same_setup(setups: list[dict]) -> None:
     """Raise on every rank alike (each sees every rank's setup) unless all agree: ranks
     that differ would sum products of different problems into a silently wrong one."""
+    digests = {"θ's values": "θ's values", "model": "the model's parameters or buffers"}
     differences = [
-        f"{field}: rank 0 has {setups[0][field]!r}, rank {rank} has {setup[field]!r}"
-        if field != "θ's values"
-        else f"θ's values differ between rank 0 and rank {rank}"
+        f"{field}: rank 0 has {setups[0][field]!r}, rank {rank} has {setup.get(field)!r}"
+        if field not in digests
+        else f"{digests[field]} differ between rank 0 and rank {rank}"
         for rank, setup in enumerate(setups[1:], start=1)
         for field in setups[0]
         if setups[0][field] != setup.get(field)
@@ -130,3 +140,52 @@ def agree_on_setup(theta: Parameters, group: Any, **settings: Any) -> ParameterL
     dist.all_gather_object(setups, mine, group=group)
     check_same_setup(setups)
     return layout
+
+
+def state_digest(model: nn.Module) -> str:
+    """A digest of every parameter and buffer of ``model`` — chosen or not, trainable or
+    frozen: names, dtypes, shapes and values — for the ranks to compare."""
+    digest = hashlib.sha256()
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    for name, tensor in named:
+        t = tensor.detach().reshape(-1).cpu().contiguous()
+        digest.update(repr((name, str(t.dtype), tuple(tensor.shape))).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def callable_identity(fn: Any) -> str:
+    """What the ranks can compare of a function or loss: its qualified name, and for a
+    module its ``repr`` and a digest of its tensors (a weighted loss's weights)."""
+    if isinstance(fn, nn.Module):
+        return f"{type(fn).__qualname__}: {fn!r} ({state_digest(fn)[:16]})"
+    kind = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', '')}.{kind}"
+
+
+def check_unpadded(data: Any) -> None:
+    """Refuse a shard from a ``DistributedSampler`` that pads: with a data set whose
+    length is not a multiple of the ranks and ``drop_last=False`` it repeats samples to
+    even the shards, and the analysis would count them twice.
+
+    Raises:
+        InputError: such a sampler.
+    """
+    from torch.utils.data import DistributedSampler
+
+    sampler = getattr(data, "sampler", None)
+    batch_sampler = getattr(data, "batch_sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        sampler = getattr(batch_sampler, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return
+    size, ranks = len(sampler.dataset), sampler.num_replicas
+    if size % ranks:
+        raise InputError(
+            f"this rank's data come from a DistributedSampler over {size:,} samples on "
+            f"{ranks} ranks with drop_last=False: it repeats {ranks - size % ranks} samples "
+            "to give every rank as many, and the analysis would count them twice. Let "
+            "deqhess shard the batches (give every rank all the data as a "
+            "deqhess.batches.RankShard, or ModelProblem/AnalysisProblem with "
+            "sharded=False), or use a sampler that does not pad."
+        )

@@ -74,16 +74,19 @@ class PassCheck:
         self.sketches: list[Tensor] = []
         self.whole: dict[str, tuple[Tensor, float]] = {}
         self.batches = 0
+        self.unsplit = 0  # batches whose samples could not be told apart
 
     @property
     def samples(self) -> int:
         return sum(len(h) for h in self.seen)
 
-    def read(self, hashes: Tensor) -> None:
-        """A batch was read: its ``[n]`` sample hashes; a sample the first pass did not
+    def read(self, hashes: Tensor, told_apart: bool = True) -> None:
+        """A batch was read: its ``[n]`` sample hashes (``told_apart``: whether they are
+        each sample's own, or the whole batch's repeated); a sample the first pass did not
         read raises :class:`DataChangedError` at once."""
         self.seen.append(hashes)
         self.batches += 1
+        self.unsplit += not told_apart
         if self.record is None or len(hashes) == 0:
             return
         new = int((~_member(hashes, self.record.hashes)).sum())
@@ -92,7 +95,7 @@ class PassCheck:
                 f"batch {self.batches} of this pass over the data of {self.label} holds "
                 f"{new} of its {len(hashes)} samples that the first pass never read, so "
                 "the data are not the same on every pass"
-                f"{_cause(new, len(hashes))}. {_FIX}",
+                f"{_cause(new, len(hashes))}.{self._hint()} {_FIX}",
                 self.samples,
                 self.record.samples,
                 new,
@@ -133,6 +136,16 @@ class PassCheck:
             )
         _compare(sketch, self.record.sketches[torch.from_numpy(where)], tolerance, self.label)
 
+    def _hint(self) -> str:
+        if not self.unsplit:
+            return ""
+        return (
+            f" ({self.unsplit} batches could not be told apart sample by sample: no tensor "
+            "has as many entries as the batch has samples along the sample dimension, so "
+            "regrouped batches count as changed; pass batch_dim= for the dimension that "
+            "indexes the samples.)"
+        )
+
     def finish(self) -> PassRecord | None:
         """End of the pass: raise unless it read what the first pass read; the first
         pass returns its record."""
@@ -150,13 +163,21 @@ class PassCheck:
         expected = self.record.hashes
         if len(seen) != len(expected) or not torch.equal(seen, expected):
             changed = int((~_member(seen, expected)).sum()) if len(expected) else len(seen)
+            if len(seen) == len(expected) and not changed:
+                how = (
+                    f"the same {len(seen)} samples as the first pass but not as often each "
+                    f"({_recounted(seen, expected)} of them are read more or fewer times: a "
+                    "sampler with replacement?)"
+                )
+            else:
+                how = (
+                    f"{len(seen)} samples in {self.batches} batches, the first read "
+                    f"{len(expected)} in {self.record.batches}"
+                    + (f" ({changed} of this pass's samples are new)" if changed else "")
+                )
             raise DataChangedError(
-                f"this pass over the data of {self.label} read {len(seen)} samples in "
-                f"{self.batches} batches, the first read {len(expected)} in "
-                f"{self.record.batches}"
-                + (f" ({changed} of this pass's samples are new)" if changed else "")
-                + f", so the data are not the same on every pass{_cause(changed, len(seen))}. "
-                + _FIX,
+                f"this pass over the data of {self.label} read {how}, so the data are not the "
+                f"same on every pass{_cause(changed, len(seen))}.{self._hint()} " + _FIX,
                 len(seen),
                 len(expected),
                 changed,
@@ -168,6 +189,15 @@ class PassCheck:
                 f"same on every pass. {_MODEL_FIX}"
             )
         return None
+
+
+def _recounted(seen: Tensor, expected: Tensor) -> int:
+    """How many distinct samples occur a different number of times in the two."""
+    now, first = (
+        dict(zip(*(a.tolist() for a in np.unique(t.numpy(), return_counts=True)), strict=True))
+        for t in (seen, expected)
+    )
+    return sum(1 for h in now.keys() | first.keys() if now.get(h) != first.get(h))
 
 
 def _empty(*shape: int) -> Tensor:
