@@ -24,7 +24,9 @@ from ..solvers import (
 )
 from ..state import check_state_map
 from .contract import InputLayout, check_deterministic, state_arguments
+from .hooks import has_hooks, hooks_set_aside
 from .implicit import FixedPointSpec, fixed_point
+from .observed import observed_fixed_point
 from .reparametrize import functional_call
 
 __all__ = ["DEQ", "LayerInfo", "warm_starts"]
@@ -188,17 +190,22 @@ class DEQ(nn.Module):
         if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
             return self._empty(x, h0, return_info)
         cell, count = self.cell, len(inputs.positions)
+        # the solver's iterations and the derivatives' products are no steps of the model:
+        # the cell's hooks see one evaluation, at the fixed point (deqhess.nn.observed)
+        observed = has_hooks(cell)
+        quiet = (lambda: hooks_set_aside(cell)) if observed else contextlib.nullcontext
 
         def evaluate(z: Tensor, *args: Tensor) -> Tensor:
             state = args[count:]
-            if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
-                # the cell's own numbers, nothing to differentiate (the forward solve):
-                # calling it is the same map, without functional_call swapping each tensor
-                # in and out at every evaluation
-                out = cell(inputs.rebuild(args[:count]), z)
-            else:
-                arguments = dict(zip(names, state, strict=True))
-                out = functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
+            with quiet():
+                if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
+                    # the cell's own numbers, nothing to differentiate (the forward solve):
+                    # calling it is the same map, without functional_call swapping each
+                    # tensor in and out at every evaluation
+                    out = cell(inputs.rebuild(args[:count]), z)
+                else:
+                    arguments = dict(zip(names, state, strict=True))
+                    out = functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
             check_state_map(out, z, "cell(x, h)")
             return out
 
@@ -226,10 +233,15 @@ class DEQ(nn.Module):
                 *(f"cell.{n}" for n in names),
             ),
         )
-        # a copy for the caller: the Function's own output is saved for the backward, so
-        # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
-        solved = fixed_point(spec, h0.detach(), *inputs.tensors, *values)
-        h = solved.clone()
+        args = (*inputs.tensors, *values)
+        if observed:  # a fresh output, the fixed point's value, gradients through cell(x, h*)
+            h = observed_fixed_point(spec, h0.detach(), args, lambda z: cell(x, z))
+            solved = h.detach().clone() if warm is not None else h
+        else:
+            # a copy for the caller: the Function's own output is saved for the backward, so
+            # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
+            solved = fixed_point(spec, h0.detach(), *args)
+            h = solved.clone()
         if warm is not None and torch._C._functorch.peek_interpreter_stack() is None:
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either
