@@ -153,7 +153,8 @@ def empirical_fisher(setup: Setup) -> Tensor:
 def hessian(setup: Setup) -> Tensor:
     loss = sample_loss(setup)
     theta = flat(setup)
-    return sum(torch.func.hessian(loss)(theta, xn, yn) for xn, yn in zip(setup.X, setup.y, strict=True))
+    pairs = zip(setup.X, setup.y, strict=True)
+    return sum(torch.func.hessian(loss)(theta, xn, yn) for xn, yn in pairs)
 
 
 # --- Kronecker factors from their definition ---------------------------------------------

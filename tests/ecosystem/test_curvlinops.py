@@ -63,14 +63,18 @@ def test_operators_are_exact(kind, operator, reference):
 
 
 def _factors(setup):
-    """Per layer: (weight shape, A, G) from the definition (type-2 Fisher, sum reduction)."""
-    x, h = fixed_points(setup)
+    """Per layer ``(A, G)`` from the definition (type-2 Fisher, sum reduction)."""
+    _, h = fixed_points(setup)
     roots = loss_hessian_roots(setup)  # [N, C, C]: column c is one backward pass
     n, classes = roots.shape[0], roots.shape[2]
     conv = h.dim() == 4
+    # [C, N, *state]: the gradient at the cell's module output and at the encoder's output
     state_g = torch.stack(
-        [cell_output_gradients(setup, state_cotangents(setup, roots[:, :, c])) for c in range(classes)]
-    )  # [C, N, *state]: the gradient at the cell's module output and at the encoder's output
+        [
+            cell_output_gradients(setup, state_cotangents(setup, roots[:, :, c]))
+            for c in range(classes)
+        ]
+    )
     head_g = roots.permute(2, 0, 1)  # [C, N, classes]
 
     def layer(inputs, grads):
@@ -95,7 +99,8 @@ def test_kfac_factors_are_the_fixed_point_input_and_the_adjoint_gradient(kind):
     )
     dense = _dense(kfac, sum(p.numel() for p in params))
     start = 0
-    for (A, G), (weight, bias) in zip(_factors(setup), zip(params[::2], params[1::2]), strict=True):
+    layers = zip(params[::2], params[1::2], strict=True)
+    for (A, G), (weight, bias) in zip(_factors(setup), layers, strict=True):
         w, b = weight.numel(), bias.numel()
         block = dense[start : start + w, start : start + w]
         assert relative_error(block, torch.kron(G, A)) <= 1e-10
