@@ -213,3 +213,42 @@ def patches(inputs: Tensor) -> Tensor:
 def channels_last(g: Tensor) -> Tensor:
     """``[N, C, ...]`` → ``[N · positions, C]`` (a vector per sample and position)."""
     return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+
+
+def logit_cotangents(setup: Setup, fisher: str) -> Tensor:
+    """``[C', N, C]``: the cotangents a KFAC backpropagates from the logits, one backward
+    pass each — ``"type-2"``: the columns of the loss Hessian's square root; ``"empirical"``:
+    the loss gradient ``softmax − onehot`` (one pass)."""
+    if fisher == "type-2":
+        return loss_hessian_roots(setup).permute(2, 0, 1)
+    logits = logits_fn(setup)
+    p = torch.softmax(torch.func.vmap(logits, in_dims=(None, 0))(flat(setup), setup.X), -1)
+    return (p - F.one_hot(setup.y, CLASSES).to(p))[None]
+
+
+def kfac_factors(setup: Setup, fisher: str = "type-2") -> list[tuple[Tensor, Tensor]]:
+    """Per layer (encoder, the cell's lin/conv, head) ``(A, G)``: ``A = Σ a aᵀ / (N ·
+    positions)`` over the layer's inputs — ``x``, ``h*`` and ``h*`` — and ``G = Σ g gᵀ`` over
+    the gradients at its output, ``sum`` reduction, KFAC-expand."""
+    _, h = fixed_points(setup)
+    cotangents = logit_cotangents(setup, fisher)
+    n = h.shape[0]
+    # the gradient at the cell's module output, which is also that at the encoder's output
+    state = [cell_output_gradients(setup, state_cotangents(setup, c)) for c in cotangents]
+
+    def layer(inputs: Tensor, grads) -> tuple[Tensor, Tensor]:
+        a = patches(inputs) if inputs.dim() == 4 else inputs.reshape(n, -1)
+        positions = a.shape[0] // n
+        g = torch.cat([channels_last(gc) if gc.dim() == 4 else gc for gc in grads])
+        return a.T @ a / (n * positions), g.T @ g
+
+    return [layer(setup.X, state), layer(h, state), layer(h.reshape(n, -1), list(cotangents))]
+
+
+def kfac_matrix(setup: Setup, fisher: str = "type-2") -> Tensor:
+    """The dense KFAC matrix: per layer ``G ⊗ A`` for the weight (row-major), ``G`` for
+    the bias, block-diagonal in the model's parameter order."""
+    blocks = []
+    for A, G in kfac_factors(setup, fisher):
+        blocks += [torch.kron(G, A), G]
+    return torch.block_diag(*blocks)

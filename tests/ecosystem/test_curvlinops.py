@@ -20,14 +20,14 @@ from problems import relative_error
 from .models import (
     build,
     cell_output_gradients,
-    channels_last,
     empirical_fisher,
     fixed_points,
     flat,
     ggn,
     hessian,
+    kfac_factors,
+    kfac_matrix,
     loss_hessian_roots,
-    patches,
     state_cotangents,
 )
 
@@ -62,51 +62,14 @@ def test_operators_are_exact(kind, operator, reference):
     assert relative_error(got, reference(setup)) <= 1e-10
 
 
-def _factors(setup):
-    """Per layer ``(A, G)`` from the definition (type-2 Fisher, sum reduction)."""
-    _, h = fixed_points(setup)
-    roots = loss_hessian_roots(setup)  # [N, C, C]: column c is one backward pass
-    n, classes = roots.shape[0], roots.shape[2]
-    conv = h.dim() == 4
-    # [C, N, *state]: the gradient at the cell's module output and at the encoder's output
-    state_g = torch.stack(
-        [
-            cell_output_gradients(setup, state_cotangents(setup, roots[:, :, c]))
-            for c in range(classes)
-        ]
-    )
-    head_g = roots.permute(2, 0, 1)  # [C, N, classes]
-
-    def layer(inputs, grads):
-        a = patches(inputs) if conv and inputs.dim() == 4 else inputs.reshape(n, -1)
-        positions = a.shape[0] // n
-        g = torch.cat([channels_last(gc) if gc.dim() == 4 else gc for gc in grads])
-        return a.T @ a / (n * positions), g.T @ g
-
-    return [
-        layer(setup.X, state_g),  # the encoder: its output is the cell's input x
-        layer(h, state_g),  # the cell's lin / conv: input h*
-        layer(h.reshape(n, -1), head_g),  # the head: input h* (flattened)
-    ]
-
-
 @pytest.mark.parametrize("kind", ["tanh", "conv"])
 def test_kfac_factors_are_the_fixed_point_input_and_the_adjoint_gradient(kind):
     setup = build(kind)
-    params = [p for p in setup.model.parameters()]
     kfac = _operator(
         curvlinops.KFACLinearOperator, setup, fisher_type="type-2", check_deterministic=False
     )
-    dense = _dense(kfac, sum(p.numel() for p in params))
-    start = 0
-    layers = zip(params[::2], params[1::2], strict=True)
-    for (A, G), (weight, bias) in zip(_factors(setup), layers, strict=True):
-        w, b = weight.numel(), bias.numel()
-        block = dense[start : start + w, start : start + w]
-        assert relative_error(block, torch.kron(G, A)) <= 1e-10
-        bias_block = dense[start + w : start + w + b, start + w : start + w + b]
-        assert relative_error(bias_block, G) <= 1e-10
-        start += w + b
+    expected = kfac_matrix(setup)
+    assert relative_error(_dense(kfac, expected.shape[0]), expected) <= 1e-10
 
 
 def test_ekfac_corrects_the_eigenvalues_with_the_adjoint_per_sample_gradients():
@@ -118,7 +81,7 @@ def test_ekfac_corrects_the_eigenvalues_with_the_adjoint_per_sample_gradients():
         curvlinops.EKFACLinearOperator, setup, fisher_type="type-2", check_deterministic=False
     )
     dense = _dense(ekfac, sum(p.numel() for p in params))
-    A, G = _factors(setup)[1]
+    A, G = kfac_factors(setup)[1]
     _, h = fixed_points(setup)
     roots = loss_hessian_roots(setup)
     basis = torch.kron(torch.linalg.eigh(G)[1], torch.linalg.eigh(A)[1])
@@ -134,8 +97,8 @@ def test_ekfac_corrects_the_eigenvalues_with_the_adjoint_per_sample_gradients():
 
 
 def test_factors_built_here_match_the_tool_on_an_ordinary_model():
-    """The conventions of :func:`_factors` (normalisation, patches, channel order) checked
-    where no DEQ is involved: the head alone, whose input is a plain tensor."""
+    """The normalisation of ``models.kfac_factors`` checked where no DEQ is involved: the
+    head alone, on a plain input tensor."""
     setup = build("conv")
     _, h = fixed_points(setup)
     head = torch.nn.Sequential(*list(setup.model)[2:])
@@ -144,7 +107,7 @@ def test_factors_built_here_match_the_tool_on_an_ordinary_model():
         head, torch.nn.CrossEntropyLoss(reduction="sum"), list(head.parameters()), data,
         fisher_type="type-2", check_deterministic=False,
     )  # fmt: skip
-    A, G = _factors(setup)[2]
+    A, G = kfac_factors(setup)[2]
     dense = _dense(kfac, sum(p.numel() for p in head.parameters()))
     w = head[1].weight.numel()
     assert relative_error(dense[:w, :w], torch.kron(G, A)) <= 1e-12
