@@ -120,7 +120,7 @@ def _assert_fails_on_any_model(setup, backend, structure, subset):
     for model in (setup.model, plain):
         try:
             la = _fit(model, setup.X, setup.y, backend, structure, subset)
-        except Exception as error:  # noqa: BLE001 — the tool's own errors, compared below
+        except Exception as error:  # the tool's own errors, compared below
             outcomes.append(type(error))
         else:
             outcomes.append("zeros" if float(la.H.abs().max()) == 0.0 else "numbers")
