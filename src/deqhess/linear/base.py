@@ -104,6 +104,8 @@ class LinearSolveStats:
         last: the latest solve's :class:`LinearSolveInfo`.
         condition_number: estimated condition number of ``I − J`` where the strategy
             gives one (dense LU), else None.
+        unconverged: solves that missed their tolerance and were returned anyway (a
+            solve that reports misses, see :attr:`IterativeSolve.on_failure`).
     """
 
     solves: int = 0
@@ -112,9 +114,11 @@ class LinearSolveStats:
     max_residual: float | None = None
     last: LinearSolveInfo | None = None
     condition_number: float | None = None
+    unconverged: int = 0
 
     def record(self, info: LinearSolveInfo) -> None:
         self.solves += 1
+        self.unconverged += not info.converged
         self.products += info.iterations
         self.max_iterations = max(self.max_iterations, info.iterations)
         if info.residual is not None:
@@ -125,7 +129,7 @@ class LinearSolveStats:
         """A copy that later solves do not change."""
         return LinearSolveStats(
             self.solves, self.products, self.max_iterations, self.max_residual, self.last,
-            self.condition_number,
+            self.condition_number, self.unconverged,
         )  # fmt: skip
 
 
@@ -192,24 +196,37 @@ class IterativeSolver(LinearSolver):
 class IterativeSolve(Solve):
     """An iterative method applied to ``A`` (``operator.apply``) or, transposed, to ``Aᵀ``.
 
+    Attributes:
+        on_failure: ``"raise"`` (default) or ``"report"``: return the iterate that missed
+            the tolerance, its ``LinearSolveInfo.converged`` False (a training policy; a
+            diverging Neumann series and non-finite products still raise).
+
     Raises:
         ConvergenceError: a right-hand side did not meet the tolerance; the message
             gives the residual reached and what to try.
     """
 
     def __init__(
-        self, operator: ResidualOperator, method: Method, name: str, transposed: bool = False
+        self,
+        operator: ResidualOperator,
+        method: Method,
+        name: str,
+        transposed: bool = False,
+        on_failure: str = "raise",
     ) -> None:
         self.operator = operator
         self.method = method
         self.name = name
         self.transposed = transposed
+        self.on_failure = on_failure
 
     def __repr__(self) -> str:
         return self.name + (".transpose()" if self.transposed else "")
 
     def transpose(self) -> IterativeSolve:
-        return IterativeSolve(self.operator, self.method, self.name, not self.transposed)
+        return IterativeSolve(
+            self.operator, self.method, self.name, not self.transposed, self.on_failure
+        )
 
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
         apply = self.operator.apply_transpose if self.transposed else self.operator.apply
@@ -230,7 +247,7 @@ class IterativeSolve(Solve):
                 "derivatives do not exist; check torch.func.jacrev of f at the fixed point.",
                 quantity="products with I − J",
             )
-        if not info.converged:
+        if not info.converged and self.on_failure != "report":
             system = "(I − J)ᵀ" if self.transposed else "I − J"
             raise ConvergenceError(
                 f"{self.name} did not solve {system} x = b: relative residual "

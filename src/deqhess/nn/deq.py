@@ -27,9 +27,11 @@ from .contract import InputLayout, check_deterministic, state_arguments
 from .hooks import has_hooks, hooks_set_aside
 from .implicit import FixedPointSpec, fixed_point
 from .observed import observed_fixed_point
+from .policy import LayerCall, LayerPolicy, active_override
 from .reparametrize import functional_call
 
 __all__ = ["DEQ", "LayerInfo", "warm_starts"]
+
 
 _WARM: ContextVar[dict | None] = ContextVar("deqhess_warm_starts", default=None)
 
@@ -96,8 +98,21 @@ class DEQ(nn.Module):
         convergence: what to do with samples that miss the tolerance: ``"raise"``
             (default), ``"best"`` (keep each one's best iterate, warn; with
             ``return_info=True``, ``info.converged_mask`` marks them so a training loss
-            can leave them out) or a :class:`deqhess.solvers.Convergence` with fallback
-            solvers, e.g. ``Convergence("best", fallback=Picard(damping=0.5))``.
+            can leave them out), ``"training"`` (the same without warnings, and the
+            backward's linear solves report a miss in ``info.linear_solves.unconverged``
+            instead of raising: training carries on as with torchdeq, and what missed is
+            marked) or a :class:`deqhess.solvers.Convergence` with fallback solvers, e.g.
+            ``Convergence("best", fallback=Picard(damping=0.5))``. Inside
+            :func:`deqhess.nn.convergence` the block's policy replaces it.
+
+    The backward's linear solves, when ``linear_solver`` is a name, solve to the layer's
+    ``tol`` (default by dtype: 1e-10 in float64, 1e-5 in float32), so the gradient is as
+    accurate as the fixed point.
+
+    Module hooks on the cell and its submodules (BackPACK, KFAC, ASDL, Captum) see one
+    evaluation of the cell at the fixed point, whose backward receives the adjoint
+    ``λ = (I − J)⁻ᵀ ḡ``; the solver's iterations and the derivatives' products run
+    without them (see :mod:`deqhess.nn.hooks` and :mod:`deqhess.nn.observed`).
 
     An empty batch (a state with no entries) returns ``cell(x, h0)``, itself empty.
     """
@@ -134,7 +149,8 @@ class DEQ(nn.Module):
         check_linear_solver(linear_solver)
         self.linear_solver = linear_solver
         self.require_convergence = require_convergence
-        self.convergence = Convergence.resolve(convergence, require_convergence)
+        self.policy = LayerPolicy.resolve(convergence, require_convergence)
+        self.convergence = self.policy.forward
 
     def initial_state(self, x: Any) -> Tensor:
         """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
@@ -212,6 +228,9 @@ class DEQ(nn.Module):
         step = _explaining_first_call(evaluate, x) if given else evaluate
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
+        override = active_override()
+        policy = self.policy if override is None else override.policy
+        recording = return_info or override is not None
         spec = FixedPointSpec(
             fn=step,
             independent_dims=0 if self.batch_dim is None else 1,
@@ -220,14 +239,15 @@ class DEQ(nn.Module):
             atol=self.atol,
             max_iter=self.max_iter,
             linear_solver=self.linear_solver,
-            require_convergence=self.require_convergence,
+            require_convergence=policy.forward.on_failure == "raise",
             check_rows=self.batch_dim == 0,
             check_registered=(
                 torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
             ),
-            on_solve=infos.append if return_info else None,
+            on_solve=infos.append if recording else None,
             stats=stats if return_info else None,
-            convergence=self.convergence,
+            convergence=policy.forward,
+            linear_on_failure=policy.linear,
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
                 *(f"cell.{n}" for n in names),
@@ -246,6 +266,8 @@ class DEQ(nn.Module):
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either
             warm[0][warm[1]] = solved.detach()
+        if override is not None and infos:
+            override.record.calls.append(LayerCall(self, infos[-1].converged_mask, infos[-1]))
         if return_info:
             forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
             return h, LayerInfo(**forward, linear_solves=stats)
