@@ -106,7 +106,7 @@ class TorchdeqDEQ(nn.Module):
     def forward(
         self,
         func: Callable[[Any], Any],
-        z_init: Tensor | list[Tensor] | tuple[Tensor, ...],
+        z_init: Tensor | list[Tensor] | tuple[Tensor, ...] | None = None,
         solver_kwargs: dict | None = None,
         sradius_mode: bool = False,
         backward_writer: Callable[[dict], None] | None = None,
@@ -118,7 +118,11 @@ class TorchdeqDEQ(nn.Module):
         keep no per-sample history), ``sradius`` (eval mode with ``sradius_mode``, else
         ``[0.]``) — plus ``converged`` (``[B]`` bool) and
         ``linear_solves`` (:class:`deqhess.linear.LinearSolveStats`, filled in by the
-        backward)."""
+        backward). ``z_init`` may also be passed as ``z_star`` (torchdeq's sliced core)."""
+        if z_init is None and "z_star" in kwargs:
+            z_init = kwargs.pop("z_star")
+        if z_init is None:
+            raise ValueError("pass the initial state z_init (a tensor or a list of tensors).")
         if kwargs:
             raise ValueError(f"unknown arguments {sorted(kwargs)} for the DEQ call.")
         solver_kwargs = dict(solver_kwargs or {})
