@@ -117,7 +117,7 @@ def test_signatures_and_statistics_are_torchdeqs():
     assert "z_star" in inspect.signature(theirs.forward).parameters
     cell, x = Cell(), torch.randn(4, 6)
     with torch.no_grad():
-        by_keyword, _ = ours(lambda z: cell(z, x), z_star=torch.zeros(4, 6))
+        by_keyword, _ = get_deq(**EXACT)(lambda z: cell(z, x), z_star=torch.zeros(4, 6))
     options = {**EXACT, "ift": True}
     mine = get_deq(**options)(lambda z: cell(z, x), torch.zeros(4, 6))
     reference = torchdeq.get_deq(**options)(lambda z: cell(z, x), torch.zeros(4, 6))
