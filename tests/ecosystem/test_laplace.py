@@ -22,6 +22,9 @@ import torch
 from problems import relative_error
 from torch import nn
 
+import deqhess.nn
+from deqhess import ConvergenceError
+
 from .models import build, empirical_fisher, ggn, hessian, kfac_matrix, loss_hessians
 
 laplace = pytest.importorskip("laplace")
@@ -203,3 +206,36 @@ def test_low_rank_needs_the_old_asdfghjkl_which_pypi_does_not_have():
     setup = build("tanh")
     with pytest.raises(ImportError, match="asdfghjkl"):
         _fit(setup.model, setup.X, setup.y, "CurvlinopsGGN", "lowrank", "all")
+
+
+def test_sampled_predictive_leaves_out_weights_whose_cell_does_not_converge():
+    """The recipe of the Laplace page: ``pred_type="nn"`` draws weights, some of which make
+    the cell non-contractive. The layer's default policy stops with ConvergenceError;
+    inside ``deqhess.nn.convergence("best")`` each call is recorded, sample ``s`` of the
+    record is weight sample ``s``, and the predictive averages only what converged."""
+    setup = build("tanh", samples=6, solver="picard", max_iter=100, tol=1e-10)
+    la = _fit(setup.model, setup.X, setup.y, "CurvlinopsGGN", "full", "all")
+    la.prior_precision = 1.0  # wide enough that about half the sampled cells diverge
+
+    def draw():
+        generator = torch.Generator().manual_seed(0)
+        return la.predictive_samples(setup.X, pred_type="nn", n_samples=20, generator=generator)
+
+    with pytest.raises(ConvergenceError):
+        draw()
+    with deqhess.nn.convergence("best") as record:
+        samples = draw()  # [S, B, C] probabilities
+    kept = record.converged_mask()  # [S, B]
+    assert kept.shape == samples.shape[:2]
+    assert bool(kept.any()) and not bool(kept.all())
+    # the record is aligned with the samples: redo one fully converged sample strictly
+    s = int(torch.nonzero(kept.all(1))[0, 0])
+    weights = la.sample(20, generator=torch.Generator().manual_seed(0))[s]
+    torch.nn.utils.vector_to_parameters(weights, la.params)
+    with torch.no_grad():
+        strict = torch.softmax(setup.model(setup.X), -1)
+    torch.nn.utils.vector_to_parameters(la.mean, la.params)
+    assert relative_error(strict, samples[s]) <= 1e-12
+    probs = (samples * kept[..., None]).sum(0) / kept.sum(0)[:, None]
+    answered = kept.any(0)
+    assert torch.allclose(probs[answered].sum(-1), torch.ones(int(answered.sum())))
