@@ -22,8 +22,10 @@ import torch
 from problems import relative_error
 from torch import nn
 
+import deqhess as dh
 import deqhess.nn
 from deqhess import ConvergenceError
+from deqhess.curvature import inverse_diagonal
 
 from .models import build, empirical_fisher, ggn, hessian, kfac_matrix, loss_hessians
 
@@ -239,3 +241,16 @@ def test_sampled_predictive_leaves_out_weights_whose_cell_does_not_converge():
     probs = (samples * kept[..., None]).sum(0) / kept.sum(0)[:, None]
     answered = kept.any(0)
     assert torch.allclose(probs[answered].sum(-1), torch.ones(int(answered.sum())))
+
+
+def test_inverse_diagonal_is_laplaces_full_posterior_variance():
+    """``deqhess.curvature.inverse_diagonal`` of ``ModelCurvature``'s GGN (sum reduction)
+    at the prior precision is laplace-torch's full-GGN posterior variance."""
+    setup = build("tanh")
+    la = _fit(setup.model, setup.X, setup.y, "CurvlinopsGGN", "full", "all")
+    la.prior_precision = 0.7
+    curvature = dh.ModelCurvature(
+        setup.model, nn.CrossEntropyLoss(reduction="sum"), [(setup.X, setup.y)]
+    )
+    result = inverse_diagonal(curvature.ggn_operator(), 0.7, progress=False)
+    assert relative_error(result.estimate, la.posterior_covariance.diagonal()) <= 1e-10
