@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None, log=print) -> Result:
     torch.set_default_dtype(torch.float64)
     x_train, y_train, x_test, y_test = load_digits_split(0.3)
     # inputs from no class: the digits flipped upside down, and uniform noise
-    x_ood = torch.cat([x_test.reshape(-1, 8, 8).flip(1).reshape(-1, 64), torch.rand(200, 64)])
+    noise = torch.rand(200, 64, generator=torch.Generator().manual_seed(0))
+    x_ood = torch.cat([x_test.reshape(-1, 8, 8).flip(1).reshape(-1, 64), noise])
     state, epochs, prior_steps = (STATE, 40, 50) if not args.quick else (4, 2, 3)
     if args.quick:
         x_train, y_train, x_test, y_test = x_train[:120], y_train[:120], x_test[:60], y_test[:60]
