@@ -356,6 +356,21 @@ def _pullback(fn: Callable[[Any], Tensor], primal: Any) -> tuple[Tensor, Callabl
     return value, apply
 
 
+def args_pullback(
+    fn: Callable[..., Tensor], z: Tensor, args: tuple[Tensor, ...], wanted: list[int]
+) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:
+    """``fn(z, *args)`` and ``μ ↦ ((∂fn/∂args_i)ᵀ μ for i in wanted)`` at ``(z, args)``."""
+
+    def of_wanted(chosen: tuple[Tensor, ...]) -> Tensor:
+        full = list(args)
+        for i, t in zip(wanted, chosen, strict=True):
+            full[i] = t
+        return fn(z, *full)
+
+    value, pull = _pullback(of_wanted, tuple(args[i] for i in wanted))
+    return value, lambda mu: pull(mu)[0]
+
+
 def _refuse_legacy_vmap() -> None:
     """``is_grads_batched=True`` (and ``torch.autograd.functional``'s ``vectorize=True``)
     run the backward under torch's legacy vmap, which does not call this Function's
@@ -400,15 +415,7 @@ class _FixedPoint(torch.autograd.Function):
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
         if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
-            fn = system.spec.fn
-
-            def of_wanted(chosen: tuple[Tensor, ...]) -> Tensor:
-                full = list(args)
-                for i, t in zip(wanted, chosen, strict=True):
-                    full[i] = t
-                return fn(z, *full)
-
-            value, pull = _pullback(of_wanted, tuple(args[i] for i in wanted))
+            value, pull = args_pullback(system.spec.fn, z, tuple(args), wanted)
             jacobian = system.jacobian
             if (  # F(h*) comes with the VJP: the determinism check needs no evaluation of its own
                 isinstance(system, _Nonlinear)
@@ -417,8 +424,7 @@ class _FixedPoint(torch.autograd.Function):
             ):
                 jacobian.linearization.certify(system.spec.rows(value.detach()))
             mu = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
-            (pulled,) = pull(mu)
-            for i, g in zip(wanted, pulled, strict=True):
+            for i, g in zip(wanted, pull(mu), strict=True):
                 grads[i] = g
         return (None, None, *grads)
 

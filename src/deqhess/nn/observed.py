@@ -38,9 +38,9 @@ from .implicit import (
     FixedPointSpec,
     _FixedPoint,
     _Nonlinear,
-    _pullback,
     _refuse_legacy_vmap,
     _System,
+    args_pullback,
 )
 
 __all__ = ["observed_fixed_point"]
@@ -69,7 +69,8 @@ def observed_fixed_point(
     system = _Nonlinear(spec, len(args))
     z = _FixedPoint.apply(system, z0, *args)
     seen = z.detach()
-    if torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
+    wanted = any(a.requires_grad for a in args)
+    if wanted and torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
         # as in any model, the state entering the cell requires grad (a full backward
         # hook then sees its gradient, Jᵀλ, which goes no further: sg z is a fresh leaf)
         seen.requires_grad_(True)
@@ -115,8 +116,8 @@ class _Observed(torch.autograd.Function):
         adjoint = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         if wanted and torch.is_grad_enabled():  # recorded: restore the dependence on h*
-            at_fixed_point = _args_pullback(system.spec.fn, z, args, wanted)(adjoint)
-            at_stopped = _args_pullback(system.spec.fn, z.detach(), args, wanted)(adjoint)
+            at_fixed_point = args_pullback(system.spec.fn, z, tuple(args), wanted)[1](adjoint)
+            at_stopped = args_pullback(system.spec.fn, z.detach(), tuple(args), wanted)[1](adjoint)
             for i, a, s in zip(wanted, at_fixed_point, at_stopped, strict=True):
                 grads[i] = a - s
         return (None, adjoint, None, *grads)
@@ -137,18 +138,3 @@ class _Observed(torch.autograd.Function):
         )
         batched = system.vmapped(tuple(None if d is None else 0 for d in arg_dims))
         return _Observed.apply(batched, front(b, b_dim), front(z, z_dim), *args), 0
-
-
-def _args_pullback(
-    fn: Callable[..., Tensor], z: Tensor, args: tuple[Tensor, ...], wanted: list[int]
-) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    """``μ ↦ (∂fn/∂args_i)ᵀ μ`` at ``(z, args)`` for ``i`` in ``wanted``."""
-
-    def of_wanted(chosen: tuple[Tensor, ...]) -> Tensor:
-        full = list(args)
-        for i, t in zip(wanted, chosen, strict=True):
-            full[i] = t
-        return fn(z, *full)
-
-    _, pull = _pullback(of_wanted, tuple(args[i] for i in wanted))
-    return lambda mu: pull(mu)[0]
