@@ -146,3 +146,33 @@ def test_map_defining_pre_hooks_are_kept_during_the_solve():
     with torch.no_grad():
         residual = cell(x, h) - h
     assert float(residual.abs().max()) <= 1e-12
+
+
+def test_the_visible_evaluation_runs_outside_autocast_and_inference_mode_works():
+    """A forward under torch.autocast is bitwise what it is without (the visible
+    evaluation, like the solve, runs in the state's dtype), and so is the backward when
+    called outside autocast, as PyTorch asks: autograd then runs the cell's backward — the
+    one hooks see — in the dtypes of its forward. Under inference_mode and no_grad the hooks
+    fire once and the output is the fixed point."""
+    cell, _, x = _setup()
+    cell.float()
+    x = x.float()
+    seen: list[torch.dtype] = []
+    cell.lin.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    def step(enabled):
+        cell.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            h = DEQ(cell)(x)
+        h.pow(2).sum().backward()
+        return h.detach(), [p.grad.clone() for p in cell.parameters()]
+
+    h, grads = step(False)
+    h_amp, grads_amp = step(True)
+    assert torch.equal(h_amp, h) and seen == [torch.float32, torch.float32]
+    assert all(torch.equal(a, b) for a, b in zip(grads_amp, grads, strict=True))
+    for context in (torch.inference_mode, torch.no_grad):
+        seen.clear()
+        with context():
+            out = DEQ(cell)(x)
+        assert len(seen) == 1 and torch.equal(out, h)

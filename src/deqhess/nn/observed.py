@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..locking import engine
+from ..locking import autocast_off, engine
 from .implicit import (
     FixedPointSpec,
     _FixedPoint,
@@ -74,7 +74,8 @@ def observed_fixed_point(
         # as in any model, the state entering the cell requires grad (a full backward
         # hook then sees its gradient, Jᵀλ, which goes no further: sg z is a fresh leaf)
         seen.requires_grad_(True)
-    b = observe(seen)
+    with autocast_off():  # the map the solve used, in the state's dtype
+        b = observe(seen)
     jacobian = system.jacobian
     if jacobian is not None and torch._C._functorch.peek_interpreter_stack() is None:
         try:
