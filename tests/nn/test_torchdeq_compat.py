@@ -128,3 +128,25 @@ def test_signatures_and_statistics_are_torchdeqs():
             assert mine[1][key].shape == value.shape, key
     assert relative_error(mine[0][0].detach(), reference[0][0].detach()) <= 1e-10
     assert relative_error(by_keyword[0], mine[0][0].detach()) <= 1e-12
+
+
+def test_spectral_radius_and_backward_writer():
+    """``sradius_mode`` (eval) estimates ``|λ_max(J)|`` per sample by the power method,
+    as torchdeq does: against the eigenvalues of ``J`` by ``torch.func.jacrev``; the
+    ``backward_writer`` receives the adjoint solve's statistics."""
+    cell, x = Cell(), torch.randn(3, 6)
+    deq = get_deq(**EXACT).eval()
+    with torch.no_grad():
+        z_out, info = deq(lambda z: cell(z, x), torch.zeros(3, 6), sradius_mode=True)
+    for zn, xn, radius in zip(z_out[0], x, info["sradius"], strict=True):
+        jac = torch.func.jacrev(lambda s, xn=xn: cell(s[None], xn[None])[0])(zn)
+        expected = torch.linalg.eigvals(jac.detach()).abs().max()
+        assert abs(float(radius) - float(expected)) <= 0.01 * float(expected)
+    written = []
+    deq.train()
+    xg = x.clone().requires_grad_()
+    z_out, _ = get_deq(**EXACT)(
+        lambda z: cell(z, xg), torch.zeros(3, 6), backward_writer=written.append
+    )
+    z_out[0].sum().backward()
+    assert len(written) == 1 and float(written[0]["rel_lowest"][0]) <= 1e-12
