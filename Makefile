@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deqhess-installed
 
 .PHONY: demo test lint bench bench-extras clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"

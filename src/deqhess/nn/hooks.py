@@ -59,7 +59,10 @@ def hooks_set_aside(module: nn.Module) -> Iterator[None]:
 
     Each registry is replaced by a copy holding only the map-defining hooks and put back
     afterwards (the same dict objects, so hook handles stay valid). Nothing is done for a
-    module with no hooks, the usual case.
+    module with no hooks, the usual case. The registries are the module's own, so another
+    thread calling the same modules meanwhile would not see their hooks either (the
+    layer's derivative computations hold :data:`deqhess.locking.ENGINE_LOCK`; a bare
+    forward solve does not).
     """
     saved: list[tuple[nn.Module, str, OrderedDict]] = []
     try:
