@@ -7,7 +7,9 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deqhess-installed
 
-.PHONY: demo test lint bench bench-extras clean
+DOCS_STAMP := $(VENV)/.deqhess-docs
+
+.PHONY: demo test lint docs bench bench-extras clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +32,22 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples docs
+	$(BIN)/ruff format --check src tests benchmarks examples docs/*.py
+	$(BIN)/mypy  # the modules [tool.mypy] lists
+
+# the site in docs/_build/html: Sphinx (pages in Markdown through MyST, the API from the
+# docstrings) and sphinx-gallery, which runs the examples and shows their plots. Warnings
+# are errors. The docs extra is pure Python; the check fails loudly if pip ever replaced
+# the CPU torch.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -c "import torch; print(torch.__version__)" > $(VENV)/.torch-before
+	$(BIN)/pip install --quiet -e ".[docs]"
+	$(BIN)/python -c "import torch; print(torch.__version__)" | cmp - $(VENV)/.torch-before
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	cd docs && OMP_NUM_THREADS=1 ../$(BIN)/sphinx-build -W --keep-going -b html . _build/html
 
 # optional baselines for the benchmarks, never dependencies of deqhess (torchdeq needs only
 # torch and numpy; --no-deps keeps pip from touching the CPU torch)
@@ -56,4 +72,5 @@ bench: $(STAMP)
 			&& ../$(BIN)/python vs_jax.py || echo "vs_jax.py skipped: make bench-extras"; }
 
 clean:
-	rm -rf $(VENV) deqhess-demo
+	rm -rf $(VENV) deqhess-demo docs/_build docs/auto_examples docs/api/generated \
+		docs/gen_modules docs/sg_execution_times.rst

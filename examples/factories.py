@@ -3,6 +3,7 @@
 
 deqhess analyze examples/factories.py:tanh_deq_100k --top-k 5 --trace hutch++
 deqhess analyze examples/factories.py:digits_classifier --top-k 5 --trace hutch++
+torchrun --standalone --nproc-per-node=2 -m deqhess analyze examples/factories.py:classifier_tiny
 deqhess analyze examples/factories.py:mdeq_digits --top-k 5 --trace hutch++
 """
 
@@ -86,6 +87,19 @@ def digits_classifier() -> ModelProblem:
     model = nn.Sequential(nn.Linear(64, 32), DEQ(InputCell(32)), nn.Linear(32, 10))
     data = list(zip(x.split(600), y.split(600), strict=True))
     return ModelProblem(model, nn.CrossEntropyLoss(), data)
+
+
+def classifier_tiny() -> ModelProblem:
+    """``Linear(3, 4) → DEQ → Linear(4, 3)`` on 10 samples in batches of 4 (P = 51),
+    float64: a whole model to try the command (or ``torchrun``) in seconds."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), DEQ(InputCell(4), tol=1e-13), nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 3, generator=g), torch.randint(0, 3, (10,), generator=g)
+    return ModelProblem(
+        model, nn.CrossEntropyLoss(), list(zip(x.split(4), y.split(4), strict=True))
+    )
 
 
 def mdeq_digits() -> ModelProblem:

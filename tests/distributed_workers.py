@@ -98,10 +98,69 @@ def _ranks_disagree(rank, f, theta, shard, loss, options):
     return errors
 
 
+def model_problem():
+    """A whole model (encoder → DEQ → head) and uneven batches, float64."""
+    from torch import nn
+
+    from deqhess.nn import DEQ
+
+    class Cell(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            w = torch.randn(n, n, generator=g, dtype=torch.float64)
+            self.W = nn.Parameter(0.4 * w / torch.linalg.matrix_norm(w, ord=2))
+
+        def forward(self, x, h):
+            return torch.tanh(h @ self.W.T + x)
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the same initial values in every process
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), DEQ(Cell(4), tol=1e-13, linear_solver="dense"),
+                          nn.Linear(4, 2))  # fmt: skip
+    torch.set_default_dtype(previous)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(sum(SIZES), 3, generator=g, dtype=torch.float64)
+    y = torch.randn(sum(SIZES), 2, generator=g, dtype=torch.float64)
+    return model, nn.MSELoss(), list(zip(x.split(SIZES), y.split(SIZES), strict=True))
+
+
+def model_results(curvature) -> dict:
+    """What the model tests compare with one process."""
+    v = torch.arange(curvature.num_parameters, dtype=torch.float64).sin()
+    op = curvature.hessian_operator()
+    return {
+        "samples": curvature.num_samples,
+        "batches": curvature.num_batches,
+        "grad": curvature.layout.flatten(curvature.grad()),
+        "hessian": curvature.hessian(),
+        "ggn": curvature.ggn_operator().to_dense(),
+        "split": curvature.hessian(split=True).loss_curvature,
+        "block": op @ torch.stack([v, v.cos()], dim=1),
+        "top": extreme_eigenpairs(op, 2, dense_below=0, progress=False).eigenvalues,
+    }
+
+
+def _model_data_changes(rank, *args):
+    """Rank 1's data change after the first product: it raises DataChangedError, every
+    other rank RankFailedError."""
+    from deqhess.distributed import DistributedModelCurvature
+
+    model, loss, batches = model_problem()
+    shard = batches[rank::2]
+    curvature = DistributedModelCurvature(model, loss, shard, progress=False)
+    curvature.grad()
+    if rank == 1:
+        shard[0] = (shard[0][0] * 2, shard[0][1])
+    return _error_of(curvature.grad)
+
+
 FAILURES = {
     "failure": _fails_to_converge,
     "lazy_failure": _loss_raises_lazily,
     "disagree": _ranks_disagree,
+    "model_data_changes": _model_data_changes,
 }
 
 
@@ -117,6 +176,13 @@ def run(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
         result: dict = {}
         if scenario in FAILURES:
             result["error"] = FAILURES[scenario](rank, f, theta, shard, loss, options)
+        elif scenario.startswith("model"):  # model_<world size used of the group>
+            from deqhess.distributed import DistributedModelCurvature
+
+            model, loss, batches = model_problem()
+            shard = batches[rank::world] if scenario == "model" else batches[:1] * (rank == 0)
+            curvature = DistributedModelCurvature(model, loss, shard, progress=False)
+            result = model_results(curvature)
         elif scenario == "empty_shard":
             result = {"report": analyze_first_batch(os.path.join(out_dir, "report"))}
         else:

@@ -1,34 +1,11 @@
-"""The data-pass helpers: batch equality, byte counts and the budgeted cache."""
+"""The views of the data a pass reads, and the byte counts that budget what it keeps."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deqhess.batches import (
-    BatchCache,
-    Batches,
-    RankShard,
-    held_bytes,
-    same_batch,
-    saved_activation_bytes,
-)
-
-
-def test_same_batch_compares_structures_exactly():
-    a = torch.arange(6.0).reshape(2, 3)
-    assert same_batch((a, {"y": a + 1, "n": None}), (a.clone(), {"y": a + 1, "n": None}))
-    assert not same_batch(a, a + 1e-12)
-    assert not same_batch(a, a.float().to(torch.float32))
-    assert not same_batch((a, a), [a])
-    assert not same_batch({"y": a}, {"z": a})
-    assert not same_batch(a, "a")
-
-    class Odd:  # equality that is not a bool: never taken as equal
-        def __eq__(self, other):
-            raise TypeError("no")
-
-    assert not same_batch(Odd(), Odd())
+from deqhess.batches import Batches, RankShard, held_bytes, saved_activation_bytes
 
 
 def test_held_bytes_counts_each_storage_once():
@@ -49,20 +26,6 @@ def test_saved_activation_bytes():
         return torch.func.grad(lambda u: u.pow(3).sum())(t)
 
     assert saved_activation_bytes(uses_torch_func, x) is None
-
-
-def test_cache_keeps_a_prefix_within_its_budget():
-    cache = BatchCache(250)
-    x = torch.ones(3)
-    assert cache.offer(0, x, None, "a", lambda: 100) and cache.offer(1, x, None, "b", lambda: 100)
-    assert not cache.offer(2, x, None, "c", lambda: 100)
-    assert not cache.offer(3, x, None, "d", lambda: 1)  # closed: a prefix only
-    cache.seal(4)
-    assert not cache.complete and len(cache) == 2 and cache.used == 200
-    assert cache.get(1, x.clone(), None) == "b" and cache.get(1, x + 1, None) is None
-    assert list(cache.values()) == ["a", "b"]
-    with pytest.raises(ValueError, match="cache_bytes must be a non-negative int"):
-        BatchCache(1.5)
 
 
 def test_rank_shard_and_pair_check():

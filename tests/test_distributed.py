@@ -7,7 +7,14 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from distributed_workers import SIZES, analyze_first_batch, problem, run
+from distributed_workers import (
+    SIZES,
+    analyze_first_batch,
+    model_problem,
+    model_results,
+    problem,
+    run,
+)
 from problems import relative_error
 
 import deqhess as dh
@@ -56,6 +63,28 @@ def test_distributed_equals_single_process_on_uneven_shards(world, scenario, tmp
         assert torch.equal(r["top"], results[0]["top"]) and r["trace"] == results[0]["trace"]
 
 
+@pytest.mark.parametrize(("world", "scenario"), [(3, "model"), (2, "model_empty")])
+def test_distributed_model_curvature_equals_one_process(world, scenario, tmp_path):
+    """A whole model over uneven shards (3 ranks) and over one batch with an empty shard
+    (2 ranks): every operator, the gradient and the top eigenvalues equal one process's
+    to 1e-12."""
+    results = _spawn(world, tmp_path, scenario)
+    model, loss, batches = model_problem()
+    data = batches if scenario == "model" else batches[:1]
+    expected = model_results(dh.ModelCurvature(model, loss, data, progress=False))
+    for r in results:
+        assert r["samples"] == expected["samples"] and r["batches"] == expected["batches"]
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert relative_error(r[key], value) <= 1e-12, key
+
+
+def test_a_rank_whose_data_change_makes_every_rank_raise(tmp_path):
+    other, own = (r["error"] for r in _spawn(2, tmp_path, "model_data_changes"))
+    assert own[0] == "DataChangedError" and "never read" in own[1]
+    assert other[0] == "RankFailedError" and "rank 1 failed with DataChangedError" in other[1]
+
+
 def test_a_failing_rank_makes_every_rank_raise(tmp_path):
     """The failing rank raises its own error; the other names it, its type and message."""
     other, own = (r["error"] for r in _spawn(2, tmp_path, "failure"))
@@ -76,7 +105,7 @@ def test_ranks_that_disagree_on_the_problem_all_refuse(tmp_path):
                 "reduction: rank 0 has 'mean', rank 1 has 'sum'",
                 "θ's dtype: rank 0 has 'torch.float64', rank 1 has 'torch.float32'"]  # fmt: skip
     for (kind, message), text in zip(first, expected, strict=True):
-        assert kind == "ValueError" and "the ranks disagree on the problem" in message
+        assert kind == "InputError" and "the ranks disagree on the problem" in message
         assert text in message
 
 
@@ -112,8 +141,10 @@ def test_requires_an_initialised_group():
         dh.distributed.DistributedDatasetEquilibrium(f, theta, batches, loss, **options)
 
 
-def test_analyze_under_torchrun_reports_as_one_process(tmp_path):
-    """The README's launch line on 2 processes gives the single-process report."""
+@pytest.mark.parametrize("factory", ["tanh_deq_tiny", "classifier_tiny"])
+def test_analyze_under_torchrun_reports_as_one_process(factory, tmp_path):
+    """The README's launch line on 2 processes gives the single-process report, for a
+    DEQ and its loss (AnalysisProblem) and for a whole model (ModelProblem)."""
     import json
     import subprocess
     import sys
@@ -121,7 +152,7 @@ def test_analyze_under_torchrun_reports_as_one_process(tmp_path):
     from deqhess.cli.main import main
 
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    factory = f"{root / 'examples' / 'factories.py'}:tanh_deq_tiny"
+    factory = f"{root / 'examples' / 'factories.py'}:{factory}"
     args = ["--top-k", "3", "--trace-hvps", "99", "--no-progress"]
     main(["analyze", factory, "--out", str(tmp_path / "one"), *args])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -7,10 +7,14 @@ densely, or as exact matrix-free Hessian-vector products.
 
 from __future__ import annotations
 
-from . import batches, curvature, distributed, linear, models, nn, solvers
+from . import batches, curvature, distributed, linear, models, nn, solvers, streaming
 from .errors import (
     ConvergenceError,
+    DataChangedError,
     DenseMemoryError,
+    DeqhessError,
+    InputError,
+    ModelChangedError,
     NonFiniteError,
     SingularSystemError,
     StaleEquilibriumError,
@@ -53,9 +57,13 @@ __all__ = [
     "Dense",
     "GMRES",
     "Neumann",
-    # errors, and the override of the dense-memory check
+    # errors (all derive from DeqhessError), and the override of the dense-memory check
+    "DeqhessError",
+    "InputError",
     "ConvergenceError",
+    "DataChangedError",
     "DenseMemoryError",
+    "ModelChangedError",
     "NonFiniteError",
     "SingularSystemError",
     "StaleEquilibriumError",
@@ -69,4 +77,5 @@ __all__ = [
     "models",
     "nn",
     "solvers",
+    "streaming",
 ]

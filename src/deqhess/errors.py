@@ -1,14 +1,22 @@
 """The named errors of deqhess.
 
 Errors are part of the API: each says what went wrong, the figures that show it,
-and what to try.
+and what to try. Every error deqhess raises derives from :class:`DeqhessError`, so one
+``except deqhess.DeqhessError`` catches them all, and each also derives from the
+builtin a caller would expect (``ValueError`` for bad input, ``RuntimeError`` for a
+numerical failure, ``MemoryError``, ``NotImplementedError``), so code that catches the
+builtin keeps working.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "DeqhessError",
+    "InputError",
     "ConvergenceError",
+    "DataChangedError",
     "DenseMemoryError",
+    "ModelChangedError",
     "NonFiniteError",
     "SingularSystemError",
     "StaleEquilibriumError",
@@ -16,7 +24,28 @@ __all__ = [
 ]
 
 
-class ConvergenceError(RuntimeError):
+class DeqhessError(Exception):
+    """The root of every error deqhess raises.
+
+    Example:
+        >>> import torch, deqhess as dh
+        >>> try:
+        ...     dh.Equilibrium(lambda x, h, theta: h, {}, None, torch.zeros(2))
+        ... except dh.DeqhessError as error:
+        ...     print(f"{type(error).__name__} (a ValueError: {isinstance(error, ValueError)})")
+        InputError (a ValueError: True)
+    """
+
+
+class InputError(DeqhessError, ValueError):
+    """An argument deqhess was given is invalid.
+
+    The message names the argument, shows what was received and says what to try. A
+    ``ValueError``, so code written to catch ``ValueError`` keeps working.
+    """
+
+
+class ConvergenceError(DeqhessError, RuntimeError):
     """A fixed-point or linear solver did not reach its tolerance.
 
     Attributes:
@@ -30,7 +59,7 @@ class ConvergenceError(RuntimeError):
         self.info = info
 
 
-class SingularSystemError(RuntimeError):
+class SingularSystemError(DeqhessError, RuntimeError):
     """``I − J`` at the fixed point is singular or too ill-conditioned to trust.
 
     Attributes:
@@ -43,11 +72,11 @@ class SingularSystemError(RuntimeError):
         self.condition_number = condition_number
 
 
-class StaleEquilibriumError(RuntimeError):
+class StaleEquilibriumError(DeqhessError, RuntimeError):
     """θ or a tensor of x was modified in place after the equilibrium was solved."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DeqhessError, RuntimeError):
     """A quantity deqhess computed at the fixed point has NaN or inf entries.
 
     The inputs were finite, so the loss or ``f`` is not differentiable (or overflows)
@@ -62,7 +91,7 @@ class NonFiniteError(RuntimeError):
         self.quantity = quantity
 
 
-class DenseMemoryError(MemoryError):
+class DenseMemoryError(DeqhessError, MemoryError):
     """A dense result would not fit in the memory available; refused before allocating.
 
     Attributes:
@@ -77,8 +106,43 @@ class DenseMemoryError(MemoryError):
         self.available = available
 
 
-class UnsupportedDerivativeError(NotImplementedError):
+class UnsupportedDerivativeError(DeqhessError, NotImplementedError):
     """A derivative mode that cannot be computed exactly through the DEQ layer.
 
     The message names the mode, why, and the supported way to get the same derivative.
     """
+
+
+class DataChangedError(DeqhessError, ValueError):
+    """A pass over the data saw other samples than the first pass did.
+
+    A data-set operator is a fixed matrix only if every pass reads the same samples
+    (in any order and grouping). Random augmentation, a loader that draws a different
+    subset each pass (``shuffle=True`` with ``drop_last=True``, a sampler with
+    replacement) and data changed after construction all break that.
+
+    Attributes:
+        samples: samples this pass read (so far, if it stopped early).
+        expected: samples the first pass read.
+        changed: samples of this pass the first pass did not read (or -1 if unknown).
+    """
+
+    def __init__(self, message: str, samples: int, expected: int, changed: int) -> None:
+        super().__init__(message)
+        self.samples, self.expected, self.changed = samples, expected, changed
+
+
+class ModelChangedError(DeqhessError, RuntimeError):
+    """The model was not the same function on every pass over the data.
+
+    It returned another result on the same samples than on the first pass, drew random
+    numbers while evaluated, or changed its own parameters or buffers during a pass.
+
+    Attributes:
+        samples: how many samples' results changed (0 when the model's state changed).
+        change: the largest relative change of a result (0 when the state changed).
+    """
+
+    def __init__(self, message: str, samples: int = 0, change: float = 0.0) -> None:
+        super().__init__(message)
+        self.samples, self.change = samples, change

@@ -41,9 +41,14 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 @contextlib.contextmanager
 def engine() -> Iterator[None]:
-    """Hold :data:`ENGINE_LOCK`, outside inference mode and autocast (grad mode is left as
-    it is, except that leaving inference mode turns grad mode on: callers that want none
-    say so)."""
+    """Hold :data:`ENGINE_LOCK`, outside inference mode and autocast.
+
+    Grad mode is left as it is, except that leaving inference mode turns grad mode on:
+    callers that want none say so.
+
+    Yields:
+        Nothing: the block runs holding the lock.
+    """
     with ENGINE_LOCK, contextlib.ExitStack() as stack:
         if torch.is_inference_mode_enabled():
             stack.enter_context(torch.inference_mode(False))

@@ -16,10 +16,11 @@ import math
 import os
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import cast
 
 import torch
 
-from .errors import DenseMemoryError
+from .errors import DenseMemoryError, InputError
 
 __all__ = ["available_bytes", "check_dense", "memory_limit"]
 
@@ -31,13 +32,22 @@ _LIMIT: ContextVar[object] = ContextVar("deqhess_memory_limit", default=_MEASURE
 def memory_limit(nbytes: float | None) -> Iterator[None]:
     """Within the block, check dense requests against ``nbytes`` (``None``: no check).
 
+    Args:
+        nbytes: the bytes a dense request may allocate, or ``None`` to turn the check off.
+
+    Yields:
+        Nothing: the limit holds inside the ``with`` block.
+
+    Raises:
+        InputError: ``nbytes`` is negative or not a number.
+
     Example:
         >>> import deqhess as dh
         >>> with dh.memory_limit(None):  # I know it fits (swap, memory freed meanwhile)
         ...     pass  # H = eq.hessian(loss)
     """
     if nbytes is not None and not float(nbytes) >= 0:
-        raise ValueError(f"memory_limit takes a number of bytes >= 0 or None; got {nbytes!r}.")
+        raise InputError(f"memory_limit takes a number of bytes >= 0 or None; got {nbytes!r}.")
     token = _LIMIT.set(None if nbytes is None else float(nbytes))
     try:
         yield
@@ -73,6 +83,8 @@ def check_dense(
 
     Args:
         numbers: entries the request allocates at its peak (estimated by the caller).
+        dtype: their dtype.
+        device: where they would be allocated.
         request: what was asked and its shape, e.g. ``"eq.hessian(loss): [P, P] with
             P = 100,000"``.
         alternative: the matrix-free way to get what the user wants.
@@ -80,25 +92,24 @@ def check_dense(
     Raises:
         DenseMemoryError: the estimate exceeds the limit.
     """
-    limit = _LIMIT.get()
-    if limit is _MEASURED:
-        limit = available_bytes(device)
+    chosen = _LIMIT.get()
+    limit = available_bytes(device) if chosen is _MEASURED else cast("float | None", chosen)
     if limit is None:
         return
     required = float(numbers) * torch.finfo(dtype).bits / 8
-    if required <= limit:  # type: ignore[operator]
+    if required <= limit:
         return
     source = (
-        "the limit set with deqhess.memory_limit"
-        if _LIMIT.get() is not _MEASURED
-        else (f"available on {device}")
+        f"available on {device}"
+        if chosen is _MEASURED
+        else "the limit set with deqhess.memory_limit"
     )
     raise DenseMemoryError(
         f"{request} would allocate about {_size(required)} of {dtype}, but {_size(limit)} is "
         f"{source}. {alternative} If it does fit (swap, memory freed meanwhile), allow it "
         "explicitly: `with deqhess.memory_limit(None): ...`.",
         required=required,
-        available=float(limit),  # type: ignore[arg-type]
+        available=limit,
     )
 
 

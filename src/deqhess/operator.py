@@ -20,6 +20,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
+from .errors import InputError
 from .finiteness import all_finite
 from .memory import check_dense
 
@@ -74,28 +75,30 @@ class Operator(abc.ABC):
             other = self.checked(other)
             return self.matvec(other) if other.ndim == 1 else self.matmat(other)
         got = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
-        raise ValueError(
+        raise InputError(
             f"{type(self).__name__} acts on flat [{n}] vectors or [{n}, K] blocks; got {got}."
         )
 
     def checked(self, v: Tensor) -> Tensor:
         """``v`` detached, after checking its dtype and that it is finite."""
         if v.dtype != self.dtype:
-            raise ValueError(
+            raise InputError(
                 f"vector has dtype {v.dtype} but the operator is {self.dtype}; convert it "
                 f"with .to({self.dtype})."
             )
         if not all_finite(v):
-            raise ValueError("vector contains non-finite values (NaN or inf).")
+            raise InputError("vector contains non-finite values (NaN or inf).")
         return v.detach()
 
     def to_dense(self) -> Tensor:
         """The ``[m, n]`` matrix, from ``n`` products.
 
-        Raises:
-            DenseMemoryError: the identity, the products and the result (about
-                ``3·m·n`` numbers) would not fit in the memory available (see
-                :func:`deqhess.memory_limit`).
+        Refused with :class:`~deqhess.DenseMemoryError`, before allocating, when the
+        identity, the products and the result (about ``3·m·n`` numbers) would not fit in
+        the memory available (see :func:`deqhess.memory_limit`).
+
+        Returns:
+            ``A`` as a dense ``[m, n]`` tensor of the operator's dtype and device.
         """
         m, n = self.shape
         check_dense(
@@ -134,8 +137,15 @@ class _Transposed(Operator):
 
 
 def scipy_operator(op: Operator) -> LinearOperator:
-    """``op`` as a ``scipy.sparse.linalg.LinearOperator``: vectors and blocks, NumPy in and
-    out, in ``op``'s precision (``rmatvec`` by the transpose product)."""
+    """``op`` as a ``scipy.sparse.linalg.LinearOperator``.
+
+    Args:
+        op: the operator.
+
+    Returns:
+        A SciPy operator taking vectors and blocks, NumPy in and out, in ``op``'s
+        precision (``rmatvec`` by the transpose product).
+    """
     np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
 
     def as_block(a: np.ndarray) -> tuple[Tensor, tuple[int, ...]]:

@@ -1,16 +1,19 @@
 """Checks of the values a user passes: option counts and bounds, and tensor dtypes.
 
 Each check names the option, shows what was received and says what is expected, so a
-wrong option fails at once with a ``ValueError`` instead of a ``TypeError`` or an
-``IndexError`` deep inside a solver loop.
+wrong option fails at once with an :class:`~deqhess.InputError` (a ``ValueError``)
+instead of a ``TypeError`` or an ``IndexError`` deep inside a solver loop.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from typing import SupportsFloat, SupportsIndex, TypeGuard, cast
 
 import torch
+
+from .errors import InputError
 
 __all__ = ["SUPPORTED_DTYPES", "integer", "real", "supported_dtype"]
 
@@ -22,11 +25,18 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 def supported_dtype(dtype: torch.dtype, label: str) -> torch.dtype:
     """``dtype`` if it is float32 or float64.
 
+    Args:
+        dtype: the dtype to check.
+        label: what has it, for the message (e.g. ``"theta['W']"``).
+
+    Returns:
+        ``dtype`` itself.
+
     Raises:
-        ValueError: another dtype (float16, bfloat16, integers, complex), with what to do.
+        InputError: another dtype (float16, bfloat16, integers, complex), with what to do.
     """
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"{label} has dtype {dtype}; deqhess supports float32 and float64 (half "
             "precision cannot resolve the tolerances of the fixed-point and linear solves). "
             "Convert the tensors (and a module's parameters) with .float() or .double()."
@@ -37,17 +47,25 @@ def supported_dtype(dtype: torch.dtype, label: str) -> torch.dtype:
 def integer(value: object, name: str, minimum: int | None = None) -> int:
     """``value`` as a Python ``int`` (ints and NumPy integers; not bools or floats).
 
+    Args:
+        value: what the user passed.
+        name: the option's name, for the message.
+        minimum: the smallest value allowed, if any.
+
+    Returns:
+        The integer.
+
     Raises:
-        ValueError: ``value`` is not an integer, or is below ``minimum``.
+        InputError: ``value`` is not an integer, or is below ``minimum``.
     """
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise ValueError(
+        raise InputError(
             f"{name} must be an int; got {value!r} ({type(value).__name__})"
             + (f". Pass e.g. {name}={int(value)}." if _integral_float(value) else ".")
         )
-    number = operator.index(value)
+    number = operator.index(cast(SupportsIndex, value))
     if minimum is not None and number < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {number}.")
+        raise InputError(f"{name} must be an int >= {minimum}; got {number}.")
     return number
 
 
@@ -62,26 +80,36 @@ def real(
 ) -> float:
     """``value`` as a float in ``[minimum, below)`` (``below=None``: no upper bound).
 
-    NaN is always rejected, ``inf`` unless ``allow_inf``. ``meaning`` is appended to
-    the message (what the option controls, what to pass instead).
+    NaN is always rejected, ``inf`` unless ``allow_inf``.
+
+    Args:
+        value: what the user passed.
+        name: the option's name, for the message.
+        minimum: the smallest value allowed.
+        below: the values allowed lie below this one (``None``: no upper bound).
+        allow_inf: whether ``inf`` is allowed (e.g. "no limit").
+        meaning: appended to the message: what the option controls, what to pass instead.
+
+    Returns:
+        The number as a float.
 
     Raises:
-        ValueError: ``value`` is not a real number, is NaN, infinite (unless allowed)
+        InputError: ``value`` is not a real number, is NaN, infinite (unless allowed)
             or out of range.
     """
     numeric = isinstance(value, (int, float)) or hasattr(value, "__float__")
     if isinstance(value, bool) or not numeric:
-        raise ValueError(f"{name} must be a number; got {value!r} ({type(value).__name__}).")
-    number = float(value)  # type: ignore[arg-type]
+        raise InputError(f"{name} must be a number; got {value!r} ({type(value).__name__}).")
+    number = float(cast(SupportsFloat, value))
     in_range = number >= minimum and (below is None or number < below)
     if math.isnan(number) or (math.isinf(number) and not allow_inf) or not in_range:
         kind = "a number" if allow_inf else "a finite number"
         where = f">= {minimum:g}" if below is None else f"in [{minimum:g}, {below:g})"
-        raise ValueError(
+        raise InputError(
             f"{name} must be {kind} {where}; got {value!r}." + (f" {meaning}" if meaning else "")
         )
     return number
 
 
-def _integral_float(value: object) -> bool:
+def _integral_float(value: object) -> TypeGuard[float]:
     return isinstance(value, float) and math.isfinite(value) and value.is_integer()

@@ -8,11 +8,12 @@ deqhess and in user code.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Union
+from typing import Union, cast
 
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .options import supported_dtype
 
 __all__ = ["ParameterLayout", "Parameters"]
@@ -38,23 +39,23 @@ class ParameterLayout:
             tensors = [theta]
         elif isinstance(theta, Mapping):
             if len(theta) == 0:
-                raise ValueError("theta is an empty dict; pass at least one parameter tensor.")
+                raise InputError("theta is an empty dict; pass at least one parameter tensor.")
             self.names = tuple(theta.keys())
             tensors = list(theta.values())
             for name, t in zip(self.names, tensors, strict=True):
                 if not isinstance(t, Tensor):
-                    raise ValueError(
+                    raise InputError(
                         f"theta[{name!r}] is a {type(t).__name__}, not a torch.Tensor; "
                         "wrap it with torch.tensor(...)."
                     )
         else:
-            raise ValueError(
+            raise InputError(
                 f"theta must be a torch.Tensor or a dict[str, Tensor]; got {type(theta).__name__}."
             )
         labels = self.labels()
         for label, t in zip(labels, tensors, strict=True):
             if not t.is_floating_point():
-                raise ValueError(
+                raise InputError(
                     f"{label} has dtype {t.dtype}; parameters must be floating point "
                     "(float32 or float64)."
                 )
@@ -62,12 +63,12 @@ class ParameterLayout:
         first = tensors[0]
         for label, t in zip(labels, tensors, strict=True):
             if t.dtype != first.dtype or t.device != first.device:
-                raise ValueError(
+                raise InputError(
                     f"all of theta must share one dtype and device: {labels[0]} is "
                     f"{first.dtype} on {first.device} but {label} is {t.dtype} on {t.device}."
                 )
         if sum(t.numel() for t in tensors) == 0:
-            raise ValueError(
+            raise InputError(
                 "theta has no entries (every tensor is empty); pass at least one parameter."
             )
         self.shapes = tuple(t.shape for t in tensors)
@@ -88,7 +89,9 @@ class ParameterLayout:
 
     def tensors(self, theta: Parameters) -> list[Tensor]:
         """The tensors of ``theta`` in flattening order."""
-        return [theta] if self.names is None else [theta[n] for n in self.names]  # type: ignore[index]
+        if self.names is None:
+            return [cast(Tensor, theta)]
+        return [cast(Mapping[str, Tensor], theta)[n] for n in self.names]
 
     def flatten(self, theta: Parameters) -> Tensor:
         """θ-structured → flat ``[P]`` (differentiable; a new tensor)."""
@@ -104,8 +107,12 @@ class ParameterLayout:
         return dict(zip(self.names, leaves, strict=True))
 
     def matches(self, value: object) -> bool:
-        """Whether ``value`` has θ's structure and shapes (a dict's keys in any order:
-        :meth:`flatten` reads them by name)."""
+        """Whether ``value`` has θ's structure and shapes.
+
+        Returns:
+            True for a tensor of θ's shape (θ a tensor), or a mapping with θ's keys — in
+            any order: :meth:`flatten` reads them by name — and shapes.
+        """
         if self.names is None:
             return isinstance(value, Tensor) and value.shape == self.shapes[0]
         if not isinstance(value, Mapping) or set(value.keys()) != set(self.names):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .options import integer, supported_dtype
 
 __all__ = ["StateLayout", "check_state_map"]
@@ -38,12 +39,12 @@ class StateLayout:
                 if isinstance(h0, (tuple, list))
                 else ""
             )
-            raise ValueError(f"h0 must be a torch.Tensor; got {type(h0).__name__}.{hint}")
+            raise InputError(f"h0 must be a torch.Tensor; got {type(h0).__name__}.{hint}")
         if not h0.is_floating_point():
-            raise ValueError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
+            raise InputError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
         supported_dtype(h0.dtype, "h0")
         if h0.numel() == 0:
-            raise ValueError(f"h0 is empty (shape {tuple(h0.shape)}); the state needs entries.")
+            raise InputError(f"h0 is empty (shape {tuple(h0.shape)}); the state needs entries.")
         self.shape = h0.shape
         self.dtype = h0.dtype
         self.device = h0.device
@@ -53,7 +54,7 @@ class StateLayout:
         else:
             batch_dim = integer(batch_dim, "batch_dim")
             if h0.ndim == 0 or not -h0.ndim <= batch_dim < h0.ndim:
-                raise ValueError(
+                raise InputError(
                     f"batch_dim={batch_dim} is out of range for a state of shape "
                     f"{tuple(h0.shape)}; use a dimension in [0, {max(h0.ndim - 1, 0)}] or None."
                 )
@@ -84,12 +85,20 @@ class StateLayout:
 
 
 def check_state_map(out: object, h: Tensor, call: str) -> None:
-    """Raise ``ValueError`` unless ``out`` (what ``call`` returned for the state ``h``) is
-    a tensor of ``h``'s shape and dtype."""
+    """Check that a map of the state returned a state.
+
+    Args:
+        out: what ``call`` returned for the state ``h``.
+        h: the state it was given.
+        call: the map's name, for the message (e.g. ``"f(x, h, theta)"``).
+
+    Raises:
+        InputError: ``out`` is not a tensor of ``h``'s shape and dtype.
+    """
     if not isinstance(out, Tensor):
-        raise ValueError(f"{call} must return a tensor shaped like h; got {type(out).__name__}.")
+        raise InputError(f"{call} must return a tensor shaped like h; got {type(out).__name__}.")
     if out.shape != h.shape or out.dtype != h.dtype:
-        raise ValueError(
+        raise InputError(
             f"{call} returned shape {tuple(out.shape)} and dtype {out.dtype}, but the state h0 "
             f"has shape {tuple(h.shape)} and dtype {h.dtype}; {call} must map a state to a "
             "state of the same shape and dtype (set h0 accordingly)."

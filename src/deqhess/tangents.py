@@ -39,13 +39,22 @@ class Linearized:
         return torch.func.jvp(self.fn, (self.primal,), (v,))[1]
 
     def __call__(self, v: Tensor) -> Tensor:
+        """The JVP ``(∂fn/∂h)(primal) v``, shaped like ``primal``.
+
+        Args:
+            v: the tangent, shaped like ``primal``.
+
+        Returns:
+            The product: replayed from the trace once the trace has been verified,
+            else a plain ``torch.func.jvp``.
+        """
         if self.traced is not None:
-            return self._trace(v) if self.traced else self.plain(v)
+            return self._trace(v) if self._trace is not None and self.traced else self.plain(v)
         expected = self.plain(v)
         if not bool(expected.any()):  # a zero product cannot tell zeros from a bug
             return expected
         try:
-            got = self._trace(v)
+            got = None if self._trace is None else self._trace(v)
         except Exception:
             got = None
         self.traced = got is not None and _agrees(got, expected)
@@ -61,8 +70,16 @@ def linearize(fn: Callable[[Tensor], Tensor], primal: Tensor, trace: bool = True
     ``autograd.Function.forward`` and under ``inference_mode`` ``linearize`` silently
     returns zeros, and where ``fn`` cannot be traced (data-dependent Python control flow)
     it fails. In either case every call computes ``torch.func.jvp`` instead — the same
-    values, at the plain cost. ``trace=False`` skips the trace where the caller knows it
-    cannot serve (inside ``autograd.Function.forward``): plain JVPs from the start.
+    values, at the plain cost.
+
+    Args:
+        fn: the map, ``[*shape] → [*shape]``.
+        primal: the point ``h`` of the linearisation.
+        trace: ``False`` skips the trace where the caller knows it cannot serve (inside
+            ``autograd.Function.forward``): plain JVPs from the start.
+
+    Returns:
+        The product as a function of the tangent.
     """
     return Linearized(fn, primal, trace)
 

@@ -89,3 +89,17 @@ def test_a_float32_model_is_measured_against_its_float64_copy(tmp_path):
         assert entry["accuracy"]["float64_error"] <= 1e-3  # float32 solves to 1e-5
         assert max(entry["top_float64_residuals"]) <= 1e-3
     assert all(p.dtype == torch.float32 for p in problem.model.parameters())
+
+
+def test_a_model_with_dropout_in_training_mode_is_refused_by_name(tmp_path, capsys):
+    """The issue's run printed "operator: relative error ≈ 4.9e-17" for a model whose
+    dropout drew a new mask on every pass; the command now names the module."""
+    from deqhess.cli.main import main
+
+    factory = tmp_path / "model_factory.py"
+    factory.write_text(FACTORY.replace("nn.Linear(4, 3))", "nn.Dropout(0.3), nn.Linear(4, 3))"))
+    code = main(["analyze", f"{factory}:make", "--out", str(tmp_path / "out"), "--no-progress"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "model.2 is dropout in training mode" in error and "model.eval()" in error
+    assert not (tmp_path / "out" / "report.json").exists()

@@ -94,7 +94,7 @@ def test_data_set_errors():
         dh.DatasetEquilibrium(f, theta, _batches(x, y, [11]), lambda h: h.sum(), **init)
     with pytest.raises(ValueError, match=r"\(x, target\) pair; got Tensor of length 11"):
         dh.DatasetEquilibrium(f, theta, [x], _mean_loss, **init)
-    with pytest.raises(ValueError, match="batches is empty"):
+    with pytest.raises(ValueError, match="data is empty"):
         dh.DatasetEquilibrium(f, theta, [], _mean_loss, **init)
 
 
@@ -248,7 +248,9 @@ def test_one_shot_iterators_and_changing_data():
             return iter(batches[: 3 - self.passes])
 
     data = dh.DatasetEquilibrium(f, theta, Shrinking(), _mean_loss, cache_bytes=0, **init)
-    with pytest.raises(ValueError, match="gave 3 samples in 1 batches on this pass but 6 in 2"):
+    with pytest.raises(
+        dh.DataChangedError, match="read 3 samples in 1 batches, the first read 6 in 2"
+    ):
         data.grad()
     with pytest.raises(ValueError, match="cache_bytes must be a non-negative int"):
         dh.DatasetEquilibrium(f, theta, batches, _mean_loss, cache_bytes=-1, **init)
@@ -321,3 +323,15 @@ def test_excluding_needs_tensor_samples_and_a_converged_one():
         dh.DatasetEquilibrium(
             f, theta, [b for b in slow if len(b[0])], loss, exclude_unconverged=True, **options
         )
+
+
+def test_batches_is_the_old_name_of_data():
+    f, theta, x, y = _data()
+    init = dict(init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS)
+    batches = _batches(x, y, [5, 6])
+    new = dh.DatasetEquilibrium(f, theta, batches, _mean_loss, **init).grad()
+    with pytest.warns(DeprecationWarning, match=r"DatasetEquilibrium\(batches=...\) is deprec"):
+        old = dh.DatasetEquilibrium(f, theta, batches=batches, loss=_mean_loss, **init)
+    assert all(torch.equal(old.grad()[k], new[k]) for k in new)
+    with pytest.raises(ValueError, match="needs data"):
+        dh.DatasetEquilibrium(f, theta, loss=_mean_loss, **init)

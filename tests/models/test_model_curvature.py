@@ -85,9 +85,9 @@ def test_chosen_parameters_give_the_principal_block():
     data = _data()
     names = ["head.weight", "deq0.cell.W"]
     full = dh.ModelCurvature(model, nn.MSELoss(), data)
-    chosen = dh.ModelCurvature(model, nn.MSELoss(), data, params=names)
+    chosen = dh.ModelCurvature(model, nn.MSELoss(), data, theta=names)
     tensors = [model.head.weight, model.deq0.cell.W]
-    by_tensor = dh.ModelCurvature(model, nn.MSELoss(), data, params=tensors)
+    by_tensor = dh.ModelCurvature(model, nn.MSELoss(), data, theta=tensors)
     assert by_tensor.layout.names == chosen.layout.names == tuple(names)
     dense = full.hessian()
     ranges, start = {}, 0
@@ -147,24 +147,27 @@ def test_streams_the_data_once_per_block_and_shuffled_loaders_agree():
 
 
 def test_warm_starts_are_kept_within_their_budget_and_change_no_product():
-    """The second pass starts each DEQ from the first pass's fixed point (the same
-    products to the solves' accuracy); ``warm_start_bytes=0`` keeps none, and a budget
-    that one batch's states fill keeps only the first batch's."""
+    """The second pass starts each DEQ from the fixed point the same batch reached on the
+    first (the same products to the solves' accuracy); ``cache_bytes=0`` keeps none, and
+    a budget that holds one batch's states (3 × 4 float64: 96 bytes, the next 128) keeps
+    only the first batch's."""
     model = Classifier()
     data = _data(sizes=(3, 4))
     block = torch.randn(dh.ModelCurvature(model, nn.MSELoss(), data).num_parameters, 2)
     products = {}
-    for budget in (0, 1, 2**20):
-        curvature = dh.ModelCurvature(model, nn.MSELoss(), data, warm_start_bytes=budget)
+    for budget in (0, 100, 2**20):
+        curvature = dh.ModelCurvature(model, nn.MSELoss(), data, cache_bytes=budget)
         op = curvature.hessian_operator()
         first, second = op @ block, op @ block
         products[budget] = second
-        kept = [bool(store) for store in curvature._warm.values()]
-        assert kept == {0: [], 1: [True], 2**20: [True, True]}[budget]
+        assert curvature.cached_bytes == {0: 0, 100: 96, 2**20: 96 + 128}[budget]
         assert relative_error(second, first) <= 1e-10
     assert relative_error(products[2**20], products[0]) <= 1e-10
-    with pytest.raises(ValueError, match="warm_start_bytes must be an int >= 0"):
-        dh.ModelCurvature(model, nn.MSELoss(), data, warm_start_bytes=-1)
+    with pytest.raises(ValueError, match="cache_bytes must be a non-negative int"):
+        dh.ModelCurvature(model, nn.MSELoss(), data, cache_bytes=-1)
+    with pytest.warns(DeprecationWarning, match=r"warm_start_bytes=...\) is deprecated"):
+        old = dh.ModelCurvature(model, nn.MSELoss(), data, warm_start_bytes=100)
+    assert old._stream.store.budget == 100
 
 
 def test_model_errors():
@@ -172,9 +175,9 @@ def test_model_errors():
     data = _data()
     mse = nn.MSELoss()
     with pytest.raises(ValueError, match=r"unknown parameter names \['nope'\]"):
-        dh.ModelCurvature(model, mse, data, params=["nope"])
-    with pytest.raises(ValueError, match="params is empty: name the parameters"):
-        dh.ModelCurvature(model, mse, data, params=[])
+        dh.ModelCurvature(model, mse, data, theta=["nope"])
+    with pytest.raises(ValueError, match="theta is empty: name the parameters"):
+        dh.ModelCurvature(model, mse, data, theta=[])
     with pytest.raises(ValueError, match="one-shot iterator"):
         dh.ModelCurvature(model, mse, (b for b in data))
     with pytest.raises(ValueError, match=r"split_at must be one of the model's deqhess\.nn\.DEQ"):
@@ -343,3 +346,23 @@ def test_model_options_are_checked_at_construction():
         8,
         8,
     )
+
+
+def test_old_names_work_with_a_deprecation_warning():
+    """``loss_func``, ``params`` and ``warm_start_bytes`` became ``loss``, ``theta`` and
+    ``cache_bytes`` (the names of every data-set front end); the old ones still work."""
+    from deqhess.cli import ModelProblem
+
+    model, data = Classifier(), _data()
+    names = ["head.weight", "head.bias"]
+    new = dh.ModelCurvature(model, nn.MSELoss(), data, theta=names).hessian()
+    with pytest.warns(DeprecationWarning, match=r"ModelCurvature\(loss_func=...\) is deprecated"):
+        old = dh.ModelCurvature(model, loss_func=nn.MSELoss(), data=data, theta=names)
+    assert torch.equal(old.hessian(), new)
+    with pytest.warns(DeprecationWarning, match=r"\(params=...\) is deprecated.*use theta="):
+        old = dh.ModelCurvature(model, nn.MSELoss(), data, params=names)
+    assert old.names == names
+    with pytest.raises(ValueError, match="got both theta= and its deprecated name params="):
+        dh.ModelCurvature(model, nn.MSELoss(), data, names, params=names)
+    with pytest.warns(DeprecationWarning, match=r"ModelProblem\(params=...\)"):
+        assert ModelProblem(model, nn.MSELoss(), data, params=names).theta == names

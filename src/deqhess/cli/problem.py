@@ -18,7 +18,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..batches import MappedBatches, RankShard
-from ..distributed import DistributedDatasetEquilibrium
+from ..deprecation import UNSET, renamed
+from ..distributed import DistributedDatasetEquilibrium, DistributedModelCurvature
+from ..errors import InputError
 from ..implicit import PARTS, DatasetEquilibrium
 from ..models import ModelCurvature
 from ..nn.reparametrize import functional_call
@@ -92,7 +94,7 @@ class AnalysisProblem:
                 return functional_call(cell, t, (x, h))
 
         if theta is None:
-            raise ValueError("the factory gave no theta; set AnalysisProblem.theta.")
+            raise InputError("the factory gave no theta; set AnalysisProblem.theta.")
         theta = cast.tree(theta)
         if init is not None and cast.active:
             user_init = init
@@ -151,13 +153,13 @@ def _check_cell_theta(cell: nn.Module, names: list[str], theta: Parameters) -> N
     """With a cell, θ must be a dict of the cell's own parameters (or buffers)."""
     kind = type(cell).__name__
     if not isinstance(theta, Mapping):
-        raise ValueError(
+        raise InputError(
             f"with f = the cell {kind}, theta must be a dict of its named parameters; got "
             f"{type(theta).__name__}. Leave theta=None to take all of them."
         )
     unknown = [n for n in theta if n not in names]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"theta has parameters the cell {kind} does not have: {unknown} (its own: "
             f"{names[:8]}{' …' if len(names) > 8 else ''}). With an nn.Module cell, theta "
             "may hold only the cell's parameters (theta=None takes all of them). To "
@@ -191,9 +193,9 @@ def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iter
         with torch.no_grad():
             out = f(x, h0, theta)
     except (RuntimeError, ValueError, IndexError) as error:
-        raise ValueError(f"f failed on the initial state: {advice}.") from error
+        raise InputError(f"f failed on the initial state: {advice}.") from error
     if isinstance(out, Tensor) and out.shape != h0.shape:
-        raise ValueError(f"f returned shape {tuple(out.shape)} on the initial state: {advice}.")
+        raise InputError(f"f returned shape {tuple(out.shape)} on the initial state: {advice}.")
     return chained
 
 
@@ -202,15 +204,21 @@ class ModelProblem:
     """A whole model holding DEQ layers, its loss and data, for ``deqhess analyze``.
 
     Attributes:
-        model: the ``nn.Module`` (e.g. encoder → ``deqhess.nn.DEQ`` → head), deterministic
-            (``eval()`` mode if it has dropout or batch norm).
-        loss: ``loss_func(output, target)`` → 0-dim tensor (e.g. ``nn.CrossEntropyLoss()``).
+        model: the ``nn.Module`` (e.g. encoder → ``deqhess.nn.DEQ`` → head), one fixed
+            function (``eval()`` mode if it has dropout or batch norm).
+        loss: ``loss(output, target)`` → 0-dim tensor (e.g. ``nn.CrossEntropyLoss()``).
         data: ``(x, target)`` batches, re-iterable (a list, a DataLoader).
-        params: parameter names (None: all that require grad).
+        theta: parameter names (None: all that require grad). (Formerly ``params``.)
         reduction: ``"mean"`` or ``"sum"``; default ``loss.reduction`` or ``"mean"``.
         split_at: the DEQ layer (module or name) splitting the Hessian into loss and
             dynamics curvature; default the model's only DEQ layer.
         batch_size_fn: ``x ↦`` sample count; default ``x.shape[0]``.
+        exclude_unconverged: leave out samples a DEQ layer did not converge on (see
+            :class:`deqhess.ModelCurvature`); the command's ``--exclude-unconverged``
+            sets it.
+        sharded: under ``torch.distributed``, whether ``data`` is already this rank's
+            shard (a ``DistributedSampler``); if False, rank ``r`` of ``W`` takes batches
+            ``r, r + W, …``.
 
     See :class:`deqhess.ModelCurvature` for the operators (``total``, ``ggn``,
     ``loss_curvature``, ``dynamics_curvature``).
@@ -219,10 +227,19 @@ class ModelProblem:
     model: nn.Module
     loss: Callable[[Tensor, Any], Tensor]
     data: Iterable[tuple[Any, Any]]
-    params: Sequence[str] | None = None
+    theta: Sequence[str] | None = None
     reduction: str | None = None
     split_at: nn.Module | str | None = None
     batch_size_fn: Callable[[Any], int] | None = None
+    exclude_unconverged: bool = False
+    sharded: bool = False
+    params: Any = field(default=UNSET, repr=False)
+
+    def __post_init__(self) -> None:
+        self.theta = renamed(
+            self.theta, self.params, old="params", new="theta", where="ModelProblem"
+        )
+        self.params = UNSET
 
     def equilibria(
         self,
@@ -232,52 +249,60 @@ class ModelProblem:
         device: torch.device | str | None = None,
         **overrides: Any,
     ) -> ModelCurvature:
-        """The model's curvature over the data (nothing is solved until a product).
+        """The model's curvature over the data (nothing is solved until a product); under
+        ``torch.distributed`` with several ranks, a
+        :class:`deqhess.distributed.DistributedModelCurvature` over this rank's shard.
 
         Args:
             dtype, device: cast a copy of the model and the floating tensors of every
                 batch.
-            **overrides: not accepted: set solver options on the model's DEQ layers.
+            **overrides: only ``exclude_unconverged`` (and the ``convergence="best"``
+                that comes with it): set solver options on the model's DEQ layers.
         """
+        exclude = bool(overrides.pop("exclude_unconverged", self.exclude_unconverged))
+        if overrides.get("convergence") == "best" and exclude:
+            overrides.pop("convergence")
         if overrides:
-            raise ValueError(
+            raise InputError(
                 f"solver options {sorted(overrides)} apply to a DEQ layer; for a "
                 "ModelProblem set them on the model's deqhess.nn.DEQ layers in the factory."
             )
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError(
-                "deqhess analyze runs a ModelProblem in one process; launch it without "
-                "torchrun (data-parallel model operators are not available yet)."
-            )
         cast = _Cast(dtype, device)
-        return self._curvature(cast.module(self.model), cast.batches(self.data))
+        data = cast.batches(self.data)
+        sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if sharded and not self.sharded:
+            data = RankShard(data, dist.get_rank(), dist.get_world_size())
+        kind = DistributedModelCurvature if sharded else ModelCurvature
+        return self._curvature(cast.module(self.model), data, kind, exclude, progress)
 
     @property
     def parts(self) -> tuple[str, ...]:
         """The operators the model defines (the split ones need one DEQ layer or split_at)."""
-        return self._curvature(self.model, self.data).parts
+        return self._curvature(self.model, self.data, ModelCurvature, False, False).parts
 
-    def _curvature(self, model: nn.Module, data: Iterable[Any]) -> ModelCurvature:
+    def _curvature(
+        self, model: nn.Module, data: Iterable[Any], kind: type, exclude: bool, progress
+    ) -> ModelCurvature:
         split_at = self.split_at
         if isinstance(split_at, nn.Module) and model is not self.model:  # the cast copy's
             split_at = next(n for n, m in self.model.named_modules() if m is split_at)
-        return ModelCurvature(
-            model, self.loss, data, self.params, reduction=self.reduction,
-            split_at=split_at, batch_size_fn=self.batch_size_fn,
+        return kind(
+            model, self.loss, data, self.theta, reduction=self.reduction, split_at=split_at,
+            batch_size_fn=self.batch_size_fn, exclude_unconverged=exclude, progress=progress,
         )  # fmt: skip
 
 
 def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
     """Call ``package.module:function`` or ``path/to/file.py:function`` and check its result."""
     if ":" not in spec:
-        raise ValueError(
+        raise InputError(
             f"factory {spec!r} must look like 'package.module:function' or 'file.py:function'."
         )
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target)
         if not path.exists():
-            raise ValueError(f"factory file {target!r} does not exist.")
+            raise InputError(f"factory file {target!r} does not exist.")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
@@ -286,15 +311,15 @@ def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
         try:
             module = importlib.import_module(target)
         except ImportError as error:
-            raise ValueError(f"cannot import {target!r} for the factory: {error}") from error
+            raise InputError(f"cannot import {target!r} for the factory: {error}") from error
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise ValueError(f"{target!r} has no callable {name!r}.")
+        raise InputError(f"{target!r} has no callable {name!r}.")
     result = factory()
     if isinstance(result, Mapping):
         result = _from_fields(spec, result)
     if not isinstance(result, (AnalysisProblem, ModelProblem)):
-        raise ValueError(
+        raise InputError(
             f"the factory {spec!r} returned {type(result).__name__}; return a "
             "deqhess.cli.AnalysisProblem or ModelProblem (or a dict of its fields)."
         )
@@ -313,7 +338,7 @@ def _from_fields(spec: str, fields_: Mapping[str, Any]) -> AnalysisProblem | Mod
     missing = [n for n in required if n not in fields_]
     unknown = [n for n in fields_ if n not in known]
     if missing or unknown:
-        raise ValueError(
+        raise InputError(
             f"the factory {spec!r} returned a dict for {kind.__name__} "
             + (f"without {missing}" if missing else "")
             + (" and " if missing and unknown else "")

@@ -4,13 +4,10 @@ The data-set loss is ``L(θ) = Σ_b w_b ℓ(h*_b(θ), y_b)`` over batches ``(x_b
 with ``w_b = 1`` for ``reduction="sum"`` and ``w_b = n_b / N`` for ``reduction="mean"``
 (``ℓ`` then a per-batch mean, ``n_b`` the batch's sample count, ``N`` the total), so
 the result does not depend on how the data are cut into batches or ordered. Its
-gradient, Hessian and products are sums over batches.
-
-**Streaming.** Every gradient, dense Hessian and product block ``H V`` (``V`` ``[P, K]``)
-is one pass over the data: each batch is solved, used for all K directions at once and
-dropped, so memory does not grow with the number of batches. A :class:`BatchCache`
-keeps solved batches (fixed point, linear-solve set-up, adjoints) between passes up to
-``cache_bytes``; when it holds every batch, passes do not read the data again.
+gradient, Hessian and products are sums over batches, each one pass of the streaming
+engine (:class:`deqhess.streaming.Stream`): every pass is checked to read the same
+samples as the first, and a batch is solved (or its solve taken from the store of the
+same content), used for all directions of a block at once, and dropped.
 
 **Loss signature for every data-set entry point:** ``loss(h, target)`` or
 ``loss(h, theta, target)`` (decided from the number of required positional
@@ -27,20 +24,23 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ..batches import (
-    DEFAULT_CACHE_BYTES,
-    BatchCache,
-    Batches,
-    check_same_data,
-    held_bytes,
-    saved_activation_bytes,
-)
+from ..batches import held_bytes, saved_activation_bytes
 from ..chunks import default_chunk_size
-from ..errors import StaleEquilibriumError
+from ..deprecation import UNSET, renamed
+from ..errors import InputError, StaleEquilibriumError
 from ..parameters import ParameterLayout, Parameters
 from ..solvers import Convergence
+from ..streaming import (
+    DEFAULT_CACHE_BYTES,
+    Batch,
+    Formed,
+    Offer,
+    StoredBatch,
+    Stream,
+    check_reduction,
+    response_tolerance,
+)
 from .equilibrium import Equilibrium, EquilibriumInfo
 from .hessian import HessianSplit
 from .loss import required_positional
@@ -48,34 +48,36 @@ from .operators import CurvatureOperator, check_part
 
 __all__ = ["BatchSolve", "DatasetEquilibrium"]
 
-_REDUCTIONS = ("mean", "sum")
-
 # A cached batch's pullbacks (∂f/∂θ's, and ∇Φ's per operator part) each keep about
 # one to two copies of what autograd saves for one call of f: budget six.
 _PULLBACK_COPIES = 6
 
 
 class _BatchLoss:
-    """``w_b · loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium."""
+    """``loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium."""
 
-    def __init__(self, loss: Callable[..., Tensor], uses_theta: bool, target: Any, weight: float):
-        self.loss, self.uses_theta, self.target, self.weight = loss, uses_theta, target, weight
+    def __init__(self, loss: Callable[..., Tensor], uses_theta: bool, target: Any):
+        self.loss, self.uses_theta, self.target = loss, uses_theta, target
 
     def __call__(self, h: Tensor, theta: Parameters) -> Tensor:
         if self.uses_theta:
-            return self.weight * self.loss(h, theta, self.target)
-        return self.weight * self.loss(h, self.target)
+            return self.loss(h, theta, self.target)
+        return self.loss(h, self.target)
 
 
 @dataclass
 class _Solved:
-    """One batch ready for products: its equilibrium and its weighted loss."""
+    """One batch ready for products: its equilibrium (None if no sample was kept), its
+    loss, and where it stands in the first pass."""
 
+    key: str
     x: Any
     target: Any
-    equilibrium: Equilibrium
-    loss: _BatchLoss | None = None  # set once the total sample count is known
-    cached: bool = False
+    equilibrium: Equilibrium | None
+    loss: _BatchLoss | None
+    info: EquilibriumInfo
+    kept: Tensor | None = None  # the kept samples' indices in the batch (None: all)
+    excluded: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,28 +102,42 @@ class BatchSolve:
 
 def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
     if not callable(loss):
-        raise ValueError(f"loss must be callable; got {type(loss).__name__}.")
+        raise InputError(f"loss must be callable; got {type(loss).__name__}.")
     required = required_positional(loss)
     if required not in (2, 3):
-        raise ValueError(
+        raise InputError(
             "a data-set loss must take loss(h, target) or loss(h, theta, target); "
             f"{getattr(loss, '__name__', loss)!r} requires {required} positional arguments."
         )
     return required == 3
 
 
+def _leading_count(x: Any) -> int:
+    """A batch's sample count for its fingerprints: the first dim of x's first tensor."""
+    tensor = (
+        x
+        if isinstance(x, Tensor)
+        else next(
+            (t for t in torch.utils._pytree.tree_flatten(x)[0] if isinstance(t, Tensor)), None
+        )
+    )
+    return tensor.shape[0] if isinstance(tensor, Tensor) and tensor.ndim > 0 else 1
+
+
 class DatasetEquilibrium:
     """The derivatives of a loss summed over a data set, one batch's equilibrium at a time.
 
-    Construction makes one pass: it solves every batch (so a solve that fails raises
-    here), records its statistics and sample count, and fills the cache.
+    Construction makes the first pass: it solves every batch (so a solve that fails
+    raises here), records its statistics and sample count and fingerprints its samples,
+    and fills the store. Every later pass must read the same samples (in any order and
+    grouping), or :class:`deqhess.DataChangedError` says what changed.
 
     Args:
         f: dynamics ``f(x, h, theta)``.
         theta: parameters (tensor or dict of tensors).
-        batches: ``(x, target)`` pairs, iterated once per pass — a list or a
+        data: ``(x, target)`` pairs, iterated once per pass — a list or a
             ``DataLoader`` (see :class:`deqhess.batches.Batches`). A generator is
-            accepted only if the cache holds every batch.
+            accepted only if the store holds every solved batch. (Formerly ``batches``.)
         loss: ``loss(h, target)`` or ``loss(h, theta, target)`` for one batch.
         init_state: ``x ↦ h0`` for a batch; default zeros like ``x``.
         reduction: ``"mean"`` (``loss`` is a batch mean; the total is the data mean)
@@ -129,20 +145,22 @@ class DatasetEquilibrium:
         batch_dim: the sample dimension of the state (default 0), which also counts
             the samples of a batch; None makes every batch one sample.
         progress: show a progress bar over batches (None: only on a terminal).
-        cache_bytes: budget for solved batches kept between passes (default 1 GiB;
-            0 streams every pass). A batch is counted as its inputs, fixed point and
-            linear-solve factors, θ-sized gradients, and its pullbacks estimated from
-            what autograd saves for one call of ``f``.
+        cache_bytes: budget for what is kept between passes, by batch content
+            (default 1 GiB; 0 streams every pass from a cold start): solved batches —
+            counted as their inputs, fixed point and linear-solve factors, θ-sized
+            gradients, and their pullbacks estimated from what autograd saves for one
+            call of ``f`` — or, where those do not fit, their fixed points alone to
+            start the next solve from.
         allow_empty: accept data with no batch (a rank's empty shard); every
             derivative is then zero.
         exclude_unconverged: leave out, explicitly, the samples whose forward solve
             missed the tolerance (the policy defaults to ``convergence="best"``, keeping
             each unconverged sample's best iterate to leave out; an explicit ``"raise"``
-            still stops at the first): each such batch is rebuilt on
-            its converged samples from their fixed points, and the loss, the weights
-            and ``num_samples`` count only those. Needs tensor ``x`` and ``target``
-            whose first dimension indexes the samples. ``excluded_samples`` says how
-            many were left out.
+            still stops at the first): each such batch is rebuilt on its converged
+            samples from their fixed points, and the loss, the weights and
+            ``num_samples`` count only those. Needs tensor ``x`` and ``target`` whose
+            first dimension indexes the samples. ``excluded_samples`` says how many
+            were left out.
         **options: passed to every :class:`Equilibrium` (solver, tol, linear_solver,
             convergence…).
 
@@ -152,14 +170,20 @@ class DatasetEquilibrium:
         num_samples: the total sample count ``N`` (of the samples kept).
         excluded_samples: samples left out as unconverged (``exclude_unconverged``).
         layout: θ's layout (names, shapes, flattening order).
+
+    Raises:
+        DataChangedError: a pass read other samples than the first (augmentation, a
+            reshuffled subset, data changed after construction).
     """
+
+    _label = "DatasetEquilibrium"
 
     def __init__(
         self,
         f: Callable[[Any, Tensor, Parameters], Tensor],
         theta: Parameters,
-        batches: Iterable[tuple[Any, Any]],
-        loss: Callable[..., Tensor],
+        data: Iterable[tuple[Any, Any]] | None = None,
+        loss: Callable[..., Tensor] | None = None,
         *,
         init_state: Callable[[Any], Tensor] | None = None,
         reduction: str = "mean",
@@ -168,12 +192,14 @@ class DatasetEquilibrium:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         allow_empty: bool = False,
         exclude_unconverged: bool = False,
+        batches: Any = UNSET,
         **options: Any,
     ) -> None:
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'.")
+        data = renamed(data, batches, old="batches", new="data", where=self._label)
+        if data is None or loss is None:
+            raise InputError(f"{self._label} needs data (the (x, target) batches) and loss.")
         self._uses_theta = _loss_uses_theta(loss)
-        self.layout = ParameterLayout(theta)
+        self.layout = self._setup(theta, reduction, batch_dim)
         self.f, self.theta, self.loss = f, theta, loss
         self._versions = [t._version for t in self.layout.tensors(theta)]
         self.init_state, self.reduction, self.batch_dim = init_state, reduction, batch_dim
@@ -190,58 +216,36 @@ class DatasetEquilibrium:
             options["convergence"] = policy
         self.options = options
         self.progress = progress
-        self._data = Batches(batches)
-        self._cache = BatchCache(cache_bytes)
+        self._stream = Stream(
+            data, label=self._label, evaluated="f", reduction=reduction, count=_leading_count,
+            sample_dim=None if batch_dim is None else 0, cache_bytes=cache_bytes,
+            progress=progress, group=self._group(), device=self.layout.device,
+        )  # fmt: skip
         self._activations: int | None = None
-        self.batch_solves: list[BatchSolve] = []
+        self._solves: list[BatchSolve] = []  # this process's batches, first pass order
+        self._first: dict[str, int] = {}  # batch key → its place in batch_solves
         self._widest = 0
-        samples = 0
-        for index, (x, target) in enumerate(self._bar(self._data, "solving batches", leave=True)):
-            full = self._solve(x)
-            info, keep = full.info, self._converged(full)
-            solved = self._restricted(x, target, full, keep)
-            excluded = info.converged_mask.numel() - (len(keep) if keep is not None else 0)
-            if solved is None:  # no sample of this batch converged
-                self.batch_solves.append(
-                    BatchSolve(info, 0, 0.0, full.problem.state.dtype, excluded)
-                )
-                continue
-            eq = solved.equilibrium
-            samples += eq.problem.state.samples
-            self._widest = max(self._widest, eq.problem.state.size)
-            solved.cached = self._cache.offer(  # keyed by the batch as the data give it
-                index, x, target, solved, partial(self._cached_bytes, solved)
-            )
-            state_norm = float(torch.linalg.vector_norm(eq.h.double()))
-            self.batch_solves.append(
-                BatchSolve(
-                    info if keep is None else eq.info,
-                    eq.problem.state.samples,
-                    state_norm,
-                    eq.problem.state.dtype,
-                    0 if keep is None else excluded,
-                )
-            )  # cond(I − J) joins the record once a pass has factorised the batch
-            del eq, solved, full
-        if not self.batch_solves and not allow_empty:
-            raise ValueError("batches is empty; pass at least one (x, target) batch.")
-        self.num_samples = samples
-        self.excluded_samples = sum(solve.excluded for solve in self.batch_solves)
-        if self.batch_solves and samples == 0:
-            raise ValueError(
+        self._stream.run(self._form, self._record_first, desc="solving batches")
+        self._after_first_pass(allow_empty)
+
+    # ------------------------------------------------------------------ set-up seams
+    def _setup(self, theta: Parameters, reduction: str, batch_dim: int | None) -> ParameterLayout:
+        """θ's layout (the distributed form also agrees on it with the other ranks)."""
+        check_reduction(reduction)
+        return ParameterLayout(theta)
+
+    def _group(self) -> Any:
+        return None
+
+    def _after_first_pass(self, allow_empty: bool) -> None:
+        """Refuse data with no batch (unless allowed) or no converged sample."""
+        if not self._solves and not allow_empty:
+            raise InputError("data is empty; pass at least one (x, target) batch.")
+        if self._solves and self.num_samples == 0:
+            raise InputError(
                 f"no sample converged: all {self.excluded_samples} were excluded as "
                 "unconverged. Loosen tol, raise max_iter or add a fallback solver."
             )
-        self._cache.seal(self.num_batches)
-        if self._data.one_shot and not self._cache.complete:
-            raise ValueError(
-                f"batches is a one-shot iterator ({type(batches).__name__}), but products "
-                "read the data once per pass and the cache holds only "
-                f"{len(self._cache)} of {self.num_batches} batches (cache_bytes="
-                f"{self._cache.budget:,}). Pass a list or a DataLoader, or a larger cache_bytes."
-            )
-        for solved in self._cache.values():
-            solved.loss = self._batch_loss(solved.target, solved.equilibrium)
 
     # ------------------------------------------------------------------ the passes
     @property
@@ -249,8 +253,23 @@ class DatasetEquilibrium:
         return self.layout.size
 
     @property
+    def batch_solves(self) -> list[BatchSolve]:
+        """Each batch's :class:`BatchSolve`, in the order of the first pass."""
+        return self._solves
+
+    @property
     def num_batches(self) -> int:
         return len(self.batch_solves)
+
+    @property
+    def num_samples(self) -> int:
+        """``N``: the samples the sums count (those kept), over every rank."""
+        return self._stream.num_samples or 0
+
+    @property
+    def excluded_samples(self) -> int:
+        """Samples left out as unconverged (``exclude_unconverged``)."""
+        return sum(solve.excluded for solve in self.batch_solves)
 
     @property
     def batch_infos(self) -> list[EquilibriumInfo]:
@@ -259,13 +278,13 @@ class DatasetEquilibrium:
 
     @property
     def cached_batches(self) -> int:
-        """How many batches the cache holds (a prefix of the data)."""
-        return len(self._cache)
+        """How many solved batches the store holds."""
+        return self._stream.store.solved_count()
 
     @property
     def cached_bytes(self) -> int:
-        """The estimated bytes of the cached batches (at most ``cache_bytes``)."""
-        return self._cache.used
+        """The estimated bytes of what the store holds (at most ``cache_bytes``)."""
+        return self._stream.store.used
 
     def _solve(self, x: Any, h0: Tensor | None = None) -> Equilibrium:
         """One batch's equilibrium (the seam for per-batch options and policies)."""
@@ -273,24 +292,41 @@ class DatasetEquilibrium:
             h0 = self.init_state(x)
         return Equilibrium(self.f, self.theta, x, h0, batch_dim=self.batch_dim, **self.options)
 
-    def _converged(self, eq: Equilibrium) -> Tensor | None:
-        """The samples to keep (indices), or None to keep the whole batch."""
-        mask = eq.info.converged_mask
-        if not self.exclude_unconverged or bool(mask.all()):
-            return None
-        return torch.nonzero(mask).flatten()
+    def _form(self, batch: Batch, stored: StoredBatch | None) -> Formed:
+        """The batch solved — taken from the store if it holds this content's solve, else
+        started from the stored fixed point of the same content or cold — and restricted
+        to its converged samples under ``exclude_unconverged``."""
+        if stored is not None and stored.solved is not None:
+            solved = stored.solved
+            samples = 0 if solved.equilibrium is None else solved.equilibrium.problem.state.samples
+            return Formed(solved, samples, solved.kept, solved.excluded)
+        full = self._solve(batch.x, None if stored is None else stored.warm.get("h"))
+        mask = full.info.converged_mask
+        keep = None if not self.exclude_unconverged or bool(mask.all()) else mask.nonzero()[:, 0]
+        solved = self._restricted(batch, full, keep)
+        eq = solved.equilibrium
+        samples = 0 if eq is None else eq.problem.state.samples
+        offers = [Offer(partial(self._cached_bytes, solved), solved=solved)] if eq else []
+        if keep is None:  # a batch that left samples out starts cold: the same ones again
+            offers.append(Offer(partial(held_bytes, full.h), warm={"h": full.h}))
+        return Formed(
+            solved, samples, keep, solved.excluded,
+            response=None if eq is None else eq.h, response_dim=full.problem.state.batch_dim,
+            tolerance=response_tolerance(full.info.tolerance.rtol, full.h.dtype),
+            offers=tuple(offers),
+        )  # fmt: skip
 
-    def _restricted(
-        self, x: Any, target: Any, eq: Equilibrium, keep: Tensor | None
-    ) -> _Solved | None:
+    def _restricted(self, batch: Batch, eq: Equilibrium, keep: Tensor | None) -> _Solved:
         """The batch on the samples in ``keep`` (all when None), rebuilt from their fixed
-        points so that it needs no further iteration; None if no sample is kept."""
+        points so that it needs no further iteration."""
+        x, target = batch.x, batch.target
         if keep is None:
-            return _Solved(x, target, eq)
+            return _Solved(batch.key, x, target, eq, self._batch_loss(target), eq.info)
+        excluded = eq.info.converged_mask.numel() - len(keep)
         if len(keep) == 0:
-            return None
+            return _Solved(batch.key, x, target, None, None, eq.info, keep, excluded)
         if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
-            raise ValueError(
+            raise InputError(
                 "exclude_unconverged needs tensor inputs and targets whose first dimension "
                 f"indexes the samples; got x of type {type(x).__name__} and target of type "
                 f"{type(target).__name__}."
@@ -298,68 +334,61 @@ class DatasetEquilibrium:
         batch_dim = eq.problem.state.batch_dim
         kept_x, kept_target = x.index_select(0, keep), target.index_select(0, keep)
         h0 = eq.h.index_select(0 if batch_dim is None else batch_dim, keep.to(eq.h.device))
-        return _Solved(kept_x, kept_target, self._solve(kept_x, h0=h0))
+        restricted = self._solve(kept_x, h0=h0)
+        loss = self._batch_loss(kept_target)
+        return _Solved(
+            batch.key, kept_x, kept_target, restricted, loss, restricted.info, keep, excluded
+        )
 
-    def _batch_loss(self, target: Any, eq: Equilibrium) -> _BatchLoss:
-        n = eq.problem.state.samples
-        weight = n / self.num_samples if self.reduction == "mean" else 1.0
-        return _BatchLoss(self.loss, self._uses_theta, target, weight)
+    def _batch_loss(self, target: Any) -> _BatchLoss:
+        return _BatchLoss(self.loss, self._uses_theta, target)
 
-    def _each_batch(self, visit: Callable[[_Solved], None], desc: str | None = None) -> None:
-        """One pass: ``visit`` every batch, solved (or taken from the cache) with its
-        weighted loss; a streamed batch is dropped before the next one is solved."""
+    def _record_first(self, solved: _Solved) -> None:
+        """The first pass: each batch's :class:`BatchSolve`."""
+        eq = solved.equilibrium
+        self._first[solved.key] = len(self._solves)
+        if eq is None:
+            dtype = self.layout.dtype
+            self._solves.append(BatchSolve(solved.info, 0, 0.0, dtype, solved.excluded))
+            return
+        self._widest = max(self._widest, eq.problem.state.size)
+        norm = float(torch.linalg.vector_norm(eq.h.double()))
+        state = eq.problem.state
+        self._solves.append(
+            BatchSolve(solved.info, state.samples, norm, state.dtype, solved.excluded)
+        )  # cond(I − J) joins the record once a pass has factorised the batch
+
+    def _each(self, compute: Callable[[_Solved], Any], empty, desc: str | None = None):
+        """One pass of ``compute`` over the batches with samples, θ checked first."""
         if [t._version for t in self.layout.tensors(self.theta)] != self._versions:
             raise StaleEquilibriumError(
                 "theta was modified in place after the DatasetEquilibrium was built, so its "
-                "batches' statistics and cached solves are stale. Build a new one after "
+                "batches' statistics and stored solves are stale. Build a new one after "
                 "changing theta (or pass copies: theta.clone())."
             )
-        if self._cache.complete:
-            for index, solved in self._bar(self._cache.items(), desc):
-                visit(solved)
-                self._record_condition(index, solved.equilibrium)
-            return
-        samples = batches = 0
-        for index, (x, target) in enumerate(self._bar(self._data, desc)):
-            batches += 1
-            solved = self._cache.get(index, x, target)
-            if solved is None:
-                # per-sample stopping: which samples converge does not depend on the batching
-                full = self._solve(x)
-                solved = self._restricted(x, target, full, self._converged(full))
-                del full
-                if solved is None:  # every sample of this batch was excluded
-                    continue
-                solved.loss = self._batch_loss(solved.target, solved.equilibrium)
-            samples += solved.equilibrium.problem.state.samples
-            visit(solved)
-            self._record_condition(index, solved.equilibrium)
-            del solved
-        check_same_data(samples, batches, self.num_samples, self.num_batches)
 
-    def _record_condition(self, index: int, eq: Equilibrium) -> None:
+        def visit(solved: _Solved) -> Any:
+            if solved.equilibrium is None:  # every sample of this batch was excluded
+                return None
+            value = compute(solved)
+            self._record_condition(solved)
+            return value
+
+        return self._stream.run(self._form, visit, empty, desc)
+
+    def _record_condition(self, solved: _Solved) -> None:
         """A batch factorised during a pass gives its :class:`BatchSolve` ``cond(I − J)``
         (the first pass solved only its fixed point), for the state error."""
-        record = self.batch_solves[index] if index < len(self.batch_solves) else None
-        if record is None or record.info.condition_number is not None:
+        index = self._first.get(solved.key)
+        eq = solved.equilibrium
+        if index is None or eq is None:
             return
-        if eq.info.condition_number is not None:
-            self.batch_solves[index] = replace(record, info=eq.info)
-
-    def _bar(self, items: Iterable, desc: str | None, leave: bool = False) -> Iterable:
-        if desc is None:
-            return items
-        total = self.num_batches or None
-        if total is None:
-            try:
-                total = len(self._data.data)  # type: ignore[arg-type]
-            except TypeError:  # a generator, or a view of one
-                total = None
-        disable = None if self.progress is None else not self.progress
-        return tqdm(items, desc=desc, total=total, disable=disable, leave=leave)
+        record = self._solves[index]
+        if record.info.condition_number is None and eq.info.condition_number is not None:
+            self._solves[index] = replace(record, info=eq.info)
 
     def _cached_bytes(self, solved: _Solved) -> int:
-        """Estimated bytes a batch holds once cached and used for products."""
+        """Estimated bytes a batch holds once stored and used for products."""
         eq = solved.equilibrium
         itemsize = torch.finfo(self.layout.dtype).bits // 8
         if self._activations is None:
@@ -376,42 +405,45 @@ class DatasetEquilibrium:
             + _PULLBACK_COPIES * activations
         )
 
+    def _stored(self, solved: _Solved) -> bool:
+        entry = self._stream.store.get(solved.key)
+        return entry is not None and entry.solved is solved
+
     # ------------------------------------------------------------------ derivatives
     def grad(self) -> Parameters:
         """The data-set gradient, in θ's structure (one pass)."""
-        total = self._zeros(self.num_parameters)
-
-        def add(solved: _Solved) -> None:
-            total.add_(self.layout.flatten(solved.equilibrium.grad(solved.loss)))
-
-        self._each_batch(add, "gradient")
+        total = self._each(
+            lambda s: self.layout.flatten(s.equilibrium.grad(s.loss)),
+            lambda: self._zeros(self.num_parameters),
+            "gradient",
+        )
         return self.layout.unflatten(total)
 
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
         """The data-set Hessian ``[P, P]`` (or its :class:`HessianSplit`), in one pass.
 
         Each batch's Hessian is added in place into one ``[P, P]`` sum (two with
-        ``split``) and dropped with the batch's sensitivity Z ``[S, d, P]``; a cached
-        batch is solved afresh from its fixed point for this, so no Z stays cached.
+        ``split``) and dropped with the batch's sensitivity Z ``[S, d, P]``; a stored
+        batch is solved afresh from its fixed point for this, so no Z stays stored.
         """
         p = self.num_parameters
-        sums = [self._zeros(p, p) for _ in range(2 if split else 1)]
 
-        def add(solved: _Solved) -> None:
+        def one(solved: _Solved) -> Tensor | tuple[Tensor, Tensor]:
             eq = solved.equilibrium
-            if solved.cached:
+            if self._stored(solved):
                 eq = self._solve(solved.x, h0=eq.h)
             hessian = eq.hessian(solved.loss, split=split)
             if split:
-                sums[0].add_(hessian.loss_curvature)
-                sums[1].add_(hessian.dynamics_curvature)
-            else:
-                sums[0].add_(hessian)
+                return hessian.loss_curvature, hessian.dynamics_curvature
+            return hessian
 
-        self._each_batch(add, "Hessian")
+        def empty() -> Tensor | tuple[Tensor, Tensor]:
+            return (self._zeros(p, p), self._zeros(p, p)) if split else self._zeros(p, p)
+
+        total = self._each(one, empty, "Hessian")
         if not split:
-            return sums[0]
-        return HessianSplit(sums[0], sums[1], sums[0] + sums[1])
+            return total
+        return HessianSplit(total[0], total[1], total[0] + total[1])
 
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
         """The data-set Hessian (or one part) as an operator; each block product is one
@@ -419,16 +451,17 @@ class DatasetEquilibrium:
         check_part(part)
 
         def products(v: Tensor) -> Tensor:
-            total = torch.zeros_like(v)
+            return self._each(
+                lambda s: s.equilibrium.block_products(s.loss, part)(v),
+                lambda: torch.zeros_like(v),
+            )
 
-            def add(solved: _Solved) -> None:
-                total.add_(solved.equilibrium.block_products(solved.loss, part)(v))
-
-            self._each_batch(add)
-            return total
-
-        chunk = default_chunk_size(self.num_parameters + self._widest)
+        # every rank must split a block the same way: collectives pair up in order
+        chunk = default_chunk_size(self.num_parameters + self._chunk_width())
         return CurvatureOperator(products, self.layout, part, chunk)
+
+    def _chunk_width(self) -> int:
+        return self._widest
 
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(shape, dtype=self.layout.dtype, device=self.layout.device)

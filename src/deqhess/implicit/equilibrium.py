@@ -155,6 +155,22 @@ class Equilibrium:
     Raises:
         ValueError: bad inputs (non-finite θ/x/h0, dtype or shape mismatches).
         ConvergenceError: the forward solve did not reach the tolerance.
+
+    Example:
+        >>> import torch, deqhess as dh
+        >>> def f(x, h, theta):
+        ...     return torch.tanh(theta["W"] @ h + x)
+        >>> theta = {"W": 0.5 * torch.eye(3, dtype=torch.float64)}
+        >>> x = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+        >>> eq = dh.Equilibrium(f, theta, x, torch.zeros(3, dtype=torch.float64))
+        >>> def loss(h):
+        ...     return (h**2).sum()
+        >>> H = eq.hessian(loss)
+        >>> H.shape
+        torch.Size([9, 9])
+        >>> v = torch.ones(9, dtype=torch.float64)
+        >>> torch.allclose(eq.hvp(loss, v), H @ v)
+        True
     """
 
     def __init__(

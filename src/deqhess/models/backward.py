@@ -24,19 +24,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import (
-    ConvergenceError,
-    NonFiniteError,
-    SingularSystemError,
-    StaleEquilibriumError,
-)
+from ..errors import DeqhessError, InputError, UnsupportedDerivativeError
 
 __all__ = ["BACKWARD_MODES", "BlockBackward"]
 
 BACKWARD_MODES = ("vmap", "batched", "loop")
-
-# deqhess's answers about the problem itself: no other way of batching would change them
-_OURS = (ConvergenceError, NonFiniteError, SingularSystemError, StaleEquilibriumError)
 
 
 class BlockBackward:
@@ -48,7 +40,7 @@ class BlockBackward:
 
     def __init__(self, mode: str = "auto") -> None:
         if mode != "auto" and mode not in BACKWARD_MODES:
-            raise ValueError(
+            raise InputError(
                 f"unknown backward mode {mode!r}; use 'auto' or one of {list(BACKWARD_MODES)}."
             )
         self.mode = mode
@@ -85,7 +77,11 @@ class BlockBackward:
             try:
                 return _MODES[BACKWARD_MODES[self._tried]](outs, inputs, cots)
             except RuntimeError as error:
-                if isinstance(error, _OURS):
+                # deqhess's answers about the problem itself: no other way of batching
+                # would change them (an unsupported mode is about the way: try the next)
+                if isinstance(error, DeqhessError) and not isinstance(
+                    error, UnsupportedDerivativeError
+                ):
                     raise
                 self._tried += 1
         return _looped(outs, inputs, cots)

@@ -19,37 +19,50 @@ The split is defined at one DEQ layer (``split_at``; default the model's only on
 the encoder before it enters its dynamics through the input, the head after it its
 loss. ``loss_curvature + dynamics_curvature = total``.
 
-Every product streams the data: one pass per block of K directions, in which each
-batch's forward runs once (each DEQ solves once) and the K directions share its graph.
-Memory: one batch's graph, K-fold in its backward; not the number of batches. Like
-curvlinops' operators, these read the model's parameters as they are at each product.
+Every product is one pass of the streaming engine (:class:`deqhess.streaming.Stream`):
+each batch's forward runs once (each DEQ solves once, from the fixed point the same
+batch content reached last time if the store kept it) and the K directions of a block
+share its graph. Memory: one batch's graph, K-fold in its backward; not the number of
+batches. Like curvlinops' operators, these read the model's parameters as they are at
+each product. Every pass checks that the data, the model's outputs on them and the
+model itself are what the first pass saw.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..batches import Batches, check_same_data
 from ..chunks import default_chunk_size
+from ..deprecation import UNSET, renamed
+from ..errors import ConvergenceError, InputError
 from ..implicit import CurvatureOperator, HessianSplit
 from ..implicit.operators import check_part
-from ..nn import DEQ, warm_starts
+from ..nn import DEQ, LayerCall, layer_calls
 from ..options import integer
 from ..parameters import ParameterLayout, Parameters
+from ..streaming import (
+    DEFAULT_CACHE_BYTES,
+    Batch,
+    Formed,
+    Offer,
+    StoredBatch,
+    Stream,
+    check_reduction,
+    response_tolerance,
+)
 from .backward import BlockBackward
 from .graph import BatchGraph, LossFunc
+from .modes import StateGuard, check_modes
 
 __all__ = ["MODEL_PARTS", "ModelCurvature"]
 
 #: the operators of a model: the Hessian, the output GGN, and the split at a DEQ layer.
 MODEL_PARTS = ("total", "ggn", "loss_curvature", "dynamics_curvature")
-
-#: budget for the fixed points kept between passes to start the next pass's solves from.
-WARM_START_BYTES = 256 * 1024**2
 
 _SPLIT_PARTS = ("loss_curvature", "dynamics_curvature")
 
@@ -59,15 +72,20 @@ class ModelCurvature:
 
     Args:
         model: an ``nn.Module`` mapping a batch's ``x`` to an output; typically holding
-            one or more :class:`deqhess.nn.DEQ` layers. It should be deterministic (in
-            ``eval()`` mode if it has dropout or batch norm): every pass reruns it.
-        loss_func: ``loss_func(output, target)`` → 0-dim tensor, e.g. ``nn.MSELoss()``.
+            one or more :class:`deqhess.nn.DEQ` layers. Every pass reruns it, so it must
+            be one fixed function: modules that draw random numbers or use batch
+            statistics in training mode (dropout, batch norm, …) are refused by name —
+            call ``model.eval()`` first. Nothing of the model changes (parameters,
+            buffers, random state).
+        loss: ``loss(output, target)`` → 0-dim tensor, e.g. ``nn.MSELoss()``.
+            (Formerly ``loss_func``.)
         data: ``(x, target)`` batches, iterated once per pass (a list, a DataLoader;
-            not a generator).
-        params: which parameters: None (all that require grad), or names of
+            not a generator). Every pass must read the same samples — in any order and
+            grouping — or :class:`deqhess.DataChangedError` says what changed.
+        theta: which parameters: None (all that require grad), or names of
             ``model.named_parameters()`` or the parameters themselves (flattened in the
-            order given).
-        reduction: ``"mean"`` or ``"sum"`` over the data; default ``loss_func.reduction``
+            order given). (Formerly ``params``.)
+        reduction: ``"mean"`` or ``"sum"`` over the data; default ``loss.reduction``
             if it has one, else ``"mean"``.
         split_at: the DEQ layer (a module, or its name in ``model``) at whose fixed point
             the Hessian splits into loss and dynamics curvature; default the model's
@@ -75,71 +93,128 @@ class ModelCurvature:
         batch_size_fn: ``x ↦`` the batch's sample count; default ``x.shape[0]``.
         chunk_size: directions per pass in ``to_dense`` and large blocks; default about
             4M numbers.
-        warm_start_bytes: each batch's DEQ fixed points are kept (states, not graphs)
-            to start the next pass's solves from, until they hold this many bytes (the
-            rest of the batches start cold; 0 keeps none). Default 256 MB.
+        cache_bytes: what is kept between passes, by batch content: each batch's DEQ
+            fixed points (states, not graphs), to start its next solves from, until they
+            hold this many bytes (the rest start cold; 0 keeps none). Default 1 GiB.
+            (Formerly ``warm_start_bytes``.)
         backward: how a block's K directions go through a batch's graph: ``"auto"``
-            (default), ``"vmap"``, ``"batched"`` (models without DEQ layers) or ``"loop"`` (see
-            :class:`deqhess.models.backward.BlockBackward`).
+            (default), ``"vmap"``, ``"batched"`` (models without DEQ layers) or
+            ``"loop"`` (see :class:`deqhess.models.backward.BlockBackward`).
+        exclude_unconverged: leave out, and count in :attr:`excluded_samples`, the
+            samples whose forward solve in any DEQ layer missed its tolerance, whatever
+            the layers' own policies (the batch is rerun on its converged samples; needs
+            tensor ``x`` and ``target`` indexed by sample in their first dimension).
+            False (default): such a sample is refused with a
+            :class:`deqhess.ConvergenceError` naming the layer — never analysed as if
+            it were a fixed point.
+        progress: progress bars over batches (None: only on a terminal).
 
     Raises:
         ValueError: unknown parameter names, parameters of several dtypes, a one-shot
-            iterator for ``data``, an unknown reduction or a ``split_at`` that is not a
-            DEQ layer of the model.
+            iterator for ``data``, an unknown reduction, a ``split_at`` that is not a
+            DEQ layer of the model, or a module that is not one fixed function.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import deqhess as dh
+        >>> class Cell(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = nn.Linear(4, 4)
+        ...     def forward(self, x, h):
+        ...         return torch.tanh(0.5 * self.lin(h) + x)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), dh.nn.DEQ(Cell()), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        >>> data = [(x, y)]
+        >>> curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+        >>> H = curvature.hessian()  # P = 16 + 20 + 10 parameters
+        >>> H.shape
+        torch.Size([46, 46])
+        >>> v = torch.randn(46, dtype=torch.float64)
+        >>> torch.allclose(curvature.hessian_operator() @ v, H @ v)
+        True
     """
+
+    _label = "ModelCurvature"
 
     def __init__(
         self,
         model: nn.Module,
-        loss_func: LossFunc,
-        data: Iterable[tuple[Any, Any]],
-        params: Sequence[str] | Sequence[Tensor] | None = None,
+        loss: LossFunc | None = None,
+        data: Iterable[tuple[Any, Any]] | None = None,
+        theta: Sequence[str] | Sequence[Tensor] | None = None,
         *,
         reduction: str | None = None,
         split_at: nn.Module | str | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         chunk_size: int | None = None,
         backward: str = "auto",
-        warm_start_bytes: int = WARM_START_BYTES,
+        cache_bytes: int | None = None,
+        exclude_unconverged: bool = False,
+        progress: bool | None = None,
+        loss_func: Any = UNSET,
+        params: Any = UNSET,
+        warm_start_bytes: Any = UNSET,
     ) -> None:
+        where = self._label
+        loss = renamed(loss, loss_func, old="loss_func", new="loss", where=where)
+        theta = renamed(theta, params, old="params", new="theta", where=where)
+        cache_bytes = renamed(
+            cache_bytes, warm_start_bytes, old="warm_start_bytes", new="cache_bytes", where=where
+        )
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        if not callable(loss_func):
-            raise ValueError(f"loss_func must be callable; got {type(loss_func).__name__}.")
-        self.model, self.loss_func = model, loss_func
-        self.names = _chosen_names(model, params)
-        named = dict(model.named_parameters())
-        self.layout = ParameterLayout({n: named[n].detach() for n in self.names})
-        self.reduction = reduction or getattr(loss_func, "reduction", "mean")
-        if self.reduction not in ("mean", "sum"):
-            raise ValueError(f"unknown reduction {self.reduction!r}; use 'mean' or 'sum'.")
+            raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if not callable(loss):
+            raise InputError(f"loss must be callable; got {type(loss).__name__}.")
+        if data is None:
+            raise InputError(f"{where} needs data: the (x, target) batches.")
+        self.model, self.loss = model, loss
+        self.names = _chosen_names(model, theta)
+        self.layout = ParameterLayout(dict(zip(self.names, self._values(), strict=True)))
+        self.reduction = check_reduction(reduction or getattr(loss, "reduction", "mean"))
         self.split_at = _split_layer(model, split_at)
-        self._data = Batches(data)
-        if self._data.one_shot:
-            raise ValueError(
-                f"data is a one-shot iterator ({type(data).__name__}); every product reads "
-                "the data once, so pass a list or a DataLoader."
-            )
         self.batch_size_fn = batch_size_fn or _leading_size
         self.chunk_size = (
             default_chunk_size(2 * self.layout.size)
             if chunk_size is None
             else integer(chunk_size, "chunk_size", minimum=1)
         )
-        self._seen: tuple[int, int] | None = None  # samples and batches of the first pass
         self.backward = BlockBackward(backward)
         if backward == "batched" and _deq_layers(model):
-            raise ValueError(
+            raise InputError(
                 "backward='batched' (torch.autograd.grad with is_grads_batched=True) cannot "
                 "go through a deqhess.nn.DEQ layer: torch's legacy batching cannot run its "
                 "solves. Use backward='vmap' (what 'auto', the default, picks for DEQ models) "
                 "or 'loop'."
             )
-        self.warm_start_bytes = integer(warm_start_bytes, "warm_start_bytes", minimum=0)
-        # each batch's DEQ fixed points, to start the next pass's solves from (small:
-        # states, not graphs), while they fit in warm_start_bytes
-        self._warm: dict[int, dict] = {}
-        self._warm_bytes = 0
+        self.exclude_unconverged = bool(exclude_unconverged)
+        check_modes(model, where)
+        self._agree(self.layout)
+        self._stream = Stream(
+            data, label=where, reduction=self.reduction, count=self.batch_size_fn,
+            sample_dim=0, cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
+            progress=progress, group=self._group(), device=self.layout.device,
+            guard=self._guard, version=self._version, on_restart=self._restarted,
+        )  # fmt: skip
+        if self._stream.data.one_shot:
+            raise InputError(
+                f"data is a one-shot iterator ({type(data).__name__}); every product reads "
+                "the data once, so pass a list or a DataLoader."
+            )
+        self._layer_names = {id(m): name for name, m in model.named_modules() if isinstance(m, DEQ)}
+
+    # ------------------------------------------------------------------ set-up seams
+    def _values(self) -> list[Tensor]:
+        named = dict(self.model.named_parameters())
+        return [named[n].detach() for n in self.names]
+
+    def _agree(self, layout: ParameterLayout) -> None:
+        """Nothing to agree on in one process (the distributed form checks its ranks)."""
+
+    def _group(self) -> Any:
+        return None
 
     @property
     def num_parameters(self) -> int:
@@ -152,53 +227,168 @@ class ModelCurvature:
 
     @property
     def num_samples(self) -> int:
-        """``N``, counted by the first pass (a pass of its own if none ran yet)."""
-        return self._count()[0]
+        """``N``: the samples the sums count (those kept), by the first pass (a forward
+        pass of its own if none ran yet)."""
+        self._first_pass()
+        return self._stream.num_samples or 0
 
     @property
     def num_batches(self) -> int:
-        """The number of batches, counted by the first pass."""
-        return self._count()[1]
+        """The number of batches (over every rank), by the first pass."""
+        self._first_pass()
+        return self._stream.total_batches or 0
 
-    def _count(self) -> tuple[int, int]:
-        if self._seen is None:
-            counts = [self.batch_size_fn(x) for x, _ in self._data]
-            self._seen = (sum(counts), len(counts))
-        return self._seen
+    @property
+    def excluded_samples(self) -> int:
+        """Samples left out as unconverged (``exclude_unconverged``), by the first pass."""
+        self._first_pass()
+        return self._stream.excluded_samples
+
+    @property
+    def cached_bytes(self) -> int:
+        """The bytes of the fixed points kept between passes (at most ``cache_bytes``)."""
+        return self._stream.store.used
+
+    def _first_pass(self) -> None:
+        if self._stream.record is None:
+            self._stream.run(self._former(None), lambda graph: None)
+            self._check_samples()
+
+    def _version(self) -> tuple:
+        """The model's parameters and buffers as they are (identity and version): a
+        change between products starts the checks and the store afresh."""
+        return StateGuard.snapshot(self.model)
+
+    def _restarted(self) -> None:
+        """The model changed between products: the layout's values are re-agreed."""
+        self._agree(self.layout)
+
+    # ------------------------------------------------------------------ one pass
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Around every pass: the model's modes refused by name before, its state checked
+        unchanged after."""
+        check_modes(self.model, self._label)
+        state = StateGuard(self.model)
+        yield
+        state.check(self._label)
+
+    def _former(self, part: str | None) -> Callable[[Batch, StoredBatch | None], Formed]:
+        """How a pass forms one batch: its graph for ``part`` (None: the loss only)."""
+        params = self._leaves()
+
+        def form(batch: Batch, stored: StoredBatch | None) -> Formed:
+            n = len(batch.hashes)
+            warm = stored.warm if stored is not None else {}
+            graph, calls = self._graph(params, batch.x, batch.target, part, warm)
+            keep = self._converged(batch, calls, n)
+            if keep is None:
+                offers = () if stored is not None else (Offer(lambda: _bytes(warm), warm=warm),)
+                return self._formed(graph, calls, n, None, 0, offers)
+            if len(keep) == 0:
+                return Formed(None, 0, keep, n)
+            x, target = _restrict(batch.x, batch.target, keep)
+            graph, calls = self._graph(params, x, target, part, {})  # cold: same samples again
+            if self._converged(batch, calls, len(keep)) is not None:
+                raise ConvergenceError(
+                    f"{self._label}: rerun on its converged samples, a batch did not converge "
+                    "again; the model's DEQ layers are not per-sample (batch_dim=0) maps."
+                )
+            return self._formed(graph, calls, len(keep), keep, n - len(keep), ())
+
+        return form
+
+    def _formed(
+        self,
+        graph: BatchGraph,
+        calls: list[LayerCall],
+        samples: int,
+        keep: Tensor | None,
+        excluded: int,
+        offers: tuple[Offer, ...],
+    ) -> Formed:
+        """A formed batch whose model output is checked to the DEQ layers' tolerance."""
+        rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
+        return Formed(
+            graph, samples, keep, excluded, response=graph.output, response_dim=0,
+            tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
+        )  # fmt: skip
 
     def _leaves(self) -> dict[str, Tensor]:
-        named = dict(self.model.named_parameters())
-        return {n: named[n].detach().requires_grad_() for n in self.names}
+        return {n: t.requires_grad_() for n, t in zip(self.names, self._values(), strict=True)}
 
-    def _sum_over_batches(
-        self, part: str | None, compute: Callable[[BatchGraph], Tensor]
-    ) -> Tensor:
-        """One pass: ``Σ_b compute(graph of batch b)`` with the reduction's weights."""
-        params = self._leaves()
-        total, samples, batches = None, 0, 0
-        for index, (x, target) in enumerate(self._data):
-            n = self.batch_size_fn(x)
-            store = self._warm.get(index)
-            if store is None and self._warm_bytes < self.warm_start_bytes:
-                store = self._warm[index] = {}
-            kept = _bytes(store)
-            with warm_starts({} if store is None else store):
-                graph = BatchGraph(
-                    self.model, self.loss_func, self.layout, params, x, target,
-                    float(n) if self.reduction == "mean" else 1.0, part, self.split_at,
-                    self.backward,
-                )  # fmt: skip
-            self._warm_bytes += _bytes(store) - kept
-            value = compute(graph)
-            del graph
-            total = value if total is None else total.add_(value)
-            samples, batches = samples + n, batches + 1
-        if self._seen is None:
-            self._seen = (samples, batches)
-        check_same_data(samples, batches, *self._seen)
-        if total is None:
-            raise ValueError("data is empty; pass at least one (x, target) batch.")
-        return total / samples if self.reduction == "mean" else total
+    def _graph(
+        self, params: dict[str, Tensor], x: Any, target: Any, part: str | None, warm: dict
+    ) -> tuple[BatchGraph, list[LayerCall]]:
+        calls: list[LayerCall] = []
+        with layer_calls(warm=warm, records=calls, keep_best=True):
+            graph = BatchGraph(
+                self.model, self.loss, self.layout, params, x, target, 1.0, part,
+                self.split_at, self.backward,
+            )  # fmt: skip
+        return graph, calls
+
+    def _converged(self, batch: Batch, calls: list[LayerCall], n: int) -> Tensor | None:
+        """The samples every DEQ call converged on (indices), or None if all did.
+
+        Raises:
+            ConvergenceError: a sample missed a layer's tolerance and
+                ``exclude_unconverged`` is off, or a layer's samples cannot be matched to
+                the batch's.
+        """
+        missed = [call for call in calls if not bool(call.info.converged_mask.all())]
+        if not missed:
+            return None
+        first = missed[0]
+        name = self._layer_names.get(id(first.layer), type(first.layer).__name__)
+        info = first.info
+        if not self.exclude_unconverged:
+            raise ConvergenceError(
+                f"{self._label}: the DEQ layer model.{name} left {info.unconverged} of "
+                f"{info.converged_mask.numel()} samples of batch {batch.index} unconverged "
+                f"(largest residual {float(info.sample_residuals.max()):.2e}; tolerance "
+                f"rtol={info.tolerance.rtol:g}). Their states are not fixed points, so no "
+                "derivative there is the model's. Pass exclude_unconverged=True to leave such "
+                "samples out (counted in excluded_samples), or make the layer converge "
+                "(max_iter, a fallback solver, a looser tol).",
+                info,
+            )
+        keep = torch.ones(n, dtype=torch.bool)
+        for call in missed:
+            mask = call.info.converged_mask.cpu()
+            if mask.numel() == 1:
+                mask = mask.expand(n)
+            if mask.numel() != n:
+                layer = self._layer_names.get(id(call.layer), "?")
+                raise ConvergenceError(
+                    f"{self._label}: the DEQ layer model.{layer} solved {mask.numel()} "
+                    f"systems for a batch of {n} samples, so its unconverged ones cannot be "
+                    "matched to samples to leave out; make it converge instead.",
+                    call.info,
+                )
+            keep &= mask
+        return keep.nonzero()[:, 0]
+
+    def _sum(self, part: str | None, compute: Callable[[BatchGraph], Tensor], empty, desc=None):
+        """One pass: ``Σ_b w_b compute(graph of batch b)`` (see :class:`Stream`)."""
+        total = self._stream.run(
+            self._former(part), lambda graph: None if graph is None else compute(graph),
+            empty, desc,
+        )  # fmt: skip
+        self._check_samples()
+        return total
+
+    def _check_samples(self) -> None:
+        """Refuse data without a sample to analyse (the same on every rank)."""
+        if self._stream.num_samples:
+            return
+        if self._stream.excluded_samples:
+            raise InputError(
+                f"no sample converged: all {self._stream.excluded_samples} were excluded as "
+                "unconverged. Make the model's DEQ layers converge (max_iter, a fallback "
+                "solver, a looser tol)."
+            )
+        raise InputError("data is empty; pass at least one (x, target) batch.")
 
     # ------------------------------------------------------------------ operators
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
@@ -206,14 +396,14 @@ class ModelCurvature:
         product is one pass over the data."""
         check_part(part, self.parts if part not in _SPLIT_PARTS else MODEL_PARTS)
         if part in _SPLIT_PARTS and self.split_at is None:
-            raise ValueError(
+            raise InputError(
                 f"{part!r} splits the Hessian at a DEQ layer's fixed point, but the model "
                 f"has {len(_deq_layers(self.model))} DEQ layers and no split_at; pass "
                 "split_at=<the layer or its name>, or use 'total' or 'ggn'."
             )
 
         def products(v: Tensor) -> Tensor:
-            return self._sum_over_batches(part, lambda graph: graph.products(v))
+            return self._sum(part, lambda graph: graph.products(v), lambda: torch.zeros_like(v))
 
         return CurvatureOperator(products, self.layout, part, self.chunk_size)
 
@@ -234,7 +424,8 @@ class ModelCurvature:
             )
             return torch.cat([g.reshape(-1) for g in grads])
 
-        return self.layout.unflatten(self._sum_over_batches(None, first))
+        zeros = lambda: torch.zeros(self.num_parameters, dtype=self.layout.dtype)  # noqa: E731
+        return self.layout.unflatten(self._sum(None, first, zeros, "gradient"))
 
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
         """The dense ``[P, P]`` Hessian (or its :class:`HessianSplit`), for small models:
@@ -246,14 +437,24 @@ class ModelCurvature:
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
 
 
-def _bytes(store: dict | None) -> int:
+def _bytes(store: dict) -> int:
     """The bytes of the fixed points a warm-start store holds."""
-    return sum(t.numel() * t.element_size() for t in store.values()) if store else 0
+    return sum(t.numel() * t.element_size() for t in store.values())
+
+
+def _restrict(x: Any, target: Any, keep: Tensor) -> tuple[Tensor, Tensor]:
+    if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
+        raise InputError(
+            "exclude_unconverged needs tensor inputs and targets whose first dimension "
+            f"indexes the samples; got x of type {type(x).__name__} and target of type "
+            f"{type(target).__name__}."
+        )
+    return x.index_select(0, keep.to(x.device)), target.index_select(0, keep.to(target.device))
 
 
 def _leading_size(x: Any) -> int:
     if not isinstance(x, Tensor) or x.ndim == 0:
-        raise ValueError(
+        raise InputError(
             f"cannot count the samples of a batch whose x is {type(x).__name__}; pass "
             "batch_size_fn=lambda x: ... (the number of samples in x)."
         )
@@ -274,13 +475,13 @@ def _chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | N
         ]
         unknown = [n for n in names if n not in named]
         if unknown:
-            raise ValueError(f"unknown parameter names {unknown}; the model has {list(named)}.")
+            raise InputError(f"unknown parameter names {unknown}; the model has {list(named)}.")
     if not names:
-        raise ValueError(
+        raise InputError(
             "no parameters chosen: the model has none that require grad."
             if params is None
-            else "params is empty: name the parameters to differentiate in, or pass "
-            "params=None for all that require grad."
+            else "theta is empty: name the parameters to differentiate in, or pass "
+            "theta=None for all that require grad."
         )
     return names
 
@@ -297,9 +498,9 @@ def _split_layer(model: nn.Module, split_at: nn.Module | str | None) -> DEQ | No
         try:
             split_at = model.get_submodule(split_at)
         except AttributeError as error:
-            raise ValueError(f"split_at={split_at!r} is not a submodule of the model.") from error
+            raise InputError(f"split_at={split_at!r} is not a submodule of the model.") from error
     if not any(split_at is layer for layer in layers):
-        raise ValueError(
+        raise InputError(
             f"split_at must be one of the model's deqhess.nn.DEQ layers; got "
             f"{type(split_at).__name__}."
         )

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..errors import InputError
 from ..nn.reparametrize import functional_call
 from ..parameters import ParameterLayout
 from .backward import BlockBackward
@@ -79,7 +80,7 @@ def _output_leaves(output: Any) -> tuple[list[Tensor], Any]:
     leaves, spec = tree_flatten(output)
     if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
         kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, Tensor)})
-        raise ValueError(
+        raise InputError(
             "the GGN Jᵀ∇²ℓJ is taken at the model's output, which must be a floating "
             "tensor or a tuple / list / dict of them; got "
             f"{type(output).__name__}{f' holding {kinds}' if kinds else ''}. Use the "
@@ -139,7 +140,7 @@ class BatchGraph:
         value = self.loss_func(output, self.target)
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
             got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value)
-            raise ValueError(
+            raise InputError(
                 f"loss_func(output, target) must return a 0-dim floating tensor; got {got}. "
                 "Reduce it, e.g. nn.MSELoss(reduction='mean')."
             )
@@ -150,7 +151,7 @@ class BatchGraph:
 
         def substitute(module: nn.Module, inputs: Any, output: Any) -> Tensor:
             if not isinstance(output, Tensor):
-                raise ValueError(
+                raise InputError(
                     f"the split layer returned {type(output).__name__}; the loss/dynamics "
                     "split needs the fixed point as a tensor (call the DEQ without "
                     "return_info inside the model)."
@@ -165,7 +166,7 @@ class BatchGraph:
         finally:
             handle.remove()
         if len(captured) != 1:
-            raise ValueError(
+            raise InputError(
                 f"the split layer {type(self.split_at).__name__} ran {len(captured)} times "
                 "in one forward; the loss/dynamics split is defined at a fixed point computed "
                 "once per forward (choose another split_at, or use 'total' or 'ggn')."

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from .adapters import StateFirst, TupleState
-from .deq import DEQ, LayerInfo, warm_starts
+from .calls import ConvergenceRecord, LayerCall, convergence, layer_calls, warm_starts
+from .deq import DEQ, LayerInfo
 from .implicit import FixedPointSpec, fixed_point
-from .policy import ConvergenceRecord, LayerCall, convergence
 from .torchdeq_compat import TorchdeqDEQ, get_deq
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "convergence",
     "fixed_point",
     "get_deq",
+    "layer_calls",
     "warm_starts",
 ]

@@ -12,7 +12,13 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["InputLayout", "check_deterministic", "check_registered", "state_arguments"]
+__all__ = [
+    "InputLayout",
+    "check_deterministic",
+    "check_registered",
+    "state_arguments",
+    "training_hazard",
+]
 
 
 def check_deterministic(cell: nn.Module) -> None:
@@ -49,6 +55,36 @@ def check_deterministic(cell: nn.Module) -> None:
                 "weight at every call of the cell, so the map moves during the solve. Call "
                 ".eval() on it (the normalised weight is then fixed) while solving."
             )
+
+
+def training_hazard(module: nn.Module) -> str | None:
+    """Why ``module`` (alone, not its children) is not one fixed function in its current
+    mode — it draws random numbers, or uses and updates batch statistics — or None.
+
+    Used for whole models (:class:`deqhess.ModelCurvature`); a cell has its own, stricter
+    check (:func:`check_deterministic`).
+    """
+    if not module.training:
+        return None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (
+            "batch norm in training mode: it normalises by each batch's statistics (so a "
+            "sample's output depends on its batch) and updates its running statistics on "
+            "every call"
+        )
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+        return (
+            "instance norm with running statistics in training mode: it updates them on every call"
+        )
+    if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+        return "dropout in training mode: it draws a new random mask on every call"
+    if isinstance(module, nn.RReLU):
+        return "RReLU in training mode: it draws a random slope on every call"
+    if _spectral_norm(module):
+        return (
+            "a spectral norm in training mode: its power iteration updates the weight on every call"
+        )
+    return None
 
 
 def _check_parametrize_cache(cell: nn.Module) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -23,35 +22,15 @@ from ..solvers import (
     solve_fixed_point,
 )
 from ..state import check_state_map
+from .calls import CALLS, Calls, LayerCall, layer_calls, warm_starts
 from .contract import InputLayout, check_deterministic, state_arguments
 from .hooks import has_hooks, hooks_set_aside
 from .implicit import FixedPointSpec, fixed_point
 from .observed import observed_fixed_point
-from .policy import LayerCall, LayerPolicy, active_override
+from .policy import LayerPolicy
 from .reparametrize import functional_call
 
-__all__ = ["DEQ", "LayerInfo", "warm_starts"]
-
-
-_WARM: ContextVar[dict | None] = ContextVar("deqhess_warm_starts", default=None)
-
-
-@contextlib.contextmanager
-def warm_starts(store: dict) -> Iterator[None]:
-    """Within the block, a :class:`DEQ` called without ``h0`` starts from the fixed point
-    it reached on the same call in ``store`` last time, and records the new one there.
-
-    Calls are told apart by layer and by order within the block (a layer called twice is
-    two entries); an entry is used only if its shape and dtype match. The fixed point is
-    still solved to the tolerance — only the start changes — so what depends on it
-    changes by at most the tolerance. Meant for re-running the same forward many times
-    (a curvature operator's passes over the data, one ``store`` per batch).
-    """
-    token = _WARM.set({"store": store, "calls": {}})
-    try:
-        yield
-    finally:
-        _WARM.reset(token)
+__all__ = ["DEQ", "LayerCall", "LayerInfo", "layer_calls", "warm_starts"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +94,23 @@ class DEQ(nn.Module):
     without them (see :mod:`deqhess.nn.hooks` and :mod:`deqhess.nn.observed`).
 
     An empty batch (a state with no entries) returns ``cell(x, h0)``, itself empty.
+
+    Example:
+        >>> import torch
+        >>> from deqhess.nn import DEQ
+        >>> class Cell(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(4, 4)
+        ...     def forward(self, x, h):
+        ...         return torch.tanh(0.5 * self.lin(h) + x)
+        >>> _ = torch.manual_seed(0)
+        >>> deq = DEQ(Cell())
+        >>> h, info = deq(torch.randn(2, 4), return_info=True)
+        >>> h.shape, info.converged
+        (torch.Size([2, 4]), True)
+        >>> [name for name, _ in deq.named_parameters()]
+        ['cell.lin.weight', 'cell.lin.bias']
     """
 
     def __init__(
@@ -192,7 +188,8 @@ class DEQ(nn.Module):
             raise ValueError(f"return_info must be True or False; got {return_info!r}.")
         check_deterministic(self.cell)
         inputs = InputLayout(x)
-        warm = self._warm_entry() if h0 is None else None
+        calls = CALLS.get() if torch._C._functorch.peek_interpreter_stack() is None else None
+        warm = self._warm_entry(calls) if h0 is None else None
         given = h0 is not None
         if given:
             self._check_initial_shape(x, h0)
@@ -228,9 +225,7 @@ class DEQ(nn.Module):
         step = _explaining_first_call(evaluate, x) if given else evaluate
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
-        override = active_override()
-        policy = self.policy if override is None else override.policy
-        recording = return_info or override is not None
+        policy = self._policy(calls)
         spec = FixedPointSpec(
             fn=step,
             independent_dims=0 if self.batch_dim is None else 1,
@@ -244,7 +239,7 @@ class DEQ(nn.Module):
             check_registered=(
                 torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
             ),
-            on_solve=infos.append if recording else None,
+            on_solve=infos.append if return_info or _recording(calls) else None,
             stats=stats if return_info else None,
             convergence=policy.forward,
             linear_on_failure=policy.linear,
@@ -262,25 +257,33 @@ class DEQ(nn.Module):
             # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
             solved = fixed_point(spec, h0.detach(), *args)
             h = solved.clone()
-        if warm is not None and torch._C._functorch.peek_interpreter_stack() is None:
+        if warm is not None:
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either
             warm[0][warm[1]] = solved.detach()
-        if override is not None and infos:
-            override.record.calls.append(LayerCall(self, infos[-1].converged_mask, infos[-1]))
+        if _recording(calls):
+            calls.records.append(LayerCall(self, infos[-1]))
         if return_info:
             forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
             return h, LayerInfo(**forward, linear_solves=stats)
         return h
 
-    def _warm_entry(self) -> tuple[dict, tuple[int, int]] | None:
-        """``(store, key)`` of this call under :func:`warm_starts`, else None."""
-        active = _WARM.get()
-        if active is None:
+    def _warm_entry(self, calls: Calls | None) -> tuple[dict, tuple[int, int]] | None:
+        """``(store, key)`` of this call under :func:`layer_calls` with a store, else None."""
+        if calls is None or calls.store is None:
             return None
-        calls = active["calls"]
-        calls[id(self)] = count = calls.get(id(self), -1) + 1
-        return active["store"], (id(self), count)
+        calls.counts[id(self)] = count = calls.counts.get(id(self), -1) + 1
+        return calls.store, (id(self), count)
+
+    def _policy(self, calls: Calls | None) -> LayerPolicy:
+        """The layer's policy; under :func:`deqhess.nn.convergence` the block's; under
+        ``layer_calls(keep_best=True)`` the layer's keeping unconverged samples' best
+        iterates without a warning (its fallback solvers still run first)."""
+        if calls is not None and calls.policy is not None:
+            return calls.policy
+        if calls is None or not calls.keep_best:
+            return self.policy
+        return self.policy.keeping_best()
 
     def _empty(self, x: Tensor, h0: Tensor, return_info: bool) -> Tensor | tuple[Tensor, LayerInfo]:
         """``cell(x, h0)`` for a state with no entries (still connected to the parameters)."""
@@ -296,6 +299,10 @@ class DEQ(nn.Module):
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
+
+
+def _recording(calls: Calls | None) -> bool:
+    return calls is not None and calls.records is not None
 
 
 def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:

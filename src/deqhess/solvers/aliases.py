@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 from .anderson import Anderson
 from .base import FixedPointSolver
 from .picard import Picard
@@ -17,7 +18,7 @@ def resolve_solver(solver: str | FixedPointSolver) -> FixedPointSolver:
         return solver
     if isinstance(solver, str) and solver.lower() in _ALIASES:
         return _ALIASES[solver.lower()]()
-    raise ValueError(
+    raise InputError(
         f"unknown solver {solver!r}; use one of {sorted(_ALIASES)} or an instance such as "
         "deqhess.solvers.Anderson(memory=5)."
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..options import integer
 from .base import FixedPointSolver
 
@@ -15,8 +16,9 @@ __all__ = ["Anderson"]
 
 @dataclass
 class _History:
-    """Anderson's memory, ``m`` consecutive differences kept in ring buffers (slot
-    ``count mod m`` next): the least squares ignore their order.
+    """Anderson's memory: ``m`` consecutive differences kept in ring buffers.
+
+    Slot ``count mod m`` is written next: the least squares ignore their order.
 
     Attributes:
         h, g: the previous iterate and its residual ``[S, d]`` (None before the first).
@@ -55,9 +57,9 @@ class Anderson(FixedPointSolver):
     def __init__(self, memory: int = 5, damping: float = 1.0, regularization: float = 1e-10):
         memory = integer(memory, "Anderson memory", minimum=1)
         if not 0.0 < damping <= 1.0:
-            raise ValueError(f"Anderson damping must lie in (0, 1]; got {damping}.")
+            raise InputError(f"Anderson damping must lie in (0, 1]; got {damping}.")
         if regularization < 0:
-            raise ValueError(f"Anderson regularization must be >= 0; got {regularization}.")
+            raise InputError(f"Anderson regularization must be >= 0; got {regularization}.")
         self.memory = memory
         self.damping = float(damping)
         self.regularization = float(regularization)
@@ -66,6 +68,7 @@ class Anderson(FixedPointSolver):
         return f"Anderson(memory={self.memory}, damping={self.damping:g})"
 
     def init(self, h: Tensor) -> _History:
+        """Empty differences ``[S, m, d]`` for rows ``h`` ``[S, d]``."""
         samples, width, m = h.shape[0], h.shape[1], self.memory
         return _History(
             h=None,
@@ -77,10 +80,11 @@ class Anderson(FixedPointSolver):
         )
 
     def step(self, memory: _History, h: Tensor, fh: Tensor) -> tuple[Tensor, _History]:
+        """The mixed iterate ``[S, d]`` from ``h`` and ``fh = f(h)``, and the updated memory."""
         beta = self.damping
         g = fh - h
         h_next = fh if beta == 1.0 else torch.add(h, g, alpha=beta)
-        if memory.h is not None:
+        if memory.h is not None and memory.g is not None:
             slot = memory.count % self.memory
             delta_g = torch.sub(g, memory.g, out=memory.dg[:, slot])
             # ΔH + βΔG (from h and g, which the driver owns: f may reuse its output buffer)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..options import integer
 from .aliases import resolve_solver
 from .anderson import Anderson
@@ -98,14 +99,14 @@ class Convergence:
         warn: bool = True,
     ) -> None:
         if on_failure not in _ON_FAILURE:
-            raise ValueError(
+            raise InputError(
                 f"unknown on_failure {on_failure!r}; use 'raise' (ConvergenceError) or "
                 "'best' (keep each unconverged sample's best iterate, warn, and mark it in "
                 "info.converged_mask)."
             )
-        single = isinstance(fallback, (str, FixedPointSolver))
+        fallbacks = [fallback] if isinstance(fallback, (str, FixedPointSolver)) else fallback
         self.on_failure = on_failure
-        self.fallback = tuple(resolve_solver(s) for s in ([fallback] if single else fallback))
+        self.fallback = tuple(resolve_solver(s) for s in fallbacks)
         self.fallback_max_iter = (
             None
             if fallback_max_iter is None
@@ -132,15 +133,20 @@ class Convergence:
     ) -> Convergence:
         """A policy from itself, an alias (``"raise"``, ``"best"``) or ``None``.
 
-        ``None`` follows the shorthand ``require_convergence`` (True: ``"raise"``,
-        False: ``"best"``).
+        Args:
+            policy: a :class:`Convergence`, ``"raise"``, ``"best"`` or ``None``, which
+                follows the shorthand ``require_convergence``.
+            require_convergence: True: ``"raise"``, False: ``"best"``.
+
+        Returns:
+            The policy.
 
         Raises:
-            ValueError: an unknown alias or object, or ``require_convergence=False``
+            InputError: an unknown alias or object, or ``require_convergence=False``
                 together with a policy that raises.
         """
         if not isinstance(require_convergence, bool):
-            raise ValueError(
+            raise InputError(
                 f"require_convergence must be True or False; got {require_convergence!r}."
             )
         if policy is None:
@@ -148,12 +154,12 @@ class Convergence:
         if isinstance(policy, str):
             policy = cls(policy)
         if not isinstance(policy, Convergence):
-            raise ValueError(
+            raise InputError(
                 f"convergence must be 'raise', 'best' or a deqhess.solvers.Convergence; got "
                 f"{policy!r}."
             )
         if not require_convergence and policy.on_failure == "raise":
-            raise ValueError(
+            raise InputError(
                 f"require_convergence=False (keep the best iterate) contradicts convergence="
                 f"{policy!r}; pass only convergence=Convergence('best', ...)."
             )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError
+from ..errors import ConvergenceError, InputError
 from ..options import integer, supported_dtype
 from ..state import check_state_map
 from .base import FixedPointSolver
@@ -157,13 +157,15 @@ def solve_fixed_point(
         statistics, with ``info.converged_mask`` marking the converged rows.
 
     Raises:
+        InputError: ``h0`` is not a float32/float64 tensor of rows ``[S, d]``, or an
+            option is invalid.
         ConvergenceError: a row did not meet the tolerance after every solver of the
             policy, or diverged (``fn`` non-finite, or ``‖fn(h)‖`` overflowing), under
             ``on_failure="raise"``.
     """
     if not isinstance(h0, Tensor) or h0.ndim != 2:
         got = f"shape {tuple(h0.shape)}" if isinstance(h0, Tensor) else type(h0).__name__
-        raise ValueError(
+        raise InputError(
             f"h0 must be rows [S, d] (S independent systems of width d); got {got}. Reshape "
             "the state, e.g. h0.reshape(1, -1) for one system."
         )
@@ -263,17 +265,20 @@ def _run(
         p.best_res = np.where(better, residual, p.best_res)
         if better.any():
             p.best_h = h if better.all() else torch.where(_rows(better, h), h, p.best_h)
-        if p.start_res is None:
+        if p.start_res is None or p.start_scale is None:
             p.start_res, p.start_scale = residual, np.maximum(scale, residual)
+        start_res, start_scale = p.start_res, p.start_scale
         met = active & ok
         # A relative tolerance is met as well when ‖f(h)‖ runs off to huge values while
         # the residual stays where it started: no fixed point was found, the scale grew.
         with np.errstate(invalid="ignore", over="ignore"):
-            ran_away = met & (residual >= 0.5 * p.start_res) & (scale > _RUNAWAY * p.start_scale)
+            ran_away = met & (residual >= 0.5 * start_res) & (scale > _RUNAWAY * start_scale)
         if ran_away.any():
             if last and policy.on_failure == "raise":
                 raise ConvergenceError(
-                    _ran_away_message(solver, k, residual, scale, p, ran_away)
+                    _ran_away_message(
+                        solver, k, (residual, scale), (start_res, start_scale), ran_away
+                    )
                     + " "
                     + policy.advice(tried, tolerance, dtype, diverged=True),
                     info=_info(solver, p, tolerance, []),
@@ -336,17 +341,18 @@ _RUNAWAY = 1e3
 def _ran_away_message(
     solver: FixedPointSolver,
     k: int,
-    residual: np.ndarray,
-    scale: np.ndarray,
-    p: _Progress,
+    now: tuple[np.ndarray, np.ndarray],
+    start: tuple[np.ndarray, np.ndarray],
     rows: np.ndarray,
 ) -> str:
+    """Why the first row of ``rows`` ran away: its (residual, scale) now and at the start."""
+    (residual, scale), (start_res, start_scale) = now, start
     bad = int(np.flatnonzero(rows)[0])
     return (
         f"{solver!r} ran away: at iteration {k} sample {bad} met the relative tolerance only "
-        f"because ‖f(h)‖ grew from {float(p.start_scale[bad]):.3e} to {float(scale[bad]):.3e}, "
+        f"because ‖f(h)‖ grew from {float(start_scale[bad]):.3e} to {float(scale[bad]):.3e}, "
         f"while its residual ‖f(h) − h‖ = {float(residual[bad]):.3e} did not fall below half "
-        f"its start {float(p.start_res[bad]):.3e}: f has no fixed point that this solve reaches."
+        f"its start {float(start_res[bad]):.3e}: f has no fixed point that this solve reaches."
     )
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..errors import InputError
 from .base import FixedPointSolver
 
 __all__ = ["Picard"]
@@ -24,16 +25,18 @@ class Picard(FixedPointSolver):
 
     def __init__(self, damping: float = 1.0) -> None:
         if not 0.0 < damping <= 1.0:
-            raise ValueError(f"Picard damping must lie in (0, 1]; got {damping}.")
+            raise InputError(f"Picard damping must lie in (0, 1]; got {damping}.")
         self.damping = float(damping)
 
     def __repr__(self) -> str:
         return f"Picard(damping={self.damping:g})"
 
     def init(self, h: Tensor) -> None:
+        """No memory: a Picard step needs only ``h`` and ``f(h)``."""
         return None
 
     def step(self, memory: Any, h: Tensor, fh: Tensor) -> tuple[Tensor, None]:
+        """``(1 − β) h + β f(h)`` ``[S, d]``, and no memory."""
         if self.damping == 1.0:  # the plain iteration: f(h) itself
             return fh, None
         return h + self.damping * (fh - h), None

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["Residual"]
 
 
@@ -30,13 +32,19 @@ class Residual:
     def evaluate(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """``(F(h), g(h))`` from one evaluation of ``F``.
 
+        Args:
+            h: the iterate, rows ``[S, d]``.
+
+        Returns:
+            ``F(h)`` and ``g(h)``, each ``[S, d]``.
+
         Raises:
-            ValueError: ``F`` modified its argument in place (the iterate it was given).
+            InputError: ``F`` modified its argument in place (the iterate it was given).
         """
         version = None if h.is_inference() else h._version  # inference tensors have none
         value = self.fn(h)
         if version is not None and h._version != version:
-            raise ValueError(
+            raise InputError(
                 "f modified the state it was given in place (e.g. torch.relu_(h) or h += …), "
                 "which corrupts the solver's iterate: use out-of-place operations on h "
                 "(torch.relu(h), h = h + …)."

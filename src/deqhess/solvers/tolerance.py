@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -20,9 +21,13 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
     About ``1e-10`` in float64 and ``1e-5`` in float32: a few hundred ulps of the
     state, which is what the second-order quantities need to keep their own accuracy.
+    Another dtype is refused (:class:`~deqhess.InputError`).
 
-    Raises:
-        ValueError: ``dtype`` is neither float32 nor float64.
+    Args:
+        dtype: the state's dtype, float32 or float64.
+
+    Returns:
+        The relative tolerance.
     """
     return _DEFAULT_RTOL[supported_dtype(dtype, "the state")]
 
@@ -46,9 +51,17 @@ class Tolerance:
     def resolve(cls, tol: float | None, atol: float | None, dtype: torch.dtype) -> Tolerance:
         """Fill in defaults: ``tol`` by dtype, ``atol`` equal to ``tol`` (unit scale).
 
-        Raises:
-            ValueError: ``dtype`` is not float32/float64; ``tol`` outside ``[0, 1)`` or
-                ``atol`` negative, NaN or infinite (``tol=inf`` would accept ``h0``).
+        Refused (:class:`~deqhess.InputError`): a dtype other than float32/float64,
+        ``tol`` outside ``[0, 1)``, ``atol`` negative, NaN or infinite (``tol=inf`` would
+        accept ``h0``).
+
+        Args:
+            tol: the relative tolerance, or ``None`` for the dtype's default.
+            atol: the absolute tolerance, or ``None`` for ``tol``.
+            dtype: the state's dtype.
+
+        Returns:
+            The rule.
         """
         supported_dtype(dtype, "the state")
         rtol = default_tolerance(dtype) if tol is None else tol
@@ -68,9 +81,19 @@ class Tolerance:
         )
         return cls(rtol=rtol, atol=abs_tol)
 
+    @overload
+    def threshold(self, scale: Tensor) -> Tensor: ...
+    @overload
+    def threshold(self, scale: np.ndarray) -> np.ndarray: ...
     def threshold(self, scale: Tensor | np.ndarray) -> Tensor | np.ndarray:
-        """Per-row residual bound for rows whose ``‖f(h)‖`` is ``scale`` (a tensor or a
-        NumPy array, answered in kind)."""
+        """Per-row residual bound ``max(atol, rtol · scale)``.
+
+        Args:
+            scale: ``‖f(h)‖`` per row, a tensor or a NumPy array.
+
+        Returns:
+            The bound per row, of ``scale``'s kind.
+        """
         if isinstance(scale, np.ndarray):
             return np.maximum(self.rtol * scale, scale.dtype.type(self.atol))
         return torch.clamp(self.rtol * scale, min=self.atol)

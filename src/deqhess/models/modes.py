@@ -1,0 +1,83 @@
+"""What a model must be for its data-set curvature to be one fixed operator, checked on
+every pass — and the proof that a pass left it as it was.
+
+Every product reruns the model on every batch. That defines one linear operator only
+if the model is one fixed function: no module that draws random numbers or uses (and
+updates) batch statistics in its current mode (:func:`check_modes`, naming each such
+module), and nothing in the forward that writes the model's parameters or buffers
+(:class:`StateGuard`, checked after each pass). deqhess never switches the user's
+modules to ``eval()`` itself: that would change the model it was given.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..errors import InputError, ModelChangedError
+from ..nn.contract import training_hazard
+
+__all__ = ["StateGuard", "check_modes"]
+
+
+def check_modes(model: nn.Module, label: str) -> None:
+    """Refuse a model holding modules that are another function on every call.
+
+    Raises:
+        ValueError: naming each such module (dropout, batch norm, … in training mode).
+    """
+    hazards = [
+        (f"model.{name}" if name else "the model", reason)
+        for name, module in model.named_modules()
+        if (reason := training_hazard(module)) is not None
+    ]
+    if not hazards:
+        return
+    listed = "; ".join(f"{name} is {reason}" for name, reason in hazards[:4])
+    more = f" (and {len(hazards) - 4} more)" if len(hazards) > 4 else ""
+    raise InputError(
+        f"{label} reruns the model on every pass and needs it to be the same function each "
+        f"time, but {listed}{more}. Call model.eval() before the analysis (and model.train() "
+        "after it, to resume training); deqhess does not switch modes itself, since that "
+        "would change your model."
+    )
+
+
+class StateGuard:
+    """The model's parameters and buffers when the guard was made, to tell whether the
+    forward wrote any of them (in place, or by rebinding)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._state = self._read(model)
+
+    @classmethod
+    def snapshot(cls, model: nn.Module) -> tuple:
+        """A comparable token of the model's parameters and buffers (names, identities,
+        versions): equal tokens mean nothing was written in between."""
+        return tuple((n, id(t), v) for n, (t, v) in cls._read(model).items())
+
+    @staticmethod
+    def _read(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
+        named = [*model.named_parameters(remove_duplicate=False)]
+        named += model.named_buffers(remove_duplicate=False)
+        return {name: (tensor, tensor._version) for name, tensor in named}
+
+    def check(self, label: str) -> None:
+        """Raise :class:`deqhess.ModelChangedError` naming what the forward changed."""
+        now = self._read(self.model)
+        changed = sorted(
+            name
+            for name in set(now) | set(self._state)
+            if name not in now
+            or name not in self._state
+            or now[name][0] is not self._state[name][0]
+            or now[name][1] != self._state[name][1]
+        )
+        if changed:
+            raise ModelChangedError(
+                f"the model's forward changed its own state during a pass of {label}: "
+                f"{changed[:6]}{' …' if len(changed) > 6 else ''} were written (e.g. running "
+                "statistics, a counter, a cached weight). The analysis reruns the model on "
+                "every pass, so it must not update itself: keep such state out of forward, or "
+                "freeze it (eval() mode) for the analysis."
+            )

@@ -1,0 +1,139 @@
+"""Content fingerprints: of each sample of a batch, of a whole batch, and of a response.
+
+A data-set operator is a fixed linear operator only if every pass sees the same samples
+and the model returns the same thing on them. Both are checked from fingerprints that
+cost a few integer operations per input byte:
+
+* :func:`sample_hashes` — one 64-bit hash per sample of a batch's inputs and targets
+  (bitwise: any change of a sample's bytes changes its hash, up to a 2⁻⁶⁴ chance). A
+  pass's hashes form a multiset, so the order and grouping of batches do not matter.
+* :func:`batch_key` — the batch as a whole, samples in order: the key under which a
+  solved batch or its warm starts are stored, so a stored batch is reused only for
+  the same content.
+* :func:`response_sketch` — per sample, two fixed random projections and the norm of
+  what the model returns (float64), compared with a tolerance because a re-solved
+  fixed point agrees with the first only to the solver's tolerance.
+
+The sample hash is linear in the bytes, ``Σⱼ wⱼ kⱼ mod 2⁶⁴`` over the sample's 64-bit
+words ``wⱼ`` with fixed random odd keys ``kⱼ`` (a different key sequence per leaf of
+the batch), plus a hash of what is shared by the batch (leaves without a sample
+dimension, dtypes and shapes). It runs on the batch's own device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["batch_key", "response_sketch", "sample_hashes"]
+
+_SEED = 0x5EED_DEC5
+
+
+@lru_cache(maxsize=64)
+def _keys(words: int, leaf: int) -> Tensor:
+    """``[words]`` fixed random odd int64 keys for leaf number ``leaf`` (CPU)."""
+    generator = torch.Generator().manual_seed(_SEED + 1_000_003 * leaf + words)
+    half = torch.randint(-(2**62), 2**62, (words,), generator=generator, dtype=torch.int64)
+    return half * 2 + 1
+
+
+def _words(rows: Tensor) -> Tensor:
+    """``[n, w]`` int64 words of the bytes of ``rows`` ``[n, m]`` (zero-padded)."""
+    raw = rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)
+    pad = -raw.shape[1] % 8
+    if pad:
+        raw = torch.nn.functional.pad(raw, (0, pad))
+    return raw.view(torch.int64)
+
+
+def _digest(*parts: Any) -> int:
+    """A signed 64-bit hash of ``parts``: tensors by their bytes, the rest by ``repr``."""
+    hasher = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Tensor):
+            t = part.detach().cpu().contiguous()
+            hasher.update(repr((t.dtype, tuple(t.shape))).encode())
+            hasher.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            hasher.update(repr(part).encode())
+    return int.from_bytes(hasher.digest()[:8], "little", signed=True)
+
+
+def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
+    """``[samples]`` int64 hashes, one per sample of ``batch`` (e.g. ``(x, target)``).
+
+    Args:
+        batch: tensors, or tuples / lists / dicts of them and other values.
+        samples: the batch's sample count ``n``.
+        dim: the sample dimension of its tensors (None: the batch is one sample). A
+            tensor whose size along ``dim`` is not ``n`` (or that has no such
+            dimension), and every non-tensor, is shared by the batch: it enters every
+            sample's hash.
+    """
+    leaves, spec = tree_flatten(batch)
+    per_sample = dim is not None
+    # nothing that depends on the batch's size: a sample hashes alike in any batch
+    shared: list[Any] = [repr(spec)] if per_sample else [repr(spec), samples]
+    total: Tensor | None = None
+    for index, leaf in enumerate(leaves):
+        if (
+            per_sample
+            and isinstance(leaf, Tensor)
+            and leaf.ndim > dim
+            and leaf.shape[dim] == samples
+            and samples > 0
+        ):
+            rows = leaf.detach().movedim(dim, 0).reshape(samples, -1)
+            shared.append(("rows", index, rows.dtype, tuple(leaf.movedim(dim, 0).shape[1:])))
+            if rows.shape[1] == 0:
+                continue
+            words = _words(rows)
+            keys = _keys(words.shape[1], index).to(words.device)
+            value = (words * keys).sum(dim=1)
+            total = value if total is None else total + value
+        else:
+            shared.append(("shared", index, leaf))
+    context = _digest(*shared)
+    count = samples if per_sample else 1
+    device = next((t.device for t in leaves if isinstance(t, Tensor)), torch.device("cpu"))
+    if total is None:
+        total = torch.zeros(count, dtype=torch.int64, device=device)
+    return (total + context).cpu()
+
+
+def batch_key(hashes: Tensor) -> str:
+    """The batch's content key: its sample hashes in order (``[n]`` int64)."""
+    return hashlib.sha256(hashes.numpy().tobytes() + str(len(hashes)).encode()).hexdigest()
+
+
+@lru_cache(maxsize=16)
+def _projections(width: int) -> Tensor:
+    generator = torch.Generator().manual_seed(_SEED + width)
+    return torch.randn(width, 2, generator=generator, dtype=torch.float64) / max(width, 1) ** 0.5
+
+
+def response_sketch(response: Any, samples: int, dim: int | None = 0) -> Tensor | None:
+    """``[samples, 3]`` float64: per sample, two fixed random projections of its rows of
+    every floating tensor in ``response``, and their norm; None when a floating tensor
+    of ``response`` has no sample dimension of size ``samples`` (then it cannot be
+    told apart per sample) or there is none."""
+    leaves = [t for t in tree_flatten(response)[0] if isinstance(t, Tensor)]
+    leaves = [t for t in leaves if t.is_floating_point()]
+    if not leaves:
+        return None
+    if dim is None:
+        rows = [t.detach().reshape(1, -1) for t in leaves]
+    elif all(t.ndim > dim and t.shape[dim] == samples for t in leaves):
+        rows = [t.detach().movedim(dim, 0).reshape(samples, -1) for t in leaves]
+    else:
+        return None
+    flat = torch.cat([r.to(torch.float64) for r in rows], dim=1)
+    projected = flat @ _projections(flat.shape[1]).to(flat.device)
+    norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+    return torch.cat([projected, norms], dim=1).cpu()

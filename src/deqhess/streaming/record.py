@@ -1,0 +1,231 @@
+"""What the first pass over the data saw, and the check that every later pass sees it too.
+
+The first pass records the multiset of its sample hashes (every sample read) and, for
+the samples it kept, a sketch of what the model returned on each
+(:mod:`deqhess.streaming.fingerprint`). A later pass is checked batch by batch — a
+sample the first pass never read stops it at once — and at its end — the same
+multiset of samples. A kept sample whose response moved by more than the batch's
+tolerance means the model is not the same function on every pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DataChangedError, ModelChangedError
+
+__all__ = ["PassCheck", "PassRecord", "response_tolerance"]
+
+_FIX = (
+    "Pass data that give the same samples on every read: a list of batches, or a "
+    "DataLoader with shuffle=False (or drop_last=False) and no random transforms "
+    "(augment once, before building the operator; a fixed torch.utils.data.Subset for a "
+    "subset). After changing the data, build a new operator."
+)
+
+_MODEL_FIX = (
+    "The model must be the same function on every pass: no module that draws random "
+    "numbers (dropout, noise) or uses batch statistics (put them in eval() mode), no "
+    "state the forward updates, and, if it couples the samples of a batch, batches that "
+    "are the same on every pass (shuffle=False)."
+)
+
+
+@dataclass
+class PassRecord:
+    """The first pass: its samples (sorted hashes), and its kept samples' responses.
+
+    Attributes:
+        hashes: ``[N]`` sorted int64 hashes of every sample read.
+        batches: the number of batches read.
+        kept: ``[M]`` sorted hashes of the samples kept (not excluded).
+        sketches: ``[M, 3]`` their response sketches (NaN where none was taken).
+        whole: response sketches of batches that could not be told apart per sample,
+            by batch key.
+    """
+
+    hashes: Tensor
+    batches: int
+    kept: Tensor
+    sketches: Tensor
+    whole: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return len(self.hashes)
+
+
+class PassCheck:
+    """One pass's check against ``record`` (None: this is the first pass, which records).
+
+    Args:
+        record: the first pass's :class:`PassRecord`, or None.
+        label: what the data feed (for messages), e.g. ``"ModelCurvature"``.
+    """
+
+    def __init__(self, record: PassRecord | None, label: str) -> None:
+        self.record, self.label = record, label
+        self.seen: list[Tensor] = []
+        self.kept: list[Tensor] = []
+        self.sketches: list[Tensor] = []
+        self.whole: dict[str, tuple[Tensor, float]] = {}
+        self.batches = 0
+
+    @property
+    def samples(self) -> int:
+        return sum(len(h) for h in self.seen)
+
+    def read(self, hashes: Tensor) -> None:
+        """A batch was read: its ``[n]`` sample hashes; a sample the first pass did not
+        read raises :class:`DataChangedError` at once."""
+        self.seen.append(hashes)
+        self.batches += 1
+        if self.record is None or len(hashes) == 0:
+            return
+        new = int((~_member(hashes, self.record.hashes)).sum())
+        if new:
+            raise DataChangedError(
+                f"batch {self.batches} of this pass over the data of {self.label} holds "
+                f"{new} of its {len(hashes)} samples that the first pass never read, so "
+                "the data are not the same on every pass"
+                f"{_cause(new, len(hashes))}. {_FIX}",
+                self.samples,
+                self.record.samples,
+                new,
+            )
+
+    def responded(self, hashes: Tensor, sketch: Tensor | None, tolerance: float, key: str) -> None:
+        """The kept samples ``hashes`` ``[m]`` and the sketch ``[m, 3]`` of what the
+        model returned on them (None: no sketch; ``key``: the batch's, when the sketch
+        is one row for the whole batch)."""
+        self.kept.append(hashes)
+        whole = sketch is not None and len(sketch) != len(hashes)
+        if whole:
+            self.whole[key] = (sketch, tolerance)
+            sketch = None
+        if sketch is None:
+            sketch_rows = torch.full((len(hashes), 3), float("nan"), dtype=torch.float64)
+        else:
+            sketch_rows = sketch
+        self.sketches.append(sketch_rows)
+        if self.record is None:
+            return
+        if whole:
+            previous = self.record.whole.get(key)
+            if previous is not None:
+                _compare(self.whole[key][0], previous[0], tolerance, self.label)
+            return
+        if sketch is None or len(hashes) == 0:
+            return
+        kept = self.record.kept.numpy()
+        where = np.minimum(np.searchsorted(kept, hashes.numpy()), max(len(kept) - 1, 0))
+        found = kept[where] == hashes.numpy() if len(kept) else np.zeros(len(hashes), bool)
+        if not found.all():
+            raise ModelChangedError(
+                f"{int((~found).sum())} samples of {self.label}'s data were kept on this pass "
+                "but left out as unconverged on the first (or the reverse): the model's "
+                f"fixed points are not the same on every pass. {_MODEL_FIX}",
+                int((~found).sum()),
+            )
+        _compare(sketch, self.record.sketches[torch.from_numpy(where)], tolerance, self.label)
+
+    def finish(self) -> PassRecord | None:
+        """End of the pass: raise unless it read what the first pass read; the first
+        pass returns its record."""
+        seen = torch.sort(torch.cat(self.seen) if self.seen else _empty()).values
+        kept = torch.cat(self.kept) if self.kept else _empty()
+        order = torch.argsort(kept)
+        if self.record is None:
+            return PassRecord(
+                hashes=seen,
+                batches=self.batches,
+                kept=kept[order],
+                sketches=torch.cat(self.sketches)[order] if self.sketches else _empty(0, 3),
+                whole=self.whole,
+            )
+        expected = self.record.hashes
+        if len(seen) != len(expected) or not torch.equal(seen, expected):
+            changed = int((~_member(seen, expected)).sum()) if len(expected) else len(seen)
+            raise DataChangedError(
+                f"this pass over the data of {self.label} read {len(seen)} samples in "
+                f"{self.batches} batches, the first read {len(expected)} in "
+                f"{self.record.batches}"
+                + (f" ({changed} of this pass's samples are new)" if changed else "")
+                + f", so the data are not the same on every pass{_cause(changed, len(seen))}. "
+                + _FIX,
+                len(seen),
+                len(expected),
+                changed,
+            )
+        if not torch.equal(torch.sort(kept).values, self.record.kept):
+            raise ModelChangedError(
+                f"this pass kept {len(kept)} of {self.label}'s samples as converged, the "
+                f"first kept {len(self.record.kept)}: the model's fixed points are not the "
+                f"same on every pass. {_MODEL_FIX}"
+            )
+        return None
+
+
+def _empty(*shape: int) -> Tensor:
+    if not shape:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.zeros(shape, dtype=torch.float64)
+
+
+def _member(query: Tensor, sorted_: Tensor) -> np.ndarray:
+    """``[len(query)]`` bool: whether each hash is in the sorted ``sorted_``."""
+    if len(sorted_) == 0:
+        return np.zeros(len(query), dtype=bool)
+    values = sorted_.numpy()
+    where = np.minimum(np.searchsorted(values, query.numpy()), len(values) - 1)
+    return values[where] == query.numpy()
+
+
+def _cause(changed: int, samples: int) -> str:
+    if changed and changed == samples:
+        return (
+            " — every sample differs: a random transform (augmentation) applied on every "
+            "read, or data replaced after the operator was built"
+        )
+    if changed:
+        return (
+            " — some samples differ: a loader that draws another subset each pass "
+            "(shuffle=True with drop_last=True, a random sampler), or data changed after "
+            "the operator was built"
+        )
+    return ""
+
+
+def _compare(now: Tensor, first: Tensor, tolerance: float, label: str) -> None:
+    """Raise :class:`ModelChangedError` where a response sketch moved past tolerance."""
+    now_, first_ = now.numpy(), first.numpy()
+    valid = ~(np.isnan(now_).any(axis=1) | np.isnan(first_).any(axis=1))
+    if not valid.any():
+        return
+    now_, first_ = now_[valid], first_[valid]
+    scale = np.maximum(now_[:, 2], first_[:, 2])
+    floor = 1e-3 * float(scale.mean()) + np.finfo(np.float64).tiny
+    change = np.abs(now_ - first_).max(axis=1) / (scale + floor)
+    moved = change > tolerance
+    if moved.any():
+        worst = float(change.max())
+        raise ModelChangedError(
+            f"the model returned other values on the same samples of {label}'s data than "
+            f"on the first pass: {int(moved.sum())} samples moved, by up to {worst:.2e} "
+            f"relative (more than the solves' tolerance allows, {tolerance:.0e}). " + _MODEL_FIX,
+            int(moved.sum()),
+            worst,
+        )
+
+
+def response_tolerance(rtol: float, dtype: torch.dtype) -> float:
+    """How far a re-solved response may move from the first pass's, relative: a thousand
+    times the solve's relative tolerance (a fixed point re-solved from another start
+    agrees to about ``‖(I − J)⁻¹‖`` times it), and no less than 1e-9 (float64) or 1e-4
+    (float32), rounding. Dropout or batch statistics move a response by far more."""
+    floor = 1e-9 if dtype == torch.float64 else 1e-4
+    return max(floor, 1e3 * rtol)

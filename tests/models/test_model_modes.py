@@ -1,0 +1,162 @@
+"""The user's model as it really comes: modules in training mode are refused by name,
+a forward that draws random numbers or writes the model's state is refused, and no
+analysis changes anything of the model (parameters, buffers, random state: bitwise).
+
+References: unrolled float64 autograd of the same model (``models.py``), 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import Classifier, Reference, unrolled_twin
+from problems import relative_error
+from torch import nn
+
+import deqhess as dh
+from deqhess.curvature import extreme_eigenpairs, hutchpp
+
+
+def _data(sizes=(3, 4), m=3, k=2):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(sum(sizes), m, generator=g), torch.randn(sum(sizes), k, generator=g)
+    return list(zip(x.split(list(sizes)), y.split(list(sizes)), strict=True))
+
+
+class Headed(nn.Module):
+    """A classifier whose head holds a module with a training-mode behaviour."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.body = Classifier()
+        self.extra = module
+
+    def forward(self, x):
+        return self.extra(self.body(x))
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: nn.Dropout(0.2), r"model.extra is dropout in training mode"),
+        (lambda: nn.BatchNorm1d(2), r"model.extra is batch norm in training mode"),
+    ],
+    ids=["dropout", "batch-norm"],
+)
+def test_training_mode_modules_anywhere_are_refused_by_name(make, reason):
+    """Dropout in train mode made two products differ by 33–79% and `deqhess analyze`
+    report an operator error of 5e-17; batch norm moved the running statistics on every
+    pass. Refused at construction, and again at a pass if the mode changes later; in
+    eval() mode the operators are the unrolled model's."""
+    model = Headed(make())
+    data = _data()
+    with pytest.raises(ValueError, match=reason + r".*Call model.eval\(\)"):
+        dh.ModelCurvature(model, nn.MSELoss(), data)
+    model.eval()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    twin = unrolled_twin(model.body)
+    reference_model = Headed(make()).eval()
+    reference_model.body = twin
+    reference_model.load_state_dict(model.state_dict(), strict=False)
+    reference = Reference(reference_model, nn.MSELoss(), data, curvature.layout.names)
+    assert relative_error(curvature.hessian(), reference.total()) <= 1e-9
+    model.extra.train()
+    with pytest.raises(ValueError, match=reason):
+        curvature.grad()
+
+
+def test_other_random_or_self_updating_modules_are_named_too():
+    data = _data()
+    with pytest.raises(ValueError, match=r"model.extra is RReLU in training mode"):
+        dh.ModelCurvature(Headed(nn.RReLU()), nn.MSELoss(), data)
+    spectral = Headed(nn.utils.parametrizations.spectral_norm(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"model.extra is a spectral norm in training mode"):
+        dh.ModelCurvature(spectral, nn.MSELoss(), data)
+    statistics = nn.Sequential(Headed(nn.Identity()), nn.Unflatten(1, (1, 2)),
+                               nn.InstanceNorm1d(1, track_running_stats=True))  # fmt: skip
+    with pytest.raises(ValueError, match=r"model.2 is instance norm with running statistics"):
+        dh.ModelCurvature(statistics, nn.MSELoss(), data)
+
+
+def test_every_analysis_leaves_the_model_and_the_random_state_bitwise_unchanged():
+    """Batch norm (eval) in the head, a DEQ inside: after each analysis the parameters,
+    buffers (running statistics, num_batches_tracked) and torch's generator are the
+    same bits as before."""
+    model = Headed(nn.BatchNorm1d(2)).eval()
+    with torch.no_grad():
+        model.extra.running_mean.fill_(0.3)
+        model.extra.running_var.fill_(2.0)
+    data = _data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    analyses = [
+        curvature.grad,
+        curvature.hessian,
+        lambda: curvature.hessian(split=True),
+        lambda: curvature.ggn_operator().to_dense(),
+        lambda: extreme_eigenpairs(curvature.hessian_operator(), 2, dense_below=0, progress=False),
+        lambda: hutchpp(curvature.hessian_operator(), 30, progress=False),
+    ]
+    for analysis in analyses:
+        analysis()
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert torch.equal(torch.random.get_rng_state(), rng)
+    assert int(model.extra.num_batches_tracked) == 0
+
+
+class Noisy(nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, 0.3, training=True)
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_a_forward_that_draws_random_numbers_or_writes_state_is_refused():
+    data = _data()
+    noisy = dh.ModelCurvature(Headed(Noisy()), nn.MSELoss(), data)
+    rng = torch.random.get_rng_state()
+    with pytest.raises(dh.ModelChangedError, match="drew random numbers"):
+        noisy.grad()
+    assert torch.equal(torch.random.get_rng_state(), rng)  # put back
+    counting = Headed(Counting())
+    with pytest.raises(dh.ModelChangedError, match=r"\['extra.calls'\] were written"):
+        dh.ModelCurvature(counting, nn.MSELoss(), data).grad()
+
+
+class Scaled(nn.Module):
+    """A head scaled by a plain attribute (neither parameter nor buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.scale * x
+
+
+def test_a_model_changed_between_products():
+    """New parameter values (an optimiser step) start the checks afresh: the next
+    product is the new model's; a change deqhess cannot see (a plain attribute) is
+    caught by the model's outputs."""
+    model = Headed(Scaled())
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    v = torch.randn(curvature.num_parameters)
+    curvature.hvp(v)
+    with torch.no_grad():
+        model.body.head.weight.mul_(1.5)
+    fresh = dh.ModelCurvature(model, nn.MSELoss(), data)
+    assert relative_error(curvature.hvp(v), fresh.hvp(v)) <= 1e-12
+    model.extra.scale = 2.0
+    with pytest.raises(dh.ModelChangedError, match="returned other values on the same samples"):
+        curvature.hvp(v)
