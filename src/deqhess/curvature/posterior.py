@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError
+from ..errors import ConvergenceError, InputError
 from .base import Counted, SymmetricOperator, rademacher
 from .inverse import InverseStatus, solve_damped
 
@@ -87,9 +87,9 @@ def inverse_diagonal(
     """
     size = op.shape[0]
     if not damping > 0:
-        raise ValueError(f"damping must be > 0 (a prior precision); got {damping!r}.")
+        raise InputError(f"damping must be > 0 (a prior precision); got {damping!r}.")
     if method not in ("auto", "dense", "probes"):
-        raise ValueError(f"unknown method {method!r}; use 'auto', 'dense' or 'probes'.")
+        raise InputError(f"unknown method {method!r}; use 'auto', 'dense' or 'probes'.")
     if method == "auto":
         method = (
             "dense"
@@ -99,7 +99,7 @@ def inverse_diagonal(
     if method == "dense":
         return _dense(op, damping, max_hvps, progress)
     if num_probes < 2:
-        raise ValueError(f"num_probes must be >= 2 for an error estimate; got {num_probes}.")
+        raise InputError(f"num_probes must be >= 2 for an error estimate; got {num_probes}.")
     return _probes(op, damping, num_probes, tol, max_hvps, seed, progress)
 
 
@@ -177,7 +177,7 @@ def _probes(
 
 def _require_definite(curvature: float | None, damping: float) -> None:
     if curvature is not None and curvature <= 0:
-        raise ValueError(
+        raise InputError(
             f"G + δI is not positive definite (a curvature of {curvature:.3e} with δ = "
             f"{damping:g}), so it is no covariance: use a positive semi-definite G (a GGN "
             "or Fisher rather than the Hessian) or a damping above −λ_min(G)."

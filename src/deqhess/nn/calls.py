@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..solvers import Convergence, SolveInfo
 from .policy import LayerPolicy
 
@@ -110,10 +111,10 @@ class ConvergenceRecord:
             ValueError: no call, or calls of different batch sizes (read ``calls``).
         """
         if not self.calls:
-            raise ValueError("no DEQ layer was called inside the convergence() block.")
+            raise InputError("no DEQ layer was called inside the convergence() block.")
         sizes = {tuple(c.info.converged_mask.shape) for c in self.calls}
         if len(sizes) != 1:
-            raise ValueError(
+            raise InputError(
                 f"the calls have different numbers of samples {sorted(sizes)}: read "
                 "record.calls one by one."
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from ..errors import InputError
 from ..solvers import Convergence
 
 __all__ = ["LayerPolicy"]
@@ -40,12 +41,12 @@ class LayerPolicy:
         """
         if policy == "training":
             if not isinstance(require_convergence, bool):
-                raise ValueError(
+                raise InputError(
                     f"require_convergence must be True or False; got {require_convergence!r}."
                 )
             return cls(Convergence("best", warn=False), "report")
         if isinstance(policy, str) and policy not in ("raise", "best"):
-            raise ValueError(
+            raise InputError(
                 f"unknown convergence {policy!r}; use 'raise', 'best', 'training' (carry on "
                 "like torchdeq, marking what missed) or a deqhess.solvers.Convergence."
             )

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnsupportedDerivativeError
+from ..errors import ConvergenceError, InputError, UnsupportedDerivativeError
 from ..linear import LinearSolveStats, neumann_then_gmres
 from ..linear.base import LinearSolveInfo
 from ..solvers import Anderson, Picard, Residual, SolveInfo, Tolerance, solve_fixed_point
@@ -74,14 +74,14 @@ def get_deq(args: Any = None, **kwargs: Any) -> TorchdeqDEQ:
     """
     unknown = sorted(set(kwargs) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"get_deq got unknown options {unknown}; known: {sorted(DEFAULTS)}.")
+        raise InputError(f"get_deq got unknown options {unknown}; known: {sorted(DEFAULTS)}.")
     if isinstance(args, argparse.Namespace):
         args = vars(args)
     if args is not None and not isinstance(args, Mapping):
-        raise ValueError(f"args must be an argparse.Namespace, a dict or None; got {args!r}.")
+        raise InputError(f"args must be an argparse.Namespace, a dict or None; got {args!r}.")
     config = {**DEFAULTS, **{k: v for k, v in (args or {}).items() if k in DEFAULTS}, **kwargs}
     if config["n_states"] > 1 or config["indexing"] or config["sup_gap"] > 0 or config["sup_loc"]:
-        raise ValueError(
+        raise InputError(
             "trajectory supervision (n_states > 1, indexing, sup_gap, sup_loc) trains on "
             "solver iterates, which have no counterpart here: deqhess differentiates the "
             "fixed point itself. Drop those options (z_out is then [z*])."
@@ -96,7 +96,7 @@ class TorchdeqDEQ(nn.Module):
         super().__init__()
         name = config["f_solver"]
         if name not in _SOLVERS:
-            raise ValueError(f"unknown f_solver {name!r}; use one of {sorted(_SOLVERS)}.")
+            raise InputError(f"unknown f_solver {name!r}; use one of {sorted(_SOLVERS)}.")
         self.solver = _SOLVERS[name]()
         self.config = config
         self.policy = LayerPolicy.resolve(config["convergence"])
@@ -122,13 +122,13 @@ class TorchdeqDEQ(nn.Module):
         if z_init is None and "z_star" in kwargs:
             z_init = kwargs.pop("z_star")
         if z_init is None:
-            raise ValueError("pass the initial state z_init (a tensor or a list of tensors).")
+            raise InputError("pass the initial state z_init (a tensor or a list of tensors).")
         if kwargs:
-            raise ValueError(f"unknown arguments {sorted(kwargs)} for the DEQ call.")
+            raise InputError(f"unknown arguments {sorted(kwargs)} for the DEQ call.")
         solver_kwargs = dict(solver_kwargs or {})
         max_iter = solver_kwargs.pop("f_max_iter", None)
         if solver_kwargs:
-            raise ValueError(
+            raise InputError(
                 f"solver_kwargs supports f_max_iter only; got {sorted(solver_kwargs)}."
             )
         if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -187,8 +187,6 @@ class _Backward:
         )
         self.stats.record(info)
         if not info.converged and self.on_failure == "raise":
-            from ..errors import ConvergenceError
-
             raise ConvergenceError(
                 f"the backward's adjoint solve reached a relative residual {info.residual:.2e} "
                 f"after {info.iterations} products, above b_tol: raise b_max_iter, or use "
@@ -229,7 +227,7 @@ class _FlatState:
         elif isinstance(z, (list, tuple)) and z and all(isinstance(t, Tensor) for t in z):
             self.kind, self.shapes = type(z), [tuple(t.shape) for t in z]
         else:
-            raise ValueError(f"z_init must be a tensor or a list of tensors; got {type(z)}.")
+            raise InputError(f"z_init must be a tensor or a list of tensors; got {type(z)}.")
         self.batch = self.shapes[0][0]
 
     def rows(self, z: Any) -> Tensor:
@@ -244,7 +242,7 @@ class _FlatState:
 
 def _tolerance(tol: float, mode: str) -> Tolerance:
     if mode not in ("abs", "rel"):
-        raise ValueError(f"stop mode must be 'abs' or 'rel'; got {mode!r}.")
+        raise InputError(f"stop mode must be 'abs' or 'rel'; got {mode!r}.")
     return Tolerance(rtol=tol, atol=0.0) if mode == "rel" else Tolerance(rtol=0.0, atol=tol)
 
 
