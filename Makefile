@@ -11,13 +11,20 @@ DOCS_STAMP := $(VENV)/.deqhess-docs
 
 .PHONY: demo test lint docs bench bench-extras clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
-	# curvlinops for the interop test, without backpack (whose torchvision would pull a CUDA torch)
-	$(BIN)/pip install --quiet --no-deps curvlinops-for-pytorch
-	$(BIN)/pip install --quiet einops einconv opt-einsum linear_operator
+	# the curvature tools of the ecosystem tests (tests/ecosystem), each with --no-deps so
+	# that pip never replaces the CPU torch: their declared torchvision (a CUDA torch behind
+	# it) is imported by none of the code the tests use (only backpack.utils.examples); the
+	# check fails loudly if pip ever replaced torch all the same
+	$(BIN)/python -c "import torch; print(torch.__version__)" > $(VENV)/.torch-before
+	$(BIN)/pip install --quiet --no-deps curvlinops-for-pytorch==3.0.1 \
+		backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 laplace-torch==0.3 asdfghjkl==0.1a5 \
+		torchmetrics==1.9.0 lightning-utilities==0.15.3 torchdeq==0.1.0
+	$(BIN)/pip install --quiet einops einconv opt-einsum linear_operator typing_extensions
+	$(BIN)/python -c "import torch; print(torch.__version__)" | cmp - $(VENV)/.torch-before
 	touch $(STAMP)
 
 demo: $(STAMP)

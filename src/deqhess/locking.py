@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["ENGINE_LOCK", "engine", "serialized"]
+__all__ = ["ENGINE_LOCK", "autocast_off", "engine", "serialized"]
 
 #: held while a derivative is computed; re-entrant, so nested calls do not deadlock.
 ENGINE_LOCK = threading.RLock()
@@ -52,6 +52,14 @@ def engine() -> Iterator[None]:
     with ENGINE_LOCK, contextlib.ExitStack() as stack:
         if torch.is_inference_mode_enabled():
             stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(autocast_off())
+        yield
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Autocast off (on the devices it knows) within the block, all else as it was."""
+    with contextlib.ExitStack() as stack:
         for device in _AUTOCAST_DEVICES:
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))

@@ -31,6 +31,7 @@ untested.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -367,3 +368,44 @@ def test_picard_forward_solver_gives_the_same_derivatives(name):
             _as_tuple(_run(mode, model, name)), _as_tuple(_reference(name, mode)), strict=True
         ):
             assert relative_error(a, b) <= TOL
+
+
+def _observed_layer_model(name: str, fired: list):
+    """The layer on a copy of the cell carrying an observing forward hook on every
+    submodule: the layer then returns its fixed point through one visible evaluation of
+    the cell (``deqhess.nn.observed``)."""
+    cell, _, _, _, unflatten, readout = _setup(name)
+    cell = copy.deepcopy(cell)
+    for module in cell.modules():
+        module.register_forward_hook(lambda m, i, o: fired.append(type(m).__name__))
+    deq = DEQ(cell, tol=1e-12, atol=1e-13, max_iter=500)
+
+    def model(p, x):
+        params = {f"cell.{k}": v for k, v in unflatten(p).items()}
+        return readout(torch.func.functional_call(deq, params, (x,)))
+
+    return model, deq
+
+
+OBSERVED = [
+    pytest.param(name, mode, id=f"{name}-observed-{mode}")
+    for name in ("tanh", "conv_groupnorm_wide", "tuple_state")
+    for mode in MODES
+]
+
+
+@pytest.mark.parametrize(("name", "mode"), OBSERVED)
+def test_hook_observed_layer_derivative_matches_unrolled(name, mode):
+    """With hooks on the cell every mode stays exact, and a plain forward fires each hook
+    once (not once per solver iteration)."""
+    fired: list[str] = []
+    model, deq = _observed_layer_model(name, fired)
+    got = _as_tuple(_run(mode, model, name))
+    want = _as_tuple(_reference(name, mode))
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        assert relative_error(a, b) <= TOL, (name, mode)
+    fired.clear()
+    _, _, x, _, _, _ = _setup(name)
+    deq(x)
+    assert len(fired) == len(list(deq.cell.modules()))

@@ -25,6 +25,7 @@ from .inverse import (
     newton_step,
     solve_damped,
 )
+from .posterior import InverseDiagonalResult, inverse_diagonal
 from .trace import TraceResult, hutchinson, hutchpp
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "newton_step",
     "InfluenceResult",
     "influence",
+    "InverseDiagonalResult",
+    "inverse_diagonal",
     # the operator's own error
     "OperatorAccuracy",
     "operator_accuracy",

@@ -115,6 +115,8 @@ class LinearSolveStats:
             gives one (dense LU), else None.
         inverse_norm: the largest estimate of ``‖(I − J)⁻¹‖₂`` an iterative solve found
             (GMRES; see :class:`LinearSolveInfo`), else None.
+        unconverged: solves that missed their tolerance and were returned anyway (a
+            solve that reports misses, see :attr:`IterativeSolve.on_failure`).
     """
 
     solves: int = 0
@@ -124,9 +126,11 @@ class LinearSolveStats:
     last: LinearSolveInfo | None = None
     condition_number: float | None = None
     inverse_norm: float | None = None
+    unconverged: int = 0
 
     def record(self, info: LinearSolveInfo) -> None:
         self.solves += 1
+        self.unconverged += not info.converged
         self.products += info.iterations
         self.max_iterations = max(self.max_iterations, info.iterations)
         if info.residual is not None:
@@ -139,7 +143,7 @@ class LinearSolveStats:
         """A copy that later solves do not change."""
         return LinearSolveStats(
             self.solves, self.products, self.max_iterations, self.max_residual, self.last,
-            self.condition_number, self.inverse_norm,
+            self.condition_number, self.inverse_norm, self.unconverged,
         )  # fmt: skip
 
 
@@ -206,24 +210,37 @@ class IterativeSolver(LinearSolver):
 class IterativeSolve(Solve):
     """An iterative method applied to ``A`` (``operator.apply``) or, transposed, to ``Aᵀ``.
 
+    Attributes:
+        on_failure: ``"raise"`` (default) or ``"report"``: return the iterate that missed
+            the tolerance, its ``LinearSolveInfo.converged`` False (a training policy; a
+            diverging Neumann series and non-finite products still raise).
+
     Raises:
         ConvergenceError: a right-hand side did not meet the tolerance; the message
             gives the residual reached and what to try.
     """
 
     def __init__(
-        self, operator: ResidualOperator, method: Method, name: str, transposed: bool = False
+        self,
+        operator: ResidualOperator,
+        method: Method,
+        name: str,
+        transposed: bool = False,
+        on_failure: str = "raise",
     ) -> None:
         self.operator = operator
         self.method = method
         self.name = name
         self.transposed = transposed
+        self.on_failure = on_failure
 
     def __repr__(self) -> str:
         return self.name + (".transpose()" if self.transposed else "")
 
     def transpose(self) -> IterativeSolve:
-        return IterativeSolve(self.operator, self.method, self.name, not self.transposed)
+        return IterativeSolve(
+            self.operator, self.method, self.name, not self.transposed, self.on_failure
+        )
 
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
         apply = self.operator.apply_transpose if self.transposed else self.operator.apply
@@ -244,7 +261,7 @@ class IterativeSolve(Solve):
                 "derivatives do not exist; check torch.func.jacrev of f at the fixed point.",
                 quantity="products with I − J",
             )
-        if not info.converged:
+        if not info.converged and self.on_failure != "report":
             system = "(I − J)ᵀ" if self.transposed else "I − J"
             raise ConvergenceError(
                 f"{self.name} did not solve {system} x = b: relative residual "

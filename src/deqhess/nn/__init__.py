@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from .adapters import StateFirst, TupleState
-from .deq import DEQ, LayerCall, LayerInfo, layer_calls, warm_starts
+from .calls import ConvergenceRecord, LayerCall, convergence, layer_calls, warm_starts
+from .deq import DEQ, LayerInfo
 from .implicit import FixedPointSpec, fixed_point
+from .torchdeq_compat import TorchdeqDEQ, get_deq
 
 __all__ = [
+    "ConvergenceRecord",
     "DEQ",
     "FixedPointSpec",
     "LayerCall",
     "LayerInfo",
     "StateFirst",
+    "TorchdeqDEQ",
     "TupleState",
+    "convergence",
     "fixed_point",
+    "get_deq",
     "layer_calls",
     "warm_starts",
 ]

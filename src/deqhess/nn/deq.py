@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -24,68 +22,15 @@ from ..solvers import (
     solve_fixed_point,
 )
 from ..state import check_state_map
+from .calls import CALLS, Calls, LayerCall, layer_calls, warm_starts
 from .contract import InputLayout, check_deterministic, state_arguments
+from .hooks import has_hooks, hooks_set_aside
 from .implicit import FixedPointSpec, fixed_point
+from .observed import observed_fixed_point
+from .policy import LayerPolicy
 from .reparametrize import functional_call
 
 __all__ = ["DEQ", "LayerCall", "LayerInfo", "layer_calls", "warm_starts"]
-
-
-@dataclass(frozen=True)
-class LayerCall:
-    """One call of a :class:`DEQ` recorded by :func:`layer_calls`: the layer and its
-    forward solve's statistics (``info.converged_mask`` marks the samples that met the
-    tolerance)."""
-
-    layer: DEQ
-    info: SolveInfo
-
-
-@dataclass
-class _Calls:
-    """What :func:`layer_calls` asks of the DEQ calls in its block."""
-
-    store: dict | None
-    records: list[LayerCall] | None
-    keep_best: bool
-    counts: dict[int, int] = field(default_factory=dict)
-
-
-_CALLS: ContextVar[_Calls | None] = ContextVar("deqhess_layer_calls", default=None)
-
-
-@contextlib.contextmanager
-def layer_calls(
-    *, warm: dict | None = None, records: list[LayerCall] | None = None, keep_best: bool = False
-) -> Iterator[None]:
-    """Within the block, every :class:`DEQ` call (outside ``torch.func`` transforms):
-
-    * ``warm`` — called without ``h0``, starts from the fixed point it reached on the
-      same call in ``warm`` last time, and records the new one there. Calls are told
-      apart by layer and by order within the block (a layer called twice is two
-      entries); an entry is used only if its shape and dtype match. The fixed point is
-      still solved to the tolerance — only the start changes.
-    * ``records`` — appends a :class:`LayerCall` with its solve's statistics.
-    * ``keep_best`` — a sample that misses the tolerance keeps its best iterate,
-      without a warning, whatever the layer's own policy (its fallback solvers still
-      run first): for a caller that reads ``records`` and leaves such samples out.
-    """
-    token = _CALLS.set(_Calls(warm, records, keep_best))
-    try:
-        yield
-    finally:
-        _CALLS.reset(token)
-
-
-@contextlib.contextmanager
-def warm_starts(store: dict) -> Iterator[None]:
-    """:func:`layer_calls` with ``warm=store`` alone: within the block, a :class:`DEQ`
-    called without ``h0`` starts from the fixed point it reached on the same call in
-    ``store`` last time, and records the new one there. Meant for re-running the same
-    forward many times (a curvature operator's passes over the data, one ``store`` per
-    batch)."""
-    with layer_calls(warm=store):
-        yield
 
 
 @dataclass(frozen=True)
@@ -132,8 +77,21 @@ class DEQ(nn.Module):
         convergence: what to do with samples that miss the tolerance: ``"raise"``
             (default), ``"best"`` (keep each one's best iterate, warn; with
             ``return_info=True``, ``info.converged_mask`` marks them so a training loss
-            can leave them out) or a :class:`deqhess.solvers.Convergence` with fallback
-            solvers, e.g. ``Convergence("best", fallback=Picard(damping=0.5))``.
+            can leave them out), ``"training"`` (the same without warnings, and the
+            backward's linear solves report a miss in ``info.linear_solves.unconverged``
+            instead of raising: training carries on as with torchdeq, and what missed is
+            marked) or a :class:`deqhess.solvers.Convergence` with fallback solvers, e.g.
+            ``Convergence("best", fallback=Picard(damping=0.5))``. Inside
+            :func:`deqhess.nn.convergence` the block's policy replaces it.
+
+    The backward's linear solves, when ``linear_solver`` is a name, solve to the layer's
+    ``tol`` (default by dtype: 1e-10 in float64, 1e-5 in float32), so the gradient is as
+    accurate as the fixed point.
+
+    Module hooks on the cell and its submodules (BackPACK, KFAC, ASDL, Captum) see one
+    evaluation of the cell at the fixed point, whose backward receives the adjoint
+    ``λ = (I − J)⁻ᵀ ḡ``; the solver's iterations and the derivatives' products run
+    without them (see :mod:`deqhess.nn.hooks` and :mod:`deqhess.nn.observed`).
 
     An empty batch (a state with no entries) returns ``cell(x, h0)``, itself empty.
 
@@ -187,7 +145,8 @@ class DEQ(nn.Module):
         check_linear_solver(linear_solver)
         self.linear_solver = linear_solver
         self.require_convergence = require_convergence
-        self.convergence = Convergence.resolve(convergence, require_convergence)
+        self.policy = LayerPolicy.resolve(convergence, require_convergence)
+        self.convergence = self.policy.forward
 
     def initial_state(self, x: Any) -> Tensor:
         """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
@@ -229,7 +188,7 @@ class DEQ(nn.Module):
             raise ValueError(f"return_info must be True or False; got {return_info!r}.")
         check_deterministic(self.cell)
         inputs = InputLayout(x)
-        calls = _CALLS.get() if torch._C._functorch.peek_interpreter_stack() is None else None
+        calls = CALLS.get() if torch._C._functorch.peek_interpreter_stack() is None else None
         warm = self._warm_entry(calls) if h0 is None else None
         given = h0 is not None
         if given:
@@ -244,23 +203,29 @@ class DEQ(nn.Module):
         if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
             return self._empty(x, h0, return_info)
         cell, count = self.cell, len(inputs.positions)
+        # the solver's iterations and the derivatives' products are no steps of the model:
+        # the cell's hooks see one evaluation, at the fixed point (deqhess.nn.observed)
+        observed = has_hooks(cell)
+        quiet = (lambda: hooks_set_aside(cell)) if observed else contextlib.nullcontext
 
         def evaluate(z: Tensor, *args: Tensor) -> Tensor:
             state = args[count:]
-            if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
-                # the cell's own numbers, nothing to differentiate (the forward solve):
-                # calling it is the same map, without functional_call swapping each tensor
-                # in and out at every evaluation
-                out = cell(inputs.rebuild(args[:count]), z)
-            else:
-                arguments = dict(zip(names, state, strict=True))
-                out = functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
+            with quiet():
+                if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
+                    # the cell's own numbers, nothing to differentiate (the forward solve):
+                    # calling it is the same map, without functional_call swapping each
+                    # tensor in and out at every evaluation
+                    out = cell(inputs.rebuild(args[:count]), z)
+                else:
+                    arguments = dict(zip(names, state, strict=True))
+                    out = functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
             check_state_map(out, z, "cell(x, h)")
             return out
 
         step = _explaining_first_call(evaluate, x) if given else evaluate
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
+        policy = self._policy(calls)
         spec = FixedPointSpec(
             fn=step,
             independent_dims=0 if self.batch_dim is None else 1,
@@ -269,23 +234,29 @@ class DEQ(nn.Module):
             atol=self.atol,
             max_iter=self.max_iter,
             linear_solver=self.linear_solver,
-            require_convergence=self.require_convergence,
+            require_convergence=policy.forward.on_failure == "raise",
             check_rows=self.batch_dim == 0,
             check_registered=(
                 torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
             ),
             on_solve=infos.append if return_info or _recording(calls) else None,
             stats=stats if return_info else None,
-            convergence=self._convergence(calls),
+            convergence=policy.forward,
+            linear_on_failure=policy.linear,
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
                 *(f"cell.{n}" for n in names),
             ),
         )
-        # a copy for the caller: the Function's own output is saved for the backward, so
-        # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
-        solved = fixed_point(spec, h0.detach(), *inputs.tensors, *values)
-        h = solved.clone()
+        args = (*inputs.tensors, *values)
+        if observed:  # a fresh output, the fixed point's value, gradients through cell(x, h*)
+            h = observed_fixed_point(spec, h0.detach(), args, lambda z: cell(x, z))
+            solved = h.detach().clone() if warm is not None else h
+        else:
+            # a copy for the caller: the Function's own output is saved for the backward, so
+            # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
+            solved = fixed_point(spec, h0.detach(), *args)
+            h = solved.clone()
         if warm is not None:
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either
@@ -297,21 +268,22 @@ class DEQ(nn.Module):
             return h, LayerInfo(**forward, linear_solves=stats)
         return h
 
-    def _warm_entry(self, calls: _Calls | None) -> tuple[dict, tuple[int, int]] | None:
+    def _warm_entry(self, calls: Calls | None) -> tuple[dict, tuple[int, int]] | None:
         """``(store, key)`` of this call under :func:`layer_calls` with a store, else None."""
         if calls is None or calls.store is None:
             return None
         calls.counts[id(self)] = count = calls.counts.get(id(self), -1) + 1
         return calls.store, (id(self), count)
 
-    def _convergence(self, calls: _Calls | None) -> Convergence:
-        """The layer's policy, or under ``layer_calls(keep_best=True)`` the same one
-        keeping unconverged samples' best iterates without a warning."""
+    def _policy(self, calls: Calls | None) -> LayerPolicy:
+        """The layer's policy; under :func:`deqhess.nn.convergence` the block's; under
+        ``layer_calls(keep_best=True)`` the layer's keeping unconverged samples' best
+        iterates without a warning (its fallback solvers still run first)."""
+        if calls is not None and calls.policy is not None:
+            return calls.policy
         if calls is None or not calls.keep_best:
-            return self.convergence
-        policy = copy.copy(self.convergence)
-        policy.on_failure, policy.warn = "best", False
-        return policy
+            return self.policy
+        return self.policy.keeping_best()
 
     def _empty(self, x: Tensor, h0: Tensor, return_info: bool) -> Tensor | tuple[Tensor, LayerInfo]:
         """``cell(x, h0)`` for a state with no entries (still connected to the parameters)."""
@@ -329,7 +301,7 @@ class DEQ(nn.Module):
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
 
 
-def _recording(calls: _Calls | None) -> bool:
+def _recording(calls: Calls | None) -> bool:
     return calls is not None and calls.records is not None
 
 

@@ -33,7 +33,14 @@ from torch.utils._pytree import tree_map
 
 from ..errors import UnsupportedDerivativeError
 from ..finiteness import all_finite
-from ..linear import Linearization, LinearSolver, LinearSolveStats, resolve_linear_solver
+from ..linear import (
+    IterativeSolve,
+    Linearization,
+    LinearSolver,
+    LinearSolveStats,
+    resolve_linear_solver,
+)
+from ..linear.base import IterativeSolver
 from ..locking import engine
 from ..solvers import (
     Convergence,
@@ -82,6 +89,9 @@ class FixedPointSpec:
     #: check that ``fn`` reads no tensor needing grad besides its arguments (see
     #: :func:`deqhess.nn.contract.check_registered`), on the solve's first evaluation
     check_registered: bool = False
+    #: what an iterative linear solve that misses its tolerance does: ``"raise"`` or
+    #: ``"report"`` (returned, recorded in ``stats.unconverged``; the training policy)
+    linear_on_failure: str = "raise"
 
     def rows(self, z: Tensor) -> Tensor:
         """``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
@@ -100,6 +110,14 @@ class FixedPointSpec:
         strategy = resolve_linear_solver(
             self.linear_solver, rows.shape[0], rows.shape[1], rows.dtype, few_solves=True
         )
+        if isinstance(self.linear_solver, str) and isinstance(strategy, IterativeSolver):
+            # a strategy chosen by name solves to the layer's tolerance when one is given
+            # (the derivatives are then as accurate as the fixed point they differentiate),
+            # but not below the dtype's ε, where a residual is rounding
+            if self.tol is not None and 0 < self.tol < 1:
+                strategy.rtol = max(self.tol, torch.finfo(rows.dtype).eps)
+        if self.linear_on_failure == "report":
+            strategy = _Reporting(strategy)
         return Linearization(
             Residual(fn_rows),
             rows,
@@ -117,6 +135,20 @@ class FixedPointSpec:
             # backward only to be rejected, so JVPs are plain from the start
             trace_tangent=False,
         )
+
+
+class _Reporting(LinearSolver):
+    """``strategy`` whose iterative solves return what missed the tolerance (recorded as
+    unconverged) instead of raising."""
+
+    def __init__(self, strategy: LinearSolver) -> None:
+        self.strategy = strategy
+
+    def init(self, operator: Any) -> Any:
+        solve = self.strategy.init(operator)
+        if isinstance(solve, IterativeSolve):
+            solve.on_failure = "report"
+        return solve
 
 
 @dataclass
@@ -324,6 +356,21 @@ def _pullback(fn: Callable[[Any], Tensor], primal: Any) -> tuple[Tensor, Callabl
     return value, apply
 
 
+def args_pullback(
+    fn: Callable[..., Tensor], z: Tensor, args: tuple[Tensor, ...], wanted: list[int]
+) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:
+    """``fn(z, *args)`` and ``μ ↦ ((∂fn/∂args_i)ᵀ μ for i in wanted)`` at ``(z, args)``."""
+
+    def of_wanted(chosen: tuple[Tensor, ...]) -> Tensor:
+        full = list(args)
+        for i, t in zip(wanted, chosen, strict=True):
+            full[i] = t
+        return fn(z, *full)
+
+    value, pull = _pullback(of_wanted, tuple(args[i] for i in wanted))
+    return value, lambda mu: pull(mu)[0]
+
+
 def _refuse_legacy_vmap() -> None:
     """``is_grads_batched=True`` (and ``torch.autograd.functional``'s ``vectorize=True``)
     run the backward under torch's legacy vmap, which does not call this Function's
@@ -368,15 +415,7 @@ class _FixedPoint(torch.autograd.Function):
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
         if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
-            fn = system.spec.fn
-
-            def of_wanted(chosen: tuple[Tensor, ...]) -> Tensor:
-                full = list(args)
-                for i, t in zip(wanted, chosen, strict=True):
-                    full[i] = t
-                return fn(z, *full)
-
-            value, pull = _pullback(of_wanted, tuple(args[i] for i in wanted))
+            value, pull = args_pullback(system.spec.fn, z, tuple(args), wanted)
             jacobian = system.jacobian
             if (  # F(h*) comes with the VJP: the determinism check needs no evaluation of its own
                 isinstance(system, _Nonlinear)
@@ -385,8 +424,7 @@ class _FixedPoint(torch.autograd.Function):
             ):
                 jacobian.linearization.certify(system.spec.rows(value.detach()))
             mu = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
-            (pulled,) = pull(mu)
-            for i, g in zip(wanted, pulled, strict=True):
+            for i, g in zip(wanted, pull(mu), strict=True):
                 grads[i] = g
         return (None, None, *grads)
 

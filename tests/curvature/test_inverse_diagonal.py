@@ -1,0 +1,83 @@
+"""``inverse_diagonal``: ``diag((G + δI)⁻¹)`` against a dense inverse.
+
+``G`` is the loss curvature of a convex loss (positive semi-definite, from
+``eq.hessian(..., split=True)``, checked against unrolled autodiff in tests/implicit), and
+the reference ``torch.linalg.inv(G + δI)``. The dense method is exact to rounding (1e-10);
+the probes' estimate must lie within 5 standard errors of the truth in every entry (the
+stated error estimate; with the seed fixed the check is deterministic).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import case, relative_error
+
+import deqhess as dh
+from deqhess.curvature import inverse_diagonal
+
+DAMPING = 0.5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    with torch.random.fork_rng():
+        torch.set_default_dtype(torch.float64)
+        c = case("tanh_batched")
+        eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, tol=1e-14, atol=1e-15, batch_dim=0)
+        split = eq.hessian(c.loss, split=True)
+        readout = eq.hessian(c.loss_theta, split=True)
+    dense = 0.5 * (split.loss_curvature + split.loss_curvature.T)
+    exact = torch.linalg.inv(dense + DAMPING * torch.eye(len(dense))).diagonal()
+    return c, eq, exact, readout
+
+
+def test_dense_is_exact(setup):
+    c, eq, exact, _ = setup
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    result = inverse_diagonal(op, DAMPING, progress=False)
+    assert result.method == "dense" and result.num_hvps == op.shape[0]
+    assert relative_error(result.estimate, exact) <= 1e-10
+
+
+def test_probes_are_within_their_error_estimate(setup):
+    c, eq, exact, _ = setup
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    result = inverse_diagonal(op, DAMPING, method="probes", num_probes=64, tol=1e-10,
+                              progress=False)  # fmt: skip
+    assert result.num_probes == 64 and result.max_residual <= 1e-9
+    assert bool(((result.estimate - exact).abs() <= 5 * result.std_error).all())
+    assert relative_error(result.estimate, exact) <= 0.2  # 64 probes: a rough estimate
+
+
+def test_the_product_cap(setup):
+    c, eq, _, _ = setup
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    size = op.shape[0]
+    with pytest.raises(dh.ConvergenceError, match="above max_hvps"):
+        inverse_diagonal(op, DAMPING, method="dense", max_hvps=size - 1, progress=False)
+    auto = inverse_diagonal(op, DAMPING, max_hvps=size - 1, num_probes=8, progress=False)
+    assert auto.method == "probes" and auto.num_hvps <= size - 1
+    assert 2 <= auto.num_probes < 8  # the cap stopped the probes early
+    with pytest.raises(dh.ConvergenceError, match="fewer than two probes"):
+        inverse_diagonal(op, DAMPING, method="probes", max_hvps=3, progress=False)
+
+
+def test_an_indefinite_system_is_no_covariance(setup):
+    """With a readout in L(h, θ) the loss curvature is indefinite (λ_min ≈ −3.2)."""
+    c, eq, _, _ = setup
+    op = eq.hessian_operator(c.loss_theta, "loss_curvature")
+    for method in ("dense", "probes"):
+        with pytest.raises(ValueError, match="not positive definite"):
+            inverse_diagonal(op, 1e-3, method=method, progress=False)
+
+
+def test_argument_errors(setup):
+    c, eq, _, _ = setup
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        inverse_diagonal(op, 0.0)
+    with pytest.raises(ValueError, match="unknown method 'lanczos'"):
+        inverse_diagonal(op, 1.0, method="lanczos")
+    with pytest.raises(ValueError, match="num_probes must be >= 2"):
+        inverse_diagonal(op, 1.0, method="probes", num_probes=1)

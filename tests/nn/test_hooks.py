@@ -1,0 +1,178 @@
+"""Module hooks on the cell see one evaluation at the fixed point, whose backward carries
+the implicit (adjoint) gradient — never the solver's iterations or the derivatives'
+products.
+
+The references are closed forms of the tanh cell ``f = tanh(W h + U x + b)``: its
+Jacobian ``J = diag(1 − f²) W`` per sample, the adjoint ``λ = (I − J)⁻ᵀ ḡ`` by a dense
+solve, and the gradient reaching ``W h + b`` (``lin``'s output) ``(1 − f²) ⊙ λ``. The
+fixed point is solved to 1e-13 and the dense solve is exact to rounding, so 1e-10 holds
+with margin.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from problems import relative_error
+from torch import nn
+
+from deqhess.nn import DEQ
+
+
+class Cell(nn.Module):
+    def __init__(self, n: int = 5, m: int = 3):
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+        self.inj = nn.Linear(m, n, bias=False)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.4 / torch.linalg.matrix_norm(self.lin.weight, ord=2))
+        self.n = n
+
+    def forward(self, x, h):
+        return torch.tanh(self.lin(h) + self.inj(x))
+
+    def init_state(self, x):
+        return x.new_zeros(x.shape[0], self.n)
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    cell = Cell()
+    return cell, DEQ(cell, tol=1e-13), torch.randn(4, 3)
+
+
+def _adjoint(cell: Cell, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``λ_b = (I − J_bᵀ)⁻¹ ḡ_b`` per sample, ``J_b = diag(1 − f_b²) W`` (``f_b = h_b``)."""
+    w = cell.lin.weight.detach()
+    eye = torch.eye(h.shape[1], dtype=h.dtype)
+    out = []
+    for hb, gb in zip(h, g, strict=True):
+        jac = (1 - hb**2)[:, None] * w
+        out.append(torch.linalg.solve((eye - jac).T, gb))
+    return torch.stack(out)
+
+
+def test_forward_hooks_fire_once_at_the_fixed_point():
+    cell, deq, x = _setup()
+    seen: list[torch.Tensor] = []
+    pre: list[int] = []
+    cell.lin.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    cell.register_forward_pre_hook(lambda m, i: pre.append(1))
+    h = deq(x)
+    assert len(seen) == 1 and len(pre) == 1  # today: once per solver iteration
+    assert relative_error(seen[0], h.detach()) <= 1e-12
+    (h**2).sum().backward()  # the backward's products evaluate the cell: still unseen
+    assert len(seen) == 1 and len(pre) == 1
+
+
+def test_full_backward_hook_sees_the_adjoint_and_the_gradient_is_exact():
+    """Today ``loss.backward()`` crashes here (functorch + BackwardHookFunction)."""
+    cell, deq, x = _setup()
+    grads_out: list[torch.Tensor] = []
+    cell.lin.register_full_backward_hook(lambda m, gi, go: grads_out.append(go[0]))
+    h = deq(x)
+    g = torch.randn_like(h)
+    (h * g).sum().backward()
+    assert len(grads_out) == 1
+    adjoint = _adjoint(cell, h.detach(), g)
+    assert relative_error(grads_out[0], (1 - h.detach() ** 2) * adjoint) <= 1e-10
+    # the implicit gradient in W: Σ_b (λ_b ⊙ (1 − h_b²)) h_bᵀ
+    expected = ((1 - h.detach() ** 2) * adjoint).T @ h.detach()
+    assert relative_error(cell.lin.weight.grad, expected) <= 1e-10
+
+
+def test_tensor_hook_on_a_submodule_output_registered_in_a_forward_hook():
+    """curvlinops' KFAC pattern; today: "cannot register a hook on a tensor that doesn't
+    require gradient" (the solver's no-grad iterations)."""
+    cell, deq, x = _setup()
+    caught: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        output.register_hook(caught.append)
+
+    cell.lin.register_forward_hook(hook)
+    h = deq(x)
+    g = torch.randn_like(h)
+    (h * g).sum().backward()
+    assert len(caught) == 1
+    expected = (1 - h.detach() ** 2) * _adjoint(cell, h.detach(), g)
+    assert relative_error(caught[0], expected) <= 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_hooks_fire_once_per_backward_even_when_differentiated_twice():
+    cell, deq, x = _setup()
+    forward_calls, backward_calls = [], []
+    cell.lin.register_forward_hook(lambda m, i, o: forward_calls.append(1))
+    cell.lin.register_full_backward_hook(lambda m, gi, go: backward_calls.append(1))
+    h = deq(x)
+    params = list(cell.parameters())
+    (h**3).sum().backward(create_graph=True)
+    torch.autograd.grad(sum(p.grad.sum() for p in params), params)
+    for p in params:
+        p.grad = None  # the reference cycle backward(create_graph=True) makes
+    assert len(forward_calls) == 1
+    assert len(backward_calls) == 1  # the first backward; the second differentiates it
+
+
+def test_a_hook_that_changes_the_output_is_refused():
+    cell, deq, x = _setup()
+    cell.lin.register_forward_hook(lambda m, i, o: o + 1.0)
+    with pytest.raises(ValueError, match="Hooks may observe, not alter"):
+        deq(x)
+
+
+def test_hooks_are_restored_after_the_cell_raises():
+    cell, deq, _ = _setup()
+    handle = cell.lin.register_forward_hook(lambda m, i, o: None)
+    registry = cell.lin._forward_hooks
+    with pytest.raises(RuntimeError):
+        deq(torch.randn(4, 7))  # wrong input width: the cell raises inside the solve
+    assert cell.lin._forward_hooks is registry and len(registry) == 1
+    handle.remove()
+    assert len(cell.lin._forward_hooks) == 0
+
+
+def test_map_defining_pre_hooks_are_kept_during_the_solve():
+    """Legacy ``weight_norm`` computes the weight in a forward pre-hook: it is part of the
+    map, so the solve keeps it (with an observer present too) and the fixed point is that
+    of the weight-normalised cell."""
+    cell, _, x = _setup()
+    with pytest.warns(FutureWarning, match="weight_norm"):
+        torch.nn.utils.weight_norm(cell.lin)  # the legacy API, a pre-hook, on purpose
+    cell.lin.register_forward_hook(lambda m, i, o: None)
+    deq = DEQ(cell, tol=1e-13)
+    h = deq(x)
+    with torch.no_grad():
+        residual = cell(x, h) - h
+    assert float(residual.abs().max()) <= 1e-12
+
+
+def test_the_visible_evaluation_runs_outside_autocast_and_inference_mode_works():
+    """A forward under torch.autocast is bitwise what it is without (the visible
+    evaluation, like the solve, runs in the state's dtype), and so is the backward when
+    called outside autocast, as PyTorch asks: autograd then runs the cell's backward — the
+    one hooks see — in the dtypes of its forward. Under inference_mode and no_grad the hooks
+    fire once and the output is the fixed point."""
+    cell, _, x = _setup()
+    cell.float()
+    x = x.float()
+    seen: list[torch.dtype] = []
+    cell.lin.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    def step(enabled):
+        cell.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            h = DEQ(cell)(x)
+        h.pow(2).sum().backward()
+        return h.detach(), [p.grad.clone() for p in cell.parameters()]
+
+    h, grads = step(False)
+    h_amp, grads_amp = step(True)
+    assert torch.equal(h_amp, h) and seen == [torch.float32, torch.float32]
+    assert all(torch.equal(a, b) for a, b in zip(grads_amp, grads, strict=True))
+    for context in (torch.inference_mode, torch.no_grad):
+        seen.clear()
+        with context():
+            out = DEQ(cell)(x)
+        assert len(seen) == 1 and torch.equal(out, h)

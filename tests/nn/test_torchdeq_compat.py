@@ -1,0 +1,152 @@
+"""``deqhess.nn.get_deq``: torchdeq's entry point — same signatures, same statistics,
+exact first derivatives of a closure's fixed point.
+
+References: autograd through 60 unrolled steps of the cell (contraction 0.4, exact to
+rounding); the fixed point and the adjoint solved to 1e-12 relative, so 1e-9 holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+import pytest
+import torch
+from problems import relative_error
+from torch import nn
+
+import deqhess as dh
+from deqhess.nn import get_deq
+
+EXACT = {"f_solver": "anderson", "f_max_iter": 200, "f_tol": 1e-12, "f_stop_mode": "rel",
+         "b_tol": 1e-12, "b_stop_mode": "rel", "b_max_iter": 200}  # fmt: skip
+
+
+class Cell(nn.Module):
+    """torchdeq style: ``f(z, x)``."""
+
+    def __init__(self, n: int = 6):
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.4 / torch.linalg.matrix_norm(self.lin.weight, ord=2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+def _grads(cell, x, z):
+    loss = z.sin().sum()
+    return torch.autograd.grad(loss, [*cell.parameters(), x])
+
+
+def test_first_derivatives_of_the_closure_are_exact():
+    cell, x = Cell(), torch.randn(4, 6, requires_grad=True)
+    z_out, info = get_deq(**EXACT)(lambda z: cell(z, x), torch.zeros(4, 6))
+    got = _grads(cell, x, z_out[-1])
+    z = torch.zeros(4, 6)
+    for _ in range(60):
+        z = cell(z, x)
+    for a, b in zip(got, _grads(cell, x, z), strict=True):
+        assert relative_error(a, b) <= 1e-9
+    assert info["linear_solves"].solves == 1 and info["linear_solves"].unconverged == 0
+    assert bool(info["converged"].all())
+
+
+def test_a_second_derivative_is_refused():
+    cell, x = Cell(), torch.randn(4, 6, requires_grad=True)
+    z_out, _ = get_deq(**EXACT)(lambda z: cell(z, x), torch.zeros(4, 6))
+    with pytest.raises(dh.UnsupportedDerivativeError, match="DEQ\\(StateFirst\\(cell\\)\\)"):
+        torch.autograd.grad(z_out[0].sum(), x, create_graph=True)
+
+
+def test_list_states_and_argparse_configs():
+    """An MDEQ-style list state, and a training script's whole namespace as ``args``."""
+    cell = Cell(n=5)
+    x = torch.randn(3, 5)
+    args = argparse.Namespace(lr=0.1, epochs=3, **EXACT)  # lr, epochs: not torchdeq's
+
+    def f(state):
+        a, b = state
+        return [cell(b, x), 0.5 * torch.tanh(a)]
+
+    with torch.no_grad():
+        z_out, info = get_deq(args)(f, [torch.zeros(3, 5), torch.zeros(3, 5)])
+        a, b = z_out[0]
+        assert relative_error(torch.stack(f([a, b])), torch.stack([a, b])) <= 1e-11
+    assert info["abs_lowest"].shape == (3,)
+
+
+def test_training_defaults_carry_on_and_mark():
+    """torchdeq's defaults (40 steps, 1e-3 absolute) under the training preset: a sample or
+    an adjoint solve that misses is marked, and the step is not lost."""
+    cell, x = Cell(), torch.randn(4, 6, requires_grad=True)
+    deq = get_deq(f_max_iter=2, f_tol=1e-12, b_max_iter=1, b_tol=1e-14)
+    z_out, info = deq(lambda z: cell(z, x), torch.zeros(4, 6))
+    z_out[-1].sum().backward()
+    assert not bool(info["converged"].any())
+    assert info["linear_solves"].unconverged == 1
+    strict = get_deq(f_max_iter=2, f_tol=1e-12, convergence="raise")
+    with pytest.raises(dh.ConvergenceError):
+        strict(lambda z: cell(z, x), torch.zeros(4, 6))
+
+
+def test_options_without_a_counterpart_are_refused():
+    with pytest.raises(ValueError, match="unknown options \\['f_tolerance'\\]"):
+        get_deq(f_tolerance=1e-3)
+    with pytest.raises(ValueError, match="trajectory supervision"):
+        get_deq(n_states=2)
+    with pytest.raises(ValueError, match="unknown f_solver 'newton'"):
+        get_deq(f_solver="newton")
+
+
+torchdeq = pytest.importorskip("torchdeq")
+
+
+def test_signatures_and_statistics_are_torchdeqs():
+    ours, theirs = get_deq(), torchdeq.get_deq()
+    assert list(inspect.signature(get_deq).parameters) == list(
+        inspect.signature(torchdeq.get_deq).parameters
+    )
+    # DEQIndexing's names; the sliced core (get_deq's default) calls the state z_star,
+    # which is accepted as a keyword too
+    assert (
+        list(inspect.signature(ours.forward).parameters)
+        == list(inspect.signature(torchdeq.core.DEQIndexing.forward).parameters)[1:]
+    )
+    assert "z_star" in inspect.signature(theirs.forward).parameters
+    cell, x = Cell(), torch.randn(4, 6)
+    with torch.no_grad():
+        by_keyword, _ = get_deq(**EXACT)(lambda z: cell(z, x), z_star=torch.zeros(4, 6))
+    options = {**EXACT, "ift": True}
+    mine = get_deq(**options)(lambda z: cell(z, x), torch.zeros(4, 6))
+    reference = torchdeq.get_deq(**options)(lambda z: cell(z, x), torch.zeros(4, 6))
+    assert len(mine[0]) == len(reference[0]) == 1
+    assert set(reference[1]) <= set(mine[1])
+    for key, value in reference[1].items():
+        if key not in ("abs_trace", "rel_trace"):  # [B, steps]; ours keeps [B, 1]
+            assert mine[1][key].shape == value.shape, key
+    assert relative_error(mine[0][0].detach(), reference[0][0].detach()) <= 1e-10
+    assert relative_error(by_keyword[0], mine[0][0].detach()) <= 1e-12
+
+
+def test_spectral_radius_and_backward_writer():
+    """``sradius_mode`` (eval) estimates ``|λ_max(J)|`` per sample by the power method,
+    as torchdeq does: against the eigenvalues of ``J`` by ``torch.func.jacrev``; the
+    ``backward_writer`` receives the adjoint solve's statistics."""
+    cell, x = Cell(), torch.randn(3, 6)
+    deq = get_deq(**EXACT).eval()
+    with torch.no_grad():
+        z_out, info = deq(lambda z: cell(z, x), torch.zeros(3, 6), sradius_mode=True)
+    for zn, xn, radius in zip(z_out[0], x, info["sradius"], strict=True):
+        jac = torch.func.jacrev(lambda s, xn=xn: cell(s[None], xn[None])[0])(zn)
+        expected = torch.linalg.eigvals(jac.detach()).abs().max()
+        assert abs(float(radius) - float(expected)) <= 0.01 * float(expected)
+    written = []
+    deq.train()
+    xg = x.clone().requires_grad_()
+    z_out, _ = get_deq(**EXACT)(
+        lambda z: cell(z, xg), torch.zeros(3, 6), backward_writer=written.append
+    )
+    z_out[0].sum().backward()
+    assert len(written) == 1 and float(written[0]["rel_lowest"][0]) <= 1e-12
