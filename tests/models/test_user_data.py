@@ -142,3 +142,60 @@ def test_warm_starts_never_move_a_sample_to_another_fixed_point():
         op = dh.ModelCurvature(model, nn.MSELoss(), loader).hessian_operator()
         for _ in range(4):
             assert relative_error(op.to_dense(), cold) <= 1e-10
+
+
+def test_empty_batches_in_place_inputs_time_major_data_and_loss_reductions():
+    """An empty batch adds nothing (it crashed in the fingerprint); a forward writing
+    its input in place is named as such (it was called augmentation); time-major batches
+    shuffle freely with batch_dim=1 (they were called changed data); a loss's reduction
+    attribute is read ('batchmean' is a mean, 'none' explained)."""
+    x, y = _tensors(samples=6)
+    model = Classifier()
+    exact = dh.ModelCurvature(model, nn.MSELoss(), [(x, y)]).hessian()
+    with_empty = [(x[:3], y[:3]), (x[:0], y[:0]), (x[3:], y[3:])]
+    assert (
+        relative_error(dh.ModelCurvature(model, nn.MSELoss(), with_empty).hessian(), exact) <= 1e-12
+    )
+
+    class Halving(nn.Module):
+        def forward(self, inputs):
+            return inputs.div_(2)
+
+    writer = nn.Sequential(Halving(), Classifier())
+    with pytest.raises(
+        dh.ModelChangedError, match="wrote to the batch's inputs or targets in place"
+    ):
+        dh.ModelCurvature(writer, nn.MSELoss(), [(x.clone(), y)]).grad()
+
+    class TimeMajor(nn.Module):  # [T, B, m] → the last step's [B, k]
+        def __init__(self):
+            super().__init__()
+            self.body = Classifier()
+
+        def forward(self, seq):
+            return self.body(seq.sum(0))
+
+    seq = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(2))
+    time_major = TimeMajor()
+    expected = dh.ModelCurvature(time_major, nn.MSELoss(), [(seq, y)], batch_dim=1).hessian()
+    orders = (
+        [torch.tensor([3, 0, 5]), torch.tensor([1, 4, 2])],
+        [torch.tensor([5, 4, 3]), torch.tensor([2, 1, 0])],
+    )
+    data = [(seq[:, i], y[i]) for i in orders[0]]
+    op = dh.ModelCurvature(time_major, nn.MSELoss(), data, batch_dim=1).hessian_operator()
+    op.to_dense()
+    data[:] = [(seq[:, i], y[i]) for i in orders[1]]  # the same samples, regrouped
+    assert relative_error(op.to_dense(), expected) <= 1e-12
+    unsplit = dh.ModelCurvature(time_major, nn.MSELoss(), data, batch_size_fn=lambda s: s.shape[1])
+    unsplit.grad()
+    data[:] = [(seq[:, i], y[i]) for i in orders[0]]
+    with pytest.raises(dh.DataChangedError, match=r"could not be told apart.*pass batch_dim="):
+        unsplit.grad()
+
+    log_probs = nn.Sequential(Classifier(), nn.LogSoftmax(dim=1))
+    target = torch.softmax(y, dim=1)
+    kl = dh.ModelCurvature(log_probs, nn.KLDivLoss(reduction="batchmean"), [(x, target)])
+    assert kl.reduction == "mean"
+    with pytest.raises(dh.InputError, match=r"reduction='none'.*give the loss reduction='mean'"):
+        dh.ModelCurvature(model, nn.MSELoss(reduction="none"), [(x, y)])

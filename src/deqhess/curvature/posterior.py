@@ -144,7 +144,9 @@ def _probes(
         if left < 2:
             break
         cap = min(per_solve, left - 1)  # one product more checks the residual
-        result = solve_damped(op, probes[:, i], damping, "cg", tol, cap, progress)
+        result = solve_damped(
+            op, probes[:, i], damping, "cg", tol, cap, progress, require_convergence=False
+        )  # its status is read below
         used += result.num_hvps
         if result.status is InverseStatus.NEGATIVE_CURVATURE:
             _require_definite(result.curvature, damping)

@@ -59,7 +59,7 @@ from ..streaming import (
 )
 from .backward import BlockBackward
 from .graph import BatchGraph, LossFunc
-from .modes import StateGuard, check_modes
+from .modes import StateGuard, check_modes, check_second_order
 from .per_sample import output_jacobians, sample_gradients
 
 __all__ = ["MODEL_PARTS", "ModelCurvature"]
@@ -439,6 +439,8 @@ class ModelCurvature:
         """One of :attr:`parts` as a ``P × P`` operator of exact products; each block
         product is one pass over the data."""
         check_part(part, self.parts if part not in _SPLIT_PARTS else MODEL_PARTS)
+        if part != "ggn":
+            check_second_order(self.model, f"the {part!r} operator")
         if part in _SPLIT_PARTS and self.split_at is None:
             raise InputError(
                 f"{part!r} splits the Hessian at a DEQ layer's fixed point, but the model "

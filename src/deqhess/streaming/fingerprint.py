@@ -65,16 +65,29 @@ def _digest(*parts: Any) -> int:
     return int.from_bytes(hasher.digest()[:8], "little", signed=True)
 
 
+def _sample_dim(leaf: Any, samples: int, dim: int) -> int | None:
+    """The dimension of ``leaf`` that indexes the batch's samples: ``dim`` where its size
+    there is the sample count, else the first dimension where that is (the targets of
+    time-major inputs are often sample-first), else None (shared by the batch)."""
+    if not isinstance(leaf, Tensor):
+        return None
+    if leaf.ndim > dim and leaf.shape[dim] == samples:
+        return dim
+    if leaf.ndim > 0 and leaf.shape[0] == samples:
+        return 0
+    return None
+
+
 def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
     """``[samples]`` int64 hashes, one per sample of ``batch`` (e.g. ``(x, target)``).
 
     Args:
         batch: tensors, or tuples / lists / dicts of them and other values.
         samples: the batch's sample count ``n``.
-        dim: the sample dimension of its tensors (None: the batch is one sample). A
-            tensor whose size along ``dim`` is not ``n`` (or that has no such
-            dimension), and every non-tensor, is shared by the batch: it enters every
-            sample's hash.
+        dim: the sample dimension of its tensors (None: the batch is one sample); a
+            tensor whose size along ``dim`` is not ``n`` but whose first dimension is
+            indexes its samples along that one. A tensor with neither, and every
+            non-tensor, is shared by the batch: it enters every sample's hash.
     """
     leaves, spec = tree_flatten(batch)
     per_sample = dim is not None
@@ -82,15 +95,10 @@ def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
     shared: list[Any] = [repr(spec)] if per_sample else [repr(spec), samples]
     total: Tensor | None = None
     for index, leaf in enumerate(leaves):
-        if (
-            per_sample
-            and isinstance(leaf, Tensor)
-            and leaf.ndim > dim
-            and leaf.shape[dim] == samples
-            and samples > 0
-        ):
-            rows = leaf.detach().movedim(dim, 0).reshape(samples, -1)
-            shared.append(("rows", index, rows.dtype, tuple(leaf.movedim(dim, 0).shape[1:])))
+        along = _sample_dim(leaf, samples, dim) if per_sample and samples > 0 else None
+        if along is not None:
+            rows = leaf.detach().movedim(along, 0).reshape(samples, -1)
+            shared.append(("rows", index, rows.dtype, tuple(leaf.movedim(along, 0).shape[1:])))
             if rows.shape[1] == 0:
                 continue
             words = _words(rows)
@@ -108,14 +116,16 @@ def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
 
 
 def told_apart(batch: Any, samples: int, dim: int | None = 0) -> bool:
-    """Whether :func:`sample_hashes` can tell the samples of ``batch`` apart: some tensor
-    has ``samples`` entries along ``dim`` (or the batch is one sample)."""
+    """Whether :func:`sample_hashes` tells the samples of ``batch`` apart: some tensor has
+    them along ``dim`` (or its first dimension), and no tensor that has a dimension of
+    ``samples`` entries elsewhere is left shared by the batch (its samples would then
+    be hashed together)."""
     if dim is None or samples <= 1:
         return True
-    return any(
-        isinstance(t, Tensor) and t.ndim > dim and t.shape[dim] == samples
-        for t in tree_flatten(batch)[0]
-    )
+    tensors = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+    split = [_sample_dim(t, samples, dim) is not None for t in tensors]
+    unsplit = any(not s and samples in t.shape for t, s in zip(tensors, split, strict=True))
+    return any(split) and not unsplit
 
 
 def batch_key(hashes: Tensor) -> str:
@@ -140,10 +150,12 @@ def response_sketch(response: Any, samples: int, dim: int | None = 0) -> Tensor 
         return None
     if dim is None:
         rows = [t.detach().reshape(1, -1) for t in leaves]
-    elif all(t.ndim > dim and t.shape[dim] == samples for t in leaves):
-        rows = [t.detach().movedim(dim, 0).reshape(samples, -1) for t in leaves]
     else:
-        return None
+        along = [_sample_dim(t, samples, dim) for t in leaves]
+        if samples == 0 or any(a is None for a in along):
+            return None
+        pairs = zip(leaves, along, strict=True)
+        rows = [t.detach().movedim(a, 0).reshape(samples, -1) for t, a in pairs]
     flat = torch.cat([r.to(torch.float64) for r in rows], dim=1)
     projected = flat @ _projections(flat.shape[1]).to(flat.device)
     norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
