@@ -47,7 +47,7 @@ sphinx_gallery_conf = {
     # examples/factories.py holds the command line's problem factories, not an example
     "ignore_pattern": r"factories\.py",
     # run during the build (a few seconds to a minute each here); others are shown as code
-    "filename_pattern": r"/(curvature_interop|gradient_norm_digits|mdeq_digits)\.py",
+    "filename_pattern": r"/(curvature_interop|gradient_norm_digits|mdeq_digits|laplace_digits)\.py",
     "reset_argv": "gallery_config.reset_argv",
     "within_subsection_order": "FileNameSortKey",
     "download_all_examples": False,
