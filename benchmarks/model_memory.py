@@ -1,0 +1,173 @@
+"""Memory of ``ModelCurvature`` on an MDEQ-style conv model: per direction, and dense.
+
+Run: ``python benchmarks/model_memory.py [--sections directions,dense] [--blocks 1,2,4,8,16]
+[--cap-gb 6] [--channels 24] [--threads 1]``.
+
+The model is ``curvature_models.py``'s ``mdeq`` (``examples/mdeq_digits.py``'s
+MDEQ-style classifier) with 24 channels: 24 × 8 × 8 = 1,536 state values per sample,
+float64, the DEQ's defaults (Anderson; the backward matrix-free, ``NeumannGMRES``), the
+Hessian taken in the encoder's, the group norms' and the head's bias parameters
+(P = 394; the cell's and the head's weights left out, as the issue's run chose a few
+hundred). Every configuration runs in its own process.
+
+* ``directions`` — one batch of 64: the RSS the batch's graph for the ``total`` Hessian
+  adds (forward + first-order graph), then the peak RSS of one block product of K
+  directions through it above the RSS before it (``graph.products``; the kernel's
+  high-water mark reset first), and its time; the slope in K is the memory one
+  direction costs, which a chunk size must be divided into;
+* ``dense`` — ``ModelCurvature(...).hessian()`` over 4 batches of 64 (the issue's run),
+  under a hard address-space cap (``--cap-gb``, ``resource.RLIMIT_AS``) and a time limit:
+  whether it finishes, raises ``DenseMemoryError`` before it starts, or runs into the cap
+  (the allocator's error), and the ``DenseMemoryError`` estimate's inputs (P × P).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import json
+import resource
+import signal
+import time
+
+import torch
+from common import in_subprocess, measure_operation
+from curvature_models import make_problem
+
+import deqhess as dh
+from deqhess.models.graph import BatchGraph
+from deqhess.nn import warm_starts
+
+#: the parameters left out of the Hessian (the cell's and the head's weights).
+LEFT_OUT = ("deq.cell.conv1.weight", "deq.cell.conv2.weight", "head.weight")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS")
+
+
+def _problem(spec: dict):
+    problem = make_problem("mdeq", (spec["channels"], 8, 10), spec["batches"], 64)
+    names = [n for n, _ in problem.model.named_parameters() if n not in LEFT_OUT]
+    return problem, names
+
+
+def child(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    if spec.get("cap_gb"):
+        cap = int(spec["cap_gb"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    problem, names = _problem(spec)
+    curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data, params=names)
+    p = curvature.num_parameters
+    if spec["kind"] == "dense":
+        start = time.perf_counter()
+
+        def stop(signum, frame):
+            raise TimeoutError(f"not finished after {spec['time_limit']:.0f} s")
+
+        signal.signal(signal.SIGALRM, stop)
+        signal.alarm(int(spec["time_limit"]))
+        try:
+            curvature.hessian()
+            outcome = "finished"
+        except dh.DenseMemoryError as error:
+            outcome = f"DenseMemoryError: {error}"
+        except (RuntimeError, MemoryError, TimeoutError) as error:
+            outcome = f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
+        signal.alarm(0)
+        return dict(
+            parameters=p,
+            chunk=curvature.chunk_size,
+            outcome=outcome,
+            seconds=time.perf_counter() - start,
+            peak_mb=_peak_mb(),
+        )
+    x, y = problem.data[0]
+    store: dict = {}
+    before = _rss_mb()
+
+    def graph():
+        with warm_starts(store):
+            return BatchGraph(
+                curvature.model,
+                curvature.loss_func,
+                curvature.layout,
+                curvature._leaves(),
+                x,
+                y,
+                float(x.shape[0]),
+                "total",
+                None,
+                curvature.backward,
+            )
+
+    graph()  # the first pass: cold solve, fills the warm start
+    built = graph()
+    graph_mb = _rss_mb() - before
+    v = torch.randn(spec["k"], p, dtype=torch.float64)
+    measured = measure_operation(lambda: built.products(v), repeats=1)
+    return dict(parameters=p, chunk=curvature.chunk_size, graph_mb=graph_mb, **measured)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--sections", default="directions,dense")
+    parser.add_argument("--blocks", default="1,2,4,8,16")
+    parser.add_argument("--channels", type=int, default=24)
+    parser.add_argument("--cap-gb", type=float, default=6.0)
+    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds, dense run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu only: RSS is the CPU's memory")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.device != "cpu":
+        raise SystemExit("model_memory.py measures the CPU's RSS; run it with --device cpu.")
+    base = dict(threads=args.threads, channels=args.channels)
+    sections = args.sections.split(",")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); MDEQ-style model, "
+        f"{args.channels} × 8 × 8 = {args.channels * 64:,} state values per sample, float64"
+    )
+    if "directions" in sections:
+        print("directions: one batch of 64, the total Hessian's graph, then K directions")
+        print("      K   graph MB   products peak MB   per direction MB   seconds   s/direction")
+        rows = []
+        for k in (int(b) for b in args.blocks.split(",")):
+            r = in_subprocess(__file__, dict(base, kind="directions", batches=1, k=k))
+            rows.append((k, r["op_peak_mb"]))
+            print(
+                f"  {k:5d}  {r['graph_mb']:9.1f}  {r['op_peak_mb']:17.1f}  "
+                f"{r['op_peak_mb'] / k:17.1f}  {r['seconds']:8.2f}  {r['seconds'] / k:11.3f}"
+            )
+        if len(rows) > 1:
+            (k0, m0), (k1, m1) = rows[0], rows[-1]
+            print(
+                f"  slope: {(m1 - m0) / (k1 - k0):.1f} MB per direction "
+                f"(P = {r['parameters']}, default chunk_size {r['chunk']})"
+            )
+    if "dense" in sections:
+        spec = dict(base, kind="dense", batches=4, cap_gb=args.cap_gb, time_limit=args.time_limit)
+        r = in_subprocess(__file__, spec)
+        print(
+            f"dense: hessian() over 4 batches of 64, P = {r['parameters']}, chunk_size "
+            f"{r['chunk']} (the P × P result: {r['parameters'] ** 2 * 8 / 1e6:.1f} MB), "
+            f"address space capped at {args.cap_gb:g} GB: {r['outcome']} after "
+            f"{r['seconds']:.0f} s, peak RSS {r['peak_mb']:,.0f} MB"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Where ``ModelCurvature``'s time goes on dense forms, and the output-Jacobian GGN route.
+
+Run: ``python benchmarks/model_profile.py [--problems tanh,conv] [--sections
+breakdown,jacobian,ops] [--threads 1] [--device cpu] [--blocks 1,8,64]``.
+
+* ``breakdown`` — one batch of each problem (``curvature_models.py``), as
+  ``ModelCurvature`` runs it on a pass after the first (the DEQ warm-started): the
+  forward (``BatchGraph`` for the loss alone), the first-order graph the part's
+  products differentiate again (``BatchGraph`` for the part, less the forward), and one
+  block product of K directions through it (``graph.products``), per direction, for the
+  ``total`` Hessian and the ``ggn``; with the layer's linear-solve products and
+  iterations per direction (its ``LayerInfo``), and, from these, the dense form's cost:
+  ``passes × batches × (forward + first-order graph) + P × batches × (per direction)``
+  with ``passes = ⌈P / chunk_size⌉``;
+* ``jacobian`` — the GGN from the output's Jacobian instead of P products: per batch,
+  ``J`` (``[n·C, P]``) by one vmapped backward of the n·C one-hot cotangents (exact for
+  any model: laplace-torch's route), ``∇²ℓ`` at the output (``[n·C, n·C]``, a backward of
+  the loss's output gradient along the same one-hot rows) times J, and
+  ``G = Jᵀ(∇²ℓ J)`` (one GEMM); and ``J`` per sample
+  (``vmap`` over samples of ``jacrev``: C backwards in all, valid when samples are
+  independent); each timed, the GGN checked against ``ggn_operator().to_dense()``;
+* ``ops`` — ``torch.profiler``'s top operators (self CPU time) of one block product of
+  the Hessian (K = the largest ``--blocks``).
+
+Times are wall-clock medians (the machine may be shared: read the ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import math
+import time
+
+import torch
+from common import add_device_argument, device_of, median_seconds, synchronize
+from curvature_models import Problem, make_problem
+
+import deqhess as dh
+from deqhess.models.backward import BlockBackward
+from deqhess.models.graph import BatchGraph
+from deqhess.nn import warm_starts
+
+
+def _graph(curvature: dh.ModelCurvature, problem: Problem, part: str | None, store: dict):
+    x, y = problem.data[0]
+    params = curvature._leaves()
+    with warm_starts(store):
+        return BatchGraph(
+            curvature.model,
+            curvature.loss_func,
+            curvature.layout,
+            params,
+            x,
+            y,
+            float(x.shape[0]),
+            part,
+            curvature.split_at,
+            curvature.backward,
+        )
+
+
+def _solve_counts(problem: Problem, run) -> tuple[int, int, int]:
+    """The layer's linear solves (each over a block of right-hand sides), their products
+    with ``I − J`` or its transpose, and the most products one solve took, in ``run``."""
+    problem.model.infos = []
+    try:
+        run()
+        stats = [info.linear_solves for info in problem.model.infos]
+        return (
+            sum(s.solves for s in stats),
+            sum(s.products for s in stats),
+            max((s.max_iterations for s in stats), default=0),
+        )
+    finally:
+        problem.model.infos = None
+
+
+def breakdown(problem: Problem, blocks: list[int], device, repeats: int) -> None:
+    curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data)
+    p, chunk = problem.num_parameters, curvature.chunk_size
+    print(
+        f"  chunk_size {chunk} ({math.ceil(p / chunk)} passes for a dense form); "
+        f"backward mode {curvature.backward.mode}"
+    )
+    store: dict = {}
+    _graph(curvature, problem, None, store)  # fills the warm start, as a first pass does
+    forward = median_seconds(
+        lambda: _graph(curvature, problem, None, store), repeats, device=device
+    )
+    print(f"    forward (warm DEQ)         {forward * 1e3:9.1f} ms per batch")
+    for part in ("total", "ggn"):
+        _part_breakdown(
+            curvature, problem, part, store, forward, [*blocks, min(chunk, p)], device, repeats
+        )
+
+
+def _part_breakdown(curvature, problem, part, store, forward, blocks, device, repeats) -> None:
+    """The first-order graph and the block products of one part, and the dense estimate."""
+    p, batches = problem.num_parameters, len(problem.data)
+    passes = math.ceil(p / curvature.chunk_size)
+
+    def build():
+        return _graph(curvature, problem, part, store)
+
+    first = median_seconds(build, repeats, device=device) - forward
+    graph = build()
+    print(f"    {part}: first-order graph {first * 1e3:9.1f} ms per batch")
+    per_direction = 0.0
+    for k in blocks:
+        v = torch.randn(k, p, dtype=torch.float64, device=device)
+        seconds = median_seconds(
+            lambda v=v: graph.products(v), 1 if k > 64 else repeats, device=device
+        )
+        solves, products, most = _solve_counts(problem, lambda v=v: build().products(v))
+        per_direction = seconds / k
+        print(
+            f"      K = {k:5d}: {seconds * 1e3:9.1f} ms, {per_direction * 1e3:8.3f} ms per "
+            f"direction; layer (graph + products): {solves} solves, "
+            f"{products / k:.1f} products per direction, ≤ {most} per solve"
+        )
+    dense = passes * batches * (forward + first) + p * batches * per_direction
+    print(
+        f"      dense {part} ≈ {passes}·{batches}·{(forward + first) * 1e3:.0f} ms + "
+        f"{p}·{batches}·{per_direction * 1e3:.2f} ms = {dense:.1f} s"
+    )
+
+
+def jacobian_ggn(problem: Problem, device, check: bool) -> None:
+    """The GGN from output Jacobians, timed piece by piece, against ``to_dense``."""
+    curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data)
+    p, c = problem.num_parameters, problem.classes
+    backward = BlockBackward("vmap")
+    total = torch.zeros(p, p, dtype=torch.float64, device=device)
+    clock = {"graph": 0.0, "J": 0.0, "HJ": 0.0, "GEMM": 0.0, "J per sample": 0.0}
+    store: dict = {}
+    for x, y in problem.data:
+        synchronize(device)
+        tic = time.perf_counter()
+        with warm_starts(store):
+            graph = BatchGraph(
+                curvature.model,
+                curvature.loss_func,
+                curvature.layout,
+                curvature._leaves(),
+                x,
+                y,
+                float(x.shape[0]),
+                "ggn",
+                None,
+                backward,
+            )
+        (output,) = graph.outputs
+        rows = output.numel()
+        eye = torch.eye(rows, dtype=output.dtype, device=device).reshape(rows, *output.shape)
+        synchronize(device)
+        clock["graph"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        jac = torch.cat([g.reshape(rows, -1) for g in backward([output], graph.params, [eye])], 1)
+        synchronize(device)
+        clock["J"], tic = clock["J"] + time.perf_counter() - tic, time.perf_counter()
+        (hessian,) = backward(graph.out_grad, graph.out_leaves, [eye])  # ∇²ℓ, [rows, rows]
+        hj = hessian.reshape(rows, rows) @ jac
+        synchronize(device)
+        clock["HJ"], tic = clock["HJ"] + time.perf_counter() - tic, time.perf_counter()
+        total.addmm_(jac.T, hj)
+        synchronize(device)
+        clock["GEMM"], tic = clock["GEMM"] + time.perf_counter() - tic, time.perf_counter()
+        per_sample = _per_sample_jacobian(problem, curvature, x, store)
+        synchronize(device)
+        clock["J per sample"] += time.perf_counter() - tic
+        agree = float((per_sample.reshape(rows, -1) - jac).abs().max() / jac.abs().max())
+    ggn = total / problem.num_samples
+    n = problem.data[0][0].shape[0]
+    print(
+        f"  n·C = {n}·{c} = {n * c} Jacobian rows per batch, P = {p}; summed over "
+        f"{len(problem.data)} batches:"
+    )
+    print(
+        "    "
+        + ", ".join(f"{k} {v:.3f} s" for k, v in clock.items())
+        + f" (per-sample J equals the generic one to {agree:.1e})"
+    )
+    route = clock["J"] + clock["HJ"] + clock["GEMM"]
+    print(
+        f"    Jacobian route (J, ∇²ℓ J, GEMM): {route:.2f} s; with J per sample: "
+        f"{route - clock['J'] + clock['J per sample']:.2f} s"
+    )
+    if check:
+        synchronize(device)
+        tic = time.perf_counter()
+        reference = curvature.ggn_operator().to_dense()
+        synchronize(device)
+        products = time.perf_counter() - tic
+        diff = float((ggn - reference).abs().max() / reference.abs().max())
+        print(
+            f"    products route ggn_operator().to_dense(): {products:.2f} s; the two "
+            f"agree to {diff:.1e}; products / Jacobian route = {products / route:.1f}"
+        )
+
+
+def _per_sample_jacobian(problem: Problem, curvature: dh.ModelCurvature, x, store: dict):
+    """``[n, C, P]``: ``vmap`` over samples of ``jacrev`` of one sample's output."""
+    names = curvature.layout.names
+    params = {k: v.detach() for k, v in problem.model.named_parameters() if k in names}
+
+    def one(sample):
+        def out(theta):
+            return torch.func.functional_call(problem.model, theta, (sample[None],))[0]
+
+        jac = torch.func.jacrev(out)(params)
+        return torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in names], dim=1)
+
+    with warm_starts({}):
+        return torch.func.vmap(one)(x)
+
+
+def operators(problem: Problem, k: int, device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data)
+    store: dict = {}
+    _graph(curvature, problem, None, store)
+    graph = _graph(curvature, problem, "total", store)
+    v = torch.randn(k, problem.num_parameters, dtype=torch.float64, device=device)
+    graph.products(v)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        graph.products(v)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+    print("\n".join("    " + line for line in table.splitlines()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", default="tanh,conv", help="comma list of: tanh, conv, mdeq")
+    parser.add_argument("--sections", default="breakdown,jacobian,ops")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--blocks", default="1,8,64", help="block sizes K to time")
+    parser.add_argument("--tanh", default="16,32,10")
+    parser.add_argument("--conv", default="4,6,10")
+    parser.add_argument("--mdeq", default="24,8,10")
+    parser.add_argument("--data", default="3x16", help="batches x batch size")
+    parser.add_argument("--no-check", action="store_true", help="skip the dense GGN check")
+    add_device_argument(parser)
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
+    device = device_of(args.device)
+    torch.set_num_threads(args.threads)
+    batches, batch = (int(s) for s in args.data.split("x"))
+    blocks = [int(k) for k in args.blocks.split(",")]
+    sections = args.sections.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device}")
+    for name in args.problems.split(","):
+        sizes = tuple(int(s) for s in getattr(args, name).split(","))
+        problem = make_problem(name, sizes, batches, batch, str(device))
+        print(problem.describe())
+        if "breakdown" in sections:
+            breakdown(problem, blocks, device, args.repeats)
+        if "jacobian" in sections:
+            jacobian_ggn(problem, device, not args.no_check)
+        if "ops" in sections:
+            operators(problem, max(blocks), device)
+
+
+if __name__ == "__main__":
+    main()
