@@ -24,10 +24,10 @@ hundred). Every configuration runs in its own process.
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import resource
 import signal
+import sys
 import time
 
 import torch

@@ -28,8 +28,8 @@ Times are wall-clock medians (the machine may be shared: read the ratios).
 from __future__ import annotations
 
 import argparse
-import sys
 import math
+import sys
 import time
 
 import torch
