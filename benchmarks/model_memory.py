@@ -1,7 +1,8 @@
 """Memory of ``ModelCurvature`` on an MDEQ-style conv model: per direction, and dense.
 
 Run: ``python benchmarks/model_memory.py [--sections directions,dense] [--blocks 1,2,4,8,16]
-[--cap-gb 6] [--channels 24] [--threads 1]``.
+[--cap-gb 6] [--channels 24] [--threads 1] [--device cpu]`` (on a GPU the memory is that of
+torch's CUDA allocator, and the cap is the device's own size).
 
 The model is ``curvature_models.py``'s ``mdeq`` (``examples/mdeq_digits.py``'s
 MDEQ-style classifier) with 24 channels: 24 × 8 × 8 = 1,536 state values per sample,
@@ -31,7 +32,7 @@ import sys
 import time
 
 import torch
-from common import in_subprocess, measure_operation
+from common import add_device_argument, device_of, in_subprocess, measure_operation
 from curvature_models import make_problem
 
 import deqhess as dh
@@ -42,7 +43,10 @@ from deqhess.nn import warm_starts
 LEFT_OUT = ("deq.cell.conv1.weight", "deq.cell.conv2.weight", "head.weight")
 
 
-def _rss_mb() -> float:
+def _held_mb(device: torch.device) -> float:
+    """The process's RSS (CPU), or the memory torch's CUDA allocator holds (GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS"):
@@ -51,14 +55,17 @@ def _rss_mb() -> float:
 
 
 def _problem(spec: dict):
-    problem = make_problem("mdeq", (spec["channels"], 8, 10), spec["batches"], 64)
+    problem = make_problem(
+        "mdeq", (spec["channels"], 8, 10), spec["batches"], 64, device=spec["device"]
+    )
     names = [n for n, _ in problem.model.named_parameters() if n not in LEFT_OUT]
     return problem, names
 
 
 def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    if spec.get("cap_gb"):
+    device = torch.device(spec["device"])
+    if spec.get("cap_gb") and device.type == "cpu":
         cap = int(spec["cap_gb"] * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     problem, names = _problem(spec)
@@ -85,11 +92,11 @@ def child(spec: dict) -> dict:
             chunk=curvature.chunk_size,
             outcome=outcome,
             seconds=time.perf_counter() - start,
-            peak_mb=_peak_mb(),
+            peak_mb=_peak_mb(device),
         )
     x, y = problem.data[0]
     store: dict = {}
-    before = _rss_mb()
+    before = _held_mb(device)
 
     def graph():
         with warm_starts(store):
@@ -108,13 +115,15 @@ def child(spec: dict) -> dict:
 
     graph()  # the first pass: cold solve, fills the warm start
     built = graph()
-    graph_mb = _rss_mb() - before
-    v = torch.randn(spec["k"], p, dtype=torch.float64)
-    measured = measure_operation(lambda: built.products(v), repeats=1)
+    graph_mb = _held_mb(device) - before
+    v = torch.randn(spec["k"], p, dtype=torch.float64, device=device)
+    measured = measure_operation(lambda: built.products(v), repeats=1, device=device)
     return dict(parameters=p, chunk=curvature.chunk_size, graph_mb=graph_mb, **measured)
 
 
-def _peak_mb() -> float:
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -127,15 +136,14 @@ def main() -> None:
     parser.add_argument("--cap-gb", type=float, default=6.0)
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds, dense run")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="cpu only: RSS is the CPU's memory")
+    add_device_argument(parser)
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    if args.device != "cpu":
-        raise SystemExit("model_memory.py measures the CPU's RSS; run it with --device cpu.")
-    base = dict(threads=args.threads, channels=args.channels)
+    device = device_of(args.device)
+    base = dict(threads=args.threads, channels=args.channels, device=str(device))
     sections = args.sections.split(",")
     print(
         f"torch {torch.__version__}, {args.threads} thread(s); MDEQ-style model, "
