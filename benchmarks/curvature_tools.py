@@ -102,9 +102,11 @@ def laplace_backends() -> dict[str, Callable[[Problem], Tensor]]:
         def run(problem: Problem) -> Tensor:
             model = copy.deepcopy(problem.model)
             model.output_size = problem.classes  # the ASDL and BackPACK Jacobians read it
-            backend = make(model, "classification")
-            full = route.__get__(backend) if route is not None else backend.full
-            total = sum(full(x, y)[1] for x, y in problem.data)
+            with warnings.catch_warnings():  # BackPACK's notes on modules it cannot extend
+                warnings.simplefilter("ignore", UserWarning)
+                backend = make(model, "classification")
+                full = route.__get__(backend) if route is not None else backend.full
+                total = sum(full(x, y)[1] for x, y in problem.data)
             return total / problem.num_samples
 
         return run

@@ -1,7 +1,8 @@
 """Where ``ModelCurvature``'s time goes on dense forms, and the output-Jacobian GGN route.
 
 Run: ``python benchmarks/model_profile.py [--problems tanh,conv] [--sections
-breakdown,jacobian,ops] [--threads 1] [--device cpu] [--blocks 1,8,64]``.
+breakdown,jacobian,ops] [--threads 1] [--device cpu] [--blocks 1,8,64] [--data 3x16]
+[--linear-solver dense]``.
 
 * ``breakdown`` — one batch of each problem (``curvature_models.py``), as
   ``ModelCurvature`` runs it on a pass after the first (the DEQ warm-started): the
@@ -243,6 +244,10 @@ def main() -> None:
     parser.add_argument("--mdeq", default="24,8,10")
     parser.add_argument("--data", default="3x16", help="batches x batch size")
     parser.add_argument("--no-check", action="store_true", help="skip the dense GGN check")
+    parser.add_argument(
+        "--linear-solver", default=None,
+        help="set the DEQ layer's linear_solver (e.g. dense: an LU per sample) instead of auto",
+    )  # fmt: skip
     add_device_argument(parser)
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
@@ -255,7 +260,9 @@ def main() -> None:
     for name in args.problems.split(","):
         sizes = tuple(int(s) for s in getattr(args, name).split(","))
         problem = make_problem(name, sizes, batches, batch, str(device))
-        print(problem.describe())
+        if args.linear_solver is not None:
+            problem.model.deq.linear_solver = args.linear_solver
+        print(f"{problem.describe()}; the layer's linear_solver {problem.model.deq.linear_solver}")
         if "breakdown" in sections:
             breakdown(problem, blocks, device, args.repeats)
         if "jacobian" in sections:
