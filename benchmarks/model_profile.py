@@ -1,7 +1,7 @@
 """Where ``ModelCurvature``'s time goes on dense forms, and the output-Jacobian GGN route.
 
 Run: ``python benchmarks/model_profile.py [--problems tanh,conv] [--sections
-breakdown,jacobian,ops] [--threads 1] [--device cpu] [--blocks 1,8,64] [--data 3x16]
+breakdown,jacobian,equilibrium,ops] [--threads 1] [--device cpu] [--blocks 1,8,64] [--data 3x16]
 [--linear-solver dense]``.
 
 * ``breakdown`` — one batch of each problem (``curvature_models.py``), as
@@ -20,10 +20,15 @@ breakdown,jacobian,ops] [--threads 1] [--device cpu] [--blocks 1,8,64] [--data 3
   ``G = Jᵀ(∇²ℓ J)`` (one GEMM); and ``J`` per sample
   (``vmap`` over samples of ``jacrev``: C backwards in all, valid when samples are
   independent); each timed, the GGN checked against ``ggn_operator().to_dense()``;
+* ``equilibrium`` — the dense Hessian of ``encoder → DEQ → head`` per batch through
+  :class:`deqhess.Equilibrium` (``f`` the cell fed by the encoder, ``L(h, θ)`` the head
+  and the loss, θ every parameter): ``Z`` formed and the Hessian assembled by GEMMs, the
+  route ``Equilibrium.hessian`` takes, against ``ModelCurvature.hessian()``;
 * ``ops`` — ``torch.profiler``'s top operators (self CPU time) of one block product of
   the Hessian (K = the largest ``--blocks``).
 
-Times are wall-clock medians (the machine may be shared: read the ratios).
+Times are medians of this process's CPU time with one thread on the CPU (robust to other
+processes on a shared machine), of wall time around synchronised calls on a GPU.
 """
 
 from __future__ import annotations
@@ -34,13 +39,23 @@ import sys
 import time
 
 import torch
-from common import add_device_argument, device_of, median_seconds, synchronize
+from common import (
+    add_device_argument,
+    device_of,
+    median_seconds,
+    synchronize,
+    wall_or_cpu_clock,
+)
 from curvature_models import Problem, make_problem
 
 import deqhess as dh
 from deqhess.models.backward import BlockBackward
 from deqhess.models.graph import BatchGraph
 from deqhess.nn import warm_starts
+
+#: this process's CPU time on the CPU (one thread: robust to a shared machine), wall time
+#: around synchronised calls on a GPU
+CLOCK = time.process_time
 
 
 def _graph(curvature: dh.ModelCurvature, problem: Problem, part: str | None, store: dict):
@@ -87,7 +102,7 @@ def breakdown(problem: Problem, blocks: list[int], device, repeats: int) -> None
     store: dict = {}
     _graph(curvature, problem, None, store)  # fills the warm start, as a first pass does
     forward = median_seconds(
-        lambda: _graph(curvature, problem, None, store), repeats, device=device
+        lambda: _graph(curvature, problem, None, store), repeats, CLOCK, device=device
     )
     print(f"    forward (warm DEQ)         {forward * 1e3:9.1f} ms per batch")
     for part in ("total", "ggn"):
@@ -104,14 +119,14 @@ def _part_breakdown(curvature, problem, part, store, forward, blocks, device, re
     def build():
         return _graph(curvature, problem, part, store)
 
-    first = median_seconds(build, repeats, device=device) - forward
+    first = median_seconds(build, repeats, CLOCK, device=device) - forward
     graph = build()
     print(f"    {part}: first-order graph {first * 1e3:9.1f} ms per batch")
     per_direction = 0.0
     for k in blocks:
         v = torch.randn(k, p, dtype=torch.float64, device=device)
         seconds = median_seconds(
-            lambda v=v: graph.products(v), 1 if k > 64 else repeats, device=device
+            lambda v=v: graph.products(v), 1 if k > 64 else repeats, CLOCK, device=device
         )
         solves, products, most = _solve_counts(problem, lambda v=v: build().products(v))
         per_direction = seconds / k
@@ -137,7 +152,7 @@ def jacobian_ggn(problem: Problem, device, check: bool) -> None:
     store: dict = {}
     for x, y in problem.data:
         synchronize(device)
-        tic = time.perf_counter()
+        tic = CLOCK()
         with warm_starts(store):
             graph = BatchGraph(
                 curvature.model,
@@ -155,21 +170,21 @@ def jacobian_ggn(problem: Problem, device, check: bool) -> None:
         rows = output.numel()
         eye = torch.eye(rows, dtype=output.dtype, device=device).reshape(rows, *output.shape)
         synchronize(device)
-        clock["graph"] += time.perf_counter() - tic
-        tic = time.perf_counter()
+        clock["graph"] += CLOCK() - tic
+        tic = CLOCK()
         jac = torch.cat([g.reshape(rows, -1) for g in backward([output], graph.params, [eye])], 1)
         synchronize(device)
-        clock["J"], tic = clock["J"] + time.perf_counter() - tic, time.perf_counter()
+        clock["J"], tic = clock["J"] + CLOCK() - tic, CLOCK()
         (hessian,) = backward(graph.out_grad, graph.out_leaves, [eye])  # ∇²ℓ, [rows, rows]
         hj = hessian.reshape(rows, rows) @ jac
         synchronize(device)
-        clock["HJ"], tic = clock["HJ"] + time.perf_counter() - tic, time.perf_counter()
+        clock["HJ"], tic = clock["HJ"] + CLOCK() - tic, CLOCK()
         total.addmm_(jac.T, hj)
         synchronize(device)
-        clock["GEMM"], tic = clock["GEMM"] + time.perf_counter() - tic, time.perf_counter()
+        clock["GEMM"], tic = clock["GEMM"] + CLOCK() - tic, CLOCK()
         per_sample = _per_sample_jacobian(problem, curvature, x, store)
         synchronize(device)
-        clock["J per sample"] += time.perf_counter() - tic
+        clock["J per sample"] += CLOCK() - tic
         agree = float((per_sample.reshape(rows, -1) - jac).abs().max() / jac.abs().max())
     ggn = total / problem.num_samples
     n = problem.data[0][0].shape[0]
@@ -189,10 +204,10 @@ def jacobian_ggn(problem: Problem, device, check: bool) -> None:
     )
     if check:
         synchronize(device)
-        tic = time.perf_counter()
+        tic = CLOCK()
         reference = curvature.ggn_operator().to_dense()
         synchronize(device)
-        products = time.perf_counter() - tic
+        products = CLOCK() - tic
         diff = float((ggn - reference).abs().max() / reference.abs().max())
         print(
             f"    products route ggn_operator().to_dense(): {products:.2f} s; the two "
@@ -216,6 +231,61 @@ def _per_sample_jacobian(problem: Problem, curvature: dh.ModelCurvature, x, stor
         return torch.func.vmap(one)(x)
 
 
+def equilibrium_route(problem: Problem, device) -> None:
+    """The model's dense Hessian per batch by :class:`deqhess.Equilibrium`'s dense assembly
+    (``f`` = the cell fed by the encoder, ``L(h, θ)`` = the head and the loss: for
+    ``encoder → DEQ → head`` this is the model's loss, and θ all its parameters) against
+    ``ModelCurvature.hessian()``."""
+    model, loss_func, n_total = problem.model, problem.loss_func, problem.num_samples
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    parts = {
+        name: {k[len(name) + 1 :]: k for k in theta if k.startswith(name + ".")}
+        for name in ("encoder", "deq.cell", "head")
+    }
+
+    def call(name: str, t: dict, *args):
+        module = model.get_submodule(name)
+        return torch.func.functional_call(module, {k: t[full] for k, full in parts[name].items()},
+                                          args)  # fmt: skip
+
+    def f(x, h, t):
+        return call("deq.cell", t, call("encoder", t, x), h)
+
+    def dense(batches):
+        total = 0.0
+        for x, y in batches:
+            weight = x.shape[0] / n_total
+
+            def loss(h, t, y=y, weight=weight):
+                return weight * loss_func(call("head", t, h), y)
+
+            with torch.no_grad():  # start from the layer's fixed point: the same point
+                h0 = model.deq(model.encoder(x))
+            eq = dh.Equilibrium(f, theta, x, h0, batch_dim=0)
+            total = total + eq.hessian(loss)
+        return total, eq.info.linear_solver
+
+    dense(problem.data[:1])  # one-off costs (torch.func's first use imports torch._dynamo)
+    synchronize(device)
+    tic = CLOCK()
+    total, linear_solver = dense(problem.data)
+    synchronize(device)
+    seconds = CLOCK() - tic
+    curvature = dh.ModelCurvature(model, loss_func, problem.data)
+    curvature.hvp(torch.ones(problem.num_parameters, dtype=torch.float64, device=device))
+    synchronize(device)
+    tic = CLOCK()
+    reference = curvature.hessian()
+    synchronize(device)
+    products = CLOCK() - tic
+    diff = float((total - reference).abs().max() / reference.abs().max())
+    print(
+        f"  dense Hessian by Equilibrium.hessian per batch (Z formed, GEMM assembly; linear "
+        f"solver {linear_solver}): {seconds:.2f} s; ModelCurvature.hessian(): "
+        f"{products:.2f} s; agreement {diff:.1e}; ratio {seconds / products:.2f}"
+    )
+
+
 def operators(problem: Problem, k: int, device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -235,7 +305,7 @@ def operators(problem: Problem, k: int, device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default="tanh,conv", help="comma list of: tanh, conv, mdeq")
-    parser.add_argument("--sections", default="breakdown,jacobian,ops")
+    parser.add_argument("--sections", default="breakdown,jacobian,equilibrium,ops")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--blocks", default="1,8,64", help="block sizes K to time")
@@ -252,6 +322,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
     device = device_of(args.device)
+    global CLOCK
+    CLOCK = wall_or_cpu_clock(device)
     torch.set_num_threads(args.threads)
     batches, batch = (int(s) for s in args.data.split("x"))
     blocks = [int(k) for k in args.blocks.split(",")]
@@ -267,6 +339,8 @@ def main() -> None:
             breakdown(problem, blocks, device, args.repeats)
         if "jacobian" in sections:
             jacobian_ggn(problem, device, not args.no_check)
+        if "equilibrium" in sections:
+            equilibrium_route(problem, device)
         if "ops" in sections:
             operators(problem, max(blocks), device)
 

@@ -57,7 +57,8 @@ from deqhess.curvature import extreme_eigenpairs
 
 FORMS = ("hessian", "ggn", "hvp", "eigen")
 TOP_K, BLOCK = 5, 10
-LANCZOS_STEPS = 60  # hessian-eigenthings' default (2k = 10 steps) stops far from 1e-8
+#: hessian-eigenthings' Lanczos steps: its default (2k = 10) stops far from 1e-8
+LANCZOS_STEPS = 60
 #: the summary's ratio is against the fastest other tool that agrees with deqhess this well
 EQUAL_ACCURACY = 1e-8
 
