@@ -55,9 +55,13 @@ def _held_mb(device: torch.device) -> float:
 
 
 def _problem(spec: dict):
-    problem = make_problem(
-        "mdeq", (spec["channels"], 8, 10), spec["batches"], 64, device=spec["device"]
-    )
+    """The MDEQ model and its parameter subset; or, with ``--problem tanh|conv``, that
+    ``curvature_models.py`` problem (default sizes) with every parameter."""
+    name = spec["problem"]
+    sizes = (spec["channels"], 8, 10) if name == "mdeq" else None
+    problem = make_problem(name, sizes, spec["batches"], spec["batch"], device=spec["device"])
+    if spec.get("linear_solver"):
+        problem.model.deq.linear_solver = spec["linear_solver"]
     names = [n for n, _ in problem.model.named_parameters() if n not in LEFT_OUT]
     return problem, names
 
@@ -135,6 +139,9 @@ def main() -> None:
     parser.add_argument("--sections", default="directions,dense")
     parser.add_argument("--blocks", default="1,2,4,8,16")
     parser.add_argument("--channels", type=int, default=24)
+    parser.add_argument("--problem", default="mdeq", help="mdeq (default), tanh or conv")
+    parser.add_argument("--batch", type=int, default=64, help="samples per batch")
+    parser.add_argument("--linear-solver", default=None, help="the layer's, instead of auto")
     parser.add_argument("--cap-gb", type=float, default=6.0)
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds, dense run")
     parser.add_argument("--threads", type=int, default=1)
@@ -145,14 +152,22 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     device = device_of(args.device)
-    base = dict(threads=args.threads, channels=args.channels, device=str(device))
+    base = dict(
+        threads=args.threads, channels=args.channels, device=str(device), problem=args.problem,
+        batch=args.batch, linear_solver=args.linear_solver,
+    )  # fmt: skip
     sections = args.sections.split(",")
+    what = (
+        f"MDEQ-style model, {args.channels} × 8 × 8 = {args.channels * 64:,} state values per "
+        "sample" if args.problem == "mdeq" else f"the {args.problem} problem"
+    )  # fmt: skip
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s); MDEQ-style model, "
-        f"{args.channels} × 8 × 8 = {args.channels * 64:,} state values per sample, float64"
+        f"torch {torch.__version__}, {args.threads} thread(s), {device}; {what}, float64, "
+        f"batches of {args.batch}; the layer's linear solver {args.linear_solver or 'auto'}"
     )
     if "directions" in sections:
-        print("directions: one batch of 64, the total Hessian's graph, then K directions")
+        print(f"directions: one batch of {args.batch}, the total Hessian's graph, then K "
+              "directions")  # fmt: skip
         print("      K   graph MB   products peak MB   per direction MB   seconds   s/direction")
         rows = []
         for k in (int(b) for b in args.blocks.split(",")):
@@ -172,7 +187,7 @@ def main() -> None:
         spec = dict(base, kind="dense", batches=4, cap_gb=args.cap_gb, time_limit=args.time_limit)
         r = in_subprocess(__file__, spec)
         print(
-            f"dense: hessian() over 4 batches of 64, P = {r['parameters']}, chunk_size "
+            f"dense: hessian() over 4 batches of {args.batch}, P = {r['parameters']}, chunk_size "
             f"{r['chunk']} (the P × P result: {r['parameters'] ** 2 * 8 / 1e6:.1f} MB), "
             f"address space capped at {args.cap_gb:g} GB: {r['outcome']} after "
             f"{r['seconds']:.0f} s, peak RSS {r['peak_mb']:,.0f} MB"

@@ -8,7 +8,8 @@ breakdown,jacobian,equilibrium,ops] [--threads 1] [--device cpu] [--blocks 1,8,6
   ``ModelCurvature`` runs it on a pass after the first (the DEQ warm-started): the
   forward (``BatchGraph`` for the loss alone), the first-order graph the part's
   products differentiate again (``BatchGraph`` for the part, less the forward), and one
-  block product of K directions through it (``graph.products``), per direction, for the
+  block product of K directions through a fresh graph (``graph.products``, less the
+  graph), per direction, for the
   ``total`` Hessian and the ``ggn``; with the layer's linear-solve products and
   iterations per direction (its ``LayerInfo``), and, from these, the dense form's cost:
   ``passes × batches × (forward + first-order graph) + P × batches × (per direction)``
@@ -119,21 +120,27 @@ def _part_breakdown(curvature, problem, part, store, forward, blocks, device, re
     def build():
         return _graph(curvature, problem, part, store)
 
-    first = median_seconds(build, repeats, CLOCK, device=device) - forward
-    graph = build()
+    built = median_seconds(build, repeats, CLOCK, device=device)
+    first = built - forward
     print(f"    {part}: first-order graph {first * 1e3:9.1f} ms per batch")
     per_direction = 0.0
     for k in blocks:
         v = torch.randn(k, p, dtype=torch.float64, device=device)
-        seconds = median_seconds(
-            lambda v=v: graph.products(v), 1 if k > 64 else repeats, CLOCK, device=device
+        # a fresh graph each time, as each pass builds one: products on a graph that already
+        # ran them would warm-start the layer's iterative solves from their own answers
+        seconds = (
+            median_seconds(
+                lambda v=v: build().products(v), 1 if k > 64 else repeats, CLOCK, device=device
+            )
+            - built
         )
         solves, products, most = _solve_counts(problem, lambda v=v: build().products(v))
         per_direction = seconds / k
         print(
             f"      K = {k:5d}: {seconds * 1e3:9.1f} ms, {per_direction * 1e3:8.3f} ms per "
-            f"direction; layer (graph + products): {solves} solves, "
-            f"{products / k:.1f} products per direction, ≤ {most} per solve"
+            f"direction; the layer (graph + products): {solves} solves, {products} "
+            f"products with I − J or its transpose (each on all K directions), ≤ {most} "
+            "per solve"
         )
     dense = passes * batches * (forward + first) + p * batches * per_direction
     print(
