@@ -59,6 +59,15 @@ from deqhess.nn import warm_starts
 CLOCK = time.process_time
 
 
+def _timed(run, device):
+    """``run()`` and the seconds it took on :data:`CLOCK`, the device synchronised."""
+    synchronize(device)
+    tic = CLOCK()
+    result = run()
+    synchronize(device)
+    return result, CLOCK() - tic
+
+
 def _graph(curvature: dh.ModelCurvature, problem: Problem, part: str | None, store: dict):
     x, y = problem.data[0]
     params = curvature._leaves()
@@ -153,46 +162,13 @@ def jacobian_ggn(problem: Problem, device, check: bool) -> None:
     """The GGN from output Jacobians, timed piece by piece, against ``to_dense``."""
     curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data)
     p, c = problem.num_parameters, problem.classes
-    backward = BlockBackward("vmap")
     total = torch.zeros(p, p, dtype=torch.float64, device=device)
-    clock = {"graph": 0.0, "J": 0.0, "HJ": 0.0, "GEMM": 0.0, "J per sample": 0.0}
+    clock = dict.fromkeys(("graph", "J", "HJ", "GEMM", "J per sample"), 0.0)
     store: dict = {}
+    x, y = problem.data[0]
+    _batch_ggn(curvature, x, y, store, total.clone(), clock.copy(), device)  # one-off costs
     for x, y in problem.data:
-        synchronize(device)
-        tic = CLOCK()
-        with warm_starts(store):
-            graph = BatchGraph(
-                curvature.model,
-                curvature.loss_func,
-                curvature.layout,
-                curvature._leaves(),
-                x,
-                y,
-                float(x.shape[0]),
-                "ggn",
-                None,
-                backward,
-            )
-        (output,) = graph.outputs
-        rows = output.numel()
-        eye = torch.eye(rows, dtype=output.dtype, device=device).reshape(rows, *output.shape)
-        synchronize(device)
-        clock["graph"] += CLOCK() - tic
-        tic = CLOCK()
-        jac = torch.cat([g.reshape(rows, -1) for g in backward([output], graph.params, [eye])], 1)
-        synchronize(device)
-        clock["J"], tic = clock["J"] + CLOCK() - tic, CLOCK()
-        (hessian,) = backward(graph.out_grad, graph.out_leaves, [eye])  # ∇²ℓ, [rows, rows]
-        hj = hessian.reshape(rows, rows) @ jac
-        synchronize(device)
-        clock["HJ"], tic = clock["HJ"] + CLOCK() - tic, CLOCK()
-        total.addmm_(jac.T, hj)
-        synchronize(device)
-        clock["GEMM"], tic = clock["GEMM"] + CLOCK() - tic, CLOCK()
-        per_sample = _per_sample_jacobian(problem, curvature, x, store)
-        synchronize(device)
-        clock["J per sample"] += CLOCK() - tic
-        agree = float((per_sample.reshape(rows, -1) - jac).abs().max() / jac.abs().max())
+        agree = _batch_ggn(curvature, x, y, store, total, clock, device)
     ggn = total / problem.num_samples
     n = problem.data[0][0].shape[0]
     print(
@@ -210,11 +186,7 @@ def jacobian_ggn(problem: Problem, device, check: bool) -> None:
         f"{route - clock['J'] + clock['J per sample']:.2f} s"
     )
     if check:
-        synchronize(device)
-        tic = CLOCK()
-        reference = curvature.ggn_operator().to_dense()
-        synchronize(device)
-        products = CLOCK() - tic
+        reference, products = _timed(curvature.ggn_operator().to_dense, device)
         diff = float((ggn - reference).abs().max() / reference.abs().max())
         print(
             f"    products route ggn_operator().to_dense(): {products:.2f} s; the two "
@@ -222,14 +194,53 @@ def jacobian_ggn(problem: Problem, device, check: bool) -> None:
         )
 
 
-def _per_sample_jacobian(problem: Problem, curvature: dh.ModelCurvature, x, store: dict):
+def _batch_ggn(curvature, x, y, store, total, clock, device) -> float:
+    """Adds one batch's ``Jᵀ ∇²ℓ J`` to ``total`` and its stages' seconds to ``clock``;
+    returns how far the per-sample Jacobian is from the generic one."""
+    backward = BlockBackward("vmap")
+
+    def build():
+        with warm_starts(store):
+            return BatchGraph(
+                curvature.model, curvature.loss_func, curvature.layout, curvature._leaves(),
+                x, y, float(x.shape[0]), "ggn", None, backward,
+            )  # fmt: skip
+
+    graph, clock["graph"] = _add(clock["graph"], _timed(build, device))
+    (output,) = graph.outputs
+    rows = output.numel()
+    eye = torch.eye(rows, dtype=output.dtype, device=device).reshape(rows, *output.shape)
+
+    def jacobian():
+        return torch.cat([g.reshape(rows, -1) for g in backward([output], graph.params, [eye])], 1)
+
+    def loss_hessian_times_jacobian():
+        (hessian,) = backward(graph.out_grad, graph.out_leaves, [eye])  # ∇²ℓ, [rows, rows]
+        return hessian.reshape(rows, rows) @ jac
+
+    jac, clock["J"] = _add(clock["J"], _timed(jacobian, device))
+    hj, clock["HJ"] = _add(clock["HJ"], _timed(loss_hessian_times_jacobian, device))
+    _, clock["GEMM"] = _add(clock["GEMM"], _timed(lambda: total.addmm_(jac.T, hj), device))
+    per_sample, clock["J per sample"] = _add(
+        clock["J per sample"],
+        _timed(lambda: _per_sample_jacobian(curvature.model, curvature, x), device),
+    )
+    return float((per_sample.reshape(rows, -1) - jac).abs().max() / jac.abs().max())
+
+
+def _add(seconds: float, timed: tuple) -> tuple:
+    result, more = timed
+    return result, seconds + more
+
+
+def _per_sample_jacobian(model, curvature: dh.ModelCurvature, x):
     """``[n, C, P]``: ``vmap`` over samples of ``jacrev`` of one sample's output."""
     names = curvature.layout.names
-    params = {k: v.detach() for k, v in problem.model.named_parameters() if k in names}
+    params = {k: v.detach() for k, v in model.named_parameters() if k in names}
 
     def one(sample):
         def out(theta):
-            return torch.func.functional_call(problem.model, theta, (sample[None],))[0]
+            return torch.func.functional_call(model, theta, (sample[None],))[0]
 
         jac = torch.func.jacrev(out)(params)
         return torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in names], dim=1)
@@ -273,18 +284,10 @@ def equilibrium_route(problem: Problem, device) -> None:
         return total, eq.info.linear_solver
 
     dense(problem.data[:1])  # one-off costs (torch.func's first use imports torch._dynamo)
-    synchronize(device)
-    tic = CLOCK()
-    total, linear_solver = dense(problem.data)
-    synchronize(device)
-    seconds = CLOCK() - tic
+    (total, linear_solver), seconds = _timed(lambda: dense(problem.data), device)
     curvature = dh.ModelCurvature(model, loss_func, problem.data)
     curvature.hvp(torch.ones(problem.num_parameters, dtype=torch.float64, device=device))
-    synchronize(device)
-    tic = CLOCK()
-    reference = curvature.hessian()
-    synchronize(device)
-    products = CLOCK() - tic
+    reference, products = _timed(curvature.hessian, device)
     diff = float((total - reference).abs().max() / reference.abs().max())
     print(
         f"  dense Hessian by Equilibrium.hessian per batch (Z formed, GEMM assembly; linear "
