@@ -59,17 +59,23 @@ bench-extras: $(STAMP)
 	# fails loudly if pip ever replaced the CPU torch
 	$(BIN)/python -c "import torch; print(torch.__version__)" > $(VENV)/.torch-before
 	$(BIN)/pip install --quiet -e ".[bench]"
+	# the other curvature tools of benchmarks/vs_curvlinops.py, each with --no-deps (their
+	# torchvision and CUDA-torch requirements would replace the CPU torch) plus the light
+	# pure-Python dependencies they import
+	$(BIN)/pip install --quiet --no-deps "laplace-torch==0.3" "backpack-for-pytorch==1.7.1" \
+		"unfoldNd==0.2.3" "asdfghjkl==0.1a5" "torchmetrics==1.9.0" "lightning-utilities==0.15.3" \
+		"pyhessian==0.1" "hessian-eigenthings==1.0.0a5"
 	$(BIN)/python -c "import torch; print(torch.__version__)" | cmp - $(VENV)/.torch-before
 
 # every benchmark, one thread each (ratios against baselines measured in the same run; about
-# 40 minutes here). The torchdeq and JAX columns need `make bench-extras` and are skipped
-# without it; vs_jax.py needs JAX.
+# 50 minutes here). The torchdeq, JAX, laplace-torch, PyHessian and hessian-eigenthings
+# columns need `make bench-extras` and are skipped without it; vs_jax.py needs JAX.
 bench: $(STAMP)
 	cd benchmarks && export OMP_NUM_THREADS=1 \
 		&& ../$(BIN)/python dense_hessian.py && ../$(BIN)/python hvp.py \
 		&& ../$(BIN)/python conv_hvp.py && ../$(BIN)/python nn_memory.py \
 		&& ../$(BIN)/python layer_training.py && ../$(BIN)/python forward_solvers.py \
-		&& ../$(BIN)/python dataset_scale.py \
+		&& ../$(BIN)/python dataset_scale.py && ../$(BIN)/python vs_curvlinops.py \
 		&& { ../$(BIN)/python -c "import optimistix" 2>/dev/null \
 			&& ../$(BIN)/python vs_jax.py || echo "vs_jax.py skipped: make bench-extras"; }
 

@@ -7,6 +7,7 @@ and a smooth non-convex loss. Sizes (n, m, B): (16, 8, 4) → P = 400;
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -22,10 +23,44 @@ from torch import Tensor
 SIZES = {"400": (16, 8, 4), "6k": (64, 32, 16), "82k": (256, 64, 64)}
 
 
-def tanh_deq(n: int, m: int, batch: int, seed: int = 0, dtype=torch.float64):
-    """``(f, loss, theta, x, h0)`` for the benchmark DEQ.
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the benchmark's tensors live (``cpu``, the default, or ``cuda``)."""
+    parser.add_argument(
+        "--device", default="cpu",
+        help="cpu (default) or cuda[:index]; timings synchronise the device around each call",
+    )  # fmt: skip
 
-    Drawn in float64 and then cast, so a float32 problem is the float64 one rounded.
+
+def device_of(name: str) -> torch.device:
+    """The ``--device`` argument as a device, refused with a message if it is not present."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {torch.__version__} sees no CUDA device here.")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: use cpu or cuda[:index].")
+    return device
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the device's queued kernels (a no-op on the CPU), so a clock read after it
+    counts the work launched before it."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_or_cpu_clock(device: torch.device | str) -> Callable[[], float]:
+    """This process's CPU time on the CPU (robust to other processes on a shared machine
+    when torch runs one thread), wall time on a GPU (whose work is not this process's)."""
+    return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
+
+
+def tanh_deq(
+    n: int, m: int, batch: int, seed: int = 0, dtype=torch.float64, device: str | None = None
+):
+    """``(f, loss, theta, x, h0)`` for the benchmark DEQ, on ``device`` (default the CPU).
+
+    Drawn in float64 on the CPU and then cast and moved, so a float32 or GPU problem is
+    the float64 CPU one rounded.
     """
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, n, generator=g, dtype=torch.float64)
@@ -34,9 +69,10 @@ def tanh_deq(n: int, m: int, batch: int, seed: int = 0, dtype=torch.float64):
         "U": torch.randn(n, m, generator=g, dtype=torch.float64) / m**0.5,
         "b": 0.1 * torch.randn(n, generator=g, dtype=torch.float64),
     }
-    theta = {k: t.to(dtype) for k, t in theta.items()}
-    x = torch.randn(batch, m, generator=g, dtype=torch.float64).to(dtype)
-    target = torch.randn(batch, n, generator=g, dtype=torch.float64).tanh().to(dtype)
+    theta = {k: t.to(dtype=dtype, device=device) for k, t in theta.items()}
+    x = torch.randn(batch, m, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    target = torch.randn(batch, n, generator=g, dtype=torch.float64).tanh()
+    target = target.to(dtype=dtype, device=device)
 
     def f(x: Tensor, h: Tensor, t: dict[str, Tensor]) -> Tensor:
         return torch.tanh(h @ t["W"].T + x @ t["U"].T + t["b"])
@@ -44,7 +80,7 @@ def tanh_deq(n: int, m: int, batch: int, seed: int = 0, dtype=torch.float64):
     def loss(h: Tensor) -> Tensor:
         return 0.5 * (h - target).pow(2).sum() + torch.log(torch.cosh(h)).sum()
 
-    return f, loss, theta, x, torch.zeros(batch, n, dtype=dtype)
+    return f, loss, theta, x, torch.zeros(batch, n, dtype=dtype, device=device)
 
 
 def flatten(theta: dict[str, Tensor]) -> Tensor:
@@ -68,13 +104,18 @@ def unrolled_loss(f, loss, theta, x, h0, steps: int) -> Callable[[Tensor], Tenso
     return objective
 
 
-def best_time(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
-    """Median wall time of ``repeats`` calls (after one warm-up) and the last result."""
+def best_time(
+    fn: Callable[[], Any], repeats: int = 3, device: torch.device | str | None = None
+) -> tuple[float, Any]:
+    """Median wall time of ``repeats`` calls (after one warm-up) and the last result
+    (``device`` synchronised around each call)."""
     result = fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         result = fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -83,11 +124,11 @@ def relative(a: Tensor, b: Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-def matmul_rate(m: int, k: int, n: int, dtype=torch.float64) -> float:
+def matmul_rate(m: int, k: int, n: int, dtype=torch.float64, device=None) -> float:
     """This machine's ``torch.matmul`` rate (flop/s) on an ``[m, k] @ [k, n]`` product."""
-    a = torch.randn(m, k, dtype=dtype)
-    b = torch.randn(k, n, dtype=dtype)
-    seconds, _ = best_time(lambda: a @ b)
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    seconds, _ = best_time(lambda: a @ b, device=device)
     return 2.0 * m * k * n / seconds
 
 
@@ -100,26 +141,49 @@ def _rss_kb(field: str) -> int:
 
 
 def median_seconds(
-    run: Callable[[], Any], repeats: int, clock: Callable[[], float] = time.perf_counter
+    run: Callable[[], Any],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+    *,
+    warmup: bool = True,
+    device: torch.device | str | None = None,
 ) -> float:
-    """Median of ``repeats`` timed calls of ``run`` after an untimed warm-up call, on
-    ``clock`` (wall time by default; ``time.process_time`` for this process's CPU time)."""
-    run()
+    """Median of ``repeats`` timed calls of ``run`` after an untimed warm-up call (unless
+    ``warmup=False``: for calls so long that their one-off costs do not matter), on
+    ``clock`` (wall time by default; ``time.process_time`` for this process's CPU time),
+    ``device`` synchronised before and after each timed call."""
+    if warmup:
+        run()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = clock()
         run()
+        synchronize(device)
         times.append(clock() - start)
     return statistics.median(times)
 
 
-def measure_operation(run: Callable[[], Any], repeats: int) -> dict[str, float]:
+def measure_operation(
+    run: Callable[[], Any], repeats: int, device: torch.device | str | None = None
+) -> dict[str, float]:
     """Median time of ``repeats`` calls after a first one, and the operation's peak memory.
 
-    The kernel's high-water mark is reset (``/proc/self/clear_refs``) just before the
-    first call, so ``op_peak_mb`` is the peak RSS during the calls above the RSS they
-    started from; ``process_peak_mb`` is that peak in absolute terms.
+    On the CPU the kernel's high-water mark is reset (``/proc/self/clear_refs``) just
+    before the first call, so ``op_peak_mb`` is the peak RSS during the calls above the
+    RSS they started from; ``process_peak_mb`` is that peak in absolute terms. On a CUDA
+    device both are the device memory torch's allocator held (``max_memory_allocated``,
+    reset first): above the start, and in all.
     """
+    if device is not None and torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        seconds = median_seconds(run, repeats, device=device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return dict(
+            seconds=seconds, op_peak_mb=(peak - start) / 2**20, process_peak_mb=peak / 2**20
+        )
     start_rss = _rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")

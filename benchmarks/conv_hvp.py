@@ -1,6 +1,6 @@
 """Matrix-free HVPs of a conv DEQ at scale: one HVP, a block of K, the gradient, page faults.
 
-Run: ``python benchmarks/conv_hvp.py [--threads 1] [--block 10]``.
+Run: ``python benchmarks/conv_hvp.py [--threads 1] [--block 10] [--device cpu]``.
 
 The cell is ``h ↦ tanh(conv₂(tanh(conv₁(h))) + inject(x))`` (Conv2d 64 → 96 → 64 channels,
 3 × 3, and a 3 → 64 injection): 64 × 8 × 8 = 4,096 state values per sample, B = 64,
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import median_seconds
+from common import add_device_argument, device_of, median_seconds, synchronize
 from torch import Tensor, nn
 
 import deqhess as dh
@@ -45,15 +45,16 @@ class ConvCell(nn.Module):
         return torch.tanh(self.conv2(torch.tanh(self.conv1(h))) + self.inject(x))
 
 
-def problem(side: int = SIDE, batch: int = BATCH):
-    """``(f, loss, theta, x, h0)`` with a seeded cell, inputs and labels (float64)."""
+def problem(side: int = SIDE, batch: int = BATCH, device: torch.device | str = "cpu"):
+    """``(f, loss, theta, x, h0)`` with a seeded cell, inputs and labels (float64), drawn
+    on the CPU and moved to ``device``."""
     torch.manual_seed(0)
-    cell = ConvCell().double()
+    cell = ConvCell().double().to(device)
     theta = {k: v.detach().clone() for k, v in cell.named_parameters()}
-    x = torch.randn(batch, 3, side, side, dtype=torch.float64)
-    labels = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, side, side, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 10, (batch,)).to(device)
     width = CHANNELS * side * side
-    readout = torch.randn(10, width, dtype=torch.float64) / width**0.5
+    readout = (torch.randn(10, width, dtype=torch.float64) / width**0.5).to(device)
 
     def f(x, h, t):
         return torch.func.functional_call(cell, t, (x, h))
@@ -61,7 +62,8 @@ def problem(side: int = SIDE, batch: int = BATCH):
     def loss(h):
         return nn.functional.cross_entropy(h.reshape(h.shape[0], -1) @ readout.T, labels)
 
-    return f, loss, theta, x, torch.zeros(batch, CHANNELS, side, side, dtype=torch.float64)
+    h0 = torch.zeros(batch, CHANNELS, side, side, dtype=torch.float64, device=device)
+    return f, loss, theta, x, h0
 
 
 def _usage() -> tuple[float, float, float, int]:
@@ -70,12 +72,16 @@ def _usage() -> tuple[float, float, float, int]:
 
 
 def measure(name: str, run: Callable[[], object], repeats: int, eq: dh.Equilibrium) -> float:
-    """Median wall time of ``repeats`` calls after a warm-up; prints CPU, faults, products."""
+    """Median wall time of ``repeats`` calls after a warm-up (the device synchronised
+    around each); prints CPU, faults, products."""
+    device = eq.h.device
     run()
     walls, before, products = [], _usage(), eq.info.linear_solves.products
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         run()
+        synchronize(device)
         walls.append(time.perf_counter() - start)
     after = _usage()
     user, system, faults = ((b - a) / repeats for a, b in zip(before[1:], after[1:], strict=True))
@@ -95,7 +101,10 @@ def product_costs(eq: dh.Equilibrium, repeats: int = 5) -> tuple[float, float]:
     jvp = linearize(fn, h)
     _, pullback = torch.func.vjp(fn, h)
     v = torch.randn_like(h)
-    return median_seconds(lambda: jvp(v), repeats), median_seconds(lambda: pullback(v), repeats)
+    return (
+        median_seconds(lambda: jvp(v), repeats, device=h.device),
+        median_seconds(lambda: pullback(v), repeats, device=h.device),
+    )
 
 
 def block_krylov_iterations(block: int, rtol: float = 1e-12, limit: int = 60) -> dict[int, int]:
@@ -131,14 +140,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = device_of(args.device)
     torch.set_num_threads(args.threads)
-    f, loss, theta, x, h0 = problem()
+    f, loss, theta, x, h0 = problem(device=device)
     start = time.perf_counter()
     eq = dh.Equilibrium(f, theta, x, h0, batch_dim=0, linear_solver="gmres")
     p = eq.num_parameters
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; conv DEQ B={BATCH}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; conv DEQ "
+        f"B={BATCH}, "
         f"{CHANNELS}×{SIDE}×{SIDE} state, P = {p:,}, float64, {eq.info.linear_solver}"
     )
     print(
@@ -150,6 +162,7 @@ def main() -> None:
           f"{'products':>10}")  # fmt: skip
     op = eq.hessian_operator(loss)
     v = torch.randn(p, args.block, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    v = v.to(device)
     grad = measure("gradient (cached)", lambda: (eq.forget(loss), eq.grad(loss)), args.repeats, eq)
     one = measure("one HVP", lambda: op @ v[:, 0], args.repeats, eq)
     block = measure(f"block of {args.block} HVPs", lambda: op @ v, 1, eq)

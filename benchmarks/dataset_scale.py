@@ -24,7 +24,8 @@ before it, and the process's peak):
   graph (batched, vmapped, looped; :class:`deqhess.models.backward.BlockBackward`).
 
 Run: ``python benchmarks/dataset_scale.py [--threads 1] [--sections scan,block,analysis,backward]
-[--operator model|dataset] [--batches 10,100,1000]``.
+[--operator model|dataset] [--batches 10,100,1000] [--device cpu]`` (on a GPU the memory
+columns are the peak of torch's CUDA allocator).
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ import json
 import time
 
 import torch
-from common import in_subprocess, measure_operation
+from common import (
+    add_device_argument,
+    device_of,
+    in_subprocess,
+    measure_operation,
+    median_seconds,
+)
 from torch import nn
 
 import deqhess as dh
@@ -50,12 +57,12 @@ class TiledDigits:
     """``batches`` batches of ``size`` digits, tiled from the 1,797 images; re-iterable,
     each batch made when it is reached (no sample is stored beyond the 1,797)."""
 
-    def __init__(self, batches: int, size: int) -> None:
+    def __init__(self, batches: int, size: int, device: str = "cpu") -> None:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        self.x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-        self.y = torch.tensor(digits.target, dtype=torch.long)
+        self.x = (torch.tensor(digits.data, dtype=torch.float32) / 16.0).to(device)
+        self.y = torch.tensor(digits.target, dtype=torch.long).to(device)
         self.batches, self.size = batches, size
 
     def __len__(self) -> int:
@@ -63,7 +70,9 @@ class TiledDigits:
 
     def __iter__(self):
         for b in range(self.batches):
-            index = torch.arange(b * self.size, (b + 1) * self.size) % len(self.y)
+            index = (torch.arange(b * self.size, (b + 1) * self.size) % len(self.y)).to(
+                self.y.device
+            )
             yield self.x[index], self.y[index]
 
 
@@ -81,6 +90,7 @@ class TanhCell(nn.Module):
 def model_operator(data, warm_start_bytes: int) -> dh.ModelCurvature:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, WIDTH), DEQ(TanhCell(WIDTH)), nn.Linear(WIDTH, 10))
+    model = model.to(data.x.device)
     return dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, warm_start_bytes=warm_start_bytes)
 
 
@@ -94,6 +104,7 @@ def dataset_operator(data, warm_start_bytes: int) -> dh.DatasetEquilibrium:
         "V": torch.randn(10, WIDTH) / WIDTH**0.5,
         "c": torch.zeros(10),
     }
+    theta = {k: t.to(data.x.device) for k, t in theta.items()}
 
     def f(x, h, t):
         return torch.tanh(h @ t["W"].T + x @ t["U"].T + t["b"])
@@ -112,7 +123,8 @@ OPERATORS = {"model": model_operator, "dataset": dataset_operator}
 
 def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    data = TiledDigits(spec["batches"], spec["size"])
+    device = spec.get("device", "cpu")
+    data = TiledDigits(spec["batches"], spec["size"], device)
     if spec["kind"] == "backward":
         return _backward(data)
     start = time.perf_counter()
@@ -135,9 +147,9 @@ def child(spec: dict) -> dict:
             trace_seconds=time.perf_counter() - tic,
         )  # fmt: skip
     k = spec.get("k", 1)
-    block = torch.randn(p, k, generator=g)
+    block = torch.randn(p, k, generator=g).to(device)
     op @ block  # the first pass (it keeps the fixed points for warm starts)
-    measured = measure_operation(lambda: op @ block, repeats=1)
+    measured = measure_operation(lambda: op @ block, repeats=1, device=device)
     kept = getattr(curvature, "_warm_bytes", 0) / 2**20  # the warm-start store's size
     return dict(parameters=p, setup_seconds=setup, kept_mb=kept, **measured)
 
@@ -149,18 +161,23 @@ def _backward(data) -> dict:
     for mode in ("batched", "vmap", "loop"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, WIDTH), DEQ(TanhCell(WIDTH)), nn.Linear(WIDTH, 10))
-        op = dh.ModelCurvature(model, nn.CrossEntropyLoss(), [(x, y)], backward=mode)
+        model = model.to(x.device)
+        try:
+            op = dh.ModelCurvature(model, nn.CrossEntropyLoss(), [(x, y)], backward=mode)
+        except ValueError as error:  # ModelCurvature refuses "batched" for DEQ models up front
+            for k in (8, 32):
+                out[f"{mode}_K{k}"] = f"refused ({str(error).split(':')[0]})"
+            continue
         op = op.hessian_operator()
         for k in (8, 32):
-            block = torch.randn(op.shape[0], k)
+            block = torch.randn(op.shape[0], k, device=x.device)
             try:
                 op @ block  # warm-up
             except RuntimeError as error:  # autograd's batching refuses data-dependent code
                 out[f"{mode}_K{k}"] = f"refused ({str(error).split('.')[0]})"
                 continue
-            tic = time.perf_counter()
-            op @ block
-            out[f"{mode}_K{k}"] = f"{time.perf_counter() - tic:.3f} s"
+            seconds = median_seconds(lambda o=op, b=block: o @ b, 1, warmup=False, device=x.device)
+            out[f"{mode}_K{k}"] = f"{seconds:.3f} s"
     return out
 
 
@@ -175,15 +192,21 @@ def main() -> None:
         "--warm-start-bytes", type=int, default=WARM_START_BYTES,
         help="ModelCurvature's budget for the fixed points kept between passes (0: none)",
     )  # fmt: skip
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
     sections = args.sections.split(",")
+    device = str(device_of(args.device))
     common = dict(
-        threads=args.threads, operator=args.operator, warm_start_bytes=args.warm_start_bytes
+        threads=args.threads, operator=args.operator, warm_start_bytes=args.warm_start_bytes,
+        device=device,
+    )  # fmt: skip
+    print(
+        f"deqhess dataset_scale: {args.operator} operator, float32, {args.threads} thread(s), "
+        f"{device}"
     )
-    print(f"deqhess dataset_scale: {args.operator} operator, float32, {args.threads} thread(s)")
     for section, k in (("scan", 1), ("block", 16)):
         if section not in sections:
             continue

@@ -1,6 +1,7 @@
 """Dense Hessian and HVP: deqhess against unrolled autodiff and finite differences.
 
-Run: ``python benchmarks/dense_hessian.py`` (or ``make bench``). For each size it
+Run: ``python benchmarks/dense_hessian.py [--sizes 400,6k] [--threads 1] [--device cpu]``
+(or ``make bench``). For each size it
 prints, measured in the same run:
 
 * deqhess's dense Hessian from scratch (solve, factorise, Z, assemble) and its
@@ -23,7 +24,9 @@ import argparse
 import torch
 from common import (
     SIZES,
+    add_device_argument,
     best_time,
+    device_of,
     flatten,
     matmul_rate,
     relative,
@@ -41,7 +44,7 @@ STEP = 1e-5  # central-difference step: truncation ~ε², rounding ~1e-16/ε
 
 def unrolled_columns(objective, flat, columns):
     """Columns ``H[:, columns]`` by forward-over-reverse through the unrolled loop."""
-    basis = torch.eye(flat.numel(), dtype=flat.dtype)[columns]
+    basis = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)[columns]
     gradient = torch.func.grad(objective)
     return torch.func.vmap(lambda v: torch.func.jvp(gradient, (flat,), (v,))[1])(basis).T
 
@@ -64,10 +67,10 @@ def matching_steps(f, loss, theta, x, h0, exact_columns, columns, target):
     return REFERENCE_STEPS
 
 
-def run(label: str) -> None:
+def run(label: str, device: torch.device) -> None:
     n, m, batch = SIZES[label]
     small = label == "400"
-    f, loss, theta, x, h0 = tanh_deq(n, m, batch)
+    f, loss, theta, x, h0 = tanh_deq(n, m, batch, device=device)
     flat = flatten(theta)
     p, size = flat.numel(), batch * n
     print(f"\n== tanh DEQ n={n} m={m} B={batch}: P = {p}, N = {size} (float64) ==")
@@ -75,13 +78,13 @@ def run(label: str) -> None:
     def deq_hessian():
         return dh.Equilibrium(f, theta, x, h0, tol=1e-15).hessian(loss)
 
-    t_dense, hessian = best_time(deq_hessian, repeats=5 if small else 1)
+    t_dense, hessian = best_time(deq_hessian, repeats=5 if small else 1, device=device)
     eq = dh.Equilibrium(f, theta, x, h0, tol=1e-15)
     eq.hessian(loss)  # fills the caches
-    v = torch.randn(p, dtype=flat.dtype)
-    t_hvp, hv = best_time(lambda: eq.hvp(loss, v), repeats=20)
+    v = torch.randn(p, dtype=flat.dtype).to(device)
+    t_hvp, hv = best_time(lambda: eq.hvp(loss, v), repeats=20, device=device)
 
-    columns = torch.randperm(p, generator=torch.Generator().manual_seed(1))[:COLUMNS]
+    columns = torch.randperm(p, generator=torch.Generator().manual_seed(1))[:COLUMNS].to(device)
     reference = unrolled_loss(f, loss, theta, x, h0, REFERENCE_STEPS)
     reference_cols = unrolled_columns(reference, flat, columns)
     reference_hv = torch.func.jvp(torch.func.grad(reference), (flat,), (v,))[1]
@@ -89,11 +92,13 @@ def run(label: str) -> None:
     steps = matching_steps(f, loss, theta, x, h0, reference_cols, columns, max(err_dense, 1e-14))
     objective = unrolled_loss(f, loss, theta, x, h0, steps)
     t_unrolled, unrolled = best_time(
-        lambda: unrolled_hessian(objective, flat, full_vmap=small), repeats=5 if small else 1
+        lambda: unrolled_hessian(objective, flat, full_vmap=small),
+        repeats=5 if small else 1,
+        device=device,
     )
     gradient = torch.func.grad(objective)
     t_unrolled_hvp, unrolled_hv = best_time(
-        lambda: torch.func.jvp(gradient, (flat,), (v,))[1], repeats=5
+        lambda: torch.func.jvp(gradient, (flat,), (v,))[1], repeats=5, device=device
     )
 
     def implicit_gradient(t):
@@ -104,18 +109,20 @@ def run(label: str) -> None:
         minus = implicit_gradient(flat - STEP * direction)
         return (plus - minus) / (2 * STEP)
 
-    basis = torch.eye(p, dtype=flat.dtype)
+    basis = torch.eye(p, dtype=flat.dtype, device=device)
     fd_index = torch.arange(p) if small else columns
     t_fd_part, fd_cols = best_time(
-        lambda: torch.stack([fd_product(basis[i]) for i in fd_index], dim=1), repeats=1
+        lambda: torch.stack([fd_product(basis[i]) for i in fd_index], dim=1),
+        repeats=1,
+        device=device,
     )
     t_fd = t_fd_part * p / len(fd_index)
     err_fd = relative(fd_cols[:, columns] if small else fd_cols, reference_cols)
-    t_fd_hvp, fd_hv = best_time(lambda: fd_product(v), repeats=5)
+    t_fd_hvp, fd_hv = best_time(lambda: fd_product(v), repeats=5, device=device)
 
     flops = 2.0 * p * p * size
     rate = flops / t_dense
-    peak = matmul_rate(p, size, p)
+    peak = matmul_rate(p, size, p, device=device)
     how = "torch.func.hessian" if small else "all columns, vmap chunks of 512"
     fd_how = "all columns" if small else f"{COLUMNS} columns, scaled to P"
     print(f"accuracy: deqhess dense Hessian vs K={REFERENCE_STEPS} unrolled = {err_dense:.1e}")
@@ -148,11 +155,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="400,6k", help="comma list of: 400, 6k")
     parser.add_argument("--threads", type=int, default=1)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = device_of(args.device)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}")
     for label in args.sizes.split(","):
-        run(label)
+        run(label, device)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Cached gradient vs cached HVP vs unrolled and finite-difference HVPs, time and memory.
 
-Run: ``python benchmarks/hvp.py`` (add ``--sizes 82k`` or ``--sizes 1M`` for one).
+Run: ``python benchmarks/hvp.py`` (add ``--sizes 82k`` or ``--sizes 1M`` for one;
+``--device cuda`` on a GPU, where the memory is the peak of torch's CUDA allocator).
 Each timed configuration runs in its own subprocess; its memory is the peak RSS of
 the operation alone (the kernel's high-water mark is reset just before it,
 ``/proc/self/clear_refs``) above the RSS it started from, and the peak of the whole
@@ -20,6 +21,8 @@ import warnings
 
 import torch
 from common import (
+    add_device_argument,
+    device_of,
     flatten,
     in_subprocess,
     measure_operation,
@@ -40,13 +43,13 @@ REFERENCE_STEPS = 150
 STEP = {"float64": 1e-5, "float32": 1e-2}
 
 
-def _problem(cfg):
+def _problem(cfg, device: str = "cpu"):
     dtype = getattr(torch, cfg["dtype"])
-    f, loss, theta, x, h0 = tanh_deq(cfg["n"], cfg["m"], cfg["batch"], dtype=dtype)
+    f, loss, theta, x, h0 = tanh_deq(cfg["n"], cfg["m"], cfg["batch"], dtype=dtype, device=device)
     v = torch.randn(
         flatten(theta).numel(), generator=torch.Generator().manual_seed(7), dtype=torch.float64
     )
-    return f, loss, theta, x, h0, (v / v.norm()).to(dtype)
+    return f, loss, theta, x, h0, (v / v.norm()).to(dtype=dtype, device=device)
 
 
 def _unrolled_hvp(f, loss, theta, x, h0, steps):
@@ -59,7 +62,8 @@ def child(spec: dict) -> dict:
     """One configuration: set up, reset the high-water mark, run the operation."""
     torch.set_num_threads(spec.get("threads", 1))
     torch.manual_seed(0)
-    f, loss, theta, x, h0, v = _problem(CONFIGS[spec["size"]])
+    device = spec.get("device", "cpu")
+    f, loss, theta, x, h0, v = _problem(CONFIGS[spec["size"]], device)
     kind, repeats = spec["kind"], spec.get("repeats", 5)
     opts = dict(
         batch_dim=0,
@@ -100,21 +104,21 @@ def child(spec: dict) -> dict:
             return (gradient(flat + step * v) - gradient(flat - step * v)) / (2 * step)
     else:
         raise ValueError(kind)
-    return measure_operation(run, repeats)
+    return measure_operation(run, repeats, device=device)
 
 
-THREADS = 1
+THREADS, DEVICE = 1, "cpu"
 
 
 def measure(**spec) -> dict:
-    return in_subprocess(__file__, {"threads": THREADS, **spec})
+    return in_subprocess(__file__, {"threads": THREADS, "device": DEVICE, **spec})
 
 
 def accuracy(size: str) -> tuple[float, int, float]:
     """deqhess HVP error vs a K=150 float64 unrolled reference; K matching it; FD error."""
     cfg = CONFIGS[size]
-    f, loss, theta, x, h0, v = _problem(cfg)
-    f64 = _problem({**cfg, "dtype": "float64"})
+    f, loss, theta, x, h0, v = _problem(cfg, DEVICE)
+    f64 = _problem({**cfg, "dtype": "float64"}, DEVICE)
     reference = _unrolled_hvp(*f64[:5], REFERENCE_STEPS)(f64[5])
     tol = TOL[cfg["dtype"]]
     eq = dh.Equilibrium(f, theta, x, h0, batch_dim=0, tol=tol)
@@ -199,14 +203,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="82k,1M")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, every process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    global THREADS
-    THREADS = args.threads
+    global THREADS, DEVICE
+    THREADS, DEVICE = args.threads, str(device_of(args.device))
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {DEVICE}")
     for size in args.sizes.split(","):
         report(size)
 

@@ -1,6 +1,7 @@
 """Training steps of the DEQ layer against torchdeq and against unrolled autograd.
 
-Side by side in one run, one thread (``--threads``), float32. The machine is shared, so
+Side by side in one run, one thread (``--threads``), float32, on ``--device`` (``cpu``;
+ratios of wall time around synchronised calls on a GPU). The machine is shared, so
 the configurations being compared are timed in alternation (ours, theirs, ours, …) and
 each figure is the median over ``--repeats`` rounds of the process's CPU time (less
 disturbed by other processes than wall time, which is printed too):
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import add_device_argument, device_of, synchronize
 from torch import Tensor, nn
 
 from deqhess.linear import NeumannGMRES
@@ -69,32 +71,39 @@ class ConvCell(nn.Module):
         return torch.tanh(self.conv(h) + x)
 
 
-def problems(seed: int = 0) -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
+def problems(seed: int = 0, device: str = "cpu") -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
+    """The two problems, drawn on the CPU and moved to ``device``."""
     torch.manual_seed(seed)
     tanh = TanhCell()
     x_tanh = torch.randn(64, 16)
     conv = ConvCell()
     x_conv = torch.randn(16, 3, 32, 32)
-    return {
+    drawn = {
         "(a) tanh d=256 B=64": (tanh, x_tanh, torch.randn(64, 256).tanh()),
         "(b) conv 3x32x32 B=16": (conv, x_conv, torch.randn(16, 3, 32, 32).tanh()),
     }
+    return {k: tuple(t.to(device) for t in v) for k, v in drawn.items()}
 
 
 def loss_of(h: Tensor, target: Tensor) -> Tensor:
     return 0.5 * (h - target).pow(2).mean()
 
 
-def interleaved(steps: list[Callable[[], object]], repeats: int) -> list[tuple[float, float]]:
-    """``(cpu, wall)`` median seconds of each step, timed in alternation after a warm-up."""
+def interleaved(
+    steps: list[Callable[[], object]], repeats: int, device: torch.device | None = None
+) -> list[tuple[float, float]]:
+    """``(cpu, wall)`` median seconds of each step, timed in alternation after a warm-up
+    (``device`` synchronised around each step)."""
     for step in steps:
         step()
     cpu: list[list[float]] = [[] for _ in steps]
     wall: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for i, step in enumerate(steps):
+            synchronize(device)
             c0, w0 = time.process_time(), time.perf_counter()
             step()
+            synchronize(device)
             cpu[i].append(time.process_time() - c0)
             wall[i].append(time.perf_counter() - w0)
     return [(statistics.median(c), statistics.median(w)) for c, w in zip(cpu, wall, strict=True)]
@@ -191,8 +200,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = device_of(args.device)
     torch.set_num_threads(args.threads)
+    clock = 0 if device.type == "cpu" else 1  # ratios of CPU time here, of wall time on a GPU
     try:
         import torchdeq  # noqa: F401
 
@@ -200,9 +212,9 @@ def main() -> None:
     except ImportError:
         have_torchdeq = False
         print("torchdeq not installed (make bench-extras): its columns are skipped")
-    print(f"threads={args.threads}, float32, median of {args.repeats}; forward rtol "
+    print(f"threads={args.threads}, {device}, float32, median of {args.repeats}; forward rtol "
           f"{FORWARD_TOL:g}, backward rtol {BACKWARD_TOL:g}")  # fmt: skip
-    for name, (cell, x, target) in problems().items():
+    for name, (cell, x, target) in problems(device=str(device)).items():
         exact = exact_gradient(cell, x, target)
         ours = deqhess_step(cell, x, target)
         print(f"\n{name}: P = {sum(p.numel() for p in cell.parameters()):,}")
@@ -211,7 +223,7 @@ def main() -> None:
         # matches that accuracy (errors printed)
         tight = deqhess_step(cell, x, target, tol=FORWARD_TOL / 8)
         steps = [ours, tight] + ([torchdeq_step(cell, x, target)] if have_torchdeq else [])
-        times = interleaved(steps, args.repeats)
+        times = interleaved(steps, args.repeats, device)
         e_ours = relative_error(gradient_of(ours, cell), exact)
         e_tight = relative_error(gradient_of(tight, cell), exact)
         print(f"  training step  deqhess.nn.DEQ  {_ms(times[0])}   grad err {e_ours:.1e}")
@@ -220,15 +232,15 @@ def main() -> None:
             e_theirs = relative_error(gradient_of(steps[2], cell), exact)
             print(
                 f"                 torchdeq (ift)  {_ms(times[2])}   grad err {e_theirs:.1e}"
-                f"   deqhess/torchdeq = {times[0][0] / times[2][0]:.2f} (same tol), "
-                f"{times[1][0] / times[2][0]:.2f} (tol/8)"
+                f"   deqhess/torchdeq = {times[0][clock] / times[2][clock]:.2f} (same tol), "
+                f"{times[1][clock] / times[2][clock]:.2f} (tol/8)"
             )
         layer, unrolled = penalty_steps(cell, x, target)
-        t_layer, t_unrolled = interleaved([layer, unrolled], args.repeats)
+        t_layer, t_unrolled = interleaved([layer, unrolled], args.repeats, device)
         print(
             f"  penalty step   deqhess.nn.DEQ  {_ms(t_layer)}\n"
             f"                 unrolled-30     {_ms(t_unrolled)}   "
-            f"deqhess/unrolled-30 = {t_layer[0] / t_unrolled[0]:.2f}"
+            f"deqhess/unrolled-30 = {t_layer[clock] / t_unrolled[clock]:.2f}"
         )
 
 

@@ -1,7 +1,8 @@
 """deqhess against JAX (optimistix, implicit adjoint, per-sample LU, jit) on the same problems.
 
 Run: ``make bench-extras`` once (JAX, jaxlib, optimistix, lineax, equinox into the project's
-.venv), then ``.venv/bin/python benchmarks/vs_jax.py [--threads 1] [--rounds 7]``.
+.venv), then ``.venv/bin/python benchmarks/vs_jax.py [--threads 1] [--rounds 7]
+[--device cpu]`` (``--device`` places deqhess; JAX runs on its default backend).
 
 The problem is the issue's tanh DEQ ``h = tanh(W h + U x + b)`` (‖W‖₂ = 0.5) with the loss
 ``Σ log cosh(h − y) + 0.1 Σₛ (Σⱼ hₛⱼ)² / n``, float64, both libraries solving the fixed
@@ -48,6 +49,10 @@ def _threads_from_argv() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--problems", default="6k,82k", help="comma list of: 6k, 82k")
+    parser.add_argument(
+        "--device", default="cpu",
+        help="deqhess's device: cpu (default) or cuda[:index] (JAX keeps its own default)",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -63,6 +68,7 @@ if ARGS is not None and ARGS.threads == 1:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import device_of, synchronize  # noqa: E402
 
 import deqhess as dh  # noqa: E402
 
@@ -90,10 +96,15 @@ def draw(n: int, m: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     )
 
 
+DEVICE = device_of(ARGS.device) if ARGS is not None else torch.device("cpu")
+#: ratios of CPU time on the CPU; of wall time around synchronised calls on a GPU
+CLOCK = "cpu" if DEVICE.type == "cpu" else "wall"
+
+
 def deqhess_problem(data: dict[str, np.ndarray]):
-    """``(f, loss, theta, x, h0)`` for :class:`deqhess.Equilibrium`."""
-    theta = {k: torch.from_numpy(data[k]) for k in ("W", "U", "b")}
-    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    """``(f, loss, theta, x, h0)`` for :class:`deqhess.Equilibrium`, on ``--device``."""
+    theta = {k: torch.from_numpy(data[k]).to(DEVICE) for k in ("W", "U", "b")}
+    x, y = torch.from_numpy(data["x"]).to(DEVICE), torch.from_numpy(data["y"]).to(DEVICE)
     n = y.shape[1]
 
     def f(x, h, t):
@@ -130,10 +141,13 @@ def jax_loss(data: dict[str, np.ndarray]) -> tuple[Callable, jnp.ndarray]:
 
 
 def _timed(fn: Callable[[], object], calls: int = 1) -> tuple[float, float]:
-    """(wall, CPU) seconds per call, over ``calls`` calls; CPU time is this process's."""
+    """(wall, CPU) seconds per call, over ``calls`` calls; CPU time is this process's (the
+    torch device is synchronised before and after)."""
+    synchronize(DEVICE)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         fn()
+    synchronize(DEVICE)
     return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
@@ -166,8 +180,10 @@ class Rounds:
                 self.cpu[name].append(cpu)
 
     def ratio(self, a: str, b: str) -> float:
-        """Median over rounds of ``cpu(a) / cpu(b)``, both from the same round."""
-        return statistics.median(x / y for x, y in zip(self.cpu[a], self.cpu[b], strict=True))
+        """Median over rounds of ``cpu(a) / cpu(b)`` (wall time on a GPU), both from the
+        same round."""
+        times = self.cpu if CLOCK == "cpu" else self.wall
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
     def table(self) -> None:
         print(f"{'':<30}{'CPU median':>12}{'CPU range':>22}{'wall median':>13}")
@@ -181,6 +197,7 @@ class Rounds:
 
 
 def agreement(a, b) -> float:
+    a, b = (t.cpu() if isinstance(t, torch.Tensor) else t for t in (a, b))
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -203,7 +220,7 @@ def problem_6k(rounds: int) -> None:
     _, linear = jax.linearize(jax.grad(jl), flat)
     linear = jax.jit(linear)
     v = np.random.default_rng(7).standard_normal(flat.shape[0])
-    jv, tv = jnp.asarray(v), torch.from_numpy(v)
+    jv, tv = jnp.asarray(v), torch.from_numpy(v).to(DEVICE)
     print(f"JAX jit of the Hessian (compile + first run): {compile_s:.1f} s")
 
     dense = Rounds(rounds)  # the second-long Hessians apart from the millisecond products
@@ -250,7 +267,7 @@ def problem_82k(rounds: int) -> None:
     _, linear = jax.linearize(jax.grad(jl), flat)
     linear = jax.jit(linear)
     v = np.random.default_rng(7).standard_normal(flat.shape[0])
-    jv, tv = jnp.asarray(v), torch.from_numpy(v)
+    jv, tv = jnp.asarray(v), torch.from_numpy(v).to(DEVICE)
 
     r = Rounds(rounds, calls=10)
     hv_jax = r.add("jax linearized hvp", lambda: _block(linear(jv)))
@@ -262,7 +279,7 @@ def problem_82k(rounds: int) -> None:
         results[tag] = r.add(f"deqhess hvp {tag}", lambda e=eq: e.hvp(loss, tv))
         r.add(f"deqhess grad {tag}", lambda e=eq: (e.forget(loss), e.grad(loss)))
         state = eq.problem.state
-        rhs = torch.randn(1, state.samples, state.width, dtype=torch.float64)
+        rhs = torch.randn(1, state.samples, state.width, dtype=torch.float64, device=DEVICE)
         r.add(f"deqhess one solve {tag}", lambda e=eq, b=rhs: e.linearization.solve(b))
         print(f"deqhess batch_dim={batch_dim}: linear solver {eq.info.linear_solver}")
     r.run()
@@ -278,8 +295,9 @@ def problem_82k(rounds: int) -> None:
         )
         goal = _verdict(over, GOALS["hvp_over_grad"])
         print(f"   cached HVP / cached gradient = {over:.2f} ({goal})")
-        ms = {k: 1e3 * statistics.median(r.cpu[f"deqhess {k} {tag}"]) for k in ("hvp", "grad")}
-        solve = 1e3 * statistics.median(r.cpu[f"deqhess one solve {tag}"])
+        times = r.cpu if CLOCK == "cpu" else r.wall
+        ms = {k: 1e3 * statistics.median(times[f"deqhess {k} {tag}"]) for k in ("hvp", "grad")}
+        solve = 1e3 * statistics.median(times[f"deqhess one solve {tag}"])
         print(
             f"   where it goes: one solve with I − J {solve:.2f} ms (the HVP needs two, the "
             f"gradient one); the rest {ms['hvp'] - 2 * solve:.2f} ms against "
@@ -291,7 +309,8 @@ def main() -> None:
     torch.set_num_threads(ARGS.threads)
     print(
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}, "
-        f"optimistix {optx.__version__}; float64; {ARGS.rounds} rounds"
+        f"optimistix {optx.__version__}; float64; {ARGS.rounds} rounds; deqhess on {DEVICE}, "
+        f"JAX on {jax.default_backend()}; ratios of {CLOCK} time"
     )
     problems = {"6k": problem_6k, "82k": problem_82k}
     for name in ARGS.problems.split(","):

@@ -18,3 +18,12 @@ def _float64_and_seed():
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """Each device a test should run on: the CPU, and a CUDA device where torch sees one
+    (skipped elsewhere), so the first run on a GPU machine needs no code change."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here (torch.cuda.is_available() is False)")
+    return torch.device(request.param)

@@ -1,0 +1,297 @@
+"""deqhess vs curvlinops, laplace-torch, PyHessian and hessian-eigenthings on whole DEQ models.
+
+Run: ``python benchmarks/vs_curvlinops.py [--problems tanh,conv] [--forms
+hessian,ggn,hvp,eigen] [--threads 1] [--repeats 3] [--device cpu] [--tanh 16,32,10]
+[--tanh-data 4x32] [--conv 4,6,10] [--conv-data 3x16]`` (about 10 minutes here with the defaults;
+``make bench-extras`` installs the other tools, and a tool that is missing is skipped).
+
+The problems are ``curvature_models.py``'s ``encoder → deqhess.nn.DEQ(cell) → head``
+classifiers in float64 (the cells: a tanh cell, and a conv cell whose per-sample state
+is solved matrix-free), every tool running through the same deqhess layer; deqhess
+is :class:`deqhess.ModelCurvature` with its defaults. The forms:
+
+* ``hessian`` — the dense data-set Hessian: ``ModelCurvature.hessian()`` against
+  curvlinops' ``HessianLinearOperator @ I``;
+* ``ggn`` — the dense GGN: ``ggn_operator().to_dense()`` against curvlinops'
+  ``GGNLinearOperator @ I`` and laplace-torch's GGN (its Jacobian route and backends);
+* ``hvp`` — a block of 10 HVPs: ``hvp(V)`` (one pass) against curvlinops' ``op @ V``,
+  and 10 single HVPs of PyHessian and of hessian-eigenthings;
+* ``eigen`` — the top-5 Hessian eigenvalues: ``extreme_eigenpairs`` (ARPACK on deqhess's
+  HVPs) against SciPy's ``eigsh`` on curvlinops' operator (same tolerance and start),
+  PyHessian's power iteration (its defaults) and hessian-eigenthings' ``lanczos``.
+
+Agreement is the largest entry of the difference over the largest entry of deqhess's
+result (eigenvalues: against the eigenvalues of the dense Hessian curvlinops formed, when
+the ``hessian`` form ran, else deqhess's). Times are this process's CPU time with
+``--threads 1`` on the CPU (robust to other processes on a shared machine), wall time
+around synchronised calls on a GPU: the median of ``--repeats`` calls after a warm-up
+for the block of HVPs, one call for the dense forms and the eigenvalues (seconds long;
+every tool was warmed up by one product before). The ratio is deqhess's time over the
+tool's; the goal of issue 20 is ≤ 0.5 against the fastest other tool in every form (the
+summary also names the fastest tool that agrees with deqhess to 1e-8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from common import add_device_argument, device_of, median_seconds, wall_or_cpu_clock
+from curvature_models import Problem, make_problem
+from curvature_tools import (
+    EigenthingsTool,
+    PyHessianTool,
+    curvlinops_dense,
+    curvlinops_operator,
+    curvlinops_top,
+    installed,
+    laplace_backends,
+)
+
+import deqhess as dh
+from deqhess.curvature import extreme_eigenpairs
+
+FORMS = ("hessian", "ggn", "hvp", "eigen")
+TOP_K, BLOCK = 5, 10
+#: hessian-eigenthings' Lanczos steps: its default (2k = 10) stops far from 1e-8
+LANCZOS_STEPS = 60
+#: the summary's ratio is against the fastest other tool that agrees with deqhess this well
+EQUAL_ACCURACY = 1e-8
+
+
+@dataclass
+class Row:
+    tool: str
+    seconds: float | None = None
+    result: Any = None
+    agreement: float | None = None
+    note: str = ""
+
+
+class Timer:
+    """Times calls on the benchmark's clock; a failing tool becomes a row with its error."""
+
+    def __init__(self, device: torch.device, repeats: int) -> None:
+        self.device, self.repeats = device, repeats
+        self.clock = wall_or_cpu_clock(device)
+
+    def __call__(self, tool: str, run: Callable[[], Any], once: bool = False, note: str = ""):
+        kept: list[Any] = []
+        try:
+            seconds = median_seconds(
+                lambda: kept.append(run()),
+                1 if once else self.repeats,
+                self.clock,
+                warmup=not once,
+                device=self.device,
+            )
+        except Exception as error:  # a tool's own failure on this model is a result to print
+            message = " ".join(str(error).split())[:110]
+            return Row(tool, note=f"failed: {type(error).__name__}: {message}")
+        return Row(tool, seconds, kept[-1], note=note)
+
+
+def difference(a: Any, b: Any) -> float:
+    a, b = (
+        torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t) for t in (a, b)
+    )
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def hessian_rows(problem: Problem, curvature: dh.ModelCurvature, time: Timer) -> list[Row]:
+    rows = [time("deqhess ModelCurvature.hessian()", curvature.hessian, once=True)]
+    if installed("curvlinops"):
+        op = curvlinops_operator(problem, "hessian")
+        rows.append(
+            time("curvlinops HessianLinearOperator @ I", lambda: curvlinops_dense(op), once=True)
+        )
+    return rows
+
+
+def ggn_rows(problem: Problem, curvature: dh.ModelCurvature, time: Timer) -> list[Row]:
+    ggn = curvature.ggn_operator()
+    rows = [time("deqhess ggn_operator().to_dense()", ggn.to_dense, once=True)]
+    if installed("curvlinops"):
+        op = curvlinops_operator(problem, "ggn")
+        rows.append(
+            time("curvlinops GGNLinearOperator @ I", lambda: curvlinops_dense(op), once=True)
+        )
+    for label, run in laplace_backends().items():
+        rows.append(time(label, lambda run=run: run(problem), once=True))
+    return rows
+
+
+def hvp_rows(problem: Problem, curvature: dh.ModelCurvature, time: Timer) -> list[Row]:
+    p, device = problem.num_parameters, time.device
+    g = torch.Generator().manual_seed(2)
+    block = torch.randn(p, BLOCK, generator=g, dtype=torch.float64).to(device)
+    rows = [time(f"deqhess hvp([P, {BLOCK}]), one pass", lambda: curvature.hvp(block))]
+    if installed("curvlinops"):
+        op = curvlinops_operator(problem, "hessian")
+        rows.append(time(f"curvlinops op @ [P, {BLOCK}]", lambda: op @ block))
+    singles = []
+    if installed("pyhessian"):
+        singles.append(("PyHessian", PyHessianTool))
+    if installed("hessian_eigenthings"):
+        singles.append(("hessian-eigenthings", EigenthingsTool))
+    for label, make in singles:
+        try:
+            tool = make(problem)
+        except Exception as error:
+            rows.append(Row(label, note=f"failed: {type(error).__name__}: {error}"[:120]))
+            continue
+        rows.append(
+            time(
+                f"{label}, {BLOCK} single HVPs",
+                lambda tool=tool: torch.stack([tool.hvp(v) for v in block.T], dim=1),
+            )
+        )
+    return rows
+
+
+def eigen_rows(
+    problem: Problem, curvature: dh.ModelCurvature, time: Timer, tol: float
+) -> list[Row]:
+    p = problem.num_parameters
+    start = np.random.default_rng(0).standard_normal(p)
+    op = curvature.hessian_operator()
+
+    def ours():
+        result = extreme_eigenpairs(op, k=TOP_K, tol=tol, progress=False)
+        return np.sort(result.eigenvalues), result.num_hvps
+
+    rows = [time(f"deqhess extreme_eigenpairs (tol {tol:g})", ours, once=True)]
+    if installed("curvlinops"):
+        linop = curvlinops_operator(problem, "hessian")
+        rows.append(
+            time(
+                f"curvlinops + scipy eigsh (tol {tol:g})",
+                lambda: curvlinops_top(linop, TOP_K, tol, start),
+                once=True,
+            )
+        )
+    if installed("pyhessian"):
+        tool = PyHessianTool(problem)
+        rows.append(
+            time(
+                "PyHessian eigenvalues (power iteration, tol 1e-3)",
+                lambda: tool.top(TOP_K),
+                once=True,
+            )
+        )
+    if installed("hessian_eigenthings"):
+        tool = EigenthingsTool(problem)
+        rows.append(
+            time(
+                f"hessian-eigenthings lanczos ({LANCZOS_STEPS} steps, tol {tol:g})",
+                lambda: tool.top(TOP_K, LANCZOS_STEPS, tol),
+                once=True,
+            )
+        )
+    for row in rows:
+        if row.result is not None:
+            row.result, hvps = row.result
+            row.note = f"{hvps} HVPs; " + ", ".join(f"{v:.6g}" for v in row.result[::-1])
+    return rows
+
+
+def report(form: str, rows: list[Row], reference: Any) -> None:
+    ours = rows[0]
+    for row in rows:
+        if row.result is not None and reference is not None:
+            row.agreement = difference(row.result, reference)
+    print(f"  {form}")
+    for row in rows:
+        seconds = f"{row.seconds:9.3f} s" if row.seconds is not None else f"{'—':>11}"
+        agree = f"{row.agreement:9.1e}" if row.agreement is not None else f"{'—':>9}"
+        ratio = (
+            f"{ours.seconds / row.seconds:7.2f}"
+            if row is not ours and row.seconds and ours.seconds
+            else f"{'':7}"
+        )
+        print(f"    {row.tool:<52}{seconds}  {agree}  {ratio}  {row.note}")
+    others = [r for r in rows[1:] if r.seconds]
+    equal = [r for r in others if r.agreement is not None and r.agreement <= EQUAL_ACCURACY]
+    for label, candidates in (("", others), (f" agreeing to ≤ {EQUAL_ACCURACY:g}", equal)):
+        if ours.seconds and candidates:
+            best = min(candidates, key=lambda r: r.seconds)
+            print(
+                f"    deqhess / fastest other{label} ({best.tool}): "
+                f"{ours.seconds / best.seconds:.2f} (goal ≤ 0.5)"
+            )
+
+
+def run_problem(problem: Problem, args, device: torch.device) -> None:
+    print(problem.describe())
+    curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data)
+    print(
+        f"  deqhess chunk_size {curvature.chunk_size} directions per pass "
+        f"({-(-problem.num_parameters // curvature.chunk_size)} passes for a dense form)"
+    )
+    time = Timer(device, args.repeats)
+    # warm every tool's one-off costs (tracing, first kernels) with one product
+    warm = torch.ones(problem.num_parameters, dtype=torch.float64, device=device)
+    curvature.hvp(warm)
+    if installed("curvlinops"):
+        curvlinops_operator(problem, "hessian") @ warm
+    print(f"    {'tool':<52}{'time':>11}  {'agreement':>9}  {'ratio':>7}")
+    dense_h = None
+    for form in args.forms:
+        if form == "hessian":
+            rows = hessian_rows(problem, curvature, time)
+            dense_h = next((r.result for r in rows[1:] if r.result is not None), rows[0].result)
+            report("dense Hessian", rows, rows[0].result)
+        elif form == "ggn":
+            rows = ggn_rows(problem, curvature, time)
+            report("dense GGN", rows, rows[0].result)
+        elif form == "hvp":
+            rows = hvp_rows(problem, curvature, time)
+            report(f"block of {BLOCK} HVPs", rows, rows[0].result)
+        elif form == "eigen":
+            rows = eigen_rows(problem, curvature, time, args.eig_tol)
+            ref = None if dense_h is None else torch.linalg.eigvalsh(dense_h.cpu())[-TOP_K:]
+            report(
+                f"top-{TOP_K} eigenvalues (agreement against the dense Hessian's)"
+                if ref is not None
+                else f"top-{TOP_K} eigenvalues",
+                rows,
+                ref if ref is not None else rows[0].result,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", default="tanh,conv", help="comma list of: tanh, conv")
+    parser.add_argument("--forms", default=",".join(FORMS), help=f"comma list of: {FORMS}")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of products")
+    parser.add_argument("--tanh", default="16,32,10", help="input, width, classes")
+    parser.add_argument("--tanh-data", default="4x32", help="batches x batch size")
+    parser.add_argument("--conv", default="4,6,10", help="channels, side, classes")
+    parser.add_argument("--conv-data", default="3x16", help="batches x batch size")
+    parser.add_argument("--eig-tol", type=float, default=1e-8)
+    add_device_argument(parser)
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
+    args.forms = args.forms.split(",")
+    device = device_of(args.device)
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device}; "
+        "times: " + ("CPU time" if device.type == "cpu" else "wall, synchronised")
+    )
+    for name in args.problems.split(","):
+        sizes = tuple(int(s) for s in getattr(args, name).split(","))
+        batches, batch = (int(s) for s in getattr(args, f"{name}_data").split("x"))
+        problem = make_problem(name, sizes, batches, batch, str(device))
+        run_problem(problem, args, device)
+
+
+if __name__ == "__main__":
+    main()
