@@ -13,11 +13,11 @@ before it, and the process's peak):
 
 * ``scan`` — one HVP over 10, 100 and 1,000 batches of 60 samples, the second pass (as
   in an analysis: each DEQ starts from the previous pass's fixed point, kept within
-  ``--warm-start-bytes``; 0 keeps none): its time (linear in the batches: one pass, one
+  ``--cache-bytes``; 0 keeps none): its time (linear in the batches: one pass, one
   forward per batch) and peak RSS (flat: one batch at a time), and the warm-start store;
 * ``block`` — one block of K = 16 directions over the same batches (one pass: the K
   directions share every batch's forward);
-* ``analysis`` — top-5 eigenvalues (``extreme_eigenpairs``, ARPACK, tol 1e-4 for
+* ``analysis`` — top-5 eigenvalues (``extreme_eigenpairs``, thick-restart Lanczos, tol 1e-4 for
   float32) and a Hutch++ trace (30 HVPs in three blocks) of the whole model's Hessian
   on all 60,000 samples (100 batches of 600);
 * ``backward`` — on one batch, the three ways a block's directions go through the
@@ -46,8 +46,8 @@ from torch import nn
 
 import deqhess as dh
 from deqhess.curvature import extreme_eigenpairs, hutchpp
-from deqhess.models.curvature import WARM_START_BYTES
 from deqhess.nn import DEQ
+from deqhess.streaming import DEFAULT_CACHE_BYTES
 
 SAMPLES = 60_000
 WIDTH = 32
@@ -87,14 +87,14 @@ class TanhCell(nn.Module):
         return torch.tanh(h @ self.W.T + x + self.b)
 
 
-def model_operator(data, warm_start_bytes: int) -> dh.ModelCurvature:
+def model_operator(data, cache_bytes: int) -> dh.ModelCurvature:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, WIDTH), DEQ(TanhCell(WIDTH)), nn.Linear(WIDTH, 10))
     model = model.to(data.x.device)
-    return dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, warm_start_bytes=warm_start_bytes)
+    return dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, cache_bytes=cache_bytes)
 
 
-def dataset_operator(data, warm_start_bytes: int) -> dh.DatasetEquilibrium:
+def dataset_operator(data, cache_bytes: int) -> dh.DatasetEquilibrium:
     torch.manual_seed(0)
     w = torch.randn(WIDTH, WIDTH)
     theta = {
@@ -128,7 +128,7 @@ def child(spec: dict) -> dict:
     if spec["kind"] == "backward":
         return _backward(data)
     start = time.perf_counter()
-    curvature = OPERATORS[spec["operator"]](data, spec["warm_start_bytes"])
+    curvature = OPERATORS[spec["operator"]](data, spec["cache_bytes"])
     setup = time.perf_counter() - start
     op = curvature.hessian_operator()
     p = op.shape[0]
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--operator", default="model", choices=sorted(OPERATORS))
     parser.add_argument("--batches", default="10,100,1000")
     parser.add_argument(
-        "--warm-start-bytes", type=int, default=WARM_START_BYTES,
+        "--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
         help="ModelCurvature's budget for the fixed points kept between passes (0: none)",
     )  # fmt: skip
     add_device_argument(parser)
@@ -200,7 +200,7 @@ def main() -> None:
     sections = args.sections.split(",")
     device = str(device_of(args.device))
     common = dict(
-        threads=args.threads, operator=args.operator, warm_start_bytes=args.warm_start_bytes,
+        threads=args.threads, operator=args.operator, cache_bytes=args.cache_bytes,
         device=device,
     )  # fmt: skip
     print(

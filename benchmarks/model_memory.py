@@ -73,7 +73,7 @@ def child(spec: dict) -> dict:
         cap = int(spec["cap_gb"] * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     problem, names = _problem(spec)
-    curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data, params=names)
+    curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data, theta=names)
     p = curvature.num_parameters
     if spec["kind"] == "dense":
         start = time.perf_counter()
@@ -108,7 +108,7 @@ def child(spec: dict) -> dict:
         with warm_starts(store):
             return BatchGraph(
                 curvature.model,
-                curvature.loss_func,
+                curvature.loss,
                 curvature.layout,
                 curvature._leaves(),
                 x,

@@ -74,7 +74,7 @@ def _graph(curvature: dh.ModelCurvature, problem: Problem, part: str | None, sto
     with warm_starts(store):
         return BatchGraph(
             curvature.model,
-            curvature.loss_func,
+            curvature.loss,
             curvature.layout,
             params,
             x,
@@ -202,7 +202,7 @@ def _batch_ggn(curvature, x, y, store, total, clock, device) -> float:
     def build():
         with warm_starts(store):
             return BatchGraph(
-                curvature.model, curvature.loss_func, curvature.layout, curvature._leaves(),
+                curvature.model, curvature.loss, curvature.layout, curvature._leaves(),
                 x, y, float(x.shape[0]), "ggn", None, backward,
             )  # fmt: skip
 
