@@ -22,7 +22,7 @@ import torch
 
 from .errors import DenseMemoryError, InputError
 
-__all__ = ["available_bytes", "check_dense", "memory_limit"]
+__all__ = ["PeakMemory", "available_bytes", "budget_bytes", "check_dense", "memory_limit"]
 
 _MEASURED = object()  # the default: what the device has available at the time of the call
 _LIMIT: ContextVar[object] = ContextVar("deqhess_memory_limit", default=_MEASURED)
@@ -76,6 +76,17 @@ def available_bytes(device: torch.device) -> float | None:
         return None
 
 
+def budget_bytes(device: torch.device) -> float | None:
+    """The bytes a request may take on ``device``.
+
+    Returns:
+        The :func:`memory_limit` in force, else what is available now; None when there is
+        no limit or it cannot be read.
+    """
+    chosen = _LIMIT.get()
+    return available_bytes(device) if chosen is _MEASURED else cast("float | None", chosen)
+
+
 def check_dense(
     numbers: int, dtype: torch.dtype, device: torch.device, request: str, alternative: str
 ) -> None:
@@ -93,7 +104,7 @@ def check_dense(
         DenseMemoryError: the estimate exceeds the limit.
     """
     chosen = _LIMIT.get()
-    limit = available_bytes(device) if chosen is _MEASURED else cast("float | None", chosen)
+    limit = budget_bytes(device)
     if limit is None:
         return
     required = float(numbers) * torch.finfo(dtype).bits / 8
@@ -117,3 +128,61 @@ def _size(nbytes: float) -> str:
     units = ("B", "kB", "MB", "GB", "TB")
     exponent = min(int(math.log10(max(nbytes, 1.0)) // 3), len(units) - 1)
     return f"{nbytes / 1000**exponent:.1f} {units[exponent]}"
+
+
+class PeakMemory:
+    """The most memory a block of code held above what was held when it started.
+
+    Read where it can be: on CUDA from torch's allocator (its peak, reset at the start),
+    on Linux from the kernel's resident high-water mark (``VmHWM``, reset through
+    ``/proc/self/clear_refs``); elsewhere :attr:`extra` is None.
+
+    Example:
+        >>> import torch
+        >>> with PeakMemory(torch.device("cpu")) as peak:
+        ...     block = torch.ones(1000, 1000)
+        >>> peak.extra is None or peak.extra >= 0
+        True
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.extra: float | None = None
+        self._start: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = float(torch.cuda.memory_allocated(self.device))
+        elif self.device.type == "cpu":
+            try:
+                with open("/proc/self/clear_refs", "w") as refs:
+                    refs.write("5")  # the high-water mark back to the current RSS
+                self._start = _status_bytes("VmRSS")
+            except OSError:
+                self._start = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = float(torch.cuda.max_memory_allocated(self.device))
+        else:
+            peak = _status_bytes("VmHWM")
+        if peak is not None:
+            self.extra = max(peak - self._start, 0.0)
+
+
+def _status_bytes(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field in bytes, or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -44,6 +44,8 @@ class CurvatureOperator(Operator):
         part: which operator this is (one of :data:`PARTS`).
         chunk_size: directions per block product in :meth:`to_dense` and large
             ``[P, K]`` products; default about 4M numbers per chunk.
+        dense: ``() ↦`` the ``[P, P]`` matrix by a cheaper assembly than ``P`` products,
+            used by :meth:`to_dense` (None: ``P`` products).
     """
 
     symmetric = True
@@ -54,8 +56,10 @@ class CurvatureOperator(Operator):
         layout: ParameterLayout,
         part: str,
         chunk_size: int | None = None,
+        dense: Callable[[], Tensor] | None = None,
     ) -> None:
         self._products = products
+        self._dense = dense
         self.layout = layout
         self.part = check_part(part, OPERATOR_PARTS)
         self.chunk_size = chunk_size
@@ -65,6 +69,11 @@ class CurvatureOperator(Operator):
 
     def __repr__(self) -> str:
         return f"CurvatureOperator(part={self.part!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def to_dense(self) -> Tensor:
+        """The ``[P, P]`` matrix: by its front end's own assembly where it has one (a
+        model's, in one pass over the data), else from ``P`` products."""
+        return self._dense() if self._dense is not None else super().to_dense()
 
     def matmat(self, block: Tensor) -> Tensor:
         """``H V`` for ``V`` ``[P, K]``."""

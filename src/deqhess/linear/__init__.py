@@ -71,6 +71,11 @@ DENSE_MAX_BYTES = 2 * 1024**3
 #: With few solves per fixed point (a layer's backward), forming ``J`` costs ``d``
 #: products against the tens an iterative solve takes: factorise only blocks this narrow.
 FEW_SOLVES_MAX_WIDTH = 64
+#: Products an iterative strategy spends on one direction's solves through a layer (three
+#: solves — tangent, adjoint and their product's — of ~30 products each, measured 26 on a
+#: conv DEQ): a block of K directions costs about this many times K products, against the
+#: ``d`` products that form a ``d``-wide ``J`` once for the LU.
+PRODUCTS_PER_DIRECTION = 90
 
 _ALIASES = {"dense": Dense, "gmres": GMRES, "neumann": Neumann, "neumann-gmres": NeumannGMRES}
 
@@ -83,6 +88,7 @@ def resolve_linear_solver(
     max_condition: float | None = None,
     *,
     few_solves: bool = False,
+    directions: int | None = None,
 ) -> LinearSolver:
     """A strategy from itself or an alias: ``"auto"``, ``"dense"``, ``"gmres"``,
     ``"neumann"``, ``"neumann-gmres"``.
@@ -94,12 +100,19 @@ def resolve_linear_solver(
     solves save) and else :class:`NeumannGMRES`, as cheap per product as a plain
     fixed-point iteration, to the forward solve's default relative tolerance (1e-10 in
     float64, 1e-5 in float32: the gradient's error is set by the larger of the two).
+    With ``directions`` — the number of directions a curvature operator's pass pushes
+    through the fixed point (a layer inside :class:`deqhess.ModelCurvature`) — it is
+    :class:`Dense` wherever forming ``J`` costs fewer products than the iterative solves
+    would, ``width ≤ PRODUCTS_PER_DIRECTION · directions`` (and the blocks fit): a dense
+    form's P directions factorise, a single HVP through a wide state does not.
     """
     if isinstance(solver, LinearSolver):
         return solver
     if solver == "auto":
         itemsize = torch.finfo(dtype).bits // 8
         widest = FEW_SOLVES_MAX_WIDTH if few_solves else DENSE_MAX_WIDTH
+        if directions is not None:
+            widest = min(DENSE_MAX_WIDTH, max(widest, PRODUCTS_PER_DIRECTION * directions))
         small = width <= widest and samples * width * width * itemsize <= DENSE_MAX_BYTES
         if small:
             return Dense(max_condition)

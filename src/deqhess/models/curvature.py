@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
+from tqdm.auto import tqdm
 
 from ..chunks import default_chunk_size
 from ..deprecation import UNSET, renamed
@@ -58,16 +60,33 @@ from ..streaming import (
     response_tolerance,
 )
 from .backward import BlockBackward
+from .dense import Blocks, batch_dense, run_block, uses_jacobians
 from .graph import BatchGraph, LossFunc
 from .modes import StateGuard, check_modes, check_second_order
 from .per_sample import output_jacobians, sample_gradients
 
-__all__ = ["MODEL_PARTS", "ModelCurvature"]
+__all__ = ["MODEL_PARTS", "CurvatureInfo", "ModelCurvature"]
 
 #: the operators of a model: the Hessian, the output GGN, and the split at a DEQ layer.
 MODEL_PARTS = ("total", "ggn", "loss_curvature", "dynamics_curvature")
 
 _SPLIT_PARTS = ("loss_curvature", "dynamics_curvature")
+
+
+@dataclass(frozen=True)
+class CurvatureInfo:
+    """How :class:`ModelCurvature` computed what it computed.
+
+    Attributes:
+        per_direction_bytes: the memory one direction took per sample of a batch, as
+            measured on the first block (None: not measured yet, or not measurable on
+            this platform); blocks of directions are sized from it.
+        assembly: per dense part, how its ``[P, P]`` matrix was assembled (output
+            Jacobians or products, in blocks of how many directions).
+    """
+
+    per_direction_bytes: float | None = None
+    assembly: dict[str, str] = field(default_factory=dict)
 
 
 class ModelCurvature:
@@ -246,6 +265,9 @@ class ModelCurvature:
                 "the data once, so pass a list or a DataLoader."
             )
         self._layer_names = {id(m): name for name, m in model.named_modules() if isinstance(m, DEQ)}
+        self._blocks = Blocks(self.chunk_size)  # the memory one direction takes, once measured
+        self._widest_batch = 1
+        self.info = CurvatureInfo()
 
     # ------------------------------------------------------------------ set-up seams
     def _values(self) -> list[Tensor]:
@@ -315,14 +337,17 @@ class ModelCurvature:
         yield
         state.check(self._label)
 
-    def _former(self, part: str | None) -> Callable[[Batch, StoredBatch | None], Formed]:
-        """How a pass forms one batch: its graph for ``part`` (None: the loss only)."""
+    def _former(
+        self, part: str | None, directions: int | None = None
+    ) -> Callable[[Batch, StoredBatch | None], Formed]:
+        """How a pass forms one batch: its graph for ``part`` (None: the loss only), whose
+        DEQ layers expect ``directions`` directions per derivative pass."""
         params = self._leaves()
 
         def form(batch: Batch, stored: StoredBatch | None) -> Formed:
             n = len(batch.hashes)
             warm = stored.warm if stored is not None else {}
-            graph, calls = self._graph(params, batch.x, batch.target, part, warm)
+            graph, calls = self._graph(params, batch.x, batch.target, part, warm, directions)
             keep = self._converged(batch, calls, n)
             if keep is None:
                 offers = () if stored is not None else (Offer(lambda: _bytes(warm), warm=warm),)
@@ -330,7 +355,8 @@ class ModelCurvature:
             if len(keep) == 0:
                 return Formed(None, 0, keep, n)
             x, target = _restrict(batch.x, batch.target, keep, self.batch_dim)
-            graph, calls = self._graph(params, x, target, part, {})  # cold: same samples again
+            # cold: the same samples converge again
+            graph, calls = self._graph(params, x, target, part, {}, directions)
             if self._converged(batch, calls, len(keep)) is not None:
                 raise ConvergenceError(
                     f"{self._label}: rerun on its converged samples, a batch did not converge "
@@ -352,6 +378,7 @@ class ModelCurvature:
         """A formed batch whose model output is checked to the DEQ layers' tolerance."""
         rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
         graph.samples = samples
+        self._widest_batch = max(self._widest_batch, samples)
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
             tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
@@ -361,10 +388,16 @@ class ModelCurvature:
         return {n: t.requires_grad_() for n, t in zip(self.names, self._values(), strict=True)}
 
     def _graph(
-        self, params: dict[str, Tensor], x: Any, target: Any, part: str | None, warm: dict
+        self,
+        params: dict[str, Tensor],
+        x: Any,
+        target: Any,
+        part: str | None,
+        warm: dict,
+        directions: int | None,
     ) -> tuple[BatchGraph, list[LayerCall]]:
         calls: list[LayerCall] = []
-        with layer_calls(warm=warm, records=calls, keep_best=True):
+        with layer_calls(warm=warm, records=calls, keep_best=True, directions=directions):
             graph = BatchGraph(
                 self.model, self.loss, self.layout, params, x, target, 1.0, part,
                 self.split_at, self.backward,
@@ -413,11 +446,18 @@ class ModelCurvature:
             keep &= mask
         return keep.nonzero()[:, 0]
 
-    def _sum(self, part: str | None, compute: Callable[[BatchGraph], Tensor], empty, desc=None):
+    def _sum(
+        self,
+        part: str | None,
+        compute: Callable[[BatchGraph], Tensor],
+        empty: Callable[[], Tensor],
+        desc: str | None = None,
+        directions: int | None = None,
+    ) -> Tensor:
         """One pass: ``Σ_b w_b compute(graph of batch b)`` (see :class:`Stream`)."""
         total = self._stream.run(
-            self._former(part), lambda graph: None if graph is None else compute(graph),
-            empty, desc,
+            self._former(part, directions),
+            lambda graph: None if graph is None else compute(graph), empty, desc,
         )  # fmt: skip
         self._check_samples()
         return total
@@ -449,9 +489,68 @@ class ModelCurvature:
             )
 
         def products(v: Tensor) -> Tensor:
-            return self._sum(part, lambda graph: graph.products(v), lambda: torch.zeros_like(v))
+            return self._products(part, v)
 
-        return CurvatureOperator(products, self.layout, part, self.chunk_size)
+        return CurvatureOperator(
+            products, self.layout, part, self.chunk_size, dense=lambda: self._dense(part)
+        )
+
+    def _products(self, part: str, v: Tensor) -> Tensor:
+        """``(C Vᵀ)ᵀ`` for directions ``v`` ``[K, P]``: one pass per block of them, the
+        blocks as wide as the memory a direction was measured to take allows."""
+        blocks, out, start = self._blocks, [], 0
+        device = self.layout.device
+        while start < v.shape[0]:
+            stop = min(v.shape[0], start + blocks.size(self._widest_batch, device))
+            block = v[start:stop]
+
+            def product(graph: BatchGraph, block: Tensor = block) -> Tensor:
+                return run_block(
+                    blocks, graph, graph.samples, device,
+                    lambda a, b: graph.products(block[a:b]), 0, len(block),
+                )  # fmt: skip
+
+            out.append(self._sum(part, product, lambda b=block: torch.zeros_like(b),
+                                 directions=len(block)))  # fmt: skip
+            start = stop
+        return torch.cat(out) if len(out) != 1 else out[0]
+
+    def _dense(self, part: str) -> Tensor:
+        """The ``[P, P]`` matrix of ``part`` in one pass, each batch's contribution the
+        cheaper way (:func:`deqhess.models.dense.batch_dense`); :attr:`info` says how."""
+        p = self.num_parameters
+        itemsize = torch.finfo(self.layout.dtype).bits // 8
+        check_dense(
+            3 * p * p, self.layout.dtype, self.layout.device,
+            f"{self._label}: the dense {part!r} matrix, [P, P] with P = {p:,} (the sum, a "
+            "batch's share and its weighted copy)",
+            "Use the operator's products (hessian_operator(part) with the analyses of "
+            "deqhess.curvature), or fewer parameters (theta=...).",
+        )  # fmt: skip
+        blocks = Blocks(self.chunk_size, reserved=3.0 * p * p * itemsize,
+                        per_direction=self._blocks.per_direction)  # fmt: skip
+        routes: set[str] = set()
+        quiet = None if self._stream.progress is None else not self._stream.progress
+        bar = tqdm(desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
+
+        def one(graph: BatchGraph) -> Tensor:
+            routes.add("jacobians" if uses_jacobians(graph, p) else "products")
+            return batch_dense(graph, graph.samples, blocks, bar.update)
+
+        try:
+            total = self._sum(part, one, lambda: self._zeros(p, p), directions=p)
+        finally:
+            bar.close()
+        self._blocks.per_direction = self._blocks.per_direction or blocks.per_direction
+        self.info = replace(
+            self.info,
+            per_direction_bytes=blocks.per_direction,
+            assembly={**self.info.assembly, part: _assembly(routes, part, p, blocks)},
+        )
+        return total
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self.layout.dtype, device=self.layout.device)
 
     def ggn_operator(self) -> CurvatureOperator:
         """The GGN ``Jᵀ∇²ℓJ`` at the model's output (= ``hessian_operator("ggn")``)."""
@@ -555,12 +654,36 @@ class ModelCurvature:
 
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
         """The dense ``[P, P]`` Hessian (or its :class:`HessianSplit`), for small models:
-        ``P`` products in blocks of ``chunk_size`` directions."""
+        one pass over the data, each batch's ``P`` directions through its graph in blocks
+        as wide as memory allows (the DEQ layers factorise ``I − J`` per sample where that
+        is cheaper); :attr:`info` says how."""
         if not split:
             return self.hessian_operator().to_dense()
         loss_part = self.hessian_operator("loss_curvature").to_dense()
         dynamics_part = self.hessian_operator("dynamics_curvature").to_dense()
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
+
+
+def _assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
+    """What :attr:`ModelCurvature.info` says of a dense form."""
+    said = []
+    if "jacobians" in routes:
+        said.append(
+            "output Jacobians (a batch's output has fewer numbers than P = "
+            f"{p:,}): Jᵀ(∇²ℓ J) from its rows"
+        )
+    if "products" in routes:
+        measured = (
+            f"{blocks.per_direction / 2**20:.2f} MiB per direction and sample, measured"
+            if blocks.per_direction is not None
+            else "memory not measurable here: blocks of at most chunk_size"
+        )
+        said.append(
+            f"P = {p:,} product directions per batch, in blocks sized by memory "
+            f"({measured}); the DEQ layers' 'auto' linear solver sees P directions "
+            "(a per-sample LU where cheaper)"
+        )
+    return "; ".join(said) or f"no batch ({part})"
 
 
 def _loss_reduction(loss: Any) -> str:

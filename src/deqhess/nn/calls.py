@@ -58,6 +58,9 @@ class Calls:
     counts: dict[int, int] = field(default_factory=dict)
     #: a policy replacing every layer's own (:func:`convergence`), or None
     policy: LayerPolicy | None = None
+    #: directions each derivative pass pushes through the layers (a curvature operator's
+    #: block), for their ``"auto"`` linear solver; None: a training step's few
+    directions: int | None = None
 
 
 CALLS: ContextVar[Calls | None] = ContextVar("deqhess_layer_calls", default=None)
@@ -65,7 +68,11 @@ CALLS: ContextVar[Calls | None] = ContextVar("deqhess_layer_calls", default=None
 
 @contextlib.contextmanager
 def layer_calls(
-    *, warm: dict | None = None, records: list[LayerCall] | None = None, keep_best: bool = False
+    *,
+    warm: dict | None = None,
+    records: list[LayerCall] | None = None,
+    keep_best: bool = False,
+    directions: int | None = None,
 ) -> Iterator[None]:
     """Within the block, every :class:`DEQ` call (outside ``torch.func`` transforms):
 
@@ -78,8 +85,13 @@ def layer_calls(
     * ``keep_best`` — a sample that misses the tolerance keeps its best iterate,
       without a warning, whatever the layer's own policy (its fallback solvers still
       run first): for a caller that reads ``records`` and leaves such samples out.
+    * ``directions`` — the number of directions each derivative pass will push through
+      the layers (a curvature operator's block of K): a layer whose ``linear_solver`` is
+      ``"auto"`` then factorises ``I − J`` per sample wherever that costs fewer products
+      than K directions' iterative solves (see
+      :func:`deqhess.linear.resolve_linear_solver`).
     """
-    token = CALLS.set(Calls(warm, records, keep_best))
+    token = CALLS.set(Calls(warm, records, keep_best, directions=directions))
     try:
         yield
     finally:

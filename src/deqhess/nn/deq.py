@@ -243,6 +243,7 @@ class DEQ(nn.Module):
             stats=stats if return_info else None,
             convergence=policy.forward,
             linear_on_failure=policy.linear,
+            directions=None if calls is None else calls.directions,
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
                 *(f"cell.{n}" for n in names),

@@ -92,6 +92,9 @@ class FixedPointSpec:
     #: what an iterative linear solve that misses its tolerance does: ``"raise"`` or
     #: ``"report"`` (returned, recorded in ``stats.unconverged``; the training policy)
     linear_on_failure: str = "raise"
+    #: directions each derivative pass will push through the fixed point (a curvature
+    #: operator's block; None: a training step's few), for ``"auto"``'s choice
+    directions: int | None = None
 
     def rows(self, z: Tensor) -> Tensor:
         """``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
@@ -108,8 +111,9 @@ class FixedPointSpec:
         """The linearisation of the rows map at ``rows``, with this spec's strategy (and,
         for a solved fixed point, its accepted residuals and tolerance)."""
         strategy = resolve_linear_solver(
-            self.linear_solver, rows.shape[0], rows.shape[1], rows.dtype, few_solves=True
-        )
+            self.linear_solver, rows.shape[0], rows.shape[1], rows.dtype, few_solves=True,
+            directions=self.directions,
+        )  # fmt: skip
         if isinstance(self.linear_solver, str) and isinstance(strategy, IterativeSolver):
             # a strategy chosen by name solves to the layer's tolerance when one is given
             # (the derivatives are then as accurate as the fixed point they differentiate),

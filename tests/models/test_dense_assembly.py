@@ -1,0 +1,99 @@
+"""Dense forms of a model's curvature: the assembly chosen by cost, blocks sized by the
+memory a direction was measured to take, refusals before a run that cannot fit.
+
+References: unrolled float64 autograd of the same model (``models.py``), 1e-9 relative
+(the DEQ layer solves to 1e-13 with contraction ≤ 0.4).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import Classifier, Reference, unrolled_twin
+from problems import relative_error
+from torch import nn
+
+import deqhess as dh
+from deqhess.linear import Dense, NeumannGMRES, resolve_linear_solver
+
+
+def _data(sizes=(3, 4), m=3, k=2):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(sum(sizes), m, generator=g), torch.randn(sum(sizes), k, generator=g)
+    return list(zip(x.split(list(sizes)), y.split(list(sizes)), strict=True))
+
+
+def test_the_ggn_from_output_jacobians_or_products_by_cost():
+    """A batch's output of n·C numbers below P gives the GGN from its Jacobian rows; a
+    wider output from P product directions — both the unrolled model's GGN."""
+    model = Classifier(m=3, n=4, k=2)  # P = 46
+    narrow = _data(sizes=(3, 4))  # n·C = 6, 8 < 46
+    wide = _data(sizes=(30,), k=2)  # n·C = 60 ≥ 46
+    for data, route in ((narrow, "output Jacobians"), (wide, "product directions")):
+        curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+        reference = Reference(unrolled_twin(model), nn.MSELoss(), data, curvature.layout.names)
+        assert relative_error(curvature.ggn_operator().to_dense(), reference.ggn()) <= 1e-9
+        assert route in curvature.info.assembly["ggn"]
+
+
+def test_blocks_are_sized_from_the_measured_memory_of_a_direction():
+    """The first block measures what a direction takes; under a tight memory limit the
+    next blocks are narrower (more passes) and the products are the same."""
+    model = Classifier(m=3, n=4, k=2)
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    block = torch.randn(curvature.num_parameters, 40)
+    op = curvature.hessian_operator()
+    expected = op @ block[:, :16]  # the first block: measured
+    per_direction = curvature._blocks.per_direction
+    if per_direction is None:
+        pytest.skip("this platform does not let a process read its peak memory")
+    assert per_direction > 0
+    passes = []
+    original = curvature._stream.run
+    curvature._stream.run = lambda *a, **k: passes.append(1) or original(*a, **k)
+    # room for about 4 directions of the widest batch (4 samples) at a time
+    with dh.memory_limit(2 * 4 * 4 * per_direction):
+        narrow = op @ block
+    assert len(passes) >= 10  # 40 directions, about 4 a pass
+    assert relative_error(narrow[:, :16], expected) <= 1e-12
+    reference = Reference(unrolled_twin(model), nn.MSELoss(), data, curvature.layout.names)
+    assert relative_error(narrow, reference.total() @ block) <= 1e-9
+
+
+def test_a_dense_form_that_cannot_fit_is_refused_before_it_runs():
+    model = Classifier(m=3, n=4, k=2)  # P = 46: the dense sums take 3 · 46² · 8 bytes
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), _data())
+    passes = []
+    original = curvature._stream.run
+    curvature._stream.run = lambda *a, **k: passes.append(1) or original(*a, **k)
+    with (
+        dh.memory_limit(3 * 46 * 46 * 8 - 1),
+        pytest.raises(dh.DenseMemoryError, match=r"the dense 'total' matrix, \[P, P\] with P = 46"),
+    ):
+        curvature.hessian()
+    assert not passes
+    curvature.hessian_operator() @ torch.randn(46, 2)  # measures a direction
+    if curvature._blocks.per_direction is None:
+        return
+    with (
+        dh.memory_limit(3 * 46 * 46 * 8 + 1),
+        pytest.raises(
+            dh.DenseMemoryError, match=r"one direction through a batch of \d samples takes about"
+        ),
+    ):
+        curvature.hessian()
+
+
+def test_many_directions_make_the_layers_factorise_their_jacobians():
+    """A dense form sends P directions × three solves through each batch's layer: its
+    'auto' linear solver factorises I − J per sample wherever forming J (d products)
+    costs less than the iterative solves (~90 products a direction) — a training step's
+    two solves do not."""
+    for width, directions, expected in [(144, 1, NeumannGMRES), (144, 2, Dense),
+                                        (144, None, NeumannGMRES), (3000, 10**4, NeumannGMRES),
+                                        (32, None, Dense)]:  # fmt: skip
+        strategy = resolve_linear_solver(
+            "auto", 16, width, torch.float64, few_solves=True, directions=directions
+        )
+        assert isinstance(strategy, expected), (width, directions)
