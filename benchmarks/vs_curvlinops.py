@@ -16,8 +16,9 @@ is :class:`deqhess.ModelCurvature` with its defaults. The forms:
   ``GGNLinearOperator @ I`` and laplace-torch's GGN (its Jacobian route and backends);
 * ``hvp`` — a block of 10 HVPs: ``hvp(V)`` (one pass) against curvlinops' ``op @ V``,
   and 10 single HVPs of PyHessian and of hessian-eigenthings;
-* ``eigen`` — the top-5 Hessian eigenvalues: ``extreme_eigenpairs`` (ARPACK on deqhess's
-  HVPs) against SciPy's ``eigsh`` on curvlinops' operator (same tolerance and start),
+* ``eigen`` — the top-5 Hessian eigenvalues: ``extreme_eigenpairs`` (thick-restart
+  Lanczos on deqhess's HVPs) against SciPy's ``eigsh`` on curvlinops' operator (same
+  tolerance and start),
   PyHessian's power iteration (its defaults) and hessian-eigenthings' ``lanczos``.
 
 Agreement is the largest entry of the difference over the largest entry of deqhess's
@@ -231,8 +232,8 @@ def run_problem(problem: Problem, args, device: torch.device) -> None:
     print(problem.describe())
     curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data)
     print(
-        f"  deqhess chunk_size {curvature.chunk_size} directions per pass "
-        f"({-(-problem.num_parameters // curvature.chunk_size)} passes for a dense form)"
+        f"  deqhess: a dense form is one pass, each batch's P directions in blocks of at "
+        f"most {curvature.chunk_size}, sized by the memory a direction takes"
     )
     time = Timer(device, args.repeats)
     # warm every tool's one-off costs (tracing, first kernels) with one product

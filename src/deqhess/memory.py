@@ -56,13 +56,26 @@ def memory_limit(nbytes: float | None) -> Iterator[None]:
 
 
 def available_bytes(device: torch.device) -> float | None:
-    """Bytes available now on ``device`` (None where it cannot be read)."""
+    """Bytes available now on ``device``.
+
+    Returns:
+        On CUDA, the device's free memory and what torch's allocator holds unused; on the
+        CPU the least of the system's ``MemAvailable``, what the process's control group
+        (a container's memory limit) has left, and what its address-space limit
+        (``RLIMIT_AS``) has left — a container sees the host's ``MemAvailable``; None
+        where none of them can be read.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return float(free + cached)
     if device.type != "cpu":
         return None
+    found = [b for b in (_mem_available(), _cgroup_left(), _address_space_left()) if b is not None]
+    return min(found) if found else None
+
+
+def _mem_available() -> float | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -74,6 +87,44 @@ def available_bytes(device: torch.device) -> float | None:
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _read_number(path: str) -> float | None:
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read().strip()
+    except OSError:
+        return None
+    return float(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_left() -> float | None:
+    """What the process's memory control group has left (v2, else v1), or None."""
+    for limit, usage in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        cap, used = _read_number(limit), _read_number(usage)
+        if cap is not None and used is not None and cap < 2**60:
+            return max(cap - used, 0.0)
+    return None
+
+
+def _address_space_left() -> float | None:
+    """What ``RLIMIT_AS`` leaves above the process's current virtual size, or None."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    size = _status_bytes("VmSize")
+    return None if size is None else max(float(soft) - size, 0.0)
 
 
 def budget_bytes(device: torch.device) -> float | None:
