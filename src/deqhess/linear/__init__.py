@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..memory import budget_bytes
 from ..solvers import default_tolerance
 from .accuracy import (
     DEFAULT_MAX_ERROR_BOUND,
@@ -89,6 +90,7 @@ def resolve_linear_solver(
     *,
     few_solves: bool = False,
     directions: int | None = None,
+    device: torch.device | None = None,
 ) -> LinearSolver:
     """A strategy from itself or an alias: ``"auto"``, ``"dense"``, ``"gmres"``,
     ``"neumann"``, ``"neumann-gmres"``.
@@ -104,7 +106,8 @@ def resolve_linear_solver(
     through the fixed point (a layer inside :class:`deqhess.ModelCurvature`) — it is
     :class:`Dense` wherever forming ``J`` costs fewer products than the iterative solves
     would, ``width ≤ PRODUCTS_PER_DIRECTION · directions`` (and the blocks fit): a dense
-    form's P directions factorise, a single HVP through a wide state does not.
+    form's P directions factorise, a single HVP through a wide state does not. Given the
+    ``device``, the blocks must also fit in a quarter of the memory available there.
     """
     if isinstance(solver, LinearSolver):
         return solver
@@ -113,7 +116,11 @@ def resolve_linear_solver(
         widest = FEW_SOLVES_MAX_WIDTH if few_solves else DENSE_MAX_WIDTH
         if directions is not None:
             widest = min(DENSE_MAX_WIDTH, max(widest, PRODUCTS_PER_DIRECTION * directions))
-        small = width <= widest and samples * width * width * itemsize <= DENSE_MAX_BYTES
+        room = DENSE_MAX_BYTES
+        if device is not None:
+            budget = budget_bytes(device)
+            room = room if budget is None else min(room, 0.25 * budget)
+        small = width <= widest and samples * width * width * itemsize <= room
         if small:
             return Dense(max_condition)
         # a backward needs its solve no more accurate than the forward's default tolerance

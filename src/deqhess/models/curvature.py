@@ -531,7 +531,9 @@ class ModelCurvature:
                         per_direction=self._blocks.per_direction)  # fmt: skip
         routes: set[str] = set()
         quiet = None if self._stream.progress is None else not self._stream.progress
-        bar = tqdm(desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
+        batches = self._stream.num_batches  # known after the first pass (this process's)
+        total = None if batches is None else p * batches
+        bar = tqdm(total=total, desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
 
         def one(graph: BatchGraph) -> Tensor:
             routes.add("jacobians" if uses_jacobians(graph, p) else "products")

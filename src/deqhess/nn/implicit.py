@@ -112,7 +112,7 @@ class FixedPointSpec:
         for a solved fixed point, its accepted residuals and tolerance)."""
         strategy = resolve_linear_solver(
             self.linear_solver, rows.shape[0], rows.shape[1], rows.dtype, few_solves=True,
-            directions=self.directions,
+            directions=self.directions, device=rows.device,
         )  # fmt: skip
         if isinstance(self.linear_solver, str) and isinstance(strategy, IterativeSolver):
             # a strategy chosen by name solves to the layer's tolerance when one is given
