@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import pytest
@@ -28,8 +29,16 @@ def _free_port() -> int:
 
 
 def _spawn(world: int, tmp_path, scenario: str) -> list[dict]:
-    mp.spawn(run, args=(world, _free_port(), str(tmp_path), scenario), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    files = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    try:
+        mp.spawn(run, args=(world, _free_port(), str(tmp_path), scenario), nprocs=world)
+    except mp.ProcessExitedException as error:
+        # gloo now and then aborts a process in its own teardown, after every rank has
+        # written its result ("terminate called without an active exception"): the
+        # results stand; any other exit, or a missing result, is a failure
+        if error.exit_code != -signal.SIGABRT or not all(f.exists() for f in files):
+            raise
+    return [torch.load(f, weights_only=False) for f in files]
 
 
 @pytest.mark.parametrize(("world", "scenario"), [(3, "results"), (2, "streamed")])
