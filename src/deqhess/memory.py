@@ -218,6 +218,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self._start is None:
             return
+        peak: float | None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = float(torch.cuda.max_memory_allocated(self.device))
