@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 __all__ = ["StateFirst", "TupleState"]
 
 
@@ -46,12 +48,12 @@ class TupleState(nn.Module):
     def __init__(self, module: nn.Module, shapes: Sequence[Sequence[int]]) -> None:
         super().__init__()
         if len(shapes) == 0:
-            raise ValueError("TupleState needs at least one state shape.")
+            raise InputError("TupleState needs at least one state shape.")
         self.module = module
         try:
             self.shapes = [tuple(int(n) for n in s) for s in shapes]
         except TypeError:
-            raise ValueError(
+            raise InputError(
                 f"shapes must be a sequence of per-sample shapes, e.g. [(2,), (3, 4)]; got "
                 f"{shapes!r}."
             ) from None
@@ -70,18 +72,18 @@ class TupleState(nn.Module):
                 (states returned out of order would otherwise join into another map).
         """
         if not isinstance(states, (tuple, list)):
-            raise ValueError(
+            raise InputError(
                 f"the cell returned a {type(states).__name__}; a TupleState cell returns a "
                 f"tuple of {len(self.shapes)} state tensors."
             )
         if len(states) != len(self.shapes):
-            raise ValueError(
+            raise InputError(
                 f"the cell returned {len(states)} state tensors; expected {len(self.shapes)}."
             )
         for i, (state, shape) in enumerate(zip(states, self.shapes, strict=True)):
             if not isinstance(state, Tensor) or tuple(state.shape[1:]) != shape:
                 got = tuple(state.shape[1:]) if isinstance(state, Tensor) else type(state).__name__
-                raise ValueError(
+                raise InputError(
                     f"state {i} returned by the cell has per-sample shape {got}; declared "
                     f"{shape} (shapes={self.shapes}). Return the states in the declared order."
                 )

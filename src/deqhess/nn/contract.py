@@ -12,6 +12,8 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..errors import InputError
+
 __all__ = [
     "InputLayout",
     "check_deterministic",
@@ -36,21 +38,21 @@ def check_deterministic(cell: nn.Module) -> None:
         if not module.training:
             continue
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            raise ValueError(
+            raise InputError(
                 f"{label} is a {kind} in training mode: it would update its running statistics "
                 "at every solver iteration, and its batch statistics couple the samples. Call "
                 ".eval() on it (batch norm with fixed statistics is a per-sample affine map), or "
                 "use GroupNorm/LayerNorm."
             )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            raise ValueError(
+            raise InputError(
                 f"{label} is a {kind} in training mode: it draws a new random mask at every call "
                 "of the cell — at every solver iteration — so the cell is a different map each "
                 "time and has no fixed point. Call .eval() on it, or draw one mask per forward "
                 "and pass it in x (variational dropout, as DEQ models use)."
             )
         if _spectral_norm(module):
-            raise ValueError(
+            raise InputError(
                 f"{label} has a spectral norm in training mode: its power iteration updates the "
                 "weight at every call of the cell, so the map moves during the solve. Call "
                 ".eval() on it (the normalised weight is then fixed) while solving."
@@ -98,7 +100,7 @@ def _check_parametrize_cache(cell: nn.Module) -> None:
         return
     names = [name or "cell" for name, m in cell.named_modules() if parametrize.is_parametrized(m)]
     if names:
-        raise ValueError(
+        raise InputError(
             f"the cell's parametrised module(s) {names} are called inside "
             "torch.nn.utils.parametrize.cached(): the layer evaluates the cell with its "
             "parameters substituted, and the cache would keep a weight detached from them "
@@ -146,7 +148,7 @@ def check_registered(out: Any) -> None:
     silently drop.
     """
     if isinstance(out, Tensor) and out.requires_grad:
-        raise ValueError(
+        raise InputError(
             "the cell reads a tensor that requires grad but is neither one of its parameters "
             "or buffers nor part of x (e.g. a weight shared with another module by "
             "reference): the fixed point's derivatives would leave its gradient out. "

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from ..errors import InputError
 from ..linear import LinearSolver, LinearSolveStats, check_linear_solver
 from ..options import integer
 from ..solvers import (
@@ -128,11 +129,11 @@ class DEQ(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module):
-            raise ValueError(
+            raise InputError(
                 f"cell must be a torch.nn.Module with forward(x, h); got {type(cell).__name__}."
             )
         if batch_dim not in (0, None):
-            raise ValueError(
+            raise InputError(
                 f"batch_dim must be 0 or None for the DEQ layer; got {batch_dim}. Move the "
                 "sample dimension of the state first."
             )
@@ -154,7 +155,7 @@ class DEQ(nn.Module):
         if callable(init):
             return torch.zeros_like(init(x))
         if not isinstance(x, Tensor):
-            raise ValueError(
+            raise InputError(
                 f"x is a {type(x).__name__}, so the initial state cannot be zeros like x: pass "
                 "h0, or define init_state(x) on the cell."
             )
@@ -167,7 +168,7 @@ class DEQ(nn.Module):
             return
         expected = init(x)
         if isinstance(expected, Tensor) and h0.shape != expected.shape:
-            raise ValueError(
+            raise InputError(
                 f"h0 has shape {tuple(h0.shape)} but the state has shape "
                 f"{tuple(expected.shape)} "
                 "(cell.init_state(x)); pass h0 shaped like the state, or leave it out."
@@ -185,7 +186,7 @@ class DEQ(nn.Module):
             h0: the initial state (default :meth:`initial_state`).
         """
         if not isinstance(return_info, bool):
-            raise ValueError(f"return_info must be True or False; got {return_info!r}.")
+            raise InputError(f"return_info must be True or False; got {return_info!r}.")
         check_deterministic(self.cell)
         inputs = InputLayout(x)
         calls = CALLS.get() if torch._C._functorch.peek_interpreter_stack() is None else None
@@ -310,14 +311,14 @@ def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
     """``h0`` a floating tensor of the parameters' dtype (their values are checked finite
     where the solve starts, outside any torch.func transform)."""
     if not isinstance(h0, Tensor):
-        raise ValueError(
+        raise InputError(
             f"h0 must be a torch.Tensor shaped like the state; got {type(h0).__name__}."
         )
     if not h0.is_floating_point():
-        raise ValueError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
+        raise InputError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
     floating = [v for v in values if v.is_floating_point()]
     if floating and floating[0].dtype != h0.dtype:
-        raise ValueError(
+        raise InputError(
             f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
             f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
         )

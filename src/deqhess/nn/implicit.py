@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from ..errors import UnsupportedDerivativeError
+from ..errors import InputError, UnsupportedDerivativeError
 from ..finiteness import all_finite
 from ..linear import (
     IterativeSolve,
@@ -246,7 +246,7 @@ class _Nonlinear(_System):
         for i, t in enumerate((z0, *args)):
             if not all_finite(t):
                 name = names[i] if names else f"argument {i} of the fixed point"
-                raise ValueError(
+                raise InputError(
                     f"{name} contains non-finite values (NaN or inf); pass finite values "
                     "(check the data and the previous layers or optimisation step)."
                 )
