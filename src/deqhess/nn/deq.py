@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..errors import InputError
+from ..errors import InputError, add_note
 from ..linear import LinearSolver, LinearSolveStats, check_linear_solver
 from ..options import integer
 from ..solvers import (
@@ -337,7 +337,7 @@ def _explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[
         try:
             return evaluate(z, *args)
         except Exception as error:
-            error.add_note(_initial_state_note(x, z))
+            add_note(error, _initial_state_note(x, z))
             raise
 
     return step

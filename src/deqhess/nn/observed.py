@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import add_note
 from ..locking import autocast_off, engine
 from .implicit import (
     FixedPointSpec,
@@ -81,10 +82,11 @@ def observed_fixed_point(
         try:
             jacobian.linearization.certify(spec.rows(b.detach()))
         except ValueError as error:
-            error.add_note(
+            add_note(
+                error,
                 "deqhess: this evaluation of the cell at the fixed point ran with the cell's "
                 "module hooks, which the solver's iterations do not run: a hook that changes "
-                "a module's input or output changes the map. Hooks may observe, not alter."
+                "a module's input or output changes the map. Hooks may observe, not alter.",
             )
             raise
     return _Observed.apply(system, b, z, *args)
