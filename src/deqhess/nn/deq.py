@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -31,7 +32,7 @@ from .observed import observed_fixed_point
 from .policy import LayerPolicy
 from .reparametrize import functional_call
 
-__all__ = ["DEQ", "LayerCall", "LayerInfo", "layer_calls", "warm_starts"]
+__all__ = ["DEQ", "LayerCall", "LayerInfo", "LayerSolution", "layer_calls", "warm_starts"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,23 @@ class LayerInfo(SolveInfo):
     """
 
     linear_solves: LinearSolveStats
+
+
+@dataclass(frozen=True)
+class LayerSolution:
+    """What :meth:`DEQ.solve` returns: the fixed point and its solve's statistics.
+
+    Attributes:
+        h: the fixed point ``h* = cell(x, h*)``, shaped like the state: the very tensor
+            the layer's forward returns for the same call, differentiable in the cell's
+            parameters and the tensors of ``x`` to every order.
+        info: the :class:`LayerInfo` of the call: the forward solve's statistics, and the
+            linear solves with ``I − J`` that derivatives of ``h`` take, recorded as they
+            are taken.
+    """
+
+    h: Tensor
+    info: LayerInfo
 
 
 class DEQ(nn.Module):
@@ -77,7 +95,7 @@ class DEQ(nn.Module):
             for ``convergence="best"``.
         convergence: what to do with samples that miss the tolerance: ``"raise"``
             (default), ``"best"`` (keep each one's best iterate, warn; with
-            ``return_info=True``, ``info.converged_mask`` marks them so a training loss
+            :meth:`solve`, ``info.converged_mask`` marks them so a training loss
             can leave them out), ``"training"`` (the same without warnings, and the
             backward's linear solves report a miss in ``info.linear_solves.unconverged``
             instead of raising: training carries on as with torchdeq, and what missed is
@@ -107,8 +125,8 @@ class DEQ(nn.Module):
         ...         return torch.tanh(0.5 * self.lin(h) + x)
         >>> _ = torch.manual_seed(0)
         >>> deq = DEQ(Cell())
-        >>> h, info = deq(torch.randn(2, 4), return_info=True)
-        >>> h.shape, info.converged
+        >>> solution = deq.solve(torch.randn(2, 4))  # or h = deq(x) for h* alone
+        >>> solution.h.shape, solution.info.converged
         (torch.Size([2, 4]), True)
         >>> [name for name, _ in deq.named_parameters()]
         ['cell.lin.weight', 'cell.lin.bias']
@@ -175,18 +193,100 @@ class DEQ(nn.Module):
             )
 
     def forward(
-        self, x: Any, h0: Tensor | None = None, *, return_info: bool = False
+        self, x: Any, h0: Tensor | None = None, *, return_info: bool = False, _info: bool = False
     ) -> Tensor | tuple[Tensor, LayerInfo]:
-        """The fixed point ``h*``; with ``return_info=True`` also a :class:`LayerInfo`, whose
-        ``linear_solves`` fill in as derivatives of ``h*`` are taken.
+        """Solve ``h* = cell(x, h*)`` for each sample, and attach its implicit derivatives.
 
         Args:
-            x: the input — a tensor, or a tuple/list/dict of tensors (and constants); the
+            x: the input: a tensor, or a tuple/list/dict of tensors (and constants); the
                 fixed point is differentiable in every tensor of it.
-            h0: the initial state (default :meth:`initial_state`).
+            h0: the initial state, shaped like the state (default
+                :meth:`initial_state`: zeros, or the last fixed point of this call inside
+                :func:`deqhess.nn.warm_starts`). Only the start changes with it: ``h*``
+                is solved to the layer's tolerance.
+            return_info: deprecated: also return the solve's :class:`LayerInfo`. Call
+                :meth:`solve` instead, which returns both as a :class:`LayerSolution`.
+            _info: return ``(h*, info)`` without the deprecation warning (how
+                :meth:`solve` calls the module, so that its hooks run as for any call).
+
+        Returns:
+            ``h*``, shaped like the state (the cell's output) and of its dtype: the
+            solver's result, connected to the cell's parameters and the tensors of ``x``
+            by the implicit rules (an adjoint solve with ``(I − J)ᵀ`` in the backward,
+            a tangent solve with ``I − J`` in forward mode), so that derivatives of every
+            order are exact. With ``return_info=True``, the pair ``(h*, info)``.
+
+        Raises:
+            InputError: ``return_info`` is not a bool.
+
+        Bad input is refused with :class:`deqhess.InputError` before anything is solved:
+        ``h0`` not a floating tensor of the parameters' dtype or not shaped like the
+        state, ``x`` not a tensor when the cell defines no ``init_state``, non-finite
+        ``x``, ``h0`` or parameters, a cell that reads an unregistered tensor requiring
+        grad or that changes from one call to the next (dropout or batch norm in training
+        mode: see :func:`deqhess.nn.contract.check_deterministic`). A sample that misses
+        the tolerance under the ``"raise"`` policy raises
+        :class:`deqhess.ConvergenceError`, and so does a derivative's linear solve that
+        misses its own (unless the policy is ``"training"``).
         """
         if not isinstance(return_info, bool):
             raise InputError(f"return_info must be True or False; got {return_info!r}.")
+        if return_info:
+            warnings.warn(
+                "DEQ.forward(x, h0, return_info=True) is deprecated and will be removed in "
+                "deqhess 0.3: call deq.solve(x, h0), which returns a LayerSolution with .h "
+                "(the same differentiable fixed point) and .info (its LayerInfo).",
+                DeprecationWarning,
+                stacklevel=4,  # through Module.__call__ to the caller's line
+            )
+        h, info = self._solve(x, h0, with_info=return_info or _info)
+        if info is None:
+            return h
+        return h, info
+
+    def solve(self, x: Any, h0: Tensor | None = None) -> LayerSolution:
+        """The fixed point with its solve's statistics: one call of the layer, typed.
+
+        ``deq.solve(x, h0)`` is the call ``deq(x, h0)`` — through ``nn.Module.__call__``,
+        so forward hooks and wrappers on the layer itself run as for any call — and
+        returns what that call computes: ``.h`` is the same differentiable ``h*``
+        (derivatives exact to every order, through autograd and ``torch.func``), and
+        ``.info`` the :class:`LayerInfo` whose ``linear_solves`` fill in as derivatives of
+        ``h`` are taken.
+
+        Args:
+            x: the input, as for :meth:`forward`.
+            h0: the initial state, as for :meth:`forward`.
+
+        Returns:
+            The :class:`LayerSolution` ``(h, info)``. Its errors are the call's (see
+            :meth:`forward`): :class:`deqhess.InputError` for bad input,
+            :class:`deqhess.ConvergenceError` for a missed tolerance under ``"raise"``.
+
+        Example:
+            >>> import torch
+            >>> from deqhess.nn import DEQ
+            >>> class Cell(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.lin = torch.nn.Linear(4, 4)
+            ...     def forward(self, x, h):
+            ...         return torch.tanh(0.5 * self.lin(h) + x)
+            >>> _ = torch.manual_seed(0)
+            >>> solution = DEQ(Cell()).solve(torch.randn(2, 4))
+            >>> solution.h.shape, solution.info.converged, solution.info.linear_solves.solves
+            (torch.Size([2, 4]), True, 0)
+            >>> solution.h.pow(2).sum().backward()  # the adjoint solve, recorded in info
+            >>> solution.info.linear_solves.solves
+            1
+        """
+        h, info = self(x, h0, _info=True)
+        return LayerSolution(h, info)
+
+    def _solve(
+        self, x: Any, h0: Tensor | None, *, with_info: bool
+    ) -> tuple[Tensor, LayerInfo | None]:
+        """``h*`` and, if ``with_info``, its :class:`LayerInfo` (else None)."""
         check_deterministic(self.cell)
         inputs = InputLayout(x)
         calls = CALLS.get() if torch._C._functorch.peek_interpreter_stack() is None else None
@@ -202,7 +302,7 @@ class DEQ(nn.Module):
         names, values = state_arguments(self.cell)
         _check_inputs(inputs, h0, values)
         if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
-            return self._empty(x, h0, return_info)
+            return self._empty(x, h0, with_info)
         cell, count = self.cell, len(inputs.positions)
         # the solver's iterations and the derivatives' products are no steps of the model:
         # the cell's hooks see one evaluation, at the fixed point (deqhess.nn.observed)
@@ -240,8 +340,8 @@ class DEQ(nn.Module):
             check_registered=(
                 torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
             ),
-            on_solve=infos.append if return_info or _recording(calls) else None,
-            stats=stats if return_info else None,
+            on_solve=infos.append if with_info or _recording(calls) else None,
+            stats=stats if with_info else None,
             convergence=policy.forward,
             linear_on_failure=policy.linear,
             directions=None if calls is None else calls.directions,
@@ -263,12 +363,12 @@ class DEQ(nn.Module):
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either
             warm[0][warm[1]] = solved.detach()
-        if _recording(calls):
+        if calls is not None and calls.records is not None:
             calls.records.append(LayerCall(self, infos[-1]))
-        if return_info:
-            forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
-            return h, LayerInfo(**forward, linear_solves=stats)
-        return h
+        if not with_info:
+            return h, None
+        forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
+        return h, LayerInfo(**forward, linear_solves=stats)
 
     def _warm_entry(self, calls: Calls | None) -> tuple[dict, tuple[int, int]] | None:
         """``(store, key)`` of this call under :func:`layer_calls` with a store, else None."""
@@ -287,12 +387,13 @@ class DEQ(nn.Module):
             return self.policy
         return self.policy.keeping_best()
 
-    def _empty(self, x: Tensor, h0: Tensor, return_info: bool) -> Tensor | tuple[Tensor, LayerInfo]:
-        """``cell(x, h0)`` for a state with no entries (still connected to the parameters)."""
+    def _empty(self, x: Any, h0: Tensor, with_info: bool) -> tuple[Tensor, LayerInfo | None]:
+        """``cell(x, h0)`` for a state with no entries (still connected to the parameters),
+        and, if ``with_info``, the statistics of a solve with nothing to do."""
         h = self.cell(x, h0)
         check_state_map(h, h0, "cell(x, h)")
-        if not return_info:
-            return h
+        if not with_info:
+            return h, None
         tolerance = Tolerance.resolve(self.tol, self.atol, h0.dtype)
         rows = h0.detach().reshape(h0.shape[0] if self.batch_dim == 0 else 1, 0)
         _, info = solve_fixed_point(lambda r: r, rows, self.solver, tolerance, 0)
