@@ -26,10 +26,15 @@ __all__ = [
 def check_deterministic(cell: nn.Module) -> None:
     """Refuse modules that change the map from one call to the next.
 
+    Args:
+        cell: the layer's cell; it and its submodules are inspected, not changed.
+
     Raises:
-        ValueError: batch norm with running statistics, dropout or a spectral norm (its
-            power iteration) in training mode; a parametrised cell inside
-            ``torch.nn.utils.parametrize.cached()``.
+        InputError: batch norm with running statistics, dropout or a spectral norm (its
+            power iteration) in training mode, named by its path in the cell.
+
+    A parametrised cell called inside ``torch.nn.utils.parametrize.cached()`` is refused
+    too (the cache would keep a weight detached from its parameters).
     """
     _check_parametrize_cache(cell)
     for name, module in cell.named_modules():
@@ -60,11 +65,18 @@ def check_deterministic(cell: nn.Module) -> None:
 
 
 def training_hazard(module: nn.Module) -> str | None:
-    """Why ``module`` (alone, not its children) is not one fixed function in its current
-    mode — it draws random numbers, or uses and updates batch statistics — or None.
+    """Why ``module`` is not one fixed function in its current mode, if it is not.
 
     Used for whole models (:class:`deqhess.ModelCurvature`); a cell has its own, stricter
     check (:func:`check_deterministic`).
+
+    Args:
+        module: the module alone (its children are not looked at).
+
+    Returns:
+        The reason, in words — it draws random numbers (dropout, RReLU), or uses and
+        updates batch statistics (batch norm, instance norm with running statistics, a
+        spectral norm's power iteration) in training mode — or None when it is fixed.
     """
     if not module.training:
         return None
@@ -90,10 +102,16 @@ def training_hazard(module: nn.Module) -> str | None:
 
 
 def _check_parametrize_cache(cell: nn.Module) -> None:
-    """Inside ``parametrize.cached()`` a parametrised weight is computed once and kept;
-    the layer evaluates its cell with the parameters swapped for the solve's own (detached)
-    copies, so the cache would keep a weight cut off from its parameters — their gradients
-    came back exactly zero (weight_norm, measured)."""
+    """Refuse a parametrised cell called inside ``parametrize.cached()``.
+
+    Inside ``parametrize.cached()`` a parametrised weight is computed once and kept; the
+    layer evaluates its cell with the parameters swapped for the solve's own (detached)
+    copies, so the cache would keep a weight cut off from its parameters — their
+    gradients came back exactly zero (weight_norm, measured).
+
+    Raises:
+        InputError: some module of ``cell`` is parametrised and the cache is on.
+    """
     from torch.nn.utils import parametrize
 
     if not parametrize._cache_enabled:
@@ -110,23 +128,34 @@ def _check_parametrize_cache(cell: nn.Module) -> None:
 
 
 def _spectral_norm(module: nn.Module) -> bool:
+    """Whether ``module`` has a spectral norm (the legacy hook or the parametrisation)."""
     from torch.nn.utils import parametrize
     from torch.nn.utils.spectral_norm import SpectralNorm
 
     if any(isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values()):
         return True
-    if parametrize.is_parametrized(module):
-        for parametrizations in module.parametrizations.values():
-            if any(type(p).__name__ == "_SpectralNorm" for p in parametrizations):
+    container = module.parametrizations if parametrize.is_parametrized(module) else None
+    if isinstance(container, nn.ModuleDict):  # what parametrize registers
+        for parametrizations in container.values():  # a ParametrizationList per tensor
+            if isinstance(parametrizations, nn.ModuleList) and any(
+                type(p).__name__ == "_SpectralNorm" for p in parametrizations
+            ):
                 return True
     return False
 
 
 def state_arguments(cell: nn.Module) -> tuple[list[str], list[Tensor]]:
-    """The names and values the fixed point is differentiated in (``functional_call``
-    names): the cell's parameters and floating buffers — but not the running statistics
-    of normalisation layers, which have no derivatives (in eval mode they are constants)."""
-    named = list(cell.named_parameters())
+    """The tensors the fixed point is differentiated in: the seed's θ for this cell.
+
+    Args:
+        cell: the layer's cell.
+
+    Returns:
+        ``(names, values)``: the cell's parameters and floating buffers, by their
+        ``functional_call`` names — but not the running statistics of normalisation
+        layers, which have no derivatives (in eval mode they are constants).
+    """
+    named: list[tuple[str, Tensor]] = list(cell.named_parameters())
     statistics = {
         f"{prefix}.{name}" if prefix else name
         for prefix, module in cell.named_modules()
@@ -142,10 +171,14 @@ def state_arguments(cell: nn.Module) -> tuple[list[str], list[Tensor]]:
 def check_registered(out: Any) -> None:
     """Refuse a cell that reads a tensor requiring grad besides its arguments.
 
-    ``out`` is one evaluation of the cell with grad enabled and every argument detached:
-    it needs no grad unless the cell reads another such tensor — a weight shared by
-    reference, or made by a hypernetwork — whose gradient the fixed point would
-    silently drop.
+    Args:
+        out: one evaluation of the cell with grad enabled and every argument detached:
+            it needs no grad unless the cell reads another such tensor — a weight shared
+            by reference, or made by a hypernetwork — whose gradient the fixed point
+            would silently drop.
+
+    Raises:
+        InputError: ``out`` requires grad.
     """
     if isinstance(out, Tensor) and out.requires_grad:
         raise InputError(
@@ -157,8 +190,16 @@ def check_registered(out: Any) -> None:
 
 
 class InputLayout:
-    """``x`` — a tensor or a tuple/list/dict of them (other leaves kept as constants) —
-    as the tensors the fixed point is differentiated in, and back."""
+    """The input ``x`` as the tensors the fixed point is differentiated in, and back.
+
+    Args:
+        x: a tensor, or a tuple/list/dict of them; other leaves are kept as constants.
+
+    Attributes:
+        leaves: the leaves of ``x`` (``torch.utils._pytree`` order).
+        spec: its tree structure.
+        positions: indices of the leaves that are tensors.
+    """
 
     def __init__(self, x: Any) -> None:
         leaves, self.spec = tree_flatten(x)
@@ -167,9 +208,18 @@ class InputLayout:
 
     @property
     def tensors(self) -> list[Tensor]:
+        """The tensors of ``x``, in leaf order."""
         return [self.leaves[i] for i in self.positions]
 
     def rebuild(self, tensors: tuple[Tensor, ...]) -> Any:
+        """``x`` with its tensors replaced by ``tensors`` (in :attr:`tensors`' order).
+
+        Args:
+            tensors: one per tensor of ``x``, e.g. the solve's own copies.
+
+        Returns:
+            An input with ``x``'s structure and constants.
+        """
         leaves = list(self.leaves)
         for i, t in zip(self.positions, tensors, strict=True):
             leaves[i] = t

@@ -37,8 +37,12 @@ __all__ = ["DEQ", "LayerCall", "LayerInfo", "LayerSolution", "layer_calls", "war
 
 @dataclass(frozen=True)
 class LayerInfo(SolveInfo):
-    """The forward solve's statistics (:class:`deqhess.solvers.SolveInfo`) and a live
-    record of the linear solves the backward and forward-mode passes make with ``I − J``.
+    """The statistics of one layer call: its forward solve's, and its derivatives' solves.
+
+    The fields of :class:`deqhess.solvers.SolveInfo` (iterations, residuals, per-sample
+    status, ``converged_mask``) describe the forward solve of ``h* = cell(x, h*)``;
+    ``linear_solves`` is a live record of the solves with ``I − J`` and ``(I − J)ᵀ`` that
+    the backward and forward-mode passes through ``h*`` make.
 
     Attributes:
         linear_solves: filled as derivatives are taken (solves, products, the largest
@@ -168,7 +172,18 @@ class DEQ(nn.Module):
         self.convergence = self.policy.forward
 
     def initial_state(self, x: Any) -> Tensor:
-        """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
+        """The state a call without ``h0`` starts from (outside :func:`warm_starts`).
+
+        Args:
+            x: the input, as for :meth:`forward`.
+
+        Returns:
+            Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like
+            ``x`` (and of its dtype and device).
+
+        Raises:
+            InputError: the cell defines no ``init_state`` and ``x`` is not a tensor.
+        """
         init = getattr(self.cell, "init_state", None)
         if callable(init):
             return torch.zeros_like(init(x))
@@ -378,9 +393,17 @@ class DEQ(nn.Module):
         return calls.store, (id(self), count)
 
     def _policy(self, calls: Calls | None) -> LayerPolicy:
-        """The layer's policy; under :func:`deqhess.nn.convergence` the block's; under
-        ``layer_calls(keep_best=True)`` the layer's keeping unconverged samples' best
-        iterates without a warning (its fallback solvers still run first)."""
+        """The policy this call solves under.
+
+        Args:
+            calls: the enclosing :func:`layer_calls` block's controls, or None.
+
+        Returns:
+            The layer's own policy; under :func:`deqhess.nn.convergence` the block's;
+            under ``layer_calls(keep_best=True)`` the layer's, keeping unconverged
+            samples' best iterates without a warning (its fallback solvers still run
+            first).
+        """
         if calls is not None and calls.policy is not None:
             return calls.policy
         if calls is None or not calls.keep_best:
@@ -388,8 +411,12 @@ class DEQ(nn.Module):
         return self.policy.keeping_best()
 
     def _empty(self, x: Any, h0: Tensor, with_info: bool) -> tuple[Tensor, LayerInfo | None]:
-        """``cell(x, h0)`` for a state with no entries (still connected to the parameters),
-        and, if ``with_info``, the statistics of a solve with nothing to do."""
+        """The answer for a state with no entries: nothing to solve.
+
+        Returns:
+            ``cell(x, h0)`` (empty, and still connected to the parameters), and, if
+            ``with_info``, the statistics of a solve with nothing to do (else None).
+        """
         h = self.cell(x, h0)
         check_state_map(h, h0, "cell(x, h)")
         if not with_info:
@@ -401,16 +428,25 @@ class DEQ(nn.Module):
         return h, LayerInfo(**forward, linear_solves=LinearSolveStats())
 
     def extra_repr(self) -> str:
+        """The solver, tolerance and iteration cap, for ``repr(deq)``."""
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
 
 
 def _recording(calls: Calls | None) -> bool:
+    """Whether the enclosing :func:`layer_calls` block records the calls."""
     return calls is not None and calls.records is not None
 
 
 def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
-    """``h0`` a floating tensor of the parameters' dtype (their values are checked finite
-    where the solve starts, outside any torch.func transform)."""
+    """Refuse an ``h0`` that is not a floating tensor of the parameters' dtype.
+
+    The values of ``x``, ``h0`` and the parameters are checked finite where the solve
+    starts, outside any torch.func transform.
+
+    Raises:
+        InputError: ``h0`` is not a tensor, not floating, or not of the dtype of the
+            cell's floating parameters and buffers (``values``).
+    """
     if not isinstance(h0, Tensor):
         raise InputError(
             f"h0 must be a torch.Tensor shaped like the state; got {type(h0).__name__}."
@@ -426,8 +462,13 @@ def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
 
 
 def _explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[..., Tensor]:
-    """``evaluate`` whose first call — the cell at the user's ``h0`` — adds a note about
-    ``h0`` to whatever the cell raises."""
+    """``evaluate``, explaining a failure of its first call.
+
+    Returns:
+        A map that calls ``evaluate``; its first call — the cell at the user's ``h0`` —
+        adds a note about ``h0`` to whatever the cell raises (a wrongly shaped ``h0``
+        usually surfaces as the cell's own shape error).
+    """
     first = True
 
     def step(z: Tensor, *args: Tensor) -> Tensor:
@@ -445,7 +486,7 @@ def _explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[
 
 
 def _initial_state_note(x: Any, h0: Tensor) -> str:
-    """What a failure of the cell's first evaluation from a user's ``h0`` may mean."""
+    """Return what a failure of the cell's first evaluation from a user's ``h0`` may mean."""
     shapes = [tuple(t.shape) for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
     described = shapes[0] if len(shapes) == 1 else shapes
     return (
@@ -456,8 +497,12 @@ def _initial_state_note(x: Any, h0: Tensor) -> str:
 
 
 def _same_data(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` is ``b`` or a view of the same numbers (e.g. ``b.detach()``): a plain
-    tensor with ``b``'s storage, offset, shape, strides and dtype."""
+    """Whether ``a`` is ``b`` or a view of the same numbers (e.g. ``b.detach()``).
+
+    Returns:
+        True for ``b`` itself, or a plain (not functorch-wrapped) strided tensor with
+        ``b``'s storage, offset, shape, strides and dtype.
+    """
     if a is b:
         return True
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
