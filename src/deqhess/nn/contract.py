@@ -2,22 +2,26 @@
 
 The layer differentiates ``h* = cell(x, h*)`` in the cell's parameters and floating
 buffers and in the tensors of ``x``. That needs a *deterministic* map of exactly those
-inputs: every check here turns a way to break that into an error that says what to do.
+inputs, and a start ``h0`` of the state's kind: every check here turns a way to break
+that into an error that says what to do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import InputError
+from ..errors import InputError, add_note
 
 __all__ = [
     "InputLayout",
     "check_deterministic",
+    "check_inputs",
     "check_registered",
+    "explaining_first_call",
     "state_arguments",
     "training_hazard",
 ]
@@ -187,6 +191,65 @@ def check_registered(out: Any) -> None:
             "reference): the fixed point's derivatives would leave its gradient out. "
             "Register it on the cell (nn.Parameter, or register_buffer) or pass it in x."
         )
+
+
+def check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
+    """Refuse an ``h0`` that is not a floating tensor of the parameters' dtype.
+
+    The values of ``x``, ``h0`` and the parameters are checked finite where the solve
+    starts, outside any torch.func transform.
+
+    Raises:
+        InputError: ``h0`` is not a tensor, not floating, or not of the dtype of the
+            cell's floating parameters and buffers (``values``).
+    """
+    if not isinstance(h0, Tensor):
+        raise InputError(
+            f"h0 must be a torch.Tensor shaped like the state; got {type(h0).__name__}."
+        )
+    if not h0.is_floating_point():
+        raise InputError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
+    floating = [v for v in values if v.is_floating_point()]
+    if floating and floating[0].dtype != h0.dtype:
+        raise InputError(
+            f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
+            f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
+        )
+
+
+def explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[..., Tensor]:
+    """``evaluate``, explaining a failure of its first call.
+
+    Returns:
+        A map that calls ``evaluate``; its first call — the cell at the user's ``h0`` —
+        adds a note about ``h0`` to whatever the cell raises (a wrongly shaped ``h0``
+        usually surfaces as the cell's own shape error).
+    """
+    first = True
+
+    def step(z: Tensor, *args: Tensor) -> Tensor:
+        nonlocal first
+        if not first:
+            return evaluate(z, *args)
+        first = False
+        try:
+            return evaluate(z, *args)
+        except Exception as error:
+            add_note(error, _initial_state_note(x, z))
+            raise
+
+    return step
+
+
+def _initial_state_note(x: Any, h0: Tensor) -> str:
+    """Return what a failure of the cell's first evaluation from a user's ``h0`` may mean."""
+    shapes = [tuple(t.shape) for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
+    described = shapes[0] if len(shapes) == 1 else shapes
+    return (
+        f"deqhess: the cell raised this at its first evaluation, from the h0 you passed "
+        f"(shape {tuple(h0.shape)}; x: {described}). If h0 is not shaped like the state "
+        "cell(x, h) returns, pass one that is, or leave h0 out."
+    )
 
 
 class InputLayout:

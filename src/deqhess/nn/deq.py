@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
-from ..errors import InputError, add_note
+from ..errors import InputError
 from ..linear import LinearSolver, LinearSolveStats, check_linear_solver
 from ..options import integer
 from ..solvers import (
@@ -25,7 +23,13 @@ from ..solvers import (
 )
 from ..state import check_state_map
 from .calls import CALLS, Calls, LayerCall, layer_calls, warm_starts
-from .contract import InputLayout, check_deterministic, state_arguments
+from .contract import (
+    InputLayout,
+    check_deterministic,
+    check_inputs,
+    explaining_first_call,
+    state_arguments,
+)
 from .hooks import has_hooks, hooks_set_aside
 from .implicit import FixedPointSpec, fixed_point
 from .observed import observed_fixed_point
@@ -315,7 +319,7 @@ class DEQ(nn.Module):
             if previous is not None and previous.shape == h0.shape and previous.dtype == h0.dtype:
                 h0 = previous
         names, values = state_arguments(self.cell)
-        _check_inputs(inputs, h0, values)
+        check_inputs(inputs, h0, values)
         if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
             return self._empty(x, h0, with_info)
         cell, count = self.cell, len(inputs.positions)
@@ -338,7 +342,7 @@ class DEQ(nn.Module):
             check_state_map(out, z, "cell(x, h)")
             return out
 
-        step = _explaining_first_call(evaluate, x) if given else evaluate
+        step = explaining_first_call(evaluate, x) if given else evaluate
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
         policy = self._policy(calls)
@@ -435,65 +439,6 @@ class DEQ(nn.Module):
 def _recording(calls: Calls | None) -> bool:
     """Whether the enclosing :func:`layer_calls` block records the calls."""
     return calls is not None and calls.records is not None
-
-
-def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
-    """Refuse an ``h0`` that is not a floating tensor of the parameters' dtype.
-
-    The values of ``x``, ``h0`` and the parameters are checked finite where the solve
-    starts, outside any torch.func transform.
-
-    Raises:
-        InputError: ``h0`` is not a tensor, not floating, or not of the dtype of the
-            cell's floating parameters and buffers (``values``).
-    """
-    if not isinstance(h0, Tensor):
-        raise InputError(
-            f"h0 must be a torch.Tensor shaped like the state; got {type(h0).__name__}."
-        )
-    if not h0.is_floating_point():
-        raise InputError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
-    floating = [v for v in values if v.is_floating_point()]
-    if floating and floating[0].dtype != h0.dtype:
-        raise InputError(
-            f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
-            f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
-        )
-
-
-def _explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[..., Tensor]:
-    """``evaluate``, explaining a failure of its first call.
-
-    Returns:
-        A map that calls ``evaluate``; its first call — the cell at the user's ``h0`` —
-        adds a note about ``h0`` to whatever the cell raises (a wrongly shaped ``h0``
-        usually surfaces as the cell's own shape error).
-    """
-    first = True
-
-    def step(z: Tensor, *args: Tensor) -> Tensor:
-        nonlocal first
-        if not first:
-            return evaluate(z, *args)
-        first = False
-        try:
-            return evaluate(z, *args)
-        except Exception as error:
-            add_note(error, _initial_state_note(x, z))
-            raise
-
-    return step
-
-
-def _initial_state_note(x: Any, h0: Tensor) -> str:
-    """Return what a failure of the cell's first evaluation from a user's ``h0`` may mean."""
-    shapes = [tuple(t.shape) for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
-    described = shapes[0] if len(shapes) == 1 else shapes
-    return (
-        f"deqhess: the cell raised this at its first evaluation, from the h0 you passed "
-        f"(shape {tuple(h0.shape)}; x: {described}). If h0 is not shaped like the state "
-        "cell(x, h) returns, pass one that is, or leave h0 out."
-    )
 
 
 def _same_data(a: Tensor, b: Tensor) -> bool:
