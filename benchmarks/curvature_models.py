@@ -73,9 +73,9 @@ class Classifier(nn.Module):
         u = self.encoder(x)
         if self.infos is None:
             return self.head(self.deq(u))
-        h, info = self.deq(u, return_info=True)
-        self.infos.append(info)
-        return self.head(h)
+        solution = self.deq.solve(u)
+        self.infos.append(solution.info)
+        return self.head(solution.h)
 
 
 class StateConvCell(ConvCell):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 import deqhess as dh
 from deqhess.curvature import extreme_eigenpairs
 from deqhess.demo import load_digits_split
-from deqhess.nn import DEQ
+from deqhess.nn import DEQ, LayerInfo
 from deqhess.solvers import Convergence, Picard
 
 # %%
@@ -101,11 +101,13 @@ class MDEQDigits(nn.Module):
     def readout(self, z: Tensor) -> Tensor:
         return self.head(z.flatten(1))
 
-    def forward(self, images: Tensor, return_info: bool = False):
-        if not return_info:
-            return self.readout(self.deq(self.injection(images)))
-        z, info = self.deq(self.injection(images), return_info=True)
-        return self.readout(z), info
+    def forward(self, images: Tensor) -> Tensor:
+        return self.readout(self.deq(self.injection(images)))
+
+    def logits_and_info(self, images: Tensor) -> tuple[Tensor, LayerInfo]:
+        """The logits, and the layer's statistics for this call (``deq.solve``)."""
+        solution = self.deq.solve(self.injection(images))
+        return self.readout(solution.h), solution.info
 
 
 # %%
@@ -146,7 +148,7 @@ def train(
         losses, skipped, iterations, products = [], 0, [], []
         for step in range(per_epoch if steps is None else steps):
             idx = order[step * batch : (step + 1) * batch]
-            logits, info = model(x_train[idx], return_info=True)
+            logits, info = model.logits_and_info(x_train[idx])
             keep = info.converged_mask.to(logits.device)
             skipped += int((~keep).sum())
             loss = nn.functional.cross_entropy(logits[keep], y_train[idx][keep])

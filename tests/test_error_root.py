@@ -55,10 +55,6 @@ PENDING = {
     "linear/base.py": 1,
     "linear/linearization.py": 1,
     "linear/operator.py": 1,
-    "nn/adapters.py": 5,
-    "nn/contract.py": 5,
-    "nn/deq.py": 8,
-    "nn/implicit.py": 1,
 }
 _PLAIN_RAISE = re.compile(r"\braise\s+(ValueError|TypeError)\b")
 

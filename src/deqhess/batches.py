@@ -84,8 +84,16 @@ class RankShard:
 
 
 def held_bytes(*objects: Any, depth: int = 3) -> int:
-    """Bytes of the distinct tensor storages reachable from ``objects`` through
-    tuples, lists, dicts and object attributes (``depth`` levels), each counted once."""
+    """Bytes of the distinct tensor storages reachable from ``objects``.
+
+    Args:
+        objects: what to count (solved batches, warm starts, …).
+        depth: how many levels of tuples, lists, dicts and object attributes to follow.
+
+    Returns:
+        The bytes of every storage reached, each counted once (views of one storage
+        and tensors reached twice cost nothing more).
+    """
     seen: set[int] = set()
 
     def walk(obj: Any, level: int) -> int:
@@ -109,8 +117,17 @@ def held_bytes(*objects: Any, depth: int = 3) -> int:
 
 
 def saved_activation_bytes(fn: Callable[..., Tensor], *inputs: Tensor) -> int | None:
-    """Bytes autograd saves for the backward of one call ``fn(*inputs)`` (plain autograd),
-    or None when they cannot be counted (``fn`` uses ``torch.func`` inside)."""
+    """Bytes autograd saves for the backward of one call ``fn(*inputs)`` (plain autograd).
+
+    Args:
+        fn: the computation, e.g. a model's forward and loss on one batch.
+        inputs: its tensors (detached copies requiring grad are passed).
+
+    Returns:
+        The bytes of the tensors saved for the backward (counted as saved, so a tensor
+        saved twice counts twice), or None when they cannot be counted (``fn`` uses
+        ``torch.func`` inside).
+    """
     total = 0
 
     def pack(t: Tensor) -> Tensor:

@@ -20,11 +20,21 @@ UNSET: Any = _Unset()
 
 
 def renamed(new_value: Any, old_value: Any, *, old: str, new: str, where: str) -> Any:
-    """The value of keyword ``new``, taken from its deprecated name ``old`` if that was
-    passed instead (with a ``DeprecationWarning``).
+    """The value of keyword ``new``, taken from its deprecated name ``old`` if given.
+
+    Args:
+        new_value: what was passed as ``new`` (``UNSET`` or None: not passed).
+        old_value: what was passed as ``old`` (``UNSET``: not passed).
+        old: the deprecated name.
+        new: the name to use.
+        where: the callable's name, for the messages.
+
+    Returns:
+        ``old_value`` if it was passed (with a ``DeprecationWarning`` pointing at the
+        caller's caller), else ``new_value``.
 
     Raises:
-        ValueError: both names were passed.
+        InputError: both names were passed.
     """
     if old_value is UNSET:
         return new_value

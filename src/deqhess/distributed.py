@@ -34,6 +34,11 @@ __all__ = ["DistributedDatasetEquilibrium", "DistributedModelCurvature", "RankFa
 
 
 def _require_group() -> None:
+    """Refuse to build a distributed operator outside a process group.
+
+    Raises:
+        InputError: ``torch.distributed`` is unavailable or not initialised.
+    """
     if not dist.is_available() or not dist.is_initialized():
         raise InputError(
             "torch.distributed is not initialised; call "
@@ -49,7 +54,7 @@ class DistributedDatasetEquilibrium(DatasetEquilibrium):
             ``init_state``, ``reduction``, ``batch_dim``, ``cache_bytes`` … included); θ
             (keys, order, values, dtype), ``reduction`` and ``batch_dim`` must be
             identical on every rank, and ``f`` and ``loss`` the same functions — checked
-            at construction (a ``ValueError`` on every rank otherwise).
+            at construction (a :class:`deqhess.InputError` on every rank otherwise).
         data: this rank's shard (a DataLoader with a ``DistributedSampler`` that does not
             pad, a :class:`deqhess.batches.RankShard`, or any re-iterable of
             ``(x, target)``); it may be empty.
@@ -116,8 +121,10 @@ class DistributedDatasetEquilibrium(DatasetEquilibrium):
 
 
 class DistributedModelCurvature(ModelCurvature):
-    """:class:`deqhess.ModelCurvature` over ``torch.distributed``: each rank streams its
-    shard of the data through its copy of the model, one ``all_reduce`` per product.
+    """:class:`deqhess.ModelCurvature` over ``torch.distributed``, one shard per rank.
+
+    Each rank streams its shard of the data through its copy of the model, and one
+    ``all_reduce`` per product gives every rank the full-data result.
 
     Args:
         model, loss, data, theta, ``**kwargs``: as for :class:`deqhess.ModelCurvature`;
@@ -125,8 +132,8 @@ class DistributedModelCurvature(ModelCurvature):
             pads shards with repeated samples is refused). The model — every parameter
             and buffer, chosen or not: names, shapes, dtypes, values — the loss and the
             reduction must be identical on every rank: checked at construction and again
-            when the model changes between products (a ``ValueError`` on every rank
-            otherwise).
+            when the model changes between products (a :class:`deqhess.InputError` on
+            every rank otherwise).
         group: the process group (default: the world).
 
     :meth:`per_sample_gradients` and :meth:`output_jacobians` give this rank's samples.
@@ -164,7 +171,7 @@ class DistributedModelCurvature(ModelCurvature):
         self._agree()
 
     def _agree(self) -> None:
-        params = dict(zip(self.layout.names, self._values(), strict=True))
+        params = dict(zip(self.names, self._values(), strict=True))
         agree_on_setup(
             params, self.group, reduction=self.reduction, model=state_digest(self.model),
             loss=callable_identity(self.loss),

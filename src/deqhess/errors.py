@@ -10,6 +10,8 @@ builtin keeps working.
 
 from __future__ import annotations
 
+import sys
+
 __all__ = [
     "DeqhessError",
     "InputError",
@@ -180,3 +182,24 @@ class AccuracyWarning(UserWarning):
     ``EquilibriumInfo.error_bound``. Past ``max_error_bound`` (default 0.1) the solve
     is refused with :class:`SingularSystemError` instead.
     """
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """Append ``note`` to the message of ``error``, an exception deqhess passes through.
+
+    On Python 3.11+ this is :meth:`BaseException.add_note` (the traceback prints the note
+    under the message). Python 3.10 has no notes: there the note is joined to the
+    message, the exception's first argument, when that is a string, and kept in
+    ``__notes__`` as 3.11 would.
+
+    Args:
+        error: the exception, about to be re-raised; changed in place.
+        note: what deqhess knows about the failure that the exception does not say.
+    """
+    if sys.version_info >= (3, 11):
+        error.add_note(note)
+        return
+    notes = getattr(error, "__notes__", None)
+    error.__notes__ = [*(notes or []), note]  # type: ignore[attr-defined]  # 3.11's attribute
+    if error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}\n{note}", *error.args[1:])

@@ -154,6 +154,36 @@ def test_output_supports_in_place_use_and_inputs_are_checked():
         deq(torch.randn(3, 4), return_info="yes")
 
 
+def test_the_layers_refusals_of_bad_input_are_input_errors():
+    """Each is a deqhess.InputError — under the root DeqhessError, and still the ValueError
+    a caller may catch."""
+    from deqhess.nn import TupleState
+
+    class Untupled(nn.Module):
+        def forward(self, x, state):
+            return state[0]  # a tensor, not the tuple of states
+
+    deq = DEQ(Tanh())
+    cases = [
+        (lambda: DEQ(torch.tanh), "cell must be a torch.nn.Module with forward"),
+        (lambda: DEQ(Tanh(), batch_dim=1), "batch_dim must be 0 or None for the DEQ layer"),
+        (lambda: deq({"a": torch.randn(3, 4)}), r"x is a dict, so the initial state cannot"),
+        (
+            lambda: deq(torch.randn(3, 4), h0=torch.zeros(3, 4, dtype=torch.int64)),
+            r"h0 has dtype torch.int64; the state must be float32 or float64",
+        ),
+        (lambda: TupleState(Tanh(), shapes=[])(None, None), "at least one state shape"),
+        (
+            lambda: TupleState(Untupled(), shapes=[(4,)])(torch.randn(3, 4), torch.zeros(3, 4)),
+            r"the cell returned a Tensor; a TupleState cell returns a tuple of 1 state",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(dh.InputError, match=message) as caught:
+            call()
+        assert isinstance(caught.value, dh.DeqhessError) and isinstance(caught.value, ValueError)
+
+
 def test_ill_conditioning_beyond_the_tolerance_is_refused():
     """A linear cell with ρ(J) = 1 − 1e-5: cond(I − J) ≈ 2e5, so float32's 1e-5
     tolerance accepts h0 = 2 as it is (residual 1e-5 ≤ 2e-5) though h* = 1: the bound

@@ -130,11 +130,73 @@ def test_statistics_on_request_and_default_state():
 
     deq = DEQ(Cell(), tol=1e-12)
     x = torch.randn(4, 3)
-    h, info = deq(x, return_info=True)
+    solution = deq.solve(x)
+    h, info = solution.h, solution.info
     assert h.shape == x.shape and info.converged and info.sample_iterations.shape == (4,)
     assert torch.allclose(h, 0.3 * torch.tanh(h) + x, atol=1e-10)
     assert not hasattr(deq, "info")  # statistics are returned, not stored
     assert "solver=Anderson" in repr(deq)
+
+
+class SolveCell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.45 / torch.linalg.matrix_norm(self.lin.weight, ord=2))
+
+    def forward(self, x, h):
+        return torch.tanh(self.lin(h) + x)
+
+
+def test_solve_is_the_layers_call_with_its_statistics_typed():
+    """``deq.solve(x)`` is the call ``deq(x)``: the same h* and the same derivatives, bit
+    for bit, at first and second order in autograd and through torch.func (one
+    computation, so nothing may differ); the layer's own hooks run; a frozen result."""
+    import dataclasses
+
+    deq = DEQ(SolveCell(), tol=1e-12)
+    x = torch.randn(4, 3, requires_grad=True)
+    v = torch.randn(4, 3)
+    calls = []
+    deq.register_forward_hook(lambda module, args, output: calls.append(type(output)))
+
+    def derivatives(h):
+        """∂L/∂x and the double-backward HVP (∂²L/∂x²)·v for L = Σ sin(h*)."""
+        (g,) = torch.autograd.grad(h.sin().sum(), x, create_graph=True)
+        (hv,) = torch.autograd.grad(g, x, v)
+        return g.detach(), hv
+
+    solution = deq.solve(x)
+    assert isinstance(solution, dh.nn.LayerSolution) and isinstance(solution.info, dh.nn.LayerInfo)
+    h = deq(x)
+    assert torch.equal(solution.h, h) and solution.h.requires_grad
+    for a, b in zip(derivatives(solution.h), derivatives(h), strict=True):
+        assert torch.equal(a, b)
+    # the derivatives' solves are recorded in the info as they are taken: the adjoint
+    # (I − J)ᵀλ = ḡ; then the double backward's two, with I − J (the adjoint system's own
+    # adjoint) and (I − J)ᵀ (through h* in the first backward's products)
+    assert solution.info.converged and solution.info.linear_solves.solves == 3
+    jac = torch.func.jacrev(lambda z: deq.solve(z).h)(x.detach())
+    assert torch.equal(jac, torch.func.jacrev(deq)(x.detach()))
+    assert calls[:2] == [tuple, torch.Tensor]  # solve is a call of the module: hooks run
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        solution.h = h  # type: ignore[misc]
+
+
+def test_return_info_is_deprecated_for_solve():
+    deq = DEQ(SolveCell(), tol=1e-12)
+    x = torch.randn(4, 3)
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"return_info=True\) is deprecated .* call deq\.solve\(x, h0\), which returns "
+        r"a LayerSolution",
+    ) as caught:
+        h, info = deq(x, return_info=True)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    solution = deq.solve(x)
+    assert torch.equal(h, solution.h) and info.iterations == solution.info.iterations
+    assert torch.equal(deq(x, return_info=False), h)  # the default, said aloud: no warning
 
 
 def test_layer_errors():
@@ -205,7 +267,8 @@ def test_empty_batch_and_option_errors():
             return torch.tanh(0.5 * self.lin(h) + x)
 
     deq = DEQ(Cell())
-    h, info = deq(torch.randn(0, 3), return_info=True)  # an empty batch: an empty answer
+    solution = deq.solve(torch.randn(0, 3))  # an empty batch: an empty answer
+    h, info = solution.h, solution.info
     assert h.shape == (0, 3) and info.converged and info.converged_mask.shape == (0,)
     h.sum().backward()
     assert torch.equal(deq.cell.lin.weight.grad, torch.zeros(3, 3))

@@ -81,11 +81,12 @@ def test_training_preset_carries_on_and_marks_the_misses():
     deq = DEQ(Cell(), max_iter=3, convergence="training")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        h, info = deq(x, return_info=True)
+        info = deq.solve(x).info
     assert not bool(info.converged_mask.any())
     # a linear solve that cannot reach its target in two products: reported, not raised
     tight = DEQ(Cell(), linear_solver=GMRES(max_iter=2), convergence="training")
-    h, info = tight(x, return_info=True)
+    solution = tight.solve(x)
+    h, info = solution.h, solution.info
     (h**2).sum().backward()
     assert info.linear_solves.unconverged == 1
     assert info.linear_solves.max_residual > 1e-12
@@ -99,7 +100,8 @@ def test_training_preset_reports_a_backward_residual_a_hair_above_target():
     x = torch.randn(4, 6, dtype=torch.float32)
     solver = NeumannGMRES(rtol=1e-5, max_iter=9)
     cell = Cell(rate=0.6).float()
-    h, info = DEQ(cell, linear_solver=solver, convergence="training")(x, return_info=True)
+    solution = DEQ(cell, linear_solver=solver, convergence="training").solve(x)
+    h, info = solution.h, solution.info
     h.sum().backward()
     assert info.linear_solves.unconverged == 1
     assert 1e-5 < info.linear_solves.max_residual < 1e-3

@@ -144,8 +144,8 @@ def test_policy_through_equilibrium_and_layer():
             return f(x, h, self.t)
 
     deq = dh.nn.DEQ(Cell(), solver="picard", convergence=Convergence(fallback=Picard(0.5)))
-    h, info = deq(x, h0=h0, return_info=True)
-    assert info.converged and torch.allclose(h[1], torch.ones(3))
+    solution = deq.solve(x, h0=h0)
+    assert solution.info.converged and torch.allclose(solution.h[1], torch.ones(3))
 
 
 def test_policy_errors():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .adapters import StateFirst, TupleState
 from .calls import ConvergenceRecord, LayerCall, convergence, layer_calls, warm_starts
-from .deq import DEQ, LayerInfo
+from .deq import DEQ, LayerInfo, LayerSolution
 from .implicit import FixedPointSpec, fixed_point
 from .torchdeq_compat import TorchdeqDEQ, get_deq
 
@@ -14,6 +14,7 @@ __all__ = [
     "FixedPointSpec",
     "LayerCall",
     "LayerInfo",
+    "LayerSolution",
     "StateFirst",
     "TorchdeqDEQ",
     "TupleState",

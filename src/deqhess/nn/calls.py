@@ -40,9 +40,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One call of a :class:`DEQ` recorded by :func:`layer_calls`: the layer and its
-    forward solve's statistics (``info.converged_mask`` marks the samples that met the
-    tolerance)."""
+    """One call of a :class:`DEQ` recorded by :func:`layer_calls`.
+
+    Attributes:
+        layer: the layer called.
+        info: its forward solve's statistics (``info.converged_mask`` ``[S]`` marks the
+            samples that met the tolerance).
+    """
 
     layer: DEQ
     info: SolveInfo
@@ -50,16 +54,25 @@ class LayerCall:
 
 @dataclass
 class Calls:
-    """What :func:`layer_calls` asks of the DEQ calls in its block."""
+    """What :func:`layer_calls` asks of the DEQ calls in its block.
+
+    Attributes:
+        store: fixed points by ``(id(layer), call number)``, to start from and update
+            (None: no warm starts).
+        records: where each call appends its :class:`LayerCall` (None: not recorded).
+        keep_best: keep unconverged samples' best iterates without a warning.
+        counts: per layer, the calls made so far in the block (the call numbers).
+        policy: a policy replacing every layer's own (:func:`convergence`), or None.
+        directions: directions each derivative pass pushes through the layers (a
+            curvature operator's block), for their ``"auto"`` linear solver; None: a
+            training step's few.
+    """
 
     store: dict | None
     records: list[LayerCall] | None
     keep_best: bool
     counts: dict[int, int] = field(default_factory=dict)
-    #: a policy replacing every layer's own (:func:`convergence`), or None
     policy: LayerPolicy | None = None
-    #: directions each derivative pass pushes through the layers (a curvature operator's
-    #: block), for their ``"auto"`` linear solver; None: a training step's few
     directions: int | None = None
 
 
@@ -74,7 +87,9 @@ def layer_calls(
     keep_best: bool = False,
     directions: int | None = None,
 ) -> Iterator[None]:
-    """Within the block, every :class:`DEQ` call (outside ``torch.func`` transforms):
+    """Control and record every :class:`DEQ` call in the block (outside ``torch.func``).
+
+    Each call in the block is affected by the arguments given:
 
     * ``warm`` — called without ``h0``, starts from the fixed point it reached on the
       same call in ``warm`` last time, and records the new one there. Calls are told
@@ -90,6 +105,17 @@ def layer_calls(
       ``"auto"`` then factorises ``I − J`` per sample wherever that costs fewer products
       than K directions' iterative solves (see
       :func:`deqhess.linear.resolve_linear_solver`).
+
+    Args:
+        warm: the warm-start store (a dict the caller keeps), or None.
+        records: a list to append each call's :class:`LayerCall` to, or None.
+        keep_best: keep unconverged samples' best iterates, without a warning.
+        directions: the directions each derivative pass pushes through the layers, or
+            None (a training step's few).
+
+    Yields:
+        Nothing: the controls hold until the block ends, then the enclosing block's
+        (if any) hold again.
     """
     token = CALLS.set(Calls(warm, records, keep_best, directions=directions))
     try:
@@ -100,27 +126,44 @@ def layer_calls(
 
 @contextlib.contextmanager
 def warm_starts(store: dict) -> Iterator[None]:
-    """:func:`layer_calls` with ``warm=store`` alone: within the block, a :class:`DEQ`
+    """Warm-start every :class:`DEQ` call in the block from its last fixed point.
+
+    :func:`layer_calls` with ``warm=store`` alone: within the block, a :class:`DEQ`
     called without ``h0`` starts from the fixed point it reached on the same call in
     ``store`` last time, and records the new one there. Meant for re-running the same
     forward many times (a curvature operator's passes over the data, one ``store`` per
-    batch)."""
+    batch). The fixed point is still solved to the layer's tolerance.
+
+    Args:
+        store: a dict the caller keeps between blocks (empty at first).
+
+    Yields:
+        Nothing: the warm starts hold until the block ends.
+    """
     with layer_calls(warm=store):
         yield
 
 
 @dataclass
 class ConvergenceRecord:
-    """The calls made inside a :func:`convergence` block, in order."""
+    """The calls made inside a :func:`convergence` block, in order.
+
+    Attributes:
+        calls: one :class:`LayerCall` per layer call, in the order they were made.
+    """
 
     calls: list[LayerCall] = field(default_factory=list)
 
     def converged_mask(self) -> Tensor:
-        """``[calls, S]``: per call, which samples' forward solves met the tolerance —
-        with one layer called once per sampled weight, row ``s`` is sample ``s``'s.
+        """Which samples' forward solves met the tolerance, call by call.
+
+        Returns:
+            ``[calls, S]`` bool: row ``c`` is call ``c``'s ``converged_mask``. With one
+            layer called once per sampled weight, row ``s`` is sample ``s``'s.
 
         Raises:
-            ValueError: no call, or calls of different batch sizes (read ``calls``).
+            InputError: no call was made, or the calls had different numbers of samples
+                (then read ``calls`` one by one).
         """
         if not self.calls:
             raise InputError("no DEQ layer was called inside the convergence() block.")
@@ -142,9 +185,11 @@ class ConvergenceRecord:
 def convergence(
     policy: Convergence | str = "best", *, warn: bool = False
 ) -> Iterator[ConvergenceRecord]:
-    """Within the block every :class:`~deqhess.nn.DEQ` layer solves with ``policy`` instead
-    of its own, and each call's per-sample outcome is recorded (warm starts of an
-    enclosing :func:`layer_calls` block carry on).
+    """Solve every :class:`~deqhess.nn.DEQ` call in the block under ``policy``, recorded.
+
+    Within the block every layer solves with ``policy`` instead of its own, and each
+    call's per-sample outcome is recorded (warm starts of an enclosing
+    :func:`layer_calls` block carry on).
 
     Args:
         policy: ``"best"`` (default: keep each sample's best iterate and mark it),
@@ -154,7 +199,8 @@ def convergence(
         warn: with ``"best"``, also warn per call that missed (the record says it anyway).
 
     Yields:
-        a :class:`ConvergenceRecord`: ``record.converged_mask()`` is ``[calls, S]``.
+        A :class:`ConvergenceRecord`, filled as the block's calls are made:
+        ``record.converged_mask()`` is ``[calls, S]``.
 
     Example — Laplace sampling with a DEQ (``pred_type="nn"``), leaving out the samples
     whose cell does not converge::

@@ -2,20 +2,26 @@
 
 The layer differentiates ``h* = cell(x, h*)`` in the cell's parameters and floating
 buffers and in the tensors of ``x``. That needs a *deterministic* map of exactly those
-inputs: every check here turns a way to break that into an error that says what to do.
+inputs, and a start ``h0`` of the state's kind: every check here turns a way to break
+that into an error that says what to do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..errors import InputError, add_note
+
 __all__ = [
     "InputLayout",
     "check_deterministic",
+    "check_inputs",
     "check_registered",
+    "explaining_first_call",
     "state_arguments",
     "training_hazard",
 ]
@@ -24,10 +30,15 @@ __all__ = [
 def check_deterministic(cell: nn.Module) -> None:
     """Refuse modules that change the map from one call to the next.
 
+    Args:
+        cell: the layer's cell; it and its submodules are inspected, not changed.
+
     Raises:
-        ValueError: batch norm with running statistics, dropout or a spectral norm (its
-            power iteration) in training mode; a parametrised cell inside
-            ``torch.nn.utils.parametrize.cached()``.
+        InputError: batch norm with running statistics, dropout or a spectral norm (its
+            power iteration) in training mode, named by its path in the cell.
+
+    A parametrised cell called inside ``torch.nn.utils.parametrize.cached()`` is refused
+    too (the cache would keep a weight detached from its parameters).
     """
     _check_parametrize_cache(cell)
     for name, module in cell.named_modules():
@@ -36,21 +47,21 @@ def check_deterministic(cell: nn.Module) -> None:
         if not module.training:
             continue
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            raise ValueError(
+            raise InputError(
                 f"{label} is a {kind} in training mode: it would update its running statistics "
                 "at every solver iteration, and its batch statistics couple the samples. Call "
                 ".eval() on it (batch norm with fixed statistics is a per-sample affine map), or "
                 "use GroupNorm/LayerNorm."
             )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            raise ValueError(
+            raise InputError(
                 f"{label} is a {kind} in training mode: it draws a new random mask at every call "
                 "of the cell — at every solver iteration — so the cell is a different map each "
                 "time and has no fixed point. Call .eval() on it, or draw one mask per forward "
                 "and pass it in x (variational dropout, as DEQ models use)."
             )
         if _spectral_norm(module):
-            raise ValueError(
+            raise InputError(
                 f"{label} has a spectral norm in training mode: its power iteration updates the "
                 "weight at every call of the cell, so the map moves during the solve. Call "
                 ".eval() on it (the normalised weight is then fixed) while solving."
@@ -58,11 +69,18 @@ def check_deterministic(cell: nn.Module) -> None:
 
 
 def training_hazard(module: nn.Module) -> str | None:
-    """Why ``module`` (alone, not its children) is not one fixed function in its current
-    mode — it draws random numbers, or uses and updates batch statistics — or None.
+    """Why ``module`` is not one fixed function in its current mode, if it is not.
 
     Used for whole models (:class:`deqhess.ModelCurvature`); a cell has its own, stricter
     check (:func:`check_deterministic`).
+
+    Args:
+        module: the module alone (its children are not looked at).
+
+    Returns:
+        The reason, in words — it draws random numbers (dropout, RReLU), or uses and
+        updates batch statistics (batch norm, instance norm with running statistics, a
+        spectral norm's power iteration) in training mode — or None when it is fixed.
     """
     if not module.training:
         return None
@@ -88,17 +106,23 @@ def training_hazard(module: nn.Module) -> str | None:
 
 
 def _check_parametrize_cache(cell: nn.Module) -> None:
-    """Inside ``parametrize.cached()`` a parametrised weight is computed once and kept;
-    the layer evaluates its cell with the parameters swapped for the solve's own (detached)
-    copies, so the cache would keep a weight cut off from its parameters — their gradients
-    came back exactly zero (weight_norm, measured)."""
+    """Refuse a parametrised cell called inside ``parametrize.cached()``.
+
+    Inside ``parametrize.cached()`` a parametrised weight is computed once and kept; the
+    layer evaluates its cell with the parameters swapped for the solve's own (detached)
+    copies, so the cache would keep a weight cut off from its parameters — their
+    gradients came back exactly zero (weight_norm, measured).
+
+    Raises:
+        InputError: some module of ``cell`` is parametrised and the cache is on.
+    """
     from torch.nn.utils import parametrize
 
     if not parametrize._cache_enabled:
         return
     names = [name or "cell" for name, m in cell.named_modules() if parametrize.is_parametrized(m)]
     if names:
-        raise ValueError(
+        raise InputError(
             f"the cell's parametrised module(s) {names} are called inside "
             "torch.nn.utils.parametrize.cached(): the layer evaluates the cell with its "
             "parameters substituted, and the cache would keep a weight detached from them "
@@ -108,23 +132,34 @@ def _check_parametrize_cache(cell: nn.Module) -> None:
 
 
 def _spectral_norm(module: nn.Module) -> bool:
+    """Whether ``module`` has a spectral norm (the legacy hook or the parametrisation)."""
     from torch.nn.utils import parametrize
     from torch.nn.utils.spectral_norm import SpectralNorm
 
     if any(isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values()):
         return True
-    if parametrize.is_parametrized(module):
-        for parametrizations in module.parametrizations.values():
-            if any(type(p).__name__ == "_SpectralNorm" for p in parametrizations):
+    container = module.parametrizations if parametrize.is_parametrized(module) else None
+    if isinstance(container, nn.ModuleDict):  # what parametrize registers
+        for parametrizations in container.values():  # a ParametrizationList per tensor
+            if isinstance(parametrizations, nn.ModuleList) and any(
+                type(p).__name__ == "_SpectralNorm" for p in parametrizations
+            ):
                 return True
     return False
 
 
 def state_arguments(cell: nn.Module) -> tuple[list[str], list[Tensor]]:
-    """The names and values the fixed point is differentiated in (``functional_call``
-    names): the cell's parameters and floating buffers — but not the running statistics
-    of normalisation layers, which have no derivatives (in eval mode they are constants)."""
-    named = list(cell.named_parameters())
+    """The tensors the fixed point is differentiated in: the seed's θ for this cell.
+
+    Args:
+        cell: the layer's cell.
+
+    Returns:
+        ``(names, values)``: the cell's parameters and floating buffers, by their
+        ``functional_call`` names — but not the running statistics of normalisation
+        layers, which have no derivatives (in eval mode they are constants).
+    """
+    named: list[tuple[str, Tensor]] = list(cell.named_parameters())
     statistics = {
         f"{prefix}.{name}" if prefix else name
         for prefix, module in cell.named_modules()
@@ -140,13 +175,17 @@ def state_arguments(cell: nn.Module) -> tuple[list[str], list[Tensor]]:
 def check_registered(out: Any) -> None:
     """Refuse a cell that reads a tensor requiring grad besides its arguments.
 
-    ``out`` is one evaluation of the cell with grad enabled and every argument detached:
-    it needs no grad unless the cell reads another such tensor — a weight shared by
-    reference, or made by a hypernetwork — whose gradient the fixed point would
-    silently drop.
+    Args:
+        out: one evaluation of the cell with grad enabled and every argument detached:
+            it needs no grad unless the cell reads another such tensor — a weight shared
+            by reference, or made by a hypernetwork — whose gradient the fixed point
+            would silently drop.
+
+    Raises:
+        InputError: ``out`` requires grad.
     """
     if isinstance(out, Tensor) and out.requires_grad:
-        raise ValueError(
+        raise InputError(
             "the cell reads a tensor that requires grad but is neither one of its parameters "
             "or buffers nor part of x (e.g. a weight shared with another module by "
             "reference): the fixed point's derivatives would leave its gradient out. "
@@ -154,9 +193,76 @@ def check_registered(out: Any) -> None:
         )
 
 
+def check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
+    """Refuse an ``h0`` that is not a floating tensor of the parameters' dtype.
+
+    The values of ``x``, ``h0`` and the parameters are checked finite where the solve
+    starts, outside any torch.func transform.
+
+    Raises:
+        InputError: ``h0`` is not a tensor, not floating, or not of the dtype of the
+            cell's floating parameters and buffers (``values``).
+    """
+    if not isinstance(h0, Tensor):
+        raise InputError(
+            f"h0 must be a torch.Tensor shaped like the state; got {type(h0).__name__}."
+        )
+    if not h0.is_floating_point():
+        raise InputError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
+    floating = [v for v in values if v.is_floating_point()]
+    if floating and floating[0].dtype != h0.dtype:
+        raise InputError(
+            f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
+            f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
+        )
+
+
+def explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[..., Tensor]:
+    """``evaluate``, explaining a failure of its first call.
+
+    Returns:
+        A map that calls ``evaluate``; its first call — the cell at the user's ``h0`` —
+        adds a note about ``h0`` to whatever the cell raises (a wrongly shaped ``h0``
+        usually surfaces as the cell's own shape error).
+    """
+    first = True
+
+    def step(z: Tensor, *args: Tensor) -> Tensor:
+        nonlocal first
+        if not first:
+            return evaluate(z, *args)
+        first = False
+        try:
+            return evaluate(z, *args)
+        except Exception as error:
+            add_note(error, _initial_state_note(x, z))
+            raise
+
+    return step
+
+
+def _initial_state_note(x: Any, h0: Tensor) -> str:
+    """Return what a failure of the cell's first evaluation from a user's ``h0`` may mean."""
+    shapes = [tuple(t.shape) for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
+    described = shapes[0] if len(shapes) == 1 else shapes
+    return (
+        f"deqhess: the cell raised this at its first evaluation, from the h0 you passed "
+        f"(shape {tuple(h0.shape)}; x: {described}). If h0 is not shaped like the state "
+        "cell(x, h) returns, pass one that is, or leave h0 out."
+    )
+
+
 class InputLayout:
-    """``x`` — a tensor or a tuple/list/dict of them (other leaves kept as constants) —
-    as the tensors the fixed point is differentiated in, and back."""
+    """The input ``x`` as the tensors the fixed point is differentiated in, and back.
+
+    Args:
+        x: a tensor, or a tuple/list/dict of them; other leaves are kept as constants.
+
+    Attributes:
+        leaves: the leaves of ``x`` (``torch.utils._pytree`` order).
+        spec: its tree structure.
+        positions: indices of the leaves that are tensors.
+    """
 
     def __init__(self, x: Any) -> None:
         leaves, self.spec = tree_flatten(x)
@@ -165,9 +271,18 @@ class InputLayout:
 
     @property
     def tensors(self) -> list[Tensor]:
+        """The tensors of ``x``, in leaf order."""
         return [self.leaves[i] for i in self.positions]
 
     def rebuild(self, tensors: tuple[Tensor, ...]) -> Any:
+        """``x`` with its tensors replaced by ``tensors`` (in :attr:`tensors`' order).
+
+        Args:
+            tensors: one per tensor of ``x``, e.g. the solve's own copies.
+
+        Returns:
+            An input with ``x``'s structure and constants.
+        """
         leaves = list(self.leaves)
         for i, t in zip(self.positions, tensors, strict=True):
             leaves[i] = t

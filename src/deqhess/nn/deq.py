@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
+from ..errors import InputError
 from ..linear import LinearSolver, LinearSolveStats, check_linear_solver
 from ..options import integer
 from ..solvers import (
@@ -23,20 +23,30 @@ from ..solvers import (
 )
 from ..state import check_state_map
 from .calls import CALLS, Calls, LayerCall, layer_calls, warm_starts
-from .contract import InputLayout, check_deterministic, state_arguments
+from .contract import (
+    InputLayout,
+    check_deterministic,
+    check_inputs,
+    explaining_first_call,
+    state_arguments,
+)
 from .hooks import has_hooks, hooks_set_aside
 from .implicit import FixedPointSpec, fixed_point
 from .observed import observed_fixed_point
 from .policy import LayerPolicy
 from .reparametrize import functional_call
 
-__all__ = ["DEQ", "LayerCall", "LayerInfo", "layer_calls", "warm_starts"]
+__all__ = ["DEQ", "LayerCall", "LayerInfo", "LayerSolution", "layer_calls", "warm_starts"]
 
 
 @dataclass(frozen=True)
 class LayerInfo(SolveInfo):
-    """The forward solve's statistics (:class:`deqhess.solvers.SolveInfo`) and a live
-    record of the linear solves the backward and forward-mode passes make with ``I − J``.
+    """The statistics of one layer call: its forward solve's, and its derivatives' solves.
+
+    The fields of :class:`deqhess.solvers.SolveInfo` (iterations, residuals, per-sample
+    status, ``converged_mask``) describe the forward solve of ``h* = cell(x, h*)``;
+    ``linear_solves`` is a live record of the solves with ``I − J`` and ``(I − J)ᵀ`` that
+    the backward and forward-mode passes through ``h*`` make.
 
     Attributes:
         linear_solves: filled as derivatives are taken (solves, products, the largest
@@ -44,6 +54,23 @@ class LayerInfo(SolveInfo):
     """
 
     linear_solves: LinearSolveStats
+
+
+@dataclass(frozen=True)
+class LayerSolution:
+    """What :meth:`DEQ.solve` returns: the fixed point and its solve's statistics.
+
+    Attributes:
+        h: the fixed point ``h* = cell(x, h*)``, shaped like the state: the very tensor
+            the layer's forward returns for the same call, differentiable in the cell's
+            parameters and the tensors of ``x`` to every order.
+        info: the :class:`LayerInfo` of the call: the forward solve's statistics, and the
+            linear solves with ``I − J`` that derivatives of ``h`` take, recorded as they
+            are taken.
+    """
+
+    h: Tensor
+    info: LayerInfo
 
 
 class DEQ(nn.Module):
@@ -76,7 +103,7 @@ class DEQ(nn.Module):
             for ``convergence="best"``.
         convergence: what to do with samples that miss the tolerance: ``"raise"``
             (default), ``"best"`` (keep each one's best iterate, warn; with
-            ``return_info=True``, ``info.converged_mask`` marks them so a training loss
+            :meth:`solve`, ``info.converged_mask`` marks them so a training loss
             can leave them out), ``"training"`` (the same without warnings, and the
             backward's linear solves report a miss in ``info.linear_solves.unconverged``
             instead of raising: training carries on as with torchdeq, and what missed is
@@ -106,8 +133,8 @@ class DEQ(nn.Module):
         ...         return torch.tanh(0.5 * self.lin(h) + x)
         >>> _ = torch.manual_seed(0)
         >>> deq = DEQ(Cell())
-        >>> h, info = deq(torch.randn(2, 4), return_info=True)
-        >>> h.shape, info.converged
+        >>> solution = deq.solve(torch.randn(2, 4))  # or h = deq(x) for h* alone
+        >>> solution.h.shape, solution.info.converged
         (torch.Size([2, 4]), True)
         >>> [name for name, _ in deq.named_parameters()]
         ['cell.lin.weight', 'cell.lin.bias']
@@ -128,11 +155,11 @@ class DEQ(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module):
-            raise ValueError(
+            raise InputError(
                 f"cell must be a torch.nn.Module with forward(x, h); got {type(cell).__name__}."
             )
         if batch_dim not in (0, None):
-            raise ValueError(
+            raise InputError(
                 f"batch_dim must be 0 or None for the DEQ layer; got {batch_dim}. Move the "
                 "sample dimension of the state first."
             )
@@ -149,12 +176,23 @@ class DEQ(nn.Module):
         self.convergence = self.policy.forward
 
     def initial_state(self, x: Any) -> Tensor:
-        """Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like ``x``."""
+        """The state a call without ``h0`` starts from (outside :func:`warm_starts`).
+
+        Args:
+            x: the input, as for :meth:`forward`.
+
+        Returns:
+            Zeros shaped like ``cell.init_state(x)`` if the cell defines it, else like
+            ``x`` (and of its dtype and device).
+
+        Raises:
+            InputError: the cell defines no ``init_state`` and ``x`` is not a tensor.
+        """
         init = getattr(self.cell, "init_state", None)
         if callable(init):
             return torch.zeros_like(init(x))
         if not isinstance(x, Tensor):
-            raise ValueError(
+            raise InputError(
                 f"x is a {type(x).__name__}, so the initial state cannot be zeros like x: pass "
                 "h0, or define init_state(x) on the cell."
             )
@@ -167,25 +205,107 @@ class DEQ(nn.Module):
             return
         expected = init(x)
         if isinstance(expected, Tensor) and h0.shape != expected.shape:
-            raise ValueError(
+            raise InputError(
                 f"h0 has shape {tuple(h0.shape)} but the state has shape "
                 f"{tuple(expected.shape)} "
                 "(cell.init_state(x)); pass h0 shaped like the state, or leave it out."
             )
 
     def forward(
-        self, x: Any, h0: Tensor | None = None, *, return_info: bool = False
+        self, x: Any, h0: Tensor | None = None, *, return_info: bool = False, _info: bool = False
     ) -> Tensor | tuple[Tensor, LayerInfo]:
-        """The fixed point ``h*``; with ``return_info=True`` also a :class:`LayerInfo`, whose
-        ``linear_solves`` fill in as derivatives of ``h*`` are taken.
+        """Solve ``h* = cell(x, h*)`` for each sample, and attach its implicit derivatives.
 
         Args:
-            x: the input — a tensor, or a tuple/list/dict of tensors (and constants); the
+            x: the input: a tensor, or a tuple/list/dict of tensors (and constants); the
                 fixed point is differentiable in every tensor of it.
-            h0: the initial state (default :meth:`initial_state`).
+            h0: the initial state, shaped like the state (default
+                :meth:`initial_state`: zeros, or the last fixed point of this call inside
+                :func:`deqhess.nn.warm_starts`). Only the start changes with it: ``h*``
+                is solved to the layer's tolerance.
+            return_info: deprecated: also return the solve's :class:`LayerInfo`. Call
+                :meth:`solve` instead, which returns both as a :class:`LayerSolution`.
+            _info: return ``(h*, info)`` without the deprecation warning (how
+                :meth:`solve` calls the module, so that its hooks run as for any call).
+
+        Returns:
+            ``h*``, shaped like the state (the cell's output) and of its dtype: the
+            solver's result, connected to the cell's parameters and the tensors of ``x``
+            by the implicit rules (an adjoint solve with ``(I − J)ᵀ`` in the backward,
+            a tangent solve with ``I − J`` in forward mode), so that derivatives of every
+            order are exact. With ``return_info=True``, the pair ``(h*, info)``.
+
+        Raises:
+            InputError: ``return_info`` is not a bool.
+
+        Bad input is refused with :class:`deqhess.InputError` before anything is solved:
+        ``h0`` not a floating tensor of the parameters' dtype or not shaped like the
+        state, ``x`` not a tensor when the cell defines no ``init_state``, non-finite
+        ``x``, ``h0`` or parameters, a cell that reads an unregistered tensor requiring
+        grad or that changes from one call to the next (dropout or batch norm in training
+        mode: see :func:`deqhess.nn.contract.check_deterministic`). A sample that misses
+        the tolerance under the ``"raise"`` policy raises
+        :class:`deqhess.ConvergenceError`, and so does a derivative's linear solve that
+        misses its own (unless the policy is ``"training"``).
         """
         if not isinstance(return_info, bool):
-            raise ValueError(f"return_info must be True or False; got {return_info!r}.")
+            raise InputError(f"return_info must be True or False; got {return_info!r}.")
+        if return_info:
+            warnings.warn(
+                "DEQ.forward(x, h0, return_info=True) is deprecated and will be removed in "
+                "deqhess 0.3: call deq.solve(x, h0), which returns a LayerSolution with .h "
+                "(the same differentiable fixed point) and .info (its LayerInfo).",
+                DeprecationWarning,
+                stacklevel=4,  # through Module.__call__ to the caller's line
+            )
+        h, info = self._solve(x, h0, with_info=return_info or _info)
+        if info is None:
+            return h
+        return h, info
+
+    def solve(self, x: Any, h0: Tensor | None = None) -> LayerSolution:
+        """The fixed point with its solve's statistics: one call of the layer, typed.
+
+        ``deq.solve(x, h0)`` is the call ``deq(x, h0)`` — through ``nn.Module.__call__``,
+        so forward hooks and wrappers on the layer itself run as for any call — and
+        returns what that call computes: ``.h`` is the same differentiable ``h*``
+        (derivatives exact to every order, through autograd and ``torch.func``), and
+        ``.info`` the :class:`LayerInfo` whose ``linear_solves`` fill in as derivatives of
+        ``h`` are taken.
+
+        Args:
+            x: the input, as for :meth:`forward`.
+            h0: the initial state, as for :meth:`forward`.
+
+        Returns:
+            The :class:`LayerSolution` ``(h, info)``. Its errors are the call's (see
+            :meth:`forward`): :class:`deqhess.InputError` for bad input,
+            :class:`deqhess.ConvergenceError` for a missed tolerance under ``"raise"``.
+
+        Example:
+            >>> import torch
+            >>> from deqhess.nn import DEQ
+            >>> class Cell(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.lin = torch.nn.Linear(4, 4)
+            ...     def forward(self, x, h):
+            ...         return torch.tanh(0.5 * self.lin(h) + x)
+            >>> _ = torch.manual_seed(0)
+            >>> solution = DEQ(Cell()).solve(torch.randn(2, 4))
+            >>> solution.h.shape, solution.info.converged, solution.info.linear_solves.solves
+            (torch.Size([2, 4]), True, 0)
+            >>> solution.h.pow(2).sum().backward()  # the adjoint solve, recorded in info
+            >>> solution.info.linear_solves.solves
+            1
+        """
+        h, info = self(x, h0, _info=True)
+        return LayerSolution(h, info)
+
+    def _solve(
+        self, x: Any, h0: Tensor | None, *, with_info: bool
+    ) -> tuple[Tensor, LayerInfo | None]:
+        """``h*`` and, if ``with_info``, its :class:`LayerInfo` (else None)."""
         check_deterministic(self.cell)
         inputs = InputLayout(x)
         calls = CALLS.get() if torch._C._functorch.peek_interpreter_stack() is None else None
@@ -199,9 +319,9 @@ class DEQ(nn.Module):
             if previous is not None and previous.shape == h0.shape and previous.dtype == h0.dtype:
                 h0 = previous
         names, values = state_arguments(self.cell)
-        _check_inputs(inputs, h0, values)
+        check_inputs(inputs, h0, values)
         if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
-            return self._empty(x, h0, return_info)
+            return self._empty(x, h0, with_info)
         cell, count = self.cell, len(inputs.positions)
         # the solver's iterations and the derivatives' products are no steps of the model:
         # the cell's hooks see one evaluation, at the fixed point (deqhess.nn.observed)
@@ -222,7 +342,7 @@ class DEQ(nn.Module):
             check_state_map(out, z, "cell(x, h)")
             return out
 
-        step = _explaining_first_call(evaluate, x) if given else evaluate
+        step = explaining_first_call(evaluate, x) if given else evaluate
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
         policy = self._policy(calls)
@@ -239,8 +359,8 @@ class DEQ(nn.Module):
             check_registered=(
                 torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
             ),
-            on_solve=infos.append if return_info or _recording(calls) else None,
-            stats=stats if return_info else None,
+            on_solve=infos.append if with_info or _recording(calls) else None,
+            stats=stats if with_info else None,
             convergence=policy.forward,
             linear_on_failure=policy.linear,
             directions=None if calls is None else calls.directions,
@@ -262,12 +382,12 @@ class DEQ(nn.Module):
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either
             warm[0][warm[1]] = solved.detach()
-        if _recording(calls):
+        if calls is not None and calls.records is not None:
             calls.records.append(LayerCall(self, infos[-1]))
-        if return_info:
-            forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
-            return h, LayerInfo(**forward, linear_solves=stats)
-        return h
+        if not with_info:
+            return h, None
+        forward = {f.name: getattr(infos[-1], f.name) for f in fields(SolveInfo)}
+        return h, LayerInfo(**forward, linear_solves=stats)
 
     def _warm_entry(self, calls: Calls | None) -> tuple[dict, tuple[int, int]] | None:
         """``(store, key)`` of this call under :func:`layer_calls` with a store, else None."""
@@ -277,21 +397,34 @@ class DEQ(nn.Module):
         return calls.store, (id(self), count)
 
     def _policy(self, calls: Calls | None) -> LayerPolicy:
-        """The layer's policy; under :func:`deqhess.nn.convergence` the block's; under
-        ``layer_calls(keep_best=True)`` the layer's keeping unconverged samples' best
-        iterates without a warning (its fallback solvers still run first)."""
+        """The policy this call solves under.
+
+        Args:
+            calls: the enclosing :func:`layer_calls` block's controls, or None.
+
+        Returns:
+            The layer's own policy; under :func:`deqhess.nn.convergence` the block's;
+            under ``layer_calls(keep_best=True)`` the layer's, keeping unconverged
+            samples' best iterates without a warning (its fallback solvers still run
+            first).
+        """
         if calls is not None and calls.policy is not None:
             return calls.policy
         if calls is None or not calls.keep_best:
             return self.policy
         return self.policy.keeping_best()
 
-    def _empty(self, x: Tensor, h0: Tensor, return_info: bool) -> Tensor | tuple[Tensor, LayerInfo]:
-        """``cell(x, h0)`` for a state with no entries (still connected to the parameters)."""
+    def _empty(self, x: Any, h0: Tensor, with_info: bool) -> tuple[Tensor, LayerInfo | None]:
+        """The answer for a state with no entries: nothing to solve.
+
+        Returns:
+            ``cell(x, h0)`` (empty, and still connected to the parameters), and, if
+            ``with_info``, the statistics of a solve with nothing to do (else None).
+        """
         h = self.cell(x, h0)
         check_state_map(h, h0, "cell(x, h)")
-        if not return_info:
-            return h
+        if not with_info:
+            return h, None
         tolerance = Tolerance.resolve(self.tol, self.atol, h0.dtype)
         rows = h0.detach().reshape(h0.shape[0] if self.batch_dim == 0 else 1, 0)
         _, info = solve_fixed_point(lambda r: r, rows, self.solver, tolerance, 0)
@@ -299,63 +432,22 @@ class DEQ(nn.Module):
         return h, LayerInfo(**forward, linear_solves=LinearSolveStats())
 
     def extra_repr(self) -> str:
+        """The solver, tolerance and iteration cap, for ``repr(deq)``."""
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
 
 
 def _recording(calls: Calls | None) -> bool:
+    """Whether the enclosing :func:`layer_calls` block records the calls."""
     return calls is not None and calls.records is not None
 
 
-def _check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
-    """``h0`` a floating tensor of the parameters' dtype (their values are checked finite
-    where the solve starts, outside any torch.func transform)."""
-    if not isinstance(h0, Tensor):
-        raise ValueError(
-            f"h0 must be a torch.Tensor shaped like the state; got {type(h0).__name__}."
-        )
-    if not h0.is_floating_point():
-        raise ValueError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
-    floating = [v for v in values if v.is_floating_point()]
-    if floating and floating[0].dtype != h0.dtype:
-        raise ValueError(
-            f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
-            f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
-        )
-
-
-def _explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[..., Tensor]:
-    """``evaluate`` whose first call — the cell at the user's ``h0`` — adds a note about
-    ``h0`` to whatever the cell raises."""
-    first = True
-
-    def step(z: Tensor, *args: Tensor) -> Tensor:
-        nonlocal first
-        if not first:
-            return evaluate(z, *args)
-        first = False
-        try:
-            return evaluate(z, *args)
-        except Exception as error:
-            error.add_note(_initial_state_note(x, z))
-            raise
-
-    return step
-
-
-def _initial_state_note(x: Any, h0: Tensor) -> str:
-    """What a failure of the cell's first evaluation from a user's ``h0`` may mean."""
-    shapes = [tuple(t.shape) for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
-    described = shapes[0] if len(shapes) == 1 else shapes
-    return (
-        f"deqhess: the cell raised this at its first evaluation, from the h0 you passed "
-        f"(shape {tuple(h0.shape)}; x: {described}). If h0 is not shaped like the state "
-        "cell(x, h) returns, pass one that is, or leave h0 out."
-    )
-
-
 def _same_data(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` is ``b`` or a view of the same numbers (e.g. ``b.detach()``): a plain
-    tensor with ``b``'s storage, offset, shape, strides and dtype."""
+    """Whether ``a`` is ``b`` or a view of the same numbers (e.g. ``b.detach()``).
+
+    Returns:
+        True for ``b`` itself, or a plain (not functorch-wrapped) strided tensor with
+        ``b``'s storage, offset, shape, strides and dtype.
+    """
     if a is b:
         return True
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from ..errors import UnsupportedDerivativeError
+from ..errors import InputError, UnsupportedDerivativeError
 from ..finiteness import all_finite
 from ..linear import (
     IterativeSolve,
@@ -71,6 +71,17 @@ class FixedPointSpec:
             the linearisation checks them (a few JVPs) before its first solve.
         on_solve: called with the forward solve's statistics (None: ignored).
         stats: where the linear solves are recorded (None: nowhere the caller sees).
+        convergence: the forward policy; None follows ``require_convergence``.
+        names: the arguments' names, for messages (``"x"``, ``"cell.lin.weight"``, …).
+        check_registered: check that ``fn`` reads no tensor needing grad besides its
+            arguments (see :func:`deqhess.nn.contract.check_registered`), on the solve's
+            first evaluation.
+        linear_on_failure: what an iterative linear solve that misses its tolerance
+            does: ``"raise"``, or ``"report"`` (returned, recorded in
+            ``stats.unconverged``; the training policy).
+        directions: directions each derivative pass will push through the fixed point
+            (a curvature operator's block; None: a training step's few), for
+            ``"auto"``'s choice.
     """
 
     fn: Callable[..., Tensor]
@@ -84,20 +95,14 @@ class FixedPointSpec:
     check_rows: bool = False
     on_solve: Callable[[SolveInfo], None] | None = None
     stats: LinearSolveStats | None = None
-    convergence: Convergence | None = None  # the policy; None follows require_convergence
-    names: tuple[str, ...] = ()  # the arguments', for messages
-    #: check that ``fn`` reads no tensor needing grad besides its arguments (see
-    #: :func:`deqhess.nn.contract.check_registered`), on the solve's first evaluation
+    convergence: Convergence | None = None
+    names: tuple[str, ...] = ()
     check_registered: bool = False
-    #: what an iterative linear solve that misses its tolerance does: ``"raise"`` or
-    #: ``"report"`` (returned, recorded in ``stats.unconverged``; the training policy)
     linear_on_failure: str = "raise"
-    #: directions each derivative pass will push through the fixed point (a curvature
-    #: operator's block; None: a training step's few), for ``"auto"``'s choice
     directions: int | None = None
 
     def rows(self, z: Tensor) -> Tensor:
-        """``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
+        """Return ``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
         samples = math.prod(z.shape[: self.independent_dims])
         return z.reshape(samples, -1)
 
@@ -108,8 +113,21 @@ class FixedPointSpec:
         accepted: Tensor | None = None,
         tolerance: Tolerance | None = None,
     ) -> Linearization:
-        """The linearisation of the rows map at ``rows``, with this spec's strategy (and,
-        for a solved fixed point, its accepted residuals and tolerance)."""
+        """The linearisation ``I − J`` of the rows map at ``rows``.
+
+        Args:
+            fn_rows: the map on rows ``[S, d]``.
+            rows: the point ``[S, d]`` (the fixed point, or zeros for an affine map).
+            accepted: for a solved fixed point, the residuals ``[S]`` the solve
+                accepted (what a later evaluation there is checked against).
+            tolerance: for a solved fixed point, its stopping rule.
+
+        Returns:
+            The :class:`deqhess.linear.Linearization` with this spec's linear solver —
+            a named strategy solving to the layer's tolerance (not below the dtype's ε),
+            wrapped to report rather than raise a miss under ``linear_on_failure=
+            "report"`` — checking the declared independent rows before its first solve.
+        """
         strategy = resolve_linear_solver(
             self.linear_solver, rows.shape[0], rows.shape[1], rows.dtype, few_solves=True,
             directions=self.directions, device=rows.device,
@@ -142,13 +160,17 @@ class FixedPointSpec:
 
 
 class _Reporting(LinearSolver):
-    """``strategy`` whose iterative solves return what missed the tolerance (recorded as
-    unconverged) instead of raising."""
+    """``strategy``, its iterative misses returned and recorded instead of raised.
+
+    An iterative solve that misses its tolerance returns what it reached, counted in
+    the stats as unconverged (the ``"training"`` policy).
+    """
 
     def __init__(self, strategy: LinearSolver) -> None:
         self.strategy = strategy
 
     def init(self, operator: Any) -> Any:
+        """The strategy's prepared solve, its iterative misses reported, not raised."""
         solve = self.strategy.init(operator)
         if isinstance(solve, IterativeSolve):
             solve.on_failure = "report"
@@ -173,6 +195,15 @@ class _System:
     jacobian: _Jacobian | None = None
 
     def solve(self, z0: Tensor, args: tuple[Tensor, ...]) -> Tensor:
+        """Solve the system from ``z0`` at ``args``; its Jacobian is then set.
+
+        Args:
+            z0: the start, shaped like the solution.
+            args: the map's other arguments (detached copies, inside the Function).
+
+        Returns:
+            The solution, shaped like ``z0``.
+        """
         raise NotImplementedError
 
     def adjoint(self) -> _Linear:
@@ -190,10 +221,17 @@ class _System:
         return _Linear(replace(self.spec, fn=adjoint_map), point, parent, constant=_first)
 
     def tangent(self, moving: tuple[bool, ...]) -> _Linear:
-        """``ż = (∂fn/∂z) ż + (∂fn/∂args)·ȧ``: called as ``(z, *args, *ȧ)`` with a tangent
-        ``ȧ`` only for the arguments flagged in ``moving`` (the others are constants: a
-        zero tangent would still ask for derivatives some arguments lack, such as batch
-        norm's running statistics)."""
+        """The tangent system ``ż = (∂fn/∂z) ż + (∂fn/∂args)·ȧ``.
+
+        Args:
+            moving: per argument, whether it has a tangent ``ȧ``; the others are
+                constants (a zero tangent would still ask for derivatives some arguments
+                lack, such as batch norm's running statistics).
+
+        Returns:
+            The system, called as ``(z, *args, *ȧ)`` with ``ȧ`` for the moving
+            arguments only; its Jacobian in ``ż`` is this system's.
+        """
         fn, count = self.spec.fn, len(moving)
         where = [i for i, m in enumerate(moving) if m]
 
@@ -219,6 +257,14 @@ class _System:
         return frozenset()
 
     def vmapped(self, arg_dims: tuple[int | None, ...]) -> _System:
+        """The system under ``vmap``: the vmapped dimension, first, indexes systems.
+
+        Args:
+            arg_dims: per argument, 0 if it is batched (moved to the front), else None.
+
+        Returns:
+            The batched system, with one more leading independent dimension.
+        """
         raise NotImplementedError
 
     def _batched_spec(self, arg_dims: tuple[int | None, ...]) -> FixedPointSpec:
@@ -246,7 +292,7 @@ class _Nonlinear(_System):
         for i, t in enumerate((z0, *args)):
             if not all_finite(t):
                 name = names[i] if names else f"argument {i} of the fixed point"
-                raise ValueError(
+                raise InputError(
                     f"{name} contains non-finite values (NaN or inf); pass finite values "
                     "(check the data and the previous layers or optimisation step)."
                 )
@@ -340,11 +386,17 @@ def _first(g: Tensor, *rest: Tensor) -> Tensor:
 
 
 def _pullback(fn: Callable[[Any], Tensor], primal: Any) -> tuple[Tensor, Callable]:
-    """``fn(primal)`` and the VJP of ``fn`` there, forward-differentiable even where an
-    operator's backward has no forward-AD formula (``native_group_norm_backward``, ...):
-    there it is taken as the transpose of the JVP instead (reverse over forward: the same
-    values)."""
-    value, pullback = torch.func.vjp(fn, primal)
+    """``fn(primal)`` and the VJP of ``fn`` there, forward-differentiable.
+
+    Where an operator's backward has no forward-AD formula
+    (``native_group_norm_backward``, ...) the VJP is taken as the transpose of the JVP
+    instead (reverse over forward: the same values).
+
+    Returns:
+        ``(fn(primal), pullback)``, ``pullback(cotangent)`` a tuple like ``primal``'s.
+    """
+    primal_out = torch.func.vjp(fn, primal)  # (value, pullback): no auxiliary output
+    value, pullback = primal_out[0], primal_out[1]
 
     def apply(cotangent: Tensor) -> tuple:
         try:
@@ -352,9 +404,9 @@ def _pullback(fn: Callable[[Any], Tensor], primal: Any) -> tuple[Tensor, Callabl
         except NotImplementedError as error:
             if "forward AD" not in str(error):
                 raise
-        _, transposed = torch.func.vjp(
+        transposed = torch.func.vjp(
             lambda t: torch.func.jvp(fn, (primal,), (t,))[1], tree_map(torch.zeros_like, primal)
-        )
+        )[1]
         return transposed(cotangent)
 
     return value, apply
@@ -363,7 +415,17 @@ def _pullback(fn: Callable[[Any], Tensor], primal: Any) -> tuple[Tensor, Callabl
 def args_pullback(
     fn: Callable[..., Tensor], z: Tensor, args: tuple[Tensor, ...], wanted: list[int]
 ) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:
-    """``fn(z, *args)`` and ``μ ↦ ((∂fn/∂args_i)ᵀ μ for i in wanted)`` at ``(z, args)``."""
+    """``fn(z, *args)`` and its pullback in the arguments ``wanted``, at ``(z, args)``.
+
+    Args:
+        fn: the map ``(z, *args) ↦ F``.
+        z: the state.
+        args: the other arguments.
+        wanted: the indices of the arguments to pull back to.
+
+    Returns:
+        ``(fn(z, *args), pull)``, ``pull(μ) = ((∂fn/∂args_i)ᵀ μ for i in wanted)``.
+    """
 
     def of_wanted(chosen: tuple[Tensor, ...]) -> Tensor:
         full = list(args)
@@ -376,9 +438,15 @@ def args_pullback(
 
 
 def _refuse_legacy_vmap() -> None:
-    """``is_grads_batched=True`` (and ``torch.autograd.functional``'s ``vectorize=True``)
+    """Refuse a backward run under torch's legacy vmap.
+
+    ``is_grads_batched=True`` (and ``torch.autograd.functional``'s ``vectorize=True``)
     run the backward under torch's legacy vmap, which does not call this Function's
-    ``vmap`` rule: the solves' data-dependent loops cannot run there."""
+    ``vmap`` rule: the solves' data-dependent loops cannot run there.
+
+    Raises:
+        UnsupportedDerivativeError: inside the legacy vmap, naming the supported way.
+    """
     level = torch._C._vmapmode_increment_nesting()
     torch._C._vmapmode_decrement_nesting()
     if level > 1:
@@ -467,5 +535,15 @@ class _FixedPoint(torch.autograd.Function):
 
 
 def fixed_point(spec: FixedPointSpec, z0: Tensor, *args: Tensor) -> Tensor:
-    """``z*`` with ``z* = spec.fn(z*, *args)``, differentiable in ``args`` to every order."""
+    """The fixed point ``z* = spec.fn(z*, *args)``, differentiable in ``args`` to every order.
+
+    Args:
+        spec: the map and how to solve it.
+        z0: the start (``z*`` does not depend on it).
+        args: the tensors ``z*`` is differentiated in.
+
+    Returns:
+        ``z*``, shaped like ``z0``: the output of one ``torch.autograd.Function`` whose
+        backward, ``jvp`` and ``vmap`` rules are solves with the same linearisation.
+    """
     return _FixedPoint.apply(_Nonlinear(spec, len(args)), z0, *args)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import add_note
 from ..locking import autocast_off, engine
 from .implicit import (
     FixedPointSpec,
@@ -52,19 +53,28 @@ def observed_fixed_point(
     args: tuple[Tensor, ...],
     observe: Callable[[Tensor], Tensor],
 ) -> Tensor:
-    """``z* = spec.fn(z*, *args)`` (see :func:`deqhess.nn.fixed_point`) whose gradients
-    pass through ``observe(z*)`` — the map evaluated once more at the fixed point, where
-    hooks see it.
+    """The fixed point ``z* = spec.fn(z*, *args)``, its gradients passing through ``observe``.
+
+    As :func:`deqhess.nn.fixed_point`, but the gradients pass through ``observe(z*)`` —
+    the map evaluated once more at the fixed point, where hooks see it.
 
     Args:
-        spec, z0, args: as for :func:`deqhess.nn.fixed_point`.
+        spec: the map and how to solve it, as for :func:`deqhess.nn.fixed_point`.
+        z0: the start, shaped like the state.
+        args: the tensors ``z*`` is differentiated in (the inputs' and the cell's).
         observe: ``h ↦ F(h, *args)`` computed the way the user's model computes it (module
             hooks active); called once, with ``z*`` detached.
+
+    Returns:
+        ``z*``, shaped like ``z0``: the value of :func:`deqhess.nn.fixed_point`'s output,
+        exact to every order, whose first-order gradient reaches the parameters and
+        inputs through ``observe``'s graph (the hooks see the adjoint ``λ`` there).
 
     Raises:
         ValueError: ``observe(z*)`` is not ``z*`` within the accepted residual: the map
             changed between the solve and this call (a hook that alters the cell's output,
-            or a non-deterministic cell).
+            or a non-deterministic cell). The error is the linearisation's, with a note
+            on hooks added.
     """
     system = _Nonlinear(spec, len(args))
     z = _FixedPoint.apply(system, z0, *args)
@@ -81,10 +91,11 @@ def observed_fixed_point(
         try:
             jacobian.linearization.certify(spec.rows(b.detach()))
         except ValueError as error:
-            error.add_note(
+            add_note(
+                error,
                 "deqhess: this evaluation of the cell at the fixed point ran with the cell's "
                 "module hooks, which the solver's iterations do not run: a hook that changes "
-                "a module's input or output changes the map. Hooks may observe, not alter."
+                "a module's input or output changes the map. Hooks may observe, not alter.",
             )
             raise
     return _Observed.apply(system, b, z, *args)
@@ -124,7 +135,8 @@ class _Observed(torch.autograd.Function):
         return (None, adjoint, None, *grads)
 
     @staticmethod
-    def jvp(ctx: Any, _system: None, _b_dot: Tensor | None, z_dot: Tensor | None, *_) -> Tensor:
+    def jvp(ctx: Any, _system: None, _b_dot: Tensor | None, z_dot: Tensor, *_: Any) -> Tensor:
+        # z* depends on every tensor b does (the args), so it has a tangent whenever b has
         return z_dot.clone()
 
     @staticmethod

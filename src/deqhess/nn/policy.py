@@ -24,7 +24,15 @@ _LINEAR = ("raise", "report")
 
 @dataclass(frozen=True)
 class LayerPolicy:
-    """The forward solve's policy and the linear solves' (``"raise"`` or ``"report"``)."""
+    """What a layer does when a solve misses its tolerance.
+
+    Attributes:
+        forward: the forward solve's policy (raise, or keep and mark the best iterates;
+            fallback solvers).
+        linear: what the derivatives' iterative linear solves do on a miss:
+            ``"raise"`` a :class:`deqhess.ConvergenceError`, or ``"report"`` it in
+            ``LayerInfo.linear_solves`` and go on.
+    """
 
     forward: Convergence
     linear: str = "raise"
@@ -33,11 +41,22 @@ class LayerPolicy:
     def resolve(
         cls, policy: Convergence | str | None, require_convergence: bool = True
     ) -> LayerPolicy:
-        """From a :class:`Convergence`, ``"raise"``, ``"best"``, ``"training"`` or None
-        (then ``require_convergence`` decides: True raises, False keeps the best).
+        """The layer policy a user's ``convergence=`` argument names.
+
+        Args:
+            policy: a :class:`Convergence`, ``"raise"``, ``"best"``, ``"training"`` (best
+                iterates without warnings, linear misses reported) or None (then
+                ``require_convergence`` decides).
+            require_convergence: with ``policy=None``, True raises and False keeps the
+                best iterates.
+
+        Returns:
+            The policy; its linear part is ``"report"`` for ``"training"`` only.
 
         Raises:
-            ValueError: an unknown alias, or a contradiction with ``require_convergence``.
+            InputError: an unknown alias, or ``require_convergence`` not a bool (also
+                :meth:`Convergence.resolve`'s refusals: an object that is no policy, or
+                ``require_convergence=False`` with a policy that raises).
         """
         if policy == "training":
             if not isinstance(require_convergence, bool):
@@ -54,8 +73,12 @@ class LayerPolicy:
         return cls(forward, "raise")
 
     def keeping_best(self) -> LayerPolicy:
-        """The same, keeping each unconverged sample's best iterate without a warning
-        (fallback solvers still run first)."""
+        """The same policy, but keeping each unconverged sample's best iterate silently.
+
+        Returns:
+            A copy whose forward policy keeps the best iterates without a warning
+            (fallback solvers still run first); the linear part is unchanged.
+        """
         forward = copy.copy(self.forward)
         forward.on_failure, forward.warn = "best", False
         return LayerPolicy(forward, self.linear)

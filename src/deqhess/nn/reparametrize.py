@@ -24,6 +24,9 @@ def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: tuple[A
         module: the module; its registered tensors are the same objects afterwards.
         tensors: replacements by name (``named_parameters`` / ``named_buffers`` names).
         args: the positional arguments of ``module.forward``.
+
+    Returns:
+        What ``module(*args)`` returns, computed with the replacements.
     """
     saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
     try:

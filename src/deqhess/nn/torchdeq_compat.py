@@ -55,8 +55,9 @@ _SOLVERS = {
 
 
 def get_deq(args: Any = None, **kwargs: Any) -> TorchdeqDEQ:
-    """torchdeq's ``get_deq(args=None, **kwargs)``: a module called as
-    ``z_out, info = deq(func, z_init)``.
+    """A torchdeq-compatible DEQ module: ``get_deq(args=None, **kwargs)``, solved by deqhess.
+
+    The module it returns is called as torchdeq's is, ``z_out, info = deq(func, z_init)``.
 
     Args:
         args: an ``argparse.Namespace``, a dict or None; torchdeq's keys are read from it
@@ -67,10 +68,15 @@ def get_deq(args: Any = None, **kwargs: Any) -> TorchdeqDEQ:
     The gradient is always the exact implicit one, so torchdeq's choices of gradient
     (``ift``, ``hook_ift``, phantom ``grad`` steps, ``tau``) change nothing.
 
+    Returns:
+        A :class:`TorchdeqDEQ` (no parameters of its own) with the merged options.
+
     Raises:
-        ValueError: an unknown keyword, an unknown solver, or trajectory supervision
-            (``n_states > 1``, ``indexing``, ``sup_gap``, ``sup_loc``), which
-            differentiates solver iterates rather than the fixed point.
+        InputError: an unknown keyword, ``args`` of another type, or trajectory
+            supervision (``n_states > 1``, ``indexing``, ``sup_gap``, ``sup_loc``), which
+            differentiates solver iterates rather than the fixed point. An unknown
+            ``f_solver`` is refused by the module's constructor, also with an
+            :class:`~deqhess.InputError`.
     """
     unknown = sorted(set(kwargs) - set(DEFAULTS))
     if unknown:
@@ -90,7 +96,14 @@ def get_deq(args: Any = None, **kwargs: Any) -> TorchdeqDEQ:
 
 
 class TorchdeqDEQ(nn.Module):
-    """The module :func:`get_deq` returns (no parameters of its own)."""
+    """The module :func:`get_deq` returns (no parameters of its own).
+
+    Args:
+        config: torchdeq's options merged with their defaults (:data:`DEFAULTS`).
+
+    Raises:
+        InputError: an unknown ``f_solver`` or ``convergence``.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
@@ -112,13 +125,33 @@ class TorchdeqDEQ(nn.Module):
         backward_writer: Callable[[dict], None] | None = None,
         **kwargs: Any,
     ) -> tuple[list[Any], dict[str, Any]]:
-        """``z_out, info``: ``z_out = [z*]`` (a tensor, or a list like ``z_init``) and
-        torchdeq's statistics per sample — ``abs_lowest``, ``rel_lowest``, ``nstep``,
-        ``abs_trace``/``rel_trace`` (``[B, 1]``: the final residuals; deqhess's solvers
-        keep no per-sample history), ``sradius`` (eval mode with ``sradius_mode``, else
-        ``[0.]``) — plus ``converged`` (``[B]`` bool) and
-        ``linear_solves`` (:class:`deqhess.linear.LinearSolveStats`, filled in by the
-        backward). ``z_init`` may also be passed as ``z_star`` (torchdeq's sliced core)."""
+        """Solve ``z* = func(z*)`` from ``z_init``; the call of torchdeq's DEQ module.
+
+        Args:
+            func: the closure ``z ↦ f(z)``, on a state shaped like ``z_init``.
+            z_init: the initial state: a tensor ``[B, ...]`` or a list/tuple of them. It
+                may also be passed as ``z_star`` (torchdeq's sliced core).
+            solver_kwargs: ``{"f_max_iter": n}`` overrides the iteration cap of this call.
+            sradius_mode: in eval mode, estimate each sample's spectral radius of ``J``.
+            backward_writer: called with the backward's adjoint-solve statistics.
+            kwargs: only ``z_star``.
+
+        Returns:
+            ``(z_out, info)``: ``z_out = [z*]`` (a tensor, or a list like ``z_init``),
+            with the exact implicit first derivative in everything ``func`` reads, and
+            torchdeq's statistics per sample — ``abs_lowest``, ``rel_lowest``, ``nstep``,
+            ``abs_trace``/``rel_trace`` (``[B, 1]``: the final residuals; deqhess's
+            solvers keep no per-sample history), ``sradius`` (eval mode with
+            ``sradius_mode``, else ``[0.]``) — plus ``converged`` (``[B]`` bool) and
+            ``linear_solves`` (:class:`deqhess.linear.LinearSolveStats`, filled in by the
+            backward).
+
+        Raises:
+            InputError: no ``z_init``, unknown arguments, or ``solver_kwargs`` other than
+                ``f_max_iter``.
+            UnsupportedDerivativeError: called inside a ``torch.func`` transform (the
+                closure hides its parameters; use :class:`deqhess.nn.DEQ`).
+        """
         if z_init is None and "z_star" in kwargs:
             z_init = kwargs.pop("z_star")
         if z_init is None:
@@ -167,8 +200,11 @@ class TorchdeqDEQ(nn.Module):
 
 
 class _Backward:
-    """The adjoint solve ``(I − J)ᵀ λ = ḡ`` at ``z*``: ``Jᵀ v`` by autograd through
-    ``fz = f(z*)`` (one evaluation, its graph kept until the backward)."""
+    """The adjoint solve ``(I − J)ᵀ λ = ḡ`` at ``z*``, by autograd through one evaluation.
+
+    ``Jᵀ v`` is a VJP through ``fz = f(z*)`` (one evaluation, its graph kept until the
+    backward).
+    """
 
     def __init__(self, seen, fz, stats, config, on_failure, writer) -> None:
         self.seen, self.fz, self.stats, self.writer = seen, fz, stats, writer
@@ -177,6 +213,18 @@ class _Backward:
         self.max_iter = int(config["b_max_iter"])
 
     def adjoint(self, grad: Tensor) -> Tensor:
+        """Solve ``(I − J)ᵀ λ = grad`` (Neumann steps, then GMRES) and record it.
+
+        Args:
+            grad: ``ḡ``, the gradient reaching ``z*``, as rows ``[B, d]``.
+
+        Returns:
+            ``λ``, shaped like ``grad`` (what the solve reached, under ``"report"``).
+
+        Raises:
+            ConvergenceError: the solve missed ``b_tol`` under the ``"raise"`` policy.
+        """
+
         def apply(v: Tensor) -> Tensor:
             (pulled,) = torch.autograd.grad(self.fz, self.seen, v, retain_graph=True)
             return v - pulled
@@ -231,27 +279,36 @@ class _FlatState:
         self.batch = self.shapes[0][0]
 
     def rows(self, z: Any) -> Tensor:
+        """The state (a tensor, or a list/tuple of them) as rows ``[B, d]``."""
         pieces = [z] if self.kind is None else list(z)
         return torch.cat([p.reshape(self.batch, -1) for p in pieces], dim=1)
 
     def unflatten(self, rows: Tensor) -> Any:
+        """Rows ``[B, d]`` → the state's own form (a tensor, or a list/tuple like it)."""
         sizes = [math.prod(s[1:]) for s in self.shapes]
         pieces = [p.reshape(s) for p, s in zip(rows.split(sizes, dim=1), self.shapes, strict=True)]
         return pieces[0] if self.kind is None else self.kind(pieces)
 
 
 def _tolerance(tol: float, mode: str) -> Tolerance:
+    """Return torchdeq's stopping rule ``tol`` in mode ``"abs"`` or ``"rel"`` as a Tolerance.
+
+    Raises:
+        InputError: another mode.
+    """
     if mode not in ("abs", "rel"):
         raise InputError(f"stop mode must be 'abs' or 'rel'; got {mode!r}.")
     return Tolerance(rtol=tol, atol=0.0) if mode == "rel" else Tolerance(rtol=0.0, atol=tol)
 
 
 def _linear_tolerances(tol: float, mode: str) -> tuple[float | None, float]:
+    """Return ``(rtol, atol)`` of the backward's solve for torchdeq's ``b_tol``, mode."""
     _tolerance(tol, mode)  # checks the mode
     return (tol, 0.0) if mode == "rel" else (None, tol)
 
 
 def _statistics(step, rows: Tensor, solve: SolveInfo, stats: LinearSolveStats) -> dict:
+    """Return torchdeq's ``info`` dict for the solved ``rows`` ``[B, d]``."""
     with torch.no_grad():
         fz = step(rows)
     absolute = torch.linalg.vector_norm(fz - rows, dim=1)
@@ -268,10 +325,16 @@ def _statistics(step, rows: Tensor, solve: SolveInfo, stats: LinearSolveStats) -
 
 
 def _spectral_radius(step, rows: Tensor, iterations: int = 200) -> Tensor:
-    """Per sample ``ρ(J)``, the largest ``|λ(J)|``, by power iteration: the geometric mean
-    of the growth ``‖J vₖ‖`` over the second half of the steps (``vₖ`` normalised), which
-    tends to ``ρ(J)`` even when the dominant eigenvalues are a complex pair or ``±λ`` (where
-    the last step's growth, torchdeq's estimate, oscillates)."""
+    """Per sample, the spectral radius ``ρ(J)``, the largest ``|λ(J)|``, by power iteration.
+
+    The estimate is the geometric mean of the growth ``‖J vₖ‖`` over the second half of
+    the steps (``vₖ`` normalised), which tends to ``ρ(J)`` even when the dominant
+    eigenvalues are a complex pair or ``±λ`` (where the last step's growth, torchdeq's
+    estimate, oscillates).
+
+    Returns:
+        ``[B]``: the estimates, detached.
+    """
     seen = rows.detach().requires_grad_(True)
     with torch.enable_grad():
         fz = step(seen)

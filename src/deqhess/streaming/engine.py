@@ -55,6 +55,17 @@ Value = Tensor | tuple[Tensor, ...]
 
 
 def check_reduction(reduction: str) -> str:
+    """Check how batches combine.
+
+    Args:
+        reduction: ``"mean"`` (the data mean of batch means) or ``"sum"``.
+
+    Returns:
+        ``reduction``, checked.
+
+    Raises:
+        InputError: another value.
+    """
     if reduction not in REDUCTIONS:
         raise InputError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'.")
     return reduction
@@ -196,16 +207,24 @@ class Stream:
         empty: Callable[[], Value] | None = None,
         desc: str | None = None,
     ) -> Value | None:
-        """One pass: ``Σ_b w_b compute(term_b)`` over the data (all ranks), or None when
-        ``compute`` returns None (a pass for its side effects).
+        """One pass over the data: ``Σ_b w_b compute(term_b)``, summed over the ranks.
+
+        Every batch is checked against the first pass (its samples as it is read, the
+        model's response once formed); a failure on any rank raises on every rank.
 
         Args:
             form: ``(batch, stored) ↦`` the batch formed (None: every sample excluded).
-            compute: ``term ↦`` the batch's unweighted derivative.
+            compute: ``term ↦`` the batch's unweighted derivative (a tensor or a tuple
+                of them), or None.
             empty: the zero of the sum, for a rank or a data set without batches.
             desc: the progress bar's label (None: no bar).
-        """
 
+        Returns:
+            The weighted sum over every batch of every rank (``w_b = n_b / N`` for
+            ``"mean"``, 1 for ``"sum"``), shaped like ``compute``'s values; ``empty()``
+            where there is no batch; None when ``compute`` returns None (a pass for its
+            side effects).
+        """
         self._restart_if_changed()
 
         def local() -> tuple[Value | None, int]:
@@ -216,6 +235,7 @@ class Stream:
         else:
             total, samples = agreed(local, self.group, self.device)
         if self.num_samples is None:
+            assert self.record is not None  # the first pass has just recorded itself
             counts = self._summed_counts(samples, self.record.batches, self._excluded)
             self.num_samples, self.total_batches, self.excluded_samples = counts
         if total is None and empty is not None and (self.group is not None or not samples):
@@ -348,8 +368,8 @@ def _accumulate(total: Value | None, value: Value, weight: float) -> Value:
     """``total + weight · value``, in place where ``total`` exists (``value`` is dropped)."""
     if total is None:
         return tuple(v * weight for v in value) if isinstance(value, tuple) else value * weight
-    if isinstance(total, tuple):
-        for t, v in zip(total, value, strict=True):
-            t.add_(v, alpha=weight)
-        return total
-    return total.add_(value, alpha=weight)
+    totals = total if isinstance(total, tuple) else (total,)
+    values = value if isinstance(value, tuple) else (value,)
+    for t, v in zip(totals, values, strict=True):  # compute's structure, every batch
+        t.add_(v, alpha=weight)
+    return total

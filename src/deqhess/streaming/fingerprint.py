@@ -66,9 +66,13 @@ def _digest(*parts: Any) -> int:
 
 
 def _sample_dim(leaf: Any, samples: int, dim: int) -> int | None:
-    """The dimension of ``leaf`` that indexes the batch's samples: ``dim`` where its size
-    there is the sample count, else the first dimension where that is (the targets of
-    time-major inputs are often sample-first), else None (shared by the batch)."""
+    """The dimension of ``leaf`` that indexes the batch's samples.
+
+    Returns:
+        ``dim`` where ``leaf``'s size there is the sample count, else 0 where that is
+        (the targets of time-major inputs are often sample-first), else None (not a
+        tensor, or shared by the batch).
+    """
     if not isinstance(leaf, Tensor):
         return None
     if leaf.ndim > dim and leaf.shape[dim] == samples:
@@ -79,7 +83,7 @@ def _sample_dim(leaf: Any, samples: int, dim: int) -> int | None:
 
 
 def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
-    """``[samples]`` int64 hashes, one per sample of ``batch`` (e.g. ``(x, target)``).
+    """One 64-bit hash per sample of ``batch`` (e.g. ``(x, target)``).
 
     Args:
         batch: tensors, or tuples / lists / dicts of them and other values.
@@ -88,6 +92,11 @@ def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
             tensor whose size along ``dim`` is not ``n`` but whose first dimension is
             indexes its samples along that one. A tensor with neither, and every
             non-tensor, is shared by the batch: it enters every sample's hash.
+
+    Returns:
+        ``[samples]`` int64 on the CPU (``[1]`` when ``dim`` is None): a sample's hash
+        depends on its own bytes and what the batch shares, not on the batch's size or
+        the sample's position, so a pass's hashes form a multiset.
     """
     leaves, spec = tree_flatten(batch)
     per_sample = dim is not None
@@ -95,7 +104,7 @@ def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
     shared: list[Any] = [repr(spec)] if per_sample else [repr(spec), samples]
     total: Tensor | None = None
     for index, leaf in enumerate(leaves):
-        along = _sample_dim(leaf, samples, dim) if per_sample and samples > 0 else None
+        along = _sample_dim(leaf, samples, dim) if dim is not None and samples > 0 else None
         if along is not None:
             rows = leaf.detach().movedim(along, 0).reshape(samples, -1)
             shared.append(("rows", index, rows.dtype, tuple(leaf.movedim(along, 0).shape[1:])))
@@ -116,10 +125,14 @@ def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
 
 
 def told_apart(batch: Any, samples: int, dim: int | None = 0) -> bool:
-    """Whether :func:`sample_hashes` tells the samples of ``batch`` apart: some tensor has
-    them along ``dim`` (or its first dimension), and no tensor that has a dimension of
-    ``samples`` entries elsewhere is left shared by the batch (its samples would then
-    be hashed together)."""
+    """Whether :func:`sample_hashes` tells the samples of ``batch`` apart.
+
+    Returns:
+        True when some tensor has the samples along ``dim`` (or its first dimension),
+        and no tensor that has a dimension of ``samples`` entries elsewhere is left
+        shared by the batch (its samples would then be hashed together); True also for
+        one sample or ``dim=None``.
+    """
     if dim is None or samples <= 1:
         return True
     tensors = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
@@ -129,21 +142,33 @@ def told_apart(batch: Any, samples: int, dim: int | None = 0) -> bool:
 
 
 def batch_key(hashes: Tensor) -> str:
-    """The batch's content key: its sample hashes in order (``[n]`` int64)."""
+    """Return the batch's content key: a digest of its ``[n]`` sample hashes, in order."""
     return hashlib.sha256(hashes.numpy().tobytes() + str(len(hashes)).encode()).hexdigest()
 
 
 @lru_cache(maxsize=16)
 def _projections(width: int) -> Tensor:
+    """``[width, 2]`` fixed random float64 directions, scaled by ``1/√width`` (CPU)."""
     generator = torch.Generator().manual_seed(_SEED + width)
     return torch.randn(width, 2, generator=generator, dtype=torch.float64) / max(width, 1) ** 0.5
 
 
 def response_sketch(response: Any, samples: int, dim: int | None = 0) -> Tensor | None:
-    """``[samples, 3]`` float64: per sample, two fixed random projections of its rows of
-    every floating tensor in ``response``, and their norm; None when a floating tensor
-    of ``response`` has no sample dimension of size ``samples`` (then it cannot be
-    told apart per sample) or there is none."""
+    """A sketch of what the model returned, per sample, to compare between passes.
+
+    Args:
+        response: tensors, or tuples / lists / dicts of them (non-floating leaves are
+            ignored).
+        samples: the sample count ``n``.
+        dim: the sample dimension (None: the response is one sample).
+
+    Returns:
+        ``[samples, 3]`` float64 on the CPU: per sample, two fixed random projections of
+        its rows of every floating tensor in ``response``, and their norm (``[1, 3]``
+        when ``dim`` is None); None when a floating tensor of ``response`` has no sample
+        dimension of size ``samples`` (then it cannot be told apart per sample) or there
+        is none.
+    """
     leaves = [t for t in tree_flatten(response)[0] if isinstance(t, Tensor)]
     leaves = [t for t in leaves if t.is_floating_point()]
     if not leaves:
@@ -151,8 +176,8 @@ def response_sketch(response: Any, samples: int, dim: int | None = 0) -> Tensor 
     if dim is None:
         rows = [t.detach().reshape(1, -1) for t in leaves]
     else:
-        along = [_sample_dim(t, samples, dim) for t in leaves]
-        if samples == 0 or any(a is None for a in along):
+        along = [a for t in leaves if (a := _sample_dim(t, samples, dim)) is not None]
+        if samples == 0 or len(along) < len(leaves):  # some leaf has no sample dimension
             return None
         pairs = zip(leaves, along, strict=True)
         rows = [t.detach().movedim(a, 0).reshape(samples, -1) for t, a in pairs]

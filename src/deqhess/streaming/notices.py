@@ -20,9 +20,20 @@ __all__ = ["summarised"]
 
 @contextlib.contextmanager
 def summarised(label: str, batches: list[int]) -> Iterator[None]:
-    """Within the block, warnings are recorded; after it, given again, the
-    :class:`deqhess.AccuracyWarning`\\ s as one. ``batches`` holds the pass's batch count
-    when the block ends (a list, filled in by the caller)."""
+    """Record the warnings of a block; after it, give them again, the accuracy ones as one.
+
+    Every warning other than :class:`deqhess.AccuracyWarning` is given again as it was;
+    the accuracy warnings become one, saying in how many batch solves and the first
+    figure.
+
+    Args:
+        label: the front end's name, for the message (e.g. ``"ModelCurvature"``).
+        batches: the pass's batch count, filled in by the caller before the block ends
+            (a list, so that it can be read when the block ends).
+
+    Yields:
+        Nothing: the warnings of the block are held until it ends.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield

@@ -22,12 +22,14 @@ __all__ = ["Draws"]
 
 
 def _cuda_devices() -> list[int]:
+    """The CUDA devices whose generators exist (none before CUDA is initialised)."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return []
     return list(range(torch.cuda.device_count()))
 
 
 def _states() -> list[Tensor]:
+    """The CPU generator's state, then each initialised CUDA device's."""
     states = [torch.random.get_rng_state()]
     states += [torch.cuda.get_rng_state(d) for d in _cuda_devices()]
     return states
@@ -40,11 +42,19 @@ class Draws:
         self._states = _states()
 
     def mark(self) -> None:
+        """Take the generators' states now, as the point :meth:`check` compares with."""
         self._states = _states()
 
     def check(self, what: str) -> None:
-        """Raise :class:`deqhess.ModelChangedError` if ``what`` (e.g. "the model") drew
-        random numbers since :meth:`mark`."""
+        """Refuse a computation that drew random numbers since :meth:`mark`.
+
+        Args:
+            what: what ran since the mark, for the message (e.g. ``"the model"``).
+
+        Raises:
+            ModelChangedError: a global generator's state changed; the generators are
+                put back to their marked states first.
+        """
         now = _states()
         if len(now) != len(self._states) or any(
             not torch.equal(a, b) for a, b in zip(now, self._states, strict=False)

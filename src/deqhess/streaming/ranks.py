@@ -13,7 +13,7 @@ the failing rank re-raises its own exception and every other rank raises
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any
 
 import torch
@@ -38,6 +38,12 @@ __all__ = [
 class RankFailedError(DeqhessError, RuntimeError):
     """Another rank failed, so this one stops too instead of waiting in a collective.
 
+    Args:
+        rank: the (first) rank that failed.
+        error_type: the name of its exception's type.
+        message: its exception's message.
+        failed: every rank that failed.
+
     Attributes:
         rank: the (first) rank that failed.
         error_type: the name of its exception's type.
@@ -54,7 +60,22 @@ class RankFailedError(DeqhessError, RuntimeError):
 
 
 def agreed(compute: Callable[[], Any], group: Any, device: torch.device) -> Any:
-    """``compute()`` on this rank, then agreement: every rank returns, or every rank raises."""
+    """Run ``compute()`` on this rank, then agree: every rank returns, or every rank raises.
+
+    Args:
+        compute: this rank's local work (no collectives inside).
+        group: the process group.
+        device: where the agreement's flags live (the backend's device: CPU for gloo,
+            the GPU for NCCL).
+
+    Returns:
+        What ``compute()`` returned, when no rank failed.
+
+    Raises:
+        RankFailedError: on every rank but a failing one, when another rank failed
+            (naming the first failing rank, its exception's type and message); a
+            failing rank re-raises its own exception.
+    """
     error: Exception | None = None
     value = None
     try:
@@ -76,14 +97,20 @@ def agreed(compute: Callable[[], Any], group: Any, device: torch.device) -> Any:
     # finishing the gather made gloo abort that process now and then (1 run in 10)
     dist.barrier(group=group)
     if error is not None:
-        raise error
+        raise error  # this rank's own failure, as it was raised
     first = failed[0]
-    raise RankFailedError(first, *reports[first], failed)
+    error_type, message = reports[first]
+    raise RankFailedError(first, error_type, message, failed)
 
 
 def device_of(theta: Any) -> torch.device:
-    """θ's device for the agreement collectives; CPU when θ is malformed (its own error
-    then comes from :func:`agree_on_setup`, agreed across ranks, not from here)."""
+    """θ's device, for the agreement collectives.
+
+    Returns:
+        The device of θ (a tensor, or a dict's first tensor); the CPU when θ is
+        malformed (its own error then comes from :func:`agree_on_setup`, agreed across
+        ranks, not from here).
+    """
     if isinstance(theta, Tensor):
         return theta.device
     first = next(iter(theta.values()), None) if isinstance(theta, dict) else None
@@ -91,9 +118,13 @@ def device_of(theta: Any) -> torch.device:
 
 
 def _setup(theta: Parameters, settings: dict[str, Any]) -> tuple[ParameterLayout, dict]:
-    """θ's layout, and what every rank must agree on, small enough to gather: the
-    layout's names, shapes and dtype, a digest of θ's values (exactly equal θ, not merely
-    close), and ``settings`` (the reduction, batch_dim …)."""
+    """θ's layout, and what every rank must agree on, small enough to gather.
+
+    Returns:
+        ``(layout, fields)``: θ's :class:`deqhess.parameters.ParameterLayout`, and by
+        name the layout's keys, shapes and dtype, a digest of θ's values (exactly equal
+        θ, not merely close), and ``settings`` (the reduction, batch_dim …).
+    """
     layout = ParameterLayout(theta)
     digest = hashlib.sha256()
     for t in layout.tensors(theta):
@@ -110,8 +141,18 @@ def _setup(theta: Parameters, settings: dict[str, Any]) -> tuple[ParameterLayout
 
 
 def check_same_setup(setups: list[dict]) -> None:
-    """Raise on every rank alike (each sees every rank's setup) unless all agree: ranks
-    that differ would sum products of different problems into a silently wrong one."""
+    """Refuse ranks that pose different problems, on every rank alike.
+
+    Ranks that differ would sum products of different problems into a silently wrong
+    one. Each rank sees every rank's setup, so all raise the same error.
+
+    Args:
+        setups: every rank's fields (:func:`agree_on_setup` gathers them), rank 0 first.
+
+    Raises:
+        InputError: some field differs from rank 0's; the first four differences are
+            named (digests as "differ").
+    """
     digests = {"θ's values": "θ's values", "model": "the model's parameters or buffers"}
     differences = [
         f"{field}: rank 0 has {setups[0][field]!r}, rank {rank} has {setup.get(field)!r}"
@@ -133,8 +174,20 @@ def check_same_setup(setups: list[dict]) -> None:
 
 
 def agree_on_setup(theta: Parameters, group: Any, **settings: Any) -> ParameterLayout:
-    """θ's layout, once every rank of ``group`` has checked that all pose the same
-    problem (θ and ``settings``); a ``ValueError`` on every rank otherwise."""
+    """θ's layout, once every rank of ``group`` has checked that all pose the same problem.
+
+    Args:
+        theta: this rank's θ.
+        group: the process group.
+        settings: what else must agree, by name (the reduction, ``batch_dim``, digests
+            of the model, ``f`` and the loss).
+
+    Returns:
+        θ's :class:`deqhess.parameters.ParameterLayout`. A θ or a setting that differs
+        between ranks raises :class:`deqhess.InputError` on every rank (see
+        :func:`check_same_setup`); a malformed θ raises its own error on its rank and
+        :class:`RankFailedError` on the others.
+    """
     layout, mine = agreed(lambda: _setup(theta, settings), group, device_of(theta))
     setups: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(setups, mine, group=group)
@@ -143,8 +196,12 @@ def agree_on_setup(theta: Parameters, group: Any, **settings: Any) -> ParameterL
 
 
 def state_digest(model: nn.Module) -> str:
-    """A digest of every parameter and buffer of ``model`` — chosen or not, trainable or
-    frozen: names, dtypes, shapes and values — for the ranks to compare."""
+    """A digest of every parameter and buffer of ``model``, for the ranks to compare.
+
+    Returns:
+        The SHA-256 hex digest of each tensor's name, dtype, shape and values — chosen
+        or not, trainable or frozen; a shared parameter under each of its names.
+    """
     digest = hashlib.sha256()
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
     for name, tensor in named:
@@ -155,8 +212,12 @@ def state_digest(model: nn.Module) -> str:
 
 
 def callable_identity(fn: Any) -> str:
-    """What the ranks can compare of a function or loss: its qualified name, and for a
-    module its ``repr`` and a digest of its tensors (a weighted loss's weights)."""
+    """What the ranks can compare of a function or a loss.
+
+    Returns:
+        Its module and qualified name; for an ``nn.Module``, its type's name, its
+        ``repr`` and a digest of its tensors (a weighted loss's weights).
+    """
     if isinstance(fn, nn.Module):
         return f"{type(fn).__qualname__}: {fn!r} ({state_digest(fn)[:16]})"
     kind = getattr(fn, "__qualname__", None) or type(fn).__qualname__
@@ -164,9 +225,14 @@ def callable_identity(fn: Any) -> str:
 
 
 def check_unpadded(data: Any) -> None:
-    """Refuse a shard from a ``DistributedSampler`` that pads: with a data set whose
-    length is not a multiple of the ranks and ``drop_last=False`` it repeats samples to
-    even the shards, and the analysis would count them twice.
+    """Refuse a shard from a ``DistributedSampler`` that pads.
+
+    With a data set whose length is not a multiple of the ranks and ``drop_last=False``
+    such a sampler repeats samples to even the shards, and the analysis would count them
+    twice.
+
+    Args:
+        data: this rank's data (a ``DataLoader``'s sampler or batch sampler is read).
 
     Raises:
         InputError: such a sampler.
@@ -179,7 +245,10 @@ def check_unpadded(data: Any) -> None:
         sampler = getattr(batch_sampler, "sampler", None)
     if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
         return
-    size, ranks = len(sampler.dataset), sampler.num_replicas
+    dataset = sampler.dataset
+    if not isinstance(dataset, Sized):  # never: the sampler took its len() when built
+        return
+    size, ranks = len(dataset), sampler.num_replicas
     if size % ranks:
         raise InputError(
             f"this rank's data come from a DistributedSampler over {size:,} samples on "

@@ -56,6 +56,7 @@ class PassRecord:
 
     @property
     def samples(self) -> int:
+        """The number of samples the first pass read."""
         return len(self.hashes)
 
 
@@ -78,12 +79,20 @@ class PassCheck:
 
     @property
     def samples(self) -> int:
+        """The number of samples this pass has read so far."""
         return sum(len(h) for h in self.seen)
 
     def read(self, hashes: Tensor, told_apart: bool = True) -> None:
-        """A batch was read: its ``[n]`` sample hashes (``told_apart``: whether they are
-        each sample's own, or the whole batch's repeated); a sample the first pass did not
-        read raises :class:`DataChangedError` at once."""
+        """Note a batch read, checking its samples against the first pass's at once.
+
+        Args:
+            hashes: its ``[n]`` sample hashes.
+            told_apart: whether they are each sample's own, or the whole batch's
+                repeated (then a regrouped batch counts as changed; the message says so).
+
+        Raises:
+            DataChangedError: a sample the first pass did not read.
+        """
         self.seen.append(hashes)
         self.batches += 1
         self.unsplit += not told_apart
@@ -102,12 +111,26 @@ class PassCheck:
             )
 
     def responded(self, hashes: Tensor, sketch: Tensor | None, tolerance: float, key: str) -> None:
-        """The kept samples ``hashes`` ``[m]`` and the sketch ``[m, 3]`` of what the
-        model returned on them (None: no sketch; ``key``: the batch's, when the sketch
-        is one row for the whole batch)."""
+        """Note what the model returned on a batch, checking it against the first pass.
+
+        Args:
+            hashes: the batch's kept samples ``[m]``.
+            sketch: ``[m, 3]`` the sketch of what the model returned on them
+                (:func:`~deqhess.streaming.fingerprint.response_sketch`), one row for the
+                whole batch when its samples cannot be told apart, or None (nothing to
+                compare).
+            tolerance: how far a sketch may move, relative (see
+                :func:`response_tolerance`).
+            key: the batch's content key (whole-batch sketches are compared by it).
+
+        Raises:
+            ModelChangedError: a kept sample was left out as unconverged on the first
+                pass (or the reverse), or a sketch moved past ``tolerance``.
+        """
         self.kept.append(hashes)
-        whole = sketch is not None and len(sketch) != len(hashes)
-        if whole:
+        whole = False
+        if sketch is not None and len(sketch) != len(hashes):  # one row for the batch
+            whole = True
             self.whole[key] = (sketch, tolerance)
             sketch = None
         if sketch is None:
@@ -147,8 +170,16 @@ class PassCheck:
         )
 
     def finish(self) -> PassRecord | None:
-        """End of the pass: raise unless it read what the first pass read; the first
-        pass returns its record."""
+        """End the pass: check it read what the first pass read.
+
+        Returns:
+            The first pass's :class:`PassRecord` when this is the first pass, else None.
+
+        Raises:
+            DataChangedError: another multiset of samples than the first pass's (new
+                samples, or the same read more or fewer times).
+            ModelChangedError: another set of samples kept as converged.
+        """
         seen = torch.sort(torch.cat(self.seen) if self.seen else _empty()).values
         kept = torch.cat(self.kept) if self.kept else _empty()
         order = torch.argsort(kept)
@@ -192,7 +223,7 @@ class PassCheck:
 
 
 def _recounted(seen: Tensor, expected: Tensor) -> int:
-    """How many distinct samples occur a different number of times in the two."""
+    """Return how many distinct samples occur a different number of times in the two."""
     now, first = (
         dict(zip(*(a.tolist() for a in np.unique(t.numpy(), return_counts=True)), strict=True))
         for t in (seen, expected)
@@ -201,6 +232,7 @@ def _recounted(seen: Tensor, expected: Tensor) -> int:
 
 
 def _empty(*shape: int) -> Tensor:
+    """Return an empty int64 hash vector, or (with ``shape``) zero float64 sketches."""
     if not shape:
         return torch.zeros(0, dtype=torch.int64)
     return torch.zeros(shape, dtype=torch.float64)
@@ -216,6 +248,7 @@ def _member(query: Tensor, sorted_: Tensor) -> np.ndarray:
 
 
 def _cause(changed: int, samples: int) -> str:
+    """Return the likely cause of ``changed`` new samples among ``samples``, in words."""
     if changed and changed == samples:
         return (
             " — every sample differs: a random transform (augmentation) applied on every "
@@ -253,9 +286,19 @@ def _compare(now: Tensor, first: Tensor, tolerance: float, label: str) -> None:
 
 
 def response_tolerance(rtol: float, dtype: torch.dtype) -> float:
-    """How far a re-solved response may move from the first pass's, relative: a thousand
-    times the solve's relative tolerance (a fixed point re-solved from another start
-    agrees to about ``‖(I − J)⁻¹‖`` times it), and no less than 1e-9 (float64) or 1e-4
-    (float32), rounding. Dropout or batch statistics move a response by far more."""
+    """How far a re-solved response may move from the first pass's, relative.
+
+    A fixed point re-solved from another start agrees with the first to about
+    ``‖(I − J)⁻¹‖`` times the solve's tolerance; dropout or batch statistics move a
+    response by far more.
+
+    Args:
+        rtol: the solves' relative tolerance.
+        dtype: the responses' dtype.
+
+    Returns:
+        A thousand times ``rtol``, and no less than 1e-9 (float64) or 1e-4 (float32),
+        rounding.
+    """
     floor = 1e-9 if dtype == torch.float64 else 1e-4
     return max(floor, 1e3 * rtol)

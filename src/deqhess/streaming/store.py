@@ -1,10 +1,10 @@
-"""One budgeted store of what a pass over the data may keep for the next: solved batches
-and warm starts, by batch content.
+"""One budgeted store of what a pass over the data may keep for the next, by content.
 
-An entry is keyed by :func:`deqhess.streaming.fingerprint.batch_key` — the batch's
-samples in order, bitwise — so it is reused only for a batch with the same content:
-a loader that shuffles meets its own entries only where a batch recurs, and never
-starts a sample from another sample's fixed point. What an entry holds is the front
+What a pass keeps is solved batches and warm starts. An entry is keyed by
+:func:`deqhess.streaming.fingerprint.batch_key` — the batch's samples in order, bitwise
+— so it is reused only for a batch with the same content: a loader that shuffles meets
+its own entries only where a batch recurs, and never starts a sample from another
+sample's fixed point. What an entry holds is the front
 end's choice, offered in order of preference (a solved batch, ready for products; or
 only its fixed points, to start the next solve from), and kept while the estimated
 bytes of all entries fit in one budget.
@@ -45,8 +45,14 @@ class StoredBatch:
 
 @dataclass(frozen=True)
 class Offer:
-    """What a front end would keep of a batch: ``solved`` or ``warm`` (one of them), and
-    ``size()`` its estimated bytes (called only if the store has room to consider it)."""
+    """What a front end would keep of a batch.
+
+    Attributes:
+        size: ``() ↦`` its estimated bytes (called only if the store has room to
+            consider it).
+        solved: the solved batch, reused as is; or
+        warm: only its fixed points, to start the next solve from.
+    """
 
     size: Callable[[], int]
     solved: Any = None
@@ -71,11 +77,21 @@ class BatchStore:
         self._entries: dict[str, StoredBatch] = {}
 
     def get(self, key: str) -> StoredBatch | None:
+        """Return the entry of the batch with content ``key``, or None."""
         return self._entries.get(key)
 
     def offer(self, key: str, hashes: Tensor, offers: Sequence[Offer]) -> StoredBatch | None:
-        """Keep the first of ``offers`` that fits for a batch not stored yet; the entry,
-        or None if none fits."""
+        """Keep the first of ``offers`` that fits, for a batch not stored yet.
+
+        Args:
+            key: the batch's content key.
+            hashes: its ``[n]`` sample hashes.
+            offers: what the front end would keep, in order of preference.
+
+        Returns:
+            The batch's entry (the one stored before, if any), or None when nothing
+            fits in the budget left.
+        """
         if key in self._entries or self.used >= self.budget:
             return self._entries.get(key)
         for offer in offers:
