@@ -21,6 +21,7 @@ from ..curvature import (
     operator_accuracy,
     spectral_density,
 )
+from ..errors import InputError
 from ..implicit import DatasetEquilibrium
 from ..models import ModelCurvature
 from .plots import plot_densities, plot_diagonal, plot_top_eigenvalues
@@ -77,11 +78,11 @@ def run_analysis(
     parts = problem.parts if parts is None else parts
     for part in parts:
         if part not in problem.parts:
-            raise ValueError(f"unknown part {part!r}; use some of {list(problem.parts)}.")
+            raise InputError(f"unknown part {part!r}; use some of {list(problem.parts)}.")
     if trace not in (None, "hutch++", "hutchinson"):
-        raise ValueError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
+        raise InputError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
     if float64_probes == 1 or float64_probes < 0:
-        raise ValueError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
+        raise InputError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
     leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if not leader:  # under torch.distributed only rank 0 reports and writes files
         progress, print_fn = False, _silent

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import InputError
 from ..implicit.dataset import BatchSolve
 from .base import Counted, SymmetricOperator
 
@@ -141,9 +142,9 @@ def operator_accuracy(
             (and of ``reference``), as one block — the whole cost; no iteration.
     """
     if num_probes < 2:
-        raise ValueError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")
+        raise InputError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")
     if reference is not None and reference.shape != op.shape:
-        raise ValueError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
+        raise InputError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
     counted = Counted(op, num_probes, progress, "operator accuracy")
     g = torch.Generator().manual_seed(seed)
     probes = torch.randn(op.shape[0], num_probes, generator=g, dtype=torch.float64)

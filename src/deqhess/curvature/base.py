@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..operator import Operator
 from ..parameters import ParameterLayout
 
@@ -76,19 +77,19 @@ class ParameterBlock(Operator):
 
     def __init__(self, op: SymmetricOperator, layout: ParameterLayout, names: Sequence[str]):
         if layout.names is None:
-            raise ValueError("parameter blocks need a dict theta (named parameters).")
+            raise InputError("parameter blocks need a dict theta (named parameters).")
         if isinstance(names, str):
             names = [names]
         if not names:
-            raise ValueError(f"names is empty; choose from {list(layout.names)}.")
+            raise InputError(f"names is empty; choose from {list(layout.names)}.")
         unknown = [n for n in names if n not in layout.names]
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown parameter names {unknown}; choose from {list(layout.names)}."
             )
         repeated = sorted({n for n in names if list(names).count(n) > 1})
         if repeated:
-            raise ValueError(f"parameter names {repeated} are given more than once.")
+            raise InputError(f"parameter names {repeated} are given more than once.")
         offsets = np.cumsum([0, *layout.numels])
         where = {n: i for i, n in enumerate(layout.names)}
         pieces = [torch.arange(offsets[where[n]], offsets[where[n] + 1]) for n in names]

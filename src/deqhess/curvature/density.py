@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .base import Counted, SymmetricOperator, rademacher
 
 __all__ = ["DensityResult", "spectral_density"]
@@ -80,11 +81,11 @@ def spectral_density(
     size = op.shape[0]
     steps = min(steps, size)
     if num_probes < 1 or steps < 1:
-        raise ValueError(f"need num_probes >= 1 and steps >= 1; got {num_probes}, {steps}.")
+        raise InputError(f"need num_probes >= 1 and steps >= 1; got {num_probes}, {steps}.")
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive width; got {sigma}.")
+        raise InputError(f"sigma must be a positive width; got {sigma}.")
     if num_points < 2:
-        raise ValueError(f"num_points must be at least 2; got {num_points}.")
+        raise InputError(f"num_points must be at least 2; got {num_points}.")
     counted = Counted(op, steps * num_probes, progress, "SLQ")
     g = torch.Generator().manual_seed(seed)
     q = rademacher(size, num_probes, g, op) / math.sqrt(size)
@@ -124,7 +125,7 @@ def spectral_density(
     width = sigma if sigma is not None else max(0.01 * (high - low), 1e-12 * max(abs(high), 1.0))
     spacing = (high - low + 6 * width) / (num_points - 1)
     if spacing > width:  # the grid would skip over the Gaussians: ∫density ≠ 1
-        raise ValueError(
+        raise InputError(
             f"sigma={width:.3g} is narrower than the grid's spacing {spacing:.3g} (the Ritz "
             f"values span [{low:.3g}, {high:.3g}] on {num_points} points), so the density "
             f"would not integrate to 1: raise num_points to at least "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..parameters import ParameterLayout
 from .base import Counted, SymmetricOperator, rademacher
 
@@ -43,7 +44,7 @@ def diagonal(
     Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
     progress bar counts them)."""
     if num_probes < 2:
-        raise ValueError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
+        raise InputError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
     counted = Counted(op, num_probes, progress, "diagonal")
     g = torch.Generator().manual_seed(seed)
     z = rademacher(op.shape[0], num_probes, g, op)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import AnalysisConvergenceError
+from ..errors import AnalysisConvergenceError, InputError
 from ..options import integer, real
 from .base import Counted, SymmetricOperator
 from .lanczos import lanczos_extreme
@@ -141,10 +141,10 @@ def extreme_eigenpairs(
             ``block_size`` out of range.
     """
     if which not in _WHICH:
-        raise ValueError(f"unknown which={which!r}; use one of {sorted(_WHICH)}.")
+        raise InputError(f"unknown which={which!r}; use one of {sorted(_WHICH)}.")
     size = op.shape[0]
     if not 1 <= k < size:
-        raise ValueError(f"k must lie in [1, P) = [1, {size}); got {k}.")
+        raise InputError(f"k must lie in [1, P) = [1, {size}); got {k}.")
     if size <= dense_below:
         return _dense(op, k, which, progress)
     tol = _DEFAULT_TOL.get(op.dtype, 1e-5) if tol is None else tol
@@ -157,7 +157,7 @@ def extreme_eigenpairs(
     default_basis = min(size, max(k + 8 * block, 20))
     basis_size = default_basis if basis_size is None else integer(basis_size, "basis_size")
     if not k + block <= basis_size <= size:
-        raise ValueError(
+        raise InputError(
             f"basis_size must lie in [k + block_size, P] = [{k + block}, {size}]; got {basis_size}."
         )
     if max_iter is not None:

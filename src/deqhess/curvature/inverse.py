@@ -36,7 +36,7 @@ import torch
 from scipy.sparse.linalg import minres
 from torch import Tensor
 
-from ..errors import AnalysisConvergenceError
+from ..errors import AnalysisConvergenceError, InputError
 from .base import Counted, SymmetricOperator
 
 __all__ = [
@@ -147,22 +147,22 @@ def solve_damped(
             ill-conditioned system); ``.result`` is the :class:`InverseResult`.
     """
     if method not in ("cg", "minres"):
-        raise ValueError(f"unknown method {method!r}; use 'minres' (indefinite) or 'cg'.")
+        raise InputError(f"unknown method {method!r}; use 'minres' (indefinite) or 'cg'.")
     size = op.shape[0]
     if not (isinstance(b, Tensor) and b.shape == (size,)):
         got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-        raise ValueError(
+        raise InputError(
             f"b must be a [{size}] tensor (the operator's size); got {got}. Flatten a "
             "θ-structured vector first: eq.problem.params.flatten(g) (or "
             "curvature.layout.flatten(g) for a ModelCurvature)."
         )
     if not (math.isfinite(damping) and bool(torch.isfinite(b).all())):
-        raise ValueError(f"damping and b must be finite; got damping={damping}.")
+        raise InputError(f"damping and b must be finite; got damping={damping}.")
     if not tol > 0:
-        raise ValueError(f"tol must be positive; got {tol}.")
+        raise InputError(f"tol must be positive; got {tol}.")
     max_iter = min(2 * size, MAX_PRODUCTS) if max_iter is None else max_iter
     if max_iter < 1:
-        raise ValueError(f"max_iter must be at least 1; got {max_iter}.")
+        raise InputError(f"max_iter must be at least 1; got {max_iter}.")
     b = b.detach().to(dtype=op.dtype, device=op.device)
     norm_b = float(torch.linalg.vector_norm(b))
     if norm_b == 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from .base import Counted, SymmetricOperator, rademacher
 
 __all__ = ["TraceResult", "hutchinson", "hutchpp"]
@@ -54,7 +55,7 @@ def hutchinson(
     Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
     progress bar counts them)."""
     if num_probes < 2:
-        raise ValueError(
+        raise InputError(
             f"hutchinson needs num_probes >= 2 for an error estimate; got {num_probes}."
         )
     _warn_few(num_probes, "use num_probes >= 30")
@@ -86,7 +87,7 @@ def hutchpp(
     """
     third = num_hvps // 3
     if third < 2:
-        raise ValueError(f"hutch++ needs num_hvps >= 6; got {num_hvps}.")
+        raise InputError(f"hutch++ needs num_hvps >= 6; got {num_hvps}.")
     size = op.shape[0]
     counted = Counted(op, 3 * min(third, size), progress, "Hutch++")
     g = torch.Generator().manual_seed(seed)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
+from ..errors import InputError
 from ..linear import (
     DEFAULT_MAX_ERROR_BOUND,
     Dense,
@@ -220,7 +221,7 @@ class Equilibrium:
     ) -> None:
         if h0 is None:
             if not isinstance(x, Tensor):
-                raise ValueError("h0 is required when x is not a tensor (it fixes the state).")
+                raise InputError("h0 is required when x is not a tensor (it fixes the state).")
             h0 = torch.zeros_like(x)
         self.problem = Problem(f, theta, x, h0, batch_dim)
         self.solver = resolve_solver(solver)
@@ -446,7 +447,7 @@ class Equilibrium:
                     "sdp,sd->p", self._sensitivity_rows(), solution.loss_grad_h
                 )
             else:
-                raise ValueError(
+                raise InputError(
                     f"unknown gradient method {method!r}; use 'adjoint' or 'sensitivity'."
                 )
         require_finite(flat, "the gradient")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
+from ..errors import InputError
 from ..parameters import Parameters
 
 __all__ = ["Captured", "Loss", "required_positional"]
@@ -36,7 +37,7 @@ class Loss:
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         if not callable(fn):
-            raise ValueError(f"loss must be callable; got {type(fn).__name__}.")
+            raise InputError(f"loss must be callable; got {type(fn).__name__}.")
         self.fn = fn
         self.uses_theta = _required_positional(fn) == 2
 
@@ -48,7 +49,7 @@ class Loss:
                 if isinstance(value, Tensor)
                 else type(value).__name__
             )
-            raise ValueError(
+            raise InputError(
                 f"loss must return a 0-dim floating tensor (a scalar); got {got}. Reduce it, "
                 "e.g. with .sum() or .mean()."
             )
@@ -75,7 +76,7 @@ def _required_positional(fn: Callable[..., Tensor]) -> int:
     if required is None:  # unreadable: taken as L(h)
         return 1
     if required not in (1, 2):
-        raise ValueError(
+        raise InputError(
             f"loss must take loss(h) or loss(h, theta); {getattr(fn, '__name__', fn)!r} "
             f"requires {required} positional arguments. Bind extra data with "
             "functools.partial or a closure."

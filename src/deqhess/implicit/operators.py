@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
+from ..errors import InputError
 from ..operator import Operator
 from ..parameters import ParameterLayout, Parameters
 
@@ -31,7 +32,7 @@ OPERATOR_PARTS = (*PARTS, "ggn")
 
 def check_part(part: str, allowed: tuple[str, ...] = PARTS) -> str:
     if part not in allowed:
-        raise ValueError(f"unknown curvature part {part!r}; use one of {list(allowed)}.")
+        raise InputError(f"unknown curvature part {part!r}; use one of {list(allowed)}.")
     return part
 
 
@@ -101,7 +102,7 @@ class CurvatureOperator(Operator):
         if layout.matches(other):  # a single-tensor θ of another shape
             return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
         got = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
-        raise ValueError(
+        raise InputError(
             f"the operator acts on flat [{layout.size}] vectors, [{layout.size}, K] blocks, "
             f"theta-structured vectors ({layout.describe()}) or lists of tensors shaped "
             f"like theta's; got {got}."
@@ -122,7 +123,7 @@ class CurvatureOperator(Operator):
             ok = ok and len(trailing) <= 1
         if not ok:
             got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in tensors]
-            raise ValueError(
+            raise InputError(
                 f"a list operand must hold one tensor per parameter with shapes "
                 f"{[tuple(s) for s in shapes]} (each optionally with one trailing K); got {got}."
             )

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
-from ..errors import StaleEquilibriumError
+from ..errors import InputError, StaleEquilibriumError
 from ..finiteness import all_finite
 from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
@@ -50,7 +50,7 @@ class Problem:
         batch_dim: int | None = None,
     ) -> None:
         if not callable(f):
-            raise ValueError(f"f must be callable as f(x, h, theta); got {type(f).__name__}.")
+            raise InputError(f"f must be callable as f(x, h, theta); got {type(f).__name__}.")
         self.f = f
         self.params = ParameterLayout(theta)
         self.state = StateLayout(h0, batch_dim)
@@ -60,7 +60,7 @@ class Problem:
             _check_finite(t, label)
         _check_finite(h0, "h0")
         if h0.dtype != self.params.dtype or h0.device != self.params.device:
-            raise ValueError(
+            raise InputError(
                 f"h0 is {h0.dtype} on {h0.device} but theta is {self.params.dtype} on "
                 f"{self.params.device}; make them match, e.g. h0.to(theta_tensor)."
             )
@@ -116,7 +116,7 @@ class Problem:
 
 def _check_finite(t: Tensor, label: str) -> None:
     if not all_finite(t):
-        raise ValueError(
+        raise InputError(
             f"{label} contains non-finite values (NaN or inf); pass finite values "
             "(check the data and the previous optimisation step)."
         )

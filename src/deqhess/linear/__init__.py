@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..solvers import default_tolerance
 from .accuracy import (
     DEFAULT_MAX_ERROR_BOUND,
@@ -134,7 +135,7 @@ def check_linear_solver(solver: str | LinearSolver) -> None:
         return
     if isinstance(solver, str) and solver.lower() in _ALIASES:
         return
-    raise ValueError(
+    raise InputError(
         f"unknown linear_solver {solver!r}; use 'auto', one of {sorted(_ALIASES)}, or an "
         "instance such as deqhess.linear.GMRES(restart=50)."
     )

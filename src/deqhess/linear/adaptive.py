@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..options import integer
 from .base import (
     IterativeSolver,
@@ -114,7 +115,7 @@ class NeumannGMRES(IterativeSolver):
         max_iter: int = 500,
     ) -> None:
         if not 0.0 < rate < 1.0:
-            raise ValueError(f"NeumannGMRES needs 0 < rate < 1; got rate={rate!r}.")
+            raise InputError(f"NeumannGMRES needs 0 < rate < 1; got rate={rate!r}.")
         super().__init__(rtol, atol, max_iter)
         self.rate = float(rate)
         self.window = integer(window, "NeumannGMRES window", minimum=1)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError, NonFiniteError
+from ..errors import ConvergenceError, InputError, NonFiniteError
 from ..options import integer, real
 from .operator import ResidualOperator
 
@@ -53,7 +53,7 @@ def iterative_tolerances(
                     meaning="It is the relative residual each solve must reach; None picks "
                     "it by dtype.")  # fmt: skip
         if rtol == 0.0 and atol == 0.0:
-            raise ValueError(
+            raise InputError(
                 f"{method} needs rtol > 0 or atol > 0: a zero residual is unreachable."
             )
     atol = real(atol, f"{method} atol", minimum=0.0, meaning="It is an absolute residual floor.")

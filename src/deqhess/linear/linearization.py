@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
+from ..errors import InputError, NonFiniteError
 from ..finiteness import all_finite
 from ..solvers import Residual, Tolerance
 from .accuracy import DEFAULT_MAX_ERROR_BOUND, ErrorBound, check_max_error_bound, forward_residual
@@ -199,7 +199,7 @@ class Linearization:
         moved = now > allowed + slack
         if bool(moved.any()):
             row = int(torch.nonzero(moved)[0, 0])
-            raise ValueError(
+            raise InputError(
                 f"f is not a deterministic function of the state: evaluated again at the fixed "
                 f"point, sample {row}'s residual ‖f(h) − h‖ is {float(now[row]):.2e} where the "
                 f"solve accepted {float(self.accepted[row]):.2e}. A map that changes between calls "

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
+from ..errors import InputError, NonFiniteError
 from ..operator import Operator
 from ..solvers import Residual
 from ..tangents import Linearized, linearize
@@ -147,7 +147,7 @@ class ResidualOperator(Operator):
             )
         if coupling > coupling_tolerance(self.h.dtype):
             what, remedy = self.declared
-            raise ValueError(
+            raise InputError(
                 f"{what} (declared independent): the products of ∂F/∂h for sample {row} "
                 f"change by a relative {coupling:.1e} when only the other samples' "
                 f"directions are rescaled (0 for independent samples); {remedy}."
