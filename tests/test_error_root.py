@@ -20,6 +20,7 @@ SRC = Path(dh.__file__).resolve().parent
 # keep catching it.
 BUILTIN = {
     dh.InputError: ValueError,
+    dh.errors.ArgumentError: TypeError,  # and an InputError: a ValueError too
     dh.DataChangedError: ValueError,
     dh.ModelChangedError: RuntimeError,
     dh.AnalysisConvergenceError: RuntimeError,
@@ -37,7 +38,6 @@ BUILTIN = {
 # ValueErrors by where they were raised until this list is empty). A module converted
 # must leave the list; a module not in it must not gain a plain raise.
 PENDING = {
-    "implicit/functional.py": 4,
     "nn/adapters.py": 5,
     "nn/contract.py": 5,
     "nn/deq.py": 8,

@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "DeqhessError",
     "InputError",
+    "ArgumentError",
     "AccuracyWarning",
     "AnalysisConvergenceError",
     "ConvergenceError",
@@ -44,6 +45,17 @@ class InputError(DeqhessError, ValueError):
 
     The message names the argument, shows what was received and says what to try. A
     ``ValueError``, so code written to catch ``ValueError`` keeps working.
+    """
+
+
+class ArgumentError(InputError, TypeError):
+    """A call's arguments do not bind: one is missing, repeated, too many, or where two
+    could be confused.
+
+    Python raises ``TypeError`` for a call that does not fit a signature, so this is one
+    (code catching the ``TypeError`` deqhess raised here before keeps working), and an
+    :class:`InputError` too, so ``except InputError`` catches all bad input. (As
+    numpy's ``AxisError`` is both a ``ValueError`` and an ``IndexError``.)
     """
 
 

@@ -26,7 +26,7 @@ from deqhess.implicit import PARTS
 def _setup(name="tanh_batched"):
     c = case(name)
     eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, tol=1e-14, atol=1e-15, batch_dim=c.batch_dim)
-    split = eq.hessian(c.loss_theta, split=True)
+    split = eq.hessian_split(c.loss_theta)
     dense = {
         "total": split.total,
         "loss_curvature": split.loss_curvature,

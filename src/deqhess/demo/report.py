@@ -71,7 +71,7 @@ def run_demo(
     grad_adjoint = layout.flatten(clock.time("gradient (adjoint)", eq.grad, objective))
     clock.time("sensitivity Z", eq.sensitivity)
     grad_sensitivity = layout.flatten(eq.grad(objective, method="sensitivity"))
-    split = clock.time("dense Hessian (split)", eq.hessian, objective, split=True)
+    split = clock.time("dense Hessian (split)", eq.hessian_split, objective)
     total = split.total
     p = total.shape[0]
     probe = torch.randn(p, dtype=total.dtype)

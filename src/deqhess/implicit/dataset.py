@@ -20,7 +20,7 @@ import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ from ..streaming import (
     response_tolerance,
 )
 from .equilibrium import Equilibrium, EquilibriumInfo
-from .hessian import HessianSplit
+from .hessian import HessianSplit, split_deprecated
 from .loss import required_positional
 from .operators import CurvatureOperator, check_part
 
@@ -445,31 +445,62 @@ class DatasetEquilibrium:
         )
         return self.layout.unflatten(total)
 
+    @overload
+    def hessian(self, split: Literal[False] = False) -> Tensor: ...
+    @overload
+    def hessian(self, split: Literal[True]) -> HessianSplit: ...
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
-        """The data-set Hessian ``[P, P]`` (or its :class:`HessianSplit`), in one pass.
+        """The data-set Hessian ``[P, P]``, dense, in one pass over the batches.
 
-        Each batch's Hessian is added in place into one ``[P, P]`` sum (two with
-        ``split``) and dropped with the batch's sensitivity Z ``[S, d, P]``; a stored
-        batch is solved afresh from its fixed point for this, so no Z stays stored.
+        Each batch's Hessian is added in place into one ``[P, P]`` sum and dropped with
+        the batch's sensitivity Z ``[S, d, P]``; a stored batch is solved afresh from its
+        fixed point for this, so no Z stays stored.
+
+        Args:
+            split: deprecated: ``split=True`` returns what :meth:`hessian_split` does.
+
+        Returns:
+            The Hessian of the data-set loss ``[P, P]`` (a :class:`HessianSplit` with the
+            deprecated ``split=True``).
+        """
+        if split:
+            split_deprecated("DatasetEquilibrium.hessian", "data.hessian_split()")
+            return self.hessian_split()
+        p = self.num_parameters
+        return self._each(
+            lambda solved: self._fresh(solved).hessian(solved.loss),
+            lambda: self._zeros(p, p),
+            "Hessian",
+        )
+
+    def hessian_split(self) -> HessianSplit:
+        """The data-set Hessian's two parts, dense, in one pass over the batches.
+
+        As :meth:`hessian`, with two ``[P, P]`` sums: the loss curvature
+        ``Σ [I; Z]ᵀ∇²L[I; Z]`` and the dynamics curvature ``Σ [I; Z]ᵀ∇²(λᵀf)[I; Z]``
+        over the batches.
+
+        Returns:
+            ``.loss_curvature``, ``.dynamics_curvature`` and their sum ``.total``, each
+            ``[P, P]``.
         """
         p = self.num_parameters
 
-        def one(solved: _Solved) -> Tensor | tuple[Tensor, Tensor]:
-            eq = solved.equilibrium
-            if self._stored(solved):
-                eq = self._solve(solved.x, h0=eq.h)
-            hessian = eq.hessian(solved.loss, split=split)
-            if split:
-                return hessian.loss_curvature, hessian.dynamics_curvature
-            return hessian
+        def one(solved: _Solved) -> tuple[Tensor, Tensor]:
+            parts = self._fresh(solved).hessian_split(solved.loss)
+            return parts.loss_curvature, parts.dynamics_curvature
 
-        def empty() -> Tensor | tuple[Tensor, Tensor]:
-            return (self._zeros(p, p), self._zeros(p, p)) if split else self._zeros(p, p)
+        loss_part, dynamics_part = self._each(
+            one, lambda: (self._zeros(p, p), self._zeros(p, p)), "Hessian"
+        )
+        return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
 
-        total = self._each(one, empty, "Hessian")
-        if not split:
-            return total
-        return HessianSplit(total[0], total[1], total[0] + total[1])
+    def _fresh(self, solved: _Solved) -> Equilibrium:
+        """The batch's equilibrium, solved afresh from its fixed point if it is stored
+        (so that its sensitivity Z is dropped with it).
+        """
+        eq = solved.equilibrium
+        return self._solve(solved.x, h0=eq.h) if self._stored(solved) else eq
 
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
         """The data-set Hessian (or one part) as an operator; each block product is one

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ from ..solvers import (
 )
 from .derivatives import lagrangian_hessian, parameter_jacobian
 from .finite import require_finite
-from .hessian import HessianSplit, dense_hessian, second_sensitivity
+from .hessian import HessianSplit, dense_hessian, second_sensitivity, split_deprecated
 from .hvp import ParameterProducts, hessian_vector_products
 from .loss import Captured, Loss
 from .operators import CurvatureOperator, check_part
@@ -454,22 +454,68 @@ class Equilibrium:
         return self.problem.params.unflatten(flat.clone())
 
     # ----------------------------------------------------------------- second order
+    @overload
+    def hessian(self, loss: Callable[..., Tensor], split: Literal[False] = False) -> Tensor: ...
+    @overload
+    def hessian(self, loss: Callable[..., Tensor], split: Literal[True]) -> HessianSplit: ...
     def hessian(self, loss: Callable[..., Tensor], split: bool = False) -> Tensor | HessianSplit:
         """The exact Hessian ``d²L/dθ²`` ``[P, P]`` (θ flattened), dense.
 
-        With ``split=True`` returns a :class:`HessianSplit` with ``.loss_curvature``,
-        ``.dynamics_curvature`` and ``.total``. Costs P Hessian-vector products of Φ
-        and a ``P × N × P`` matrix product; memory ``O(P² + N·P)``.
+        ``H = [I; Z]ᵀ ∇²₍θ,h₎(L + λᵀf) [I; Z]``: P Hessian-vector products of the
+        Lagrangian along ``(eᵢ, Zᵢ)`` and a ``P × N × P`` matrix product (or, with a
+        dense LU, one transposed solve per column); memory ``O(P² + N·P)``.
+
+        Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
+            split: deprecated: ``split=True`` returns what :meth:`hessian_split` does.
+
+        Returns:
+            The Hessian ``[P, P]`` (a :class:`HessianSplit` with the deprecated
+            ``split=True``).
 
         Raises:
-            DenseMemoryError: the ``[P, P]`` result (three with ``split``) would not fit
-                in the memory available; use :meth:`hvp` / :meth:`hessian_operator`.
+            DenseMemoryError: the ``[P, P]`` result would not fit in the memory
+                available; use :meth:`hvp` / :meth:`hessian_operator`.
         """
-        request = f"eq.hessian(loss, split={split})"
+        if split:
+            split_deprecated("Equilibrium.hessian", "eq.hessian_split(loss)")
+            return self.hessian_split(loss)
+        result = self._dense_hessian(loss, split=False, request="eq.hessian(loss)")
+        return require_finite(cast(Tensor, result), "the Hessian")
+
+    def hessian_split(self, loss: Callable[..., Tensor]) -> HessianSplit:
+        """The Hessian's two parts, dense: the loss and the dynamics curvature.
+
+        ``loss_curvature = [I; Z]ᵀ∇²L[I; Z]`` (``= Zᵀ∇²ₕL Z`` when L ignores θ) and
+        ``dynamics_curvature = [I; Z]ᵀ∇²(λᵀf)[I; Z]``, each assembled as :meth:`hessian`
+        assembles the whole (twice its cost).
+
+        Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
+
+        Returns:
+            ``.loss_curvature``, ``.dynamics_curvature`` and their sum ``.total``, each
+            ``[P, P]``.
+
+        Raises:
+            DenseMemoryError: the three ``[P, P]`` results would not fit in the memory
+                available; use :meth:`hessian_operator` with a part.
+        """
+        result = cast(
+            HessianSplit, self._dense_hessian(loss, split=True, request="eq.hessian_split(loss)")
+        )
+        require_finite(result.loss_curvature, "the Hessian")
+        require_finite(result.dynamics_curvature, "the Hessian")
+        return result
+
+    def _dense_hessian(
+        self, loss: Callable[..., Tensor], split: bool, request: str
+    ) -> Tensor | HessianSplit:
+        """:func:`dense_hessian` at this fixed point, after the memory check."""
         self._check_dense(0, request, _HESSIAN_ALTERNATIVE, square=3 if split else 1)
         solution = self._adjoint_solution(loss)
         with engine(), torch.no_grad():
-            result = dense_hessian(
+            return dense_hessian(
                 self.problem,
                 solution.loss,
                 solution.adjoint,
@@ -480,11 +526,6 @@ class Equilibrium:
                 chunk_size=self.chunk_size,
                 back_projection=self._back_projection(),
             )
-        if split:
-            require_finite(result.loss_curvature, "the Hessian")
-            require_finite(result.dynamics_curvature, "the Hessian")
-            return result
-        return require_finite(result, "the Hessian")
 
     def _back_projection(self) -> Callable[[Tensor], Tensor] | None:
         """``g ↦ Zᵀ g = (∂f/∂θ)ᵀ (I − J)⁻ᵀ g`` on blocks ``[K, S, d]``, where that is

@@ -20,6 +20,7 @@ an iterative solve each solve costs many products, and the projection by Z (one
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from .derivatives import lagrangian_hessian
 from .loss import Loss
 from .problem import Problem
 
-__all__ = ["HessianSplit", "dense_hessian", "second_sensitivity"]
+__all__ = ["HessianSplit", "dense_hessian", "second_sensitivity", "split_deprecated"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,27 @@ class HessianSplit:
     loss_curvature: Tensor
     dynamics_curvature: Tensor
     total: Tensor
+
+
+def split_deprecated(where: str, replacement: str) -> None:
+    """Warn that ``where(..., split=True)`` is deprecated in favour of ``replacement``.
+
+    The flag changed the return type; the method or function that returns a
+    :class:`HessianSplit` replaces it (one release of overlap).
+
+    Args:
+        where: the call, e.g. ``"Equilibrium.hessian"``.
+        replacement: the call to use instead, e.g. ``"eq.hessian_split(loss)"``.
+
+    Warns:
+        DeprecationWarning: always, pointing at the caller of ``where``.
+    """
+    warnings.warn(
+        f"{where}(..., split=True) is deprecated and will be removed in deqhess 0.3; use "
+        f"{replacement}, which returns the HessianSplit.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def _projected(
