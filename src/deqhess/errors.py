@@ -49,13 +49,14 @@ class InputError(DeqhessError, ValueError):
 
 
 class ArgumentError(InputError, TypeError):
-    """A call's arguments do not bind: one is missing, repeated, too many, or where two
-    could be confused.
+    """A call's arguments do not bind as given.
 
-    Python raises ``TypeError`` for a call that does not fit a signature, so this is one
-    (code catching the ``TypeError`` deqhess raised here before keeps working), and an
-    :class:`InputError` too, so ``except InputError`` catches all bad input. (As
-    numpy's ``AxisError`` is both a ``ValueError`` and an ``IndexError``.)
+    One is missing, repeated or one too many, or two were given where they could be
+    confused (and a swap would pass unnoticed). Python raises ``TypeError`` for a call
+    that does not fit a signature, so this is one (code that caught the ``TypeError``
+    deqhess raised there before keeps working), and an :class:`InputError` too, so
+    ``except InputError`` catches all bad input — as numpy's ``AxisError`` is both a
+    ``ValueError`` and an ``IndexError``.
     """
 
 

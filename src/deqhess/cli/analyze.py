@@ -65,15 +65,41 @@ def run_analysis(
 ) -> dict[str, Any]:
     """Run the chosen analyses on each part, print a report, write plots and ``report.json``.
 
+    Under ``torch.distributed`` every rank computes and only rank 0 reports and writes.
+
     Args:
+        problem: the factory's problem: a function, a data set and a loss, or a model.
+        out: the directory for the plots and ``report.json``.
         parts: the operators to analyse; default every part the problem defines.
+        top_k: largest eigenvalues per part (0: none).
+        bottom_k: smallest eigenvalues per part (0: none).
+        trace: ``"hutch++"``, ``"hutchinson"`` or None (no trace).
+        trace_hvps: products for the trace.
+        density: estimate the spectral density by SLQ.
+        density_probes: SLQ probes.
+        density_steps: Lanczos steps per SLQ probe.
+        diagonal_probes: Hutchinson probes for the Hessian's diagonal (0: none).
+        blocks: top eigenvalues of each parameter's block.
+        seed: seed of the random probes and starting vectors.
         progress: progress bars; None shows them only on a terminal and prints a plain
             line per finished analysis otherwise.
-        dtype, device, options: passed to :meth:`AnalysisProblem.equilibria` (casts and
-            solver options overriding the factory's).
+        print_fn: where the report's lines go.
+        dtype: cast passed to :meth:`AnalysisProblem.equilibria`.
+        device: device passed to :meth:`AnalysisProblem.equilibria`.
+        options: solver options passed to :meth:`AnalysisProblem.equilibria`, overriding
+            the factory's.
         float64_probes: when the analysis runs below float64, rebuild the problem in
             float64 and measure each part's error on this many probes, and each
             eigenpair's residual against it (0: skip; the cheap estimate remains).
+
+    Returns:
+        The report as written to ``report.json``: the problem's size, the solve's
+        summary, each part's eigenvalues (ascending), trace, density and accuracy, the
+        products used and the files written.
+
+    Raises:
+        InputError: an unknown part or trace estimator, or ``float64_probes`` of 1 or
+            below 0.
     """
     parts = problem.parts if parts is None else parts
     for part in parts:
@@ -199,8 +225,11 @@ def run_analysis(
 
 
 def _float64_check(data, problem, report, eigenpairs, probes, seed, bars, options, device):
-    """Rebuild the problem in float64 (with its default tolerance) and measure each part
-    against it: the operator's error on probes, the eigenpairs' residuals."""
+    """Measure each part against the problem rebuilt in float64 (its default tolerance).
+
+    Writes into ``report`` the operator's error on probes and the eigenpairs' residuals
+    against the float64 operator.
+    """
     reference_options = {k: v for k, v in options.items() if k != "tol"}
     data64 = problem.equilibria(bars, dtype=torch.float64, device=device, **reference_options)
     for part, entry in report["parts"].items():
@@ -256,8 +285,12 @@ def _silent(line: str) -> None:
 
 
 def _solves(data: DatasetEquilibrium | ModelCurvature) -> list | None:
-    """The batches' forward solves, for the state error (a model's DEQ layers solve
-    inside each product: none)."""
+    """The batches' forward solves, for the state error.
+
+    Returns:
+        The data set's batch solves; None for a model, whose DEQ layers solve inside
+        each product.
+    """
     return None if isinstance(data, ModelCurvature) else data.batch_solves
 
 

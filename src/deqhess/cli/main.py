@@ -22,8 +22,10 @@ _DTYPES = ("float32", "float64")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each help text (unless None or False, or the help already
-    says what the default is); descriptions kept as written."""
+    """Defaults shown after each help text; descriptions kept as written.
+
+    A default of None or False, or one the help text already names, is not repeated.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -206,8 +208,12 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _raised_by_deqhess(error: BaseException) -> bool:
-    """An error deqhess raised (the root :class:`deqhess.DeqhessError`), not one from the
-    user's code that deqhess called."""
+    """Whether deqhess raised ``error``, rather than the user's code that deqhess called.
+
+    Returns:
+        True for the root :class:`deqhess.DeqhessError` (and, until the sweep is merged,
+        a plain ``ValueError`` raised inside the package).
+    """
     if isinstance(error, DeqhessError):
         return True
     # TRANSITIONAL (issue 19): modules not yet converted still raise a plain ValueError
@@ -238,8 +244,11 @@ def _report_error(command: str, error: BaseException) -> int:
 
 
 def _join_torchrun_group() -> None:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group: gloo on CPU,
-    NCCL when CUDA is available; a 5-minute timeout so a lost rank cannot hang the rest."""
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group.
+
+    Gloo on CPU, NCCL when CUDA is available; a 5-minute timeout so that a lost rank
+    cannot hang the rest.
+    """
     import os
     from datetime import timedelta
 

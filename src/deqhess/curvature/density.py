@@ -24,8 +24,10 @@ __all__ = ["DensityResult", "spectral_density"]
 
 @dataclass(frozen=True)
 class DensityResult:
-    """A smoothed spectral density and the quadrature it came from (of the operator as
-    computed; see :func:`deqhess.curvature.operator_accuracy` for its own error).
+    """A smoothed spectral density and the quadrature it came from.
+
+    It is the density of the operator as computed; see
+    :func:`deqhess.curvature.operator_accuracy` for the operator's own error.
 
     Attributes:
         grid: ``[G]`` eigenvalue axis.
@@ -65,18 +67,32 @@ def spectral_density(
     seed: int = 0,
     progress: bool | None = None,
 ) -> DensityResult:
-    """The spectral density of a symmetric operator by SLQ.
+    """The spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
-    Args:
-        num_probes: independent probes (the estimator's variance falls as 1/n).
-        steps: Lanczos steps per probe (``≤ P``); resolves ``~steps`` spectral features.
-        num_points: grid size, spanning the Ritz values ± 3σ; its spacing must not
-            exceed σ (else the density would not integrate to 1: a ``ValueError``).
-        sigma: Gaussian width; default 1% of the Ritz-value range.
+    ``φ(λ) ≈ (1/n) Σᵢ Σₖ τᵢₖ 𝒩(λ; θᵢₖ, σ²)`` from the Ritz values ``θᵢₖ`` and weights
+    ``τᵢₖ`` of a Lanczos run from each Rademacher probe ``i``.
 
     Products: at most ``num_probes · min(steps, P)`` (one ``[P, n]`` block per Lanczos
     step; a probe whose Krylov space closes early stops adding nodes), so ``steps``
     caps the work; the progress bar counts them. No tolerance, so nothing to miss.
+
+    Args:
+        op: the symmetric ``P × P`` operator.
+        num_probes: independent probes (the estimator's variance falls as 1/n).
+        steps: Lanczos steps per probe (``≤ P``); resolves ``~steps`` spectral features.
+        num_points: grid size, spanning the Ritz values ± 3σ; its spacing must not
+            exceed σ (else the density would not integrate to 1 and is refused).
+        sigma: Gaussian width; default 1% of the Ritz-value range.
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The density on its grid, with the quadrature (nodes, weights) to smooth it
+        again, the width and the products used.
+
+    Raises:
+        InputError: a count below its minimum, a non-positive ``sigma``, or a grid
+            coarser than ``sigma``.
     """
     size = op.shape[0]
     steps = min(steps, size)

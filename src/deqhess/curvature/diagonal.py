@@ -38,11 +38,24 @@ class DiagonalResult:
 def diagonal(
     op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
 ) -> DiagonalResult:
-    """``diag(H) ≈ (1/n) Σ zᵢ ⊙ H zᵢ``: unbiased, entry ``j``'s variance
-    ``Σ_{k≠j} H_jk²`` per probe.
+    """The diagonal of a symmetric operator, ``diag(H) ≈ (1/n) Σ zᵢ ⊙ H zᵢ`` (Hutchinson).
 
-    Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
-    progress bar counts them)."""
+    Unbiased for Rademacher probes ``zᵢ``; entry ``j``'s variance is ``Σ_{k≠j} H_jk²`` per
+    probe. Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
+    progress bar counts them).
+
+    Args:
+        op: the symmetric ``P × P`` operator.
+        num_probes: Rademacher probes ``n`` (``≥ 2``, for an error estimate).
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The estimate ``[P]`` and its per-entry standard error ``[P]``.
+
+    Raises:
+        InputError: ``num_probes < 2``.
+    """
     if num_probes < 2:
         raise InputError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
     counted = Counted(op, num_probes, progress, "diagonal")

@@ -49,11 +49,25 @@ class TraceResult:
 def hutchinson(
     op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
 ) -> TraceResult:
-    """``tr(H) ≈ (1/n) Σ zᵢᵀ H zᵢ`` with Rademacher ``zᵢ`` (unbiased; variance
-    ``2 Σ_{i≠j} H_ij²``). The standard error is the probes' sample std / √n.
+    """The trace by Hutchinson's estimator, ``tr(H) ≈ (1/n) Σ zᵢᵀ H zᵢ``.
 
-    Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
-    progress bar counts them)."""
+    Rademacher probes ``zᵢ`` make it unbiased, with variance ``2 Σ_{i≠j} H_ij²`` per
+    probe. Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
+    progress bar counts them).
+
+    Args:
+        op: the symmetric ``P × P`` operator.
+        num_probes: ``n`` (``≥ 2``, for an error estimate; a warning below 30).
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The estimate and its standard error (the probes' sample std / √n: sampling error
+        of the operator as computed).
+
+    Raises:
+        InputError: ``num_probes < 2``.
+    """
     if num_probes < 2:
         raise InputError(
             f"hutchinson needs num_probes >= 2 for an error estimate; got {num_probes}."
@@ -84,6 +98,19 @@ def hutchpp(
     from ``m/3`` probes: below 12 products it is too uncertain to quote (a warning says so).
 
     Products: at most ``3·⌊m/3⌋ ≤ num_hvps`` (its own cap; the progress bar counts them).
+
+    Args:
+        op: the symmetric ``P × P`` operator.
+        num_hvps: ``m``, the products to spend (``≥ 6``).
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The estimate and its standard error (0 when the sketch spans the whole space and
+        the trace is exact).
+
+    Raises:
+        InputError: ``num_hvps < 6``.
     """
     third = num_hvps // 3
     if third < 2:

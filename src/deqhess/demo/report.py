@@ -48,9 +48,24 @@ def run_demo(
 
     With ``large_state > 0`` a second section trains a wider DEQ whose dense Hessian
     would not fit in memory and analyses it matrix-free (``deqhess analyze``'s engine).
-    ``progress``: tqdm bars; None shows them only when stderr is a terminal, and prints
-    plain progress lines otherwise. Returns the figures of the report (also used by
-    the tests).
+
+    Args:
+        out: the directory for the plot.
+        steps: training steps of the small DEQ.
+        hessian_batch: test samples whose loss the Hessian is of.
+        state: the small DEQ's state width.
+        fd_directions: directions of the finite-difference check of the gradient.
+        large_state: the wider DEQ's state width (0: no second section).
+        large_steps: training steps of the wider DEQ.
+        seed: seed of the data split, the training and the probes.
+        progress: tqdm bars; None shows them only when stderr is a terminal, and prints
+            plain progress lines otherwise.
+        print_fn: where the report's lines go.
+
+    Returns:
+        The figures of the report (also used by the tests): sizes, accuracy, the checks'
+        relative errors, eigenvalue ranges, the dynamics curvature's share, timings and
+        the plot's path (and ``"large"``, the second section's report).
     """
     progress = sys.stderr.isatty() if progress is None else progress
     torch.manual_seed(seed)

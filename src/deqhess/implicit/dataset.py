@@ -54,8 +54,11 @@ _PULLBACK_COPIES = 6
 
 
 class _BatchLoss:
-    """``loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium; it wraps the
-    user's loss (``_wrapped_loss``), so what that loss captured is watched too."""
+    """``loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium.
+
+    It wraps the user's loss (``_wrapped_loss``), so what that loss captured is watched
+    too.
+    """
 
     def __init__(self, loss: Callable[..., Tensor], uses_theta: bool, target: Any):
         self.loss, self.uses_theta, self.target = loss, uses_theta, target
@@ -69,8 +72,11 @@ class _BatchLoss:
 
 @dataclass
 class _Solved:
-    """One batch ready for products: its equilibrium (None if no sample was kept), its
-    loss, and where it stands in the first pass."""
+    """One batch ready for products.
+
+    Its equilibrium (None if no sample was kept), its loss, and where it stands in the
+    first pass.
+    """
 
     key: str
     x: Any
@@ -103,8 +109,15 @@ class BatchSolve:
 
 
 def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
-    """Whether a data-set loss takes θ: ``loss(h, theta, target)`` (3 required positional
-    arguments) rather than ``loss(h, target)`` (2; also taken for ``*args``)."""
+    """Whether a data-set loss takes θ, read from its required positional arguments.
+
+    Returns:
+        True for ``loss(h, theta, target)`` (3 required positional arguments), False for
+        ``loss(h, target)`` (2; also taken for ``*args``).
+
+    Raises:
+        InputError: ``loss`` is not callable or requires another number of arguments.
+    """
     if not callable(loss):
         raise InputError(f"loss must be callable; got {type(loss).__name__}.")
     required = required_positional(loss)
@@ -262,8 +275,12 @@ class DatasetEquilibrium:
         return None
 
     def _first_pass(self, allow_empty: bool) -> None:
-        """Solve every batch once (the first pass), then refuse data with no batch
-        (unless allowed) or no converged sample."""
+        """Solve every batch once (the first pass).
+
+        Raises:
+            InputError: the data have no batch (unless ``allow_empty``), or no sample
+                converged (all excluded as unconverged).
+        """
         self._stream.run(self._form, self._record_first, desc="solving batches")
         if not self._solves and not allow_empty:
             raise InputError("data is empty; pass at least one (x, target) batch.")
@@ -276,6 +293,7 @@ class DatasetEquilibrium:
     # ------------------------------------------------------------------ the passes
     @property
     def num_parameters(self) -> int:
+        """P, the number of scalar parameters in θ."""
         return self.layout.size
 
     @property
@@ -285,6 +303,7 @@ class DatasetEquilibrium:
 
     @property
     def num_batches(self) -> int:
+        """The number of batches the first pass read (on this rank)."""
         return len(self.batch_solves)
 
     @property
@@ -319,9 +338,15 @@ class DatasetEquilibrium:
         return Equilibrium(self.f, self.theta, x, h0, batch_dim=self.batch_dim, **self.options)
 
     def _form(self, batch: Batch, stored: StoredBatch | None) -> Formed:
-        """The batch solved — taken from the store if it holds this content's solve, else
-        started from the stored fixed point of the same content or cold — and restricted
-        to its converged samples under ``exclude_unconverged``."""
+        """The batch solved, restricted to its converged samples under ``exclude_unconverged``.
+
+        The solve is taken from the store if it holds this content's solve, else started
+        from the stored fixed point of the same content, or cold.
+
+        Returns:
+            What the stream needs of the batch: the solved batch, its kept samples and
+            response (the fixed point), and what it offers to the store.
+        """
         if stored is not None and stored.solved is not None:
             solved = stored.solved
             samples = 0 if solved.equilibrium is None else solved.equilibrium.problem.state.samples
@@ -343,8 +368,17 @@ class DatasetEquilibrium:
         )  # fmt: skip
 
     def _restricted(self, batch: Batch, eq: Equilibrium, keep: Tensor | None) -> _Solved:
-        """The batch on the samples in ``keep`` (all when None), rebuilt from their fixed
-        points so that it needs no further iteration."""
+        """The batch on the samples in ``keep`` (all when None).
+
+        Returns:
+            The batch restricted to the kept samples, its equilibrium rebuilt from their
+            fixed points (so that it needs no further iteration); None as equilibrium
+            when no sample is kept.
+
+        Raises:
+            InputError: samples are to be left out but ``x`` or the target is not a
+                tensor indexed by sample along its first dimension.
+        """
         x, target = batch.x, batch.target
         if keep is None:
             return _Solved(batch.key, x, target, eq, self._batch_loss(target), eq.info)
@@ -403,8 +437,10 @@ class DatasetEquilibrium:
         return self._stream.run(self._form, visit, empty, desc)
 
     def _record_condition(self, solved: _Solved) -> None:
-        """A batch factorised during a pass gives its :class:`BatchSolve` ``cond(I − J)``
-        (the first pass solved only its fixed point), for the state error."""
+        """Give a batch's :class:`BatchSolve` the ``cond(I − J)`` of a pass that factorised it.
+
+        The first pass solved only its fixed point; the state error needs the condition.
+        """
         index = self._first.get(solved.key)
         eq = solved.equilibrium
         if index is None or eq is None:
@@ -496,15 +532,27 @@ class DatasetEquilibrium:
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
 
     def _fresh(self, solved: _Solved) -> Equilibrium:
-        """The batch's equilibrium, solved afresh from its fixed point if it is stored
-        (so that its sensitivity Z is dropped with it).
+        """The batch's equilibrium, for a dense form whose Z must not stay stored.
+
+        Returns:
+            The batch's equilibrium, solved afresh from its fixed point if the store
+            holds it (so that the sensitivity Z the dense form builds is dropped with it).
         """
         eq = solved.equilibrium
         return self._solve(solved.x, h0=eq.h) if self._stored(solved) else eq
 
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
-        """The data-set Hessian (or one part) as an operator; each block product is one
-        pass, every batch's solves shared by the block's K directions."""
+        """The data-set Hessian, or one part of it, as a ``P × P`` operator.
+
+        Each block product ``H V`` (``V`` ``[P, K]``) is one pass over the data, every
+        batch's solves shared by the block's K directions.
+
+        Args:
+            part: ``"total"``, ``"loss_curvature"`` or ``"dynamics_curvature"``.
+
+        Returns:
+            The operator of exact products.
+        """
         check_part(part)
 
         def products(v: Tensor) -> Tensor:

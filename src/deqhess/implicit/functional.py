@@ -170,6 +170,9 @@ def _positional_state_and_direction(
 ) -> tuple[Tensor | None, Any]:
     """``(h0, v)`` from the contract's positional form ``hvp(f, loss, theta, x, h0, v)``.
 
+    Returns:
+        ``(h0, v)``, the two positional arguments in that order.
+
     Raises:
         ArgumentError: not exactly two, ``h0``/``v`` also given by keyword, or an ``h0``
             that could be a direction (the two could be swapped unnoticed).
@@ -196,8 +199,11 @@ def _positional_state_and_direction(
 
 
 def _direction_form(layout: ParameterLayout, value: Any) -> bool:
-    """Whether ``value`` has a form that the Hessian operator takes as a direction:
-    θ-structured, a list of tensors, a flat ``[P]`` tensor or a ``[P, K]`` block.
+    """Whether ``value`` has a form that the Hessian operator takes as a direction.
+
+    Returns:
+        True for a θ-structured value, a list or tuple (of tensors, one per parameter), a
+        flat ``[P]`` tensor or a ``[P, K]`` block.
     """
     if isinstance(value, (Mapping, list, tuple)) or layout.matches(value):
         return True

@@ -1,5 +1,8 @@
-"""A user's loss, ``L(h)`` or ``L(h, θ)``: its arity, decided once from its signature, and
-what it captured, to notice when a cached adjoint no longer matches it."""
+"""A user's loss, ``L(h)`` or ``L(h, θ)``, and what it captured.
+
+Its arity is decided once from its signature; what it captured is watched, to notice
+when a cached adjoint no longer matches it.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class Loss:
     (or that takes ``*args``) is taken as ``L(h)``.
 
     Raises:
-        ValueError: ``fn`` is not callable or requires more than two positional
+        InputError: ``fn`` is not callable or requires more than two positional
             arguments; or, when called, it returns anything but a 0-dim floating tensor.
     """
 
@@ -42,6 +45,18 @@ class Loss:
         self.uses_theta = _required_positional(fn) == 2
 
     def __call__(self, h: Tensor, theta: Parameters) -> Tensor:
+        """``L(h, θ)``: the user's loss called with the arguments it takes.
+
+        Args:
+            h: the state, shaped like the equilibrium's ``h``.
+            theta: θ in the user's structure (passed only to ``loss(h, theta)``).
+
+        Returns:
+            The loss, a 0-dim floating tensor.
+
+        Raises:
+            InputError: the loss returned anything but a 0-dim floating tensor.
+        """
         value = self.fn(h, theta) if self.uses_theta else self.fn(h)
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
             got = (
@@ -57,9 +72,13 @@ class Loss:
 
 
 def required_positional(fn: Callable[..., Tensor]) -> int | None:
-    """The number of required positional parameters of ``fn`` — of its ``forward`` for an
-    ``nn.Module`` (whose ``__call__`` takes ``*args``) — or None if it cannot be read
-    (no signature, or ``*args``)."""
+    """The number of required positional parameters of ``fn``.
+
+    Of its ``forward`` for an ``nn.Module``, whose ``__call__`` takes ``*args``.
+
+    Returns:
+        The count, or None if it cannot be read (no signature, or ``*args``).
+    """
     if isinstance(fn, torch.nn.Module):
         fn = fn.forward
     try:
@@ -155,9 +174,14 @@ def _referenced(fn: Any) -> list[Any]:
 
 @functools.lru_cache(maxsize=256)
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """The globals ``code`` reads (``LOAD_GLOBAL``/``LOAD_NAME``, nested code included) —
-    not ``co_names`` as a whole, which also lists attribute names: ``theta["W"].T``
-    would have made any global named ``T`` part of what the function reads."""
+    """The globals ``code`` reads (``LOAD_GLOBAL``/``LOAD_NAME``, nested code included).
+
+    Not ``co_names`` as a whole, which also lists attribute names: ``theta["W"].T``
+    would have made any global named ``T`` part of what the function reads.
+
+    Returns:
+        The names, each once, in the order first read.
+    """
     found: list[str] = []
     for instruction in dis.get_instructions(code):
         if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):

@@ -72,8 +72,15 @@ class CurvatureOperator(Operator):
         return f"CurvatureOperator(part={self.part!r}, shape={self.shape}, dtype={self.dtype})"
 
     def to_dense(self) -> Tensor:
-        """The ``[P, P]`` matrix: by its front end's own assembly where it has one (a
-        model's, in one pass over the data), else from ``P`` products."""
+        """The operator as a dense matrix.
+
+        By its front end's own assembly where it has one (a model's, in one pass over
+        the data), else from ``P`` products; refused with
+        :class:`deqhess.DenseMemoryError` when it would not fit.
+
+        Returns:
+            The ``[P, P]`` matrix.
+        """
         return self._dense() if self._dense is not None else super().to_dense()
 
     def matmat(self, block: Tensor) -> Tensor:
@@ -90,8 +97,18 @@ class CurvatureOperator(Operator):
         return self._products(v[None])[0]
 
     def __matmul__(self, other: Parameters | list[Tensor]) -> Parameters | list[Tensor]:
-        """``H @ v``: ``[P]`` → ``[P]``, ``[P, K]`` → ``[P, K]``, θ-structured → same, and a
-        list of tensors shaped like θ's (each optionally with a trailing ``K``) → same."""
+        """``H @ v`` in the form of ``v``.
+
+        Args:
+            other: a flat ``[P]`` vector, a ``[P, K]`` block, a θ-structured direction, or
+                a list of tensors shaped like θ's (each optionally with a trailing ``K``).
+
+        Returns:
+            ``H v`` in the same form as ``other``.
+
+        Raises:
+            InputError: ``other`` has none of these forms.
+        """
         layout = self.layout
         if layout.names is not None and layout.matches(other):
             return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
@@ -109,7 +126,17 @@ class CurvatureOperator(Operator):
         )
 
     def _list_product(self, tensors: list[Tensor]) -> list[Tensor]:
-        """curvlinops' convention: one tensor per parameter, ``[*shape]`` or ``[*shape, K]``."""
+        """The product in the convention of curvlinops: one tensor per parameter.
+
+        Args:
+            tensors: one tensor per parameter, each ``[*shape]`` or ``[*shape, K]``.
+
+        Returns:
+            ``H v`` as one tensor per parameter, shaped like ``tensors``.
+
+        Raises:
+            InputError: the tensors do not match θ's shapes (with one common trailing K).
+        """
         layout = self.layout
         shapes = list(layout.shapes)
         ok = len(tensors) == len(shapes) and all(isinstance(t, Tensor) for t in tensors)

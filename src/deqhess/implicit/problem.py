@@ -37,7 +37,7 @@ class Problem:
         batch_dim: dimension of ``h`` whose slices are independent samples, or None.
 
     Raises:
-        ValueError: non-finite θ, tensors of x or h0; θ and h0 of different dtype or device;
+        InputError: non-finite θ, tensors of x or h0; θ and h0 of different dtype or device;
             ``f`` returning a non-tensor or a tensor of another shape or dtype.
     """
 
@@ -71,8 +71,12 @@ class Problem:
             check_state_map(f(self.x, h0.detach(), _detached(theta)), h0, "f(x, h, theta)")
 
     def check_fresh(self) -> None:
-        """Raise if θ, a tensor of x, or state ``f`` closes over (as far as Python shows it:
-        see :class:`deqhess.implicit.loss.Captured`) changed since the equilibrium was solved."""
+        """Refuse to go on from an equilibrium whose inputs changed since it was solved.
+
+        Raises:
+            StaleEquilibriumError: θ, a tensor of x, or state ``f`` closes over (as far as
+                Python shows it: see :class:`deqhess.implicit.loss.Captured`) changed.
+        """
         if self._captured.changed():
             raise StaleEquilibriumError(
                 "f reads state that changed after the Equilibrium was built (a tensor it closes "
@@ -103,6 +107,13 @@ class Problem:
 
         Its Hessian projected by ``[I; Z]`` is the DEQ Hessian; the ``L`` term alone
         gives the loss curvature, the ``λ`` term alone the dynamics curvature.
+
+        Args:
+            loss: ``L``, or None to leave the loss term out.
+            adjoint: λ rows ``[S, d]``, or None to leave the dynamics term out.
+
+        Returns:
+            ``Φ(θ, h)`` on flat θ ``[P]`` and rows ``h`` ``[S, d]``, a 0-dim tensor.
         """
 
         def phi(theta: Tensor, h: Tensor) -> Tensor:

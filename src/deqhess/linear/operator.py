@@ -70,10 +70,12 @@ class ResidualOperator(Operator):
 
     @property
     def samples(self) -> int:
+        """``S``, the rows of the state (independent systems when declared so)."""
         return self.h.shape[0]
 
     @property
     def width(self) -> int:
+        """``d``, the width of a row."""
         return self.h.shape[1]
 
     def __repr__(self) -> str:
@@ -93,8 +95,17 @@ class ResidualOperator(Operator):
         return self._pullback(w)[0]
 
     def apply(self, v: Tensor) -> Tensor:
-        """``(I − J) v`` for ``v`` ``[..., S, d]`` (leading dims are directions: the traced
-        tangent replayed for each, or one vmapped JVP where the cell cannot be traced)."""
+        """``(I − J) v``, by JVPs.
+
+        Leading dimensions are directions: the traced tangent is replayed for each, or
+        one vmapped JVP is taken where the cell cannot be traced.
+
+        Args:
+            v: directions ``[..., S, d]``.
+
+        Returns:
+            ``(I − J) v``, shaped like ``v``.
+        """
         if v.ndim == 2 or v.numel() == self.h.numel():
             return -self._residual_jvp(v.reshape(self.h.shape)).reshape(v.shape)
         directions = v.reshape(-1, *self.h.shape)
@@ -132,7 +143,7 @@ class ResidualOperator(Operator):
         """Check, once, that rows declared independent are (see :func:`row_coupling`).
 
         Raises:
-            ValueError: ``F`` couples rows declared independent.
+            InputError: ``F`` couples rows declared independent.
             NonFiniteError: ``∂F/∂h`` is not finite at the fixed point.
         """
         if not self.independent_rows or self._rows_checked:
@@ -155,8 +166,16 @@ class ResidualOperator(Operator):
         self._rows_checked = True
 
     def jacobian_blocks(self, chunk_size: int | None = None) -> Tensor:
-        """The diagonal blocks of ``J``, ``[S, d, d]`` (see :func:`jacobian_blocks`); exact
-        when the rows are independent (checked first if declared)."""
+        """The diagonal blocks of ``J`` (see :func:`jacobian_blocks`).
+
+        Exact when the rows are independent (checked first if declared).
+
+        Args:
+            chunk_size: VJPs vmapped at once.
+
+        Returns:
+            The blocks ``[S, d, d]``.
+        """
         self.require_independent_rows()
         return jacobian_blocks(self.residual.fn, self.h, chunk_size)
 
