@@ -144,20 +144,20 @@ def run_analysis(
             if k:
                 mark = time.perf_counter()
                 order = "largest" if which == "top" else "smallest"
-                result = extreme_eigenpairs(op, k, order, seed=seed, progress=bars)
-                eigenpairs[part, which] = result
-                entry[which] = result.eigenvalues.tolist()
-                entry[f"{which}_residuals"] = result.residuals.tolist()
-                hvps += result.num_hvps
-                stage.done(f"{part}: {which}-{k} eigenvalues, {result.num_hvps} HVPs", mark)
+                pairs = extreme_eigenpairs(op, k, order, seed=seed, progress=bars)
+                eigenpairs[part, which] = pairs
+                entry[which] = pairs.eigenvalues.tolist()
+                entry[f"{which}_residuals"] = pairs.residuals.tolist()
+                hvps += pairs.num_hvps
+                stage.done(f"{part}: {which}-{k} eigenvalues, {pairs.num_hvps} HVPs", mark)
         if trace is not None:
             mark = time.perf_counter()
             estimator = hutchpp if trace == "hutch++" else hutchinson
-            result = estimator(op, trace_hvps, seed=seed, progress=bars)
-            entry["trace"] = {"estimate": result.estimate, "std_error": result.std_error,
-                              "method": result.method}  # fmt: skip
-            hvps += result.num_hvps
-            stage.done(f"{part}: trace ({trace}), {result.num_hvps} HVPs", mark)
+            traced = estimator(op, trace_hvps, seed=seed, progress=bars)
+            entry["trace"] = {"estimate": traced.estimate, "std_error": traced.std_error,
+                              "method": traced.method}  # fmt: skip
+            hvps += traced.num_hvps
+            stage.done(f"{part}: trace ({trace}), {traced.num_hvps} HVPs", mark)
         if density:
             mark = time.perf_counter()
             densities[part] = spectral_density(
@@ -183,10 +183,7 @@ def run_analysis(
     if diagonal_probes:
         mark = time.perf_counter()
         diag = diagonal(data.hessian_operator("total"), diagonal_probes, seed=seed, progress=bars)
-        groups = layout.unflatten(diag.estimate)
-        errors = layout.unflatten(diag.std_error)
-        if not isinstance(groups, dict):
-            groups, errors = {"theta": groups}, {"theta": errors}
+        groups, errors = diag.by_parameter(layout), diag.std_error_by_parameter(layout)
         report["diagonal"] = {
             name: {
                 "sum": float(groups[name].sum()),

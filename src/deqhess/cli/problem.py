@@ -96,8 +96,9 @@ class AnalysisProblem:
             if theta is None:
                 theta = {n: p.detach() for n, p in cell.named_parameters()}
             _check_cell_theta(cell, names, theta)
-            if init is None and callable(getattr(cell, "init_state", None)):
-                init = lambda x: torch.zeros_like(cell.init_state(x))  # noqa: E731
+            cell_init = getattr(cell, "init_state", None)
+            if init is None and callable(cell_init):
+                init = lambda x: torch.zeros_like(cell_init(x))  # noqa: E731
 
             def f(x, h, t):
                 return functional_call(cell, t, (x, h))
@@ -335,6 +336,8 @@ def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
         if not path.exists():
             raise InputError(f"factory file {target!r} does not exist.")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # a path ending in .py always has a spec with a loader (SourceFileLoader)
+        assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:

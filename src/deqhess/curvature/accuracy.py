@@ -129,7 +129,7 @@ def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, 
             amplification = info.linear_solves.inverse_norm  # GMRES's estimate
         finite = amplification is not None and math.isfinite(amplification)
         known = known and finite
-        factor = amplification if finite else 1.0
+        factor = amplification if amplification is not None and finite else 1.0
         worst = max(worst, factor * residual / max(norm, torch.finfo(dtype).tiny))
     return worst, known
 

@@ -106,7 +106,8 @@ def spectral_density(
     g = torch.Generator().manual_seed(seed)
     q = rademacher(size, num_probes, g, op) / math.sqrt(size)
     basis = [q]
-    alphas, betas = [], []
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
     alive = torch.ones(num_probes, dtype=torch.bool, device=op.device)
     lengths = torch.zeros(num_probes, dtype=torch.long)
     scale = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,17 @@ class DiagonalResult:
 
     def by_parameter(self, layout: ParameterLayout) -> dict[str, Tensor]:
         """The estimate split by named parameter, each in its parameter's shape."""
-        parts = layout.unflatten(self.estimate)
-        return parts if isinstance(parts, dict) else {"theta": parts}
+        return _by_parameter(layout, self.estimate)
+
+    def std_error_by_parameter(self, layout: ParameterLayout) -> dict[str, Tensor]:
+        """The standard error split by named parameter, each in its parameter's shape."""
+        return _by_parameter(layout, self.std_error)
+
+
+def _by_parameter(layout: ParameterLayout, flat: Tensor) -> dict[str, Tensor]:
+    """A flat ``[P]`` tensor by named parameter (``"theta"`` for a single tensor θ)."""
+    parts = layout.unflatten(flat)
+    return dict(parts) if isinstance(parts, Mapping) else {"theta": parts}
 
 
 def diagonal(

@@ -206,7 +206,7 @@ def _unsolved(result: InverseResult, damping: float, tol: float, max_iter: int) 
     found = (
         f"; its direction p (.result.direction) has pᵀ(H + δI)p = {result.curvature:.3e}, so "
         f"λ_min(H) ≤ {result.curvature - damping:.3e}"
-        if result.direction is not None
+        if result.direction is not None and result.curvature is not None
         else ""
     )
     return (

@@ -175,19 +175,20 @@ def lanczos_extreme(
     krylov = _Krylov(start, basis_size, seed=start.shape[0])
     block = krylov.block
     keep = k + (basis_size - block - k) // 2  # the wanted pairs and some neighbours
-    values = rotations = residuals = None
+    ritz: tuple[Tensor, Tensor, Tensor] | None = None  # (θ, Y, residuals) of the last step
     while op.products + block <= max_hvps:
         if krylov.j + block > basis_size:
             krylov.restart(keep, which)
         krylov.expand(op)
         if krylov.j < k:
             continue
-        values, rotations, residuals = krylov.ritz()
-        index = _wanted(values, k, which)
-        if bool((residuals[index] <= tol * krylov.scale).all()):
+        ritz = krylov.ritz()
+        index = _wanted(ritz[0], k, which)
+        if bool((ritz[2][index] <= tol * krylov.scale).all()):
             break
-    if values is None or krylov.j < k:
+    if ritz is None or krylov.j < k:
         raise InputError(f"max_hvps={max_hvps} is too few for {k} Ritz pairs in blocks of {block}.")
+    values, rotations, residuals = ritz
     index = _wanted(values, k, which)
     converged = bool((residuals[index] <= tol * krylov.scale).all())
     return RitzPairs(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -142,7 +142,7 @@ def train(
         snapshot = {k: v.detach().clone() for k, v in theta.items()}
         eq = model.equilibrium(snapshot, x[idx], tol=1e-8, **equilibrium_options)
         objective = model.loss(y[idx])
-        gradient = eq.grad(objective)
+        gradient = cast(dict[str, Tensor], eq.grad(objective))  # θ's structure: a dict
         for name, t in theta.items():
             t.grad = gradient[name]
         optimizer.step()

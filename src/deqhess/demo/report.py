@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -93,7 +93,7 @@ def run_demo(
     hvp = clock.time("one HVP (cached)", eq.hvp, objective, probe)
 
     def exact_gradient(flat: torch.Tensor) -> torch.Tensor:
-        shifted = layout.unflatten(flat)
+        shifted = cast(dict[str, torch.Tensor], layout.unflatten(flat))  # θ is a dict
         return layout.flatten(model.equilibrium(shifted, x, tol=1e-13).grad(objective))
 
     def finite_differences() -> list[float]:

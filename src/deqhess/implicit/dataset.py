@@ -45,6 +45,7 @@ from .equilibrium import Equilibrium, EquilibriumInfo
 from .hessian import HessianSplit, split_deprecated
 from .loss import required_positional
 from .operators import CurvatureOperator, check_part
+from .problem import FixedPointMap
 
 __all__ = ["BatchSolve", "DatasetEquilibrium"]
 
@@ -86,6 +87,15 @@ class _Solved:
     info: EquilibriumInfo
     kept: Tensor | None = None  # the kept samples' indices in the batch (None: all)
     excluded: int = 0
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A batch that kept samples, as the products see it: its equilibrium and loss."""
+
+    solved: _Solved
+    equilibrium: Equilibrium
+    loss: _BatchLoss
 
 
 @dataclass(frozen=True)
@@ -199,7 +209,7 @@ class DatasetEquilibrium:
 
     def __init__(
         self,
-        f: Callable[[Any, Tensor, Parameters], Tensor],
+        f: FixedPointMap,
         theta: Parameters,
         data: Iterable[tuple[Any, Any]] | None = None,
         loss: Callable[..., Tensor] | None = None,
@@ -223,7 +233,7 @@ class DatasetEquilibrium:
 
     def _configure(
         self,
-        f: Callable[[Any, Tensor, Parameters], Tensor],
+        f: FixedPointMap,
         theta: Parameters,
         data: Iterable[tuple[Any, Any]] | None,
         loss: Callable[..., Tensor] | None,
@@ -357,7 +367,7 @@ class DatasetEquilibrium:
         solved = self._restricted(batch, full, keep)
         eq = solved.equilibrium
         samples = 0 if eq is None else eq.problem.state.samples
-        offers = [Offer(partial(self._cached_bytes, solved), solved=solved)] if eq else []
+        offers = [Offer(partial(self._cached_bytes, solved, eq), solved=solved)] if eq else []
         if keep is None:  # a batch that left samples out starts cold: the same ones again
             offers.append(Offer(partial(held_bytes, full.h), warm={"h": full.h}))
         return Formed(
@@ -418,7 +428,9 @@ class DatasetEquilibrium:
             BatchSolve(solved.info, state.samples, norm, state.dtype, solved.excluded)
         )  # cond(I − J) joins the record once a pass has factorised the batch
 
-    def _each(self, compute: Callable[[_Solved], Any], empty, desc: str | None = None):
+    def _each(
+        self, compute: Callable[[_Ready], Any], empty: Callable[[], Any], desc: str | None = None
+    ) -> Any:
         """One pass of ``compute`` over the batches with samples, θ checked first."""
         if [t._version for t in self.layout.tensors(self.theta)] != self._versions:
             raise StaleEquilibriumError(
@@ -428,9 +440,10 @@ class DatasetEquilibrium:
             )
 
         def visit(solved: _Solved) -> Any:
-            if solved.equilibrium is None:  # every sample of this batch was excluded
+            eq, loss = solved.equilibrium, solved.loss
+            if eq is None or loss is None:  # every sample of this batch was excluded
                 return None
-            value = compute(solved)
+            value = compute(_Ready(solved, eq, loss))
             self._record_condition(solved)
             return value
 
@@ -449,9 +462,8 @@ class DatasetEquilibrium:
         if record.info.condition_number is None and eq.info.condition_number is not None:
             self._solves[index] = replace(record, info=eq.info)
 
-    def _cached_bytes(self, solved: _Solved) -> int:
+    def _cached_bytes(self, solved: _Solved, eq: Equilibrium) -> int:
         """Estimated bytes a batch holds once stored and used for products."""
-        eq = solved.equilibrium
         itemsize = torch.finfo(self.layout.dtype).bits // 8
         if self._activations is None:
             theta = self.layout.flatten(self.theta).detach()
@@ -475,7 +487,7 @@ class DatasetEquilibrium:
     def grad(self) -> Parameters:
         """The data-set gradient, in θ's structure (one pass)."""
         total = self._each(
-            lambda s: self.layout.flatten(s.equilibrium.grad(s.loss)),
+            lambda batch: self.layout.flatten(batch.equilibrium.grad(batch.loss)),
             lambda: self._zeros(self.num_parameters),
             "gradient",
         )
@@ -504,7 +516,7 @@ class DatasetEquilibrium:
             return self.hessian_split()
         p = self.num_parameters
         return self._each(
-            lambda solved: self._fresh(solved).hessian(solved.loss),
+            lambda batch: self._fresh(batch).hessian(batch.loss),
             lambda: self._zeros(p, p),
             "Hessian",
         )
@@ -522,8 +534,8 @@ class DatasetEquilibrium:
         """
         p = self.num_parameters
 
-        def one(solved: _Solved) -> tuple[Tensor, Tensor]:
-            parts = self._fresh(solved).hessian_split(solved.loss)
+        def one(batch: _Ready) -> tuple[Tensor, Tensor]:
+            parts = self._fresh(batch).hessian_split(batch.loss)
             return parts.loss_curvature, parts.dynamics_curvature
 
         loss_part, dynamics_part = self._each(
@@ -531,15 +543,15 @@ class DatasetEquilibrium:
         )
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
 
-    def _fresh(self, solved: _Solved) -> Equilibrium:
+    def _fresh(self, batch: _Ready) -> Equilibrium:
         """The batch's equilibrium, for a dense form whose Z must not stay stored.
 
         Returns:
             The batch's equilibrium, solved afresh from its fixed point if the store
             holds it (so that the sensitivity Z the dense form builds is dropped with it).
         """
-        eq = solved.equilibrium
-        return self._solve(solved.x, h0=eq.h) if self._stored(solved) else eq
+        eq = batch.equilibrium
+        return self._solve(batch.solved.x, h0=eq.h) if self._stored(batch.solved) else eq
 
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
         """The data-set Hessian, or one part of it, as a ``P × P`` operator.
@@ -557,7 +569,7 @@ class DatasetEquilibrium:
 
         def products(v: Tensor) -> Tensor:
             return self._each(
-                lambda s: s.equilibrium.block_products(s.loss, part)(v),
+                lambda batch: batch.equilibrium.block_products(batch.loss, part)(v),
                 lambda: torch.zeros_like(v),
             )
 

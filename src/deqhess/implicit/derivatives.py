@@ -49,7 +49,7 @@ def parameter_jacobian(
     size, params = samples * width, theta.numel()
     chunk_size = chunk_size or default_chunk_size(size + params)
     if size <= params:
-        _, pullback = torch.func.vjp(lambda t: dynamics(t, h), theta)
+        pullback = torch.func.vjp(lambda t: dynamics(t, h), theta)[1]
         basis = torch.eye(size, dtype=h.dtype, device=h.device).reshape(size, samples, width)
         rows = torch.func.vmap(lambda c: pullback(c)[0], chunk_size=chunk_size)(basis)
         return rows.reshape(samples, width, params)
@@ -78,7 +78,7 @@ def lagrangian_hessian(
     Returns:
         The product ``(v [P], z [S, d]) ↦ (g_θ [P], g_h [S, d])``.
     """
-    _, pullback = torch.func.vjp(torch.func.grad(phi, argnums=(0, 1)), theta, h)
+    pullback = torch.func.vjp(torch.func.grad(phi, argnums=(0, 1)), theta, h)[1]
 
     def product(v: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         return pullback((v, z))

@@ -57,7 +57,7 @@ from .hessian import HessianSplit, dense_hessian, second_sensitivity, split_depr
 from .hvp import ParameterProducts, hessian_vector_products
 from .loss import Captured, Loss
 from .operators import CurvatureOperator, check_part
-from .problem import Problem
+from .problem import FixedPointMap, Problem
 
 __all__ = ["Equilibrium", "EquilibriumInfo"]
 
@@ -204,7 +204,7 @@ class Equilibrium:
 
     def __init__(
         self,
-        f: Callable[[Any, Tensor, Parameters], Tensor],
+        f: FixedPointMap,
         theta: Parameters,
         x: Any,
         h0: Tensor | None = None,
@@ -341,7 +341,8 @@ class Equilibrium:
         self.linear_solver = strategy
         return Linearization.in_blocks(
             lin.residual, lin.h, blocks, strategy, stats=lin.stats,
-            accepted=lin.accepted.amax().expand(blocks[0]), tolerance=lin.tolerance,
+            accepted=None if lin.accepted is None else lin.accepted.amax().expand(blocks[0]),
+            tolerance=lin.tolerance,
             max_error_bound=lin.max_error_bound, watch_accuracy=True,
         )  # fmt: skip
 

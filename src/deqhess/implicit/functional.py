@@ -11,15 +11,15 @@ from ..errors import ArgumentError
 from ..parameters import ParameterLayout, Parameters
 from .equilibrium import Equilibrium
 from .hessian import HessianSplit, split_deprecated
+from .problem import FixedPointMap
 
 __all__ = ["grad", "hessian", "hessian_split", "hvp"]
 
-Dynamics = Callable[[Any, Tensor, Parameters], Tensor]
 LossFn = Callable[..., Tensor]
 
 
 def grad(
-    f: Dynamics, loss: LossFn, theta: Parameters, x: Any, h0: Tensor | None = None, **opts: Any
+    f: FixedPointMap, loss: LossFn, theta: Parameters, x: Any, h0: Tensor | None = None, **opts: Any
 ) -> Parameters:
     """The gradient ``dL(h*)/dθ`` at the fixed point ``h* = f(x, h*, θ)``.
 
@@ -43,7 +43,7 @@ def grad(
 
 @overload
 def hessian(
-    f: Dynamics,
+    f: FixedPointMap,
     loss: LossFn,
     theta: Parameters,
     x: Any,
@@ -53,7 +53,7 @@ def hessian(
 ) -> Tensor: ...
 @overload
 def hessian(
-    f: Dynamics,
+    f: FixedPointMap,
     loss: LossFn,
     theta: Parameters,
     x: Any,
@@ -63,7 +63,7 @@ def hessian(
     **opts: Any,
 ) -> HessianSplit: ...
 def hessian(
-    f: Dynamics,
+    f: FixedPointMap,
     loss: LossFn,
     theta: Parameters,
     x: Any,
@@ -96,7 +96,7 @@ def hessian(
 
 
 def hessian_split(
-    f: Dynamics, loss: LossFn, theta: Parameters, x: Any, h0: Tensor | None = None, **opts: Any
+    f: FixedPointMap, loss: LossFn, theta: Parameters, x: Any, h0: Tensor | None = None, **opts: Any
 ) -> HessianSplit:
     """The Hessian's two parts, the loss and the dynamics curvature, each ``[P, P]``.
 
@@ -119,7 +119,7 @@ def hessian_split(
 
 
 def hvp(
-    f: Dynamics,
+    f: FixedPointMap,
     loss: LossFn,
     theta: Parameters,
     x: Any,

@@ -80,7 +80,7 @@ class ParameterProducts:
         def of_theta(t: Tensor) -> Tensor:
             return dynamics(t, h)
 
-        _, pullback = torch.func.vjp(of_theta, theta)
+        pullback = torch.func.vjp(of_theta, theta)[1]
         return cls(
             jvp=lambda v: dynamics_jvp(dynamics, theta, h, v),
             vjp=lambda mu: pullback(mu)[0],

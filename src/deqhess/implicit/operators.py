@@ -9,7 +9,8 @@ symmetric :class:`deqhess.operator.Operator`, so it converts to a dense tensor o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -96,7 +97,19 @@ class CurvatureOperator(Operator):
         """``H v`` for ``v`` ``[P]``."""
         return self._products(v[None])[0]
 
-    def __matmul__(self, other: Parameters | list[Tensor]) -> Parameters | list[Tensor]:
+    # Operator.__matmul__ takes tensors; this one takes θ-structured directions and
+    # lists too, and gives a tensor for a tensor as Operator does. mypy refuses any
+    # wider operand of an overloaded operator override (for reflected operators' sake;
+    # none is defined here), so the override is marked.
+    @overload  # type: ignore[override]
+    def __matmul__(self, other: Tensor) -> Tensor: ...
+    @overload
+    def __matmul__(self, other: Mapping[str, Tensor]) -> Mapping[str, Tensor]: ...
+    @overload
+    def __matmul__(self, other: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]: ...
+    def __matmul__(
+        self, other: Parameters | list[Tensor] | tuple[Tensor, ...]
+    ) -> Parameters | list[Tensor]:
         """``H @ v`` in the form of ``v``.
 
         Args:
@@ -110,13 +123,13 @@ class CurvatureOperator(Operator):
             InputError: ``other`` has none of these forms.
         """
         layout = self.layout
-        if layout.names is not None and layout.matches(other):
+        if isinstance(other, Mapping) and layout.matches(other):
             return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
         if isinstance(other, (list, tuple)):
             return self._list_product(list(other))
         if isinstance(other, Tensor) and other.ndim in (1, 2) and other.shape[0] == layout.size:
             return super().__matmul__(other)
-        if layout.matches(other):  # a single-tensor θ of another shape
+        if isinstance(other, Tensor) and layout.matches(other):  # a θ tensor of another shape
             return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
         got = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
         raise InputError(
@@ -140,14 +153,15 @@ class CurvatureOperator(Operator):
         layout = self.layout
         shapes = list(layout.shapes)
         ok = len(tensors) == len(shapes) and all(isinstance(t, Tensor) for t in tensors)
-        trailing = None
+        trailing: tuple[int, ...] = ()  # the common trailing K, if any
         if ok:
             extra = {tuple(t.shape[len(s) :]) for t, s in zip(tensors, shapes, strict=True)}
             ok = len(extra) == 1 and all(
                 tuple(t.shape[: len(s)]) == tuple(s) for t, s in zip(tensors, shapes, strict=True)
             )
-            trailing = extra.pop() if ok else None
-            ok = ok and len(trailing) <= 1
+            if ok:
+                trailing = extra.pop()
+                ok = len(trailing) <= 1
         if not ok:
             got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in tensors]
             raise InputError(

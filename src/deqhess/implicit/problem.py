@@ -21,7 +21,11 @@ from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
 from .loss import Captured, Loss
 
-__all__ = ["Problem"]
+__all__ = ["FixedPointMap", "Problem"]
+
+#: ``f(x, h, θ)``, the DEQ map. θ reaches it in the structure the user gave (a tensor or
+#: a dict of tensors), so ``f`` may annotate it either way.
+FixedPointMap = Callable[[Any, Tensor, Any], Tensor]
 
 
 class Problem:
@@ -43,7 +47,7 @@ class Problem:
 
     def __init__(
         self,
-        f: Callable[[Any, Tensor, Parameters], Tensor],
+        f: FixedPointMap,
         theta: Parameters,
         x: Any,
         h0: Tensor,
@@ -102,7 +106,9 @@ class Problem:
         """``L(h, θ)`` for flat ``θ`` and rows ``h``."""
         return loss(self.state.from_rows(h), self.params.unflatten(theta))
 
-    def lagrangian(self, loss: Loss | None, adjoint: Tensor | None) -> Callable:
+    def lagrangian(
+        self, loss: Loss | None, adjoint: Tensor | None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         """``Φ(θ, h) = L(h, θ) + ⟨λ, f(x, h, θ)⟩`` with λ held fixed (either term optional).
 
         Its Hessian projected by ``[I; Z]`` is the DEQ Hessian; the ``L`` term alone
@@ -117,7 +123,7 @@ class Problem:
         """
 
         def phi(theta: Tensor, h: Tensor) -> Tensor:
-            value = self.objective(loss, theta, h) if loss is not None else 0.0
+            value = self.objective(loss, theta, h) if loss is not None else theta.new_zeros(())
             if adjoint is not None:
                 value = value + (adjoint * self.dynamics(theta, h)).sum()
             return value

@@ -26,6 +26,7 @@ the figure; the thresholds leave room for that.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -144,7 +145,7 @@ class ErrorBound:
                 f"above max_error_bound={limit:g}. Tighten tol (float64 allows ~1e-13 "
                 "relative), use float64, or make f more contractive in h at its fixed point; "
                 "or raise max_error_bound to accept derivatives this inexact.",
-                condition_number=self.inverse_norm,
+                condition_number=math.inf if self.inverse_norm is None else self.inverse_norm,
             )
         threshold = warning_threshold(dtype)
         if self.value > threshold and not warned:

@@ -27,7 +27,7 @@ def jacobian_blocks(
     """
     samples, width = h.shape
     chunk_size = chunk_size or default_chunk_size(h.numel())
-    _, pullback = torch.func.vjp(fn, h)
+    pullback = torch.func.vjp(fn, h)[1]
     eye = torch.eye(width, dtype=h.dtype, device=h.device)
     cotangents = eye[:, None, :].expand(width, samples, width)
     rows = torch.func.vmap(pullback, chunk_size=chunk_size)(cotangents)[0]  # [d, S, d]

@@ -195,12 +195,13 @@ class Linearization:
             InputError: ``F`` is not a deterministic function of ``h`` (a residual moved
                 beyond twice what the solve accepted, or its tolerance).
         """
-        if self._certified:
+        accepted = self.accepted
+        if self._certified or accepted is None:  # no solve's residuals to compare with
             return
         h = self.h
         g = value - h
         now = torch.linalg.vector_norm(g, dim=-1)
-        allowed = 2 * self.accepted.to(now)
+        allowed = 2 * accepted.to(now)
         if self.tolerance is not None:  # coupled rows may drift within the tolerance
             allowed = torch.maximum(
                 allowed, 2 * self.tolerance.threshold(torch.linalg.vector_norm(value, dim=-1))
@@ -212,7 +213,7 @@ class Linearization:
             raise InputError(
                 f"f is not a deterministic function of the state: evaluated again at the fixed "
                 f"point, sample {row}'s residual ‖f(h) − h‖ is {float(now[row]):.2e} where the "
-                f"solve accepted {float(self.accepted[row]):.2e}. A map that changes between calls "
+                f"solve accepted {float(accepted[row]):.2e}. A map that changes between calls "
                 "(dropout or noise in training mode, a parametrisation or buffer updated at "
                 "each call) has no fixed point to differentiate: make it deterministic (eval "
                 "mode, or draw any random mask once and pass it in x)."
@@ -305,7 +306,7 @@ class Linearization:
             x0 = previous if previous is not None and previous.shape == rhs.shape else None
         x, info = prepared.compute(rhs, x0)
         self.stats.record(info)
-        if self.watch_accuracy and self._prepared.inverse_norm is None:  # GMRES's estimate
+        if self.watch_accuracy and self.prepared.inverse_norm is None:  # GMRES's estimate
             self._check_error_bound()
         if warm_start:
             self._previous[transpose] = x

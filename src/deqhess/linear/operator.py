@@ -91,9 +91,6 @@ class ResidualOperator(Operator):
     def _residual_jvp(self, v: Tensor) -> Tensor:
         return self._tangent_product(v.contiguous())
 
-    def _residual_vjp(self, w: Tensor) -> Tensor:
-        return self._pullback(w)[0]
-
     def apply(self, v: Tensor) -> Tensor:
         """``(I − J) v``, by JVPs.
 
@@ -124,8 +121,9 @@ class ResidualOperator(Operator):
     def apply_transpose(self, w: Tensor) -> Tensor:
         """``(I − J)ᵀ w`` for ``w`` ``[..., S, d]``."""
         if self._pullback is None:  # built outside any vmap, then reused
-            _, self._pullback = torch.func.vjp(self.residual, self.h)
-        return -_over_leading(self._residual_vjp, w)
+            self._pullback = torch.func.vjp(self.residual, self.h)[1]
+        pullback = self._pullback
+        return -_over_leading(lambda cotangent: pullback(cotangent)[0], w)
 
     def matmat(self, block: Tensor) -> Tensor:
         """``(I − J) V`` for flat ``V`` ``[S·d, K]``."""
