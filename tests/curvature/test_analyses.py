@@ -81,6 +81,8 @@ def test_diagonal_within_its_stated_error_and_by_parameter():
     assert torch.all((result.estimate - truth).abs() <= 5 * result.std_error + 1e-12)
     parts = result.by_parameter(eq.problem.params)
     assert {k: v.shape for k, v in parts.items()} == {k: v.shape for k, v in c.theta.items()}
+    errors = result.std_error_by_parameter(eq.problem.params)
+    assert torch.equal(torch.cat([errors[k].reshape(-1) for k in c.theta]), result.std_error)
 
 
 def test_slq_quadrature_reproduces_moments_and_density():
