@@ -228,7 +228,7 @@ def run(rank: int, world: int, port: int, out_dir: str, scenario: str) -> None:
                 "samples": data.num_samples,
                 "grad": data.layout.flatten(data.grad()),
                 "hessian": data.hessian(),
-                "ggn": data.hessian(split=True).loss_curvature,
+                "ggn": data.hessian_split().loss_curvature,
                 "hvp": data.hvp(v),
                 "block": op @ torch.stack([v, v.cos()], dim=1),
             }

@@ -54,7 +54,7 @@ def test_distributed_equals_single_process_on_uneven_shards(world, scenario, tmp
     expected = {
         "grad": single.layout.flatten(single.grad()),
         "hessian": hessian,
-        "ggn": single.hessian(split=True).loss_curvature,
+        "ggn": single.hessian_split().loss_curvature,
         "hvp": hessian @ v,
         "block": hessian @ torch.stack([v, v.cos()], dim=1),
     }

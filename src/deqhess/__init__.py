@@ -11,6 +11,7 @@ from . import batches, curvature, distributed, linear, models, nn, solvers, stre
 from .errors import (
     AccuracyWarning,
     AnalysisConvergenceError,
+    ArgumentError,
     ConvergenceError,
     DataChangedError,
     DenseMemoryError,
@@ -30,6 +31,7 @@ from .implicit import (
     HessianSplit,
     grad,
     hessian,
+    hessian_split,
     hvp,
 )
 from .linear import GMRES, Dense, Neumann
@@ -46,6 +48,7 @@ __all__ = [
     "HessianSplit",
     "grad",
     "hessian",
+    "hessian_split",
     "hvp",
     # operators and data sets
     "CurvatureOperator",
@@ -63,6 +66,7 @@ __all__ = [
     # dense-memory check
     "DeqhessError",
     "InputError",
+    "ArgumentError",
     "AccuracyWarning",
     "AnalysisConvergenceError",
     "ConvergenceError",

@@ -15,6 +15,7 @@ import sys
 __all__ = [
     "DeqhessError",
     "InputError",
+    "ArgumentError",
     "AccuracyWarning",
     "AnalysisConvergenceError",
     "ConvergenceError",
@@ -46,6 +47,18 @@ class InputError(DeqhessError, ValueError):
 
     The message names the argument, shows what was received and says what to try. A
     ``ValueError``, so code written to catch ``ValueError`` keeps working.
+    """
+
+
+class ArgumentError(InputError, TypeError):
+    """A call's arguments do not bind as given.
+
+    One is missing, repeated or one too many, or two were given where they could be
+    confused (and a swap would pass unnoticed). Python raises ``TypeError`` for a call
+    that does not fit a signature, so this is one (code that caught the ``TypeError``
+    deqhess raised there before keeps working), and an :class:`InputError` too, so
+    ``except InputError`` catches all bad input — as numpy's ``AxisError`` is both a
+    ``ValueError`` and an ``IndexError``.
     """
 
 

@@ -104,7 +104,7 @@ def test_analyze_writes_report_and_plots(factory, tmp_path, capsys):
     assert report["parameters"] == 32 and report["samples"] == 6 and report["batches"] == 2
     # the numbers are the dense truth's: P = 32 ≤ trace_hvps/3 makes Hutch++ exact
     problem = dh.cli.load_factory(f"{factory}:make")
-    dense = problem.equilibria(progress=False).hessian(split=True)
+    dense = problem.equilibria(progress=False).hessian_split()
     for part, matrix in [("total", dense.total), ("loss_curvature", dense.loss_curvature),
                          ("dynamics_curvature", dense.dynamics_curvature)]:  # fmt: skip
         exact = torch.linalg.eigvalsh(0.5 * (matrix + matrix.T))

@@ -25,8 +25,8 @@ def _pair(name):
 
 
 def _true_error(eq32, eq64, loss, part):
-    dense32 = getattr(eq32.hessian(loss, split=True), part).double()
-    dense64 = getattr(eq64.hessian(loss, split=True), part)
+    dense32 = getattr(eq32.hessian_split(loss), part).double()
+    dense64 = getattr(eq64.hessian_split(loss), part)
     return float(
         torch.linalg.matrix_norm(dense32 - dense64, ord=2) / torch.linalg.matrix_norm(dense64, 2)
     )

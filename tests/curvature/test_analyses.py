@@ -26,7 +26,7 @@ from deqhess.implicit import PARTS
 def _setup(name="tanh_batched"):
     c = case(name)
     eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, tol=1e-14, atol=1e-15, batch_dim=c.batch_dim)
-    split = eq.hessian(c.loss_theta, split=True)
+    split = eq.hessian_split(c.loss_theta)
     dense = {
         "total": split.total,
         "loss_curvature": split.loss_curvature,
@@ -81,6 +81,8 @@ def test_diagonal_within_its_stated_error_and_by_parameter():
     assert torch.all((result.estimate - truth).abs() <= 5 * result.std_error + 1e-12)
     parts = result.by_parameter(eq.problem.params)
     assert {k: v.shape for k, v in parts.items()} == {k: v.shape for k, v in c.theta.items()}
+    errors = result.std_error_by_parameter(eq.problem.params)
+    assert torch.equal(torch.cat([errors[k].reshape(-1) for k in c.theta]), result.std_error)
 
 
 def test_slq_quadrature_reproduces_moments_and_density():

@@ -1,6 +1,6 @@
 """Damped solves: CG stops at negative curvature, product caps, statuses, argument errors.
 
-The references are the dense parts of the exact Hessian (``eq.hessian(..., split=True)``,
+The references are the dense parts of the exact Hessian (``eq.hessian_split(...)``,
 checked against unrolled autodiff in tests/implicit) and ``torch.linalg``.
 """
 
@@ -21,8 +21,8 @@ def setup():
         torch.set_default_dtype(torch.float64)
         c = case("tanh_batched")
         eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, tol=1e-14, atol=1e-15, batch_dim=0)
-        readout = eq.hessian(c.loss_theta, split=True)  # L(h, θ) with a readout
-        convex = eq.hessian(c.loss, split=True)  # L(h) convex in h
+        readout = eq.hessian_split(c.loss_theta)  # L(h, θ) with a readout
+        convex = eq.hessian_split(c.loss)  # L(h) convex in h
     return c, eq, readout, convex
 
 

@@ -1,7 +1,7 @@
 """``inverse_diagonal``: ``diag((G + δI)⁻¹)`` against a dense inverse.
 
 ``G`` is the loss curvature of a convex loss (positive semi-definite, from
-``eq.hessian(..., split=True)``, checked against unrolled autodiff in tests/implicit), and
+``eq.hessian_split(...)``, checked against unrolled autodiff in tests/implicit), and
 the reference ``torch.linalg.inv(G + δI)``. The dense method is exact to rounding (1e-10);
 the probes' estimate must lie within 5 standard errors of the truth in every entry (the
 stated error estimate; with the seed fixed the check is deterministic).
@@ -25,8 +25,8 @@ def setup():
         torch.set_default_dtype(torch.float64)
         c = case("tanh_batched")
         eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, tol=1e-14, atol=1e-15, batch_dim=0)
-        split = eq.hessian(c.loss, split=True)
-        readout = eq.hessian(c.loss_theta, split=True)
+        split = eq.hessian_split(c.loss)
+        readout = eq.hessian_split(c.loss_theta)
     dense = 0.5 * (split.loss_curvature + split.loss_curvature.T)
     exact = torch.linalg.inv(dense + DAMPING * torch.eye(len(dense))).diagonal()
     return c, eq, exact, readout

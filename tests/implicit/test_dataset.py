@@ -63,9 +63,9 @@ def test_mean_over_uneven_batches_equals_concatenated(linear):
     assert relative_error(data.hvp(v), dense @ v) <= 1e-10
     block = torch.randn(layout.size, 3)
     assert relative_error(data.hessian_operator() @ block, dense @ block) <= 1e-10
-    split = data.hessian(split=True)
+    split = data.hessian_split()
     assert relative_error(split.total, dense) <= 1e-10
-    whole_split = whole.hessian(loss, split=True)
+    whole_split = whole.hessian_split(loss)
     assert relative_error(split.loss_curvature, whole_split.loss_curvature) <= 1e-10
     ggn = data.hessian_operator("loss_curvature").to_dense()
     assert relative_error(ggn, whole_split.loss_curvature) <= 1e-10
@@ -116,7 +116,7 @@ def test_every_family_as_a_data_set_of_two_inputs(name):
     assert relative_error(data.hessian(), expected) <= 1e-12
     block = torch.randn(expected.shape[0], 3)
     assert relative_error(data.hessian_operator() @ block, expected @ block) <= 1e-12
-    ggn = sum(eq.hessian(c.loss_theta, split=True).loss_curvature for eq in singles)
+    ggn = sum(eq.hessian_split(c.loss_theta).loss_curvature for eq in singles)
     assert relative_error(data.hessian_operator("loss_curvature").to_dense(), ggn) <= 1e-12
 
 
@@ -153,12 +153,12 @@ def test_streaming_and_partial_cache_equal_the_concatenated_data(cache):
     whole, loss = _whole(f, theta, x, y)
     layout = ParameterLayout(theta)
     assert relative_error(layout.flatten(data.grad()), layout.flatten(whole.grad(loss))) <= 1e-12
-    dense = whole.hessian(loss, split=True)
+    dense = whole.hessian_split(loss)
     block = torch.randn(layout.size, 3)
     assert relative_error(data.hessian_operator() @ block, dense.total @ block) <= 1e-10
     ggn = data.hessian_operator("loss_curvature") @ block
     assert relative_error(ggn, dense.loss_curvature @ block) <= 1e-10
-    split = data.hessian(split=True)
+    split = data.hessian_split()
     assert relative_error(split.dynamics_curvature, dense.dynamics_curvature) <= 1e-10
     assert relative_error(data.hessian(), dense.total) <= 1e-10
 
@@ -335,6 +335,22 @@ def test_batches_is_the_old_name_of_data():
     assert all(torch.equal(old.grad()[k], new[k]) for k in new)
     with pytest.raises(ValueError, match="needs data"):
         dh.DatasetEquilibrium(f, theta, loss=_mean_loss, **init)
+
+
+def test_hessian_split_flag_is_deprecated_for_hessian_split():
+    f, theta, x, y = _data()
+    init = dict(init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS)
+    data = dh.DatasetEquilibrium(f, theta, _batches(x, y, [5, 6]), _mean_loss, **init)
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"^DatasetEquilibrium\.hessian\(\.\.\., split=True\) is deprecated and will be "
+        r"removed in deqhess 0\.3; use data\.hessian_split\(\), which returns the HessianSplit",
+    ):
+        old = data.hessian(split=True)
+    new = data.hessian_split()
+    assert isinstance(old, dh.HessianSplit)
+    for part in ("loss_curvature", "dynamics_curvature", "total"):
+        assert torch.equal(getattr(old, part), getattr(new, part))
 
 
 def test_a_loss_changed_after_construction_is_followed_by_every_derivative():

@@ -7,6 +7,7 @@ import torch
 from problems import case
 
 import deqhess as dh
+from deqhess.errors import ArgumentError
 
 
 def _tanh():
@@ -130,14 +131,77 @@ def test_bad_directions_and_methods():
         eq.hvp(c.loss, torch.full((45,), float("nan")))
     with pytest.raises(ValueError, match="unknown gradient method 'magic'"):
         eq.grad(c.loss, method="magic")
-    with pytest.raises(TypeError, match="needs the direction v"):
+
+
+def test_hvp_arguments_h0_and_v_are_never_guessed():
+    """h0 and v go by keyword, or positionally in the contract's order — both, or one
+    beside the other's keyword — where they cannot be confused; every other form is
+    refused (an ArgumentError: a TypeError, as before, and an InputError), so a swapped
+    h0 and v can never pass silently."""
+    c = _tanh()
+    v = torch.ones(45)
+    expected = dh.hvp(c.f, c.loss, c.theta, c.x, h0=c.h0, v=v)
+    for form in (
+        lambda: dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, v),
+        lambda: dh.hvp(c.f, c.loss, c.theta, c.x, v, h0=c.h0),  # the contract: h0 by keyword
+        lambda: dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, v=v),
+    ):
+        assert torch.equal(form(), expected)
+    with pytest.raises(ArgumentError, match=r"needs the direction v: hvp\(f, loss, theta, x, h0="):
         dh.hvp(c.f, c.loss, c.theta, c.x, h0=c.h0)
-    with pytest.raises(TypeError, match="ambiguous"):
-        dh.hvp(c.f, c.loss, c.theta, c.x, torch.ones(45))
-    with pytest.raises(TypeError, match="both positionally and by keyword"):
-        dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, torch.ones(45), v=torch.ones(45))
-    with pytest.raises(TypeError, match="at most h0 and v"):
-        dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, torch.ones(45), torch.ones(45))
+    with pytest.raises(TypeError, match=r"one positional argument after x and neither h0= nor v="):
+        dh.hvp(c.f, c.loss, c.theta, c.x, v)
+    with pytest.raises(ArgumentError, match="one positional argument after x and h0= and v="):
+        dh.hvp(c.f, c.loss, c.theta, c.x, v, h0=c.h0, v=v)
+    with pytest.raises(ArgumentError, match=r"the h0 given \(\(45,\)\) has the form of a"):
+        dh.hvp(c.f, c.loss, c.theta, c.x, v, v=v)  # a direction passed as h0 beside v=
+    with pytest.raises(dh.InputError, match=r"got 3 positional arguments after x"):
+        dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, v, v)
+    with pytest.raises(ArgumentError, match=r"positionally and h0= or v= by keyword as well"):
+        dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, v, v=v)
+    # swapped: a direction where h0 belongs, in each of the operator's forms
+    for direction in (v, v[:, None], {k: torch.ones_like(t) for k, t in c.theta.items()}):
+        with pytest.raises(
+            ArgumentError,
+            match=r"^hvp\(f, loss, theta, x, h0, v\): the h0 given \(.*\) has the form of a "
+            r"direction, so h0 and v could be swapped unnoticed; pass them by keyword",
+        ):
+            dh.hvp(c.f, c.loss, c.theta, c.x, direction, c.h0)
+    # a state shaped like θ: the positional form is refused even in the right order
+    square = {"theta": torch.full((3,), 0.4)}
+    x3 = torch.tensor([0.1, -0.2, 0.3])
+    with pytest.raises(ArgumentError, match=r"the h0 given \(\(3,\)\) has the form of a"):
+        dh.hvp(lambda x, h, t: torch.tanh(t["theta"] * h + x), lambda h: h.sum(),
+               square, x3, torch.zeros(3), torch.ones(3))  # fmt: skip
+
+
+def test_hessian_split_flag_is_deprecated_for_hessian_split():
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    new = eq.hessian_split(c.loss)
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"^Equilibrium\.hessian\(\.\.\., split=True\) is deprecated and will be removed "
+        r"in deqhess 0\.3; use eq\.hessian_split\(loss\), which returns the HessianSplit",
+    ):
+        old = eq.hessian(c.loss, split=True)
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"^deqhess\.hessian\(\.\.\., split=True\) is deprecated .* use "
+        r"deqhess\.implicit\.hessian_split\(f, loss, theta, x, h0\), which returns the Hessian",
+    ):
+        functional = dh.hessian(c.f, c.loss, c.theta, c.x, c.h0, split=True)
+    for result in (old, functional):
+        assert isinstance(result, dh.HessianSplit)
+        for part in ("loss_curvature", "dynamics_curvature", "total"):
+            assert torch.equal(getattr(result, part), getattr(new, part))
+
+
+def test_hvp_positional_form_of_the_contract_still_works():
+    c = _tanh()
+    v = torch.randn(45)
+    by_keyword = dh.hvp(c.f, c.loss, c.theta, c.x, h0=c.h0, v=v)
+    assert torch.equal(dh.hvp(c.f, c.loss, c.theta, c.x, c.h0, v), by_keyword)
 
 
 def test_no_fixed_point_raises_convergence_error():
@@ -196,7 +260,7 @@ def test_inputs_are_not_mutated_and_flags_kept():
     v = {k: torch.randn_like(t) for k, t in theta.items()}
     v_before = {k: t.clone() for k, t in v.items()}
     eq = dh.Equilibrium(c.f, theta, x, h0)
-    eq.hessian(c.loss_theta, split=True)
+    eq.hessian_split(c.loss_theta)
     eq.hvp(c.loss_theta, v)
     eq.grad(c.loss_theta, method="sensitivity")
     eq.second_sensitivity()
@@ -481,7 +545,7 @@ def test_dense_requests_beyond_the_limit_are_refused_before_allocating():
     with dh.memory_limit(10_000):
         with pytest.raises(
             dh.DenseMemoryError,
-            match=r"^eq\.hessian\(loss, split=False\) \(P = 45, N = 15\) would allocate about "
+            match=r"^eq\.hessian\(loss\) \(P = 45, N = 15\) would allocate about "
             r"32\.4 kB of torch\.float64, but 10\.0 kB is the limit set with deqhess\.memory_l"
             r"imit\. Use the exact matrix-free products instead: eq\.hvp.*memory_limit\(None\)",
         ) as err:
@@ -492,6 +556,8 @@ def test_dense_requests_beyond_the_limit_are_refused_before_allocating():
             match=r"^op\.to_dense\(\) on a CurvatureOperator \(45 × 45\) .*op @ V",
         ):
             eq.hessian_operator(c.loss).to_dense()
+        with pytest.raises(dh.DenseMemoryError, match=r"^eq\.hessian_split\(loss\) \(P = 45"):
+            eq.hessian_split(c.loss)
         with pytest.raises(dh.DenseMemoryError, match=r"^eq\.second_sensitivity\(\)"):
             eq.second_sensitivity()
         eq.grad(c.loss)  # no dense object: allowed

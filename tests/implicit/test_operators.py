@@ -43,7 +43,7 @@ def test_matrix_free_path_equals_dense_path(name, linear):
 def test_operators_match_dense_hessian_and_split(name):
     c = case(name)
     eq = _equilibrium(c)
-    split = eq.hessian(c.loss_theta, split=True)
+    split = eq.hessian_split(c.loss_theta)
     p = eq.num_parameters
     block = torch.randn(p, 5)
     for part, dense in [

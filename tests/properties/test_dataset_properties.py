@@ -70,7 +70,7 @@ def test_dataset_matches_unrolled(problem, sizes, reduction, forward, seed, line
     hessian = torch.func.hessian(objective)(theta)
     loss_curvature = scale * sum(b.reference_split(theta)[1] for b in batches)
     check("DatasetEquilibrium.grad", flat(data.grad()), gradient, problem)
-    split = data.hessian(split=True)
+    split = data.hessian_split()
     check("DatasetEquilibrium.hessian", split.total, hessian, problem)
     check("DatasetEquilibrium.hessian loss_curvature", split.loss_curvature, loss_curvature,
           problem)  # fmt: skip

@@ -37,7 +37,7 @@ def test_equilibrium_matches_unrolled(problem, forward, linear):
 
     check("Equilibrium.grad", flat(eq.grad(loss)), gradient, problem)
     check("Equilibrium.grad(sensitivity)", flat(eq.grad(loss, "sensitivity")), gradient, problem)
-    split = eq.hessian(loss, split=True)
+    split = eq.hessian_split(loss)
     check("Equilibrium.hessian", split.total, hessian, problem)
     check("Equilibrium.hessian loss_curvature", split.loss_curvature, loss_curvature, problem)
     check(

@@ -21,6 +21,7 @@ from ..curvature import (
     operator_accuracy,
     spectral_density,
 )
+from ..errors import InputError
 from ..implicit import DatasetEquilibrium
 from ..models import ModelCurvature
 from .plots import plot_densities, plot_diagonal, plot_top_eigenvalues
@@ -64,24 +65,50 @@ def run_analysis(
 ) -> dict[str, Any]:
     """Run the chosen analyses on each part, print a report, write plots and ``report.json``.
 
+    Under ``torch.distributed`` every rank computes and only rank 0 reports and writes.
+
     Args:
+        problem: the factory's problem: a function, a data set and a loss, or a model.
+        out: the directory for the plots and ``report.json``.
         parts: the operators to analyse; default every part the problem defines.
+        top_k: largest eigenvalues per part (0: none).
+        bottom_k: smallest eigenvalues per part (0: none).
+        trace: ``"hutch++"``, ``"hutchinson"`` or None (no trace).
+        trace_hvps: products for the trace.
+        density: estimate the spectral density by SLQ.
+        density_probes: SLQ probes.
+        density_steps: Lanczos steps per SLQ probe.
+        diagonal_probes: Hutchinson probes for the Hessian's diagonal (0: none).
+        blocks: top eigenvalues of each parameter's block.
+        seed: seed of the random probes and starting vectors.
         progress: progress bars; None shows them only on a terminal and prints a plain
             line per finished analysis otherwise.
-        dtype, device, options: passed to :meth:`AnalysisProblem.equilibria` (casts and
-            solver options overriding the factory's).
+        print_fn: where the report's lines go.
+        dtype: cast passed to :meth:`AnalysisProblem.equilibria`.
+        device: device passed to :meth:`AnalysisProblem.equilibria`.
+        options: solver options passed to :meth:`AnalysisProblem.equilibria`, overriding
+            the factory's.
         float64_probes: when the analysis runs below float64, rebuild the problem in
             float64 and measure each part's error on this many probes, and each
             eigenpair's residual against it (0: skip; the cheap estimate remains).
+
+    Returns:
+        The report as written to ``report.json``: the problem's size, the solve's
+        summary, each part's eigenvalues (ascending), trace, density and accuracy, the
+        products used and the files written.
+
+    Raises:
+        InputError: an unknown part or trace estimator, or ``float64_probes`` of 1 or
+            below 0.
     """
     parts = problem.parts if parts is None else parts
     for part in parts:
         if part not in problem.parts:
-            raise ValueError(f"unknown part {part!r}; use some of {list(problem.parts)}.")
+            raise InputError(f"unknown part {part!r}; use some of {list(problem.parts)}.")
     if trace not in (None, "hutch++", "hutchinson"):
-        raise ValueError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
+        raise InputError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
     if float64_probes == 1 or float64_probes < 0:
-        raise ValueError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
+        raise InputError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
     leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if not leader:  # under torch.distributed only rank 0 reports and writes files
         progress, print_fn = False, _silent
@@ -117,20 +144,20 @@ def run_analysis(
             if k:
                 mark = time.perf_counter()
                 order = "largest" if which == "top" else "smallest"
-                result = extreme_eigenpairs(op, k, order, seed=seed, progress=bars)
-                eigenpairs[part, which] = result
-                entry[which] = result.eigenvalues.tolist()
-                entry[f"{which}_residuals"] = result.residuals.tolist()
-                hvps += result.num_hvps
-                stage.done(f"{part}: {which}-{k} eigenvalues, {result.num_hvps} HVPs", mark)
+                pairs = extreme_eigenpairs(op, k, order, seed=seed, progress=bars)
+                eigenpairs[part, which] = pairs
+                entry[which] = pairs.eigenvalues.tolist()
+                entry[f"{which}_residuals"] = pairs.residuals.tolist()
+                hvps += pairs.num_hvps
+                stage.done(f"{part}: {which}-{k} eigenvalues, {pairs.num_hvps} HVPs", mark)
         if trace is not None:
             mark = time.perf_counter()
             estimator = hutchpp if trace == "hutch++" else hutchinson
-            result = estimator(op, trace_hvps, seed=seed, progress=bars)
-            entry["trace"] = {"estimate": result.estimate, "std_error": result.std_error,
-                              "method": result.method}  # fmt: skip
-            hvps += result.num_hvps
-            stage.done(f"{part}: trace ({trace}), {result.num_hvps} HVPs", mark)
+            traced = estimator(op, trace_hvps, seed=seed, progress=bars)
+            entry["trace"] = {"estimate": traced.estimate, "std_error": traced.std_error,
+                              "method": traced.method}  # fmt: skip
+            hvps += traced.num_hvps
+            stage.done(f"{part}: trace ({trace}), {traced.num_hvps} HVPs", mark)
         if density:
             mark = time.perf_counter()
             densities[part] = spectral_density(
@@ -156,10 +183,7 @@ def run_analysis(
     if diagonal_probes:
         mark = time.perf_counter()
         diag = diagonal(data.hessian_operator("total"), diagonal_probes, seed=seed, progress=bars)
-        groups = layout.unflatten(diag.estimate)
-        errors = layout.unflatten(diag.std_error)
-        if not isinstance(groups, dict):
-            groups, errors = {"theta": groups}, {"theta": errors}
+        groups, errors = diag.by_parameter(layout), diag.std_error_by_parameter(layout)
         report["diagonal"] = {
             name: {
                 "sum": float(groups[name].sum()),
@@ -198,8 +222,11 @@ def run_analysis(
 
 
 def _float64_check(data, problem, report, eigenpairs, probes, seed, bars, options, device):
-    """Rebuild the problem in float64 (with its default tolerance) and measure each part
-    against it: the operator's error on probes, the eigenpairs' residuals."""
+    """Measure each part against the problem rebuilt in float64 (its default tolerance).
+
+    Writes into ``report`` the operator's error on probes and the eigenpairs' residuals
+    against the float64 operator.
+    """
     reference_options = {k: v for k, v in options.items() if k != "tol"}
     data64 = problem.equilibria(bars, dtype=torch.float64, device=device, **reference_options)
     for part, entry in report["parts"].items():
@@ -255,8 +282,12 @@ def _silent(line: str) -> None:
 
 
 def _solves(data: DatasetEquilibrium | ModelCurvature) -> list | None:
-    """The batches' forward solves, for the state error (a model's DEQ layers solve
-    inside each product: none)."""
+    """The batches' forward solves, for the state error.
+
+    Returns:
+        The data set's batch solves; None for a model, whose DEQ layers solve inside
+        each product.
+    """
     return None if isinstance(data, ModelCurvature) else data.batch_solves
 
 

@@ -11,25 +11,25 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..errors import ConvergenceError, DeqhessError
 
 __all__ = ["main"]
 
-_PACKAGE = Path(__file__).resolve().parents[1]
 _DTYPES = ("float32", "float64")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each help text (unless None or False, or the help already
-    says what the default is); descriptions kept as written."""
+    """Defaults shown after each help text; descriptions kept as written.
+
+    A default of None or False, or one the help text already names, is not repeated.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.default is None or action.default is False or "default" in text:
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,9 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _demo(args)
         else:
             _analyze(args)
-    except Exception as error:
-        if not _raised_by_deqhess(error):
-            raise
+    except DeqhessError as error:  # deqhess's own: reported; the user's code's: its traceback
         return _report_error(args.command, error)
     return 0
 
@@ -205,24 +203,6 @@ def _analyze(args: argparse.Namespace) -> None:
     )
 
 
-def _raised_by_deqhess(error: BaseException) -> bool:
-    """An error deqhess raised (the root :class:`deqhess.DeqhessError`), not one from the
-    user's code that deqhess called."""
-    if isinstance(error, DeqhessError):
-        return True
-    # TRANSITIONAL (issue 19): modules not yet converted still raise a plain ValueError
-    # on bad input; recognised by where it was raised until tests/test_error_root.py's
-    # list of such modules is empty, then this fallback (and _PACKAGE) goes.
-    if not isinstance(error, ValueError):
-        return False
-    frame = error.__traceback__
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    if frame is None:
-        return False
-    return Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
-
-
 def _report_error(command: str, error: BaseException) -> int:
     kind = "" if isinstance(error, ValueError) else f"{type(error).__name__}: "
     lines = [f"deqhess {command}: error: {kind}{error}"]
@@ -238,8 +218,11 @@ def _report_error(command: str, error: BaseException) -> int:
 
 
 def _join_torchrun_group() -> None:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group: gloo on CPU,
-    NCCL when CUDA is available; a 5-minute timeout so a lost rank cannot hang the rest."""
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group.
+
+    Gloo on CPU, NCCL when CUDA is available; a 5-minute timeout so that a lost rank
+    cannot hang the rest.
+    """
     import os
     from datetime import timedelta
 

@@ -74,8 +74,17 @@ def plot_diagonal(groups: dict[str, dict[str, float]], path: Path) -> Path:
 
 
 def diagonal_figure(groups: dict[str, dict[str, float]]):
-    """The figure of :func:`plot_diagonal`: horizontal bars with the names on the
-    vertical axis, so long dotted names (``cell.block.conv1.weight``) never overlap."""
+    """The figure of :func:`plot_diagonal`, for a report or a notebook.
+
+    Horizontal bars with the names on the vertical axis, so that long dotted names
+    (``cell.block.conv1.weight``) never overlap.
+
+    Args:
+        groups: per parameter group, ``abs_mean`` (mean ``|diag(H)|``) and ``std_error``.
+
+    Returns:
+        ``(fig, ax)`` of matplotlib.
+    """
     plt = _pyplot()
     names = list(groups)
     means = [groups[n]["abs_mean"] for n in names]

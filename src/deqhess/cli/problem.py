@@ -69,15 +69,24 @@ class AnalysisProblem:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         **overrides: Any,
-    ):
-        """Solve every batch (see :class:`deqhess.DatasetEquilibrium`); under
-        ``torch.distributed`` with several ranks, this rank's shard of a
-        :class:`deqhess.distributed.DistributedDatasetEquilibrium`.
+    ) -> DatasetEquilibrium:
+        """Solve every batch: the data set's equilibria, ready for products.
 
         Args:
-            dtype, device: cast θ, the cell (a copy) and the floating tensors of every
-                batch (targets too) — the loss must then work in that dtype.
+            progress: progress bars (None: only on a terminal).
+            dtype: cast θ, the cell (a copy) and the floating tensors of every batch
+                (targets too) to it — the loss must then work in that dtype.
+            device: move them there.
             **overrides: :class:`deqhess.Equilibrium` options replacing ``options``'.
+
+        Returns:
+            A :class:`deqhess.DatasetEquilibrium`; under ``torch.distributed`` with
+            several ranks, this rank's shard of a
+            :class:`deqhess.distributed.DistributedDatasetEquilibrium`.
+
+        Raises:
+            InputError: no θ, a θ that is not the cell's named parameters, or an ``f``
+                that fails on (or changes the shape of) the default initial state.
         """
         f, theta, init = self.f, self.theta, self.init_state
         cast = _Cast(dtype, device)
@@ -87,8 +96,9 @@ class AnalysisProblem:
             if theta is None:
                 theta = {n: p.detach() for n, p in cell.named_parameters()}
             _check_cell_theta(cell, names, theta)
-            if init is None and callable(getattr(cell, "init_state", None)):
-                init = lambda x: torch.zeros_like(cell.init_state(x))  # noqa: E731
+            cell_init = getattr(cell, "init_state", None)
+            if init is None and callable(cell_init):
+                init = lambda x: torch.zeros_like(cell_init(x))  # noqa: E731
 
             def f(x, h, t):
                 return functional_call(cell, t, (x, h))
@@ -116,8 +126,11 @@ class AnalysisProblem:
 
 
 class _Cast:
-    """Casts to a dtype and device (either None: left as is): floating tensors take the
-    dtype, every tensor the device; tuples, lists and dicts are walked."""
+    """Casts to a dtype and device (either None: left as is).
+
+    Floating tensors take the dtype, every tensor the device; tuples, lists and dicts
+    are walked.
+    """
 
     def __init__(self, dtype: torch.dtype | None, device: torch.device | str | None):
         self.dtype, self.device = dtype, device
@@ -140,8 +153,12 @@ class _Cast:
         return copy.deepcopy(cell).to(device=self.device, dtype=self.dtype) if self.active else cell
 
     def batches(self, data: Iterable[Any]) -> Iterable[Any]:
-        """The batches cast as they are read (re-iterable: data-set passes read them
-        once per product)."""
+        """The batches cast as they are read.
+
+        Returns:
+            A re-iterable view (data-set passes read the data once per product), or the
+            data themselves when nothing is cast.
+        """
         return MappedBatches(data, self.tree) if self.active else data
 
 
@@ -171,9 +188,17 @@ def _check_cell_theta(cell: nn.Module, names: list[str], theta: Parameters) -> N
 
 
 def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iterable[Any]):
-    """With no ``init_state``, the state starts as zeros shaped like x: try ``f`` once on
-    the first batch so that a state of another shape is reported as such (nothing is
-    consumed: a one-shot iterator is re-chained, anything else read afresh)."""
+    """Try ``f`` once on the first batch from the default state, zeros shaped like x.
+
+    With no ``init_state`` a state of another shape is then reported as such. Nothing is
+    consumed: a one-shot iterator is re-chained, anything else read afresh.
+
+    Returns:
+        The data, to be read from the start.
+
+    Raises:
+        InputError: ``f`` fails on the default state or returns another shape.
+    """
     batches = iter(data)
     try:
         first = next(batches)
@@ -249,15 +274,22 @@ class ModelProblem:
         device: torch.device | str | None = None,
         **overrides: Any,
     ) -> ModelCurvature:
-        """The model's curvature over the data (nothing is solved until a product); under
-        ``torch.distributed`` with several ranks, a
-        :class:`deqhess.distributed.DistributedModelCurvature` over this rank's shard.
+        """The model's curvature over the data (nothing is solved until a product).
 
         Args:
-            dtype, device: cast a copy of the model and the floating tensors of every
-                batch.
+            progress: progress bars (None: only on a terminal).
+            dtype: cast a copy of the model and the floating tensors of every batch.
+            device: move them there.
             **overrides: only ``exclude_unconverged`` (and the ``convergence="best"``
                 that comes with it): set solver options on the model's DEQ layers.
+
+        Returns:
+            A :class:`deqhess.ModelCurvature`; under ``torch.distributed`` with several
+            ranks, a :class:`deqhess.distributed.DistributedModelCurvature` over this
+            rank's shard.
+
+        Raises:
+            InputError: any other solver option (those belong on the model's layers).
         """
         exclude = bool(overrides.pop("exclude_unconverged", self.exclude_unconverged))
         if overrides.get("convergence") == "best" and exclude:
@@ -304,6 +336,8 @@ def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
         if not path.exists():
             raise InputError(f"factory file {target!r} does not exist.")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # a path ending in .py always has a spec with a loader (SourceFileLoader)
+        assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:

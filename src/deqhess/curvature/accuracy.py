@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import InputError
 from ..implicit.dataset import BatchSolve
 from .base import Counted, SymmetricOperator
 
@@ -77,8 +78,11 @@ class OperatorAccuracy:
 
     @property
     def estimate(self) -> float:
-        """The relative error to quote: the measured reference error when there is one,
-        else the larger of the state error and the asymmetry."""
+        """The relative error to quote.
+
+        The measured reference error when there is one, else the larger of the state
+        error and the asymmetry.
+        """
         if self.reference_error is not None:
             return self.reference_error
         return max(self.asymmetry, self.state_error or 0.0)
@@ -96,11 +100,20 @@ class OperatorAccuracy:
 
 
 def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, bool]:
-    """``max ‖(I − J)⁻¹‖ · ‖f(h) − h‖₂ / ‖h‖₂`` over the equilibria (or a data set's
-    ``batch_solves``; a batch whose samples were all left out has no state in the
-    operator and is skipped), and whether every ``‖(I − J)⁻¹‖`` was known: from a dense
-    LU once formed, else the estimate GMRES made during its solves
-    (``info.linear_solves.inverse_norm``, a lower bound)."""
+    """The relative error of the fixed points, amplified by ``‖(I − J)⁻¹‖``.
+
+    ``‖(I − J)⁻¹‖`` comes from a dense LU once formed, else the estimate GMRES made
+    during its solves (``info.linear_solves.inverse_norm``, a lower bound); where neither
+    is known the factor 1 is used.
+
+    Args:
+        equilibria: the equilibria, or a data set's ``batch_solves`` (a batch whose
+            samples were all left out has no state in the operator and is skipped).
+
+    Returns:
+        ``(error, known)``: ``max ‖(I − J)⁻¹‖ · ‖f(h) − h‖₂ / ‖h‖₂`` over the equilibria,
+        and whether every ``‖(I − J)⁻¹‖`` was known.
+    """
     worst, known = 0.0, True
     for eq in equilibria:
         if isinstance(eq, BatchSolve) and eq.samples == 0:  # every sample left out
@@ -116,7 +129,7 @@ def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, 
             amplification = info.linear_solves.inverse_norm  # GMRES's estimate
         finite = amplification is not None and math.isfinite(amplification)
         known = known and finite
-        factor = amplification if finite else 1.0
+        factor = amplification if amplification is not None and finite else 1.0
         worst = max(worst, factor * residual / max(norm, torch.finfo(dtype).tiny))
     return worst, known
 
@@ -139,11 +152,21 @@ def operator_accuracy(
             float64); its products are compared on the probes.
         num_probes: Gaussian probes (``≥ 2``): exactly ``num_probes`` products of ``op``
             (and of ``reference``), as one block — the whole cost; no iteration.
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The asymmetry ``|uᵢᵀ H uⱼ − uⱼᵀ H uᵢ|`` over the probes, the state error (with
+        ``equilibria``) and the error against ``reference`` (with one), each relative to
+        the operator's scale, and the products used.
+
+    Raises:
+        InputError: ``num_probes < 2``, or ``reference`` of another shape.
     """
     if num_probes < 2:
-        raise ValueError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")
+        raise InputError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")
     if reference is not None and reference.shape != op.shape:
-        raise ValueError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
+        raise InputError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
     counted = Counted(op, num_probes, progress, "operator accuracy")
     g = torch.Generator().manual_seed(seed)
     probes = torch.randn(op.shape[0], num_probes, generator=g, dtype=torch.float64)

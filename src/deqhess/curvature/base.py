@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..operator import Operator
 from ..parameters import ParameterLayout
 
@@ -24,11 +25,21 @@ __all__ = ["Counted", "ParameterBlock", "SymmetricOperator", "rademacher"]
 
 
 class SymmetricOperator(Protocol):
+    """What the analyses need of a symmetric ``P × P`` operator.
+
+    Attributes:
+        shape: ``(P, P)``.
+        dtype: the dtype of its products.
+        device: the device of its products.
+    """
+
     shape: tuple[int, int]
     dtype: torch.dtype
     device: torch.device
 
-    def matmat(self, block: Tensor) -> Tensor: ...
+    def matmat(self, block: Tensor) -> Tensor:
+        """``A V`` for a block ``V`` ``[P, K]``, returning ``[P, K]``."""
+        ...
 
 
 class Counted(Operator):
@@ -55,12 +66,21 @@ class Counted(Operator):
         )
 
     def matmat(self, block: Tensor) -> Tensor:
+        """``A V``, counting the K products and advancing the bar.
+
+        Args:
+            block: directions ``[P, K]``.
+
+        Returns:
+            ``A V`` ``[P, K]``.
+        """
         out = self.op.matmat(block)
         self.products += block.shape[1]
         self.bar.update(block.shape[1])
         return out
 
     def close(self) -> None:
+        """Close the progress bar."""
         self.bar.close()
 
 
@@ -72,23 +92,26 @@ class ParameterBlock(Operator):
         layout: θ's layout (names and sizes), e.g. ``eq.problem.params``.
         names: the parameter names to keep (dict θ only), in the order the block's rows
             and columns take: ``I`` is their index ranges one after the other.
+
+    Raises:
+        InputError: θ is not a dict, or ``names`` is empty, unknown or repeated.
     """
 
     def __init__(self, op: SymmetricOperator, layout: ParameterLayout, names: Sequence[str]):
         if layout.names is None:
-            raise ValueError("parameter blocks need a dict theta (named parameters).")
+            raise InputError("parameter blocks need a dict theta (named parameters).")
         if isinstance(names, str):
             names = [names]
         if not names:
-            raise ValueError(f"names is empty; choose from {list(layout.names)}.")
+            raise InputError(f"names is empty; choose from {list(layout.names)}.")
         unknown = [n for n in names if n not in layout.names]
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown parameter names {unknown}; choose from {list(layout.names)}."
             )
         repeated = sorted({n for n in names if list(names).count(n) > 1})
         if repeated:
-            raise ValueError(f"parameter names {repeated} are given more than once.")
+            raise InputError(f"parameter names {repeated} are given more than once.")
         offsets = np.cumsum([0, *layout.numels])
         where = {n: i for i, n in enumerate(layout.names)}
         pieces = [torch.arange(offsets[where[n]], offsets[where[n] + 1]) for n in names]
@@ -100,6 +123,14 @@ class ParameterBlock(Operator):
         self.shape, self.dtype, self.device = (size, size), op.dtype, op.device
 
     def matmat(self, block: Tensor) -> Tensor:
+        """``H[I, I] V``: ``V`` padded with zeros outside ``I``, one product of the full operator.
+
+        Args:
+            block: directions on the block's parameters ``[|I|, K]``.
+
+        Returns:
+            ``H[I, I] V`` ``[|I|, K]``.
+        """
         full = block.new_zeros(self.op.shape[0], block.shape[1])
         full[self.index] = block
         return self.op.matmat(full)[self.index]

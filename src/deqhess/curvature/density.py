@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .base import Counted, SymmetricOperator, rademacher
 
 __all__ = ["DensityResult", "spectral_density"]
@@ -23,8 +24,10 @@ __all__ = ["DensityResult", "spectral_density"]
 
 @dataclass(frozen=True)
 class DensityResult:
-    """A smoothed spectral density and the quadrature it came from (of the operator as
-    computed; see :func:`deqhess.curvature.operator_accuracy` for its own error).
+    """A smoothed spectral density and the quadrature it came from.
+
+    It is the density of the operator as computed; see
+    :func:`deqhess.curvature.operator_accuracy` for the operator's own error.
 
     Attributes:
         grid: ``[G]`` eigenvalue axis.
@@ -64,32 +67,47 @@ def spectral_density(
     seed: int = 0,
     progress: bool | None = None,
 ) -> DensityResult:
-    """The spectral density of a symmetric operator by SLQ.
+    """The spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
-    Args:
-        num_probes: independent probes (the estimator's variance falls as 1/n).
-        steps: Lanczos steps per probe (``≤ P``); resolves ``~steps`` spectral features.
-        num_points: grid size, spanning the Ritz values ± 3σ; its spacing must not
-            exceed σ (else the density would not integrate to 1: a ``ValueError``).
-        sigma: Gaussian width; default 1% of the Ritz-value range.
+    ``φ(λ) ≈ (1/n) Σᵢ Σₖ τᵢₖ 𝒩(λ; θᵢₖ, σ²)`` from the Ritz values ``θᵢₖ`` and weights
+    ``τᵢₖ`` of a Lanczos run from each Rademacher probe ``i``.
 
     Products: at most ``num_probes · min(steps, P)`` (one ``[P, n]`` block per Lanczos
     step; a probe whose Krylov space closes early stops adding nodes), so ``steps``
     caps the work; the progress bar counts them. No tolerance, so nothing to miss.
+
+    Args:
+        op: the symmetric ``P × P`` operator.
+        num_probes: independent probes (the estimator's variance falls as 1/n).
+        steps: Lanczos steps per probe (``≤ P``); resolves ``~steps`` spectral features.
+        num_points: grid size, spanning the Ritz values ± 3σ; its spacing must not
+            exceed σ (else the density would not integrate to 1 and is refused).
+        sigma: Gaussian width; default 1% of the Ritz-value range.
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The density on its grid, with the quadrature (nodes, weights) to smooth it
+        again, the width and the products used.
+
+    Raises:
+        InputError: a count below its minimum, a non-positive ``sigma``, or a grid
+            coarser than ``sigma``.
     """
     size = op.shape[0]
     steps = min(steps, size)
     if num_probes < 1 or steps < 1:
-        raise ValueError(f"need num_probes >= 1 and steps >= 1; got {num_probes}, {steps}.")
+        raise InputError(f"need num_probes >= 1 and steps >= 1; got {num_probes}, {steps}.")
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be a positive width; got {sigma}.")
+        raise InputError(f"sigma must be a positive width; got {sigma}.")
     if num_points < 2:
-        raise ValueError(f"num_points must be at least 2; got {num_points}.")
+        raise InputError(f"num_points must be at least 2; got {num_points}.")
     counted = Counted(op, steps * num_probes, progress, "SLQ")
     g = torch.Generator().manual_seed(seed)
     q = rademacher(size, num_probes, g, op) / math.sqrt(size)
     basis = [q]
-    alphas, betas = [], []
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
     alive = torch.ones(num_probes, dtype=torch.bool, device=op.device)
     lengths = torch.zeros(num_probes, dtype=torch.long)
     scale = None
@@ -124,7 +142,7 @@ def spectral_density(
     width = sigma if sigma is not None else max(0.01 * (high - low), 1e-12 * max(abs(high), 1.0))
     spacing = (high - low + 6 * width) / (num_points - 1)
     if spacing > width:  # the grid would skip over the Gaussians: ∫density ≠ 1
-        raise ValueError(
+        raise InputError(
             f"sigma={width:.3g} is narrower than the grid's spacing {spacing:.3g} (the Ritz "
             f"values span [{low:.3g}, {high:.3g}] on {num_points} points), so the density "
             f"would not integrate to 1: raise num_points to at least "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..parameters import ParameterLayout
 from .base import Counted, SymmetricOperator, rademacher
 
@@ -30,20 +32,42 @@ class DiagonalResult:
 
     def by_parameter(self, layout: ParameterLayout) -> dict[str, Tensor]:
         """The estimate split by named parameter, each in its parameter's shape."""
-        parts = layout.unflatten(self.estimate)
-        return parts if isinstance(parts, dict) else {"theta": parts}
+        return _by_parameter(layout, self.estimate)
+
+    def std_error_by_parameter(self, layout: ParameterLayout) -> dict[str, Tensor]:
+        """The standard error split by named parameter, each in its parameter's shape."""
+        return _by_parameter(layout, self.std_error)
+
+
+def _by_parameter(layout: ParameterLayout, flat: Tensor) -> dict[str, Tensor]:
+    """A flat ``[P]`` tensor by named parameter (``"theta"`` for a single tensor θ)."""
+    parts = layout.unflatten(flat)
+    return dict(parts) if isinstance(parts, Mapping) else {"theta": parts}
 
 
 def diagonal(
     op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
 ) -> DiagonalResult:
-    """``diag(H) ≈ (1/n) Σ zᵢ ⊙ H zᵢ``: unbiased, entry ``j``'s variance
-    ``Σ_{k≠j} H_jk²`` per probe.
+    """The diagonal of a symmetric operator, ``diag(H) ≈ (1/n) Σ zᵢ ⊙ H zᵢ`` (Hutchinson).
 
-    Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
-    progress bar counts them)."""
+    Unbiased for Rademacher probes ``zᵢ``; entry ``j``'s variance is ``Σ_{k≠j} H_jk²`` per
+    probe. Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
+    progress bar counts them).
+
+    Args:
+        op: the symmetric ``P × P`` operator.
+        num_probes: Rademacher probes ``n`` (``≥ 2``, for an error estimate).
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The estimate ``[P]`` and its per-entry standard error ``[P]``.
+
+    Raises:
+        InputError: ``num_probes < 2``.
+    """
     if num_probes < 2:
-        raise ValueError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
+        raise InputError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
     counted = Counted(op, num_probes, progress, "diagonal")
     g = torch.Generator().manual_seed(seed)
     z = rademacher(op.shape[0], num_probes, g, op)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import AnalysisConvergenceError
+from ..errors import AnalysisConvergenceError, InputError
 from ..options import integer, real
 from .base import Counted, SymmetricOperator
 from .lanczos import lanczos_extreme
@@ -41,20 +41,24 @@ _DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def default_max_hvps(k: int) -> int:
-    """The default cap on Lanczos products for ``k`` pairs: ``300·(k + 1)``.
+    """The default cap on Lanczos products for ``k`` pairs.
 
     It grows with what is asked, not with ``P``: about ten times what a top-``k`` of a
     DEQ Hessian usually takes (30–60 block steps of ``k`` products); a run that needs
     more is slow for a reason the error names (eigenvalues close together relative to
     ``‖H‖``, as at the bottom of a spectrum spanning many orders of magnitude).
+
+    Returns:
+        ``300·(k + 1)``.
     """
     return 300 * (k + 1)
 
 
 @dataclass(frozen=True)
 class EigenResult:
-    """Eigenpairs in **ascending** order of eigenvalue, whatever ``which`` asked for —
-    the order of ``torch.linalg.eigh`` and SciPy's ``eigsh``: the largest of a
+    """Eigenpairs in **ascending** order of eigenvalue, whatever ``which`` asked for.
+
+    It is the order of ``torch.linalg.eigh`` and SciPy's ``eigsh``: the largest of a
     ``which="largest"`` request is ``eigenvalues[-1]``, the smallest of a
     ``"smallest"`` one ``eigenvalues[0]``, and ``"magnitude"`` pairs are sorted by value,
     not by ``|λ|``.
@@ -78,9 +82,16 @@ class EigenResult:
     num_hvps: int
 
     def residuals_against(self, reference: SymmetricOperator) -> Tensor:
-        """``[k]`` ``‖H_ref v − λ v‖`` (float64): some eigenvalue of ``reference`` — the
-        same operator computed more accurately, e.g. the problem rebuilt in float64 —
-        lies within it of ``λ``. ``k`` products of ``reference``."""
+        """The pairs' residuals against a more accurate operator, at ``k`` of its products.
+
+        Args:
+            reference: the same operator computed more accurately, e.g. the problem
+                rebuilt in float64.
+
+        Returns:
+            ``[k]`` ``‖H_ref v − λ v‖`` in float64: some eigenvalue of ``reference`` lies
+            within it of ``λ``.
+        """
         vectors = self.eigenvectors.to(reference.dtype).to(reference.device)
         values = self.eigenvalues.to(reference.dtype).to(reference.device)
         residual = reference.matmat(vectors) - vectors * values
@@ -101,10 +112,14 @@ def extreme_eigenpairs(
     basis_size: int | None = None,
     block_size: int | None = None,
 ) -> EigenResult:
-    """The ``k`` largest, smallest or largest-magnitude eigenpairs of a symmetric operator,
-    in ascending order (see :class:`EigenResult`).
+    """The ``k`` largest, smallest or largest-magnitude eigenpairs of a symmetric operator.
+
+    By thick-restart (block) Lanczos with full reorthogonalisation, or ``eigh`` of the
+    dense matrix for small ``P``.
 
     Args:
+        op: the symmetric ``P × P`` operator.
+        k: how many pairs, ``1 ≤ k < P``.
         which: ``"largest"`` (top), ``"smallest"`` (bottom; H may be indefinite) or
             ``"magnitude"``.
         tol: stop when every pair has ``‖H v − λ v‖ ≤ tol · ‖H‖`` (``‖H‖`` estimated by
@@ -133,18 +148,22 @@ def extreme_eigenpairs(
             pass ``block_size=k`` where it may be. A ``[P, b]`` block costs less than
             ``b`` single products (the solves are shared).
 
+    Returns:
+        The pairs in ascending order of eigenvalue (see :class:`EigenResult`), with their
+        residuals ``‖H v − λ v‖`` recomputed by ``k`` products.
+
     Raises:
         AnalysisConvergenceError: ``max_hvps`` products did not reach ``tol``; the
             message gives the Ritz values and residuals reached, and ``.result`` holds
             them (an :class:`EigenResult`).
-        ValueError: ``which``, ``k``, ``tol``, ``max_hvps``, ``basis_size`` or
+        InputError: ``which``, ``k``, ``tol``, ``max_hvps``, ``basis_size`` or
             ``block_size`` out of range.
     """
     if which not in _WHICH:
-        raise ValueError(f"unknown which={which!r}; use one of {sorted(_WHICH)}.")
+        raise InputError(f"unknown which={which!r}; use one of {sorted(_WHICH)}.")
     size = op.shape[0]
     if not 1 <= k < size:
-        raise ValueError(f"k must lie in [1, P) = [1, {size}); got {k}.")
+        raise InputError(f"k must lie in [1, P) = [1, {size}); got {k}.")
     if size <= dense_below:
         return _dense(op, k, which, progress)
     tol = _DEFAULT_TOL.get(op.dtype, 1e-5) if tol is None else tol
@@ -157,7 +176,7 @@ def extreme_eigenpairs(
     default_basis = min(size, max(k + 8 * block, 20))
     basis_size = default_basis if basis_size is None else integer(basis_size, "basis_size")
     if not k + block <= basis_size <= size:
-        raise ValueError(
+        raise InputError(
             f"basis_size must lie in [k + block_size, P] = [{k + block}, {size}]; got {basis_size}."
         )
     if max_iter is not None:

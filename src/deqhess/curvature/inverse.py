@@ -36,7 +36,7 @@ import torch
 from scipy.sparse.linalg import minres
 from torch import Tensor
 
-from ..errors import AnalysisConvergenceError
+from ..errors import AnalysisConvergenceError, InputError
 from .base import Counted, SymmetricOperator
 
 __all__ = [
@@ -62,6 +62,7 @@ class InverseStatus(enum.Enum):
 
     @property
     def advice(self) -> str:
+        """What to try after a solve that ended so (empty when it converged)."""
         return {
             "converged": "",
             "negative curvature": (
@@ -121,10 +122,13 @@ def solve_damped(
     progress: bool | None = None,
     require_convergence: bool = True,
 ) -> InverseResult:
-    """Solve ``(H + δI) x = b`` for ``b`` ``[P]`` (see the module docstring for which
-    operators suit CG).
+    """Solve ``(H + δI) x = b`` by MINRES or CG, with the residual recomputed at the end.
+
+    See the module docstring for which operators suit CG.
 
     Args:
+        op: the symmetric ``P × P`` operator ``H``.
+        b: the right-hand side, a flat ``[P]`` tensor.
         damping: ``δ``.
         method: ``"minres"`` (any symmetric system) or ``"cg"`` (positive definite;
             stops at the first direction of non-positive curvature).
@@ -145,24 +149,26 @@ def solve_damped(
         AnalysisConvergenceError: the cap was reached, CG met ``pᵀ(H + δI)p ≤ 0``, or the
             recomputed residual stayed above ``10 · tol`` (a singular or too
             ill-conditioned system); ``.result`` is the :class:`InverseResult`.
+        InputError: an unknown ``method``, ``b`` not a ``[P]`` tensor, a non-finite
+            ``damping`` or ``b``, ``tol ≤ 0`` or ``max_iter < 1``.
     """
     if method not in ("cg", "minres"):
-        raise ValueError(f"unknown method {method!r}; use 'minres' (indefinite) or 'cg'.")
+        raise InputError(f"unknown method {method!r}; use 'minres' (indefinite) or 'cg'.")
     size = op.shape[0]
     if not (isinstance(b, Tensor) and b.shape == (size,)):
         got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-        raise ValueError(
+        raise InputError(
             f"b must be a [{size}] tensor (the operator's size); got {got}. Flatten a "
             "θ-structured vector first: eq.problem.params.flatten(g) (or "
             "curvature.layout.flatten(g) for a ModelCurvature)."
         )
     if not (math.isfinite(damping) and bool(torch.isfinite(b).all())):
-        raise ValueError(f"damping and b must be finite; got damping={damping}.")
+        raise InputError(f"damping and b must be finite; got damping={damping}.")
     if not tol > 0:
-        raise ValueError(f"tol must be positive; got {tol}.")
+        raise InputError(f"tol must be positive; got {tol}.")
     max_iter = min(2 * size, MAX_PRODUCTS) if max_iter is None else max_iter
     if max_iter < 1:
-        raise ValueError(f"max_iter must be at least 1; got {max_iter}.")
+        raise InputError(f"max_iter must be at least 1; got {max_iter}.")
     b = b.detach().to(dtype=op.dtype, device=op.device)
     norm_b = float(torch.linalg.vector_norm(b))
     if norm_b == 0:
@@ -200,7 +206,7 @@ def _unsolved(result: InverseResult, damping: float, tol: float, max_iter: int) 
     found = (
         f"; its direction p (.result.direction) has pᵀ(H + δI)p = {result.curvature:.3e}, so "
         f"λ_min(H) ≤ {result.curvature - damping:.3e}"
-        if result.direction is not None
+        if result.direction is not None and result.curvature is not None
         else ""
     )
     return (
@@ -222,6 +228,11 @@ def _cg(
     recurrence until its cap, and cannot say that the operator, not the tolerance, was
     the problem. Here the first ``pᵀ(H + δI)p ≤ 0`` ends the run (as in Steihaug's
     truncated CG) and ``p`` is returned.
+
+    Returns:
+        ``(x, status, p, curvature)``: the last iterate and how the run ended; with
+        ``NEGATIVE_CURVATURE`` the unit direction ``p`` and its ``pᵀ(H + δI)p``, else
+        None and None.
     """
     x = torch.zeros_like(b)
     r = b.clone()
@@ -248,13 +259,17 @@ def _cg(
 def _minres(
     op: Counted, b: Tensor, damping: float, tol: float, max_iter: int
 ) -> tuple[Tensor, InverseStatus]:
-    """SciPy's MINRES on ``H + δI`` (its ``shift`` solves ``(H − shift·I) x = b``),
-    restarted on the residual until ``‖b − (H + δI) x‖ ≤ tol ‖b‖``.
+    """SciPy's MINRES on ``H + δI``, restarted on the residual until it is within ``tol``.
 
-    SciPy stops on its own estimate, relative to ``‖A‖‖x‖ + ‖b‖``, which can sit 10–100×
-    above the residual relative to ``‖b‖`` asked for here (measured: 1.7e-7 for tol 1e-8
-    on a system of condition 663, which CG solved in 20 products); each restart solves for
-    the correction with the remaining budget, one product recomputing the residual.
+    Its ``shift`` solves ``(H − shift·I) x = b``; the restarts go on until
+    ``‖b − (H + δI) x‖ ≤ tol ‖b‖``. SciPy stops on its own estimate, relative to
+    ``‖A‖‖x‖ + ‖b‖``, which can sit 10–100× above the residual relative to ``‖b‖`` asked
+    for here (measured: 1.7e-7 for tol 1e-8 on a system of condition 663, which CG
+    solved in 20 products); each restart solves for the correction with the remaining
+    budget, one product recomputing the residual.
+
+    Returns:
+        ``(x, status)``: the last iterate and how the run ended.
     """
     np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
     scipy_op = op.to_scipy()
@@ -283,9 +298,20 @@ def _minres(
 def newton_step(
     op: SymmetricOperator, gradient: Tensor, damping: float = 0.0, **options
 ) -> InverseResult:
-    """The (damped) Newton step ``−(H + δI)⁻¹ ∇L`` for a flat gradient ``[P]``;
-    ``options`` are :func:`solve_damped`'s (``method``, ``tol``, ``max_iter``,
-    ``require_convergence``…), and so are its errors."""
+    """The (damped) Newton step ``−(H + δI)⁻¹ ∇L``.
+
+    Its errors are :func:`solve_damped`'s.
+
+    Args:
+        op: the symmetric ``P × P`` operator ``H``.
+        gradient: ``∇L``, a flat ``[P]`` tensor.
+        damping: ``δ``.
+        **options: :func:`solve_damped`'s (``method``, ``tol``, ``max_iter``,
+            ``require_convergence``…).
+
+    Returns:
+        The solve, whose ``solution`` is the step.
+    """
     if not isinstance(gradient, Tensor):  # the checks and their message are solve_damped's
         return solve_damped(op, gradient, damping, **options)
     return solve_damped(op, -gradient, damping, **options)
@@ -314,10 +340,19 @@ def influence(
 ) -> InfluenceResult:
     """Influence scores of ``N`` training gradients ``[N, P]`` on one test gradient ``[P]``.
 
-    ``options`` are :func:`solve_damped`'s: the scores rest on one solve, which raises
-    :class:`deqhess.AnalysisConvergenceError` when it ends short of ``tol`` (scores from
-    an unconverged solve only with ``require_convergence=False``; check
-    ``result.inverse.converged``).
+    The scores rest on one solve, which raises :class:`deqhess.AnalysisConvergenceError`
+    when it ends short of ``tol`` (scores from an unconverged solve only with
+    ``require_convergence=False``; check ``result.inverse.converged``).
+
+    Args:
+        op: the symmetric ``P × P`` operator ``H``.
+        test_gradient: ``∇L_test`` ``[P]``.
+        train_gradients: ``∇L_trainᵢ`` as rows ``[N, P]``.
+        damping: ``δ``.
+        **options: :func:`solve_damped`'s.
+
+    Returns:
+        The scores ``[N]`` and the solve they rest on.
     """
     inverse = solve_damped(op, test_gradient, damping, **options)
     return InfluenceResult(scores=-(train_gradients @ inverse.solution), inverse=inverse)

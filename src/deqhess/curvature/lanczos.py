@@ -58,8 +58,11 @@ class RitzPairs:
 
 
 def _wanted(values: Tensor, count: int, which: str) -> Tensor:
-    """Indices of the ``count`` Ritz values at the wanted end (``values`` ascending),
-    in ascending order of value."""
+    """The ``count`` Ritz values at the wanted end of ``values`` (ascending).
+
+    Returns:
+        Their indices, in ascending order of value.
+    """
     if which == "largest":
         return torch.arange(len(values) - count, len(values))
     if which == "smallest":
@@ -97,9 +100,16 @@ class _Krylov:
         self.coupling[j:] = torch.eye(b, dtype=torch.float64)
 
     def _orthonormal_residual(self) -> tuple[Tensor, Tensor]:
-        """``Q`` ``[P, b]`` orthonormal, orthogonal to ``V``, with ``F ≈ Q R``. Directions
-        where ``F`` has (numerically) no rank — the basis spans an invariant subspace there
-        — are fresh random ones, uncoupled (``R``'s rows for them are ``Qᵀ F ≈ 0``)."""
+        """The next block of the basis, from the residual block ``F``.
+
+        Directions where ``F`` has (numerically) no rank — the basis spans an invariant
+        subspace there — are fresh random ones, uncoupled (``R``'s rows for them are
+        ``Qᵀ F ≈ 0``).
+
+        Returns:
+            ``(Q, R)``: ``Q`` ``[P, b]`` orthonormal and orthogonal to ``V``, with
+            ``F ≈ Q R``; ``R`` ``[b, b]`` in float64 on the CPU.
+        """
         f = self.residual
         q, r = torch.linalg.qr(f)
         floor = 1e3 * torch.finfo(f.dtype).eps * max(self.scale, 1e-300)
@@ -158,23 +168,27 @@ def lanczos_extreme(
     Returns:
         The wanted pairs where the run stopped; ``converged`` says whether they met
         ``tol`` (the caller decides what an unconverged run means).
+
+    Raises:
+        InputError: ``max_hvps`` is too few for ``k`` pairs (no Ritz pair formed).
     """
     krylov = _Krylov(start, basis_size, seed=start.shape[0])
     block = krylov.block
     keep = k + (basis_size - block - k) // 2  # the wanted pairs and some neighbours
-    values = rotations = residuals = None
+    ritz: tuple[Tensor, Tensor, Tensor] | None = None  # (θ, Y, residuals) of the last step
     while op.products + block <= max_hvps:
         if krylov.j + block > basis_size:
             krylov.restart(keep, which)
         krylov.expand(op)
         if krylov.j < k:
             continue
-        values, rotations, residuals = krylov.ritz()
-        index = _wanted(values, k, which)
-        if bool((residuals[index] <= tol * krylov.scale).all()):
+        ritz = krylov.ritz()
+        index = _wanted(ritz[0], k, which)
+        if bool((ritz[2][index] <= tol * krylov.scale).all()):
             break
-    if values is None or krylov.j < k:
+    if ritz is None or krylov.j < k:
         raise InputError(f"max_hvps={max_hvps} is too few for {k} Ritz pairs in blocks of {block}.")
+    values, rotations, residuals = ritz
     index = _wanted(values, k, which)
     converged = bool((residuals[index] <= tol * krylov.scale).all())
     return RitzPairs(

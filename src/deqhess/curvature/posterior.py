@@ -79,11 +79,18 @@ def inverse_diagonal(
         max_hvps: cap on products (default: ``P`` for dense; for probes
             ``num_probes · min(2P, 1000)``).
         seed: the probes' seed.
+        progress: a progress bar of products (None: only on a terminal).
+
+    Refused with :class:`deqhess.InputError` when ``G + δI`` is not positive definite,
+    and with :class:`deqhess.ConvergenceError` when the cap does not allow the dense
+    method or a probe's solve does not reach ``tol`` within it.
+
+    Returns:
+        The estimate ``[P]``, its per-entry standard error (zeros for ``"dense"``), the
+        method, probes and products used, and the largest residual of the solves.
 
     Raises:
-        ValueError: a bad argument, or ``G + δI`` not positive definite.
-        ConvergenceError: the cap does not allow the dense method, or a probe's solve does
-            not reach ``tol`` within it.
+        InputError: ``damping ≤ 0``, an unknown ``method`` or ``num_probes < 2``.
     """
     size = op.shape[0]
     if not damping > 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from .base import Counted, SymmetricOperator, rademacher
 
 __all__ = ["TraceResult", "hutchinson", "hutchpp"]
@@ -48,13 +49,27 @@ class TraceResult:
 def hutchinson(
     op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
 ) -> TraceResult:
-    """``tr(H) ≈ (1/n) Σ zᵢᵀ H zᵢ`` with Rademacher ``zᵢ`` (unbiased; variance
-    ``2 Σ_{i≠j} H_ij²``). The standard error is the probes' sample std / √n.
+    """The trace by Hutchinson's estimator, ``tr(H) ≈ (1/n) Σ zᵢᵀ H zᵢ``.
 
-    Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
-    progress bar counts them)."""
+    Rademacher probes ``zᵢ`` make it unbiased, with variance ``2 Σ_{i≠j} H_ij²`` per
+    probe. Products: exactly ``num_probes``, as one ``[P, n]`` block (its own cap; the
+    progress bar counts them).
+
+    Args:
+        op: the symmetric ``P × P`` operator.
+        num_probes: ``n`` (``≥ 2``, for an error estimate; a warning below 30).
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The estimate and its standard error (the probes' sample std / √n: sampling error
+        of the operator as computed).
+
+    Raises:
+        InputError: ``num_probes < 2``.
+    """
     if num_probes < 2:
-        raise ValueError(
+        raise InputError(
             f"hutchinson needs num_probes >= 2 for an error estimate; got {num_probes}."
         )
     _warn_few(num_probes, "use num_probes >= 30")
@@ -83,10 +98,23 @@ def hutchpp(
     from ``m/3`` probes: below 12 products it is too uncertain to quote (a warning says so).
 
     Products: at most ``3·⌊m/3⌋ ≤ num_hvps`` (its own cap; the progress bar counts them).
+
+    Args:
+        op: the symmetric ``P × P`` operator.
+        num_hvps: ``m``, the products to spend (``≥ 6``).
+        seed: the probes' random seed.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        The estimate and its standard error (0 when the sketch spans the whole space and
+        the trace is exact).
+
+    Raises:
+        InputError: ``num_hvps < 6``.
     """
     third = num_hvps // 3
     if third < 2:
-        raise ValueError(f"hutch++ needs num_hvps >= 6; got {num_hvps}.")
+        raise InputError(f"hutch++ needs num_hvps >= 6; got {num_hvps}.")
     size = op.shape[0]
     counted = Counted(op, 3 * min(third, size), progress, "Hutch++")
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -88,6 +88,7 @@ class DigitsDEQ:
         return Equilibrium(self.f, theta, x, h0, batch_dim=0, **opts)
 
     def accuracy(self, theta: dict[str, Tensor], x: Tensor, y: Tensor) -> float:
+        """The share of samples of ``x`` whose readout's largest logit is their label ``y``."""
         h = self.equilibrium(theta, x).h
         logits = h @ theta["V"].T + theta["c"]
         return float((logits.argmax(dim=1) == y).double().mean())
@@ -110,13 +111,23 @@ def train(
     log: Callable[[str], None] | None = None,
     **equilibrium_options: Any,
 ) -> tuple[dict[str, Tensor], list[float]]:
-    """Adam on minibatches with deqhess's implicit gradient; returns θ and the losses.
+    """Adam on minibatches with deqhess's implicit gradient, ``W`` kept contractive.
 
     Args:
+        model: the DEQ to train.
+        x: training inputs ``[N, 64]``.
+        y: training labels ``[N]``.
+        steps: optimiser steps.
+        batch: samples per minibatch (drawn with replacement).
+        lr: Adam's learning rate.
+        seed: seed of θ's initialisation and of the minibatches.
         progress: a tqdm bar (for a terminal).
         log: without a bar, receives a plain line every tenth of the steps.
         **equilibrium_options: for each step's :class:`Equilibrium` (e.g.
             ``linear_solver="gmres"``: one adjoint solve per step needs no dense LU).
+
+    Returns:
+        ``(theta, losses)``: the trained θ (detached) and each step's minibatch loss.
     """
     from tqdm.auto import tqdm
 
@@ -131,7 +142,7 @@ def train(
         snapshot = {k: v.detach().clone() for k, v in theta.items()}
         eq = model.equilibrium(snapshot, x[idx], tol=1e-8, **equilibrium_options)
         objective = model.loss(y[idx])
-        gradient = eq.grad(objective)
+        gradient = cast(dict[str, Tensor], eq.grad(objective))  # θ's structure: a dict
         for name, t in theta.items():
             t.grad = gradient[name]
         optimizer.step()

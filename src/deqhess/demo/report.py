@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -48,9 +48,24 @@ def run_demo(
 
     With ``large_state > 0`` a second section trains a wider DEQ whose dense Hessian
     would not fit in memory and analyses it matrix-free (``deqhess analyze``'s engine).
-    ``progress``: tqdm bars; None shows them only when stderr is a terminal, and prints
-    plain progress lines otherwise. Returns the figures of the report (also used by
-    the tests).
+
+    Args:
+        out: the directory for the plot.
+        steps: training steps of the small DEQ.
+        hessian_batch: test samples whose loss the Hessian is of.
+        state: the small DEQ's state width.
+        fd_directions: directions of the finite-difference check of the gradient.
+        large_state: the wider DEQ's state width (0: no second section).
+        large_steps: training steps of the wider DEQ.
+        seed: seed of the data split, the training and the probes.
+        progress: tqdm bars; None shows them only when stderr is a terminal, and prints
+            plain progress lines otherwise.
+        print_fn: where the report's lines go.
+
+    Returns:
+        The figures of the report (also used by the tests): sizes, accuracy, the checks'
+        relative errors, eigenvalue ranges, the dynamics curvature's share, timings and
+        the plot's path (and ``"large"``, the second section's report).
     """
     progress = sys.stderr.isatty() if progress is None else progress
     torch.manual_seed(seed)
@@ -71,14 +86,14 @@ def run_demo(
     grad_adjoint = layout.flatten(clock.time("gradient (adjoint)", eq.grad, objective))
     clock.time("sensitivity Z", eq.sensitivity)
     grad_sensitivity = layout.flatten(eq.grad(objective, method="sensitivity"))
-    split = clock.time("dense Hessian (split)", eq.hessian, objective, split=True)
+    split = clock.time("dense Hessian (split)", eq.hessian_split, objective)
     total = split.total
     p = total.shape[0]
     probe = torch.randn(p, dtype=total.dtype)
     hvp = clock.time("one HVP (cached)", eq.hvp, objective, probe)
 
     def exact_gradient(flat: torch.Tensor) -> torch.Tensor:
-        shifted = layout.unflatten(flat)
+        shifted = cast(dict[str, torch.Tensor], layout.unflatten(flat))  # θ is a dict
         return layout.flatten(model.equilibrium(shifted, x, tol=1e-13).grad(objective))
 
     def finite_differences() -> list[float]:

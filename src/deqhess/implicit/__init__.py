@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .dataset import BatchSolve, DatasetEquilibrium
 from .equilibrium import Equilibrium, EquilibriumInfo
-from .functional import grad, hessian, hvp
+from .functional import grad, hessian, hessian_split, hvp
 from .hessian import HessianSplit
 from .loss import Loss
 from .operators import PARTS, CurvatureOperator
@@ -25,5 +25,6 @@ __all__ = [
     # one-shot forms
     "grad",
     "hessian",
+    "hessian_split",
     "hvp",
 ]

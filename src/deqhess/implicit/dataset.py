@@ -20,7 +20,7 @@ import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -42,9 +42,10 @@ from ..streaming import (
     response_tolerance,
 )
 from .equilibrium import Equilibrium, EquilibriumInfo
-from .hessian import HessianSplit
+from .hessian import HessianSplit, split_deprecated
 from .loss import required_positional
 from .operators import CurvatureOperator, check_part
+from .problem import FixedPointMap
 
 __all__ = ["BatchSolve", "DatasetEquilibrium"]
 
@@ -54,8 +55,11 @@ _PULLBACK_COPIES = 6
 
 
 class _BatchLoss:
-    """``loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium; it wraps the
-    user's loss (``_wrapped_loss``), so what that loss captured is watched too."""
+    """``loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium.
+
+    It wraps the user's loss (``_wrapped_loss``), so what that loss captured is watched
+    too.
+    """
 
     def __init__(self, loss: Callable[..., Tensor], uses_theta: bool, target: Any):
         self.loss, self.uses_theta, self.target = loss, uses_theta, target
@@ -69,8 +73,11 @@ class _BatchLoss:
 
 @dataclass
 class _Solved:
-    """One batch ready for products: its equilibrium (None if no sample was kept), its
-    loss, and where it stands in the first pass."""
+    """One batch ready for products.
+
+    Its equilibrium (None if no sample was kept), its loss, and where it stands in the
+    first pass.
+    """
 
     key: str
     x: Any
@@ -80,6 +87,15 @@ class _Solved:
     info: EquilibriumInfo
     kept: Tensor | None = None  # the kept samples' indices in the batch (None: all)
     excluded: int = 0
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A batch that kept samples, as the products see it: its equilibrium and loss."""
+
+    solved: _Solved
+    equilibrium: Equilibrium
+    loss: _BatchLoss
 
 
 @dataclass(frozen=True)
@@ -103,8 +119,15 @@ class BatchSolve:
 
 
 def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
-    """Whether a data-set loss takes θ: ``loss(h, theta, target)`` (3 required positional
-    arguments) rather than ``loss(h, target)`` (2; also taken for ``*args``)."""
+    """Whether a data-set loss takes θ, read from its required positional arguments.
+
+    Returns:
+        True for ``loss(h, theta, target)`` (3 required positional arguments), False for
+        ``loss(h, target)`` (2; also taken for ``*args``).
+
+    Raises:
+        InputError: ``loss`` is not callable or requires another number of arguments.
+    """
     if not callable(loss):
         raise InputError(f"loss must be callable; got {type(loss).__name__}.")
     required = required_positional(loss)
@@ -186,7 +209,7 @@ class DatasetEquilibrium:
 
     def __init__(
         self,
-        f: Callable[[Any, Tensor, Parameters], Tensor],
+        f: FixedPointMap,
         theta: Parameters,
         data: Iterable[tuple[Any, Any]] | None = None,
         loss: Callable[..., Tensor] | None = None,
@@ -210,7 +233,7 @@ class DatasetEquilibrium:
 
     def _configure(
         self,
-        f: Callable[[Any, Tensor, Parameters], Tensor],
+        f: FixedPointMap,
         theta: Parameters,
         data: Iterable[tuple[Any, Any]] | None,
         loss: Callable[..., Tensor] | None,
@@ -262,8 +285,12 @@ class DatasetEquilibrium:
         return None
 
     def _first_pass(self, allow_empty: bool) -> None:
-        """Solve every batch once (the first pass), then refuse data with no batch
-        (unless allowed) or no converged sample."""
+        """Solve every batch once (the first pass).
+
+        Raises:
+            InputError: the data have no batch (unless ``allow_empty``), or no sample
+                converged (all excluded as unconverged).
+        """
         self._stream.run(self._form, self._record_first, desc="solving batches")
         if not self._solves and not allow_empty:
             raise InputError("data is empty; pass at least one (x, target) batch.")
@@ -276,6 +303,7 @@ class DatasetEquilibrium:
     # ------------------------------------------------------------------ the passes
     @property
     def num_parameters(self) -> int:
+        """P, the number of scalar parameters in θ."""
         return self.layout.size
 
     @property
@@ -285,6 +313,7 @@ class DatasetEquilibrium:
 
     @property
     def num_batches(self) -> int:
+        """The number of batches the first pass read (on this rank)."""
         return len(self.batch_solves)
 
     @property
@@ -319,9 +348,15 @@ class DatasetEquilibrium:
         return Equilibrium(self.f, self.theta, x, h0, batch_dim=self.batch_dim, **self.options)
 
     def _form(self, batch: Batch, stored: StoredBatch | None) -> Formed:
-        """The batch solved — taken from the store if it holds this content's solve, else
-        started from the stored fixed point of the same content or cold — and restricted
-        to its converged samples under ``exclude_unconverged``."""
+        """The batch solved, restricted to its converged samples under ``exclude_unconverged``.
+
+        The solve is taken from the store if it holds this content's solve, else started
+        from the stored fixed point of the same content, or cold.
+
+        Returns:
+            What the stream needs of the batch: the solved batch, its kept samples and
+            response (the fixed point), and what it offers to the store.
+        """
         if stored is not None and stored.solved is not None:
             solved = stored.solved
             samples = 0 if solved.equilibrium is None else solved.equilibrium.problem.state.samples
@@ -332,7 +367,7 @@ class DatasetEquilibrium:
         solved = self._restricted(batch, full, keep)
         eq = solved.equilibrium
         samples = 0 if eq is None else eq.problem.state.samples
-        offers = [Offer(partial(self._cached_bytes, solved), solved=solved)] if eq else []
+        offers = [Offer(partial(self._cached_bytes, solved, eq), solved=solved)] if eq else []
         if keep is None:  # a batch that left samples out starts cold: the same ones again
             offers.append(Offer(partial(held_bytes, full.h), warm={"h": full.h}))
         return Formed(
@@ -343,8 +378,17 @@ class DatasetEquilibrium:
         )  # fmt: skip
 
     def _restricted(self, batch: Batch, eq: Equilibrium, keep: Tensor | None) -> _Solved:
-        """The batch on the samples in ``keep`` (all when None), rebuilt from their fixed
-        points so that it needs no further iteration."""
+        """The batch on the samples in ``keep`` (all when None).
+
+        Returns:
+            The batch restricted to the kept samples, its equilibrium rebuilt from their
+            fixed points (so that it needs no further iteration); None as equilibrium
+            when no sample is kept.
+
+        Raises:
+            InputError: samples are to be left out but ``x`` or the target is not a
+                tensor indexed by sample along its first dimension.
+        """
         x, target = batch.x, batch.target
         if keep is None:
             return _Solved(batch.key, x, target, eq, self._batch_loss(target), eq.info)
@@ -384,7 +428,9 @@ class DatasetEquilibrium:
             BatchSolve(solved.info, state.samples, norm, state.dtype, solved.excluded)
         )  # cond(I − J) joins the record once a pass has factorised the batch
 
-    def _each(self, compute: Callable[[_Solved], Any], empty, desc: str | None = None):
+    def _each(
+        self, compute: Callable[[_Ready], Any], empty: Callable[[], Any], desc: str | None = None
+    ) -> Any:
         """One pass of ``compute`` over the batches with samples, θ checked first."""
         if [t._version for t in self.layout.tensors(self.theta)] != self._versions:
             raise StaleEquilibriumError(
@@ -394,17 +440,20 @@ class DatasetEquilibrium:
             )
 
         def visit(solved: _Solved) -> Any:
-            if solved.equilibrium is None:  # every sample of this batch was excluded
+            eq, loss = solved.equilibrium, solved.loss
+            if eq is None or loss is None:  # every sample of this batch was excluded
                 return None
-            value = compute(solved)
+            value = compute(_Ready(solved, eq, loss))
             self._record_condition(solved)
             return value
 
         return self._stream.run(self._form, visit, empty, desc)
 
     def _record_condition(self, solved: _Solved) -> None:
-        """A batch factorised during a pass gives its :class:`BatchSolve` ``cond(I − J)``
-        (the first pass solved only its fixed point), for the state error."""
+        """Give a batch's :class:`BatchSolve` the ``cond(I − J)`` of a pass that factorised it.
+
+        The first pass solved only its fixed point; the state error needs the condition.
+        """
         index = self._first.get(solved.key)
         eq = solved.equilibrium
         if index is None or eq is None:
@@ -413,9 +462,8 @@ class DatasetEquilibrium:
         if record.info.condition_number is None and eq.info.condition_number is not None:
             self._solves[index] = replace(record, info=eq.info)
 
-    def _cached_bytes(self, solved: _Solved) -> int:
+    def _cached_bytes(self, solved: _Solved, eq: Equilibrium) -> int:
         """Estimated bytes a batch holds once stored and used for products."""
-        eq = solved.equilibrium
         itemsize = torch.finfo(self.layout.dtype).bits // 8
         if self._activations is None:
             theta = self.layout.flatten(self.theta).detach()
@@ -439,46 +487,89 @@ class DatasetEquilibrium:
     def grad(self) -> Parameters:
         """The data-set gradient, in θ's structure (one pass)."""
         total = self._each(
-            lambda s: self.layout.flatten(s.equilibrium.grad(s.loss)),
+            lambda batch: self.layout.flatten(batch.equilibrium.grad(batch.loss)),
             lambda: self._zeros(self.num_parameters),
             "gradient",
         )
         return self.layout.unflatten(total)
 
+    @overload
+    def hessian(self, split: Literal[False] = False) -> Tensor: ...
+    @overload
+    def hessian(self, split: Literal[True]) -> HessianSplit: ...
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
-        """The data-set Hessian ``[P, P]`` (or its :class:`HessianSplit`), in one pass.
+        """The data-set Hessian ``[P, P]``, dense, in one pass over the batches.
 
-        Each batch's Hessian is added in place into one ``[P, P]`` sum (two with
-        ``split``) and dropped with the batch's sensitivity Z ``[S, d, P]``; a stored
-        batch is solved afresh from its fixed point for this, so no Z stays stored.
+        Each batch's Hessian is added in place into one ``[P, P]`` sum and dropped with
+        the batch's sensitivity Z ``[S, d, P]``; a stored batch is solved afresh from its
+        fixed point for this, so no Z stays stored.
+
+        Args:
+            split: deprecated: ``split=True`` returns what :meth:`hessian_split` does.
+
+        Returns:
+            The Hessian of the data-set loss ``[P, P]`` (a :class:`HessianSplit` with the
+            deprecated ``split=True``).
+        """
+        if split:
+            split_deprecated("DatasetEquilibrium.hessian", "data.hessian_split()")
+            return self.hessian_split()
+        p = self.num_parameters
+        return self._each(
+            lambda batch: self._fresh(batch).hessian(batch.loss),
+            lambda: self._zeros(p, p),
+            "Hessian",
+        )
+
+    def hessian_split(self) -> HessianSplit:
+        """The data-set Hessian's two parts, dense, in one pass over the batches.
+
+        As :meth:`hessian`, with two ``[P, P]`` sums: the loss curvature
+        ``Σ [I; Z]ᵀ∇²L[I; Z]`` and the dynamics curvature ``Σ [I; Z]ᵀ∇²(λᵀf)[I; Z]``
+        over the batches.
+
+        Returns:
+            ``.loss_curvature``, ``.dynamics_curvature`` and their sum ``.total``, each
+            ``[P, P]``.
         """
         p = self.num_parameters
 
-        def one(solved: _Solved) -> Tensor | tuple[Tensor, Tensor]:
-            eq = solved.equilibrium
-            if self._stored(solved):
-                eq = self._solve(solved.x, h0=eq.h)
-            hessian = eq.hessian(solved.loss, split=split)
-            if split:
-                return hessian.loss_curvature, hessian.dynamics_curvature
-            return hessian
+        def one(batch: _Ready) -> tuple[Tensor, Tensor]:
+            parts = self._fresh(batch).hessian_split(batch.loss)
+            return parts.loss_curvature, parts.dynamics_curvature
 
-        def empty() -> Tensor | tuple[Tensor, Tensor]:
-            return (self._zeros(p, p), self._zeros(p, p)) if split else self._zeros(p, p)
+        loss_part, dynamics_part = self._each(
+            one, lambda: (self._zeros(p, p), self._zeros(p, p)), "Hessian"
+        )
+        return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
 
-        total = self._each(one, empty, "Hessian")
-        if not split:
-            return total
-        return HessianSplit(total[0], total[1], total[0] + total[1])
+    def _fresh(self, batch: _Ready) -> Equilibrium:
+        """The batch's equilibrium, for a dense form whose Z must not stay stored.
+
+        Returns:
+            The batch's equilibrium, solved afresh from its fixed point if the store
+            holds it (so that the sensitivity Z the dense form builds is dropped with it).
+        """
+        eq = batch.equilibrium
+        return self._solve(batch.solved.x, h0=eq.h) if self._stored(batch.solved) else eq
 
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
-        """The data-set Hessian (or one part) as an operator; each block product is one
-        pass, every batch's solves shared by the block's K directions."""
+        """The data-set Hessian, or one part of it, as a ``P × P`` operator.
+
+        Each block product ``H V`` (``V`` ``[P, K]``) is one pass over the data, every
+        batch's solves shared by the block's K directions.
+
+        Args:
+            part: ``"total"``, ``"loss_curvature"`` or ``"dynamics_curvature"``.
+
+        Returns:
+            The operator of exact products.
+        """
         check_part(part)
 
         def products(v: Tensor) -> Tensor:
             return self._each(
-                lambda s: s.equilibrium.block_products(s.loss, part)(v),
+                lambda batch: batch.equilibrium.block_products(batch.loss, part)(v),
                 lambda: torch.zeros_like(v),
             )
 

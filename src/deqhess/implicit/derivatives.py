@@ -31,16 +31,25 @@ def dynamics_jvp(dynamics: Dynamics, theta: Tensor, h: Tensor, v: Tensor) -> Ten
 def parameter_jacobian(
     dynamics: Dynamics, theta: Tensor, h: Tensor, chunk_size: int | None = None
 ) -> Tensor:
-    """``∂f/∂θ`` at ``(θ, h)`` as ``[S, d, P]``.
+    """``∂f/∂θ`` at ``(θ, h)``, the right-hand sides of the sensitivity system.
 
     Reverse mode (``N = S·d`` VJPs) when ``N ≤ P``, else forward mode (``P`` JVPs),
     vmapped ``chunk_size`` at a time.
+
+    Args:
+        dynamics: ``(θ, h) ↦ f(x, h, θ)`` on flat θ ``[P]`` and rows ``[S, d]``.
+        theta: flat θ ``[P]``.
+        h: the fixed point's rows ``[S, d]``.
+        chunk_size: directions vmapped at once; None picks about 4M numbers per chunk.
+
+    Returns:
+        ``∂f/∂θ`` ``[S, d, P]``.
     """
     samples, width = h.shape
     size, params = samples * width, theta.numel()
     chunk_size = chunk_size or default_chunk_size(size + params)
     if size <= params:
-        _, pullback = torch.func.vjp(lambda t: dynamics(t, h), theta)
+        pullback = torch.func.vjp(lambda t: dynamics(t, h), theta)[1]
         basis = torch.eye(size, dtype=h.dtype, device=h.device).reshape(size, samples, width)
         rows = torch.func.vmap(lambda c: pullback(c)[0], chunk_size=chunk_size)(basis)
         return rows.reshape(samples, width, params)
@@ -60,8 +69,16 @@ def lagrangian_hessian(
     kept); each product is then one more backward. ``∇²Φ`` is symmetric, so this VJP
     of the gradient is the Hessian-vector product. It is vmappable over directions,
     and about 2–5× cheaper per product than forward-over-reverse in PyTorch.
+
+    Args:
+        phi: the scalar ``Φ(θ, h)`` (a Lagrangian of :meth:`Problem.lagrangian`).
+        theta: flat θ ``[P]``.
+        h: the fixed point's rows ``[S, d]``.
+
+    Returns:
+        The product ``(v [P], z [S, d]) ↦ (g_θ [P], g_h [S, d])``.
     """
-    _, pullback = torch.func.vjp(torch.func.grad(phi, argnums=(0, 1)), theta, h)
+    pullback = torch.func.vjp(torch.func.grad(phi, argnums=(0, 1)), theta, h)[1]
 
     def product(v: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         return pullback((v, z))

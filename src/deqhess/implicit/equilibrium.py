@@ -19,12 +19,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
+from ..errors import InputError
 from ..linear import (
     DEFAULT_MAX_ERROR_BOUND,
     Dense,
@@ -52,11 +53,11 @@ from ..solvers import (
 )
 from .derivatives import lagrangian_hessian, parameter_jacobian
 from .finite import require_finite
-from .hessian import HessianSplit, dense_hessian, second_sensitivity
+from .hessian import HessianSplit, dense_hessian, second_sensitivity, split_deprecated
 from .hvp import ParameterProducts, hessian_vector_products
 from .loss import Captured, Loss
 from .operators import CurvatureOperator, check_part
-from .problem import Problem
+from .problem import FixedPointMap, Problem
 
 __all__ = ["Equilibrium", "EquilibriumInfo"]
 
@@ -74,9 +75,11 @@ _SENSITIVITY_ALTERNATIVE = (
 
 @dataclass(frozen=True)
 class EquilibriumInfo(SolveInfo):
-    """The forward solve's statistics (:class:`deqhess.solvers.SolveInfo`: iterations,
-    residual_norm, converged, residual_history, per-sample figures, tolerance) plus the
-    linear solves', to judge the accuracy of what is built on the equilibrium.
+    """The forward solve's statistics plus the linear solves', to judge an equilibrium.
+
+    The fields of :class:`deqhess.solvers.SolveInfo` (iterations, residual_norm,
+    converged, residual_history, per-sample figures, tolerance) and those below, from
+    which a user judges the accuracy of what is built on the equilibrium.
 
     Attributes:
         condition_number: estimated 1-norm condition number of ``I − J`` (largest
@@ -172,7 +175,7 @@ class Equilibrium:
             memory); None picks about 4M numbers per chunk.
 
     Raises:
-        ValueError: bad inputs (non-finite θ/x/h0, dtype or shape mismatches).
+        InputError: bad inputs (non-finite θ/x/h0, dtype or shape mismatches).
         ConvergenceError: the forward solve did not reach the tolerance.
         SingularSystemError: (at the first derivative) ``I − J`` singular, or its
             condition or the error bound above ``max_condition`` / ``max_error_bound``.
@@ -201,7 +204,7 @@ class Equilibrium:
 
     def __init__(
         self,
-        f: Callable[[Any, Tensor, Parameters], Tensor],
+        f: FixedPointMap,
         theta: Parameters,
         x: Any,
         h0: Tensor | None = None,
@@ -220,7 +223,7 @@ class Equilibrium:
     ) -> None:
         if h0 is None:
             if not isinstance(x, Tensor):
-                raise ValueError("h0 is required when x is not a tensor (it fixes the state).")
+                raise InputError("h0 is required when x is not a tensor (it fixes the state).")
             h0 = torch.zeros_like(x)
         self.problem = Problem(f, theta, x, h0, batch_dim)
         self.solver = resolve_solver(solver)
@@ -304,9 +307,9 @@ class Equilibrium:
     def linearization(self) -> Linearization:
         """``I − J`` at ``h*`` and its prepared solve (steps 2–4), set up on first use.
 
-        Raises:
-            ValueError: on first use, ``f`` couples samples ``batch_dim`` declares
-                independent.
+        On first use, an ``f`` that couples the samples ``batch_dim`` declares
+        independent is refused with :class:`deqhess.InputError`; ``I − J`` singular or
+        too ill-conditioned with :class:`deqhess.SingularSystemError`.
         """
         self.problem.check_fresh()
         if not self._linearization.is_prepared:
@@ -318,10 +321,16 @@ class Equilibrium:
         return self._linearization
 
     def _blocked(self) -> Linearization | None:
-        """For ``batch_dim=None`` and a state too wide for one dense LU: if ``f`` does not
-        couple the slices along the state's first dimension at ``h*`` (probed as for a
-        declared ``batch_dim``, a few products), the same linearisation solved per slice
-        — dense blocks where they fit — instead of matrix-free on the whole."""
+        """The linearisation solved per slice of the state, where ``f`` does not couple them.
+
+        For ``batch_dim=None`` and a state too wide for one dense LU: whether ``f``
+        couples the slices along the state's first dimension at ``h*`` is probed as for a
+        declared ``batch_dim`` (a few products).
+
+        Returns:
+            The same linearisation solved per slice — dense blocks where they fit —
+            instead of matrix-free on the whole; None if ``f`` couples the slices.
+        """
         state, lin = self.problem.state, self._linearization
         blocks = (state.shape[0], state.size // state.shape[0])
         probe = Linearization.in_blocks(lin.residual, lin.h, blocks, self.linear_solver)
@@ -332,7 +341,8 @@ class Equilibrium:
         self.linear_solver = strategy
         return Linearization.in_blocks(
             lin.residual, lin.h, blocks, strategy, stats=lin.stats,
-            accepted=lin.accepted.amax().expand(blocks[0]), tolerance=lin.tolerance,
+            accepted=None if lin.accepted is None else lin.accepted.amax().expand(blocks[0]),
+            tolerance=lin.tolerance,
             max_error_bound=lin.max_error_bound, watch_accuracy=True,
         )  # fmt: skip
 
@@ -392,15 +402,25 @@ class Equilibrium:
         return solution
 
     def adjoint(self, loss: Callable[..., Tensor]) -> Tensor:
-        """λ solving ``(I − J)ᵀ λ = ∇ₕL`` at ``h*`` (step 3), shaped like ``h``."""
+        """λ solving ``(I − J)ᵀ λ = ∇ₕL`` at ``h*`` (step 3), shaped like ``h``.
+
+        Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor; λ is cached
+                per loss object.
+
+        Returns:
+            The adjoint λ, shaped like ``h`` (a copy).
+        """
         return self.problem.state.from_rows(self._adjoint_solution(loss).adjoint).clone()
 
     def sensitivity(self) -> Tensor:
-        """``Z = dh*/dθ`` solving ``(I − J) Z = ∂f/∂θ`` (step 4), shape ``h.shape + (P,)``.
+        """``Z = dh*/dθ`` solving ``(I − J) Z = ∂f/∂θ`` (step 4), P right-hand sides.
 
-        Raises:
-            DenseMemoryError: Z would not fit in the memory available (see
-                :func:`deqhess.memory_limit`).
+        Refused with :class:`deqhess.DenseMemoryError` when Z would not fit in the memory
+        available (see :func:`deqhess.memory_limit`).
+
+        Returns:
+            Z, shape ``h.shape + (P,)`` (a copy of the cached one).
         """
         self._check_dense(1, "eq.sensitivity()", _SENSITIVITY_ALTERNATIVE)
         return self.problem.state.from_rows(self._sensitivity_rows()).clone()
@@ -420,8 +440,12 @@ class Equilibrium:
         return self._sensitivity
 
     def _check_dense(self, extra_z: int, request: str, alternative: str, square: int = 0) -> None:
-        """Refuse a dense request of ``square`` P × P matrices (``× N`` with ``extra_z``
-        copies of Z's N·P besides, plus Z's own set-up unless cached) that cannot fit."""
+        """Refuse a dense request that cannot fit in the memory available.
+
+        The request holds ``square`` P × P matrices and ``extra_z`` copies of Z's N·P
+        numbers, plus Z's own set-up unless it is cached; :func:`deqhess.memory.check_dense`
+        raises :class:`deqhess.DenseMemoryError` naming ``request`` and ``alternative``.
+        """
         p, n = self.num_parameters, self.problem.state.size
         setup = 0 if self._sensitivity is not None else 3 * n * p  # ∂f/∂θ, columns, Z
         numbers = square * p * p + extra_z * n * p + setup
@@ -430,12 +454,19 @@ class Equilibrium:
         check_dense(numbers, dtype, device, f"{request} ({shape})", alternative)
 
     def grad(self, loss: Callable[..., Tensor], method: str = "adjoint") -> Parameters:
-        """``dL(h*(θ), θ)/dθ`` in θ's structure.
+        """The gradient ``dL(h*(θ), θ)/dθ``.
 
         Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
             method: ``"adjoint"`` computes ``∂L/∂θ + λᵀ ∂f/∂θ`` (one solve, one VJP);
                 ``"sensitivity"`` computes ``∂L/∂θ + Zᵀ ∇ₕL`` from the dense Z. The two
                 agree to rounding; the first is the cheap one.
+
+        Returns:
+            ``dL/dθ`` with θ's structure.
+
+        Raises:
+            InputError: an unknown ``method``.
         """
         solution = self._adjoint_solution(loss)
         with engine(), torch.no_grad():
@@ -446,29 +477,75 @@ class Equilibrium:
                     "sdp,sd->p", self._sensitivity_rows(), solution.loss_grad_h
                 )
             else:
-                raise ValueError(
+                raise InputError(
                     f"unknown gradient method {method!r}; use 'adjoint' or 'sensitivity'."
                 )
         require_finite(flat, "the gradient")
         return self.problem.params.unflatten(flat.clone())
 
     # ----------------------------------------------------------------- second order
+    @overload
+    def hessian(self, loss: Callable[..., Tensor], split: Literal[False] = False) -> Tensor: ...
+    @overload
+    def hessian(self, loss: Callable[..., Tensor], split: Literal[True]) -> HessianSplit: ...
     def hessian(self, loss: Callable[..., Tensor], split: bool = False) -> Tensor | HessianSplit:
         """The exact Hessian ``d²L/dθ²`` ``[P, P]`` (θ flattened), dense.
 
-        With ``split=True`` returns a :class:`HessianSplit` with ``.loss_curvature``,
-        ``.dynamics_curvature`` and ``.total``. Costs P Hessian-vector products of Φ
-        and a ``P × N × P`` matrix product; memory ``O(P² + N·P)``.
+        ``H = [I; Z]ᵀ ∇²₍θ,h₎(L + λᵀf) [I; Z]``: P Hessian-vector products of the
+        Lagrangian along ``(eᵢ, Zᵢ)`` and a ``P × N × P`` matrix product (or, with a
+        dense LU, one transposed solve per column); memory ``O(P² + N·P)``.
 
-        Raises:
-            DenseMemoryError: the ``[P, P]`` result (three with ``split``) would not fit
-                in the memory available; use :meth:`hvp` / :meth:`hessian_operator`.
+        Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
+            split: deprecated: ``split=True`` returns what :meth:`hessian_split` does.
+
+        Refused with :class:`deqhess.DenseMemoryError` when the ``[P, P]`` result would
+        not fit in the memory available; :meth:`hvp` and :meth:`hessian_operator` then
+        give its exact products.
+
+        Returns:
+            The Hessian ``[P, P]`` (a :class:`HessianSplit` with the deprecated
+            ``split=True``).
         """
-        request = f"eq.hessian(loss, split={split})"
+        if split:
+            split_deprecated("Equilibrium.hessian", "eq.hessian_split(loss)")
+            return self.hessian_split(loss)
+        result = self._dense_hessian(loss, split=False, request="eq.hessian(loss)")
+        return require_finite(cast(Tensor, result), "the Hessian")
+
+    def hessian_split(self, loss: Callable[..., Tensor]) -> HessianSplit:
+        """The Hessian's two parts, dense: the loss and the dynamics curvature.
+
+        ``loss_curvature = [I; Z]ᵀ∇²L[I; Z]`` (``= Zᵀ∇²ₕL Z`` when L ignores θ) and
+        ``dynamics_curvature = [I; Z]ᵀ∇²(λᵀf)[I; Z]``, each assembled as :meth:`hessian`
+        assembles the whole (twice its cost).
+
+        Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
+
+        Refused with :class:`deqhess.DenseMemoryError` when the three ``[P, P]`` results
+        would not fit in the memory available; :meth:`hessian_operator` with a ``part``
+        then gives their exact products.
+
+        Returns:
+            ``.loss_curvature``, ``.dynamics_curvature`` and their sum ``.total``, each
+            ``[P, P]``.
+        """
+        result = cast(
+            HessianSplit, self._dense_hessian(loss, split=True, request="eq.hessian_split(loss)")
+        )
+        require_finite(result.loss_curvature, "the Hessian")
+        require_finite(result.dynamics_curvature, "the Hessian")
+        return result
+
+    def _dense_hessian(
+        self, loss: Callable[..., Tensor], split: bool, request: str
+    ) -> Tensor | HessianSplit:
+        """:func:`dense_hessian` at this fixed point, after the memory check."""
         self._check_dense(0, request, _HESSIAN_ALTERNATIVE, square=3 if split else 1)
         solution = self._adjoint_solution(loss)
         with engine(), torch.no_grad():
-            result = dense_hessian(
+            return dense_hessian(
                 self.problem,
                 solution.loss,
                 solution.adjoint,
@@ -479,16 +556,15 @@ class Equilibrium:
                 chunk_size=self.chunk_size,
                 back_projection=self._back_projection(),
             )
-        if split:
-            require_finite(result.loss_curvature, "the Hessian")
-            require_finite(result.dynamics_curvature, "the Hessian")
-            return result
-        return require_finite(result, "the Hessian")
 
     def _back_projection(self) -> Callable[[Tensor], Tensor] | None:
-        """``g ↦ Zᵀ g = (∂f/∂θ)ᵀ (I − J)⁻ᵀ g`` on blocks ``[K, S, d]``, where that is
-        cheaper than projecting by Z: a direct solve (``S·d²`` per column) with blocks
-        narrower than P (the projection costs ``N·P = S·d·P``); else None."""
+        """``g ↦ Zᵀ g = (∂f/∂θ)ᵀ (I − J)⁻ᵀ g`` on blocks ``[K, S, d]``, where it is cheaper.
+
+        Returns:
+            The back projection where it costs less than projecting by Z — a direct solve
+            (``S·d²`` per column) with blocks narrower than P, against the projection's
+            ``N·P = S·d·P`` — else None.
+        """
         linearization = self.linearization
         if not isinstance(linearization.prepared, DenseLU):
             return None
@@ -501,8 +577,12 @@ class Equilibrium:
         """``H v``, exact and matrix-free: two solves with the prepared linear solve.
 
         Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
             v: a direction with θ's structure, or a flat ``[P]`` tensor (or a ``[P, K]``
-                block); the result has the same form as ``v``.
+                block).
+
+        Returns:
+            ``H v`` in the same form as ``v``.
         """
         return self.hessian_operator(loss) @ v
 
@@ -512,10 +592,15 @@ class Equilibrium:
         """The Hessian (or one part of it) as a ``P × P`` operator of exact products.
 
         Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
             part: ``"total"`` (the Hessian), ``"loss_curvature"``
                 (``[I; Z]ᵀ∇²L[I; Z]``: the Gauss–Newton matrix of θ ↦ h* when L ignores
                 θ; with a readout in ``L(h, θ)`` it can be indefinite) or
                 ``"dynamics_curvature"`` (``[I; Z]ᵀ∇²(λᵀf)[I; Z]``).
+
+        Returns:
+            The operator; each product costs two solves with ``I − J`` and a few AD
+            passes, and the K directions of a block share them.
         """
         check_part(part)
         state = self.problem.state
@@ -530,6 +615,12 @@ class Equilibrium:
         inside ``L(h, θ)`` it is not a GGN and can be indefinite. For the GGN at a
         model's output (``Jᵀ∇²ℓJ``, as curvlinops defines it), use
         :meth:`deqhess.ModelCurvature.ggn_operator`.
+
+        Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
+
+        Returns:
+            ``hessian_operator(loss, "loss_curvature")``.
         """
         warnings.warn(
             "Equilibrium.ggn_operator(loss) is the loss curvature [I; Z]ᵀ∇²L[I; Z], not "
@@ -546,6 +637,13 @@ class Equilibrium:
 
         The K directions share each solve and vmapped AD pass; this is what
         :class:`CurvatureOperator` and data-set sums are built on.
+
+        Args:
+            loss: ``loss(h)`` or ``loss(h, theta)``, returning a 0-dim tensor.
+            part: ``"total"``, ``"loss_curvature"`` or ``"dynamics_curvature"``.
+
+        Returns:
+            The product ``[K, P] → [K, P]``, row ``k`` of its result ``H vₖ``.
         """
 
         @serialized
@@ -566,10 +664,14 @@ class Equilibrium:
         return products
 
     def second_sensitivity(self) -> Tensor:
-        """``d²h*/dθ²``, shape ``h.shape + (P, P)`` — the seed's intermediate; small P only.
+        """``d²h*/dθ²``, the seed's intermediate, for small P only.
 
-        Raises:
-            DenseMemoryError: the ``N × P × P`` result would not fit in memory.
+        Solves ``(I − J) d²h*/dθᵢdθⱼ = D²f[(eᵢ, Zᵢ), (eⱼ, Zⱼ)]`` for every pair ``(i, j)``;
+        refused with :class:`deqhess.DenseMemoryError` when the ``N × P × P`` result would
+        not fit in memory.
+
+        Returns:
+            ``d²h*/dθ²``, shape ``h.shape + (P, P)``.
         """
         square = 2 * self.problem.state.size  # the right-hand sides and the solution
         self._check_dense(0, "eq.second_sensitivity()", _HESSIAN_ALTERNATIVE, square=square)

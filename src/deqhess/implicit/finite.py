@@ -38,7 +38,14 @@ _ADVICE = {
 
 
 def require_finite(value: Tensor, quantity: str) -> Tensor:
-    """``value`` itself if all its entries are finite.
+    """Refuse a non-finite quantity computed at the fixed point.
+
+    Args:
+        value: the quantity.
+        quantity: its name, a key of the advice table (e.g. ``"the Hessian"``).
+
+    Returns:
+        ``value`` itself, all of its entries finite.
 
     Raises:
         NonFiniteError: naming ``quantity`` (a key of the advice table), how many

@@ -20,6 +20,7 @@ an iterative solve each solve costs many products, and the projection by Z (one
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from .derivatives import lagrangian_hessian
 from .loss import Loss
 from .problem import Problem
 
-__all__ = ["HessianSplit", "dense_hessian", "second_sensitivity"]
+__all__ = ["HessianSplit", "dense_hessian", "second_sensitivity", "split_deprecated"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,27 @@ class HessianSplit:
     total: Tensor
 
 
+def split_deprecated(where: str, replacement: str) -> None:
+    """Warn that ``where(..., split=True)`` is deprecated in favour of ``replacement``.
+
+    The flag changed the return type; the method or function that returns a
+    :class:`HessianSplit` replaces it (one release of overlap).
+
+    Args:
+        where: the call, e.g. ``"Equilibrium.hessian"``.
+        replacement: the call to use instead, e.g. ``"eq.hessian_split(loss)"``.
+
+    Warns:
+        DeprecationWarning: always, pointing at the caller of ``where``.
+    """
+    warnings.warn(
+        f"{where}(..., split=True) is deprecated and will be removed in deqhess 0.3; use "
+        f"{replacement}, which returns the HessianSplit.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 def _projected(
     problem: Problem,
     loss: Loss | None,
@@ -65,7 +87,10 @@ def _projected(
 
     Directions go in chunks; each chunk's ``g_θ + Zᵀ g_h`` is written straight into the
     output (by ``back_projection``, or one GEMM with Z), so only a chunk of
-    ``∇²Φ [I; Z]`` is ever held.
+    ``∇²Φ [I; Z]`` is ever held. The arguments are those of :func:`dense_hessian`.
+
+    Returns:
+        ``[I; Z]ᵀ ∇²Φ [I; Z]`` ``[P, P]``.
     """
     samples, width, params = sensitivity.shape
     second_order = torch.func.vmap(lagrangian_hessian(problem.lagrangian(loss, adjoint), theta, h))
@@ -96,14 +121,24 @@ def dense_hessian(
     chunk_size: int | None = None,
     back_projection: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor | HessianSplit:
-    """The exact Hessian ``[P, P]``, or its :class:`HessianSplit` when ``split``.
+    """The exact Hessian ``H = [I; Z]ᵀ ∇²₍θ,h₎(L + λᵀf) [I; Z]``, or its two parts.
 
     Args:
+        problem: the equilibrium's problem (``f``, θ's layout, the state's rows).
+        loss: the loss ``L(h, θ)``.
         adjoint: λ rows ``[S, d]`` solving ``(I − J)ᵀ λ = ∇ₕL``.
+        theta: flat θ ``[P]``.
+        h: the fixed point's rows ``[S, d]``.
         sensitivity: Z ``[S, d, P]`` solving ``(I − J) Z = ∂f/∂θ``.
+        split: assemble the loss and the dynamics curvature apart (twice the cost).
+        chunk_size: directions vmapped at once; None picks about 4M numbers per chunk.
         back_projection: ``g ↦ Zᵀ g`` on blocks ``[K, S, d] → [K, P]`` computed as
             ``(∂f/∂θ)ᵀ (I − J)⁻ᵀ g`` (a transposed solve and a VJP); None projects by Z
             (an ``N × P`` product per column).
+
+    Returns:
+        The Hessian ``[P, P]``; with ``split`` a :class:`HessianSplit` of
+        ``[I; Z]ᵀ∇²L[I; Z]``, ``[I; Z]ᵀ∇²(λᵀf)[I; Z]`` and their sum.
     """
     args = (theta, h, sensitivity, chunk_size, back_projection)
     if not split:
@@ -121,11 +156,22 @@ def second_sensitivity(
     solver: Linearization,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """``d²h*/dθ²`` ``[S, d, P, P]``, solving ``(I − J) d²h*/dθᵢdθⱼ = D²f[(eᵢ, Zᵢ), (eⱼ, Zⱼ)]``.
+    """``d²h*/dθ²``, solving ``(I − J) d²h*/dθᵢdθⱼ = D²f[(eᵢ, Zᵢ), (eⱼ, Zⱼ)]``.
 
     The right-hand side is the full second derivative of ``f`` along the total
     directions ``(eᵢ, Zᵢ)``: ``∂²f/∂θ²``, both mixed terms and ``Zᵀ ∂²f/∂h² Z`` of the
     seed at once. Costs ``P²`` nested JVPs and ``N·P²`` memory: small problems only.
+
+    Args:
+        problem: the equilibrium's problem (``f`` on flat θ and rows).
+        theta: flat θ ``[P]``.
+        h: the fixed point's rows ``[S, d]``.
+        sensitivity: Z ``[S, d, P]``.
+        solver: the prepared solve with ``I − J`` at the fixed point.
+        chunk_size: directions vmapped at once (the outer of the two ``vmap``).
+
+    Returns:
+        ``d²h*/dθ²`` ``[S, d, P, P]``.
     """
     params = sensitivity.shape[-1]
     dynamics = problem.dynamics

@@ -27,10 +27,10 @@ __all__ = ["ParameterProducts", "hessian_vector_products"]
 
 
 class ParameterProducts:
-    """Products with ``∂f/∂θ`` at ``(θ, h*)`` on blocks: ``[K, P] → [K, S, d]`` (JVPs) and
-    ``[K, S, d] → [K, P]`` (VJPs through one cached pullback: no forward per call).
+    """Products with ``∂f/∂θ`` at ``(θ, h*)`` on blocks of K directions.
 
-    A single direction's JVP replays a tangent traced on first use
+    JVPs ``[K, P] → [K, S, d]`` and VJPs ``[K, S, d] → [K, P]`` (through one cached
+    pullback: no forward per call). A single direction's JVP replays a tangent traced on first use
     (:func:`deqhess.tangents.linearize`: no forward of ``f`` per call, 0.3 instead of
     0.8 ms at P = 82k); a block is vmapped.
 
@@ -66,10 +66,21 @@ class ParameterProducts:
     def at(
         cls, dynamics: Callable[[Tensor, Tensor], Tensor], theta: Tensor, h: Tensor
     ) -> ParameterProducts:
+        """The products at ``(θ, h)``, with the pullback of ``θ ↦ f`` taken once.
+
+        Args:
+            dynamics: ``(θ, h) ↦ f(x, h, θ)`` on flat θ ``[P]`` and rows ``[S, d]``.
+            theta: flat θ ``[P]``.
+            h: the fixed point's rows ``[S, d]``.
+
+        Returns:
+            The products with ``∂f/∂θ`` at ``(θ, h)``.
+        """
+
         def of_theta(t: Tensor) -> Tensor:
             return dynamics(t, h)
 
-        _, pullback = torch.func.vjp(of_theta, theta)
+        pullback = torch.func.vjp(of_theta, theta)[1]
         return cls(
             jvp=lambda v: dynamics_jvp(dynamics, theta, h, v),
             vjp=lambda mu: pullback(mu)[0],
@@ -83,7 +94,10 @@ def hessian_vector_products(
     solver: Linearization,
     v: Tensor,
 ) -> Tensor:
-    """``H vₖ`` ``[K, P]`` for flat directions ``v`` ``[K, P]``.
+    """``H vₖ`` for K flat directions: the seed's matrix-free product, two solves each.
+
+    ``z = (I − J)⁻¹ (∂f/∂θ) v``; ``(g_θ, g_h) = ∇²Φ (v, z)``; ``H v = g_θ + (∂f/∂θ)ᵀ μ``
+    with ``μ = (I − J)⁻ᵀ g_h``. The K directions share each solve and vmapped AD pass.
 
     Args:
         parameter: the products with ``∂f/∂θ`` at the fixed point.
@@ -92,6 +106,10 @@ def hessian_vector_products(
             of the wanted operator: ``L + λᵀf`` (the Hessian), ``L`` (loss curvature, the
             GGN part) or ``λᵀf`` (dynamics curvature).
         solver: solves with ``I − J`` and ``(I − J)ᵀ`` at the fixed point.
+        v: the directions, rows ``[K, P]``.
+
+    Returns:
+        ``H vₖ`` as rows ``[K, P]``.
     """
     z = solver.solve(parameter.jvps(v))
     if v.shape[0] == 1:  # one direction: no vmap overhead

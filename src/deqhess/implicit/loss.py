@@ -1,5 +1,8 @@
-"""A user's loss, ``L(h)`` or ``L(h, θ)``: its arity, decided once from its signature, and
-what it captured, to notice when a cached adjoint no longer matches it."""
+"""A user's loss, ``L(h)`` or ``L(h, θ)``, and what it captured.
+
+Its arity is decided once from its signature; what it captured is watched, to notice
+when a cached adjoint no longer matches it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
+from ..errors import InputError
 from ..parameters import Parameters
 
 __all__ = ["Captured", "Loss", "required_positional"]
@@ -30,17 +34,29 @@ class Loss:
     (or that takes ``*args``) is taken as ``L(h)``.
 
     Raises:
-        ValueError: ``fn`` is not callable or requires more than two positional
+        InputError: ``fn`` is not callable or requires more than two positional
             arguments; or, when called, it returns anything but a 0-dim floating tensor.
     """
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         if not callable(fn):
-            raise ValueError(f"loss must be callable; got {type(fn).__name__}.")
+            raise InputError(f"loss must be callable; got {type(fn).__name__}.")
         self.fn = fn
         self.uses_theta = _required_positional(fn) == 2
 
     def __call__(self, h: Tensor, theta: Parameters) -> Tensor:
+        """``L(h, θ)``: the user's loss called with the arguments it takes.
+
+        Args:
+            h: the state, shaped like the equilibrium's ``h``.
+            theta: θ in the user's structure (passed only to ``loss(h, theta)``).
+
+        Returns:
+            The loss, a 0-dim floating tensor.
+
+        Raises:
+            InputError: the loss returned anything but a 0-dim floating tensor.
+        """
         value = self.fn(h, theta) if self.uses_theta else self.fn(h)
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
             got = (
@@ -48,7 +64,7 @@ class Loss:
                 if isinstance(value, Tensor)
                 else type(value).__name__
             )
-            raise ValueError(
+            raise InputError(
                 f"loss must return a 0-dim floating tensor (a scalar); got {got}. Reduce it, "
                 "e.g. with .sum() or .mean()."
             )
@@ -56,9 +72,13 @@ class Loss:
 
 
 def required_positional(fn: Callable[..., Tensor]) -> int | None:
-    """The number of required positional parameters of ``fn`` — of its ``forward`` for an
-    ``nn.Module`` (whose ``__call__`` takes ``*args``) — or None if it cannot be read
-    (no signature, or ``*args``)."""
+    """The number of required positional parameters of ``fn``.
+
+    Of its ``forward`` for an ``nn.Module``, whose ``__call__`` takes ``*args``.
+
+    Returns:
+        The count, or None if it cannot be read (no signature, or ``*args``).
+    """
     if isinstance(fn, torch.nn.Module):
         fn = fn.forward
     try:
@@ -75,7 +95,7 @@ def _required_positional(fn: Callable[..., Tensor]) -> int:
     if required is None:  # unreadable: taken as L(h)
         return 1
     if required not in (1, 2):
-        raise ValueError(
+        raise InputError(
             f"loss must take loss(h) or loss(h, theta); {getattr(fn, '__name__', fn)!r} "
             f"requires {required} positional arguments. Bind extra data with "
             "functools.partial or a closure."
@@ -154,9 +174,14 @@ def _referenced(fn: Any) -> list[Any]:
 
 @functools.lru_cache(maxsize=256)
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """The globals ``code`` reads (``LOAD_GLOBAL``/``LOAD_NAME``, nested code included) —
-    not ``co_names`` as a whole, which also lists attribute names: ``theta["W"].T``
-    would have made any global named ``T`` part of what the function reads."""
+    """The globals ``code`` reads (``LOAD_GLOBAL``/``LOAD_NAME``, nested code included).
+
+    Not ``co_names`` as a whole, which also lists attribute names: ``theta["W"].T``
+    would have made any global named ``T`` part of what the function reads.
+
+    Returns:
+        The names, each once, in the order first read.
+    """
     found: list[str] = []
     for instruction in dis.get_instructions(code):
         if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):

@@ -9,12 +9,14 @@ symmetric :class:`deqhess.operator.Operator`, so it converts to a dense tensor o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import overload
 
 import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
+from ..errors import InputError
 from ..operator import Operator
 from ..parameters import ParameterLayout, Parameters
 
@@ -31,7 +33,7 @@ OPERATOR_PARTS = (*PARTS, "ggn")
 
 def check_part(part: str, allowed: tuple[str, ...] = PARTS) -> str:
     if part not in allowed:
-        raise ValueError(f"unknown curvature part {part!r}; use one of {list(allowed)}.")
+        raise InputError(f"unknown curvature part {part!r}; use one of {list(allowed)}.")
     return part
 
 
@@ -71,8 +73,15 @@ class CurvatureOperator(Operator):
         return f"CurvatureOperator(part={self.part!r}, shape={self.shape}, dtype={self.dtype})"
 
     def to_dense(self) -> Tensor:
-        """The ``[P, P]`` matrix: by its front end's own assembly where it has one (a
-        model's, in one pass over the data), else from ``P`` products."""
+        """The operator as a dense matrix.
+
+        By its front end's own assembly where it has one (a model's, in one pass over
+        the data), else from ``P`` products; refused with
+        :class:`deqhess.DenseMemoryError` when it would not fit.
+
+        Returns:
+            The ``[P, P]`` matrix.
+        """
         return self._dense() if self._dense is not None else super().to_dense()
 
     def matmat(self, block: Tensor) -> Tensor:
@@ -88,41 +97,74 @@ class CurvatureOperator(Operator):
         """``H v`` for ``v`` ``[P]``."""
         return self._products(v[None])[0]
 
-    def __matmul__(self, other: Parameters | list[Tensor]) -> Parameters | list[Tensor]:
-        """``H @ v``: ``[P]`` → ``[P]``, ``[P, K]`` → ``[P, K]``, θ-structured → same, and a
-        list of tensors shaped like θ's (each optionally with a trailing ``K``) → same."""
+    # Operator.__matmul__ takes tensors; this one takes θ-structured directions and
+    # lists too, and gives a tensor for a tensor as Operator does. mypy refuses any
+    # wider operand of an overloaded operator override (for reflected operators' sake;
+    # none is defined here), so the override is marked.
+    @overload  # type: ignore[override]
+    def __matmul__(self, other: Tensor) -> Tensor: ...
+    @overload
+    def __matmul__(self, other: Mapping[str, Tensor]) -> Mapping[str, Tensor]: ...
+    @overload
+    def __matmul__(self, other: list[Tensor] | tuple[Tensor, ...]) -> list[Tensor]: ...
+    def __matmul__(
+        self, other: Parameters | list[Tensor] | tuple[Tensor, ...]
+    ) -> Parameters | list[Tensor]:
+        """``H @ v`` in the form of ``v``.
+
+        Args:
+            other: a flat ``[P]`` vector, a ``[P, K]`` block, a θ-structured direction, or
+                a list of tensors shaped like θ's (each optionally with a trailing ``K``).
+
+        Returns:
+            ``H v`` in the same form as ``other``.
+
+        Raises:
+            InputError: ``other`` has none of these forms.
+        """
         layout = self.layout
-        if layout.names is not None and layout.matches(other):
+        if isinstance(other, Mapping) and layout.matches(other):
             return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
         if isinstance(other, (list, tuple)):
             return self._list_product(list(other))
         if isinstance(other, Tensor) and other.ndim in (1, 2) and other.shape[0] == layout.size:
             return super().__matmul__(other)
-        if layout.matches(other):  # a single-tensor θ of another shape
+        if isinstance(other, Tensor) and layout.matches(other):  # a θ tensor of another shape
             return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
         got = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
-        raise ValueError(
+        raise InputError(
             f"the operator acts on flat [{layout.size}] vectors, [{layout.size}, K] blocks, "
             f"theta-structured vectors ({layout.describe()}) or lists of tensors shaped "
             f"like theta's; got {got}."
         )
 
     def _list_product(self, tensors: list[Tensor]) -> list[Tensor]:
-        """curvlinops' convention: one tensor per parameter, ``[*shape]`` or ``[*shape, K]``."""
+        """The product in the convention of curvlinops: one tensor per parameter.
+
+        Args:
+            tensors: one tensor per parameter, each ``[*shape]`` or ``[*shape, K]``.
+
+        Returns:
+            ``H v`` as one tensor per parameter, shaped like ``tensors``.
+
+        Raises:
+            InputError: the tensors do not match θ's shapes (with one common trailing K).
+        """
         layout = self.layout
         shapes = list(layout.shapes)
         ok = len(tensors) == len(shapes) and all(isinstance(t, Tensor) for t in tensors)
-        trailing = None
+        trailing: tuple[int, ...] = ()  # the common trailing K, if any
         if ok:
             extra = {tuple(t.shape[len(s) :]) for t, s in zip(tensors, shapes, strict=True)}
             ok = len(extra) == 1 and all(
                 tuple(t.shape[: len(s)]) == tuple(s) for t, s in zip(tensors, shapes, strict=True)
             )
-            trailing = extra.pop() if ok else None
-            ok = ok and len(trailing) <= 1
+            if ok:
+                trailing = extra.pop()
+                ok = len(trailing) <= 1
         if not ok:
             got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in tensors]
-            raise ValueError(
+            raise InputError(
                 f"a list operand must hold one tensor per parameter with shapes "
                 f"{[tuple(s) for s in shapes]} (each optionally with one trailing K); got {got}."
             )

@@ -15,13 +15,17 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
-from ..errors import StaleEquilibriumError
+from ..errors import InputError, StaleEquilibriumError
 from ..finiteness import all_finite
 from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
 from .loss import Captured, Loss
 
-__all__ = ["Problem"]
+__all__ = ["FixedPointMap", "Problem"]
+
+#: ``f(x, h, θ)``, the DEQ map. θ reaches it in the structure the user gave (a tensor or
+#: a dict of tensors), so ``f`` may annotate it either way.
+FixedPointMap = Callable[[Any, Tensor, Any], Tensor]
 
 
 class Problem:
@@ -37,20 +41,20 @@ class Problem:
         batch_dim: dimension of ``h`` whose slices are independent samples, or None.
 
     Raises:
-        ValueError: non-finite θ, tensors of x or h0; θ and h0 of different dtype or device;
+        InputError: non-finite θ, tensors of x or h0; θ and h0 of different dtype or device;
             ``f`` returning a non-tensor or a tensor of another shape or dtype.
     """
 
     def __init__(
         self,
-        f: Callable[[Any, Tensor, Parameters], Tensor],
+        f: FixedPointMap,
         theta: Parameters,
         x: Any,
         h0: Tensor,
         batch_dim: int | None = None,
     ) -> None:
         if not callable(f):
-            raise ValueError(f"f must be callable as f(x, h, theta); got {type(f).__name__}.")
+            raise InputError(f"f must be callable as f(x, h, theta); got {type(f).__name__}.")
         self.f = f
         self.params = ParameterLayout(theta)
         self.state = StateLayout(h0, batch_dim)
@@ -60,7 +64,7 @@ class Problem:
             _check_finite(t, label)
         _check_finite(h0, "h0")
         if h0.dtype != self.params.dtype or h0.device != self.params.device:
-            raise ValueError(
+            raise InputError(
                 f"h0 is {h0.dtype} on {h0.device} but theta is {self.params.dtype} on "
                 f"{self.params.device}; make them match, e.g. h0.to(theta_tensor)."
             )
@@ -71,8 +75,12 @@ class Problem:
             check_state_map(f(self.x, h0.detach(), _detached(theta)), h0, "f(x, h, theta)")
 
     def check_fresh(self) -> None:
-        """Raise if θ, a tensor of x, or state ``f`` closes over (as far as Python shows it:
-        see :class:`deqhess.implicit.loss.Captured`) changed since the equilibrium was solved."""
+        """Refuse to go on from an equilibrium whose inputs changed since it was solved.
+
+        Raises:
+            StaleEquilibriumError: θ, a tensor of x, or state ``f`` closes over (as far as
+                Python shows it: see :class:`deqhess.implicit.loss.Captured`) changed.
+        """
         if self._captured.changed():
             raise StaleEquilibriumError(
                 "f reads state that changed after the Equilibrium was built (a tensor it closes "
@@ -98,15 +106,24 @@ class Problem:
         """``L(h, θ)`` for flat ``θ`` and rows ``h``."""
         return loss(self.state.from_rows(h), self.params.unflatten(theta))
 
-    def lagrangian(self, loss: Loss | None, adjoint: Tensor | None) -> Callable:
+    def lagrangian(
+        self, loss: Loss | None, adjoint: Tensor | None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         """``Φ(θ, h) = L(h, θ) + ⟨λ, f(x, h, θ)⟩`` with λ held fixed (either term optional).
 
         Its Hessian projected by ``[I; Z]`` is the DEQ Hessian; the ``L`` term alone
         gives the loss curvature, the ``λ`` term alone the dynamics curvature.
+
+        Args:
+            loss: ``L``, or None to leave the loss term out.
+            adjoint: λ rows ``[S, d]``, or None to leave the dynamics term out.
+
+        Returns:
+            ``Φ(θ, h)`` on flat θ ``[P]`` and rows ``h`` ``[S, d]``, a 0-dim tensor.
         """
 
         def phi(theta: Tensor, h: Tensor) -> Tensor:
-            value = self.objective(loss, theta, h) if loss is not None else 0.0
+            value = self.objective(loss, theta, h) if loss is not None else theta.new_zeros(())
             if adjoint is not None:
                 value = value + (adjoint * self.dynamics(theta, h)).sum()
             return value
@@ -116,7 +133,7 @@ class Problem:
 
 def _check_finite(t: Tensor, label: str) -> None:
     if not all_finite(t):
-        raise ValueError(
+        raise InputError(
             f"{label} contains non-finite values (NaN or inf); pass finite values "
             "(check the data and the previous optimisation step)."
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..memory import budget_bytes
 from ..solvers import default_tolerance
 from .accuracy import (
@@ -92,8 +93,7 @@ def resolve_linear_solver(
     directions: int | None = None,
     device: torch.device | None = None,
 ) -> LinearSolver:
-    """A strategy from itself or an alias: ``"auto"``, ``"dense"``, ``"gmres"``,
-    ``"neumann"``, ``"neumann-gmres"``.
+    """The linear solver a ``linear_solver`` option names, for ``S`` blocks of width ``d``.
 
     ``"auto"`` is :class:`Dense` when a block is at most ``DENSE_MAX_WIDTH`` wide and the
     ``S`` blocks fit in ``DENSE_MAX_BYTES``, else :class:`GMRES` — for many solves per
@@ -108,6 +108,21 @@ def resolve_linear_solver(
     would, ``width ≤ PRODUCTS_PER_DIRECTION · directions`` (and the blocks fit): a dense
     form's P directions factorise, a single HVP through a wide state does not. Given the
     ``device``, the blocks must also fit in a quarter of the memory available there.
+
+    Args:
+        solver: a :class:`LinearSolver` (returned as it is) or an alias: ``"auto"``,
+            ``"dense"``, ``"gmres"``, ``"neumann"``, ``"neumann-gmres"``.
+        samples: ``S``, the number of independent blocks of ``I − J``.
+        width: ``d``, the width of a block.
+        dtype: the state's dtype (sizes the dense blocks).
+        max_condition: the largest condition number a :class:`Dense` accepts.
+        few_solves: a layer's backward: few solves per fixed point.
+        directions: the directions a curvature operator's pass pushes through the
+            fixed point, or None.
+        device: where the blocks would live (their memory is checked there), or None.
+
+    Returns:
+        The solver.
     """
     if isinstance(solver, LinearSolver):
         return solver
@@ -131,17 +146,18 @@ def resolve_linear_solver(
 
 
 def check_linear_solver(solver: str | LinearSolver) -> None:
-    """Refuse, now, a ``linear_solver`` that :func:`resolve_linear_solver` would refuse
-    later (an option is checked where it is given).
+    """Refuse now a ``linear_solver`` that :func:`resolve_linear_solver` would refuse later.
+
+    An option is checked where it is given.
 
     Raises:
-        ValueError: not ``"auto"``, a known name or a :class:`LinearSolver`.
+        InputError: not ``"auto"``, a known name or a :class:`LinearSolver`.
     """
     if isinstance(solver, LinearSolver) or solver == "auto":
         return
     if isinstance(solver, str) and solver.lower() in _ALIASES:
         return
-    raise ValueError(
+    raise InputError(
         f"unknown linear_solver {solver!r}; use 'auto', one of {sorted(_ALIASES)}, or an "
         "instance such as deqhess.linear.GMRES(restart=50)."
     )

@@ -26,6 +26,7 @@ the figure; the thresholds leave room for that.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -50,16 +51,22 @@ _WARN_ABOVE = {torch.float64: 1e-6, torch.float32: 1e-3}
 
 
 def warning_threshold(dtype: torch.dtype) -> float:
-    """The error bound above which an :class:`deqhess.AccuracyWarning` is given: 1e-6
-    in float64, 1e-3 in float32 (about ``10⁴`` ulps: ordinary conditioning stays below)."""
+    """The error bound above which an :class:`deqhess.AccuracyWarning` is given.
+
+    Returns:
+        1e-6 in float64, 1e-3 in float32 (about ``10⁴`` ulps: ordinary conditioning
+        stays below).
+    """
     return _WARN_ABOVE.get(dtype, 1e-3)
 
 
 def check_max_error_bound(value: object) -> float:
     """``max_error_bound`` checked: a number ``>= 0`` (``inf`` turns the refusal off).
 
-    Raises:
-        ValueError: not a number, NaN or negative.
+    Refused with :class:`deqhess.InputError` when it is not a number, NaN or negative.
+
+    Returns:
+        The bound as a float.
     """
     return real(
         value,
@@ -72,10 +79,19 @@ def check_max_error_bound(value: object) -> float:
 
 
 def forward_residual(accepted: Tensor, h: Tensor, tolerance: Tolerance) -> float:
-    """``r_forward``: ``rtol · min(1, ‖r_row‖ / threshold_row)``, largest over rows
-    ``[S, d]`` — the relative residual the forward solve left, counted against its own
-    tolerance (a row it could not converge counts as ``rtol``: its own failure is
-    reported by the forward solve's policy, not here)."""
+    """``r_forward``, the relative residual the forward solve left.
+
+    Counted against its own tolerance: a row it could not converge counts as ``rtol``
+    (its own failure is reported by the forward solve's policy, not here).
+
+    Args:
+        accepted: each row's residual norm ``‖f(h) − h‖`` when the solve stopped ``[S]``.
+        h: the fixed point's rows ``[S, d]``.
+        tolerance: the forward solve's stopping rule.
+
+    Returns:
+        ``rtol · min(1, ‖r_row‖ / threshold_row)``, largest over the rows (0 for none).
+    """
     scale = torch.linalg.vector_norm(h, dim=-1)  # ‖f(h)‖ up to the residual itself
     threshold = tolerance.threshold(scale)
     used = accepted.to(scale) / threshold.clamp_min(torch.finfo(h.dtype).tiny)
@@ -100,8 +116,18 @@ class ErrorBound:
     source: str
 
     def enforce(self, limit: float, dtype: torch.dtype, warned: bool) -> bool:
-        """Refuse above ``limit``; warn (once: ``warned`` says whether already) above
-        :func:`warning_threshold`. Returns whether a warning has now been given.
+        """Refuse the bound above ``limit``; warn above :func:`warning_threshold`.
+
+        Args:
+            limit: ``max_error_bound``.
+            dtype: the state's dtype (sets the warning threshold).
+            warned: whether the warning was already given (it is given once).
+
+        Returns:
+            Whether a warning has now been given.
+
+        Warns:
+            AccuracyWarning: the bound is above the threshold (first time only).
 
         Raises:
             SingularSystemError: ``value > limit``.
@@ -119,7 +145,7 @@ class ErrorBound:
                 f"above max_error_bound={limit:g}. Tighten tol (float64 allows ~1e-13 "
                 "relative), use float64, or make f more contractive in h at its fixed point; "
                 "or raise max_error_bound to accept derivatives this inexact.",
-                condition_number=self.inverse_norm,
+                condition_number=math.inf if self.inverse_norm is None else self.inverse_norm,
             )
         threshold = warning_threshold(dtype)
         if self.value > threshold and not warned:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..options import integer
 from .base import (
     IterativeSolver,
@@ -52,7 +53,11 @@ def neumann_then_gmres(
     Stops when every row has ``‖b − A x‖ ≤ max(atol, rtol ‖b‖)`` or after ``max_iter``
     products. ``before_gmres`` is called at the switch (GMRES solves each row as its own
     system, which holds only for independent rows; Neumann iterates the full system).
-    Returns ``(x, info)``; does not raise (``before_gmres`` may).
+    It does not raise (``before_gmres`` may).
+
+    Returns:
+        ``(x, info)``: the solution rows, shaped like ``b``, and the solve's statistics
+        (``info.converged`` False if a row missed the tolerance within ``max_iter``).
     """
     target = row_targets(b, rtol, atol)
     x, r, products = warm_start(matvec, b, x0)
@@ -114,7 +119,7 @@ class NeumannGMRES(IterativeSolver):
         max_iter: int = 500,
     ) -> None:
         if not 0.0 < rate < 1.0:
-            raise ValueError(f"NeumannGMRES needs 0 < rate < 1; got rate={rate!r}.")
+            raise InputError(f"NeumannGMRES needs 0 < rate < 1; got rate={rate!r}.")
         super().__init__(rtol, atol, max_iter)
         self.rate = float(rate)
         self.window = integer(window, "NeumannGMRES window", minimum=1)
@@ -124,6 +129,17 @@ class NeumannGMRES(IterativeSolver):
         return f"NeumannGMRES(rate={self.rate:g}, restart={self.restart}, max_iter={self.max_iter})"
 
     def method(self, operator: ResidualOperator, rtol: float) -> Method:
+        """Neumann steps, then GMRES if they are slow, at ``operator``'s fixed point.
+
+        Args:
+            operator: ``I − J`` at the fixed point (its rows checked independent before
+                GMRES runs).
+            rtol: the relative residual each solve must reach.
+
+        Returns:
+            ``(matvec, b, x0) ↦ (x, info)``, :func:`neumann_then_gmres`.
+        """
+
         def run(matvec, b, x0):
             return neumann_then_gmres(
                 matvec, b, x0, rtol=rtol, atol=self.atol, rate=self.rate, window=self.window,

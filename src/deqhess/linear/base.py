@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError, NonFiniteError
+from ..errors import ConvergenceError, InputError, NonFiniteError
 from ..options import integer, real
 from .operator import ResidualOperator
 
@@ -46,14 +46,26 @@ def default_linear_tolerance(dtype: torch.dtype) -> float:
 def iterative_tolerances(
     rtol: float | None, atol: float, method: str
 ) -> tuple[float | None, float]:
-    """``(rtol, atol)`` checked: ``rtol`` in ``(0, 1)`` or None (by dtype), ``atol`` finite
-    and ``≥ 0`` (a relative residual of 1 or more accepts ``x = 0`` for any ``b``)."""
+    """An iterative solver's ``(rtol, atol)``, checked.
+
+    Args:
+        rtol: the relative residual, in ``(0, 1)`` (a relative residual of 1 or more
+            accepts ``x = 0`` for any ``b``), or None (by dtype).
+        atol: the absolute residual floor, finite and ``≥ 0``.
+        method: the solver's name, for messages.
+
+    Returns:
+        ``(rtol, atol)`` as floats (``rtol`` None if it was).
+
+    Raises:
+        InputError: a value out of range, or both zero (a zero residual is unreachable).
+    """
     if rtol is not None:
         rtol = real(rtol, f"{method} rtol", minimum=0.0, below=1.0,
                     meaning="It is the relative residual each solve must reach; None picks "
                     "it by dtype.")  # fmt: skip
         if rtol == 0.0 and atol == 0.0:
-            raise ValueError(
+            raise InputError(
                 f"{method} needs rtol > 0 or atol > 0: a zero residual is unreachable."
             )
     atol = real(atol, f"{method} atol", minimum=0.0, meaning="It is an absolute residual floor.")
@@ -129,6 +141,7 @@ class LinearSolveStats:
     unconverged: int = 0
 
     def record(self, info: LinearSolveInfo) -> None:
+        """Count one solve in the totals and keep it as the last."""
         self.solves += 1
         self.unconverged += not info.converged
         self.products += info.iterations
@@ -157,9 +170,17 @@ class Solve(abc.ABC):
 
     @abc.abstractmethod
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
-        """``A⁻¹ rhs`` for ``rhs`` ``[..., S, d]`` and its statistics; ``x0`` is an optional
-        warm start. Raises :class:`deqhess.ConvergenceError` rather than return an
-        inexact answer."""
+        """``A⁻¹ rhs`` and its statistics.
+
+        Raises :class:`deqhess.ConvergenceError` rather than return an inexact answer.
+
+        Args:
+            rhs: right-hand sides ``[..., S, d]``.
+            x0: an optional warm start shaped like ``rhs``.
+
+        Returns:
+            ``(x, info)``: the solution, shaped like ``rhs``, and its statistics.
+        """
 
     @abc.abstractmethod
     def transpose(self) -> Solve:
@@ -188,10 +209,12 @@ Method = Callable[
 
 
 class IterativeSolver(LinearSolver):
-    """A matrix-free strategy: an iterative method on products with ``I − J`` (JVPs) or
-    ``(I − J)ᵀ`` (VJPs), to a relative residual ``rtol`` (default by dtype) or ``atol``,
-    within ``max_iter`` products per solve. Subclasses bind their method to a fixed point
-    in :meth:`method`."""
+    """A matrix-free strategy: an iterative method on products with ``I − J``.
+
+    Products with ``I − J`` (JVPs) or ``(I − J)ᵀ`` (VJPs), to a relative residual
+    ``rtol`` (default by dtype) or ``atol``, within ``max_iter`` products per solve.
+    Subclasses bind their method to a fixed point in :meth:`method`.
+    """
 
     def __init__(self, rtol: float | None, atol: float, max_iter: int) -> None:
         name = type(self).__name__
@@ -199,6 +222,14 @@ class IterativeSolver(LinearSolver):
         self.max_iter = integer(max_iter, f"{name} max_iter", minimum=1)
 
     def init(self, operator: ResidualOperator) -> IterativeSolve:
+        """Bind the method to ``operator``'s fixed point (nothing is factorised).
+
+        Args:
+            operator: ``I − J`` at the fixed point.
+
+        Returns:
+            The solve, to ``rtol`` (by the operator's dtype if None).
+        """
         rtol = default_linear_tolerance(operator.dtype) if self.rtol is None else self.rtol
         return IterativeSolve(operator, self.method(operator, rtol), repr(self))
 
@@ -238,11 +269,30 @@ class IterativeSolve(Solve):
         return self.name + (".transpose()" if self.transposed else "")
 
     def transpose(self) -> IterativeSolve:
+        """The same method applied to the transposed operator.
+
+        Returns:
+            The solve with ``Aᵀ`` (or, if this one is transposed, with ``A``).
+        """
         return IterativeSolve(
             self.operator, self.method, self.name, not self.transposed, self.on_failure
         )
 
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
+        """``A⁻¹ rhs`` (or ``A⁻ᵀ rhs``) by the iterative method.
+
+        Args:
+            rhs: right-hand sides ``[..., S, d]``.
+            x0: an optional warm start shaped like ``rhs``.
+
+        Returns:
+            ``(x, info)``: the solution and its statistics.
+
+        Raises:
+            ConvergenceError: the Neumann series diverged, or (``on_failure="raise"``) a
+                right-hand side missed the tolerance.
+            NonFiniteError: the products with ``I − J`` are not finite.
+        """
         apply = self.operator.apply_transpose if self.transposed else self.operator.apply
         x, info = self.method(apply, rhs, x0)
         if info.method == NEUMANN_DIVERGING:
@@ -279,10 +329,15 @@ def row_norms(t: Tensor) -> Tensor:
 
 
 def row_scales(b: Tensor) -> Tensor:
-    """What each row's residual is measured against: ``‖b_row‖``, but at least ``ε`` of the
-    largest row's — a row whose right-hand side is zero is then held to the accuracy the
-    others can have, not to exactly zero (which coupled rows, iterated as one system by
-    Neumann, cannot reach)."""
+    """What each row's residual is measured against.
+
+    A row whose right-hand side is zero is held to the accuracy the others can have, not
+    to exactly zero (which coupled rows, iterated as one system by Neumann, cannot
+    reach).
+
+    Returns:
+        ``‖b_row‖`` per row, but at least ``ε`` times the largest row's.
+    """
     norms = row_norms(b)
     floor = torch.finfo(b.dtype).eps * norms.amax() if norms.numel() else norms.new_zeros(())
     return torch.maximum(norms, floor).clamp_min(torch.finfo(b.dtype).tiny)
@@ -296,9 +351,15 @@ def row_targets(b: Tensor, rtol: float, atol: float) -> Tensor:
 def warm_start(
     matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None
 ) -> tuple[Tensor, Tensor, int]:
-    """``(x, r, products)`` to start an iteration: ``x0`` on the rows where it lowers the
-    residual below ``‖b‖`` (a poor guess can only cost the one product that tests it),
-    zero elsewhere."""
+    """The start of an iteration: ``x0`` where it helps, zero elsewhere.
+
+    A poor guess can only cost the one product that tests it.
+
+    Returns:
+        ``(x, r, products)``: ``x0`` on the rows where it lowers the residual below
+        ``‖b‖`` and zero elsewhere, the residual ``b − A x``, and the products used (0
+        or 1).
+    """
     if x0 is None:
         return torch.zeros_like(b), b, 0
     r = b - matvec(x0)

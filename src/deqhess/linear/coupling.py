@@ -22,17 +22,18 @@ def coupling_tolerance(dtype: torch.dtype) -> float:
 def row_coupling(
     products: Callable[[Tensor], Tensor], h: Tensor, seed: int = 0
 ) -> tuple[float, int]:
-    """How much a linear map ``M`` (``products``: ``[K, S, d] → [K, S, d]``, e.g.
-    ``(I − J)ᵀ`` or ``J`` at rows ``h``) couples different rows.
+    """How much a linear map ``M`` couples different rows of the state.
 
-    A random direction ``v`` and copies with row ``s`` scaled by ``cₛ``: if rows are
-    independent, ``M(c ⊙ v)ₛ = cₛ (M v)ₛ`` for every row, while a coupling ``Mₛₜ ≠ 0``
-    adds ``Mₛₜ (cₜ − cₛ) vₜ`` — nonzero for almost every ``v`` whenever ``cₜ ≠ cₛ``. The
-    factors are powers of two (exact in floating point, so independent rows give zero
-    up to the order of summation), one base-16 digit of the row index per probe, so
-    every pair of rows differs in some probe: ``1 + ⌈log₁₆ S⌉`` products in one call (3
-    for ``S ≤ 256``) see any coupling, one-way or not, between any rows. ``J`` couples
-    rows exactly when ``(I − J)ᵀ`` does, so the adjoint's cheap VJPs serve.
+    ``M`` is given by its ``products``, ``[K, S, d] → [K, S, d]`` (e.g. ``(I − J)ᵀ`` or
+    ``J`` at rows ``h``). A random direction ``v`` and copies with row ``s`` scaled by
+    ``cₛ``: if rows are independent, ``M(c ⊙ v)ₛ = cₛ (M v)ₛ`` for every row, while a
+    coupling ``Mₛₜ ≠ 0`` adds ``Mₛₜ (cₜ − cₛ) vₜ`` — nonzero for almost every ``v``
+    whenever ``cₜ ≠ cₛ``. The factors are powers of two (exact in floating point, so
+    independent rows give zero up to the order of summation), one base-16 digit of the
+    row index per probe, so every pair of rows differs in some probe: ``1 + ⌈log₁₆ S⌉``
+    products in one call (3 for ``S ≤ 256``) see any coupling, one-way or not, between
+    any rows. ``J`` couples rows exactly when ``(I − J)ᵀ`` does, so the adjoint's cheap
+    VJPs serve.
 
     Returns:
         ``(coupling, row)``: the largest relative discrepancy over rows and probes (0 for

@@ -37,8 +37,6 @@ def default_max_condition(dtype: torch.dtype) -> float:
 def lu_factor_blocks(system: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.linalg.lu_factor_ex`` of ``[S, d, d]`` blocks, safe from an MKL hang.
 
-    Returns ``(lu, pivots, info)`` exactly as ``lu_factor_ex`` does.
-
     Why: with torch 2.13's MKL (2024.2), once ``torch.set_num_threads(n)`` has been called
     with ``n ≥ 2``, a *batched* LU of CPU blocks wider than about 150 prints ``Intel
     oneMKL ERROR: Parameter 6 was incorrect on entry to DLASWP`` and never returns (also
@@ -54,6 +52,9 @@ def lu_factor_blocks(system: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     The per-block factors are stacked in LAPACK's column-major layout, as the batched
     call returns them: stacked row-major, every later ``lu_solve`` copied the whole LU
     back to column-major first (64 blocks of 256: 24 ms per one-column solve instead of 2).
+
+    Returns:
+        ``(lu, pivots, info)`` exactly as ``lu_factor_ex`` returns them.
     """
     samples, width = system.shape[0], system.shape[-1]
     if system.device.type != "cpu" or samples < 2 or width <= BATCHED_LU_MAX_WIDTH:
@@ -135,8 +136,16 @@ class DenseLU(Solve):
     transposed = False
 
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:
-        """``A⁻¹ rhs`` (``A⁻ᵀ rhs`` when transposed) for ``rhs`` ``[..., S, d]``; a direct
-        solve, so ``x0`` is not needed."""
+        """``A⁻¹ rhs`` (``A⁻ᵀ rhs`` when transposed) by the LU factors.
+
+        Args:
+            rhs: right-hand sides ``[..., S, d]``.
+            x0: ignored: a direct solve needs no warm start.
+
+        Returns:
+            ``(x, info)``: the solution, shaped like ``rhs``, and the statistics of a
+            direct solve (no iterations).
+        """
         blocks = self.lu.shape[:-1]  # the systems solved: [S, d], or the split one's blocks
         columns = rhs.reshape(-1, *blocks).permute(1, 2, 0)  # [S, d, K]
         out = torch.linalg.lu_solve(self.lu, self.pivots, columns, adjoint=self.transposed)
@@ -180,6 +189,14 @@ class Dense(LinearSolver):
         return "Dense()"
 
     def init(self, operator: ResidualOperator) -> DenseLU:
+        """Form ``J``'s blocks by ``d`` VJPs and factorise ``I − J``.
+
+        Args:
+            operator: ``I − J`` at the fixed point.
+
+        Returns:
+            The factorised solve (refused if singular or too ill-conditioned).
+        """
         return DenseLU(operator.jacobian_blocks(self.chunk_size), self.max_condition)
 
 
@@ -203,13 +220,16 @@ def _check_finite_jacobian(jacobian: Tensor) -> None:
 def _condition_estimate(
     system: Tensor, lu: Tensor, one_system: bool = False
 ) -> tuple[float, float]:
-    """Largest 1-norm condition estimate over blocks, from the LU (O(d²) per block), and
-    the largest ``‖A_k⁻¹‖₁``.
+    """The 1-norm condition number of the blocks, estimated from their LU (O(d²) each).
 
     With ``one_system`` the blocks are the diagonal of one block-diagonal matrix, whose
     1-norm condition is ``max ‖A_k‖₁ · max ‖A_k⁻¹‖₁`` (at least the largest block's).
     NaN when a block's norm overflows or ``gecon`` returns NaN (a NaN or overflowed LU):
     it must not vanish in the maximum, as ``max(0.0, nan)`` would make it.
+
+    Returns:
+        ``(condition, inverse_norm)``: the largest condition estimate over the blocks
+        (of the one system with ``one_system``) and the largest ``‖A_k⁻¹‖₁``.
     """
     gecon = lapack.dgecon if system.dtype == torch.float64 else lapack.sgecon
     norms = torch.linalg.matrix_norm(system, ord=1).cpu().numpy()
@@ -227,13 +247,16 @@ def _condition_estimate(
 
 
 def diagonal_block_width(matrix: Tensor) -> int:
-    """The narrowest ``b`` such that ``matrix`` ``[N, N]`` is zero outside ``N/b`` equal
-    diagonal blocks of ``b × b`` (``N`` itself when there are no such blocks).
+    """The width of the narrowest equal diagonal blocks outside which ``matrix`` is zero.
 
     The matrix may be split after row ``i`` when no row up to ``i`` has an entry right of
     column ``i`` and no later row has one left of column ``i + 1``; NaN and inf count as
     entries. ``b`` is the smallest divisor of ``N`` at all of whose multiples it may be
     split. One pass over the matrix.
+
+    Returns:
+        The narrowest ``b`` such that ``matrix`` ``[N, N]`` is zero outside ``N/b``
+        diagonal blocks of ``b × b`` (``N`` itself when there are no such blocks).
     """
     n = matrix.shape[0]
     index = torch.arange(n, device=matrix.device)

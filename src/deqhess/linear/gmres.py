@@ -46,7 +46,7 @@ def gmres(
 
     Stops when every row has ``‖b − A x‖ ≤ max(atol, rtol ‖b‖)`` or after
     ``max_iter`` products with ``A``. A warm start ``x0`` is kept on the rows where it
-    beats zero (see :func:`warm_start`). Returns ``(x, info)``; does not raise.
+    beats zero (see :func:`warm_start`). It does not raise.
 
     The rows ``R`` (every leading index) are batched through each step: the Krylov basis
     is ``[R, m + 1, d]``, Gram–Schmidt is two batched matrix products per pass (a second
@@ -55,9 +55,21 @@ def gmres(
     operations whatever its index.
 
     Args:
+        matvec: ``x ↦ A x`` on blocks shaped like ``b``, row by row.
+        b: right-hand sides ``[..., d]``, each row its own system.
+        x0: an optional warm start shaped like ``b``.
+        rtol: relative residual each row must reach.
+        atol: absolute residual floor.
+        restart: ``m``, the Krylov dimension before a restart.
+        max_iter: cap on products with ``A``.
         workspace: a dict kept by the caller across solves; the Krylov basis is taken
             from it and put back, so repeated solves of one shape reuse its memory
             instead of allocating (and faulting in) ``R·(m + 1)·d`` numbers each time.
+
+    Returns:
+        ``(x, info)``: the solution, shaped like ``b``, and the solve's statistics
+        (``info.converged`` False if a row missed the tolerance within ``max_iter``;
+        ``info.inverse_norm`` the estimate of ``‖A⁻¹‖₂`` from the Krylov cycles).
     """
     shape, width = b.shape, b.shape[-1]
     rows = b.numel() // max(width, 1)
@@ -126,12 +138,15 @@ def gmres(
 
 
 def _inverse_norm_estimate(triangle: Tensor, rows: Tensor, so_far: float | None) -> float | None:
-    """The larger of ``so_far`` and ``1/σ_min`` of the cycle's ``R`` ``[R, m, m]`` over the
-    given rows.
+    """An estimate of ``‖A⁻¹‖₂`` from a GMRES cycle's triangular factor ``R`` ``[R, m, m]``.
 
     ``R`` is the Arnoldi matrix ``H̄ₘ = V_{m+1}ᵀ A Vₘ`` rotated (Givens rotations are
     orthogonal), so ``σ_min(R) = min ‖A Vₘ y‖ ≥ σ_min(A)``: ``1/σ_min(R) ≤ ‖A⁻¹‖₂``, a
     lower bound — an estimate of how much ``A⁻¹`` amplifies errors, no product needed.
+
+    Returns:
+        The larger of ``so_far`` and ``1/σ_min(R)`` over the given rows (``so_far`` when
+        no row qualifies).
     """
     rows = rows & torch.isfinite(triangle).all(-1).all(-1)  # NaN products: named elsewhere
     if triangle.shape[-1] == 0 or not bool(rows.any()):
@@ -180,6 +195,16 @@ class GMRES(IterativeSolver):
         return f"GMRES(restart={self.restart}, max_iter={self.max_iter})"
 
     def method(self, operator: ResidualOperator, rtol: float) -> Method:
+        """Restarted GMRES at ``operator``'s fixed point, each row its own Krylov problem.
+
+        Args:
+            operator: ``I − J`` at the fixed point (its rows checked independent).
+            rtol: the relative residual each solve must reach.
+
+        Returns:
+            ``(matvec, b, x0) ↦ (x, info)``, :func:`gmres` with a Krylov basis reused by
+            this fixed point's solves.
+        """
         operator.require_independent_rows()  # each row is its own Krylov problem
         workspace: dict = {}  # the Krylov basis, reused by this fixed point's solves
 

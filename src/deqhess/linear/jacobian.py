@@ -21,10 +21,13 @@ def jacobian_blocks(
     every block, so ``d`` VJPs (vmapped, ``chunk_size`` at a time) suffice whatever
     ``S`` is. This is exact when ``S = 1`` and, for ``S > 1``, when ``fn`` treats rows
     independently (the ``batch_dim`` contract); cross-row entries are never formed.
+
+    Returns:
+        The blocks ``[S, d, d]``, block ``s`` being ``∂fn(h)ₛ/∂hₛ``.
     """
     samples, width = h.shape
     chunk_size = chunk_size or default_chunk_size(h.numel())
-    _, pullback = torch.func.vjp(fn, h)
+    pullback = torch.func.vjp(fn, h)[1]
     eye = torch.eye(width, dtype=h.dtype, device=h.device)
     cotangents = eye[:, None, :].expand(width, samples, width)
     rows = torch.func.vmap(pullback, chunk_size=chunk_size)(cotangents)[0]  # [d, S, d]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
+from ..errors import InputError, NonFiniteError
 from ..finiteness import all_finite
 from ..solvers import Residual, Tolerance
 from .accuracy import DEFAULT_MAX_ERROR_BOUND, ErrorBound, check_max_error_bound, forward_residual
@@ -66,7 +66,7 @@ class Linearization:
             serve (see :class:`ResidualOperator`).
 
     Raises:
-        ValueError: (on a solve that relies on it) ``F`` couples rows declared
+        InputError: (on a solve that relies on it) ``F`` couples rows declared
             independent; ``F`` is not deterministic (see ``accepted``).
         NonFiniteError: ``∂F/∂h`` or a right-hand side is not finite.
         SingularSystemError: ``I − J`` too ill-conditioned for the forward tolerance
@@ -118,12 +118,16 @@ class Linearization:
 
     @property
     def residual(self) -> Residual:
+        """The residual ``g(h) = F(h) − h`` whose Jacobian is ``J − I``."""
         return self.operator.residual
 
     @property
     def prepared(self) -> Solve:
-        """The solve with ``I − J``, set up once. Strategies that rely on independent
-        rows (dense blocks, GMRES per row) check them first."""
+        """The solve with ``I − J``, set up once.
+
+        Strategies that rely on independent rows (dense blocks, GMRES per row) check them
+        first; the error bound is enforced as soon as it is known.
+        """
         if self._prepared is None:
             if not self._certified:
                 self.certify(self.residual.fn(self.h))
@@ -139,10 +143,11 @@ class Linearization:
 
     @property
     def error_bound(self) -> ErrorBound:
-        """The derivatives' relative error bound ``‖(I − J)⁻¹‖ · max(r_forward,
-        r_linear, ε)`` (see :mod:`deqhess.linear.accuracy`): its ``value`` is None, and
-        its ``source`` says why, where ``‖(I − J)⁻¹‖`` is not known or there is no
-        forward solve to bound."""
+        """The derivatives' relative error bound ``‖(I − J)⁻¹‖ · max(r_forward, r_linear, ε)``.
+
+        See :mod:`deqhess.linear.accuracy`. Its ``value`` is None, and its ``source`` says
+        why, where ``‖(I − J)⁻¹‖`` is not known or there is no forward solve to bound.
+        """
         eps = torch.finfo(self.h.dtype).eps
         residual = max(self._residual_left(), self.stats.max_residual or 0.0, eps)
         if self.tolerance is None or self.accepted is None:
@@ -178,19 +183,25 @@ class Linearization:
         self._warned = self.error_bound.enforce(self.max_error_bound, self.h.dtype, self._warned)
 
     def certify(self, value: Tensor) -> None:
-        """Check, once, that ``value = F(h*)`` (a fresh evaluation, rows) still has the
-        residuals the solve accepted (see ``accepted``); a caller that evaluates ``F`` at
-        ``h*`` anyway (a VJP in ``θ``) passes it here and spares an evaluation.
+        """Check, once, that ``F`` evaluated again at ``h*`` has the residuals the solve accepted.
+
+        A caller that evaluates ``F`` at ``h*`` anyway (a VJP in ``θ``) passes the value
+        here and spares an evaluation.
+
+        Args:
+            value: ``F(h*)``, a fresh evaluation, rows ``[S, d]``.
 
         Raises:
-            ValueError: ``F`` is not a deterministic function of ``h``.
+            InputError: ``F`` is not a deterministic function of ``h`` (a residual moved
+                beyond twice what the solve accepted, or its tolerance).
         """
-        if self._certified:
+        accepted = self.accepted
+        if self._certified or accepted is None:  # no solve's residuals to compare with
             return
         h = self.h
         g = value - h
         now = torch.linalg.vector_norm(g, dim=-1)
-        allowed = 2 * self.accepted.to(now)
+        allowed = 2 * accepted.to(now)
         if self.tolerance is not None:  # coupled rows may drift within the tolerance
             allowed = torch.maximum(
                 allowed, 2 * self.tolerance.threshold(torch.linalg.vector_norm(value, dim=-1))
@@ -199,10 +210,10 @@ class Linearization:
         moved = now > allowed + slack
         if bool(moved.any()):
             row = int(torch.nonzero(moved)[0, 0])
-            raise ValueError(
+            raise InputError(
                 f"f is not a deterministic function of the state: evaluated again at the fixed "
                 f"point, sample {row}'s residual ‖f(h) − h‖ is {float(now[row]):.2e} where the "
-                f"solve accepted {float(self.accepted[row]):.2e}. A map that changes between calls "
+                f"solve accepted {float(accepted[row]):.2e}. A map that changes between calls "
                 "(dropout or noise in training mode, a parametrisation or buffer updated at "
                 "each call) has no fixed point to differentiate: make it deterministic (eval "
                 "mode, or draw any random mask once and pass it in x)."
@@ -211,6 +222,7 @@ class Linearization:
 
     @property
     def is_prepared(self) -> bool:
+        """Whether the solve with ``I − J`` has been set up."""
         return self._prepared is not None
 
     @property
@@ -220,12 +232,14 @@ class Linearization:
 
     @property
     def inverse_norm(self) -> float | None:
-        """Estimated ``‖(I − J)⁻¹‖₁`` (largest over blocks) once prepared (dense LU): how
-        much a residual left in ``h*`` is amplified into its error. Else None."""
+        """Estimated ``‖(I − J)⁻¹‖₁`` (largest over blocks) once prepared by a dense LU.
+
+        How much a residual left in ``h*`` is amplified into its error; else None.
+        """
         return None if self._prepared is None else self._prepared.inverse_norm
 
     def check_independent_rows(self) -> None:
-        """Raise ``ValueError`` if ``F`` couples rows declared independent."""
+        """Refuse (:class:`deqhess.InputError`) an ``F`` that couples rows declared independent."""
         self.operator.require_independent_rows()
 
     @classmethod
@@ -233,9 +247,19 @@ class Linearization:
         cls, residual: Residual, h: Tensor, blocks: tuple[int, int], solver: LinearSolver,
         **options,
     ) -> Linearization:  # fmt: skip
-        """The linearisation of one coupled system ``h`` ``[1, N]`` whose ``J`` is block
-        diagonal with ``blocks = (B, n)`` blocks, solved block by block; right-hand sides
-        stay ``[..., 1, N]`` for the caller."""
+        """The linearisation of one coupled system whose ``J`` is block diagonal.
+
+        Args:
+            residual: the residual of the system ``h`` ``[1, N]``.
+            h: the fixed point ``[1, N]``.
+            blocks: ``(B, n)``, ``B`` diagonal blocks of width ``n`` (``B·n = N``).
+            solver: the linear solver of the blocks.
+            **options: keywords of :class:`Linearization`.
+
+        Returns:
+            The linearisation solved block by block; right-hand sides stay ``[..., 1, N]``
+            for the caller.
+        """
 
         def in_rows(r: Tensor) -> Tensor:
             return residual.fn(r.reshape(h.shape)).reshape(blocks)
@@ -248,12 +272,20 @@ class Linearization:
         self, rhs: Tensor, x0: Tensor | None = None, *, transpose: bool = False,
         warm_start: bool = False,
     ) -> Tensor:  # fmt: skip
-        """``(I − J)⁻¹ rhs`` (``(I − J)⁻ᵀ rhs`` with ``transpose``) for ``rhs`` ``[..., S, d]``.
+        """``(I − J)⁻¹ rhs``, or ``(I − J)⁻ᵀ rhs`` with ``transpose``.
 
         Args:
+            rhs: right-hand sides ``[..., S, d]``.
             x0: initial guess for an iterative solver.
+            transpose: solve with ``(I − J)ᵀ`` (the adjoint's system).
             warm_start: without ``x0``, start from the previous solution of the same
                 system and shape on this linearisation (kept only where it beats zero).
+
+        Returns:
+            The solution, shaped like ``rhs``.
+
+        Raises:
+            NonFiniteError: ``rhs`` has NaN or inf entries.
         """
         if not all_finite(rhs):
             raise NonFiniteError(
@@ -274,7 +306,7 @@ class Linearization:
             x0 = previous if previous is not None and previous.shape == rhs.shape else None
         x, info = prepared.compute(rhs, x0)
         self.stats.record(info)
-        if self.watch_accuracy and self._prepared.inverse_norm is None:  # GMRES's estimate
+        if self.watch_accuracy and self.prepared.inverse_norm is None:  # GMRES's estimate
             self._check_error_bound()
         if warm_start:
             self._previous[transpose] = x

@@ -36,7 +36,11 @@ def neumann(
     This sums the Neumann series ``Σ Jᵏ b``; it converges, at rate ``ρ(J)``, exactly
     when the spectral radius ``ρ(J) < 1`` — true at the fixed point of a contraction,
     where ``‖J‖ ≤ c < 1``. A warm start ``x0`` is kept on the rows where it beats zero
-    (see :func:`warm_start`). Returns ``(x, info)``; does not raise.
+    (see :func:`warm_start`). It does not raise.
+
+    Returns:
+        ``(x, info)``: the solution, shaped like ``b``, and the solve's statistics
+        (``info.method`` marks a series whose residual grew a million-fold: ``ρ(J) ≥ 1``).
     """
     target = row_targets(b, rtol, atol)
     x, r, products = warm_start(matvec, b, x0)
@@ -77,6 +81,16 @@ class Neumann(IterativeSolver):
         return f"Neumann(max_iter={self.max_iter})"
 
     def method(self, operator: ResidualOperator, rtol: float) -> Method:
+        """The Neumann series at ``operator``'s fixed point (rows may be coupled).
+
+        Args:
+            operator: ``I − J`` at the fixed point.
+            rtol: the relative residual each solve must reach.
+
+        Returns:
+            ``(matvec, b, x0) ↦ (x, info)``, :func:`neumann`.
+        """
+
         def run(matvec, b, x0):
             return neumann(matvec, b, x0, rtol=rtol, atol=self.atol, max_iter=self.max_iter)
 

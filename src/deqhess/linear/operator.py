@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
+from ..errors import InputError, NonFiniteError
 from ..operator import Operator
 from ..solvers import Residual
 from ..tangents import Linearized, linearize
@@ -70,10 +70,12 @@ class ResidualOperator(Operator):
 
     @property
     def samples(self) -> int:
+        """``S``, the rows of the state (independent systems when declared so)."""
         return self.h.shape[0]
 
     @property
     def width(self) -> int:
+        """``d``, the width of a row."""
         return self.h.shape[1]
 
     def __repr__(self) -> str:
@@ -89,12 +91,18 @@ class ResidualOperator(Operator):
     def _residual_jvp(self, v: Tensor) -> Tensor:
         return self._tangent_product(v.contiguous())
 
-    def _residual_vjp(self, w: Tensor) -> Tensor:
-        return self._pullback(w)[0]
-
     def apply(self, v: Tensor) -> Tensor:
-        """``(I − J) v`` for ``v`` ``[..., S, d]`` (leading dims are directions: the traced
-        tangent replayed for each, or one vmapped JVP where the cell cannot be traced)."""
+        """``(I − J) v``, by JVPs.
+
+        Leading dimensions are directions: the traced tangent is replayed for each, or
+        one vmapped JVP is taken where the cell cannot be traced.
+
+        Args:
+            v: directions ``[..., S, d]``.
+
+        Returns:
+            ``(I − J) v``, shaped like ``v``.
+        """
         if v.ndim == 2 or v.numel() == self.h.numel():
             return -self._residual_jvp(v.reshape(self.h.shape)).reshape(v.shape)
         directions = v.reshape(-1, *self.h.shape)
@@ -113,8 +121,9 @@ class ResidualOperator(Operator):
     def apply_transpose(self, w: Tensor) -> Tensor:
         """``(I − J)ᵀ w`` for ``w`` ``[..., S, d]``."""
         if self._pullback is None:  # built outside any vmap, then reused
-            _, self._pullback = torch.func.vjp(self.residual, self.h)
-        return -_over_leading(self._residual_vjp, w)
+            self._pullback = torch.func.vjp(self.residual, self.h)[1]
+        pullback = self._pullback
+        return -_over_leading(lambda cotangent: pullback(cotangent)[0], w)
 
     def matmat(self, block: Tensor) -> Tensor:
         """``(I − J) V`` for flat ``V`` ``[S·d, K]``."""
@@ -132,7 +141,7 @@ class ResidualOperator(Operator):
         """Check, once, that rows declared independent are (see :func:`row_coupling`).
 
         Raises:
-            ValueError: ``F`` couples rows declared independent.
+            InputError: ``F`` couples rows declared independent.
             NonFiniteError: ``∂F/∂h`` is not finite at the fixed point.
         """
         if not self.independent_rows or self._rows_checked:
@@ -147,7 +156,7 @@ class ResidualOperator(Operator):
             )
         if coupling > coupling_tolerance(self.h.dtype):
             what, remedy = self.declared
-            raise ValueError(
+            raise InputError(
                 f"{what} (declared independent): the products of ∂F/∂h for sample {row} "
                 f"change by a relative {coupling:.1e} when only the other samples' "
                 f"directions are rescaled (0 for independent samples); {remedy}."
@@ -155,8 +164,16 @@ class ResidualOperator(Operator):
         self._rows_checked = True
 
     def jacobian_blocks(self, chunk_size: int | None = None) -> Tensor:
-        """The diagonal blocks of ``J``, ``[S, d, d]`` (see :func:`jacobian_blocks`); exact
-        when the rows are independent (checked first if declared)."""
+        """The diagonal blocks of ``J`` (see :func:`jacobian_blocks`).
+
+        Exact when the rows are independent (checked first if declared).
+
+        Args:
+            chunk_size: VJPs vmapped at once.
+
+        Returns:
+            The blocks ``[S, d, d]``.
+        """
         self.require_independent_rows()
         return jacobian_blocks(self.residual.fn, self.h, chunk_size)
 
