@@ -131,7 +131,7 @@ def resolve_linear_solver(
         widest = FEW_SOLVES_MAX_WIDTH if few_solves else DENSE_MAX_WIDTH
         if directions is not None:
             widest = min(DENSE_MAX_WIDTH, max(widest, PRODUCTS_PER_DIRECTION * directions))
-        room = DENSE_MAX_BYTES
+        room: float = DENSE_MAX_BYTES
         if device is not None:
             budget = budget_bytes(device)
             room = room if budget is None else min(room, 0.25 * budget)
