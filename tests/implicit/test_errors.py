@@ -188,7 +188,7 @@ def test_hessian_split_flag_is_deprecated_for_hessian_split():
     with pytest.warns(
         DeprecationWarning,
         match=r"^deqhess\.hessian\(\.\.\., split=True\) is deprecated .* use "
-        r"deqhess\.implicit\.hessian_split\(f, loss, theta, x, h0\), which returns the Hessian",
+        r"deqhess\.hessian_split\(f, loss, theta, x, h0\), which returns the Hessian",
     ):
         functional = dh.hessian(c.f, c.loss, c.theta, c.x, c.h0, split=True)
     for result in (old, functional):
