@@ -347,7 +347,7 @@ class ModelCurvature:
         def form(batch: Batch, stored: StoredBatch | None) -> Formed:
             n = len(batch.hashes)
             warm = stored.warm if stored is not None else {}
-            graph, calls = self._graph(params, batch.x, batch.target, part, warm, directions)
+            graph, calls = self._graph(params, batch.x, batch.target, n, part, warm, directions)
             keep = self._converged(batch, calls, n)
             if keep is None:
                 offers = () if stored is not None else (Offer(lambda: _bytes(warm), warm=warm),)
@@ -356,7 +356,7 @@ class ModelCurvature:
                 return Formed(None, 0, keep, n)
             x, target = _restrict(batch.x, batch.target, keep, self.batch_dim)
             # cold: the same samples converge again
-            graph, calls = self._graph(params, x, target, part, {}, directions)
+            graph, calls = self._graph(params, x, target, len(keep), part, {}, directions)
             if self._converged(batch, calls, len(keep)) is not None:
                 raise ConvergenceError(
                     f"{self._label}: rerun on its converged samples, a batch did not converge "
@@ -377,7 +377,6 @@ class ModelCurvature:
     ) -> Formed:
         """A formed batch whose model output is checked to the DEQ layers' tolerance."""
         rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
-        graph.samples = samples
         self._widest_batch = max(self._widest_batch, samples)
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
@@ -392,6 +391,7 @@ class ModelCurvature:
         params: dict[str, Tensor],
         x: Any,
         target: Any,
+        samples: int,
         part: str | None,
         warm: dict,
         directions: int | None,
@@ -400,7 +400,7 @@ class ModelCurvature:
         with layer_calls(warm=warm, records=calls, keep_best=True, directions=directions):
             graph = BatchGraph(
                 self.model, self.loss, self.layout, params, x, target, 1.0, part,
-                self.split_at, self.backward,
+                self.split_at, self.backward, samples=samples,
             )  # fmt: skip
         return graph, calls
 
