@@ -15,6 +15,8 @@ from torch import nn
 
 import deqhess as dh
 from deqhess.curvature import ParameterBlock, extreme_eigenpairs
+from deqhess.models import BatchGraph
+from deqhess.parameters import ParameterLayout
 
 TOL = 1e-9
 
@@ -207,6 +209,20 @@ def test_model_errors():
     twice = dh.ModelCurvature(Twice(), mse, data).hessian_operator("dynamics_curvature")
     with pytest.raises(ValueError, match="ran 2 times in one forward"):
         twice @ torch.randn(twice.shape[0])
+
+
+def test_a_batch_graph_of_a_split_part_needs_its_split_layer():
+    """BatchGraph is public: a split part built without the layer to split at is refused
+    before any forward (ModelCurvature itself refuses it earlier, naming its layers)."""
+    model = Classifier()
+    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+    layout = ParameterLayout(params)
+    (x, y), *_ = _data()
+    for part in ("loss_curvature", "dynamics_curvature"):
+        with pytest.raises(dh.InputError, match=rf"the '{part}' part splits .* pass split_at="):
+            BatchGraph(model, nn.MSELoss(), layout, params, x, y, 1.0, part)
+    graph = BatchGraph(model, nn.MSELoss(), layout, params, x, y, 1.0, "loss_curvature", model.deq0)
+    assert graph.samples == 1 and graph.params == [params[n] for n in layout.names]
 
 
 def test_curvlinops_agrees_on_the_same_model():

@@ -36,6 +36,9 @@ class BlockBackward:
 
     Args:
         mode: ``"auto"`` or one of :data:`BACKWARD_MODES`.
+
+    Raises:
+        InputError: ``mode`` is none of these.
     """
 
     def __init__(self, mode: str = "auto") -> None:
@@ -54,8 +57,18 @@ class BlockBackward:
     def __call__(
         self, outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor]
     ) -> list[Tensor]:
-        """One ``[K, *input.shape]`` per input; outputs that do not depend on any input
-        (constant gradients) contribute zero."""
+        """The K vector-Jacobian products of a block, ``Σ_o cₖ(o) · ∂o/∂input``.
+
+        Args:
+            outputs: tensors of one graph.
+            inputs: tensors of that graph to differentiate in.
+            cotangents: one ``[K, *output.shape]`` per output, ``cₖ(o)`` in row ``k``.
+
+        Returns:
+            One ``[K, *input.shape]`` per input. Outputs that do not depend on any input
+            (constant gradients) contribute zero; an input no output depends on gets
+            zeros.
+        """
         count = cotangents[0].shape[0]
         pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
         if not pairs:
@@ -72,7 +85,9 @@ class BlockBackward:
             for g, t in zip(grads, inputs, strict=True)
         ]
 
-    def _first_that_works(self, outs, inputs, cots) -> list[Tensor | None]:
+    def _first_that_works(
+        self, outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequence[Tensor]
+    ) -> list[Tensor | None]:
         while BACKWARD_MODES[self._tried] != "loop":
             try:
                 return _MODES[BACKWARD_MODES[self._tried]](outs, inputs, cots)
@@ -87,7 +102,9 @@ class BlockBackward:
         return _looped(outs, inputs, cots)
 
 
-def _batched(outs, inputs, cots) -> list[Tensor | None]:
+def _batched(
+    outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequence[Tensor]
+) -> list[Tensor | None]:
     return list(
         torch.autograd.grad(
             outs, inputs, cots, retain_graph=True, allow_unused=True, is_grads_batched=True
@@ -95,7 +112,9 @@ def _batched(outs, inputs, cots) -> list[Tensor | None]:
     )
 
 
-def _vmapped(outs, inputs, cots) -> list[Tensor | None]:
+def _vmapped(
+    outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequence[Tensor]
+) -> list[Tensor | None]:
     def one(*cotangent: Tensor) -> tuple[Tensor, ...]:
         return torch.autograd.grad(
             outs, inputs, cotangent, retain_graph=True, allow_unused=True,
@@ -105,7 +124,9 @@ def _vmapped(outs, inputs, cots) -> list[Tensor | None]:
     return list(torch.func.vmap(one)(*cots))
 
 
-def _looped(outs, inputs, cots) -> list[Tensor | None]:
+def _looped(
+    outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequence[Tensor]
+) -> list[Tensor | None]:
     options = dict(retain_graph=True, allow_unused=True, materialize_grads=True)
     rows = [
         torch.autograd.grad(outs, inputs, [c[k] for c in cots], **options)

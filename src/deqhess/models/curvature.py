@@ -31,9 +31,10 @@ model itself are what the first pass saw.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -136,9 +137,12 @@ class ModelCurvature:
         progress: progress bars over batches (None: only on a terminal).
 
     Raises:
-        ValueError: unknown parameter names, parameters of several dtypes, a one-shot
-            iterator for ``data``, an unknown reduction, a ``split_at`` that is not a
-            DEQ layer of the model, or a module that is not one fixed function.
+        InputError: a ``model`` that is not an ``nn.Module``, a ``loss`` that is not
+            callable, no ``data`` or a one-shot iterator for it; unknown or no parameter
+            names, parameters of several dtypes or devices; an unknown reduction,
+            backward mode or ``batch_dim``; ``backward="batched"`` with DEQ layers; a
+            ``split_at`` that is not a DEQ layer of the model; a module that is not one
+            fixed function; an argument given under both its name and its former name.
 
     Example:
         >>> import torch
@@ -282,6 +286,7 @@ class ModelCurvature:
 
     @property
     def num_parameters(self) -> int:
+        """``P``: the entries of the chosen parameters; the operators are ``P × P``."""
         return self.layout.size
 
     @property
@@ -291,8 +296,11 @@ class ModelCurvature:
 
     @property
     def num_samples(self) -> int:
-        """``N``: the samples the sums count (those kept), by the first pass (a forward
-        pass of its own if none ran yet)."""
+        """``N``: the samples the sums count (those kept), by the first pass.
+
+        A forward pass of its own runs if none ran yet, refused with
+        :class:`deqhess.InputError` when the data hold no sample or none converged.
+        """
         self._first_pass()
         return self._stream.num_samples or 0
 
@@ -319,8 +327,12 @@ class ModelCurvature:
             self._check_samples()
 
     def _version(self) -> tuple:
-        """The model's parameters and buffers as they are (identity and version): a
-        change between products starts the checks and the store afresh."""
+        """The model's parameters and buffers as they are now.
+
+        Returns:
+            :meth:`StateGuard.snapshot`'s token (names, identities, versions): a change
+            between products starts the stream's checks and its store afresh.
+        """
         return StateGuard.snapshot(self.model)
 
     def _restarted(self) -> None:
@@ -330,8 +342,15 @@ class ModelCurvature:
     # ------------------------------------------------------------------ one pass
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Around every pass: the model's modes refused by name before, its state checked
-        unchanged after."""
+        """Around every pass: the model's modes checked before, its state after.
+
+        A module that is another function on every call is refused by name
+        (:class:`deqhess.InputError`) before the pass; a forward that wrote the model's
+        parameters or buffers, with :class:`deqhess.ModelChangedError` after it.
+
+        Yields:
+            Nothing: the pass runs inside.
+        """
         check_modes(self.model, self._label)
         state = StateGuard(self.model)
         yield
@@ -340,14 +359,27 @@ class ModelCurvature:
     def _former(
         self, part: str | None, directions: int | None = None
     ) -> Callable[[Batch, StoredBatch | None], Formed]:
-        """How a pass forms one batch: its graph for ``part`` (None: the loss only), whose
-        DEQ layers expect ``directions`` directions per derivative pass."""
+        """How a pass forms one batch: its graph for ``part``.
+
+        Under ``exclude_unconverged`` a batch with unconverged samples is rerun, cold, on
+        its converged ones (a :class:`deqhess.ConvergenceError` if they miss again);
+        otherwise such a batch is refused with one (see :meth:`_converged`).
+
+        Args:
+            part: one of :data:`MODEL_PARTS`, or None for the loss alone (its gradient).
+            directions: the directions per derivative pass the DEQ layers are to expect
+                (their ``'auto'`` linear solver chooses by it; None: not known).
+
+        Returns:
+            ``(batch, stored) ↦`` the batch's :class:`~deqhess.streaming.Formed`: its
+            graph, samples and kept indices; no graph when no sample converged.
+        """
         params = self._leaves()
 
         def form(batch: Batch, stored: StoredBatch | None) -> Formed:
             n = len(batch.hashes)
             warm = stored.warm if stored is not None else {}
-            graph, calls = self._graph(params, batch.x, batch.target, part, warm, directions)
+            graph, calls = self._graph(params, batch.x, batch.target, n, part, warm, directions)
             keep = self._converged(batch, calls, n)
             if keep is None:
                 offers = () if stored is not None else (Offer(lambda: _bytes(warm), warm=warm),)
@@ -356,7 +388,7 @@ class ModelCurvature:
                 return Formed(None, 0, keep, n)
             x, target = _restrict(batch.x, batch.target, keep, self.batch_dim)
             # cold: the same samples converge again
-            graph, calls = self._graph(params, x, target, part, {}, directions)
+            graph, calls = self._graph(params, x, target, len(keep), part, {}, directions)
             if self._converged(batch, calls, len(keep)) is not None:
                 raise ConvergenceError(
                     f"{self._label}: rerun on its converged samples, a batch did not converge "
@@ -377,7 +409,6 @@ class ModelCurvature:
     ) -> Formed:
         """A formed batch whose model output is checked to the DEQ layers' tolerance."""
         rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
-        graph.samples = samples
         self._widest_batch = max(self._widest_batch, samples)
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
@@ -392,6 +423,7 @@ class ModelCurvature:
         params: dict[str, Tensor],
         x: Any,
         target: Any,
+        samples: int,
         part: str | None,
         warm: dict,
         directions: int | None,
@@ -400,12 +432,21 @@ class ModelCurvature:
         with layer_calls(warm=warm, records=calls, keep_best=True, directions=directions):
             graph = BatchGraph(
                 self.model, self.loss, self.layout, params, x, target, 1.0, part,
-                self.split_at, self.backward,
+                self.split_at, self.backward, samples=samples,
             )  # fmt: skip
         return graph, calls
 
     def _converged(self, batch: Batch, calls: list[LayerCall], n: int) -> Tensor | None:
-        """The samples every DEQ call converged on (indices), or None if all did.
+        """The samples every DEQ call of a batch's forward converged on.
+
+        Args:
+            batch: the batch (its index, for the message).
+            calls: the DEQ layers' calls in its forward, with their statistics.
+            n: the batch's sample count.
+
+        Returns:
+            The indices (``[k]``, ascending) of the samples every call converged on, or
+            None if all did.
 
         Raises:
             ConvergenceError: a sample missed a layer's tolerance and
@@ -454,13 +495,28 @@ class ModelCurvature:
         desc: str | None = None,
         directions: int | None = None,
     ) -> Tensor:
-        """One pass: ``Σ_b w_b compute(graph of batch b)`` (see :class:`Stream`)."""
+        """One pass: ``Σ_b w_b compute(graph of batch b)`` (see :class:`Stream`).
+
+        Refused with :class:`deqhess.InputError` when the data hold no sample, or none
+        converged.
+
+        Args:
+            part: the graphs' part (None: the loss only).
+            compute: ``graph ↦`` the batch's unweighted term.
+            empty: the sum's zero (a rank or a data set without batches).
+            desc: the progress bar's label (None: no bar).
+            directions: the directions per derivative pass, for the DEQ layers.
+
+        Returns:
+            The weighted sum, shaped as ``compute``'s terms.
+        """
         total = self._stream.run(
             self._former(part, directions),
             lambda graph: None if graph is None else compute(graph), empty, desc,
         )  # fmt: skip
         self._check_samples()
-        return total
+        # a tensor: every term is one, and a pass without a term gives empty()'s zero
+        return cast(Tensor, total)
 
     def _check_samples(self) -> None:
         """Refuse data without a sample to analyse (the same on every rank)."""
@@ -476,8 +532,26 @@ class ModelCurvature:
 
     # ------------------------------------------------------------------ operators
     def hessian_operator(self, part: str = "total") -> CurvatureOperator:
-        """One of :attr:`parts` as a ``P × P`` operator of exact products; each block
-        product is one pass over the data."""
+        """One of :attr:`parts` as a ``P × P`` operator of exact products.
+
+        Each block product ``H V`` (``V`` ``[P, K]``) is one pass over the data, the
+        block's K directions through each batch's one graph. An unknown part is refused
+        (a ``ValueError`` naming the parts), and so, for all but ``"ggn"``, is a model
+        whose second derivatives torch gets wrong
+        (:class:`deqhess.UnsupportedDerivativeError`, see
+        :func:`deqhess.models.modes.check_second_order`).
+
+        Args:
+            part: one of :data:`MODEL_PARTS` (the split parts need a split layer).
+
+        Returns:
+            The operator; its ``to_dense()`` assembles each batch's ``[P, P]`` the
+            cheaper way in one pass (:attr:`info` says how).
+
+        Raises:
+            InputError: a split part, but the model has no single DEQ layer and no
+                ``split_at`` was given.
+        """
         check_part(part, self.parts if part not in _SPLIT_PARTS else MODEL_PARTS)
         if part != "ggn":
             check_second_order(self.model, f"the {part!r} operator")
@@ -496,8 +570,18 @@ class ModelCurvature:
         )
 
     def _products(self, part: str, v: Tensor) -> Tensor:
-        """``(C Vᵀ)ᵀ`` for directions ``v`` ``[K, P]``: one pass per block of them, the
-        blocks as wide as the memory a direction was measured to take allows."""
+        """``(C Vᵀ)ᵀ`` for K directions, ``C`` the part: one pass per block of them.
+
+        The blocks are as wide as the memory a direction was measured to take allows
+        (:class:`deqhess.models.dense.Blocks`).
+
+        Args:
+            part: the part ``C``.
+            v: ``[K, P]``, a direction per row.
+
+        Returns:
+            ``[K, P]``: row ``k`` is ``C vₖ``.
+        """
         blocks, out, start = self._blocks, [], 0
         device = self.layout.device
         while start < v.shape[0]:
@@ -510,14 +594,26 @@ class ModelCurvature:
                     lambda a, b: graph.products(block[a:b]), 0, len(block),
                 )  # fmt: skip
 
-            out.append(self._sum(part, product, lambda b=block: torch.zeros_like(b),
+            out.append(self._sum(part, product, partial(torch.zeros_like, block),
                                  directions=len(block)))  # fmt: skip
             start = stop
         return torch.cat(out) if len(out) != 1 else out[0]
 
     def _dense(self, part: str) -> Tensor:
-        """The ``[P, P]`` matrix of ``part`` in one pass, each batch's contribution the
-        cheaper way (:func:`deqhess.models.dense.batch_dense`); :attr:`info` says how."""
+        """The ``[P, P]`` matrix of ``part`` in one pass; :attr:`info` says how.
+
+        Each batch's contribution is assembled the cheaper way
+        (:func:`deqhess.models.dense.batch_dense`). Refused with
+        :class:`deqhess.DenseMemoryError`, before the pass, when the sum, a batch's share
+        and its weighted copy (``3·P²`` numbers) would not fit in the memory available,
+        and during it when not one direction of a block fits beside them.
+
+        Args:
+            part: one of :data:`MODEL_PARTS`.
+
+        Returns:
+            ``[P, P]``: the data-set matrix of ``part``.
+        """
         p = self.num_parameters
         itemsize = torch.finfo(self.layout.dtype).bits // 8
         check_dense(
@@ -532,8 +628,8 @@ class ModelCurvature:
         routes: set[str] = set()
         quiet = None if self._stream.progress is None else not self._stream.progress
         batches = self._stream.num_batches  # known after the first pass (this process's)
-        total = None if batches is None else p * batches
-        bar = tqdm(total=total, desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
+        steps = None if batches is None else p * batches
+        bar = tqdm(total=steps, desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
 
         def one(graph: BatchGraph) -> Tensor:
             routes.add("jacobians" if uses_jacobians(graph, p) else "products")
@@ -558,8 +654,23 @@ class ModelCurvature:
         """The GGN ``Jᵀ∇²ℓJ`` at the model's output (= ``hessian_operator("ggn")``)."""
         return self.hessian_operator("ggn")
 
-    def hvp(self, v: Parameters) -> Parameters:
-        """``H v``; ``v`` flat ``[P]``, a ``[P, K]`` block, or a dict of the parameters."""
+    @overload
+    def hvp(self, v: Tensor) -> Tensor: ...
+    @overload
+    def hvp(self, v: Mapping[str, Tensor]) -> Mapping[str, Tensor]: ...
+    @overload
+    def hvp(self, v: list[Tensor]) -> list[Tensor]: ...
+    def hvp(self, v: Parameters | list[Tensor]) -> Parameters | list[Tensor]:
+        """``H v``, exact, in one pass over the data per block of directions.
+
+        Args:
+            v: a flat ``[P]`` vector, a ``[P, K]`` block, a dict of tensors shaped like
+                the chosen parameters (by their names), or a list of such tensors in the
+                parameters' order (each with an optional trailing ``K``).
+
+        Returns:
+            ``H v`` in the form of ``v``.
+        """
         return self.hessian_operator() @ v
 
     def grad(self) -> Parameters:
@@ -576,19 +687,22 @@ class ModelCurvature:
 
     # ------------------------------------------------------------------ per sample
     def per_sample_gradients(self) -> Tensor:
-        """``[N, P]``: the gradient of each sample's own loss ``ℓ(model(x_i), y_i)`` (the
-        loss on a batch of one), exact through every DEQ layer; one pass, each batch's
-        forward once and its ``n`` samples' backwards together.
+        """The gradient of each sample's own loss ``ℓ(model(x_i), y_i)``, exact.
 
-        Rows follow the samples in the order the data give them on this pass (a shuffling
-        loader's order is its own), unconverged ones left out under
-        ``exclude_unconverged``. Their mean (``reduction="mean"``) or sum (``"sum"``) is
-        :meth:`grad`. For influence scores, the empirical Fisher ``Σ gᵢgᵢᵀ``, Laplace.
+        The loss on a batch of one, exact through every DEQ layer; one pass, each batch's
+        forward once and its ``n`` samples' backwards together. For influence scores, the
+        empirical Fisher ``Σ gᵢgᵢᵀ``, Laplace.
 
-        Raises:
-            DenseMemoryError: ``[N, P]`` would not fit.
-            InputError: the model's output or the target does not hold the batch's samples
-                along its first dimension.
+        Refused with :class:`deqhess.DenseMemoryError` when ``[N, P]`` would not fit,
+        and with :class:`deqhess.InputError` when ``batch_dim`` is not 0 or the model's
+        output or the target does not hold the batch's samples along its first
+        dimension.
+
+        Returns:
+            ``[N, P]``: rows follow the samples in the order the data give them on this
+            pass (a shuffling loader's order is its own), unconverged ones left out under
+            ``exclude_unconverged``. Their mean (``reduction="mean"``) or sum
+            (``"sum"``) is :meth:`grad`.
         """
         self._first_pass()
         check_dense(
@@ -601,17 +715,21 @@ class ModelCurvature:
         return self._rows(sample_gradients, "per-sample gradients")
 
     def output_jacobians(self) -> Tensor:
-        """``[N, C, P]``: each sample's Jacobian of the model's output (its ``C`` numbers:
-        the floating tensors of a tuple / list / dict output, flattened and concatenated)
-        in the chosen parameters, exact through every DEQ layer; one pass, ``n·C``
-        backwards per batch, together. Rows as in :meth:`per_sample_gradients`. The GGN
-        is ``Σᵢ Jᵢᵀ ∇²ℓᵢ Jᵢ`` with the per-sample loss curvatures ``∇²ℓᵢ`` (Laplace's
-        Jacobian-based GGN).
+        """Each sample's Jacobian ``Jᵢ`` of the model's output in the chosen parameters.
 
-        Raises:
-            DenseMemoryError: ``[N, C, P]`` would not fit (checked on the first batch).
-            InputError: the output does not hold the batch's samples along its first
-                dimension.
+        Exact through every DEQ layer; one pass, ``n·C`` backwards per batch, together.
+        The GGN is ``Σᵢ Jᵢᵀ ∇²ℓᵢ Jᵢ`` with the per-sample loss curvatures ``∇²ℓᵢ``
+        (Laplace's Jacobian-based GGN).
+
+        Refused with :class:`deqhess.DenseMemoryError` when ``[N, C, P]`` would not fit
+        (checked on the first batch), and with :class:`deqhess.InputError` when
+        ``batch_dim`` is not 0 or the output does not hold the batch's samples along its
+        first dimension.
+
+        Returns:
+            ``[N, C, P]``, ``C`` the numbers of a sample's output (the floating tensors of
+            a tuple / list / dict output, flattened and concatenated); rows as in
+            :meth:`per_sample_gradients`.
         """
         self._first_pass()
 
@@ -635,6 +753,14 @@ class ModelCurvature:
     def _rows(self, compute: Callable[[BatchGraph, int], Tensor], desc: str) -> Tensor:
         """One pass collecting ``compute(graph, n)`` for every batch, stacked in order.
 
+        Args:
+            compute: ``(graph, n) ↦`` a batch's rows, ``n`` its sample count.
+            desc: what the rows are, for the progress bar and the message.
+
+        Returns:
+            The batches' rows concatenated along the first dimension (``[0, P]`` without
+            a batch).
+
         Raises:
             InputError: ``batch_dim`` is not 0.
         """
@@ -655,10 +781,20 @@ class ModelCurvature:
         return torch.cat(collected)
 
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
-        """The dense ``[P, P]`` Hessian (or its :class:`HessianSplit`), for small models:
-        one pass over the data, each batch's ``P`` directions through its graph in blocks
+        """The dense ``[P, P]`` Hessian of the data-set loss, for small models.
+
+        One pass over the data, each batch's ``P`` directions through its graph in blocks
         as wide as memory allows (the DEQ layers factorise ``I − J`` per sample where that
-        is cheaper); :attr:`info` says how."""
+        is cheaper); :attr:`info` says how. Refused with
+        :class:`deqhess.DenseMemoryError` when it would not fit.
+
+        Args:
+            split: also the loss/dynamics split at the split layer (two passes).
+
+        Returns:
+            ``[P, P]``; with ``split=True`` a :class:`~deqhess.HessianSplit` of
+            ``loss_curvature``, ``dynamics_curvature`` and their sum ``total``.
+        """
         if not split:
             return self.hessian_operator().to_dense()
         loss_part = self.hessian_operator("loss_curvature").to_dense()
@@ -689,8 +825,14 @@ def _assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
 
 
 def _loss_reduction(loss: Any) -> str:
-    """The data-set reduction a loss implies by its ``reduction`` attribute: ``"mean"``
-    (also for ``"batchmean"``, a mean over samples) or ``"sum"``.
+    """The data-set reduction a loss implies by its ``reduction`` attribute.
+
+    Args:
+        loss: the loss function (an ``nn.Module`` loss, or any callable).
+
+    Returns:
+        ``"mean"`` (also for ``"batchmean"``, a mean over samples, and for a loss without
+        the attribute) or ``"sum"``.
 
     Raises:
         InputError: ``"none"`` (the loss must give one number per batch) or another value.
@@ -786,9 +928,10 @@ def _split_layer(model: nn.Module, split_at: nn.Module | str | None) -> DEQ | No
             split_at = model.get_submodule(split_at)
         except AttributeError as error:
             raise InputError(f"split_at={split_at!r} is not a submodule of the model.") from error
-    if not any(split_at is layer for layer in layers):
+    chosen = next((layer for layer in layers if layer is split_at), None)
+    if chosen is None:
         raise InputError(
             f"split_at must be one of the model's deqhess.nn.DEQ layers; got "
             f"{type(split_at).__name__}."
         )
-    return split_at
+    return chosen

@@ -55,7 +55,23 @@ class Blocks:
     per_direction: float | None = None
 
     def size(self, samples: int, device: torch.device) -> int:
-        """Directions in the next block for a batch of ``samples`` samples."""
+        """Directions in the next block for a batch of ``samples`` samples.
+
+        Before a direction was measured, at most :data:`PROBE`; after it, as many as fit
+        in half the memory available (:func:`deqhess.memory.budget_bytes`) less
+        :attr:`reserved`, at most :attr:`limit` (all of it where the memory available
+        cannot be read).
+
+        Args:
+            samples: the batch's sample count.
+            device: where the block runs.
+
+        Returns:
+            The block's width, at least 1.
+
+        Raises:
+            DenseMemoryError: not even one direction fits.
+        """
         if self.per_direction is None:
             return min(PROBE, self.limit)
         available = budget_bytes(device)
@@ -77,9 +93,18 @@ class Blocks:
         return int(max(1, min(self.limit, room // cost)))
 
     def measured(self, peak: PeakMemory, directions: int, samples: int, floor: float) -> None:
-        """Record what a block of ``directions`` took (a probe's peak above its start), at
-        least ``floor`` bytes a direction: a small block can reuse memory the process
-        already holds, and its peak then shows nothing."""
+        """Record what a block of ``directions`` took, per direction and sample.
+
+        The probe's peak above its start, at least ``floor`` bytes a direction: a small
+        block can reuse memory the process already holds, and its peak then shows
+        nothing. Only the first measurement counts; an unmeasurable peak records nothing.
+
+        Args:
+            peak: the block's measurement.
+            directions: the block's width.
+            samples: the batch's sample count.
+            floor: the least bytes one direction can take.
+        """
         if peak.extra is not None and self.per_direction is None:
             self.per_direction = max(peak.extra, floor * directions) / (
                 directions * max(samples, 1)
@@ -90,8 +115,23 @@ def run_block(
     blocks: Blocks, graph: BatchGraph, samples: int, device: torch.device,
     product: Callable[[int, int], Tensor], start: int, stop: int,
 ) -> Tensor:  # fmt: skip
-    """``product(start, stop)`` for the directions ``[start, stop)``, measuring its memory
-    while the block size is not known yet."""
+    """``product(start, stop)`` for the directions ``[start, stop)``, measured if first.
+
+    While no direction has been measured, the block runs under
+    :class:`deqhess.memory.PeakMemory` and ``blocks`` records what it took.
+
+    Args:
+        blocks: the block sizes, and the memory one direction took once measured.
+        graph: the batch's graph (its parameter count gives the floor).
+        samples: the batch's sample count.
+        device: where the block runs.
+        product: ``(start, stop) ↦`` the block's ``[stop − start, P]`` rows.
+        start: the block's first direction.
+        stop: one past its last.
+
+    Returns:
+        What ``product(start, stop)`` returned.
+    """
     if blocks.per_direction is not None:
         return product(start, stop)
     with PeakMemory(device) as peak:
@@ -103,13 +143,37 @@ def run_block(
 
 
 def uses_jacobians(graph: BatchGraph, parameters: int) -> bool:
-    """Whether the GGN of this batch is cheaper from its output Jacobians: the output
-    has fewer numbers than there are parameters."""
+    """Whether this batch's dense GGN is cheaper from its output Jacobians.
+
+    Args:
+        graph: the batch's graph.
+        parameters: ``P``.
+
+    Returns:
+        True for a GGN graph whose output has fewer numbers (``M = n_b·C``) than ``P``:
+        ``M`` rows of ``J`` then cost fewer passes than ``P`` product directions.
+    """
     return graph.part == "ggn" and sum(o.numel() for o in graph.outputs) < parameters
 
 
-def batch_dense(graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable) -> Tensor:
-    """The batch's ``[P, P]`` matrix of ``graph``'s part (its weight included)."""
+def batch_dense(
+    graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
+) -> Tensor:
+    """The batch's ``[P, P]`` matrix of ``graph``'s part, assembled the cheaper way.
+
+    From output Jacobians where :func:`uses_jacobians` says so, else from ``P`` one-hot
+    product directions, in blocks as wide as :class:`Blocks` allows (refused with
+    :class:`deqhess.DenseMemoryError` when not one direction, or Jacobian row, fits).
+
+    Args:
+        graph: the batch's graph for one part.
+        samples: the batch's sample count.
+        blocks: the block sizes (measured on the first block if not yet).
+        progress: called with the directions done after each block.
+
+    Returns:
+        ``[P, P]``: the batch's matrix, its weight included.
+    """
     p = graph.layout.size
     like = graph.params[0]
     device = like.device
@@ -131,7 +195,9 @@ def batch_dense(graph: BatchGraph, samples: int, blocks: Blocks, progress: Calla
     return out
 
 
-def _from_jacobians(graph: BatchGraph, samples: int, blocks: Blocks, progress) -> Tensor:
+def _from_jacobians(
+    graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
+) -> Tensor:
     """``Jᵀ(∇²ℓ J)`` from the ``M`` rows of ``J = ∂output/∂θ`` and of ``∇²ℓ``."""
     outputs, leaves = graph.outputs, graph.out_leaves
     sizes = [o.numel() for o in outputs]

@@ -44,7 +44,7 @@ LossFunc = Callable[[Tensor, Any], Tensor]
 
 
 def _first_grads(value: Tensor, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """``∇ value`` with a graph, for second derivatives (zeros for unused inputs)."""
+    """``∇ value`` in ``inputs`` with a graph, for second derivatives (zeros where unused)."""
     return torch.autograd.grad(
         value, inputs, create_graph=True, allow_unused=True, materialize_grads=True
     )
@@ -56,8 +56,21 @@ def _directional(
     params: Sequence[Tensor],
     directions: Sequence[Tensor],
 ) -> list[Tensor]:
-    """``J V`` ``[K, *output.shape]`` for each output, ``J = ∂output/∂θ``, by double
-    backward."""
+    """The directional derivatives ``J V`` of each output, ``J = ∂output/∂θ``.
+
+    By double backward: ``Jᵀu`` is linear in a probe ``u``, so its VJP along ``V`` is
+    ``J V`` — K backwards through the graph of ``Jᵀu``, no forward-mode AD.
+
+    Args:
+        backward: how the K directions go through the graph.
+        outputs: tensors of the batch's graph.
+        params: the chosen parameters' leaves.
+        directions: one ``[K, *param.shape]`` per parameter, ``V``'s rows.
+
+    Returns:
+        One ``[K, *output.shape]`` per output (zeros for an output that does not depend
+        on the parameters).
+    """
     count = directions[0].shape[0]
     live = [o for o in outputs if o.requires_grad]
     if not live:
@@ -71,11 +84,18 @@ def _directional(
 
 
 def _output_leaves(output: Any) -> tuple[list[Tensor], Any]:
-    """The floating tensors of a model's output (a tensor, or a tuple / list / dict of
-    them) and the structure to rebuild it from them.
+    """The floating tensors of a model's output, where the GGN's ``∇²_o ℓ`` is taken.
+
+    Args:
+        output: a tensor, or a tuple / list / dict of them.
+
+    Returns:
+        The tensors in ``tree_flatten``'s order, and the structure to rebuild the output
+        from them (``tree_unflatten``).
 
     Raises:
-        ValueError: the output holds no floating tensor, or something other than tensors.
+        InputError: the output holds no tensor, or something other than floating
+            tensors.
     """
     leaves, spec = tree_flatten(output)
     if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
@@ -103,10 +123,20 @@ class BatchGraph:
             None (the loss only, for its gradient).
         split_at: the DEQ layer whose fixed point splits the Hessian (split parts only).
         backward: how K directions go through the graph (default ``"auto"``).
+        samples: the batch's sample count ``n_b`` as the data-set sums count it (the
+            rows of its per-sample quantities; the width that sizes its blocks of
+            directions). Default 1.
+
+    Attributes:
+        output: the model's output on ``x`` (its graph back to ``params``).
+        loss: the weighted loss ``weight · loss_func(output, target)``, with a graph.
+        params: ``params``' tensors in the layout's order.
+        samples: as given.
 
     Raises:
-        ValueError: the loss is not a 0-dim floating tensor; ``split_at`` was not
-            called exactly once in the forward or returned a non-tensor.
+        InputError: the loss is not a 0-dim floating tensor; a split part without
+            ``split_at``, or a ``split_at`` not called exactly once in the forward or
+            returning a non-tensor; for ``ggn``, an output that is not floating tensors.
     """
 
     def __init__(
@@ -121,14 +151,22 @@ class BatchGraph:
         part: str | None,
         split_at: nn.Module | None = None,
         backward: BlockBackward | None = None,
+        *,
+        samples: int = 1,
     ) -> None:
         self.layout, self.part = layout, part
         self.backward = backward or BlockBackward()
-        self.params = [params[name] for name in layout.names]
+        self.params = layout.tensors(params)
         self.split_at = split_at
+        self.samples = samples
         with torch.enable_grad():
             if part in ("loss_curvature", "dynamics_curvature"):
-                output, (self.state, self.leaf) = self._forward_split(model, params, x)
+                if split_at is None:
+                    raise InputError(
+                        f"the {part!r} part splits the Hessian at a DEQ layer's fixed point; "
+                        "pass split_at=<the deqhess.nn.DEQ layer of the model>."
+                    )
+                output, (self.state, self.leaf) = self._forward_split(model, params, x, split_at)
             else:
                 output = functional_call(model, params, (x,))
             self.output = output
@@ -136,11 +174,23 @@ class BatchGraph:
             self.loss = self._loss(output)
             self._prepare()
 
-    def _loss(self, output: Tensor) -> Tensor:
+    def _loss(self, output: Any) -> Tensor:
+        """``weight · loss_func(output, target)``, checked."""
         return self.weight * self._loss_of(output, self.target)
 
     def _loss_of(self, output: Any, target: Any) -> Tensor:
-        """``loss_func(output, target)``, checked to be a 0-dim floating tensor."""
+        """``loss_func(output, target)``, checked to be a 0-dim floating tensor.
+
+        Args:
+            output: the model's output (or a sample's rows of it).
+            target: the batch's target (or a sample's rows of it).
+
+        Returns:
+            The loss, unweighted, with its graph.
+
+        Raises:
+            InputError: the loss is not a 0-dim floating tensor.
+        """
         value = self.loss_func(output, target)
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
             got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value)
@@ -150,7 +200,24 @@ class BatchGraph:
             )
         return value
 
-    def _forward_split(self, model: nn.Module, params: dict[str, Tensor], x: Any):
+    def _forward_split(
+        self, model: nn.Module, params: dict[str, Tensor], x: Any, split_at: nn.Module
+    ) -> tuple[Any, tuple[Tensor, Tensor]]:
+        """The forward with a leaf ``h`` substituted for ``split_at``'s fixed point ``h*``.
+
+        Args:
+            model: the model.
+            params: the chosen parameters' leaves, by name.
+            x: the batch's input.
+            split_at: the DEQ layer whose output is substituted.
+
+        Returns:
+            The model's output (a function of ``h`` after the layer), and ``(h*, h)``:
+            the layer's output with its graph back to θ, and the leaf standing for it.
+
+        Raises:
+            InputError: the layer returned a non-tensor, or ran other than once.
+        """
         captured: list[tuple[Tensor, Tensor]] = []
 
         def substitute(module: nn.Module, inputs: Any, output: Any) -> Tensor:
@@ -164,14 +231,14 @@ class BatchGraph:
             captured.append((output, leaf))
             return leaf
 
-        handle = self.split_at.register_forward_hook(substitute)
+        handle = split_at.register_forward_hook(substitute)
         try:
             output = functional_call(model, params, (x,))
         finally:
             handle.remove()
         if len(captured) != 1:
             raise InputError(
-                f"the split layer {type(self.split_at).__name__} ran {len(captured)} times "
+                f"the split layer {type(split_at).__name__} ran {len(captured)} times "
                 "in one forward; the loss/dynamics split is defined at a fixed point computed "
                 "once per forward (choose another split_at, or use 'total' or 'ggn')."
             )
@@ -196,7 +263,14 @@ class BatchGraph:
             self.first = _first_grads((state_grad.detach() * self.state).sum(), self.params)
 
     def products(self, v: Tensor) -> Tensor:
-        """``(C Vᵀ)ᵀ`` ``[K, P]`` for directions ``v`` ``[K, P]``, C this graph's part."""
+        """The batch's products ``(C Vᵀ)ᵀ`` with K directions, ``C`` this graph's part.
+
+        Args:
+            v: ``[K, P]``, one flat direction per row (the layout's order).
+
+        Returns:
+            ``[K, P]``: row ``k`` is ``C vₖ`` (``C`` symmetric), detached.
+        """
         directions = list(self.layout.tensors(self.layout.unflatten(v)))
         backward = self.backward
         with torch.enable_grad():

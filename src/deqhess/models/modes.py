@@ -1,11 +1,10 @@
-"""What a model must be for its data-set curvature to be one fixed operator, checked on
-every pass — and the proof that a pass left it as it was.
+"""Checks that a model is one fixed function on every pass, and that a pass left it so.
 
-Every product reruns the model on every batch. That defines one linear operator only
-if the model is one fixed function: no module that draws random numbers or uses (and
-updates) batch statistics in its current mode (:func:`check_modes`, naming each such
-module), and nothing in the forward that writes the model's parameters or buffers
-(:class:`StateGuard`, checked after each pass). deqhess never switches the user's
+Every product of a data-set curvature reruns the model on every batch. That defines one
+linear operator only if the model is one fixed function: no module that draws random
+numbers or uses (and updates) batch statistics in its current mode (:func:`check_modes`,
+naming each such module), and nothing in the forward that writes the model's parameters
+or buffers (:class:`StateGuard`, checked after each pass). deqhess never switches the user's
 modules to ``eval()`` itself: that would change the model it was given.
 """
 
@@ -22,8 +21,13 @@ __all__ = ["StateGuard", "check_modes", "check_second_order"]
 def check_modes(model: nn.Module, label: str) -> None:
     """Refuse a model holding modules that are another function on every call.
 
+    Args:
+        model: the user's model, in whatever modes its modules are.
+        label: who asks (e.g. ``"ModelCurvature"``), for the message.
+
     Raises:
-        ValueError: naming each such module (dropout, batch norm, … in training mode).
+        InputError: naming each such module (dropout, batch norm, … in training mode)
+            and saying to call ``model.eval()`` first.
     """
     hazards = [
         (f"model.{name}" if name else "the model", reason)
@@ -43,14 +47,21 @@ def check_modes(model: nn.Module, label: str) -> None:
 
 
 def check_second_order(model: nn.Module, what: str) -> None:
-    """Refuse second derivatives through modules whose double backward torch computes
-    wrongly: weight normalisation along a dimension (``torch._weight_norm`` with
-    ``dim`` ≠ None, whose double-backward formula in torch 2.13 gives a Hessian 30–35%
-    off finite differences of its exact gradient; ``dim=None`` and a hand-written
-    ``g · v / ‖v‖`` are exact).
+    """Refuse second derivatives through modules whose double backward torch gets wrong.
+
+    That is weight normalisation along a dimension (``torch._weight_norm`` with
+    ``dim`` ≠ None, by the old ``weight_norm`` hook or the parametrisation), whose
+    double-backward formula in torch 2.13 gives a Hessian 30–35% off finite differences
+    of its exact gradient; ``dim=None`` and a hand-written ``g · v / ‖v‖`` are exact.
+
+    Args:
+        model: the user's model.
+        what: what needs the second derivatives (e.g. ``"the 'total' operator"``), for
+            the message.
 
     Raises:
-        UnsupportedDerivativeError: naming the modules.
+        UnsupportedDerivativeError: naming the modules, the exact alternatives (the
+            GGN; a hand-written weight norm, or ``dim=None``).
     """
     from torch.nn.utils import parametrize
 
@@ -78,27 +89,47 @@ def check_second_order(model: nn.Module, what: str) -> None:
 
 
 class StateGuard:
-    """The model's parameters and buffers when the guard was made, to tell whether the
-    forward wrote any of them (in place, or by rebinding)."""
+    """The model's parameters and buffers as they were when the guard was made.
+
+    :meth:`check` tells whether a forward since then wrote any of them, in place
+    (a tensor's version moved) or by rebinding (another tensor under the name).
+
+    Args:
+        model: the model to watch.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._state = self._read(model)
 
     @classmethod
-    def snapshot(cls, model: nn.Module) -> tuple:
-        """A comparable token of the model's parameters and buffers (names, identities,
-        versions): equal tokens mean nothing was written in between."""
+    def snapshot(cls, model: nn.Module) -> tuple[tuple[str, int, int], ...]:
+        """A comparable token of the model's parameters and buffers.
+
+        Args:
+            model: the model to read.
+
+        Returns:
+            ``(name, id, version)`` of each parameter and buffer: equal tokens mean
+            nothing was written in between.
+        """
         return tuple((n, id(t), v) for n, (t, v) in cls._read(model).items())
 
     @staticmethod
     def _read(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
-        named = [*model.named_parameters(remove_duplicate=False)]
+        named: list[tuple[str, Tensor]] = [*model.named_parameters(remove_duplicate=False)]
         named += model.named_buffers(remove_duplicate=False)
         return {name: (tensor, tensor._version) for name, tensor in named}
 
     def check(self, label: str) -> None:
-        """Raise :class:`deqhess.ModelChangedError` naming what the forward changed."""
+        """Refuse a pass that wrote the model's parameters or buffers.
+
+        Args:
+            label: the pass's owner (e.g. ``"ModelCurvature"``), for the message.
+
+        Raises:
+            ModelChangedError: naming what the forward changed since the guard was made.
+        """
         now = self._read(self.model)
         changed = sorted(
             name

@@ -30,10 +30,21 @@ def _row(value: Any, i: int, n: int) -> Any:
 
 
 def sample_losses(graph: BatchGraph, n: int) -> Tensor:
-    """``[n]``: each sample's loss alone, ``loss(model(x)[i:i+1], target[i:i+1])``.
+    """Each sample's loss alone, ``ℓᵢ = loss(model(x)[i:i+1], target[i:i+1])``.
+
+    The loss is evaluated on the batch's output rows, one sample at a time, so each
+    ``ℓᵢ`` keeps its graph back to the chosen parameters through the batch's one forward.
+
+    Args:
+        graph: the batch's graph (its output, target and loss function).
+        n: the batch's sample count.
+
+    Returns:
+        ``[n]``, with a graph: ``ℓᵢ`` in entry ``i``.
 
     Raises:
-        InputError: the output or the target has no first dimension of ``n`` samples.
+        InputError: the output or the target has no first dimension of ``n`` samples
+            (or the output holds no tensor).
     """
     outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
     targets = [t for t in tree_flatten(graph.target)[0] if isinstance(t, Tensor)]
@@ -51,7 +62,19 @@ def sample_losses(graph: BatchGraph, n: int) -> Tensor:
 
 
 def sample_gradients(graph: BatchGraph, n: int) -> Tensor:
-    """``[n, P]``: each sample's loss gradient in the chosen parameters."""
+    """Each sample's loss gradient ``∇_θ ℓᵢ`` in the chosen parameters.
+
+    The ``n`` one-hot cotangents of the per-sample losses go through the batch's graph
+    together (each DEQ layer's backward an exact adjoint solve). Refused, with
+    :class:`deqhess.InputError`, as in :func:`sample_losses`.
+
+    Args:
+        graph: the batch's graph.
+        n: the batch's sample count.
+
+    Returns:
+        ``[n, P]``: row ``i`` is ``∇_θ ℓᵢ``, flattened in the layout's order; detached.
+    """
     losses = sample_losses(graph, n)
     eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
     with torch.enable_grad():
@@ -60,8 +83,24 @@ def sample_gradients(graph: BatchGraph, n: int) -> Tensor:
 
 
 def output_jacobians(graph: BatchGraph, n: int) -> Tensor:
-    """``[n, C, P]``: each sample's output Jacobian, ``C`` the numbers of its output (the
-    floating tensors of a tuple / list / dict output, flattened and concatenated)."""
+    """Each sample's output Jacobian ``∂model(x_i)/∂θ`` in the chosen parameters.
+
+    ``C`` is the numbers of a sample's output: the floating tensors of a tuple / list /
+    dict output, flattened and concatenated. The ``n·C`` one-hot cotangents go through
+    the batch's graph together.
+
+    Args:
+        graph: the batch's graph.
+        n: the batch's sample count.
+
+    Returns:
+        ``[n, C, P]``: ``[i, c]`` is the gradient of output number ``c`` of sample ``i``,
+        flattened in the layout's order; detached.
+
+    Raises:
+        InputError: an output tensor has no first dimension of ``n`` samples (or the
+            output holds no floating tensor).
+    """
     outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
     outputs = [t for t in outputs if t.is_floating_point()]
     if not outputs or any(t.ndim == 0 or len(t) != n for t in outputs):
