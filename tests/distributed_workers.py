@@ -136,7 +136,7 @@ def model_results(curvature) -> dict:
         "grad": curvature.layout.flatten(curvature.grad()),
         "hessian": curvature.hessian(),
         "ggn": curvature.ggn_operator().to_dense(),
-        "split": curvature.hessian(split=True).loss_curvature,
+        "split": curvature.hessian_split().loss_curvature,
         "block": op @ torch.stack([v, v.cos()], dim=1),
         "top": extreme_eigenpairs(op, 2, dense_below=0, progress=False).eigenvalues,
     }

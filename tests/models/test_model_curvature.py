@@ -56,7 +56,7 @@ def test_every_operator_equals_unrolled_autograd(loss_func, classes):
         assert relative_error(op @ block, matrix @ block) <= TOL, part
         assert relative_error(op.to_dense(), matrix) <= TOL, part
     assert torch.linalg.eigvalsh(expected["ggn"]).min() >= -1e-12
-    split = curvature.hessian(split=True)
+    split = curvature.hessian_split()
     assert relative_error(split.total, total) <= TOL
     assert relative_error(curvature.hessian(), total) <= TOL
     v = torch.randn(curvature.num_parameters)
@@ -120,7 +120,7 @@ def test_two_deq_layers_and_the_split_at_either():
     for layer, split_at in [(0, "deq0"), (1, model.deq1)]:
         at = dh.ModelCurvature(model, nn.MSELoss(), data, split_at=split_at)
         loss_part, dynamics_part = reference.split(layer)
-        split = at.hessian(split=True)
+        split = at.hessian_split()
         assert relative_error(split.loss_curvature, loss_part) <= TOL, layer
         assert relative_error(split.dynamics_curvature, dynamics_part) <= TOL, layer
 
@@ -382,3 +382,12 @@ def test_old_names_work_with_a_deprecation_warning():
         dh.ModelCurvature(model, nn.MSELoss(), data, names, params=names)
     with pytest.warns(DeprecationWarning, match=r"ModelProblem\(params=...\)"):
         assert ModelProblem(model, nn.MSELoss(), data, params=names).theta == names
+
+
+def test_the_split_flag_is_deprecated_for_hessian_split():
+    model, data = Classifier(), _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    with pytest.warns(DeprecationWarning, match=r"ModelCurvature\.hessian\(\.\.\., split=True\)"):
+        old = curvature.hessian(split=True)
+    new = curvature.hessian_split()
+    assert torch.equal(old.total, new.total) and torch.equal(old.loss_curvature, new.loss_curvature)

@@ -93,7 +93,7 @@ def test_every_analysis_leaves_the_model_and_the_random_state_bitwise_unchanged(
     analyses = [
         curvature.grad,
         curvature.hessian,
-        lambda: curvature.hessian(split=True),
+        lambda: curvature.hessian_split(),
         lambda: curvature.ggn_operator().to_dense(),
         lambda: extreme_eigenpairs(curvature.hessian_operator(), 2, dense_below=0, progress=False),
         lambda: hutchpp(curvature.hessian_operator(), 30, progress=False),

@@ -117,7 +117,7 @@ def test_model_curvature_matches_unrolled(
           torch.func.grad(objective)(flat), problem)  # fmt: skip
     check("ModelCurvature.hessian", curvature.hessian(), hessian, problem)
     check("ModelCurvature ggn", curvature.ggn_operator().to_dense(), ggn, problem)
-    split = curvature.hessian(split=True)
+    split = curvature.hessian_split()
     check("ModelCurvature split total", split.total, hessian, problem)
     block = torch.randn(curvature.num_parameters, 2, generator=g, dtype=torch.float64)
     op = curvature.hessian_operator("dynamics_curvature")

@@ -34,7 +34,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, cast, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,7 @@ from ..chunks import default_chunk_size
 from ..deprecation import UNSET, renamed
 from ..errors import ConvergenceError, InputError
 from ..implicit import CurvatureOperator, HessianSplit
+from ..implicit.hessian import split_deprecated
 from ..implicit.operators import check_part
 from ..memory import check_dense
 from ..nn import DEQ, LayerCall, layer_calls
@@ -682,7 +683,7 @@ class ModelCurvature:
             )
             return torch.cat([g.reshape(-1) for g in grads])
 
-        zeros = lambda: torch.zeros(self.num_parameters, dtype=self.layout.dtype)  # noqa: E731
+        zeros = lambda: self._zeros(self.num_parameters)  # noqa: E731
         return self.layout.unflatten(self._sum(None, first, zeros, "gradient"))
 
     # ------------------------------------------------------------------ per sample
@@ -777,8 +778,14 @@ class ModelCurvature:
 
         self._stream.run(self._former(None), collect, desc=desc)
         if not collected:
-            return torch.zeros(0, self.num_parameters, dtype=self.layout.dtype)
+            return self._zeros(0, self.num_parameters)
         return torch.cat(collected)
+
+    @overload
+    def hessian(self, split: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def hessian(self, split: Literal[True]) -> HessianSplit: ...
 
     def hessian(self, split: bool = False) -> Tensor | HessianSplit:
         """The dense ``[P, P]`` Hessian of the data-set loss, for small models.
@@ -789,14 +796,23 @@ class ModelCurvature:
         :class:`deqhess.DenseMemoryError` when it would not fit.
 
         Args:
-            split: also the loss/dynamics split at the split layer (two passes).
+            split: deprecated: use :meth:`hessian_split`, which returns the split.
 
         Returns:
-            ``[P, P]``; with ``split=True`` a :class:`~deqhess.HessianSplit` of
-            ``loss_curvature``, ``dynamics_curvature`` and their sum ``total``.
+            ``[P, P]`` (a :class:`~deqhess.HessianSplit` with the deprecated ``split=True``).
         """
-        if not split:
-            return self.hessian_operator().to_dense()
+        if split:
+            split_deprecated(f"{self._label}.hessian", "curvature.hessian_split()")
+            return self.hessian_split()
+        return self.hessian_operator().to_dense()
+
+    def hessian_split(self) -> HessianSplit:
+        """The dense Hessian split at the split layer's fixed point (two passes).
+
+        Returns:
+            A :class:`~deqhess.HessianSplit`: ``loss_curvature`` and
+            ``dynamics_curvature``, each ``[P, P]``, and their sum ``total``.
+        """
         loss_part = self.hessian_operator("loss_curvature").to_dense()
         dynamics_part = self.hessian_operator("dynamics_curvature").to_dense()
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)

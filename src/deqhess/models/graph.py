@@ -224,8 +224,8 @@ class BatchGraph:
             if not isinstance(output, Tensor):
                 raise InputError(
                     f"the split layer returned {type(output).__name__}; the loss/dynamics "
-                    "split needs the fixed point as a tensor (call the DEQ without "
-                    "return_info inside the model)."
+                    "split needs the fixed point as a tensor (call the layer as deq(x) inside "
+                    "the model, not deq.solve(x) or with return_info)."
                 )
             leaf = output.detach().requires_grad_()
             captured.append((output, leaf))
