@@ -31,6 +31,7 @@ model itself are what the first pass saw.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -272,6 +273,7 @@ class ModelCurvature:
         self._layer_names = {id(m): name for name, m in model.named_modules() if isinstance(m, DEQ)}
         self._blocks = Blocks(self.chunk_size)  # the memory one direction takes, once measured
         self._widest_batch = 1
+        self._warned_rows = False
         self.info = CurvatureInfo()
 
     # ------------------------------------------------------------------ set-up seams
@@ -699,11 +701,17 @@ class ModelCurvature:
         output or the target does not hold the batch's samples along its first
         dimension.
 
+        Their mean (``reduction="mean"``) or sum (``"sum"``) is :meth:`grad` when each
+        batch's loss is the plain mean (or sum) of its samples' losses; for a loss that is
+        not — class weights or ``ignore_index`` in a cross-entropy, a term coupling the
+        samples — the rows are still each sample's own loss gradient, and a
+        ``RuntimeWarning`` says that they do not add up to the batch's gradient (checked
+        on every batch, one backward each).
+
         Returns:
             ``[N, P]``: rows follow the samples in the order the data give them on this
             pass (a shuffling loader's order is its own), unconverged ones left out under
-            ``exclude_unconverged``. Their mean (``reduction="mean"``) or sum
-            (``"sum"``) is :meth:`grad`.
+            ``exclude_unconverged``.
         """
         self._first_pass()
         check_dense(
@@ -713,7 +721,36 @@ class ModelCurvature:
             "Take them batch by batch on a subset of the data, or the products of the "
             "empirical Fisher you need through hessian_operator('ggn') instead.",
         )  # fmt: skip
-        return self._rows(sample_gradients, "per-sample gradients")
+        return self._rows(self._checked_rows, "per-sample gradients")
+
+    def _checked_rows(self, graph: BatchGraph, n: int) -> Tensor:
+        """A batch's per-sample gradients, checked against the batch's own gradient.
+
+        Returns:
+            ``[n, P]``; a ``RuntimeWarning`` (once) where their mean or sum, by the
+            reduction, is not the batch's gradient.
+        """
+        rows = sample_gradients(graph, n)
+        grads = torch.autograd.grad(
+            graph.loss, graph.params, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        batch = torch.cat([g.reshape(-1) for g in grads])
+        total = rows.mean(0) if self.reduction == "mean" else rows.sum(0)
+        scale = float(torch.linalg.vector_norm(batch)) + torch.finfo(batch.dtype).tiny
+        gap = float(torch.linalg.vector_norm(total - batch)) / scale
+        if gap > 1e3 * torch.finfo(batch.dtype).eps and not self._warned_rows:
+            self._warned_rows = True
+            warnings.warn(
+                f"{self._label}.per_sample_gradients(): a batch's rows do not add up to its "
+                f"gradient (relative difference {gap:.1e}): its loss is not the plain "
+                f"{self.reduction} of its samples' losses (class weights or ignore_index in "
+                "a cross-entropy, a term coupling the samples). Each row is still the "
+                "gradient of its sample's own loss (the loss on a batch of one), but their "
+                f"{self.reduction} is not grad().",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return rows
 
     def output_jacobians(self) -> Tensor:
         """Each sample's Jacobian ``Jᵢ`` of the model's output in the chosen parameters.

@@ -81,10 +81,11 @@ class Blocks:
         room = 0.5 * available - self.reserved
         if room < cost:
             raise DenseMemoryError(
-                f"one direction through a batch of {samples} samples takes about "
-                f"{_size(cost)} (measured), and {_size(max(room, 0.0))} of the "
+                f"one direction (or Jacobian row) through a batch of {samples} samples takes "
+                f"about {_size(cost)} (measured), and {_size(max(room, 0.0))} of the "
                 f"{_size(available)} available (half of it for a block) remain for it "
-                f"beside the {_size(self.reserved)} the result holds. Use smaller batches, fewer "
+                f"beside the {_size(self.reserved)} the dense sums hold (the result, a "
+                "batch's share and its weighted copy). Use smaller batches, fewer "
                 "parameters (theta=...), or the matrix-free operator "
                 "(hessian_operator(part) with the analyses of deqhess.curvature).",
                 required=cost + self.reserved,
