@@ -79,7 +79,8 @@ def test_a_dense_form_that_cannot_fit_is_refused_before_it_runs():
     with (
         dh.memory_limit(3 * 46 * 46 * 8 + 1),
         pytest.raises(
-            dh.DenseMemoryError, match=r"one direction \(or Jacobian row\) through a batch of \d samples takes"
+            dh.DenseMemoryError,
+            match=r"one direction \(or Jacobian row\) through a batch of \d samples takes",
         ),
     ):
         curvature.hessian()
