@@ -150,7 +150,7 @@ def child(spec: dict) -> dict:
     block = torch.randn(p, k, generator=g).to(device)
     op @ block  # the first pass (it keeps the fixed points for warm starts)
     measured = measure_operation(lambda: op @ block, repeats=1, device=device)
-    kept = getattr(curvature, "_warm_bytes", 0) / 2**20  # the warm-start store's size
+    kept = curvature.cached_bytes / 2**20  # what the store holds between passes
     return dict(parameters=p, setup_seconds=setup, kept_mb=kept, **measured)
 
 
