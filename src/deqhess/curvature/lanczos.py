@@ -3,13 +3,21 @@
 A Krylov basis ``V`` ``[P, j]`` of at most ``m`` orthonormal columns is kept with the
 projected matrix ``T = Vᵀ H V`` and the relation ``H V = V T + F Bᵀ`` (``F`` ``[P, b]``
 orthogonal to ``V``). Each step is one block product ``H Q`` ``[P, b]``: ``Q`` an
-orthonormal basis of ``F``, ``T`` extended by ``B Rᵀ`` (``F = Q R``) and ``Qᵀ H Q``, and
-``H Q`` orthogonalised against the whole basis twice (full reorthogonalisation, CGS2).
+orthonormal basis of ``F``'s numerical range (from its SVD, orthogonalised against ``V``
+once more, completed by random directions where ``F`` has no rank), ``T`` extended by
+``B Rᵀ`` (``F ≈ Q R``) and ``Qᵀ H Q``, and ``H Q`` orthogonalised against the whole basis
+twice (full reorthogonalisation, CGS2).
 After each step the Ritz pairs ``(θᵢ, V yᵢ)`` of ``T = Y Θ Yᵀ`` have residuals
-``‖H V y − θ V y‖ = ‖F Bᵀ y‖``, known without a product. When the basis is full, the
-``keep`` Ritz vectors nearest the wanted end replace it (``V ← V Y_keep``,
-``T ← Θ_keep``, ``B ← Y_keepᵀ B``): the relation still holds, so Lanczos continues from
-``F`` (Wu & Simon's thick restart; ARPACK's implicit restart keeps the same space).
+``‖H V y − θ V y‖ = ‖F Bᵀ y‖``, known without a product — as long as ``V`` stays
+orthonormal. ``F`` loses rank where the Krylov space of a rank-``r`` operator is full
+(after about ``(r + b) / b`` steps): an unpivoted QR of ``F`` then normalised rounding
+noise into columns of ``Q`` far from orthogonal to ``V``, and the random directions
+that replaced them were orthogonalised against those columns; ``V`` lost orthogonality
+(1e-5), and the estimates passed pairs whose true residuals were 5e4·tol, negative
+eigenvalues of a PSD operator among them. When the basis is full, the ``keep`` Ritz
+vectors nearest the wanted end replace it (``V ← V Y_keep``, ``T ← Θ_keep``,
+``B ← Y_keepᵀ B``): the relation still holds, so Lanczos continues from ``F`` (Wu &
+Simon's thick restart; ARPACK's implicit restart keeps the same space).
 
 Why a block: a Krylov space grown from ``b`` vectors holds at most ``b`` independent
 eigenvectors of one eigenvalue. One vector finds one copy of a repeated eigenvalue —
@@ -102,26 +110,28 @@ class _Krylov:
     def _orthonormal_residual(self) -> tuple[Tensor, Tensor]:
         """The next block of the basis, from the residual block ``F``.
 
+        ``Q`` spans ``F``'s directions of singular value above a floor of
+        ``1e3·ε·‖H‖`` (an SVD, which reveals rank where an unpivoted QR does not),
+        orthogonalised against ``V`` once more: ``F`` is orthogonal to ``V`` only to
+        about ``ε‖H Q‖``, and normalising a weak direction of ``F`` magnifies that by
+        ``‖H‖ / σ`` (1e-5 of orthogonality lost at rank deficiency, before this pass).
         Directions where ``F`` has (numerically) no rank — the basis spans an invariant
         subspace there — are fresh random ones, uncoupled (``R``'s rows for them are
-        ``Qᵀ F ≈ 0``).
+        ``Qᵀ F ≈ 0``). What ``Q`` leaves out of ``F`` is below the floor.
 
         Returns:
             ``(Q, R)``: ``Q`` ``[P, b]`` orthonormal and orthogonal to ``V``, with
             ``F ≈ Q R``; ``R`` ``[b, b]`` in float64 on the CPU.
         """
-        f = self.residual
-        q, r = torch.linalg.qr(f)
+        f, basis = self.residual, self.basis[:, : self.j]
+        directions, strengths, _ = torch.linalg.svd(f, full_matrices=False)
         floor = 1e3 * torch.finfo(f.dtype).eps * max(self.scale, 1e-300)
-        weak = (r.diagonal().abs() <= floor).nonzero().flatten().tolist()
-        if self.j == 0 or weak:
-            for i in weak:
-                fresh = torch.randn(f.shape[0], generator=self.generator, dtype=torch.float64)
-                others = torch.cat([self.basis[:, : self.j], q[:, :i], q[:, i + 1 :]], dim=1)
-                fresh = _orthogonalised(fresh.to(f), others)
-                q[:, i] = fresh / torch.linalg.vector_norm(fresh)
-            r = q.T @ f
-        return q, r.double().cpu()
+        q = torch.linalg.qr(_orthogonalised(directions[:, strengths > floor], basis)).Q
+        while q.shape[1] < self.block:
+            fresh = torch.randn(f.shape[0], 1, generator=self.generator, dtype=torch.float64)
+            fresh = _orthogonalised(fresh.to(f), torch.cat([basis, q], dim=1))
+            q = torch.cat([q, fresh / torch.linalg.vector_norm(fresh)], dim=1)
+        return q, (q.T @ f).double().cpu()
 
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(θ, Y, residuals)`` of the Rayleigh–Ritz pairs of the current basis."""
