@@ -30,7 +30,10 @@ The stopping test is ``‖H v − θ v‖ ≤ tol · ‖H‖``, ``‖H‖`` esti
 ``|θ|`` met (a lower bound of ``‖H‖₂`` that the extreme Ritz values reach first). A
 test relative to each eigenvalue, as ARPACK's, cannot be met by eigenvalues near zero
 of an operator whose spectrum spans many orders of magnitude (rounding alone leaves a
-residual of about ``ε‖H‖``); that is what ran ARPACK to its ``10·P`` restarts.
+residual of about ``ε‖H‖``); that is what ran ARPACK to its ``10·P`` restarts. The
+recurrence's residuals only propose a stop: a Rayleigh–Ritz step on the wanted pairs'
+span, with a product, confirms it (:func:`rayleigh_ritz`), so that no loss of accuracy
+in the recurrence, rounding in the product or inexact operator passes unseen.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from torch import Tensor
 from ..errors import InputError
 from .base import Counted
 
-__all__ = ["RitzPairs", "lanczos_extreme"]
+__all__ = ["RitzPairs", "lanczos_extreme", "rayleigh_ritz"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,11 @@ class RitzPairs:
     Attributes:
         values: ``[k]`` Ritz values, ascending.
         vectors: ``[P, k]`` orthonormal Ritz vectors.
-        residuals: ``[k]`` ``‖F Bᵀ y‖``, each pair's residual as the recurrence gives it.
+        residuals: ``[k]`` each pair's ``‖H v − θ v‖``: from a product if ``measured``,
+            else as the recurrence gives it (``‖F Bᵀ y‖``).
         scale: the estimate of ``‖H‖`` (largest ``|θ|`` met).
-        converged: whether every residual is within ``tol · scale``.
+        converged: whether every residual is within ``tol · scale``, from a product.
+        measured: whether the residuals come from a product.
     """
 
     values: Tensor
@@ -63,6 +68,7 @@ class RitzPairs:
     residuals: Tensor
     scale: float
     converged: bool
+    measured: bool
 
 
 def _wanted(values: Tensor, count: int, which: str) -> Tensor:
@@ -165,19 +171,29 @@ def lanczos_extreme(
 ) -> RitzPairs:
     """The ``k`` wanted Ritz pairs of the symmetric ``op`` within ``max_hvps`` products.
 
+    When the recurrence's residuals of the wanted pairs reach ``tol · ‖H‖``, one
+    Rayleigh–Ritz step on their span (``k`` products, :func:`rayleigh_ritz`) confirms them
+    or not: confirmed, the refined pairs are returned; not (the product's rounding, an
+    inexact operator, or a recurrence that lost accuracy), the run goes on and confirms
+    again once the recurrence's residuals are below ``tol · ‖H‖`` by the factor the
+    product exceeded them by (and a tenth).
+
     Args:
         op: the operator, counting its products.
         k: pairs wanted.
         which: ``"largest"``, ``"smallest"`` or ``"magnitude"``.
-        tol: stop once every wanted pair has ``‖H v − θ v‖ ≤ tol · ‖H‖``.
-        max_hvps: products allowed (a block of ``b`` counts ``b``); the run stops before
-            a block would pass it, converged or not.
+        tol: stop once every wanted pair has ``‖H v − θ v‖ ≤ tol · ‖H‖``, recomputed
+            from a product.
+        max_hvps: Lanczos products allowed (a block of ``b`` counts ``b``); the run
+            stops before a block would pass it, converged or not. Each confirmation's
+            ``k`` products come on top.
         basis_size: ``m``, the most basis vectors kept (``k + b ≤ m ≤ P``).
         start: ``[P, b]`` starting block (``b`` its block size).
 
     Returns:
-        The wanted pairs where the run stopped; ``converged`` says whether they met
-        ``tol`` (the caller decides what an unconverged run means).
+        The confirmed pairs; or, where the run stopped short of that, those of its last
+        confirmation if one failed (``measured``), else the recurrence's last pairs.
+        ``converged`` says which (the caller decides what an unconverged run means).
 
     Raises:
         InputError: ``max_hvps`` is too few for ``k`` pairs (no Ritz pair formed).
@@ -186,7 +202,9 @@ def lanczos_extreme(
     block = krylov.block
     keep = k + (basis_size - block - k) // 2  # the wanted pairs and some neighbours
     ritz: tuple[Tensor, Tensor, Tensor] | None = None  # (θ, Y, residuals) of the last step
-    while op.products + block <= max_hvps:
+    refuted: RitzPairs | None = None  # the last pairs the product did not confirm
+    strictness, confirming = 1.0, 0  # products spent confirming come on top of max_hvps
+    while op.products - confirming + block <= max_hvps:
         if krylov.j + block > basis_size:
             krylov.restart(keep, which)
         krylov.expand(op)
@@ -194,20 +212,62 @@ def lanczos_extreme(
             continue
         ritz = krylov.ritz()
         index = _wanted(ritz[0], k, which)
-        if bool((ritz[2][index] <= tol * krylov.scale).all()):
-            break
+        estimated = ritz[2][index]
+        if not bool((estimated <= strictness * tol * krylov.scale).all()):
+            continue
+        vectors = krylov.basis[:, : krylov.j] @ ritz[1][:, index].to(krylov.basis)
+        refined = rayleigh_ritz(op, vectors, tol * krylov.scale, krylov.scale)
+        confirming += k
+        if refined.converged:
+            return refined
+        refuted = refined
+        # the product found residuals some factor above the recurrence's: confirm again
+        # once the recurrence's are that factor (and a tenth) below tol
+        strictness = 0.9 * float(estimated.max()) / float(refined.residuals.max())
     if ritz is None or krylov.j < k:
         raise InputError(f"max_hvps={max_hvps} is too few for {k} Ritz pairs in blocks of {block}.")
+    if refuted is not None:
+        return refuted
     values, rotations, residuals = ritz
     index = _wanted(values, k, which)
-    converged = bool((residuals[index] <= tol * krylov.scale).all())
     return RitzPairs(
         values=values[index].to(dtype=op.dtype, device=op.device),
         vectors=krylov.basis[:, : krylov.j] @ rotations[:, index].to(krylov.basis),
         residuals=residuals[index].to(dtype=op.dtype, device=op.device),
         scale=krylov.scale,
-        converged=converged,
+        converged=False,
+        measured=False,
     )
+
+
+def rayleigh_ritz(op: Counted, vectors: Tensor, target: float, scale: float) -> RitzPairs:
+    """The Rayleigh–Ritz pairs of the span of ``vectors``, with their residuals from a product.
+
+    ``Q`` an orthonormal basis of the span (``[P, k]``), one block product ``H Q``, the
+    ``k × k`` eigenproblem ``Qᵀ H Q = Y Θ Yᵀ``: the pairs ``(θᵢ, Q yᵢ)`` are orthonormal
+    to rounding whatever the recurrence left, and ``‖H Q yᵢ − θᵢ Q yᵢ‖`` is each one's
+    residual from the product, not from the recurrence.
+
+    Args:
+        op: the operator (``k`` products).
+        vectors: ``[P, k]``, spanning the pairs' space.
+        target: the residual each pair must reach to count as converged.
+        scale: the estimate of ``‖H‖`` to report.
+
+    Returns:
+        The ``k`` pairs, ascending, ``measured``; ``converged`` if every residual is
+        within ``target``.
+    """
+    basis = torch.linalg.qr(vectors).Q
+    product = op.matmat(basis)
+    projected = (basis.T @ product).double().cpu()
+    values, rotations = torch.linalg.eigh(0.5 * (projected + projected.T))
+    values = values.to(dtype=op.dtype, device=op.device)
+    rotations = rotations.to(dtype=op.dtype, device=op.device)
+    refined = basis @ rotations
+    residuals = torch.linalg.vector_norm(product @ rotations - refined * values, dim=0)
+    converged = bool((residuals <= target).all())
+    return RitzPairs(values, refined, residuals, scale, converged, measured=True)
 
 
 def _orthogonalised(w: Tensor, basis: Tensor) -> Tensor:
