@@ -89,6 +89,40 @@ def test_an_indefinite_system_is_no_covariance(setup):
             inverse_diagonal(op, 1e-3, method=method, progress=False)
 
 
+class Matrix:
+    """A dense matrix as a duck-typed operator (no ``symmetric`` flag to go by)."""
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
+
+    def matmat(self, block):
+        return self.matrix @ block
+
+
+@pytest.mark.parametrize("method", ["dense", "probes"])
+def test_a_non_symmetric_operator_is_refused_as_such(setup, method):
+    """A non-symmetric G was reported "not positive definite" (its symmetric part's
+    curvature) — or, with a positive definite symmetric part S, the dense method
+    returned diag((S + δI)⁻¹) as if G were S. Both are refused for what they are,
+    with the asymmetry measured (on the formed matrix, or on two probes: 2 products)."""
+    c, eq, _, _ = setup
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    curvature = op.matmat(torch.eye(op.shape[0]))
+    curvature = 0.5 * (curvature + curvature.T)  # PSD
+    g = torch.Generator().manual_seed(0)
+    skew = torch.randn(op.shape, generator=g)
+    skew = 0.3 * (skew - skew.T)
+    shifted = curvature + skew  # its symmetric part is PSD: no negative curvature
+    unrelated = torch.randn(op.shape, generator=g)  # its symmetric part is indefinite
+    for matrix in (shifted, unrelated):
+        with pytest.raises(ValueError, match=r"G is not symmetric: .* reaches .*·‖G‖") as e:
+            inverse_diagonal(Matrix(matrix), DAMPING, method=method, progress=False)
+        assert "positive definite" not in str(e.value)
+    # a symmetric one passes the same check (as the operator itself does elsewhere here)
+    inverse_diagonal(Matrix(curvature), DAMPING, method=method, num_probes=4, progress=False)
+
+
 def test_argument_errors(setup):
     c, eq, _, _ = setup
     op = eq.hessian_operator(c.loss, "loss_curvature")
