@@ -228,6 +228,9 @@ def test_a_standard_error_from_too_few_probes_is_flagged():
         hutchpp(op, 6, progress=False)
     with pytest.warns(RuntimeWarning, match="rests on 3 probes .* num_probes >= 30"):
         hutchinson(op, 3, progress=False)
+    with pytest.warns(RuntimeWarning, match="rests on 2 probes .* true diagonal .* >= 30"):
+        diagonal(op, 2, progress=False)  # the same estimator, entry by entry
+    diagonal(op, 4, progress=False)
     hutchpp(op, 12, progress=False)  # four probes: no warning (warnings are errors here)
 
 

@@ -8,13 +8,16 @@ itself, not by deqhess's own count.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from problems import tanh_dense
 from torch import Tensor
 
 import deqhess as dh
+import deqhess.curvature.lanczos as lanczos
 from deqhess.curvature import EigenResult, default_max_hvps, extreme_eigenpairs
 from deqhess.operator import Operator
 
@@ -105,6 +108,128 @@ def test_a_repeated_eigenvalue_is_found_with_every_copy():
     # one here — and reports nonzero eigenvalues as among the smallest, residuals tiny
     single = extreme_eigenpairs(op, 4, "smallest", dense_below=0, progress=False, block_size=1)
     assert float(single.eigenvalues.max()) >= 1.0 and float(single.residuals.max()) <= 1e-8
+
+
+def _assert_null_pairs(result: EigenResult, matrix: Tensor, tol: float = 1e-10) -> None:
+    """The ``k`` smallest pairs of a PSD ``matrix`` whose ``k`` smallest eigenvalues are 0.
+
+    Checked with the matrix itself, not deqhess's residuals: orthonormal vectors to
+    rounding (``k·ε`` ≪ 1e-12), each true residual within the stated ``tol·‖H‖`` (plus
+    1e-13·‖H‖ for this recomputation's own rounding), and so each eigenvalue within it
+    of 0 — the nearest eigenvalue, the others being at least 1.
+    """
+    scale = float(torch.linalg.matrix_norm(matrix, ord=2))
+    v, k = result.eigenvectors, len(result.eigenvalues)
+    true = torch.linalg.vector_norm(matrix @ v - v * result.eigenvalues, dim=0)
+    assert float(true.max()) <= (tol + 1e-13) * scale, true.tolist()
+    assert float(torch.linalg.matrix_norm(v.T @ v - torch.eye(k))) <= 1e-12
+    assert float(result.eigenvalues.abs().max()) <= (tol + 1e-13) * scale
+
+
+def test_the_reported_rank_deficient_case_returns_its_zeros_within_tol():
+    """The report: P = 400, PSD of rank 20, k = 8. Lanczos' block lost orthogonality (1e-5)
+    once the Krylov space filled the range, and returned eigenvalues down to −2.9e-7 with
+    true residuals up to 5.6e-5 against tol·‖H‖ = 1e-9, without an error."""
+    torch.manual_seed(0)
+    size, rank = 400, 20
+    q, _ = torch.linalg.qr(torch.randn(size, size))
+    values = torch.cat([torch.zeros(size - rank), torch.rand(rank) * 10 + 1])
+    op = Matrix((q * values) @ q.T)
+    _assert_null_pairs(extreme_eigenpairs(op, k=8, which="smallest", progress=False), op.matrix)
+
+
+@pytest.mark.parametrize("rank", [10, 20, 40])
+def test_the_smallest_of_rank_deficient_operators_are_true_orthonormal_pairs(rank):
+    """A sweep: seeds × k × rank, P = 150, PSD with 0 of multiplicity ``P − rank``. Before
+    the fix 24 of these 48 runs returned pairs with true residuals up to 21·‖H‖ (and
+    eigenvalues down to −646) or ‖VᵀV − I‖ up to 2.6, all reported as converged."""
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        values = torch.cat([torch.zeros(150 - rank), 1 + 10 * torch.rand(rank, generator=g)])
+        op = _with_spectrum(values, seed=seed)
+        for k in (4, 6, 8, 10):
+            result = extreme_eigenpairs(op, k, "smallest", dense_below=0, progress=False)
+            _assert_null_pairs(result, op.matrix)
+
+
+def test_the_smallest_of_a_deq_loss_curvature_of_rank_20():
+    """A real operator: the loss curvature ``Zᵀ ∇²ₕL Z`` of a batched tanh DEQ (n = 10,
+    B = 2, L strictly convex in h: rank 20 in P = 190). k = 8 returned an eigenvalue of
+    −8e-7 with a true residual of 4.8e-5 before the fix. Checked against the operator's
+    own matrix (its products on the identity), the operator being what is analysed."""
+    c = tanh_dense(0, n=10, m=8, b=2)
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, tol=1e-14, atol=1e-15, batch_dim=0)
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    matrix = op.matmat(torch.eye(op.shape[0]))
+    matrix = 0.5 * (matrix + matrix.T)
+    assert int(torch.linalg.matrix_rank(matrix)) == 20
+    result = extreme_eigenpairs(op, 8, "smallest", dense_below=0, progress=False)
+    _assert_null_pairs(result, matrix, tol=1e-10 + 1e-12)  # + the matrix's asymmetry
+
+
+class Inexact(Matrix):
+    """The matrix with an error in each product: ``A v + δ‖v‖ g``, ``g`` Gaussian afresh
+    (an inexact Hessian-vector product: solves to a loose tolerance, float32)."""
+
+    def __init__(self, matrix: Tensor, error: float) -> None:
+        super().__init__(matrix)
+        self.error, self.generator = error, torch.Generator().manual_seed(0)
+
+    def matmat(self, block: Tensor) -> Tensor:
+        noise = torch.randn(block.shape, generator=self.generator)
+        return super().matmat(block) + self.error * noise * torch.linalg.vector_norm(block, dim=0)
+
+
+def test_pairs_a_product_does_not_confirm_raise_with_the_products_residuals():
+    """An operator inexact to 1e-9 (its products' own residual ~1.4e-8 at P = 200),
+    tol·‖H‖ = 8e-10: Lanczos' recurrence, which takes its products as exact, reaches tol;
+    the Rayleigh–Ritz step's product does not confirm it, more steps do not either, and
+    the cap ends the run with the product's residuals in the error — never returned as
+    converged (before, they were, with residuals 27× tol)."""
+    values = torch.cat([torch.linspace(0, 1, 197), torch.tensor([3.0, 5.0, 8.0])])
+    op = Inexact(_with_spectrum(values, seed=4).matrix, 1e-9)
+    with pytest.raises(
+        dh.AnalysisConvergenceError, match="recomputed from a product only 0 were"
+    ) as caught:
+        extreme_eigenpairs(op, 3, dense_below=0, progress=False, max_hvps=300)
+    reached, text = caught.value.result, str(caught.value)
+    assert "Loosen tol." in text and "residuals from the product [" in text
+    assert caught.value.num_hvps == op.products == reached.num_hvps
+    v = reached.eigenvectors
+    assert torch.allclose(v.T @ v, torch.eye(3), atol=1e-12)
+    exact = torch.linalg.vector_norm(op.matrix @ v - v * reached.eigenvalues, dim=0)
+    assert torch.all(reached.residuals > 8e-10) and torch.all(exact <= reached.residuals * 2)
+    assert torch.allclose(reached.eigenvalues, values[-3:], atol=1e-7)
+    # a product accurate to 1e-12 confirms at once: 18 products, one confirmation's 3
+    # among them
+    fine = Inexact(op.matrix, 1e-12)
+    found = extreme_eigenpairs(fine, 3, dense_below=0, progress=False, max_hvps=300)
+    assert found.num_hvps == fine.products and float(found.residuals.max()) <= 8e-10
+
+
+def test_a_refuted_confirmation_lets_the_run_go_on(monkeypatch):
+    """The first confirmation is made to fail (its residuals reported 10× larger, as a
+    product's rounding near tol can): the run goes on, confirms later, and returns
+    pairs within tol; each confirmation's k products are counted, on top of the cap."""
+    values = torch.cat([torch.linspace(0, 1, 197), torch.tensor([3.0, 5.0, 8.0])])
+    op = _with_spectrum(values, seed=4)
+    confirmations, confirm = [], lanczos.rayleigh_ritz
+
+    def once_refuted(op, vectors, target, scale):
+        pairs = confirm(op, vectors, target, scale)
+        confirmations.append(pairs)
+        if len(confirmations) > 1:
+            return pairs
+        return dataclasses.replace(pairs, residuals=10 * target + pairs.residuals, converged=False)
+
+    monkeypatch.setattr(lanczos, "rayleigh_ritz", once_refuted)
+    found = extreme_eigenpairs(op, 3, dense_below=0, progress=False, max_hvps=30)
+    assert len(confirmations) == 2 and confirmations[1].converged
+    assert found.num_hvps == op.products  # Lanczos' products (≤ 30) and 2 × 3 confirming
+    plain = extreme_eigenpairs(_with_spectrum(values, seed=4), 3, dense_below=0, progress=False)
+    assert found.num_hvps >= plain.num_hvps + 1 + 3  # one more step at least, and 3 more
+    assert float(found.residuals.max()) <= 1e-10 * 8
+    assert torch.allclose(found.eigenvalues, values[-3:], atol=1e-9)
 
 
 @pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])

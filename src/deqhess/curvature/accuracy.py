@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from ..errors import InputError
 from ..implicit.dataset import BatchSolve
@@ -46,7 +47,7 @@ from .base import Counted, SymmetricOperator
 if TYPE_CHECKING:
     from ..implicit import Equilibrium
 
-__all__ = ["OperatorAccuracy", "operator_accuracy", "state_error"]
+__all__ = ["OperatorAccuracy", "operator_accuracy", "relative_asymmetry", "state_error"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,20 @@ def state_error(equilibria: Sequence[Equilibrium | BatchSolve]) -> tuple[float, 
     return worst, known
 
 
+def relative_asymmetry(gram: Tensor, norms: Tensor, scale: float) -> float:
+    """``max |uᵢᵀHuⱼ − uⱼᵀHuᵢ| / (‖uᵢ‖‖uⱼ‖ · scale)``: zero for a symmetric operator.
+
+    Args:
+        gram: ``[n, n]`` ``uᵢᵀ H uⱼ`` (with the unit vectors for probes: ``H`` itself).
+        norms: ``[n]`` ``‖uᵢ‖``.
+        scale: the operator's scale (e.g. ``max ‖H uᵢ‖ / ‖uᵢ‖``).
+
+    Returns:
+        The largest asymmetry over the pairs, relative to ``scale``.
+    """
+    return float(((gram - gram.T).abs() / (norms[:, None] * norms[None])).max()) / scale
+
+
 def operator_accuracy(
     op: SymmetricOperator,
     equilibria: Sequence[Equilibrium | BatchSolve] | None = None,
@@ -175,8 +190,7 @@ def operator_accuracy(
     norms = torch.linalg.vector_norm(probes, dim=0)
     scale = float((torch.linalg.vector_norm(products, dim=0) / norms).max())
     scale = scale if scale > 0 else 1.0
-    gram = probes.T @ products  # uᵢᵀ H uⱼ
-    asymmetry = float(((gram - gram.T).abs() / (norms[:, None] * norms[None])).max()) / scale
+    asymmetry = relative_asymmetry(probes.T @ products, norms, scale)
     reference_error, reference_hvps = None, 0
     if reference is not None:
         exact = reference.matmat(probes.to(reference.dtype).to(reference.device)).double().cpu()

@@ -9,6 +9,7 @@ its products and drive a progress bar, without touching the operator itself.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -21,7 +22,17 @@ from ..errors import InputError
 from ..operator import Operator
 from ..parameters import ParameterLayout
 
-__all__ = ["Counted", "ParameterBlock", "SymmetricOperator", "rademacher"]
+__all__ = [
+    "FEW_PROBES",
+    "Counted",
+    "ParameterBlock",
+    "SymmetricOperator",
+    "rademacher",
+    "warn_few_probes",
+]
+
+#: fewer probes than this behind a standard error: it is itself too uncertain to quote
+FEW_PROBES = 4
 
 
 class SymmetricOperator(Protocol):
@@ -142,3 +153,24 @@ def rademacher(
     """``[size, count]`` random ±1 probes in the operator's dtype and device."""
     signs = torch.randint(0, 2, (size, count), generator=generator).to(like.dtype) * 2 - 1
     return signs.to(like.device)
+
+
+def warn_few_probes(probes: int, measured: str, advice: str) -> None:
+    """Warn that a standard error from fewer than :data:`FEW_PROBES` probes is no error bar.
+
+    The sample standard deviation of ``n`` probes is itself uncertain: ``±1`` standard
+    error covers the truth about as often as a Student ``t`` with ``n − 1`` degrees of
+    freedom allows (50% at ``n = 2``, not 68%).
+
+    Args:
+        probes: the probes behind the standard error.
+        measured: what it was worth in a measurement, for the message.
+        advice: what to pass instead, for the message.
+    """
+    if probes < FEW_PROBES:
+        warnings.warn(
+            f"the standard error rests on {probes} probes and is itself uncertain (measured: "
+            f"{measured}); {advice} for an error bar to quote.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -10,9 +10,15 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..parameters import ParameterLayout
-from .base import Counted, SymmetricOperator, rademacher
+from .base import Counted, SymmetricOperator, rademacher, warn_few_probes
 
 __all__ = ["DiagonalResult", "diagonal"]
+
+#: what a standard error from few probes is worth, measured on a DEQ loss curvature
+_MEASURED = (
+    "with 2 probes the true diagonal lay within ±1 standard error in 50% of entries, not "
+    "68%, and outside ±3 in 22%"
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,8 @@ def diagonal(
 
     Args:
         op: the symmetric ``P × P`` operator.
-        num_probes: Rademacher probes ``n`` (``≥ 2``, for an error estimate).
+        num_probes: Rademacher probes ``n`` (``≥ 2``, for an error estimate; a warning
+            below 4).
         seed: the probes' random seed.
         progress: show a progress bar (None: only on a terminal).
 
@@ -68,6 +75,7 @@ def diagonal(
     """
     if num_probes < 2:
         raise InputError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
+    warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
     counted = Counted(op, num_probes, progress, "diagonal")
     g = torch.Generator().manual_seed(seed)
     z = rademacher(op.shape[0], num_probes, g, op)

@@ -1,19 +1,22 @@
 """Extreme eigenpairs: thick-restart Lanczos within a cap on products, or dense ``eigh``.
 
-Each returned pair's residual ``‖H v − λ v‖`` is recomputed afterwards (one block
-product) as its error bound — a bound against the eigenvalues of the operator *as
-computed* (its dtype, its inexact fixed point and solves), not of the exact Hessian:
-add the operator's own error (:func:`deqhess.curvature.operator_accuracy`), or bound
-against a float64 reference with :meth:`EigenResult.residuals_against`. Operators of at
-most ``dense_below`` rows are formed densely with ``P`` products and diagonalised
+Lanczos' pairs are confirmed by one Rayleigh–Ritz step on their span (one block product
+``H Q``, ``Q`` an orthonormal basis of it): the returned vectors are orthonormal to
+rounding, and each residual ``‖H v − λ v‖`` comes from that product, not from the
+recurrence. It is each pair's error bound — a bound against the eigenvalues of the
+operator *as computed* (its dtype, its inexact fixed point and solves), not of the exact
+Hessian: add the operator's own error (:func:`deqhess.curvature.operator_accuracy`), or
+bound against a float64 reference with :meth:`EigenResult.residuals_against`. Operators
+of at most ``dense_below`` rows are formed densely with ``P`` products and diagonalised
 exactly.
 
 Lanczos (:mod:`deqhess.curvature.lanczos`) stops when every wanted pair has
-``‖H v − θ v‖ ≤ tol · ‖H‖``, or at ``max_hvps`` products with an
-:class:`deqhess.AnalysisConvergenceError` carrying the Ritz pairs reached. SciPy's
-``eigsh`` (ARPACK) was used before: its test is relative to each eigenvalue, which
-eigenvalues near zero of a spectrum spanning many orders of magnitude cannot meet, and
-its default cap of ``10·P`` restarts let ``which="smallest"`` run 64,021 products at
+``‖H v − θ v‖ ≤ tol · ‖H‖`` by that product (when the recurrence says so but the product
+does not, it goes on), or at ``max_hvps`` products with an
+:class:`deqhess.AnalysisConvergenceError` carrying the Ritz pairs reached.
+SciPy's ``eigsh`` (ARPACK) was used before: its test is relative to each eigenvalue,
+which eigenvalues near zero of a spectrum spanning many orders of magnitude cannot meet,
+and its default cap of ``10·P`` restarts let ``which="smallest"`` run 64,021 products at
 ``P = 400`` before failing. No shift of the operator helps a Krylov method (``H − σI``
 has the same Krylov spaces as ``H``): eigenvalues whose gaps are tiny relative to
 ``‖H‖`` separate slowly whatever the method, so the cap, not ``P``, bounds the work.
@@ -72,7 +75,8 @@ class EigenResult:
             far that operator is from the exact Hessian (in float32 usually much
             further: see :func:`deqhess.curvature.operator_accuracy`). In the result an
             :class:`deqhess.AnalysisConvergenceError` carries, these are the Lanczos
-            recurrence's values (no product spent on them).
+            recurrence's values (no product spent on them), unless its message says
+            they come from the product (the recurrence reached ``tol``, the product not).
         num_hvps: Hessian-vector products used.
     """
 
@@ -134,7 +138,9 @@ def extreme_eigenpairs(
             most this.
         max_hvps: cap on Lanczos products (a block of ``b`` counts ``b``); default
             :func:`default_max_hvps` ``(k) = 300·(k + 1)`` (1,800 for ``k = 5``), whatever
-            ``P``. The ``k`` products that recompute the residuals come on top.
+            ``P``. The ``k`` products of each Rayleigh–Ritz step that confirms the
+            residuals come on top (one step, unless the product contradicts the
+            recurrence).
         basis_size: Lanczos vectors kept (memory ``basis_size · P`` numbers); default
             ``max(20, k + 8b)``, at most ``P``.
         block_size: ``b``, directions per product; default ``k`` (at most ``P − k``) for
@@ -149,11 +155,14 @@ def extreme_eigenpairs(
             ``b`` single products (the solves are shared).
 
     Returns:
-        The pairs in ascending order of eigenvalue (see :class:`EigenResult`), with their
-        residuals ``‖H v − λ v‖`` recomputed by ``k`` products.
+        The pairs in ascending order of eigenvalue (see :class:`EigenResult`),
+        orthonormal, with their residuals ``‖H v − λ v‖`` from ``k`` products (the
+        Rayleigh–Ritz step on Lanczos' pairs), each within ``tol · ‖H‖``; ``num_hvps``
+        counts every product.
 
     Raises:
-        AnalysisConvergenceError: ``max_hvps`` products did not reach ``tol``; the
+        AnalysisConvergenceError: ``max_hvps`` products did not reach ``tol``, or did
+            not reach it by the product (a ``tol`` near the product's own error); the
             message gives the Ritz values and residuals reached, and ``.result`` holds
             them (an :class:`EigenResult`).
         InputError: ``which``, ``k``, ``tol``, ``max_hvps``, ``basis_size`` or
@@ -199,19 +208,14 @@ def extreme_eigenpairs(
         pairs = lanczos_extreme(counted, k, which, tol, max_hvps, basis_size, start)
     finally:
         counted.close()
+    found = EigenResult(pairs.values, pairs.vectors, pairs.residuals, counted.products)
     if not pairs.converged:
-        reached = EigenResult(pairs.values, pairs.vectors, pairs.residuals, counted.products)
+        explain = _unconfirmed if pairs.measured else _unconverged
         raise AnalysisConvergenceError(
-            _unconverged(reached, which, tol, pairs.scale, max_hvps), reached,
-            counted.products, max_hvps,
+            explain(found, which, tol, pairs.scale, max_hvps), found, counted.products,
+            max_hvps,
         )  # fmt: skip
-    residual = op.matmat(pairs.vectors) - pairs.vectors * pairs.values
-    return EigenResult(
-        eigenvalues=pairs.values,
-        eigenvectors=pairs.vectors,
-        residuals=torch.linalg.vector_norm(residual, dim=0),
-        num_hvps=counted.products + k,
-    )
+    return found
 
 
 def _dense(op: SymmetricOperator, k: int, which: str, progress: bool | None) -> EigenResult:
@@ -250,4 +254,25 @@ def _unconverged(reached: EigenResult, which: str, tol: float, scale: float, max
         f"other, {spread / max(scale, 1e-300):.0e} of ‖H‖: eigenvalues close together "
         "relative to ‖H‖ separate slowly in any Krylov method (shifting H does not change "
         f"its Krylov spaces). Loosen tol, raise max_hvps{other}."
+    )
+
+
+def _unconfirmed(found: EigenResult, which: str, tol: float, scale: float, max_hvps: int) -> str:
+    k = len(found.eigenvalues)
+    target = tol * scale
+    met = int((found.residuals <= target).sum())
+    values = ", ".join(f"{v:+.4e}" for v in found.eigenvalues.tolist())
+    residuals = ", ".join(f"{r:.1e}" for r in found.residuals.tolist())
+    needed = float(found.residuals.max()) / max(scale, 1e-300)
+    eps = torch.finfo(found.eigenvalues.dtype).eps
+    other = "" if found.eigenvalues.dtype == torch.float64 else "; compute it in float64"
+    return (
+        f"Lanczos' recurrence put the {k} {which} Ritz pairs within tol·‖H‖ = {tol:.0e}·"
+        f"{scale:.3e} = {target:.1e}, but recomputed from a product only {met} were, and "
+        f"more steps up to the cap of {max_hvps} products (max_hvps) did not change that: "
+        f"Ritz values [{values}] with residuals from the product [{residuals}] (the error's "
+        f".result holds these pairs), which tol >= {needed:.1e} would accept. The product "
+        f"itself is that inexact: its rounding (about {eps:.0e}·‖H‖ times a small factor) "
+        "or the operator's own error (inexact solves: see "
+        f"deqhess.curvature.operator_accuracy) is above tol·‖H‖. Loosen tol{other}."
     )
