@@ -35,6 +35,7 @@ from .implicit import FixedPointSpec, fixed_point
 from .observed import observed_fixed_point
 from .policy import LayerPolicy
 from .reparametrize import functional_call
+from .second_order import RefusedSecondOrder
 
 __all__ = ["DEQ", "LayerCall", "LayerInfo", "LayerSolution", "layer_calls", "warm_starts"]
 
@@ -365,6 +366,7 @@ class DEQ(nn.Module):
             convergence=policy.forward,
             linear_on_failure=policy.linear,
             directions=None if calls is None else calls.directions,
+            refused_second_order=RefusedSecondOrder.for_cell(cell, names, count),
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
                 *(f"cell.{n}" for n in names),

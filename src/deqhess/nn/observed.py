@@ -173,8 +173,11 @@ class _Observed(torch.autograd.Function):
         adjoint = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         if wanted and torch.is_grad_enabled():  # recorded: restore the dependence on h*
-            at_fixed_point = args_pullback(system.spec.fn, z, tuple(args), wanted)[1](adjoint)
-            at_stopped = args_pullback(system.spec.fn, z.detach(), tuple(args), wanted)[1](adjoint)
+            # every derivative of the gradient in the arguments passes through these two
+            # terms, so the refused arguments' guard catches the b-graph's too
+            pulled = system.recorded_args(tuple(args))
+            at_fixed_point = args_pullback(system.spec.fn, z, pulled, wanted)[1](adjoint)
+            at_stopped = args_pullback(system.spec.fn, z.detach(), pulled, wanted)[1](adjoint)
             for i, a, s in zip(wanted, at_fixed_point, at_stopped, strict=True):
                 grads[i] = a - s
         return (None, adjoint, None, *grads)
