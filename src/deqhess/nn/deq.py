@@ -366,6 +366,7 @@ class DEQ(nn.Module):
             convergence=policy.forward,
             linear_on_failure=policy.linear,
             directions=None if calls is None else calls.directions,
+            watch_accuracy=calls is not None and calls.watch_accuracy,
             refused_second_order=RefusedSecondOrder.for_cell(cell, names, count),
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),

@@ -83,6 +83,8 @@ class FixedPointSpec:
         directions: directions each derivative pass will push through the fixed point
             (a curvature operator's block; None: a training step's few), for
             ``"auto"``'s choice.
+        watch_accuracy: the linearisation warns where the derivatives' error bound is
+            high (see :class:`deqhess.linear.Linearization`); off for training.
         refused_second_order: arguments whose second derivatives torch computes wrongly
             (see :mod:`deqhess.nn.second_order`): a recorded backward guards them, so
             that differentiating it in them raises; None: none.
@@ -104,6 +106,7 @@ class FixedPointSpec:
     check_registered: bool = False
     linear_on_failure: str = "raise"
     directions: int | None = None
+    watch_accuracy: bool = False
     refused_second_order: RefusedSecondOrder | None = None
 
     def rows(self, z: Tensor) -> Tensor:
@@ -161,6 +164,7 @@ class FixedPointSpec:
             # torch.func.linearize returns zeros: its trace would cost a tracing pass per
             # backward only to be rejected, so JVPs are plain from the start
             trace_tangent=False,
+            watch_accuracy=self.watch_accuracy,
         )
 
 
