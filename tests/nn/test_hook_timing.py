@@ -126,3 +126,33 @@ def test_compiled_layers_decide_hooks_per_layer_and_evaluation():
         assert fired == [kind], kind
         for a, b in zip(got, want, strict=True):
             assert relative_error(a, b) <= 1e-12
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+# inductor's own imports use torch.jit.script_method, which torch 2.13 deprecates
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_a_compiled_model_around_the_layer_has_the_eager_derivatives(backend):
+    """encoder → DEQ → head compiled: the modules around the layer compile, the layer runs
+    eagerly; the gradient and a double-backward gradient penalty are the eager model's
+    (the same operations: to rounding)."""
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 6), DEQ(Cell(), tol=1e-12), nn.Linear(6, 2))
+
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def derivatives(net, run):
+        params = list(net.parameters())
+        grads = torch.autograd.grad(run(x).pow(2).sum(), params, create_graph=True)
+        penalty = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), params)
+        return [g.detach() for g in grads] + list(penalty)
+
+    eager = model()
+    compiled = model()
+    want = derivatives(eager, eager)
+    got = derivatives(compiled, torch.compile(compiled, backend=backend))
+    for a, b in zip(got, want, strict=True):
+        assert relative_error(a, b) <= 1e-10

@@ -458,16 +458,22 @@ def _eagerly() -> Callable[..., tuple[Tensor, LayerInfo | None]]:
     compiled forward only calls it (torch imports TorchDynamo with ``torch.func`` anyway).
 
     Returns:
-        ``DEQ._solve`` wrapped by ``torch.compiler.disable``.
+        ``layer._solve`` (called as ``(layer, x, h0, with_info=...)``) wrapped by
+        ``torch.compiler.disable``.
     """
     if not _EAGER:
         _EAGER.append(
             torch.compiler.disable(
-                DEQ._solve,
+                _solve,
                 reason="deqhess: the fixed-point solve and its implicit derivatives run eagerly",
             )
         )
     return _EAGER[0]
+
+
+def _solve(layer: DEQ, x: Any, h0: Tensor | None, *, with_info: bool) -> tuple:
+    """``layer._solve(x, h0, with_info=with_info)`` (a subclass's own, if it has one)."""
+    return layer._solve(x, h0, with_info=with_info)
 
 
 def _recording(calls: Calls | None) -> bool:
