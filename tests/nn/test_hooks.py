@@ -115,11 +115,92 @@ def test_hooks_fire_once_per_backward_even_when_differentiated_twice():
     assert len(backward_calls) == 1  # the first backward; the second differentiates it
 
 
-def test_a_hook_that_changes_the_output_is_refused():
+@pytest.mark.parametrize("where", ["output", "input"])
+def test_a_hook_that_changes_an_output_or_input_is_refused_by_name(where):
+    """Before: the message blamed dropout or noise ("f is not a deterministic function")."""
     cell, deq, x = _setup()
-    cell.lin.register_forward_hook(lambda m, i, o: o + 1.0)
-    with pytest.raises(ValueError, match="Hooks may observe, not alter"):
+    if where == "output":
+        cell.lin.register_forward_hook(lambda m, i, o: o + 1.0)
+    else:
+        cell.lin.register_forward_pre_hook(lambda m, i: (i[0] + 1.0,))
+    kind = "forward hook" if where == "output" else "forward pre-hook"
+    message = rf"a module hook on the DEQ layer's cell changes the map.*cell.lin: {kind}"
+    with pytest.raises(ValueError, match=message + ".*Hooks may observe, not alter") as caught:
         deq(x)
+    assert "dropout" not in str(caught.value)
+
+
+def test_a_cell_that_is_not_deterministic_is_not_blamed_on_its_hooks():
+    """A cell whose map depends on the grad mode (the solve runs without grad, the visible
+    evaluation with it): the cell without hooks does not reproduce its fixed point either,
+    so the error is the non-determinism one, with a note."""
+
+    class Moody(Cell):
+        def forward(self, x, h):
+            return super().forward(x, h) + (0.5 if torch.is_grad_enabled() else 0.0)
+
+    torch.manual_seed(0)
+    cell = Moody()
+    cell.lin.register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(ValueError, match="not a deterministic function") as caught:
+        DEQ(cell, tol=1e-13)(torch.randn(4, 3))
+    assert "the cell itself is not deterministic" in str(caught.value.__notes__)
+
+
+def test_a_full_backward_hook_returning_a_new_grad_input_is_refused_by_name():
+    """Before: silently ignored (the state's gradient goes no further than h*)."""
+    cell, deq, x = _setup()
+    cell.lin.register_full_backward_hook(lambda m, gi, go: (2 * gi[0],))
+    h = deq(x)
+    with pytest.raises(
+        ValueError, match=r"a backward hook of cell.lin .* returned a new grad_input"
+    ):
+        h.pow(2).sum().backward()
+
+
+def test_a_global_backward_hook_returning_a_new_grad_input_is_refused_by_name():
+    _, deq, x = _setup()
+    register = torch.nn.modules.module.register_module_full_backward_hook
+    handle = register(lambda m, gi, go: tuple(None if g is None else 2 * g for g in gi))
+    try:
+        h = deq(x.requires_grad_())  # an input with a gradient, as for the layer's own hooks
+        with pytest.raises(
+            ValueError, match=r"a global backward hook .* returned a new grad_input"
+        ):
+            h.pow(2).sum().backward()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("how", ["backward_pre_hook", "tensor_hook"])
+def test_a_hook_doubling_an_output_gradient_acts_on_the_one_visible_evaluation(how):
+    """As on a plain module evaluated once with output gradient λ: doubling the gradient
+    reaching ``lin``'s output doubles what flows back from it — ``lin``'s parameters — and
+    leaves ``inj``'s (fed by ``x``) alone. Closed forms: ``∇W = 2 Σ_b u_b h_bᵀ``,
+    ``∇b = 2 Σ_b u_b``, ``∇U = Σ_b u_b x_bᵀ``, ``u = (1 − h²) ⊙ λ``."""
+    cell, deq, x = _setup()
+    if how == "backward_pre_hook":
+        cell.lin.register_full_backward_pre_hook(lambda m, go: (2 * go[0],))
+    else:
+        cell.lin.register_forward_hook(lambda m, i, o: o.register_hook(lambda g: 2 * g) and None)
+    h = deq(x)
+    g = torch.randn_like(h)
+    (h * g).sum().backward()
+    u = (1 - h.detach() ** 2) * _adjoint(cell, h.detach(), g)
+    assert relative_error(cell.lin.weight.grad, 2 * u.T @ h.detach()) <= 1e-10
+    assert relative_error(cell.lin.bias.grad, 2 * u.sum(0)) <= 1e-10
+    assert relative_error(cell.inj.weight.grad, u.T @ x) <= 1e-10
+
+
+def test_a_backward_pre_hook_changing_the_gradient_of_a_recorded_backward_is_refused():
+    """Second derivatives could not follow the change: refused, by name."""
+    cell, deq, x = _setup()
+    cell.lin.register_full_backward_pre_hook(lambda m, go: (2 * go[0],))
+    h = deq(x)
+    with pytest.raises(
+        ValueError, match=r"a backward pre-hook of cell.lin .* while the backward is recorded"
+    ):
+        torch.autograd.grad(h.pow(2).sum(), list(cell.parameters()), create_graph=True)
 
 
 def test_hooks_are_restored_after_the_cell_raises():

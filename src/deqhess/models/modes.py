@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, ModelChangedError, UnsupportedDerivativeError
 from ..nn.contract import training_hazard
+from ..nn.second_order import wrong_double_backward
 
 __all__ = ["StateGuard", "check_modes", "check_second_order"]
 
@@ -63,20 +64,7 @@ def check_second_order(model: nn.Module, what: str) -> None:
         UnsupportedDerivativeError: naming the modules, the exact alternatives (the
             GGN; a hand-written weight norm, or ``dim=None``).
     """
-    from torch.nn.utils import parametrize
-
-    found = []
-    for name, module in model.named_modules():
-        label = f"model.{name}" if name else "the model"
-        hooks = [h for h in module._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm"]
-        found += [label for h in hooks if h.dim != -1]
-        if parametrize.is_parametrized(module):
-            for tensor, chain in module.parametrizations.items():
-                found += [
-                    f"{label}.{tensor}"
-                    for p in chain
-                    if type(p).__name__ == "_WeightNorm" and p.dim != -1
-                ]
+    found = [f"model.{n}" if n else "the model" for n in wrong_double_backward(model)]
     if found:
         raise UnsupportedDerivativeError(
             f"{what} needs second derivatives through weight normalisation along a dimension "

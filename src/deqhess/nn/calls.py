@@ -66,6 +66,9 @@ class Calls:
         directions: directions each derivative pass pushes through the layers (a
             curvature operator's block), for their ``"auto"`` linear solver; None: a
             training step's few.
+        watch_accuracy: the layers' linearisations warn
+            (:class:`deqhess.AccuracyWarning`, with the figure) when their derivatives'
+            error bound is high.
     """
 
     store: dict | None
@@ -74,6 +77,7 @@ class Calls:
     counts: dict[int, int] = field(default_factory=dict)
     policy: LayerPolicy | None = None
     directions: int | None = None
+    watch_accuracy: bool = False
 
 
 CALLS: ContextVar[Calls | None] = ContextVar("deqhess_layer_calls", default=None)
@@ -86,6 +90,7 @@ def layer_calls(
     records: list[LayerCall] | None = None,
     keep_best: bool = False,
     directions: int | None = None,
+    watch_accuracy: bool = False,
 ) -> Iterator[None]:
     """Control and record every :class:`DEQ` call in the block (outside ``torch.func``).
 
@@ -105,6 +110,13 @@ def layer_calls(
       ``"auto"`` then factorises ``I − J`` per sample wherever that costs fewer products
       than K directions' iterative solves (see
       :func:`deqhess.linear.resolve_linear_solver`).
+    * ``watch_accuracy`` — the derivatives of the calls made in the block (taken in it
+      or later) watch their own accuracy as :class:`deqhess.Equilibrium`'s do: where the
+      error bound ``‖(I − J)⁻¹‖ · (residual left)`` of a call's fixed point is above 1e-6
+      (float64) / 1e-3 (float32), the first derivative through it gives a
+      :class:`deqhess.AccuracyWarning` with the figure (once per call), and GMRES's
+      estimate of ``‖(I − J)⁻¹‖`` is checked as it comes. Off by default: a training
+      loop's every step would warn (see :mod:`deqhess.linear.accuracy`).
 
     Args:
         warm: the warm-start store (a dict the caller keeps), or None.
@@ -112,12 +124,15 @@ def layer_calls(
         keep_best: keep unconverged samples' best iterates, without a warning.
         directions: the directions each derivative pass pushes through the layers, or
             None (a training step's few).
+        watch_accuracy: warn where a call's derivatives' error bound is high.
 
     Yields:
         Nothing: the controls hold until the block ends, then the enclosing block's
         (if any) hold again.
     """
-    token = CALLS.set(Calls(warm, records, keep_best, directions=directions))
+    token = CALLS.set(
+        Calls(warm, records, keep_best, directions=directions, watch_accuracy=watch_accuracy)
+    )
     try:
         yield
     finally:
@@ -188,8 +203,8 @@ def convergence(
     """Solve every :class:`~deqhess.nn.DEQ` call in the block under ``policy``, recorded.
 
     Within the block every layer solves with ``policy`` instead of its own, and each
-    call's per-sample outcome is recorded (warm starts of an enclosing
-    :func:`layer_calls` block carry on).
+    call's per-sample outcome is recorded (warm starts and ``watch_accuracy`` of an
+    enclosing :func:`layer_calls` block carry on).
 
     Args:
         policy: ``"best"`` (default: keep each sample's best iterate and mark it),
@@ -216,7 +231,9 @@ def convergence(
     record = ConvergenceRecord()
     outer = CALLS.get()
     store, counts = (None, {}) if outer is None else (outer.store, outer.counts)
-    token = CALLS.set(Calls(store, record.calls, False, counts, layer_policy))
+    watch = outer is not None and outer.watch_accuracy
+    calls = Calls(store, record.calls, False, counts, layer_policy, watch_accuracy=watch)
+    token = CALLS.set(calls)
     try:
         yield record
     finally:

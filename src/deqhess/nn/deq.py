@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -30,11 +30,12 @@ from .contract import (
     explaining_first_call,
     state_arguments,
 )
-from .hooks import has_hooks, hooks_set_aside
+from .hooks import backward_hooks_checked, describe_hooks, has_hooks, hooks_set_aside
 from .implicit import FixedPointSpec, fixed_point
 from .observed import observed_fixed_point
 from .policy import LayerPolicy
 from .reparametrize import functional_call
+from .second_order import RefusedSecondOrder
 
 __all__ = ["DEQ", "LayerCall", "LayerInfo", "LayerSolution", "layer_calls", "warm_starts"]
 
@@ -174,6 +175,7 @@ class DEQ(nn.Module):
         self.require_convergence = require_convergence
         self.policy = LayerPolicy.resolve(convergence, require_convergence)
         self.convergence = self.policy.forward
+        _eagerly()  # before any torch.compile traces a call
 
     def initial_state(self, x: Any) -> Tensor:
         """The state a call without ``h0`` starts from (outside :func:`warm_starts`).
@@ -258,7 +260,7 @@ class DEQ(nn.Module):
                 DeprecationWarning,
                 stacklevel=4,  # through Module.__call__ to the caller's line
             )
-        h, info = self._solve(x, h0, with_info=return_info or _info)
+        h, info = _eagerly()(self, x, h0, with_info=return_info or _info)
         if info is None:
             return h
         return h, info
@@ -323,14 +325,14 @@ class DEQ(nn.Module):
         if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
             return self._empty(x, h0, with_info)
         cell, count = self.cell, len(inputs.positions)
-        # the solver's iterations and the derivatives' products are no steps of the model:
-        # the cell's hooks see one evaluation, at the fixed point (deqhess.nn.observed)
-        observed = has_hooks(cell)
-        quiet = (lambda: hooks_set_aside(cell)) if observed else contextlib.nullcontext
 
         def evaluate(z: Tensor, *args: Tensor) -> Tensor:
+            # the solver's iterations and the derivatives' products are no steps of the
+            # model: the cell's hooks see one evaluation, at the fixed point (deqhess.nn.
+            # observed). Decided at each evaluation: a hook registered after the forward
+            # must not run inside the backward's products either
             state = args[count:]
-            with quiet():
+            with hooks_set_aside(cell):
                 if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
                     # the cell's own numbers, nothing to differentiate (the forward solve):
                     # calling it is the same map, without functional_call swapping each
@@ -364,14 +366,21 @@ class DEQ(nn.Module):
             convergence=policy.forward,
             linear_on_failure=policy.linear,
             directions=None if calls is None else calls.directions,
+            watch_accuracy=calls is not None and calls.watch_accuracy,
+            refused_second_order=RefusedSecondOrder.for_cell(cell, names, count),
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
                 *(f"cell.{n}" for n in names),
             ),
         )
         args = (*inputs.tensors, *values)
-        if observed:  # a fresh output, the fixed point's value, gradients through cell(x, h*)
-            h = observed_fixed_point(spec, h0.detach(), args, lambda z: cell(x, z))
+        if has_hooks(cell):  # a fresh output, the fixed point's value, gradients through f(x, h*)
+
+            def observe(z: Tensor) -> Tensor:
+                with backward_hooks_checked(cell):
+                    return cell(x, z)
+
+            h = observed_fixed_point(spec, h0.detach(), args, observe, lambda: describe_hooks(cell))
             solved = h.detach().clone() if warm is not None else h
         else:
             # a copy for the caller: the Function's own output is saved for the backward, so
@@ -434,6 +443,37 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         """The solver, tolerance and iteration cap, for ``repr(deq)``."""
         return f"solver={self.solver!r}, tol={self.tol}, max_iter={self.max_iter}"
+
+
+_EAGER: list[Callable[..., tuple[Tensor, LayerInfo | None]]] = []
+
+
+def _eagerly() -> Callable[..., tuple[Tensor, LayerInfo | None]]:
+    """:meth:`DEQ._solve`, run eagerly by ``torch.compile`` (TorchDynamo) wherever called.
+
+    The solve is a loop with data-dependent stopping, and which evaluations run the
+    cell's hooks is decided at each evaluation: nothing in it is worth tracing, and a
+    trace would keep such decisions in its cache (a second layer's hooks then ran in its
+    backward's products). Made once, at the first :class:`DEQ`'s construction, so a
+    compiled forward only calls it (torch imports TorchDynamo with ``torch.func`` anyway).
+
+    Returns:
+        ``layer._solve`` (called as ``(layer, x, h0, with_info=...)``) wrapped by
+        ``torch.compiler.disable``.
+    """
+    if not _EAGER:
+        _EAGER.append(
+            torch.compiler.disable(
+                _solve,
+                reason="deqhess: the fixed-point solve and its implicit derivatives run eagerly",
+            )
+        )
+    return _EAGER[0]
+
+
+def _solve(layer: DEQ, x: Any, h0: Tensor | None, *, with_info: bool) -> tuple:
+    """``layer._solve(x, h0, with_info=with_info)`` (a subclass's own, if it has one)."""
+    return layer._solve(x, h0, with_info=with_info)
 
 
 def _recording(calls: Calls | None) -> bool:

@@ -51,6 +51,7 @@ from ..solvers import (
     solve_fixed_point,
 )
 from .contract import check_registered
+from .second_order import RefusedSecondOrder
 
 __all__ = ["FixedPointSpec", "fixed_point"]
 
@@ -82,6 +83,11 @@ class FixedPointSpec:
         directions: directions each derivative pass will push through the fixed point
             (a curvature operator's block; None: a training step's few), for
             ``"auto"``'s choice.
+        watch_accuracy: the linearisation warns where the derivatives' error bound is
+            high (see :class:`deqhess.linear.Linearization`); off for training.
+        refused_second_order: arguments whose second derivatives torch computes wrongly
+            (see :mod:`deqhess.nn.second_order`): a recorded backward guards them, so
+            that differentiating it in them raises; None: none.
     """
 
     fn: Callable[..., Tensor]
@@ -100,6 +106,8 @@ class FixedPointSpec:
     check_registered: bool = False
     linear_on_failure: str = "raise"
     directions: int | None = None
+    watch_accuracy: bool = False
+    refused_second_order: RefusedSecondOrder | None = None
 
     def rows(self, z: Tensor) -> Tensor:
         """Return ``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""
@@ -156,6 +164,7 @@ class FixedPointSpec:
             # torch.func.linearize returns zeros: its trace would cost a tracing pass per
             # backward only to be rejected, so JVPs are plain from the start
             trace_tangent=False,
+            watch_accuracy=self.watch_accuracy,
         )
 
 
@@ -250,6 +259,19 @@ class _System:
         point = self._shifted(1) | self._solution_at(0)
         return _Linear(replace(self.spec, fn=tangent_map), point, self.jacobian)
 
+    def recorded_args(self, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """``args`` as a backward uses them to pull back to the arguments.
+
+        A derived system's, or where nothing is refused, or where the backward is not
+        recorded (then nothing can differentiate it): ``args`` themselves.
+
+        Returns:
+            ``args``, or for this (the original) fixed point in a recorded backward,
+            ``args`` with the refused ones guarded (:class:`deqhess.nn.second_order.
+            RefusedSecondOrder`).
+        """
+        return args
+
     def _shifted(self, offset: int) -> frozenset[int]:
         return frozenset(offset + i for i in self.point)
 
@@ -285,6 +307,12 @@ class _Nonlinear(_System):
 
     def _solution_at(self, index: int) -> frozenset[int]:
         return frozenset({index})
+
+    def recorded_args(self, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        refused = self.spec.refused_second_order
+        if refused is None or not torch.is_grad_enabled():
+            return args
+        return refused.guard(args)
 
     def solve(self, z0: Tensor, args: tuple[Tensor, ...]) -> Tensor:
         spec, shape = self.spec, z0.shape
@@ -487,7 +515,8 @@ class _FixedPoint(torch.autograd.Function):
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
         if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
-            value, pull = args_pullback(system.spec.fn, z, tuple(args), wanted)
+            pulled = system.recorded_args(tuple(args))
+            value, pull = args_pullback(system.spec.fn, z, pulled, wanted)
             jacobian = system.jacobian
             if (  # F(h*) comes with the VJP: the determinism check needs no evaluation of its own
                 isinstance(system, _Nonlinear)

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import add_note
+from ..errors import InputError, add_note
+from ..linear import Linearization
 from ..locking import autocast_off, engine
 from .implicit import (
     FixedPointSpec,
@@ -52,6 +53,7 @@ def observed_fixed_point(
     z0: Tensor,
     args: tuple[Tensor, ...],
     observe: Callable[[Tensor], Tensor],
+    describe: Callable[[], list[str]] = list,
 ) -> Tensor:
     """The fixed point ``z* = spec.fn(z*, *args)``, its gradients passing through ``observe``.
 
@@ -64,6 +66,7 @@ def observed_fixed_point(
         args: the tensors ``z*`` is differentiated in (the inputs' and the cell's).
         observe: ``h ↦ F(h, *args)`` computed the way the user's model computes it (module
             hooks active); called once, with ``z*`` detached.
+        describe: the hooks ``observe`` runs, in words, for the error below.
 
     Returns:
         ``z*``, shaped like ``z0``: the value of :func:`deqhess.nn.fixed_point`'s output,
@@ -71,10 +74,11 @@ def observed_fixed_point(
         inputs through ``observe``'s graph (the hooks see the adjoint ``λ`` there).
 
     Raises:
-        ValueError: ``observe(z*)`` is not ``z*`` within the accepted residual: the map
-            changed between the solve and this call (a hook that alters the cell's output,
-            or a non-deterministic cell). The error is the linearisation's, with a note
-            on hooks added.
+        InputError: ``observe(z*)`` is not ``z*`` within the accepted residual: the map
+            changed between the solve and this call. Where ``spec.fn`` (the map without
+            hooks) still reproduces ``z*``, a hook alters a module's input or output:
+            named, with the hooks rule; otherwise the cell is not deterministic (the
+            linearisation's error).
     """
     system = _Nonlinear(spec, len(args))
     z = _FixedPoint.apply(system, z0, *args)
@@ -90,15 +94,56 @@ def observed_fixed_point(
     if jacobian is not None and torch._C._functorch.peek_interpreter_stack() is None:
         try:
             jacobian.linearization.certify(spec.rows(b.detach()))
-        except ValueError as error:
-            add_note(
-                error,
-                "deqhess: this evaluation of the cell at the fixed point ran with the cell's "
-                "module hooks, which the solver's iterations do not run: a hook that changes "
-                "a module's input or output changes the map. Hooks may observe, not alter.",
-            )
+        except InputError as error:
+            _blame_hooks(spec, jacobian.linearization, seen, b.detach(), args, describe, error)
             raise
     return _Observed.apply(system, b, z, *args)
+
+
+def _blame_hooks(
+    spec: FixedPointSpec,
+    linearization: Linearization,
+    seen: Tensor,
+    hooked: Tensor,
+    args: tuple[Tensor, ...],
+    describe: Callable[[], list[str]],
+    error: InputError,
+) -> None:
+    """Raise an error naming the hooks if the map without them still reproduces ``z*``.
+
+    Called when the visible evaluation moved the fixed point's residual (``error``, the
+    linearisation's non-determinism error). One more evaluation, without hooks, tells
+    the two causes apart: if it reproduces ``z*``, a hook changed the map.
+
+    Raises:
+        InputError: naming the hooks, when they are the cause (else returns, and the
+            caller re-raises ``error`` with a note).
+    """
+    with autocast_off():  # in the visible evaluation's grad mode: only the hooks differ
+        plain = spec.rows(spec.fn(seen, *args).detach())
+    try:
+        linearization.certify(plain)
+    except InputError:
+        add_note(
+            error,
+            "deqhess: the cell's module hooks were present, but the cell without them does "
+            "not reproduce its fixed point either: the cell itself is not deterministic.",
+        )
+        return
+    point = spec.rows(seen.detach())
+    moved = float(torch.linalg.vector_norm(spec.rows(hooked) - point, dim=-1).max())
+    kept = float(torch.linalg.vector_norm(plain - point, dim=-1).max())
+    hooks = describe()
+    listed = "; ".join(hooks[:6]) + (f" (and {len(hooks) - 6} more)" if len(hooks) > 6 else "")
+    raise InputError(
+        "a module hook on the DEQ layer's cell changes the map: evaluated once more at the "
+        f"fixed point h* with its hooks, the cell is {moved:.2e} from h* (largest sample "
+        f"residual), without them {kept:.2e}. The hooks: {listed}. The solver's iterations "
+        "run without observing hooks and the layer's one visible evaluation with them. "
+        "Hooks may observe, not alter: a forward hook or pre-hook must return None (or "
+        "its input / output unchanged) and change nothing in place. Put a change to the "
+        "map into the cell's forward instead."
+    ) from None
 
 
 class _Observed(torch.autograd.Function):
@@ -128,8 +173,11 @@ class _Observed(torch.autograd.Function):
         adjoint = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
         if wanted and torch.is_grad_enabled():  # recorded: restore the dependence on h*
-            at_fixed_point = args_pullback(system.spec.fn, z, tuple(args), wanted)[1](adjoint)
-            at_stopped = args_pullback(system.spec.fn, z.detach(), tuple(args), wanted)[1](adjoint)
+            # every derivative of the gradient in the arguments passes through these two
+            # terms, so the refused arguments' guard catches the b-graph's too
+            pulled = system.recorded_args(tuple(args))
+            at_fixed_point = args_pullback(system.spec.fn, z, pulled, wanted)[1](adjoint)
+            at_stopped = args_pullback(system.spec.fn, z.detach(), pulled, wanted)[1](adjoint)
             for i, a, s in zip(wanted, at_fixed_point, at_stopped, strict=True):
                 grads[i] = a - s
         return (None, adjoint, None, *grads)
