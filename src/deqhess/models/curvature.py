@@ -432,7 +432,9 @@ class ModelCurvature:
         directions: int | None,
     ) -> tuple[BatchGraph, list[LayerCall]]:
         calls: list[LayerCall] = []
-        with layer_calls(warm=warm, records=calls, keep_best=True, directions=directions):
+        with layer_calls(
+            warm=warm, records=calls, keep_best=True, directions=directions, watch_accuracy=True
+        ):
             graph = BatchGraph(
                 self.model, self.loss, self.layout, params, x, target, 1.0, part,
                 self.split_at, self.backward, samples=samples,
