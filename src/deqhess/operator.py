@@ -40,6 +40,10 @@ class Operator(abc.ABC):
     device: torch.device
     #: whether ``A = Aᵀ`` (then ``.T`` is the operator itself).
     symmetric: bool = False
+    #: whether each product is a pass over a data set, whose batches' forward solves and
+    #: graphs a block's directions share (a block of ten then costs about one product):
+    #: the analyses' default blocks are wider for such operators.
+    streamed: bool = False
 
     @abc.abstractmethod
     def matmat(self, block: Tensor) -> Tensor:

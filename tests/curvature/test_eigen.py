@@ -271,3 +271,57 @@ def test_the_progress_bar_counts_products_against_the_cap(capsys):
     err = capsys.readouterr().err
     assert "Lanczos (largest 2)" in err and f"/{default_max_hvps(2)}" in err
     assert math.isclose(default_max_hvps(2), 900)
+
+
+class StreamedMatrix(Matrix):
+    """A matrix whose every product stands for a pass over a data set (``streamed``),
+    recording the width of each block it is applied to."""
+
+    streamed = True
+
+    def __init__(self, matrix: Tensor) -> None:
+        super().__init__(matrix)
+        self.widths: list[int] = []
+
+    def matmat(self, block: Tensor) -> Tensor:
+        self.widths.append(block.shape[1])
+        return super().matmat(block)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+def test_a_streamed_operator_is_run_in_blocks_of_2k_and_its_pairs_hold(which):
+    """A model's or data set's operator pays a pass per product whatever its width: the
+    default block is 2k there (1 elsewhere for the top), and the pairs still meet tol."""
+    values = torch.linspace(-3.0, 5.0, 300, dtype=torch.float64)
+    streamed, plain = StreamedMatrix(_with_spectrum(values).matrix), _with_spectrum(values)
+    k = 4
+    result = extreme_eigenpairs(streamed, k=k, which=which, tol=1e-10, progress=False)
+    assert max(streamed.widths) == 2 * k
+    assert len(streamed.widths) < result.num_hvps / k  # passes, not products
+    extreme_eigenpairs(plain, k=k, which="largest", tol=1e-10, progress=False)
+    want = {"largest": values[-k:], "smallest": values[:k],
+            "magnitude": values[values.abs().argsort()[-k:]].sort().values}[which]  # fmt: skip
+    assert torch.allclose(result.eigenvalues, want, atol=1e-8)
+    v = result.eigenvalues
+    true = torch.linalg.vector_norm(
+        streamed.matrix @ result.eigenvectors - result.eigenvectors * v, dim=0
+    )
+    assert float(true.max()) <= 1e-10 * 5.0 * 1.01
+
+
+def test_model_and_dataset_operators_are_streamed_and_an_equilibrium_is_not():
+    c = tanh_dense(0)
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0, batch_dim=0)
+    assert not eq.hessian_operator(c.loss).streamed
+
+    def loss(h, theta, y):
+        return (h - y).pow(2).mean()
+
+    data = [(c.x, torch.zeros_like(c.h0))] * 2
+    dataset = dh.DatasetEquilibrium(
+        c.f, c.theta, data, loss, init_state=lambda x: x.new_zeros(x.shape[0], 5)
+    )
+    assert dataset.hessian_operator().streamed
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    curvature = dh.ModelCurvature(model, torch.nn.MSELoss(), [(c.x, torch.zeros(3, 2))])
+    assert curvature.hessian_operator().streamed and curvature.ggn_operator().streamed

@@ -67,6 +67,7 @@ class Counted(Operator):
         self.op = op
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
         self.symmetric = getattr(op, "symmetric", True)  # analyses take symmetric operators
+        self.streamed = getattr(op, "streamed", False)
         self.products = 0
         self.bar = tqdm(
             total=total,
@@ -129,6 +130,7 @@ class ParameterBlock(Operator):
         self.index = torch.cat(pieces).to(op.device)
         self.op = op
         self.symmetric = getattr(op, "symmetric", True)
+        self.streamed = getattr(op, "streamed", False)
         self.names = list(names)
         size = len(self.index)
         self.shape, self.dtype, self.device = (size, size), op.dtype, op.device

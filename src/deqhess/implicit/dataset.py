@@ -575,7 +575,7 @@ class DatasetEquilibrium:
 
         # every rank must split a block the same way: collectives pair up in order
         chunk = default_chunk_size(self.num_parameters + self._chunk_width())
-        return CurvatureOperator(products, self.layout, part, chunk)
+        return CurvatureOperator(products, self.layout, part, chunk, streamed=True)
 
     def _chunk_width(self) -> int:
         return self._widest

@@ -23,16 +23,22 @@ from ..linear import Linearization
 from ..tangents import linearize
 from .derivatives import dynamics_jvp
 
-__all__ = ["ParameterProducts", "hessian_vector_products"]
+__all__ = ["TRACE_AFTER", "ParameterProducts", "hessian_vector_products"]
+
+#: single-direction JVPs made plainly before the tangent is traced for the rest
+TRACE_AFTER = 3
 
 
 class ParameterProducts:
     """Products with ``∂f/∂θ`` at ``(θ, h*)`` on blocks of K directions.
 
     JVPs ``[K, P] → [K, S, d]`` and VJPs ``[K, S, d] → [K, P]`` (through one cached
-    pullback: no forward per call). A single direction's JVP replays a tangent traced on first use
+    pullback: no forward per call). A single direction's JVP replays a tangent traced
+    once these products have served :data:`TRACE_AFTER` single directions
     (:func:`deqhess.tangents.linearize`: no forward of ``f`` per call, 0.3 instead of
-    0.8 ms at P = 82k); a block is vmapped.
+    0.8 ms at P = 82k; but a trace costs as much as a hundred or more plain JVPs, and
+    products made afresh for each pass over a data set would trace at every pass); a
+    block is vmapped.
 
     Args:
         jvp: ``v ↦ (∂f/∂θ) v`` for one direction ``[P] → [S, d]`` (vmappable).
@@ -49,13 +55,17 @@ class ParameterProducts:
         self.jvp, self.vjp = jvp, vjp
         self._trace = traced_jvp
         self._traced: Callable[[Tensor], Tensor] | None = None
+        self._singles = 0
 
     def jvps(self, v: Tensor) -> Tensor:
         """``[K, P] → [K, S, d]`` (vmapped; a single direction skips vmap's overhead)."""
         if v.shape[0] > 1:
             return torch.func.vmap(self.jvp)(v)
         if self._traced is None:
-            self._traced = self._trace() if self._trace is not None else self.jvp
+            self._singles += 1
+            if self._trace is None or self._singles <= TRACE_AFTER:
+                return self.jvp(v[0])[None]
+            self._traced = self._trace()
         return self._traced(v[0])[None]
 
     def vjps(self, mu: Tensor) -> Tensor:

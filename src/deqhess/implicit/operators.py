@@ -48,6 +48,8 @@ class CurvatureOperator(Operator):
             ``[P, K]`` products; default about 4M numbers per chunk.
         dense: ``() ↦`` the ``[P, P]`` matrix by a cheaper assembly than ``P`` products,
             used by :meth:`to_dense` (None: ``P`` products).
+        streamed: each product is a pass over a data set (see
+            :attr:`deqhess.operator.Operator.streamed`).
     """
 
     symmetric = True
@@ -59,8 +61,10 @@ class CurvatureOperator(Operator):
         part: str,
         chunk_size: int | None = None,
         dense: Callable[[], Tensor] | None = None,
+        streamed: bool = False,
     ) -> None:
         self._products = products
+        self.streamed = streamed
         self._dense = dense
         self.layout = layout
         self.part = check_part(part, OPERATOR_PARTS)

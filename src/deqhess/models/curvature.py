@@ -571,8 +571,9 @@ class ModelCurvature:
             return self._products(part, v)
 
         return CurvatureOperator(
-            products, self.layout, part, self.chunk_size, dense=lambda: self._dense(part)
-        )
+            products, self.layout, part, self.chunk_size, dense=lambda: self._dense(part),
+            streamed=True,
+        )  # fmt: skip
 
     def _products(self, part: str, v: Tensor) -> Tensor:
         """``(C Vᵀ)ᵀ`` for K directions, ``C`` the part: one pass per block of them.
