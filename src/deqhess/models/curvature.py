@@ -848,6 +848,9 @@ class ModelCurvature:
     def hessian_split(self) -> HessianSplit:
         """The dense Hessian split at the split layer's fixed point (two passes).
 
+        Each part is its own pass, so a loosely solved layer gives an
+        :class:`deqhess.AccuracyWarning` for each (the same figure twice).
+
         Returns:
             A :class:`~deqhess.HessianSplit`: ``loss_curvature`` and
             ``dynamics_curvature``, each ``[P, P]``, and their sum ``total``.
