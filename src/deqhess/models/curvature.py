@@ -349,14 +349,19 @@ class ModelCurvature:
 
         A module that is another function on every call is refused by name
         (:class:`deqhess.InputError`) before the pass; a forward that wrote the model's
-        parameters or buffers, with :class:`deqhess.ModelChangedError` after it.
+        parameters or buffers, with :class:`deqhess.ModelChangedError` after it — what
+        it wrote put back first, also when the pass fails for another reason.
 
         Yields:
             Nothing: the pass runs inside.
         """
         check_modes(self.model, self._label)
         state = StateGuard(self.model)
-        yield
+        try:
+            yield
+        except BaseException:
+            state.restore()
+            raise
         state.check(self._label)
 
     def _former(
