@@ -199,3 +199,28 @@ def test_empty_batches_in_place_inputs_time_major_data_and_loss_reductions():
     assert kl.reduction == "mean"
     with pytest.raises(dh.InputError, match=r"reduction='none'.*give the loss reduction='mean'"):
         dh.ModelCurvature(model, nn.MSELoss(reduction="none"), [(x, y)])
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_an_analysis_over_a_data_loader_leaves_torchs_random_state_as_it_was(shuffle):
+    """A DataLoader draws a base seed from torch's generator on every ``iter()`` (a
+    shuffling one its permutation too): the user's state is the same bits after every
+    analysis, and the next draw is the one it would have been without it."""
+    x, y = _tensors(samples=10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=shuffle)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), loader)
+    v = torch.randn(curvature.num_parameters, generator=torch.Generator().manual_seed(0))
+    torch.random.set_rng_state(before)  # Classifier() and nothing else drew
+    analyses = {
+        "grad": curvature.grad,
+        "hvp": lambda: curvature.hvp(v),
+        "extreme_eigenpairs": lambda: extreme_eigenpairs(curvature.hessian_operator(), k=1),
+    }
+    for name, analysis in analyses.items():
+        analysis()
+        assert torch.equal(torch.random.get_rng_state(), before), name
+    assert torch.equal(torch.rand(3), expected)
