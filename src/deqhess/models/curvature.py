@@ -566,9 +566,16 @@ class ModelCurvature:
         if part != "ggn":
             check_second_order(self.model, f"the {part!r} operator")
         if part in _SPLIT_PARTS and self.split_at is None:
+            layers = len(_deq_layers(self.model))
+            if layers == 0:
+                raise InputError(
+                    f"{part!r} splits the Hessian at a DEQ layer's fixed point, but the model "
+                    "has no DEQ layer (deqhess.nn.DEQ), so there is nothing to split at: use "
+                    "'total' (the Hessian) or 'ggn'."
+                )
             raise InputError(
                 f"{part!r} splits the Hessian at a DEQ layer's fixed point, but the model "
-                f"has {len(_deq_layers(self.model))} DEQ layers and no split_at; pass "
+                f"has {layers} DEQ layers and no split_at; pass "
                 "split_at=<the layer or its name>, or use 'total' or 'ggn'."
             )
 
