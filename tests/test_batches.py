@@ -32,5 +32,5 @@ def test_rank_shard_and_pair_check():
     data = [(i, None) for i in range(5)]
     assert [x for x, _ in RankShard(data, 1, 2)] == [1, 3]
     assert [x for x, _ in RankShard(data, 1, 2)] == [1, 3]  # re-iterable
-    with pytest.raises(ValueError, match=r"\(x, target\) pair; got int\."):
+    with pytest.raises(ValueError, match=r"pair; got int: pass a list of \(x, target\) pairs"):
         list(Batches([1]))

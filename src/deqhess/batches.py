@@ -39,20 +39,52 @@ class Batches:
                 f"batches must be an iterable of (x, target) pairs (a list, a DataLoader); "
                 f"got {type(data).__name__}."
             )
+        if (
+            isinstance(data, (tuple, list))
+            and len(data) == 2
+            and all(isinstance(part, Tensor) for part in data)
+        ):
+            raise InputError(
+                "data is one (x, target) pair of tensors, not an iterable of such pairs: "
+                "pass [(x, y)] for one batch (or a list of pairs, or a DataLoader)."
+            )
         self.data = data
         self.one_shot = isinstance(data, Iterator) or getattr(data, "one_shot", False)
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         for item in self.data:
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise InputError(
-                    f"each batch must be an (x, target) pair; got {type(item).__name__}"
-                    + (f" of length {len(item)}." if hasattr(item, "__len__") else ".")
-                )
+                raise InputError(_not_a_pair(item))
             yield item[0], item[1]
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
+
+
+def _not_a_pair(item: Any) -> str:
+    """Why a batch is not an ``(x, target)`` pair, and how to make it one."""
+    said = "each batch must be an (x, target) pair"
+    if isinstance(item, Mapping):
+        keys = list(item)[:4]
+        a, b = [*map(repr, keys), "'x'", "'y'"][:2]
+        return (
+            f"{said}; got a dict with keys {keys}. Give pairs: a collate_fn or Dataset that "
+            f"returns (x, target), or wrap the loader: [(b[{a}], b[{b}]) for b in loader] "
+            "(held in memory)."
+        )
+    if isinstance(item, (tuple, list)):
+        return (
+            f"{said}; got a {type(item).__name__} of length {len(item)}. Give pairs: a "
+            "collate_fn or Dataset that returns (x, target) (e.g. drop an index column), or "
+            "wrap the loader: [(b[0], b[1]) for b in loader]; a model of several inputs "
+            "takes them as one x: ((x1, x2), target)."
+        )
+    if isinstance(item, Tensor):
+        return (
+            f"{said}; got a Tensor of shape {tuple(item.shape)}: are the data one (x, y) "
+            "pair rather than a list of them? Pass [(x, y)] for one batch."
+        )
+    return f"{said}; got {type(item).__name__}: pass a list of (x, target) pairs or a DataLoader."
 
 
 class MappedBatches:

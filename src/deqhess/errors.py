@@ -194,7 +194,23 @@ class AccuracyWarning(UserWarning):
     forward tolerance, or a linear solve's residual); it is also
     ``EquilibriumInfo.error_bound``. Past ``max_error_bound`` (default 0.1) the solve
     is refused with :class:`SingularSystemError` instead.
+
+    Args:
+        message: what the bound is and what to do.
+        error_bound: the relative error bound the message quotes (None: none quoted).
+
+    Attributes:
+        error_bound: the figure, as a number — a data set's per-pass warning quotes the
+            largest of its batches'.
     """
+
+    def __init__(self, message: str, error_bound: float | None = None) -> None:
+        super().__init__(message)
+        self.error_bound = error_bound
+
+    def __reduce__(self) -> tuple[type, tuple[str, float | None]]:
+        """Pickle with the figure (``args`` holds only the message)."""
+        return type(self), (str(self), self.error_bound)
 
 
 def add_note(error: BaseException, note: str) -> None:

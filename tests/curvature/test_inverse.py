@@ -13,6 +13,7 @@ from problems import case, relative_error
 import deqhess as dh
 from deqhess.curvature import InverseStatus, influence, inverse, newton_step, solve_damped
 from deqhess.curvature.inverse import MAX_PRODUCTS
+from deqhess.operator import Operator
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +239,32 @@ def test_a_solve_short_of_its_tolerance_raises_with_what_it_reached(setup):
     scores = influence(singular, b, train, damping=-low, tol=1e-12, progress=False,
                        require_convergence=False)  # fmt: skip
     assert not scores.inverse.converged
+
+
+class _Dense(Operator):
+    def __init__(self, matrix, symmetric=True):
+        self.matrix, self.symmetric = matrix, symmetric
+        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
+
+    def matmat(self, block):
+        return self.matrix @ block
+
+
+def test_a_non_symmetric_operator_is_refused_for_what_it_is():
+    """MINRES on ``2I + e₀e₁ᵀ`` (well conditioned, asymmetric in one entry) reported a solve and
+    no word of H; a random non-symmetric one stalled with "raise max_iter". Both are
+    refused by name, and so is an operator flagged ``symmetric=False``; a symmetric one
+    (rounding-level asymmetry: ``(A + Aᵀ)/2``) is solved."""
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(60, generator=g, dtype=torch.float64)
+    skewed = 2 * torch.eye(60, dtype=torch.float64)
+    skewed[0, 1] = 1.0
+    stalls = torch.randn(60, 60, generator=g, dtype=torch.float64) + 20 * torch.eye(60)
+    for matrix in (skewed, stalls):
+        with pytest.raises(dh.InputError, match=r"H is not symmetric: .* reaches .*MINRES and CG"):
+            solve_damped(_Dense(matrix), b, progress=False)
+    with pytest.raises(dh.InputError, match=r"says it is not symmetric \(symmetric=False\)"):
+        solve_damped(_Dense(skewed + skewed.T, symmetric=False), b, progress=False)
+    symmetric = (stalls + stalls.T) / 2
+    result = solve_damped(_Dense(symmetric), b, tol=1e-12, progress=False)
+    assert relative_error(result.solution, torch.linalg.solve(symmetric, b)) <= 1e-9

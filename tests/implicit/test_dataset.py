@@ -92,7 +92,7 @@ def test_data_set_errors():
         dh.DatasetEquilibrium(f, theta, _batches(x, y, [11]), _mean_loss, reduction="max")
     with pytest.raises(ValueError, match=r"loss\(h, target\) or loss\(h, theta, target\)"):
         dh.DatasetEquilibrium(f, theta, _batches(x, y, [11]), lambda h: h.sum(), **init)
-    with pytest.raises(ValueError, match=r"\(x, target\) pair; got Tensor of length 11"):
+    with pytest.raises(ValueError, match=r"\(x, target\) pair; got a Tensor of shape \(11, 3\)"):
         dh.DatasetEquilibrium(f, theta, [x], _mean_loss, **init)
     with pytest.raises(ValueError, match="data is empty"):
         dh.DatasetEquilibrium(f, theta, [], _mean_loss, **init)

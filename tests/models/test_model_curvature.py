@@ -117,6 +117,11 @@ def test_two_deq_layers_and_the_split_at_either():
     assert relative_error(curvature.ggn_operator().to_dense(), reference.ggn()) <= TOL
     with pytest.raises(ValueError, match="the model has 2 DEQ layers and no split_at"):
         curvature.hessian_operator("loss_curvature")
+    plain = dh.ModelCurvature(nn.Linear(3, 2), nn.MSELoss(), data)
+    for part in ("loss_curvature", "dynamics_curvature"):
+        with pytest.raises(dh.InputError, match=r"has no DEQ layer .* use 'total'") as caught:
+            plain.hessian_operator(part)
+        assert "split_at" not in str(caught.value)  # nothing to pass it
     for layer, split_at in [(0, "deq0"), (1, model.deq1)]:
         at = dh.ModelCurvature(model, nn.MSELoss(), data, split_at=split_at)
         loss_part, dynamics_part = reference.split(layer)

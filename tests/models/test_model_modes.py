@@ -133,6 +133,42 @@ def test_a_forward_that_draws_random_numbers_or_writes_state_is_refused():
         dh.ModelCurvature(counting, nn.MSELoss(), data).grad()
 
 
+class Writing(nn.Module):
+    """A forward that writes its state three ways: a buffer in place, a buffer rebound,
+    a parameter in place (under no_grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.tensor([-0.0, 1.5]))
+        self.register_buffer("last", torch.zeros(2))
+        self.scale = nn.Parameter(torch.tensor([-0.0, 2.0]))
+
+    def forward(self, x):
+        self.count += 1
+        self.last = x.detach().mean(0)[:2]
+        with torch.no_grad():
+            self.scale.mul_(3.0)
+        return x
+
+
+def _bits(tensor):
+    return tensor.detach().view(torch.int64 if tensor.dtype == torch.float64 else torch.int32)
+
+
+def test_state_a_forward_wrote_is_put_back_bitwise_before_the_refusal():
+    """Refused, and every parameter and buffer is the same tensor with the same bits
+    as before (``-0.0`` kept: compared as integers)."""
+    model = Headed(Writing())
+    before = {k: (v, _bits(v).clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    with pytest.raises(dh.ModelChangedError, match=r"extra.count.*were written.*put them back"):
+        dh.ModelCurvature(model, nn.MSELoss(), _data()).grad()
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    for name, (tensor, bits) in before.items():
+        assert after[name] is tensor, name  # the same object, not a copy
+        assert torch.equal(_bits(after[name]), bits), name
+
+
 class Scaled(nn.Module):
     """A head scaled by a plain attribute (neither parameter nor buffer)."""
 

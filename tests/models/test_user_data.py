@@ -10,6 +10,8 @@ with contraction ≤ 0.4; a warm start changes a product by the solve's accuracy
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from models import Classifier, Reference, unrolled_twin
@@ -199,3 +201,54 @@ def test_empty_batches_in_place_inputs_time_major_data_and_loss_reductions():
     assert kl.reduction == "mean"
     with pytest.raises(dh.InputError, match=r"reduction='none'.*give the loss reduction='mean'"):
         dh.ModelCurvature(model, nn.MSELoss(reduction="none"), [(x, y)])
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_an_analysis_over_a_data_loader_leaves_torchs_random_state_as_it_was(shuffle):
+    """A DataLoader draws a base seed from torch's generator on every ``iter()`` (a
+    shuffling one its permutation too): the user's state is the same bits after every
+    analysis, and the next draw is the one it would have been without it."""
+    x, y = _tensors(samples=10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=shuffle)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), loader)
+    v = torch.randn(curvature.num_parameters, generator=torch.Generator().manual_seed(0))
+    torch.random.set_rng_state(before)  # Classifier() and nothing else drew
+    analyses = {
+        "grad": curvature.grad,
+        "hvp": lambda: curvature.hvp(v),
+        "extreme_eigenpairs": lambda: extreme_eigenpairs(curvature.hessian_operator(), k=1),
+    }
+    for name, analysis in analyses.items():
+        analysis()
+        assert torch.equal(torch.random.get_rng_state(), before), name
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_batches_that_are_not_pairs_are_refused_with_what_to_do():
+    """Dict batches, 3-tuples and one bare (x, y) pair: each message names what came and
+    how to give (x, target) pairs."""
+    x, y = _tensors(samples=8)
+
+    def as_dict(samples):
+        return {
+            "x": torch.stack([s[0] for s in samples]),
+            "y": torch.stack([s[1] for s in samples]),
+        }
+
+    cases = [
+        (DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=as_dict),
+         [r"got a dict with keys \['x', 'y'\]", r"\[\(b\['x'\], b\['y'\]\) for b in loader\]",
+          "collate_fn"]),
+        (DataLoader(TensorDataset(x, y, torch.arange(8)), batch_size=4),
+         ["got a list of length 3", r"\[\(b\[0\], b\[1\]\) for b in loader\]", "collate_fn"]),
+        ((x, y), [r"one \(x, target\) pair of tensors", r"pass \[\(x, y\)\]"]),
+    ]  # fmt: skip
+    for data, phrases in cases:
+        with pytest.raises(dh.InputError) as caught:
+            dh.ModelCurvature(Classifier(), nn.MSELoss(), data).grad()
+        for phrase in phrases:
+            assert re.search(phrase, str(caught.value)), (phrase, str(caught.value))

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..implicit.dataset import BatchSolve
+from ..linear.accuracy import warning_threshold
 from .base import Counted, SymmetricOperator
 
 if TYPE_CHECKING:
@@ -207,3 +208,56 @@ def operator_accuracy(
         num_hvps=counted.products,
         reference_hvps=reference_hvps,
     )
+
+
+def require_symmetric(asymmetry: float, dtype: torch.dtype, name: str, why: str) -> None:
+    """Refuse an operator whose asymmetry is above what its dtype's rounding explains.
+
+    Args:
+        asymmetry: :func:`relative_asymmetry` of its products.
+        dtype: its products' dtype (sets the threshold, :func:`warning_threshold`).
+        name: what the message calls it (e.g. ``"G"``).
+        why: what a non-symmetric operator breaks, for the message.
+
+    Raises:
+        InputError: the asymmetry is above 1e-6 (float64) / 1e-3 (float32).
+    """
+    threshold = warning_threshold(dtype)
+    if asymmetry > threshold:
+        raise InputError(
+            f"{name} is not symmetric: |uᵀ{name}v − vᵀ{name}u| reaches {asymmetry:.1e}·‖{name}‖·"
+            f"‖u‖‖v‖, above the {threshold:.0e} that rounding and solves explain in {dtype}, "
+            f"so {why}: pass a symmetric operator (a GGN, Fisher or Hessian; symmetrise your "
+            f"own as ({name} + {name}ᵀ)/2). If {name} is symmetric, its products are that "
+            "inexact: tighten its solves (see deqhess.curvature.operator_accuracy)."
+        )
+
+
+def check_symmetric(op: SymmetricOperator, name: str, why: str, seed: int = 0) -> int:
+    """Refuse an operator that says, or is measured, not to be symmetric.
+
+    One block of two Gaussian probes (:func:`operator_accuracy`): cheap, and enough to
+    see an asymmetry above rounding with probability 1.
+
+    Args:
+        op: the operator.
+        name: what the message calls it (e.g. ``"H"``).
+        why: what a non-symmetric operator breaks, for the message.
+        seed: the probes' seed.
+
+    Returns:
+        The products used (2).
+
+    Raises:
+        InputError: ``op.symmetric`` is False, or its measured asymmetry is above
+            rounding (:func:`require_symmetric`).
+    """
+    if getattr(op, "symmetric", True) is False:
+        raise InputError(
+            f"{name} ({type(op).__name__}) says it is not symmetric (symmetric=False), so "
+            f"{why}: pass a symmetric operator (a GGN, Fisher or Hessian; symmetrise your "
+            f"own as ({name} + {name}ᵀ)/2)."
+        )
+    measured = operator_accuracy(op, num_probes=2, seed=seed, progress=False)
+    require_symmetric(measured.asymmetry, op.dtype, name, why)
+    return measured.num_hvps

@@ -38,7 +38,10 @@ from scipy.sparse.linalg import minres
 from torch import Tensor
 
 from ..errors import AnalysisConvergenceError, InputError
+from .accuracy import check_symmetric
 from .base import Counted, SymmetricOperator
+
+_NOT_SOLVABLE = "MINRES and CG, which assume H = Hᵀ, would not solve (H + δI) x = b"
 
 __all__ = [
     "InfluenceResult",
@@ -160,7 +163,36 @@ def solve_damped(
             convergence is above ``10 · tol``; ``.result`` is the :class:`InverseResult`
             and its ``status`` says which.
         InputError: an unknown ``method``, ``b`` not a ``[P]`` tensor, a non-finite
-            ``damping`` or ``b``, ``tol ≤ 0`` or ``max_iter < 1``.
+            ``damping`` or ``b``, ``tol ≤ 0`` or ``max_iter < 1``; an operator that says
+            it is not symmetric (``symmetric=False``) or is measured so on two probes
+            (two products before the solve, not in ``num_hvps``).
+    """  # noqa: DOC502 (raised by _damped_solution)
+    return _damped_solution(
+        op, b, damping, method, tol, max_iter, progress, require_convergence, check=True
+    )
+
+
+def _damped_solution(
+    op: SymmetricOperator,
+    b: Tensor,
+    damping: float = 0.0,
+    method: str = "minres",
+    tol: float = 1e-8,
+    max_iter: int | None = None,
+    progress: bool | None = None,
+    require_convergence: bool = True,
+    check: bool = False,
+) -> InverseResult:
+    """:func:`solve_damped`, with its symmetry check only where ``check`` asks for it.
+
+    For callers that checked the operator's symmetry once for many solves.
+
+    Returns:
+        :func:`solve_damped`'s result.
+
+    Raises:
+        AnalysisConvergenceError: as :func:`solve_damped`.
+        InputError: as :func:`solve_damped`.
     """
     if method not in ("cg", "minres"):
         raise InputError(f"unknown method {method!r}; use 'minres' (indefinite) or 'cg'.")
@@ -183,6 +215,8 @@ def solve_damped(
     norm_b = float(torch.linalg.vector_norm(b))
     if norm_b == 0:
         return InverseResult(torch.zeros_like(b), 0.0, True, 0, method)
+    if check:  # two products, before the solve's own (not in its num_hvps)
+        check_symmetric(op, "H", _NOT_SOLVABLE)
     counted = Counted(op, max_iter, progress, method.upper())
     try:
         if method == "cg":

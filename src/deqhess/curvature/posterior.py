@@ -30,10 +30,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError, InputError
-from ..linear.accuracy import warning_threshold
-from .accuracy import operator_accuracy, relative_asymmetry
+from .accuracy import check_symmetric, relative_asymmetry, require_symmetric
 from .base import Counted, SymmetricOperator, rademacher, warn_few_probes
-from .inverse import InverseStatus, solve_damped
+from .inverse import InverseStatus, _damped_solution
 
 __all__ = ["InverseDiagonalResult", "inverse_diagonal"]
 
@@ -44,6 +43,9 @@ _MEASURED = (
     "with 2 probes the true variance lay within ±1 standard error in 50% of entries, not "
     "68%, and outside ±3 in 24%"
 )
+
+
+_NO_COVARIANCE = "G + δI is no covariance (nor its inverse's diagonal a variance)"
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,8 @@ def _dense(
     matrix = torch.cat(columns, dim=1)
     units = torch.ones(size, dtype=torch.float64)
     scale = float(torch.linalg.vector_norm(matrix.double(), dim=0).max().cpu())
-    _require_symmetric(relative_asymmetry(matrix.double().cpu(), units, scale or 1.0), op.dtype)
+    asymmetry = relative_asymmetry(matrix.double().cpu(), units, scale or 1.0)
+    require_symmetric(asymmetry, op.dtype, "G", _NO_COVARIANCE)
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     shifted = values + damping
     _require_definite(float(shifted.min()), damping)
@@ -162,19 +165,18 @@ def _probes(
 ) -> InverseDiagonalResult:
     size = op.shape[0]
     per_solve = min(2 * size, 1000)
-    symmetry = operator_accuracy(op, num_probes=2, seed=seed, progress=False)
-    budget = symmetry.num_hvps + num_probes * per_solve if max_hvps is None else max_hvps
-    _require_symmetric(symmetry.asymmetry, op.dtype)
+    checked = check_symmetric(op, "G", _NO_COVARIANCE, seed)
+    budget = checked + num_probes * per_solve if max_hvps is None else max_hvps
     probes = rademacher(size, num_probes, torch.Generator().manual_seed(seed), op)
-    samples, used, worst = [], symmetry.num_hvps, 0.0
+    samples, used, worst = [], checked, 0.0
     for i in range(num_probes):
         left = budget - used
         if left < 2:
             break
         cap = min(per_solve, left - 1)  # one product more checks the residual
-        result = solve_damped(
+        result = _damped_solution(
             op, probes[:, i], damping, "cg", tol, cap, progress, require_convergence=False
-        )  # its status is read below
+        )  # its status is read below; G's symmetry was checked above
         used += result.num_hvps
         if result.status is InverseStatus.NEGATIVE_CURVATURE:
             _require_definite(result.curvature, damping)
@@ -203,20 +205,6 @@ def _probes(
         num_hvps=used,
         max_residual=worst,
     )
-
-
-def _require_symmetric(asymmetry: float, dtype: torch.dtype) -> None:
-    """Refuse ``G`` whose asymmetry is above what its dtype's rounding and solves explain."""
-    threshold = warning_threshold(dtype)
-    if asymmetry > threshold:
-        raise InputError(
-            f"G is not symmetric: |uᵀGv − vᵀGu| reaches {asymmetry:.1e}·‖G‖·‖u‖‖v‖, above "
-            f"the {threshold:.0e} that rounding and solves explain in {dtype}, so G + δI is "
-            "no covariance (nor its inverse's diagonal a variance): pass a symmetric "
-            "operator (a GGN, Fisher or Hessian; symmetrise your own as (G + Gᵀ)/2). If G "
-            "is symmetric, its products are that inexact: tighten its solves (see "
-            "deqhess.curvature.operator_accuracy)."
-        )
 
 
 def _require_definite(curvature: float | None, damping: float) -> None:

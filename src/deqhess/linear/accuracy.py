@@ -149,12 +149,11 @@ class ErrorBound:
             )
         threshold = warning_threshold(dtype)
         if self.value > threshold and not warned:
-            warnings.warn(
+            message = (
                 f"{what}, above the {threshold:.0e} that {dtype} keeps unremarked. Tighten "
                 "tol, use float64, or make f more contractive in h; silence this with "
-                "warnings.filterwarnings('ignore', category=deqhess.AccuracyWarning).",
-                AccuracyWarning,
-                stacklevel=4,
+                "warnings.filterwarnings('ignore', category=deqhess.AccuracyWarning)."
             )
+            warnings.warn(AccuracyWarning(message, error_bound=self.value), stacklevel=4)
             return True
         return warned

@@ -349,14 +349,19 @@ class ModelCurvature:
 
         A module that is another function on every call is refused by name
         (:class:`deqhess.InputError`) before the pass; a forward that wrote the model's
-        parameters or buffers, with :class:`deqhess.ModelChangedError` after it.
+        parameters or buffers, with :class:`deqhess.ModelChangedError` after it — what
+        it wrote put back first, also when the pass fails for another reason.
 
         Yields:
             Nothing: the pass runs inside.
         """
         check_modes(self.model, self._label)
         state = StateGuard(self.model)
-        yield
+        try:
+            yield
+        except BaseException:
+            state.restore()
+            raise
         state.check(self._label)
 
     def _former(
@@ -561,9 +566,16 @@ class ModelCurvature:
         if part != "ggn":
             check_second_order(self.model, f"the {part!r} operator")
         if part in _SPLIT_PARTS and self.split_at is None:
+            layers = len(_deq_layers(self.model))
+            if layers == 0:
+                raise InputError(
+                    f"{part!r} splits the Hessian at a DEQ layer's fixed point, but the model "
+                    "has no DEQ layer (deqhess.nn.DEQ), so there is nothing to split at: use "
+                    "'total' (the Hessian) or 'ggn'."
+                )
             raise InputError(
                 f"{part!r} splits the Hessian at a DEQ layer's fixed point, but the model "
-                f"has {len(_deq_layers(self.model))} DEQ layers and no split_at; pass "
+                f"has {layers} DEQ layers and no split_at; pass "
                 "split_at=<the layer or its name>, or use 'total' or 'ggn'."
             )
 
@@ -848,6 +860,9 @@ class ModelCurvature:
 
     def hessian_split(self) -> HessianSplit:
         """The dense Hessian split at the split layer's fixed point (two passes).
+
+        Each part is its own pass, so a loosely solved layer gives an
+        :class:`deqhess.AccuracyWarning` for each (the same figure twice).
 
         Returns:
             A :class:`~deqhess.HessianSplit`: ``loss_curvature`` and

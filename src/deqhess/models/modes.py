@@ -10,6 +10,7 @@ modules to ``eval()`` itself: that would change the model it was given.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelChangedError, UnsupportedDerivativeError
@@ -80,7 +81,9 @@ class StateGuard:
     """The model's parameters and buffers as they were when the guard was made.
 
     :meth:`check` tells whether a forward since then wrote any of them, in place
-    (a tensor's version moved) or by rebinding (another tensor under the name).
+    (a tensor's version moved) or by rebinding (another tensor under the name), and
+    puts back what it wrote first: the guard keeps a copy of every parameter's and
+    buffer's values (one copy of the model's state, for the length of a pass).
 
     Args:
         model: the model to watch.
@@ -89,6 +92,9 @@ class StateGuard:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._state = self._read(model)
+        with torch.no_grad():
+            self._values = {name: t.detach().clone() for name, (t, _) in self._state.items()}
+        self._kinds = {name: kind for name, kind in self._named(model)}
 
     @classmethod
     def snapshot(cls, model: nn.Module) -> tuple[tuple[str, int, int], ...]:
@@ -104,19 +110,24 @@ class StateGuard:
         return tuple((n, id(t), v) for n, (t, v) in cls._read(model).items())
 
     @staticmethod
+    def _named(model: nn.Module) -> list[tuple[str, str]]:
+        named = [(n, "_parameters") for n, _ in model.named_parameters(remove_duplicate=False)]
+        return named + [(n, "_buffers") for n, _ in model.named_buffers(remove_duplicate=False)]
+
+    @staticmethod
     def _read(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
         named: list[tuple[str, Tensor]] = [*model.named_parameters(remove_duplicate=False)]
         named += model.named_buffers(remove_duplicate=False)
         return {name: (tensor, tensor._version) for name, tensor in named}
 
-    def check(self, label: str) -> None:
-        """Refuse a pass that wrote the model's parameters or buffers.
+    def restore(self) -> list[str]:
+        """Put back every parameter and buffer written since the guard was made.
 
-        Args:
-            label: the pass's owner (e.g. ``"ModelCurvature"``), for the message.
+        A tensor written in place gets its values back (bitwise); a name rebound to
+        another tensor, added or removed gets its original tensor back, or is removed.
 
-        Raises:
-            ModelChangedError: naming what the forward changed since the guard was made.
+        Returns:
+            The names that had been written, sorted (empty: nothing was).
         """
         now = self._read(self.model)
         changed = sorted(
@@ -127,11 +138,39 @@ class StateGuard:
             or now[name][0] is not self._state[name][0]
             or now[name][1] != self._state[name][1]
         )
+        kinds_now = dict(self._named(self.model))
+        for name in changed:
+            prefix, _, leaf = name.rpartition(".")
+            owner = self.model.get_submodule(prefix)
+            if name in kinds_now:  # whatever is there now goes: the original comes back
+                getattr(owner, kinds_now[name]).pop(leaf, None)
+            if name in self._state:
+                original = self._state[name][0]
+                saved = self._values[name]
+                with torch.no_grad():
+                    if original.shape == saved.shape:
+                        original.copy_(saved)  # bitwise: same dtype, same shape
+                    else:  # resized in place
+                        original.data = saved
+                getattr(owner, self._kinds[name])[leaf] = original
+        return changed
+
+    def check(self, label: str) -> None:
+        """Refuse a pass that wrote the model's parameters or buffers, after undoing it.
+
+        Args:
+            label: the pass's owner (e.g. ``"ModelCurvature"``), for the message.
+
+        Raises:
+            ModelChangedError: naming what the forward changed since the guard was made
+                (the model is already as it was when the guard was made).
+        """
+        changed = self.restore()
         if changed:
             raise ModelChangedError(
                 f"the model's forward changed its own state during a pass of {label}: "
                 f"{changed[:6]}{' …' if len(changed) > 6 else ''} were written (e.g. running "
-                "statistics, a counter, a cached weight). The analysis reruns the model on "
-                "every pass, so it must not update itself: keep such state out of forward, or "
-                "freeze it (eval() mode) for the analysis."
+                "statistics, a counter, a cached weight); deqhess put them back as they were. "
+                "The analysis reruns the model on every pass, so it must not update itself: "
+                "keep such state out of forward, or freeze it (eval() mode) for the analysis."
             )

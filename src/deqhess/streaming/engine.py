@@ -41,7 +41,7 @@ from ..batches import Batches
 from ..errors import InputError, ModelChangedError
 from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart
 from .notices import summarised
-from .randomness import Draws
+from .randomness import Draws, LoaderStream
 from .ranks import agreed
 from .record import PassCheck, PassRecord
 from .store import BatchStore, Offer, StoredBatch
@@ -161,6 +161,7 @@ class Stream:
         self.reduction = check_reduction(reduction)
         self.count, self.sample_dim = count, sample_dim
         self.store = BatchStore(cache_bytes)
+        self.loader = LoaderStream()  # the loader's draws, apart from the user's
         self.progress, self.group = progress, group
         self.device = device or torch.device("cpu")
         self.guard = guard or contextlib.nullcontext
@@ -223,7 +224,9 @@ class Stream:
             The weighted sum over every batch of every rank (``w_b = n_b / N`` for
             ``"mean"``, 1 for ``"sum"``), shaped like ``compute``'s values; ``empty()``
             where there is no batch; None when ``compute`` returns None (a pass for its
-            side effects).
+            side effects). Torch's random state is the user's again at its end (the
+            loader's draws continue in a stream of their own,
+            :class:`~deqhess.streaming.randomness.LoaderStream`).
         """
         self._restart_if_changed()
 
@@ -255,7 +258,7 @@ class Stream:
         total: Value | None = None
         samples = excluded = 0
         read: list[int] = []
-        with summarised(self.label, read), self.guard():
+        with self.loader.reading(), summarised(self.label, read), self.guard():
             draws = Draws()
             for batch, stored in self._bar(self._batches(check), desc):
                 if self.sample_dim is not None and len(batch.hashes) == 0:

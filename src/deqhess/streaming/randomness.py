@@ -8,17 +8,29 @@ evaluated: a model that draws (dropout through
 ``torch.nn.functional.dropout(training=True)``, noise layers) is another function on
 every pass. :class:`Draws` tells whether anything drew between two points and, if so,
 puts the generators back before raising; deqhess's own computations use private
-generators, so an analysis leaves the global ones as the loader left them.
+generators.
+
+The loader's draws are not the user's doing, though: a ``DataLoader`` draws a base
+seed on every ``iter()``, even with ``shuffle=False``. :class:`LoaderStream` keeps them
+apart: every pass reads the data with the generators where the previous pass of the same
+operator left them (the first, where the user's were), and gives the user's back at its
+end. So torch's random state is the same bits after every analysis, while the loader
+sees one continuing stream of draws, as it would in a training loop: a random transform,
+or a loader that reads another subset each pass, is still caught on the next pass,
+whether within one analysis or in the next.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from ..errors import ModelChangedError
 
-__all__ = ["Draws"]
+__all__ = ["Draws", "LoaderStream"]
 
 
 def _cuda_devices() -> list[int]:
@@ -33,6 +45,44 @@ def _states() -> list[Tensor]:
     states = [torch.random.get_rng_state()]
     states += [torch.cuda.get_rng_state(d) for d in _cuda_devices()]
     return states
+
+
+def _restore(states: list[Tensor]) -> None:
+    """Put the generators back to ``states`` (as :func:`_states` gave them).
+
+    A CUDA device initialised since then has no state in ``states``: it is left as is.
+    """
+    torch.random.set_rng_state(states[0])
+    for device, state in enumerate(states[1:]):
+        torch.cuda.set_rng_state(state, device)
+
+
+class LoaderStream:
+    """The data's own continuation of torch's global generators, apart from the user's.
+
+    Draws a loader makes while one operator's passes read the data continue from pass
+    to pass, while the user's generators are as they were after every pass.
+    """
+
+    def __init__(self) -> None:
+        self._continued: list[Tensor] | None = None  # where the last pass left them
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A pass: the generators continue the data's stream, the user's come back after.
+
+        Yields:
+            Nothing: the pass runs inside, with the data's stream (the user's generators
+            on the first pass); at its end, also on an error, the user's are put back.
+        """
+        user = _states()
+        if self._continued is not None:
+            _restore(self._continued)
+        try:
+            yield
+        finally:
+            self._continued = _states()
+            _restore(user)
 
 
 class Draws:
@@ -59,9 +109,7 @@ class Draws:
         if len(now) != len(self._states) or any(
             not torch.equal(a, b) for a, b in zip(now, self._states, strict=False)
         ):
-            torch.random.set_rng_state(self._states[0])
-            for device, state in enumerate(self._states[1:]):
-                torch.cuda.set_rng_state(state, device)
+            _restore(self._states)
             raise ModelChangedError(
                 f"{what} drew random numbers from torch's generator while it was evaluated, "
                 "so it is another function on every pass (and on every product): dropout "
