@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -22,6 +23,7 @@ from ..solvers import (
     solve_fixed_point,
 )
 from ..state import check_state_map
+from .attributes import assigned_since, attribute_snapshot, attributes_kept
 from .calls import CALLS, Calls, LayerCall, layer_calls, warm_starts
 from .contract import (
     InputLayout,
@@ -325,14 +327,18 @@ class DEQ(nn.Module):
         if h0.numel() == 0:  # an empty batch: nothing to solve, and an empty answer
             return self._empty(x, h0, with_info)
         cell, count = self.cell, len(inputs.positions)
+        snapshot = attribute_snapshot(cell)
+        keeps: list[bool] = []  # the cell keeps tensors on itself: found after the solve
 
         def evaluate(z: Tensor, *args: Tensor) -> Tensor:
             # the solver's iterations and the derivatives' products are no steps of the
             # model: the cell's hooks see one evaluation, at the fixed point (deqhess.nn.
             # observed). Decided at each evaluation: a hook registered after the forward
-            # must not run inside the backward's products either
+            # must not run inside the backward's products either. Nor do the products
+            # after the solve overwrite the tensors the cell keeps (deqhess.nn.attributes)
             state = args[count:]
-            with hooks_set_aside(cell):
+            kept = attributes_kept(cell) if keeps else contextlib.nullcontext()
+            with hooks_set_aside(cell), kept:
                 if not torch.is_grad_enabled() and all(map(_same_data, state, values)):
                     # the cell's own numbers, nothing to differentiate (the forward solve):
                     # calling it is the same map, without functional_call swapping each
@@ -374,7 +380,8 @@ class DEQ(nn.Module):
             ),
         )
         args = (*inputs.tensors, *values)
-        if has_hooks(cell):  # a fresh output, the fixed point's value, gradients through f(x, h*)
+        observed = has_hooks(cell)
+        if observed:  # a fresh output, the fixed point's value, gradients through f(x, h*)
 
             def observe(z: Tensor) -> Tensor:
                 with backward_hooks_checked(cell):
@@ -387,6 +394,11 @@ class DEQ(nn.Module):
             # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
             solved = fixed_point(spec, h0.detach(), *args)
             h = solved.clone()
+        if assigned_since(snapshot):  # the cell keeps tensors on itself (deqhess.nn.attributes)
+            if not observed:  # its last evaluation at h* (the visible one is): exact attributes
+                with hooks_set_aside(cell):
+                    cell(x, solved)
+            keeps.append(True)  # which the derivatives' evaluations leave alone
         if warm is not None:
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either

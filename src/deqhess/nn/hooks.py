@@ -21,8 +21,9 @@ the cell's own and see the visible evaluation, as every module's hooks do.
 
 Hooks may observe, not alter. A module backward hook or backward pre-hook of the visible
 evaluation that returns a value is refused when it runs (:func:`backward_hooks_checked`):
-a new ``grad_input`` (the gradient reaching the state ``h*`` has nowhere to go: the
-state's gradient is the adjoint's business), or a new ``grad_output`` in a recorded
+a new ``grad_input`` (the gradient reaching the state ``h*`` goes on through the
+implicit adjoint, where the layer cancels the cell's own ``Jᵀλ``: a changed one would
+break that account), or a new ``grad_output`` in a recorded
 backward (its second derivatives could not follow the change). A backward pre-hook's
 new ``grad_output`` in a plain backward acts as on any module evaluated once.
 """

@@ -465,6 +465,22 @@ def args_pullback(
     return value, lambda mu: pull(mu)[0]
 
 
+def _exactly_zero(grad: Tensor) -> bool:
+    """Whether a plain backward brings ``grad = 0`` exactly (then its solve is skipped).
+
+    Only in a backward that is not recorded, outside ``torch.func``: a recorded one must
+    keep the gradient as a function (zero here, its derivatives need not be), and a
+    transform's tensors have no value to test. The case it serves: a visible
+    evaluation's compensation cancelling the cell's ``Jᵀλ`` (:mod:`deqhess.nn.observed`).
+
+    Returns:
+        True if ``grad`` holds only zeros and the backward is plain.
+    """
+    if torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return not bool(grad.any())
+
+
 def _refuse_legacy_vmap() -> None:
     """Refuse a backward run under torch's legacy vmap.
 
@@ -514,6 +530,8 @@ class _FixedPoint(torch.autograd.Function):
         system: _System = ctx.system
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
+        if wanted and _exactly_zero(grad):  # the gradient is linear in grad: zero
+            return (None, None, *grads)
         if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
             pulled = system.recorded_args(tuple(args))
             value, pull = args_pullback(system.spec.fn, z, pulled, wanted)

@@ -6,23 +6,29 @@ evaluated once, at the fixed point, and the gradient reaching the cell's output 
 adjoint ``λ = (I − J)⁻ᵀ ḡ`` (``ḡ`` the gradient reaching ``h*``), so that the cell's
 backward yields ``λᵀ ∂f/∂θ`` and ``λᵀ ∂f/∂x``, the implicit gradient. So the layer returns
 
-    ``y = Observed(b, z, args)``,  ``b = F(sg z, args)`` evaluated with hooks,
+    ``y = Observed(b, z, args)``,  ``b = F(z, args)`` evaluated with hooks,
 
-where ``z = h*(args)`` is :func:`deqhess.nn.fixed_point`'s output (exact to every order),
-``sg`` stops the gradient, and ``Observed`` has the value ``z`` and the rules
+where ``z = h*(args)`` is :func:`deqhess.nn.fixed_point`'s output (exact to every order)
+and ``Observed`` has the value ``z`` and the rules
 
-* backward: ``ḡ ↦ (λ to b, nothing to z, T to args)``, ``λ`` solved by the fixed point's
-  adjoint system (itself differentiable);
+* backward: ``ḡ ↦ (λ to b, −Jᵀλ to z, nothing to args)``, ``λ`` solved by the fixed
+  point's adjoint system and ``Jᵀλ`` a VJP of ``F`` in ``z`` at ``(z, args)`` (both
+  themselves differentiable);
 * forward mode: ``ẏ = ż``.
 
-First-order gradients flow only through ``b``: every parameter and input gets
-``(∂F/∂·)ᵀ λ`` at ``(sg z, args)`` — the implicit gradient — and the hooks inside ``F`` see
-``λ``. A recorded backward (``create_graph``, ``torch.func``) must also be exact as a
-function of ``args``, so it adds ``T = (∂F/∂args)ᵀλ|_(z, args) − (∂F/∂args)ᵀλ|_(sg z, args)``:
-zero in value (the same numbers evaluated twice), and its derivatives restore the
-dependence of ``∂F/∂args`` on ``h*`` that ``sg`` cut. The recorded gradient is then, as a
-function, ``(∂F/∂args)ᵀ λ`` at ``(h*(args), args)`` — the rule
-:mod:`deqhess.nn.implicit` differentiates — so every order stays exact.
+The cell's backward sends ``(∂F/∂args)ᵀ λ`` to the arguments — the implicit gradient —
+and ``Jᵀλ`` to ``z``, which the compensation ``−Jᵀλ`` cancels. What else reaches ``z`` is
+the gradient of whatever the user took from the visible evaluation besides ``b`` (a
+forward hook's stored activation, an attribute the cell keeps): ``w = (∂G/∂z)ᵀ ḡ_G`` for
+such a ``G(z, args)``, which ``z``'s own backward carries through the implicit adjoint,
+``(∂F/∂args)ᵀ (I − J)⁻ᵀ w``. Each term is the chain rule through ``h*(args)``, so every
+captured tensor is an exact function of ``h*`` too. A recorded backward
+(``create_graph``, ``torch.func``) is a function of ``(z, args)`` throughout — the cell's
+own backward at ``(h*(args), args)``, the two solves, the compensation — so
+differentiating it again is exact: the gradient is the rule :mod:`deqhess.nn.implicit`
+differentiates. Where nothing is captured, the compensation cancels the cell's ``Jᵀλ``
+to the last bit in a plain backward (the same products), and ``z``'s backward finds a
+zero gradient and solves nothing.
 """
 
 from __future__ import annotations
@@ -40,9 +46,9 @@ from .implicit import (
     FixedPointSpec,
     _FixedPoint,
     _Nonlinear,
+    _pullback,
     _refuse_legacy_vmap,
     _System,
-    args_pullback,
 )
 
 __all__ = ["observed_fixed_point"]
@@ -65,7 +71,9 @@ def observed_fixed_point(
         z0: the start, shaped like the state.
         args: the tensors ``z*`` is differentiated in (the inputs' and the cell's).
         observe: ``h ↦ F(h, *args)`` computed the way the user's model computes it (module
-            hooks active); called once, with ``z*`` detached.
+            hooks active); called once, with ``z*`` itself (differentiable: what it
+            computes besides its output, a hook's stored activation say, is an exact
+            function of ``z*``).
         describe: the hooks ``observe`` runs, in words, for the error below.
 
     Returns:
@@ -82,20 +90,18 @@ def observed_fixed_point(
     """
     system = _Nonlinear(spec, len(args))
     z = _FixedPoint.apply(system, z0, *args)
-    seen = z.detach()
-    wanted = any(a.requires_grad for a in args)
-    if wanted and torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None:
-        # as in any model, the state entering the cell requires grad (a full backward
-        # hook then sees its gradient, Jᵀλ, which goes no further: sg z is a fresh leaf)
-        seen.requires_grad_(True)
     with autocast_off():  # the map the solve used, in the state's dtype
-        b = observe(seen)
+        # through one node of its own, the cell's gradient to its input arrives at z as
+        # one sum, the one the compensation cancels bit for bit (the same products)
+        b = observe(z.clone())
     jacobian = system.jacobian
     if jacobian is not None and torch._C._functorch.peek_interpreter_stack() is None:
         try:
             jacobian.linearization.certify(spec.rows(b.detach()))
         except InputError as error:
-            _blame_hooks(spec, jacobian.linearization, seen, b.detach(), args, describe, error)
+            _blame_hooks(
+                spec, jacobian.linearization, z.detach(), b.detach(), args, describe, error
+            )
             raise
     return _Observed.apply(system, b, z, *args)
 
@@ -167,20 +173,15 @@ class _Observed(torch.autograd.Function):
     def _backward(ctx: Any, grad: Tensor) -> tuple:
         z, *args = ctx.saved_tensors
         system: _System = ctx.system
-        grads: list[Tensor | None] = [None] * len(args)
         if not ctx.needs_input_grad[1]:  # b needs no grad: nothing in args does either
-            return (None, None, None, *grads)
+            return (None, None, None, *([None] * len(args)))
         adjoint = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
-        if wanted and torch.is_grad_enabled():  # recorded: restore the dependence on h*
-            # every derivative of the gradient in the arguments passes through these two
-            # terms, so the refused arguments' guard catches the b-graph's too
-            pulled = system.recorded_args(tuple(args))
-            at_fixed_point = args_pullback(system.spec.fn, z, pulled, wanted)[1](adjoint)
-            at_stopped = args_pullback(system.spec.fn, z.detach(), pulled, wanted)[1](adjoint)
-            for i, a, s in zip(wanted, at_fixed_point, at_stopped, strict=True):
-                grads[i] = a - s
-        return (None, adjoint, None, *grads)
+        compensation = None
+        if ctx.needs_input_grad[2]:  # cancels the Jᵀλ that b's graph sends to z
+            fn, pulled = system.spec.fn, system.recorded_args(tuple(args))
+            pull = _pullback(lambda zz: fn(zz, *pulled), z)[1]
+            compensation = -pull(adjoint)[0]
+        return (None, adjoint, compensation, *([None] * len(args)))
 
     @staticmethod
     def jvp(ctx: Any, _system: None, _b_dot: Tensor | None, z_dot: Tensor, *_: Any) -> Tensor:
