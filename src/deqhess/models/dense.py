@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DenseMemoryError
+from ..linear.dense import diagonal_block_width, diagonal_blocks
 from ..memory import PeakMemory, budget_bytes
 from .graph import BatchGraph
 
@@ -225,4 +226,53 @@ def _from_jacobians(
         start = stop
     progress(p)
     curvature = 0.5 * (curvature + curvature.T)
-    return jacobian.T @ (curvature @ jacobian)
+    return symmetric_product(jacobian, _curvature_times(curvature, jacobian))
+
+
+def _curvature_times(curvature: Tensor, jacobian: Tensor) -> Tensor:
+    """``∇²ℓ J`` (``[M, M] @ [M, P]``), by its diagonal blocks where it has them.
+
+    A loss that is a sum over samples has a block-diagonal ``∇²ℓ`` (``C × C`` per
+    sample, rows ordered sample by sample): its ``n_b`` blocks multiply their own rows of
+    ``J``, ``n_b`` times fewer operations than the dense product. A loss coupling samples
+    (or outputs whose rows interleave them) keeps the dense product.
+
+    Returns:
+        ``[M, P]``: ``∇²ℓ J``.
+    """
+    m, width = curvature.shape[0], diagonal_block_width(curvature)
+    if width == m:
+        return curvature @ jacobian
+    blocks = diagonal_blocks(curvature, width)  # [M/w, w, w]
+    return torch.bmm(blocks, jacobian.reshape(m // width, width, -1)).reshape(m, -1)
+
+
+def symmetric_product(left: Tensor, right: Tensor, blocks: int = 8) -> Tensor:
+    """``leftᵀ right`` for a product known to be symmetric, from its upper block triangle.
+
+    ``Jᵀ(∇²ℓ J)`` is symmetric (``∇²ℓ`` is), so of its ``b × b`` column blocks only those
+    on and above the diagonal are multiplied out and the rest mirrored: ``(b + 1)/(2b)``
+    of the full product's arithmetic (56% for ``b = 8``), as BLAS's ``syrk`` does for
+    ``AᵀA``. The result is exactly symmetric.
+
+    Args:
+        left: ``[M, P]``.
+        right: ``[M, P]``, such that ``leftᵀ right`` is symmetric.
+        blocks: column blocks ``b``; fewer where ``P`` is small.
+
+    Returns:
+        ``[P, P]``: ``leftᵀ right``.
+    """
+    p = left.shape[1]
+    step = max(1, -(-p // blocks))
+    if step >= p:
+        return left.T @ right
+    out = torch.empty(p, p, dtype=left.dtype, device=left.device)
+    for i in range(0, p, step):
+        rows = left[:, i : i + step].T
+        upper = rows @ right[:, i:]  # the row block from the diagonal on
+        diagonal = upper[:, :step]
+        upper[:, :step] = 0.5 * (diagonal + diagonal.T)  # symmetric to the last bit
+        out[i : i + step, i:] = upper
+        out[i + step :, i : i + step] = upper[:, step:].T
+    return out
