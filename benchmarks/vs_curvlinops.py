@@ -17,7 +17,7 @@ is :class:`deqhess.ModelCurvature` with its defaults. The forms:
 * ``hvp`` — a block of 10 HVPs: ``hvp(V)`` (one pass) against curvlinops' ``op @ V``,
   and 10 single HVPs of PyHessian and of hessian-eigenthings;
 * ``eigen`` — the top-5 Hessian eigenvalues: ``extreme_eigenpairs`` (thick-restart
-  Lanczos on deqhess's HVPs, by default in blocks of 2k: every product is a pass over
+  Lanczos on deqhess's HVPs, by default in blocks of max(2k, 8): every product is a pass over
   the data; and with one vector per step) against SciPy's ``eigsh`` on curvlinops'
   operator (same tolerance and start),
   PyHessian's power iteration (its defaults) and hessian-eigenthings' ``lanczos``.
@@ -168,7 +168,7 @@ def eigen_rows(
         result = extreme_eigenpairs(op, k=TOP_K, tol=tol, block_size=block, progress=False)
         return np.sort(result.eigenvalues), result.num_hvps
 
-    # the default: a streamed operator's blocks of 2k (every product is a pass)
+    # the default: a streamed operator's blocks of max(2k, 8) (every product is a pass)
     rows = [time(f"deqhess extreme_eigenpairs (tol {tol:g})", ours, once=True)]
     rows.append(time("deqhess extreme_eigenpairs, block_size=1", lambda: ours(1), once=True))
     if installed("curvlinops"):

@@ -325,3 +325,16 @@ def test_model_and_dataset_operators_are_streamed_and_an_equilibrium_is_not():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2))
     curvature = dh.ModelCurvature(model, torch.nn.MSELoss(), [(c.x, torch.zeros(3, 2))])
     assert curvature.hessian_operator().streamed and curvature.ggn_operator().streamed
+
+
+def test_the_bottom_of_a_wide_null_space_on_a_streamed_operator():
+    """A GGN's null space (224 zero eigenvalues of P = 272, the rest from 1e-7 up): k = 1
+    smallest with the default block (8 on a streamed operator) meets tol; the pair is a
+    null vector, orthonormal, its residual measured."""
+    values = torch.cat([torch.zeros(224), torch.logspace(-7, 0, 48)]).double()
+    op = StreamedMatrix(_with_spectrum(values, seed=2).matrix)
+    result = extreme_eigenpairs(op, k=1, which="smallest", tol=1e-10, progress=False)
+    v = result.eigenvectors
+    assert max(op.widths) == 8
+    assert abs(float(result.eigenvalues[0])) <= 1e-10
+    assert float(torch.linalg.vector_norm(op.matrix @ v - v * result.eigenvalues)) <= 1e-10

@@ -242,3 +242,34 @@ def test_autograd_forward_ad_is_refused_with_the_supported_alternative():
         with pytest.raises(dh.UnsupportedDerivativeError, match=r"Use torch\.func\.jvp"):
             deq(forward_ad.make_dual(x, dx))
     assert torch.func.jvp(deq, (x,), (dx,))[1].shape == (2, 4)
+
+
+class _CountingCell(nn.Module):
+    """A cell that counts its calls in a buffer (``self.calls += 1``)."""
+
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+        self.register_buffer("calls", torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x, h):
+        self.calls += 1
+        return torch.tanh(0.4 * self.lin(h) + x)
+
+
+def test_a_cell_writing_its_buffer_is_refused_by_name_and_put_back():
+    """Before: torch's functorch error ("attempted to call in-place operation ... captured
+    Tensor"), naming neither module nor buffer, and the counter left advanced."""
+    torch.manual_seed(0)
+    cell = _CountingCell().double()
+    deq = DEQ(cell, tol=1e-12)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before = cell.calls.clone()
+    with pytest.raises(dh.InputError, match=r"cell\.calls in place"):
+        deq(x).sum().backward()
+    assert torch.equal(cell.calls, before)
+    model = nn.Sequential(deq, nn.Linear(4, 1)).double()
+    data = [(x, torch.zeros(3, 1, dtype=torch.float64))]
+    with pytest.raises(dh.InputError, match=r"cell\.calls in place"):
+        dh.ModelCurvature(model, nn.MSELoss(), data, progress=False).grad()
+    assert torch.equal(cell.calls, before)

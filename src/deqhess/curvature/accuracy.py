@@ -43,12 +43,20 @@ from torch import Tensor
 from ..errors import InputError
 from ..implicit.dataset import BatchSolve
 from ..linear.accuracy import warning_threshold
-from .base import Counted, SymmetricOperator
+from .base import Counted, SymmetricOperator, checked_operator
 
 if TYPE_CHECKING:
     from ..implicit import Equilibrium
 
-__all__ = ["OperatorAccuracy", "operator_accuracy", "relative_asymmetry", "state_error"]
+__all__ = [
+    "OperatorAccuracy",
+    "check_symmetric",
+    "operator_accuracy",
+    "relative_asymmetry",
+    "require_symmetric",
+    "require_symmetric_matrix",
+    "state_error",
+]
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,7 @@ def operator_accuracy(
     Raises:
         InputError: ``num_probes < 2``, or ``reference`` of another shape.
     """
+    checked_operator(op, "operator_accuracy", symmetric=False)
     if num_probes < 2:
         raise InputError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")
     if reference is not None and reference.shape != op.shape:
@@ -233,11 +242,32 @@ def require_symmetric(asymmetry: float, dtype: torch.dtype, name: str, why: str)
         )
 
 
+def require_symmetric_matrix(matrix: Tensor, name: str, why: str) -> None:
+    """Refuse a formed ``[P, P]`` operator matrix whose asymmetry is above rounding.
+
+    The asymmetry is measured on every pair of unit vectors (``|Aᵢⱼ − Aⱼᵢ|`` against the
+    largest column norm) and refused by :func:`require_symmetric` (an
+    :class:`deqhess.InputError`).
+
+    Args:
+        matrix: the operator's columns, ``[P, P]``.
+        name: what the message calls it (e.g. ``"H"``).
+        why: what a non-symmetric operator breaks, for the message.
+    """
+    wide = matrix.double().cpu()
+    scale = float(torch.linalg.vector_norm(wide, dim=0).max())
+    units = torch.ones(matrix.shape[0], dtype=torch.float64)
+    require_symmetric(relative_asymmetry(wide, units, scale or 1.0), matrix.dtype, name, why)
+
+
 def check_symmetric(op: SymmetricOperator, name: str, why: str, seed: int = 0) -> int:
-    """Refuse an operator that says, or is measured, not to be symmetric.
+    """Refuse an operator measured not to be symmetric.
 
     One block of two Gaussian probes (:func:`operator_accuracy`): cheap, and enough to
-    see an asymmetry above rounding with probability 1.
+    see an asymmetry above rounding with probability 1; refused by
+    :func:`require_symmetric` (an :class:`deqhess.InputError`). An operator that says
+    ``symmetric=False`` was refused before, by
+    :func:`deqhess.curvature.base.checked_operator`.
 
     Args:
         op: the operator.
@@ -247,17 +277,7 @@ def check_symmetric(op: SymmetricOperator, name: str, why: str, seed: int = 0) -
 
     Returns:
         The products used (2).
-
-    Raises:
-        InputError: ``op.symmetric`` is False, or its measured asymmetry is above
-            rounding (:func:`require_symmetric`).
     """
-    if getattr(op, "symmetric", True) is False:
-        raise InputError(
-            f"{name} ({type(op).__name__}) says it is not symmetric (symmetric=False), so "
-            f"{why}: pass a symmetric operator (a GGN, Fisher or Hessian; symmetrise your "
-            f"own as ({name} + {name}ᵀ)/2)."
-        )
     measured = operator_accuracy(op, num_probes=2, seed=seed, progress=False)
     require_symmetric(measured.asymmetry, op.dtype, name, why)
     return measured.num_hvps

@@ -27,6 +27,7 @@ __all__ = [
     "Counted",
     "ParameterBlock",
     "SymmetricOperator",
+    "checked_operator",
     "rademacher",
     "warn_few_probes",
 ]
@@ -51,6 +52,47 @@ class SymmetricOperator(Protocol):
     def matmat(self, block: Tensor) -> Tensor:
         """``A V`` for a block ``V`` ``[P, K]``, returning ``[P, K]``."""
         ...
+
+
+def checked_operator(op: object, analysis: str, *, symmetric: bool = True) -> int:
+    """Refuse what an analysis cannot take as its ``P × P`` operator; return ``P``.
+
+    Args:
+        op: what the caller passed as the operator.
+        analysis: the analysis's name, for the message.
+        symmetric: whether the analysis needs a symmetric operator (eigenpairs, spectral
+            densities, inverses): then one that says ``symmetric=False`` is refused.
+
+    Returns:
+        ``P``, the operator's size.
+
+    Raises:
+        InputError: ``op`` is a tensor, lacks ``shape``/``dtype``/``device``/``matmat``,
+            is not square, or says it is not symmetric where the analysis needs it to be.
+    """
+    if isinstance(op, Tensor):
+        raise InputError(
+            f"{analysis} takes an operator (shape, dtype, device and matmat), not a tensor "
+            f"({tuple(op.shape)}): pass a curvature operator such as "
+            "ModelCurvature(...).hessian_operator() or Equilibrium.hessian_operator(loss); "
+            "for a matrix you hold, use torch.linalg directly."
+        )
+    missing = [name for name in ("shape", "dtype", "device", "matmat") if not hasattr(op, name)]
+    if missing:
+        raise InputError(
+            f"{analysis} takes an operator with shape, dtype, device and matmat; "
+            f"{type(op).__name__} has no {', '.join(missing)}."
+        )
+    shape = tuple(op.shape)  # type: ignore[attr-defined]
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise InputError(f"{analysis} needs a square P × P operator; got shape {shape}.")
+    if symmetric and getattr(op, "symmetric", True) is False:
+        raise InputError(
+            f"{analysis} needs a symmetric operator, and {type(op).__name__} says it is not "
+            "(symmetric=False). Pass a symmetric operator (a Hessian, GGN or Fisher), or "
+            "symmetrise your own as (A + Aᵀ)/2."
+        )
+    return int(shape[0])
 
 
 class Counted(Operator):

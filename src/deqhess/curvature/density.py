@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .base import Counted, SymmetricOperator, rademacher
+from .base import Counted, SymmetricOperator, checked_operator, rademacher
 
 __all__ = ["DensityResult", "spectral_density"]
 
@@ -94,7 +94,7 @@ def spectral_density(
         InputError: a count below its minimum, a non-positive ``sigma``, or a grid
             coarser than ``sigma``.
     """
-    size = op.shape[0]
+    size = checked_operator(op, "spectral_density")
     steps = min(steps, size)
     if num_probes < 1 or steps < 1:
         raise InputError(f"need num_probes >= 1 and steps >= 1; got {num_probes}, {steps}.")

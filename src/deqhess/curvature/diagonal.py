@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..parameters import ParameterLayout
-from .base import Counted, SymmetricOperator, rademacher, warn_few_probes
+from .base import Counted, SymmetricOperator, checked_operator, rademacher, warn_few_probes
 
 __all__ = ["DiagonalResult", "diagonal"]
 
@@ -73,6 +73,7 @@ def diagonal(
     Raises:
         InputError: ``num_probes < 2``.
     """
+    checked_operator(op, "diagonal", symmetric=False)
     if num_probes < 2:
         raise InputError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")

@@ -33,11 +33,14 @@ from torch import Tensor
 
 from ..errors import AnalysisConvergenceError, InputError
 from ..options import integer, real
-from .base import Counted, SymmetricOperator
+from .accuracy import require_symmetric_matrix
+from .base import Counted, SymmetricOperator, checked_operator
 from .lanczos import lanczos_extreme
 
 __all__ = ["EigenResult", "default_max_hvps", "extreme_eigenpairs"]
 
+#: the narrowest default block on a streamed operator (a pass costs about the same up to ~10)
+STREAMED_BLOCK = 8
 _WHICH = ("largest", "smallest", "magnitude")
 #: the default ``tol`` by dtype: relative to ``‖H‖``, a little above rounding
 _DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -155,8 +158,11 @@ def extreme_eigenpairs(
             ``b`` single products (the solves are shared); on an operator whose every
             product is a pass over a data set (``op.streamed``: ``ModelCurvature``'s and
             ``DatasetEquilibrium``'s) a block of ten costs about one product, so the
-            default there is ``2k`` (at most ``P − k``) for every ``which``: 1.7–2.8×
-            faster than one vector per step (top-5 of whole DEQ models, P ≈ 2–3.5k).
+            default there is ``max(2k, 8)`` (at most ``P − k``) for every ``which``:
+            1.7–2.8× faster than one vector per step (top-5 of whole DEQ models, P ≈
+            2–3.5k), and a wide block finds the bottom of a GGN's null space where
+            narrow ones stall (k = 1 on a 224-dimensional null space at P = 272: 57
+            products with 8, the cap of 600 with 2).
 
     Returns:
         The pairs in ascending order of eigenvalue (see :class:`EigenResult`),
@@ -172,6 +178,7 @@ def extreme_eigenpairs(
         InputError: ``which``, ``k``, ``tol``, ``max_hvps``, ``basis_size`` or
             ``block_size`` out of range.
     """
+    checked_operator(op, "extreme_eigenpairs")
     if which not in _WHICH:
         raise InputError(f"unknown which={which!r}; use one of {sorted(_WHICH)}.")
     size = op.shape[0]
@@ -184,7 +191,7 @@ def extreme_eigenpairs(
                meaning="It is the residual each pair must reach, relative to ‖H‖.")  # fmt: skip
     if block_size is None:
         if getattr(op, "streamed", False):  # a block of directions shares each pass
-            block = min(2 * k, size - k)
+            block = min(max(2 * k, STREAMED_BLOCK), size - k)
         else:
             block = min(k, size - k) if which == "smallest" else 1
     else:
@@ -231,6 +238,7 @@ def _dense(op: SymmetricOperator, k: int, which: str, progress: bool | None) -> 
     counted = Counted(op, size, progress, "dense eigh")
     matrix = counted.matmat(torch.eye(size, dtype=op.dtype, device=op.device))
     counted.close()
+    require_symmetric_matrix(matrix, "H", "its eigenvalues need not be real")
     values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
     pick = {
         "largest": torch.arange(size - k, size),
@@ -252,15 +260,23 @@ def _unconverged(reached: EigenResult, which: str, tol: float, scale: float, max
     needed = float(reached.residuals.max()) / max(scale, 1e-300)
     spread = float(reached.eigenvalues.max() - reached.eigenvalues.min())
     other = "" if which == "largest" else ", or ask for the top of the spectrum if that serves"
+    crowd = (
+        f"These Ritz values lie within {spread:.1e} of each other, "
+        f"{spread / max(scale, 1e-300):.0e} of ‖H‖: eigenvalues"
+        if k > 1
+        else "Eigenvalues"
+    )
     return (
         f"Lanczos reached its cap of {max_hvps} products (max_hvps) with {met} of the {k} "
         f"{which} eigenpairs within tol·‖H‖ = {tol:.0e}·{scale:.3e} = {target:.1e}: Ritz "
         f"values [{values}] with residuals [{residuals}] (some eigenvalue lies within each "
         f"residual of its Ritz value; the error's .result holds the pairs), which "
-        f"tol >= {needed:.1e} would accept. These Ritz values lie within {spread:.1e} of each "
-        f"other, {spread / max(scale, 1e-300):.0e} of ‖H‖: eigenvalues close together "
-        "relative to ‖H‖ separate slowly in any Krylov method (shifting H does not change "
-        f"its Krylov spaces). Loosen tol, raise max_hvps{other}."
+        f"tol >= {needed:.1e} would accept. {crowd} close together relative to ‖H‖ "
+        "separate slowly in any Krylov method (shifting H does not change its Krylov "
+        "spaces); a wider block and basis often do it in fewer products where many "
+        "eigenvalues crowd at the end asked for (a null space at the bottom of a GGN): "
+        f"ask for more pairs (a larger k) or pass block_size and basis_size. Loosen tol, "
+        f"raise max_hvps{other}."
     )
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..errors import AnalysisConvergenceError, InputError
 from .accuracy import check_symmetric
-from .base import Counted, SymmetricOperator
+from .base import Counted, SymmetricOperator, checked_operator
 
 _NOT_SOLVABLE = "MINRES and CG, which assume H = Hᵀ, would not solve (H + δI) x = b"
 
@@ -167,6 +167,7 @@ def solve_damped(
             it is not symmetric (``symmetric=False``) or is measured so on two probes
             (two products before the solve, not in ``num_hvps``).
     """  # noqa: DOC502 (raised by _damped_solution)
+    checked_operator(op, "solve_damped")
     return _damped_solution(
         op, b, damping, method, tol, max_iter, progress, require_convergence, check=True
     )

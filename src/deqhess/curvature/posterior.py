@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError, InputError
-from .accuracy import check_symmetric, relative_asymmetry, require_symmetric
-from .base import Counted, SymmetricOperator, rademacher, warn_few_probes
+from .accuracy import check_symmetric, require_symmetric_matrix
+from .base import Counted, SymmetricOperator, checked_operator, rademacher, warn_few_probes
 from .inverse import InverseStatus, _damped_solution
 
 __all__ = ["InverseDiagonalResult", "inverse_diagonal"]
@@ -108,7 +108,7 @@ def inverse_diagonal(
         InputError: ``damping ≤ 0``, an unknown ``method``, ``num_probes < 2``, a
             non-symmetric ``G`` or an indefinite ``G + δI``.
     """
-    size = op.shape[0]
+    size = checked_operator(op, "inverse_diagonal")
     if not damping > 0:
         raise InputError(f"damping must be > 0 (a prior precision); got {damping!r}.")
     if method not in ("auto", "dense", "probes"):
@@ -142,10 +142,7 @@ def _dense(
     columns = [counted.matmat(eye[:, i : i + 256]) for i in range(0, size, 256)]
     counted.close()
     matrix = torch.cat(columns, dim=1)
-    units = torch.ones(size, dtype=torch.float64)
-    scale = float(torch.linalg.vector_norm(matrix.double(), dim=0).max().cpu())
-    asymmetry = relative_asymmetry(matrix.double().cpu(), units, scale or 1.0)
-    require_symmetric(asymmetry, op.dtype, "G", _NO_COVARIANCE)
+    require_symmetric_matrix(matrix, "G", _NO_COVARIANCE)
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     shifted = values + damping
     _require_definite(float(shifted.min()), damping)

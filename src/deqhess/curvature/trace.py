@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from .base import Counted, SymmetricOperator, rademacher, warn_few_probes
+from .base import Counted, SymmetricOperator, checked_operator, rademacher, warn_few_probes
 
 __all__ = ["TraceResult", "hutchinson", "hutchpp"]
 
@@ -56,6 +56,7 @@ def hutchinson(
     Raises:
         InputError: ``num_probes < 2``.
     """
+    checked_operator(op, "hutchinson", symmetric=False)
     if num_probes < 2:
         raise InputError(
             f"hutchinson needs num_probes >= 2 for an error estimate; got {num_probes}."
@@ -100,6 +101,7 @@ def hutchpp(
     Raises:
         InputError: ``num_hvps < 6``.
     """
+    checked_operator(op, "hutchpp", symmetric=False)
     third = num_hvps // 3
     if third < 2:
         raise InputError(f"hutch++ needs num_hvps >= 6; got {num_hvps}.")

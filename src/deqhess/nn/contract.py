@@ -8,9 +8,11 @@ that into an error that says what to do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -18,6 +20,7 @@ from ..errors import InputError, add_note
 
 __all__ = [
     "InputLayout",
+    "buffers_unwritten",
     "check_deterministic",
     "check_inputs",
     "check_registered",
@@ -66,6 +69,52 @@ def check_deterministic(cell: nn.Module) -> None:
                 "weight at every call of the cell, so the map moves during the solve. Call "
                 ".eval() on it (the normalised weight is then fixed) while solving."
             )
+
+
+@contextlib.contextmanager
+def buffers_unwritten(cell: nn.Module) -> Iterator[None]:
+    """Refuse a cell that writes its own buffers in place while it is solved.
+
+    A call counter (``self.calls += 1``) or a statistic updated in ``forward`` makes the
+    cell another map at every evaluation (its fixed point and derivatives are not
+    defined), and torch's transforms, which the derivatives run under, refuse the write
+    with an error that names neither the module nor the buffer. Writes are seen by the
+    buffers' version counters (not ``.data`` writes).
+
+    Args:
+        cell: the layer's cell; its buffers are put back as they were if refused.
+
+    Yields:
+        Nothing: the solve runs inside; after it, or after an error it raised, written
+        buffers are put back and refused.
+
+    Raises:
+        InputError: the cell wrote buffers in place, named by their paths in the cell.
+    """
+    buffers = dict(cell.named_buffers())
+    versions = {name: b._version for name, b in buffers.items()}
+    saved = {name: b.detach().clone() for name, b in buffers.items()}
+    failure: BaseException | None = None
+    try:
+        yield
+    except RuntimeError as error:  # torch's transforms refusing the write, or another
+        failure = error
+    written = [name for name, b in buffers.items() if b._version != versions[name]]
+    if not written:
+        if failure is not None:
+            raise failure
+        return
+    with torch.no_grad():
+        for name in written:
+            buffers[name].copy_(saved[name])
+    listed = ", ".join(f"cell.{name}" for name in written)
+    raise InputError(
+        f"the cell writes its buffer(s) {listed} in place when called (a call counter, a "
+        "statistic updated in forward): the map then changes at every solver iteration, "
+        "so it has no fixed point to differentiate. deqhess put them back as they were. "
+        "Keep such state outside the cell (update it after the layer, from its output), "
+        "or compute it without writing a buffer."
+    ) from failure
 
 
 def training_hazard(module: nn.Module) -> str | None:

@@ -27,6 +27,7 @@ from .attributes import assigned_since, attribute_snapshot, attributes_kept
 from .calls import CALLS, Calls, LayerCall, layer_calls, warm_starts
 from .contract import (
     InputLayout,
+    buffers_unwritten,
     check_deterministic,
     check_inputs,
     explaining_first_call,
@@ -381,19 +382,23 @@ class DEQ(nn.Module):
         )
         args = (*inputs.tensors, *values)
         observed = has_hooks(cell)
-        if observed:  # a fresh output, the fixed point's value, gradients through f(x, h*)
+        with buffers_unwritten(cell):
+            if observed:  # a fresh output, the fixed point's value, gradients through f(x, h*)
 
-            def observe(z: Tensor) -> Tensor:
-                with backward_hooks_checked(cell):
-                    return cell(x, z)
+                def observe(z: Tensor) -> Tensor:
+                    with backward_hooks_checked(cell):
+                        return cell(x, z)
 
-            h = observed_fixed_point(spec, h0.detach(), args, observe, lambda: describe_hooks(cell))
-            solved = h.detach().clone() if warm is not None else h
-        else:
-            # a copy for the caller: the Function's own output is saved for the backward, so
-            # in-place use of what the layer returns (ReLU(inplace=True)) must not touch it
-            solved = fixed_point(spec, h0.detach(), *args)
-            h = solved.clone()
+                h = observed_fixed_point(
+                    spec, h0.detach(), args, observe, lambda: describe_hooks(cell)
+                )
+                solved = h.detach().clone() if warm is not None else h
+            else:
+                # a copy for the caller: the Function's own output is saved for the
+                # backward, so in-place use of what the layer returns (ReLU(inplace=True))
+                # must not touch it
+                solved = fixed_point(spec, h0.detach(), *args)
+                h = solved.clone()
         if assigned_since(snapshot):  # the cell keeps tensors on itself (deqhess.nn.attributes)
             if not observed:  # its last evaluation at h* (the visible one is): exact attributes
                 with hooks_set_aside(cell):

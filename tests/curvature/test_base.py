@@ -1,0 +1,92 @@
+"""What every analysis accepts as its operator: a square operator, symmetric where needed.
+
+A tensor, something without ``matmat``, a rectangular operator, or one that says
+``symmetric=False`` where the analysis needs symmetry (eigenpairs, spectral densities,
+inverses) is refused with :class:`deqhess.InputError` before any product; traces and
+diagonals need no symmetry and run. ``extreme_eigenpairs``' dense path measures the
+asymmetry of the matrix it forms (it returned the symmetric part's eigenvalues, residuals
+0.8–1.5, with no error).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import deqhess as dh
+from deqhess.curvature import (
+    diagonal,
+    extreme_eigenpairs,
+    hutchinson,
+    hutchpp,
+    inverse_diagonal,
+    operator_accuracy,
+    solve_damped,
+    spectral_density,
+)
+from deqhess.operator import Operator
+
+
+class Matrix(Operator):
+    def __init__(self, matrix: Tensor, symmetric: bool) -> None:
+        self.matrix, self.symmetric = matrix, symmetric
+        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
+
+    def matmat(self, block: Tensor) -> Tensor:
+        return self.matrix @ block
+
+
+def _matrices(p: int = 30):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(p, p, dtype=torch.float64, generator=g)
+    return a @ a.T + p * torch.eye(p, dtype=torch.float64), a + 3 * torch.eye(
+        p, dtype=torch.float64
+    )
+
+
+SYMMETRIC = {
+    "extreme_eigenpairs": lambda op: extreme_eigenpairs(op, k=2, progress=False),
+    "spectral_density": lambda op: spectral_density(op, num_probes=2, steps=5, progress=False),
+    "inverse_diagonal": lambda op: inverse_diagonal(op, 1.0, progress=False),
+    "solve_damped": lambda op: solve_damped(op, torch.ones(30, dtype=torch.float64), 1.0),
+}
+ANY = {
+    "hutchinson": lambda op: hutchinson(op, num_probes=4, progress=False),
+    "hutchpp": lambda op: hutchpp(op, num_hvps=30, progress=False),
+    "diagonal": lambda op: diagonal(op, num_probes=4, progress=False),
+    "operator_accuracy": lambda op: operator_accuracy(op, num_probes=2, progress=False),
+}
+
+
+@pytest.mark.parametrize("name", [*SYMMETRIC, *ANY])
+def test_a_tensor_or_a_rectangular_operator_is_refused_by_name(name):
+    run = {**SYMMETRIC, **ANY}[name]
+    spd, _ = _matrices()
+    with pytest.raises(dh.InputError, match="not a tensor"):
+        run(spd)
+    with pytest.raises(dh.InputError, match="square"):
+        run(Matrix(spd[:, :20], symmetric=False))
+    with pytest.raises(dh.InputError, match="matmat"):
+        run(object())
+
+
+@pytest.mark.parametrize("name", list(SYMMETRIC))
+def test_an_operator_flagged_not_symmetric_is_refused_where_symmetry_is_needed(name):
+    spd, general = _matrices()
+    for matrix in (general, spd):  # the flag is what the operator says: refused either way
+        with pytest.raises(dh.InputError, match="symmetric"):
+            SYMMETRIC[name](Matrix(matrix, symmetric=False))
+    SYMMETRIC[name](Matrix(spd, symmetric=True))  # the control runs
+
+
+@pytest.mark.parametrize("name", list(ANY))
+def test_traces_and_diagonals_take_any_square_operator(name):
+    _, general = _matrices()
+    ANY[name](Matrix(general, symmetric=False))
+
+
+def test_the_dense_eigenpairs_measure_the_asymmetry_of_what_they_form():
+    _, general = _matrices()
+    with pytest.raises(dh.InputError, match="not symmetric"):
+        extreme_eigenpairs(Matrix(general, symmetric=True), k=3, progress=False)
