@@ -160,13 +160,132 @@ def test_state_a_forward_wrote_is_put_back_bitwise_before_the_refusal():
     as before (``-0.0`` kept: compared as integers)."""
     model = Headed(Writing())
     before = {k: (v, _bits(v).clone()) for k, v in model.state_dict(keep_vars=True).items()}
-    with pytest.raises(dh.ModelChangedError, match=r"extra.count.*were written.*put them back"):
+    with pytest.raises(
+        dh.ModelChangedError,
+        match=r"\['extra.count', 'extra.last', 'extra.scale'\] were written.*put them back",
+    ):
         dh.ModelCurvature(model, nn.MSELoss(), _data()).grad()
     after = model.state_dict(keep_vars=True)
     assert after.keys() == before.keys()
     for name, (tensor, bits) in before.items():
         assert after[name] is tensor, name  # the same object, not a copy
         assert torch.equal(_bits(after[name]), bits), name
+
+
+class DataWriting(nn.Module):
+    """A forward that writes through ``.data``, which moves no version counter."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.register_buffer("count", torch.tensor([-0.0, 1.5]))
+        self.scale = nn.Parameter(torch.tensor([-0.0, 2.0]))
+        self.write = write
+
+    def forward(self, x):
+        self.write(self)
+        return x * self.scale.abs().add(1.0) + self.count
+
+
+def _state_bits(model):
+    return {k: (v, _bits(v).clone()) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _assert_same_state(model, before):
+    after = model.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    for name, (tensor, bits) in before.items():
+        assert after[name] is tensor, name  # the same object, not a copy
+        assert torch.equal(_bits(after[name]), bits), name
+
+
+@pytest.mark.parametrize(
+    ("write", "name"),
+    [
+        (lambda model: model.extra.count.data.add_(1.0), "extra.count"),
+        (lambda model: model.extra.scale.data.mul_(1.01), "extra.scale"),
+        (lambda model: model.extra.count.data.abs_(), "extra.count"),  # -0.0 → 0.0: bits only
+        (lambda model: model.body.head.weight.data.mul_(1.01), "body.head.weight"),
+    ],
+    ids=["buffer", "parameter", "sign-of-zero", "a-differentiated-parameter"],
+)
+def test_writes_through_data_are_named_and_put_back_bitwise(write, name):
+    """A write through ``.data`` moves no version counter: it was refused only by the
+    changed outputs, or not at all, and the model was left written. Now every pass
+    compares the model's state bitwise with its copy: refused by name, put back."""
+    model = Headed(DataWriting(None))
+    model.extra.write = lambda module: write(model)
+    before = _state_bits(model)
+    with pytest.raises(dh.ModelChangedError, match=rf"\['{name}'\] were written.*put them back"):
+        dh.ModelCurvature(model, nn.MSELoss(), _data()).grad()
+    _assert_same_state(model, before)
+
+
+class Rebinding(nn.Module):
+    """A forward that updates a buffer by rebinding it (a running state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("b", torch.tensor([-0.0, 1.0]))
+
+    def forward(self, x):
+        self.b = self.b * 0.5 + 1.0
+        return x * self.b
+
+
+class RebindingCell(nn.Module):
+    """A DEQ cell that counts its calls in a buffer it rebinds."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.3)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x, h):
+        self.calls = self.calls + 1
+        return torch.tanh(self.lin(h) + x)
+
+
+@pytest.mark.parametrize("where", ["head", "cell"])
+def test_a_forward_that_rebinds_a_buffer_is_refused_by_name(where):
+    """Rebinding a buffer was put back silently after every batch's call, so every batch
+    used the same first update where a plain run would evolve it (a gradient 39% off):
+    refused by name, the model's tensors the same objects with the same bits."""
+    if where == "head":
+        model, name = Headed(Rebinding()), "extra.b"
+    else:
+        model = nn.Sequential(
+            nn.Linear(3, 4), dh.nn.DEQ(RebindingCell(), tol=1e-12), nn.Linear(4, 2)
+        )
+        name = "1.cell.calls"
+    before = _state_bits(model)
+    with pytest.raises(dh.ModelChangedError, match=rf"\['{name}'\] were written.*put them back"):
+        dh.ModelCurvature(model, nn.MSELoss(), _data()).grad()
+    _assert_same_state(model, before)
+
+
+class FailingWriter(nn.Module):
+    """Writes through ``.data``, then fails on the second batch (of 4 samples)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("b", torch.zeros(2))
+
+    def forward(self, x):
+        self.b.data.add_(1.0)
+        if len(x) == 4:
+            raise ValueError("the user's own error")
+        return x + self.b
+
+
+def test_a_pass_that_fails_after_a_write_names_the_write_from_the_failure():
+    model = Headed(FailingWriter())
+    before = _state_bits(model)
+    with pytest.raises(dh.ModelChangedError, match=r"\['extra.b'\] were written") as caught:
+        dh.ModelCurvature(model, nn.MSELoss(), _data()).grad()
+    assert isinstance(caught.value.__cause__, ValueError)
+    _assert_same_state(model, before)
 
 
 class Scaled(nn.Module):

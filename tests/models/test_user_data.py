@@ -252,3 +252,20 @@ def test_batches_that_are_not_pairs_are_refused_with_what_to_do():
             dh.ModelCurvature(Classifier(), nn.MSELoss(), data).grad()
         for phrase in phrases:
             assert re.search(phrase, str(caught.value)), (phrase, str(caught.value))
+
+
+def test_a_target_with_another_sample_count_is_refused_before_torch():
+    """x of 8 samples and a target of 5 reached torch ("The size of tensor a (8) must
+    match …"); now refused naming both counts. Targets laid out otherwise — class
+    indices, a target broadcast over the samples — are left to the loss."""
+    x, y = _tensors(samples=8)
+    with pytest.raises(
+        dh.InputError,
+        match=r"batch 2: x has 4 samples along batch_dim=0, the target 3 "
+        r"\(shapes \(4, 3\) and \(3, 2\)\).*same rows",
+    ):
+        dh.ModelCurvature(Classifier(), nn.MSELoss(), [(x[:4], y[:4]), (x[4:], y[5:])]).grad()
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    dh.ModelCurvature(Classifier(), nn.CrossEntropyLoss(), [(x, labels)]).grad()
+    offset = dh.ModelCurvature(Classifier(), lambda out, t: (out - t).square().mean(), [(x, y[:1])])
+    offset.grad()  # one target row for every sample

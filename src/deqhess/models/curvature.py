@@ -349,19 +349,25 @@ class ModelCurvature:
 
         A module that is another function on every call is refused by name
         (:class:`deqhess.InputError`) before the pass; a forward that wrote the model's
-        parameters or buffers, with :class:`deqhess.ModelChangedError` after it — what
-        it wrote put back first, also when the pass fails for another reason.
+        parameters or buffers (in place, through ``.data`` or by rebinding), with
+        :class:`deqhess.ModelChangedError` after it — what it wrote put back first, also
+        when the pass fails for another reason (then the refusal is raised from that
+        failure).
 
         Yields:
             Nothing: the pass runs inside.
         """
         check_modes(self.model, self._label)
         state = StateGuard(self.model)
-        try:
-            yield
-        except BaseException:
-            state.restore()
-            raise
+        with state.watching():
+            try:
+                yield
+            except Exception as failure:  # named as a write, if it was one (from the failure)
+                state.check(self._label, failure)
+                raise
+            except BaseException:
+                state.restore()
+                raise
         state.check(self._label)
 
     def _former(

@@ -10,11 +10,15 @@ modules to ``eval()`` itself: that would change the model it was given.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelChangedError, UnsupportedDerivativeError
 from ..nn.contract import training_hazard
+from ..nn.reparametrize import Rebind, rebinds_recorded
 from ..nn.second_order import wrong_double_backward
 
 __all__ = ["StateGuard", "check_modes", "check_second_order"]
@@ -80,10 +84,13 @@ def check_second_order(model: nn.Module, what: str) -> None:
 class StateGuard:
     """The model's parameters and buffers as they were when the guard was made.
 
-    :meth:`check` tells whether a forward since then wrote any of them, in place
-    (a tensor's version moved) or by rebinding (another tensor under the name), and
-    puts back what it wrote first: the guard keeps a copy of every parameter's and
-    buffer's values (one copy of the model's state, for the length of a pass).
+    :meth:`check` tells whether a forward since then wrote any of them — in place (a
+    tensor's version moved, or, for a write through ``.data`` that versions do not see,
+    its bits differ from the guard's copy), or by rebinding (another tensor under the
+    name, also one that :func:`~deqhess.nn.reparametrize.functional_call` put back
+    after the call, seen while :meth:`watching`) — and puts back what it wrote first:
+    the guard keeps a copy of every parameter's and buffer's values (one copy of the
+    model's state, for the length of a pass; one bitwise comparison per check).
 
     Args:
         model: the model to watch.
@@ -95,6 +102,7 @@ class StateGuard:
         with torch.no_grad():
             self._values = {name: t.detach().clone() for name, (t, _) in self._state.items()}
         self._kinds = {name: kind for name, kind in self._named(model)}
+        self._rebound: list[Rebind] = []
 
     @classmethod
     def snapshot(cls, model: nn.Module) -> tuple[tuple[str, int, int], ...]:
@@ -120,14 +128,46 @@ class StateGuard:
         named += model.named_buffers(remove_duplicate=False)
         return {name: (tensor, tensor._version) for name, tensor in named}
 
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Around the pass: record the registered tensors its forwards rebind.
+
+        :func:`~deqhess.nn.reparametrize.functional_call` puts a rebound tensor back
+        after every call, so the rebind leaves no trace for :meth:`restore` to find; it
+        reports it here instead, and :meth:`check` names it.
+
+        Yields:
+            Nothing: the pass runs inside.
+        """
+        with rebinds_recorded() as found:
+            try:
+                yield
+            finally:
+                self._rebound += found
+
+    def _rebound_names(self) -> set[str]:
+        """The names (in the model) of the tensors rebound inside ``functional_call``."""
+        if not self._rebound:
+            return set()
+        owners: dict[tuple[int, str], str] = {}
+        for prefix, module in self.model.named_modules(remove_duplicate=False):
+            for leaf in (*module._parameters, *module._buffers):
+                owners.setdefault((id(module), leaf), f"{prefix}.{leaf}" if prefix else leaf)
+        return {
+            owners.get((id(owner), leaf), f"{type(owner).__name__}.{leaf}")
+            for owner, leaf in self._rebound
+        }
+
     def restore(self) -> list[str]:
         """Put back every parameter and buffer written since the guard was made.
 
-        A tensor written in place gets its values back (bitwise); a name rebound to
-        another tensor, added or removed gets its original tensor back, or is removed.
+        A tensor written in place gets its values back (bitwise), also when its version
+        did not move (a write through ``.data``); a name rebound to another tensor,
+        added or removed gets its original tensor back, or is removed.
 
         Returns:
-            The names that had been written, sorted (empty: nothing was).
+            The names that had been written, sorted (empty: nothing was); with those a
+            forward rebound inside ``functional_call`` (already put back there).
         """
         now = self._read(self.model)
         changed = sorted(
@@ -137,6 +177,7 @@ class StateGuard:
             or name not in self._state
             or now[name][0] is not self._state[name][0]
             or now[name][1] != self._state[name][1]
+            or not _same_bits(now[name][0], self._values[name])
         )
         kinds_now = dict(self._named(self.model))
         for name in changed:
@@ -153,13 +194,16 @@ class StateGuard:
                     else:  # resized in place
                         original.data = saved
                 getattr(owner, self._kinds[name])[leaf] = original
-        return changed
+        rebound, self._rebound = self._rebound_names(), []
+        return sorted(set(changed) | rebound)
 
-    def check(self, label: str) -> None:
+    def check(self, label: str, failure: Exception | None = None) -> None:
         """Refuse a pass that wrote the model's parameters or buffers, after undoing it.
 
         Args:
             label: the pass's owner (e.g. ``"ModelCurvature"``), for the message.
+            failure: the error the pass failed with, if it did: the refusal is raised
+                from it (and it is left to the caller to raise when nothing was written).
 
         Raises:
             ModelChangedError: naming what the forward changed since the guard was made
@@ -169,8 +213,35 @@ class StateGuard:
         if changed:
             raise ModelChangedError(
                 f"the model's forward changed its own state during a pass of {label}: "
-                f"{changed[:6]}{' …' if len(changed) > 6 else ''} were written (e.g. running "
-                "statistics, a counter, a cached weight); deqhess put them back as they were. "
-                "The analysis reruns the model on every pass, so it must not update itself: "
-                "keep such state out of forward, or freeze it (eval() mode) for the analysis."
-            )
+                f"{changed[:6]}{' …' if len(changed) > 6 else ''} were written (in place, "
+                "through .data, or rebound; e.g. running statistics, a counter, a cached "
+                "weight); deqhess put them back as they were. The analysis reruns the model "
+                "on every pass, so it must not update itself: keep such state out of "
+                "forward, or freeze it (eval() mode) for the analysis."
+            ) from failure
+
+
+_INTEGERS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(tensor: Tensor, saved: Tensor) -> bool:
+    """Whether ``tensor`` holds the bits of ``saved`` (``-0.0`` and NaN payloads count).
+
+    Args:
+        tensor: a parameter or buffer as it is now.
+        saved: its copy (same dtype).
+
+    Returns:
+        True when every element's bits agree (compared as integers of the same width);
+        also for layouts other than strided, which are not compared.
+    """
+    if tensor.layout != torch.strided or tensor.is_meta:
+        return True
+    if tensor.shape != saved.shape or tensor.dtype != saved.dtype:
+        return False
+    a, b = tensor.detach(), saved.detach()
+    if a.is_complex():
+        a, b = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj())
+    if a.is_floating_point() or a.dtype == torch.bool:
+        a, b = a.view(_INTEGERS[a.element_size()]), b.view(_INTEGERS[b.element_size()])
+    return bool(torch.equal(a, b))

@@ -9,12 +9,35 @@ and buffers are put back as they were, whatever torch did.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["functional_call"]
+__all__ = ["Rebind", "functional_call", "rebinds_recorded"]
+
+Rebind = tuple[nn.Module, str]
+"""A registered tensor a forward rebound: its owning module and its name there."""
+
+_RECORDERS: list[list[Rebind]] = []
+
+
+@contextlib.contextmanager
+def rebinds_recorded() -> Iterator[list[Rebind]]:
+    """Record the registered tensors that forwards rebind inside :func:`functional_call`.
+
+    Yields:
+        The list the rebinds are appended to, ``(owner, name)`` each, in order (a
+        name rebound on every call appears once per call).
+    """
+    found: list[Rebind] = []
+    _RECORDERS.append(found)
+    try:
+        yield found
+    finally:
+        _RECORDERS.remove(found)
 
 
 def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: tuple[Any, ...]) -> Any:
@@ -29,15 +52,27 @@ def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: tuple[A
         What ``module(*args)`` returns, computed with the replacements.
     """
     saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    # torch's own leftovers (a swapped-in tensor under a second path) are no rebinds
+    swapped = {id(t) for t in tensors.values()}
     try:
         return torch.func.functional_call(module, tensors, args)
     finally:
+        rebound: list[Rebind] = []
         for owner, parameters, buffers in saved:
-            _restore(owner._parameters, parameters)
-            _restore(owner._buffers, buffers)
+            rebound += _restore(owner, owner._parameters, parameters, swapped)
+            rebound += _restore(owner, owner._buffers, buffers, swapped)
+        for recorder in _RECORDERS:
+            recorder += rebound
 
 
-def _restore(registry: dict[str, Any], saved: dict[str, Any]) -> None:
+def _restore(
+    owner: nn.Module, registry: dict[str, Any], saved: dict[str, Any], swapped: set[int]
+) -> list[Rebind]:
+    rebound = []
     for name, value in saved.items():
-        if registry.get(name) is not value:
+        now = registry.get(name)
+        if now is not value:
             registry[name] = value
+            if id(now) not in swapped:
+                rebound.append((owner, name))
+    return rebound

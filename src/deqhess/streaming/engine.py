@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..batches import Batches
 from ..errors import InputError, ModelChangedError
-from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart
+from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart, unmatched_target
 from .notices import summarised
 from .randomness import Draws, LoaderStream
 from .ranks import agreed
@@ -307,6 +307,7 @@ class Stream:
         for index, (x, target) in enumerate(self.data):
             dim = self.sample_dim
             samples = self.count(x) if dim is not None else 1
+            _check_target(index, x, target, samples, dim)
             hashes = sample_hashes((x, target), samples, dim)
             check.read(hashes, told_apart=told_apart((x, target), samples, dim))
             key = batch_key(hashes)
@@ -355,6 +356,31 @@ class Stream:
 def _versions(batch: Any) -> list[tuple[Tensor, int]]:
     """The tensors of a batch with their versions (bumped by any in-place write)."""
     return [(t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+
+
+def _check_target(index: int, x: Any, target: Any, samples: int, dim: int | None) -> None:
+    """Refuse a batch whose target has another number of samples than its input.
+
+    Args:
+        index: the batch's index in the pass.
+        x: its input.
+        target: its target.
+        samples: the input's sample count along ``dim``.
+        dim: the sample dimension (None: nothing to check).
+
+    Raises:
+        InputError: naming both counts and shapes (see
+            :func:`~deqhess.streaming.fingerprint.unmatched_target` for what is checked).
+    """
+    got = unmatched_target(x, target, samples, dim)
+    if got is not None:
+        raise InputError(
+            f"batch {index + 1}: x has {samples} samples along batch_dim={dim}, the target "
+            f"{got} (shapes {tuple(x.shape)} and {tuple(target.shape)}). Each batch's target "
+            "needs one entry per sample of x: take both from the same rows (the same "
+            "indices, the same DataLoader batch), or pass batch_dim= for the dimension "
+            "that indexes the samples."
+        )
 
 
 def _check_unwritten(versions: list[tuple[Tensor, int]], evaluated: str) -> None:

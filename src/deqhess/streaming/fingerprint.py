@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["batch_key", "response_sketch", "sample_hashes", "told_apart"]
+__all__ = ["batch_key", "response_sketch", "sample_hashes", "told_apart", "unmatched_target"]
 
 _SEED = 0x5EED_DEC5
 
@@ -139,6 +139,30 @@ def told_apart(batch: Any, samples: int, dim: int | None = 0) -> bool:
     split = [_sample_dim(t, samples, dim) is not None for t in tensors]
     unsplit = any(not s and samples in t.shape for t, s in zip(tensors, split, strict=True))
     return any(split) and not unsplit
+
+
+def unmatched_target(x: Any, target: Any, samples: int, dim: int | None) -> int | None:
+    """The target's sample count where it plainly differs from the input's.
+
+    Checked only where both are tensors of the same number of dimensions (targets laid
+    out otherwise — class indices, a shared target, sample-first targets of time-major
+    inputs — are left to the loss): the target's size along ``dim`` is then neither the
+    input's sample count, nor 1 (broadcast), nor is its first dimension the count.
+
+    Args:
+        x: the batch's input.
+        target: the batch's target.
+        samples: the input's sample count along ``dim``.
+        dim: the sample dimension (None: nothing is checked).
+
+    Returns:
+        The target's size along ``dim`` where it disagrees, else None.
+    """
+    if dim is None or not isinstance(x, Tensor) or not isinstance(target, Tensor):
+        return None
+    if target.ndim != x.ndim or target.ndim <= dim or target.shape[dim] == 1:
+        return None
+    return None if _sample_dim(target, samples, dim) is not None else int(target.shape[dim])
 
 
 def batch_key(hashes: Tensor) -> str:
