@@ -90,3 +90,64 @@ def test_the_dense_eigenpairs_measure_the_asymmetry_of_what_they_form():
     _, general = _matrices()
     with pytest.raises(dh.InputError, match="not symmetric"):
         extreme_eigenpairs(Matrix(general, symmetric=True), k=3, progress=False)
+
+
+class _Duck:
+    """A non-symmetric matrix with the operator's attributes, claiming nothing."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        self.matrix = matrix
+        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
+
+    def matmat(self, block: Tensor) -> Tensor:
+        return self.matrix @ block
+
+
+def test_lanczos_analyses_measure_the_asymmetry_of_an_operator_that_claims_nothing():
+    """Before: ``spectral_density`` on an upper-triangular P = 40 operator (eigenvalues in
+    [0.69, 4.85]) returned nodes spanning [−4.2, 9.6], silently; Lanczos eigenpairs ran to
+    their cap and blamed slow convergence."""
+    g = torch.Generator().manual_seed(1)
+    p = 300
+    upper = torch.triu(torch.randn(p, p, dtype=torch.float64, generator=g)) * 0.1
+    upper += torch.eye(p, dtype=torch.float64) * 3
+    with pytest.raises(dh.InputError, match="not symmetric"):
+        spectral_density(_Duck(upper[:40, :40]), num_probes=2, steps=10, progress=False)
+    with pytest.raises(dh.InputError, match="not symmetric"):
+        extreme_eigenpairs(_Duck(upper), k=2, progress=False)  # P > 256: Lanczos
+    symmetric = (upper + upper.T) / 2
+    extreme_eigenpairs(_Duck(symmetric), k=2, progress=False)  # the control runs
+
+
+def test_an_operator_returning_the_wrong_shape_or_dtype_and_an_inherited_flag_are_named():
+    """Before: a ``matmat`` returning too few rows or a vector reached torch's raw errors,
+    one returning float32 for a float64 operator gave float32 eigenvalues silently, and a
+    subclass that never set ``symmetric`` was told it had declared itself non-symmetric."""
+    spd, _ = _matrices()
+
+    class Rows(_Duck):
+        def matmat(self, block):
+            return (self.matrix @ block)[:-1]
+
+    class Vector(_Duck):
+        def matmat(self, block):
+            return (self.matrix @ block)[:, 0]
+
+    class Single(_Duck):
+        def matmat(self, block):
+            return (self.matrix @ block).float()
+
+    for kind in (Rows, Vector, Single):
+        with pytest.raises(dh.InputError, match="an operator's matmat maps"):
+            hutchinson(kind(spd), num_probes=4, progress=False)
+
+    class Silent(Operator):
+        def __init__(self, matrix):
+            self.matrix = matrix
+            self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, "cpu"
+
+        def matmat(self, block):
+            return self.matrix @ block
+
+    with pytest.raises(dh.InputError, match="inherits symmetric=False"):
+        extreme_eigenpairs(Silent(spd), k=2, progress=False)

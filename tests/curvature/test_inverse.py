@@ -268,3 +268,21 @@ def test_a_non_symmetric_operator_is_refused_for_what_it_is():
     symmetric = (stalls + stalls.T) / 2
     result = solve_damped(_Dense(symmetric), b, tol=1e-12, progress=False)
     assert relative_error(result.solution, torch.linalg.solve(symmetric, b)) <= 1e-9
+
+
+def test_the_default_tolerance_is_one_float32_can_reach():
+    """Before: the default tol 1e-8 sat below float32's rounding (~1e-7 relative), so a
+    well-conditioned float32 system (condition ~30) stalled and was called singular or
+    ill-conditioned. The default follows the dtype; float64 keeps 1e-8."""
+    g = torch.Generator().manual_seed(0)
+    b_mat = torch.randn(300, 40, generator=g)
+    d = 0.5 + torch.rand(300, generator=g)
+    matrix = (b_mat @ b_mat.T / 40 + torch.diag(d)).float()
+    rhs = torch.randn(300, generator=g)
+    result = solve_damped(_Dense(matrix), rhs, 0.1, progress=False)
+    want = torch.linalg.solve(matrix.double() + 0.1 * torch.eye(300, dtype=torch.float64),
+                              rhs.double())  # fmt: skip
+    assert result.converged
+    assert relative_error(result.solution.double(), want) <= 1e-4
+    double = solve_damped(_Dense(matrix.double()), rhs.double(), 0.1, progress=False)
+    assert double.residual <= 1e-8

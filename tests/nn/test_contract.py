@@ -274,3 +274,13 @@ def test_a_cell_writing_its_buffer_is_refused_by_name_and_put_back():
         dh.ModelCurvature(model, nn.MSELoss(), data, progress=False).grad()
     assert "in place when called" in str(caught.value.__cause__)  # the layer's refusal
     assert torch.equal(cell.calls, before)
+
+
+def test_a_non_finite_buffer_of_the_cell_is_named_as_the_cell_s_input():
+    class Sentinel(Tanh):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("sentinel", torch.tensor([float("nan")]))
+
+    with pytest.raises(dh.InputError, match=r"cell\.sentinel .*buffer of the cell"):
+        DEQ(Sentinel())(torch.randn(2, 4))

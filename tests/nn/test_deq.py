@@ -415,7 +415,7 @@ def test_a_parametrised_cell_inside_parametrize_cached_is_refused():
     deq = DEQ(Cell(), tol=1e-13)
     x = torch.randn(3, 4)
     with parametrize.cached():
-        with pytest.raises(ValueError, match=r"\['lin'\] are called inside .*cached\(\)"):
+        with pytest.raises(ValueError, match=r"\['cell.lin'\] are evaluated inside .*cached\(\)"):
             deq(x)
     names = [n for n, _ in deq.cell.named_parameters()]
     got = torch.autograd.grad(deq(x).pow(2).sum(), list(deq.cell.parameters()))

@@ -87,10 +87,19 @@ def checked_operator(op: object, analysis: str, *, symmetric: bool = True) -> in
     if len(shape) != 2 or shape[0] != shape[1]:
         raise InputError(f"{analysis} needs a square P × P operator; got shape {shape}.")
     if symmetric and getattr(op, "symmetric", True) is False:
+        name = type(op).__name__
+        inherited = "symmetric" not in vars(op) and all(
+            "symmetric" not in vars(kind) for kind in type(op).__mro__ if kind is not Operator
+        )
+        says = (
+            f"{name} inherits symmetric=False from deqhess.operator.Operator (set "
+            "symmetric = True on the class if it is symmetric)"
+            if inherited
+            else f"{name} says it is not (symmetric=False)"
+        )
         raise InputError(
-            f"{analysis} needs a symmetric operator, and {type(op).__name__} says it is not "
-            "(symmetric=False). Pass a symmetric operator (a Hessian, GGN or Fisher), or "
-            "symmetrise your own as (A + Aᵀ)/2."
+            f"{analysis} needs a symmetric operator, and {says}. Pass a symmetric operator "
+            "(a Hessian, GGN or Fisher), or symmetrise your own as (A + Aᵀ)/2."
         )
     return int(shape[0])
 
@@ -127,8 +136,18 @@ class Counted(Operator):
 
         Returns:
             ``A V`` ``[P, K]``.
+
+        Raises:
+            InputError: the operator returned another shape or dtype than the block's.
         """
         out = self.op.matmat(block)
+        if not (isinstance(out, Tensor) and out.shape == block.shape and out.dtype == self.dtype):
+            got = (out.shape, out.dtype) if isinstance(out, Tensor) else type(out).__name__
+            raise InputError(
+                f"{type(self.op).__name__}.matmat returned {got} for a {tuple(block.shape)} "
+                f"block of {self.dtype}: an operator's matmat maps [P, K] blocks to [P, K] "
+                "blocks of its own dtype."
+            )
         self.products += block.shape[1]
         self.bar.update(block.shape[1])
         return out

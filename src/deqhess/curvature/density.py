@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from .accuracy import check_symmetric
 from .base import Counted, SymmetricOperator, checked_operator, rademacher
 
 __all__ = ["DensityResult", "spectral_density"]
@@ -74,7 +75,10 @@ def spectral_density(
 
     Products: at most ``num_probes · min(steps, P)`` (one ``[P, n]`` block per Lanczos
     step; a probe whose Krylov space closes early stops adding nodes), so ``steps``
-    caps the work; the progress bar counts them. No tolerance, so nothing to miss.
+    caps the work; the progress bar counts them. No tolerance, so nothing to miss. Two
+    more measure the operator's asymmetry first (quadrature on a non-symmetric one
+    spread its nodes far outside its eigenvalues, silently): an operator that is not
+    symmetric, or says so, is refused with :class:`deqhess.InputError`.
 
     Args:
         op: the symmetric ``P × P`` operator.
@@ -102,7 +106,9 @@ def spectral_density(
         raise InputError(f"sigma must be a positive width; got {sigma}.")
     if num_points < 2:
         raise InputError(f"num_points must be at least 2; got {num_points}.")
-    counted = Counted(op, steps * num_probes, progress, "SLQ")
+    counted = Counted(op, steps * num_probes + 2, progress, "SLQ")
+    # quadrature on H's Lanczos recurrence assumes H = Hᵀ (2 products)
+    check_symmetric(counted, "H", "its Lanczos quadrature is not a spectral density")
     g = torch.Generator().manual_seed(seed)
     q = rademacher(size, num_probes, g, op) / math.sqrt(size)
     basis = [q]

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..errors import AnalysisConvergenceError, InputError
 from ..options import integer, real
-from .accuracy import require_symmetric_matrix
+from .accuracy import check_symmetric, require_symmetric_matrix
 from .base import Counted, SymmetricOperator, checked_operator
 from .lanczos import lanczos_extreme
 
@@ -143,7 +143,8 @@ def extreme_eigenpairs(
             :func:`default_max_hvps` ``(k) = 300·(k + 1)`` (1,800 for ``k = 5``), whatever
             ``P``. The ``k`` products of each Rayleigh–Ritz step that confirms the
             residuals come on top (one step, unless the product contradicts the
-            recurrence).
+            recurrence); 2 products measuring the operator's asymmetry come first
+            (counted in ``num_hvps``; a non-symmetric operator is refused).
         basis_size: Lanczos vectors kept (memory ``basis_size · P`` numbers); default
             ``max(20, k + 8b)``, at most ``P``.
         block_size: ``b``, directions per product; default ``k`` (at most ``P − k``) for
@@ -214,6 +215,8 @@ def extreme_eigenpairs(
     max_hvps = default_max_hvps(k) if max_hvps is None else max_hvps
     max_hvps = integer(max_hvps, "max_hvps", minimum=block * -(-k // block))
     counted = Counted(op, max_hvps, progress, f"Lanczos ({which} {k})")
+    # Lanczos assumes H = Hᵀ: a non-symmetric operator would run to the cap (2 products)
+    check_symmetric(counted, "H", "Lanczos' eigenpairs are not its eigenpairs")
     start = torch.as_tensor(
         np.random.default_rng(seed).standard_normal((size, block)), dtype=op.dtype,
         device=op.device,

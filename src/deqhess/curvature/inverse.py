@@ -44,6 +44,7 @@ from .base import Counted, SymmetricOperator, checked_operator
 _NOT_SOLVABLE = "MINRES and CG, which assume H = Hᵀ, would not solve (H + δI) x = b"
 
 __all__ = [
+    "DEFAULT_TOL",
     "InfluenceResult",
     "InverseResult",
     "InverseStatus",
@@ -123,12 +124,16 @@ class InverseResult:
     curvature: float | None = None
 
 
+#: ``solve_damped``'s default relative residual, by the operator's dtype
+DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
+
+
 def solve_damped(
     op: SymmetricOperator,
     b: Tensor,
     damping: float = 0.0,
     method: str = "minres",
-    tol: float = 1e-8,
+    tol: float | None = None,
     max_iter: int | None = None,
     progress: bool | None = None,
     require_convergence: bool = True,
@@ -143,7 +148,9 @@ def solve_damped(
         damping: ``δ``.
         method: ``"minres"`` (any symmetric system) or ``"cg"`` (positive definite;
             stops at the first direction of non-positive curvature).
-        tol: relative residual ``‖(H + δI)x − b‖ / ‖b‖`` to reach.
+        tol: relative residual ``‖(H + δI)x − b‖ / ‖b‖`` to reach; default
+            :data:`DEFAULT_TOL` by dtype (1e-8 in float64, 1e-5 in float32: a float32
+            product's rounding, ~1e-7 relative, is a floor no solve gets under).
         max_iter: cap on products; default ``min(2P, 1000)`` (one more recomputes the
             residual).
         progress: a progress bar of products against ``max_iter`` (None: only on a
@@ -178,7 +185,7 @@ def _damped_solution(
     b: Tensor,
     damping: float = 0.0,
     method: str = "minres",
-    tol: float = 1e-8,
+    tol: float | None = None,
     max_iter: int | None = None,
     progress: bool | None = None,
     require_convergence: bool = True,
@@ -207,6 +214,7 @@ def _damped_solution(
         )
     if not (math.isfinite(damping) and bool(torch.isfinite(b).all())):
         raise InputError(f"damping and b must be finite; got damping={damping}.")
+    tol = DEFAULT_TOL.get(op.dtype, 1e-5) if tol is None else tol
     if not tol > 0:
         raise InputError(f"tol must be positive; got {tol}.")
     max_iter = min(2 * size, MAX_PRODUCTS) if max_iter is None else max_iter

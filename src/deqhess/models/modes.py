@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelChangedError, UnsupportedDerivativeError
-from ..nn.contract import training_hazard
+from ..nn.contract import check_parametrize_cache, training_hazard
 from ..nn.reparametrize import Rebind, rebinds_recorded
 from ..nn.second_order import wrong_double_backward
 
@@ -31,10 +31,14 @@ def check_modes(model: nn.Module, label: str) -> None:
         model: the user's model, in whatever modes its modules are.
         label: who asks (e.g. ``"ModelCurvature"``), for the message.
 
+    Parametrised modules inside ``parametrize.cached()`` are refused too
+    (:func:`deqhess.nn.contract.check_parametrize_cache`).
+
     Raises:
         InputError: naming each such module (dropout, batch norm, … in training mode)
             and saying to call ``model.eval()`` first.
     """
+    check_parametrize_cache(model, "model")
     hazards = [
         (f"model.{name}" if name else "the model", reason)
         for name, module in model.named_modules()

@@ -320,9 +320,16 @@ class _Nonlinear(_System):
         for i, t in enumerate((z0, *args)):
             if not all_finite(t):
                 name = names[i] if names else f"argument {i} of the fixed point"
+                state = (
+                    "; every floating parameter and buffer of the cell is an input the layer "
+                    "differentiates in, whether the cell reads it or not: keep a non-finite "
+                    "sentinel out of them (a plain attribute, or a non-floating buffer)"
+                    if name.startswith("cell.")
+                    else ""
+                )
                 raise InputError(
                     f"{name} contains non-finite values (NaN or inf); pass finite values "
-                    "(check the data and the previous layers or optimisation step)."
+                    f"(check the data and the previous layers or optimisation step){state}."
                 )
 
         plain = tuple(a.detach() for a in args)  # the solve differentiates in h only
