@@ -377,3 +377,27 @@ def test_a_parametrised_model_inside_parametrize_cached_is_refused():
     with parametrize.cached(), pytest.raises(dh.InputError, match=r"parametrize\.cached"):
         curvature.hessian()
     curvature.hessian()  # outside the block: runs
+
+
+def test_a_forward_rebinding_a_parameter_is_named_and_put_back():
+    """Before: ``self.lin.weight = nn.Parameter(...)`` in a forward made that weight's
+    gradient and Hessian rows exactly zero (the forward computed with the new, detached
+    tensor; torch's functional_call then put the substituted one back), with no error."""
+
+    class Rebinding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, h):
+            self.lin.weight = nn.Parameter(self.lin.weight.detach().clone())
+            return self.lin(h)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Classifier(), Rebinding()).double()
+    weight = model[1].lin.weight
+    bits = weight.detach().clone()
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+    with pytest.raises(dh.ModelChangedError, match=r"1\.lin\.weight"):
+        dh.ModelCurvature(model, nn.MSELoss(), data, progress=False).grad()
+    assert model[1].lin.weight is weight and torch.equal(weight.detach(), bits)

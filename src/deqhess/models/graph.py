@@ -168,7 +168,7 @@ class BatchGraph:
                     )
                 output, (self.state, self.leaf) = self._forward_split(model, params, x, split_at)
             else:
-                output = functional_call(model, params, (x,))
+                output = functional_call(model, params, (x,), watch_rebinds=True)
             self.output = output
             self.loss_func, self.target, self.weight = loss_func, target, weight
             self.loss = self._loss(output)
@@ -233,7 +233,7 @@ class BatchGraph:
 
         handle = split_at.register_forward_hook(substitute)
         try:
-            output = functional_call(model, params, (x,))
+            output = functional_call(model, params, (x,), watch_rebinds=True)
         finally:
             handle.remove()
         if len(captured) != 1:

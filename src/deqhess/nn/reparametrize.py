@@ -40,13 +40,23 @@ def rebinds_recorded() -> Iterator[list[Rebind]]:
         _RECORDERS.remove(found)
 
 
-def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: tuple[Any, ...]) -> Any:
+def functional_call(
+    module: nn.Module,
+    tensors: dict[str, Tensor],
+    args: tuple[Any, ...],
+    *,
+    watch_rebinds: bool = False,
+) -> Any:
     """``module(*args)`` with the named parameters and buffers replaced by ``tensors``.
 
     Args:
         module: the module; its registered tensors are the same objects afterwards.
         tensors: replacements by name (``named_parameters`` / ``named_buffers`` names).
         args: the positional arguments of ``module.forward``.
+        watch_rebinds: also record (for :func:`rebinds_recorded`) a forward's rebinding
+            of a substituted tensor, which torch undoes before the call returns (one
+            module more around ``module``: for a whole model's evaluation, not a cell's
+            many).
 
     Returns:
         What ``module(*args)`` returns, computed with the replacements.
@@ -55,6 +65,9 @@ def functional_call(module: nn.Module, tensors: dict[str, Tensor], args: tuple[A
     # torch's own leftovers (a swapped-in tensor under a second path) are no rebinds
     swapped = {id(t) for t in tensors.values()}
     try:
+        if watch_rebinds:
+            watched = _Watched(module, tensors, swapped)
+            return torch.func.functional_call(watched, watched.prefixed(tensors), args)
         return torch.func.functional_call(module, tensors, args)
     finally:
         rebound: list[Rebind] = []
@@ -76,3 +89,40 @@ def _restore(
             if id(now) not in swapped:
                 rebound.append((owner, name))
     return rebound
+
+
+class _Watched(nn.Module):
+    """``module`` behind one more module, which sees what its forward rebound.
+
+    torch's ``functional_call`` puts its swapped-in tensors back when the call ends, so a
+    forward that rebinds one (``self.w = nn.Parameter(...)``) goes unseen after it — and
+    the rebound tensor, not the substituted one, is what the forward computed with (its
+    derivatives in the substituted tensor are then exactly zero). Inside the call, after
+    the forward, each substituted name's registry entry must still be a swapped-in tensor.
+    """
+
+    def __init__(self, module: nn.Module, tensors: dict[str, Tensor], swapped: set[int]):
+        super().__init__()
+        self.inner = module
+        self._swapped = swapped
+        self._entries: list[tuple[nn.Module, str]] = []
+        for name in tensors:
+            path, _, attr = name.rpartition(".")
+            self._entries.append((module.get_submodule(path) if path else module, attr))
+
+    @staticmethod
+    def prefixed(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The replacements named as this module's (under ``inner.``)."""
+        return {f"inner.{name}": t for name, t in tensors.items()}
+
+    def forward(self, *args: Any) -> Any:
+        """``module(*args)``, recording the substituted tensors it rebound."""
+        out = self.inner(*args)
+        rebound = []
+        for owner, attr in self._entries:
+            now = owner._parameters.get(attr, owner._buffers.get(attr))
+            if now is not None and id(now) not in self._swapped:
+                rebound.append((owner, attr))
+        for recorder in _RECORDERS:
+            recorder += rebound
+        return out
