@@ -401,3 +401,35 @@ def test_a_forward_rebinding_a_parameter_is_named_and_put_back():
     with pytest.raises(dh.ModelChangedError, match=r"1\.lin\.weight"):
         dh.ModelCurvature(model, nn.MSELoss(), data, progress=False).grad()
     assert model[1].lin.weight is weight and torch.equal(weight.detach(), bits)
+
+
+@pytest.mark.parametrize("reset", ["fill", "rebind-clone", "rebind-fresh"])
+def test_a_forward_resetting_a_buffer_to_the_same_bits_is_accepted_and_left_as_it_was(reset):
+    """A per-call reset (``self.mask.fill_(1)``, ``self.mask = torch.ones(...)``) leaves the
+    model the same function: it was refused as a write. It is accepted, the products exact
+    (the same as without the reset), and the buffer is the same object and bits after."""
+
+    class Resetting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("mask", torch.ones(2))
+
+        def forward(self, h):
+            if reset == "fill":
+                self.mask.fill_(1.0)
+            elif reset == "rebind-clone":
+                self.mask = self.mask.clone()
+            else:
+                self.mask = torch.ones(2, dtype=self.mask.dtype)
+            return self.lin(h) * self.mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Classifier(), Resetting()).double()
+    mask = model[1].mask
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+    got = dh.ModelCurvature(model, nn.MSELoss(), data, progress=False).hessian()
+    plain = nn.Sequential(model[0], model[1].lin)
+    want = dh.ModelCurvature(plain, nn.MSELoss(), data, progress=False).hessian()
+    assert torch.equal(got, want)
+    assert model[1].mask is mask and torch.equal(mask, torch.ones(2, dtype=torch.float64))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, ModelChangedError, UnsupportedDerivativeError
 from ..nn.contract import check_parametrize_cache, training_hazard
-from ..nn.reparametrize import Rebind, rebinds_recorded
+from ..nn.reparametrize import Rebind, rebinds_recorded, same_bits
 from ..nn.second_order import wrong_double_backward
 
 __all__ = ["StateGuard", "check_modes", "check_second_order"]
@@ -170,8 +170,10 @@ class StateGuard:
         added or removed gets its original tensor back, or is removed.
 
         Returns:
-            The names that had been written, sorted (empty: nothing was); with those a
-            forward rebound inside ``functional_call`` (already put back there).
+            The names whose writes changed the model, sorted (empty: none did): other
+            bits, a name added or removed, a parameter rebound, and those a forward
+            rebound inside ``functional_call`` (already put back there). A buffer
+            written, or rebound, to the same bits is put back and not named.
         """
         now = self._read(self.model)
         changed = sorted(
@@ -181,8 +183,19 @@ class StateGuard:
             or name not in self._state
             or now[name][0] is not self._state[name][0]
             or now[name][1] != self._state[name][1]
-            or not _same_bits(now[name][0], self._values[name])
+            or not same_bits(now[name][0], self._values[name])
         )
+        # what changed the function: other bits, a name added or removed, or a parameter
+        # rebound (its derivatives would be the new tensor's); a buffer written or rebound
+        # to the same bits (a per-call reset) is only put back
+        harmful = [
+            name
+            for name in changed
+            if name not in now
+            or name not in self._state
+            or not same_bits(now[name][0], self._values[name])
+            or (self._kinds[name] == "_parameters" and now[name][0] is not self._state[name][0])
+        ]
         kinds_now = dict(self._named(self.model))
         for name in changed:
             prefix, _, leaf = name.rpartition(".")
@@ -199,7 +212,7 @@ class StateGuard:
                         original.data = saved
                 getattr(owner, self._kinds[name])[leaf] = original
         rebound, self._rebound = self._rebound_names(), []
-        return sorted(set(changed) | rebound)
+        return sorted(set(harmful) | rebound)
 
     def check(self, label: str, failure: Exception | None = None) -> None:
         """Refuse a pass that wrote the model's parameters or buffers, after undoing it.
@@ -223,29 +236,3 @@ class StateGuard:
                 "on every pass, so it must not update itself: keep such state out of "
                 "forward, or freeze it (eval() mode) for the analysis."
             ) from failure
-
-
-_INTEGERS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _same_bits(tensor: Tensor, saved: Tensor) -> bool:
-    """Whether ``tensor`` holds the bits of ``saved`` (``-0.0`` and NaN payloads count).
-
-    Args:
-        tensor: a parameter or buffer as it is now.
-        saved: its copy (same dtype).
-
-    Returns:
-        True when every element's bits agree (compared as integers of the same width);
-        also for layouts other than strided, which are not compared.
-    """
-    if tensor.layout != torch.strided or tensor.is_meta:
-        return True
-    if tensor.shape != saved.shape or tensor.dtype != saved.dtype:
-        return False
-    a, b = tensor.detach(), saved.detach()
-    if a.is_complex():
-        a, b = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj())
-    if a.is_floating_point() or a.dtype == torch.bool:
-        a, b = a.view(_INTEGERS[a.element_size()]), b.view(_INTEGERS[b.element_size()])
-    return bool(torch.equal(a, b))

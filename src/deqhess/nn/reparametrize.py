@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Rebind", "functional_call", "rebinds_recorded"]
+__all__ = ["Rebind", "functional_call", "rebinds_recorded", "same_bits"]
 
 Rebind = tuple[nn.Module, str]
 """A registered tensor a forward rebound: its owning module and its name there."""
@@ -73,22 +73,65 @@ def functional_call(
         rebound: list[Rebind] = []
         for owner, parameters, buffers in saved:
             rebound += _restore(owner, owner._parameters, parameters, swapped)
-            rebound += _restore(owner, owner._buffers, buffers, swapped)
+            rebound += _restore(owner, owner._buffers, buffers, swapped, same_bits_ok=True)
         for recorder in _RECORDERS:
             recorder += rebound
 
 
 def _restore(
-    owner: nn.Module, registry: dict[str, Any], saved: dict[str, Any], swapped: set[int]
+    owner: nn.Module,
+    registry: dict[str, Any],
+    saved: dict[str, Any],
+    swapped: set[int],
+    same_bits_ok: bool = False,
 ) -> list[Rebind]:
+    """Put ``saved`` back into ``registry``, returning the rebinds found.
+
+    Returns:
+        ``(owner, name)`` of each entry a forward rebound (not torch's own leftovers; a
+        buffer rebound to the same bits, a per-call reset, is put back and not reported
+        where ``same_bits_ok``).
+    """
     rebound = []
     for name, value in saved.items():
         now = registry.get(name)
         if now is not value:
             registry[name] = value
-            if id(now) not in swapped:
+            harmless = same_bits_ok and same_bits(now, value)
+            if id(now) not in swapped and not harmless:
                 rebound.append((owner, name))
     return rebound
+
+
+_INTEGERS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(tensor: Any, saved: Any) -> bool:
+    """Whether ``tensor`` holds the bits of ``saved`` (``-0.0`` and NaN payloads count).
+
+    Args:
+        tensor: a parameter or buffer as it is now.
+        saved: its copy, or the tensor it replaced.
+
+    Returns:
+        True when both are tensors of one shape, dtype and device whose every element's
+        bits agree (compared as integers of the same width); also for layouts other than
+        strided, which are not compared.
+    """
+    if not (isinstance(tensor, Tensor) and isinstance(saved, Tensor)):
+        return False
+    if tensor.layout != torch.strided or tensor.is_meta:
+        return True
+    if tensor.shape != saved.shape or tensor.dtype != saved.dtype:
+        return False
+    if tensor.device != saved.device:
+        return False
+    a, b = tensor.detach(), saved.detach()
+    if a.is_complex():
+        a, b = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj())
+    if a.is_floating_point() or a.dtype == torch.bool:
+        a, b = a.view(_INTEGERS[a.element_size()]), b.view(_INTEGERS[b.element_size()])
+    return bool(torch.equal(a, b))
 
 
 class _Watched(nn.Module):
