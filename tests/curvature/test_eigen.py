@@ -338,3 +338,8 @@ def test_the_bottom_of_a_wide_null_space_on_a_streamed_operator():
     assert max(op.widths) == 8
     assert abs(float(result.eigenvalues[0])) <= 1e-10
     assert float(torch.linalg.vector_norm(op.matrix @ v - v * result.eigenvalues)) <= 1e-10
+    # a block of 2 stalls there: the cap's message says what works (and speaks of no
+    # spread among one Ritz value)
+    with pytest.raises(dh.AnalysisConvergenceError, match="a larger k") as caught:
+        extreme_eigenpairs(op, k=1, which="smallest", tol=1e-10, block_size=2, progress=False)
+    assert "of each other" not in str(caught.value)

@@ -254,27 +254,46 @@ def _dense(op: SymmetricOperator, k: int, which: str, progress: bool | None) -> 
     return EigenResult(values, vectors, torch.linalg.vector_norm(residual, dim=0), size + k)
 
 
+@dataclass(frozen=True)
+class _Reached:
+    """What the cap messages quote of the pairs reached: counts, figures, the lists."""
+
+    k: int
+    target: float
+    met: int
+    values: str
+    residuals: str
+    needed: float
+
+    @classmethod
+    def of(cls, result: EigenResult, tol: float, scale: float) -> _Reached:
+        target = tol * scale
+        return cls(
+            k=len(result.eigenvalues),
+            target=target,
+            met=int((result.residuals <= target).sum()),
+            values=", ".join(f"{v:+.4e}" for v in result.eigenvalues.tolist()),
+            residuals=", ".join(f"{r:.1e}" for r in result.residuals.tolist()),
+            needed=float(result.residuals.max()) / max(scale, 1e-300),
+        )
+
+
 def _unconverged(reached: EigenResult, which: str, tol: float, scale: float, max_hvps: int) -> str:
-    k = len(reached.eigenvalues)
-    target = tol * scale
-    met = int((reached.residuals <= target).sum())
-    values = ", ".join(f"{v:+.4e}" for v in reached.eigenvalues.tolist())
-    residuals = ", ".join(f"{r:.1e}" for r in reached.residuals.tolist())
-    needed = float(reached.residuals.max()) / max(scale, 1e-300)
+    r = _Reached.of(reached, tol, scale)
     spread = float(reached.eigenvalues.max() - reached.eigenvalues.min())
     other = "" if which == "largest" else ", or ask for the top of the spectrum if that serves"
     crowd = (
         f"These Ritz values lie within {spread:.1e} of each other, "
         f"{spread / max(scale, 1e-300):.0e} of ‖H‖: eigenvalues"
-        if k > 1
+        if r.k > 1
         else "Eigenvalues"
     )
     return (
-        f"Lanczos reached its cap of {max_hvps} products (max_hvps) with {met} of the {k} "
-        f"{which} eigenpairs within tol·‖H‖ = {tol:.0e}·{scale:.3e} = {target:.1e}: Ritz "
-        f"values [{values}] with residuals [{residuals}] (some eigenvalue lies within each "
-        f"residual of its Ritz value; the error's .result holds the pairs), which "
-        f"tol >= {needed:.1e} would accept. {crowd} close together relative to ‖H‖ "
+        f"Lanczos reached its cap of {max_hvps} products (max_hvps) with {r.met} of the {r.k} "
+        f"{which} eigenpairs within tol·‖H‖ = {tol:.0e}·{scale:.3e} = {r.target:.1e}: Ritz "
+        f"values [{r.values}] with residuals [{r.residuals}] (some eigenvalue lies within "
+        f"each residual of its Ritz value; the error's .result holds the pairs), which "
+        f"tol >= {r.needed:.1e} would accept. {crowd} close together relative to ‖H‖ "
         "separate slowly in any Krylov method (shifting H does not change its Krylov "
         "spaces); a wider block and basis often do it in fewer products where many "
         "eigenvalues crowd at the end asked for (a null space at the bottom of a GGN): "
@@ -284,21 +303,16 @@ def _unconverged(reached: EigenResult, which: str, tol: float, scale: float, max
 
 
 def _unconfirmed(found: EigenResult, which: str, tol: float, scale: float, max_hvps: int) -> str:
-    k = len(found.eigenvalues)
-    target = tol * scale
-    met = int((found.residuals <= target).sum())
-    values = ", ".join(f"{v:+.4e}" for v in found.eigenvalues.tolist())
-    residuals = ", ".join(f"{r:.1e}" for r in found.residuals.tolist())
-    needed = float(found.residuals.max()) / max(scale, 1e-300)
+    r = _Reached.of(found, tol, scale)
     eps = torch.finfo(found.eigenvalues.dtype).eps
     other = "" if found.eigenvalues.dtype == torch.float64 else "; compute it in float64"
     return (
-        f"Lanczos' recurrence put the {k} {which} Ritz pairs within tol·‖H‖ = {tol:.0e}·"
-        f"{scale:.3e} = {target:.1e}, but recomputed from a product only {met} were, and "
+        f"Lanczos' recurrence put the {r.k} {which} Ritz pairs within tol·‖H‖ = {tol:.0e}·"
+        f"{scale:.3e} = {r.target:.1e}, but recomputed from a product only {r.met} were, and "
         f"more steps up to the cap of {max_hvps} products (max_hvps) did not change that: "
-        f"Ritz values [{values}] with residuals from the product [{residuals}] (the error's "
-        f".result holds these pairs), which tol >= {needed:.1e} would accept. The product "
-        f"itself is that inexact: its rounding (about {eps:.0e}·‖H‖ times a small factor) "
+        f"Ritz values [{r.values}] with residuals from the product [{r.residuals}] (the "
+        f"error's .result holds these pairs), which tol >= {r.needed:.1e} would accept. The "
+        f"product itself is that inexact: its rounding (about {eps:.0e}·‖H‖ times a small factor) "
         "or the operator's own error (inexact solves: see "
         f"deqhess.curvature.operator_accuracy) is above tol·‖H‖. Loosen tol{other}."
     )
