@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deqhess.operator import Operator
+
 UNROLL_STEPS = 60
 
 
@@ -214,3 +216,14 @@ def case(name: str) -> Case:
 
 def relative_error(a: Tensor, b: Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+class DenseOperator(Operator):
+    """A dense matrix as a deqhess operator, saying ``symmetric`` as it is told."""
+
+    def __init__(self, matrix: Tensor, symmetric: bool = True) -> None:
+        self.matrix, self.symmetric = matrix, symmetric
+        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
+
+    def matmat(self, block: Tensor) -> Tensor:
+        return self.matrix @ block

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import DenseOperator
 from torch import Tensor
 
 import deqhess as dh
@@ -26,15 +27,6 @@ from deqhess.curvature import (
     spectral_density,
 )
 from deqhess.operator import Operator
-
-
-class Matrix(Operator):
-    def __init__(self, matrix: Tensor, symmetric: bool) -> None:
-        self.matrix, self.symmetric = matrix, symmetric
-        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
-
-    def matmat(self, block: Tensor) -> Tensor:
-        return self.matrix @ block
 
 
 def _matrices(p: int = 30):
@@ -66,7 +58,7 @@ def test_a_tensor_or_a_rectangular_operator_is_refused_by_name(name):
     with pytest.raises(dh.InputError, match="not a tensor"):
         run(spd)
     with pytest.raises(dh.InputError, match="square"):
-        run(Matrix(spd[:, :20], symmetric=False))
+        run(DenseOperator(spd[:, :20], symmetric=False))
     with pytest.raises(dh.InputError, match="matmat"):
         run(object())
 
@@ -76,20 +68,20 @@ def test_an_operator_flagged_not_symmetric_is_refused_where_symmetry_is_needed(n
     spd, general = _matrices()
     for matrix in (general, spd):  # the flag is what the operator says: refused either way
         with pytest.raises(dh.InputError, match="symmetric"):
-            SYMMETRIC[name](Matrix(matrix, symmetric=False))
-    SYMMETRIC[name](Matrix(spd, symmetric=True))  # the control runs
+            SYMMETRIC[name](DenseOperator(matrix, symmetric=False))
+    SYMMETRIC[name](DenseOperator(spd, symmetric=True))  # the control runs
 
 
 @pytest.mark.parametrize("name", list(ANY))
 def test_traces_and_diagonals_take_any_square_operator(name):
     _, general = _matrices()
-    ANY[name](Matrix(general, symmetric=False))
+    ANY[name](DenseOperator(general, symmetric=False))
 
 
 def test_the_dense_eigenpairs_measure_the_asymmetry_of_what_they_form():
     _, general = _matrices()
     with pytest.raises(dh.InputError, match="not symmetric"):
-        extreme_eigenpairs(Matrix(general, symmetric=True), k=3, progress=False)
+        extreme_eigenpairs(DenseOperator(general, symmetric=True), k=3, progress=False)
 
 
 class _Duck:

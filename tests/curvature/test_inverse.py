@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import case, relative_error
+from problems import DenseOperator, case, relative_error
 
 import deqhess as dh
 from deqhess.curvature import InverseStatus, influence, inverse, newton_step, solve_damped
 from deqhess.curvature.inverse import MAX_PRODUCTS
-from deqhess.operator import Operator
 
 
 @pytest.fixture(scope="module")
@@ -241,15 +240,6 @@ def test_a_solve_short_of_its_tolerance_raises_with_what_it_reached(setup):
     assert not scores.inverse.converged
 
 
-class _Dense(Operator):
-    def __init__(self, matrix, symmetric=True):
-        self.matrix, self.symmetric = matrix, symmetric
-        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
-
-    def matmat(self, block):
-        return self.matrix @ block
-
-
 def test_a_non_symmetric_operator_is_refused_for_what_it_is():
     """MINRES on ``2I + e₀e₁ᵀ`` (well conditioned, asymmetric in one entry) reported a solve and
     no word of H; a random non-symmetric one stalled with "raise max_iter". Both are
@@ -262,11 +252,11 @@ def test_a_non_symmetric_operator_is_refused_for_what_it_is():
     stalls = torch.randn(60, 60, generator=g, dtype=torch.float64) + 20 * torch.eye(60)
     for matrix in (skewed, stalls):
         with pytest.raises(dh.InputError, match=r"H is not symmetric: .* reaches .*MINRES and CG"):
-            solve_damped(_Dense(matrix), b, progress=False)
+            solve_damped(DenseOperator(matrix), b, progress=False)
     with pytest.raises(dh.InputError, match=r"says it is not\s+\(symmetric=False\)"):
-        solve_damped(_Dense(skewed + skewed.T, symmetric=False), b, progress=False)
+        solve_damped(DenseOperator(skewed + skewed.T, symmetric=False), b, progress=False)
     symmetric = (stalls + stalls.T) / 2
-    result = solve_damped(_Dense(symmetric), b, tol=1e-12, progress=False)
+    result = solve_damped(DenseOperator(symmetric), b, tol=1e-12, progress=False)
     assert relative_error(result.solution, torch.linalg.solve(symmetric, b)) <= 1e-9
 
 
@@ -279,10 +269,10 @@ def test_the_default_tolerance_is_one_float32_can_reach():
     d = 0.5 + torch.rand(300, generator=g)
     matrix = (b_mat @ b_mat.T / 40 + torch.diag(d)).float()
     rhs = torch.randn(300, generator=g)
-    result = solve_damped(_Dense(matrix), rhs, 0.1, progress=False)
+    result = solve_damped(DenseOperator(matrix), rhs, 0.1, progress=False)
     want = torch.linalg.solve(matrix.double() + 0.1 * torch.eye(300, dtype=torch.float64),
                               rhs.double())  # fmt: skip
     assert result.converged
     assert relative_error(result.solution.double(), want) <= 1e-4
-    double = solve_damped(_Dense(matrix.double()), rhs.double(), 0.1, progress=False)
+    double = solve_damped(DenseOperator(matrix.double()), rhs.double(), 0.1, progress=False)
     assert double.residual <= 1e-8

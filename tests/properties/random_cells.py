@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from torch import Tensor
+from torch import Tensor, nn
 
 PROFILE = os.environ.get("DEQHESS_PROPERTIES", "short")
 if PROFILE not in ("short", "long"):
@@ -171,6 +171,30 @@ class RandomDEQ:
         hess = torch.func.hessian(joint)(torch.cat([flat, h]))
         lift = torch.cat([torch.eye(p, dtype=flat.dtype), z])
         return z, lift.T @ hess @ lift
+
+
+class ProblemCell(nn.Module):
+    """A problem's ``f(x, h, θ)`` as a cell, θ registered as parameters in θ's order.
+
+    Args:
+        problem: the problem.
+        batched_start: start from zeros ``[S, width]`` shaped by each batch's ``x`` (a
+            model over a data set); else from the problem's own ``h0``.
+    """
+
+    def __init__(self, problem: RandomDEQ, batched_start: bool = False) -> None:
+        super().__init__()
+        self.problem, self.batched_start = problem, batched_start
+        for name, t in problem.theta.items():
+            self.register_parameter(name, nn.Parameter(t.clone()))
+
+    def forward(self, x: Any, h: Tensor) -> Tensor:
+        return self.problem.f(x, h, {n: getattr(self, n) for n in self.problem.theta})
+
+    def init_state(self, x: Tensor) -> Tensor:
+        if self.batched_start:
+            return x.new_zeros(x.shape[0], self.problem.width)
+        return self.problem.h0
 
 
 @st.composite

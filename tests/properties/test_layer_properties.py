@@ -10,8 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from random_cells import EXAMPLES, RandomDEQ, check, examples, random_deqs
-from torch import nn
+from random_cells import EXAMPLES, ProblemCell, RandomDEQ, check, examples, random_deqs
 
 import deqhess as dh
 from deqhess.nn import DEQ
@@ -20,22 +19,6 @@ FORWARD = {"picard": dh.Picard, "anderson": dh.Anderson}
 LINEAR = ("dense", "gmres", "neumann")
 MODES = ("backward", "create_graph", "func_grad", "func_jvp", "func_hessian")
 CASES = [pytest.param(mode, linear) for mode in MODES for linear in LINEAR]
-
-
-class Cell(nn.Module):
-    """The problem's ``f(x, h, θ)`` with θ as parameters, registered in θ's order."""
-
-    def __init__(self, problem: RandomDEQ) -> None:
-        super().__init__()
-        self.problem = problem
-        for name, t in problem.theta.items():
-            self.register_parameter(name, nn.Parameter(t.clone()))
-
-    def forward(self, x, h):
-        return self.problem.f(x, h, {n: getattr(self, n) for n in self.problem.theta})
-
-    def init_state(self, x):
-        return self.problem.h0
 
 
 def _loss(problem: RandomDEQ, h, params):
@@ -52,7 +35,7 @@ def _loss(problem: RandomDEQ, h, params):
 def test_layer_derivatives_match_unrolled(problem, forward, mode, linear):
     EXAMPLES[f"nn.DEQ[{mode}-{linear}]"] += 1
     deq = DEQ(
-        Cell(problem), solver=FORWARD[forward](), tol=1e-14, atol=1e-15,
+        ProblemCell(problem), solver=FORWARD[forward](), tol=1e-14, atol=1e-15,
         batch_dim=problem.batch_dim, linear_solver=linear,
     )  # fmt: skip
     names = [n for n, _ in deq.named_parameters()]

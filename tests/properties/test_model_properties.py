@@ -17,7 +17,14 @@ import copy
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from random_cells import EXAMPLES, RandomDEQ, check, examples, random_deqs, unroll_steps
+from random_cells import (
+    EXAMPLES,
+    ProblemCell,
+    check,
+    examples,
+    random_deqs,
+    unroll_steps,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,24 +32,8 @@ import deqhess as dh
 from deqhess.nn import DEQ
 
 
-class Cell(nn.Module):
-    """The problem's ``f(x, h, θ)`` with θ as parameters; the state ``[S, width]``."""
-
-    def __init__(self, problem: RandomDEQ) -> None:
-        super().__init__()
-        self.problem = problem
-        for name, t in problem.theta.items():
-            self.register_parameter(name, nn.Parameter(t.clone()))
-
-    def forward(self, x, h):
-        return self.problem.f(x, h, {n: getattr(self, n) for n in self.problem.theta})
-
-    def init_state(self, x):
-        return x.new_zeros(x.shape[0], self.problem.width)
-
-
 class Unrolled(nn.Module):
-    def __init__(self, cell: Cell, steps: int) -> None:
+    def __init__(self, cell: ProblemCell, steps: int) -> None:
         super().__init__()
         self.cell, self.steps = cell, steps
 
@@ -70,7 +61,9 @@ def test_model_curvature_matches_unrolled(
     g = torch.Generator().manual_seed(seed)
     total, m = sum(sizes), problem.x.shape[1]
     torch.manual_seed(seed)
-    deq = DEQ(Cell(problem), tol=1e-14, atol=1e-15, linear_solver="dense")
+    deq = DEQ(
+        ProblemCell(problem, batched_start=True), tol=1e-14, atol=1e-15, linear_solver="dense"
+    )
     model = nn.Sequential(nn.Linear(2, m), deq, nn.Linear(problem.width, classes))
     x = torch.randn(total, 2, generator=g, dtype=torch.float64)
     if cross_entropy:
