@@ -98,25 +98,3 @@ def test_many_directions_make_the_layers_factorise_their_jacobians():
             "auto", 16, width, torch.float64, few_solves=True, directions=directions
         )
         assert isinstance(strategy, expected), (width, directions)
-
-
-def test_the_symmetric_product_and_the_block_diagonal_curvature_are_the_dense_products():
-    """The GGN's assembly multiplies only the upper block triangle of ``Jᵀ(∇²ℓ J)`` and a
-    per-sample ``∇²ℓ`` block by block: against the plain products, to rounding, for a
-    block-diagonal and a coupled (dense) curvature and sizes not divisible by the blocks."""
-    from deqhess.models.dense import _curvature_times, symmetric_product
-
-    g = torch.Generator().manual_seed(0)
-    for m, p, width in [(12, 37, 3), (12, 5, 4), (7, 1, 7), (30, 200, 10)]:
-        jacobian = torch.randn(m, p, dtype=torch.float64, generator=g)
-        blocks = torch.randn(m // width, width, width, dtype=torch.float64, generator=g)
-        blocks = blocks @ blocks.transpose(1, 2)
-        block_diagonal = torch.block_diag(*blocks)
-        coupled = block_diagonal + 0.1 * torch.ones(m, m, dtype=torch.float64)
-        for curvature in (block_diagonal, coupled):
-            product = _curvature_times(curvature, jacobian)
-            assert torch.allclose(product, curvature @ jacobian, rtol=1e-13, atol=1e-13)
-            got = symmetric_product(jacobian, product)
-            want = jacobian.T @ (curvature @ jacobian)
-            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
-            assert torch.equal(got, got.T)

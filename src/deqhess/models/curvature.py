@@ -64,6 +64,7 @@ from ..streaming import (
 )
 from .backward import BlockBackward
 from .dense import Blocks, batch_dense, run_block, uses_jacobians
+from .gram import LowRankTerm, mirror_upper_
 from .graph import BatchGraph, LossFunc
 from .modes import StateGuard, check_modes, check_second_order
 from .per_sample import output_jacobians, sample_gradients
@@ -506,7 +507,7 @@ class ModelCurvature:
     def _sum(
         self,
         part: str | None,
-        compute: Callable[[BatchGraph], Tensor],
+        compute: Callable[[BatchGraph], Tensor | LowRankTerm],
         empty: Callable[[], Tensor],
         desc: str | None = None,
         directions: int | None = None,
@@ -518,7 +519,8 @@ class ModelCurvature:
 
         Args:
             part: the graphs' part (None: the loss only).
-            compute: ``graph ↦`` the batch's unweighted term.
+            compute: ``graph ↦`` the batch's unweighted term (a low-rank term adds to the
+                sum's upper triangle only: see :func:`~deqhess.models.gram.mirror_upper_`).
             empty: the sum's zero (a rank or a data set without batches).
             desc: the progress bar's label (None: no bar).
             directions: the directions per derivative pass, for the DEQ layers.
@@ -655,12 +657,13 @@ class ModelCurvature:
         steps = None if batches is None else p * batches
         bar = tqdm(total=steps, desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
 
-        def one(graph: BatchGraph) -> Tensor:
+        def one(graph: BatchGraph) -> Tensor | LowRankTerm:
             routes.add("jacobians" if uses_jacobians(graph, p) else "products")
             return batch_dense(graph, graph.samples, blocks, bar.update)
 
         try:
-            total = self._sum(part, one, lambda: self._zeros(p, p), directions=p)
+            # a low-rank term adds only to the upper triangle: the sum is its mirror
+            total = mirror_upper_(self._sum(part, one, lambda: self._zeros(p, p), directions=p))
         finally:
             bar.close()
         self._blocks.per_direction = self._blocks.per_direction or blocks.per_direction

@@ -6,11 +6,14 @@ built once (each DEQ solves once) and gives its whole ``[P, P]`` contribution:
 * **products** — ``P`` directions through the batch's second-order graph, in blocks of
   ``chunk``: ``(C Vᵀ)ᵀ`` rows of the symmetric matrix (every part);
 * **output Jacobians** — for the GGN ``Jᵀ∇²ℓJ`` when the batch's output has fewer
-  numbers than there are parameters (``M = n_b·C < P``): the ``M`` rows of ``J`` by
-  one-hot cotangents through the graph (each row costs at most one product direction: a
-  GGN direction is three passes, ``J v``, ``∇²ℓ``, ``Jᵀ``), ``∇²ℓ`` at the output along
-  the same rows, then ``Jᵀ(∇²ℓ J)`` in one matrix product — ``P / M`` times fewer
-  passes through the model (measured 5× on a tanh classifier, 36× on a conv DEQ).
+  numbers than there are parameters (``M = n_b·C < P``): ``∇²ℓ`` at the output
+  (``[M, M]``, through the loss alone) factored as ``FᵀSF`` without its null space,
+  then the rows of ``A = F J`` by cotangents through the graph (each row costs at most
+  one product direction: a GGN direction is three passes, ``J v``, ``∇²ℓ``, ``Jᵀ``) —
+  ``P / M`` times fewer passes through the model (measured 5× on a tanh classifier, 36×
+  on a conv DEQ). The batch's term is the signed Gram matrix ``A₊ᵀA₊ − A₋ᵀA₋``
+  (:class:`~deqhess.models.gram.LowRankTerm`), which the pass adds into its sum's upper
+  triangle by BLAS ``syrk``; the sum is mirrored once at the end.
 
 The memory a block of directions takes is measured, not assumed: the first block of a
 pass runs :data:`PROBE` directions under :class:`deqhess.memory.PeakMemory`, and the
@@ -26,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ..errors import DenseMemoryError
-from ..linear.dense import diagonal_block_width, diagonal_blocks
 from ..memory import PeakMemory, budget_bytes
+from .gram import LowRankTerm, curvature_factor
 from .graph import BatchGraph
 
 __all__ = ["PROBE", "Blocks", "batch_dense", "run_block", "uses_jacobians"]
@@ -35,6 +38,9 @@ __all__ = ["PROBE", "Blocks", "batch_dense", "run_block", "uses_jacobians"]
 #: the most directions of the first block, whose memory is measured (a wider first block
 #: could already exhaust memory: 394 directions of an MDEQ batch needed ~13 GB).
 PROBE = 16
+
+#: numbers in one block of the loss curvature's one-hot rows (``[rows, M]``)
+CURVATURE_ROWS = 2**22
 
 
 def _size(nbytes: float) -> str:
@@ -160,7 +166,7 @@ def uses_jacobians(graph: BatchGraph, parameters: int) -> bool:
 
 def batch_dense(
     graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
-) -> Tensor:
+) -> Tensor | LowRankTerm:
     """The batch's ``[P, P]`` matrix of ``graph``'s part, assembled the cheaper way.
 
     From output Jacobians where :func:`uses_jacobians` says so, else from ``P`` one-hot
@@ -174,7 +180,9 @@ def batch_dense(
         progress: called with the directions done after each block.
 
     Returns:
-        ``[P, P]``: the batch's matrix, its weight included.
+        ``[P, P]``: the batch's matrix, its weight included; or, from output Jacobians,
+        the same matrix as a :class:`~deqhess.models.gram.LowRankTerm` (whose sum is
+        whole only once mirrored, :func:`~deqhess.models.gram.mirror_upper_`).
     """
     p = graph.layout.size
     like = graph.params[0]
@@ -199,80 +207,52 @@ def batch_dense(
 
 def _from_jacobians(
     graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
-) -> Tensor:
-    """``Jᵀ(∇²ℓ J)`` from the ``M`` rows of ``J = ∂output/∂θ`` and of ``∇²ℓ``."""
+) -> LowRankTerm:
+    """``Jᵀ∇²ℓJ`` as the signed Gram matrix of ``A = F J`` (``∇²ℓ = FᵀSF``).
+
+    ``∇²ℓ`` at the output (``[M, M]``: a backward of the loss's output gradient along
+    the ``M`` one-hot rows, through the loss alone) is factored
+    (:func:`deqhess.models.gram.curvature_factor`); ``A``'s rows are the output
+    Jacobian's rows along ``F``'s rows, by backwards through the graph in blocks.
+
+    Returns:
+        The batch's ``[P, P]`` GGN (its weight included) as its rows ``A``.
+    """
     outputs, leaves = graph.outputs, graph.out_leaves
     sizes = [o.numel() for o in outputs]
     m, p = sum(sizes), graph.layout.size
     like = graph.params[0]
-    jacobian = torch.empty(m, p, dtype=like.dtype, device=like.device)
+
+    def cotangents(rows: Tensor) -> list[Tensor]:
+        pieces = zip(rows.split(sizes, dim=1), outputs, strict=True)
+        return [c.reshape(len(rows), *o.shape) for c, o in pieces]
+
+    onehot = torch.eye(m, dtype=like.dtype, device=like.device)
     curvature = torch.empty(m, m, dtype=like.dtype, device=like.device)
+    step = max(1, CURVATURE_ROWS // m)  # through the loss alone: cheap, but M² numbers
+    for start in range(0, m, step):
+        with torch.enable_grad():
+            second = graph.backward(
+                list(graph.out_grad), leaves, cotangents(onehot[start : start + step])
+            )
+        curvature[start : start + step] = torch.cat([g.flatten(1) for g in second], 1)
+    factor, negative = curvature_factor(0.5 * (curvature + curvature.T))  # [R, M]
+    gram = torch.empty(len(factor), p, dtype=like.dtype, device=like.device)
 
     def rows(start: int, stop: int) -> Tensor:
-        onehot = torch.zeros(stop - start, m, dtype=like.dtype, device=like.device)
-        onehot[torch.arange(stop - start), torch.arange(start, stop)] = 1
-        pieces = zip(onehot.split(sizes, dim=1), outputs, strict=True)
-        cotangents = [c.reshape(stop - start, *o.shape) for c, o in pieces]
         with torch.enable_grad():
-            grads = graph.backward(outputs, graph.params, cotangents)
-            second = graph.backward(list(graph.out_grad), leaves, cotangents)
-        curvature[start:stop] = torch.cat([g.reshape(stop - start, -1) for g in second], 1)
-        return torch.cat([g.reshape(stop - start, -1) for g in grads], dim=1).detach()
+            grads = graph.backward(outputs, graph.params, cotangents(factor[start:stop]))
+        column = 0
+        for g in grads:  # each parameter's columns written in place: no concatenated copy
+            width = g[0].numel()
+            gram[start:stop, column : column + width] = g.detach().reshape(stop - start, -1)
+            column += width
+        return gram[start:stop]
 
     start = 0
-    while start < m:
-        stop = min(m, start + blocks.size(samples, like.device))
-        jacobian[start:stop] = run_block(blocks, graph, samples, like.device, rows, start, stop)
+    while start < len(factor):
+        stop = min(len(factor), start + blocks.size(samples, like.device))
+        run_block(blocks, graph, samples, like.device, rows, start, stop)
         start = stop
     progress(p)
-    curvature = 0.5 * (curvature + curvature.T)
-    return symmetric_product(jacobian, _curvature_times(curvature, jacobian))
-
-
-def _curvature_times(curvature: Tensor, jacobian: Tensor) -> Tensor:
-    """``∇²ℓ J`` (``[M, M] @ [M, P]``), by its diagonal blocks where it has them.
-
-    A loss that is a sum over samples has a block-diagonal ``∇²ℓ`` (``C × C`` per
-    sample, rows ordered sample by sample): its ``n_b`` blocks multiply their own rows of
-    ``J``, ``n_b`` times fewer operations than the dense product. A loss coupling samples
-    (or outputs whose rows interleave them) keeps the dense product.
-
-    Returns:
-        ``[M, P]``: ``∇²ℓ J``.
-    """
-    m, width = curvature.shape[0], diagonal_block_width(curvature)
-    if width == m:
-        return curvature @ jacobian
-    blocks = diagonal_blocks(curvature, width)  # [M/w, w, w]
-    return torch.bmm(blocks, jacobian.reshape(m // width, width, -1)).reshape(m, -1)
-
-
-def symmetric_product(left: Tensor, right: Tensor, blocks: int = 8) -> Tensor:
-    """``leftᵀ right`` for a product known to be symmetric, from its upper block triangle.
-
-    ``Jᵀ(∇²ℓ J)`` is symmetric (``∇²ℓ`` is), so of its ``b × b`` column blocks only those
-    on and above the diagonal are multiplied out and the rest mirrored: ``(b + 1)/(2b)``
-    of the full product's arithmetic (56% for ``b = 8``), as BLAS's ``syrk`` does for
-    ``AᵀA``. The result is exactly symmetric.
-
-    Args:
-        left: ``[M, P]``.
-        right: ``[M, P]``, such that ``leftᵀ right`` is symmetric.
-        blocks: column blocks ``b``; fewer where ``P`` is small.
-
-    Returns:
-        ``[P, P]``: ``leftᵀ right``.
-    """
-    p = left.shape[1]
-    step = max(1, -(-p // blocks))
-    if step >= p:
-        return left.T @ right
-    out = torch.empty(p, p, dtype=left.dtype, device=left.device)
-    for i in range(0, p, step):
-        rows = left[:, i : i + step].T
-        upper = rows @ right[:, i:]  # the row block from the diagonal on
-        diagonal = upper[:, :step]
-        upper[:, :step] = 0.5 * (diagonal + diagonal.T)  # symmetric to the last bit
-        out[i : i + step, i:] = upper
-        out[i + step :, i : i + step] = upper[:, step:].T
-    return out
+    return LowRankTerm(gram, negative)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -46,12 +46,25 @@ from .ranks import agreed
 from .record import PassCheck, PassRecord
 from .store import BatchStore, Offer, StoredBatch
 
-__all__ = ["REDUCTIONS", "Batch", "Formed", "Stream", "check_reduction"]
+__all__ = ["REDUCTIONS", "Addend", "Batch", "Formed", "Stream", "check_reduction"]
 
 #: how batches combine: the data mean of batch means, or the plain sum.
 REDUCTIONS = ("mean", "sum")
 
 Value = Tensor | tuple[Tensor, ...]
+
+
+@runtime_checkable
+class Addend(Protocol):
+    """A batch's term that adds itself to the pass's sum, cheaper than as a tensor.
+
+    E.g. :class:`deqhess.models.gram.LowRankTerm`, a low-rank symmetric matrix kept as
+    its rows and added by BLAS ``syrk``.
+    """
+
+    def add_to(self, total: Tensor | None, weight: float) -> Tensor:
+        """``total + weight · self``, in place where ``total`` exists (None: zero)."""
+        ...
 
 
 def check_reduction(reduction: str) -> str:
@@ -204,7 +217,7 @@ class Stream:
     def run(
         self,
         form: Callable[[Batch, StoredBatch | None], Formed | None],
-        compute: Callable[[Any], Value | None],
+        compute: Callable[[Any], Value | Addend | None],
         empty: Callable[[], Value] | None = None,
         desc: str | None = None,
     ) -> Value | None:
@@ -215,8 +228,8 @@ class Stream:
 
         Args:
             form: ``(batch, stored) ↦`` the batch formed (None: every sample excluded).
-            compute: ``term ↦`` the batch's unweighted derivative (a tensor or a tuple
-                of them), or None.
+            compute: ``term ↦`` the batch's unweighted derivative (a tensor, a tuple
+                of them, or an :class:`Addend`), or None.
             empty: the zero of the sum, for a rank or a data set without batches.
             desc: the progress bar's label (None: no bar).
 
@@ -393,8 +406,10 @@ def _check_unwritten(versions: list[tuple[Tensor, int]], evaluated: str) -> None
         )
 
 
-def _accumulate(total: Value | None, value: Value, weight: float) -> Value:
+def _accumulate(total: Value | None, value: Value | Addend, weight: float) -> Value:
     """``total + weight · value``, in place where ``total`` exists (``value`` is dropped)."""
+    if isinstance(value, Addend):
+        return value.add_to(cast(Tensor | None, total), weight)
     if total is None:
         return tuple(v * weight for v in value) if isinstance(value, tuple) else value * weight
     totals = total if isinstance(total, tuple) else (total,)
