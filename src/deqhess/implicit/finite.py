@@ -33,6 +33,9 @@ _ADVICE = {
     "loss is not (sqrt or abs at 0 have infinite curvature there).",
     "the Hessian-vector products": "first derivatives are finite, so a second derivative "
     "of f or of the loss is not (sqrt or abs at 0 have infinite curvature there).",
+    "the loss curvature at the output": "the loss's second derivative in the model's "
+    "output is NaN/inf there (sqrt or abs at 0 have infinite curvature): check "
+    "torch.func.hessian of the loss at the model's output.",
     "d²h*/dθ²": "a second derivative of f is NaN/inf at the fixed point (sqrt or abs at 0).",
 }
 

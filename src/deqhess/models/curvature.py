@@ -33,15 +33,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
+from ..batches import held_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import UNSET, renamed
 from ..errors import ConvergenceError, InputError
@@ -62,12 +62,22 @@ from ..streaming import (
     check_reduction,
     response_tolerance,
 )
+from .arguments import (
+    chosen_names,
+    deq_layers,
+    floating_leaves,
+    loss_reduction,
+    restricted,
+    sample_counter,
+    split_layer,
+)
 from .backward import BlockBackward
 from .dense import Blocks, batch_dense, run_block, uses_jacobians
-from .gram import LowRankTerm, mirror_upper_
 from .graph import BatchGraph, LossFunc
+from .info import CurvatureInfo, assembly
 from .modes import StateGuard, check_modes, check_second_order
 from .per_sample import output_jacobians, sample_gradients
+from .symmetric import SymmetricProduct, mirror_upper_
 
 __all__ = ["MODEL_PARTS", "CurvatureInfo", "ModelCurvature"]
 
@@ -75,22 +85,6 @@ __all__ = ["MODEL_PARTS", "CurvatureInfo", "ModelCurvature"]
 MODEL_PARTS = ("total", "ggn", "loss_curvature", "dynamics_curvature")
 
 _SPLIT_PARTS = ("loss_curvature", "dynamics_curvature")
-
-
-@dataclass(frozen=True)
-class CurvatureInfo:
-    """How :class:`ModelCurvature` computed what it computed.
-
-    Attributes:
-        per_direction_bytes: the memory one direction took per sample of a batch, as
-            measured on the first block (None: not measured yet, or not measurable on
-            this platform); blocks of directions are sized from it.
-        assembly: per dense part, how its ``[P, P]`` matrix was assembled (output
-            Jacobians or products, in blocks of how many directions).
-    """
-
-    per_direction_bytes: float | None = None
-    assembly: dict[str, str] = field(default_factory=dict)
 
 
 class ModelCurvature:
@@ -235,22 +229,22 @@ class ModelCurvature:
         if data is None:
             raise InputError(f"{where} needs data: the (x, target) batches.")
         self.model, self.loss = model, loss
-        self.names = _chosen_names(model, theta)
+        self.names = chosen_names(model, theta)
         self.layout = ParameterLayout(dict(zip(self.names, self._values(), strict=True)))
-        self.reduction = reduction or _loss_reduction(loss)
+        self.reduction = reduction or loss_reduction(loss)
         check_reduction(self.reduction)
-        self.split_at = _split_layer(model, split_at)
+        self.split_at = split_layer(model, split_at)
         if batch_dim is not None and (not isinstance(batch_dim, int) or batch_dim < 0):
             raise InputError(f"batch_dim must be a non-negative int or None; got {batch_dim!r}.")
         self.batch_dim = batch_dim
-        self.batch_size_fn = batch_size_fn or _size_along(batch_dim)
+        self.batch_size_fn = batch_size_fn or sample_counter(batch_dim)
         self.chunk_size = (
             default_chunk_size(2 * self.layout.size)
             if chunk_size is None
             else integer(chunk_size, "chunk_size", minimum=1)
         )
         self.backward = BlockBackward(backward)
-        if backward == "batched" and _deq_layers(model):
+        if backward == "batched" and deq_layers(model):
             raise InputError(
                 "backward='batched' (torch.autograd.grad with is_grads_batched=True) cannot "
                 "go through a deqhess.nn.DEQ layer: torch's legacy batching cannot run its "
@@ -397,11 +391,11 @@ class ModelCurvature:
             graph, calls = self._graph(params, batch.x, batch.target, n, part, warm, directions)
             keep = self._converged(batch, calls, n)
             if keep is None:
-                offers = () if stored is not None else (Offer(lambda: _bytes(warm), warm=warm),)
+                offers = () if stored is not None else (Offer(lambda: held_bytes(warm), warm=warm),)
                 return self._formed(graph, calls, n, None, 0, offers)
             if len(keep) == 0:
                 return Formed(None, 0, keep, n)
-            x, target = _restrict(batch.x, batch.target, keep, self.batch_dim)
+            x, target = restricted(batch.x, batch.target, keep, self.batch_dim)
             # cold: the same samples converge again
             graph, calls = self._graph(params, x, target, len(keep), part, {}, directions)
             if self._converged(batch, calls, len(keep)) is not None:
@@ -507,7 +501,7 @@ class ModelCurvature:
     def _sum(
         self,
         part: str | None,
-        compute: Callable[[BatchGraph], Tensor | LowRankTerm],
+        compute: Callable[[BatchGraph], Tensor | SymmetricProduct],
         empty: Callable[[], Tensor],
         desc: str | None = None,
         directions: int | None = None,
@@ -519,8 +513,8 @@ class ModelCurvature:
 
         Args:
             part: the graphs' part (None: the loss only).
-            compute: ``graph ↦`` the batch's unweighted term (a low-rank term adds to the
-                sum's upper triangle only: see :func:`~deqhess.models.gram.mirror_upper_`).
+            compute: ``graph ↦`` the batch's unweighted term (a symmetric product adds to
+                the sum's upper triangle only: see :func:`~deqhess.models.symmetric.mirror_upper_`).
             empty: the sum's zero (a rank or a data set without batches).
             desc: the progress bar's label (None: no bar).
             directions: the directions per derivative pass, for the DEQ layers.
@@ -574,7 +568,7 @@ class ModelCurvature:
         if part != "ggn":
             check_second_order(self.model, f"the {part!r} operator")
         if part in _SPLIT_PARTS and self.split_at is None:
-            layers = len(_deq_layers(self.model))
+            layers = len(deq_layers(self.model))
             if layers == 0:
                 raise InputError(
                     f"{part!r} splits the Hessian at a DEQ layer's fixed point, but the model "
@@ -657,7 +651,7 @@ class ModelCurvature:
         steps = None if batches is None else p * batches
         bar = tqdm(total=steps, desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
 
-        def one(graph: BatchGraph) -> Tensor | LowRankTerm:
+        def one(graph: BatchGraph) -> Tensor | SymmetricProduct:
             routes.add("jacobians" if uses_jacobians(graph, p) else "products")
             return batch_dense(graph, graph.samples, blocks, bar.update)
 
@@ -670,7 +664,7 @@ class ModelCurvature:
         self.info = replace(
             self.info,
             per_direction_bytes=blocks.per_direction,
-            assembly={**self.info.assembly, part: _assembly(routes, part, p, blocks)},
+            assembly={**self.info.assembly, part: assembly(routes, part, p, blocks)},
         )
         return total
 
@@ -797,7 +791,7 @@ class ModelCurvature:
 
         def rows(graph: BatchGraph, n: int) -> Tensor:
             if not found:
-                width = sum(t[0].numel() for t in _floating_leaves(graph.output))
+                width = sum(t[0].numel() for t in floating_leaves(graph.output))
                 check_dense(
                     self.num_samples * width * self.num_parameters, self.layout.dtype,
                     self.layout.device,
@@ -880,138 +874,3 @@ class ModelCurvature:
         loss_part = self.hessian_operator("loss_curvature").to_dense()
         dynamics_part = self.hessian_operator("dynamics_curvature").to_dense()
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
-
-
-def _assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
-    """What :attr:`ModelCurvature.info` says of a dense form."""
-    said = []
-    if "jacobians" in routes:
-        said.append(
-            "output Jacobians (a batch's output has fewer numbers than P = "
-            f"{p:,}): Jᵀ(∇²ℓ J) from its rows"
-        )
-    if "products" in routes:
-        measured = (
-            f"{blocks.per_direction / 2**20:.2f} MiB per direction and sample, measured"
-            if blocks.per_direction is not None
-            else "memory not measurable here: blocks of at most chunk_size"
-        )
-        said.append(
-            f"P = {p:,} product directions per batch, in blocks sized by memory "
-            f"({measured}); the DEQ layers' 'auto' linear solver sees P directions "
-            "(a per-sample LU where cheaper)"
-        )
-    return "; ".join(said) or f"no batch ({part})"
-
-
-def _loss_reduction(loss: Any) -> str:
-    """The data-set reduction a loss implies by its ``reduction`` attribute.
-
-    Args:
-        loss: the loss function (an ``nn.Module`` loss, or any callable).
-
-    Returns:
-        ``"mean"`` (also for ``"batchmean"``, a mean over samples, and for a loss without
-        the attribute) or ``"sum"``.
-
-    Raises:
-        InputError: ``"none"`` (the loss must give one number per batch) or another value.
-    """
-    value = getattr(loss, "reduction", "mean")
-    if value in ("mean", "sum"):
-        return value
-    if value == "batchmean":  # KLDivLoss: the sum over a sample, averaged over samples
-        return "mean"
-    if value == "none":
-        raise InputError(
-            "the loss has reduction='none', but each batch's loss must be one number (a "
-            "0-dim tensor): give the loss reduction='mean' or 'sum'."
-        )
-    raise InputError(
-        f"the loss's reduction attribute is {value!r}, which deqhess cannot read as a mean or "
-        "a sum over samples; pass reduction='mean' or 'sum' to say which it is."
-    )
-
-
-def _floating_leaves(output: Any) -> list[Tensor]:
-    return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
-
-
-def _bytes(store: dict) -> int:
-    """The bytes of the fixed points a warm-start store holds."""
-    return sum(t.numel() * t.element_size() for t in store.values())
-
-
-def _restrict(x: Any, target: Any, keep: Tensor, dim: int | None) -> tuple[Tensor, Tensor]:
-    if not (isinstance(x, Tensor) and isinstance(target, Tensor)) or dim != 0:
-        raise InputError(
-            "exclude_unconverged needs tensor inputs and targets whose first dimension "
-            f"indexes the samples (batch_dim=0); got x of type {type(x).__name__} and target "
-            f"of type {type(target).__name__}, batch_dim={dim}."
-        )
-    return x.index_select(0, keep.to(x.device)), target.index_select(0, keep.to(target.device))
-
-
-def _size_along(dim: int | None) -> Callable[[Any], int]:
-    """``x ↦`` its sample count: its size along ``dim`` (1 when ``dim`` is None)."""
-
-    def size(x: Any) -> int:
-        if dim is None:
-            return 1
-        if not isinstance(x, Tensor) or x.ndim <= dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise InputError(
-                f"cannot count the samples of a batch whose x is {shape} along "
-                f"batch_dim={dim}; pass batch_size_fn=lambda x: ... (the number of "
-                "samples in x), or the batch_dim that indexes them."
-            )
-        return x.shape[dim]
-
-    return size
-
-
-def _chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | None) -> list[str]:
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [n for n, p in named.items() if p.requires_grad]
-    else:
-        if isinstance(params, (str, Tensor)):
-            params = [params]
-        by_identity = {id(p): n for n, p in named.items()}
-        names = [
-            by_identity.get(id(p), "<not a parameter of the model>") if isinstance(p, Tensor) else p
-            for p in params
-        ]
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise InputError(f"unknown parameter names {unknown}; the model has {list(named)}.")
-    if not names:
-        raise InputError(
-            "no parameters chosen: the model has none that require grad."
-            if params is None
-            else "theta is empty: name the parameters to differentiate in, or pass "
-            "theta=None for all that require grad."
-        )
-    return names
-
-
-def _deq_layers(model: nn.Module) -> list[DEQ]:
-    return [m for m in model.modules() if isinstance(m, DEQ)]
-
-
-def _split_layer(model: nn.Module, split_at: nn.Module | str | None) -> DEQ | None:
-    layers = _deq_layers(model)
-    if split_at is None:
-        return layers[0] if len(layers) == 1 else None
-    if isinstance(split_at, str):
-        try:
-            split_at = model.get_submodule(split_at)
-        except AttributeError as error:
-            raise InputError(f"split_at={split_at!r} is not a submodule of the model.") from error
-    chosen = next((layer for layer in layers if layer is split_at), None)
-    if chosen is None:
-        raise InputError(
-            f"split_at must be one of the model's deqhess.nn.DEQ layers; got "
-            f"{type(split_at).__name__}."
-        )
-    return chosen

@@ -6,14 +6,13 @@ built once (each DEQ solves once) and gives its whole ``[P, P]`` contribution:
 * **products** — ``P`` directions through the batch's second-order graph, in blocks of
   ``chunk``: ``(C Vᵀ)ᵀ`` rows of the symmetric matrix (every part);
 * **output Jacobians** — for the GGN ``Jᵀ∇²ℓJ`` when the batch's output has fewer
-  numbers than there are parameters (``M = n_b·C < P``): ``∇²ℓ`` at the output
-  (``[M, M]``, through the loss alone) factored as ``FᵀSF`` without its null space,
-  then the rows of ``A = F J`` by cotangents through the graph (each row costs at most
-  one product direction: a GGN direction is three passes, ``J v``, ``∇²ℓ``, ``Jᵀ``) —
-  ``P / M`` times fewer passes through the model (measured 5× on a tanh classifier, 36×
-  on a conv DEQ). The batch's term is the signed Gram matrix ``A₊ᵀA₊ − A₋ᵀA₋``
-  (:class:`~deqhess.models.gram.LowRankTerm`), which the pass adds into its sum's upper
-  triangle by BLAS ``syrk``; the sum is mirrored once at the end.
+  numbers than there are parameters (``M = n_b·C < P``): the ``M`` rows of ``J`` by
+  one-hot cotangents through the graph (each row costs at most one product direction: a
+  GGN direction is three passes, ``J v``, ``∇²ℓ``, ``Jᵀ``), ``∇²ℓ`` at the output
+  (``[M, M]``, through the loss alone) — ``P / M`` times fewer passes through the model
+  (measured 5× on a tanh classifier, 36× on a conv DEQ). The batch's term
+  ``Jᵀ(∇²ℓ J)`` (:class:`~deqhess.models.symmetric.SymmetricProduct`) is added to the pass's
+  sum by its upper block triangle; the sum is mirrored once at the end.
 
 The memory a block of directions takes is measured, not assumed: the first block of a
 pass runs :data:`PROBE` directions under :class:`deqhess.memory.PeakMemory`, and the
@@ -29,9 +28,10 @@ import torch
 from torch import Tensor
 
 from ..errors import DenseMemoryError
+from ..implicit.finite import require_finite
 from ..memory import PeakMemory, budget_bytes
-from .gram import LowRankTerm, curvature_factor
 from .graph import BatchGraph
+from .symmetric import SymmetricProduct, curvature_times
 
 __all__ = ["PROBE", "Blocks", "batch_dense", "run_block", "uses_jacobians"]
 
@@ -166,7 +166,7 @@ def uses_jacobians(graph: BatchGraph, parameters: int) -> bool:
 
 def batch_dense(
     graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
-) -> Tensor | LowRankTerm:
+) -> Tensor | SymmetricProduct:
     """The batch's ``[P, P]`` matrix of ``graph``'s part, assembled the cheaper way.
 
     From output Jacobians where :func:`uses_jacobians` says so, else from ``P`` one-hot
@@ -181,8 +181,8 @@ def batch_dense(
 
     Returns:
         ``[P, P]``: the batch's matrix, its weight included; or, from output Jacobians,
-        the same matrix as a :class:`~deqhess.models.gram.LowRankTerm` (whose sum is
-        whole only once mirrored, :func:`~deqhess.models.gram.mirror_upper_`).
+        the same matrix as a :class:`~deqhess.models.symmetric.SymmetricProduct` (whose sum
+        is whole only once mirrored, :func:`~deqhess.models.symmetric.mirror_upper_`).
     """
     p = graph.layout.size
     like = graph.params[0]
@@ -207,52 +207,52 @@ def batch_dense(
 
 def _from_jacobians(
     graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
-) -> LowRankTerm:
-    """``Jᵀ∇²ℓJ`` as the signed Gram matrix of ``A = F J`` (``∇²ℓ = FᵀSF``).
+) -> SymmetricProduct:
+    """``Jᵀ(∇²ℓ J)`` from the ``M`` rows of ``J = ∂output/∂θ`` and ``∇²ℓ`` at the output.
 
-    ``∇²ℓ`` at the output (``[M, M]``: a backward of the loss's output gradient along
-    the ``M`` one-hot rows, through the loss alone) is factored
-    (:func:`deqhess.models.gram.curvature_factor`); ``A``'s rows are the output
-    Jacobian's rows along ``F``'s rows, by backwards through the graph in blocks.
+    ``∇²ℓ`` (``[M, M]``) by a backward of the loss's output gradient along the ``M``
+    one-hot rows, through the loss alone; ``J``'s rows by the same one-hot cotangents
+    through the graph, in blocks. A ``∇²ℓ`` with NaN or inf entries is refused with
+    :class:`deqhess.NonFiniteError`.
 
     Returns:
-        The batch's ``[P, P]`` GGN (its weight included) as its rows ``A``.
+        The batch's ``[P, P]`` GGN (its weight included), as ``J`` and ``∇²ℓ J``.
     """
     outputs, leaves = graph.outputs, graph.out_leaves
     sizes = [o.numel() for o in outputs]
     m, p = sum(sizes), graph.layout.size
     like = graph.params[0]
+    onehot = torch.eye(m, dtype=like.dtype, device=like.device)
 
     def cotangents(rows: Tensor) -> list[Tensor]:
         pieces = zip(rows.split(sizes, dim=1), outputs, strict=True)
         return [c.reshape(len(rows), *o.shape) for c, o in pieces]
 
-    onehot = torch.eye(m, dtype=like.dtype, device=like.device)
     curvature = torch.empty(m, m, dtype=like.dtype, device=like.device)
-    step = max(1, CURVATURE_ROWS // m)  # through the loss alone: cheap, but M² numbers
+    step = max(1, CURVATURE_ROWS // max(m, 1))  # through the loss alone: cheap, but M² numbers
     for start in range(0, m, step):
         with torch.enable_grad():
             second = graph.backward(
                 list(graph.out_grad), leaves, cotangents(onehot[start : start + step])
             )
         curvature[start : start + step] = torch.cat([g.flatten(1) for g in second], 1)
-    factor, negative = curvature_factor(0.5 * (curvature + curvature.T))  # [R, M]
-    gram = torch.empty(len(factor), p, dtype=like.dtype, device=like.device)
+    require_finite(curvature, "the loss curvature at the output")
+    jacobian = torch.empty(m, p, dtype=like.dtype, device=like.device)
 
     def rows(start: int, stop: int) -> Tensor:
         with torch.enable_grad():
-            grads = graph.backward(outputs, graph.params, cotangents(factor[start:stop]))
+            grads = graph.backward(outputs, graph.params, cotangents(onehot[start:stop]))
         column = 0
         for g in grads:  # each parameter's columns written in place: no concatenated copy
             width = g[0].numel()
-            gram[start:stop, column : column + width] = g.detach().reshape(stop - start, -1)
+            jacobian[start:stop, column : column + width] = g.detach().reshape(stop - start, -1)
             column += width
-        return gram[start:stop]
+        return jacobian[start:stop]
 
     start = 0
-    while start < len(factor):
-        stop = min(len(factor), start + blocks.size(samples, like.device))
+    while start < m:
+        stop = min(m, start + blocks.size(samples, like.device))
         run_block(blocks, graph, samples, like.device, rows, start, stop)
         start = stop
     progress(p)
-    return LowRankTerm(gram, negative)
+    return SymmetricProduct(jacobian, curvature_times(0.5 * (curvature + curvature.T), jacobian))

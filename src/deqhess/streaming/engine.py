@@ -58,8 +58,8 @@ Value = Tensor | tuple[Tensor, ...]
 class Addend(Protocol):
     """A batch's term that adds itself to the pass's sum, cheaper than as a tensor.
 
-    E.g. :class:`deqhess.models.gram.LowRankTerm`, a low-rank symmetric matrix kept as
-    its rows and added by BLAS ``syrk``.
+    E.g. :class:`deqhess.models.symmetric.SymmetricProduct`, a symmetric ``[P, P]`` matrix
+    kept as its two ``[M, P]`` factors and added by its upper block triangle.
     """
 
     def add_to(self, total: Tensor | None, weight: float) -> Tensor:

@@ -1,0 +1,57 @@
+"""What :class:`deqhess.ModelCurvature` reports of how it computed: ``info``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .dense import Blocks
+
+__all__ = ["CurvatureInfo", "assembly"]
+
+
+@dataclass(frozen=True)
+class CurvatureInfo:
+    """How :class:`ModelCurvature` computed what it computed.
+
+    Attributes:
+        per_direction_bytes: the memory one direction took per sample of a batch, as
+            measured on the first block (None: not measured yet, or not measurable on
+            this platform); blocks of directions are sized from it.
+        assembly: per dense part, how its ``[P, P]`` matrix was assembled (output
+            Jacobians or products, in blocks of how many directions).
+    """
+
+    per_direction_bytes: float | None = None
+    assembly: dict[str, str] = field(default_factory=dict)
+
+
+def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
+    """What :attr:`ModelCurvature.info` says of a dense form.
+
+    Args:
+        routes: the routes its batches took (``"jacobians"``, ``"products"``).
+        part: the dense part.
+        p: ``P``.
+        blocks: the block sizes, and the memory a direction took once measured.
+
+    Returns:
+        One sentence per route.
+    """
+    said = []
+    if "jacobians" in routes:
+        said.append(
+            "output Jacobians (a batch's output has fewer numbers than P = "
+            f"{p:,}): Jᵀ(∇²ℓ J) from its rows, by its upper block triangle"
+        )
+    if "products" in routes:
+        measured = (
+            f"{blocks.per_direction / 2**20:.2f} MiB per direction and sample, measured"
+            if blocks.per_direction is not None
+            else "memory not measurable here: blocks of at most chunk_size"
+        )
+        said.append(
+            f"P = {p:,} product directions per batch, in blocks sized by memory "
+            f"({measured}); the DEQ layers' 'auto' linear solver sees P directions "
+            "(a per-sample LU where cheaper)"
+        )
+    return "; ".join(said) or f"no batch ({part})"
