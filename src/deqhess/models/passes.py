@@ -1,0 +1,409 @@
+"""One model over one data set: its batches formed and its passes run, checked.
+
+:class:`ModelPasses` is what :class:`deqhess.ModelCurvature`'s operators stand on: the
+arguments kept and checked (:mod:`deqhess.models.arguments`), the model's modes checked
+before every pass and its state compared bit for bit after it, each batch formed into its
+graph (:class:`deqhess.models.graph.BatchGraph`) with every DEQ layer's convergence and
+accuracy watched (unconverged samples refused, or left out and the batch rerun on the
+others), and one pass of the streaming engine (:class:`deqhess.streaming.Stream`) summing
+a term per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from ..batches import held_bytes
+from ..chunks import default_chunk_size
+from ..deprecation import renamed
+from ..errors import ConvergenceError, InputError
+from ..nn import DEQ, LayerCall, layer_calls
+from ..options import integer
+from ..parameters import ParameterLayout
+from ..streaming import (
+    DEFAULT_CACHE_BYTES,
+    Batch,
+    Formed,
+    Offer,
+    StoredBatch,
+    Stream,
+    check_reduction,
+    response_tolerance,
+)
+from .arguments import (
+    chosen_names,
+    deq_layers,
+    loss_reduction,
+    restricted,
+    sample_counter,
+    split_layer,
+)
+from .backward import BlockBackward
+from .dense import Blocks
+from .graph import BatchGraph, LossFunc
+from .info import CurvatureInfo
+from .modes import StateGuard, check_modes
+from .symmetric import SymmetricProduct
+
+__all__ = ["ModelPasses"]
+
+
+class ModelPasses:
+    """A model, a loss, chosen parameters and data: batches formed, passes run.
+
+    Subclasses (:class:`deqhess.ModelCurvature`) say what to compute on each batch's
+    graph; the seams ``_values``, ``_agree`` and ``_group`` let the distributed form
+    shard the data and agree across ranks.
+    """
+
+    _label = "ModelPasses"
+
+    def _configure(
+        self,
+        model: nn.Module,
+        loss: LossFunc | None,
+        data: Iterable[tuple[Any, Any]] | None,
+        theta: Sequence[str] | Sequence[Tensor] | None,
+        *,
+        reduction: str | None,
+        split_at: nn.Module | str | None,
+        batch_dim: int | None,
+        batch_size_fn: Callable[[Any], int] | None,
+        chunk_size: int | None,
+        backward: str,
+        cache_bytes: int | None,
+        exclude_unconverged: bool,
+        progress: bool | None,
+        loss_func: Any,
+        params: Any,
+        warm_start_bytes: Any,
+    ) -> None:
+        """The arguments and the model checked and kept; this process alone."""
+        where = self._label
+        loss = renamed(loss, loss_func, old="loss_func", new="loss", where=where)
+        theta = renamed(theta, params, old="params", new="theta", where=where)
+        cache_bytes = renamed(
+            cache_bytes, warm_start_bytes, old="warm_start_bytes", new="cache_bytes", where=where
+        )
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if not callable(loss):
+            raise InputError(f"loss must be callable; got {type(loss).__name__}.")
+        if data is None:
+            raise InputError(f"{where} needs data: the (x, target) batches.")
+        self.model, self.loss = model, loss
+        self.names = chosen_names(model, theta)
+        self.layout = ParameterLayout(dict(zip(self.names, self._values(), strict=True)))
+        self.reduction = reduction or loss_reduction(loss)
+        check_reduction(self.reduction)
+        self.split_at = split_layer(model, split_at)
+        if batch_dim is not None and (not isinstance(batch_dim, int) or batch_dim < 0):
+            raise InputError(f"batch_dim must be a non-negative int or None; got {batch_dim!r}.")
+        self.batch_dim = batch_dim
+        self.batch_size_fn = batch_size_fn or sample_counter(batch_dim)
+        self.chunk_size = (
+            default_chunk_size(2 * self.layout.size)
+            if chunk_size is None
+            else integer(chunk_size, "chunk_size", minimum=1)
+        )
+        self.backward = BlockBackward(backward)
+        if backward == "batched" and deq_layers(model):
+            raise InputError(
+                "backward='batched' (torch.autograd.grad with is_grads_batched=True) cannot "
+                "go through a deqhess.nn.DEQ layer: torch's legacy batching cannot run its "
+                "solves. Use backward='vmap' (what 'auto', the default, picks for DEQ models) "
+                "or 'loop'."
+            )
+        self.exclude_unconverged = bool(exclude_unconverged)
+        check_modes(model, where)
+        self._stream = Stream(
+            data, label=where, reduction=self.reduction, count=self.batch_size_fn,
+            sample_dim=batch_dim,
+            cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
+            progress=progress, group=self._group(), device=self.layout.device,
+            guard=self._guard, version=self._version, on_restart=self._restarted,
+        )  # fmt: skip
+        if self._stream.data.one_shot:
+            raise InputError(
+                f"data is a one-shot iterator ({type(data).__name__}); every product reads "
+                "the data once, so pass a list or a DataLoader."
+            )
+        self._layer_names = {id(m): name for name, m in model.named_modules() if isinstance(m, DEQ)}
+        self._blocks = Blocks(self.chunk_size)  # the memory one direction takes, once measured
+        self._widest_batch = 1
+        self._warned_rows = False
+        self.info = CurvatureInfo()
+
+    # ------------------------------------------------------------------ set-up seams
+    def _values(self) -> list[Tensor]:
+        named = dict(self.model.named_parameters())
+        return [named[n].detach() for n in self.names]
+
+    def _agree(self) -> None:
+        """Nothing to agree on in one process (the distributed form checks its ranks)."""
+
+    def _group(self) -> Any:
+        return None
+
+    @property
+    def num_parameters(self) -> int:
+        """``P``: the entries of the chosen parameters; the operators are ``P × P``."""
+        return self.layout.size
+
+    @property
+    def num_samples(self) -> int:
+        """``N``: the samples the sums count (those kept), by the first pass.
+
+        A forward pass of its own runs if none ran yet, refused with
+        :class:`deqhess.InputError` when the data hold no sample or none converged.
+        """
+        self._first_pass()
+        return self._stream.num_samples or 0
+
+    @property
+    def num_batches(self) -> int:
+        """The number of batches (over every rank), by the first pass."""
+        self._first_pass()
+        return self._stream.total_batches or 0
+
+    @property
+    def excluded_samples(self) -> int:
+        """Samples left out as unconverged (``exclude_unconverged``), by the first pass."""
+        self._first_pass()
+        return self._stream.excluded_samples
+
+    @property
+    def cached_bytes(self) -> int:
+        """The bytes of the fixed points kept between passes (at most ``cache_bytes``)."""
+        return self._stream.store.used
+
+    def _first_pass(self) -> None:
+        if self._stream.record is None:
+            self._stream.run(self._former(None), lambda graph: None)
+            self._check_samples()
+
+    def _version(self) -> tuple:
+        """The model's parameters and buffers as they are now.
+
+        Returns:
+            :meth:`StateGuard.snapshot`'s token (names, identities, versions): a change
+            between products starts the stream's checks and its store afresh.
+        """
+        return StateGuard.snapshot(self.model)
+
+    def _restarted(self) -> None:
+        """The model changed between products: the ranks agree on it again."""
+        self._agree()
+
+    # ------------------------------------------------------------------ one pass
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Around every pass: the model's modes checked before, its state after.
+
+        A module that is another function on every call is refused by name
+        (:class:`deqhess.InputError`) before the pass; a forward that wrote the model's
+        parameters or buffers (in place, through ``.data`` or by rebinding), with
+        :class:`deqhess.ModelChangedError` after it — what it wrote put back first, also
+        when the pass fails for another reason (then the refusal is raised from that
+        failure).
+
+        Yields:
+            Nothing: the pass runs inside.
+        """
+        check_modes(self.model, self._label)
+        state = StateGuard(self.model)
+        with state.watching():
+            try:
+                yield
+            except Exception as failure:  # named as a write, if it was one (from the failure)
+                state.check(self._label, failure)
+                raise
+            except BaseException:
+                state.restore()
+                raise
+        state.check(self._label)
+
+    def _former(
+        self, part: str | None, directions: int | None = None
+    ) -> Callable[[Batch, StoredBatch | None], Formed]:
+        """How a pass forms one batch: its graph for ``part``.
+
+        Under ``exclude_unconverged`` a batch with unconverged samples is rerun, cold, on
+        its converged ones (a :class:`deqhess.ConvergenceError` if they miss again);
+        otherwise such a batch is refused with one (see :meth:`_converged`).
+
+        Args:
+            part: one of :data:`MODEL_PARTS`, or None for the loss alone (its gradient).
+            directions: the directions per derivative pass the DEQ layers are to expect
+                (their ``'auto'`` linear solver chooses by it; None: not known).
+
+        Returns:
+            ``(batch, stored) ↦`` the batch's :class:`~deqhess.streaming.Formed`: its
+            graph, samples and kept indices; no graph when no sample converged.
+        """
+        params = self._leaves()
+
+        def form(batch: Batch, stored: StoredBatch | None) -> Formed:
+            n = len(batch.hashes)
+            warm = stored.warm if stored is not None else {}
+            graph, calls = self._graph(params, batch.x, batch.target, n, part, warm, directions)
+            keep = self._converged(batch, calls, n)
+            if keep is None:
+                offers = () if stored is not None else (Offer(lambda: held_bytes(warm), warm=warm),)
+                return self._formed(graph, calls, n, None, 0, offers)
+            if len(keep) == 0:
+                return Formed(None, 0, keep, n)
+            x, target = restricted(batch.x, batch.target, keep, self.batch_dim)
+            # cold: the same samples converge again
+            graph, calls = self._graph(params, x, target, len(keep), part, {}, directions)
+            if self._converged(batch, calls, len(keep)) is not None:
+                raise ConvergenceError(
+                    f"{self._label}: rerun on its converged samples, a batch did not converge "
+                    "again; the model's DEQ layers are not per-sample (batch_dim=0) maps."
+                )
+            return self._formed(graph, calls, len(keep), keep, n - len(keep), ())
+
+        return form
+
+    def _formed(
+        self,
+        graph: BatchGraph,
+        calls: list[LayerCall],
+        samples: int,
+        keep: Tensor | None,
+        excluded: int,
+        offers: tuple[Offer, ...],
+    ) -> Formed:
+        """A formed batch whose model output is checked to the DEQ layers' tolerance."""
+        rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
+        self._widest_batch = max(self._widest_batch, samples)
+        return Formed(
+            graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
+            tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
+        )  # fmt: skip
+
+    def _leaves(self) -> dict[str, Tensor]:
+        return {n: t.requires_grad_() for n, t in zip(self.names, self._values(), strict=True)}
+
+    def _graph(
+        self,
+        params: dict[str, Tensor],
+        x: Any,
+        target: Any,
+        samples: int,
+        part: str | None,
+        warm: dict,
+        directions: int | None,
+    ) -> tuple[BatchGraph, list[LayerCall]]:
+        calls: list[LayerCall] = []
+        with layer_calls(
+            warm=warm, records=calls, keep_best=True, directions=directions, watch_accuracy=True
+        ):
+            graph = BatchGraph(
+                self.model, self.loss, self.layout, params, x, target, 1.0, part,
+                self.split_at, self.backward, samples=samples,
+            )  # fmt: skip
+        return graph, calls
+
+    def _converged(self, batch: Batch, calls: list[LayerCall], n: int) -> Tensor | None:
+        """The samples every DEQ call of a batch's forward converged on.
+
+        Args:
+            batch: the batch (its index, for the message).
+            calls: the DEQ layers' calls in its forward, with their statistics.
+            n: the batch's sample count.
+
+        Returns:
+            The indices (``[k]``, ascending) of the samples every call converged on, or
+            None if all did.
+
+        Raises:
+            ConvergenceError: a sample missed a layer's tolerance and
+                ``exclude_unconverged`` is off, or a layer's samples cannot be matched to
+                the batch's.
+        """
+        missed = [call for call in calls if not bool(call.info.converged_mask.all())]
+        if not missed:
+            return None
+        first = missed[0]
+        name = self._layer_names.get(id(first.layer), type(first.layer).__name__)
+        info = first.info
+        if not self.exclude_unconverged:
+            raise ConvergenceError(
+                f"{self._label}: the DEQ layer model.{name} left {info.unconverged} of "
+                f"{info.converged_mask.numel()} samples of batch {batch.index + 1} of this "
+                "pass unconverged "
+                f"(largest residual {float(info.sample_residuals.max()):.2e}; tolerance "
+                f"rtol={info.tolerance.rtol:g}). Their states are not fixed points, so no "
+                "derivative there is the model's. Pass exclude_unconverged=True to leave such "
+                "samples out (counted in excluded_samples), or make the layer converge "
+                "(max_iter, a fallback solver, a looser tol).",
+                info,
+            )
+        keep = torch.ones(n, dtype=torch.bool)
+        for call in missed:
+            mask = call.info.converged_mask.cpu()
+            if mask.numel() == 1:
+                mask = mask.expand(n)
+            if mask.numel() != n:
+                layer = self._layer_names.get(id(call.layer), "?")
+                raise ConvergenceError(
+                    f"{self._label}: the DEQ layer model.{layer} solved {mask.numel()} "
+                    f"systems for a batch of {n} samples, so its unconverged ones cannot be "
+                    "matched to samples to leave out; make it converge instead.",
+                    call.info,
+                )
+            keep &= mask
+        return keep.nonzero()[:, 0]
+
+    def _sum(
+        self,
+        part: str | None,
+        compute: Callable[[BatchGraph], Tensor | SymmetricProduct],
+        empty: Callable[[], Tensor],
+        desc: str | None = None,
+        directions: int | None = None,
+    ) -> Tensor:
+        """One pass: ``Σ_b w_b compute(graph of batch b)`` (see :class:`Stream`).
+
+        Refused with :class:`deqhess.InputError` when the data hold no sample, or none
+        converged.
+
+        Args:
+            part: the graphs' part (None: the loss only).
+            compute: ``graph ↦`` the batch's unweighted term (a symmetric product adds to
+                the sum's upper triangle only: see :func:`~deqhess.models.symmetric.mirror_upper_`).
+            empty: the sum's zero (a rank or a data set without batches).
+            desc: the progress bar's label (None: no bar).
+            directions: the directions per derivative pass, for the DEQ layers.
+
+        Returns:
+            The weighted sum, shaped as ``compute``'s terms.
+        """
+        total = self._stream.run(
+            self._former(part, directions),
+            lambda graph: None if graph is None else compute(graph), empty, desc,
+        )  # fmt: skip
+        self._check_samples()
+        # a tensor: every term is one, and a pass without a term gives empty()'s zero
+        return cast(Tensor, total)
+
+    def _check_samples(self) -> None:
+        """Refuse data without a sample to analyse (the same on every rank)."""
+        if self._stream.num_samples:
+            return
+        if self._stream.excluded_samples:
+            raise InputError(
+                f"no sample converged: all {self._stream.excluded_samples} were excluded as "
+                "unconverged. Make the model's DEQ layers converge (max_iter, a fallback "
+                "solver, a looser tol)."
+            )
+        raise InputError("data is empty; pass at least one (x, target) batch.")
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self.layout.dtype, device=self.layout.device)
