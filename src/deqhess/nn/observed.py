@@ -42,14 +42,10 @@ from torch import Tensor
 from ..errors import InputError, add_note
 from ..linear import Linearization
 from ..locking import autocast_off, engine
-from .implicit import (
-    FixedPointSpec,
-    _FixedPoint,
-    _Nonlinear,
-    _pullback,
-    _refuse_legacy_vmap,
-    _System,
-)
+from .implicit import FixedPointFunction, refuse_legacy_vmap
+from .pullbacks import pullback
+from .spec import FixedPointSpec
+from .systems import NonlinearSystem, System
 
 __all__ = ["observed_fixed_point"]
 
@@ -88,8 +84,8 @@ def observed_fixed_point(
             named, with the hooks rule; otherwise the cell is not deterministic (the
             linearisation's error).
     """
-    system = _Nonlinear(spec, len(args))
-    z = _FixedPoint.apply(system, z0, *args)
+    system = NonlinearSystem(spec, len(args))
+    z = FixedPointFunction.apply(system, z0, *args)
     with autocast_off():  # the map the solve used, in the state's dtype
         # through one node of its own, the cell's gradient to its input arrives at z as
         # one sum, the one the compensation cancels bit for bit (the same products)
@@ -154,7 +150,7 @@ def _blame_hooks(
 
 class _Observed(torch.autograd.Function):
     @staticmethod
-    def forward(system: _System, b: Tensor, z: Tensor, *args: Tensor) -> Tensor:
+    def forward(system: System, b: Tensor, z: Tensor, *args: Tensor) -> Tensor:
         return z.clone()
 
     @staticmethod
@@ -165,21 +161,21 @@ class _Observed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
-        _refuse_legacy_vmap()
+        refuse_legacy_vmap()
         with engine():
             return _Observed._backward(ctx, grad)
 
     @staticmethod
     def _backward(ctx: Any, grad: Tensor) -> tuple:
         z, *args = ctx.saved_tensors
-        system: _System = ctx.system
+        system: System = ctx.system
         if not ctx.needs_input_grad[1]:  # b needs no grad: nothing in args does either
             return (None, None, None, *([None] * len(args)))
-        adjoint = _FixedPoint.apply(system.adjoint(), grad, grad, z, *args)
+        adjoint = FixedPointFunction.apply(system.adjoint(), grad, grad, z, *args)
         compensation = None
         if ctx.needs_input_grad[2]:  # cancels the Jᵀλ that b's graph sends to z
             fn, pulled = system.spec.fn, system.recorded_args(tuple(args))
-            pull = _pullback(lambda zz: fn(zz, *pulled), z)[1]
+            pull = pullback(lambda zz: fn(zz, *pulled), z)[1]
             compensation = -pull(adjoint)[0]
         return (None, adjoint, compensation, *([None] * len(args)))
 
@@ -189,7 +185,7 @@ class _Observed(torch.autograd.Function):
         return z_dot.clone()
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, system: _System, b: Tensor, z: Tensor, *args: Tensor):
+    def vmap(info: Any, in_dims: tuple, system: System, b: Tensor, z: Tensor, *args: Tensor):
         _, b_dim, z_dim, *arg_dims = in_dims
 
         def front(t: Tensor, dim: int | None) -> Tensor:
