@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any, Literal, overload
 
@@ -41,9 +41,16 @@ from ..streaming import (
     check_reduction,
     response_tolerance,
 )
+from .batch_solve import (
+    BatchLoss,
+    BatchSolve,
+    ReadyBatch,
+    SolvedBatch,
+    leading_count,
+    loss_uses_theta,
+)
 from .equilibrium import Equilibrium, EquilibriumInfo
 from .hessian import HessianSplit, split_deprecated
-from .loss import required_positional
 from .operators import CurvatureOperator, check_part
 from .problem import FixedPointMap
 
@@ -52,105 +59,6 @@ __all__ = ["BatchSolve", "DatasetEquilibrium"]
 # A cached batch's pullbacks (∂f/∂θ's, and ∇Φ's per operator part) each keep about
 # one to two copies of what autograd saves for one call of f: budget six.
 _PULLBACK_COPIES = 6
-
-
-class _BatchLoss:
-    """``loss(h, [θ,] y_b)`` as an ``L(h, θ)`` for one batch's equilibrium.
-
-    It wraps the user's loss (``_wrapped_loss``), so what that loss captured is watched
-    too.
-    """
-
-    def __init__(self, loss: Callable[..., Tensor], uses_theta: bool, target: Any):
-        self.loss, self.uses_theta, self.target = loss, uses_theta, target
-        self._wrapped_loss = loss
-
-    def __call__(self, h: Tensor, theta: Parameters) -> Tensor:
-        if self.uses_theta:
-            return self.loss(h, theta, self.target)
-        return self.loss(h, self.target)
-
-
-@dataclass
-class _Solved:
-    """One batch ready for products.
-
-    Its equilibrium (None if no sample was kept), its loss, and where it stands in the
-    first pass.
-    """
-
-    key: str
-    x: Any
-    target: Any
-    equilibrium: Equilibrium | None
-    loss: _BatchLoss | None
-    info: EquilibriumInfo
-    kept: Tensor | None = None  # the kept samples' indices in the batch (None: all)
-    excluded: int = 0
-
-
-@dataclass(frozen=True)
-class _Ready:
-    """A batch that kept samples, as the products see it: its equilibrium and loss."""
-
-    solved: _Solved
-    equilibrium: Equilibrium
-    loss: _BatchLoss
-
-
-@dataclass(frozen=True)
-class BatchSolve:
-    """One batch's forward solve, as the first pass saw it (kept for every batch).
-
-    Attributes:
-        info: the solve statistics (per-sample residuals and convergence included; the
-            condition number of ``I − J`` once a pass has factorised the batch).
-        samples: the batch's sample count (after exclusion).
-        state_norm: ``‖h*‖₂`` of the batch's fixed point.
-        dtype: the state's dtype.
-        excluded: unconverged samples left out (``exclude_unconverged``).
-    """
-
-    info: EquilibriumInfo
-    samples: int
-    state_norm: float
-    dtype: torch.dtype
-    excluded: int = 0
-
-
-def _loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
-    """Whether a data-set loss takes θ, read from its required positional arguments.
-
-    Returns:
-        True for ``loss(h, theta, target)`` (3 required positional arguments), False for
-        ``loss(h, target)`` (2; also taken for ``*args``).
-
-    Raises:
-        InputError: ``loss`` is not callable or requires another number of arguments.
-    """
-    if not callable(loss):
-        raise InputError(f"loss must be callable; got {type(loss).__name__}.")
-    required = required_positional(loss)
-    if required is None:
-        return False
-    if required not in (2, 3):
-        raise InputError(
-            "a data-set loss must take loss(h, target) or loss(h, theta, target); "
-            f"{getattr(loss, '__name__', loss)!r} requires {required} positional arguments."
-        )
-    return required == 3
-
-
-def _leading_count(x: Any) -> int:
-    """A batch's sample count for its fingerprints: the first dim of x's first tensor."""
-    tensor = (
-        x
-        if isinstance(x, Tensor)
-        else next(
-            (t for t in torch.utils._pytree.tree_flatten(x)[0] if isinstance(t, Tensor)), None
-        )
-    )
-    return tensor.shape[0] if isinstance(tensor, Tensor) and tensor.ndim > 0 else 1
 
 
 class DatasetEquilibrium:
@@ -251,7 +159,7 @@ class DatasetEquilibrium:
         data = renamed(data, batches, old="batches", new="data", where=self._label)
         if data is None or loss is None:
             raise InputError(f"{self._label} needs data (the (x, target) batches) and loss.")
-        self._uses_theta = _loss_uses_theta(loss)
+        self._uses_theta = loss_uses_theta(loss)
         check_reduction(reduction)
         self.layout = ParameterLayout(theta)
         self.f, self.theta, self.loss = f, theta, loss
@@ -271,7 +179,7 @@ class DatasetEquilibrium:
         self.options = options
         self.progress = progress
         self._stream = Stream(
-            data, label=self._label, evaluated="f", reduction=reduction, count=_leading_count,
+            data, label=self._label, evaluated="f", reduction=reduction, count=leading_count,
             sample_dim=None if batch_dim is None else 0, cache_bytes=cache_bytes,
             progress=progress, group=self._group(), device=self.layout.device,
         )  # fmt: skip
@@ -377,7 +285,7 @@ class DatasetEquilibrium:
             offers=tuple(offers),
         )  # fmt: skip
 
-    def _restricted(self, batch: Batch, eq: Equilibrium, keep: Tensor | None) -> _Solved:
+    def _restricted(self, batch: Batch, eq: Equilibrium, keep: Tensor | None) -> SolvedBatch:
         """The batch on the samples in ``keep`` (all when None).
 
         Returns:
@@ -391,10 +299,10 @@ class DatasetEquilibrium:
         """
         x, target = batch.x, batch.target
         if keep is None:
-            return _Solved(batch.key, x, target, eq, self._batch_loss(target), eq.info)
+            return SolvedBatch(batch.key, x, target, eq, self._batch_loss(target), eq.info)
         excluded = eq.info.converged_mask.numel() - len(keep)
         if len(keep) == 0:
-            return _Solved(batch.key, x, target, None, None, eq.info, keep, excluded)
+            return SolvedBatch(batch.key, x, target, None, None, eq.info, keep, excluded)
         if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
             raise InputError(
                 "exclude_unconverged needs tensor inputs and targets whose first dimension "
@@ -406,14 +314,14 @@ class DatasetEquilibrium:
         h0 = eq.h.index_select(0 if batch_dim is None else batch_dim, keep.to(eq.h.device))
         restricted = self._solve(kept_x, h0=h0)
         loss = self._batch_loss(kept_target)
-        return _Solved(
+        return SolvedBatch(
             batch.key, kept_x, kept_target, restricted, loss, restricted.info, keep, excluded
         )
 
-    def _batch_loss(self, target: Any) -> _BatchLoss:
-        return _BatchLoss(self.loss, self._uses_theta, target)
+    def _batch_loss(self, target: Any) -> BatchLoss:
+        return BatchLoss(self.loss, self._uses_theta, target)
 
-    def _record_first(self, solved: _Solved) -> None:
+    def _record_first(self, solved: SolvedBatch) -> None:
         """The first pass: each batch's :class:`BatchSolve`."""
         eq = solved.equilibrium
         self._first[solved.key] = len(self._solves)
@@ -429,7 +337,10 @@ class DatasetEquilibrium:
         )  # cond(I − J) joins the record once a pass has factorised the batch
 
     def _each(
-        self, compute: Callable[[_Ready], Any], empty: Callable[[], Any], desc: str | None = None
+        self,
+        compute: Callable[[ReadyBatch], Any],
+        empty: Callable[[], Any],
+        desc: str | None = None,
     ) -> Any:
         """One pass of ``compute`` over the batches with samples, θ checked first."""
         if [t._version for t in self.layout.tensors(self.theta)] != self._versions:
@@ -439,17 +350,17 @@ class DatasetEquilibrium:
                 "changing theta (or pass copies: theta.clone())."
             )
 
-        def visit(solved: _Solved) -> Any:
+        def visit(solved: SolvedBatch) -> Any:
             eq, loss = solved.equilibrium, solved.loss
             if eq is None or loss is None:  # every sample of this batch was excluded
                 return None
-            value = compute(_Ready(solved, eq, loss))
+            value = compute(ReadyBatch(solved, eq, loss))
             self._record_condition(solved)
             return value
 
         return self._stream.run(self._form, visit, empty, desc)
 
-    def _record_condition(self, solved: _Solved) -> None:
+    def _record_condition(self, solved: SolvedBatch) -> None:
         """Give a batch's :class:`BatchSolve` the ``cond(I − J)`` of a pass that factorised it.
 
         The first pass solved only its fixed point; the state error needs the condition.
@@ -462,7 +373,7 @@ class DatasetEquilibrium:
         if record.info.condition_number is None and eq.info.condition_number is not None:
             self._solves[index] = replace(record, info=eq.info)
 
-    def _cached_bytes(self, solved: _Solved, eq: Equilibrium) -> int:
+    def _cached_bytes(self, solved: SolvedBatch, eq: Equilibrium) -> int:
         """Estimated bytes a batch holds once stored and used for products."""
         itemsize = torch.finfo(self.layout.dtype).bits // 8
         if self._activations is None:
@@ -479,7 +390,7 @@ class DatasetEquilibrium:
             + _PULLBACK_COPIES * activations
         )
 
-    def _stored(self, solved: _Solved) -> bool:
+    def _stored(self, solved: SolvedBatch) -> bool:
         entry = self._stream.store.get(solved.key)
         return entry is not None and entry.solved is solved
 
@@ -534,7 +445,7 @@ class DatasetEquilibrium:
         """
         p = self.num_parameters
 
-        def one(batch: _Ready) -> tuple[Tensor, Tensor]:
+        def one(batch: ReadyBatch) -> tuple[Tensor, Tensor]:
             parts = self._fresh(batch).hessian_split(batch.loss)
             return parts.loss_curvature, parts.dynamics_curvature
 
@@ -543,7 +454,7 @@ class DatasetEquilibrium:
         )
         return HessianSplit(loss_part, dynamics_part, loss_part + dynamics_part)
 
-    def _fresh(self, batch: _Ready) -> Equilibrium:
+    def _fresh(self, batch: ReadyBatch) -> Equilibrium:
         """The batch's equilibrium, for a dense form whose Z must not stay stored.
 
         Returns:
