@@ -17,14 +17,8 @@ from .base import Counted, ParameterBlock, SymmetricOperator
 from .density import DensityResult, spectral_density
 from .diagonal import DiagonalResult, diagonal
 from .eigen import EigenResult, default_max_hvps, extreme_eigenpairs
-from .inverse import (
-    InfluenceResult,
-    InverseResult,
-    InverseStatus,
-    influence,
-    newton_step,
-    solve_damped,
-)
+from .inverse import InverseResult, InverseStatus, solve_damped
+from .newton import InfluenceResult, influence, newton_step
 from .posterior import InverseDiagonalResult, inverse_diagonal
 from .trace import TraceResult, hutchinson, hutchpp
 

@@ -1,4 +1,4 @@
-"""Inverse-Hessian-vector products: damped CG / MINRES, Newton steps, influence scores.
+"""Inverse-Hessian-vector products: ``(H + δI) x = b`` by damped CG or MINRES.
 
 ``(H + δI) x = b`` is solved with products of the operator. Which method suits which
 operator:
@@ -22,8 +22,8 @@ short of its tolerance — the cap reached, negative curvature met by CG, MINRES
 stagnating on a singular system, or a recomputed residual above ``10·tol`` — raises
 :class:`deqhess.AnalysisConvergenceError` saying how it ended and what to try; its
 ``.result`` is the :class:`InverseResult` (``require_convergence=False`` returns that
-instead). A Newton step with an indefinite H may point uphill; damping with
-``δ > −λ_min`` makes it a descent direction.
+instead). Newton steps and influence scores, built on these solves, are in
+:mod:`deqhess.curvature.newton`.
 """
 
 from __future__ import annotations
@@ -45,11 +45,8 @@ _NOT_SOLVABLE = "MINRES and CG, which assume H = Hᵀ, would not solve (H + δI)
 
 __all__ = [
     "DEFAULT_TOL",
-    "InfluenceResult",
     "InverseResult",
     "InverseStatus",
-    "influence",
-    "newton_step",
     "solve_damped",
 ]
 
@@ -354,66 +351,3 @@ def _minres(
             if demand < 1.0:  # even asked for 100× more: singular or stuck
                 return x, InverseStatus.STAGNATED
             demand = 1e-2  # SciPy's own test stopped it early: ask for more, once
-
-
-def newton_step(
-    op: SymmetricOperator, gradient: Tensor, damping: float = 0.0, **options
-) -> InverseResult:
-    """The (damped) Newton step ``−(H + δI)⁻¹ ∇L``.
-
-    Its errors are :func:`solve_damped`'s.
-
-    Args:
-        op: the symmetric ``P × P`` operator ``H``.
-        gradient: ``∇L``, a flat ``[P]`` tensor.
-        damping: ``δ``.
-        **options: :func:`solve_damped`'s (``method``, ``tol``, ``max_iter``,
-            ``require_convergence``…).
-
-    Returns:
-        The solve, whose ``solution`` is the step.
-    """
-    if not isinstance(gradient, Tensor):  # the checks and their message are solve_damped's
-        return solve_damped(op, gradient, damping, **options)
-    return solve_damped(op, -gradient, damping, **options)
-
-
-@dataclass(frozen=True)
-class InfluenceResult:
-    """Influence of training points on a test loss (Koh & Liang 2017).
-
-    Attributes:
-        scores: ``[N]`` ``−∇L_trainᵢᵀ (H + δI)⁻¹ ∇L_test``: the first-order change of the
-            test loss when training point i is up-weighted by ε, divided by ε.
-        inverse: the solve ``(H + δI)⁻¹ ∇L_test`` it rests on.
-    """
-
-    scores: Tensor
-    inverse: InverseResult
-
-
-def influence(
-    op: SymmetricOperator,
-    test_gradient: Tensor,
-    train_gradients: Tensor,
-    damping: float = 0.0,
-    **options,
-) -> InfluenceResult:
-    """Influence scores of ``N`` training gradients ``[N, P]`` on one test gradient ``[P]``.
-
-    The scores rest on one solve, which raises :class:`deqhess.AnalysisConvergenceError`
-    when it ends short of ``tol`` (scores from an unconverged solve only with
-    ``require_convergence=False``; check ``result.inverse.converged``).
-
-    Args:
-        op: the symmetric ``P × P`` operator ``H``.
-        test_gradient: ``∇L_test`` ``[P]``.
-        train_gradients: ``∇L_trainᵢ`` as rows ``[N, P]``.
-        damping: ``δ``.
-        **options: :func:`solve_damped`'s.
-
-    Returns:
-        The scores ``[N]`` and the solve they rest on.
-    """
-    inverse = solve_damped(op, test_gradient, damping, **options)
-    return InfluenceResult(scores=-(train_gradients @ inverse.solution), inverse=inverse)

@@ -1,0 +1,80 @@
+"""What damped inverse products are for: Newton steps and influence scores.
+
+Each rests on one :func:`~deqhess.curvature.inverse.solve_damped` solve and raises its
+errors. A Newton step with an indefinite ``H`` may point uphill; damping with
+``δ > −λ_min`` makes it a descent direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .base import SymmetricOperator
+from .inverse import InverseResult, solve_damped
+
+__all__ = ["InfluenceResult", "influence", "newton_step"]
+
+
+def newton_step(
+    op: SymmetricOperator, gradient: Tensor, damping: float = 0.0, **options
+) -> InverseResult:
+    """The (damped) Newton step ``−(H + δI)⁻¹ ∇L``.
+
+    Its errors are :func:`solve_damped`'s.
+
+    Args:
+        op: the symmetric ``P × P`` operator ``H``.
+        gradient: ``∇L``, a flat ``[P]`` tensor.
+        damping: ``δ``.
+        **options: :func:`solve_damped`'s (``method``, ``tol``, ``max_iter``,
+            ``require_convergence``…).
+
+    Returns:
+        The solve, whose ``solution`` is the step.
+    """
+    if not isinstance(gradient, Tensor):  # the checks and their message are solve_damped's
+        return solve_damped(op, gradient, damping, **options)
+    return solve_damped(op, -gradient, damping, **options)
+
+
+@dataclass(frozen=True)
+class InfluenceResult:
+    """Influence of training points on a test loss (Koh & Liang 2017).
+
+    Attributes:
+        scores: ``[N]`` ``−∇L_trainᵢᵀ (H + δI)⁻¹ ∇L_test``: the first-order change of the
+            test loss when training point i is up-weighted by ε, divided by ε.
+        inverse: the solve ``(H + δI)⁻¹ ∇L_test`` it rests on.
+    """
+
+    scores: Tensor
+    inverse: InverseResult
+
+
+def influence(
+    op: SymmetricOperator,
+    test_gradient: Tensor,
+    train_gradients: Tensor,
+    damping: float = 0.0,
+    **options,
+) -> InfluenceResult:
+    """Influence scores of ``N`` training gradients ``[N, P]`` on one test gradient ``[P]``.
+
+    The scores rest on one solve, which raises :class:`deqhess.AnalysisConvergenceError`
+    when it ends short of ``tol`` (scores from an unconverged solve only with
+    ``require_convergence=False``; check ``result.inverse.converged``).
+
+    Args:
+        op: the symmetric ``P × P`` operator ``H``.
+        test_gradient: ``∇L_test`` ``[P]``.
+        train_gradients: ``∇L_trainᵢ`` as rows ``[N, P]``.
+        damping: ``δ``.
+        **options: :func:`solve_damped`'s.
+
+    Returns:
+        The scores ``[N]`` and the solve they rest on.
+    """
+    inverse = solve_damped(op, test_gradient, damping, **options)
+    return InfluenceResult(scores=-(train_gradients @ inverse.solution), inverse=inverse)
