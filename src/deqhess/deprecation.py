@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from .callers import user_stacklevel
 from .errors import InputError
 
 __all__ = ["UNSET", "renamed"]
@@ -31,7 +32,7 @@ def renamed(new_value: Any, old_value: Any, *, old: str, new: str, where: str) -
 
     Returns:
         ``old_value`` if it was passed (with a ``DeprecationWarning`` pointing at the
-        caller's caller), else ``new_value``.
+        user's line: :func:`deqhess.callers.user_stacklevel`), else ``new_value``.
 
     Raises:
         InputError: both names were passed.
@@ -43,6 +44,6 @@ def renamed(new_value: Any, old_value: Any, *, old: str, new: str, where: str) -
     warnings.warn(
         f"{where}({old}=...) is deprecated and will be removed in deqhess 0.3; use {new}=.",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
     return old_value

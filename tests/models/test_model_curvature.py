@@ -201,6 +201,14 @@ def test_model_errors():
         dh.ModelCurvature(model, mse, [((x,), y) for x, y in data]).grad()
     with pytest.raises(ValueError, match="data is empty"):
         dh.ModelCurvature(model, mse, []).grad()
+    with pytest.raises(ValueError, match=r"theta names \['head.bias'\] more than once"):
+        dh.ModelCurvature(model, mse, data, theta=["head.bias", "head.weight", "head.bias"])
+    with pytest.raises(ValueError, match="theta names .* more than once"):
+        dh.ModelCurvature(model, mse, data, theta=[model.head.bias, model.head.bias])
+    with pytest.raises(ValueError, match="batch_dim must be a non-negative int or None; got True"):
+        dh.ModelCurvature(model, mse, data, batch_dim=True)
+    with pytest.raises(ValueError, match="no graph back to the model's output"):
+        dh.ModelCurvature(model, lambda out, y: mse(out.detach(), y), data).grad()
 
     class Twice(nn.Module):  # the same DEQ twice in one forward: no single fixed point
         def __init__(self):

@@ -317,6 +317,27 @@ def test_a_model_changed_between_products():
         curvature.hvp(v)
 
 
+@pytest.mark.parametrize("write", ["data in place", "data rebound", "buffer data"])
+def test_a_write_through_data_between_products_is_a_new_model(write):
+    """``p.data.mul_(…)`` and ``p.data = …`` leave no version behind: the model's state
+    is recognised by the digest of its bytes, so the next product is the new model's
+    (it had been refused as 'samples moved … dropout', a wrong diagnosis)."""
+    model = Headed(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2).eval()))
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    v = torch.randn(curvature.num_parameters)
+    curvature.hvp(v)
+    weight = model.body.head.weight
+    if write == "data in place":
+        weight.data.mul_(1.5)
+    elif write == "data rebound":
+        weight.data = weight.data * 1.5
+    else:
+        model.extra[1].running_var.data.mul_(2.0)
+    fresh = dh.ModelCurvature(model, nn.MSELoss(), data)
+    assert relative_error(curvature.hvp(v), fresh.hvp(v)) <= 1e-12
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch's vmap
 def test_second_derivatives_through_torch_weight_norm_are_refused():
     """torch's double backward of ``_weight_norm`` along a dimension is wrong (a

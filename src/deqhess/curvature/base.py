@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..callers import user_stacklevel
 from ..errors import InputError
 from ..operator import Operator
 from ..parameters import ParameterLayout
@@ -235,5 +236,5 @@ def warn_few_probes(probes: int, measured: str, advice: str) -> None:
             f"the standard error rests on {probes} probes and is itself uncertain (measured: "
             f"{measured}); {advice} for an error bar to quote.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )

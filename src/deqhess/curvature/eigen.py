@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..callers import user_stacklevel
 from ..errors import AnalysisConvergenceError, InputError
 from ..options import integer, real
 from .accuracy import check_symmetric, require_symmetric_matrix
@@ -208,7 +209,7 @@ def extreme_eigenpairs(
             "extreme_eigenpairs(max_iter=...) is deprecated: it counted ARPACK's restarts; "
             "pass max_hvps, a cap on products.",
             DeprecationWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         restart = basis_size - (k + (basis_size - block - k) // 2)
         max_hvps = basis_size + integer(max_iter, "max_iter", minimum=0) * restart

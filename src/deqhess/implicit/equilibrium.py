@@ -24,6 +24,7 @@ from typing import Any, Literal, cast, overload
 import torch
 from torch import Tensor
 
+from ..callers import user_stacklevel
 from ..chunks import default_chunk_size
 from ..errors import InputError
 from ..linear import (
@@ -628,7 +629,7 @@ class Equilibrium:
             "'loss_curvature'), or deqhess.ModelCurvature(...).ggn_operator() for the GGN "
             "at a model's output.",
             DeprecationWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         return self.hessian_operator(loss, "loss_curvature")
 

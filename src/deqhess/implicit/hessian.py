@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..callers import user_stacklevel
 from ..chunks import default_chunk_size
 from ..linear import Linearization
 from .derivatives import lagrangian_hessian
@@ -69,7 +70,7 @@ def split_deprecated(where: str, replacement: str) -> None:
         f"{where}(..., split=True) is deprecated and will be removed in deqhess 0.3; use "
         f"{replacement}, which returns the HessianSplit.",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 

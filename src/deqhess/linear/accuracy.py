@@ -11,8 +11,9 @@ amplified alike. So the derivatives' relative error is about
 threshold)`` per row: at most ``rtol``, less where the solver overshot its tolerance) and
 ``r_linear`` the largest relative residual of the iterative solves. ``‖(I − J)⁻¹‖`` comes
 from the dense LU (LAPACK ``gecon``) or, matrix-free, from GMRES's Hessenberg matrices (a
-lower bound); Neumann solves give no estimate, and then there is no bound — which the
-:class:`ErrorBound` says rather than inventing one. Above :func:`warning_threshold`
+lower bound) or a Neumann series' contraction rate (``1/(1 − ρ)``, an estimate); before a
+solve has estimated it there is no bound — which the :class:`ErrorBound` says rather than
+inventing one. Above :func:`warning_threshold`
 (1e-6 relative in float64, 1e-3 in float32) an :class:`deqhess.AccuracyWarning` gives the
 figure; above ``max_error_bound`` (default :data:`DEFAULT_MAX_ERROR_BOUND` = 0.1: no
 correct digit left) the solve is refused with :class:`deqhess.SingularSystemError`.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..callers import user_stacklevel
 from ..errors import AccuracyWarning, SingularSystemError
 from ..options import real
 from ..solvers import Tolerance
@@ -154,6 +156,8 @@ class ErrorBound:
                 "tol, use float64, or make f more contractive in h; silence this with "
                 "warnings.filterwarnings('ignore', category=deqhess.AccuracyWarning)."
             )
-            warnings.warn(AccuracyWarning(message, error_bound=self.value), stacklevel=4)
+            warnings.warn(
+                AccuracyWarning(message, error_bound=self.value), stacklevel=user_stacklevel()
+            )
             return True
         return warned

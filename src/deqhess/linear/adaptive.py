@@ -27,6 +27,7 @@ from .base import (
     warm_start,
 )
 from .gmres import gmres
+from .neumann import series_inverse_norm
 from .operator import ResidualOperator
 
 __all__ = ["NeumannGMRES", "neumann_then_gmres"]
@@ -66,7 +67,9 @@ def neumann_then_gmres(
     while products < max_iter:
         unconverged = residual > target
         if not bool(unconverged.any()) or not bool(torch.isfinite(residual).all()):
-            return x, LinearSolveInfo.of("Neumann", products, b, residual, target)
+            return x, LinearSolveInfo.of(
+                "Neumann", products, b, residual, target, series_inverse_norm(history)
+            )
         if len(history) > window:
             before = history[-1 - window]
             ratio = torch.where(unconverged, residual / before.clamp_min(1e-300), 0.0)
@@ -78,7 +81,9 @@ def neumann_then_gmres(
         residual = row_norms(r)
         history.append(residual)
     if products >= max_iter:
-        return x, LinearSolveInfo.of("Neumann", products, b, residual, target)
+        return x, LinearSolveInfo.of(
+            "Neumann", products, b, residual, target, series_inverse_norm(history)
+        )
     if before_gmres is not None:
         before_gmres()
     x, info = gmres(

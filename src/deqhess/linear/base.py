@@ -86,8 +86,9 @@ class LinearSolveInfo:
         converged: whether every right-hand side met the tolerance.
         inverse_norm: an estimate of ``‖A⁻¹‖₂`` the method found on the way (GMRES: the
             largest ``1/σ_min`` of its Hessenberg matrices, a lower bound that nears
-            ``‖A⁻¹‖₂`` once the Krylov space holds the direction ``A`` shrinks most), or
-            None.
+            ``‖A⁻¹‖₂`` once the Krylov space holds the direction ``A`` shrinks most;
+            Neumann: ``1/(1 − ρ)`` from its contraction rate, see
+            :func:`deqhess.linear.neumann.series_inverse_norm`), or None.
     """
 
     method: str
@@ -126,7 +127,8 @@ class LinearSolveStats:
         condition_number: estimated condition number of ``I − J`` where the strategy
             gives one (dense LU), else None.
         inverse_norm: the largest estimate of ``‖(I − J)⁻¹‖₂`` an iterative solve found
-            (GMRES; see :class:`LinearSolveInfo`), else None.
+            (GMRES, Neumann; see :class:`LinearSolveInfo`), else None.
+        inverse_norm_method: the method of the solve that found it.
         unconverged: solves that missed their tolerance and were returned anyway (a
             solve that reports misses, see :attr:`IterativeSolve.on_failure`).
     """
@@ -139,6 +141,7 @@ class LinearSolveStats:
     condition_number: float | None = None
     inverse_norm: float | None = None
     unconverged: int = 0
+    inverse_norm_method: str | None = None
 
     def record(self, info: LinearSolveInfo) -> None:
         """Count one solve in the totals and keep it as the last."""
@@ -148,8 +151,8 @@ class LinearSolveStats:
         self.max_iterations = max(self.max_iterations, info.iterations)
         if info.residual is not None:
             self.max_residual = max(self.max_residual or 0.0, info.residual)
-        if info.inverse_norm is not None:
-            self.inverse_norm = max(self.inverse_norm or 0.0, info.inverse_norm)
+        if info.inverse_norm is not None and info.inverse_norm > (self.inverse_norm or 0.0):
+            self.inverse_norm, self.inverse_norm_method = info.inverse_norm, info.method
         self.last = info
 
     def snapshot(self) -> LinearSolveStats:
@@ -157,6 +160,7 @@ class LinearSolveStats:
         return LinearSolveStats(
             self.solves, self.products, self.max_iterations, self.max_residual, self.last,
             self.condition_number, self.inverse_norm, self.unconverged,
+            self.inverse_norm_method,
         )  # fmt: skip
 
 

@@ -159,11 +159,15 @@ class Linearization:
             norm, source = self._prepared.inverse_norm, "‖·‖₁ from the dense LU, LAPACK gecon"
         elif self.stats.inverse_norm is not None:
             norm = self.stats.inverse_norm
-            source = "‖·‖₂ from GMRES's Hessenberg matrices, a lower bound"
+            source = (
+                "≈ 1/(1 − ρ), ρ(J) from the Neumann series' contraction rate, an estimate"
+                if self.stats.inverse_norm_method == "Neumann"
+                else "‖·‖₂ from GMRES's Hessenberg matrices, a lower bound"
+            )
         else:
             return ErrorBound(None, None, residual, (
-                f"not available: {self.solver!r} has not estimated ‖(I − J)⁻¹‖ (GMRES does "
-                "during its solves, the dense LU at once; Neumann never does)"
+                f"not available: {self.solver!r} has not estimated ‖(I − J)⁻¹‖ (GMRES and "
+                "Neumann do during their solves, after two products; the dense LU at once)"
             ))  # fmt: skip
         return ErrorBound(norm * residual, norm, residual, source)
 

@@ -19,7 +19,7 @@ from .base import (
 )
 from .operator import ResidualOperator
 
-__all__ = ["Neumann", "neumann"]
+__all__ = ["Neumann", "neumann", "series_inverse_norm"]
 
 
 def neumann(
@@ -45,6 +45,7 @@ def neumann(
     target = row_targets(b, rtol, atol)
     x, r, products = warm_start(matvec, b, x0)
     residual = row_norms(r)
+    history = [residual]
     # the largest starting residual: a row whose right-hand side is zero may grow from 0
     ceiling = _DIVERGING * float(residual.max()) if residual.numel() else math.inf
     method = "Neumann"
@@ -55,10 +56,40 @@ def neumann(
         r = b - matvec(x)
         products += 1
         residual = row_norms(r)
+        history.append(residual)
         if bool((residual > ceiling).any()):  # the series diverges: ρ(J) ≥ 1
             method = NEUMANN_DIVERGING
             break
-    return x, LinearSolveInfo.of(method, products, b, residual, target)
+    return x, LinearSolveInfo.of(
+        method, products, b, residual, target, inverse_norm=series_inverse_norm(history)
+    )
+
+
+def series_inverse_norm(history: list[Tensor]) -> float | None:
+    """``‖(I − J)⁻¹‖ ≈ 1/(1 − ρ)``, ``ρ`` the Neumann series' observed contraction rate.
+
+    The series ``Σ Jᵏ b`` shrinks its residual by ``ρ(J)`` per product once the dominant
+    eigenvector leads, and sums that direction ``1/(1 − ρ)``-fold: the slowest row's
+    geometric mean rate over the second half of the products estimates ``ρ`` (an
+    estimate, like GMRES's: exact for a real positive dominant eigenvalue, from below
+    while a faster transient still leads, above for a negative one).
+
+    Args:
+        history: the per-row residual norms ``[S]`` after each product (the start first).
+
+    Returns:
+        The estimate, or None with fewer than two products or no contraction seen.
+    """
+    steps = len(history) - 1
+    if steps < 2:
+        return None
+    middle = steps // 2
+    start, end = history[middle], history[-1]
+    moving = (start > 0) & (end > 0)
+    if not bool(moving.any()):
+        return None
+    rate = float(((end[moving] / start[moving]) ** (1.0 / (steps - middle))).max())
+    return 1.0 / (1.0 - rate) if 0.0 < rate < 1.0 else None
 
 
 #: a row whose residual grew this many times over its start: the series diverges

@@ -105,7 +105,8 @@ def chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | No
         The names, in the order given (or the model's).
 
     Raises:
-        InputError: a name or tensor that is not the model's, or nothing chosen.
+        InputError: a name or tensor that is not the model's, one named twice, or
+            nothing chosen.
     """
     named = dict(model.named_parameters())
     if params is None:
@@ -121,6 +122,12 @@ def chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | No
         unknown = [n for n in names if n not in named]
         if unknown:
             raise InputError(f"unknown parameter names {unknown}; the model has {list(named)}.")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InputError(
+                f"theta names {repeated} more than once; name each parameter once (a "
+                "parameter shared by two modules is one parameter)."
+            )
     if not names:
         raise InputError(
             "no parameters chosen: the model has none that require grad."

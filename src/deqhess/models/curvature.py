@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..callers import user_stacklevel
 from ..deprecation import UNSET
 from ..errors import InputError
 from ..implicit import CurvatureOperator, HessianSplit
@@ -401,7 +402,7 @@ class ModelCurvature(ModelPasses):
                 "gradient of its sample's own loss (the loss on a batch of one), but their "
                 f"{self.reduction} is not grad().",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         return rows
 

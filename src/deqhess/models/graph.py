@@ -189,7 +189,8 @@ class BatchGraph:
             The loss, unweighted, with its graph.
 
         Raises:
-            InputError: the loss is not a 0-dim floating tensor.
+            InputError: the loss is not a 0-dim floating tensor, or has no graph back to
+                an output that has one.
         """
         value = self.loss_func(output, target)
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
@@ -197,6 +198,17 @@ class BatchGraph:
             raise InputError(
                 f"loss(output, target) must return a 0-dim floating tensor; got {got}. "
                 "Reduce it, e.g. nn.MSELoss(reduction='mean')."
+            )
+        if (
+            torch.is_grad_enabled()
+            and not value.requires_grad
+            and any(t.requires_grad for t in tree_flatten(output)[0] if isinstance(t, Tensor))
+        ):
+            raise InputError(
+                "loss(output, target) returned a tensor with no graph back to the model's "
+                "output (.detach(), .item(), NumPy or torch.no_grad() inside the loss?), so "
+                "every derivative of it would be zero. Compute the loss from the output with "
+                "differentiable torch operations."
             )
         return value
 

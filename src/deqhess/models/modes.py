@@ -20,6 +20,7 @@ from ..errors import InputError, ModelChangedError, UnsupportedDerivativeError
 from ..nn.contract import check_parametrize_cache, training_hazard
 from ..nn.reparametrize import Rebind, rebinds_recorded, same_bits
 from ..nn.second_order import wrong_double_backward
+from ..streaming.fingerprint import tensor_digests
 
 __all__ = ["StateGuard", "check_modes", "check_second_order"]
 
@@ -109,17 +110,23 @@ class StateGuard:
         self._rebound: list[Rebind] = []
 
     @classmethod
-    def snapshot(cls, model: nn.Module) -> tuple[tuple[str, int, int], ...]:
+    def snapshot(cls, model: nn.Module) -> tuple[tuple[str, int, int, int], ...]:
         """A comparable token of the model's parameters and buffers.
 
         Args:
             model: the model to read.
 
         Returns:
-            ``(name, id, version)`` of each parameter and buffer: equal tokens mean
-            nothing was written in between.
+            ``(name, id, version, digest)`` of each parameter and buffer: equal tokens
+            mean nothing was written in between — the digest of its bytes
+            (:func:`~deqhess.streaming.fingerprint.tensor_digests`) sees what the
+            version does not, a write through ``.data``.
         """
-        return tuple((n, id(t), v) for n, (t, v) in cls._read(model).items())
+        state = cls._read(model)
+        digests = tensor_digests([t for t, _ in state.values()])
+        return tuple(
+            (n, id(t), v, d) for (n, (t, v)), d in zip(state.items(), digests, strict=True)
+        )
 
     @staticmethod
     def _named(model: nn.Module) -> list[tuple[str, str]]:

@@ -102,7 +102,9 @@ class ModelPasses:
         self.reduction = reduction or loss_reduction(loss)
         check_reduction(self.reduction)
         self.split_at = split_layer(model, split_at)
-        if batch_dim is not None and (not isinstance(batch_dim, int) or batch_dim < 0):
+        if batch_dim is not None and (
+            not isinstance(batch_dim, int) or isinstance(batch_dim, bool) or batch_dim < 0
+        ):
             raise InputError(f"batch_dim must be a non-negative int or None; got {batch_dim!r}.")
         self.batch_dim = batch_dim
         self.batch_size_fn = batch_size_fn or sample_counter(batch_dim)

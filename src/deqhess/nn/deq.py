@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..callers import user_stacklevel
 from ..errors import InputError
 from ..linear import LinearSolver, LinearSolveStats, check_linear_solver
 from ..options import integer
@@ -261,7 +262,7 @@ class DEQ(nn.Module):
                 "deqhess 0.3: call deq.solve(x, h0), which returns a LayerSolution with .h "
                 "(the same differentiable fixed point) and .info (its LayerInfo).",
                 DeprecationWarning,
-                stacklevel=4,  # through Module.__call__ to the caller's line
+                stacklevel=user_stacklevel(),
             )
         h, info = _eagerly()(self, x, h0, with_info=return_info or _info)
         if info is None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..callers import user_stacklevel
 from ..errors import ConvergenceError, InputError
 from ..options import integer, supported_dtype
 from ..state import check_state_map
@@ -198,7 +199,7 @@ def solve_fixed_point(
             message + " Returning the best iterate of each unconverged sample "
             "(info.converged_mask marks them).",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return _select(progress.done, progress.h, progress.best_h), info
 

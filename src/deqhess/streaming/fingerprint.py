@@ -10,6 +10,8 @@ cost a few integer operations per input byte:
 * :func:`batch_key` — the batch as a whole, samples in order: the key under which a
   solved batch or its warm starts are stored, so a stored batch is reused only for
   the same content.
+* :func:`tensor_digests` — one 64-bit hash of each of a few tensors' bytes (a model's
+  parameters and buffers between passes: a write through ``.data`` leaves no version).
 * :func:`response_sketch` — per sample, two fixed random projections and the norm of
   what the model returns (float64), compared with a tolerance because a re-solved
   fixed point agrees with the first only to the solver's tolerance.
@@ -30,7 +32,14 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["batch_key", "response_sketch", "sample_hashes", "told_apart", "unmatched_target"]
+__all__ = [
+    "batch_key",
+    "response_sketch",
+    "sample_hashes",
+    "tensor_digests",
+    "told_apart",
+    "unmatched_target",
+]
 
 _SEED = 0x5EED_DEC5
 
@@ -163,6 +172,39 @@ def unmatched_target(x: Any, target: Any, samples: int, dim: int | None) -> int 
     if target.ndim != x.ndim or target.ndim <= dim or target.shape[dim] == 1:
         return None
     return None if _sample_dim(target, samples, dim) is not None else int(target.shape[dim])
+
+
+#: words of the key block :func:`tensor_digests` cycles through (each cycle scaled by
+#: its own odd factor, so no word shares another's key)
+_CYCLE = 4096
+
+
+def tensor_digests(tensors: list[Tensor]) -> tuple[int, ...]:
+    """A 64-bit hash of each tensor's bytes, computed where it lives, read back at once.
+
+    ``Σⱼ wⱼ kⱼ mod 2⁶⁴`` over the tensor's 64-bit words, with the keys of one fixed
+    random block of :data:`_CYCLE` odd keys, cycle ``c`` scaled by ``2c + 1``. A change
+    of the bytes changes the hash up to a 2⁻⁶⁴ chance. One integer pass over each
+    tensor; a temporary of its size.
+
+    Args:
+        tensors: any tensors (any dtype, shape or device).
+
+    Returns:
+        One int per tensor, in order.
+    """
+    if not tensors:
+        return ()
+    values = []
+    for t in tensors:
+        words = _words(t.detach().reshape(1, -1))[0]  # [w] int64
+        full = len(words) - len(words) % _CYCLE
+        keys = _keys(_CYCLE, -1).to(words.device)
+        cycles = (words[:full].reshape(-1, _CYCLE) * keys).sum(dim=1)  # [c]
+        scale = 2 * torch.arange(len(cycles), device=words.device, dtype=torch.int64) + 1
+        tail = (words[full:] * keys[: len(words) - full]).sum() * (2 * len(cycles) + 1)
+        values.append((cycles * scale).sum() + tail)
+    return tuple(int(v) for v in torch.stack(values).cpu())
 
 
 def batch_key(hashes: Tensor) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
+from ..callers import user_stacklevel
 from ..errors import AccuracyWarning
 
 __all__ = ["summarised"]
@@ -56,7 +57,7 @@ def summarised(label: str, batches: list[int]) -> Iterator[None]:
         f"a high error bound; the worst: {quoted}"
         + (f" ({others} more batch(es) with other figures, none larger)" if others else "")
     )
-    warnings.warn(AccuracyWarning(message, error_bound=worst), stacklevel=4)
+    warnings.warn(AccuracyWarning(message, error_bound=worst), stacklevel=user_stacklevel())
 
 
 def _figure(message: Warning | str) -> float | None:
