@@ -203,7 +203,7 @@ def test_model_errors():
         dh.ModelCurvature(model, mse, []).grad()
     with pytest.raises(ValueError, match=r"theta names \['head.bias'\] more than once"):
         dh.ModelCurvature(model, mse, data, theta=["head.bias", "head.weight", "head.bias"])
-    with pytest.raises(ValueError, match="theta names .* more than once"):
+    with pytest.raises(ValueError, match=r"theta names .* more than once"):
         dh.ModelCurvature(model, mse, data, theta=[model.head.bias, model.head.bias])
     with pytest.raises(ValueError, match="batch_dim must be a non-negative int or None; got True"):
         dh.ModelCurvature(model, mse, data, batch_dim=True)
