@@ -163,6 +163,15 @@ def test_neumann_estimates_the_inverse_norm_from_its_contraction_rate():
     with pytest.warns(dh.AccuracyWarning):
         dense_errors = _errors(dense, loss, reference, theta)
     assert min(neumann_errors + dense_errors) > 1e-6
+    # an estimate, not a bound (above ‖(I − J)⁻¹‖ for a negative dominant eigenvalue):
+    # past max_error_bound it warns where a bound refuses
+    strict = {"tol": 1e-6, "max_error_bound": 1e-6}
+    neumann = dh.Equilibrium(f, theta, x, h0, linear_solver="neumann", **strict)
+    with pytest.warns(dh.AccuracyWarning, match="Neumann series"):
+        neumann.grad(loss)
+    dense = dh.Equilibrium(f, theta, x, h0, linear_solver="dense", **strict)
+    with pytest.raises(dh.SingularSystemError, match="above max_error_bound=1e-06"):
+        dense.grad(loss)
 
 
 def test_float32_warns_above_its_own_threshold():

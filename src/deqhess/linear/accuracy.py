@@ -110,12 +110,15 @@ class ErrorBound:
         inverse_norm: the ``‖(I − J)⁻¹‖`` used, or None.
         residual: ``max(r_forward, r_linear, ε)``, the relative residual amplified.
         source: where ``‖(I − J)⁻¹‖`` came from, or why there is no bound.
+        refusable: whether a bound above ``max_error_bound`` refuses (False for an
+            estimate that can lie above ``‖(I − J)⁻¹‖``, a Neumann series': it warns).
     """
 
     value: float | None
     inverse_norm: float | None
     residual: float
     source: str
+    refusable: bool = True
 
     def enforce(self, limit: float, dtype: torch.dtype, warned: bool) -> bool:
         """Refuse the bound above ``limit``; warn above :func:`warning_threshold`.
@@ -132,7 +135,7 @@ class ErrorBound:
             AccuracyWarning: the bound is above the threshold (first time only).
 
         Raises:
-            SingularSystemError: ``value > limit``.
+            SingularSystemError: ``value > limit`` (a refusable bound).
         """
         if self.value is None:
             return warned
@@ -141,7 +144,7 @@ class ErrorBound:
             f"left in h* and in the linear solves ({self.residual:.1e} relative) into a "
             f"relative error of up to {self.value:.1e} in the derivatives"
         )
-        if self.value > limit:
+        if self.value > limit and self.refusable:
             raise SingularSystemError(
                 f"I − ∂f/∂h is too ill-conditioned for the fixed point's accuracy: {what}, "
                 f"above max_error_bound={limit:g}. Tighten tol (float64 allows ~1e-13 "

@@ -14,6 +14,7 @@ asks for its derivatives.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -157,13 +158,14 @@ class Linearization:
                               "first derivative")  # fmt: skip
         if self._prepared.inverse_norm is not None:
             norm, source = self._prepared.inverse_norm, "‖·‖₁ from the dense LU, LAPACK gecon"
+        elif self.stats.inverse_norm_method == "Neumann":
+            # from below or above (a negative dominant eigenvalue): it warns, never refuses
+            norm = cast(float, self.stats.inverse_norm)
+            source = "≈ 1/(1 − ρ), ρ(J) from the Neumann series' contraction rate, an estimate"
+            return ErrorBound(norm * residual, norm, residual, source, refusable=False)
         elif self.stats.inverse_norm is not None:
             norm = self.stats.inverse_norm
-            source = (
-                "≈ 1/(1 − ρ), ρ(J) from the Neumann series' contraction rate, an estimate"
-                if self.stats.inverse_norm_method == "Neumann"
-                else "‖·‖₂ from GMRES's Hessenberg matrices, a lower bound"
-            )
+            source = "‖·‖₂ from GMRES's Hessenberg matrices, a lower bound"
         else:
             return ErrorBound(None, None, residual, (
                 f"not available: {self.solver!r} has not estimated ‖(I − J)⁻¹‖ (GMRES and "
