@@ -207,8 +207,6 @@ def test_model_errors():
         dh.ModelCurvature(model, mse, data, theta=[model.head.bias, model.head.bias])
     with pytest.raises(ValueError, match="batch_dim must be a non-negative int or None; got True"):
         dh.ModelCurvature(model, mse, data, batch_dim=True)
-    with pytest.raises(ValueError, match="no graph back to the model's output"):
-        dh.ModelCurvature(model, lambda out, y: mse(out.detach(), y), data).grad()
 
     class Twice(nn.Module):  # the same DEQ twice in one forward: no single fixed point
         def __init__(self):
@@ -404,3 +402,30 @@ def test_the_split_flag_is_deprecated_for_hessian_split():
         old = curvature.hessian(split=True)
     new = curvature.hessian_split()
     assert torch.equal(old.total, new.total) and torch.equal(old.loss_curvature, new.loss_curvature)
+
+
+def test_a_loss_without_a_graph_has_zero_derivatives_and_a_detached_one_warns():
+    """A loss constant on a batch (by design) adds zero there; one that detached the
+    model's output warns that its derivatives are zero; a model whose output depends on
+    none of the chosen parameters has zero derivatives (it had reached torch's own error)."""
+    model = Classifier()
+    data = _data()
+    mse = nn.MSELoss()
+
+    with pytest.warns(RuntimeWarning, match="no graph back to the model's output"):
+        grads = dh.ModelCurvature(model, lambda out, y: mse(out.detach(), y), data).grad()
+    assert all(float(g.abs().max()) == 0 for g in grads.values())
+    only = [data[0]]
+    partial = dh.ModelCurvature(model, mse, only)
+    mixed = dh.ModelCurvature(
+        model, lambda out, y: mse(out, y) if len(y) == 3 else torch.zeros(()), data
+    )  # batches of 3 and 4: the second's loss is a constant
+    with pytest.warns(RuntimeWarning, match="if that is not by design"):
+        assert relative_error(mixed.hessian(), partial.hessian() * 3 / 7) <= 1e-12
+    frozen = Classifier()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    frozen.extra = nn.Linear(2, 2)  # trainable, not in the forward
+    curvature = dh.ModelCurvature(frozen, mse, data)
+    assert float(curvature.hessian().abs().max()) == 0
+    assert float(curvature.grad()["extra.weight"].abs().max()) == 0

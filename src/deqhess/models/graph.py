@@ -26,6 +26,7 @@ choice (vmapped, batched or looped).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..callers import user_stacklevel
 from ..errors import InputError
 from ..nn.reparametrize import functional_call
 from ..parameters import ParameterLayout
@@ -188,9 +190,11 @@ class BatchGraph:
         Returns:
             The loss, unweighted, with its graph.
 
+        A loss with no graph (constant on this batch, or detached from the output — then
+        with a ``RuntimeWarning``) has zero derivatives, returned as such.
+
         Raises:
-            InputError: the loss is not a 0-dim floating tensor, or has no graph back to
-                an output that has one.
+            InputError: the loss is not a 0-dim floating tensor.
         """
         value = self.loss_func(output, target)
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
@@ -199,17 +203,20 @@ class BatchGraph:
                 f"loss(output, target) must return a 0-dim floating tensor; got {got}. "
                 "Reduce it, e.g. nn.MSELoss(reduction='mean')."
             )
-        if (
-            torch.is_grad_enabled()
-            and not value.requires_grad
-            and any(t.requires_grad for t in tree_flatten(output)[0] if isinstance(t, Tensor))
-        ):
-            raise InputError(
-                "loss(output, target) returned a tensor with no graph back to the model's "
-                "output (.detach(), .item(), NumPy or torch.no_grad() inside the loss?), so "
-                "every derivative of it would be zero. Compute the loss from the output with "
-                "differentiable torch operations."
-            )
+        if torch.is_grad_enabled() and not value.requires_grad:
+            if any(t.requires_grad for t in tree_flatten(output)[0] if isinstance(t, Tensor)):
+                warnings.warn(
+                    "loss(output, target) returned a tensor with no graph back to the model's "
+                    "output on a batch, so its derivatives there are zero: if that is not by "
+                    "design (a constant loss), the loss detached it (.detach(), .item(), "
+                    "NumPy or torch.no_grad() inside it); compute it from the output with "
+                    "differentiable torch operations.",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            # zero derivatives, exactly, as a graph the products can differentiate
+            zero = sum(0.0 * p.reshape(-1)[:1].sum() for p in self.params)
+            value = value + torch.as_tensor(zero).to(value)
         return value
 
     def _forward_split(
