@@ -222,26 +222,27 @@ def _from_jacobians(
     sizes = [o.numel() for o in outputs]
     m, p = sum(sizes), graph.layout.size
     like = graph.params[0]
-    onehot = torch.eye(m, dtype=like.dtype, device=like.device)
 
-    def cotangents(rows: Tensor) -> list[Tensor]:
+    def cotangents(start: int, stop: int) -> list[Tensor]:
+        """The one-hot rows ``[start, stop)`` of the output, as one cotangent per output."""
+        rows = torch.zeros(stop - start, m, dtype=like.dtype, device=like.device)
+        rows[torch.arange(stop - start), torch.arange(start, stop)] = 1
         pieces = zip(rows.split(sizes, dim=1), outputs, strict=True)
-        return [c.reshape(len(rows), *o.shape) for c, o in pieces]
+        return [c.reshape(stop - start, *o.shape) for c, o in pieces]
 
     curvature = torch.empty(m, m, dtype=like.dtype, device=like.device)
     step = max(1, CURVATURE_ROWS // max(m, 1))  # through the loss alone: cheap, but M² numbers
     for start in range(0, m, step):
+        stop = min(m, start + step)
         with torch.enable_grad():
-            second = graph.backward(
-                list(graph.out_grad), leaves, cotangents(onehot[start : start + step])
-            )
-        curvature[start : start + step] = torch.cat([g.flatten(1) for g in second], 1)
+            second = graph.backward(list(graph.out_grad), leaves, cotangents(start, stop))
+        curvature[start:stop] = torch.cat([g.flatten(1) for g in second], 1)
     require_finite(curvature, "the loss curvature at the output")
     jacobian = torch.empty(m, p, dtype=like.dtype, device=like.device)
 
     def rows(start: int, stop: int) -> Tensor:
         with torch.enable_grad():
-            grads = graph.backward(outputs, graph.params, cotangents(onehot[start:stop]))
+            grads = graph.backward(outputs, graph.params, cotangents(start, stop))
         column = 0
         for g in grads:  # each parameter's columns written in place: no concatenated copy
             width = g[0].numel()

@@ -183,9 +183,10 @@ def tensor_digests(tensors: list[Tensor]) -> tuple[int, ...]:
     """A 64-bit hash of each tensor's bytes, computed where it lives, read back at once.
 
     ``Σⱼ wⱼ kⱼ mod 2⁶⁴`` over the tensor's 64-bit words, with the keys of one fixed
-    random block of :data:`_CYCLE` odd keys, cycle ``c`` scaled by ``2c + 1``. A change
-    of the bytes changes the hash up to a 2⁻⁶⁴ chance. One integer pass over each
-    tensor; a temporary of its size.
+    random block of :data:`_CYCLE` odd keys, cycle ``c`` scaled by ``2c + 1``: every
+    word's multiplier is odd, so a change of one word always changes the hash; changes
+    of several collide only where their differences satisfy one fixed linear relation
+    mod 2⁶⁴. One integer pass over each tensor; a temporary of its size.
 
     Args:
         tensors: any tensors (any dtype, shape or device).
