@@ -343,3 +343,18 @@ def test_the_bottom_of_a_wide_null_space_on_a_streamed_operator():
     with pytest.raises(dh.AnalysisConvergenceError, match="a larger k") as caught:
         extreme_eigenpairs(op, k=1, which="smallest", tol=1e-10, block_size=2, progress=False)
     assert "of each other" not in str(caught.value)
+
+
+def test_many_pairs_of_a_small_operator_are_taken_densely():
+    """k = 40 pairs at P = 272: Lanczos took 359 (largest) and 682 (smallest) products of a
+    random symmetric matrix; by default ``P ≤ 8k`` is formed with P products and
+    diagonalised, exact; an explicit ``dense_below`` still chooses."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(272, 272, dtype=torch.float64, generator=g)
+    h = (a + a.T) / 2
+    exact = torch.linalg.eigvalsh(h)
+    for which, want in (("largest", exact[-40:]), ("smallest", exact[:40])):
+        found = extreme_eigenpairs(Matrix(h), 40, which, progress=False)
+        assert found.num_hvps <= 272 + 40  # the matrix, and the residuals of the 40 pairs
+        assert torch.allclose(found.eigenvalues, want, atol=1e-12)
+    assert extreme_eigenpairs(Matrix(h), 40, progress=False, dense_below=0).num_hvps > 272
