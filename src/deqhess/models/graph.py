@@ -101,7 +101,13 @@ def _output_leaves(output: Any) -> tuple[list[Tensor], Any]:
     """
     leaves, spec = tree_flatten(output)
     if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
-        kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, Tensor)})
+        kinds = sorted(
+            {
+                f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+                for t in leaves
+                if not (isinstance(t, Tensor) and t.is_floating_point())
+            }
+        )
         raise InputError(
             "the GGN Jᵀ∇²ℓJ is taken at the model's output, which must be a floating "
             "tensor or a tuple / list / dict of them; got "
