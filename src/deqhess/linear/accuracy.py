@@ -11,9 +11,10 @@ amplified alike. So the derivatives' relative error is about
 threshold)`` per row: at most ``rtol``, less where the solver overshot its tolerance) and
 ``r_linear`` the largest relative residual of the iterative solves. ``‖(I − J)⁻¹‖`` comes
 from the dense LU (LAPACK ``gecon``) or, matrix-free, from GMRES's Hessenberg matrices (a
-lower bound) or a Neumann series' contraction rate (``1/(1 − ρ)``, an estimate); before a
-solve has estimated it there is no bound — which the :class:`ErrorBound` says rather than
-inventing one. Above :func:`warning_threshold`
+lower bound: GMRES's solves, and ten Arnoldi steps from the forward residual, where the
+fixed point's own error lies) or a Neumann series' contraction rate (``1/(1 − ρ)``, an
+estimate); before a solve has estimated it there is no bound — which the
+:class:`ErrorBound` says rather than inventing one. Above :func:`warning_threshold`
 (1e-6 relative in float64, 1e-3 in float32) an :class:`deqhess.AccuracyWarning` gives the
 figure; above ``max_error_bound`` (default :data:`DEFAULT_MAX_ERROR_BOUND` = 0.1: no
 correct digit left) the solve is refused with :class:`deqhess.SingularSystemError`.
