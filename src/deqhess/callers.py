@@ -19,17 +19,25 @@ import torch
 
 __all__ = ["user_stacklevel"]
 
+#: path prefixes of the frames skipped: deqhess's and torch's packages, and the two
+#: standard-library files whose wrappers sit between them and the caller (their
+#: directory is the whole standard library)
 _INSIDE = tuple(
     os.path.dirname(os.path.abspath(module.__file__)) + os.sep
-    for module in (sys.modules[__package__], torch, contextlib, functools)
+    for module in (sys.modules[__package__], torch)
+    if module.__file__ is not None
+) + tuple(
+    os.path.abspath(module.__file__)
+    for module in (contextlib, functools)
     if module.__file__ is not None
 )
 
 
 def user_stacklevel() -> int:
-    """The ``stacklevel`` of the first caller outside deqhess, torch and ``contextlib``.
+    """The ``stacklevel`` of the first caller outside deqhess, torch and two wrappers.
 
-    Called in the function that warns; counts from its caller's frame.
+    The wrappers are ``contextlib``'s and ``functools``' (their files only). Called in the
+    function that warns; counts from its caller's frame.
 
     Returns:
         The level to pass to ``warnings.warn`` from the function that called this one
