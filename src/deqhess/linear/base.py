@@ -151,9 +151,13 @@ class LinearSolveStats:
         self.max_iterations = max(self.max_iterations, info.iterations)
         if info.residual is not None:
             self.max_residual = max(self.max_residual or 0.0, info.residual)
-        if info.inverse_norm is not None and info.inverse_norm > (self.inverse_norm or 0.0):
-            self.inverse_norm, self.inverse_norm_method = info.inverse_norm, info.method
+        self.estimated(info.inverse_norm, info.method)
         self.last = info
+
+    def estimated(self, inverse_norm: float | None, method: str) -> None:
+        """Keep ``inverse_norm`` (from ``method``) if it is the largest estimate yet."""
+        if inverse_norm is not None and inverse_norm > (self.inverse_norm or 0.0):
+            self.inverse_norm, self.inverse_norm_method = inverse_norm, method
 
     def snapshot(self) -> LinearSolveStats:
         """A copy that later solves do not change."""

@@ -223,8 +223,7 @@ class Linearization:
             product, rhs, rtol=0.0, restart=FORWARD_GAP_STEPS, max_iter=FORWARD_GAP_STEPS
         )
         self.stats.products += info.iterations
-        if info.inverse_norm is not None and info.inverse_norm > (self.stats.inverse_norm or 0):
-            self.stats.inverse_norm, self.stats.inverse_norm_method = info.inverse_norm, "GMRES"
+        self.stats.estimated(info.inverse_norm, info.method)
 
     def certify(self, value: Tensor) -> None:
         """Check, once, that ``F`` evaluated again at ``h*`` has the residuals the solve accepted.

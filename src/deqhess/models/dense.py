@@ -192,9 +192,7 @@ def batch_dense(
     out = torch.empty(p, p, dtype=like.dtype, device=device)
 
     def product(start: int, stop: int) -> Tensor:
-        directions = torch.zeros(stop - start, p, dtype=like.dtype, device=device)
-        directions[torch.arange(stop - start), torch.arange(start, stop)] = 1
-        return graph.products(directions)
+        return graph.products(_one_hot(start, stop, p, like))
 
     start = 0
     while start < p:
@@ -203,6 +201,13 @@ def batch_dense(
         progress(stop - start)
         start = stop
     return out
+
+
+def _one_hot(start: int, stop: int, width: int, like: Tensor) -> Tensor:
+    """Rows ``[start, stop)`` of the ``width × width`` identity, as ``like``'s dtype and device."""
+    rows = torch.zeros(stop - start, width, dtype=like.dtype, device=like.device)
+    rows[torch.arange(stop - start), torch.arange(start, stop)] = 1
+    return rows
 
 
 def _from_jacobians(
@@ -225,9 +230,7 @@ def _from_jacobians(
 
     def cotangents(start: int, stop: int) -> list[Tensor]:
         """The one-hot rows ``[start, stop)`` of the output, as one cotangent per output."""
-        rows = torch.zeros(stop - start, m, dtype=like.dtype, device=like.device)
-        rows[torch.arange(stop - start), torch.arange(start, stop)] = 1
-        pieces = zip(rows.split(sizes, dim=1), outputs, strict=True)
+        pieces = zip(_one_hot(start, stop, m, like).split(sizes, dim=1), outputs, strict=True)
         return [c.reshape(stop - start, *o.shape) for c, o in pieces]
 
     curvature = torch.empty(m, m, dtype=like.dtype, device=like.device)
