@@ -52,7 +52,7 @@ from .arguments import (
     deq_layers,
     floating_leaves,
 )
-from .dense import Blocks, batch_dense, run_block, uses_jacobians
+from .dense import Blocks, batch_dense, run_block
 from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo, assembly
 from .modes import check_second_order
@@ -291,8 +291,12 @@ class ModelCurvature(ModelPasses):
         bar = tqdm(total=steps, desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
 
         def one(graph: BatchGraph) -> Tensor | SymmetricProduct:
-            routes.add("jacobians" if uses_jacobians(graph, p) else "products")
-            return batch_dense(graph, graph.samples, blocks, bar.update)
+            term = batch_dense(graph, graph.samples, blocks, bar.update)
+            if not isinstance(term, SymmetricProduct):
+                routes.add("products")
+            else:
+                routes.add("jacobians" if term.right is not None else "factored jacobians")
+            return term
 
         try:
             # a low-rank term adds only to the upper triangle: the sum is its mirror

@@ -11,8 +11,9 @@ built once (each DEQ solves once) and gives its whole ``[P, P]`` contribution:
   GGN direction is three passes, ``J v``, ``∇²ℓ``, ``Jᵀ``), ``∇²ℓ`` at the output
   (``[M, M]``, through the loss alone) — ``P / M`` times fewer passes through the model
   (measured 5× on a tanh classifier, 36× on a conv DEQ). The batch's term
-  ``Jᵀ(∇²ℓ J)`` (:class:`~deqhess.models.symmetric.SymmetricProduct`) is added to the pass's
-  sum by its upper block triangle; the sum is mirrored once at the end.
+  ``Jᵀ ∇²ℓ J`` (:func:`~deqhess.models.symmetric.loss_term`: the Gram matrix of ``RJ``
+  where ``∇²ℓ = RᵀR`` per sample, else ``Jᵀ(∇²ℓ J)``) is added to the pass's sum by its
+  upper triangle; the sum is mirrored once at the end.
 
 The memory a block of directions takes is measured, not assumed: the first block of a
 pass runs :data:`PROBE` directions under :class:`deqhess.memory.PeakMemory`, and the
@@ -31,7 +32,7 @@ from ..errors import DenseMemoryError
 from ..implicit.finite import require_finite
 from ..memory import PeakMemory, budget_bytes
 from .graph import BatchGraph
-from .symmetric import SymmetricProduct, curvature_times
+from .symmetric import SymmetricProduct, curvature_times, loss_factor
 
 __all__ = ["PROBE", "Blocks", "batch_dense", "run_block", "uses_jacobians"]
 
@@ -213,50 +214,61 @@ def _one_hot(start: int, stop: int, width: int, like: Tensor) -> Tensor:
 def _from_jacobians(
     graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
 ) -> SymmetricProduct:
-    """``Jᵀ(∇²ℓ J)`` from the ``M`` rows of ``J = ∂output/∂θ`` and ``∇²ℓ`` at the output.
+    """The batch's GGN ``Jᵀ∇²ℓJ`` from vector-Jacobian products at the output.
 
     ``∇²ℓ`` (``[M, M]``) by a backward of the loss's output gradient along the ``M``
-    one-hot rows, through the loss alone; ``J``'s rows by the same one-hot cotangents
-    through the graph, in blocks. A ``∇²ℓ`` with NaN or inf entries is refused with
-    :class:`deqhess.NonFiniteError`.
+    one-hot rows, through the loss alone (one with NaN or inf entries is refused with
+    :class:`deqhess.NonFiniteError`). Where it factors, ``∇²ℓ = RᵀR``
+    (:func:`~deqhess.models.symmetric.loss_factor`), the rows of ``RJ`` by ``R``'s rows as
+    cotangents through the graph: the term is their Gram matrix. Otherwise ``J``'s rows by
+    the one-hot cotangents, and the term ``Jᵀ(∇²ℓ J)``. Rows go through the graph in
+    blocks.
 
     Returns:
-        The batch's ``[P, P]`` GGN (its weight included), as ``J`` and ``∇²ℓ J``.
+        The batch's ``[P, P]`` GGN (its weight included: it is in ``∇²ℓ``).
     """
     outputs, leaves = graph.outputs, graph.out_leaves
     sizes = [o.numel() for o in outputs]
     m, p = sum(sizes), graph.layout.size
     like = graph.params[0]
 
-    def cotangents(start: int, stop: int) -> list[Tensor]:
-        """The one-hot rows ``[start, stop)`` of the output, as one cotangent per output."""
-        pieces = zip(_one_hot(start, stop, m, like).split(sizes, dim=1), outputs, strict=True)
-        return [c.reshape(stop - start, *o.shape) for c, o in pieces]
+    def cotangents(rows: Tensor) -> list[Tensor]:
+        """Rows ``[K, M]`` of output cotangents, as one ``[K, *output.shape]`` per output."""
+        pieces = zip(rows.split(sizes, dim=1), outputs, strict=True)
+        return [c.reshape(rows.shape[0], *o.shape) for c, o in pieces]
 
     curvature = torch.empty(m, m, dtype=like.dtype, device=like.device)
     step = max(1, CURVATURE_ROWS // max(m, 1))  # through the loss alone: cheap, but M² numbers
     for start in range(0, m, step):
         stop = min(m, start + step)
         with torch.enable_grad():
-            second = graph.backward(list(graph.out_grad), leaves, cotangents(start, stop))
+            second = graph.backward(
+                list(graph.out_grad), leaves, cotangents(_one_hot(start, stop, m, like))
+            )
         curvature[start:stop] = torch.cat([g.flatten(1) for g in second], 1)
     require_finite(curvature, "the loss curvature at the output")
-    jacobian = torch.empty(m, p, dtype=like.dtype, device=like.device)
+    curvature = 0.5 * (curvature + curvature.T)
+    factor = loss_factor(curvature)
+    count = m if factor is None else factor.shape[0]
+    products = torch.empty(count, p, dtype=like.dtype, device=like.device)
 
     def rows(start: int, stop: int) -> Tensor:
+        along = _one_hot(start, stop, m, like) if factor is None else factor[start:stop]
         with torch.enable_grad():
-            grads = graph.backward(outputs, graph.params, cotangents(start, stop))
+            grads = graph.backward(outputs, graph.params, cotangents(along))
         column = 0
         for g in grads:  # each parameter's columns written in place: no concatenated copy
             width = g[0].numel()
-            jacobian[start:stop, column : column + width] = g.detach().reshape(stop - start, -1)
+            products[start:stop, column : column + width] = g.detach().reshape(stop - start, -1)
             column += width
-        return jacobian[start:stop]
+        return products[start:stop]
 
     start = 0
-    while start < m:
-        stop = min(m, start + blocks.size(samples, like.device))
+    while start < count:
+        stop = min(count, start + blocks.size(samples, like.device))
         run_block(blocks, graph, samples, like.device, rows, start, stop)
         start = stop
     progress(p)
-    return SymmetricProduct(jacobian, curvature_times(0.5 * (curvature + curvature.T), jacobian))
+    if factor is not None:
+        return SymmetricProduct(products)
+    return SymmetricProduct(products, curvature_times(curvature, products))

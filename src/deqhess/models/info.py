@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..linear.cholesky import MAX_WIDTH
 from .dense import Blocks
 
 __all__ = ["CurvatureInfo", "assembly"]
@@ -29,7 +30,8 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
     """What :attr:`ModelCurvature.info` says of a dense form.
 
     Args:
-        routes: the routes its batches took (``"jacobians"``, ``"products"``).
+        routes: the routes its batches took (``"factored jacobians"``, ``"jacobians"``,
+            ``"products"``).
         part: the dense part.
         p: ``P``.
         blocks: the block sizes, and the memory a direction took once measured.
@@ -38,10 +40,17 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
         One sentence per route.
     """
     said = []
+    if "factored jacobians" in routes:
+        said.append(
+            "output Jacobians (a batch's output has fewer numbers than P = "
+            f"{p:,}), ∇²ℓ = RᵀR by pivoted Cholesky (positive semi-definite): the Gram "
+            "matrix of RJ, its rows by vector-Jacobian products along R's rows"
+        )
     if "jacobians" in routes:
         said.append(
             "output Jacobians (a batch's output has fewer numbers than P = "
-            f"{p:,}): Jᵀ(∇²ℓ J) from its rows, by its upper block triangle"
+            f"{p:,}; ∇²ℓ not positive semi-definite in blocks of at most "
+            f"{MAX_WIDTH}): Jᵀ(∇²ℓ J) from its rows, by its upper block triangle"
         )
     if "products" in routes:
         measured = (
