@@ -132,8 +132,79 @@ def test_unregistered_tensors_that_need_grad_are_refused():
         def forward(self, x, h):
             return torch.tanh(h @ self.weight + x)
 
-    with pytest.raises(ValueError, match="reads a tensor that requires grad but is neither"):
+    with pytest.raises(ValueError, match="reads a tensor that requires grad"):
         DEQ(Sharing())(torch.randn(3, 4))
+
+
+class _Hyper(nn.Module):
+    """A hypernetwork writes the cell's weight (a plain attribute) in the model's forward;
+    ``tied`` reads the encoder's weight through a reference the cell does not register."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.hyper, self.enc = how, nn.Linear(1, 16, bias=False), nn.Linear(4, 4)
+        self.cell, self.cell.refs = Tanh(), [self.enc]
+        self.deq = DEQ(self.cell)
+
+    def forward(self, x):
+        if self.how == "hyper":  # as torchdeq's reset_norm writes a normalised weight
+            self.cell.extra = 0.05 * self.hyper(torch.ones(1)).reshape(4, 4)
+        else:
+            self.cell.extra = 0.1 * self.cell.refs[0].weight
+        return self.deq(self.enc(x))
+
+
+class _ReadsExtra(Tanh):
+    def forward(self, x, h):
+        return torch.tanh(self.lin(h) + h @ self.extra.T + x)
+
+
+@pytest.mark.parametrize("how", ["hyper", "tied"])
+@pytest.mark.parametrize("transform", ["grad", "vmap(grad)", "jacrev", "jvp", "hessian"])
+def test_unregistered_tensors_a_transform_tracks_are_refused_too(how, transform):
+    """Under torch.func the solve runs below the transforms' levels, where a tensor the
+    cell reads besides its arguments is a constant: its derivatives were 0 (the
+    hypernetwork's) or 5% off (the tied encoder's), silently. Refused, as eagerly."""
+    model = _Hyper(how)
+    model.cell.__class__ = _ReadsExtra
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(3, 4)
+
+    def loss(p, x=x):
+        return torch.func.functional_call(model, p, (x,)).pow(2).sum()
+
+    with pytest.raises(ValueError, match="reads a tensor that requires grad"):
+        model(x).sum().backward()  # eagerly
+    with pytest.raises(ValueError, match=r"or that a torch\.func transform tracks"):
+        if transform == "grad":
+            torch.func.grad(loss)(params)
+        elif transform == "vmap(grad)":
+            torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
+        elif transform == "jacrev":
+            torch.func.jacrev(loss)(params)
+        elif transform == "jvp":
+            torch.func.jvp(loss, (params,), (params,))
+        else:  # in the weight the cell reads through the attribute
+            name = "hyper.weight" if how == "hyper" else "enc.weight"
+            torch.func.hessian(lambda w: loss({**params, name: w}))(params[name])
+
+
+def test_a_cell_reading_only_its_arguments_is_not_refused_under_transforms():
+    """The check's own evaluation takes plain values: under vmap over grad over jvp the
+    cell's parameters, x and h are wrapped at every level, and nothing is refused."""
+    deq = DEQ(Tanh())
+    params = {k: v.detach() for k, v in deq.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(deq, p, (x,)).pow(2).sum()
+
+    xs = torch.randn(2, 3, 4)
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(2):
+        want = torch.func.grad(loss)(params, xs[i])
+        for k in params:
+            torch.testing.assert_close(grads[k][i], want[k])
+    torch.func.jvp(lambda p: torch.func.grad(loss)(p, xs[0]), (params,), (params,))
 
 
 def test_output_supports_in_place_use_and_inputs_are_checked():

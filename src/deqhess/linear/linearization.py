@@ -225,7 +225,7 @@ class Linearization:
         self.stats.products += info.iterations
         self.stats.estimated(info.inverse_norm, info.method)
 
-    def certify(self, value: Tensor) -> None:
+    def certify(self, value: Tensor, again: bool = False) -> None:
         """Check, once, that ``F`` evaluated again at ``h*`` has the residuals the solve accepted.
 
         A caller that evaluates ``F`` at ``h*`` anyway (a VJP in ``θ``) passes the value
@@ -233,13 +233,15 @@ class Linearization:
 
         Args:
             value: ``F(h*)``, a fresh evaluation, rows ``[S, d]``.
+            again: check even if an earlier evaluation was certified (a different
+                evaluation of the map: the layer's visible one, with the cell's hooks).
 
         Raises:
             InputError: ``F`` is not a deterministic function of ``h`` (a residual moved
                 beyond twice what the solve accepted, or its tolerance).
         """
         accepted = self.accepted
-        if self._certified or accepted is None:  # no solve's residuals to compare with
+        if (self._certified and not again) or accepted is None:  # nothing to compare with
             return
         h = self.h
         g = value - h

@@ -109,6 +109,9 @@ def _syrk_(total: Tensor, rows: Tensor, weight: float) -> bool:
     Returns:
         Whether it was done: ``syrk`` serves contiguous float32 / float64 CPU tensors
         outside autograd; otherwise ``total`` is untouched (the caller multiplies).
+
+    SciPy's BLAS takes its thread count from the environment (``OMP_NUM_THREADS``,
+    ``OPENBLAS_NUM_THREADS``), not from ``torch.set_num_threads``.
     """
     syrk = _SYRK.get(total.dtype)
     if (

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import InputError, add_note
+from .transforms import tracked
 
 __all__ = [
     "InputLayout",
@@ -232,23 +233,30 @@ def state_arguments(cell: nn.Module) -> tuple[list[str], list[Tensor]]:
 
 
 def check_registered(out: Any) -> None:
-    """Refuse a cell that reads a tensor requiring grad besides its arguments.
+    """Refuse a cell that reads a tracked tensor besides its arguments.
 
     Args:
-        out: one evaluation of the cell with grad enabled and every argument detached:
-            it needs no grad unless the cell reads another such tensor — a weight shared
-            by reference, or made by a hypernetwork — whose gradient the fixed point
-            would silently drop.
+        out: one evaluation of the cell with grad enabled and every argument detached
+            (under ``torch.func``: plain, :func:`deqhess.nn.transforms.representative`):
+            it needs no grad, and is no transform's wrapper, unless the cell reads another
+            tensor that autograd or a transform tracks — a weight shared by reference,
+            made by a hypernetwork, or computed from the cell's parameters before the
+            call (torchdeq's ``reset_norm``) — whose derivatives the fixed point would
+            silently drop.
 
     Raises:
-        InputError: ``out`` requires grad.
+        InputError: ``out`` is tracked (:func:`deqhess.nn.transforms.tracked`).
     """
-    if isinstance(out, Tensor) and out.requires_grad:
+    if isinstance(out, Tensor) and tracked(out):
         raise InputError(
-            "the cell reads a tensor that requires grad but is neither one of its parameters "
+            "the cell reads a tensor that requires grad (or that a torch.func transform "
+            "tracks) but is neither one of its parameters "
             "or buffers nor part of x (e.g. a weight shared with another module by "
-            "reference): the fixed point's derivatives would leave its gradient out. "
-            "Register it on the cell (nn.Parameter, or register_buffer) or pass it in x."
+            "reference, or a weight computed from parameters before the call, as torchdeq's "
+            "reset_norm or a forward pre-hook does): the fixed point's derivatives would "
+            "leave its gradient out. Register it on the cell (nn.Parameter, or "
+            "register_buffer), compute it inside the cell's forward (or with "
+            "torch.nn.utils.parametrize), or pass it in x."
         )
 
 

@@ -24,13 +24,19 @@ from ..solvers import (
     solve_fixed_point,
 )
 from ..state import check_state_map
-from .attributes import assigned_since, attribute_snapshot, attributes_kept
+from .attributes import (
+    assigned_since,
+    attribute_snapshot,
+    attributes_kept,
+    check_hooks_assign_nothing_read,
+)
 from .calls import CALLS, Calls, LayerCall, layer_calls, warm_starts
 from .contract import (
     InputLayout,
     buffers_unwritten,
     check_deterministic,
     check_inputs,
+    check_registered,
     explaining_first_call,
     state_arguments,
 )
@@ -40,6 +46,7 @@ from .observed import observed_fixed_point
 from .policy import LayerPolicy
 from .reparametrize import functional_call
 from .second_order import RefusedSecondOrder
+from .transforms import representative, under_transform
 
 __all__ = ["DEQ", "LayerCall", "LayerInfo", "LayerSolution", "layer_calls", "warm_starts"]
 
@@ -384,11 +391,20 @@ class DEQ(nn.Module):
         args = (*inputs.tensors, *values)
         observed = has_hooks(cell)
         with buffers_unwritten(cell):
+            if under_transform():  # the solve runs below the transforms: it cannot see them
+                with torch.enable_grad():
+                    read = evaluate(representative(h0), *map(representative, args))
+                check_registered(read)
             if observed:  # a fresh output, the fixed point's value, gradients through f(x, h*)
 
                 def observe(z: Tensor) -> Tensor:
+                    before = attribute_snapshot(cell)
                     with backward_hooks_checked(cell):
-                        return cell(x, z)
+                        out = cell(x, z)
+                    check_hooks_assign_nothing_read(
+                        cell, snapshot, before, lambda: evaluate(*_plain(z, args))
+                    )
+                    return out
 
                 h = observed_fixed_point(
                     spec, h0.detach(), args, observe, lambda: describe_hooks(cell)
@@ -497,6 +513,11 @@ def _solve(layer: DEQ, x: Any, h0: Tensor | None, *, with_info: bool) -> tuple:
 def _recording(calls: Calls | None) -> bool:
     """Whether the enclosing :func:`layer_calls` block records the calls."""
     return calls is not None and calls.records is not None
+
+
+def _plain(z: Tensor, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``(z, *args)`` as plain detached tensors (:func:`~deqhess.nn.transforms.representative`)."""
+    return tuple(representative(t) for t in (z, *args))
 
 
 def _same_data(a: Tensor, b: Tensor) -> bool:

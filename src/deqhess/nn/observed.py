@@ -46,6 +46,7 @@ from .implicit import FixedPointFunction, refuse_legacy_vmap
 from .pullbacks import pullback
 from .spec import FixedPointSpec
 from .systems import NonlinearSystem, System
+from .transforms import plain_value
 
 __all__ = ["observed_fixed_point"]
 
@@ -91,13 +92,17 @@ def observed_fixed_point(
         # one sum, the one the compensation cancels bit for bit (the same products)
         b = observe(z.clone())
     jacobian = system.jacobian
-    if jacobian is not None and torch._C._functorch.peek_interpreter_stack() is None:
+    # under torch.func, the values below the transforms' wrappers (under vmap the batched
+    # system's linearisation is not this one's, and the values are per batch entry: none)
+    seen, value = plain_value(z), plain_value(b)
+    plain_args = [plain_value(a) for a in args]
+    if jacobian is not None and seen is not None and value is not None:
         try:
-            jacobian.linearization.certify(spec.rows(b.detach()))
+            # always: an earlier certificate (a tangent's jvp) was of the map without hooks
+            jacobian.linearization.certify(spec.rows(value), again=True)
         except InputError as error:
-            _blame_hooks(
-                spec, jacobian.linearization, z.detach(), b.detach(), args, describe, error
-            )
+            inputs = tuple(p if p is not None else a for p, a in zip(plain_args, args, strict=True))
+            _blame_hooks(spec, jacobian.linearization, seen, value, inputs, describe, error)
             raise
     return _Observed.apply(system, b, z, *args)
 

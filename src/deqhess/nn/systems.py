@@ -95,7 +95,9 @@ class System:
                     full[i] = t
                 return fn(zz, *full)
 
-            primals = (z, *(args[i] for i in where))
+            # jvp writes each tangent into a copy laid out as its primal: an expanded
+            # primal (vmap's unbatched z0, say) overlaps itself, so it is made contiguous
+            primals = tuple(p.contiguous() for p in (z, *(args[i] for i in where)))
             return torch.func.jvp(of_moving, primals, (w, *tangents))[1]
 
         point = self._shifted(1) | self._solution_at(0)
