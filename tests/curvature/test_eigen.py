@@ -358,3 +358,110 @@ def test_many_pairs_of_a_small_operator_are_taken_densely():
         assert found.num_hvps <= 272 + 40  # the matrix, and the residuals of the 40 pairs
         assert torch.allclose(found.eigenvalues, want, atol=1e-12)
     assert extreme_eigenpairs(Matrix(h), 40, progress=False, dense_below=0).num_hvps > 272
+
+
+def _reference(matrix: Tensor, k: int, which: str) -> Tensor:
+    """The ``k`` wanted eigenvalues by ``eigvalsh``, ascending (``"magnitude"``: by ``|λ|``,
+    the spectra below having no tie in ``|λ|`` at the boundary)."""
+    values = torch.linalg.eigvalsh(matrix)
+    if which == "largest":
+        return values[-k:]
+    if which == "smallest":
+        return values[:k]
+    return values[torch.argsort(values.abs(), stable=True)[-k:]].sort().values
+
+
+def _null_with(values: list[float], size: int = 120) -> Tensor:
+    return torch.tensor(values + [0.0] * (size - len(values)))
+
+
+INDEFINITE_RANK_4 = _null_with([-244.0, -3.0, 0.3, 55.0])
+FEW_DISTINCT = torch.tensor([3.0] * 10 + [-2.0] * 10 + [1.0] * 100)
+
+# (spectrum, which, k, block_size): every one of these returned wrong eigenvalues before
+# the fix, the first [-244, -3, 0, 0.3, 55] as the 5 largest (the other end of the spectrum)
+EXHAUSTED = {
+    "indefinite-rank-4-largest-5": (INDEFINITE_RANK_4, "largest", 5, None),
+    "indefinite-rank-4-largest-8-block-4": (INDEFINITE_RANK_4, "largest", 8, 4),
+    "indefinite-rank-4-smallest-5-block-1": (INDEFINITE_RANK_4, "smallest", 5, 1),
+    "indefinite-rank-3-largest-12": (_null_with([5.0, 3.0, -2.0]), "largest", 12, None),
+    "indefinite-rank-3-smallest-8-block-2": (_null_with([5.0, 3.0, -2.0]), "smallest", 8, 2),
+    "negative-rank-1-largest-3": (_null_with([-5.0]), "largest", 3, None),
+    "rank-1-smallest-5-block-1": (_null_with([5.0]), "smallest", 5, 1),
+    "repeated-top-largest-3": (_null_with([9.0, 9.0, 9.0, 1.0, -1.0]), "largest", 3, None),
+    "repeated-top-largest-12-block-4": (_null_with([9.0] * 3 + [1.0, -1.0]), "largest", 12, 4),
+    "few-distinct-magnitude-8": (FEW_DISTINCT, "magnitude", 8, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", EXHAUSTED.values(), ids=EXHAUSTED.keys())
+def test_an_exhausted_krylov_space_goes_on_from_random_directions(case):
+    """A spectrum of few distinct values (0 of multiplicity up to 119 in P = 120): the
+    Krylov space becomes invariant after a few steps (its dimension about the number of
+    distinct eigenvalues), every Ritz pair then has a residual ~1e-15, and Lanczos
+    returned them — eigenvalues from the other end of the spectrum among "the 5 largest".
+    It now goes on from random directions orthogonal to the basis, and stops only when
+    what lies outside can hold nothing beyond the wanted values. Each eigenvalue is
+    compared with ``eigvalsh``: to 1e-8·‖H‖, 100× the default tol·‖H‖ = 1e-10·‖H‖ that
+    each residual meets, which bounds the distance to the nearest eigenvalue (Weyl)."""
+    values, which, k, block = case
+    for seed in range(2):
+        op = _with_spectrum(values, seed=seed)
+        result = extreme_eigenpairs(
+            op, k, which, dense_below=0, progress=False, block_size=block, seed=seed
+        )
+        scale = float(values.abs().max())
+        expected = _reference(op.matrix, k, which)
+        assert torch.allclose(result.eigenvalues, expected, rtol=0, atol=1e-8 * scale), (
+            result.eigenvalues.tolist(), expected.tolist(),
+        )  # fmt: skip
+        assert float(result.residuals.max()) <= 1e-10 * scale
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_rank_one_and_zero_operators_with_k_beyond_the_rank(which):
+    """k = 5 of a rank-1 operator (its one eigenvalue negative: the largest are zeros) and
+    of the zero matrix, in blocks of 1 and 3: the largest of ``−5 u uᵀ`` came back as
+    [−5, 0, 0]."""
+    for values in (_null_with([-5.0]), _null_with([5.0]), torch.zeros(120)):
+        for block in (1, 3):
+            op = _with_spectrum(values)
+            result = extreme_eigenpairs(
+                op, 5, which, dense_below=0, progress=False, block_size=block
+            )
+            expected = _reference(op.matrix, 5, which)
+            assert torch.allclose(result.eigenvalues, expected, rtol=0, atol=1e-8 * 5)
+
+
+def test_the_largest_of_a_low_rank_deq_hessian():
+    """The adversarial report, smaller: the Hessian of a DEQ on one sample with a wide
+    input (n = 2, m = 25: P = 56, θ entering through W, b and U x, so of rank at most
+    n² + 2n = 8, here 4, with eigenvalues of both signs around a null space of dimension
+    52). ``which="largest"`` returned its negative eigenvalues as among the 5 largest
+    (−244.65 in place of 0 at P = 306). Compared with ``eigvalsh`` of the operator's own
+    matrix to 1e-8·‖H‖ (100× the tol·‖H‖ its residuals meet)."""
+    g = torch.Generator().manual_seed(0)
+    n, m = 2, 25
+    w = torch.randn(n, n, generator=g)
+    theta = {
+        "W": 0.5 * w / torch.linalg.matrix_norm(w, 2),
+        "U": torch.randn(n, m, generator=g) / m**0.5,
+        "b": 0.1 * torch.randn(n, generator=g),
+    }
+    x, y = torch.randn(1, m, generator=g), torch.randn(1, n, generator=g)
+
+    def f(x, h, t):
+        return torch.tanh(h @ t["W"].T + x @ t["U"].T + t["b"])
+
+    eq = dh.Equilibrium(f, theta, x, torch.zeros(1, n), tol=1e-14, atol=1e-15, batch_dim=0)
+    op = eq.hessian_operator(lambda h: ((h - y) ** 2).sum())
+    matrix = op.matmat(torch.eye(op.shape[0]))
+    matrix = 0.5 * (matrix + matrix.T)
+    scale = float(torch.linalg.matrix_norm(matrix, 2))
+    for which in ("largest", "smallest"):
+        for k in (5, 8):
+            result = extreme_eigenpairs(op, k, which, dense_below=0, progress=False)
+            expected = _reference(matrix, k, which)
+            assert torch.allclose(result.eigenvalues, expected, rtol=0, atol=1e-8 * scale), (
+                which, k, result.eigenvalues.tolist(), expected.tolist(),
+            )  # fmt: skip

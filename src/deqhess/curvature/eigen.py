@@ -140,7 +140,8 @@ def extreme_eigenpairs(
             Relative to ``‖H‖``, not to each eigenvalue: eigenvalues near zero are found
             to about ``tol · ‖H‖``, which is what their residuals then bound.
         max_iter: deprecated (ARPACK's restarts); converted to a cap on products.
-        seed: seeds the starting vector.
+        seed: seeds the starting block and the random directions that continue the run
+            where the Krylov space is exhausted.
         progress: a progress bar of products against ``max_hvps`` (None: only on a
             terminal).
         dense_below: form the matrix (``P`` products) and use ``eigh`` when ``P`` is at
@@ -159,7 +160,12 @@ def extreme_eigenpairs(
         block_size: ``b``, directions per product; default ``k`` (at most ``P − k``) for
             ``which="smallest"``, else 1. A Krylov space grown from ``b`` vectors holds at
             most ``b`` copies of a repeated eigenvalue, so with ``b < k`` the returned
-            pairs may miss copies and still have small residuals. The bottom of a
+            pairs may miss copies and still have small residuals — unless the space
+            becomes invariant (an operator with few distinct eigenvalues, such as a
+            low-rank one with 0 of high multiplicity): the run then goes on from random
+            directions orthogonal to it, which find further copies, and stops only when
+            what lies outside can hold no eigenvalue beyond the wanted ones (with
+            probability 1 over those directions). The bottom of a
             curvature operator is where that happens — 0 is an eigenvalue of multiplicity
             ``P − rank`` of a loss curvature or GGN with fewer outputs than parameters —
             hence the block there; the top is rarely repeated, and one vector per step
@@ -232,7 +238,7 @@ def extreme_eigenpairs(
         device=op.device,
     )  # fmt: skip
     try:
-        pairs = lanczos_extreme(counted, k, which, tol, max_hvps, basis_size, start)
+        pairs = lanczos_extreme(counted, k, which, tol, max_hvps, basis_size, start, seed)
     finally:
         counted.close()
     found = EigenResult(pairs.values, pairs.vectors, pairs.residuals, counted.products)

@@ -26,6 +26,24 @@ an eigenvalue of multiplicity ``P − rank``: single-vector Lanczos then returne
 eigenpairs with tiny residuals that were not the smallest. deqhess's operators apply a
 ``[P, b]`` block for much less than ``b`` single products (the solves are shared).
 
+An exhausted Krylov space: where the basis spans an invariant subspace (``‖F‖ ≤
+tol·‖H‖``; after about as many steps as ``H`` has distinct eigenvalues, a few for a
+low-rank operator), every Ritz pair is an eigenpair within ``tol`` and the residuals no
+longer single out the wanted ones: Lanczos returned [−244.65, −3.31, 0, 0.33, 55.24] as
+the 5 largest of a DEQ Hessian of rank 4 (P = 306) whose 5 largest are [0, 0, 0, 0.33,
+55.24]. As ARPACK's ``getv0`` does, the run then goes on from ``b`` random directions
+orthogonal to the basis (seeded), uncoupled from it (``F`` dropped, at most
+``tol·‖H‖``): a *probe* of the rest of the space, whose Ritz pairs are kept apart from
+the invariant part's. A stop then also needs (``_Krylov.explored``) the probe's pair
+nearest the wanted end within ``tol`` — its Ritz values tend to the extremes of what
+lies outside the invariant part — and, where the probe is itself exhausted, none of its
+values beyond the least wanted one: what it leaves outside are, with probability 1 over
+its random start, further copies of its own values. Only a basis of ``P`` vectors
+spans everything. What remains is any Krylov method's: a space that never becomes
+invariant still holds at most ``b`` copies of an eigenvalue per start (copies beyond
+that are found only where a probe starts), and a Ritz pair within ``tol`` far from the
+wanted end may yet be overtaken by one that has not converged.
+
 The stopping test is ``‖H v − θ v‖ ≤ tol · ‖H‖``, ``‖H‖`` estimated by the largest
 ``|θ|`` met (a lower bound of ``‖H‖₂`` that the extreme Ritz values reach first). A
 test relative to each eigenvalue, as ARPACK's, cannot be met by eigenvalues near zero
@@ -39,6 +57,7 @@ in the recurrence, rounding in the product or inexact operator passes unseen.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -71,6 +90,22 @@ class RitzPairs:
     measured: bool
 
 
+class Ritz(NamedTuple):
+    """The Rayleigh–Ritz pairs ``(θᵢ, V yᵢ)`` of a basis of ``j`` vectors, ascending.
+
+    Attributes:
+        values: ``[j]`` ``θ``, float64.
+        rotations: ``[j, j]`` ``Y``, float64.
+        residuals: ``[j]`` ``‖F Bᵀ yᵢ‖``, the recurrence's residuals.
+        probe: ``[j]`` whether each pair belongs to the probe (not to the invariant part).
+    """
+
+    values: Tensor
+    rotations: Tensor
+    residuals: Tensor
+    probe: Tensor
+
+
 def _wanted(values: Tensor, count: int, which: str) -> Tensor:
     """The ``count`` Ritz values at the wanted end of ``values`` (ascending).
 
@@ -85,27 +120,48 @@ def _wanted(values: Tensor, count: int, which: str) -> Tensor:
     return index.sort().values
 
 
+def _probe_ends(ritz: Ritz, which: str) -> Tensor:
+    """Indices of the probe's Ritz pairs at the wanted end (both ends for ``"magnitude"``)."""
+    probe = torch.nonzero(ritz.probe).flatten()
+    ends = {"largest": [-1], "smallest": [0], "magnitude": [0, -1]}[which]
+    return probe[ends].unique()
+
+
 class _Krylov:
     """The basis ``V``, ``T = VᵀHV`` and the residual block ``F`` with its coupling ``B``."""
 
-    def __init__(self, start: Tensor, basis_size: int, seed: int) -> None:
+    def __init__(self, start: Tensor, basis_size: int, tol: float, seed: int) -> None:
         size, self.block = start.shape
+        self.tol = tol
         self.basis = start.new_empty(size, basis_size)
         self.projected = torch.zeros(basis_size, basis_size, dtype=torch.float64)  # CPU
         self.residual = start  # F
         self.coupling = torch.zeros(0, self.block, dtype=torch.float64)  # B
         self.j = 0
+        self.probe = 0  # the first column of the probe: V[:, :probe] spans an invariant subspace
         self.scale = 0.0
+        self.norm = 0.0  # the largest ‖H q‖ met: the floor's scale before any Ritz value
         self.generator = torch.Generator().manual_seed(seed)
 
     def expand(self, op: Counted) -> None:
-        """One block step: ``b`` products."""
+        """One block step: ``b`` products.
+
+        Where the basis spans an invariant subspace (:meth:`invariant`), the block is
+        ``b`` random directions orthogonal to it, uncoupled (``T``'s new columns above it
+        exactly 0, ``F`` dropped: at most ``tol·‖H‖``), and starts a new probe.
+        """
         j, b = self.j, self.block
-        q, r = self._orthonormal_residual()
+        if j > 0 and self.invariant():
+            self.probe = j
+            q = self._random(self.residual.new_zeros(self.residual.shape[0], 0))
+            r = torch.zeros(b, b, dtype=torch.float64)
+        else:
+            q, r = self._orthonormal_residual()
         self.basis[:, j : j + b] = q
         self.projected[:j, j : j + b] = self.coupling @ r.T
         self.projected[j : j + b, :j] = self.projected[:j, j : j + b].T
         w = op.matmat(q)
+        self.norm = max(self.norm, float(torch.linalg.vector_norm(w, dim=0).max()))
         middle = (q.T @ w).double().cpu()
         self.projected[j : j + b, j : j + b] = 0.5 * (middle + middle.T)
         self.j = j + b
@@ -113,11 +169,28 @@ class _Krylov:
         self.coupling = torch.zeros(self.j, b, dtype=torch.float64)
         self.coupling[j:] = torch.eye(b, dtype=torch.float64)
 
+    def floor(self) -> float:
+        """``1e3·ε·‖H‖``: singular values of ``F`` below it are rounding, not rank."""
+        scale = max(self.scale, self.norm, 1e-300)
+        return 1e3 * torch.finfo(self.residual.dtype).eps * scale
+
+    def invariant(self) -> bool:
+        """Whether the basis spans an invariant subspace to within ``tol``.
+
+        ``‖F‖₂ ≤ tol·‖H‖`` (or the floor): every Ritz pair's residual is then within
+        ``tol·‖H‖`` — the residuals no longer tell the wanted pairs from the others.
+
+        Returns:
+            Whether ``‖F‖₂ ≤ max(tol·‖H‖, floor)``.
+        """
+        bound = max(self.floor(), self.tol * self.scale)
+        return float(torch.linalg.matrix_norm(self.residual, ord=2)) <= bound
+
     def _orthonormal_residual(self) -> tuple[Tensor, Tensor]:
         """The next block of the basis, from the residual block ``F``.
 
         ``Q`` spans ``F``'s directions of singular value above a floor of
-        ``1e3·ε·‖H‖`` (an SVD, which reveals rank where an unpivoted QR does not),
+        ``1e3·ε·‖H‖`` (:meth:`floor`; an SVD reveals rank where an unpivoted QR does not),
         orthogonalised against ``V`` once more: ``F`` is orthogonal to ``V`` only to
         about ``ε‖H Q‖``, and normalising a weak direction of ``F`` magnifies that by
         ``‖H‖ / σ`` (1e-5 of orthogonality lost at rank deficiency, before this pass).
@@ -131,33 +204,108 @@ class _Krylov:
         """
         f, basis = self.residual, self.basis[:, : self.j]
         directions, strengths, _ = torch.linalg.svd(f, full_matrices=False)
-        floor = 1e3 * torch.finfo(f.dtype).eps * max(self.scale, 1e-300)
-        q = torch.linalg.qr(_orthogonalised(directions[:, strengths > floor], basis)).Q
-        while q.shape[1] < self.block:
-            fresh = torch.randn(f.shape[0], 1, generator=self.generator, dtype=torch.float64)
-            fresh = _orthogonalised(fresh.to(f), torch.cat([basis, q], dim=1))
-            q = torch.cat([q, fresh / torch.linalg.vector_norm(fresh)], dim=1)
+        q = torch.linalg.qr(_orthogonalised(directions[:, strengths > self.floor()], basis)).Q
+        q = self._random(q)
         return q, (q.T @ f).double().cpu()
 
-    def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(θ, Y, residuals)`` of the Rayleigh–Ritz pairs of the current basis."""
-        values, rotations = torch.linalg.eigh(self.projected[: self.j, : self.j])
+    def _random(self, q: Tensor) -> Tensor:
+        """``q`` completed by random directions (the run's seeded generator).
+
+        Returns:
+            ``[P, b]``: ``q`` ``[P, c]`` (orthonormal, orthogonal to ``V``) and ``b − c``
+            random directions, the whole orthonormal and orthogonal to ``V``.
+        """
+        basis = self.basis[:, : self.j]
+        while q.shape[1] < self.block:
+            fresh = torch.randn(q.shape[0], 1, generator=self.generator, dtype=torch.float64)
+            fresh = _orthogonalised(fresh.to(q), torch.cat([basis, q], dim=1))
+            q = torch.cat([q, fresh / torch.linalg.vector_norm(fresh)], dim=1)
+        return q
+
+    def ritz(self) -> Ritz:
+        """The Rayleigh–Ritz pairs of the current basis.
+
+        ``T`` is block diagonal, the invariant part ``V[:, :probe]`` apart from the probe
+        ``V[:, probe:]``: each block is diagonalised alone, so that every pair belongs to
+        one of them even where both hold an eigenvalue (a 0 of high multiplicity).
+
+        Returns:
+            The pairs (:class:`Ritz`), ascending.
+        """
+        j, s = self.j, self.probe
+        values = torch.zeros(j, dtype=torch.float64)
+        rotations = torch.zeros(j, j, dtype=torch.float64)
+        for part in (slice(0, s), slice(s, j)):
+            values[part], rotations[part, part] = torch.linalg.eigh(self.projected[part, part])
+        order = torch.argsort(values, stable=True)
+        values, rotations = values[order], rotations[:, order]
         self.scale = max(self.scale, float(values.abs().max()))
         gram = (self.residual.T @ self.residual).double().cpu()  # FᵀF
         c = self.coupling.T @ rotations  # Bᵀ y for every y
         residuals = ((c * (gram @ c)).sum(0).clamp_min(0.0)).sqrt()
-        return values, rotations, residuals
+        return Ritz(values, rotations, residuals, order >= s)
 
-    def restart(self, keep: int, which: str) -> None:
-        """Keep the ``keep`` Ritz vectors nearest the wanted end (no products)."""
-        values, rotations, _ = self.ritz()
-        index = _wanted(values, keep, which)
-        kept = rotations[:, index]
-        self.basis[:, :keep] = self.basis[:, : self.j] @ kept.to(self.basis)
+    def restart(self, keep: int, which: str, k: int) -> None:
+        """Keep the ``keep`` Ritz vectors nearest the wanted end (no products).
+
+        Those of the invariant part come first and stay apart from the probe's (their
+        coupling ``B`` is 0). The probe's extreme pairs (:meth:`explored` waits for them)
+        are kept too — beyond ``keep`` while the basis has room for a block after them,
+        else in place of the farthest of the others beyond the ``k`` wanted: behind
+        invariant pairs nearer the wanted end, they would be dropped at every restart
+        and never converge.
+        """
+        ritz = self.ritz()
+        index = _wanted(ritz.values, keep, which)
+        if self.probe > 0:
+            ends = _probe_ends(ritz, which)
+            missing = ends[~torch.isin(ends, index)]
+            if keep + len(missing) + self.block <= self.basis.shape[1]:
+                index = torch.cat([index, missing])
+            elif keep - len(missing) >= k:
+                others = torch.ones(self.j, dtype=torch.bool)
+                others[missing] = False
+                nearest = torch.nonzero(others).flatten()
+                nearest = nearest[_wanted(ritz.values[nearest], keep - len(missing), which)]
+                index = torch.cat([nearest, missing])
+            index = index.sort().values
+        index = torch.cat([index[~ritz.probe[index]], index[ritz.probe[index]]])
+        kept, size = ritz.rotations[:, index], len(index)
+        self.basis[:, :size] = self.basis[:, : self.j] @ kept.to(self.basis)
         self.projected.zero_()
-        self.projected[:keep, :keep] = torch.diag(values[index])
+        self.projected[:size, :size] = torch.diag(ritz.values[index])
         self.coupling = kept.T @ self.coupling
-        self.j = keep
+        self.j = size
+        self.probe = int((~ritz.probe[index]).sum())
+
+    def explored(self, ritz: Ritz, index: Tensor, target: float, margin: float, which: str) -> bool:
+        """Whether the space orthogonal to the basis can hold no eigenvalue beyond the wanted.
+
+        Residuals alone cannot say so once the basis is invariant: every Ritz pair is then
+        exact, the wanted ``index`` among them, whatever lies outside. Outside the
+        invariant part ``V[:, :probe]`` the probe, grown from random vectors, has Ritz
+        values tending to the outside's extremes: its extreme ones (both ends for
+        ``"magnitude"``) must be within ``target``. Where the probe is itself invariant,
+        what it leaves outside are (with probability 1 over its random start) further
+        copies of its Ritz values: none may lie beyond the least wanted value by more
+        than ``margin``, unless the basis spans the whole space.
+
+        Returns:
+            Whether ``ritz``'s wanted pairs ``index`` may be taken for the wanted end.
+        """
+        if self.j == self.basis.shape[0]:
+            return True
+        if self.probe > 0 and not bool((ritz.residuals[_probe_ends(ritz, which)] <= target).all()):
+            return False
+        values = ritz.values[ritz.probe]
+        if not self.invariant():
+            return True
+        wanted = ritz.values[index]
+        if which == "largest":
+            return float(values.max()) <= float(wanted.min()) + margin
+        if which == "smallest":
+            return float(values.min()) >= float(wanted.max()) - margin
+        return float(values.abs().max()) <= float(wanted.abs().min()) + margin
 
 
 def lanczos_extreme(
@@ -168,6 +316,7 @@ def lanczos_extreme(
     max_hvps: int,
     basis_size: int,
     start: Tensor,
+    seed: int = 0,
 ) -> RitzPairs:
     """The ``k`` wanted Ritz pairs of the symmetric ``op`` within ``max_hvps`` products.
 
@@ -189,6 +338,8 @@ def lanczos_extreme(
             ``k`` products come on top.
         basis_size: ``m``, the most basis vectors kept (``k + b ≤ m ≤ P``).
         start: ``[P, b]`` starting block (``b`` its block size).
+        seed: seeds the random directions that continue the run where the basis spans
+            an invariant subspace.
 
     Returns:
         The confirmed pairs; or, where the run stopped short of that, those of its last
@@ -198,24 +349,27 @@ def lanczos_extreme(
     Raises:
         InputError: ``max_hvps`` is too few for ``k`` pairs (no Ritz pair formed).
     """
-    krylov = _Krylov(start, basis_size, seed=start.shape[0])
+    krylov = _Krylov(start, basis_size, tol, seed)
     block = krylov.block
     keep = k + (basis_size - block - k) // 2  # the wanted pairs and some neighbours
-    ritz: tuple[Tensor, Tensor, Tensor] | None = None  # (θ, Y, residuals) of the last step
+    ritz: Ritz | None = None  # of the last step
     refuted: RitzPairs | None = None  # the last pairs the product did not confirm
     strictness, confirming = 1.0, 0  # products spent confirming come on top of max_hvps
     while op.products - confirming + block <= max_hvps:
         if krylov.j + block > basis_size:
-            krylov.restart(keep, which)
+            krylov.restart(keep, which, k)
         krylov.expand(op)
         if krylov.j < k:
             continue
         ritz = krylov.ritz()
-        index = _wanted(ritz[0], k, which)
-        estimated = ritz[2][index]
-        if not bool((estimated <= strictness * tol * krylov.scale).all()):
+        index = _wanted(ritz.values, k, which)
+        estimated = ritz.residuals[index]
+        target = strictness * tol * krylov.scale
+        if not bool((estimated <= target).all()):
             continue
-        vectors = krylov.basis[:, : krylov.j] @ ritz[1][:, index].to(krylov.basis)
+        if not krylov.explored(ritz, index, target, tol * krylov.scale, which):
+            continue
+        vectors = krylov.basis[:, : krylov.j] @ ritz.rotations[:, index].to(krylov.basis)
         refined = rayleigh_ritz(op, vectors, tol * krylov.scale, krylov.scale)
         confirming += k
         if refined.converged:
@@ -228,7 +382,7 @@ def lanczos_extreme(
         raise InputError(f"max_hvps={max_hvps} is too few for {k} Ritz pairs in blocks of {block}.")
     if refuted is not None:
         return refuted
-    values, rotations, residuals = ritz
+    values, rotations, residuals, _ = ritz
     index = _wanted(values, k, which)
     return RitzPairs(
         values=values[index].to(dtype=op.dtype, device=op.device),
