@@ -358,3 +358,13 @@ def test_many_pairs_of_a_small_operator_are_taken_densely():
         assert found.num_hvps <= 272 + 40  # the matrix, and the residuals of the 40 pairs
         assert torch.allclose(found.eigenvalues, want, atol=1e-12)
     assert extreme_eigenpairs(Matrix(h), 40, progress=False, dense_below=0).num_hvps > 272
+
+
+@pytest.mark.parametrize(("k", "shown"), [(2.0, r"2\.0 \(float\)\. Pass e\.g\. k=2\."),
+                                          (True, r"True \(bool\)\.")])  # fmt: skip
+def test_a_k_that_is_not_an_int_is_refused_by_name(k, shown):
+    """``k=2.0`` was a raw ``TypeError: slice indices must be integers``."""
+    op = _with_spectrum(torch.linspace(1.0, 2.0, 12))
+    with pytest.raises(dh.InputError, match=f"^k must be an int; got {shown}"):
+        extreme_eigenpairs(op, k=k, progress=False)
+    assert op.products == 0
