@@ -83,6 +83,29 @@ class Operator(abc.ABC):
             f"{type(self).__name__} acts on flat [{n}] vectors or [{n}, K] blocks; got {got}."
         )
 
+    def require_operand(self, value: object, call: str, ndim: int = 2) -> None:
+        """Refuse what ``call`` cannot take: a flat ``[n]`` vector or an ``[n, K]`` block.
+
+        Args:
+            value: what the caller passed.
+            call: the method's name, for the message (``"matmat"``, ``"matvec"``).
+            ndim: 1 for a vector, 2 for a block.
+
+        Raises:
+            InputError: ``value`` is not a tensor of that form; the message points a vector
+                given for a block (or a block for a vector) to the other method.
+        """
+        n = self.shape[1]
+        if isinstance(value, Tensor) and value.ndim == ndim and value.shape[0] == n:
+            return
+        forms = {1: (f"flat [{n}] vectors", "matvec(v)"), 2: (f"[{n}, K] blocks", "matmat(V)")}
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        other = 3 - ndim
+        hint = ""
+        if isinstance(value, Tensor) and value.ndim == other and value.shape[0] == n:
+            hint = f" For {forms[other][0]}, use op.{forms[other][1]} or op @ v."
+        raise InputError(f"{type(self).__name__}.{call} takes {forms[ndim][0]}; got {got}.{hint}")
+
     def checked(self, v: Tensor) -> Tensor:
         """``v`` detached, after checking its dtype and that it is finite."""
         if v.dtype != self.dtype:

@@ -1,4 +1,4 @@
-"""Checks of the values a user passes: option counts and bounds, and tensor dtypes.
+"""Checks of the values a user passes: option counts and bounds, tensor dtypes, devices.
 
 Each check names the option, shows what was received and says what is expected, so a
 wrong option fails at once with an :class:`~deqhess.InputError` (a ``ValueError``)
@@ -15,7 +15,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["SUPPORTED_DTYPES", "integer", "real", "supported_dtype"]
+__all__ = ["SUPPORTED_DTYPES", "available_device", "integer", "real", "supported_dtype"]
 
 #: the floating dtypes deqhess computes in; half precisions cannot resolve the
 #: tolerances its solves need (float16 has ε ≈ 1e-3).
@@ -42,6 +42,44 @@ def supported_dtype(dtype: torch.dtype, label: str) -> torch.dtype:
             "Convert the tensors (and a module's parameters) with .float() or .double()."
         )
     return dtype
+
+
+def available_device(device: torch.device | str, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, if torch knows it and it is available here.
+
+    Checked by allocating an empty tensor there — torch's own test, for every backend (a
+    CPU-only build raises an ``AssertionError`` for CUDA) — and a CUDA index against the
+    devices present.
+
+    Args:
+        device: the device asked for (e.g. ``"cuda:0"``).
+        name: the option's name, for the message.
+
+    Returns:
+        The device.
+
+    Raises:
+        InputError: an unknown device string, or a device this machine or torch build
+            does not have.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InputError(
+            f"{name} {device!r} is not a device torch knows ({error}); pass e.g. 'cpu' or 'cuda:0'."
+        ) from error
+    failure: Exception | None = None
+    try:
+        torch.empty(0, device=parsed)
+    except (AssertionError, RuntimeError) as error:
+        failure = error
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if failure is not None or (parsed.type == "cuda" and (parsed.index or 0) >= cuda):
+        here = f"one of cuda:0 … cuda:{cuda - 1} or 'cpu'" if cuda else "'cpu' (no CUDA here)"
+        raise InputError(
+            f"{name} {device!r} is not available here; pass {here}, or run where that device is."
+        ) from failure
+    return parsed
 
 
 def integer(value: object, name: str, minimum: int | None = None) -> int:

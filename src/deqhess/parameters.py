@@ -113,16 +113,41 @@ class ParameterLayout:
             True for a tensor of θ's shape (θ a tensor), or a mapping with θ's keys — in
             any order: :meth:`flatten` reads them by name — and shapes.
         """
+        return self.mismatch(value) is None
+
+    def mismatch(self, value: object) -> str | None:
+        """What keeps ``value`` from having θ's structure and shapes, for messages.
+
+        Returns:
+            None when :meth:`matches` holds; else the first difference found: another
+            type, missing or unknown keys, or the entry of another shape (its key and
+            both shapes).
+        """
         if self.names is None:
-            return isinstance(value, Tensor) and value.shape == self.shapes[0]
-        if not isinstance(value, Mapping) or set(value.keys()) != set(self.names):
-            return False
-        if len(value) != len(self.names):
-            return False
-        return all(
-            isinstance(value[n], Tensor) and value[n].shape == s
-            for n, s in zip(self.names, self.shapes, strict=True)
-        )
+            if not isinstance(value, Tensor):
+                return f"a {type(value).__name__}, not a tensor"
+            if value.shape != self.shapes[0]:
+                return f"shape {tuple(value.shape)}, not theta's {tuple(self.shapes[0])}"
+            return None
+        if not isinstance(value, Mapping):
+            return f"a {type(value).__name__}, not a dict"
+        missing = [n for n in self.names if n not in value]
+        unknown = [k for k in value if k not in self.names]
+        if missing or unknown:
+            return "a dict " + " and ".join(
+                ([f"without {missing}"] if missing else [])
+                + ([f"with keys theta does not have: {unknown}"] if unknown else [])
+            )
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            entry = value[name]
+            if not isinstance(entry, Tensor):
+                return f"a dict whose entry {name!r} is a {type(entry).__name__}, not a tensor"
+            if entry.shape != shape:
+                return (
+                    f"a dict whose entry {name!r} has shape {tuple(entry.shape)} but "
+                    f"theta[{name!r}] has shape {tuple(shape)}"
+                )
+        return None
 
     def describe(self) -> str:
         """A short description of the expected structure, for messages."""

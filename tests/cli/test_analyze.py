@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -163,3 +164,72 @@ def test_analysis_argument_errors(factory, tmp_path):
     problem.theta = None
     with pytest.raises(ValueError, match="the factory gave no theta"):
         problem.equilibria(progress=False)
+
+
+@pytest.fixture
+def solves(monkeypatch):
+    """Each call of a problem's ``equilibria`` (where the batches are solved), recorded."""
+    calls = []
+    for kind in (dh.cli.AnalysisProblem, dh.cli.ModelProblem):
+        original = kind.equilibria
+
+        def counted(self, *args, _original=original, **kwargs):
+            calls.append(type(self).__name__)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(kind, "equilibria", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--out", "{file}"], r"out '.*afile' is a file, not a folder; .* pass a new folder"),
+        (["--out", "{file}/sub"], r"out '.*afile/sub' lies under '.*afile', which is a file"),
+        (["--parts", ","], r"parts is empty \(--parts named none\); name at least one part"),
+        (["--device", "cuda:99"], r"device 'cuda:99' is not available here; pass "),
+        (["--device", "gpu"], r"device 'gpu' is not a device torch knows"),
+        (["--top-k", "40"], r"top_k must lie in \[1, P\) = \[1, 32\); got 40\."),
+        (["--top-k", "-1"], r"top_k must be an int >= 0; got -1\."),
+        (["--bottom-k", "32"], r"bottom_k must lie in \[1, P\) = \[1, 32\); got 32\."),
+        (["--diagonal", "1"], r"diagonal needs diagonal_probes >= 2 for an error estimate; got 1"),
+        (["--density", "--density-probes", "0"],
+         r"spectral density: need density_probes >= 1 and density_steps >= 1; got 0, 60\."),
+        (["--trace", "hutchinson", "--trace-hvps", "1"], r"hutchinson needs trace_hvps >= 2 "),
+        (["--trace-hvps", "5"], r"hutch\+\+ needs trace_hvps >= 6; got 5\."),
+    ],
+    ids=["out-file", "out-under-file", "parts-empty", "device-absent", "device-unknown",
+         "top-k-above-P", "top-k-negative", "bottom-k-P", "diagonal-1", "density-probes-0",
+         "hutchinson-1", "hutch++-5"],
+)  # fmt: skip
+def test_a_bad_request_is_refused_before_any_solve(factory, tmp_path, capsys, solves, flags,
+                                                   message):  # fmt: skip
+    """Each was refused only after the batches were solved and the analyses before it
+    had run — or, for the first four, ended in a raw traceback (FileExistsError after
+    every analysis, max() of an empty list in the plots, CUDA's AssertionError). Now one
+    message and exit status 2, before anything is solved."""
+    (tmp_path / "afile").write_text("not a folder")
+    flags = [flag.replace("{file}", str(tmp_path / "afile")) for flag in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "out")]
+    assert main(["analyze", f"{factory}:make", "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"^deqhess analyze: error: {message}", err), err
+    assert "Traceback" not in err
+    assert solves == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_analysis_checks_the_request_before_solving(factory, tmp_path, solves):
+    """The library entry point refuses the same requests, with the same words."""
+    from deqhess.cli.analyze import run_analysis
+
+    problem = dh.cli.load_factory(f"{factory}:make")
+    for kwargs, message in [
+        ({"parts": []}, r"parts is empty"),
+        ({"top_k": 2.0}, r"top_k must be an int; got 2\.0 \(float\)\. Pass e\.g\. top_k=2\."),
+        ({"bottom_k": 40}, r"bottom_k must lie in \[1, P\) = \[1, 32\); got 40\."),
+    ]:
+        with pytest.raises(dh.InputError, match=message):
+            run_analysis(problem, out=tmp_path / "out", print_fn=lambda line: None, **kwargs)
+    assert solves == []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from deqhess.cli import load_factory
+from deqhess.cli import ModelProblem, load_factory
 
 FACTORY = textwrap.dedent(
     """
@@ -104,3 +104,25 @@ def test_a_model_with_dropout_in_training_mode_is_refused_by_name(tmp_path, caps
     assert code == 2
     assert "model.2 is dropout in training mode" in error and "model.eval()" in error
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_k_above_the_models_parameters_is_refused_before_any_product(
+    tmp_path, capsys, monkeypatch
+):
+    """P of a ModelProblem (47 here) is known without a product: --top-k 47 ends at once."""
+    from deqhess.cli.main import main
+
+    factory = tmp_path / "model_factory.py"
+    factory.write_text(FACTORY)
+    calls = []
+    original = ModelProblem.equilibria
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelProblem, "equilibria", counted)
+    code = main(["analyze", f"{factory}:make", "--top-k", "47", "--out", str(tmp_path / "o"),
+                 "--no-progress"])  # fmt: skip
+    assert code == 2 and calls == []
+    assert "top_k must lie in [1, P) = [1, 47); got 47." in capsys.readouterr().err

@@ -252,3 +252,19 @@ def test_a_density_narrower_than_its_grid_is_refused():
     sigma = span / 1000
     fine = spectral_density(op, 2, 20, num_points=1010, sigma=sigma, progress=False)
     assert abs(float(torch.trapezoid(fine.density, fine.grid)) - 1.0) <= 1.35e-3
+
+
+def test_counts_that_are_not_ints_are_refused_by_name():
+    """A float or bool count was a raw TypeError from deep inside (``slice indices must
+    be integers``, ``randint(): argument 'size'``): each is named, with the int to pass."""
+    c, eq, _ = _setup()
+    op = eq.hessian_operator(c.loss_theta)
+    for call, message in [
+        (lambda: hutchpp(op, num_hvps=30.0), r"num_hvps must be an int; got 30\.0 \(float\)"),
+        (lambda: hutchinson(op, num_probes=True), r"num_probes must be an int; got True \(bool\)"),
+        (lambda: diagonal(op, num_probes=8.0), r"got 8\.0 \(float\)\. Pass e\.g\. num_probes=8\.$"),
+        (lambda: spectral_density(op, 2.0, 20), r"num_probes must be an int; got 2\.0"),
+        (lambda: spectral_density(op, 2, 20.5), r"steps must be an int; got 20\.5 \(float\)\.$"),
+    ]:
+        with pytest.raises(dh.InputError, match=message):
+            call()

@@ -465,3 +465,13 @@ def test_the_largest_of_a_low_rank_deq_hessian():
             assert torch.allclose(result.eigenvalues, expected, rtol=0, atol=1e-8 * scale), (
                 which, k, result.eigenvalues.tolist(), expected.tolist(),
             )  # fmt: skip
+
+
+@pytest.mark.parametrize(("k", "shown"), [(2.0, r"2\.0 \(float\)\. Pass e\.g\. k=2\."),
+                                          (True, r"True \(bool\)\.")])  # fmt: skip
+def test_a_k_that_is_not_an_int_is_refused_by_name(k, shown):
+    """``k=2.0`` was a raw ``TypeError: slice indices must be integers``."""
+    op = _with_spectrum(torch.linspace(1.0, 2.0, 12))
+    with pytest.raises(dh.InputError, match=f"^k must be an int; got {shown}"):
+        extreme_eigenpairs(op, k=k, progress=False)
+    assert op.products == 0

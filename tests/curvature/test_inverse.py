@@ -276,3 +276,30 @@ def test_the_default_tolerance_is_one_float32_can_reach():
     assert relative_error(result.solution.double(), want) <= 1e-4
     double = solve_damped(DenseOperator(matrix.double()), rhs.double(), 0.1, progress=False)
     assert double.residual <= 1e-8
+
+
+class _Counting(DenseOperator):
+    products = 0
+
+    def matmat(self, block):
+        self.products += block.shape[1]
+        return super().matmat(block)
+
+
+def test_influence_names_the_shape_of_the_training_gradients_before_the_solve():
+    """Rows [P, N] instead of [N, P] were a raw ``RuntimeError: size mismatch`` after the
+    solve; now refused first, naming the shape expected and the transpose."""
+    g = torch.Generator().manual_seed(0)
+    op = _Counting(torch.eye(6, dtype=torch.float64) * 2.0)
+    test = torch.randn(6, generator=g)
+    train = torch.randn(4, 6, generator=g)
+    assert torch.allclose(influence(op, test, train, progress=False).scores, -(train @ test) / 2)
+    op.products = 0
+    with pytest.raises(dh.InputError, match=r"must be \[N, P\] = \[N, 6\], .*got \(6, 4\): it "
+                       r"looks transposed \(\[P, N\]\); pass train_gradients\.T"):  # fmt: skip
+        influence(op, test, train.T, progress=False)
+    with pytest.raises(dh.InputError, match=r"\[N, P\] = \[N, 6\], .*got \(6,\)\. Stack"):
+        influence(op, test, test, progress=False)
+    with pytest.raises(dh.InputError, match=r"train_gradients has dtype torch\.float32 but the "):
+        influence(op, test, train.float(), progress=False)
+    assert op.products == 0  # refused before the solve

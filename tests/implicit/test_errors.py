@@ -668,3 +668,56 @@ def test_globals_f_reads_are_watched_and_attribute_names_are_not_globals():
             eq.grad(c.loss)
     finally:
         _GLOBAL_SCALE.fill_(0.5)
+
+
+def test_a_default_state_f_cannot_take_is_explained():
+    """``h0=None`` (the documented default: zeros like x) when the state is not shaped
+    like x was a raw matmul error from inside f; now the advice the CLI gives: pass h0."""
+    c = _tanh()  # x is 3 × 3, the state 3 × 5
+    with pytest.raises(
+        dh.InputError,
+        match=r"^f failed on the initial state: h0 was not given, so the state starts as zeros "
+        r"shaped like x, \(3, 3\); if the state has another shape, pass h0 shaped like it",
+    ) as caught:
+        dh.Equilibrium(c.f, c.theta, c.x, None)
+    assert isinstance(caught.value.__cause__, RuntimeError)  # f's own error, kept
+    with pytest.raises(
+        dh.InputError, match=r"^f returned shape \(3, 4\) on the initial state: h0 was not given"
+    ):
+        dh.Equilibrium(lambda x, h, t: torch.cat([h, h[:, :1]], 1), c.theta, c.x)
+
+
+def test_x_of_another_dtype_than_theta_is_named_when_f_fails_on_it():
+    """x in float32 with θ and h0 in float64 was a raw ``expected m1 and m2 to have the
+    same dtype``: the dtypes are named, with what to convert. An f that casts x itself
+    still works, and a failure deqhess cannot explain keeps its own traceback."""
+    c = _tanh()
+    with pytest.raises(
+        dh.InputError,
+        match=r"^f failed on the initial state: x is torch\.float32 but theta and h0 are "
+        r"torch\.float64, .*convert x with \.to\(torch\.float64\)",
+    ):
+        dh.Equilibrium(c.f, c.theta, c.x.float(), c.h0)
+    casting = dh.Equilibrium(lambda x, h, t: c.f(x.double(), h, t), c.theta, c.x.float(), c.h0)
+    expected = dh.Equilibrium(c.f, c.theta, c.x.float().double(), c.h0)
+    assert torch.equal(casting.h, expected.h)
+
+    def buggy(x, h, t):
+        raise RuntimeError("the user's own bug")
+
+    with pytest.raises(RuntimeError, match=r"^the user's own bug$"):
+        dh.Equilibrium(buggy, c.theta, c.x, c.h0)
+
+
+def test_h0_and_v_swapped_by_keyword_are_named():
+    """``hvp(..., h0=v, v=h0)`` was a raw matmul error from f given the direction as its
+    state: a direction's form where h0 belongs beside a v of none is refused by name."""
+    c = _tanh()
+    v = torch.ones(45)
+    for direction in (v, v[:, None], {k: torch.ones_like(t) for k, t in c.theta.items()}):
+        with pytest.raises(
+            ArgumentError,
+            match=r"^hvp got h0 .*, which has the form of a direction .* P = 45\), and v "
+            r"\(3, 5\), which has not: h0 and v look swapped; pass h0=<the initial state>",
+        ):
+            dh.hvp(c.f, c.loss, c.theta, c.x, h0=direction, v=c.h0)

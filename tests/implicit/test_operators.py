@@ -169,3 +169,41 @@ def test_independent_slices_are_found_without_batch_dim():
     other = dh.Equilibrium(coupled, theta, x, torch.zeros(3, 700), tol=1e-13, atol=1e-14)
     other.hvp(loss, v)
     assert other.linearization.outer is None and isinstance(other.linear_solver, dh.GMRES)
+
+
+def test_matmat_and_matvec_name_the_form_they_take():
+    """``op.matmat(v)`` with a flat ``v`` was a raw ``IndexError: tuple index out of range``."""
+    c = case("tanh_batched")
+    op = _equilibrium(c).hessian_operator(c.loss)
+    p = op.shape[0]
+    with pytest.raises(
+        dh.InputError,
+        match=rf"^CurvatureOperator\.matmat takes \[{p}, K\] blocks; got \({p},\)\. For flat "
+        rf"\[{p}\] vectors, use op\.matvec\(v\) or op @ v\.$",
+    ):
+        op.matmat(torch.ones(p))
+    with pytest.raises(dh.InputError, match=rf"matvec takes flat \[{p}\] vectors; got \({p}, 2\)"):
+        op.matvec(torch.ones(p, 2))
+    with pytest.raises(dh.InputError, match=rf"matmat takes \[{p}, K\] blocks; got \(3, 2\)\.$"):
+        op.matmat(torch.ones(3, 2))
+
+
+def test_a_dict_direction_with_a_wrong_entry_names_it():
+    """A θ-structured direction with one entry of another shape got a message ending in
+    "got dict": now it names the entry and both shapes (or the keys that differ)."""
+    c = case("tanh_batched")
+    eq = _equilibrium(c)
+    direction = {k: torch.ones_like(t) for k, t in c.theta.items()}
+    direction["U"] = direction["U"].T  # θ['U'] is 5 × 3
+    with pytest.raises(
+        dh.InputError,
+        match=r"got a dict whose entry 'U' has shape \(3, 5\) but theta\['U'\] has shape "
+        r"\(5, 3\)\.$",
+    ):
+        eq.hvp(c.loss, direction)
+    del direction["U"]
+    with pytest.raises(
+        dh.InputError,
+        match=r"got a dict without \['U'\] and with keys theta does not have: \['V'\]\.$",
+    ):
+        eq.hessian_operator(c.loss) @ {**direction, "V": torch.ones(2)}

@@ -21,13 +21,18 @@ from ..curvature import (
     operator_accuracy,
     spectral_density,
 )
+from ..curvature.density import check_density
+from ..curvature.diagonal import check_diagonal
+from ..curvature.eigen import check_k
+from ..curvature.trace import check_hutchinson, check_hutchpp
 from ..errors import InputError
 from ..implicit import DatasetEquilibrium
 from ..models import ModelCurvature
+from ..options import available_device, integer
 from .plots import plot_densities, plot_diagonal, plot_top_eigenvalues
 from .problem import AnalysisProblem, ModelProblem
 
-__all__ = ["run_analysis"]
+__all__ = ["check_request", "run_analysis"]
 
 #: What each error figure of the report bounds or estimates (also written to report.json).
 ERROR_NOTES = {
@@ -98,17 +103,19 @@ def run_analysis(
         products used and the files written.
 
     Raises:
-        InputError: an unknown part or trace estimator, or ``float64_probes`` of 1 or
-            below 0.
+        InputError: before any batch is solved: what :func:`check_request` refuses, an
+            unknown part, or a ``top_k`` or ``bottom_k`` not below ``P``.
     """
+    check_request(out, parts, top_k, bottom_k, trace, trace_hvps, density, density_probes,
+                  density_steps, diagonal_probes, float64_probes, device)  # fmt: skip
     parts = problem.parts if parts is None else parts
     for part in parts:
         if part not in problem.parts:
             raise InputError(f"unknown part {part!r}; use some of {list(problem.parts)}.")
-    if trace not in (None, "hutch++", "hutchinson"):
-        raise InputError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
-    if float64_probes == 1 or float64_probes < 0:
-        raise InputError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
+    size = problem.num_parameters(dtype)
+    for name, k in (("top_k", top_k), ("bottom_k", bottom_k)):
+        if k:
+            check_k(k, size, name)
     leader = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if not leader:  # under torch.distributed only rank 0 reports and writes files
         progress, print_fn = False, _silent
@@ -219,6 +226,81 @@ def run_analysis(
     for line in _lines(report):
         print_fn(line)
     return report
+
+
+def check_request(
+    out: str | Path = "deqhess-analysis",
+    parts: Sequence[str] | None = None,
+    top_k: int = 5,
+    bottom_k: int = 0,
+    trace: str | None = "hutch++",
+    trace_hvps: int = 60,
+    density: bool = False,
+    density_probes: int = 8,
+    density_steps: int = 60,
+    diagonal_probes: int = 0,
+    float64_probes: int = 4,
+    device: torch.device | str | None = None,
+) -> None:
+    """Refuse, before any work, what :func:`run_analysis` could refuse only later.
+
+    Each analysis' own check of its counts is called here (one set of rules and words),
+    so that a bad request ends before the factory runs and the batches are solved, not
+    after the analyses before it. What needs ``P`` (``top_k``, ``bottom_k`` below it)
+    or the problem (the parts it defines) :func:`run_analysis` checks once it has the
+    problem, still before any solve.
+
+    Args:
+        out: the folder for the plots and ``report.json``: new, or an existing folder.
+        parts: the parts to analyse (None: all); not empty.
+        top_k: at least 0.
+        bottom_k: at least 0.
+        trace: ``"hutch++"``, ``"hutchinson"`` or None.
+        trace_hvps: the trace estimator's products (see :func:`deqhess.curvature.hutchpp`
+            and :func:`deqhess.curvature.hutchinson`).
+        density: whether the density's counts are used.
+        density_probes: see :func:`deqhess.curvature.spectral_density`.
+        density_steps: see :func:`deqhess.curvature.spectral_density`.
+        diagonal_probes: 0, or see :func:`deqhess.curvature.diagonal`.
+        float64_probes: 0 or at least 2.
+        device: a device available here, or None.
+
+    Raises:
+        InputError: any of these out of range; ``out`` a file or under one; a device
+            torch does not know or this machine does not have.
+    """
+    _check_out(Path(out))
+    if parts is not None and len(parts) == 0:
+        raise InputError(
+            "parts is empty (--parts named none); name at least one part, or leave it out "
+            "for every part the problem defines."
+        )
+    integer(top_k, "top_k", minimum=0)
+    integer(bottom_k, "bottom_k", minimum=0)
+    if trace not in (None, "hutch++", "hutchinson"):
+        raise InputError(f"unknown trace estimator {trace!r}; use 'hutch++' or 'hutchinson'.")
+    if trace is not None:
+        (check_hutchpp if trace == "hutch++" else check_hutchinson)(trace_hvps, "trace_hvps")
+    if density:
+        check_density(density_probes, density_steps, ("density_probes", "density_steps"))
+    if integer(diagonal_probes, "diagonal_probes", minimum=0):
+        check_diagonal(diagonal_probes, "diagonal_probes")
+    probes = integer(float64_probes, "float64_probes")
+    if probes == 1 or probes < 0:
+        raise InputError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
+    if device is not None:
+        available_device(device)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output folder that is a file, or lies under one (mkdir would fail late)."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is" if existing == out else f"lies under {str(existing)!r}, which is"
+        raise InputError(
+            f"out {str(out)!r} {where} a file, not a folder; the plots and report.json are "
+            "written into a folder: pass a new folder's path or an existing folder (--out)."
+        )
 
 
 def _float64_check(data, problem, report, eigenpairs, probes, seed, bars, options, device):

@@ -166,7 +166,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _analyze(args: argparse.Namespace) -> None:
     import torch
 
-    from .analyze import run_analysis
+    from .analyze import check_request, run_analysis
     from .problem import load_factory
 
     _join_torchrun_group()
@@ -178,9 +178,7 @@ def _analyze(args: argparse.Namespace) -> None:
     }
     if args.exclude_unconverged:
         overrides.update(exclude_unconverged=True, convergence="best")
-    problem = load_factory(args.factory)
-    run_analysis(
-        problem,
+    request = dict(
         out=args.out,
         parts=None
         if args.parts is None
@@ -193,13 +191,19 @@ def _analyze(args: argparse.Namespace) -> None:
         density_probes=args.density_probes,
         density_steps=args.density_steps,
         diagonal_probes=args.diagonal,
+        float64_probes=args.float64_probes,
+        device=args.device,
+    )
+    check_request(**request)  # before the factory runs: it may take long
+    problem = load_factory(args.factory)
+    run_analysis(
+        problem,
+        **request,
         blocks=args.blocks,
         seed=args.seed,
         progress=args.progress,
         dtype=None if args.dtype is None else getattr(torch, args.dtype),
-        device=args.device,
         options={k: v for k, v in overrides.items() if v is not None},
-        float64_probes=args.float64_probes,
     )
 
 

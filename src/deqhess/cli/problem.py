@@ -22,9 +22,11 @@ from ..deprecation import UNSET, renamed
 from ..distributed import DistributedDatasetEquilibrium, DistributedModelCurvature
 from ..errors import InputError
 from ..implicit import PARTS, DatasetEquilibrium
+from ..implicit.problem import check_first_call
 from ..models import ModelCurvature
 from ..nn.reparametrize import functional_call
-from ..parameters import Parameters
+from ..options import available_device
+from ..parameters import ParameterLayout, Parameters
 
 __all__ = ["AnalysisProblem", "ModelProblem", "load_factory"]
 
@@ -87,15 +89,13 @@ class AnalysisProblem:
         Raises:
             InputError: no θ, a θ that is not the cell's named parameters, or an ``f``
                 that fails on (or changes the shape of) the default initial state.
-        """
-        f, theta, init = self.f, self.theta, self.init_state
+        """  # noqa: DOC502 (raised by _theta and the checks)
+        f, init = self.f, self.init_state
         cast = _Cast(dtype, device)
         if isinstance(f, nn.Module):
             cell = cast.module(f)
-            names = _state_names(cell)
-            if theta is None:
-                theta = {n: p.detach() for n, p in cell.named_parameters()}
-            _check_cell_theta(cell, names, theta)
+            theta = self._theta(cell)
+            _check_cell_theta(cell, _state_names(cell), theta)
             cell_init = getattr(cell, "init_state", None)
             if init is None and callable(cell_init):
                 init = lambda x: torch.zeros_like(cell_init(x))  # noqa: E731
@@ -103,8 +103,8 @@ class AnalysisProblem:
             def f(x, h, t):
                 return functional_call(cell, t, (x, h))
 
-        if theta is None:
-            raise InputError("the factory gave no theta; set AnalysisProblem.theta.")
+        else:
+            theta = self._theta(None)
         theta = cast.tree(theta)
         if init is not None and cast.active:
             user_init = init
@@ -124,16 +124,43 @@ class AnalysisProblem:
             return DistributedDatasetEquilibrium(f, theta, data, self.loss, **kwargs)
         return DatasetEquilibrium(f, theta, data, self.loss, **kwargs)
 
+    def num_parameters(self, dtype: torch.dtype | None = None) -> int:
+        """P, the number of θ's entries, known before any batch is solved.
+
+        Args:
+            dtype: the dtype the analysis casts θ to (θ is checked as it will be used).
+
+        Returns:
+            The length of flattened θ: the factory's θ, else the cell's parameters.
+
+        Raises:
+            InputError: no θ, or a θ deqhess cannot take (see :class:`deqhess.Equilibrium`).
+        """  # noqa: DOC502 (raised by _theta and ParameterLayout)
+        cell = self.f if isinstance(self.f, nn.Module) else None
+        return ParameterLayout(_Cast(dtype, None).tree(self._theta(cell))).size
+
+    def _theta(self, cell: nn.Module | None) -> Parameters:
+        """θ: the factory's, else (with a cell) the cell's named parameters, detached."""
+        if self.theta is not None:
+            return self.theta
+        if cell is None:
+            raise InputError("the factory gave no theta; set AnalysisProblem.theta.")
+        return {n: p.detach() for n, p in cell.named_parameters()}
+
 
 class _Cast:
     """Casts to a dtype and device (either None: left as is).
 
     Floating tensors take the dtype, every tensor the device; tuples, lists and dicts
     are walked.
+
+    Raises:
+        InputError: a device that is not available here (before anything is moved).
     """
 
     def __init__(self, dtype: torch.dtype | None, device: torch.device | str | None):
-        self.dtype, self.device = dtype, device
+        self.dtype = dtype
+        self.device = None if device is None else available_device(device)
         self.active = dtype is not None or device is not None
 
     def tensor(self, t: Tensor) -> Tensor:
@@ -197,8 +224,9 @@ def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iter
         The data, to be read from the start.
 
     Raises:
-        InputError: ``f`` fails on the default state or returns another shape.
-    """
+        InputError: ``f`` fails on the default state or returns another shape (see
+            :func:`deqhess.implicit.problem.check_first_call`).
+    """  # noqa: DOC502 (raised by check_first_call)
     batches = iter(data)
     try:
         first = next(batches)
@@ -208,19 +236,12 @@ def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iter
     x = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else None
     if not isinstance(x, Tensor):
         return chained
-    h0 = torch.zeros_like(x)
     advice = (
         "the factory gave no init_state, so the state starts as zeros shaped like x, "
         f"{tuple(x.shape)}; if the state has another shape, set AnalysisProblem.init_state "
         "(e.g. lambda x: x.new_zeros(x.shape[0], n)) or give the cell an init_state(x) method"
     )
-    try:
-        with torch.no_grad():
-            out = f(x, h0, theta)
-    except (RuntimeError, ValueError, IndexError) as error:
-        raise InputError(f"f failed on the initial state: {advice}.") from error
-    if isinstance(out, Tensor) and out.shape != h0.shape:
-        raise InputError(f"f returned shape {tuple(out.shape)} on the initial state: {advice}.")
+    check_first_call(f, x, torch.zeros_like(x), theta, state_advice=advice)
     return chained
 
 
@@ -311,6 +332,18 @@ class ModelProblem:
     def parts(self) -> tuple[str, ...]:
         """The operators the model defines (the split ones need one DEQ layer or split_at)."""
         return self._curvature(self.model, self.data, ModelCurvature, False, False).parts
+
+    def num_parameters(self, dtype: torch.dtype | None = None) -> int:
+        """P, the number of parameters analysed, known before any product.
+
+        Args:
+            dtype: unused (a cast keeps the parameters' number), as for
+                :meth:`AnalysisProblem.num_parameters`.
+
+        Returns:
+            The length of the flattened parameters ``theta`` names.
+        """
+        return self._curvature(self.model, self.data, ModelCurvature, False, False).num_parameters
 
     def _curvature(
         self, model: nn.Module, data: Iterable[Any], kind: type, exclude: bool, progress

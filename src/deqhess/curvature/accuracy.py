@@ -43,7 +43,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..implicit.dataset import BatchSolve
 from ..linear.accuracy import warning_threshold
-from .base import Counted, SymmetricOperator, checked_operator
+from .base import Counted, SymmetricOperator, checked_operator, count
 
 if TYPE_CHECKING:
     from ..implicit import Equilibrium
@@ -185,11 +185,11 @@ def operator_accuracy(
         the operator's scale, and the products used.
 
     Raises:
-        InputError: ``num_probes < 2``, or ``reference`` of another shape.
+        InputError: ``num_probes`` not an int or below 2, or ``reference`` of another
+            shape.
     """
     checked_operator(op, "operator_accuracy", symmetric=False)
-    if num_probes < 2:
-        raise InputError(f"operator_accuracy needs num_probes >= 2 (pairs); got {num_probes}.")
+    num_probes = count(num_probes, "num_probes", 2, "operator_accuracy", " (pairs)")
     if reference is not None and reference.shape != op.shape:
         raise InputError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
     counted = Counted(op, num_probes, progress, "operator accuracy")

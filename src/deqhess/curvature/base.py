@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..callers import user_stacklevel
 from ..errors import InputError
 from ..operator import Operator
+from ..options import integer
 from ..parameters import ParameterLayout
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ParameterBlock",
     "SymmetricOperator",
     "checked_operator",
+    "count",
     "rademacher",
     "warn_few_probes",
 ]
@@ -103,6 +105,31 @@ def checked_operator(op: object, analysis: str, *, symmetric: bool = True) -> in
             "(a Hessian, GGN or Fisher), or symmetrise your own as (A + Aᵀ)/2."
         )
     return int(shape[0])
+
+
+def count(value: object, name: str, minimum: int, analysis: str, why: str = "") -> int:
+    """``value`` as an int of at least ``minimum``: an analysis' count of probes or products.
+
+    The one check of such counts, so that an analysis and a caller checking its arguments
+    before any work (``deqhess analyze``) refuse the same values with the same words.
+
+    Args:
+        value: what the caller passed.
+        name: the argument's name, for the message (e.g. ``"num_probes"``).
+        minimum: the fewest the analysis can work with.
+        analysis: the analysis' name, for the message.
+        why: why the minimum, appended to it (e.g. ``" for an error estimate"``).
+
+    Returns:
+        The count.
+
+    Raises:
+        InputError: ``value`` is not an int (a float, a bool), or is below ``minimum``.
+    """
+    number = integer(value, name)
+    if number < minimum:
+        raise InputError(f"{analysis} needs {name} >= {minimum}{why}; got {number}.")
+    return number
 
 
 class Counted(Operator):

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..options import integer
 from .accuracy import check_symmetric
 from .base import Counted, SymmetricOperator, checked_operator, rademacher
 
-__all__ = ["DensityResult", "spectral_density"]
+__all__ = ["DensityResult", "check_density", "spectral_density"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,30 @@ def _smooth(nodes: list[Tensor], weights: list[Tensor], grid: Tensor, sigma: flo
         gauss = torch.exp(-0.5 * ((grid[:, None] - theta[None]) / sigma) ** 2)
         total += (gauss * tau[None]).sum(1) / (sigma * math.sqrt(2 * math.pi))
     return total / len(nodes)
+
+
+def check_density(
+    num_probes: object, steps: object, names: tuple[str, str] = ("num_probes", "steps")
+) -> tuple[int, int]:
+    """:func:`spectral_density`'s counts, checked before any product.
+
+    Args:
+        num_probes: what the caller passed as ``num_probes``.
+        steps: what the caller passed as ``steps``.
+        names: their names, for the message (a caller's own, e.g. ``"density_probes"``).
+
+    Returns:
+        ``(num_probes, steps)`` as ints.
+
+    Raises:
+        InputError: either is not an int, or is below 1.
+    """
+    probes, steps = integer(num_probes, names[0]), integer(steps, names[1])
+    if probes < 1 or steps < 1:
+        raise InputError(
+            f"spectral density: need {names[0]} >= 1 and {names[1]} >= 1; got {probes}, {steps}."
+        )
+    return probes, steps
 
 
 def spectral_density(
@@ -99,11 +124,11 @@ def spectral_density(
             coarser than ``sigma``.
     """
     size = checked_operator(op, "spectral_density")
+    num_probes, steps = check_density(num_probes, steps)
     steps = min(steps, size)
-    if num_probes < 1 or steps < 1:
-        raise InputError(f"need num_probes >= 1 and steps >= 1; got {num_probes}, {steps}.")
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
         raise InputError(f"sigma must be a positive width; got {sigma}.")
+    num_points = integer(num_points, "num_points")
     if num_points < 2:
         raise InputError(f"num_points must be at least 2; got {num_points}.")
     counted = Counted(op, steps * num_probes + 2, progress, "SLQ")

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import InputError
 from ..parameters import ParameterLayout
-from .base import Counted, SymmetricOperator, checked_operator, rademacher, warn_few_probes
+from .base import Counted, SymmetricOperator, checked_operator, count, rademacher, warn_few_probes
 
-__all__ = ["DiagonalResult", "diagonal"]
+__all__ = ["DiagonalResult", "check_diagonal", "diagonal"]
 
 #: what a standard error from few probes is worth, measured on a DEQ loss curvature
 _MEASURED = (
@@ -51,6 +50,22 @@ def _by_parameter(layout: ParameterLayout, flat: Tensor) -> dict[str, Tensor]:
     return dict(parts) if isinstance(parts, Mapping) else {"theta": parts}
 
 
+def check_diagonal(num_probes: object, name: str = "num_probes") -> int:
+    """:func:`diagonal`'s ``num_probes``, checked before any product.
+
+    Args:
+        num_probes: what the caller passed.
+        name: its name, for the message (a caller's own, e.g. ``"diagonal_probes"``).
+
+    Returns:
+        ``num_probes`` as an int.
+
+    Raises:
+        InputError: not an int, or below 2 (no error estimate from one probe).
+    """  # noqa: DOC502 (raised by count)
+    return count(num_probes, name, 2, "diagonal", " for an error estimate")
+
+
 def diagonal(
     op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
 ) -> DiagonalResult:
@@ -71,11 +86,10 @@ def diagonal(
         The estimate ``[P]`` and its per-entry standard error ``[P]``.
 
     Raises:
-        InputError: ``num_probes < 2``.
-    """
+        InputError: ``num_probes`` not an int, or below 2.
+    """  # noqa: DOC502 (raised by check_diagonal)
     checked_operator(op, "diagonal", symmetric=False)
-    if num_probes < 2:
-        raise InputError(f"diagonal needs num_probes >= 2 for an error estimate; got {num_probes}.")
+    num_probes = check_diagonal(num_probes)
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
     counted = Counted(op, num_probes, progress, "diagonal")
     g = torch.Generator().manual_seed(seed)

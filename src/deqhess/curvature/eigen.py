@@ -38,7 +38,7 @@ from .accuracy import check_symmetric, require_symmetric_matrix
 from .base import Counted, SymmetricOperator, checked_operator
 from .lanczos import lanczos_extreme
 
-__all__ = ["EigenResult", "default_max_hvps", "extreme_eigenpairs"]
+__all__ = ["EigenResult", "check_k", "default_max_hvps", "extreme_eigenpairs"]
 
 #: ``P`` up to which the matrix is formed and diagonalised (``P`` products, ``eigh``)
 DENSE_BELOW = 256
@@ -50,6 +50,26 @@ STREAMED_BLOCK = 8
 _WHICH = ("largest", "smallest", "magnitude")
 #: the default ``tol`` by dtype: relative to ``‖H‖``, a little above rounding
 _DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def check_k(k: object, size: int, name: str = "k") -> int:
+    """:func:`extreme_eigenpairs`' ``k``, checked before any product.
+
+    Args:
+        k: how many pairs were asked for.
+        size: ``P``, the operator's size.
+        name: the argument's name, for the message.
+
+    Returns:
+        ``k`` as an int.
+
+    Raises:
+        InputError: ``k`` is not an int (a float, a bool), or lies outside ``[1, P)``.
+    """
+    number = integer(k, name)
+    if not 1 <= number < size:
+        raise InputError(f"{name} must lie in [1, P) = [1, {size}); got {number}.")
+    return number
 
 
 def default_max_hvps(k: int) -> int:
@@ -198,8 +218,7 @@ def extreme_eigenpairs(
     if which not in _WHICH:
         raise InputError(f"unknown which={which!r}; use one of {sorted(_WHICH)}.")
     size = op.shape[0]
-    if not 1 <= k < size:
-        raise InputError(f"k must lie in [1, P) = [1, {size}); got {k}.")
+    k = check_k(k, size)
     below = max(DENSE_BELOW, DENSE_PER_PAIR * k) if dense_below is None else dense_below
     if size <= integer(below, "dense_below", minimum=0):
         return _dense(op, k, which, progress)

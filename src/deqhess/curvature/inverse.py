@@ -38,6 +38,7 @@ from scipy.sparse.linalg import minres
 from torch import Tensor
 
 from ..errors import AnalysisConvergenceError, InputError
+from ..options import integer
 from .accuracy import check_symmetric
 from .base import Counted, SymmetricOperator, checked_operator
 
@@ -214,7 +215,7 @@ def _damped_solution(
     tol = DEFAULT_TOL.get(op.dtype, 1e-5) if tol is None else tol
     if not tol > 0:
         raise InputError(f"tol must be positive; got {tol}.")
-    max_iter = min(2 * size, MAX_PRODUCTS) if max_iter is None else max_iter
+    max_iter = min(2 * size, MAX_PRODUCTS) if max_iter is None else integer(max_iter, "max_iter")
     if max_iter < 1:
         raise InputError(f"max_iter must be at least 1; got {max_iter}.")
     b = b.detach().to(dtype=op.dtype, device=op.device)

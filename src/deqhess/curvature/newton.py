@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from .base import SymmetricOperator
+from ..errors import InputError
+from .base import SymmetricOperator, checked_operator
 from .inverse import InverseResult, solve_damped
 
 __all__ = ["InfluenceResult", "influence", "newton_step"]
@@ -75,6 +77,41 @@ def influence(
 
     Returns:
         The scores ``[N]`` and the solve they rest on.
-    """
+
+    Raises:
+        InputError: ``train_gradients`` is not an ``[N, P]`` tensor of the operator's
+            dtype (refused before the solve); and :func:`solve_damped`'s errors.
+    """  # noqa: DOC502 (solve_damped's are raised by it)
+    _check_rows(train_gradients, checked_operator(op, "influence"), op.dtype)
     inverse = solve_damped(op, test_gradient, damping, **options)
     return InfluenceResult(scores=-(train_gradients @ inverse.solution), inverse=inverse)
+
+
+def _check_rows(gradients: object, size: int, dtype: torch.dtype) -> None:
+    """Refuse training gradients that are not ``N`` rows of ``P`` numbers in ``dtype``.
+
+    Raises:
+        InputError: not a 2-dim tensor with ``P`` columns (a ``[P, N]`` one is named as
+            transposed), or another dtype than the operator's.
+    """
+    if not isinstance(gradients, Tensor):
+        raise InputError(
+            f"train_gradients must be an [N, P] = [N, {size}] tensor, one flat gradient per "
+            f"row; got {type(gradients).__name__}. Stack them: torch.stack([g1, g2, ...])."
+        )
+    if gradients.ndim != 2 or gradients.shape[1] != size:
+        transposed = gradients.ndim == 2 and gradients.shape[0] == size
+        raise InputError(
+            f"train_gradients must be [N, P] = [N, {size}], one flat gradient per row; got "
+            f"{tuple(gradients.shape)}"
+            + (
+                ": it looks transposed ([P, N]); pass train_gradients.T."
+                if transposed
+                else ". Stack the flat gradients as rows: torch.stack([g1, g2, ...])."
+            )
+        )
+    if gradients.dtype != dtype:
+        raise InputError(
+            f"train_gradients has dtype {gradients.dtype} but the operator is {dtype}; "
+            f"convert them with .to({dtype})."
+        )

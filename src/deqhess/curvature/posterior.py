@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError, InputError
+from ..options import integer
 from .accuracy import check_symmetric, require_symmetric_matrix
 from .base import Counted, SymmetricOperator, checked_operator, rademacher, warn_few_probes
 from .inverse import InverseStatus, _damped_solution
@@ -121,7 +122,7 @@ def inverse_diagonal(
         )
     if method == "dense":
         return _dense(op, damping, max_hvps, progress)
-    if num_probes < 2:
+    if integer(num_probes, "num_probes") < 2:
         raise InputError(f"num_probes must be >= 2 for an error estimate; got {num_probes}.")
     result = _probes(op, damping, num_probes, tol, max_hvps, seed, progress)
     warn_few_probes(result.num_probes, _MEASURED, "use num_probes >= 30 (and max_hvps for them)")

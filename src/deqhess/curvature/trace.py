@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
-from .base import Counted, SymmetricOperator, checked_operator, rademacher, warn_few_probes
+from .base import Counted, SymmetricOperator, checked_operator, count, rademacher, warn_few_probes
 
-__all__ = ["TraceResult", "hutchinson", "hutchpp"]
+__all__ = ["TraceResult", "check_hutchinson", "check_hutchpp", "hutchinson", "hutchpp"]
 
 #: what a standard error from few probes is worth, measured on a DEQ Hessian
 _MEASURED = "with 2 probes the true trace lay outside ±3 standard errors in 18% of seeds"
@@ -34,6 +33,38 @@ class TraceResult:
     method: str
 
 
+def check_hutchinson(num_probes: object, name: str = "num_probes") -> int:
+    """:func:`hutchinson`'s ``num_probes``, checked before any product.
+
+    Args:
+        num_probes: what the caller passed.
+        name: its name, for the message (a caller's own, e.g. ``"trace_hvps"``).
+
+    Returns:
+        ``num_probes`` as an int.
+
+    Raises:
+        InputError: not an int, or below 2 (no error estimate from one probe).
+    """  # noqa: DOC502 (raised by count)
+    return count(num_probes, name, 2, "hutchinson", " for an error estimate")
+
+
+def check_hutchpp(num_hvps: object, name: str = "num_hvps") -> int:
+    """:func:`hutchpp`'s ``num_hvps``, checked before any product.
+
+    Args:
+        num_hvps: what the caller passed.
+        name: its name, for the message (a caller's own, e.g. ``"trace_hvps"``).
+
+    Returns:
+        ``num_hvps`` as an int.
+
+    Raises:
+        InputError: not an int, or below 6 (two probes for each third).
+    """  # noqa: DOC502 (raised by count)
+    return count(num_hvps, name, 6, "hutch++")
+
+
 def hutchinson(
     op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
 ) -> TraceResult:
@@ -54,13 +85,10 @@ def hutchinson(
         of the operator as computed).
 
     Raises:
-        InputError: ``num_probes < 2``.
-    """
+        InputError: ``num_probes`` not an int, or below 2.
+    """  # noqa: DOC502 (raised by check_hutchinson)
     checked_operator(op, "hutchinson", symmetric=False)
-    if num_probes < 2:
-        raise InputError(
-            f"hutchinson needs num_probes >= 2 for an error estimate; got {num_probes}."
-        )
+    num_probes = check_hutchinson(num_probes)
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
     counted = Counted(op, num_probes, progress, "Hutchinson")
     g = torch.Generator().manual_seed(seed)
@@ -99,12 +127,10 @@ def hutchpp(
         the trace is exact).
 
     Raises:
-        InputError: ``num_hvps < 6``.
-    """
+        InputError: ``num_hvps`` not an int, or below 6.
+    """  # noqa: DOC502 (raised by check_hutchpp)
     checked_operator(op, "hutchpp", symmetric=False)
-    third = num_hvps // 3
-    if third < 2:
-        raise InputError(f"hutch++ needs num_hvps >= 6; got {num_hvps}.")
+    third = check_hutchpp(num_hvps) // 3
     size = op.shape[0]
     counted = Counted(op, 3 * min(third, size), progress, "Hutch++")
     g = torch.Generator().manual_seed(seed)

@@ -222,11 +222,18 @@ class Equilibrium:
         chunk_size: int | None = None,
         convergence: Convergence | str | None = None,
     ) -> None:
+        advice = None
         if h0 is None:
             if not isinstance(x, Tensor):
                 raise InputError("h0 is required when x is not a tensor (it fixes the state).")
             h0 = torch.zeros_like(x)
-        self.problem = Problem(f, theta, x, h0, batch_dim)
+            advice = (
+                f"h0 was not given, so the state starts as zeros shaped like x, "
+                f"{tuple(x.shape)}; if the state has another shape, pass h0 shaped like it "
+                "(e.g. h0=x.new_zeros(x.shape[0], n); for a data set, "
+                "init_state=lambda x: x.new_zeros(x.shape[0], n))"
+            )
+        self.problem = Problem(f, theta, x, h0, batch_dim, state_advice=advice)
         self.solver = resolve_solver(solver)
         state = self.problem.state
         self.linear_solver = resolve_linear_solver(

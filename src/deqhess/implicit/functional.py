@@ -155,7 +155,8 @@ def hvp(
     Raises:
         ArgumentError: ``v`` is missing; more than two positional arguments follow
             ``x``, or one with neither keyword; ``h0``/``v`` given both positionally and by
-            keyword; or a positional ``h0`` that has a direction's form.
+            keyword; a positional ``h0`` that has a direction's form; or an ``h0`` of a
+            direction's form beside a ``v`` of none (swapped, by keyword too).
     """
     if positional:
         h0, v = _positional_state_and_direction(theta, positional, h0, v)
@@ -164,6 +165,7 @@ def hvp(
             "hvp needs the direction v: hvp(f, loss, theta, x, h0=..., v=...), v with "
             "theta's structure or a flat [P] tensor."
         )
+    _check_not_swapped(ParameterLayout(theta), h0, v)
     return Equilibrium(f, theta, x, h0, **opts).hvp(loss, v)
 
 
@@ -210,6 +212,26 @@ def _positional_state_and_direction(
             f"direction, so h0 and v could be swapped unnoticed; {keywords}."
         )
     return state, direction
+
+
+def _check_not_swapped(layout: ParameterLayout, h0: Any, v: Any) -> None:
+    """Refuse an ``h0`` that has a direction's form beside a ``v`` that has none.
+
+    Such a ``v`` would be refused anyway, after the forward solve; with such an ``h0``
+    the likelier mistake is the two swapped (by keyword too), and ``f`` would fail on
+    the direction as its state first. Both of a direction's form cannot be told apart.
+
+    Raises:
+        ArgumentError: ``h0`` has a direction's form and ``v`` does not.
+    """
+    if h0 is None or not _direction_form(layout, h0) or _direction_form(layout, v):
+        return
+    h0_got, v_got = (tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (h0, v))
+    raise ArgumentError(
+        f"hvp got h0 {h0_got}, which has the form of a direction (theta's structure, [P] or "
+        f"[P, K] with P = {layout.size}), and v {v_got}, which has not: h0 and v look "
+        "swapped; pass h0=<the initial state>, v=<the direction>."
+    )
 
 
 def _direction_form(layout: ParameterLayout, value: Any) -> bool:

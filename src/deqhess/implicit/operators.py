@@ -89,7 +89,15 @@ class CurvatureOperator(Operator):
         return self._dense() if self._dense is not None else super().to_dense()
 
     def matmat(self, block: Tensor) -> Tensor:
-        """``H V`` for ``V`` ``[P, K]``."""
+        """``H V`` for ``V`` ``[P, K]``.
+
+        Returns:
+            ``H V`` ``[P, K]``.
+
+        Raises:
+            InputError: ``block`` is not a ``[P, K]`` tensor.
+        """  # noqa: DOC502 (raised by require_operand)
+        self.require_operand(block, "matmat")
         p = self.layout.size
         if block.shape[1] == 0:  # no directions: the empty product
             return block.new_zeros(p, 0)
@@ -98,7 +106,15 @@ class CurvatureOperator(Operator):
         return torch.cat(outputs, dim=1)
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``H v`` for ``v`` ``[P]``."""
+        """``H v`` for ``v`` ``[P]``.
+
+        Returns:
+            ``H v`` ``[P]``.
+
+        Raises:
+            InputError: ``v`` is not a ``[P]`` tensor.
+        """  # noqa: DOC502 (raised by require_operand)
+        self.require_operand(v, "matvec", ndim=1)
         return self._products(v[None])[0]
 
     # Operator.__matmul__ takes tensors; this one takes θ-structured directions and
@@ -135,7 +151,10 @@ class CurvatureOperator(Operator):
             return super().__matmul__(other)
         if isinstance(other, Tensor) and layout.matches(other):  # a θ tensor of another shape
             return layout.unflatten(self.matvec(self.checked(layout.flatten(other))))
-        got = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
+        if isinstance(other, Mapping):
+            got: object = layout.mismatch(other)
+        else:
+            got = tuple(other.shape) if isinstance(other, Tensor) else type(other).__name__
         raise InputError(
             f"the operator acts on flat [{layout.size}] vectors, [{layout.size}, K] blocks, "
             f"theta-structured vectors ({layout.describe()}) or lists of tensors shaped "

@@ -21,11 +21,14 @@ from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
 from .loss import Captured, Loss
 
-__all__ = ["FixedPointMap", "Problem"]
+__all__ = ["FixedPointMap", "Problem", "check_first_call"]
 
 #: ``f(x, h, θ)``, the DEQ map. θ reaches it in the structure the user gave (a tensor or
 #: a dict of tensors), so ``f`` may annotate it either way.
 FixedPointMap = Callable[[Any, Tensor, Any], Tensor]
+
+#: what torch raises for operands of mismatched shapes or dtypes (a matmul, a cat)
+_OPERAND_ERRORS = (RuntimeError, ValueError, IndexError)
 
 
 class Problem:
@@ -39,10 +42,14 @@ class Problem:
             detached and watched for in-place changes.
         h0: initial state, fixing the state's shape and dtype.
         batch_dim: dimension of ``h`` whose slices are independent samples, or None.
+        state_advice: where ``h0`` is a default the caller chose (zeros like x), what it
+            is and what to pass instead, for the message when ``f`` fails on it.
 
     Raises:
         InputError: non-finite θ, tensors of x or h0; θ and h0 of different dtype or device;
-            ``f`` returning a non-tensor or a tensor of another shape or dtype.
+            ``f`` returning a non-tensor or a tensor of another shape or dtype; ``f``
+            failing on a default ``h0`` or on a tensor of x of another dtype than θ's (see
+            :func:`check_first_call`).
     """
 
     def __init__(
@@ -52,6 +59,8 @@ class Problem:
         x: Any,
         h0: Tensor,
         batch_dim: int | None = None,
+        *,
+        state_advice: str | None = None,
     ) -> None:
         if not callable(f):
             raise InputError(f"f must be callable as f(x, h, theta); got {type(f).__name__}.")
@@ -64,15 +73,20 @@ class Problem:
             _check_finite(t, label)
         _check_finite(h0, "h0")
         if h0.dtype != self.params.dtype or h0.device != self.params.device:
+            fix = (
+                "h0 was not given, so it is zeros like x: convert x to theta's dtype and "
+                "device, e.g. x.to(theta_tensor), or pass h0"
+                if state_advice is not None
+                else "make them match, e.g. h0.to(theta_tensor)"
+            )
             raise InputError(
                 f"h0 is {h0.dtype} on {h0.device} but theta is {self.params.dtype} on "
-                f"{self.params.device}; make them match, e.g. h0.to(theta_tensor)."
+                f"{self.params.device}; {fix}."
             )
         self.x = _pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, x)
         self._watched = [(label, t, t._version) for label, t in watched]
         self._captured = Captured(f)  # what f reads besides its arguments
-        with torch.no_grad():
-            check_state_map(f(self.x, h0.detach(), _detached(theta)), h0, "f(x, h, theta)")
+        check_first_call(f, self.x, h0.detach(), _detached(theta), state_advice)
 
     def check_fresh(self) -> None:
         """Refuse to go on from an equilibrium whose inputs changed since it was solved.
@@ -129,6 +143,54 @@ class Problem:
             return value
 
         return phi
+
+
+def check_first_call(
+    f: FixedPointMap, x: Any, h0: Tensor, theta: Parameters, state_advice: str | None = None
+) -> None:
+    """Call ``f(x, h0, θ)`` once, without gradients: it must return a state like ``h0``.
+
+    A failure of ``f`` is the user's to debug and propagates as it is, unless deqhess can
+    name its likely cause: ``h0`` is a default the caller chose (``state_advice``), or a
+    floating tensor of ``x`` has another dtype than ``h0`` and θ (deqhess casts nothing).
+
+    Args:
+        f: the dynamics ``f(x, h, theta)``.
+        x: its input.
+        h0: the initial state (of θ's dtype).
+        theta: θ, in the structure ``f`` reads.
+        state_advice: where ``h0`` is a default (zeros like x), what it is and what to
+            pass instead; None where the caller gave ``h0``.
+
+    Raises:
+        InputError: ``f`` returned no tensor of ``h0``'s shape and dtype, or failed with a
+            ``RuntimeError``, ``ValueError`` or ``IndexError`` whose likely cause is named
+            above (the failure is its ``__cause__``).
+    """
+    try:
+        with torch.no_grad():
+            out = f(x, h0, theta)
+    except _OPERAND_ERRORS as error:
+        causes = [c for c in (state_advice, _dtype_advice(x, h0.dtype)) if c is not None]
+        if not causes:
+            raise
+        raise InputError(f"f failed on the initial state: {'; '.join(causes)}.") from error
+    if state_advice is not None and isinstance(out, Tensor) and out.shape != h0.shape:
+        raise InputError(
+            f"f returned shape {tuple(out.shape)} on the initial state: {state_advice}."
+        )
+    check_state_map(out, h0, "f(x, h, theta)")
+
+
+def _dtype_advice(x: Any, dtype: torch.dtype) -> str | None:
+    """Name a floating tensor of ``x`` of another dtype than the state's and θ's, if any."""
+    for label, t in _tensor_leaves(x, "x"):
+        if t.is_floating_point() and t.dtype != dtype:
+            return (
+                f"{label} is {t.dtype} but theta and h0 are {dtype}, and deqhess passes x "
+                f"to f as it is; convert x with .to({dtype}) (or theta and h0 to {t.dtype})"
+            )
+    return None
 
 
 def _check_finite(t: Tensor, label: str) -> None:
