@@ -116,6 +116,63 @@ def test_data_changed_after_construction_raises_whatever_the_cache():
         curvature.grad()
 
 
+def test_targets_negated_or_augmented_by_sign_are_caught():
+    """``y.neg_()`` after the first pass, and a random-sign augmentation of a 2-d target,
+    flip an even number of sign bits per sample, which the fingerprint's linear sum
+    missed: the next Hessian was 130% off, two ``hvp(v)`` 109% apart, silently."""
+    x, y = _tensors(samples=8)
+    data = [(x[:4].clone(), y[:4].clone()), (x[4:].clone(), y[4:].clone())]
+    curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), data)
+    curvature.grad()
+    data[0][1].neg_()
+    with pytest.raises(dh.DataChangedError):
+        curvature.grad()
+
+    class SignFlipped(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return x[i], y[i] * (1.0 if torch.rand(()) < 0.5 else -1.0)
+
+    torch.manual_seed(3)
+    flipped = dh.ModelCurvature(Classifier(), nn.MSELoss(), DataLoader(SignFlipped(), 4))
+    v = torch.ones(flipped.num_parameters, dtype=x.dtype)
+    with pytest.raises(dh.DataChangedError):
+        for _ in range(4):  # a pass whose draws all match the first has chance 2⁻⁸
+            flipped.hvp(v)
+
+
+@pytest.mark.parametrize("loss", ["class weights", "ignore_index"])
+def test_a_loss_that_depends_on_the_grouping_refuses_a_regrouping_loader(loss):
+    """A cross-entropy with class weights or ``ignore_index`` is a weighted mean over the
+    batch, so the data set's loss Σ_b (n_b/N)·ℓ_b depends on the grouping: with a
+    shuffling loader two ``hvp(v)`` were 54% (14%) apart and two ``hessian()`` 52% (74%),
+    silently. Refused on the first regrouped pass; fixed batches stay exact against the
+    unrolled twin, and a plain cross-entropy may be regrouped freely."""
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0])
+    model = Classifier(k=2)
+    coupled = (
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0]))
+        if loss == "class weights"
+        else nn.CrossEntropyLoss(ignore_index=1)
+    )
+    torch.manual_seed(2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    curvature = dh.ModelCurvature(model, coupled, loader)
+    v = torch.ones(curvature.num_parameters)
+    with pytest.raises(dh.DataChangedError, match="depends on the grouping"):
+        for _ in range(3):  # a pass that happens to repeat the first grouping is fine
+            curvature.hvp(v)
+    fixed = [(x[i : i + 4], y[i : i + 4]) for i in (0, 4, 8)]
+    first = dh.ModelCurvature(model, coupled, fixed).hvp(v)
+    again = dh.ModelCurvature(model, coupled, fixed)
+    assert torch.equal(again.hvp(v), first) and torch.equal(again.hvp(v), first)
+    plain = dh.ModelCurvature(model, nn.CrossEntropyLoss(), loader)
+    assert relative_error(plain.hvp(v), plain.hvp(v)) <= 1e-5  # float32: regrouped sums
+
+
 class Bistable(nn.Module):
     """``tanh(2h + x)``: three fixed points for ``|x| < 0.53`` (a cold start from zero
     lands on the middle one, ``h ≈ −x``), one for ``|x| = 1`` (``h ≈ ±0.99``); started

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from deqhess.streaming import batch_key, response_sketch, sample_hashes
+from deqhess.streaming.fingerprint import tensor_digests
 
 
 def test_a_sample_hashes_alike_in_any_batch_and_differs_on_any_bit():
@@ -52,3 +53,25 @@ def test_response_sketches():
     assert response_sketch((torch.randn(4, 3), torch.randn(3)), 4) is None  # no sample dim
     assert response_sketch(torch.arange(4), 4) is None  # nothing floating
     assert response_sketch(torch.randn(2, 5), 7, dim=None).shape == (1, 3)
+
+
+def test_an_even_number_of_sign_flips_changes_the_hash():
+    """A hash linear in the 64-bit words changed by 2⁶³ per flipped sign bit: two flips in
+    a sample (``y.neg_()`` on a 2-d target, a float32 pair in the high halves of two
+    words), or ``p.data.neg_()`` on a parameter, left it unchanged."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g)
+    y = torch.randn(5, 2, dtype=torch.float64, generator=g)
+    whole = sample_hashes((x, y), 5)
+    flip = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+    for changed in ((x, -y), (x * flip, y)):
+        assert (sample_hashes(changed, 5) != whole).all()
+    single = x.float()
+    pair = single * torch.tensor([1.0, -1.0, 1.0, -1.0])
+    assert (sample_hashes((pair, y), 5) != sample_hashes((single, y), 5)).all()
+    p = torch.randn(1000, 3, dtype=torch.float64, generator=g)
+    assert tensor_digests([p]) == tensor_digests([p.clone()])
+    assert tensor_digests([-p])[0] != tensor_digests([p])[0]
+    swapped = p.flatten().clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the same words at other places
+    assert tensor_digests([swapped])[0] != tensor_digests([p.flatten()])[0]

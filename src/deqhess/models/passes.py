@@ -48,6 +48,7 @@ from .dense import Blocks
 from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo
 from .modes import StateGuard, check_modes
+from .per_sample import sample_loss_values
 from .symmetric import SymmetricProduct
 
 __all__ = ["ModelPasses"]
@@ -284,10 +285,40 @@ class ModelPasses:
         """A formed batch whose model output is checked to the DEQ layers' tolerance."""
         rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
         self._widest_batch = max(self._widest_batch, samples)
+        first = self._stream.record is None  # the first pass checks how the loss groups
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
             tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
+            coupled=self._coupled(graph, samples) if first else None,
         )  # fmt: skip
+
+    def _coupled(self, graph: BatchGraph, samples: int) -> bool | None:
+        """Whether the batch's loss is not the plain mean (or sum) of its samples' own.
+
+        Each sample's loss alone (:func:`~deqhess.models.per_sample.sample_loss_values`,
+        the loss vmapped over the output's rows) against the batch's:
+        a class-weighted or ``ignore_index`` cross-entropy (a weighted mean), or a term
+        coupling the samples, makes the data set's loss depend on how the samples are
+        grouped into batches.
+
+        Returns:
+            True where they differ beyond rounding (or a sample's own loss is not finite
+            where the batch's is: an ``ignore_index`` sample alone, 0/0); None where the
+            output or the target has no sample rows (not known).
+        """
+        if samples <= 1 or self.batch_dim != 0:
+            return None if samples > 1 else False
+        try:
+            own = sample_loss_values(graph, samples)
+        except InputError:
+            return None
+        batch = graph.loss.detach()
+        if not bool(torch.isfinite(own).all()):  # e.g. an ignored sample's loss alone: 0/0
+            return bool(torch.isfinite(batch))
+        total = own.mean() if self.reduction == "mean" else own.sum()
+        scale = float(own.abs().mean() if self.reduction == "mean" else own.abs().sum())
+        eps = torch.finfo(own.dtype).eps
+        return abs(float(total - batch)) > 1e3 * eps * max(scale, float(batch.abs()))
 
     def _leaves(self) -> dict[str, Tensor]:
         return {n: t.requires_grad_() for n, t in zip(self.names, self._values(), strict=True)}

@@ -116,6 +116,9 @@ class Formed:
         response_dim: the sample dimension of ``response`` (None: one sample).
         tolerance: the relative change of ``response`` that a re-solve may cause.
         offers: what the store may keep of the batch, in order of preference.
+        coupled: whether the batch's term is not the plain sum (or mean) of its samples'
+            own (a loss with class weights or coupling the samples), so that another
+            grouping of the samples is another operator; None: not known (not checked).
     """
 
     term: Any
@@ -126,6 +129,7 @@ class Formed:
     response_dim: int | None = 0
     tolerance: float = 0.0
     offers: tuple[Offer, ...] = ()
+    coupled: bool | None = None
 
 
 class Stream:
@@ -335,6 +339,7 @@ class Stream:
         if not reused and formed.response is not None:
             sketch = response_sketch(formed.response, len(kept), formed.response_dim)
         check.responded(kept, sketch, formed.tolerance, batch.key)
+        check.grouped(kept, formed.coupled)
         if stored is None and formed.offers and batch.key:
             self.store.offer(batch.key, batch.hashes, formed.offers)
 

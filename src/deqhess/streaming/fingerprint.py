@@ -16,10 +16,14 @@ cost a few integer operations per input byte:
   what the model returns (float64), compared with a tolerance because a re-solved
   fixed point agrees with the first only to the solver's tolerance.
 
-The sample hash is linear in the bytes, ``Σⱼ wⱼ kⱼ mod 2⁶⁴`` over the sample's 64-bit
-words ``wⱼ`` with fixed random odd keys ``kⱼ`` (a different key sequence per leaf of
-the batch), plus a hash of what is shared by the batch (leaves without a sample
-dimension, dtypes and shapes). It runs on the batch's own device.
+The sample hash is ``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` over the sample's 64-bit words ``wⱼ``,
+with fixed random keys ``kⱼ`` (a different key sequence per leaf of the batch) and
+``mix`` the SplitMix64 finaliser (:func:`_mix`), plus a hash of what is shared by the
+batch (leaves without a sample dimension, dtypes and shapes). It runs on the batch's
+own device. The mixing is what makes it a hash of the bytes: a sum ``Σⱼ wⱼ kⱼ`` linear
+in the words had changed by ``2⁶³`` for each flipped sign bit, so an even number of sign
+flips in a sample (``y.neg_()`` on a 2-d target; a random-sign augmentation) left it
+unchanged.
 """
 
 from __future__ import annotations
@@ -44,12 +48,39 @@ __all__ = [
 _SEED = 0x5EED_DEC5
 
 
+#: SplitMix64's constants, as signed 64-bit integers
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_M1 = 0xBF58476D1CE4E5B9 - 2**64
+_M2 = 0x94D049BB133111EB - 2**64
+
+
+def _shifted(z: Tensor, bits: int) -> Tensor:
+    """``z >>> bits``: a logical shift of int64 words (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """SplitMix64's finaliser of int64 words, in wrapping arithmetic.
+
+    Returns:
+        ``z`` mixed word by word: every input bit reaches every output bit, so no set
+        of bit flips cancels in a sum of mixed words (up to a ``2⁻⁶⁴`` chance).
+    """
+    z = (z ^ _shifted(z, 30)) * _M1
+    z = (z ^ _shifted(z, 27)) * _M2
+    return z ^ _shifted(z, 31)
+
+
 @lru_cache(maxsize=64)
 def _keys(words: int, leaf: int) -> Tensor:
-    """``[words]`` fixed random odd int64 keys for leaf number ``leaf`` (CPU)."""
+    """``[words]`` fixed random int64 keys for leaf number ``leaf`` (CPU)."""
     generator = torch.Generator().manual_seed(_SEED + 1_000_003 * leaf + words)
-    half = torch.randint(-(2**62), 2**62, (words,), generator=generator, dtype=torch.int64)
-    return half * 2 + 1
+    return torch.randint(-(2**63), 2**63 - 1, (words,), generator=generator, dtype=torch.int64)
+
+
+def _keyed_sum(words: Tensor, keys: Tensor) -> Tensor:
+    """``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` along the last dimension of ``words``."""
+    return _mix(words ^ keys).sum(dim=-1)
 
 
 def _words(rows: Tensor) -> Tensor:
@@ -120,8 +151,7 @@ def sample_hashes(batch: Any, samples: int, dim: int | None = 0) -> Tensor:
             if rows.shape[1] == 0:
                 continue
             words = _words(rows)
-            keys = _keys(words.shape[1], index).to(words.device)
-            value = (words * keys).sum(dim=1)
+            value = _keyed_sum(words, _keys(words.shape[1], index).to(words.device))
             total = value if total is None else total + value
         else:
             shared.append(("shared", index, leaf))
@@ -182,11 +212,12 @@ _CYCLE = 4096
 def tensor_digests(tensors: list[Tensor]) -> tuple[int, ...]:
     """A 64-bit hash of each tensor's bytes, computed where it lives, read back at once.
 
-    ``Σⱼ wⱼ kⱼ mod 2⁶⁴`` over the tensor's 64-bit words, with the keys of one fixed
-    random block of :data:`_CYCLE` odd keys, cycle ``c`` scaled by ``2c + 1``: every
-    word's multiplier is odd, so a change of one word always changes the hash; changes
-    of several collide only where their differences satisfy one fixed linear relation
-    mod 2⁶⁴. One integer pass over each tensor; a temporary of its size.
+    ``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` over the tensor's 64-bit words (:func:`_mix`), the key of
+    word ``j`` that of one fixed random block of :data:`_CYCLE` keys xor ``c·φ`` for its
+    cycle ``c`` (``φ`` SplitMix64's odd constant): no two words share a key, and any
+    change of the bytes changes the hash up to a ``2⁻⁶⁴`` chance (``p.data.neg_()``
+    flips an even number of sign bits, which a sum linear in the words missed). A few
+    integer passes over each tensor; temporaries of its size.
 
     Args:
         tensors: any tensors (any dtype, shape or device).
@@ -199,12 +230,11 @@ def tensor_digests(tensors: list[Tensor]) -> tuple[int, ...]:
     values = []
     for t in tensors:
         words = _words(t.detach().reshape(1, -1))[0]  # [w] int64
-        full = len(words) - len(words) % _CYCLE
+        cycles = -(-len(words) // _CYCLE)
         keys = _keys(_CYCLE, -1).to(words.device)
-        cycles = (words[:full].reshape(-1, _CYCLE) * keys).sum(dim=1)  # [c]
-        scale = 2 * torch.arange(len(cycles), device=words.device, dtype=torch.int64) + 1
-        tail = (words[full:] * keys[: len(words) - full]).sum() * (2 * len(cycles) + 1)
-        values.append((cycles * scale).sum() + tail)
+        cycle = torch.arange(cycles, device=words.device, dtype=torch.int64) * _GOLDEN
+        keyed = (keys[None, :] ^ cycle[:, None]).reshape(-1)[: len(words)]
+        values.append(_keyed_sum(words, keyed))
     return tuple(int(v) for v in torch.stack(values).cpu())
 
 

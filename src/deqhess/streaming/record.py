@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataChangedError, ModelChangedError
+from .fingerprint import batch_key
 
 __all__ = ["PassCheck", "PassRecord", "response_tolerance"]
 
@@ -46,6 +47,9 @@ class PassRecord:
         sketches: ``[M, 3]`` their response sketches (NaN where none was taken).
         whole: response sketches of batches that could not be told apart per sample,
             by batch key.
+        groups: the keys of its batches' sample sets (kept samples, any order).
+        coupled: whether some batch's term was not the plain sum (or mean) of its
+            samples' own (:attr:`deqhess.streaming.Formed.coupled`).
     """
 
     hashes: Tensor
@@ -53,6 +57,8 @@ class PassRecord:
     kept: Tensor
     sketches: Tensor
     whole: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
+    groups: frozenset[str] = frozenset()
+    coupled: bool = False
 
     @property
     def samples(self) -> int:
@@ -74,6 +80,8 @@ class PassCheck:
         self.kept: list[Tensor] = []
         self.sketches: list[Tensor] = []
         self.whole: dict[str, tuple[Tensor, float]] = {}
+        self.groups: set[str] = set()
+        self.coupled = False
         self.batches = 0
         self.unsplit = 0  # batches whose samples could not be told apart
 
@@ -159,6 +167,39 @@ class PassCheck:
             )
         _compare(sketch, self.record.sketches[torch.from_numpy(where)], tolerance, self.label)
 
+    def grouped(self, hashes: Tensor, coupled: bool | None) -> None:
+        """Note the samples a batch's term groups, checking the grouping where it matters.
+
+        Args:
+            hashes: the batch's kept samples ``[m]``.
+            coupled: whether its term is not the plain sum (or mean) of its samples' own
+                (None: not known).
+
+        Raises:
+            DataChangedError: the first pass found such a term and this batch groups
+                samples no batch of the first pass grouped (a shuffling loader): the
+                data-set sum then depends on the grouping, and is another operator.
+        """
+        key = batch_key(torch.sort(hashes).values)
+        if self.record is None:
+            self.groups.add(key)
+            self.coupled |= bool(coupled)
+            return
+        if self.record.coupled and key not in self.record.groups:
+            raise DataChangedError(
+                f"batch {self.batches} of this pass over the data of {self.label} groups "
+                f"its {len(hashes)} samples otherwise than any batch of the first pass, and "
+                "the loss is not the plain sum (or mean) of its samples' own losses (class "
+                "weights or ignore_index in a cross-entropy, a term coupling the samples: "
+                "checked on the first pass), so the data set's loss Σ_b w_b ℓ_b depends on "
+                "the grouping and this pass is another operator. Batch the data the same "
+                "way on every pass (shuffle=False, or a list of batches), or use a loss "
+                "that is a plain mean of per-sample losses.",
+                self.samples,
+                self.record.samples,
+                -1,
+            )
+
     def _hint(self) -> str:
         if not self.unsplit:
             return ""
@@ -190,6 +231,8 @@ class PassCheck:
                 kept=kept[order],
                 sketches=torch.cat(self.sketches)[order] if self.sketches else _empty(0, 3),
                 whole=self.whole,
+                groups=frozenset(self.groups),
+                coupled=self.coupled,
             )
         expected = self.record.hashes
         if len(seen) != len(expected) or not torch.equal(seen, expected):
