@@ -18,7 +18,7 @@ cost a few integer operations per input byte:
 
 The sample hash is ``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` over the sample's 64-bit words ``wⱼ``,
 with fixed random keys ``kⱼ`` (a different key sequence per leaf of the batch) and
-``mix`` the SplitMix64 finaliser (:func:`_mix`), plus a hash of what is shared by the
+``mix`` two rounds of SplitMix64's mixing (:func:`_mix_`), plus a hash of what is shared by the
 batch (leaves without a sample dimension, dtypes and shapes). It runs on the batch's
 own device. The mixing is what makes it a hash of the bytes: a sum ``Σⱼ wⱼ kⱼ`` linear
 in the words had changed by ``2⁶³`` for each flipped sign bit, so an even number of sign
@@ -54,21 +54,26 @@ _M1 = 0xBF58476D1CE4E5B9 - 2**64
 _M2 = 0x94D049BB133111EB - 2**64
 
 
-def _shifted(z: Tensor, bits: int) -> Tensor:
-    """``z >>> bits``: a logical shift of int64 words (torch's ``>>`` is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
+def _mix_(z: Tensor) -> Tensor:
+    """Mix int64 words in place: two rounds of SplitMix64's ``z ^= z >>> s; z *= M``.
 
-
-def _mix(z: Tensor) -> Tensor:
-    """SplitMix64's finaliser of int64 words, in wrapping arithmetic.
+    Wrapping arithmetic; the logical shifts bring high bits down, the odd multipliers
+    spread them up, so every input bit reaches the low bits of the result and no set of
+    bit flips cancels in a sum of mixed words (up to a ``2⁻⁶⁴``-scale chance). In place,
+    with one temporary: a few passes over the words.
 
     Returns:
-        ``z`` mixed word by word: every input bit reaches every output bit, so no set
-        of bit flips cancels in a sum of mixed words (up to a ``2⁻⁶⁴`` chance).
+        ``z``, mixed.
     """
-    z = (z ^ _shifted(z, 30)) * _M1
-    z = (z ^ _shifted(z, 27)) * _M2
-    return z ^ _shifted(z, 31)
+    high = torch.bitwise_right_shift(z, 30)
+    high &= (1 << 34) - 1  # torch's >> is arithmetic: keep the logical shift's bits
+    z ^= high
+    z *= _M1
+    torch.bitwise_right_shift(z, 27, out=high)
+    high &= (1 << 37) - 1
+    z ^= high
+    z *= _M2
+    return z
 
 
 @lru_cache(maxsize=64)
@@ -79,8 +84,8 @@ def _keys(words: int, leaf: int) -> Tensor:
 
 
 def _keyed_sum(words: Tensor, keys: Tensor) -> Tensor:
-    """``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` along the last dimension of ``words``."""
-    return _mix(words ^ keys).sum(dim=-1)
+    """``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` along the last dimension of ``words`` (:func:`_mix_`)."""
+    return _mix_(words ^ keys).sum(dim=-1)
 
 
 def _words(rows: Tensor) -> Tensor:
@@ -212,7 +217,7 @@ _CYCLE = 4096
 def tensor_digests(tensors: list[Tensor]) -> tuple[int, ...]:
     """A 64-bit hash of each tensor's bytes, computed where it lives, read back at once.
 
-    ``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` over the tensor's 64-bit words (:func:`_mix`), the key of
+    ``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` over the tensor's 64-bit words (:func:`_mix_`), the key of
     word ``j`` that of one fixed random block of :data:`_CYCLE` keys xor ``c·φ`` for its
     cycle ``c`` (``φ`` SplitMix64's odd constant): no two words share a key, and any
     change of the bytes changes the hash up to a ``2⁻⁶⁴`` chance (``p.data.neg_()``
