@@ -136,7 +136,7 @@ class DataChangedError(DeqhessError, ValueError):
     A data-set operator is a fixed matrix only if every pass reads the same samples
     (in any order and grouping). Random augmentation, a loader that draws a different
     subset each pass (``shuffle=True`` with ``drop_last=True``, a sampler with
-    replacement) and data changed after construction all break that.
+    replacement) and data changed after the first pass all break that.
 
     Attributes:
         samples: samples this pass read (so far, if it stopped early).

@@ -306,24 +306,49 @@ def test_ggn_of_a_model_with_several_outputs(kind):
         twin, _two_output_loss, data).hessian()) <= TOL  # fmt: skip
 
 
-def test_the_ggn_refuses_an_output_that_is_not_floating_tensors():
-    """Class indices beside the logits: no Jacobian to stack, so the GGN says what it needs
-    (the total Hessian of the same model still runs)."""
+def test_a_tied_parameter_may_be_named_by_either_name():
+    """``state_dict()`` lists a tied weight under both modules; ``theta`` by its second
+    name had been "unknown". Either name chooses the one tensor; both name it twice."""
+    model = nn.Sequential(nn.Linear(3, 3), Classifier(m=3, k=3), nn.Linear(3, 3))
+    model[2].weight = model[0].weight
+    data = _data(m=3, k=3)
+    first = dh.ModelCurvature(model, nn.MSELoss(), data, theta=["0.weight"])
+    second = dh.ModelCurvature(model, nn.MSELoss(), data, theta=["2.weight"])
+    assert second.names == ["0.weight"]
+    assert torch.equal(second.hessian(), first.hessian())
+    with pytest.raises(ValueError, match=r"more than once.*under either name"):
+        dh.ModelCurvature(model, nn.MSELoss(), data, theta=["0.weight", "2.weight"])
+
+
+def test_the_ggn_of_an_output_with_class_indices_beside_its_logits():
+    """Class indices beside the logits do not depend on θ differentiably: the GGN is taken
+    at the logits, the indices constants of the loss — the GGN of the same model returning
+    the logits alone (it had been refused, while ``output_jacobians()`` accepted the
+    output). An output with no floating tensor at all is refused, saying what it needs."""
 
     class WithIndices(Classifier):
         def forward(self, x):
             logits = super().forward(x)
             return logits, logits.argmax(-1)
 
+    class IndicesOnly(Classifier):
+        def forward(self, x):
+            return super().forward(x).argmax(-1)
+
     def loss(out, target):
         return ((out[0] - target) ** 2).mean()
 
-    curvature = dh.ModelCurvature(WithIndices(), loss, _data())
-    with pytest.raises(
-        ValueError, match=r"dict of them; got tuple holding \[.a torch.int64 tensor.\]"
-    ):
-        curvature.ggn_operator() @ torch.randn(curvature.num_parameters)
-    assert curvature.hessian().shape == (curvature.num_parameters,) * 2
+    model, data = WithIndices(), _data()
+    plain = Classifier()
+    plain.load_state_dict(model.state_dict())
+    got = dh.ModelCurvature(model, loss, data).ggn_operator()
+    want = dh.ModelCurvature(plain, lambda o, t: loss((o,), t), data).ggn_operator()
+    eye = torch.eye(got.shape[0])
+    assert relative_error(got.to_dense(), want.to_dense()) <= TOL
+    assert relative_error(got @ eye, want @ eye) <= TOL
+    only = dh.ModelCurvature(IndicesOnly(), lambda o, t: o.float().mean(), data)
+    with pytest.raises(ValueError, match=r"must hold a floating tensor.*int64"):
+        only.ggn_operator() @ torch.randn(only.num_parameters)
 
 
 def test_a_shared_submodule_keeps_its_parameters():

@@ -378,6 +378,32 @@ def test_second_derivatives_through_torch_weight_norm_are_refused():
     )
 
 
+@pytest.mark.parametrize("how", ["frozen", "not chosen"])
+def test_a_weight_norm_whose_g_and_v_are_not_differentiated_is_not_refused(how):
+    """A frozen (pretrained) weight-normalised layer, or one whose g and v are left out of
+    theta: no gradient of the chosen parameters passes through the normalisation, so the
+    Hessian is exact (against a plain layer holding the same weight as a constant); it
+    had been refused as if g and v were differentiated."""
+    data = _data()
+    model = Headed(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2)))
+    chain = model.extra.parametrizations.weight
+    if how == "frozen":
+        chain.original0.requires_grad_(False)
+        chain.original1.requires_grad_(False)
+        theta = None
+    else:
+        theta = [n for n, _ in model.named_parameters() if "original" not in n]
+    got = dh.ModelCurvature(model, nn.MSELoss(), data, theta).hessian()
+    plain = Headed(nn.Linear(2, 2))
+    plain.body.load_state_dict(model.body.state_dict())
+    with torch.no_grad():
+        plain.extra.weight.copy_(model.extra.weight)
+        plain.extra.bias.copy_(model.extra.bias)
+    plain.extra.weight.requires_grad_(False)
+    want = dh.ModelCurvature(plain, nn.MSELoss(), data).hessian()
+    assert relative_error(got, want) <= 1e-12
+
+
 def test_a_parametrised_model_inside_parametrize_cached_is_refused():
     """Before: inside ``parametrize.cached()`` the Hessian of a model with a parametrised
     head was 62% off and its GGN rows for the weight exactly zero, with no error (the cache

@@ -110,7 +110,7 @@ class DatasetEquilibrium:
 
     Raises:
         DataChangedError: a pass read other samples than the first (augmentation, a
-            reshuffled subset, data changed after construction).
+            reshuffled subset, data changed after the first pass).
     """
 
     _label = "DatasetEquilibrium"

@@ -119,6 +119,10 @@ def chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | No
             by_identity.get(id(p), "<not a parameter of the model>") if isinstance(p, Tensor) else p
             for p in params
         ]
+        # a parameter tied between two modules has one name in named_parameters(); its
+        # other names (in state_dict(), say) mean the same tensor
+        aliases = {n: by_identity[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        names = [aliases.get(n, n) if isinstance(n, str) else n for n in names]
         unknown = [n for n in names if n not in named]
         if unknown:
             raise InputError(f"unknown parameter names {unknown}; the model has {list(named)}.")
@@ -126,7 +130,7 @@ def chosen_names(model: nn.Module, params: Sequence[str] | Sequence[Tensor] | No
         if repeated:
             raise InputError(
                 f"theta names {repeated} more than once; name each parameter once (a "
-                "parameter shared by two modules is one parameter)."
+                "parameter shared by two modules is one parameter, under either name)."
             )
     if not names:
         raise InputError(

@@ -205,7 +205,7 @@ class ModelCurvature(ModelPasses):
         """
         check_part(part, self.parts if part not in _SPLIT_PARTS else MODEL_PARTS)
         if part != "ggn":
-            check_second_order(self.model, f"the {part!r} operator")
+            check_second_order(self.model, f"the {part!r} operator", self.names)
         if part in _SPLIT_PARTS and self.split_at is None:
             layers = len(deq_layers(self.model))
             if layers == 0:

@@ -85,36 +85,41 @@ def _directional(
     return [next(found) if o.requires_grad else o.new_zeros((count, *o.shape)) for o in outputs]
 
 
-def _output_leaves(output: Any) -> tuple[list[Tensor], Any]:
+def _output_leaves(output: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
     """The floating tensors of a model's output, where the GGN's ``∇²_o ℓ`` is taken.
 
+    Other leaves (an ``argmax`` beside the logits, a count) do not depend on θ
+    differentiably: they stay as they are, constants of the loss.
+
     Args:
-        output: a tensor, or a tuple / list / dict of them.
+        output: a tensor, or a tuple / list / dict of them (and other values).
 
     Returns:
-        The tensors in ``tree_flatten``'s order, and the structure to rebuild the output
-        from them (``tree_unflatten``).
+        The floating tensors in ``tree_flatten``'s order, and ``rebuild``: new values of
+        them ↦ the output with them in their places.
 
     Raises:
-        InputError: the output holds no tensor, or something other than floating
-            tensors.
+        InputError: the output holds no floating tensor.
     """
     leaves, spec = tree_flatten(output)
-    if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
-        kinds = sorted(
-            {
-                f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
-                for t in leaves
-                if not (isinstance(t, Tensor) and t.is_floating_point())
-            }
-        )
+    where = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not where:
+        kinds = sorted({f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+                        for t in leaves})  # fmt: skip
         raise InputError(
-            "the GGN Jᵀ∇²ℓJ is taken at the model's output, which must be a floating "
-            "tensor or a tuple / list / dict of them; got "
+            "the GGN Jᵀ∇²ℓJ is taken at the model's output, which must hold a floating "
+            "tensor (alone or in a tuple / list / dict); got "
             f"{type(output).__name__}{f' holding {kinds}' if kinds else ''}. Use the "
             "'total' Hessian, or return the tensors the loss is convex in."
         )
-    return leaves, spec
+
+    def rebuild(values: list[Tensor]) -> Any:
+        new = list(leaves)
+        for i, value in zip(where, values, strict=True):
+            new[i] = value
+        return tree_unflatten(new, spec)
+
+    return [leaves[i] for i in where], rebuild
 
 
 class BatchGraph:
@@ -276,11 +281,9 @@ class BatchGraph:
         if self.part == "total":
             self.first = _first_grads(self.loss, self.params)
         elif self.part == "ggn":
-            self.outputs, spec = _output_leaves(self.output)
+            self.outputs, rebuild = _output_leaves(self.output)
             self.out_leaves = [o.detach().requires_grad_() for o in self.outputs]
-            self.out_grad = _first_grads(
-                self._loss(tree_unflatten(self.out_leaves, spec)), self.out_leaves
-            )
+            self.out_grad = _first_grads(self._loss(rebuild(self.out_leaves)), self.out_leaves)
         elif self.part == "loss_curvature":
             self.first = _first_grads(self.loss, [*self.params, self.leaf])
         else:  # dynamics curvature: Σ (∂L/∂h)ᵢ ∇²h*ᵢ, the second derivatives of ⟨ḡ, h*(θ)⟩

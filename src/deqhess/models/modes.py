@@ -11,7 +11,7 @@ modules to ``eval()`` itself: that would change the model it was given.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,24 +57,33 @@ def check_modes(model: nn.Module, label: str) -> None:
     )
 
 
-def check_second_order(model: nn.Module, what: str) -> None:
+def check_second_order(model: nn.Module, what: str, chosen: Sequence[str]) -> None:
     """Refuse second derivatives through modules whose double backward torch gets wrong.
 
     That is weight normalisation along a dimension (``torch._weight_norm`` with
     ``dim`` ≠ None, by the old ``weight_norm`` hook or the parametrisation), whose
     double-backward formula in torch 2.13 gives a Hessian 30–35% off finite differences
     of its exact gradient; ``dim=None`` and a hand-written ``g · v / ‖v‖`` are exact.
+    Only where its ``g`` or ``v`` is among the chosen parameters: otherwise no gradient
+    of the chosen ones passes through the normalisation (a frozen, pretrained layer),
+    whose weight is then a constant of the second derivatives, and they are exact.
 
     Args:
         model: the user's model.
         what: what needs the second derivatives (e.g. ``"the 'total' operator"``), for
             the message.
+        chosen: the names of the chosen parameters (``model.named_parameters()``'s).
 
     Raises:
         UnsupportedDerivativeError: naming the modules, the exact alternatives (the
             GGN; a hand-written weight norm, or ``dim=None``).
     """
-    found = [f"model.{n}" if n else "the model" for n in wrong_double_backward(model)]
+    names = set(chosen)
+    found = [
+        f"model.{n}" if n else "the model"
+        for n, (g, v) in wrong_double_backward(model).items()
+        if g in names or v in names
+    ]
     if found:
         raise UnsupportedDerivativeError(
             f"{what} needs second derivatives through weight normalisation along a dimension "
