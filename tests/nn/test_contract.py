@@ -36,6 +36,41 @@ def _unrolled(cell, x, h0, steps=60):
     return h
 
 
+@pytest.mark.parametrize("kind", ["F.dropout", "noise", "RReLU", "InstanceNorm"])
+def test_a_random_cell_is_named_not_left_to_a_convergence_error(kind):
+    """A functional dropout or noise in training mode, an RReLU, an instance norm updating
+    running statistics: each had ended in 'did not converge … try a larger max_iter'. The
+    modules are refused by name before the solve; a map that draws random numbers is told
+    apart from a slow one, where the solve fails, by two evaluations at one point."""
+
+    class Random(Tanh):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.RReLU() if kind == "RReLU" else nn.Identity()
+            self.norm = nn.InstanceNorm1d(4, track_running_stats=kind == "InstanceNorm")
+
+        def forward(self, x, h):
+            h = self.act(super().forward(x, h))
+            if kind == "F.dropout":
+                return nn.functional.dropout(h, 0.2, training=self.training)
+            if kind == "noise" and self.training:
+                return h + 1e-3 * torch.randn_like(h)
+            if kind == "InstanceNorm":
+                return self.norm(h[:, None])[:, 0]
+            return h
+
+    message = {
+        "F.dropout": "not a deterministic function of the state: evaluated twice",
+        "noise": "not a deterministic function of the state: evaluated twice",
+        "RReLU": r"cell\.act is an RReLU in training mode",
+        "InstanceNorm": r"cell\.norm is a InstanceNorm1d with running statistics",
+    }[kind]
+    with pytest.raises(ValueError, match=message):
+        DEQ(Random().train(), max_iter=50)(torch.randn(3, 4))
+    if kind != "InstanceNorm":  # in eval mode each is one deterministic map
+        DEQ(Random().eval())(torch.randn(3, 4))
+
+
 @pytest.mark.parametrize("solver", ["auto", "dense", "gmres"])
 def test_coupling_is_checked_under_vmap_too(solver):
     """Per-instance gradients of a cell that couples its samples: each vmapped instance's

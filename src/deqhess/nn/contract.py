@@ -39,8 +39,9 @@ def check_deterministic(cell: nn.Module) -> None:
         cell: the layer's cell; it and its submodules are inspected, not changed.
 
     Raises:
-        InputError: batch norm with running statistics, dropout or a spectral norm (its
-            power iteration) in training mode, named by its path in the cell.
+        InputError: batch or instance norm with running statistics, dropout, RReLU or a
+            spectral norm (its power iteration) in training mode, named by its path in the
+            cell.
 
     A parametrised cell called inside ``torch.nn.utils.parametrize.cached()`` is refused
     too (the cache would keep a weight detached from its parameters).
@@ -57,6 +58,19 @@ def check_deterministic(cell: nn.Module) -> None:
                 "at every solver iteration, and its batch statistics couple the samples. Call "
                 ".eval() on it (batch norm with fixed statistics is a per-sample affine map), or "
                 "use GroupNorm/LayerNorm."
+            )
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+            raise InputError(
+                f"{label} is a {kind} with running statistics in training mode: it would "
+                "update them at every solver iteration. Call .eval() on it, or build it with "
+                "track_running_stats=False (its per-sample statistics are then the map's)."
+            )
+        if isinstance(module, nn.RReLU):
+            raise InputError(
+                f"{label} is an RReLU in training mode: it draws random negative slopes at "
+                "every call of the cell — at every solver iteration — so the cell is a "
+                "different map each time and has no fixed point. Call .eval() on it (its "
+                "slope is then fixed), or use LeakyReLU."
             )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             raise InputError(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import ConvergenceError, InputError
 from ..finiteness import all_finite
 from ..linear import Linearization
 from ..solvers import Residual, Tolerance, solve_fixed_point
@@ -188,15 +188,19 @@ class NonlinearSystem(System):
             return spec.rows(spec.fn(rows.reshape(shape), *plain))
 
         tolerance = Tolerance.resolve(spec.tol, spec.atol, z0.dtype)
-        rows, info = solve_fixed_point(
-            Residual(step),
-            spec.rows(z0).clone(),
-            spec.solver,
-            tolerance,
-            spec.max_iter,
-            spec.require_convergence,
-            convergence=spec.convergence,
-        )
+        try:
+            rows, info = solve_fixed_point(
+                Residual(step),
+                spec.rows(z0).clone(),
+                spec.solver,
+                tolerance,
+                spec.max_iter,
+                spec.require_convergence,
+                convergence=spec.convergence,
+            )
+        except ConvergenceError as error:
+            _refuse_if_random(step, spec.rows(z0), error)
+            raise
         if spec.on_solve is not None:
             spec.on_solve(info)
         lin = spec.linearization(step, rows, info.sample_residuals, tolerance)
@@ -205,6 +209,31 @@ class NonlinearSystem(System):
 
     def vmapped(self, arg_dims: tuple[int | None, ...]) -> System:  # noqa: D102
         return NonlinearSystem(self._batched_spec(arg_dims), len(arg_dims))
+
+
+def _refuse_if_random(step: Callable[[Tensor], Tensor], rows: Tensor, error: Exception) -> None:
+    """Where a solve failed, tell a map that is not one function from a slow one.
+
+    Two evaluations at the same point: a map that draws random numbers (noise, dropout
+    by ``F.dropout(..., training=True)``, ``RReLU`` in training mode) differs between
+    them, and has no fixed point for any solver to find.
+
+    Raises:
+        InputError: the two evaluations differ beyond rounding (from ``error``).
+    """
+    first, second = step(rows), step(rows)
+    gap = float(torch.linalg.vector_norm(first - second))
+    scale = float(torch.linalg.vector_norm(first)) + torch.finfo(first.dtype).tiny
+    if gap <= 1e3 * torch.finfo(first.dtype).eps * scale:
+        return
+    raise InputError(
+        "the cell is not a deterministic function of the state: evaluated twice at the "
+        f"same point it differs by a relative {gap / scale:.1e}, so it has no fixed point "
+        "and no solver converges on it. A map that draws random numbers at each call "
+        "(noise, F.dropout(..., training=True), RReLU or a dropout in training mode) "
+        "changes at every solver iteration: call .eval() on it, or draw the randomness "
+        "once per forward and pass it in x."
+    ) from error
 
 
 class LinearSystem(System):
