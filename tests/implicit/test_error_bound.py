@@ -17,20 +17,28 @@ slowest direction, as a fixed-point iteration's does. Its relative error is then
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
 
 import deqhess as dh
+from deqhess.linear import warning_threshold
 
 
-def _problem(slow: float, tol: float, dtype=torch.float64, at_rounding: bool = False):
-    """``(f, θ, x, h0, loss, reference)``; ``reference(θ)`` is the closed-form loss."""
+def _problem(
+    slow: float, tol: float, dtype=torch.float64, at_rounding: bool = False, size: float = 1.0
+):
+    """``(f, θ, x, h0, loss, reference)``; ``reference(θ)`` is the closed-form loss.
+
+    ``size`` scales ``B`` and so ``h*``; the residual left is 90% of the threshold
+    ``max(atol, tol·‖h*‖)`` (``atol = tol``): ``atol`` sets it for a state of norm below 1.
+    """
     n, m = 6, 3
     g = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     mu = torch.tensor([slow, 0.5, 0.3, -0.2, 0.1, 0.0], dtype=torch.float64)
-    theta = {"mu": mu, "B": torch.randn(n, m, generator=g, dtype=torch.float64)}
+    theta = {"mu": mu, "B": size * torch.randn(n, m, generator=g, dtype=torch.float64)}
     x = torch.randn(m, generator=g, dtype=torch.float64)
     target = torch.randn(n, generator=g, dtype=torch.float64)
 
@@ -38,7 +46,7 @@ def _problem(slow: float, tol: float, dtype=torch.float64, at_rounding: bool = F
         return q @ ((q.T @ (t["B"] @ x)) / (1 - t["mu"]))
 
     scale = float(torch.linalg.vector_norm(closed(theta)))
-    c = 0.0 if at_rounding else 0.9 * tol * scale / (1 - slow)  # residual (1 − μ₁)c
+    c = 0.0 if at_rounding else 0.9 * tol * max(1.0, scale) / (1 - slow)  # residual (1 − μ₁)c
     h0 = closed(theta) + c * q[:, 0]
     qd = q.to(dtype)
 
@@ -196,6 +204,44 @@ def test_float32_warns_above_its_own_threshold():
     calm = dh.Equilibrium(f, theta, x, h0)
     assert max(_errors(calm, loss, reference, theta)) < 1e-3
     assert calm.info.error_bound < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol", "size"),
+    [(torch.float64, 1e-10, 1e-8), (torch.float64, 1e-10, 1e-2), (torch.float32, 1e-5, 1e-3)],
+    ids=["float64-1e-8", "float64-1e-2", "float32-1e-3"],
+)
+def test_a_state_of_small_norm_stopped_by_atol_has_its_residual_in_the_bound(dtype, tol, size):
+    """‖h*‖ = 2·size, well conditioned (μ₁ = 0.5, ‖(I − J)⁻¹‖ = 2), a loss on h's own scale:
+    ``atol = tol`` stops the solve, and the residual it leaves is 0.9·atol — relative to
+    ‖h*‖, 4.5e-3 (float64, size 1e-8), 4.5e-9 (size 1e-2), 4.5e-3 (float32, size 1e-3).
+    The bound had counted it as ``tol`` (2.3e-10, 2.3e-10 and 2.3e-5) while the gradient
+    was 7.8e-3, 7.8e-9 and 7.8e-3 off the closed form; it now counts ``‖r‖/‖h*‖`` and
+    lies within 10× of the errors, warning where they pass the threshold."""
+    f, theta, x, h0, loss, reference = _problem(0.5, tol, dtype=dtype, size=size)
+    eq = dh.Equilibrium(f, theta, x, h0, tol=tol)
+    assert eq.info.iterations == 0  # the state was accepted as given
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", dh.AccuracyWarning)
+        grad_error, _ = _errors(eq, loss, reference, theta)
+    bound = eq.info.error_bound
+    assert grad_error > tol  # the residual atol leaves shows in the derivatives
+    assert bound / 10 <= grad_error <= 10 * bound, (grad_error, bound)
+    warned = [r for r in record if r.category is dh.AccuracyWarning]
+    assert len(warned) == (1 if grad_error > warning_threshold(dtype) else 0)
+
+
+def test_a_state_whose_residual_is_its_own_size_is_refused():
+    """‖h*‖ = 2e-10 with ``atol = 1e-10``: the residual left is 45% of the state, the
+    gradient 78% off the closed form. The bound had said 2.3e-10; it says 0.9 (above
+    max_error_bound = 0.1) and the derivative is refused."""
+    f, theta, x, h0, loss, reference = _problem(0.5, 1e-10, size=1e-10)
+    with pytest.raises(dh.SingularSystemError, match=r"up to \d\.\de-01 .*max_error_bound=0\.1\."):
+        dh.Equilibrium(f, theta, x, h0).grad(loss)
+    lenient = dh.Equilibrium(f, theta, x, h0, max_error_bound=float("inf"))
+    with pytest.warns(dh.AccuracyWarning):
+        grad_error, _ = _errors(lenient, loss, reference, theta)
+    assert grad_error > 0.5
 
 
 def test_a_data_set_gives_one_warning_for_all_its_batches():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import case
+from problems import case, relative_error
 
 import deqhess as dh
 from deqhess.errors import ArgumentError
@@ -517,9 +517,10 @@ def test_a_cached_adjoint_follows_what_the_loss_captured():
     assert torch.allclose(eq.hvp(module, v), fresh(module), rtol=1e-12)
 
 
-def test_state_the_loss_reaches_indirectly_needs_forget():
-    """A Python list changed in place cannot be seen (documented); forget() and
-    clear_cache() drop the cached λ so the next call is exact again."""
+def test_state_the_loss_reaches_indirectly_is_followed_through_its_gradient():
+    """A Python list changed in place is not among what the loss visibly captured, but it
+    changes ∇L at h*, and λ is recomputed when ∇L moved (the cached λ had been kept: the
+    gradient stayed the old loss's, 3× off). forget() and clear_cache() still drop it."""
     c = _tanh()
     eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
     scales = [1.0]
@@ -527,15 +528,102 @@ def test_state_the_loss_reaches_indirectly_needs_forget():
     def loss(h):
         return scales[0] * torch.logsumexp(h, dim=1).pow(2).sum()
 
-    stale = eq.grad(loss)["W"]
+    first = eq.grad(loss)["W"]
     scales[0] = 3.0
-    assert torch.allclose(eq.grad(loss)["W"], stale)  # the contract: not seen
-    eq.forget(loss)
-    assert torch.allclose(eq.grad(loss)["W"], 3.0 * stale, rtol=1e-12)
+    assert torch.allclose(eq.grad(loss)["W"], 3.0 * first, rtol=1e-12)
     scales[0] = 1.0
+    eq.forget(loss)
+    assert torch.allclose(eq.grad(loss)["W"], first, rtol=1e-12)
     eq.clear_cache()
-    assert torch.allclose(eq.grad(loss)["W"], stale, rtol=1e-12)
+    assert torch.allclose(eq.grad(loss)["W"], first, rtol=1e-12)
     eq.forget(lambda h: h.sum())  # never cached: nothing to drop
+
+
+def _numpy_double(t: torch.Tensor) -> None:
+    view = t.numpy()  # shares t's memory; its writes leave t's version as it was
+    view *= 2.0
+
+
+@pytest.mark.parametrize("first_call", [True, False], ids=["after-a-derivative", "before-any"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda theta, x, scale: x.data.mul_(2.0), r"^x was modified .*version unchanged"),
+        (lambda theta, x, scale: _numpy_double(x), r"^x was modified .*version unchanged"),
+        (
+            lambda theta, x, scale: theta["W"].data.mul_(0.5),
+            r"^theta\['W'\] was modified .*\.data, \.numpy\(\)",
+        ),
+        (lambda theta, x, scale: scale.data.fill_(2.0), r"^f reads state that changed .*\.data"),
+    ],
+    ids=["x.data", "x.numpy", "theta.data", "closure.data"],
+)
+def test_a_write_that_leaves_no_version_makes_the_equilibrium_stale(change, message, first_call):
+    """θ, x and a tensor f closes over, changed through ``.data`` or a NumPy view: versions
+    do not move, their bytes do. After a first derivative this had gone unseen — the
+    Hessian 1.24 off the old x's and 0.41 off the new x's, a mix of both — and before
+    one it was refused as "f is not a deterministic function". Now the next derivative
+    call raises StaleEquilibriumError, as x.mul_(2) does."""
+    c = _tanh()
+    theta = {k: v.clone() for k, v in c.theta.items()}
+    x, scale = c.x.clone(), torch.tensor(1.0)
+
+    def f(x, h, t):
+        return c.f(scale * x, h, t)
+
+    eq = dh.Equilibrium(f, theta, x, c.h0)
+    if first_call:
+        eq.grad(c.loss)
+    change(theta, x, scale)
+    with pytest.raises(dh.StaleEquilibriumError, match=message):
+        eq.hessian(c.loss)
+    with pytest.raises(dh.StaleEquilibriumError, match=message):
+        eq.hvp(c.loss, torch.ones(eq.num_parameters))
+
+
+def _unrolled_hessian(c, loss) -> torch.Tensor:
+    """d²L/dθ² through 60 plain iterations of the 0.45-contraction (see problems.py)."""
+    return torch.func.hessian(lambda flat: loss(c.unrolled_state(flat)))(c.flat_theta())
+
+
+@pytest.mark.parametrize("change", ["data", "numpy", "inside a helper"])
+def test_a_cached_adjoint_follows_a_target_changed_without_a_version(change):
+    """The loss's target moved after λ was cached — through ``.data``, a NumPy view, or in
+    place inside a helper the loss calls (beyond what it visibly captures). hessian()
+    had mixed the old λ with the new ∇²L (0.41 off the new target's Hessian, 0.32 off the
+    old's); now the Hessian and an HVP are the new target's, against the unrolled
+    reference."""
+    c = _tanh()
+    g = torch.Generator().manual_seed(7)
+    old, new = torch.randn(c.h0.shape, generator=g), 2.0 * torch.randn(c.h0.shape, generator=g)
+    target, inner = old.clone(), old.clone()
+
+    def helper(h):
+        return torch.log(torch.cosh(h - inner)).sum()
+
+    def direct(h):
+        return torch.log(torch.cosh(h - target)).sum() + h.pow(3).sum()
+
+    def indirect(h):
+        return helper(h) + h.pow(3).sum()
+
+    loss = indirect if change == "inside a helper" else direct
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    v = torch.randn(eq.num_parameters, generator=g)
+    eq.hvp(loss, v)  # λ cached for the old target
+    if change == "data":
+        target.data.copy_(new)
+    elif change == "numpy":
+        target.numpy()[:] = new.numpy()
+    else:
+        inner.copy_(new)
+    reference = _unrolled_hessian(
+        c, lambda h: torch.log(torch.cosh(h - new)).sum() + h.pow(3).sum()
+    )
+    stale = _unrolled_hessian(c, lambda h: torch.log(torch.cosh(h - old)).sum() + h.pow(3).sum())
+    assert relative_error(stale, reference) > 0.1  # the change matters
+    assert relative_error(eq.hessian(loss), reference) < 1e-9
+    assert relative_error(eq.hvp(loss, v), reference @ v) < 1e-9
 
 
 # --------------------------------------------------------------- dense requests beyond memory

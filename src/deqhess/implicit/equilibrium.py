@@ -18,8 +18,8 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from functools import partial
-from typing import Any, Literal, cast, overload
+from functools import partial, wraps
+from typing import Any, Literal, TypeVar, cast, overload
 
 import torch
 from torch import Tensor
@@ -63,6 +63,29 @@ from .problem import FixedPointMap, Problem
 __all__ = ["Equilibrium", "EquilibriumInfo"]
 
 _ADJOINT_CACHE_SIZE = 8
+
+
+_Method = TypeVar("_Method", bound=Callable)
+
+
+def _one_call(method: _Method) -> _Method:
+    """``method`` run in the engine, its inputs checked unchanged once for the whole call.
+
+    θ, the tensors of x and what ``f`` captured: versions at every internal step, their
+    bytes (which see a write through ``.data`` or NumPy) once, on entry.
+
+    Returns:
+        ``method`` wrapped.
+    """
+
+    @wraps(method)
+    def call(self: Equilibrium, *args: Any, **kwargs: Any) -> Any:
+        with engine(), self.problem.checked():
+            return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
 _HESSIAN_ALTERNATIVE = (
     "Use the exact matrix-free products instead: eq.hvp(loss, v), or "
     "eq.hessian_operator(loss) (its to_scipy() feeds eigsh/cg) with the analyses of "
@@ -121,6 +144,20 @@ class _AdjointSolution:
     # part → (v, z) ↦ ∇²Φ(v, z), the pullback of ∇Φ built on first use (a cache)
     second_order: dict[str, Callable] = field(default_factory=dict)
 
+    def gradient_is(self, grad_theta: Tensor, grad_h: Tensor) -> bool:
+        """Whether ``∇L`` at ``h*`` evaluated again is the one λ was solved for.
+
+        Equal up to a few rounding errors of its norm (a GPU's reductions need not repeat
+        bit for bit); a smaller change moves λ less than the error bound's ε floor.
+
+        Returns:
+            True where λ still solves ``(I − J)ᵀλ = ∇ₕL`` and ``∂L/∂θ`` is the cached one.
+        """
+        now = torch.cat([grad_theta, grad_h.reshape(-1)])
+        then = torch.cat([self.loss_grad_theta, self.loss_grad_h.reshape(-1)])
+        slack = 16 * torch.finfo(now.dtype).eps * torch.linalg.vector_norm(then)
+        return bool(torch.linalg.vector_norm(now - then) <= slack)
+
 
 class Equilibrium:
     """The fixed point ``h* = f(x, h*, θ)`` and the exact derivatives of a loss at it.
@@ -129,15 +166,19 @@ class Equilibrium:
     sensitivity Z and, per loss object, the adjoint λ (hold the loss object to reuse
     it across many :meth:`hvp` calls).
 
-    **Caching contract.** θ and the tensors of x are watched: changed in place, they
-    make every later call raise :class:`deqhess.StaleEquilibriumError`. A loss is
-    cached by identity (the last 8 loss objects); its cached λ is recomputed when an
-    object it captured (closure cells, defaults, ``partial`` arguments, the tensors
-    and numbers among the globals it names, a loss module's parameters and buffers)
-    was rebound or a captured tensor changed in place. State the loss reaches in other
-    ways (through functions or objects it calls, NumPy arrays, lists changed in place)
-    cannot be seen: after changing such state call :meth:`forget` (or
-    :meth:`clear_cache`), or pass a new loss object. Methods are thread-safe: they
+    **Caching contract.** θ, the tensors of x and those ``f`` captures are watched:
+    changed in place — also through ``.data`` or a NumPy view, which leave no version
+    (their bytes are digested once per derivative call) — they make every later call
+    raise :class:`deqhess.StaleEquilibriumError`. A loss is cached by identity (the
+    last 8 loss objects); its cached λ is recomputed when an object it captured
+    (closure cells, defaults, ``partial`` arguments, the tensors and numbers among the
+    globals it names, a loss module's parameters and buffers) was rebound or a captured
+    tensor changed, or when ``∇L`` at ``h*`` (with ``∂L/∂θ``), evaluated again at each
+    call, is not the one λ was solved for — which follows state the loss reaches in
+    other ways (functions it calls, NumPy arrays, lists). A change there that leaves
+    ``∇L`` at ``h*`` as it was but not ``∇²L`` is not seen by the HVPs' cached
+    pullback: after changing such state call :meth:`forget` (or :meth:`clear_cache`),
+    or pass a new loss object. Methods are thread-safe: they
     hold one process-wide lock (``torch.func``'s forward AD is process-global).
 
     Args:
@@ -391,16 +432,21 @@ class Equilibrium:
             cached, loss_key = None, None
         else:
             loss_key = loss
-        if cached is not None and not cached.captured.changed():
-            self._adjoints.move_to_end(loss_key)
-            return cached
-        captured = Captured(loss)
-        wrapped = Loss(loss)
+        if cached is not None and cached.captured.changed():
+            cached = None
+        wrapped = Loss(loss) if cached is None else cached.loss
+        captured = Captured(loss) if cached is None else cached.captured
         with torch.no_grad():
+            # λ solves (I − J)ᵀλ = ∇ₕL: it is the cached one exactly when ∇L at h* is the
+            # cached ∇L — also after a change Captured cannot see (a tensor inside a
+            # function the loss calls) that would otherwise mix the old λ with the new ∇²L
             grad_theta, grad_h = torch.func.grad(
                 lambda t, r: self.problem.objective(wrapped, t, r), argnums=(0, 1)
             )(self._theta, self._h)
             require_finite(torch.cat([grad_h.reshape(-1), grad_theta]), "∇L at h*")
+            if cached is not None and cached.gradient_is(grad_theta, grad_h):
+                self._adjoints.move_to_end(loss_key)
+                return cached
             adjoint = require_finite(self.linearization.solve_transpose(grad_h), "the adjoint λ")
         solution = _AdjointSolution(wrapped, captured, adjoint, grad_h, grad_theta)
         if loss_key is not None:
@@ -409,6 +455,7 @@ class Equilibrium:
                 self._adjoints.popitem(last=False)
         return solution
 
+    @_one_call
     def adjoint(self, loss: Callable[..., Tensor]) -> Tensor:
         """λ solving ``(I − J)ᵀ λ = ∇ₕL`` at ``h*`` (step 3), shaped like ``h``.
 
@@ -421,6 +468,7 @@ class Equilibrium:
         """
         return self.problem.state.from_rows(self._adjoint_solution(loss).adjoint).clone()
 
+    @_one_call
     def sensitivity(self) -> Tensor:
         """``Z = dh*/dθ`` solving ``(I − J) Z = ∂f/∂θ`` (step 4), P right-hand sides.
 
@@ -461,6 +509,7 @@ class Equilibrium:
         dtype, device = self.problem.state.dtype, self._h.device
         check_dense(numbers, dtype, device, f"{request} ({shape})", alternative)
 
+    @_one_call
     def grad(self, loss: Callable[..., Tensor], method: str = "adjoint") -> Parameters:
         """The gradient ``dL(h*(θ), θ)/dθ``.
 
@@ -496,6 +545,7 @@ class Equilibrium:
     def hessian(self, loss: Callable[..., Tensor], split: Literal[False] = False) -> Tensor: ...
     @overload
     def hessian(self, loss: Callable[..., Tensor], split: Literal[True]) -> HessianSplit: ...
+    @_one_call
     def hessian(self, loss: Callable[..., Tensor], split: bool = False) -> Tensor | HessianSplit:
         """The exact Hessian ``d²L/dθ²`` ``[P, P]`` (θ flattened), dense.
 
@@ -521,6 +571,7 @@ class Equilibrium:
         result = self._dense_hessian(loss, split=False, request="eq.hessian(loss)")
         return require_finite(cast(Tensor, result), "the Hessian")
 
+    @_one_call
     def hessian_split(self, loss: Callable[..., Tensor]) -> HessianSplit:
         """The Hessian's two parts, dense: the loss and the dynamics curvature.
 
@@ -654,10 +705,9 @@ class Equilibrium:
             The product ``[K, P] → [K, P]``, row ``k`` of its result ``H vₖ``.
         """
 
-        @serialized
         def products(v: Tensor) -> Tensor:
-            solution = self._adjoint_solution(loss)
-            with torch.no_grad():
+            with engine(), self.problem.checked(), torch.no_grad():
+                solution = self._adjoint_solution(loss)
                 if part not in solution.second_order:
                     phi = self.problem.lagrangian(
                         solution.loss if part != "dynamics_curvature" else None,
@@ -671,6 +721,7 @@ class Equilibrium:
 
         return products
 
+    @_one_call
     def second_sensitivity(self) -> Tensor:
         """``d²h*/dθ²``, the seed's intermediate, for small P only.
 

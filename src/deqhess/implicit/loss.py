@@ -19,8 +19,9 @@ from torch.utils import _pytree
 
 from ..errors import InputError
 from ..parameters import Parameters
+from ..streaming.fingerprint import tensor_digests
 
-__all__ = ["Captured", "Loss", "required_positional"]
+__all__ = ["Captured", "Loss", "digests", "required_positional"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -108,11 +109,13 @@ class Captured:
 
     The objects in its closure cells, its defaults, ``functools.partial`` arguments,
     the instance of a bound method or callable object (and, through ``__wrapped__`` or
-    ``_wrapped_loss``, what such an object wraps), and the tensors, numbers and containers among the
-    globals it names; and the ``_version`` of every tensor among
-    them (also inside lists, tuples, dicts, ``nn.Module`` parameters and buffers, and
-    an instance's attributes). :meth:`changed` tells whether any was rebound or
-    modified in place since — so an adjoint cached for the loss can be recomputed.
+    ``_wrapped_loss``, what such an object wraps), and the tensors, numbers and
+    containers among the globals it names; and the ``_version`` and the content digest
+    (:func:`~deqhess.streaming.fingerprint.tensor_digests`) of every tensor among them
+    (also inside lists, tuples, dicts, ``nn.Module`` parameters and buffers, and an
+    instance's attributes). :meth:`changed` tells whether any was rebound or modified
+    in place since — through the tensor, or through ``.data``, ``.numpy()`` or another
+    view of its memory, which leave its version as it was.
 
     Not seen: state reached through other functions or objects the loss calls,
     NumPy arrays or Python lists changed in place, files, random state.
@@ -121,20 +124,55 @@ class Captured:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self._objects = _referenced(fn)
-        self._tensors = [(t, t._version) for t in _tensors_in(self._objects)]
+        tensors = _tensors_in(self._objects)
+        self._tensors = [(t, t._version) for t in tensors]
+        self._digests = digests(tensors)
 
-    def changed(self) -> bool:
-        """Whether a captured object was rebound or a captured tensor changed in place."""
+    def changed(self, contents: bool = True) -> bool:
+        """Whether a captured object was rebound or a captured tensor changed in place.
+
+        Args:
+            contents: also compare the tensors' bytes (one pass over them), which sees
+                a write through ``.data`` or a NumPy view; False compares versions only.
+
+        Returns:
+            True when anything it watches differs from what it saw at construction.
+        """
         objects = _referenced(self.fn)
         if len(objects) != len(self._objects) or any(
             a is not b for a, b in zip(objects, self._objects, strict=True)
         ):
             return True
         tensors = _tensors_in(objects)
-        return len(tensors) != len(self._tensors) or any(
+        if len(tensors) != len(self._tensors) or any(
             t is not u or t._version != version
             for t, (u, version) in zip(tensors, self._tensors, strict=True)
-        )
+        ):
+            return True
+        return contents and digests(tensors) != self._digests
+
+
+def digests(tensors: list[Tensor]) -> tuple[int | None, ...]:
+    """The content digest of each tensor (None for one with no plain memory to read).
+
+    A write through ``.data``, ``.numpy()`` or another view leaves a tensor's
+    ``_version`` as it was; its bytes are what change. A sparse, nested or meta tensor
+    has no strided memory to hash: its version alone is watched (and an empty one has
+    nothing to change).
+
+    Returns:
+        One digest (or None) per tensor, in order.
+    """
+    readable = [_readable(t) for t in tensors]
+    # a conjugate or negative view is read as its values (its bits are the base's)
+    hashed = [t.resolve_conj().resolve_neg() for t, r in zip(tensors, readable, strict=True) if r]
+    found = iter(tensor_digests(hashed))
+    return tuple(next(found) if r else None for r in readable)
+
+
+def _readable(t: Tensor) -> bool:
+    strided = t.layout == torch.strided and not t.is_nested
+    return strided and t.device.type != "meta" and t.numel() > 0
 
 
 _EMPTY_CELL = object()

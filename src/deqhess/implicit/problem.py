@@ -8,7 +8,8 @@ equilibrium is :class:`deqhess.solvers.Residual` of :meth:`Problem.dynamics`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from ..errors import InputError, StaleEquilibriumError
 from ..finiteness import all_finite
 from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
-from .loss import Captured, Loss
+from .loss import Captured, Loss, digests
 
 __all__ = ["FixedPointMap", "Problem", "check_first_call"]
 
@@ -39,7 +40,7 @@ class Problem:
         theta: θ (tensor or dict of tensors); only its layout and versions are kept.
         x: the input passed to ``f`` (any object); its tensors — ``x`` itself, or the
             leaves of tuples, lists and dicts of tensors — are checked for NaN/inf,
-            detached and watched for in-place changes.
+            detached and watched for changes (their versions and their bytes).
         h0: initial state, fixing the state's shape and dtype.
         batch_dim: dimension of ``h`` whose slices are independent samples, or None.
         state_advice: where ``h0`` is a default the caller chose (zeros like x), what it
@@ -85,22 +86,31 @@ class Problem:
             )
         self.x = _pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, x)
         self._watched = [(label, t, t._version) for label, t in watched]
+        # a write through .data or a NumPy view leaves no version: the bytes are watched
+        self._digests = digests([t for _, t in watched])
         self._captured = Captured(f)  # what f reads besides its arguments
+        self._checking = False  # inside checked(): contents compared once already
         check_first_call(f, self.x, h0.detach(), _detached(theta), state_advice)
 
     def check_fresh(self) -> None:
         """Refuse to go on from an equilibrium whose inputs changed since it was solved.
 
+        Versions are compared at every call; the tensors' bytes (one pass over them, a
+        write through ``.data`` or a NumPy view leaves no version) once per
+        :meth:`checked` block, or at every call outside one.
+
         Raises:
             StaleEquilibriumError: θ, a tensor of x, or state ``f`` closes over (as far as
                 Python shows it: see :class:`deqhess.implicit.loss.Captured`) changed.
         """
-        if self._captured.changed():
+        contents = not self._checking
+        if self._captured.changed(contents):
             raise StaleEquilibriumError(
                 "f reads state that changed after the Equilibrium was built (a tensor it closes "
-                "over or whose module it calls was modified in place, or a name it uses was "
-                "rebound), so its fixed point and caches are stale. Build a new Equilibrium "
-                "after changing it, or pass such tensors in theta or x."
+                "over or whose module it calls was modified in place — also through .data or "
+                "a NumPy view — or a name it uses was rebound), so its fixed point and caches "
+                "are stale. Build a new Equilibrium after changing it, or pass such tensors "
+                "in theta or x."
             )
         for label, t, version in self._watched:
             if t._version != version:
@@ -110,6 +120,38 @@ class Problem:
                     "stale. Build a new Equilibrium after changing theta or x (or pass "
                     "copies: theta.clone())."
                 )
+        if not contents:
+            return
+        now = digests([t for _, t, _ in self._watched])
+        for (label, _, _), before, after in zip(self._watched, self._digests, now, strict=True):
+            if before != after:
+                raise StaleEquilibriumError(
+                    f"{label} was modified after the Equilibrium was built: its values changed "
+                    "with its version unchanged (a write through .data, .numpy() or another "
+                    "view of its memory), so its fixed point and caches are stale. Build a "
+                    "new Equilibrium after changing theta or x (or pass copies: x.clone())."
+                )
+
+    @contextlib.contextmanager
+    def checked(self) -> Iterator[None]:
+        """One derivative call: :meth:`check_fresh` in full on entry, versions within.
+
+        Nested blocks check nothing more on entry. Run it holding the engine lock (the
+        flag it sets is the lock holder's). On entry it raises what :meth:`check_fresh`
+        raises (:class:`deqhess.StaleEquilibriumError`).
+
+        Yields:
+            Nothing: the call runs inside.
+        """
+        if self._checking:
+            yield
+            return
+        self.check_fresh()
+        self._checking = True
+        try:
+            yield
+        finally:
+            self._checking = False
 
     def dynamics(self, theta: Tensor, h: Tensor) -> Tensor:
         """``f(x, h, θ)`` as rows ``[S, d]``, for flat ``θ`` ``[P]`` and rows ``h``."""

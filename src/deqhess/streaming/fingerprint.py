@@ -83,9 +83,25 @@ def _keys(words: int, leaf: int) -> Tensor:
     return torch.randint(-(2**63), 2**63 - 1, (words,), generator=generator, dtype=torch.int64)
 
 
+#: words mixed at once: the mixing's passes over them stay in cache (256 KB)
+_CHUNK = 2**15
+
+
 def _keyed_sum(words: Tensor, keys: Tensor) -> Tensor:
-    """``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` along the last dimension of ``words`` (:func:`_mix_`)."""
-    return _mix_(words ^ keys).sum(dim=-1)
+    """``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` along the last dimension of ``words`` (:func:`_mix_`).
+
+    Args:
+        words: ``[..., w]`` int64.
+        keys: ``[w]`` int64.
+
+    Returns:
+        ``[...]``: the sums, taken over blocks of leading rows of about :data:`_CHUNK`
+        words each (so the passes run in cache).
+    """
+    if words.ndim < 2:
+        return _mix_(words ^ keys).sum(dim=-1)
+    step = max(1, _CHUNK // max(words.shape[-1], 1))
+    return torch.cat([_mix_(block ^ keys).sum(dim=-1) for block in words.split(step)])
 
 
 def _words(rows: Tensor) -> Tensor:
@@ -217,12 +233,12 @@ _CYCLE = 4096
 def tensor_digests(tensors: list[Tensor]) -> tuple[int, ...]:
     """A 64-bit hash of each tensor's bytes, computed where it lives, read back at once.
 
-    ``Σⱼ mix(wⱼ ⊕ kⱼ) mod 2⁶⁴`` over the tensor's 64-bit words (:func:`_mix_`), the key of
-    word ``j`` that of one fixed random block of :data:`_CYCLE` keys xor ``c·φ`` for its
-    cycle ``c`` (``φ`` SplitMix64's odd constant): no two words share a key, and any
-    change of the bytes changes the hash up to a ``2⁻⁶⁴`` chance (``p.data.neg_()``
-    flips an even number of sign bits, which a sum linear in the words missed). A few
-    integer passes over each tensor; temporaries of its size.
+    Its 64-bit words in cycles of :data:`_CYCLE`: ``Σⱼ mix(wⱼ ⊕ kⱼ)`` within each cycle
+    (:func:`_mix_`, one fixed random block of keys), the cycles' sums weighted by
+    ``2c + 1`` for cycle ``c``: any change of the bytes changes the hash up to a
+    ``2⁻⁶⁴``-scale chance (``p.data.neg_()`` flips an even number of sign bits, which a
+    sum linear in the words missed). A few integer passes over each tensor, in place on
+    one copy of its words. An empty tensor's digest is 0.
 
     Args:
         tensors: any tensors (any dtype, shape or device).
@@ -234,13 +250,17 @@ def tensor_digests(tensors: list[Tensor]) -> tuple[int, ...]:
         return ()
     values = []
     for t in tensors:
+        if t.numel() == 0:
+            values.append(torch.zeros((), dtype=torch.int64))
+            continue
         words = _words(t.detach().reshape(1, -1))[0]  # [w] int64
-        cycles = -(-len(words) // _CYCLE)
+        full = len(words) - len(words) % _CYCLE
         keys = _keys(_CYCLE, -1).to(words.device)
-        cycle = torch.arange(cycles, device=words.device, dtype=torch.int64) * _GOLDEN
-        keyed = (keys[None, :] ^ cycle[:, None]).reshape(-1)[: len(words)]
-        values.append(_keyed_sum(words, keyed))
-    return tuple(int(v) for v in torch.stack(values).cpu())
+        cycles = _keyed_sum(words[:full].reshape(-1, _CYCLE), keys)  # [c]
+        scale = 2 * torch.arange(len(cycles), device=words.device, dtype=torch.int64) + 1
+        tail = _keyed_sum(words[full:], keys[: len(words) - full]) * (2 * len(cycles) + 1)
+        values.append(((cycles * scale).sum() + tail).cpu())
+    return tuple(int(v) for v in torch.stack(values))
 
 
 def batch_key(hashes: Tensor) -> str:
