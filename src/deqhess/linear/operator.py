@@ -137,8 +137,11 @@ class ResidualOperator(Operator):
         rows = block.T.reshape(block.shape[1], self.samples, self.width)
         return product(rows).reshape(block.shape[1], -1).T
 
-    def require_independent_rows(self) -> None:
+    def require_independent_rows(self, products: Callable[[Tensor], Tensor] | None = None) -> None:
         """Check, once, that rows declared independent are (see :func:`row_coupling`).
+
+        Args:
+            products: ``(I − J)ᵀ`` on ``[K, S, d]`` (default :meth:`apply_transpose`).
 
         Raises:
             InputError: ``F`` couples rows declared independent.
@@ -146,7 +149,7 @@ class ResidualOperator(Operator):
         """
         if not self.independent_rows or self._rows_checked:
             return
-        coupling, row = row_coupling(self.apply_transpose, self.h)
+        coupling, row = row_coupling(products or self.apply_transpose, self.h)
         if not math.isfinite(coupling):
             raise NonFiniteError(
                 f"∂F/∂h is not finite at the fixed point (sample {row}): its derivatives do "
@@ -166,7 +169,8 @@ class ResidualOperator(Operator):
     def jacobian_blocks(self, chunk_size: int | None = None) -> Tensor:
         """The diagonal blocks of ``J`` (see :func:`jacobian_blocks`).
 
-        Exact when the rows are independent (checked first if declared).
+        Exact when the rows are independent (checked first if declared: the check's
+        few VJPs go through the same vmapped pullback as the blocks' ``d``).
 
         Args:
             chunk_size: VJPs vmapped at once.
@@ -174,8 +178,17 @@ class ResidualOperator(Operator):
         Returns:
             The blocks ``[S, d, d]``.
         """
-        self.require_independent_rows()
-        return jacobian_blocks(self.residual.fn, self.h, chunk_size)
+        if not self.independent_rows or self._rows_checked:
+            return jacobian_blocks(self.residual.fn, self.h, chunk_size)
+        found: list[Tensor] = []
+
+        def products(probes: Tensor) -> Tensor:  # (I − J)ᵀ probes = probes − Jᵀ probes
+            blocks, pulled = jacobian_blocks(self.residual.fn, self.h, chunk_size, probes)
+            found.append(blocks)
+            return probes - pulled
+
+        self.require_independent_rows(products)
+        return found[0]
 
 
 def _over_leading(fn: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
