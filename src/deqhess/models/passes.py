@@ -12,6 +12,7 @@ a term per batch.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
@@ -303,15 +304,20 @@ class ModelPasses:
 
         Returns:
             True where they differ beyond rounding (or a sample's own loss is not finite
-            where the batch's is: an ``ignore_index`` sample alone, 0/0); None where the
-            output or the target has no sample rows (not known).
+            where the batch's is: an ``ignore_index`` sample alone, 0/0; or the loss
+            cannot be evaluated on one sample); None where the output or the target has
+            no sample rows (not known).
         """
         if samples <= 1 or self.batch_dim != 0:
             return None if samples > 1 else False
         try:
-            own = sample_loss_values(graph, samples)
-        except InputError:
+            with warnings.catch_warnings():  # the check's own evaluations: not the user's
+                warnings.simplefilter("ignore")
+                own = sample_loss_values(graph, samples)
+        except InputError:  # no sample rows to take
             return None
+        except Exception:  # the loss cannot take a batch of one: it couples the samples
+            return True
         batch = graph.loss.detach()
         if not bool(torch.isfinite(own).all()):  # e.g. an ignored sample's loss alone: 0/0
             return bool(torch.isfinite(batch))
