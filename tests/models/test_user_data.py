@@ -143,7 +143,7 @@ def test_targets_negated_or_augmented_by_sign_are_caught():
             flipped.hvp(v)
 
 
-@pytest.mark.parametrize("loss", ["class weights", "ignore_index"])
+@pytest.mark.parametrize("loss", ["class weights", "ignore_index", "pairwise", "needs two"])
 def test_a_loss_that_depends_on_the_grouping_refuses_a_regrouping_loader(loss):
     """A cross-entropy with class weights or ``ignore_index`` is a weighted mean over the
     batch, so the data set's loss Σ_b (n_b/N)·ℓ_b depends on the grouping: with a
@@ -153,11 +153,20 @@ def test_a_loss_that_depends_on_the_grouping_refuses_a_regrouping_loader(loss):
     x = torch.randn(12, 3, generator=torch.Generator().manual_seed(5))
     y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0])
     model = Classifier(k=2)
-    coupled = (
-        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0]))
-        if loss == "class weights"
-        else nn.CrossEntropyLoss(ignore_index=1)
-    )
+
+    def pairwise(out, target):  # a term coupling the samples (0 on one sample)
+        pairs = (out[:, None] - out[None]).pow(2).mean()
+        return nn.functional.cross_entropy(out, target) + 0.1 * pairs
+
+    def needs_two(out, target):  # raises on a batch of one
+        return nn.functional.cross_entropy(out, target) + 0.1 * (out[1] - out[0]).pow(2).sum()
+
+    coupled = {
+        "class weights": nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0])),
+        "ignore_index": nn.CrossEntropyLoss(ignore_index=1),
+        "pairwise": pairwise,
+        "needs two": needs_two,
+    }[loss]
     torch.manual_seed(2)
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
     curvature = dh.ModelCurvature(model, coupled, loader)
