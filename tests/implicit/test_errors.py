@@ -581,6 +581,23 @@ def test_a_write_that_leaves_no_version_makes_the_equilibrium_stale(change, mess
         eq.hvp(c.loss, torch.ones(eq.num_parameters))
 
 
+def test_a_write_to_another_part_of_x_s_base_is_not_a_change_of_x():
+    """x a view of a larger tensor: a write to the base's other rows moves x's version
+    (views share their base's), not its numbers. It had been refused as "x was modified
+    in place"; the bytes now decide, and the Hessian is that of a fresh Equilibrium."""
+    c = _tanh()
+    base = torch.cat([c.x, torch.randn(3, *c.x.shape[1:], dtype=c.x.dtype)])
+    x = base[: len(c.x)]
+    eq = dh.Equilibrium(c.f, c.theta, x, c.h0)
+    eq.grad(c.loss)
+    base[len(c.x) :].mul_(3.0)
+    fresh = dh.Equilibrium(c.f, c.theta, x.clone(), c.h0)
+    assert torch.equal(eq.hessian(c.loss), fresh.hessian(c.loss))
+    base[0].mul_(3.0)  # x's own numbers: stale
+    with pytest.raises(dh.StaleEquilibriumError, match="modified in place"):
+        eq.hessian(c.loss)
+
+
 def _unrolled_hessian(c, loss) -> torch.Tensor:
     """d²L/dθ² through 60 plain iterations of the 0.45-contraction (see problems.py)."""
     return torch.func.hessian(lambda flat: loss(c.unrolled_state(flat)))(c.flat_theta())

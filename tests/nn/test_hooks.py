@@ -198,6 +198,26 @@ def test_a_pre_hook_that_computes_a_weight_the_map_reads_is_refused():
     assert len(recorded) == 2
 
 
+def test_a_recording_hook_survives_torch_func_transforms():
+    """A pre-hook storing its input on the module: inside ``vmap`` it stores a batched
+    tensor that outlives the transform. The check for hooks assigning what the map reads
+    had tried to copy it on the next call and failed with torch's "tensor may have
+    escaped" error, on every later call, eager ones included."""
+    cell, deq, x = _setup()
+    deq, x = deq.double(), x.double()
+    cell.lin.register_forward_pre_hook(lambda m, i: setattr(m, "last", i[0].detach()))
+    params = {k: v.detach() for k, v in deq.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(deq, p, (x,)).sum()
+
+    rows = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
+    whole = torch.func.grad(loss)(params, x)
+    for k in params:
+        assert relative_error(rows[k].sum(0), whole[k]) <= 1e-10
+    deq(x).pow(2).sum().backward()  # a plain call after the transforms
+
+
 def test_a_cell_that_is_not_deterministic_is_not_blamed_on_its_hooks():
     """A cell whose map depends on the grad mode (the solve runs without grad, the visible
     evaluation with it): the cell without hooks does not reproduce its fixed point either,

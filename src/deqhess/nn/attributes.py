@@ -112,7 +112,11 @@ def check_hooks_assign_nothing_read(
         (m, k, before[k])
         for m, before in by_visible
         for k in before
-        if (id(m), k) in hooked and before[k].is_floating_point()
+        if (id(m), k) in hooked
+        and before[k].is_floating_point()
+        # a tensor left by a hook inside an earlier torch.func transform (escaped from
+        # it): the map cannot read it either, and it cannot be copied from
+        and not torch._C._functorch.is_functorch_wrapped_tensor(before[k])
     ]
     for m, k, old in stale:
         current = m.__dict__.get(k)
