@@ -407,6 +407,7 @@ class Equilibrium:
         return self._parameter_products
 
     # ----------------------------------------------------------------- caches
+    @serialized  # not while another thread reads the cache
     def forget(self, loss: Callable[..., Tensor]) -> None:
         """Drop what is cached for ``loss`` (its λ and second-order pullbacks).
 
@@ -418,6 +419,7 @@ class Equilibrium:
         except TypeError:  # unhashable: never cached
             pass
 
+    @serialized
     def clear_cache(self) -> None:
         """Drop what is cached for every loss (the fixed point and ``I − J`` stay)."""
         self._adjoints.clear()
