@@ -352,7 +352,10 @@ class ModelCurvature(ModelPasses):
 
         The loss on a batch of one, exact through every DEQ layer; one pass, each batch's
         forward once and its ``n`` samples' backwards together. For influence scores, the
-        empirical Fisher ``Σ gᵢgᵢᵀ``, Laplace.
+        empirical Fisher ``Σ gᵢgᵢᵀ``, Laplace. (Each row is sample ``i``'s loss through
+        its batch's forward: for a model whose forward mixes a batch's samples — batch
+        statistics without running ones, a centring — that is its gradient within the
+        batch, not on a batch of one; DEQ layers are checked not to mix them.)
 
         Refused with :class:`deqhess.DenseMemoryError` when ``[N, P]`` would not fit,
         and with :class:`deqhess.InputError` when ``batch_dim`` is not 0 or the model's
