@@ -218,6 +218,36 @@ def test_a_recording_hook_survives_torch_func_transforms():
     deq(x).pow(2).sum().backward()  # a plain call after the transforms
 
 
+def test_a_hook_writing_a_buffer_is_named_and_one_outside_the_cell_records():
+    """A forward hook accumulating an activation statistic: in a buffer of the cell it
+    had been refused as the cell's own "call counter"; it is named as a hook's write (a
+    cell's floating buffers are arguments of the fixed point, kept for its derivatives).
+    Kept in a module outside the cell, it records the one visible evaluation."""
+    cell, deq, x = _setup()
+    cell.register_buffer("seen", torch.zeros(()))
+
+    def inside(m, i, o):
+        with torch.no_grad():
+            cell.seen.add_(o.pow(2).mean())
+
+    handle = cell.lin.register_forward_hook(inside)
+    with pytest.raises(ValueError, match=r"a hook on the DEQ layer's cell writes .*cell\.seen"):
+        deq(x)
+    assert float(cell.seen) == 0.0  # put back
+    handle.remove()
+    stats = nn.Module()
+    stats.register_buffer("seen", torch.zeros(()))
+
+    def outside(m, i, o):
+        stats.seen.add_(o.detach().pow(2).mean())
+
+    cell.lin.register_forward_hook(outside)
+    h = deq(x)
+    h.pow(2).sum().backward()
+    want = nn.functional.linear(h.detach(), cell.lin.weight, cell.lin.bias).pow(2).mean()
+    assert torch.allclose(stats.seen, want, rtol=1e-6)  # once: the visible evaluation
+
+
 def test_a_cell_that_is_not_deterministic_is_not_blamed_on_its_hooks():
     """A cell whose map depends on the grad mode (the solve runs without grad, the visible
     evaluation with it): the cell without hooks does not reproduce its fixed point either,

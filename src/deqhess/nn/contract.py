@@ -21,6 +21,7 @@ from .transforms import tracked
 
 __all__ = [
     "InputLayout",
+    "BufferLedger",
     "buffers_unwritten",
     "check_deterministic",
     "check_parametrize_cache",
@@ -87,43 +88,79 @@ def check_deterministic(cell: nn.Module) -> None:
             )
 
 
+class BufferLedger:
+    """What :func:`buffers_unwritten` watches: the cell's buffers, their versions and values.
+
+    :meth:`observed` brackets the layer's visible evaluation, the one where the cell's
+    hooks run: a buffer first written there was written by a hook (an activation
+    statistic, a quantisation observer), which the refusal then names.
+    """
+
+    def __init__(self, cell: nn.Module) -> None:
+        self.buffers = dict(cell.named_buffers())
+        self.versions = {name: b._version for name, b in self.buffers.items()}
+        self.saved = {name: b.detach().clone() for name, b in self.buffers.items()}
+        self.by_hooks: set[str] = set()
+
+    def written(self) -> list[str]:
+        """The buffers written since they were recorded."""
+        return [n for n, b in self.buffers.items() if b._version != self.versions[n]]
+
+    @contextlib.contextmanager
+    def observed(self) -> Iterator[None]:
+        """Within the block (the visible evaluation), a first write is a hook's."""
+        before = set(self.written())
+        try:
+            yield
+        finally:
+            self.by_hooks |= set(self.written()) - before
+
+
 @contextlib.contextmanager
-def buffers_unwritten(cell: nn.Module) -> Iterator[None]:
+def buffers_unwritten(cell: nn.Module) -> Iterator[BufferLedger]:
     """Refuse a cell that writes its own buffers in place while it is solved.
 
     A call counter (``self.calls += 1``) or a statistic updated in ``forward`` makes the
     cell another map at every evaluation (its fixed point and derivatives are not
     defined), and torch's transforms, which the derivatives run under, refuse the write
     with an error that names neither the module nor the buffer. Writes are seen by the
-    buffers' version counters (not ``.data`` writes).
+    buffers' version counters (not ``.data`` writes). A write made only in the visible
+    evaluation (:meth:`BufferLedger.observed`) is a hook's, and named so.
 
     Args:
         cell: the layer's cell; its buffers are put back as they were if refused.
 
     Yields:
-        Nothing: the solve runs inside; after it, or after an error it raised, written
-        buffers are put back and refused.
+        The :class:`BufferLedger`: the solve runs inside; after it, or after an error it
+        raised, written buffers are put back and refused.
 
     Raises:
-        InputError: the cell wrote buffers in place, named by their paths in the cell.
+        InputError: the cell (or a hook on it) wrote buffers in place, named by their
+            paths in the cell.
     """
-    buffers = dict(cell.named_buffers())
-    versions = {name: b._version for name, b in buffers.items()}
-    saved = {name: b.detach().clone() for name, b in buffers.items()}
+    ledger = BufferLedger(cell)
     failure: BaseException | None = None
     try:
-        yield
+        yield ledger
     except RuntimeError as error:  # torch's transforms refusing the write, or another
         failure = error
-    written = [name for name, b in buffers.items() if b._version != versions[name]]
+    written = ledger.written()
     if not written:
         if failure is not None:
             raise failure
         return
     with torch.no_grad():
         for name in written:
-            buffers[name].copy_(saved[name])
+            ledger.buffers[name].copy_(ledger.saved[name])
     listed = ", ".join(f"cell.{name}" for name in written)
+    if set(written) <= ledger.by_hooks:
+        raise InputError(
+            f"a hook on the DEQ layer's cell writes its buffer(s) {listed} in place (in the "
+            "layer's one visible evaluation, where hooks run): every floating buffer of the "
+            "cell is an argument of the fixed point, kept for its derivatives, so it cannot "
+            "change during the call. deqhess put them back as they were. Keep the hook's "
+            "record outside the cell (a buffer of another module, a dict or a list)."
+        ) from failure
     raise InputError(
         f"the cell writes its buffer(s) {listed} in place when called (a call counter, a "
         "statistic updated in forward): the map then changes at every solver iteration, "

@@ -390,7 +390,7 @@ class DEQ(nn.Module):
         )
         args = (*inputs.tensors, *values)
         observed = has_hooks(cell)
-        with buffers_unwritten(cell):
+        with buffers_unwritten(cell) as ledger:
             if under_transform():  # the solve runs below the transforms: it cannot see them
                 with torch.enable_grad():
                     read = evaluate(representative(h0), *map(representative, args))
@@ -399,7 +399,7 @@ class DEQ(nn.Module):
 
                 def observe(z: Tensor) -> Tensor:
                     before = attribute_snapshot(cell)
-                    with backward_hooks_checked(cell):
+                    with backward_hooks_checked(cell), ledger.observed():
                         out = cell(x, z)
                     check_hooks_assign_nothing_read(
                         cell, snapshot, before, lambda: evaluate(*_plain(z, args))
