@@ -182,6 +182,19 @@ def test_a_loss_that_depends_on_the_grouping_refuses_a_regrouping_loader(loss):
     assert relative_error(plain.hvp(v), plain.hvp(v)) <= 1e-5  # float32: regrouped sums
 
 
+def test_unbatched_samples_are_told_apart_from_a_coupling_cell():
+    """``DataLoader(batch_size=None)`` yields single samples (x ``[m]``, a 0-dim target):
+    x's features were read as samples and the refusal blamed the DEQ cell for coupling
+    them, suggesting ``batch_dim=None``; a note now says what the batches look like."""
+    x, _ = _tensors(samples=6)
+    y = torch.arange(6) % 2
+    loader = DataLoader(TensorDataset(x, y), batch_size=None)
+    curvature = dh.ModelCurvature(Classifier(), nn.CrossEntropyLoss(), loader)
+    with pytest.raises(ValueError) as caught:
+        curvature.grad()
+    assert "DataLoader(..., batch_size=None)" in " ".join(getattr(caught.value, "__notes__", []))
+
+
 class Bistable(nn.Module):
     """``tanh(2h + x)``: three fixed points for ``|x| < 0.53`` (a cold start from zero
     lands on the middle one, ``h ≈ −x``), one for ``|x| = 1`` (``h ≈ ±0.99``); started

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
 from ..batches import Batches
-from ..errors import InputError, ModelChangedError
+from ..errors import DeqhessError, InputError, ModelChangedError, add_note
 from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart, unmatched_target
 from .notices import summarised
 from .randomness import Draws, LoaderStream
@@ -277,29 +277,36 @@ class Stream:
         read: list[int] = []
         with self.loader.reading(), summarised(self.label, read), self.guard():
             draws = Draws()
-            for batch, stored in self._bar(self._batches(check), desc):
-                if self.sample_dim is not None and len(batch.hashes) == 0:
-                    check.responded(batch.hashes, None, 0.0, batch.key)
-                    continue  # an empty batch: nothing to add
-                draws.mark()  # the loader may draw (shuffling); the model may not
-                inputs = _versions((batch.x, batch.target))
-                formed = form(batch, stored)
-                draws.check(self.evaluated)
-                _check_unwritten(inputs, self.evaluated)
-                if formed is None:
-                    check.responded(batch.hashes[:0], None, 0.0, batch.key)
-                    excluded += len(batch.hashes)
-                    continue
-                self._check_and_store(check, batch, stored, formed)
-                samples += formed.samples
-                excluded += formed.excluded
-                weight = formed.samples if self.reduction == "mean" else 1.0
-                value = compute(formed.term)
-                draws.check(self.evaluated)
-                _check_unwritten(inputs, self.evaluated)
-                del formed
-                if value is not None:
-                    total = _accumulate(total, value, weight)
+            current: Batch | None = None
+            try:
+                for batch, stored in self._bar(self._batches(check), desc):
+                    current = batch
+                    if self.sample_dim is not None and len(batch.hashes) == 0:
+                        check.responded(batch.hashes, None, 0.0, batch.key)
+                        continue  # an empty batch: nothing to add
+                    draws.mark()  # the loader may draw (shuffling); the model may not
+                    inputs = _versions((batch.x, batch.target))
+                    formed = form(batch, stored)
+                    draws.check(self.evaluated)
+                    _check_unwritten(inputs, self.evaluated)
+                    if formed is None:
+                        check.responded(batch.hashes[:0], None, 0.0, batch.key)
+                        excluded += len(batch.hashes)
+                        continue
+                    self._check_and_store(check, batch, stored, formed)
+                    samples += formed.samples
+                    excluded += formed.excluded
+                    weight = formed.samples if self.reduction == "mean" else 1.0
+                    value = compute(formed.term)
+                    draws.check(self.evaluated)
+                    _check_unwritten(inputs, self.evaluated)
+                    del formed
+                    if value is not None:
+                        total = _accumulate(total, value, weight)
+            except DeqhessError as error:
+                if current is not None:
+                    _note_unbatched(error, current, self.sample_dim)
+                raise
             read.append(check.batches)
         record = check.finish()
         if record is not None:
@@ -374,6 +381,27 @@ class Stream:
 def _versions(batch: Any) -> list[tuple[Tensor, int]]:
     """The tensors of a batch with their versions (bumped by any in-place write)."""
     return [(t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+
+
+def _note_unbatched(error: Exception, batch: Batch, dim: int | None) -> None:
+    """Add a note to ``error`` where the batch looks like one sample without a batch dim.
+
+    A ``DataLoader`` with ``batch_size=None`` (or a data set indexed directly) yields
+    single samples: the input's first dimension is then read as its samples, and what
+    fails (a DEQ layer "coupling the samples", say) blames the model.
+    """
+    x, target = batch.x, batch.target
+    if dim != 0 or not isinstance(x, Tensor) or not isinstance(target, Tensor):
+        return
+    if target.ndim == 0 and x.ndim >= 1:
+        add_note(
+            error,
+            f"deqhess: batch {batch.index + 1} has a target that is one number while x has "
+            f"shape {tuple(x.shape)}, read as {x.shape[0]} samples: if each batch is one "
+            "sample without a batch dimension (DataLoader(..., batch_size=None), a data set "
+            "indexed directly), batch the samples (batch_size=...) or add the dimension "
+            "(x[None], target[None]).",
+        )
 
 
 def _check_target(index: int, x: Any, target: Any, samples: int, dim: int | None) -> None:
