@@ -178,8 +178,6 @@ class ResidualOperator(Operator):
         Returns:
             The blocks ``[S, d, d]``.
         """
-        if not self.independent_rows or self._rows_checked:
-            return jacobian_blocks(self.residual.fn, self.h, chunk_size)
         found: list[Tensor] = []
 
         def products(probes: Tensor) -> Tensor:  # (I − J)ᵀ probes = probes − Jᵀ probes
@@ -187,10 +185,9 @@ class ResidualOperator(Operator):
             found.append(blocks)
             return probes - pulled
 
-        self.require_independent_rows(products)
-        if not found:  # one row: nothing to check, no probe was pulled back
-            return jacobian_blocks(self.residual.fn, self.h, chunk_size)
-        return found[0]
+        self.require_independent_rows(products)  # a no-op where checked or not declared
+        # (and where one row leaves nothing to check: then no probe was pulled back)
+        return found[0] if found else jacobian_blocks(self.residual.fn, self.h, chunk_size)
 
 
 def _over_leading(fn: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:

@@ -11,9 +11,9 @@ built once (each DEQ solves once) and gives its whole ``[P, P]`` contribution:
   GGN direction is three passes, ``J v``, ``∇²ℓ``, ``Jᵀ``), ``∇²ℓ`` at the output
   (``[M, M]``, through the loss alone) — ``P / M`` times fewer passes through the model
   (measured 5× on a tanh classifier, 36× on a conv DEQ). The batch's term
-  ``Jᵀ ∇²ℓ J`` (:func:`~deqhess.models.symmetric.loss_term`: the Gram matrix of ``RJ``
-  where ``∇²ℓ = RᵀR`` per sample, else ``Jᵀ(∇²ℓ J)``) is added to the pass's sum by its
-  upper triangle; the sum is mirrored once at the end.
+  ``Jᵀ ∇²ℓ J`` (the Gram matrix of ``RJ`` where ``∇²ℓ = RᵀR`` per sample,
+  :func:`~deqhess.models.symmetric.loss_factor`, else ``Jᵀ(∇²ℓ J)``) is added to the
+  pass's sum by its upper triangle; the sum is mirrored once at the end.
 
 The memory a block of directions takes is measured, not assumed: the first block of a
 pass runs :data:`PROBE` directions under :class:`deqhess.memory.PeakMemory`, and the

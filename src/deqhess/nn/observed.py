@@ -95,13 +95,13 @@ def observed_fixed_point(
     # under torch.func, the values below the transforms' wrappers (under vmap the batched
     # system's linearisation is not this one's, and the values are per batch entry: none)
     seen, value = plain_value(z), plain_value(b)
-    plain_args = [plain_value(a) for a in args]
     if jacobian is not None and seen is not None and value is not None:
         try:
             # always: an earlier certificate (a tangent's jvp) was of the map without hooks
             jacobian.linearization.certify(spec.rows(value), again=True)
         except InputError as error:
-            inputs = tuple(p if p is not None else a for p, a in zip(plain_args, args, strict=True))
+            plain = (plain_value(a) for a in args)
+            inputs = tuple(p if p is not None else a for p, a in zip(plain, args, strict=True))
             _blame_hooks(spec, jacobian.linearization, seen, value, inputs, describe, error)
             raise
     return _Observed.apply(system, b, z, *args)

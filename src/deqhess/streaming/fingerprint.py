@@ -48,8 +48,7 @@ __all__ = [
 _SEED = 0x5EED_DEC5
 
 
-#: SplitMix64's constants, as signed 64-bit integers
-_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+#: SplitMix64's multipliers, as signed 64-bit integers
 _M1 = 0xBF58476D1CE4E5B9 - 2**64
 _M2 = 0x94D049BB133111EB - 2**64
 

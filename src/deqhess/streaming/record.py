@@ -180,12 +180,14 @@ class PassCheck:
                 samples no batch of the first pass grouped (a shuffling loader): the
                 data-set sum then depends on the grouping, and is another operator.
         """
+        if self.record is not None and not self.record.coupled:
+            return  # any grouping is the same operator: nothing to compare
         key = batch_key(torch.sort(hashes).values)
         if self.record is None:
             self.groups.add(key)
             self.coupled |= bool(coupled)
             return
-        if self.record.coupled and key not in self.record.groups:
+        if key not in self.record.groups:
             raise DataChangedError(
                 f"batch {self.batches} of this pass over the data of {self.label} groups "
                 f"its {len(hashes)} samples otherwise than any batch of the first pass, and "
