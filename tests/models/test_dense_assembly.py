@@ -7,6 +7,8 @@ References: unrolled float64 autograd of the same model (``models.py``), 1e-9 re
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from models import Classifier, Reference, unrolled_twin
@@ -15,6 +17,7 @@ from torch import nn
 
 import deqhess as dh
 from deqhess.linear import Dense, NeumannGMRES, resolve_linear_solver
+from deqhess.models import BatchGraph, dense
 
 
 def _data(sizes=(3, 4), m=3, k=2):
@@ -98,3 +101,78 @@ def test_many_directions_make_the_layers_factorise_their_jacobians():
             "auto", 16, width, torch.float64, few_solves=True, directions=directions
         )
         assert isinstance(strategy, expected), (width, directions)
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_dense_rows_from_their_parameter_on_give_every_part(monkeypatch, order, chunk_size):
+    """A dense form takes each block of rows from its first parameter's column on
+    (their upper block triangle, mirrored at the end): every part equals the unrolled
+    reference whatever the parameters' order (a late layer first: its rows then reach
+    back through the whole model) and however blocks fall (inside a parameter with
+    chunk_size=3, or one block per parameter)."""
+    monkeypatch.setattr(dense, "ROWS_BEFORE_CUT", 1)  # every parameter a block of its own
+    model = Classifier(depth=2)
+    data = _data(sizes=(2, 3))
+    names = [n for n, _ in model.named_parameters()]
+    names = names if order == "forward" else names[::-1]
+    reference = Reference(unrolled_twin(model), nn.MSELoss(), data, names)
+    curvature = dh.ModelCurvature(
+        model, nn.MSELoss(), data, theta=names, split_at="deq0", chunk_size=chunk_size
+    )
+    loss_part, dynamics_part = reference.split(0)
+    expected = {"total": reference.total(), "loss_curvature": loss_part,
+                "dynamics_curvature": dynamics_part}  # fmt: skip
+    for part, matrix in expected.items():
+        got = curvature.hessian_operator(part).to_dense()
+        assert relative_error(got, matrix) <= 1e-9, part
+        assert torch.equal(got, got.T), part  # mirrored: exactly symmetric
+
+
+def test_a_block_of_rows_differentiates_in_its_parameters_and_those_after():
+    """The Hessian's rows of a parameter come from a backward of that parameter's
+    gradient alone, into it and the parameters after it: a head's rows never reach
+    the DEQ layer's parameters (their block is a short backward)."""
+    model = Classifier()
+    data = _data(sizes=(3,))
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    names = curvature.layout.names
+    calls = []
+    original = BatchGraph.upper_rows
+
+    def recording(self, start, stop):
+        inner = self.backward
+
+        def backward(outputs, inputs, cotangents):
+            calls.append((start, stop, len(outputs), len(inputs)))
+            return inner(outputs, inputs, cotangents)
+
+        self.backward = backward
+        try:
+            return original(self, start, stop)
+        finally:
+            self.backward = inner
+
+    reference = Reference(unrolled_twin(model), nn.MSELoss(), data, names)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dense, "ROWS_BEFORE_CUT", 1)
+        patch.setattr(BatchGraph, "upper_rows", recording)
+        assert relative_error(curvature.hessian(), reference.total()) <= 1e-9
+    ends = torch.tensor(curvature.layout.numels).cumsum(0).tolist()
+    assert [(a, b) for a, b, _, _ in calls] == list(zip([0, *ends[:-1]], ends, strict=True))
+    # the rows of parameter i: its gradient alone, differentiated in parameters i, i+1, …
+    assert [(o, i) for _, _, o, i in calls] == [(1, len(names) - k) for k in range(len(names))]
+
+
+def test_small_parameters_share_a_block_and_a_larger_one_starts_its_own():
+    """A block ends at the first parameter end inside it, unless the rows before it and
+    the parameter after it are both small (a weight's bias joins it; a 4-entry bias
+    before a 1,440-entry head does not drag the head's rows back to its column)."""
+    ends = list(itertools.accumulate([27, 3, 144, 4, 1440, 10]))
+    stops, start = [], 0
+    while start < ends[-1]:
+        start = dense._block_stop(start, 10_000, ends)
+        stops.append(start)
+    assert stops == [30, 174, 178, 1618, 1628]
+    assert dense._block_stop(0, 20, ends) == 20  # the width first
+    assert dense._block_stop(40, 100, ends) == 140  # inside one parameter

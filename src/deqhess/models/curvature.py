@@ -58,7 +58,7 @@ from .info import CurvatureInfo, assembly
 from .modes import check_second_order
 from .passes import ModelPasses
 from .per_sample import output_jacobians, sample_gradients
-from .symmetric import SymmetricProduct, mirror_upper_
+from .symmetric import SymmetricProduct, UpperRows, mirror_upper_
 
 __all__ = ["MODEL_PARTS", "CurvatureInfo", "ModelCurvature"]
 
@@ -290,7 +290,7 @@ class ModelCurvature(ModelPasses):
         steps = None if batches is None else p * batches
         bar = tqdm(total=steps, desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
 
-        def one(graph: BatchGraph) -> Tensor | SymmetricProduct:
+        def one(graph: BatchGraph) -> UpperRows | SymmetricProduct:
             term = batch_dense(graph, graph.samples, blocks, bar.update)
             if not isinstance(term, SymmetricProduct):
                 routes.add("products")
@@ -299,7 +299,7 @@ class ModelCurvature(ModelPasses):
             return term
 
         try:
-            # a low-rank term adds only to the upper triangle: the sum is its mirror
+            # every term adds only to the upper triangle: the sum is its mirror
             total = mirror_upper_(self._sum(part, one, lambda: self._zeros(p, p), directions=p))
         finally:
             bar.close()

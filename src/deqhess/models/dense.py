@@ -3,8 +3,11 @@
 A dense form of a model's curvature is one pass over the data; each batch's graph is
 built once (each DEQ solves once) and gives its whole ``[P, P]`` contribution:
 
-* **products** — ``P`` directions through the batch's second-order graph, in blocks of
-  ``chunk``: ``(C Vᵀ)ᵀ`` rows of the symmetric matrix (every part);
+* **products** — ``P`` one-hot directions through the batch's second-order graph, in
+  blocks of ``chunk``: the symmetric matrix's rows, each from the first column of its
+  parameter on (:meth:`~deqhess.models.graph.BatchGraph.upper_rows`: for the Hessian a
+  backward that stops at that parameter, so a late layer's rows are cheap), added to
+  the pass's sum by that upper block triangle (every part);
 * **output Jacobians** — for the GGN ``Jᵀ∇²ℓJ`` when the batch's output has fewer
   numbers than there are parameters (``M = n_b·C < P``): the ``M`` rows of ``J`` by
   one-hot cotangents through the graph (each row costs at most one product direction: a
@@ -22,6 +25,7 @@ blocks after it are as wide as half the memory available allows (:class:`Blocks`
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,14 +35,19 @@ from torch import Tensor
 from ..errors import DenseMemoryError
 from ..implicit.finite import require_finite
 from ..memory import PeakMemory, budget_bytes
-from .graph import BatchGraph
-from .symmetric import SymmetricProduct, curvature_times, loss_factor
+from .graph import BatchGraph, one_hot_rows
+from .symmetric import SymmetricProduct, UpperRows, curvature_times, loss_factor
 
 __all__ = ["PROBE", "Blocks", "batch_dense", "run_block", "uses_jacobians"]
 
 #: the most directions of the first block, whose memory is measured (a wider first block
 #: could already exhaust memory: 394 directions of an MDEQ batch needed ~13 GB).
 PROBE = 16
+
+#: parameters with fewer rows than this share a block of a dense form with the next such
+#: (a block costs about as much as 30 rows besides its rows: 6 ms against 0.14 ms a row
+#: on one batch of ``benchmarks/vs_curvlinops.py``'s tanh classifier)
+ROWS_BEFORE_CUT = 32
 
 #: numbers in one block of the loss curvature's one-hot rows (``[rows, M]``)
 CURVATURE_ROWS = 2**22
@@ -167,7 +176,7 @@ def uses_jacobians(graph: BatchGraph, parameters: int) -> bool:
 
 def batch_dense(
     graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
-) -> Tensor | SymmetricProduct:
+) -> UpperRows | SymmetricProduct:
     """The batch's ``[P, P]`` matrix of ``graph``'s part, assembled the cheaper way.
 
     From output Jacobians where :func:`uses_jacobians` says so, else from ``P`` one-hot
@@ -181,34 +190,58 @@ def batch_dense(
         progress: called with the directions done after each block.
 
     Returns:
-        ``[P, P]``: the batch's matrix, its weight included; or, from output Jacobians,
-        the same matrix as a :class:`~deqhess.models.symmetric.SymmetricProduct` (whose sum
-        is whole only once mirrored, :func:`~deqhess.models.symmetric.mirror_upper_`).
+        The batch's ``[P, P]`` matrix, its weight included, by its rows on and above the
+        diagonal's blocks (:class:`~deqhess.models.symmetric.UpperRows`); or, from output
+        Jacobians, as a :class:`~deqhess.models.symmetric.SymmetricProduct`. Either adds
+        to a sum's upper triangle, which is whole once mirrored
+        (:func:`~deqhess.models.symmetric.mirror_upper_`).
     """
     p = graph.layout.size
-    like = graph.params[0]
-    device = like.device
+    device = graph.params[0].device
     if uses_jacobians(graph, p):
         return _from_jacobians(graph, samples, blocks, progress)
-    out = torch.empty(p, p, dtype=like.dtype, device=device)
+    term = UpperRows(p)
 
     def product(start: int, stop: int) -> Tensor:
-        return graph.products(_one_hot(start, stop, p, like))
+        column, rows = graph.upper_rows(start, stop)
+        term.add(start, column, rows)
+        return rows
 
+    ends = list(itertools.accumulate(graph.layout.numels))
     start = 0
     while start < p:
-        stop = min(p, start + blocks.size(samples, device))
-        out[start:stop] = run_block(blocks, graph, samples, device, product, start, stop)
+        stop = _block_stop(start, blocks.size(samples, device), ends)
+        run_block(blocks, graph, samples, device, product, start, stop)
         progress(stop - start)
         start = stop
-    return out
+    return term
 
 
-def _one_hot(start: int, stop: int, width: int, like: Tensor) -> Tensor:
-    """Rows ``[start, stop)`` of the ``width × width`` identity, as ``like``'s dtype and device."""
-    rows = torch.zeros(stop - start, width, dtype=like.dtype, device=like.device)
-    rows[torch.arange(stop - start), torch.arange(start, stop)] = 1
-    return rows
+def _block_stop(start: int, width: int, ends: list[int]) -> int:
+    """Where a block of rows from ``start``, at most ``width`` wide, ends.
+
+    At the first end of a parameter inside it, unless both the rows before that end and
+    the parameter after it are fewer than :data:`ROWS_BEFORE_CUT` (small parameters in a
+    row, such as biases, share a block): a block's rows all start at its first
+    parameter's column (:meth:`~deqhess.models.graph.BatchGraph.upper_rows`), so a later
+    parameter's rows are cheaper in a block of their own (a head's 1,440 rows in a block
+    with the cell's 4-entry bias took 1.05 s, alone 0.008 s).
+
+    Args:
+        start: the block's first row.
+        width: the most rows it may hold.
+        ends: the parameters' ends in the flat layout (the last is ``P``).
+
+    Returns:
+        One past the block's last row.
+    """
+    stop = min(ends[-1], start + width)
+    for end, after in itertools.pairwise(ends):
+        if start < end < stop and (
+            end - start >= ROWS_BEFORE_CUT or after - end >= ROWS_BEFORE_CUT
+        ):
+            return end
+    return stop
 
 
 def _from_jacobians(
@@ -243,7 +276,7 @@ def _from_jacobians(
         stop = min(m, start + step)
         with torch.enable_grad():
             second = graph.backward(
-                list(graph.out_grad), leaves, cotangents(_one_hot(start, stop, m, like))
+                list(graph.out_grad), leaves, cotangents(one_hot_rows(start, stop, m, like))
             )
         curvature[start:stop] = torch.cat([g.flatten(1) for g in second], 1)
     require_finite(curvature, "the loss curvature at the output")
@@ -253,7 +286,7 @@ def _from_jacobians(
     products = torch.empty(count, p, dtype=like.dtype, device=like.device)
 
     def rows(start: int, stop: int) -> Tensor:
-        along = _one_hot(start, stop, m, like) if factor is None else factor[start:stop]
+        along = one_hot_rows(start, stop, m, like) if factor is None else factor[start:stop]
         with torch.enable_grad():
             grads = graph.backward(outputs, graph.params, cotangents(along))
         column = 0

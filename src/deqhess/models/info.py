@@ -60,7 +60,8 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
         )
         said.append(
             f"P = {p:,} product directions per batch, in blocks sized by memory "
-            f"({measured}); the DEQ layers' 'auto' linear solver sees P directions "
-            "(a per-sample LU where cheaper)"
+            f"({measured}), each block's rows from its first parameter's column on (the "
+            "upper block triangle, mirrored at the end); the DEQ layers' 'auto' linear "
+            "solver sees P directions (a per-sample LU where cheaper)"
         )
     return "; ".join(said) or f"no batch ({part})"

@@ -28,6 +28,7 @@ from ..options import integer
 from ..parameters import ParameterLayout
 from ..streaming import (
     DEFAULT_CACHE_BYTES,
+    Addend,
     Batch,
     Formed,
     Offer,
@@ -50,7 +51,6 @@ from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo
 from .modes import StateGuard, check_modes
 from .per_sample import sample_loss_values
-from .symmetric import SymmetricProduct
 
 __all__ = ["ModelPasses"]
 
@@ -403,7 +403,7 @@ class ModelPasses:
     def _sum(
         self,
         part: str | None,
-        compute: Callable[[BatchGraph], Tensor | SymmetricProduct],
+        compute: Callable[[BatchGraph], Tensor | Addend],
         empty: Callable[[], Tensor],
         desc: str | None = None,
         directions: int | None = None,
@@ -415,8 +415,9 @@ class ModelPasses:
 
         Args:
             part: the graphs' part (None: the loss only).
-            compute: ``graph ↦`` the batch's unweighted term (a symmetric product adds to
-                the sum's upper triangle only: see :func:`~deqhess.models.symmetric.mirror_upper_`).
+            compute: ``graph ↦`` the batch's unweighted term (an addend, such as a
+                dense form's symmetric term, adds itself, to the sum's upper triangle:
+                see :func:`~deqhess.models.symmetric.mirror_upper_`).
             empty: the sum's zero (a rank or a data set without batches).
             desc: the progress bar's label (None: no bar).
             directions: the directions per derivative pass, for the DEQ layers.

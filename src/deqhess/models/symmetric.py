@@ -41,6 +41,7 @@ __all__ = [
     "BLOCKS",
     "TILE",
     "SymmetricProduct",
+    "UpperRows",
     "curvature_times",
     "loss_factor",
     "mirror_upper_",
@@ -91,6 +92,53 @@ class SymmetricProduct:
         for i in range(0, p, step):
             rows = self.left[:, i : i + step].T
             total[i : i + step, i:].addmm_(rows, right[:, i:], alpha=weight)
+        return total
+
+
+class UpperRows:
+    """One batch's symmetric ``[P, P]`` term as blocks of its rows right of a column.
+
+    Each block holds the rows ``[start, start + k)`` from a column ``column ≤ start`` on
+    (:meth:`deqhess.models.graph.BatchGraph.upper_rows`): together, the term's upper
+    triangle.
+
+    A data-set sum adds it with :meth:`add_to`, into its upper triangle (the blocks also
+    hold entries below the diagonal, in the diagonal blocks); the sum is made whole by
+    :func:`mirror_upper_` at the end.
+
+    Args:
+        size: ``P``.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.blocks: list[tuple[int, int, Tensor]] = []
+
+    def add(self, start: int, column: int, rows: Tensor) -> None:
+        """Keep rows ``[start, start + len(rows))``, columns ``[column, P)``.
+
+        Args:
+            start: the rows' first row.
+            column: their first column, at most ``start``.
+            rows: ``[k, P − column]``.
+        """
+        self.blocks.append((start, column, rows))
+
+    def add_to(self, total: Tensor | None, weight: float) -> Tensor:
+        """``total + weight · term`` on and above the diagonal, in place.
+
+        Args:
+            total: ``[P, P]``, whose upper triangle holds the sum so far (None: zero).
+            weight: the term's weight.
+
+        Returns:
+            ``total`` (or a new zero sum), its upper triangle added to in place.
+        """
+        if total is None:
+            like = self.blocks[0][2]
+            total = like.new_zeros(self.size, self.size)
+        for start, column, rows in self.blocks:
+            total[start : start + rows.shape[0], column:].add_(rows, alpha=weight)
         return total
 
 

@@ -12,7 +12,7 @@ Each front end only forms one batch and says what to compute on it.
 
 from __future__ import annotations
 
-from .engine import REDUCTIONS, Batch, Formed, Stream, check_reduction
+from .engine import REDUCTIONS, Addend, Batch, Formed, Stream, check_reduction
 from .fingerprint import batch_key, response_sketch, sample_hashes
 from .ranks import RankFailedError, agree_on_setup, agreed
 from .record import PassCheck, PassRecord, response_tolerance
@@ -21,6 +21,7 @@ from .store import DEFAULT_CACHE_BYTES, BatchStore, Offer, StoredBatch
 __all__ = [
     # the pass
     "REDUCTIONS",
+    "Addend",
     "Batch",
     "Formed",
     "Stream",
