@@ -5,7 +5,7 @@ is one pass over the batches (:class:`deqhess.streaming.Stream`), so memory does
 grow with their number. Here are the views of the user's data a pass reads —
 :class:`Batches` (checked ``(x, target)`` pairs), :class:`MappedBatches` (cast as
 read), :class:`RankShard` (a rank's share) — and the byte counts that budget what a
-pass keeps (:func:`held_bytes`, :func:`saved_activation_bytes`).
+pass keeps (:func:`held_bytes`, :func:`graph_bytes`, :func:`saved_activation_bytes`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["Batches", "MappedBatches", "RankShard", "held_bytes", "saved_activation_bytes"]
+__all__ = [
+    "Batches",
+    "MappedBatches",
+    "RankShard",
+    "graph_bytes",
+    "held_bytes",
+    "saved_activation_bytes",
+]
 
 
 class Batches:
@@ -146,6 +153,57 @@ def held_bytes(*objects: Any, depth: int = 3) -> int:
         return 0
 
     return sum(walk(obj, depth) for obj in objects)
+
+
+def graph_bytes(*roots: Tensor, depth: int = 6) -> int:
+    """Bytes an autograd graph keeps alive, from the tensors it leads back from.
+
+    Every node reachable from ``roots``' ``grad_fn`` is visited once: the tensors torch's
+    own nodes saved for their backward (their ``_saved_*`` attributes), and a custom
+    Function's saved tensors and what its context holds (a DEQ layer's system: the fixed
+    point's Jacobian blocks and their factors), each storage counted once
+    (:func:`held_bytes`), ``roots`` included. An estimate from above of what keeping
+    the graph costs: storages the caller holds anyway (a model's parameters, the batch)
+    count too.
+
+    Args:
+        roots: tensors of the graph (a loss, first-order gradients built with
+            ``create_graph``, an output).
+        depth: how many levels of a custom Function context's attributes to follow.
+
+    Returns:
+        The bytes of every distinct storage found.
+    """
+    nodes: list[Any] = [r.grad_fn for r in roots if r.grad_fn is not None]
+    visited: set[int] = set()
+    held: list[Any] = list(roots)
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    held.append(getattr(node, name))
+                except RuntimeError:  # freed, or not a tensor torch can give back
+                    continue
+        if hasattr(node, "saved_tensors"):  # a custom Function's context
+            try:
+                held.append(tuple(node.saved_tensors))
+            except RuntimeError:
+                pass
+            held.append(_context_state(node))
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return held_bytes(*held, depth=depth)
+
+
+def _context_state(node: Any) -> dict[str, Any]:
+    """What a custom Function's context holds in its own attributes (``ctx.system``)."""
+    try:
+        return dict(vars(node))
+    except TypeError:
+        return {}
 
 
 def saved_activation_bytes(fn: Callable[..., Tensor], *inputs: Tensor) -> int | None:

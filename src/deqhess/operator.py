@@ -14,6 +14,7 @@ cheap to do so, so code written for curvlinops operators runs on these.
 from __future__ import annotations
 
 import abc
+import contextlib
 
 import numpy as np
 import torch
@@ -48,6 +49,25 @@ class Operator(abc.ABC):
     @abc.abstractmethod
     def matmat(self, block: Tensor) -> Tensor:
         """``A V`` for ``V`` ``[n, K]``, returning ``[m, K]``."""
+
+    def holding(self, products: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """A block within which the operator may keep what its products share.
+
+        An analysis that takes many products (Lanczos, conjugate gradients, Hutch++)
+        runs inside it. A model's operator (:meth:`deqhess.ModelCurvature.hessian_operator`)
+        then keeps each batch's graph from one pass for the next (within its
+        ``cache_bytes``), dropped at the end of the block or when the model's parameters
+        or buffers change; state the model reads besides them (a plain tensor attribute,
+        a global) must not change inside the block. Other operators keep nothing.
+
+        Args:
+            products: the products the block will take at most, if known (what is kept
+                is prepared for that many).
+
+        Returns:
+            A context manager (``with op.holding(): ...``).
+        """
+        return contextlib.nullcontext()
 
     def rmatmat(self, block: Tensor) -> Tensor:
         """``Aᵀ W`` for ``W`` ``[m, K]``, returning ``[n, K]``."""

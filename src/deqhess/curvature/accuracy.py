@@ -192,11 +192,10 @@ def operator_accuracy(
     num_probes = count(num_probes, "num_probes", 2, "operator_accuracy", " (pairs)")
     if reference is not None and reference.shape != op.shape:
         raise InputError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
-    counted = Counted(op, num_probes, progress, "operator accuracy")
     g = torch.Generator().manual_seed(seed)
     probes = torch.randn(op.shape[0], num_probes, generator=g, dtype=torch.float64)
-    products = counted.matmat(probes.to(op.dtype).to(op.device)).double().cpu()
-    counted.close()
+    with Counted(op, num_probes, progress, "operator accuracy") as counted:
+        products = counted.matmat(probes.to(op.dtype).to(op.device)).double().cpu()
     norms = torch.linalg.vector_norm(probes, dim=0)
     scale = float((torch.linalg.vector_norm(products, dim=0) / norms).max())
     scale = scale if scale > 0 else 1.0

@@ -9,6 +9,7 @@ its products and drive a progress bar, without touching the operator itself.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Protocol
@@ -132,8 +133,18 @@ def count(value: object, name: str, minimum: int, analysis: str, why: str = "") 
     return number
 
 
+def holding(op: object, products: int | None = None) -> contextlib.AbstractContextManager[None]:
+    """``op.holding(products)`` where it has one (:meth:`deqhess.operator.Operator.holding`)."""
+    held = getattr(op, "holding", None)
+    return held(products) if callable(held) else contextlib.nullcontext()
+
+
 class Counted(Operator):
     """``op`` with a count of matrix-vector products and an optional progress bar.
+
+    Used as a context manager by every analysis: inside, ``op`` is held
+    (:meth:`deqhess.operator.Operator.holding`: a model's operator keeps each batch's
+    graph from one product to the next); leaving it closes the bar.
 
     Args:
         op: the operator.
@@ -147,7 +158,8 @@ class Counted(Operator):
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
         self.symmetric = getattr(op, "symmetric", True)  # analyses take symmetric operators
         self.streamed = getattr(op, "streamed", False)
-        self.products = 0
+        self.products, self.total = 0, total
+        self._held = contextlib.ExitStack()
         self.bar = tqdm(
             total=total,
             desc=desc,
@@ -179,6 +191,16 @@ class Counted(Operator):
         self.products += block.shape[1]
         self.bar.update(block.shape[1])
         return out
+
+    def __enter__(self) -> Counted:
+        self._held.enter_context(holding(self.op, self.total))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._held.close()
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Close the progress bar."""
@@ -223,6 +245,10 @@ class ParameterBlock(Operator):
         self.names = list(names)
         size = len(self.index)
         self.shape, self.dtype, self.device = (size, size), op.dtype, op.device
+
+    def holding(self, products: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """The full operator's block keeping what its products share."""
+        return holding(self.op, products)
 
     def matmat(self, block: Tensor) -> Tensor:
         """``H[I, I] V``: ``V`` padded with zeros outside ``I``, one product of the full operator.

@@ -131,34 +131,34 @@ def spectral_density(
     num_points = integer(num_points, "num_points")
     if num_points < 2:
         raise InputError(f"num_points must be at least 2; got {num_points}.")
-    counted = Counted(op, steps * num_probes + 2, progress, "SLQ")
-    # quadrature on H's Lanczos recurrence assumes H = Hᵀ (2 products)
-    check_symmetric(counted, "H", "its Lanczos quadrature is not a spectral density")
-    g = torch.Generator().manual_seed(seed)
-    q = rademacher(size, num_probes, g, op) / math.sqrt(size)
-    basis = [q]
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    alive = torch.ones(num_probes, dtype=torch.bool, device=op.device)
-    lengths = torch.zeros(num_probes, dtype=torch.long)
-    scale = None
-    for j in range(steps):
-        w = counted.matmat(basis[-1])
-        alpha = (basis[-1] * w).sum(0)
-        w = w - alpha * basis[-1] - (betas[-1] * basis[-2] if j > 0 else 0.0)
-        stacked = torch.stack(basis)  # full reorthogonalisation, twice (CGS2)
-        for _ in range(2):
-            w = w - (stacked * (stacked * w).sum(1, keepdim=True)).sum(0)
-        beta = torch.linalg.vector_norm(w, dim=0)
-        scale = alpha.abs() if scale is None else torch.maximum(scale, alpha.abs())
-        alphas.append(alpha)
-        lengths += alive.cpu().long()
-        alive = alive & (beta > 1e3 * torch.finfo(op.dtype).eps * torch.clamp(scale, min=1e-300))
-        if j == steps - 1 or not bool(alive.any()):
-            break
-        betas.append(beta)
-        basis.append(w / torch.where(beta > 0, beta, torch.ones_like(beta)))
-    counted.close()
+    with Counted(op, steps * num_probes + 2, progress, "SLQ") as counted:
+        # quadrature on H's Lanczos recurrence assumes H = Hᵀ (2 products)
+        check_symmetric(counted, "H", "its Lanczos quadrature is not a spectral density")
+        g = torch.Generator().manual_seed(seed)
+        q = rademacher(size, num_probes, g, op) / math.sqrt(size)
+        basis = [q]
+        alphas: list[Tensor] = []
+        betas: list[Tensor] = []
+        alive = torch.ones(num_probes, dtype=torch.bool, device=op.device)
+        lengths = torch.zeros(num_probes, dtype=torch.long)
+        scale = None
+        for j in range(steps):
+            w = counted.matmat(basis[-1])
+            alpha = (basis[-1] * w).sum(0)
+            w = w - alpha * basis[-1] - (betas[-1] * basis[-2] if j > 0 else 0.0)
+            stacked = torch.stack(basis)  # full reorthogonalisation, twice (CGS2)
+            for _ in range(2):
+                w = w - (stacked * (stacked * w).sum(1, keepdim=True)).sum(0)
+            beta = torch.linalg.vector_norm(w, dim=0)
+            scale = alpha.abs() if scale is None else torch.maximum(scale, alpha.abs())
+            alphas.append(alpha)
+            lengths += alive.cpu().long()
+            floor = 1e3 * torch.finfo(op.dtype).eps * torch.clamp(scale, min=1e-300)
+            alive = alive & (beta > floor)
+            if j == steps - 1 or not bool(alive.any()):
+                break
+            betas.append(beta)
+            basis.append(w / torch.where(beta > 0, beta, torch.ones_like(beta)))
     nodes, weights = [], []
     for i in range(num_probes):
         m = int(lengths[i])

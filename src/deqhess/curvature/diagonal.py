@@ -91,11 +91,10 @@ def diagonal(
     checked_operator(op, "diagonal", symmetric=False)
     num_probes = check_diagonal(num_probes)
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
-    counted = Counted(op, num_probes, progress, "diagonal")
     g = torch.Generator().manual_seed(seed)
     z = rademacher(op.shape[0], num_probes, g, op)
-    samples = z * counted.matmat(z)
-    counted.close()
+    with Counted(op, num_probes, progress, "diagonal") as counted:
+        samples = z * counted.matmat(z)
     return DiagonalResult(
         estimate=samples.mean(1),
         std_error=samples.std(1) / num_probes**0.5,

@@ -249,17 +249,14 @@ def extreme_eigenpairs(
         max_hvps = basis_size + integer(max_iter, "max_iter", minimum=0) * restart
     max_hvps = default_max_hvps(k) if max_hvps is None else max_hvps
     max_hvps = integer(max_hvps, "max_hvps", minimum=block * -(-k // block))
-    counted = Counted(op, max_hvps, progress, f"Lanczos ({which} {k})")
-    # Lanczos assumes H = Hᵀ: a non-symmetric operator would run to the cap (2 products)
-    check_symmetric(counted, "H", "Lanczos' eigenpairs are not its eigenpairs")
     start = torch.as_tensor(
         np.random.default_rng(seed).standard_normal((size, block)), dtype=op.dtype,
         device=op.device,
     )  # fmt: skip
-    try:
+    with Counted(op, max_hvps, progress, f"Lanczos ({which} {k})") as counted:
+        # Lanczos assumes H = Hᵀ: a non-symmetric operator would run to the cap (2 products)
+        check_symmetric(counted, "H", "Lanczos' eigenpairs are not its eigenpairs")
         pairs = lanczos_extreme(counted, k, which, tol, max_hvps, basis_size, start, seed)
-    finally:
-        counted.close()
     found = EigenResult(pairs.values, pairs.vectors, pairs.residuals, counted.products)
     if not pairs.converged:
         explain = _unconfirmed if pairs.measured else _unconverged
@@ -273,19 +270,18 @@ def extreme_eigenpairs(
 def _dense(op: SymmetricOperator, k: int, which: str, progress: bool | None) -> EigenResult:
     """All ``P`` columns by products, then ``eigh``: exact, ``P`` products."""
     size = op.shape[0]
-    counted = Counted(op, size, progress, "dense eigh")
-    matrix = counted.matmat(torch.eye(size, dtype=op.dtype, device=op.device))
-    counted.close()
-    require_symmetric_matrix(matrix, "H", "its eigenvalues need not be real")
-    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
-    pick = {
-        "largest": torch.arange(size - k, size),
-        "smallest": torch.arange(k),
-        "magnitude": torch.argsort(values.abs().cpu(), stable=True)[-k:],
-    }[which].to(values.device)
-    pick = pick[torch.argsort(values[pick])]
-    values, vectors = values[pick], vectors[:, pick]
-    residual = op.matmat(vectors) - vectors * values
+    with Counted(op, size, progress, "dense eigh") as counted:
+        matrix = counted.matmat(torch.eye(size, dtype=op.dtype, device=op.device))
+        require_symmetric_matrix(matrix, "H", "its eigenvalues need not be real")
+        values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+        pick = {
+            "largest": torch.arange(size - k, size),
+            "smallest": torch.arange(k),
+            "magnitude": torch.argsort(values.abs().cpu(), stable=True)[-k:],
+        }[which].to(values.device)
+        pick = pick[torch.argsort(values[pick])]
+        values, vectors = values[pick], vectors[:, pick]
+        residual = op.matmat(vectors) - vectors * values
     return EigenResult(values, vectors, torch.linalg.vector_norm(residual, dim=0), size + k)
 
 

@@ -222,18 +222,15 @@ def _damped_solution(
     norm_b = float(torch.linalg.vector_norm(b))
     if norm_b == 0:
         return InverseResult(torch.zeros_like(b), 0.0, True, 0, method)
-    if check:  # two products, before the solve's own (not in its num_hvps)
-        check_symmetric(op, "H", _NOT_SOLVABLE)
-    counted = Counted(op, max_iter, progress, method.upper())
-    try:
+    with Counted(op, max_iter, progress, method.upper()) as counted:
+        if check:  # two products, before the solve's own (not in its num_hvps)
+            check_symmetric(op, "H", _NOT_SOLVABLE)
         if method == "cg":
             solution, status, direction, curvature = _cg(counted, b, damping, tol, max_iter)
         else:
             solution, status = _minres(counted, b, damping, tol, max_iter)
             direction = curvature = None
-    finally:
-        counted.close()
-    applied = op.matmat(solution[:, None])[:, 0] + damping * solution
+        applied = op.matmat(solution[:, None])[:, 0] + damping * solution
     residual = float(torch.linalg.vector_norm(applied - b)) / norm_b
     if status is InverseStatus.CONVERGED and not residual <= 10 * tol:
         status = InverseStatus.INACCURATE

@@ -138,10 +138,9 @@ def _dense(
             f"method='dense' forms G with {size} products, above max_hvps={max_hvps}: raise "
             "the cap or use method='probes'."
         )
-    counted = Counted(op, size, progress, "inverse diagonal (dense)")
     eye = torch.eye(size, dtype=op.dtype, device=op.device)
-    columns = [counted.matmat(eye[:, i : i + 256]) for i in range(0, size, 256)]
-    counted.close()
+    with Counted(op, size, progress, "inverse diagonal (dense)") as counted:
+        columns = [counted.matmat(eye[:, i : i + 256]) for i in range(0, size, 256)]
     matrix = torch.cat(columns, dim=1)
     require_symmetric_matrix(matrix, "G", _NO_COVARIANCE)
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)

@@ -90,11 +90,10 @@ def hutchinson(
     checked_operator(op, "hutchinson", symmetric=False)
     num_probes = check_hutchinson(num_probes)
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
-    counted = Counted(op, num_probes, progress, "Hutchinson")
     g = torch.Generator().manual_seed(seed)
     z = rademacher(op.shape[0], num_probes, g, op)
-    samples = (z * counted.matmat(z)).sum(0)
-    counted.close()
+    with Counted(op, num_probes, progress, "Hutchinson") as counted:
+        samples = (z * counted.matmat(z)).sum(0)
     return TraceResult(
         estimate=float(samples.mean()),
         std_error=float(samples.std() / num_probes**0.5),
@@ -132,19 +131,17 @@ def hutchpp(
     checked_operator(op, "hutchpp", symmetric=False)
     third = check_hutchpp(num_hvps) // 3
     size = op.shape[0]
-    counted = Counted(op, 3 * min(third, size), progress, "Hutch++")
     g = torch.Generator().manual_seed(seed)
     sketch = rademacher(size, min(third, size), g, op)
-    q, _ = torch.linalg.qr(counted.matmat(sketch))
-    exact_part = float(torch.trace(q.T @ counted.matmat(q)))
-    if q.shape[1] >= size:  # the sketch spans everything: the trace is exact
-        counted.close()
-        return TraceResult(exact_part, 0.0, counted.products, "hutch++")
-    warn_few_probes(third, _MEASURED, "use num_hvps >= 30 (a third of them are its probes)")
-    probes = rademacher(size, third, g, op)
-    probes = probes - q @ (q.T @ probes)
-    samples = (probes * counted.matmat(probes)).sum(0)
-    counted.close()
+    with Counted(op, 3 * min(third, size), progress, "Hutch++") as counted:
+        q, _ = torch.linalg.qr(counted.matmat(sketch))
+        exact_part = float(torch.trace(q.T @ counted.matmat(q)))
+        if q.shape[1] >= size:  # the sketch spans everything: the trace is exact
+            return TraceResult(exact_part, 0.0, counted.products, "hutch++")
+        warn_few_probes(third, _MEASURED, "use num_hvps >= 30 (a third of them are its probes)")
+        probes = rademacher(size, third, g, op)
+        probes = probes - q @ (q.T @ probes)
+        samples = (probes * counted.matmat(probes)).sum(0)
     return TraceResult(
         estimate=exact_part + float(samples.mean()),
         std_error=float(samples.std() / third**0.5),

@@ -9,6 +9,7 @@ symmetric :class:`deqhess.operator.Operator`, so it converts to a dense tensor o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import overload
 
@@ -50,6 +51,8 @@ class CurvatureOperator(Operator):
             used by :meth:`to_dense` (None: ``P`` products).
         streamed: each product is a pass over a data set (see
             :attr:`deqhess.operator.Operator.streamed`).
+        held: ``products ↦`` the front end's :meth:`holding` block (None: nothing to
+            keep).
     """
 
     symmetric = True
@@ -62,8 +65,10 @@ class CurvatureOperator(Operator):
         chunk_size: int | None = None,
         dense: Callable[[], Tensor] | None = None,
         streamed: bool = False,
+        held: Callable[[int | None], contextlib.AbstractContextManager[None]] | None = None,
     ) -> None:
         self._products = products
+        self._held = held
         self.streamed = streamed
         self._dense = dense
         self.layout = layout
@@ -75,6 +80,18 @@ class CurvatureOperator(Operator):
 
     def __repr__(self) -> str:
         return f"CurvatureOperator(part={self.part!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def holding(self, products: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """The front end's block keeping what products share.
+
+        Args:
+            products: the products the block will take at most, if known.
+
+        Returns:
+            Its context manager (see :meth:`deqhess.operator.Operator.holding`; a model's
+            operator keeps batch graphs, others nothing).
+        """
+        return self._held(products) if self._held is not None else contextlib.nullcontext()
 
     def to_dense(self) -> Tensor:
         """The operator as a dense matrix.

@@ -99,9 +99,10 @@ class ModelCurvature(ModelPasses):
         chunk_size: directions per pass in ``to_dense`` and large blocks; default about
             4M numbers.
         cache_bytes: what is kept between passes, by batch content: each batch's DEQ
-            fixed points (states, not graphs), to start its next solves from, until they
-            hold this many bytes (the rest start cold; 0 keeps none). Default 1 GiB.
-            (Formerly ``warm_start_bytes``.)
+            fixed points, to start its next solves from, until they hold this many bytes
+            (the rest start cold; 0 keeps none); and, while an analysis holds an
+            operator (:meth:`deqhess.operator.Operator.holding`), each batch's graph in
+            what the fixed points leave. Default 1 GiB. (Formerly ``warm_start_bytes``.)
         backward: how a block's K directions go through a batch's graph: ``"auto"``
             (default), ``"vmap"``, ``"batched"`` (models without DEQ layers) or
             ``"loop"`` (see :class:`deqhess.models.backward.BlockBackward`).
@@ -225,7 +226,7 @@ class ModelCurvature(ModelPasses):
 
         return CurvatureOperator(
             products, self.layout, part, self.chunk_size, dense=lambda: self._dense(part),
-            streamed=True,
+            streamed=True, held=self.holding,
         )  # fmt: skip
 
     def _products(self, part: str, v: Tensor) -> Tensor:

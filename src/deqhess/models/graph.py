@@ -299,6 +299,19 @@ class BatchGraph:
             (state_grad,) = torch.autograd.grad(self.loss, self.leaf, retain_graph=True)
             self.first = _first_grads((state_grad.detach() * self.state).sum(), self.params)
 
+    def roots(self) -> list[Tensor]:
+        """The tensors this graph keeps for its products (their graphs lead back to θ).
+
+        Returns:
+            The loss, the output's tensors and the first-order quantities the part's
+            products differentiate again.
+        """
+        found: list[Any] = [self.loss, *tree_flatten(self.output)[0]]
+        for name in ("first", "outputs", "out_leaves", "out_grad", "state", "leaf"):
+            value = getattr(self, name, ())
+            found.extend(value if isinstance(value, (tuple, list)) else (value,))
+        return [t for t in found if isinstance(t, Tensor)]
+
     def upper_rows(self, start: int, stop: int) -> tuple[int, Tensor]:
         """Rows ``[start, stop)`` of the part's matrix from their first parameter's column on.
 

@@ -37,6 +37,7 @@ from ..streaming import (
     check_reduction,
     response_tolerance,
 )
+from ..streaming.fingerprint import tensor_digests
 from .arguments import (
     chosen_names,
     deq_layers,
@@ -48,6 +49,7 @@ from .arguments import (
 from .backward import BlockBackward
 from .dense import Blocks
 from .graph import BatchGraph, LossFunc
+from .held import HeldGraphs
 from .info import CurvatureInfo
 from .modes import StateGuard, check_modes
 from .per_sample import sample_loss_values
@@ -139,6 +141,7 @@ class ModelPasses:
             )
         self._layer_names = {id(m): name for name, m in model.named_modules() if isinstance(m, DEQ)}
         self._blocks = Blocks(self.chunk_size)  # the memory one direction takes, once measured
+        self._held: HeldGraphs | None = None  # batch graphs kept while an operator is held
         self._widest_batch = 1
         self._warned_rows = False
         self.info = CurvatureInfo()
@@ -202,7 +205,55 @@ class ModelPasses:
 
     def _restarted(self) -> None:
         """The model changed between products: the ranks agree on it again."""
+        if self._held is not None:
+            self._held.clear()
         self._agree()
+
+    @contextlib.contextmanager
+    def holding(self, products: int | None = None) -> Iterator[None]:
+        """Within the block, each pass keeps its batches' graphs for the next.
+
+        What an analysis taking many products does through its operator
+        (:meth:`deqhess.operator.Operator.holding`; see :mod:`deqhess.models.held`):
+        a batch whose content recurs is taken from its graph, within what the cache's
+        budget (``cache_bytes``) leaves beside the warm starts; every graph is dropped at
+        the end of the block, or when the model's parameters or buffers change. Nested
+        blocks hold once.
+
+        Args:
+            products: the products the block will take at most (None: not known); the
+                DEQ layers of a graph kept for them choose their linear solver for that
+                many directions (a factorised ``I − J`` where it pays over them).
+
+        Yields:
+            Nothing: the products inside share graphs.
+        """
+        if self._held is not None:
+            yield
+            return
+        store = self._stream.store
+        self._held = HeldGraphs(max(store.budget - store.used, 0), self._state_digest(), products)
+        try:
+            yield
+        finally:
+            self._held = None
+
+    def _state_digest(self) -> tuple:
+        """What the model computes with besides its code, as a comparable token.
+
+        Returns:
+            The names and digest of the model's (and a module loss's) parameters and
+            buffers, bit for bit; each module's mode and the hooks it holds.
+        """
+        modules = [self.model] + ([self.loss] if isinstance(self.loss, nn.Module) else [])
+        named: list[tuple[str, Tensor]] = [(n, t) for m in modules for n, t in m.named_parameters()]
+        named += [(n, t) for m in modules for n, t in m.named_buffers()]
+        layout = tuple(
+            (id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+            for module in modules
+            for m in module.modules()
+        )
+        return tuple(n for n, _ in named), tensor_digests([t for _, t in named]), layout
 
     # ------------------------------------------------------------------ one pass
     @contextlib.contextmanager
@@ -220,6 +271,11 @@ class ModelPasses:
             Nothing: the pass runs inside.
         """
         check_modes(self.model, self._label)
+        if self._held is not None and self._held.used:
+            state_now = self._state_digest()
+            if state_now != self._held.state:  # the graphs kept are of another model
+                self._held.clear()
+                self._held.state = state_now
         state = StateGuard(self.model)
         with state.watching():
             try:
@@ -253,9 +309,21 @@ class ModelPasses:
         params = self._leaves()
 
         def form(batch: Batch, stored: StoredBatch | None) -> Formed:
+            held = self._held
+            found = None if held is None else held.get(part, batch.key)
+            if found is not None:
+                return found
+            formed = fresh(batch, stored)
+            if held is not None:
+                held.offer(part, batch.key, formed)
+            return formed
+
+        def fresh(batch: Batch, stored: StoredBatch | None) -> Formed:
             n = len(batch.hashes)
             warm = stored.warm if stored is not None else {}
-            graph, calls = self._graph(params, batch.x, batch.target, n, part, warm, directions)
+            # a graph kept for a held operator serves the products of every pass
+            hint = directions if self._held is None else self._held.expected(directions)
+            graph, calls = self._graph(params, batch.x, batch.target, n, part, warm, hint)
             keep = self._converged(batch, calls, n)
             if keep is None:
                 offers = () if stored is not None else (Offer(lambda: held_bytes(warm), warm=warm),)
@@ -264,7 +332,7 @@ class ModelPasses:
                 return Formed(None, 0, keep, n)
             x, target = restricted(batch.x, batch.target, keep, self.batch_dim)
             # cold: the same samples converge again
-            graph, calls = self._graph(params, x, target, len(keep), part, {}, directions)
+            graph, calls = self._graph(params, x, target, len(keep), part, {}, hint)
             if self._converged(batch, calls, len(keep)) is not None:
                 raise ConvergenceError(
                     f"{self._label}: rerun on its converged samples, a batch did not converge "

@@ -1,0 +1,213 @@
+"""Batch graphs kept from one pass for the next while an analysis holds a model's operator.
+
+The products inside a held block must be the products outside it (the same graph: equal
+to 1e-12 relative, the order of summation aside), each batch formed once per part, and
+a change of the model's parameters or buffers inside the block must be seen (the next
+product is the new model's: compared with a fresh operator of it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from models import Classifier
+from problems import relative_error
+from torch import nn
+
+import deqhess as dh
+from deqhess.batches import graph_bytes
+from deqhess.curvature import extreme_eigenpairs, hutchpp, solve_damped
+from deqhess.models import BatchGraph, held
+
+
+def _data(batches=3, size=4, m=3, k=2):
+    g = torch.Generator().manual_seed(2)
+    return [
+        (torch.randn(size, m, generator=g), torch.randn(size, k, generator=g))
+        for _ in range(batches)
+    ]
+
+
+class _Plain:
+    """The operator's products alone: nothing to hold (the reference)."""
+
+    symmetric = True
+
+    def __init__(self, op):
+        self.op, self.shape, self.dtype, self.device = op, op.shape, op.dtype, op.device
+
+    def matmat(self, block):
+        return self.op.matmat(block)
+
+
+def _count_formed(monkeypatch) -> list[str | None]:
+    formed: list[str | None] = []
+    original = BatchGraph.__init__
+
+    def counting(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        formed.append(self.part)
+
+    monkeypatch.setattr(BatchGraph, "__init__", counting)
+    return formed
+
+
+def test_an_analysis_forms_each_batch_once_and_finds_what_it_finds_unheld(monkeypatch):
+    """Lanczos, Hutch++ and MINRES on a model's operator: every batch's graph
+    formed on the first pass only (the analysis holds the operator), the results those of
+    the same products taken without holding."""
+    model = Classifier()
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    op = curvature.hessian_operator()
+    plain = _Plain(op)
+    expected = extreme_eigenpairs(plain, 2, progress=False)
+    trace = hutchpp(plain, num_hvps=12)
+    b = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0))
+    b = b.to(op.dtype)
+    solution = solve_damped(plain, b, damping=1.0, tol=1e-10, progress=False)
+    formed = _count_formed(monkeypatch)
+    got = extreme_eigenpairs(op, 2, progress=False)
+    assert formed == ["total"] * len(data)  # one pass forms; every other reuses
+    assert got.num_hvps == expected.num_hvps
+    assert relative_error(got.eigenvalues, expected.eigenvalues) <= 1e-12
+    formed.clear()
+    assert abs(hutchpp(op, num_hvps=12).estimate - trace.estimate) <= 1e-12 * abs(trace.estimate)
+    assert formed == ["total"] * len(data)
+    formed.clear()
+    held = solve_damped(op, b, damping=1.0, tol=1e-10, progress=False)
+    assert formed == ["total"] * len(data)
+    assert relative_error(held.solution, solution.solution) <= 1e-10
+    assert curvature._held is None  # dropped when the analysis ends
+
+
+def test_products_inside_a_block_follow_a_change_of_the_parameters(monkeypatch):
+    """Inside ``op.holding()``, a parameter written in place — also through ``.data``,
+    which no version counter sees — or a buffer changed makes the next product the new
+    model's, equal to a fresh operator's."""
+    model = Classifier()
+    model.register_buffer("shift", torch.zeros(()))
+    forward = model.forward
+    model.forward = lambda x: forward(x) + model.shift  # a buffer the output reads
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    op = curvature.hessian_operator()
+    v = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(1))
+    formed = _count_formed(monkeypatch)
+    writes = [
+        lambda: model.head.weight.data.mul_(1.5),
+        lambda: torch.nn.init.normal_(model.encoder.bias),
+        lambda: model.shift.fill_(0.7),
+    ]
+    with op.holding():
+        before = op @ v
+        assert relative_error(op @ v, before) <= 1e-12
+        assert formed == ["total"] * len(data)
+        for write in writes:
+            with torch.no_grad():
+                write()
+            fresh = dh.ModelCurvature(model, nn.MSELoss(), data).hessian_operator() @ v
+            assert relative_error(op @ v, fresh) <= 1e-12
+    assert curvature._held is None
+
+
+def test_nothing_is_held_without_room(monkeypatch):
+    """``cache_bytes=0`` (or no memory to spare) keeps no graph: every pass forms its
+    batches, the products unchanged."""
+    model = Classifier()
+    data = _data(batches=2)
+    v = torch.randn(46, 1)
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data, cache_bytes=0)
+    op = curvature.hessian_operator()
+    formed = _count_formed(monkeypatch)
+    with op.holding():
+        first, second = op @ v, op @ v
+    assert formed == ["total"] * 4
+    assert torch.equal(first, second)
+    formed.clear()
+    roomy = dh.ModelCurvature(model, nn.MSELoss(), data).hessian_operator()
+    monkeypatch.setattr(held, "budget_bytes", lambda device: 1.0)  # half a byte to spare
+    with roomy.holding():
+        roomy @ v, roomy @ v
+    assert formed == ["total"] * 4
+
+
+def test_a_graph_is_charged_what_its_tensors_hold():
+    """``graph_bytes`` counts the tensors a graph saved, each storage once: a loss through
+    a matrix product saves both factors."""
+    a = torch.randn(100, 50, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(50, 20, dtype=torch.float64, requires_grad=True)
+    loss = torch.tanh(a @ b).sum()
+    # a and b (saved by mm), tanh's output, and the loss itself
+    expected = (100 * 50 + 50 * 20 + 100 * 20 + 1) * 8
+    assert graph_bytes(loss) == expected
+    assert graph_bytes(loss, loss) == expected  # each storage once
+    assert graph_bytes(torch.ones(3, dtype=torch.float32)) == 3 * 4  # no graph: itself
+
+
+@pytest.mark.parametrize("part", ["total", "ggn"])
+def test_holding_is_per_part(monkeypatch, part):
+    """Graphs are kept per part: the GGN's graph does not serve the Hessian."""
+    model = Classifier()
+    data = _data(batches=2)
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    formed = _count_formed(monkeypatch)
+    op, other = (
+        curvature.hessian_operator(part),
+        curvature.hessian_operator("ggn" if part == "total" else "total"),
+    )
+    v = torch.randn(46, 1)
+    with op.holding():
+        op @ v, other @ v, op @ v, other @ v
+    assert sorted(formed) == sorted([part, "ggn" if part == "total" else "total"] * 2)
+
+
+def test_a_graph_kept_is_prepared_for_every_product_of_the_holder():
+    """The DEQ layers of a graph formed while holding are told to expect the holder's
+    products (their 'auto' solver factorises ``I − J`` where that pays over all of
+    them) — until a graph did not fit: then a graph serves its own pass alone."""
+    holder = held.HeldGraphs(budget=0, state=(), products=200)
+    assert holder.expected(10) == 200
+    assert holder.expected(None) == 200
+    assert held.HeldGraphs(budget=0, state=()).expected(10) == 10
+    assert held.HeldGraphs(budget=0, state=()).expected(None) is None
+    holder.full = True
+    assert holder.expected(10) == 10
+
+
+class _Scaled(nn.Module):
+    """The classifier's output, doubled in training mode (a deterministic branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Classifier()
+
+    def forward(self, x):
+        out = self.inner(x)
+        return 2 * out if self.training else out
+
+
+def test_a_mode_switched_or_a_hook_added_inside_a_block_is_seen():
+    """A module switched to training mode, or a forward hook registered, inside
+    ``op.holding()``: the next pass forms its batches again and finds another function
+    on the same samples — the ModelChangedError it is outside a block, not the kept
+    graph's products."""
+    data = _data()
+    for change in ("mode", "hook"):
+        model = _Scaled().eval()
+        for held_block in (False, True):
+            op = dh.ModelCurvature(model, nn.MSELoss(), data).hessian_operator()
+            v = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(3))
+            with op.holding() if held_block else contextlib.nullcontext():
+                op @ v, op @ v
+                if change == "mode":
+                    model.train()
+                else:
+                    handle = model.inner.head.register_forward_hook(lambda m, i, o: 3 * o)
+                with pytest.raises(dh.ModelChangedError, match="returned other values"):
+                    op @ v
+            model.eval()
+            if change == "hook":
+                handle.remove()
