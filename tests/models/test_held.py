@@ -211,3 +211,27 @@ def test_a_mode_switched_or_a_hook_added_inside_a_block_is_seen():
             model.eval()
             if change == "hook":
                 handle.remove()
+
+
+def test_only_analyses_of_several_products_hold(monkeypatch):
+    """Hutchinson, the diagonal and the operator's accuracy take one block product: they
+    keep nothing (holding would only cost memory); Hutch++ and Lanczos hold."""
+    from deqhess.curvature import diagonal, hutchinson, operator_accuracy
+
+    curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), _data(batches=2))
+    held_for: list[int | None] = []
+    original = type(curvature).holding
+
+    def recording(self, products=None):
+        held_for.append(products)
+        return original(self, products)
+
+    monkeypatch.setattr(type(curvature), "holding", recording)
+    op = curvature.hessian_operator()
+    hutchinson(op, num_probes=30)
+    diagonal(op, num_probes=30)
+    operator_accuracy(op, num_probes=2)
+    assert held_for == []
+    hutchpp(op, num_hvps=30)
+    extreme_eigenpairs(op, 1, progress=False)
+    assert len(held_for) == 2 and all(p is not None and p >= 6 for p in held_for)

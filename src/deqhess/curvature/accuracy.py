@@ -194,7 +194,7 @@ def operator_accuracy(
         raise InputError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
     g = torch.Generator().manual_seed(seed)
     probes = torch.randn(op.shape[0], num_probes, generator=g, dtype=torch.float64)
-    with Counted(op, num_probes, progress, "operator accuracy") as counted:
+    with Counted(op, num_probes, progress, "operator accuracy", hold=False) as counted:
         products = counted.matmat(probes.to(op.dtype).to(op.device)).double().cpu()
     norms = torch.linalg.vector_norm(probes, dim=0)
     scale = float((torch.linalg.vector_norm(products, dim=0) / norms).max())

@@ -144,21 +144,31 @@ class Counted(Operator):
 
     Used as a context manager by every analysis: inside, ``op`` is held
     (:meth:`deqhess.operator.Operator.holding`: a model's operator keeps each batch's
-    graph from one product to the next); leaving it closes the bar.
+    graph from one product to the next) when the analysis takes more than one;
+    leaving it closes the bar.
 
     Args:
         op: the operator.
         total: expected number of products, for the bar (None: unknown).
         progress: show a bar (None: only on a terminal).
         desc: the bar's label.
+        hold: hold ``op`` inside the block (False for an analysis of one block product:
+            nothing would be taken from what is kept).
     """
 
-    def __init__(self, op: SymmetricOperator, total: int | None, progress: bool | None, desc: str):
+    def __init__(
+        self,
+        op: SymmetricOperator,
+        total: int | None,
+        progress: bool | None,
+        desc: str,
+        hold: bool = True,
+    ) -> None:
         self.op = op
         self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
         self.symmetric = getattr(op, "symmetric", True)  # analyses take symmetric operators
         self.streamed = getattr(op, "streamed", False)
-        self.products, self.total = 0, total
+        self.products, self.total, self.hold = 0, total, hold
         self._held = contextlib.ExitStack()
         self.bar = tqdm(
             total=total,
@@ -193,7 +203,8 @@ class Counted(Operator):
         return out
 
     def __enter__(self) -> Counted:
-        self._held.enter_context(holding(self.op, self.total))
+        if self.hold:
+            self._held.enter_context(holding(self.op, self.total))
         return self
 
     def __exit__(self, *exc: object) -> None:

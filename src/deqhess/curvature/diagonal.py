@@ -93,7 +93,7 @@ def diagonal(
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
     g = torch.Generator().manual_seed(seed)
     z = rademacher(op.shape[0], num_probes, g, op)
-    with Counted(op, num_probes, progress, "diagonal") as counted:
+    with Counted(op, num_probes, progress, "diagonal", hold=False) as counted:
         samples = z * counted.matmat(z)
     return DiagonalResult(
         estimate=samples.mean(1),

@@ -92,7 +92,7 @@ def hutchinson(
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
     g = torch.Generator().manual_seed(seed)
     z = rademacher(op.shape[0], num_probes, g, op)
-    with Counted(op, num_probes, progress, "Hutchinson") as counted:
+    with Counted(op, num_probes, progress, "Hutchinson", hold=False) as counted:
         samples = (z * counted.matmat(z)).sum(0)
     return TraceResult(
         estimate=float(samples.mean()),
