@@ -235,3 +235,84 @@ def test_only_analyses_of_several_products_hold(monkeypatch):
     hutchpp(op, num_hvps=30)
     extreme_eigenpairs(op, 1, progress=False)
     assert len(held_for) == 2 and all(p is not None and p >= 6 for p in held_for)
+
+
+def test_a_loss_weight_changed_and_restored_inside_a_block_is_seen():
+    """A module loss's buffer set to another value and back inside ``op.holding()``:
+    each product is the loss's as it is then (the state is compared with the last
+    pass's, not the block's start)."""
+    torch.manual_seed(4)
+    model = Classifier(k=3)
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(4, 3, generator=g), torch.randint(0, 3, (4,), generator=g))
+            for _ in range(2)]  # fmt: skip
+    w0, w1 = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.2, 1.0, 3.0])
+    loss = nn.CrossEntropyLoss(weight=w0.clone())
+    op = dh.ModelCurvature(model, loss, data).hessian_operator()
+    v = torch.randn(op.shape[0], 2, generator=g)
+
+    def fresh(weight):
+        return (
+            dh.ModelCurvature(model, nn.CrossEntropyLoss(weight=weight), data).hessian_operator()
+            @ v
+        )
+
+    with op.holding():
+        for weight in (w1, w0, w1):
+            loss.weight.copy_(weight)
+            assert relative_error(op @ v, fresh(weight)) <= 1e-12
+
+
+class _Counting(nn.Module):
+    """A classifier whose output grows with every call: another function each time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.calls = Classifier(), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x) * (1 + 0.5 * self.calls)
+
+
+def test_a_forward_changing_its_own_state_is_refused_inside_an_analysis():
+    """A kept graph's first reuse runs the model forward once more: a model that is
+    another function on every call is refused as it is without holding."""
+    op = dh.ModelCurvature(_Counting(), nn.MSELoss(), _data()).hessian_operator()
+    with pytest.raises(dh.ModelChangedError, match="returned other values"):
+        extreme_eigenpairs(op, 2, progress=False, dense_below=0)
+
+
+def test_a_batch_written_and_restored_inside_a_block_is_formed_again(monkeypatch):
+    """The input written in place and back (the same content, a moved version): its
+    graph, which saved it, is formed again rather than differentiated stale."""
+    data = _data(batches=2)
+    curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), data)
+    op = curvature.hessian_operator()
+    v = torch.randn(op.shape[0], 1)
+    formed = _count_formed(monkeypatch)
+    with op.holding():
+        first = op @ v
+        data[0][0].mul_(2).div_(2)
+        assert relative_error(op @ v, first) <= 1e-12
+    assert formed == ["total"] * 3  # batch 0 again, batch 1 kept
+
+
+def test_keeping_stops_when_the_batches_do_not_recur():
+    """A shuffling loader regroups the samples every pass: once a pass found none of the
+    graphs kept, nothing more is kept (no memory spent for nothing); products unchanged."""
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(12, 3, generator=g), torch.randn(12, 2, generator=g)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True,
+        generator=torch.Generator().manual_seed(7),
+    )  # fmt: skip
+    model = Classifier()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), loader)
+    op = curvature.hessian_operator()
+    v = torch.randn(op.shape[0], 1)
+    expected = dh.ModelCurvature(model, nn.MSELoss(), [(x, y)]).hessian_operator()
+    with op.holding():
+        for _ in range(4):
+            assert relative_error(op @ v, expected @ v) <= 1e-10
+        assert curvature._held.used == 0 and curvature._held.full

@@ -456,3 +456,35 @@ def test_a_loss_without_a_graph_has_zero_derivatives_and_a_detached_one_warns():
     curvature = dh.ModelCurvature(frozen, mse, data)
     assert float(curvature.hessian().abs().max()) == 0
     assert float(curvature.grad()["extra.weight"].abs().max()) == 0
+
+
+def test_two_threads_taking_products_take_turns():
+    """Two threads taking products of one ModelCurvature at once: each pass runs alone
+    (a pass swaps the model's parameters for its leaves), so both get the exact products
+    and the model keeps its parameters, in order and as parameters."""
+    import threading
+
+    model = Classifier()
+    data = _data(sizes=(3, 3))
+    names = [n for n, _ in model.named_parameters()]
+    op = dh.ModelCurvature(model, nn.MSELoss(), data).hessian_operator()
+    v = torch.randn(op.shape[0], 4)
+    expected = Reference(unrolled_twin(model), nn.MSELoss(), data, names).total() @ v
+    results, errors = {}, []
+
+    def work(name):
+        try:
+            results[name] = [op @ v[:, i : i + 1] for i in range(4)]
+        except Exception as error:
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for columns in results.values():
+        assert relative_error(torch.cat(columns, 1), expected) <= TOL
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())

@@ -52,7 +52,7 @@ from .arguments import (
     deq_layers,
     floating_leaves,
 )
-from .dense import Blocks, batch_dense, run_block
+from .dense import CPU_DENSE_BLOCK, Blocks, batch_dense, run_block
 from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo, assembly
 from .modes import check_second_order
@@ -283,7 +283,10 @@ class ModelCurvature(ModelPasses):
             "Use the operator's products (hessian_operator(part) with the analyses of "
             "deqhess.curvature), or fewer parameters (theta=...).",
         )  # fmt: skip
-        blocks = Blocks(self.chunk_size, reserved=3.0 * p * p * itemsize,
+        limit = self.chunk_size
+        if not self._chunk_chosen and self.layout.device.type == "cpu":
+            limit = min(limit, CPU_DENSE_BLOCK)
+        blocks = Blocks(limit, reserved=3.0 * p * p * itemsize,
                         per_direction=self._blocks.per_direction)  # fmt: skip
         routes: set[str] = set()
         quiet = None if self._stream.progress is None else not self._stream.progress

@@ -38,11 +38,19 @@ from ..memory import PeakMemory, budget_bytes
 from .graph import BatchGraph, one_hot_rows
 from .symmetric import SymmetricProduct, UpperRows, curvature_times, loss_factor
 
-__all__ = ["PROBE", "Blocks", "batch_dense", "run_block", "uses_jacobians"]
+__all__ = ["CPU_DENSE_BLOCK", "PROBE", "Blocks", "batch_dense", "run_block", "uses_jacobians"]
 
 #: the most directions of the first block, whose memory is measured (a wider first block
 #: could already exhaust memory: 394 directions of an MDEQ batch needed ~13 GB).
 PROBE = 16
+
+#: the widest block of a dense form's rows on the CPU, unless ``chunk_size`` says otherwise:
+#: past about 50 rows a block's own cost is a few percent, and wider blocks only make the
+#: process map and fault in fresh pages (the tanh classifier of
+#: ``benchmarks/vs_curvlinops.py``, four batches: 0.56 s in blocks of 256, 0.63 s in the
+#: 1,086 its memory allowed, the same user time — 0.08 s more system time, 55,000 page
+#: faults against 4,000; the conv model and a wider tanh model, flat from 64 to 512)
+CPU_DENSE_BLOCK = 256
 
 #: parameters with fewer rows than this share a block of a dense form with the next such
 #: (a block costs about as much as 30 rows besides its rows: 6 ms against 0.14 ms a row

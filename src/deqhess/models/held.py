@@ -11,16 +11,27 @@ is not formed again but taken from the graph its first pass left, within the cac
 budget. The graph is the same function of the directions, so the products are the same
 numbers (to the order of summation).
 
-What is kept is checked on every pass: the batch by its content (its key), the model by
-the digest of its parameters and buffers (and a module loss's), its modules' modes and
-hooks (a change drops every graph kept); a model that reads other state (a plain tensor
-attribute, a global) is taken to keep it while the operator is held — nothing the
-analyses run between products changes it.
+What is kept is checked on every pass: the batch by its content (its key) and the
+versions of its tensors (written in place and back: formed again), the model by the
+digest of its parameters and buffers (and a module loss's), its modules' modes and
+hooks (any change since the last pass drops every graph kept). The first time a kept
+graph serves again, the model is run forward once more on its batch and its output
+checked against the first pass's, as every pass checks a batch it forms: a forward
+that changes its own state on every call is refused as it is without holding. A model
+that reads other state (a plain tensor attribute, a global) is taken to keep it while
+the operator is held — nothing the analyses run between products changes it. When a
+pass finds none of the graphs the passes before it kept (a shuffling loader regroups
+the samples), keeping stops for the rest of the block.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from ..batches import graph_bytes
 from ..memory import budget_bytes
@@ -34,6 +45,16 @@ __all__ = ["MARGIN", "HeldGraphs"]
 #: graphs of ``benchmarks/curvature_models.py``'s tanh and conv models, against the same
 #: graphs dropped)
 MARGIN = 1.5
+
+
+@dataclass
+class _Kept:
+    """One kept batch: as formed, what it is charged, its tensors' versions then."""
+
+    formed: Formed
+    nbytes: int
+    versions: list[tuple[Tensor, int]]
+    verified: bool = False
 
 
 class HeldGraphs:
@@ -53,13 +74,36 @@ class HeldGraphs:
     def __init__(self, budget: int, state: tuple, products: int | None = None) -> None:
         self.budget, self.state, self.products = budget, state, products
         self.used = 0
-        self.full = False  # a graph was not kept for want of room
-        self._formed: dict[tuple[str | None, str], Formed] = {}
+        self.full = False  # a graph was not kept for want of room, or keeping stopped
+        self._kept: dict[tuple[str | None, str], _Kept] = {}
+        self._part: str | None = None  # the part of the pass under way
+        self._hits = 0  # graphs it served again
+        self._kept_before = False  # graphs of its part were kept before it
+
+    def new_pass(self, part: str | None, state: tuple) -> None:
+        """A pass for ``part`` begins with the model in ``state``.
+
+        A state other than the last pass's drops every graph kept. So does a pass of
+        the same part before it that found none of the graphs kept before it (their
+        batches did not recur: a shuffling loader), and then nothing more is kept.
+
+        Args:
+            part: the part the pass forms its batches for.
+            state: the model's state token now.
+        """
+        if state != self.state:
+            self.clear()
+            self.state = state
+        elif part == self._part and self._kept_before and not self._hits:
+            self.clear()
+            self.full = True
+        self._part, self._hits = part, 0
+        self._kept_before = any(kept_part == part for kept_part, _ in self._kept)
 
     def expected(self, directions: int | None) -> int | None:
         """The directions a graph formed now will see: all the holder's products.
 
-        Once a graph did not fit (:attr:`full`), only the pass's own.
+        Once a graph is no longer kept (:attr:`full`), only the pass's own.
 
         Args:
             directions: those of the pass forming it (None: not known).
@@ -72,11 +116,33 @@ class HeldGraphs:
         known = [d for d in (directions, self.products) if d is not None]
         return max(known) if known else None
 
-    def get(self, part: str | None, key: str) -> Formed | None:
-        """The batch with content ``key`` as formed for ``part``, if kept."""
-        return self._formed.get((part, key)) if key else None
+    def get(self, part: str | None, key: str, verify: Callable[[Formed], Any]) -> Formed | None:
+        """The batch with content ``key`` as formed for ``part``, if kept and unwritten.
 
-    def offer(self, part: str | None, key: str, formed: Formed) -> None:
+        Args:
+            part: the part asked for.
+            key: the batch's content key.
+            verify: ``formed ↦`` the model's output on the kept batch now, run the first
+                time it serves again (returned as the formed batch's response, for the
+                pass to check against the first pass's).
+
+        Returns:
+            The kept batch (with the response to check, the first time), or None: not
+            kept, or a tensor it saved was written since (dropped; form it again).
+        """
+        kept = self._kept.get((part, key)) if key else None
+        if kept is None:
+            return None
+        if any(t._version != version for t, version in kept.versions):
+            self._drop((part, key))
+            return None
+        self._hits += 1
+        if kept.verified:
+            return kept.formed
+        kept.verified = True
+        return replace(kept.formed, response=verify(kept.formed))
+
+    def offer(self, part: str | None, key: str, formed: Formed, batch: Any) -> None:
         """Keep ``formed`` for the next pass, if its graph fits in what the budget leaves.
 
         What is kept is the formed batch without what only a first formation carries:
@@ -87,9 +153,12 @@ class HeldGraphs:
             part: the part its graph was formed for.
             key: the batch's content key (empty: not kept).
             formed: the formed batch; its term a :class:`~deqhess.models.graph.BatchGraph`.
+            batch: the batch's ``(x, target)``, whose tensors' versions are kept with it.
         """
         graph = formed.term
-        if not key or not isinstance(graph, BatchGraph) or (part, key) in self._formed:
+        if self.full or not key or not isinstance(graph, BatchGraph):
+            return
+        if (part, key) in self._kept:
             return
         nbytes = int(MARGIN * graph_bytes(*graph.roots()))
         available = budget_bytes(graph.params[0].device)
@@ -97,10 +166,15 @@ class HeldGraphs:
         if self.used + nbytes > room:
             self.full = True
             return
-        self._formed[(part, key)] = replace(formed, response=None, offers=(), coupled=None)
+        versions = [(t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+        kept = replace(formed, response=None, offers=(), coupled=None)
+        self._kept[(part, key)] = _Kept(kept, nbytes, versions)
         self.used += nbytes
+
+    def _drop(self, where: tuple[str | None, str]) -> None:
+        self.used -= self._kept.pop(where).nbytes
 
     def clear(self) -> None:
         """Drop every kept graph."""
-        self._formed.clear()
+        self._kept.clear()
         self.used, self.full = 0, False

@@ -24,6 +24,7 @@ from ..chunks import default_chunk_size
 from ..deprecation import renamed
 from ..errors import ConvergenceError, InputError
 from ..nn import DEQ, LayerCall, layer_calls
+from ..nn.reparametrize import functional_call
 from ..options import integer
 from ..parameters import ParameterLayout
 from ..streaming import (
@@ -117,6 +118,7 @@ class ModelPasses:
             if chunk_size is None
             else integer(chunk_size, "chunk_size", minimum=1)
         )
+        self._chunk_chosen = chunk_size is not None
         self.backward = BlockBackward(backward)
         if backward == "batched" and deq_layers(model):
             raise InputError(
@@ -271,11 +273,6 @@ class ModelPasses:
             Nothing: the pass runs inside.
         """
         check_modes(self.model, self._label)
-        if self._held is not None and self._held.used:
-            state_now = self._state_digest()
-            if state_now != self._held.state:  # the graphs kept are of another model
-                self._held.clear()
-                self._held.state = state_now
         state = StateGuard(self.model)
         with state.watching():
             try:
@@ -307,15 +304,24 @@ class ModelPasses:
             graph, samples and kept indices; no graph when no sample converged.
         """
         params = self._leaves()
+        begun: list[bool] = []
 
         def form(batch: Batch, stored: StoredBatch | None) -> Formed:
             held = self._held
-            found = None if held is None else held.get(part, batch.key)
+            if held is None:
+                return fresh(batch, stored)
+            if not begun:  # the pass's first batch: what was kept is of this model, or dropped
+                begun.append(True)
+                held.new_pass(part, self._state_digest())
+
+            def verify(kept: Formed) -> Any:
+                return self._response(params, batch, stored, kept.kept)
+
+            found = held.get(part, batch.key, verify)
             if found is not None:
                 return found
             formed = fresh(batch, stored)
-            if held is not None:
-                held.offer(part, batch.key, formed)
+            held.offer(part, batch.key, formed, (batch.x, batch.target))
             return formed
 
         def fresh(batch: Batch, stored: StoredBatch | None) -> Formed:
@@ -341,6 +347,32 @@ class ModelPasses:
             return self._formed(graph, calls, len(keep), keep, n - len(keep), ())
 
         return form
+
+    def _response(
+        self, params: dict[str, Tensor], batch: Batch, stored: StoredBatch | None,
+        keep: Tensor | None,
+    ) -> Any:  # fmt: skip
+        """The model's output on a batch (its kept samples), run forward without a graph.
+
+        What a kept graph's first reuse checks against the first pass's output (see
+        :mod:`deqhess.models.held`): the DEQ layers start from the batch's stored fixed
+        points.
+
+        Args:
+            params: the chosen parameters' leaves.
+            batch: the batch.
+            stored: what the store holds of it (its warm starts).
+            keep: the kept samples' indices (None: all).
+
+        Returns:
+            The output, as the formed batch's response.
+        """
+        x, target = batch.x, batch.target
+        if keep is not None:
+            x, target = restricted(x, target, keep, self.batch_dim)
+        warm = stored.warm if stored is not None and keep is None else {}
+        with torch.no_grad(), layer_calls(warm=warm, keep_best=True):
+            return functional_call(self.model, params, (x,), watch_rebinds=True)
 
     def _formed(
         self,

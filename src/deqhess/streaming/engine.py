@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..batches import Batches
 from ..errors import DeqhessError, InputError, ModelChangedError, add_note
+from ..locking import ENGINE_LOCK
 from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart, unmatched_target
 from .notices import summarised
 from .randomness import Draws, LoaderStream
@@ -245,6 +246,16 @@ class Stream:
             loader's draws continue in a stream of their own,
             :class:`~deqhess.streaming.randomness.LoaderStream`).
         """
+        with ENGINE_LOCK:  # one pass at a time: a pass swaps the model's parameters
+            return self._run(form, compute, empty, desc)
+
+    def _run(
+        self,
+        form: Callable[[Batch, StoredBatch | None], Formed | None],
+        compute: Callable[[Any], Value | Addend | None],
+        empty: Callable[[], Value] | None,
+        desc: str | None,
+    ) -> Value | None:
         self._restart_if_changed()
 
         def local() -> tuple[Value | None, int]:
