@@ -480,3 +480,41 @@ def test_a_forward_resetting_a_buffer_to_the_same_bits_is_accepted_and_left_as_i
     want = dh.ModelCurvature(plain, nn.MSELoss(), data, progress=False).hessian()
     assert torch.equal(got, want)
     assert model[1].mask is mask and torch.equal(mask, torch.ones(2, dtype=torch.float64))
+
+
+def test_a_parameter_gone_since_construction_is_named():
+    """A parametrization registered (or weights tied) after the operator was built: the
+    parameter it was built on is gone, a ModelChangedError naming it (not a KeyError)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return 0.5 * (w + w.T)
+
+    model = Classifier(n=4)
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), _data())
+    op = curvature.hessian_operator()
+    v = torch.randn(op.shape[0], 1)
+    op @ v
+    parametrize.register_parametrization(model.deq0.cell, "W", Symmetric())
+    with pytest.raises(dh.ModelChangedError, match=r"\['deq0.cell.W'\], which it no longer"):
+        op @ v
+
+
+def test_a_loss_reading_a_parameter_itself_is_refused():
+    """A loss term from a closure over ``model.p``: the derivatives are taken in the
+    parameters the forward sees, so that term's would be missing — refused by name."""
+    model = Classifier()
+    model.scale = nn.Parameter(torch.tensor(0.7))
+    mse = nn.MSELoss()
+
+    def loss(output, target):
+        return mse(output, target) + 0.1 * model.scale**3
+
+    with pytest.raises(dh.InputError, match=r"reads the parameters \['scale'\] themselves"):
+        dh.ModelCurvature(model, loss, _data()).grad()
+    # the parameter left out of theta: a constant of the analysis, fine
+    names = [n for n, _ in model.named_parameters() if n != "scale"]
+    reference = Reference(unrolled_twin(model), mse, _data(), names)
+    curvature = dh.ModelCurvature(model, loss, _data(), theta=names)
+    assert relative_error(curvature.hessian(), reference.total()) <= 1e-9

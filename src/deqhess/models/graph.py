@@ -42,7 +42,7 @@ from ..nn.reparametrize import functional_call
 from ..parameters import ParameterLayout
 from .backward import BlockBackward
 
-__all__ = ["BatchGraph", "one_hot_rows"]
+__all__ = ["BatchGraph", "leaves_reached", "one_hot_rows"]
 
 LossFunc = Callable[[Tensor, Any], Tensor]
 
@@ -122,6 +122,30 @@ def _output_leaves(output: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], 
         return tree_unflatten(new, spec)
 
     return [leaves[i] for i in where], rebuild
+
+
+def leaves_reached(value: Tensor) -> list[Tensor]:
+    """The leaf tensors ``value``'s graph accumulates gradients into.
+
+    Args:
+        value: a tensor of a graph.
+
+    Returns:
+        Every leaf with ``requires_grad`` that a backward from ``value`` would reach.
+    """
+    nodes: list[Any] = [value.grad_fn]
+    seen: set[int] = set()
+    found: list[Tensor] = []
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node
+        if isinstance(variable, Tensor):
+            found.append(variable)
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def one_hot_rows(start: int, stop: int, width: int, like: Tensor) -> Tensor:

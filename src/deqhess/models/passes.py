@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..batches import held_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import renamed
-from ..errors import ConvergenceError, InputError
+from ..errors import ConvergenceError, InputError, ModelChangedError
 from ..nn import DEQ, LayerCall, layer_calls
 from ..nn.reparametrize import functional_call
 from ..options import integer
@@ -49,7 +49,7 @@ from .arguments import (
 )
 from .backward import BlockBackward
 from .dense import Blocks
-from .graph import BatchGraph, LossFunc
+from .graph import BatchGraph, LossFunc, leaves_reached
 from .held import HeldGraphs
 from .info import CurvatureInfo
 from .modes import StateGuard, check_modes
@@ -151,6 +151,15 @@ class ModelPasses:
     # ------------------------------------------------------------------ set-up seams
     def _values(self) -> list[Tensor]:
         named = dict(self.model.named_parameters())
+        missing = [n for n in self.names if n not in named]
+        if missing:
+            raise ModelChangedError(
+                f"{self._label} was built on the model's parameters {missing[:4]}"
+                f"{' …' if len(missing) > 4 else ''}, which it no longer has (a "
+                "parametrization registered, weights tied or a module replaced since): its "
+                "operators are of the model as it was. Build a new "
+                f"{self._label} for the model as it is now."
+            )
         return [named[n].detach() for n in self.names]
 
     def _agree(self) -> None:
@@ -387,11 +396,40 @@ class ModelPasses:
         rtol = max((call.info.tolerance.rtol for call in calls), default=0.0)
         self._widest_batch = max(self._widest_batch, samples)
         first = self._stream.record is None  # the first pass checks how the loss groups
+        if first:
+            self._check_parameters_read(graph)
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
             tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
             coupled=self._coupled(graph, samples) if first else None,
         )  # fmt: skip
+
+    def _check_parameters_read(self, graph: BatchGraph) -> None:
+        """Refuse a loss (or model) that reads a chosen parameter itself.
+
+        A pass evaluates the model with each chosen parameter replaced by a leaf of its
+        own (the derivatives are taken in those); a loss that reads ``model.p`` from a
+        closure, or a module holding another's parameter as a plain attribute, reads the
+        parameter itself, whose part of the derivatives would be missing (zero).
+
+        Args:
+            graph: the batch's graph (its loss).
+
+        Raises:
+            InputError: naming the parameters read so.
+        """
+        real = dict(self.model.named_parameters())
+        reached = {id(t) for t in leaves_reached(graph.loss)}
+        read = [n for n in self.names if id(real[n]) in reached]
+        if read:
+            raise InputError(
+                f"the loss (or the model's forward) reads the parameters {read[:4]} "
+                "themselves, not through the model's forward call: the derivatives are "
+                "taken in the parameters as the forward sees them, so those terms would be "
+                "missing (zero) from the gradient and the curvature. Compute the term in "
+                "the model's forward (return it with the output, e.g. as a tuple the loss "
+                "takes apart), not from a closure over model.<name>."
+            )
 
     def _coupled(self, graph: BatchGraph, samples: int) -> bool | None:
         """Whether the batch's loss is not the plain mean (or sum) of its samples' own.
