@@ -30,21 +30,44 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..batches import graph_bytes
 from ..memory import budget_bytes
 from ..streaming import Formed
+from ..streaming.fingerprint import tensor_digests
 from .graph import BatchGraph
 
-__all__ = ["MARGIN", "HeldGraphs"]
+__all__ = ["MARGIN", "HeldGraphs", "state_token"]
 
 #: what a kept graph is charged, over :func:`deqhess.batches.graph_bytes`' count of its
 #: tensors: the process grew by 1.04–1.16 times that count for each graph kept (16 batch
 #: graphs of ``benchmarks/curvature_models.py``'s tanh and conv models, against the same
 #: graphs dropped)
 MARGIN = 1.5
+
+
+def state_token(model: nn.Module, loss: Any) -> tuple:
+    """What a model computes with besides its code, as a comparable token.
+
+    Args:
+        model: the model.
+        loss: its loss (a module's parameters and buffers count too).
+
+    Returns:
+        The names and digest of the model's (and a module loss's) parameters and
+        buffers, bit for bit; each module's mode and the hooks it holds.
+    """
+    modules = [model] + ([loss] if isinstance(loss, nn.Module) else [])
+    named: list[tuple[str, Tensor]] = [(n, t) for m in modules for n, t in m.named_parameters()]
+    named += [(n, t) for m in modules for n, t in m.named_buffers()]
+    layout = tuple(
+        (id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        for module in modules
+        for m in module.modules()
+    )
+    return tuple(n for n, _ in named), tensor_digests([t for _, t in named]), layout
 
 
 @dataclass

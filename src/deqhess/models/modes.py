@@ -6,6 +6,8 @@ numbers or uses (and updates) batch statistics in its current mode (:func:`check
 naming each such module), and nothing in the forward that writes the model's parameters
 or buffers (:class:`StateGuard`, checked after each pass). deqhess never switches the user's
 modules to ``eval()`` itself: that would change the model it was given.
+:func:`check_parameters_read` checks, on the first pass, that the loss reads the chosen
+parameters only through the model's forward (where the derivatives are taken).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from ..nn.contract import check_parametrize_cache, training_hazard
 from ..nn.reparametrize import Rebind, rebinds_recorded, same_bits
 from ..nn.second_order import wrong_double_backward
 from ..streaming.fingerprint import tensor_digests
+from .graph import leaves_reached
 
-__all__ = ["StateGuard", "check_modes", "check_second_order"]
+__all__ = ["StateGuard", "check_modes", "check_parameters_read", "check_second_order"]
 
 
 def check_modes(model: nn.Module, label: str) -> None:
@@ -55,6 +58,36 @@ def check_modes(model: nn.Module, label: str) -> None:
         "after it, to resume training); deqhess does not switch modes itself, since that "
         "would change your model."
     )
+
+
+def check_parameters_read(model: nn.Module, names: Sequence[str], loss: Tensor) -> None:
+    """Refuse a loss (or model) that reads a chosen parameter itself.
+
+    A pass evaluates the model with each chosen parameter replaced by a leaf of its own
+    (the derivatives are taken in those); a loss that reads ``model.p`` from a closure,
+    or a module holding another's parameter as a plain attribute, reads the parameter
+    itself, whose part of the derivatives would be missing (zero).
+
+    Args:
+        model: the user's model.
+        names: the chosen parameters' names.
+        loss: a batch's loss, with its graph.
+
+    Raises:
+        InputError: naming the parameters read so.
+    """
+    real = dict(model.named_parameters())
+    reached = {id(t) for t in leaves_reached(loss)}
+    read = [n for n in names if id(real[n]) in reached]
+    if read:
+        raise InputError(
+            f"the loss (or the model's forward) reads the parameters {read[:4]} "
+            "themselves, not through the model's forward call: the derivatives are taken "
+            "in the parameters as the forward sees them, so those terms would be missing "
+            "(zero) from the gradient and the curvature. Compute the term in the model's "
+            "forward (return it with the output, e.g. as a tuple the loss takes apart), "
+            "not from a closure over model.<name>."
+        )
 
 
 def check_second_order(model: nn.Module, what: str, chosen: Sequence[str]) -> None:

@@ -38,7 +38,6 @@ from ..streaming import (
     check_reduction,
     response_tolerance,
 )
-from ..streaming.fingerprint import tensor_digests
 from .arguments import (
     chosen_names,
     deq_layers,
@@ -49,10 +48,10 @@ from .arguments import (
 )
 from .backward import BlockBackward
 from .dense import Blocks
-from .graph import BatchGraph, LossFunc, leaves_reached
-from .held import HeldGraphs
+from .graph import BatchGraph, LossFunc
+from .held import HeldGraphs, state_token
 from .info import CurvatureInfo
-from .modes import StateGuard, check_modes
+from .modes import StateGuard, check_modes, check_parameters_read
 from .per_sample import sample_loss_values
 
 __all__ = ["ModelPasses"]
@@ -228,8 +227,8 @@ class ModelPasses:
         (:meth:`deqhess.operator.Operator.holding`; see :mod:`deqhess.models.held`):
         a batch whose content recurs is taken from its graph, within what the cache's
         budget (``cache_bytes``) leaves beside the warm starts; every graph is dropped at
-        the end of the block, or when the model's parameters or buffers change. Nested
-        blocks hold once.
+        the end of the block, or when the model's (or a module loss's) parameters,
+        buffers, modes or hooks change. Nested blocks hold once.
 
         Args:
             products: the products the block will take at most (None: not known); the
@@ -243,28 +242,13 @@ class ModelPasses:
             yield
             return
         store = self._stream.store
-        self._held = HeldGraphs(max(store.budget - store.used, 0), self._state_digest(), products)
+        self._held = HeldGraphs(
+            max(store.budget - store.used, 0), state_token(self.model, self.loss), products
+        )
         try:
             yield
         finally:
             self._held = None
-
-    def _state_digest(self) -> tuple:
-        """What the model computes with besides its code, as a comparable token.
-
-        Returns:
-            The names and digest of the model's (and a module loss's) parameters and
-            buffers, bit for bit; each module's mode and the hooks it holds.
-        """
-        modules = [self.model] + ([self.loss] if isinstance(self.loss, nn.Module) else [])
-        named: list[tuple[str, Tensor]] = [(n, t) for m in modules for n, t in m.named_parameters()]
-        named += [(n, t) for m in modules for n, t in m.named_buffers()]
-        layout = tuple(
-            (id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
-            for module in modules
-            for m in module.modules()
-        )
-        return tuple(n for n, _ in named), tensor_digests([t for _, t in named]), layout
 
     # ------------------------------------------------------------------ one pass
     @contextlib.contextmanager
@@ -321,7 +305,7 @@ class ModelPasses:
                 return fresh(batch, stored)
             if not begun:  # the pass's first batch: what was kept is of this model, or dropped
                 begun.append(True)
-                held.new_pass(part, self._state_digest())
+                held.new_pass(part, state_token(self.model, self.loss))
 
             def verify(kept: Formed) -> Any:
                 return self._response(params, batch, stored, kept.kept)
@@ -397,39 +381,12 @@ class ModelPasses:
         self._widest_batch = max(self._widest_batch, samples)
         first = self._stream.record is None  # the first pass checks how the loss groups
         if first:
-            self._check_parameters_read(graph)
+            check_parameters_read(self.model, self.names, graph.loss)
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
             tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
             coupled=self._coupled(graph, samples) if first else None,
         )  # fmt: skip
-
-    def _check_parameters_read(self, graph: BatchGraph) -> None:
-        """Refuse a loss (or model) that reads a chosen parameter itself.
-
-        A pass evaluates the model with each chosen parameter replaced by a leaf of its
-        own (the derivatives are taken in those); a loss that reads ``model.p`` from a
-        closure, or a module holding another's parameter as a plain attribute, reads the
-        parameter itself, whose part of the derivatives would be missing (zero).
-
-        Args:
-            graph: the batch's graph (its loss).
-
-        Raises:
-            InputError: naming the parameters read so.
-        """
-        real = dict(self.model.named_parameters())
-        reached = {id(t) for t in leaves_reached(graph.loss)}
-        read = [n for n in self.names if id(real[n]) in reached]
-        if read:
-            raise InputError(
-                f"the loss (or the model's forward) reads the parameters {read[:4]} "
-                "themselves, not through the model's forward call: the derivatives are "
-                "taken in the parameters as the forward sees them, so those terms would be "
-                "missing (zero) from the gradient and the curvature. Compute the term in "
-                "the model's forward (return it with the output, e.g. as a tuple the loss "
-                "takes apart), not from a closure over model.<name>."
-            )
 
     def _coupled(self, graph: BatchGraph, samples: int) -> bool | None:
         """Whether the batch's loss is not the plain mean (or sum) of its samples' own.
