@@ -24,15 +24,42 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
 
-__all__ = ["ENGINE_LOCK", "autocast_off", "engine", "serialized"]
+__all__ = ["ENGINE_LOCK", "autocast_off", "engine", "lock_of", "serialized"]
 
 #: held while a derivative is computed; re-entrant, so nested calls do not deadlock.
 ENGINE_LOCK = threading.RLock()
+
+
+#: one re-entrant lock per object that asked for one (:func:`lock_of`), while it lives
+_OBJECT_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OBJECT_LOCKS_GUARD = threading.Lock()
+
+
+def lock_of(obj: object) -> threading.RLock:
+    """A re-entrant lock of ``obj``'s own: the same lock for the same object.
+
+    What a pass over a model holds (it swaps the model's parameters for leaves of its
+    own while it runs): two threads' passes over one model take turns, while the
+    engine's lock stays free for what the model's forward runs in other threads (a thread
+    pool, a loader's producer).
+
+    Args:
+        obj: a weakly referable object (a module).
+
+    Returns:
+        Its lock.
+    """
+    with _OBJECT_LOCKS_GUARD:
+        lock = _OBJECT_LOCKS.get(obj)
+        if lock is None:
+            lock = _OBJECT_LOCKS[obj] = threading.RLock()
+        return lock
 
 
 #: device types whose autocast the engine turns off inside

@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from models import Classifier
+from models import Classifier, Reference, unrolled_twin
 from problems import relative_error
 from torch import nn
 
@@ -316,3 +316,104 @@ def test_keeping_stops_when_the_batches_do_not_recur():
         for _ in range(4):
             assert relative_error(op @ v, expected @ v) <= 1e-10
         assert curvature._held.used == 0 and curvature._held.full
+
+
+_GLOBAL_WEIGHT = torch.ones(2)
+
+
+def _globally_weighted(output, target):
+    """A loss reading a module-level weight (not a module, not a closure)."""
+    return ((output - target) ** 2 * _GLOBAL_WEIGHT).mean()
+
+
+def test_a_loss_function_state_or_a_backward_hook_changed_inside_a_block_is_seen():
+    """Inside ``op.holding()``: a weight a loss function reads as a global (or a module
+    loss it wraps in a lambda) changed, or a full backward hook registered — the next
+    product is the one a fresh operator gives."""
+    data = _data()
+    model = Classifier()
+    wrapped = nn.MSELoss()
+    cases = {
+        "global weight": (_globally_weighted, lambda: _GLOBAL_WEIGHT.mul_(3.0)),
+        "backward hook": (
+            lambda o, y: wrapped(o, y),
+            lambda: model.head.register_full_backward_hook(lambda m, gi, go: (gi[0] * 2,)),
+        ),
+    }
+    for name, (loss, change) in cases.items():
+        op = dh.ModelCurvature(model, loss, data).hessian_operator()
+        v = torch.randn(op.shape[0], 1, generator=torch.Generator().manual_seed(8))
+        with op.holding():
+            op @ v, op @ v
+            handle = change()
+            fresh = dh.ModelCurvature(model, loss, data).hessian_operator() @ v
+            assert relative_error(op @ v, fresh) <= 1e-12, name
+        if handle is not None and hasattr(handle, "remove"):
+            handle.remove()
+        _GLOBAL_WEIGHT.fill_(1.0)
+
+
+def test_loss_only_passes_and_batches_of_other_objects_are_not_kept():
+    """``grad()`` twice inside a block (its backward frees its graph: not kept), and a
+    batch whose input is an object deqhess cannot read into (not kept: a write into it
+    would go unseen) — both as without holding."""
+
+    class Boxed:
+        def __init__(self, x):
+            self.x = x
+
+        def __repr__(self):
+            return "Boxed"
+
+    class Unboxing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Classifier()
+
+        def forward(self, boxed):
+            return self.inner(boxed.x)
+
+    data = _data(batches=2)
+    model = Unboxing()
+    curvature = dh.ModelCurvature(
+        model, nn.MSELoss(), [(Boxed(x), y) for x, y in data], batch_size_fn=lambda b: len(b.x)
+    )
+    op = curvature.hessian_operator()
+    with op.holding():
+        first = curvature.grad()
+        second = curvature.grad()
+        op @ torch.randn(op.shape[0], 1)
+        assert curvature._held.used == 0
+    for a, b in zip(first.values(), second.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_forward_running_layers_in_other_threads_does_not_wait_on_itself():
+    """A forward that runs its DEQ branches in a thread pool: a pass holds the model's
+    own lock, not the engine's, which the pool's layers take."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2)
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Classifier()
+
+        def forward(self, x):
+            z = torch.tanh(self.inner.encoder(x))
+            h = pool.submit(self.inner.deq0, z).result()
+            return self.inner.head(h)
+
+    model = Branches()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), _data(batches=1))
+    done = []
+    worker = threading.Thread(target=lambda: done.append(curvature.hessian()), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    pool.shutdown(wait=False)
+    assert done, "the pass waited on the pool's layers (a deadlock)"
+    reference = Reference(unrolled_twin(model.inner), nn.MSELoss(), _data(batches=1),
+                          [n.removeprefix("inner.") for n in curvature.layout.names])  # fmt: skip
+    assert relative_error(done[0], reference.total()) <= 1e-9

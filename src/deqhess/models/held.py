@@ -12,20 +12,24 @@ budget. The graph is the same function of the directions, so the products are th
 numbers (to the order of summation).
 
 What is kept is checked on every pass: the batch by its content (its key) and the
-versions of its tensors (written in place and back: formed again), the model by the
-digest of its parameters and buffers (and a module loss's), its modules' modes and
-hooks (any change since the last pass drops every graph kept). The first time a kept
-graph serves again, the model is run forward once more on its batch and its output
-checked against the first pass's, as every pass checks a batch it forms: a forward
-that changes its own state on every call is refused as it is without holding. A model
-that reads other state (a plain tensor attribute, a global) is taken to keep it while
-the operator is held — nothing the analyses run between products changes it. When a
-pass finds none of the graphs the passes before it kept (a shuffling loader regroups
+versions of its tensors (written in place and back: formed again; a batch holding other
+objects, which neither would see into, is not kept), the model's parameters and buffers
+by the stream's own check (digests included: a change drops every graph kept), and
+the rest by :func:`state_token` — modes, hooks (forward, backward, global), and the
+loss's state (a module loss's, or what a loss function closes over or reads as a
+global). The first time a kept graph serves again, the model is run forward once more
+on its batch and its output checked against the first pass's, as every pass checks a
+batch it forms: a forward that changes its own state on every call is refused as it is
+without holding. A model that reads other state (a plain attribute, a global of its
+own) is taken to keep it while the operator is held — nothing the analyses run between
+products changes it. Loss-only graphs (a gradient's pass frees its graph) are not kept,
+and when a pass finds none of the graphs kept before it (a shuffling loader regroups
 the samples), keeping stops for the rest of the block.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,26 +52,71 @@ __all__ = ["MARGIN", "HeldGraphs", "state_token"]
 MARGIN = 1.5
 
 
+#: what a kept batch may be made of: what its content key and versions see into
+_READABLE = (Tensor, int, float, bool, str, type(None))
+
+#: the hooks a module holds, and torch's global ones, that change what a forward computes
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(f"_global{name}" for name in _HOOKS)
+
+
 def state_token(model: nn.Module, loss: Any) -> tuple:
-    """What a model computes with besides its code, as a comparable token.
+    """What a pass computes with besides the model's parameters and buffers, as a token.
+
+    The model's parameters and buffers are the stream's own check (its version token,
+    digests included: a change starts the checks afresh and drops what was kept); this
+    is the rest: each module's mode and hooks (and torch's global hooks), and the loss's
+    state — a module loss's parameters and buffers, or the tensors and modules a loss
+    function closes over or reads as globals (one level: ``lambda o, y: weighted(o, y)``),
+    bit for bit.
 
     Args:
         model: the model.
-        loss: its loss (a module's parameters and buffers count too).
+        loss: its loss.
 
     Returns:
-        The names and digest of the model's (and a module loss's) parameters and
-        buffers, bit for bit; each module's mode and the hooks it holds.
+        A comparable token.
     """
-    modules = [model] + ([loss] if isinstance(loss, nn.Module) else [])
-    named: list[tuple[str, Tensor]] = [(n, t) for m in modules for n, t in m.named_parameters()]
-    named += [(n, t) for m in modules for n, t in m.named_buffers()]
+    held = _loss_state(loss, model)
+    modules = [model, *(m for m in held if isinstance(m, nn.Module))]
+    tensors = [t for t in held if isinstance(t, Tensor)]
+    for module in modules[1:]:
+        tensors += [*module.parameters(), *module.buffers()]
     layout = tuple(
-        (id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        (id(m), m.training, *(tuple(getattr(m, h, ())) for h in _HOOKS))
         for module in modules
         for m in module.modules()
     )
-    return tuple(n for n, _ in named), tensor_digests([t for _, t in named]), layout
+    hooks = tuple(tuple(getattr(nn.modules.module, h, ())) for h in _GLOBAL_HOOKS)
+    return layout, hooks, tuple(id(t) for t in tensors), tensor_digests(tensors)
+
+
+def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
+    """The modules and tensors a loss holds.
+
+    Returns:
+        The loss itself if a module; else those it closes over, takes as defaults or
+        reads as globals (one level), the model left out (the stream checks it).
+    """
+    if isinstance(loss, nn.Module):
+        return [loss]
+    found: list[Any] = []
+    function = getattr(loss, "__func__", loss)
+    candidates = [getattr(loss, "__self__", None), *(getattr(function, "__defaults__", None) or ())]
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            candidates.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    code, namespace = getattr(function, "__code__", None), getattr(function, "__globals__", {})
+    if code is not None:  # the module-level names it reads: a global weight, a global loss
+        candidates += [namespace[name] for name in code.co_names if name in namespace]
+    if isinstance(loss, functools.partial):
+        candidates += [*loss.args, *loss.keywords.values()]
+    for value in candidates:
+        if isinstance(value, Tensor) or (isinstance(value, nn.Module) and value is not model):
+            found.append(value)
+    return found
 
 
 @dataclass
@@ -175,21 +224,25 @@ class HeldGraphs:
         Args:
             part: the part its graph was formed for.
             key: the batch's content key (empty: not kept).
-            formed: the formed batch; its term a :class:`~deqhess.models.graph.BatchGraph`.
-            batch: the batch's ``(x, target)``, whose tensors' versions are kept with it.
+            formed: the formed batch; its term a :class:`~deqhess.models.graph.BatchGraph`
+                of a part (a loss-only graph is not kept: its pass's backward frees it).
+            batch: the batch's ``(x, target)``, whose tensors' versions are kept with it
+                (a batch holding other objects than tensors and plain values is not
+                kept: its key and versions would not see a write into them).
         """
         graph = formed.term
-        if self.full or not key or not isinstance(graph, BatchGraph):
-            return
-        if (part, key) in self._kept:
-            return
+        if self.full or part is None or not key or not isinstance(graph, BatchGraph):
+            return  # a loss-only graph: its pass's backward frees it
+        leaves = tree_flatten(batch)[0]
+        if (part, key) in self._kept or not all(isinstance(t, _READABLE) for t in leaves):
+            return  # a batch holding objects its key and versions cannot see into
         nbytes = int(MARGIN * graph_bytes(*graph.roots()))
         available = budget_bytes(graph.params[0].device)
         room = self.budget if available is None else min(self.budget, 0.5 * available)
         if self.used + nbytes > room:
             self.full = True
             return
-        versions = [(t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+        versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
         kept = replace(formed, response=None, offers=(), coupled=None)
         self._kept[(part, key)] = _Kept(kept, nbytes, versions)
         self.used += nbytes

@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from ..batches import Batches
 from ..errors import DeqhessError, InputError, ModelChangedError, add_note
-from ..locking import ENGINE_LOCK
 from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart, unmatched_target
 from .notices import summarised
 from .randomness import Draws, LoaderStream
@@ -155,6 +154,8 @@ class Stream:
             versions); a pass that finds it changed since the first pass starts afresh:
             it becomes the first pass (the checks and the store restart).
         on_restart: called when that happens (before the pass).
+        lock: held around every pass (None: none), e.g. the model's own
+            (:func:`deqhess.locking.lock_of`): passes over one model take turns.
     """
 
     def __init__(
@@ -173,8 +174,10 @@ class Stream:
         guard: Callable[[], contextlib.AbstractContextManager] | None = None,
         version: Callable[[], Any] | None = None,
         on_restart: Callable[[], None] | None = None,
+        lock: contextlib.AbstractContextManager | None = None,
     ) -> None:
         self.data = Batches(data)
+        self.lock = lock if lock is not None else contextlib.nullcontext()
         self.label, self.evaluated = label, evaluated
         self.reduction = check_reduction(reduction)
         self.count, self.sample_dim = count, sample_dim
@@ -246,7 +249,7 @@ class Stream:
             loader's draws continue in a stream of their own,
             :class:`~deqhess.streaming.randomness.LoaderStream`).
         """
-        with ENGINE_LOCK:  # one pass at a time: a pass swaps the model's parameters
+        with self.lock:  # one pass at a time (a model's: its pass swaps its parameters)
             return self._run(form, compute, empty, desc)
 
     def _run(
