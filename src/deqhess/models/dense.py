@@ -46,10 +46,10 @@ PROBE = 16
 
 #: the widest block of a dense form's rows on the CPU, unless ``chunk_size`` says otherwise:
 #: past about 50 rows a block's own cost is a few percent, and wider blocks only make the
-#: process map and fault in fresh pages (the tanh classifier of
-#: ``benchmarks/vs_curvlinops.py``, four batches: 0.56 s in blocks of 256, 0.63 s in the
-#: 1,086 its memory allowed, the same user time — 0.08 s more system time, 55,000 page
-#: faults against 4,000; the conv model and a wider tanh model, flat from 64 to 512)
+#: process map and fault in fresh pages (``benchmarks/vs_curvlinops.py``'s tanh classifier,
+#: four batches: 0.51 s in blocks of 256, 0.58 s in the 1,086 its memory allowed, the same
+#: user time — 55,000 page faults against 4,000; with a 64-wide state, two batches: 2.1 s
+#: against 3.6 s; the conv model within 6% either way)
 CPU_DENSE_BLOCK = 256
 
 #: parameters with fewer rows than this share a block of a dense form with the next such
