@@ -115,5 +115,8 @@ class Draws:
                 "so it is another function on every pass (and on every product): dropout "
                 "called as torch.nn.functional.dropout(training=True), a noise layer, or "
                 "random sampling in forward. Make it deterministic for the analysis (eval() "
-                "mode, or training=False / no noise), or pass the noise in as an input."
+                "mode, or training=False / no noise), or pass the noise in as an input. (If "
+                "another thread of yours draws from torch's global generator while the "
+                "analysis runs, that reads the same: give that thread a torch.Generator of "
+                "its own.)"
             )
