@@ -125,7 +125,7 @@ def test_a_forward_that_draws_random_numbers_or_writes_state_is_refused():
     data = _data()
     noisy = dh.ModelCurvature(Headed(Noisy()), nn.MSELoss(), data)
     rng = torch.random.get_rng_state()
-    with pytest.raises(dh.ModelChangedError, match="drew random numbers(?s:.*)another thread"):
+    with pytest.raises(dh.ModelChangedError, match=r"drew random numbers(?s:.*)another thread"):
         noisy.grad()
     assert torch.equal(torch.random.get_rng_state(), rng)  # put back
     counting = Headed(Counting())
@@ -518,3 +518,34 @@ def test_a_loss_reading_a_parameter_itself_is_refused():
     reference = Reference(unrolled_twin(model), mse, _data(), names)
     curvature = dh.ModelCurvature(model, loss, _data(), theta=names)
     assert relative_error(curvature.hessian(), reference.total()) <= 1e-9
+
+
+def test_an_operation_torch_cannot_differentiate_twice_is_named():
+    """Attention before the DEQ layer: CPU flash attention has no double backward in
+    torch, so second derivatives are refused naming it and the math kernel, under which
+    the Hessian is exact (against the unrolled reference of the same model)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Attended(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Classifier(n=4)
+            self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x):
+            z = torch.tanh(self.inner.encoder(x))[:, None]
+            a, _ = self.attention(z, z, z, need_weights=False)
+            return self.inner.after(self.inner.deq0(a[:, 0]))
+
+    model = Attended().eval()
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    with pytest.raises(dh.UnsupportedDerivativeError, match=r"(?s)flash_attention.*SDPBackend"):
+        curvature.hessian()
+    with sdpa_kernel(SDPBackend.MATH):
+        dense = curvature.hessian()
+    model.inner, kept = unrolled_twin(model.inner), model.inner  # the same names, unrolled
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = Reference(model, nn.MSELoss(), data, curvature.layout.names).total()
+    model.inner = kept
+    assert relative_error(dense, reference) <= 1e-9

@@ -27,9 +27,11 @@ choice (vmapped, batched or looped).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,12 +39,12 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..callers import user_stacklevel
-from ..errors import InputError
+from ..errors import DeqhessError, InputError, UnsupportedDerivativeError
 from ..nn.reparametrize import functional_call
 from ..parameters import ParameterLayout
 from .backward import BlockBackward
 
-__all__ = ["BatchGraph", "leaves_reached", "one_hot_rows"]
+__all__ = ["BatchGraph", "leaves_reached", "missing_derivatives_named", "one_hot_rows"]
 
 LossFunc = Callable[[Tensor, Any], Tensor]
 
@@ -122,6 +124,45 @@ def _output_leaves(output: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], 
         return tree_unflatten(new, spec)
 
     return [leaves[i] for i in where], rebuild
+
+
+#: torch's message for an operation it cannot differentiate (again)
+_NOT_DIFFERENTIABLE = re.compile(r"derivative for (\S+) is not implemented")
+
+
+@contextlib.contextmanager
+def missing_derivatives_named() -> Iterator[None]:
+    """Name an operation torch cannot differentiate twice, where second derivatives need it.
+
+    Yields:
+        Nothing: the block whose second derivatives may meet such an operation.
+
+    Raises:
+        UnsupportedDerivativeError: torch has no derivative of an operation of the
+            model's backward (e.g. CPU flash attention's): its name, and the way around.
+        RuntimeError: any other error of the block, as it was.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        found = _NOT_DIFFERENTIABLE.search(str(error))
+        if found is None or isinstance(error, DeqhessError):
+            raise
+        operation = found.group(1)
+        way = (
+            "Attention has a kernel torch differentiates twice: run the analysis inside "
+            "`with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`."
+            if "attention" in operation
+            else "Compute that step of the model with operations torch differentiates twice "
+            "for the analysis, or use the dense GGN from output Jacobians (first "
+            "derivatives only: ggn_operator().to_dense() where a batch's output has fewer "
+            "numbers than P)."
+        )
+        raise UnsupportedDerivativeError(
+            f"torch has no derivative of {operation}, which the model's backward runs: "
+            "second derivatives (Hessian and GGN products, which differentiate the "
+            f"backward again) cannot go through it. {way}"
+        ) from error
 
 
 def leaves_reached(value: Tensor) -> list[Tensor]:
@@ -374,7 +415,7 @@ class BatchGraph:
             rows_here = torch.arange(max(start, begin), min(stop, begin + size))
             piece[rows_here - start, rows_here - begin] = 1
             directions.append(piece.reshape(count, *self.layout.shapes[i]))
-        with torch.enable_grad():
+        with torch.enable_grad(), missing_derivatives_named():
             out = self.backward(self.first[first : last + 1], self.params[first:], directions)
         return column, torch.cat([g.reshape(count, -1) for g in out], dim=1).detach()
 
@@ -389,7 +430,7 @@ class BatchGraph:
         """
         directions = list(self.layout.tensors(self.layout.unflatten(v)))
         backward = self.backward
-        with torch.enable_grad():
+        with torch.enable_grad(), missing_derivatives_named():
             if self.part in ("total", "dynamics_curvature"):
                 out = backward(self.first, self.params, directions)
             elif self.part == "ggn":
