@@ -176,3 +176,13 @@ def test_small_parameters_share_a_block_and_a_larger_one_starts_its_own():
     assert stops == [30, 174, 178, 1618, 1628]
     assert dense._block_stop(0, 20, ends) == 20  # the width first
     assert dense._block_stop(40, 100, ends) == 140  # inside one parameter
+
+
+def test_info_names_the_block_width_and_the_upper_triangle():
+    """On the CPU a dense form's blocks are at most 256 rows unless chunk_size says
+    otherwise; info says so, and that the rows are the upper block triangle."""
+    for chunk_size, width in ((None, "256"), (7, "7")):
+        curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), _data(), chunk_size=chunk_size)
+        curvature.hessian()
+        said = curvature.info.assembly["total"]
+        assert f"in blocks of at most {width} " in said and "upper block triangle" in said

@@ -59,9 +59,10 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
             else "memory not measurable here: blocks of at most chunk_size"
         )
         said.append(
-            f"P = {p:,} product directions per batch, in blocks sized by memory "
-            f"({measured}), each block's rows from its first parameter's column on (the "
-            "upper block triangle, mirrored at the end); the DEQ layers' 'auto' linear "
-            "solver sees P directions (a per-sample LU where cheaper)"
+            f"P = {p:,} product directions per batch, in blocks of at most "
+            f"{blocks.limit:,} sized by memory ({measured}), each block's rows from its "
+            "first parameter's column on (the upper block triangle, mirrored at the end); "
+            "the DEQ layers' 'auto' linear solver sees P directions (a per-sample LU where "
+            "cheaper)"
         )
     return "; ".join(said) or f"no batch ({part})"
