@@ -7,6 +7,7 @@ deqhess and in user code.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Union, cast
 
@@ -73,6 +74,8 @@ class ParameterLayout:
             )
         self.shapes = tuple(t.shape for t in tensors)
         self.numels = tuple(t.numel() for t in tensors)
+        #: where each tensor starts in the flat ``[P]`` vector, and ``P`` last
+        self.offsets = (0, *itertools.accumulate(self.numels))
         self.dtype = first.dtype
         self.device = first.device
 

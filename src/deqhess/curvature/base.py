@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -246,7 +245,7 @@ class ParameterBlock(Operator):
         repeated = sorted({n for n in names if list(names).count(n) > 1})
         if repeated:
             raise InputError(f"parameter names {repeated} are given more than once.")
-        offsets = np.cumsum([0, *layout.numels])
+        offsets = layout.offsets
         where = {n: i for i, n in enumerate(layout.names)}
         pieces = [torch.arange(offsets[where[n]], offsets[where[n] + 1]) for n in names]
         self.index = torch.cat(pieces).to(op.device)

@@ -215,7 +215,7 @@ def batch_dense(
         term.add(start, column, rows)
         return rows
 
-    ends = list(itertools.accumulate(graph.layout.numels))
+    ends = list(graph.layout.offsets[1:])
     start = 0
     while start < p:
         stop = _block_stop(start, blocks.size(samples, device), ends)

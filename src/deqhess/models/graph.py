@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import itertools
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -399,10 +398,10 @@ class BatchGraph:
             ``(column, rows)``: ``rows`` ``[stop − start, P − column]`` holds
             ``C[start:stop, column:]``, detached.
         """
-        ends = list(itertools.accumulate(self.layout.numels))
-        first = bisect.bisect_right(ends, start)  # the parameter holding row `start`
-        last = bisect.bisect_right(ends, stop - 1)
-        column = ends[first] - self.layout.numels[first]
+        offsets = self.layout.offsets
+        first = bisect.bisect_right(offsets, start) - 1  # the parameter holding row `start`
+        last = bisect.bisect_right(offsets, stop - 1) - 1
+        column = offsets[first]
         like = self.params[0]
         count = stop - start
         if self.part not in ("total", "dynamics_curvature"):
@@ -410,7 +409,7 @@ class BatchGraph:
             return column, rows[:, column:]
         directions = []
         for i in range(first, last + 1):  # the one-hot rows' pieces in their parameters
-            begin, size = ends[i] - self.layout.numels[i], self.layout.numels[i]
+            begin, size = offsets[i], self.layout.numels[i]
             piece = like.new_zeros(count, size)
             rows_here = torch.arange(max(start, begin), min(stop, begin + size))
             piece[rows_here - start, rows_here - begin] = 1
