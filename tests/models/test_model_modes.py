@@ -549,3 +549,21 @@ def test_an_operation_torch_cannot_differentiate_twice_is_named():
         reference = Reference(model, nn.MSELoss(), data, curvature.layout.names).total()
     model.inner = kept
     assert relative_error(dense, reference) <= 1e-9
+
+
+def test_any_operation_without_a_second_derivative_is_named_with_the_ggn_as_the_way():
+    """``F.pdist`` has no double backward in torch: the Hessian is refused naming it, with
+    the GGN from output Jacobians (first derivatives only) as the way around."""
+
+    class Distances(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Classifier()
+
+        def forward(self, x):
+            return torch.nn.functional.pdist(self.inner(x))[:, None]
+
+    data = [(x, torch.zeros(x.shape[0] * (x.shape[0] - 1) // 2, 1)) for x, _ in _data()]
+    curvature = dh.ModelCurvature(Distances(), nn.MSELoss(), data, batch_dim=None)
+    with pytest.raises(dh.UnsupportedDerivativeError, match=r"(?s)_pdist_backward.*dense GGN"):
+        curvature.hessian()
