@@ -30,7 +30,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["ENGINE_LOCK", "autocast_off", "engine", "lock_of", "serialized"]
+__all__ = ["ENGINE_LOCK", "autocast_off", "engine", "lock_of", "modules_locked", "serialized"]
 
 #: held while a derivative is computed; re-entrant, so nested calls do not deadlock.
 ENGINE_LOCK = threading.RLock()
@@ -44,10 +44,7 @@ _OBJECT_LOCKS_GUARD = threading.Lock()
 def lock_of(obj: object) -> threading.RLock:
     """A re-entrant lock of ``obj``'s own: the same lock for the same object.
 
-    What a pass over a model holds (it swaps the model's parameters for leaves of its
-    own while it runs): two threads' passes over one model take turns, while the
-    engine's lock stays free for what the model's forward runs in other threads (a thread
-    pool, a loader's producer).
+    Each module's, held by a pass over a model that contains it (:func:`modules_locked`).
 
     Args:
         obj: a weakly referable object (a module).
@@ -60,6 +57,31 @@ def lock_of(obj: object) -> threading.RLock:
         if lock is None:
             lock = _OBJECT_LOCKS[obj] = threading.RLock()
         return lock
+
+
+@contextlib.contextmanager
+def modules_locked(model: torch.nn.Module) -> Iterator[None]:
+    """Hold the lock (:func:`lock_of`) of every module of ``model``, itself included.
+
+    What a pass over a model holds while it swaps the parameters of the model's modules
+    for leaves of its own: passes over one model take turns, and so do passes over two
+    models that share a module (one DEQ layer under two heads, say) — with the model's
+    lock alone, the second saw the first's swapped parameters as its forward writing
+    its own state. The locks are taken in one order (the modules' ``id``), so passes
+    over overlapping models cannot deadlock; the engine's lock stays free for what the
+    model's forward runs in other threads (a thread pool, a loader's producer).
+
+    Args:
+        model: the module whose modules (as ``model.modules()`` lists them now) are held.
+
+    Yields:
+        Nothing: the block runs holding the locks.
+    """
+    modules = sorted({id(m): m for m in model.modules()}.items())
+    with contextlib.ExitStack() as stack:
+        for _, module in modules:
+            stack.enter_context(lock_of(module))
+        yield
 
 
 #: device types whose autocast the engine turns off inside

@@ -488,3 +488,42 @@ def test_two_threads_taking_products_take_turns():
         assert relative_error(torch.cat(columns, 1), expected) <= TOL
     assert [n for n, _ in model.named_parameters()] == names
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_two_models_sharing_a_layer_take_turns_in_two_threads():
+    """Two models that share their DEQ layer (two heads on one equilibrium), analysed in
+    two threads at once: each pass swaps the shared layer's parameters too, so the passes
+    take turns by every module's lock. With the model's own lock alone, each saw the
+    other's swap as its forward writing its own state (a false ModelChangedError)."""
+    import threading
+
+    first = Classifier()
+    second = Classifier()
+    second.deq0 = first.deq0
+    data = _data(sizes=(3, 3))
+    results, errors = {}, []
+    ops = {}
+    expected = {}
+    for key, model in (("A", first), ("B", second)):
+        names = [n for n, _ in model.named_parameters()]
+        ops[key] = dh.ModelCurvature(model, nn.MSELoss(), data).hessian_operator()
+        reference = Reference(unrolled_twin(model), nn.MSELoss(), data, names).total()
+        expected[key] = reference @ torch.eye(reference.shape[0])[:, :3]
+
+    def work(key):
+        try:
+            units = torch.eye(ops[key].shape[0])
+            results[key] = [[ops[key] @ units[:, i : i + 1] for i in range(3)] for _ in range(3)]
+        except Exception as error:
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for key, rounds in results.items():
+        for columns in rounds:
+            assert relative_error(torch.cat(columns, 1), expected[key]) <= TOL
+    assert all(isinstance(p, nn.Parameter) for p in [*first.parameters(), *second.parameters()])

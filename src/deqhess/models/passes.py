@@ -23,7 +23,7 @@ from ..batches import held_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import renamed
 from ..errors import ConvergenceError, InputError, ModelChangedError
-from ..locking import lock_of
+from ..locking import modules_locked
 from ..nn import DEQ, LayerCall, layer_calls
 from ..nn.reparametrize import functional_call
 from ..options import integer
@@ -135,7 +135,7 @@ class ModelPasses:
             cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
             progress=progress, group=self._group(), device=self.layout.device,
             guard=self._guard, version=self._version, on_restart=self._restarted,
-            lock=lock_of(model),
+            lock=lambda: modules_locked(model),
         )  # fmt: skip
         if self._stream.data.one_shot:
             raise InputError(

@@ -154,8 +154,9 @@ class Stream:
             versions); a pass that finds it changed since the first pass starts afresh:
             it becomes the first pass (the checks and the store restart).
         on_restart: called when that happens (before the pass).
-        lock: held around every pass (None: none), e.g. the model's own
-            (:func:`deqhess.locking.lock_of`): passes over one model take turns.
+        lock: ``() ↦`` a context manager held around every pass (None: none), e.g. the
+            model's modules' locks (:func:`deqhess.locking.modules_locked`): passes
+            over one model, or over models that share a module, take turns.
     """
 
     def __init__(
@@ -174,10 +175,10 @@ class Stream:
         guard: Callable[[], contextlib.AbstractContextManager] | None = None,
         version: Callable[[], Any] | None = None,
         on_restart: Callable[[], None] | None = None,
-        lock: contextlib.AbstractContextManager | None = None,
+        lock: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         self.data = Batches(data)
-        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.lock = lock if lock is not None else contextlib.nullcontext
         self.label, self.evaluated = label, evaluated
         self.reduction = check_reduction(reduction)
         self.count, self.sample_dim = count, sample_dim
@@ -249,7 +250,7 @@ class Stream:
             loader's draws continue in a stream of their own,
             :class:`~deqhess.streaming.randomness.LoaderStream`).
         """
-        with self.lock:  # one pass at a time (a model's: its pass swaps its parameters)
+        with self.lock():  # one pass at a time (a model's: its pass swaps its parameters)
             return self._run(form, compute, empty, desc)
 
     def _run(
