@@ -567,3 +567,40 @@ def test_any_operation_without_a_second_derivative_is_named_with_the_ggn_as_the_
     curvature = dh.ModelCurvature(Distances(), nn.MSELoss(), data, batch_dim=None)
     with pytest.raises(dh.UnsupportedDerivativeError, match=r"(?s)_pdist_backward.*dense GGN"):
         curvature.hessian()
+
+
+@pytest.mark.parametrize("part", ["total", "ggn"])
+def test_a_reentrant_checkpoint_is_refused_by_name_and_the_other_is_exact(part):
+    """``torch.utils.checkpoint(..., use_reentrant=True)`` around the head (an input with
+    grad): torch.autograd.grad cannot go through it — refused naming the variant that
+    works (was torch's raw RuntimeError); under ``use_reentrant=False`` the curvature
+    matches the unrolled reference of the same model without the checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self, reentrant):
+            super().__init__()
+            self.inner, self.reentrant = Classifier(), reentrant
+
+        def forward(self, x):
+            h = self.inner.before(x)
+            return checkpoint(self.inner.after, h, use_reentrant=self.reentrant)
+
+    data = _data()
+    refused = Checkpointed(True).eval()
+    curvature = dh.ModelCurvature(refused, nn.MSELoss(), data)
+    with pytest.raises(dh.UnsupportedDerivativeError, match="use_reentrant=False"):
+        curvature.hessian_operator(part).to_dense()
+    with pytest.raises(dh.UnsupportedDerivativeError, match="use_reentrant=False"):
+        curvature.grad() if part == "total" else curvature.ggn_operator() @ torch.ones(
+            curvature.num_parameters, dtype=torch.float64
+        )
+    model = Checkpointed(False).eval()
+    model.inner.load_state_dict(refused.inner.state_dict())
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    dense = curvature.hessian_operator(part).to_dense()
+    plain = Checkpointed(None)  # the same function without the checkpoint (torch.func
+    plain.forward = lambda x: plain.inner(x)  # cannot take the reference through one)
+    plain.inner = unrolled_twin(model.inner)
+    reference = Reference(plain, nn.MSELoss(), data, curvature.layout.names)
+    assert relative_error(dense, reference.total() if part == "total" else reference.ggn()) <= 1e-9

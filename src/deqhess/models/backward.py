@@ -19,16 +19,49 @@ genuine error (the model's, or a deqhess error) still surfaces: from the loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import DeqhessError, InputError, UnsupportedDerivativeError
 
-__all__ = ["BACKWARD_MODES", "BlockBackward"]
+__all__ = ["BACKWARD_MODES", "BlockBackward", "reentrant_checkpoint_named"]
 
 BACKWARD_MODES = ("vmap", "batched", "loop")
+
+#: torch's message for a reentrant checkpoint met by ``torch.autograd.grad``
+_REENTRANT_CHECKPOINT = "torch.utils.checkpoint is incompatible with .grad()"
+
+
+@contextlib.contextmanager
+def reentrant_checkpoint_named() -> Iterator[None]:
+    """Name ``torch.utils.checkpoint(..., use_reentrant=True)`` where a backward meets it.
+
+    Its backward cannot be taken by ``torch.autograd.grad``, which every derivative of a
+    model's curvature is (the passes of :class:`deqhess.ModelCurvature` run inside).
+
+    Yields:
+        Nothing: the block that takes gradients through the model's graph.
+
+    Raises:
+        UnsupportedDerivativeError: the block met a reentrant checkpoint; the message
+            names the variant that works.
+        RuntimeError: any other error of the block, as it was.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if isinstance(error, DeqhessError) or _REENTRANT_CHECKPOINT not in str(error):
+            raise
+        raise UnsupportedDerivativeError(
+            "the model runs torch.utils.checkpoint(..., use_reentrant=True), whose backward "
+            "torch.autograd.grad cannot take — and every derivative here is one (on an input "
+            "without grad it even leaves the segment's parameters with no derivative at "
+            "all, with only torch's warning). Pass use_reentrant=False (torch's recommended "
+            "variant): its derivatives are exact here, to every order."
+        ) from error
 
 
 class BlockBackward:

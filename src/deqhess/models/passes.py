@@ -47,7 +47,7 @@ from .arguments import (
     sample_counter,
     split_layer,
 )
-from .backward import BlockBackward
+from .backward import BlockBackward, reentrant_checkpoint_named
 from .dense import Blocks
 from .graph import BatchGraph, LossFunc
 from .held import HeldGraphs, state_token
@@ -257,6 +257,9 @@ class ModelPasses:
     def _guard(self) -> Iterator[None]:
         """Around every pass: the model's modes checked before, its state after.
 
+        A reentrant checkpoint that a backward of the pass meets is named
+        (:func:`~deqhess.models.backward.reentrant_checkpoint_named`).
+
         A module that is another function on every call is refused by name
         (:class:`deqhess.InputError`) before the pass; a forward that wrote the model's
         parameters or buffers (in place, through ``.data`` or by rebinding), with
@@ -271,7 +274,8 @@ class ModelPasses:
         state = StateGuard(self.model)
         with state.watching():
             try:
-                yield
+                with reentrant_checkpoint_named():
+                    yield
             except Exception as failure:  # named as a write, if it was one (from the failure)
                 state.check(self._label, failure)
                 raise
