@@ -353,6 +353,73 @@ def test_a_loss_function_state_or_a_backward_hook_changed_inside_a_block_is_seen
         _GLOBAL_WEIGHT.fill_(1.0)
 
 
+_GLOBAL_SCALE = 0.0
+
+
+def _globally_scaled(output, target):
+    """A loss reading a module-level Python float."""
+    return ((output - target) ** 2).mean() + _GLOBAL_SCALE * (output**2).mean()
+
+
+def test_a_number_the_loss_or_a_module_holds_changed_inside_a_block_is_seen():
+    """Inside ``op.holding()``: a loss module's float attribute (``label_smoothing``), a
+    Python float a loss function reads as a global or from its closure, changed between
+    products — the next product is the one a fresh operator gives (were 0.36–0.75
+    relative off: only tensors were compared); a float of the model's own modules is
+    refused as a changed model, as outside a block (the kept graph had served it)."""
+    global _GLOBAL_SCALE
+    torch.manual_seed(9)
+    g = torch.Generator().manual_seed(10)
+    labels = [(torch.randn(4, 3, generator=g), torch.randint(0, 2, (4,), generator=g))
+              for _ in range(2)]  # fmt: skip
+    data = _data()
+    factor = 0.0
+
+    def closed(output, target):
+        return ((output - target) ** 2).mean() + factor * (output**3).mean()
+
+    def rebind_closure():
+        nonlocal factor
+        factor = 0.7
+
+    def set_global():
+        global _GLOBAL_SCALE
+        _GLOBAL_SCALE = 0.7
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.scale = Classifier(), 1.0
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    smoothing = nn.CrossEntropyLoss()
+    scaled = Scaled()
+    cases = {
+        "label_smoothing": (Classifier(), smoothing, labels,
+                            lambda: setattr(smoothing, "label_smoothing", 0.3)),
+        "global float": (Classifier(), _globally_scaled, data, set_global),
+        "closure float": (Classifier(), closed, data, rebind_closure),
+    }  # fmt: skip
+    for name, (model, loss, batches, change) in cases.items():
+        op = dh.ModelCurvature(model, loss, batches).hessian_operator()
+        v = torch.randn(op.shape[0], 1, generator=torch.Generator().manual_seed(8))
+        with op.holding():
+            op @ v, op @ v
+            change()
+            fresh = dh.ModelCurvature(model, loss, batches).hessian_operator() @ v
+            assert relative_error(op @ v, fresh) <= 1e-12, name
+    _GLOBAL_SCALE = 0.0
+    # the model's own number: refused as a changed model, inside a block as outside it
+    op = dh.ModelCurvature(scaled, nn.MSELoss(), data).hessian_operator()
+    with op.holding():
+        op @ v, op @ v
+        scaled.scale = 1.5
+        with pytest.raises(dh.ModelChangedError, match="returned other values"):
+            op @ v
+
+
 def test_loss_only_passes_and_batches_of_other_objects_are_not_kept():
     """``grad()`` twice inside a block (its backward frees its graph: not kept), and a
     batch whose input is an object deqhess cannot read into (not kept: a write into it

@@ -15,13 +15,14 @@ What is kept is checked on every pass: the batch by its content (its key) and th
 versions of its tensors (written in place and back: formed again; a batch holding other
 objects, which neither would see into, is not kept), the model's parameters and buffers
 by the stream's own check (digests included: a change drops every graph kept), and
-the rest by :func:`state_token` — modes, hooks (forward, backward, global), and the
-loss's state (a module loss's, or what a loss function closes over or reads as a
-global). The first time a kept graph serves again, the model is run forward once more
+the rest by :func:`state_token` — modes, hooks (forward, backward, global), every
+module's plain attributes (numbers, strings), and the loss's state (a module loss's, or
+the tensors, modules and numbers a loss function closes over or reads as a global). The
+first time a kept graph serves again, the model is run forward once more
 on its batch and its output checked against the first pass's, as every pass checks a
 batch it forms: a forward that changes its own state on every call is refused as it is
-without holding. A model that reads other state (a plain attribute, a global of its
-own) is taken to keep it while the operator is held — nothing the analyses run between
+without holding. A model that reads other state (a global of its own) is taken to keep
+it while the operator is held — nothing the analyses run between
 products changes it. Loss-only graphs (a gradient's pass frees its graph) are not kept,
 and when a pass finds none of the graphs kept before it (a shuffling loader regroups
 the samples), keeping stops for the rest of the block.
@@ -55,6 +56,10 @@ MARGIN = 1.5
 #: what a kept batch may be made of: what its content key and versions see into
 _READABLE = (Tensor, int, float, bool, str, type(None))
 
+#: the plain values a pass's state token holds by value (a module's attributes, a loss's
+#: closed-over or global numbers)
+_PLAIN = (int, float, complex, bool, str, type(None))
+
 #: the hooks a module holds, and torch's global ones, that change what a forward computes
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = tuple(f"_global{name}" for name in _HOOKS)
@@ -65,10 +70,11 @@ def state_token(model: nn.Module, loss: Any) -> tuple:
 
     The model's parameters and buffers are the stream's own check (its version token,
     digests included: a change starts the checks afresh and drops what was kept); this
-    is the rest: each module's mode and hooks (and torch's global hooks), and the loss's
-    state — a module loss's parameters and buffers, or the tensors and modules a loss
-    function closes over or reads as globals (one level: ``lambda o, y: weighted(o, y)``),
-    bit for bit.
+    is the rest: each module's mode, hooks (and torch's global hooks) and plain
+    attributes (numbers and strings: a loss's ``label_smoothing``, a cell's scale), and
+    the loss's state — a module loss's parameters and buffers, or the tensors, modules
+    and numbers a loss function closes over or reads as globals (one level:
+    ``lambda o, y: weighted(o, y)``), bit for bit.
 
     Args:
         model: the model.
@@ -80,19 +86,35 @@ def state_token(model: nn.Module, loss: Any) -> tuple:
     held = _loss_state(loss, model)
     modules = [model, *(m for m in held if isinstance(m, nn.Module))]
     tensors = [t for t in held if isinstance(t, Tensor)]
+    numbers = tuple(_plain(v) for v in held if not isinstance(v, (Tensor, nn.Module)))
     for module in modules[1:]:
         tensors += [*module.parameters(), *module.buffers()]
     layout = tuple(
-        (id(m), m.training, *(tuple(getattr(m, h, ())) for h in _HOOKS))
+        (id(m), m.training, *(tuple(getattr(m, h, ())) for h in _HOOKS), _attributes(m))
         for module in modules
         for m in module.modules()
     )
     hooks = tuple(tuple(getattr(nn.modules.module, h, ())) for h in _GLOBAL_HOOKS)
-    return layout, hooks, tuple(id(t) for t in tensors), tensor_digests(tensors)
+    return layout, hooks, numbers, tuple(id(t) for t in tensors), tensor_digests(tensors)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a token if it is a number, a string or a tuple of them; else None."""
+    if isinstance(value, _PLAIN):
+        return (type(value), value)
+    if isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value):
+        return (tuple, value)
+    return None
+
+
+def _attributes(module: nn.Module) -> tuple:
+    """A module's plain attributes (numbers, strings and tuples of them), by name."""
+    tokens = ((name, _plain(value)) for name, value in vars(module).items())
+    return tuple((name, token) for name, token in tokens if token is not None)
 
 
 def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
-    """The modules and tensors a loss holds.
+    """The modules, tensors and plain numbers a loss holds.
 
     Returns:
         The loss itself if a module; else those it closes over, takes as defaults or
@@ -115,6 +137,8 @@ def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
         candidates += [*loss.args, *loss.keywords.values()]
     for value in candidates:
         if isinstance(value, Tensor) or (isinstance(value, nn.Module) and value is not model):
+            found.append(value)
+        elif _plain(value) is not None:
             found.append(value)
     return found
 
