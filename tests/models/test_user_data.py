@@ -348,3 +348,30 @@ def test_a_target_with_another_sample_count_is_refused_before_torch():
     dh.ModelCurvature(Classifier(), nn.CrossEntropyLoss(), [(x, labels)]).grad()
     offset = dh.ModelCurvature(Classifier(), lambda out, t: (out - t).square().mean(), [(x, y[:1])])
     offset.grad()  # one target row for every sample
+
+
+def test_a_sample_count_the_batch_contradicts_is_refused():
+    """``batch_size_fn=len`` on a tuple of inputs counts the inputs (2), not the samples:
+    the batches were weighed 1/2 each instead of n_b / N (0.18 relative off, silently);
+    now refused, as is a count that is not an int. A count the batch's tensors do not
+    agree on among themselves (a graph batch's nodes and graphs) stays the count's."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.extra = Classifier(), nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.inner(x[0] + self.extra(x[1]))
+
+    x, y = _tensors(samples=13)
+    extra = torch.randn(13, 2, generator=torch.Generator().manual_seed(3))
+    data = [((x[:5], extra[:5]), y[:5]), ((x[5:], extra[5:]), y[5:])]
+    model = Two()
+    with pytest.raises(dh.InputError, match=r"count is 2, but every tensor of the batch has 5"):
+        dh.ModelCurvature(model, nn.MSELoss(), data, batch_size_fn=len).grad()
+    with pytest.raises(dh.InputError, match=r"count is 5.0 \(float\).*non-negative int"):
+        dh.ModelCurvature(model, nn.MSELoss(), data, batch_size_fn=lambda x: 5.0).grad()
+    right = dh.ModelCurvature(model, nn.MSELoss(), data, batch_size_fn=lambda x: len(x[0]))
+    whole = dh.ModelCurvature(model, nn.MSELoss(), [((x, extra), y)], batch_size_fn=lambda x: 13)
+    assert relative_error(right.hessian(), whole.hessian()) <= 1e-12

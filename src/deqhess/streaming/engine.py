@@ -27,6 +27,7 @@ distributed forms) only form a batch and say what to compute on it.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
@@ -345,7 +346,7 @@ class Stream:
             return
         for index, (x, target) in enumerate(self.data):
             dim = self.sample_dim
-            samples = self.count(x) if dim is not None else 1
+            samples = _checked_count(index, x, target, self.count(x), dim) if dim is not None else 1
             _check_target(index, x, target, samples, dim)
             hashes = sample_hashes((x, target), samples, dim)
             check.read(hashes, told_apart=told_apart((x, target), samples, dim))
@@ -417,6 +418,47 @@ def _note_unbatched(error: Exception, batch: Batch, dim: int | None) -> None:
             "indexed directly), batch the samples (batch_size=...) or add the dimension "
             "(x[None], target[None]).",
         )
+
+
+def _checked_count(index: int, x: Any, target: Any, count: Any, dim: int) -> int:
+    """The sample count of a batch as ``batch_size_fn`` gave it, checked against the batch.
+
+    Args:
+        index: the batch's index in the pass.
+        x: its input.
+        target: its target.
+        count: what the count function returned.
+        dim: the sample dimension.
+
+    Returns:
+        The count, as an int.
+
+    Raises:
+        InputError: the count is not a non-negative integer; or every tensor of the
+            batch (input and target) with a dimension ``dim`` has one size along it,
+            neither the count nor 1 (as ``batch_size_fn=len`` counts the inputs of a
+            tuple, not their samples). Batches whose tensors disagree among themselves
+            (a graph batch's nodes, edges and graphs) are the count's to define.
+    """
+    try:
+        samples = operator.index(count)
+    except TypeError:
+        samples = -1
+    if samples < 0:
+        raise InputError(
+            f"batch {index + 1}: the sample count is {count!r} ({type(count).__name__}); "
+            "batch_size_fn must return the batch's number of samples as a non-negative int."
+        )
+    leaves = tree_flatten((x, target))[0]
+    sizes = {t.shape[dim] for t in leaves if isinstance(t, Tensor) and t.ndim > dim}
+    if len(sizes) == 1 and sizes.isdisjoint({samples, 1}):
+        raise InputError(
+            f"batch {index + 1}: the sample count is {samples}, but every tensor of the batch "
+            f"has {sizes.pop()} entries along batch_dim={dim}: the count weighs the batch "
+            "(n_b / N) and keys its samples. Return the number of samples "
+            "(batch_size_fn=lambda x: len(x[0]) for a tuple of inputs, not len)."
+        )
+    return samples
 
 
 def _check_target(index: int, x: Any, target: Any, samples: int, dim: int | None) -> None:
