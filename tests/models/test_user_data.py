@@ -182,6 +182,49 @@ def test_a_loss_that_depends_on_the_grouping_refuses_a_regrouping_loader(loss):
     assert relative_error(plain.hvp(v), plain.hvp(v)) <= 1e-5  # float32: regrouped sums
 
 
+@pytest.mark.parametrize("loss", ["consecutive", "by position", "class weights", "pairwise"])
+def test_a_loss_that_depends_on_the_order_refuses_a_reordering_loader(loss):
+    """One batch of all samples, shuffled on every pass: the grouping stays, the order
+    moves. A term over consecutive samples or weights by position make each order
+    another operator (two hvp(v) were 18% apart, two hessian() 29%, silently): refused;
+    a loss coupling the samples but blind to their order (class weights, all pairs)
+    stays exact in any order (float64, against the same batch in order)."""
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0])
+    model = Classifier(k=2).double()
+    position = torch.linspace(1.0, 2.0, 12, dtype=torch.float64)
+
+    def consecutive(out, target):
+        return nn.functional.cross_entropy(out, target) + 0.1 * (out[1:] - out[:-1]).pow(2).mean()
+
+    def by_position(out, target):
+        losses = nn.functional.cross_entropy(out, target, reduction="none")
+        return (losses * position[: len(losses)]).mean()
+
+    def pairwise(out, target):
+        pairs = (out[:, None] - out[None]).pow(2).mean()
+        return nn.functional.cross_entropy(out, target) + 0.1 * pairs
+
+    chosen = {
+        "consecutive": consecutive,
+        "by position": by_position,
+        "class weights": nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0], dtype=torch.float64)),
+        "pairwise": pairwise,
+    }[loss]
+    torch.manual_seed(3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=12, shuffle=True)
+    curvature = dh.ModelCurvature(model, chosen, loader)
+    v = torch.ones(curvature.num_parameters, dtype=torch.float64)
+    if loss in ("consecutive", "by position"):
+        with pytest.raises(dh.DataChangedError, match="in another order"):
+            for _ in range(3):  # a pass that happens to repeat the first order is fine
+                curvature.hvp(v)
+        return
+    expected = dh.ModelCurvature(model, chosen, [(x, y)]).hvp(v)
+    for _ in range(3):
+        assert relative_error(curvature.hvp(v), expected) <= 1e-12
+
+
 def test_unbatched_samples_are_told_apart_from_a_coupling_cell():
     """``DataLoader(batch_size=None)`` yields single samples (x ``[m]``, a 0-dim target):
     x's features were read as samples and the refusal blamed the DEQ cell for coupling

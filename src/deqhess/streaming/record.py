@@ -48,8 +48,11 @@ class PassRecord:
         whole: response sketches of batches that could not be told apart per sample,
             by batch key.
         groups: the keys of its batches' sample sets (kept samples, any order).
+        sequences: the keys of its batches' kept samples in their order.
         coupled: whether some batch's term was not the plain sum (or mean) of its
             samples' own (:attr:`deqhess.streaming.Formed.coupled`).
+        ordered: whether some batch's term depended on the order of its samples
+            (:attr:`deqhess.streaming.Formed.ordered`).
     """
 
     hashes: Tensor
@@ -58,7 +61,9 @@ class PassRecord:
     sketches: Tensor
     whole: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
     groups: frozenset[str] = frozenset()
+    sequences: frozenset[str] = frozenset()
     coupled: bool = False
+    ordered: bool = False
 
     @property
     def samples(self) -> int:
@@ -81,7 +86,9 @@ class PassCheck:
         self.sketches: list[Tensor] = []
         self.whole: dict[str, tuple[Tensor, float]] = {}
         self.groups: set[str] = set()
+        self.sequences: set[str] = set()
         self.coupled = False
+        self.ordered = False
         self.batches = 0
         self.unsplit = 0  # batches whose samples could not be told apart
 
@@ -167,25 +174,31 @@ class PassCheck:
             )
         _compare(sketch, self.record.sketches[torch.from_numpy(where)], tolerance, self.label)
 
-    def grouped(self, hashes: Tensor, coupled: bool | None) -> None:
+    def grouped(self, hashes: Tensor, coupled: bool | None, ordered: bool | None = None) -> None:
         """Note the samples a batch's term groups, checking the grouping where it matters.
 
         Args:
-            hashes: the batch's kept samples ``[m]``.
+            hashes: the batch's kept samples ``[m]``, in the batch's order.
             coupled: whether its term is not the plain sum (or mean) of its samples' own
                 (None: not known).
+            ordered: whether its term depends on the order of its samples (None: not
+                known).
 
         Raises:
             DataChangedError: the first pass found such a term and this batch groups
-                samples no batch of the first pass grouped (a shuffling loader): the
-                data-set sum then depends on the grouping, and is another operator.
+                samples no batch of the first pass grouped (a shuffling loader), or, for a
+                term that depends on the order, orders them otherwise: the data-set sum
+                then depends on it, and is another operator.
         """
         if self.record is not None and not self.record.coupled:
             return  # any grouping is the same operator: nothing to compare
         key = batch_key(torch.sort(hashes).values)
+        sequence = batch_key(hashes)
         if self.record is None:
             self.groups.add(key)
+            self.sequences.add(sequence)
             self.coupled |= bool(coupled)
+            self.ordered |= bool(ordered)
             return
         if key not in self.record.groups:
             raise DataChangedError(
@@ -197,6 +210,18 @@ class PassCheck:
                 "the grouping and this pass is another operator. Batch the data the same "
                 "way on every pass (shuffle=False, or a list of batches), or use a loss "
                 "that is a plain mean of per-sample losses.",
+                self.samples,
+                self.record.samples,
+                -1,
+            )
+        if self.record.ordered and sequence not in self.record.sequences:
+            raise DataChangedError(
+                f"batch {self.batches} of this pass over the data of {self.label} holds "
+                f"the samples of a batch of the first pass in another order, and the loss "
+                "depends on the order of the samples within a batch (checked on the first "
+                "pass: a term over consecutive samples, weights by position), so this pass "
+                "is another operator. Feed the samples in the same order on every pass "
+                "(shuffle=False, or a list of batches).",
                 self.samples,
                 self.record.samples,
                 -1,
@@ -234,7 +259,9 @@ class PassCheck:
                 sketches=torch.cat(self.sketches)[order] if self.sketches else _empty(0, 3),
                 whole=self.whole,
                 groups=frozenset(self.groups),
+                sequences=frozenset(self.sequences),
                 coupled=self.coupled,
+                ordered=self.ordered,
             )
         expected = self.record.hashes
         if len(seen) != len(expected) or not torch.equal(seen, expected):
