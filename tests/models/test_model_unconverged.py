@@ -113,3 +113,51 @@ def test_excluding_needs_tensor_samples():
                                   batch_size_fn=lambda inputs: len(inputs[0]))  # fmt: skip
     with pytest.raises(ValueError, match="exclude_unconverged needs tensor inputs"):
         curvature.grad()
+
+
+class NoFixedPoint(nn.Module):
+    """``h + 1`` where ``x[:, 0] = 1`` (no fixed point: ``I − J`` is exactly singular at
+    every iterate), a contraction ``tanh(0.2 W h + x)`` elsewhere."""
+
+    def __init__(self, n=3):
+        super().__init__()
+        self.W = nn.Parameter(torch.linalg.qr(torch.randn(n, n))[0])
+
+    def init_state(self, x):
+        return torch.zeros_like(x)
+
+    def forward(self, x, h):
+        a = x[:, :1]
+        return (1 - a) * torch.tanh(0.2 * h @ self.W.T + x) + a * (h + 1)
+
+
+@pytest.mark.parametrize("form", ["hessian", "hvp", "grad"])
+def test_an_unconverged_sample_with_a_singular_system_is_refused_or_left_out(form):
+    """Samples without a fixed point, whose last iterate has a singular ``I − J``: the
+    Hessian and HVPs raised ``SingularSystemError`` "at the fixed point" (the first-order
+    graph of the whole batch factorised their block), with ``exclude_unconverged`` too;
+    now the same ``ConvergenceError`` as the gradient, or the samples left out — and the
+    result that of the converged samples alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        dh.nn.DEQ(NoFixedPoint(), max_iter=50, linear_solver="dense"), nn.Linear(3, 2)
+    )
+    g = torch.Generator().manual_seed(3)
+    x, y = 0.5 * torch.randn(7, 3, generator=g), torch.randn(7, 2, generator=g)
+    x[:, 0] = 0.0
+    x[[1, 5], 0] = 1.0
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=g)
+
+    def run(curvature):
+        return {"hessian": curvature.hessian, "hvp": lambda: curvature.hvp(v),
+                "grad": lambda: curvature.layout.flatten(curvature.grad())}[form]()  # fmt: skip
+
+    with pytest.raises(dh.ConvergenceError, match=r"left 1 of 4 samples of batch 1"):
+        run(dh.ModelCurvature(model, nn.MSELoss(), data))
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data, exclude_unconverged=True)
+    result = run(curvature)
+    assert curvature.excluded_samples == 2
+    keep = x[:, 0] == 0
+    kept = [(x[:4][keep[:4]], y[:4][keep[:4]]), (x[4:][keep[4:]], y[4:][keep[4:]])]
+    assert relative_error(result, run(dh.ModelCurvature(model, nn.MSELoss(), kept))) <= 1e-12

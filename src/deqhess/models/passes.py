@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ..batches import held_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import renamed
-from ..errors import ConvergenceError, InputError, ModelChangedError
+from ..errors import ConvergenceError, DeqhessError, InputError, ModelChangedError
 from ..locking import modules_locked
 from ..nn import DEQ, LayerCall, layer_calls
 from ..nn.reparametrize import functional_call
@@ -338,11 +338,22 @@ class ModelPasses:
             warm = stored.warm if stored is not None else {}
             # a graph kept for a held operator serves the products of every pass
             hint = directions if self._held is None else self._held.expected(directions)
-            graph, calls = self._graph(params, batch.x, batch.target, n, part, warm, hint)
-            keep = self._converged(batch, calls, n)
-            if keep is None:
-                offers = () if stored is not None else (Offer(lambda: held_bytes(warm), warm=warm),)
-                return self._formed(graph, calls, n, None, 0, offers)
+            calls: list[LayerCall] = []
+            try:
+                graph, _ = self._graph(params, batch.x, batch.target, n, part, warm, hint, calls)
+            except DeqhessError as error:
+                # an unconverged sample's last iterate can make its I − J singular (or its J
+                # non-finite) for the first-order graph: its samples decide, as below
+                keep = self._converged(batch, calls, n, error)
+                if keep is None:
+                    raise
+            else:
+                keep = self._converged(batch, calls, n)
+                if keep is None:
+                    offers = (
+                        () if stored is not None else (Offer(lambda: held_bytes(warm), warm=warm),)
+                    )
+                    return self._formed(graph, calls, n, None, 0, offers)
             if len(keep) == 0:
                 return Formed(None, 0, keep, n)
             x, target = restricted(batch.x, batch.target, keep, self.batch_dim)
@@ -499,8 +510,10 @@ class ModelPasses:
         part: str | None,
         warm: dict,
         directions: int | None,
+        calls: list[LayerCall] | None = None,
     ) -> tuple[BatchGraph, list[LayerCall]]:
-        calls: list[LayerCall] = []
+        """The batch's graph, and the DEQ layers' calls of its forward (into ``calls``)."""
+        calls = [] if calls is None else calls
         with layer_calls(
             warm=warm, records=calls, keep_best=True, directions=directions, watch_accuracy=True
         ):
@@ -510,13 +523,16 @@ class ModelPasses:
             )  # fmt: skip
         return graph, calls
 
-    def _converged(self, batch: Batch, calls: list[LayerCall], n: int) -> Tensor | None:
+    def _converged(
+        self, batch: Batch, calls: list[LayerCall], n: int, cause: Exception | None = None
+    ) -> Tensor | None:
         """The samples every DEQ call of a batch's forward converged on.
 
         Args:
             batch: the batch (its index, for the message).
             calls: the DEQ layers' calls in its forward, with their statistics.
             n: the batch's sample count.
+            cause: the error the batch's graph met, if any (the refusal is raised from it).
 
         Returns:
             The indices (``[k]``, ascending) of the samples every call converged on, or
@@ -544,7 +560,7 @@ class ModelPasses:
                 "samples out (counted in excluded_samples), or make the layer converge "
                 "(max_iter, a fallback solver, a looser tol).",
                 info,
-            )
+            ) from cause
         keep = torch.ones(n, dtype=torch.bool)
         for call in missed:
             mask = call.info.converged_mask.cpu()
