@@ -127,7 +127,15 @@ class Operator(abc.ABC):
         raise InputError(f"{type(self).__name__}.{call} takes {forms[ndim][0]}; got {got}.{hint}")
 
     def checked(self, v: Tensor) -> Tensor:
-        """``v`` detached, after checking its dtype and that it is finite."""
+        """``v`` detached, after checking its dtype and that it is finite.
+
+        Returns:
+            ``v`` detached; a tensor made under ``torch.inference_mode`` as a plain copy
+            (the products' autograd graphs cannot save it).
+
+        Raises:
+            InputError: ``v`` has another dtype than the operator, or non-finite entries.
+        """
         if v.dtype != self.dtype:
             raise InputError(
                 f"vector has dtype {v.dtype} but the operator is {self.dtype}; convert it "
@@ -135,6 +143,9 @@ class Operator(abc.ABC):
             )
         if not all_finite(v):
             raise InputError("vector contains non-finite values (NaN or inf).")
+        if v.is_inference():
+            with torch.inference_mode(False):
+                return v.clone()
         return v.detach()
 
     def to_dense(self) -> Tensor:

@@ -195,8 +195,15 @@ def test_model_errors():
         dh.ModelCurvature(model, mse, data, reduction="max")
     with pytest.raises(ValueError, match="unknown curvature part 'fisher'"):
         dh.ModelCurvature(model, mse, data).hessian_operator("fisher")
-    with pytest.raises(ValueError, match="must return a 0-dim floating tensor; got shape"):
+    with pytest.raises(ValueError, match=r"0-dim floating tensor; got a torch.float\d+ tensor of"):
         dh.ModelCurvature(model, nn.MSELoss(reduction="none"), data, reduction="sum").grad()
+    with pytest.raises(ValueError, match=r"got a torch.int64 tensor of shape \(\)\. .*floating"):
+        dh.ModelCurvature(model, lambda o, y: (o > y).sum(), data).grad()
+    with pytest.raises(ValueError, match="GaussianNLLLoss requires 3 positional arguments"):
+        dh.ModelCurvature(model, nn.GaussianNLLLoss(), data)
+    with pytest.raises(ValueError, match="takes 1 positional arguments"):
+        dh.ModelCurvature(model, lambda o: o.sum(), data)
+    dh.ModelCurvature(model, lambda o, y=None, *, w=1.0: mse(o, y) * w, data).grad()
     with pytest.raises(ValueError, match="pass batch_size_fn"):
         dh.ModelCurvature(model, mse, [((x,), y) for x, y in data]).grad()
     with pytest.raises(ValueError, match="data is empty"):

@@ -225,6 +225,27 @@ def test_a_loss_that_depends_on_the_order_refuses_a_reordering_loader(loss):
         assert relative_error(curvature.hvp(v), expected) <= 1e-12
 
 
+def test_inference_mode_data_and_calls_give_the_same_numbers():
+    """Data made under ``torch.inference_mode`` (raw "Inference tensors do not track
+    version counter"), and calls made inside it (raw "Inference tensors cannot be saved
+    for backward"), with a vector made there: the numbers of plain data and calls."""
+    x, y = _tensors()
+    model = Classifier()
+    data = [(x[:6], y[:6]), (x[6:], y[6:])]
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    v = torch.randn(curvature.num_parameters, generator=torch.Generator().manual_seed(4))
+    expected, hvp = curvature.hessian(), curvature.hvp(v)
+    with torch.inference_mode():
+        frozen = [(a.clone(), b.clone()) for a, b in data]
+        w = v.clone()
+        assert relative_error(curvature.hvp(w), hvp) <= 1e-12
+        assert relative_error(curvature.hessian(), expected) <= 1e-12
+    assert (
+        relative_error(dh.ModelCurvature(model, nn.MSELoss(), frozen).hessian(), expected) <= 1e-12
+    )
+    assert relative_error(dh.ModelCurvature(model, nn.MSELoss(), frozen).hvp(w), hvp) <= 1e-12
+
+
 def test_unbatched_samples_are_told_apart_from_a_coupling_cell():
     """``DataLoader(batch_size=None)`` yields single samples (x ``[m]``, a 0-dim target):
     x's features were read as samples and the refusal blamed the DEQ cell for coupling

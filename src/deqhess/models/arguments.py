@@ -8,6 +8,7 @@ Each is refused with :class:`deqhess.InputError` saying what was received and wh
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +56,43 @@ def loss_reduction(loss: Any) -> str:
         f"the loss's reduction attribute is {value!r}, which deqhess cannot read as a mean or "
         "a sum over samples; pass reduction='mean' or 'sum' to say which it is."
     )
+
+
+def check_loss_arguments(loss: Any) -> None:
+    """Refuse a loss that cannot be called as ``loss(output, target)``.
+
+    Args:
+        loss: the loss function (an ``nn.Module`` loss, or any callable).
+
+    Raises:
+        InputError: its signature (its ``forward``'s, for a module) requires more than
+            two positional arguments (``nn.GaussianNLLLoss`` takes a variance too) or
+            takes fewer than two. A signature that cannot be read, or takes ``*args``,
+            is left to the call.
+    """
+    function = loss.forward if isinstance(loss, nn.Module) else loss
+    try:
+        params = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    required = sum(1 for p in positional if p.default is p.empty)
+    if required <= 2 <= len(positional):
+        return
+    name = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", loss)
+    takes = f"requires {required}" if required > 2 else f"takes {len(positional)}"
+    raise InputError(
+        f"the loss is called as loss(output, target), but {name} {takes} positional "
+        "arguments. Take what else it needs from the model's output or the target in a "
+        "wrapper, e.g. for nn.GaussianNLLLoss a model returning (mean, var) and "
+        "loss=lambda out, y: gaussian_nll(out[0], y, out[1])."
+    )
+
+
+#: the parameter kinds a positional argument binds to
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def floating_leaves(output: Any) -> list[Tensor]:

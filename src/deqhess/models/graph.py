@@ -282,10 +282,18 @@ class BatchGraph:
         """
         value = self.loss_func(output, target)
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
-            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value)
+            got = (
+                f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+                if isinstance(value, Tensor)
+                else type(value).__name__
+            )
+            way = (
+                "Compute it with floating operations (a count or a comparison has no derivative)."
+                if isinstance(value, Tensor) and value.ndim == 0
+                else "Reduce it, e.g. nn.MSELoss(reduction='mean')."
+            )
             raise InputError(
-                f"loss(output, target) must return a 0-dim floating tensor; got {got}. "
-                "Reduce it, e.g. nn.MSELoss(reduction='mean')."
+                f"loss(output, target) must return a 0-dim floating tensor; got {got}. {way}"
             )
         if torch.is_grad_enabled() and not value.requires_grad:
             if any(t.requires_grad for t in tree_flatten(output)[0] if isinstance(t, Tensor)):

@@ -41,6 +41,7 @@ from ..streaming import (
     response_tolerance,
 )
 from .arguments import (
+    check_loss_arguments,
     chosen_names,
     deq_layers,
     loss_reduction,
@@ -109,6 +110,7 @@ class ModelPasses:
             raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         if not callable(loss):
             raise InputError(f"loss must be callable; got {type(loss).__name__}.")
+        check_loss_arguments(loss)
         if data is None:
             raise InputError(f"{where} needs data: the (x, target) batches.")
         self.model, self.loss = model, loss

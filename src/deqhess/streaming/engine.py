@@ -35,7 +35,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from ..batches import Batches
@@ -255,7 +255,9 @@ class Stream:
             loader's draws continue in a stream of their own,
             :class:`~deqhess.streaming.randomness.LoaderStream`).
         """
-        with self.lock():  # one pass at a time (a model's: its pass swaps its parameters)
+        # one pass at a time (a model's: its pass swaps its parameters); out of inference
+        # mode, whose tensors autograd cannot save (the derivatives' graphs need them)
+        with self.lock(), torch.inference_mode(False):
             return self._run(form, compute, empty, desc)
 
     def _run(
@@ -349,6 +351,7 @@ class Stream:
                 yield Batch(index, None, None, entry.hashes, ""), entry
             return
         for index, (x, target) in enumerate(self.data):
+            x, target = _plain_tensors(x), _plain_tensors(target)
             dim = self.sample_dim
             samples = _checked_count(index, x, target, self.count(x), dim) if dim is not None else 1
             _check_target(index, x, target, samples, dim)
@@ -396,6 +399,23 @@ class Stream:
         for part in parts:
             dist.all_reduce(part, group=self.group)
         return total
+
+
+def _plain_tensors(value: Any) -> Any:
+    """``value`` with each tensor made under ``torch.inference_mode`` copied as a plain one.
+
+    Such a tensor has no version counter (what a pass checks a batch's tensors by) and
+    autograd cannot save it (what the derivatives' graphs do with the model's input).
+
+    Returns:
+        ``value`` itself where it holds no such tensor, else a copy of its structure.
+    """
+    if isinstance(value, Tensor):
+        return value.clone() if value.is_inference() else value
+    leaves, spec = tree_flatten(value)
+    if not any(isinstance(t, Tensor) and t.is_inference() for t in leaves):
+        return value
+    return tree_unflatten([_plain_tensors(t) for t in leaves], spec)
 
 
 def _versions(batch: Any) -> list[tuple[Tensor, int]]:
