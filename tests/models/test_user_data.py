@@ -246,6 +246,17 @@ def test_inference_mode_data_and_calls_give_the_same_numbers():
     assert relative_error(dh.ModelCurvature(model, nn.MSELoss(), frozen).hvp(w), hvp) <= 1e-12
 
 
+def test_a_non_finite_target_is_named_in_the_refusal():
+    """An inf in a target made the solves' right-hand sides non-finite: the NonFiniteError
+    blamed "the loss or f"; it now names the batch's target too."""
+    x, y = _tensors()
+    y[3, 1] = float("inf")
+    curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), [(x[:6], y[:6]), (x[6:], y[6:])])
+    with pytest.raises(dh.NonFiniteError) as caught:
+        curvature.grad()
+    assert "the target of batch 1 holds non-finite values" in " ".join(caught.value.__notes__)
+
+
 def test_unbatched_samples_are_told_apart_from_a_coupling_cell():
     """``DataLoader(batch_size=None)`` yields single samples (x ``[m]``, a 0-dim target):
     x's features were read as samples and the refusal blamed the DEQ cell for coupling
