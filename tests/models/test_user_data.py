@@ -252,9 +252,10 @@ def test_a_non_finite_target_is_named_in_the_refusal():
     x, y = _tensors()
     y[3, 1] = float("inf")
     curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), [(x[:6], y[:6]), (x[6:], y[6:])])
-    with pytest.raises(dh.NonFiniteError) as caught:
-        curvature.grad()
-    assert "the target of batch 1 holds non-finite values" in " ".join(caught.value.__notes__)
+    for call in (curvature.grad, curvature.hessian):
+        with pytest.raises(dh.NonFiniteError) as caught:
+            call()
+        assert "the target of batch 1 holds non-finite values" in " ".join(caught.value.__notes__)
 
 
 def test_unbatched_samples_are_told_apart_from_a_coupling_cell():

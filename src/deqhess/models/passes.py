@@ -23,14 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ..batches import held_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import renamed
-from ..errors import (
-    ConvergenceError,
-    DeqhessError,
-    InputError,
-    ModelChangedError,
-    NonFiniteError,
-    add_note,
-)
+from ..errors import ConvergenceError, DeqhessError, InputError, ModelChangedError
 from ..locking import modules_locked
 from ..nn import DEQ, LayerCall, layer_calls
 from ..nn.reparametrize import functional_call
@@ -65,18 +58,6 @@ from .modes import StateGuard, check_modes, check_parameters_read
 from .per_sample import sample_loss_values
 
 __all__ = ["ModelPasses"]
-
-
-def _note_non_finite_target(error: Exception, batch: Batch) -> None:
-    """Add a note to ``error`` where the batch's target holds NaN or inf (a likely cause)."""
-    leaves = tree_flatten(batch.target)[0]
-    if any(_floating(t) and not bool(torch.isfinite(t).all()) for t in leaves):
-        add_note(
-            error,
-            f"deqhess: the target of batch {batch.index + 1} holds non-finite values (NaN "
-            "or inf), which reach the loss's gradient; fix or drop those samples (a loss "
-            "that masks missing targets must keep them out of its value and gradient).",
-        )
 
 
 def _floating(t: Any) -> bool:
@@ -367,8 +348,6 @@ class ModelPasses:
                 # non-finite) for the first-order graph: its samples decide, as below
                 keep = self._converged(batch, calls, n, error)
                 if keep is None:
-                    if isinstance(error, NonFiniteError):
-                        _note_non_finite_target(error, batch)
                     raise
             else:
                 keep = self._converged(batch, calls, n)

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from ..batches import Batches
-from ..errors import DeqhessError, InputError, ModelChangedError, add_note
+from ..errors import DeqhessError, InputError, ModelChangedError, NonFiniteError, add_note
 from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart, unmatched_target
 from .notices import summarised
 from .randomness import Draws, LoaderStream
@@ -328,6 +328,8 @@ class Stream:
             except DeqhessError as error:
                 if current is not None:
                     _note_unbatched(error, current, self.sample_dim)
+                    if isinstance(error, NonFiniteError):
+                        _note_non_finite_target(error, current)
                 raise
             read.append(check.batches)
         record = check.finish()
@@ -421,6 +423,21 @@ def _plain_tensors(value: Any) -> Any:
 def _versions(batch: Any) -> list[tuple[Tensor, int]]:
     """The tensors of a batch with their versions (bumped by any in-place write)."""
     return [(t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+
+
+def _note_non_finite_target(error: Exception, batch: Batch) -> None:
+    """Add a note to ``error`` where the batch's target holds NaN or inf (a likely cause)."""
+    leaves = tree_flatten(batch.target)[0]
+    if any(
+        isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        for t in leaves
+    ):
+        add_note(
+            error,
+            f"deqhess: the target of batch {batch.index + 1} holds non-finite values (NaN "
+            "or inf), which reach the loss's gradient; fix or drop those samples (a loss "
+            "that masks missing targets must keep them out of its value and gradient).",
+        )
 
 
 def _note_unbatched(error: Exception, batch: Batch, dim: int | None) -> None:
