@@ -65,6 +65,37 @@ def test_first_order_extensions_are_exact(kind):
         assert relative_error(p.grad, g.sum(0)) <= 1e-10, name
 
 
+class _ClosureModel(torch.nn.Module):
+    """The tanh setup's encoder, cell and head around ``get_deq``'s closure form."""
+
+    def __init__(self, setup):
+        super().__init__()
+        from deqhess.nn import get_deq
+
+        self.encoder, self.cell, self.head = setup.model[0], setup.cell, setup.model[2]
+        self.deq = get_deq(f_solver="anderson", f_max_iter=200, f_tol=1e-13, f_stop_mode="rel",
+                           b_tol=1e-13, b_stop_mode="rel", b_max_iter=200)  # fmt: skip
+
+    def forward(self, X):
+        x = self.encoder(X)
+        return self.head(self.deq(lambda h: self.cell(x, h), torch.zeros_like(x))[0][-1])
+
+
+def test_first_order_extensions_through_get_deqs_closure_are_exact():
+    """``deqhess.nn.get_deq``'s closure form: BackPACK's hooks on the cell's modules saw
+    every solver iteration (an AttributeError from BackPACK); they now see one evaluation
+    at the fixed point, as through the layer — per-sample gradients exact."""
+    setup = build("tanh")
+    setup.model = _ClosureModel(setup)
+    per_sample = per_sample_gradients(setup)
+    params = _run(setup, extensions.BatchGrad())
+    start = 0
+    for name, p in params.items():
+        g = per_sample[:, start : start + p.numel()].reshape(-1, *p.shape)
+        start += p.numel()
+        assert relative_error(p.grad_batch, g) <= 1e-10, name
+
+
 @pytest.mark.parametrize(
     "extension",
     [extensions.DiagGGNExact, extensions.DiagGGNMC, extensions.KFAC, extensions.KFLR],

@@ -11,7 +11,11 @@ The call takes a *closure* ``z ↦ f(z)`` whose parameters deqhess cannot see, s
 fixed point has the exact implicit **first** derivative in everything the closure reads
 (an adjoint solve with ``(I − J)ᵀ``, ``J`` by autograd through one evaluation of the
 closure at ``z*``); a second derivative through it raises
-:class:`deqhess.UnsupportedDerivativeError`. For derivatives of every order (Hessians,
+:class:`deqhess.UnsupportedDerivativeError`. The observing hooks of the modules the
+closure holds (its cells, bound ``self`` and ``partial`` arguments) are set aside in the
+solver's iterations and the adjoint's products, so they see one evaluation at ``z*``
+whose backward carries ``λ``, as through :class:`deqhess.nn.DEQ` (a hooked module it
+reaches otherwise, through a global, is refused). For derivatives of every order (Hessians,
 curvature tools, ``torch.func``), give the cell to :class:`deqhess.nn.DEQ` —
 ``DEQ(StateFirst(cell))(x)`` — see the migration page.
 
@@ -23,8 +27,10 @@ best iterate and the backward's linear solve returns what it reached; both are m
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,6 +40,7 @@ from ..errors import ConvergenceError, InputError, UnsupportedDerivativeError
 from ..linear import LinearSolveStats, neumann_then_gmres
 from ..linear.base import LinearSolveInfo
 from ..solvers import Anderson, Picard, Residual, SolveInfo, Tolerance, solve_fixed_point
+from .hooks import has_hooks, hooks_set_aside
 from .policy import LayerPolicy
 
 __all__ = ["TorchdeqDEQ", "get_deq"]
@@ -173,9 +180,20 @@ class TorchdeqDEQ(nn.Module):
             max_iter = self.config["f_max_iter"] if self.training else self.eval_f_max_iter
         state = _FlatState(z_init)
         config = self.config
+        # the modules the closure reaches run without their observing hooks, except in the
+        # one visible evaluation at z* (whose backward carries λ), as in deqhess.nn.DEQ
+        aside = nn.ModuleList(_closure_modules(func))
+        called: list[nn.Module] = []
+
+        def visible(rows: Tensor) -> Tensor:
+            return state.rows(func(state.unflatten(rows)))
 
         def step(rows: Tensor) -> Tensor:
-            return state.rows(func(state.unflatten(rows)))
+            with hooks_set_aside(aside):
+                if called:
+                    return visible(rows)
+                with _recording(called):  # the first evaluation: which modules run
+                    return visible(rows)
 
         tolerance = _tolerance(config["f_tol"], config["f_stop_mode"])
         with torch.no_grad():
@@ -183,6 +201,7 @@ class TorchdeqDEQ(nn.Module):
                 Residual(step), state.rows(z_init).detach().clone(), self.solver, tolerance,
                 int(max_iter), convergence=self.policy.forward,
             )  # fmt: skip
+        _refuse_unreached_hooks(called, aside)
         stats = LinearSolveStats()
         info = _statistics(step, rows, solve, stats)
         if sradius_mode and not self.training:
@@ -192,9 +211,12 @@ class TorchdeqDEQ(nn.Module):
         z = rows
         if torch.is_grad_enabled():
             seen = rows.detach().requires_grad_(True)
-            fz = step(seen)
+            fz = visible(seen)
             if fz.requires_grad:
-                backward = _Backward(seen, fz, stats, config, self.policy.linear, backward_writer)
+                plain = step if has_hooks(aside) else None
+                backward = _Backward(
+                    seen, fz, stats, config, self.policy.linear, backward_writer, plain
+                )
                 z = _ImplicitGradient.apply(fz, rows, backward)
         return [state.unflatten(z)], info
 
@@ -203,11 +225,14 @@ class _Backward:
     """The adjoint solve ``(I − J)ᵀ λ = ḡ`` at ``z*``, by autograd through one evaluation.
 
     ``Jᵀ v`` is a VJP through ``fz = f(z*)`` (one evaluation, its graph kept until the
-    backward).
+    backward); where the closure's modules hold observing hooks, through an evaluation of
+    its own made with them set aside (``plain``), so that the hooks see only ``λ``, in
+    the backward of the visible one.
     """
 
-    def __init__(self, seen, fz, stats, config, on_failure, writer) -> None:
+    def __init__(self, seen, fz, stats, config, on_failure, writer, plain=None) -> None:
         self.seen, self.fz, self.stats, self.writer = seen, fz, stats, writer
+        self.plain = plain
         self.on_failure = on_failure
         self.rtol, self.atol = _linear_tolerances(config["b_tol"], config["b_stop_mode"])
         self.max_iter = int(config["b_max_iter"])
@@ -224,9 +249,14 @@ class _Backward:
         Raises:
             ConvergenceError: the solve missed ``b_tol`` under the ``"raise"`` policy.
         """
+        point, fz = self.seen, self.fz
+        if self.plain is not None:
+            with torch.enable_grad():
+                point = self.seen.detach().requires_grad_(True)
+                fz = self.plain(point)
 
         def apply(v: Tensor) -> Tensor:
-            (pulled,) = torch.autograd.grad(self.fz, self.seen, v, retain_graph=True)
+            (pulled,) = torch.autograd.grad(fz, point, v, retain_graph=True)
             return v - pulled
 
         rtol = self.rtol if self.rtol is not None else 0.0
@@ -264,6 +294,73 @@ class _ImplicitGradient(torch.autograd.Function):
                 "order."
             )
         return ctx.solver.adjoint(grad), None, None
+
+
+def _closure_modules(func: Any, depth: int = 3) -> list[nn.Module]:
+    """The modules a closure reaches, each with its submodules.
+
+    In its cells, defaults, bound ``self`` or ``functools.partial`` arguments, and so on
+    in the functions among them (``depth`` levels).
+
+    Returns:
+        The modules, each once.
+    """
+    found: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+    pending = [(func, depth)]
+    while pending:
+        value, level = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, nn.Module):
+            found.update((id(m), m) for m in value.modules())
+            continue
+        if level == 0 or not callable(value):
+            continue
+        inner = getattr(value, "__func__", value)
+        held = [getattr(value, "__self__", None), *(getattr(inner, "__defaults__", None) or ())]
+        for cell in getattr(inner, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                held.append(cell.cell_contents)
+        if isinstance(value, functools.partial):
+            held += [value.func, *value.args, *value.keywords.values()]
+        pending += [(v, level - 1) for v in held if v is not None]
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def _recording(called: list[nn.Module]) -> Iterator[None]:
+    """Within the block, every module called is appended to ``called`` (once)."""
+
+    def record(module: nn.Module, args: Any) -> None:
+        if all(m is not module for m in called):
+            called.append(module)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _refuse_unreached_hooks(called: list[nn.Module], aside: nn.ModuleList) -> None:
+    """Refuse observing hooks on modules the closure runs but does not reach.
+
+    Raises:
+        UnsupportedDerivativeError: such a module (reached through a global, say) held
+            an observing hook, which then saw every solver iteration.
+    """
+    reached = {id(m) for m in aside.modules()}
+    hooked = [type(m).__name__ for m in called if id(m) not in reached and has_hooks(m)]
+    if hooked:
+        raise UnsupportedDerivativeError(
+            f"get_deq's closure runs modules with hooks ({', '.join(hooked)}) that it does "
+            "not hold (reached through a global, say), so their hooks saw every solver "
+            "iteration and Jacobian product, not one evaluation at the fixed point. Make "
+            "the closure hold them (lambda z: cell(z, x)), or use deqhess.nn.DEQ"
+            "(StateFirst(cell)), whose hooks see the model as the mathematics does."
+        )
 
 
 class _FlatState:
