@@ -325,9 +325,28 @@ def _run(mode: str, model, name: str):
     return fn(model, flat, x, v)
 
 
+#: modes whose reference is the Hessian by autograd's double backward, not torch.func's
+#: own second-order transforms: torch 2.13's ``jacrev(jacrev)`` and ``hessian`` through
+#: ``layer_norm`` whose input depends on the parameters are 20% off finite differences
+#: (a plain-torch bug), and an unrolled torch.func reference was wrong the same way
+HESSIAN_MODES = ("hessian", "jacrev_of_jacrev")
+
+
 @functools.cache
 def _reference(name: str, mode: str):
+    if mode in HESSIAN_MODES:
+        return _double_backward_hessian(_unrolled_model(name), name)
     return _run(mode, _unrolled_model(name), name)
+
+
+def _double_backward_hessian(model, name: str) -> torch.Tensor:
+    """``[P, P]``: the unrolled loss's Hessian in the parameters, row by row, by plain
+    autograd (double backward): no torch.func transform involved."""
+    _, flat, x, _, _, _ = _setup(name)
+    p = flat.clone().requires_grad_()
+    (g,) = torch.autograd.grad(_loss(model(p, x)), p, create_graph=True)
+    rows = [torch.autograd.grad(g[i], p, retain_graph=True)[0] for i in range(len(flat))]
+    return torch.stack(rows)
 
 
 def _as_tuple(value):
@@ -341,8 +360,22 @@ EXCLUDED = {
     for mode in MODES
     if mode not in DENSE_ON_WIDE
 }
+#: torch's own wrong derivative (see :data:`HESSIAN_MODES`): through the layer as through
+#: plain torch — strict, so a torch that fixes it turns these into failures to update
+TORCH_LAYER_NORM_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="torch 2.13: jacrev(jacrev) and hessian through layer_norm whose input depends "
+    "on the parameters are ~20% off (plain torch too); double backward, jvp(grad) and "
+    "vmap(vjp(grad)) are exact",
+)
 GRID = [
-    pytest.param(name, solver, mode, id=f"{name}-{solver}-{mode}")
+    pytest.param(
+        name,
+        solver,
+        mode,
+        id=f"{name}-{solver}-{mode}",
+        marks=TORCH_LAYER_NORM_BUG if name == "layernorm_elu" and mode in HESSIAN_MODES else (),
+    )
     for name in PROBLEMS
     for solver in SOLVERS
     for mode in MODES
@@ -458,7 +491,13 @@ def _feature_model(name: str, how: str, layer: bool):
 
 
 FEATURES = [
-    pytest.param(name, how, mode, id=f"{name}-{how}-{mode}")
+    pytest.param(
+        name,
+        how,
+        mode,
+        id=f"{name}-{how}-{mode}",
+        marks=TORCH_LAYER_NORM_BUG if name == "layernorm_elu" and mode in HESSIAN_MODES else (),
+    )
     for name in FEATURE_OF
     for how in ("hook", "attribute")
     for mode in MODES
@@ -472,7 +511,11 @@ def test_a_feature_the_cell_hands_on_has_exact_derivatives(name, how, mode):
     derivatives missing ``dh*/dθ`` (the hook's: 6–90% off; the attribute's, a detached
     solver iterate: 93% off), silently."""
     got = _as_tuple(_run(mode, _feature_model(name, how, layer=True), name))
-    want = _as_tuple(_run(mode, _feature_model(name, how, layer=False), name))
+    unrolled = _feature_model(name, how, layer=False)
+    if mode in HESSIAN_MODES:
+        want = (_double_backward_hessian(unrolled, name),)
+    else:
+        want = _as_tuple(_run(mode, unrolled, name))
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape
         assert relative_error(a, b) <= TOL, (name, how, mode)
