@@ -1,0 +1,129 @@
+"""What a batch's loss makes of how its samples are grouped and ordered.
+
+The data set's loss is ``Σ_b w_b ℓ_b``. Where each batch's loss is the plain mean (or
+sum) of its samples' own, any grouping of the samples into batches, in any order, is the
+same operator, and a shuffling loader is harmless. A loss that is not — a class-weighted
+or ``ignore_index`` cross-entropy (a weighted mean), a term coupling the samples — makes
+another grouping another operator; one over consecutive samples, or weighting them by
+position, makes another order within a batch another operator too. The first pass of
+:class:`deqhess.ModelCurvature` asks both of each batch (samples along the first
+dimension), and the stream then refuses a pass that regroups or reorders where it
+matters (:meth:`deqhess.streaming.record.PassCheck.grouped`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ..errors import InputError
+from .graph import BatchGraph
+from .per_sample import sample_loss_values
+
+__all__ = ["loss_couples_samples", "loss_orders_samples"]
+
+
+def loss_couples_samples(graph: BatchGraph, samples: int, reduction: str) -> bool | None:
+    """Whether the batch's loss is not the plain mean (or sum) of its samples' own.
+
+    Each sample's loss alone (:func:`~deqhess.models.per_sample.sample_loss_values`,
+    the loss vmapped over the output's rows) against the batch's:
+    a class-weighted or ``ignore_index`` cross-entropy (a weighted mean), or a term
+    coupling the samples, makes the data set's loss depend on how the samples are
+    grouped into batches.
+
+    Args:
+        graph: the batch's graph (its output, target and loss).
+        samples: the batch's sample count (along the first dimension).
+        reduction: the data set's reduction, ``"mean"`` or ``"sum"``.
+
+    Returns:
+        True where they differ beyond rounding (or a sample's own loss is not finite
+        where the batch's is: an ``ignore_index`` sample alone, 0/0; or the loss
+        cannot be evaluated on one sample); None where the output or the target has
+        no sample rows (not known).
+    """
+    if samples <= 1:
+        return False
+    try:
+        with warnings.catch_warnings():  # the check's own evaluations: not the user's
+            warnings.simplefilter("ignore")
+            own = sample_loss_values(graph, samples)
+    except InputError:  # no sample rows to take
+        return None
+    except Exception:  # the loss cannot take a batch of one: it couples the samples
+        return True
+    batch = graph.loss.detach()
+    if not bool(torch.isfinite(own).all()):  # e.g. an ignored sample's loss alone: 0/0
+        return bool(torch.isfinite(batch))
+    total = own.mean() if reduction == "mean" else own.sum()
+    scale = float(own.abs().mean() if reduction == "mean" else own.abs().sum())
+    eps = torch.finfo(own.dtype).eps
+    return abs(float(total - batch)) > 1e3 * eps * max(scale, float(batch.abs()))
+
+
+def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
+    """Whether the batch's loss depends on the order of its samples.
+
+    The loss and its gradient at the output, with the output's and the target's
+    sample rows in two other orders (shifted by one, and a fixed shuffle), against
+    the batch's own: a term over consecutive samples, or weights by position, makes
+    the data set's loss depend on the order a loader yields the samples in.
+
+    Args:
+        graph: the batch's graph (its output, target and loss).
+        samples: the batch's sample count (along the first dimension).
+
+    Returns:
+        True where they differ beyond rounding; None where the loss cannot be
+        evaluated so (not known).
+    """
+    if samples <= 1:
+        return False
+    flat, spec = tree_flatten(graph.output)
+    leaves = [t.detach().requires_grad_() if _floating(t) else t for t in flat]
+    differentiable = [t for t in leaves if _floating(t)]
+    output = tree_unflatten(leaves, spec)
+    shuffled = torch.randperm(samples, generator=torch.Generator().manual_seed(0))
+    orders = (torch.roll(torch.arange(samples), 1), shuffled)
+
+    def rows(value: Any, order: Tensor) -> Any:
+        return tree_map(lambda t: t[order.to(t.device)] if _rows(t, samples) else t, value)
+
+    def loss_and_grads(order: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        out, target = (output, graph.target) if order is None else (
+            rows(output, order), rows(graph.target, order))  # fmt: skip
+        value = graph._loss_of(out, target)
+        return value.detach(), torch.autograd.grad(
+            value, differentiable, allow_unused=True, materialize_grads=True
+        )
+
+    try:
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")  # the check's own evaluations
+            value, grads = loss_and_grads(None)
+            moved = [loss_and_grads(order) for order in orders]
+    except Exception:  # the loss cannot take its rows reordered
+        return None
+    eps = 1e3 * torch.finfo(value.dtype).eps
+    for other, other_grads in moved:
+        if abs(float(other - value)) > eps * float(value.abs().clamp_min(1e-300)):
+            return True
+        for g, h in zip(grads, other_grads, strict=True):
+            largest = torch.linalg.vector_norm(g, ord=float("inf"))
+            if torch.linalg.vector_norm(g - h, ord=float("inf")) > eps * largest:
+                return True
+    return False
+
+
+def _floating(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point()
+
+
+def _rows(t: Any, samples: int) -> bool:
+    """Whether ``t`` is a tensor with one row per sample (along its first dimension)."""
+    return isinstance(t, Tensor) and t.ndim > 0 and len(t) == samples

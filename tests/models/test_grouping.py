@@ -1,0 +1,58 @@
+"""What a batch's loss makes of its samples' grouping and order (the first pass's checks).
+
+A plain mean (or sum) of per-sample losses is neither; a weighted mean (class weights)
+or a term over all pairs depends on the grouping but not the order; a term over
+consecutive samples, or weights by position, on both. Each is read from one batch's graph
+(the loss, and its gradient at the output, re-evaluated), never from the model again.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import Classifier
+from torch import nn
+
+from deqhess.models import BatchGraph
+from deqhess.models.grouping import loss_couples_samples, loss_orders_samples
+from deqhess.parameters import ParameterLayout
+
+
+def _consecutive(out, target):
+    return nn.functional.cross_entropy(out, target) + 0.1 * (out[1:] - out[:-1]).pow(2).mean()
+
+
+def _by_position(out, target):
+    position = torch.linspace(1.0, 2.0, len(out), dtype=out.dtype)
+    return (nn.functional.cross_entropy(out, target, reduction="none") * position).mean()
+
+
+def _pairs(out, target):
+    return nn.functional.cross_entropy(out, target) + 0.1 * (out[:, None] - out[None]).pow(2).mean()
+
+
+LOSSES = {  # loss: (couples, orders)
+    "plain mean": (lambda: nn.CrossEntropyLoss(), False, False),
+    "plain sum": (lambda: nn.CrossEntropyLoss(reduction="sum"), False, False),
+    "class weights": (lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 4.0])), True, False),
+    "all pairs": (lambda: _pairs, True, False),
+    "consecutive": (lambda: _consecutive, True, True),
+    "by position": (lambda: _by_position, True, True),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_grouping_and_order_are_read_from_the_loss(name):
+    make, couples, orders = LOSSES[name]
+    loss = make()
+    torch.manual_seed(0)
+    model = Classifier(k=2)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    layout = ParameterLayout(params)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 1, 0, 1, 0])
+    graph = BatchGraph(model, loss, layout, params, x, y, 1.0, None)
+    reduction = "sum" if name == "plain sum" else "mean"
+    assert loss_couples_samples(graph, 6, reduction) is couples
+    assert loss_orders_samples(graph, 6) is orders
+    assert loss_couples_samples(graph, 1, reduction) is False
