@@ -74,14 +74,18 @@ def _global(name: str) -> OrderedDict:
     return getattr(torch.nn.modules.module, name)
 
 
-def has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module, include_global: bool = True) -> bool:
     """Whether the cell is observed.
 
+    Args:
+        module: the cell (or any module).
+        include_global: whether a global backward hook counts.
+
     Returns:
-        True if ``module`` or a submodule holds an observing hook, or a global backward
-        hook is registered.
+        True if ``module`` or a submodule holds an observing hook, or (with
+        ``include_global``) a global backward hook is registered.
     """
-    if any(_global(name) for name in _GLOBAL):
+    if include_global and any(_global(name) for name in _GLOBAL):
         return True
     for m in module.modules():
         for registry in _REGISTRIES:

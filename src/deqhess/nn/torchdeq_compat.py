@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -331,10 +332,11 @@ def _closure_modules(func: Any, depth: int = 3) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def _recording(called: list[nn.Module]) -> Iterator[None]:
-    """Within the block, every module called is appended to ``called`` (once)."""
+    """Within the block, every module this thread calls is appended to ``called`` (once)."""
+    thread = threading.get_ident()
 
     def record(module: nn.Module, args: Any) -> None:
-        if all(m is not module for m in called):
+        if threading.get_ident() == thread and all(m is not module for m in called):
             called.append(module)
 
     handle = nn.modules.module.register_module_forward_pre_hook(record)
@@ -349,10 +351,15 @@ def _refuse_unreached_hooks(called: list[nn.Module], aside: nn.ModuleList) -> No
 
     Raises:
         UnsupportedDerivativeError: such a module (reached through a global, say) held
-            an observing hook, which then saw every solver iteration.
+            an observing hook of its own, which then saw every solver iteration (global
+            backward hooks are set aside whatever the module).
     """
     reached = {id(m) for m in aside.modules()}
-    hooked = [type(m).__name__ for m in called if id(m) not in reached and has_hooks(m)]
+    hooked = [
+        type(m).__name__
+        for m in called
+        if id(m) not in reached and has_hooks(m, include_global=False)
+    ]
     if hooked:
         raise UnsupportedDerivativeError(
             f"get_deq's closure runs modules with hooks ({', '.join(hooked)}) that it does "
