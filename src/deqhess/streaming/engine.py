@@ -27,7 +27,6 @@ distributed forms) only form a batch and say what to compute on it.
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
@@ -35,12 +34,20 @@ from typing import Any, Protocol, cast, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from ..batches import Batches
-from ..errors import DeqhessError, InputError, ModelChangedError, NonFiniteError, add_note
-from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart, unmatched_target
+from ..errors import DeqhessError, InputError, NonFiniteError
+from .batch_checks import (
+    check_target,
+    check_unwritten,
+    checked_count,
+    note_non_finite_target,
+    note_unbatched,
+    plain_tensors,
+    tensor_versions,
+)
+from .fingerprint import batch_key, response_sketch, sample_hashes, told_apart
 from .notices import summarised
 from .randomness import Draws, LoaderStream
 from .ranks import agreed
@@ -307,10 +314,10 @@ class Stream:
                         check.responded(batch.hashes, None, 0.0, batch.key)
                         continue  # an empty batch: nothing to add
                     draws.mark()  # the loader may draw (shuffling); the model may not
-                    inputs = _versions((batch.x, batch.target))
+                    inputs = tensor_versions((batch.x, batch.target))
                     formed = form(batch, stored)
                     draws.check(self.evaluated)
-                    _check_unwritten(inputs, self.evaluated)
+                    check_unwritten(inputs, self.evaluated)
                     if formed is None:
                         check.responded(batch.hashes[:0], None, 0.0, batch.key)
                         excluded += len(batch.hashes)
@@ -321,15 +328,15 @@ class Stream:
                     weight = formed.samples if self.reduction == "mean" else 1.0
                     value = compute(formed.term)
                     draws.check(self.evaluated)
-                    _check_unwritten(inputs, self.evaluated)
+                    check_unwritten(inputs, self.evaluated)
                     del formed
                     if value is not None:
                         total = _accumulate(total, value, weight)
             except DeqhessError as error:
                 if current is not None:
-                    _note_unbatched(error, current, self.sample_dim)
+                    note_unbatched(error, current.index, current.x, current.target, self.sample_dim)
                     if isinstance(error, NonFiniteError):
-                        _note_non_finite_target(error, current)
+                        note_non_finite_target(error, current.index, current.target)
                 raise
             read.append(check.batches)
         record = check.finish()
@@ -353,10 +360,10 @@ class Stream:
                 yield Batch(index, None, None, entry.hashes, ""), entry
             return
         for index, (x, target) in enumerate(self.data):
-            x, target = _plain_tensors(x), _plain_tensors(target)
+            x, target = plain_tensors(x), plain_tensors(target)
             dim = self.sample_dim
-            samples = _checked_count(index, x, target, self.count(x), dim) if dim is not None else 1
-            _check_target(index, x, target, samples, dim)
+            samples = checked_count(index, x, target, self.count(x), dim) if dim is not None else 1
+            check_target(index, x, target, samples, dim)
             hashes = sample_hashes((x, target), samples, dim)
             check.read(hashes, told_apart=told_apart((x, target), samples, dim))
             key = batch_key(hashes)
@@ -401,140 +408,6 @@ class Stream:
         for part in parts:
             dist.all_reduce(part, group=self.group)
         return total
-
-
-def _plain_tensors(value: Any) -> Any:
-    """``value`` with each tensor made under ``torch.inference_mode`` copied as a plain one.
-
-    Such a tensor has no version counter (what a pass checks a batch's tensors by) and
-    autograd cannot save it (what the derivatives' graphs do with the model's input).
-
-    Returns:
-        ``value`` itself where it holds no such tensor, else a copy of its structure.
-    """
-    if isinstance(value, Tensor):
-        return value.clone() if value.is_inference() else value
-    leaves, spec = tree_flatten(value)
-    if not any(isinstance(t, Tensor) and t.is_inference() for t in leaves):
-        return value
-    return tree_unflatten([_plain_tensors(t) for t in leaves], spec)
-
-
-def _versions(batch: Any) -> list[tuple[Tensor, int]]:
-    """The tensors of a batch with their versions (bumped by any in-place write)."""
-    return [(t, t._version) for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
-
-
-def _note_non_finite_target(error: Exception, batch: Batch) -> None:
-    """Add a note to ``error`` where the batch's target holds NaN or inf (a likely cause)."""
-    leaves = tree_flatten(batch.target)[0]
-    if any(
-        isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-        for t in leaves
-    ):
-        add_note(
-            error,
-            f"deqhess: the target of batch {batch.index + 1} holds non-finite values (NaN "
-            "or inf), which reach the loss's gradient; fix or drop those samples (a loss "
-            "that masks missing targets must keep them out of its value and gradient).",
-        )
-
-
-def _note_unbatched(error: Exception, batch: Batch, dim: int | None) -> None:
-    """Add a note to ``error`` where the batch looks like one sample without a batch dim.
-
-    A ``DataLoader`` with ``batch_size=None`` (or a data set indexed directly) yields
-    single samples: the input's first dimension is then read as its samples, and what
-    fails (a DEQ layer "coupling the samples", say) blames the model.
-    """
-    x, target = batch.x, batch.target
-    if dim != 0 or not isinstance(x, Tensor) or not isinstance(target, Tensor):
-        return
-    if target.ndim == 0 and x.ndim >= 1:
-        add_note(
-            error,
-            f"deqhess: batch {batch.index + 1} has a target that is one number while x has "
-            f"shape {tuple(x.shape)}, read as {x.shape[0]} samples: if each batch is one "
-            "sample without a batch dimension (DataLoader(..., batch_size=None), a data set "
-            "indexed directly), batch the samples (batch_size=...) or add the dimension "
-            "(x[None], target[None]).",
-        )
-
-
-def _checked_count(index: int, x: Any, target: Any, count: Any, dim: int) -> int:
-    """The sample count of a batch as ``batch_size_fn`` gave it, checked against the batch.
-
-    Args:
-        index: the batch's index in the pass.
-        x: its input.
-        target: its target.
-        count: what the count function returned.
-        dim: the sample dimension.
-
-    Returns:
-        The count, as an int.
-
-    Raises:
-        InputError: the count is not a non-negative integer; or every tensor of the
-            batch (input and target) with a dimension ``dim`` has one size along it,
-            neither the count nor 1 (as ``batch_size_fn=len`` counts the inputs of a
-            tuple, not their samples). Batches whose tensors disagree among themselves
-            (a graph batch's nodes, edges and graphs) are the count's to define.
-    """
-    try:
-        samples = operator.index(count)
-    except TypeError:
-        samples = -1
-    if samples < 0:
-        raise InputError(
-            f"batch {index + 1}: the sample count is {count!r} ({type(count).__name__}); "
-            "batch_size_fn must return the batch's number of samples as a non-negative int."
-        )
-    leaves = tree_flatten((x, target))[0]
-    sizes = {t.shape[dim] for t in leaves if isinstance(t, Tensor) and t.ndim > dim}
-    if len(sizes) == 1 and sizes.isdisjoint({samples, 1}):
-        raise InputError(
-            f"batch {index + 1}: the sample count is {samples}, but every tensor of the batch "
-            f"has {sizes.pop()} entries along batch_dim={dim}: the count weighs the batch "
-            "(n_b / N) and keys its samples. Return the number of samples "
-            "(batch_size_fn=lambda x: len(x[0]) for a tuple of inputs, not len)."
-        )
-    return samples
-
-
-def _check_target(index: int, x: Any, target: Any, samples: int, dim: int | None) -> None:
-    """Refuse a batch whose target has another number of samples than its input.
-
-    Args:
-        index: the batch's index in the pass.
-        x: its input.
-        target: its target.
-        samples: the input's sample count along ``dim``.
-        dim: the sample dimension (None: nothing to check).
-
-    Raises:
-        InputError: naming both counts and shapes (see
-            :func:`~deqhess.streaming.fingerprint.unmatched_target` for what is checked).
-    """
-    got = unmatched_target(x, target, samples, dim)
-    if got is not None:
-        raise InputError(
-            f"batch {index + 1}: x has {samples} samples along batch_dim={dim}, the target "
-            f"{got} (shapes {tuple(x.shape)} and {tuple(target.shape)}). Each batch's target "
-            "needs one entry per sample of x: take both from the same rows (the same "
-            "indices, the same DataLoader batch), or pass batch_dim= for the dimension "
-            "that indexes the samples."
-        )
-
-
-def _check_unwritten(versions: list[tuple[Tensor, int]], evaluated: str) -> None:
-    """Raise :class:`deqhess.ModelChangedError` if ``evaluated`` wrote to the batch."""
-    if any(t._version != version for t, version in versions):
-        raise ModelChangedError(
-            f"{evaluated} wrote to the batch's inputs or targets in place (e.g. x.div_(2) in "
-            "forward), so the data differ on every pass and the user's batches were "
-            "modified. Compute on a copy (x = x / 2) instead."
-        )
 
 
 def _accumulate(total: Value | None, value: Value | Addend, weight: float) -> Value:
