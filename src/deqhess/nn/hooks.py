@@ -40,7 +40,13 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["backward_hooks_checked", "describe_hooks", "has_hooks", "hooks_set_aside"]
+__all__ = [
+    "backward_hooks_checked",
+    "describe_hooks",
+    "has_hooks",
+    "hooked_modules",
+    "hooks_set_aside",
+]
 
 #: the per-module hook registries torch consults in ``Module.__call__``
 _REGISTRIES = (
@@ -93,6 +99,22 @@ def has_hooks(module: nn.Module, include_global: bool = True) -> bool:
             if hooks and any(not _defines_map(h) for h in hooks.values()):
                 return True
     return False
+
+
+def hooked_modules(modules: list[nn.Module]) -> list[nn.Module]:
+    """Those of ``modules`` that hold an observing hook of their own (not a submodule's).
+
+    Returns:
+        The modules, in order.
+    """
+    return [
+        m
+        for m in modules
+        if any(
+            any(not _defines_map(h) for h in m.__dict__.get(registry, {}).values())
+            for registry in _REGISTRIES
+        )
+    ]
 
 
 def describe_hooks(module: nn.Module, label: str = "cell") -> list[str]:

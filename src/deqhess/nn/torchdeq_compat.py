@@ -41,7 +41,7 @@ from ..errors import ConvergenceError, InputError, UnsupportedDerivativeError
 from ..linear import LinearSolveStats, neumann_then_gmres
 from ..linear.base import LinearSolveInfo
 from ..solvers import Anderson, Picard, Residual, SolveInfo, Tolerance, solve_fixed_point
-from .hooks import has_hooks, hooks_set_aside
+from .hooks import has_hooks, hooked_modules, hooks_set_aside
 from .policy import LayerPolicy
 
 __all__ = ["TorchdeqDEQ", "get_deq"]
@@ -183,14 +183,16 @@ class TorchdeqDEQ(nn.Module):
         config = self.config
         # the modules the closure reaches run without their observing hooks, except in the
         # one visible evaluation at z* (whose backward carries λ), as in deqhess.nn.DEQ
-        aside = nn.ModuleList(_closure_modules(func))
+        reached = _closure_modules(func)
+        aside = nn.ModuleList(hooked_modules(reached))
+        observed = has_hooks(aside)  # its modules' hooks, or global backward hooks
         called: list[nn.Module] = []
 
         def visible(rows: Tensor) -> Tensor:
             return state.rows(func(state.unflatten(rows)))
 
         def step(rows: Tensor) -> Tensor:
-            with hooks_set_aside(aside):
+            with hooks_set_aside(aside) if observed else contextlib.nullcontext():
                 if called:
                     return visible(rows)
                 with _recording(called):  # the first evaluation: which modules run
@@ -202,7 +204,7 @@ class TorchdeqDEQ(nn.Module):
                 Residual(step), state.rows(z_init).detach().clone(), self.solver, tolerance,
                 int(max_iter), convergence=self.policy.forward,
             )  # fmt: skip
-        _refuse_unreached_hooks(called, aside)
+        _refuse_unreached_hooks(called, reached)
         stats = LinearSolveStats()
         info = _statistics(step, rows, solve, stats)
         if sradius_mode and not self.training:
@@ -214,7 +216,7 @@ class TorchdeqDEQ(nn.Module):
             seen = rows.detach().requires_grad_(True)
             fz = visible(seen)
             if fz.requires_grad:
-                plain = step if has_hooks(aside) else None
+                plain = step if observed else None
                 backward = _Backward(
                     seen, fz, stats, config, self.policy.linear, backward_writer, plain
                 )
@@ -346,7 +348,7 @@ def _recording(called: list[nn.Module]) -> Iterator[None]:
         handle.remove()
 
 
-def _refuse_unreached_hooks(called: list[nn.Module], aside: nn.ModuleList) -> None:
+def _refuse_unreached_hooks(called: list[nn.Module], reached: list[nn.Module]) -> None:
     """Refuse observing hooks on modules the closure runs but does not reach.
 
     Raises:
@@ -354,12 +356,8 @@ def _refuse_unreached_hooks(called: list[nn.Module], aside: nn.ModuleList) -> No
             an observing hook of its own, which then saw every solver iteration (global
             backward hooks are set aside whatever the module).
     """
-    reached = {id(m) for m in aside.modules()}
-    hooked = [
-        type(m).__name__
-        for m in called
-        if id(m) not in reached and has_hooks(m, include_global=False)
-    ]
+    held = {id(m) for m in reached}
+    hooked = [type(m).__name__ for m in hooked_modules(called) if id(m) not in held]
     if hooked:
         raise UnsupportedDerivativeError(
             f"get_deq's closure runs modules with hooks ({', '.join(hooked)}) that it does "
