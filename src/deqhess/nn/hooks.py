@@ -107,14 +107,15 @@ def hooked_modules(modules: list[nn.Module]) -> list[nn.Module]:
     Returns:
         The modules, in order.
     """
-    return [
-        m
-        for m in modules
-        if any(
-            any(not _defines_map(h) for h in m.__dict__.get(registry, {}).values())
-            for registry in _REGISTRIES
-        )
-    ]
+    found = []
+    for m in modules:
+        own = m.__dict__  # the registries, read at the cost of a dict lookup each
+        for registry in _REGISTRIES:
+            hooks = own.get(registry)
+            if hooks and any(not _defines_map(h) for h in hooks.values()):
+                found.append(m)
+                break
+    return found
 
 
 def describe_hooks(module: nn.Module, label: str = "cell") -> list[str]:

@@ -316,8 +316,13 @@ def _closure_modules(func: Any, depth: int = 3) -> list[nn.Module]:
         if id(value) in seen:
             continue
         seen.add(id(value))
-        if isinstance(value, nn.Module):
-            found.update((id(m), m) for m in value.modules())
+        if isinstance(value, nn.Module):  # with its submodules, without generators
+            stack = [value]
+            while stack:
+                module = stack.pop()
+                if id(module) not in found:
+                    found[id(module)] = module
+                    stack += [m for m in module._modules.values() if m is not None]
             continue
         if level == 0 or not callable(value):
             continue
