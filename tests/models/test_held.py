@@ -8,8 +8,10 @@ product is the new model's: compared with a fresh operator of it).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from models import Classifier, Reference, unrolled_twin
@@ -354,11 +356,19 @@ def test_a_loss_function_state_or_a_backward_hook_changed_inside_a_block_is_seen
 
 
 _GLOBAL_SCALE = 0.0
+_CONFIG = {"scale": 0.0}
+_ARGS = argparse.Namespace(scale=np.float64(0.0))
 
 
 def _globally_scaled(output, target):
     """A loss reading a module-level Python float."""
     return ((output - target) ** 2).mean() + _GLOBAL_SCALE * (output**2).mean()
+
+
+def _configured(output, target):
+    """A loss reading a global dict and a global argparse.Namespace (a NumPy number)."""
+    extra = _CONFIG["scale"] * (output**2).mean() + _ARGS.scale * output.mean()
+    return ((output - target) ** 2).mean() + extra
 
 
 def test_a_number_the_loss_or_a_module_holds_changed_inside_a_block_is_seen():
@@ -401,6 +411,9 @@ def test_a_number_the_loss_or_a_module_holds_changed_inside_a_block_is_seen():
                             lambda: setattr(smoothing, "label_smoothing", 0.3)),
         "global float": (Classifier(), _globally_scaled, data, set_global),
         "closure float": (Classifier(), closed, data, rebind_closure),
+        "global dict": (Classifier(), _configured, data, lambda: _CONFIG.update(scale=0.7)),
+        "global Namespace": (Classifier(), _configured, data,
+                             lambda: setattr(_ARGS, "scale", np.float64(0.4))),
     }  # fmt: skip
     for name, (model, loss, batches, change) in cases.items():
         op = dh.ModelCurvature(model, loss, batches).hessian_operator()
@@ -411,6 +424,7 @@ def test_a_number_the_loss_or_a_module_holds_changed_inside_a_block_is_seen():
             fresh = dh.ModelCurvature(model, loss, batches).hessian_operator() @ v
             assert relative_error(op @ v, fresh) <= 1e-12, name
     _GLOBAL_SCALE = 0.0
+    _CONFIG["scale"], _ARGS.scale = 0.0, np.float64(0.0)
     # the model's own number: refused as a changed model, inside a block as outside it
     op = dh.ModelCurvature(scaled, nn.MSELoss(), data).hessian_operator()
     with op.holding():
@@ -418,6 +432,34 @@ def test_a_number_the_loss_or_a_module_holds_changed_inside_a_block_is_seen():
         scaled.scale = 1.5
         with pytest.raises(dh.ModelChangedError, match="returned other values"):
             op @ v
+
+
+class _CountingCalls(nn.Module):
+    """A classifier that counts its calls (a plain attribute its forward changes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.calls = Classifier(), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_a_forward_changing_its_own_plain_attribute_keeps_what_is_held(monkeypatch):
+    """A call counter changes the model's plain attributes on every pass: the next pass
+    is compared with the state the last one left, so its graphs stay kept (each batch
+    formed once, as for a model without the counter; were formed every pass, twice the
+    time of an eigensolve) and the products are those taken without holding."""
+    model = _CountingCalls()
+    op = dh.ModelCurvature(model, nn.MSELoss(), _data()).hessian_operator()
+    v = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(3))
+    expected = op @ v
+    formed = _count_formed(monkeypatch)
+    with op.holding():
+        for _ in range(3):
+            assert relative_error(op @ v, expected) <= 1e-12
+    assert formed == ["total"] * 3  # three batches, once each
 
 
 def test_loss_only_passes_and_batches_of_other_objects_are_not_kept():

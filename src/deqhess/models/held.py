@@ -30,11 +30,15 @@ the samples), keeping stops for the rest of the block.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
@@ -59,6 +63,9 @@ _READABLE = (Tensor, int, float, bool, str, type(None))
 #: the plain values a pass's state token holds by value (a module's attributes, a loss's
 #: closed-over or global numbers)
 _PLAIN = (int, float, complex, bool, str, type(None))
+
+#: configuration objects a loss reads (a dict, ``argparse.Namespace``): their values count
+_NAMESPACES = (dict, argparse.Namespace, types.SimpleNamespace)
 
 #: the hooks a module holds, and torch's global ones, that change what a forward computes
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -89,19 +96,27 @@ def state_token(model: nn.Module, loss: Any) -> tuple:
     numbers = tuple(_plain(v) for v in held if not isinstance(v, (Tensor, nn.Module)))
     for module in modules[1:]:
         tensors += [*module.parameters(), *module.buffers()]
+    every = [m for module in modules for m in module.modules()]
+    for m in every:  # tensors a module keeps as plain attributes (not registered)
+        tensors += [t for t in vars(m).values() if isinstance(t, Tensor)]
     layout = tuple(
         (id(m), m.training, *(tuple(getattr(m, h, ())) for h in _HOOKS), _attributes(m))
-        for module in modules
-        for m in module.modules()
+        for m in every
     )
     hooks = tuple(tuple(getattr(nn.modules.module, h, ())) for h in _GLOBAL_HOOKS)
     return layout, hooks, numbers, tuple(id(t) for t in tensors), tensor_digests(tensors)
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as a token if it is a number, a string or a tuple of them; else None."""
+    """``value`` as a comparable token, where it is plain.
+
+    Returns:
+        A token for a number (NumPy's too), a string or a tuple of them; else None.
+    """
     if isinstance(value, _PLAIN):
         return (type(value), value)
+    if isinstance(value, np.generic):
+        return (type(value), value.tobytes())
     if isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value):
         return (tuple, value)
     return None
@@ -118,7 +133,8 @@ def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
 
     Returns:
         The loss itself if a module; else those it closes over, takes as defaults or
-        reads as globals (one level), the model left out (the stream checks it).
+        reads as globals (one level; a dict, ``argparse.Namespace`` or dataclass among
+        them, by its values), the model left out (the stream checks it).
     """
     if isinstance(loss, nn.Module):
         return [loss]
@@ -136,7 +152,11 @@ def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
     if isinstance(loss, functools.partial):
         candidates += [*loss.args, *loss.keywords.values()]
     for value in candidates:
-        if isinstance(value, Tensor) or (isinstance(value, nn.Module) and value is not model):
+        if isinstance(value, _NAMESPACES) or dataclasses.is_dataclass(value):
+            if not isinstance(value, type):  # a configuration object: its values, one level
+                items = value.values() if isinstance(value, dict) else vars(value).values()
+                found += [v for v in items if isinstance(v, Tensor) or _plain(v) is not None]
+        elif isinstance(value, Tensor) or (isinstance(value, nn.Module) and value is not model):
             found.append(value)
         elif _plain(value) is not None:
             found.append(value)
@@ -195,6 +215,18 @@ class HeldGraphs:
             self.full = True
         self._part, self._hits = part, 0
         self._kept_before = any(kept_part == part for kept_part, _ in self._kept)
+
+    def ended(self, state: tuple) -> None:
+        """A pass ended with the model in ``state``: what the next pass's is compared with.
+
+        So a forward that changes its own plain state on every call (a call counter)
+        does not drop the graphs kept: only a change between passes does (and a kept
+        graph's first reuse still checks the model's output).
+
+        Args:
+            state: the model's state token after the pass.
+        """
+        self.state = state
 
     def expected(self, directions: int | None) -> int | None:
         """The directions a graph formed now will see: all the holder's products.

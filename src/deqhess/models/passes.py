@@ -518,6 +518,8 @@ class ModelPasses:
             self._former(part, directions),
             lambda graph: None if graph is None else compute(graph), empty, desc,
         )  # fmt: skip
+        if self._held is not None:  # the next pass is compared with the state it left
+            self._held.ended(state_token(self.model, self.loss))
         self._check_samples()
         # a tensor: every term is one, and a pass without a term gives empty()'s zero
         return cast(Tensor, total)
