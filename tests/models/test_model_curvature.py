@@ -7,6 +7,8 @@ the unrolled references are exact to rounding (see ``models.py``).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from models import Classifier, Reference, unrolled_twin
@@ -204,6 +206,15 @@ def test_model_errors():
     with pytest.raises(ValueError, match="takes 1 positional arguments"):
         dh.ModelCurvature(model, lambda o: o.sum(), data)
     dh.ModelCurvature(model, lambda o, y=None, *, w=1.0: mse(o, y) * w, data).grad()
+
+    def weighted(o, y, w):
+        return mse(o, y) * w
+
+    @functools.wraps(weighted)
+    def wrapper(o, y):  # a decorator supplying the third argument: its own signature counts
+        return weighted(o, y, 2.0)
+
+    dh.ModelCurvature(model, wrapper, data).grad()
     with pytest.raises(ValueError, match="pass batch_size_fn"):
         dh.ModelCurvature(model, mse, [((x,), y) for x, y in data]).grad()
     with pytest.raises(ValueError, match="data is empty"):

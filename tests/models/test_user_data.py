@@ -429,8 +429,8 @@ def test_a_target_with_another_sample_count_is_refused_before_torch():
 def test_a_sample_count_the_batch_contradicts_is_refused():
     """``batch_size_fn=len`` on a tuple of inputs counts the inputs (2), not the samples:
     the batches were weighed 1/2 each instead of n_b / N (0.18 relative off, silently);
-    now refused, as is a count that is not an int. A count the batch's tensors do not
-    agree on among themselves (a graph batch's nodes and graphs) stays the count's."""
+    now refused, as is a count that is not an int. Any other function's count is the
+    user's to define (a graph batch's graphs, whose tensors all count points)."""
 
     class Two(nn.Module):
         def __init__(self):
@@ -444,7 +444,7 @@ def test_a_sample_count_the_batch_contradicts_is_refused():
     extra = torch.randn(13, 2, generator=torch.Generator().manual_seed(3))
     data = [((x[:5], extra[:5]), y[:5]), ((x[5:], extra[5:]), y[5:])]
     model = Two()
-    with pytest.raises(dh.InputError, match=r"count is 2, but every tensor of the batch has 5"):
+    with pytest.raises(dh.InputError, match=r"=len counts the 2 entries of x \(tuple\), but"):
         dh.ModelCurvature(model, nn.MSELoss(), data, batch_size_fn=len).grad()
     with pytest.raises(dh.InputError, match=r"count is 5.0 \(float\).*non-negative int"):
         dh.ModelCurvature(model, nn.MSELoss(), data, batch_size_fn=lambda x: 5.0).grad()

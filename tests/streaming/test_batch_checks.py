@@ -12,8 +12,9 @@ from deqhess.streaming.batch_checks import checked_count, plain_tensors
 def test_a_count_is_an_int_the_batch_does_not_contradict():
     x, y = (torch.randn(5, 3), torch.randn(5, 2)), torch.randn(5)
     assert checked_count(0, x, y, 5, 0) == 5
-    with pytest.raises(InputError, match=r"count is 2, but every tensor of the batch has 5"):
-        checked_count(0, x, y, len(x), 0)  # batch_size_fn=len on a tuple of inputs
+    with pytest.raises(InputError, match=r"=len counts the 2 entries of x \(tuple\), but every"):
+        checked_count(0, x, y, len(x), 0, len)  # batch_size_fn=len on a tuple of inputs
+    assert checked_count(0, x, y, 2, 0) == 2  # another function's count is the user's
     for bad in (5.0, -1, "5", None):
         with pytest.raises(InputError, match="non-negative int"):
             checked_count(0, x, y, bad, 0)
@@ -22,6 +23,9 @@ def test_a_count_is_an_int_the_batch_does_not_contradict():
     # broadcast target leave the count to the user
     graph = {"nodes": torch.randn(11, 4), "edges": torch.zeros(2, 20, dtype=torch.long)}
     assert checked_count(0, graph, torch.randn(3), 3, 0) == 3
+    points = (torch.randn(14, 3), torch.zeros(14, dtype=torch.long))  # 3 point clouds
+    assert checked_count(0, points, torch.randn(14, 2), 3, 0) == 3  # per-point targets
+    assert checked_count(0, torch.randn(5, 3), y, len(torch.randn(5, 3)), 0, len) == 5
     assert checked_count(0, torch.randn(1, 3), torch.randn(1, 2), 4, 0) == 4
     assert checked_count(0, ["tokens", "of", "text"], None, 3, 0) == 3
 

@@ -72,7 +72,7 @@ def check_loss_arguments(loss: Any) -> None:
     """
     function = loss.forward if isinstance(loss, nn.Module) else loss
     try:
-        params = list(inspect.signature(function).parameters.values())
+        params = list(inspect.signature(function, follow_wrapped=False).parameters.values())
     except (TypeError, ValueError):
         return
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):

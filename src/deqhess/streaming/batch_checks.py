@@ -86,8 +86,10 @@ def note_unbatched(error: Exception, index: int, x: Any, target: Any, dim: int |
         )
 
 
-def checked_count(index: int, x: Any, target: Any, count: Any, dim: int) -> int:
-    """The sample count of a batch as ``batch_size_fn`` gave it, checked against the batch.
+def checked_count(
+    index: int, x: Any, target: Any, count: Any, dim: int, counter: Any = None
+) -> int:
+    """The sample count of a batch as ``batch_size_fn`` gave it, checked.
 
     Args:
         index: the batch's index in the pass.
@@ -95,16 +97,16 @@ def checked_count(index: int, x: Any, target: Any, count: Any, dim: int) -> int:
         target: its target.
         count: what the count function returned.
         dim: the sample dimension.
+        counter: the count function itself (``len`` is checked against ``x``).
 
     Returns:
         The count, as an int.
 
     Raises:
-        InputError: the count is not a non-negative integer; or every tensor of the
-            batch (input and target) with a dimension ``dim`` has one size along it,
-            neither the count nor 1 (as ``batch_size_fn=len`` counts the inputs of a
-            tuple, not their samples). Batches whose tensors disagree among themselves
-            (a graph batch's nodes, edges and graphs) are the count's to define.
+        InputError: the count is not a non-negative integer; or ``batch_size_fn=len``
+            counted the inputs of a tuple (the keys of a dict) whose tensors all have
+            another size along ``dim`` — their samples. Any other count is the user's
+            to define (a graph batch's graphs, say).
     """
     try:
         samples = operator.index(count)
@@ -115,15 +117,17 @@ def checked_count(index: int, x: Any, target: Any, count: Any, dim: int) -> int:
             f"batch {index + 1}: the sample count is {count!r} ({type(count).__name__}); "
             "batch_size_fn must return the batch's number of samples as a non-negative int."
         )
-    leaves = tree_flatten((x, target))[0]
-    sizes = {t.shape[dim] for t in leaves if isinstance(t, Tensor) and t.ndim > dim}
-    if len(sizes) == 1 and sizes.isdisjoint({samples, 1}):
-        raise InputError(
-            f"batch {index + 1}: the sample count is {samples}, but every tensor of the batch "
-            f"has {sizes.pop()} entries along batch_dim={dim}: the count weighs the batch "
-            "(n_b / N) and keys its samples. Return the number of samples "
-            "(batch_size_fn=lambda x: len(x[0]) for a tuple of inputs, not len)."
-        )
+    if counter is len and not isinstance(x, Tensor):
+        leaves = tree_flatten((x, target))[0]
+        sizes = {t.shape[dim] for t in leaves if isinstance(t, Tensor) and t.ndim > dim}
+        if len(sizes) == 1 and sizes.isdisjoint({samples, 1}):
+            raise InputError(
+                f"batch {index + 1}: batch_size_fn=len counts the {samples} entries of x "
+                f"({type(x).__name__}), but every tensor of the batch has {sizes.pop()} "
+                f"entries along batch_dim={dim}: the count weighs the batch (n_b / N) and "
+                "keys its samples. Return the number of samples (batch_size_fn=lambda x: "
+                "len(x[0]) for a tuple of inputs)."
+            )
     return samples
 
 

@@ -362,7 +362,11 @@ class Stream:
         for index, (x, target) in enumerate(self.data):
             x, target = plain_tensors(x), plain_tensors(target)
             dim = self.sample_dim
-            samples = checked_count(index, x, target, self.count(x), dim) if dim is not None else 1
+            samples = (
+                checked_count(index, x, target, self.count(x), dim, self.count)
+                if dim is not None
+                else 1
+            )
             check_target(index, x, target, samples, dim)
             hashes = sample_hashes((x, target), samples, dim)
             check.read(hashes, told_apart=told_apart((x, target), samples, dim))
