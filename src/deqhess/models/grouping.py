@@ -69,10 +69,13 @@ def loss_couples_samples(graph: BatchGraph, samples: int, reduction: str) -> boo
 def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
     """Whether the batch's loss depends on the order of its samples.
 
-    The loss and its gradient at the output, with the output's and the target's
-    sample rows in two other orders (shifted by one, and a fixed shuffle), against
-    the batch's own: a term over consecutive samples, or weights by position, makes
-    the data set's loss depend on the order a loader yields the samples in.
+    The loss and its gradient at the output, with the output's and the target's sample
+    rows in two other orders (shifted by one, and a fixed shuffle), against the batch's
+    own: a term over consecutive samples, or weights by position, makes the data set's
+    loss depend on the order a loader yields the samples in. Compared at the output moved
+    by a fixed random step of its own scale — a generic point, where a loss near its
+    minimum (a moment matched to 1e-11) cannot pass rounding off as order — or, where
+    the loss is not finite there (outputs it takes only in a range), at the output.
 
     Args:
         graph: the batch's graph (its output, target and loss).
@@ -85,11 +88,36 @@ def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
     if samples <= 1:
         return False
     flat, spec = tree_flatten(graph.output)
-    leaves = [t.detach().requires_grad_() if _floating(t) else t for t in flat]
-    differentiable = [t for t in leaves if _floating(t)]
-    output = tree_unflatten(leaves, spec)
-    shuffled = torch.randperm(samples, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    shuffled = torch.randperm(samples, generator=generator)
     orders = (torch.roll(torch.arange(samples), 1), shuffled)
+
+    def moved(t: Tensor) -> Tensor:
+        step = torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+        return t + 0.5 * (float(t.abs().mean()) + 1.0) * step
+
+    try:
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")  # the check's own evaluations
+            for point in (moved, lambda t: t):
+                leaves = [point(t.detach()).requires_grad_() if _floating(t) else t for t in flat]
+                found = _reordered(graph, tree_unflatten(leaves, spec), leaves, samples, orders)
+                if found is not None:
+                    return found
+    except Exception:  # the loss cannot take its rows reordered
+        return None
+    return None
+
+
+def _reordered(
+    graph: BatchGraph, output: Any, leaves: list[Any], samples: int, orders: tuple[Tensor, ...]
+) -> bool | None:
+    """Whether the loss at ``output`` (and its gradient) moves when its rows are reordered.
+
+    Returns:
+        True or False; None where the loss or its gradient is not finite there.
+    """
+    differentiable = [t for t in leaves if _floating(t)]
 
     def rows(value: Any, order: Tensor) -> Any:
         return tree_map(lambda t: t[order.to(t.device)] if _rows(t, samples) else t, value)
@@ -102,15 +130,12 @@ def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
             value, differentiable, allow_unused=True, materialize_grads=True
         )
 
-    try:
-        with warnings.catch_warnings(), torch.enable_grad():
-            warnings.simplefilter("ignore")  # the check's own evaluations
-            value, grads = loss_and_grads(None)
-            moved = [loss_and_grads(order) for order in orders]
-    except Exception:  # the loss cannot take its rows reordered
+    value, grads = loss_and_grads(None)
+    if not bool(torch.isfinite(value)) or not all(bool(torch.isfinite(g).all()) for g in grads):
         return None
     eps = 1e3 * torch.finfo(value.dtype).eps
-    for other, other_grads in moved:
+    for order in orders:
+        other, other_grads = loss_and_grads(order)
         if abs(float(other - value)) > eps * float(value.abs().clamp_min(1e-300)):
             return True
         for g, h in zip(grads, other_grads, strict=True):
