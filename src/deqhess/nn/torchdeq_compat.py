@@ -31,6 +31,7 @@ import contextlib
 import functools
 import math
 import threading
+import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -41,7 +42,7 @@ from ..errors import ConvergenceError, InputError, UnsupportedDerivativeError
 from ..linear import LinearSolveStats, neumann_then_gmres
 from ..linear.base import LinearSolveInfo
 from ..solvers import Anderson, Picard, Residual, SolveInfo, Tolerance, solve_fixed_point
-from .hooks import has_hooks, hooked_modules, hooks_set_aside
+from .hooks import describe_hooks, has_hooks, hooked_modules, hooks_set_aside
 from .policy import LayerPolicy
 
 __all__ = ["TorchdeqDEQ", "get_deq"]
@@ -212,9 +213,14 @@ class TorchdeqDEQ(nn.Module):
         else:  # torchdeq's placeholder
             info["sradius"] = torch.zeros(1, dtype=rows.dtype, device=rows.device)
         z = rows
+        if observed and not torch.is_grad_enabled():  # no visible evaluation: check the hooks
+            with torch.no_grad():
+                _refuse_altering_hooks(visible(rows), rows, info["abs_lowest"], aside)
         if torch.is_grad_enabled():
             seen = rows.detach().requires_grad_(True)
             fz = visible(seen)
+            if observed:
+                _refuse_altering_hooks(fz.detach(), rows, info["abs_lowest"], aside)
             if fz.requires_grad:
                 plain = step if observed else None
                 backward = _Backward(
@@ -299,11 +305,12 @@ class _ImplicitGradient(torch.autograd.Function):
         return ctx.solver.adjoint(grad), None, None
 
 
-def _closure_modules(func: Any, depth: int = 3) -> list[nn.Module]:
+def _closure_modules(func: Any, depth: int = 6) -> list[nn.Module]:
     """The modules a closure reaches, each with its submodules.
 
-    In its cells, defaults, bound ``self`` or ``functools.partial`` arguments, and so on
-    in the functions among them (``depth`` levels).
+    Through its cells, defaults, the globals its code names, a bound ``self``,
+    ``functools.partial`` arguments, the lists, tuples and dicts among them and the
+    attributes of plain objects — and so on in what those hold (``depth`` levels).
 
     Returns:
         The modules, each once.
@@ -313,7 +320,7 @@ def _closure_modules(func: Any, depth: int = 3) -> list[nn.Module]:
     pending = [(func, depth)]
     while pending:
         value, level = pending.pop()
-        if id(value) in seen:
+        if id(value) in seen or isinstance(value, _OPAQUE):
             continue
         seen.add(id(value))
         if isinstance(value, nn.Module):  # with its submodules, without generators
@@ -324,17 +331,36 @@ def _closure_modules(func: Any, depth: int = 3) -> list[nn.Module]:
                     found[id(module)] = module
                     stack += [m for m in module._modules.values() if m is not None]
             continue
-        if level == 0 or not callable(value):
+        if level == 0:
             continue
+        pending += [(v, level - 1) for v in _held_by(value) if v is not None]
+    return list(found.values())
+
+
+#: what a closure's search does not look into: data, code objects, modules of code, types
+_OPAQUE = (Tensor, str, bytes, int, float, complex, bool, type, types.ModuleType)
+
+
+def _held_by(value: Any) -> list[Any]:
+    """What ``value`` holds that may lead to a module (see :func:`_closure_modules`)."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, functools.partial):
+        return [value.func, *value.args, *value.keywords.values()]
+    if callable(value) and (hasattr(value, "__code__") or hasattr(value, "__func__")):
         inner = getattr(value, "__func__", value)
         held = [getattr(value, "__self__", None), *(getattr(inner, "__defaults__", None) or ())]
         for cell in getattr(inner, "__closure__", None) or ():
             with contextlib.suppress(ValueError):  # an empty cell
                 held.append(cell.cell_contents)
-        if isinstance(value, functools.partial):
-            held += [value.func, *value.args, *value.keywords.values()]
-        pending += [(v, level - 1) for v in held if v is not None]
-    return list(found.values())
+        code, namespace = getattr(inner, "__code__", None), getattr(inner, "__globals__", {})
+        if code is not None:
+            held += [namespace[name] for name in code.co_names if name in namespace]
+        return held
+    attributes = getattr(value, "__dict__", None)  # a plain object: its attributes
+    return list(attributes.values()) if isinstance(attributes, dict) else []
 
 
 @contextlib.contextmanager
@@ -365,12 +391,52 @@ def _refuse_unreached_hooks(called: list[nn.Module], reached: list[nn.Module]) -
     hooked = [type(m).__name__ for m in hooked_modules(called) if id(m) not in held]
     if hooked:
         raise UnsupportedDerivativeError(
-            f"get_deq's closure runs modules with hooks ({', '.join(hooked)}) that it does "
-            "not hold (reached through a global, say), so their hooks saw every solver "
-            "iteration and Jacobian product, not one evaluation at the fixed point. Make "
-            "the closure hold them (lambda z: cell(z, x)), or use deqhess.nn.DEQ"
-            "(StateFirst(cell)), whose hooks see the model as the mathematics does."
+            f"get_deq's closure runs modules with hooks ({', '.join(hooked)}) that deqhess "
+            "cannot find from it (through its cells, defaults, globals, bound self, partial "
+            "arguments, and the containers and objects among them), so their hooks saw "
+            "every solver iteration and Jacobian product, not one evaluation at the fixed "
+            "point. Make the closure hold them (lambda z: cell(z, x)), or use deqhess.nn."
+            "DEQ(StateFirst(cell)), whose hooks see the model as the mathematics does."
         )
+
+
+def _refuse_altering_hooks(
+    visible: Tensor, rows: Tensor, plain_residuals: Tensor, aside: nn.ModuleList
+) -> None:
+    """Refuse hooks that change what the closure computes.
+
+    The solve runs with the closure's hooks set aside; the visible evaluation at ``z*``
+    runs them. Where they only observe, both evaluate the same map (the same residual);
+    a hook returning another value makes the visible evaluation another map, whose
+    fixed point this is not.
+
+    Raises:
+        InputError: a sample's residual with the hooks exceeds the solve's (without them)
+            beyond rounding, naming both and the hooks.
+    """
+    residuals = torch.linalg.vector_norm(visible - rows, dim=1)
+    scale = 1.0 + torch.linalg.vector_norm(rows, dim=1)
+    slack = 1e3 * torch.finfo(rows.dtype).eps * scale
+    worse = residuals > 10.0 * plain_residuals + slack
+    if bool(worse.any()):
+        i = int(torch.nonzero(worse)[0, 0])
+        raise InputError(
+            f"a module hook of get_deq's closure changes what it computes: at the fixed "
+            f"point found without the hooks (residual {float(plain_residuals[i]):.2e} on "
+            f"sample {i}), the closure with them has residual {float(residuals[i]):.2e}. "
+            f"Hooks ({'; '.join(_hook_names(aside))}) may observe, not alter: compute the "
+            "change in the cell's forward instead."
+        )
+
+
+def _hook_names(aside: nn.ModuleList) -> list[str]:
+    """The hooks of the closure's hooked modules, each named by its module's type."""
+    names: list[str] = []
+    for module in aside:
+        for entry in describe_hooks(module, type(module).__name__):
+            if entry not in names:
+                names.append(entry)
+    return names
 
 
 class _FlatState:
