@@ -170,6 +170,21 @@ def test_running_away_to_huge_states_is_not_convergence():
         solve_fixed_point(f, torch.zeros(1, 3), Anderson(), Tolerance(1e-10, 1e-10), 500)
 
 
+def test_running_away_from_a_larger_first_residual_is_not_convergence():
+    """No fixed point either (f(h) − h ≥ 0.5), but a first residual of ~5 (the bump at 0):
+    Anderson ran to ‖h‖ ≈ 6e10 with the residual at 47% of its start, which the bar of
+    "not halved" took for convergence (a Hessian 36–47% off, silently); the residual must
+    fall below a tenth of its start."""
+
+    z = torch.randn(1, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def f(h):
+        return h + 1.0 + 0.5 * torch.sin(h + z) + 4.0 * torch.exp(-(h**2))
+
+    with pytest.raises(ConvergenceError, match=r"ran away: .*did not fall below 0.1 of its"):
+        solve_fixed_point(f, z.clone(), Anderson(), Tolerance(1e-10, 0.0), 500)
+
+
 def _anderson_reference(fn, h0, steps, memory, damping, regularization=1e-10):
     """Type-II Anderson written out from its definition: per row, the regularised normal
     equations over the last ``memory`` differences, ``h ← h + βg − (ΔH + βΔG)γ``."""
