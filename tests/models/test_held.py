@@ -365,9 +365,14 @@ def _globally_scaled(output, target):
     return ((output - target) ** 2).mean() + _GLOBAL_SCALE * (output**2).mean()
 
 
+_WEIGHTS = [0.0, torch.zeros(2)]
+
+
 def _configured(output, target):
-    """A loss reading a global dict and a global argparse.Namespace (a NumPy number)."""
+    """A loss reading a global dict, a global argparse.Namespace (a NumPy number) and a
+    global list (a number and a small tensor)."""
     extra = _CONFIG["scale"] * (output**2).mean() + _ARGS.scale * output.mean()
+    extra = extra + _WEIGHTS[0] * output.mean() + (_WEIGHTS[1] * output).mean()
     return ((output - target) ** 2).mean() + extra
 
 
@@ -414,6 +419,8 @@ def test_a_number_the_loss_or_a_module_holds_changed_inside_a_block_is_seen():
         "global dict": (Classifier(), _configured, data, lambda: _CONFIG.update(scale=0.7)),
         "global Namespace": (Classifier(), _configured, data,
                              lambda: setattr(_ARGS, "scale", np.float64(0.4))),
+        "global list": (Classifier(), _configured, data, lambda: _WEIGHTS.__setitem__(0, 0.3)),
+        "tensor in a list": (Classifier(), _configured, data, lambda: _WEIGHTS[1].add_(0.5)),
     }  # fmt: skip
     for name, (model, loss, batches, change) in cases.items():
         op = dh.ModelCurvature(model, loss, batches).hessian_operator()
@@ -425,6 +432,8 @@ def test_a_number_the_loss_or_a_module_holds_changed_inside_a_block_is_seen():
             assert relative_error(op @ v, fresh) <= 1e-12, name
     _GLOBAL_SCALE = 0.0
     _CONFIG["scale"], _ARGS.scale = 0.0, np.float64(0.0)
+    _WEIGHTS[0] = 0.0
+    _WEIGHTS[1].zero_()
     # the model's own number: refused as a changed model, inside a block as outside it
     op = dh.ModelCurvature(scaled, nn.MSELoss(), data).hessian_operator()
     with op.holding():

@@ -30,8 +30,6 @@ the samples), keeping stops for the rest of the block.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import types
 from collections.abc import Callable
@@ -64,8 +62,9 @@ _READABLE = (Tensor, int, float, bool, str, type(None))
 #: closed-over or global numbers)
 _PLAIN = (int, float, complex, bool, str, type(None))
 
-#: configuration objects a loss reads (a dict, ``argparse.Namespace``): their values count
-_NAMESPACES = (dict, argparse.Namespace, types.SimpleNamespace)
+#: the largest tensor in a container a loss reads that the state token digests (a loss
+#: reading a global list of data batches is not digested on every pass)
+_SMALL = 65536
 
 #: the hooks a module holds, and torch's global ones, that change what a forward computes
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -133,8 +132,8 @@ def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
 
     Returns:
         The loss itself if a module; else those it closes over, takes as defaults or
-        reads as globals (one level; a dict, ``argparse.Namespace`` or dataclass among
-        them, by its values), the model left out (the stream checks it).
+        reads as globals (one level; a list, dict or configuration object among them by
+        its numbers and small tensors), the model left out (the stream checks it).
     """
     if isinstance(loss, nn.Module):
         return [loss]
@@ -152,15 +151,34 @@ def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
     if isinstance(loss, functools.partial):
         candidates += [*loss.args, *loss.keywords.values()]
     for value in candidates:
-        if isinstance(value, _NAMESPACES) or dataclasses.is_dataclass(value):
-            if not isinstance(value, type):  # a configuration object: its values, one level
-                items = value.values() if isinstance(value, dict) else vars(value).values()
-                found += [v for v in items if isinstance(v, Tensor) or _plain(v) is not None]
-        elif isinstance(value, Tensor) or (isinstance(value, nn.Module) and value is not model):
+        if isinstance(value, Tensor) or (isinstance(value, nn.Module) and value is not model):
             found.append(value)
         elif _plain(value) is not None:
             found.append(value)
+        else:  # a container or configuration object: its numbers and small tensors
+            found += [
+                v
+                for v in _contents(value)
+                if _plain(v) is not None or (isinstance(v, Tensor) and v.numel() <= _SMALL)
+            ]
     return found
+
+
+def _contents(value: Any) -> list[Any]:
+    """What a list, tuple, set, dict or plain object a loss reads holds (one level).
+
+    Returns:
+        Its items or attribute values; nothing for functions, classes and modules of
+        code, whose state is not the loss's.
+    """
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)
+    if isinstance(value, dict):
+        return list(value.values())
+    if callable(value) or isinstance(value, (type, types.ModuleType)):
+        return []
+    attributes = getattr(value, "__dict__", None)  # Namespace, dataclass, a config object
+    return list(attributes.values()) if isinstance(attributes, dict) else []
 
 
 @dataclass
