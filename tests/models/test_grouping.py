@@ -77,3 +77,19 @@ def test_an_order_blind_loss_near_its_minimum_is_not_taken_for_ordered():
     assert float(graph.loss.detach()) < 1e-11
     assert loss_couples_samples(graph, 6, "mean") is True
     assert loss_orders_samples(graph, 6) is False
+
+
+def test_a_class_weighted_mean_is_coupled_even_on_a_batch_of_one_class():
+    """A batch whose samples are all of one class makes the class-weighted mean the plain
+    mean: a first pass of such batches took the loss for a plain mean, and a shuffling
+    loader then changed the operator every pass (1.2 relative), silently."""
+    torch.manual_seed(0)
+    model = Classifier(k=2)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    layout = ParameterLayout(params)
+    x, y = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.ones(4).long()
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 4.0]))
+    graph = BatchGraph(model, weighted, layout, params, x, y, 1.0, None)
+    assert loss_couples_samples(graph, 4, "mean") is True
+    plain = BatchGraph(model, nn.CrossEntropyLoss(), layout, params, x, y, 1.0, None)
+    assert loss_couples_samples(plain, 4, "mean") is False

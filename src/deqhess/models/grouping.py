@@ -17,7 +17,7 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import InputError
@@ -41,6 +41,9 @@ def loss_couples_samples(graph: BatchGraph, samples: int, reduction: str) -> boo
         samples: the batch's sample count (along the first dimension).
         reduction: the data set's reduction, ``"mean"`` or ``"sum"``.
 
+    A class-weighted cross-entropy (or NLL) is coupled by construction, whatever the
+    batch.
+
     Returns:
         True where they differ beyond rounding (or a sample's own loss is not finite
         where the batch's is: an ``ignore_index`` sample alone, 0/0; or the loss
@@ -49,6 +52,8 @@ def loss_couples_samples(graph: BatchGraph, samples: int, reduction: str) -> boo
     """
     if samples <= 1:
         return False
+    if _class_weighted_mean(graph.loss_func):  # whatever this batch's classes
+        return True
     try:
         with warnings.catch_warnings():  # the check's own evaluations: not the user's
             warnings.simplefilter("ignore")
@@ -143,6 +148,23 @@ def _reordered(
             if torch.linalg.vector_norm(g - h, ord=float("inf")) > eps * largest:
                 return True
     return False
+
+
+def _class_weighted_mean(loss: Any) -> bool:
+    """Whether ``loss`` is a class-weighted mean: it couples the samples by construction.
+
+    Its batch value divides by the batch's sum of class weights; a batch of one class
+    only (equal weights) does not show it, and a first pass whose batches happen to be
+    so would let a regrouping loader through.
+
+    Returns:
+        True for a mean-reduced cross-entropy or NLL loss module with ``weight``.
+    """
+    return (
+        isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss))
+        and loss.weight is not None
+        and loss.reduction == "mean"
+    )
 
 
 def _floating(t: Any) -> bool:
