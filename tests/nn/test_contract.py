@@ -389,3 +389,27 @@ def test_a_non_finite_buffer_of_the_cell_is_named_as_the_cell_s_input():
 
     with pytest.raises(dh.InputError, match=r"cell\.sentinel .*buffer of the cell"):
         DEQ(Sentinel())(torch.randn(2, 4))
+
+
+def test_a_checkpoint_inside_the_cell_is_named():
+    """torch.utils.checkpoint(use_reentrant=False) inside the cell: torch.func (how the
+    layer differentiates its cell) refuses its saved-tensor hooks with a bare
+    RuntimeError; named, with what to do (the same checkpoint around the layer works)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from deqhess.nn import DEQ
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def inner(self, x, h):
+            return torch.tanh(0.3 * self.lin(h) + x)
+
+        def forward(self, x, h):
+            return checkpoint(self.inner, x, h, use_reentrant=False)
+
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(dh.UnsupportedDerivativeError, match="saved-tensor hooks.*Remove"):
+        DEQ(Checkpointed())(x).sum().backward()

@@ -16,13 +16,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import InputError, add_note
+from ..errors import InputError, UnsupportedDerivativeError, add_note
 from .transforms import tracked
 
 __all__ = [
     "InputLayout",
     "BufferLedger",
     "buffers_unwritten",
+    "saved_tensor_hooks_named",
     "check_deterministic",
     "check_parametrize_cache",
     "check_inputs",
@@ -405,3 +406,37 @@ class InputLayout:
         for i, t in zip(self.positions, tensors, strict=True):
             leaves[i] = t
         return tree_unflatten(leaves, self.spec)
+
+
+#: torch.func's message for saved-tensor hooks (non-reentrant checkpointing, offloading)
+_SAVED_TENSOR_HOOKS = "don't yet support saved tensor hooks"
+
+
+@contextlib.contextmanager
+def saved_tensor_hooks_named() -> Iterator[None]:
+    """Name saved-tensor hooks met by the ``torch.func`` transforms of the cell's derivatives.
+
+    ``torch.utils.checkpoint(..., use_reentrant=False)`` inside the cell (or
+    ``torch.autograd.graph.saved_tensors_hooks`` around it: CPU offloading) sets hooks that
+    torch.func's ``vjp``/``jvp`` refuse with a bare ``RuntimeError``.
+
+    Yields:
+        Nothing: the block evaluates the cell for a derivative.
+
+    Raises:
+        UnsupportedDerivativeError: the cell met such hooks; the message says what to do.
+        RuntimeError: any other error of the block, as it was.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if _SAVED_TENSOR_HOOKS not in str(error):
+            raise
+        raise UnsupportedDerivativeError(
+            "the cell runs under saved-tensor hooks (torch.utils.checkpoint(..., "
+            "use_reentrant=False) inside it, or torch.autograd.graph.saved_tensors_hooks "
+            "around it), which torch.func — how the layer differentiates its cell — does "
+            "not support. Remove the checkpoint from the cell: the layer keeps no solver "
+            "iterations (its memory is one evaluation of the cell), so it would save "
+            "nothing there; checkpointing around the layer, or elsewhere in the model, works."
+        ) from error

@@ -38,6 +38,7 @@ from .contract import (
     check_inputs,
     check_registered,
     explaining_first_call,
+    saved_tensor_hooks_named,
     state_arguments,
 )
 from .hooks import backward_hooks_checked, describe_hooks, has_hooks, hooks_set_aside
@@ -355,7 +356,8 @@ class DEQ(nn.Module):
                     out = cell(inputs.rebuild(args[:count]), z)
                 else:
                     arguments = dict(zip(names, state, strict=True))
-                    out = functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
+                    with saved_tensor_hooks_named():
+                        out = functional_call(cell, arguments, (inputs.rebuild(args[:count]), z))
             check_state_map(out, z, "cell(x, h)")
             return out
 
