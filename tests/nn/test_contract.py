@@ -411,5 +411,5 @@ def test_a_checkpoint_inside_the_cell_is_named():
             return checkpoint(self.inner, x, h, use_reentrant=False)
 
     x = torch.randn(3, 4, requires_grad=True)
-    with pytest.raises(dh.UnsupportedDerivativeError, match="saved-tensor hooks.*Remove"):
+    with pytest.raises(dh.UnsupportedDerivativeError, match=r"saved-tensor hooks.*Remove"):
         DEQ(Checkpointed())(x).sum().backward()
