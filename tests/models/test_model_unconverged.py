@@ -161,3 +161,32 @@ def test_an_unconverged_sample_with_a_singular_system_is_refused_or_left_out(for
     keep = x[:, 0] == 0
     kept = [(x[:4][keep[:4]], y[:4][keep[:4]]), (x[4:][keep[4:]], y[4:][keep[4:]])]
     assert relative_error(result, run(dh.ModelCurvature(model, nn.MSELoss(), kept))) <= 1e-12
+
+
+class _Pooled(nn.Module):
+    """The model run in a worker thread of a pool inside its own forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(self.inner, x).result()
+
+
+def test_unconverged_samples_of_layers_run_in_a_thread_pool_are_seen():
+    """A forward running its DEQ layer in a pool's thread: the pass's records live in its
+    own thread's context, so the layer's calls went unrecorded and unconverged samples
+    were analysed as fixed points, silently; the pass now registers the model's layers."""
+    x, y, slow = _data()
+    model = _Pooled(_model("best"))
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    with pytest.raises(dh.ConvergenceError, match=r"left 1 of 4 samples of batch 1"):
+        dh.ModelCurvature(model, nn.MSELoss(), data).hessian()
+    pooled = dh.ModelCurvature(model, nn.MSELoss(), data, exclude_unconverged=True)
+    direct = dh.ModelCurvature(model.inner, nn.MSELoss(), data, exclude_unconverged=True)
+    assert relative_error(pooled.hessian(), direct.hessian()) <= 1e-12
+    assert pooled.excluded_samples == direct.excluded_samples == 2

@@ -382,7 +382,7 @@ class ModelPasses:
         if keep is not None:
             x, target = restricted(x, target, keep, self.batch_dim)
         warm = stored.warm if stored is not None and keep is None else {}
-        with torch.no_grad(), layer_calls(warm=warm, keep_best=True):
+        with torch.no_grad(), layer_calls(warm=warm, keep_best=True, layers=self._layers()):
             return functional_call(self.model, params, (x,), watch_rebinds=True)
 
     def _formed(
@@ -410,6 +410,10 @@ class ModelPasses:
             coupled=coupled, ordered=ordered,
         )  # fmt: skip
 
+    def _layers(self) -> list[DEQ]:
+        """The model's DEQ layers (their calls are recorded from any thread)."""
+        return [m for m in self.model.modules() if isinstance(m, DEQ)]
+
     def _leaves(self) -> dict[str, Tensor]:
         return {n: t.requires_grad_() for n, t in zip(self.names, self._values(), strict=True)}
 
@@ -427,8 +431,9 @@ class ModelPasses:
         """The batch's graph, and the DEQ layers' calls of its forward (into ``calls``)."""
         calls = [] if calls is None else calls
         with layer_calls(
-            warm=warm, records=calls, keep_best=True, directions=directions, watch_accuracy=True
-        ):
+            warm=warm, records=calls, keep_best=True, directions=directions,
+            watch_accuracy=True, layers=self._layers(),
+        ):  # fmt: skip
             graph = BatchGraph(
                 self.model, self.loss, self.layout, params, x, target, 1.0, part,
                 self.split_at, self.backward, samples=samples,

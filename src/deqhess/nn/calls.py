@@ -12,7 +12,9 @@ to report and leave out, not an error that stops the loop.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,6 +34,7 @@ __all__ = [
     "Calls",
     "ConvergenceRecord",
     "LayerCall",
+    "calls_of",
     "convergence",
     "layer_calls",
     "warm_starts",
@@ -91,6 +94,7 @@ def layer_calls(
     keep_best: bool = False,
     directions: int | None = None,
     watch_accuracy: bool = False,
+    layers: Iterable[DEQ] = (),
 ) -> Iterator[None]:
     """Control and record every :class:`DEQ` call in the block (outside ``torch.func``).
 
@@ -125,18 +129,49 @@ def layer_calls(
         directions: the directions each derivative pass pushes through the layers, or
             None (a training step's few).
         watch_accuracy: warn where a call's derivatives' error bound is high.
+        layers: layers whose calls are controlled and recorded from any thread while the
+            block runs — a forward that runs them in a thread pool, whose threads do not
+            see the block's context — (the caller keeps other threads' own calls of
+            them out meanwhile: a model's pass holds its modules' locks).
 
     Yields:
         Nothing: the controls hold until the block ends, then the enclosing block's
         (if any) hold again.
     """
-    token = CALLS.set(
-        Calls(warm, records, keep_best, directions=directions, watch_accuracy=watch_accuracy)
-    )
+    calls = Calls(warm, records, keep_best, directions=directions, watch_accuracy=watch_accuracy)
+    token = CALLS.set(calls)
+    registered = [layer for layer in layers if layer not in _BY_LAYER]
+    with _BY_LAYER_GUARD:
+        _BY_LAYER.update((layer, calls) for layer in registered)
     try:
         yield
     finally:
+        with _BY_LAYER_GUARD:
+            for layer in registered:
+                _BY_LAYER.pop(layer, None)
         CALLS.reset(token)
+
+
+def calls_of(layer: DEQ) -> Calls | None:
+    """The controls over ``layer``'s call now: this context's block, else one registering it.
+
+    Args:
+        layer: the layer being called.
+
+    Returns:
+        The innermost :func:`layer_calls` block of this thread's context, or the block
+        that registered ``layer`` (from another thread), or None.
+    """
+    own = CALLS.get()
+    if own is not None:
+        return own
+    with _BY_LAYER_GUARD:
+        return _BY_LAYER.get(layer)
+
+
+#: layers registered by a :func:`layer_calls` block, with its controls
+_BY_LAYER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BY_LAYER_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from .attributes import (
     attributes_kept,
     check_hooks_assign_nothing_read,
 )
-from .calls import CALLS, Calls, LayerCall, layer_calls, warm_starts
+from .calls import Calls, LayerCall, calls_of, layer_calls, warm_starts
 from .contract import (
     InputLayout,
     buffers_unwritten,
@@ -322,7 +322,7 @@ class DEQ(nn.Module):
         """``h*`` and, if ``with_info``, its :class:`LayerInfo` (else None)."""
         check_deterministic(self.cell)
         inputs = InputLayout(x)
-        calls = CALLS.get() if torch._C._functorch.peek_interpreter_stack() is None else None
+        calls = calls_of(self) if torch._C._functorch.peek_interpreter_stack() is None else None
         warm = self._warm_entry(calls) if h0 is None else None
         given = h0 is not None
         if given:
