@@ -181,7 +181,7 @@ def test_unconverged_samples_of_layers_run_in_a_thread_pool_are_seen():
     """A forward running its DEQ layer in a pool's thread: the pass's records live in its
     own thread's context, so the layer's calls went unrecorded and unconverged samples
     were analysed as fixed points, silently; the pass now registers the model's layers."""
-    x, y, slow = _data()
+    x, y, _ = _data()
     model = _Pooled(_model("best"))
     data = [(x[:4], y[:4]), (x[4:], y[4:])]
     with pytest.raises(dh.ConvergenceError, match=r"left 1 of 4 samples of batch 1"):
