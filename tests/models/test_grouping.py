@@ -93,3 +93,24 @@ def test_a_class_weighted_mean_is_coupled_even_on_a_batch_of_one_class():
     assert loss_couples_samples(graph, 4, "mean") is True
     plain = BatchGraph(model, nn.CrossEntropyLoss(), layout, params, x, y, 1.0, None)
     assert loss_couples_samples(plain, 4, "mean") is False
+
+
+def test_an_order_dependent_loss_that_refuses_the_generic_point_is_checked_at_the_output():
+    """Binary cross-entropy weighted by position on a model's probabilities: the output
+    moved off [0, 1] makes torch raise, and the check gave up ("not known": a reordering
+    loader then changed the operator every pass, 30%); it falls back to the output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Classifier(k=2), nn.Sigmoid())
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    layout = ParameterLayout(params)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    y = torch.rand(6, 2, generator=torch.Generator().manual_seed(2))
+
+    def by_position(out, target):
+        weights = torch.linspace(1.0, 2.0, len(out), dtype=out.dtype)[:, None]
+        return (nn.functional.binary_cross_entropy(out, target, reduction="none") * weights).mean()
+
+    graph = BatchGraph(model, by_position, layout, params, x, y, 1.0, None)
+    assert loss_orders_samples(graph, 6) is True
+    plain = BatchGraph(model, nn.BCELoss(), layout, params, x, y, 1.0, None)
+    assert loss_orders_samples(plain, 6) is False

@@ -80,7 +80,8 @@ def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
     loss depend on the order a loader yields the samples in. Compared at the output moved
     by a fixed random step of its own scale — a generic point, where a loss near its
     minimum (a moment matched to 1e-11) cannot pass rounding off as order — or, where
-    the loss is not finite there (outputs it takes only in a range), at the output.
+    the loss is not finite there or refuses it (outputs it takes only in a range, as
+    binary cross-entropy's probabilities), at the output.
 
     Args:
         graph: the batch's graph (its output, target and loss).
@@ -101,16 +102,16 @@ def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
         step = torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
         return t + 0.5 * (float(t.abs().mean()) + 1.0) * step
 
-    try:
-        with warnings.catch_warnings(), torch.enable_grad():
-            warnings.simplefilter("ignore")  # the check's own evaluations
-            for point in (moved, lambda t: t):
+    for point in (moved, lambda t: t):
+        try:
+            with warnings.catch_warnings(), torch.enable_grad():
+                warnings.simplefilter("ignore")  # the check's own evaluations
                 leaves = [point(t.detach()).requires_grad_() if _floating(t) else t for t in flat]
                 found = _reordered(graph, tree_unflatten(leaves, spec), leaves, samples, orders)
-                if found is not None:
-                    return found
-    except Exception:  # the loss cannot take its rows reordered
-        return None
+        except Exception:  # off the loss's domain (BCE raises): the next point
+            continue
+        if found is not None:
+            return found
     return None
 
 

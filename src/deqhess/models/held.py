@@ -122,9 +122,22 @@ def _plain(value: Any) -> Any:
 
 
 def _attributes(module: nn.Module) -> tuple:
-    """A module's plain attributes (numbers, strings and tuples of them), by name."""
-    tokens = ((name, _plain(value)) for name, value in vars(module).items())
-    return tuple((name, token) for name, token in tokens if token is not None)
+    """A module's plain attributes, as tokens by name.
+
+    Returns:
+        Its numbers and strings, and the numbers and strings in its lists, tuples and
+        dicts (one level: ``self.scale[0]`` changed in place).
+    """
+    tokens = []
+    for name, value in vars(module).items():
+        token = _plain(value)
+        if token is None and isinstance(value, (list, tuple, dict)) and len(value) <= _SMALL:
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            inner = tuple((k, _plain(v)) for k, v in items if _plain(v) is not None)
+            token = (type(value), inner) if inner else None
+        if token is not None:
+            tokens.append((name, token))
+    return tuple(tokens)
 
 
 def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
