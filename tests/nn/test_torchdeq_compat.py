@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
-import types
+import weakref
 
 import pytest
 import torch
@@ -98,17 +98,18 @@ def test_hooks_of_the_closures_modules_see_one_evaluation_at_the_fixed_point():
 
 
 def test_hooks_on_modules_the_closure_does_not_hold_are_refused():
-    """A closure calling a module deqhess cannot find from it (an attribute of a module
-    object): its hooks would see every iteration — refused by name. Modules reached
-    through globals, containers, objects' attributes and nested closures are found."""
-    store = types.ModuleType("store")
-    store.cell = Cell()
-    handle = store.cell.lin.register_forward_hook(lambda m, i, o: None)
+    """A closure calling a module deqhess does not find from it (in a list wider than the
+    search looks into): its hooks would see every iteration — refused by name. Modules
+    reached through globals, containers, objects' attributes and nested closures are
+    found (below)."""
+    cell = Cell()
+    shelf = [None] * 300 + [cell]
+    handle = cell.lin.register_forward_hook(lambda m, i, o: None)
     x = torch.randn(4, 6)
     with pytest.raises(dh.UnsupportedDerivativeError, match=r"modules with hooks \(Linear\)"):
-        get_deq(**EXACT)(lambda z: store.cell(z, x), torch.zeros(4, 6))
+        get_deq(**EXACT)(lambda z: shelf[-1](z, x), torch.zeros(4, 6))
     handle.remove()
-    get_deq(**EXACT)(lambda z: store.cell(z, x), torch.zeros(4, 6))  # no hook: nothing to refuse
+    get_deq(**EXACT)(lambda z: shelf[-1](z, x), torch.zeros(4, 6))  # no hook: nothing to refuse
 
 
 class _Holder:
@@ -119,7 +120,9 @@ class _Holder:
         return self.cells["main"][0](z, x)
 
 
-@pytest.mark.parametrize("how", ["global", "container", "object", "nested"])
+@pytest.mark.parametrize(
+    "how", ["global", "container", "object", "nested", "class attribute", "weakref", "quoted"]
+)
 def test_a_hooked_module_the_closure_reaches_is_found(how):
     """However the closure reaches the cell — a module global, a dict of lists, a plain
     object's bound method, closures in closures — its hooks see one evaluation at z*."""
@@ -136,7 +139,11 @@ def test_a_hooked_module_the_closure_reaches_is_found(how):
         "container": lambda z: holder.cells["main"][0](z, x),
         "object": functools.partial(holder.step, x=x),
         "nested": lambda z: (lambda w: (lambda v: inner(v))(w))(z),
+        "class attribute": lambda z: _Registry.cell(z, x),
+        "weakref": functools.partial(_through_weakref, weakref.ref(cell), x=x),
+        "quoted": lambda z: globals()["_GLOBAL_CELL"](z, x),
     }[how]
+    _Registry.cell = cell
     get_deq(**EXACT)(closure, torch.zeros(4, 6))
     handle.remove()
     assert len(calls) == 1
@@ -158,6 +165,14 @@ def test_a_hook_that_alters_the_closure_is_refused():
 
 
 _GLOBAL_CELL: Cell | None = None
+
+
+class _Registry:
+    cell: Cell | None = None
+
+
+def _through_weakref(ref, z, x):
+    return ref()(z, x)
 
 
 def test_list_states_and_argparse_configs():

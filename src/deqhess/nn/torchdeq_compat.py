@@ -32,6 +32,7 @@ import functools
 import math
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -305,24 +306,35 @@ class _ImplicitGradient(torch.autograd.Function):
         return ctx.solver.adjoint(grad), None, None
 
 
-def _closure_modules(func: Any, depth: int = 6) -> list[nn.Module]:
+def _closure_modules(func: Any, budget: int = 2000) -> list[nn.Module]:
     """The modules a closure reaches, each with its submodules.
 
-    Through its cells, defaults, the globals its code names, a bound ``self``,
-    ``functools.partial`` arguments, the lists, tuples and dicts among them and the
-    attributes of plain objects — and so on in what those hold (``depth`` levels).
+    Through its cells, defaults, bound ``self``, ``functools.partial`` arguments, the
+    globals its code names (or quotes: ``globals()["cell"]``), the attributes it names
+    of modules and classes it reaches (``holder.cell``), weak references, and the lists,
+    tuples, dicts and plain objects among them — at most ``budget`` objects looked into,
+    and no container wider than :data:`_WIDE` (a trainer's log list is not walked on
+    every call).
 
     Returns:
         The modules, each once.
     """
     found: dict[int, nn.Module] = {}
     seen: set[int] = set()
-    pending = [(func, depth)]
-    while pending:
-        value, level = pending.pop()
-        if id(value) in seen or isinstance(value, _OPAQUE):
+    names: set[str] = set()  # attribute and global names the code reached mentions
+    namespaces: list[Any] = []  # modules of code and classes: looked up by those names
+    pending: list[Any] = [func]
+    while budget > 0:
+        if not pending:  # the names are all in: look them up in the namespaces met
+            pending = [getattr(ns, name, None) for ns in namespaces for name in names]
+            namespaces = []
+            if not pending:
+                break
+        value = pending.pop()
+        if value is None or id(value) in seen or isinstance(value, _DATA):
             continue
         seen.add(id(value))
+        budget -= 1
         if isinstance(value, nn.Module):  # with its submodules, without generators
             stack = [value]
             while stack:
@@ -330,37 +342,55 @@ def _closure_modules(func: Any, depth: int = 6) -> list[nn.Module]:
                 if id(module) not in found:
                     found[id(module)] = module
                     stack += [m for m in module._modules.values() if m is not None]
-            continue
-        if level == 0:
-            continue
-        pending += [(v, level - 1) for v in _held_by(value) if v is not None]
+        elif isinstance(value, (type, types.ModuleType)):
+            namespaces.append(value)
+        else:
+            pending += _held_by(value, names)
     return list(found.values())
 
 
-#: what a closure's search does not look into: data, code objects, modules of code, types
-_OPAQUE = (Tensor, str, bytes, int, float, complex, bool, type, types.ModuleType)
+#: data a closure's search does not look into
+_DATA = (Tensor, str, bytes, int, float, complex, bool)
+
+#: the widest container a closure's search looks into
+_WIDE = 256
 
 
-def _held_by(value: Any) -> list[Any]:
-    """What ``value`` holds that may lead to a module (see :func:`_closure_modules`)."""
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return list(value)
-    if isinstance(value, dict):
-        return list(value.values())
+def _held_by(value: Any, names: set[str]) -> list[Any]:
+    """What ``value`` holds that may lead to a module (see :func:`_closure_modules`).
+
+    The names a function's code mentions are added to ``names``.
+
+    Returns:
+        Its items, cells, defaults, globals named, attributes or referent.
+    """
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        if len(value) > _WIDE:
+            return []
+        return list(value.values()) if isinstance(value, dict) else list(value)
     if isinstance(value, functools.partial):
         return [value.func, *value.args, *value.keywords.values()]
-    if callable(value) and (hasattr(value, "__code__") or hasattr(value, "__func__")):
-        inner = getattr(value, "__func__", value)
+    if isinstance(value, weakref.ref):
+        return [value()]
+    inner = getattr(value, "__func__", value)
+    code = getattr(inner, "__code__", None)
+    if callable(value) and code is not None:
         held = [getattr(value, "__self__", None), *(getattr(inner, "__defaults__", None) or ())]
         for cell in getattr(inner, "__closure__", None) or ():
             with contextlib.suppress(ValueError):  # an empty cell
                 held.append(cell.cell_contents)
-        code, namespace = getattr(inner, "__code__", None), getattr(inner, "__globals__", {})
-        if code is not None:
-            held += [namespace[name] for name in code.co_names if name in namespace]
-        return held
-    attributes = getattr(value, "__dict__", None)  # a plain object: its attributes
-    return list(attributes.values()) if isinstance(attributes, dict) else []
+        mentioned = {*code.co_names, *(c for c in code.co_consts if isinstance(c, str))}
+        mentioned |= {n for c in code.co_consts if hasattr(c, "co_names") for n in c.co_names}
+        names |= mentioned
+        namespace = getattr(inner, "__globals__", {})
+        return held + [namespace[name] for name in mentioned if name in namespace]
+    if callable(value) and hasattr(value, "__self__"):  # a builtin bound method
+        return [value.__self__]
+    attributes = getattr(value, "__dict__", None)
+    held = list(attributes.values()) if isinstance(attributes, dict) else []
+    for slot in getattr(type(value), "__slots__", ()):  # a __slots__ object
+        held.append(getattr(value, slot, None))
+    return held
 
 
 @contextlib.contextmanager
