@@ -12,6 +12,7 @@ import functools
 import inspect
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from problems import relative_error
@@ -121,7 +122,8 @@ class _Holder:
 
 
 @pytest.mark.parametrize(
-    "how", ["global", "container", "object", "nested", "class attribute", "weakref", "quoted"]
+    "how",
+    ["global", "container", "object", "nested", "class attribute", "weakref", "quoted", "trainer"],
 )
 def test_a_hooked_module_the_closure_reaches_is_found(how):
     """However the closure reaches the cell — a module global, a dict of lists, a plain
@@ -142,6 +144,7 @@ def test_a_hooked_module_the_closure_reaches_is_found(how):
         "class attribute": lambda z: _Registry.cell(z, x),
         "weakref": functools.partial(_through_weakref, weakref.ref(cell), x=x),
         "quoted": lambda z: globals()["_GLOBAL_CELL"](z, x),
+        "trainer": _Trainer(cell).closure(x),
     }[how]
     _Registry.cell = cell
     get_deq(**EXACT)(closure, torch.zeros(4, 6))
@@ -165,6 +168,19 @@ def test_a_hook_that_alters_the_closure_is_refused():
 
 
 _GLOBAL_CELL: Cell | None = None
+
+
+class _Trainer:
+    """A plain object with a long log before its cell: the search looks up the names the
+    closure's code uses (``self.cell``), not every attribute (it gave up in the log and
+    refused the cell as out of reach)."""
+
+    def __init__(self, cell):
+        self.log = [{"loss": np.float32(i), "parts": [np.float32(i)] * 10} for i in range(250)]
+        self.cell = cell
+
+    def closure(self, x):
+        return lambda z: self.cell(z, x)
 
 
 class _Registry:

@@ -27,15 +27,16 @@ best iterate and the backward's linear solve returns what it reached; both are m
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import math
 import threading
-import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -185,7 +186,7 @@ class TorchdeqDEQ(nn.Module):
         config = self.config
         # the modules the closure reaches run without their observing hooks, except in the
         # one visible evaluation at z* (whose backward carries λ), as in deqhess.nn.DEQ
-        reached = _closure_modules(func)
+        reached, complete = _closure_modules(func)
         aside = nn.ModuleList(hooked_modules(reached))
         observed = has_hooks(aside)  # its modules' hooks, or global backward hooks
         called: list[nn.Module] = []
@@ -206,7 +207,7 @@ class TorchdeqDEQ(nn.Module):
                 Residual(step), state.rows(z_init).detach().clone(), self.solver, tolerance,
                 int(max_iter), convergence=self.policy.forward,
             )  # fmt: skip
-        _refuse_unreached_hooks(called, reached)
+        _refuse_unreached_hooks(called, reached, complete)
         stats = LinearSolveStats()
         info = _statistics(step, rows, solve, stats)
         if sradius_mode and not self.training:
@@ -306,31 +307,38 @@ class _ImplicitGradient(torch.autograd.Function):
         return ctx.solver.adjoint(grad), None, None
 
 
-def _closure_modules(func: Any, budget: int = 2000) -> list[nn.Module]:
+def _closure_modules(func: Any, budget: int = 2000) -> tuple[list[nn.Module], bool]:
     """The modules a closure reaches, each with its submodules.
 
-    Through its cells, defaults, bound ``self``, ``functools.partial`` arguments, the
-    globals its code names (or quotes: ``globals()["cell"]``), the attributes it names
-    of modules and classes it reaches (``holder.cell``), weak references, and the lists,
-    tuples, dicts and plain objects among them — at most ``budget`` objects looked into,
-    and no container wider than :data:`_WIDE` (a trainer's log list is not walked on
-    every call).
+    Breadth first through its cells, defaults, bound ``self``, ``functools.partial``
+    arguments, the globals its code names (or quotes: ``globals()["cell"]``), weak
+    references, lists, tuples and dicts (none wider than :data:`_WIDE`) — and, of the
+    objects, classes and modules of code it meets, the attributes its code names
+    (``self.cell``, ``holder.cell``), not the rest (a trainer's log is not walked): at
+    most ``budget`` objects looked into.
 
     Returns:
-        The modules, each once.
+        ``(modules, complete)``: the modules, each once; whether the search ended within
+        its budget.
     """
     found: dict[int, nn.Module] = {}
     seen: set[int] = set()
-    names: set[str] = set()  # attribute and global names the code reached mentions
-    namespaces: list[Any] = []  # modules of code and classes: looked up by those names
-    pending: list[Any] = [func]
-    while budget > 0:
-        if not pending:  # the names are all in: look them up in the namespaces met
-            pending = [getattr(ns, name, None) for ns in namespaces for name in names]
-            namespaces = []
+    names: set[str] = set()  # the attribute and global names the code reached mentions
+    namespaces: list[Any] = []  # objects, classes, modules of code: looked up by those names
+    looked: set[tuple[int, str]] = set()
+    pending: collections.deque = collections.deque([func])
+    while True:
+        if not pending:  # look the names met so far up in the namespaces met so far
+            for namespace in namespaces:
+                for name in names - {n for i, n in looked if i == id(namespace)}:
+                    looked.add((id(namespace), name))
+                    with contextlib.suppress(Exception):  # a property may raise
+                        pending.append(getattr(namespace, name, None))
             if not pending:
-                break
-        value = pending.pop()
+                return list(found.values()), True
+        if budget == 0:
+            return list(found.values()), False
+        value = pending.popleft()
         if value is None or id(value) in seen or isinstance(value, _DATA):
             continue
         seen.add(id(value))
@@ -342,27 +350,31 @@ def _closure_modules(func: Any, budget: int = 2000) -> list[nn.Module]:
                 if id(module) not in found:
                     found[id(module)] = module
                     stack += [m for m in module._modules.values() if m is not None]
-        elif isinstance(value, (type, types.ModuleType)):
-            namespaces.append(value)
         else:
-            pending += _held_by(value, names)
-    return list(found.values())
+            held = _held_by(value, names)
+            if held is None:  # an object, class or module of code: by the names met
+                namespaces.append(value)
+                if callable(value) and not isinstance(value, type):  # its __call__'s code
+                    pending.append(type(value).__call__.__get__(value))
+            else:
+                pending.extend(held)
 
 
 #: data a closure's search does not look into
-_DATA = (Tensor, str, bytes, int, float, complex, bool)
+_DATA = (Tensor, str, bytes, int, float, complex, bool, np.generic, np.ndarray)
 
 #: the widest container a closure's search looks into
 _WIDE = 256
 
 
-def _held_by(value: Any, names: set[str]) -> list[Any]:
+def _held_by(value: Any, names: set[str]) -> list[Any] | None:
     """What ``value`` holds that may lead to a module (see :func:`_closure_modules`).
 
     The names a function's code mentions are added to ``names``.
 
     Returns:
-        Its items, cells, defaults, globals named, attributes or referent.
+        Its items, cells, defaults, globals named or referent; None for an object, class
+        or module of code, whose attributes are looked up by the names met.
     """
     if isinstance(value, (list, tuple, set, frozenset, dict)):
         if len(value) > _WIDE:
@@ -374,7 +386,7 @@ def _held_by(value: Any, names: set[str]) -> list[Any]:
         return [value()]
     inner = getattr(value, "__func__", value)
     code = getattr(inner, "__code__", None)
-    if callable(value) and code is not None:
+    if callable(value) and code is not None and not isinstance(value, type):
         held = [getattr(value, "__self__", None), *(getattr(inner, "__defaults__", None) or ())]
         for cell in getattr(inner, "__closure__", None) or ():
             with contextlib.suppress(ValueError):  # an empty cell
@@ -384,13 +396,9 @@ def _held_by(value: Any, names: set[str]) -> list[Any]:
         names |= mentioned
         namespace = getattr(inner, "__globals__", {})
         return held + [namespace[name] for name in mentioned if name in namespace]
-    if callable(value) and hasattr(value, "__self__"):  # a builtin bound method
-        return [value.__self__]
-    attributes = getattr(value, "__dict__", None)
-    held = list(attributes.values()) if isinstance(attributes, dict) else []
-    for slot in getattr(type(value), "__slots__", ()):  # a __slots__ object
-        held.append(getattr(value, slot, None))
-    return held
+    if callable(value) and hasattr(value, "__self__") and not hasattr(value, "__dict__"):
+        return [value.__self__]  # a builtin bound method
+    return None
 
 
 @contextlib.contextmanager
@@ -409,25 +417,34 @@ def _recording(called: list[nn.Module]) -> Iterator[None]:
         handle.remove()
 
 
-def _refuse_unreached_hooks(called: list[nn.Module], reached: list[nn.Module]) -> None:
-    """Refuse observing hooks on modules the closure runs but does not reach.
+def _refuse_unreached_hooks(
+    called: list[nn.Module], reached: list[nn.Module], complete: bool
+) -> None:
+    """Refuse observing hooks on modules the closure runs but the search did not reach.
 
     Raises:
-        UnsupportedDerivativeError: such a module (reached through a global, say) held
-            an observing hook of its own, which then saw every solver iteration (global
-            backward hooks are set aside whatever the module).
+        UnsupportedDerivativeError: such a module held an observing hook of its own, which
+            then saw every solver iteration (global backward hooks are set aside whatever
+            the module); the message says whether the search ran out of its budget.
     """
     held = {id(m) for m in reached}
     hooked = [type(m).__name__ for m in hooked_modules(called) if id(m) not in held]
-    if hooked:
-        raise UnsupportedDerivativeError(
-            f"get_deq's closure runs modules with hooks ({', '.join(hooked)}) that deqhess "
-            "cannot find from it (through its cells, defaults, globals, bound self, partial "
-            "arguments, and the containers and objects among them), so their hooks saw "
-            "every solver iteration and Jacobian product, not one evaluation at the fixed "
-            "point. Make the closure hold them (lambda z: cell(z, x)), or use deqhess.nn."
-            "DEQ(StateFirst(cell)), whose hooks see the model as the mathematics does."
-        )
+    if not hooked:
+        return
+    why = (
+        "deqhess's search of what the closure holds stopped at its budget of objects (a "
+        "large object graph around it)"
+        if not complete
+        else "deqhess cannot find them from it (through its cells, defaults, globals, "
+        "bound self, partial arguments, and the attributes its code names)"
+    )
+    raise UnsupportedDerivativeError(
+        f"get_deq's closure runs modules with hooks ({', '.join(hooked)}) that {why}, "
+        "so their hooks saw every solver iteration and Jacobian product, not one "
+        "evaluation at the fixed point. Make the closure hold them directly (lambda z: "
+        "cell(z, x)), or use deqhess.nn.DEQ(StateFirst(cell)), whose hooks see the model "
+        "as the mathematics does."
+    )
 
 
 def _refuse_altering_hooks(
