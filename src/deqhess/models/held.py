@@ -66,6 +66,9 @@ _PLAIN = (int, float, complex, bool, str, type(None))
 #: reading a global list of data batches is not digested on every pass)
 _SMALL = 65536
 
+#: the widest container a loss reads whose contents the state token holds
+_WIDE = 4096
+
 #: the hooks a module holds, and torch's global ones, that change what a forward computes
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = tuple(f"_global{name}" for name in _HOOKS)
@@ -184,6 +187,8 @@ def _contents(value: Any) -> list[Any]:
         Its items or attribute values; nothing for functions, classes and modules of
         code, whose state is not the loss's.
     """
+    if isinstance(value, (list, tuple, set, frozenset, dict)) and len(value) > _WIDE:
+        return []  # a data set, a log: not the loss's configuration
     if isinstance(value, (list, tuple, set, frozenset)):
         return list(value)
     if isinstance(value, dict):
