@@ -27,16 +27,11 @@ best iterate and the backward's linear solve returns what it reached; both are m
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import functools
 import math
-import threading
-import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,7 +39,13 @@ from ..errors import ConvergenceError, InputError, UnsupportedDerivativeError
 from ..linear import LinearSolveStats, neumann_then_gmres
 from ..linear.base import LinearSolveInfo
 from ..solvers import Anderson, Picard, Residual, SolveInfo, Tolerance, solve_fixed_point
-from .hooks import describe_hooks, has_hooks, hooked_modules, hooks_set_aside
+from .closure_hooks import (
+    closure_modules,
+    recording_calls,
+    refuse_altering_hooks,
+    refuse_unreached_hooks,
+)
+from .hooks import has_hooks, hooked_modules, hooks_set_aside
 from .policy import LayerPolicy
 
 __all__ = ["TorchdeqDEQ", "get_deq"]
@@ -186,7 +187,7 @@ class TorchdeqDEQ(nn.Module):
         config = self.config
         # the modules the closure reaches run without their observing hooks, except in the
         # one visible evaluation at z* (whose backward carries λ), as in deqhess.nn.DEQ
-        reached, complete = _closure_modules(func)
+        reached, complete = closure_modules(func)
         aside = nn.ModuleList(hooked_modules(reached))
         observed = has_hooks(aside)  # its modules' hooks, or global backward hooks
         called: list[nn.Module] = []
@@ -198,7 +199,7 @@ class TorchdeqDEQ(nn.Module):
             with hooks_set_aside(aside) if observed else contextlib.nullcontext():
                 if called:
                     return visible(rows)
-                with _recording(called):  # the first evaluation: which modules run
+                with recording_calls(called):  # the first evaluation: which modules run
                     return visible(rows)
 
         tolerance = _tolerance(config["f_tol"], config["f_stop_mode"])
@@ -207,7 +208,7 @@ class TorchdeqDEQ(nn.Module):
                 Residual(step), state.rows(z_init).detach().clone(), self.solver, tolerance,
                 int(max_iter), convergence=self.policy.forward,
             )  # fmt: skip
-        _refuse_unreached_hooks(called, reached, complete)
+        refuse_unreached_hooks(called, reached, complete)
         stats = LinearSolveStats()
         info = _statistics(step, rows, solve, stats)
         if sradius_mode and not self.training:
@@ -217,12 +218,12 @@ class TorchdeqDEQ(nn.Module):
         z = rows
         if observed and not torch.is_grad_enabled():  # no visible evaluation: check the hooks
             with torch.no_grad():
-                _refuse_altering_hooks(visible(rows), rows, info["abs_lowest"], aside)
+                refuse_altering_hooks(visible(rows), rows, info["abs_lowest"], aside)
         if torch.is_grad_enabled():
             seen = rows.detach().requires_grad_(True)
             fz = visible(seen)
             if observed:
-                _refuse_altering_hooks(fz.detach(), rows, info["abs_lowest"], aside)
+                refuse_altering_hooks(fz.detach(), rows, info["abs_lowest"], aside)
             if fz.requires_grad:
                 plain = step if observed else None
                 backward = _Backward(
@@ -305,185 +306,6 @@ class _ImplicitGradient(torch.autograd.Function):
                 "order."
             )
         return ctx.solver.adjoint(grad), None, None
-
-
-def _closure_modules(func: Any, budget: int = 2000) -> tuple[list[nn.Module], bool]:
-    """The modules a closure reaches, each with its submodules.
-
-    Breadth first through its cells, defaults, bound ``self``, ``functools.partial``
-    arguments, the globals its code names (or quotes: ``globals()["cell"]``), weak
-    references, lists, tuples and dicts (none wider than :data:`_WIDE`) — and, of the
-    objects, classes and modules of code it meets, the attributes its code names
-    (``self.cell``, ``holder.cell``), not the rest (a trainer's log is not walked): at
-    most ``budget`` objects looked into.
-
-    Returns:
-        ``(modules, complete)``: the modules, each once; whether the search ended within
-        its budget.
-    """
-    found: dict[int, nn.Module] = {}
-    seen: set[int] = set()
-    names: set[str] = set()  # the attribute and global names the code reached mentions
-    namespaces: list[Any] = []  # objects, classes, modules of code: looked up by those names
-    looked: set[tuple[int, str]] = set()
-    pending: collections.deque = collections.deque([func])
-    while True:
-        if not pending:  # look the names met so far up in the namespaces met so far
-            for namespace in namespaces:
-                for name in names - {n for i, n in looked if i == id(namespace)}:
-                    looked.add((id(namespace), name))
-                    with contextlib.suppress(Exception):  # a property may raise
-                        pending.append(getattr(namespace, name, None))
-            if not pending:
-                return list(found.values()), True
-        if budget == 0:
-            return list(found.values()), False
-        value = pending.popleft()
-        if value is None or id(value) in seen or isinstance(value, _DATA):
-            continue
-        seen.add(id(value))
-        budget -= 1
-        if isinstance(value, nn.Module):  # with its submodules, without generators
-            stack = [value]
-            while stack:
-                module = stack.pop()
-                if id(module) not in found:
-                    found[id(module)] = module
-                    stack += [m for m in module._modules.values() if m is not None]
-        else:
-            held = _held_by(value, names)
-            if held is None:  # an object, class or module of code: by the names met
-                namespaces.append(value)
-                if callable(value) and not isinstance(value, type):  # its __call__'s code
-                    pending.append(type(value).__call__.__get__(value))
-            else:
-                pending.extend(held)
-
-
-#: data a closure's search does not look into
-_DATA = (Tensor, str, bytes, int, float, complex, bool, np.generic, np.ndarray)
-
-#: the widest container a closure's search looks into
-_WIDE = 256
-
-
-def _held_by(value: Any, names: set[str]) -> list[Any] | None:
-    """What ``value`` holds that may lead to a module (see :func:`_closure_modules`).
-
-    The names a function's code mentions are added to ``names``.
-
-    Returns:
-        Its items, cells, defaults, globals named or referent; None for an object, class
-        or module of code, whose attributes are looked up by the names met.
-    """
-    if isinstance(value, (list, tuple, set, frozenset, dict)):
-        if len(value) > _WIDE:
-            return []
-        return list(value.values()) if isinstance(value, dict) else list(value)
-    if isinstance(value, functools.partial):
-        return [value.func, *value.args, *value.keywords.values()]
-    if isinstance(value, weakref.ref):
-        return [value()]
-    inner = getattr(value, "__func__", value)
-    code = getattr(inner, "__code__", None)
-    if callable(value) and code is not None and not isinstance(value, type):
-        held = [getattr(value, "__self__", None), *(getattr(inner, "__defaults__", None) or ())]
-        for cell in getattr(inner, "__closure__", None) or ():
-            with contextlib.suppress(ValueError):  # an empty cell
-                held.append(cell.cell_contents)
-        mentioned = {*code.co_names, *(c for c in code.co_consts if isinstance(c, str))}
-        mentioned |= {n for c in code.co_consts if hasattr(c, "co_names") for n in c.co_names}
-        names |= mentioned
-        namespace = getattr(inner, "__globals__", {})
-        return held + [namespace[name] for name in mentioned if name in namespace]
-    if callable(value) and hasattr(value, "__self__") and not hasattr(value, "__dict__"):
-        return [value.__self__]  # a builtin bound method
-    return None
-
-
-@contextlib.contextmanager
-def _recording(called: list[nn.Module]) -> Iterator[None]:
-    """Within the block, every module this thread calls is appended to ``called`` (once)."""
-    thread = threading.get_ident()
-
-    def record(module: nn.Module, args: Any) -> None:
-        if threading.get_ident() == thread and all(m is not module for m in called):
-            called.append(module)
-
-    handle = nn.modules.module.register_module_forward_pre_hook(record)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _refuse_unreached_hooks(
-    called: list[nn.Module], reached: list[nn.Module], complete: bool
-) -> None:
-    """Refuse observing hooks on modules the closure runs but the search did not reach.
-
-    Raises:
-        UnsupportedDerivativeError: such a module held an observing hook of its own, which
-            then saw every solver iteration (global backward hooks are set aside whatever
-            the module); the message says whether the search ran out of its budget.
-    """
-    held = {id(m) for m in reached}
-    hooked = [type(m).__name__ for m in hooked_modules(called) if id(m) not in held]
-    if not hooked:
-        return
-    why = (
-        "deqhess's search of what the closure holds stopped at its budget of objects (a "
-        "large object graph around it)"
-        if not complete
-        else "deqhess cannot find them from it (through its cells, defaults, globals, "
-        "bound self, partial arguments, and the attributes its code names)"
-    )
-    raise UnsupportedDerivativeError(
-        f"get_deq's closure runs modules with hooks ({', '.join(hooked)}) that {why}, "
-        "so their hooks saw every solver iteration and Jacobian product, not one "
-        "evaluation at the fixed point. Make the closure hold them directly (lambda z: "
-        "cell(z, x)), or use deqhess.nn.DEQ(StateFirst(cell)), whose hooks see the model "
-        "as the mathematics does."
-    )
-
-
-def _refuse_altering_hooks(
-    visible: Tensor, rows: Tensor, plain_residuals: Tensor, aside: nn.ModuleList
-) -> None:
-    """Refuse hooks that change what the closure computes.
-
-    The solve runs with the closure's hooks set aside; the visible evaluation at ``z*``
-    runs them. Where they only observe, both evaluate the same map (the same residual);
-    a hook returning another value makes the visible evaluation another map, whose
-    fixed point this is not.
-
-    Raises:
-        InputError: a sample's residual with the hooks exceeds the solve's (without them)
-            beyond rounding, naming both and the hooks.
-    """
-    residuals = torch.linalg.vector_norm(visible - rows, dim=1)
-    scale = 1.0 + torch.linalg.vector_norm(rows, dim=1)
-    slack = 1e3 * torch.finfo(rows.dtype).eps * scale
-    worse = residuals > 10.0 * plain_residuals + slack
-    if bool(worse.any()):
-        i = int(torch.nonzero(worse)[0, 0])
-        raise InputError(
-            f"a module hook of get_deq's closure changes what it computes: at the fixed "
-            f"point found without the hooks (residual {float(plain_residuals[i]):.2e} on "
-            f"sample {i}), the closure with them has residual {float(residuals[i]):.2e}. "
-            f"Hooks ({'; '.join(_hook_names(aside))}) may observe, not alter: compute the "
-            "change in the cell's forward instead."
-        )
-
-
-def _hook_names(aside: nn.ModuleList) -> list[str]:
-    """The hooks of the closure's hooked modules, each named by its module's type."""
-    names: list[str] = []
-    for module in aside:
-        for entry in describe_hooks(module, type(module).__name__):
-            if entry not in names:
-                names.append(entry)
-    return names
 
 
 class _FlatState:

@@ -1,0 +1,32 @@
+"""The modules a closure reaches (``get_deq``'s closure form: :mod:`deqhess.nn.closure_hooks`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deqhess.nn.closure_hooks import closure_modules
+
+
+class _Owner:
+    def __init__(self):
+        self.cell = nn.Linear(2, 2)
+        self.unused = nn.Linear(3, 3)  # never named by the closure's code
+        self.log = [{"step": i} for i in range(200)]
+
+
+def test_an_objects_attributes_are_looked_up_by_the_names_the_code_uses():
+    owner = _Owner()
+    x = torch.zeros(1, 2)
+    found, complete = closure_modules(lambda z: owner.cell(z + x))
+    assert complete and any(m is owner.cell for m in found)
+    assert all(m is not owner.unused for m in found)  # nor is the log walked
+
+
+def test_a_module_is_reached_with_its_submodules_and_the_budget_is_reported():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Tanh(), nn.Linear(2, 2)))
+    found, complete = closure_modules(lambda z: model(z))
+    assert complete and {id(m) for m in model.modules()} <= {id(m) for m in found}
+    deep = [[[[nn.Linear(1, 1)]]]]
+    _, complete = closure_modules(lambda z: deep[0][0][0][0](z), budget=3)
+    assert not complete
