@@ -281,3 +281,16 @@ def test_spectral_radius_and_backward_writer():
     )
     z_out[0].sum().backward()
     assert len(written) == 1 and float(written[0]["rel_lowest"][0]) <= 1e-12
+
+
+def test_a_backward_hook_that_alters_a_gradient_of_the_closure_is_refused():
+    """A backward pre-hook doubling the gradient at the cell's Linear: the closure's
+    visible evaluation takes z* as a detached input, so the doubled part flowing back
+    through z* was lost (the gradient exactly 2x the plain one, where the chain rule —
+    which deqhess.nn.DEQ follows — adds the path through z*): refused, by name."""
+    cell = Cell()
+    cell.lin.register_full_backward_pre_hook(lambda m, go: (2 * go[0],))
+    x = torch.randn(4, 6, requires_grad=True)
+    z_out, _ = get_deq(**EXACT)(lambda z: cell(z, x), torch.zeros(4, 6))
+    with pytest.raises(dh.InputError, match=r"returned a new grad_output in get_deq's closure"):
+        z_out[-1].sum().backward()

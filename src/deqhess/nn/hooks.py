@@ -189,14 +189,19 @@ def hooks_set_aside(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def backward_hooks_checked(module: nn.Module, label: str = "cell") -> Iterator[None]:
+def backward_hooks_checked(
+    module: nn.Module, label: str = "cell", strict: bool = False
+) -> Iterator[None]:
     """Within the block, the backward hooks a call of ``module`` sets up refuse to alter.
 
     ``Module.__call__`` takes each module's (and the global) backward hooks and pre-hooks
     when it runs, so the hooks of the calls made in the block are wrappers that run the
     user's hook and raise if it returns a replacement: always for a backward hook (a new
     ``grad_input``), in a recorded backward (``create_graph``, ``torch.func``) for a
-    backward pre-hook (a new ``grad_output``). The registries are put back afterwards.
+    backward pre-hook (a new ``grad_output``) — or, ``strict``, in any backward (where the
+    evaluation's input is a detached fixed point, as in ``get_deq``'s closure form, the
+    part of a changed gradient that flows back through it is lost). The registries are
+    put back afterwards.
     """
     entries: list[tuple[Any, str, OrderedDict]] = []
     for name in _GLOBAL:
@@ -208,7 +213,7 @@ def backward_hooks_checked(module: nn.Module, label: str = "cell") -> Iterator[N
             hooks = getattr(m, registry, None)
             if hooks:
                 where = f"a {_KINDS[registry]} of {f'{label}.{name}' if name else label}"
-                entries.append((m, registry, _checked(hooks, registry, where)))
+                entries.append((m, registry, _checked(hooks, registry, where, strict)))
     if not entries:
         yield
         return
@@ -216,9 +221,11 @@ def backward_hooks_checked(module: nn.Module, label: str = "cell") -> Iterator[N
         yield
 
 
-def _checked(hooks: OrderedDict, registry: str, where: str) -> OrderedDict:
+def _checked(hooks: OrderedDict, registry: str, where: str, strict: bool = False) -> OrderedDict:
     """A copy of ``hooks`` whose hooks raise if they return a replacement gradient."""
-    check = _refuse_pre_hook_result if "pre" in registry else _refuse_hook_result
+    check: Callable[[str, Callable], None] = _refuse_hook_result
+    if "pre" in registry:
+        check = _refuse_pre_hook_always if strict else _refuse_pre_hook_result
     return OrderedDict((k, _checking(h, where, check)) for k, h in hooks.items())
 
 
@@ -241,6 +248,16 @@ def _refuse_hook_result(where: str, hook: Callable) -> None:
         "is the solution of the fixed-point equation: a replaced gradient there has no "
         "meaning the layer could give it. Hooks may observe, not alter: return None from "
         "the hook (change the loss, or the gradients after backward(), instead)."
+    )
+
+
+def _refuse_pre_hook_always(where: str, hook: Callable) -> None:
+    raise InputError(
+        f"{where} ({_name(hook)}) returned a new grad_output in get_deq's closure, whose "
+        "one visible evaluation takes the fixed point as a detached input: the part of a "
+        "changed gradient that flows back through z* would be lost. Hooks may observe, not "
+        "alter: return None from the hook (scale the loss, or the gradients after "
+        "backward(), instead), or use deqhess.nn.DEQ(StateFirst(cell)), which follows it."
     )
 
 

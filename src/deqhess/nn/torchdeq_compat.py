@@ -45,7 +45,7 @@ from .closure_hooks import (
     refuse_altering_hooks,
     refuse_unreached_hooks,
 )
-from .hooks import has_hooks, hooked_modules, hooks_set_aside
+from .hooks import backward_hooks_checked, has_hooks, hooked_modules, hooks_set_aside
 from .policy import LayerPolicy
 
 __all__ = ["TorchdeqDEQ", "get_deq"]
@@ -221,7 +221,9 @@ class TorchdeqDEQ(nn.Module):
                 refuse_altering_hooks(visible(rows), rows, info["abs_lowest"], aside)
         if torch.is_grad_enabled():
             seen = rows.detach().requires_grad_(True)
-            fz = visible(seen)
+            checked = backward_hooks_checked(aside, "closure", strict=True)
+            with checked if observed else contextlib.nullcontext():
+                fz = visible(seen)
             if observed:
                 refuse_altering_hooks(fz.detach(), rows, info["abs_lowest"], aside)
             if fz.requires_grad:
