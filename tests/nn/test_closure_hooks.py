@@ -30,3 +30,22 @@ def test_a_module_is_reached_with_its_submodules_and_the_budget_is_reported():
     deep = [[[[nn.Linear(1, 1)]]]]
     _, complete = closure_modules(lambda z: deep[0][0][0][0](z), budget=3)
     assert not complete
+
+
+class _Awkward:
+    """A callable whose ``__call__`` and a named attribute raise when looked up (as the
+    internals of a compiled function can be): the search ends early, not the forward."""
+
+    @property
+    def __call__(self):
+        raise RuntimeError("not here")
+
+    @property
+    def cell(self):
+        raise RuntimeError("nor here")
+
+
+def test_an_object_the_search_cannot_look_into_ends_it_early():
+    awkward = _Awkward()
+    found, complete = closure_modules(lambda z: awkward.cell(z))
+    assert found == [] and complete  # every failed lookup suppressed, nothing reached

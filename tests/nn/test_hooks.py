@@ -381,3 +381,20 @@ def test_the_visible_evaluation_runs_outside_autocast_and_inference_mode_works()
         with context():
             out = DEQ(cell)(x)
         assert len(seen) == 1 and torch.equal(out, h)
+
+
+def test_backward_hooks_returning_the_gradients_they_were_given_are_accepted():
+    """A backward hook returning its ``grad_input`` unchanged (or a pre-hook its
+    ``grad_output``) alters nothing: accepted, the gradients those without the hook (the
+    hook returning a value was refused whatever the value)."""
+    cell, deq, x = _setup()
+    expected = torch.autograd.grad(deq(x).pow(2).sum(), list(cell.parameters()))
+    for register in (
+        lambda: cell.lin.register_full_backward_hook(lambda m, gi, go: gi),
+        lambda: cell.lin.register_full_backward_pre_hook(lambda m, go: go),
+    ):
+        handle = register()
+        got = torch.autograd.grad(deq(x).pow(2).sum(), list(cell.parameters()))
+        handle.remove()
+        for a, b in zip(got, expected, strict=True):
+            assert relative_error(a, b) <= 1e-12

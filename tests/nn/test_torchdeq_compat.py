@@ -294,3 +294,21 @@ def test_a_backward_hook_that_alters_a_gradient_of_the_closure_is_refused():
     z_out, _ = get_deq(**EXACT)(lambda z: cell(z, x), torch.zeros(4, 6))
     with pytest.raises(dh.InputError, match=r"returned a new grad_output in get_deq's closure"):
         z_out[-1].sum().backward()
+
+
+def test_hooks_see_no_recompute_of_a_checkpoint_in_the_adjoints_products():
+    """A non-reentrant checkpoint inside the closure recomputes the cell in the backward
+    of every adjoint product: those ran with the hooks back in place (a recording forward
+    hook fired 18 times); now the hooks see the forward at z* and its one recompute in
+    the visible evaluation's backward, the fixed point unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    cell, calls = Cell(), []
+    cell.lin.register_forward_hook(lambda m, i, o: calls.append(1))
+    x = torch.randn(4, 6, requires_grad=True)
+    closure = lambda z: checkpoint(cell, z, x, use_reentrant=False)  # noqa: E731
+    z_out, _ = get_deq(**EXACT)(closure, torch.zeros(4, 6))
+    z_out[-1].sin().sum().backward()
+    assert len(calls) == 2
+    expected = get_deq(**EXACT)(lambda z: cell(z, x), torch.zeros(4, 6))[0][-1]
+    assert relative_error(z_out[-1].detach(), expected.detach()) <= 1e-12

@@ -34,6 +34,23 @@ __all__ = [
 
 
 def closure_modules(func: Any, budget: int = 2000) -> tuple[list[nn.Module], bool]:
+    """The modules a closure reaches, each with its submodules (see :func:`_search`).
+
+    An object the search cannot look into as expected (a compiled function's internals,
+    a property that raises) ends it early rather than the user's forward.
+
+    Returns:
+        ``(modules, complete)``: the modules, each once; whether the search ended within
+        its budget, without such an object.
+    """
+    found: dict[int, nn.Module] = {}
+    try:
+        return _search(func, budget, found)
+    except Exception:
+        return list(found.values()), False
+
+
+def _search(func: Any, budget: int, found: dict[int, nn.Module]) -> tuple[list[nn.Module], bool]:
     """The modules a closure reaches, each with its submodules.
 
     Breadth first through its cells, defaults, bound ``self``, ``functools.partial``
@@ -47,7 +64,6 @@ def closure_modules(func: Any, budget: int = 2000) -> tuple[list[nn.Module], boo
         ``(modules, complete)``: the modules, each once; whether the search ended within
         its budget.
     """
-    found: dict[int, nn.Module] = {}
     seen: set[int] = set()
     names: set[str] = set()  # the attribute and global names the code reached mentions
     namespaces: list[Any] = []  # objects, classes, modules of code: looked up by those names
@@ -81,7 +97,8 @@ def closure_modules(func: Any, budget: int = 2000) -> tuple[list[nn.Module], boo
             if held is None:  # an object, class or module of code: by the names met
                 namespaces.append(value)
                 if callable(value) and not isinstance(value, type):  # its __call__'s code
-                    pending.append(type(value).__call__.__get__(value))
+                    with contextlib.suppress(Exception):  # a compiled function's is builtin
+                        pending.append(value.__call__)
             else:
                 pending.extend(held)
 

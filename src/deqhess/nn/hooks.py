@@ -234,11 +234,26 @@ def _checking(hook: Callable, where: str, check: Callable[[str, Callable], None]
 
     def checked(*args: Any) -> Any:
         result = hook(*args)
-        if result is not None:
+        if result is not None and not _unchanged(result, args[1]):
             check(where, hook)
         return result
 
     return checked
+
+
+def _unchanged(result: Any, given: Any) -> bool:
+    """Whether a hook returned the gradients it was given.
+
+    Returns:
+        True where ``result`` is ``given`` — the ``grad_input`` of a backward hook, the
+        ``grad_output`` of a backward pre-hook (each its second argument) — or holds the
+        same tensors.
+    """
+    if result is given:
+        return True
+    if isinstance(result, (tuple, list)) and isinstance(given, (tuple, list)):
+        return len(result) == len(given) and all(a is b for a, b in zip(result, given, strict=True))
+    return False
 
 
 def _refuse_hook_result(where: str, hook: Callable) -> None:

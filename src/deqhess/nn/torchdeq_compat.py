@@ -229,8 +229,9 @@ class TorchdeqDEQ(nn.Module):
             if fz.requires_grad:
                 plain = step if observed else None
                 backward = _Backward(
-                    seen, fz, stats, config, self.policy.linear, backward_writer, plain
-                )
+                    seen, fz, stats, config, self.policy.linear, backward_writer, plain,
+                    aside if observed else None,
+                )  # fmt: skip
                 z = _ImplicitGradient.apply(fz, rows, backward)
         return [state.unflatten(z)], info
 
@@ -244,9 +245,9 @@ class _Backward:
     the backward of the visible one.
     """
 
-    def __init__(self, seen, fz, stats, config, on_failure, writer, plain=None) -> None:
+    def __init__(self, seen, fz, stats, config, on_failure, writer, plain=None, aside=None) -> None:
         self.seen, self.fz, self.stats, self.writer = seen, fz, stats, writer
-        self.plain = plain
+        self.plain, self.aside = plain, aside
         self.on_failure = on_failure
         self.rtol, self.atol = _linear_tolerances(config["b_tol"], config["b_stop_mode"])
         self.max_iter = int(config["b_max_iter"])
@@ -274,9 +275,13 @@ class _Backward:
             return v - pulled
 
         rtol = self.rtol if self.rtol is not None else 0.0
-        lam, info = neumann_then_gmres(
-            apply, grad, rtol=rtol, atol=self.atol, max_iter=self.max_iter
-        )
+        # the products' backward may run the closure again (a checkpoint's recompute):
+        # with its hooks set aside, as in the evaluation they differentiate
+        hidden = hooks_set_aside(self.aside) if self.aside is not None else contextlib.nullcontext()
+        with hidden:
+            lam, info = neumann_then_gmres(
+                apply, grad, rtol=rtol, atol=self.atol, max_iter=self.max_iter
+            )
         self.stats.record(info)
         if not info.converged and self.on_failure == "raise":
             raise ConvergenceError(
