@@ -21,7 +21,14 @@ from ..errors import InputError
 from ..parameters import Parameters
 from ..streaming.fingerprint import tensor_digests
 
-__all__ = ["Captured", "Loss", "digests", "required_positional"]
+__all__ = [
+    "Captured",
+    "Loss",
+    "digests",
+    "positional_counts",
+    "referenced",
+    "required_positional",
+]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -80,15 +87,36 @@ def required_positional(fn: Callable[..., Tensor]) -> int | None:
     Returns:
         The count, or None if it cannot be read (no signature, or ``*args``).
     """
+    counts = positional_counts(fn)
+    return None if counts is None else counts[0]
+
+
+def positional_counts(
+    fn: Callable[..., Any], follow_wrapped: bool = True
+) -> tuple[int, int] | None:
+    """The positional parameters of ``fn``: how many are required, how many there are.
+
+    Of its ``forward`` for an ``nn.Module``, whose ``__call__`` takes ``*args``.
+
+    Args:
+        fn: the function (or module).
+        follow_wrapped: read the signature of what ``functools.wraps`` says it wraps
+            (``inspect.signature``'s default) rather than its own.
+
+    Returns:
+        ``(required, positional)``, or None if they cannot be read (no signature, or
+        ``*args``).
+    """
     if isinstance(fn, torch.nn.Module):
         fn = fn.forward
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = inspect.signature(fn, follow_wrapped=follow_wrapped).parameters.values()
     except (TypeError, ValueError):
         return None
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         return None
-    return sum(1 for p in params if p.kind in _POSITIONAL and p.default is p.empty)
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    return sum(1 for p in positional if p.default is p.empty), len(positional)
 
 
 def _required_positional(fn: Callable[..., Tensor]) -> int:
@@ -123,7 +151,7 @@ class Captured:
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        self._objects = _referenced(fn)
+        self._objects = referenced(fn, _WATCHED_GLOBALS)
         tensors = _tensors_in(self._objects)
         self._tensors = [(t, t._version) for t in tensors]
         self._digests = digests(tensors)
@@ -138,7 +166,7 @@ class Captured:
         Returns:
             True when anything it watches differs from what it saw at construction.
         """
-        objects = _referenced(self.fn)
+        objects = referenced(self.fn, _WATCHED_GLOBALS)
         if len(objects) != len(self._objects) or any(
             a is not b for a, b in zip(objects, self._objects, strict=True)
         ):
@@ -180,7 +208,26 @@ _MAX_LEAVES = 1024
 _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
 
 
-def _referenced(fn: Any) -> list[Any]:
+#: the globals :class:`Captured` watches (what a loss reads as data)
+_WATCHED_GLOBALS = (Tensor, int, float, complex, list, tuple, dict)
+
+
+def referenced(fn: Any, globals_of: tuple[type, ...] | None = None) -> list[Any]:
+    """What a function reads besides its arguments, as far as Python shows it.
+
+    The arguments of ``functools.partial`` (nested too), the instance of a bound method,
+    the contents of its closure cells (a marker for one not yet bound), its defaults and
+    keyword defaults, and the globals its code reads (``LOAD_GLOBAL``, nested code
+    included, not attribute names); for a callable object, the object and what it wraps
+    (``__wrapped__``, ``_wrapped_loss``).
+
+    Args:
+        fn: the function (or callable).
+        globals_of: keep only globals of these types (None: all).
+
+    Returns:
+        The objects, in that order (not deduplicated).
+    """
     objects: list[Any] = []
     while isinstance(fn, functools.partial):
         objects += [*fn.args, *fn.keywords.values()]
@@ -194,7 +241,7 @@ def _referenced(fn: Any) -> list[Any]:
         # inspect.signature read the wrapped function's arguments)
         wrapped = getattr(fn, "_wrapped_loss", None) or getattr(fn, "__wrapped__", None)
         if wrapped is not None and wrapped is not fn:
-            return [*objects, fn, *_referenced(wrapped)]
+            return [*objects, fn, *referenced(wrapped, globals_of)]
         return [*objects, fn]
     for cell in fn.__closure__ or ():
         try:
@@ -205,7 +252,7 @@ def _referenced(fn: Any) -> list[Any]:
     names = fn.__globals__
     for name in _global_names(code):
         value = names.get(name, _EMPTY_CELL)
-        if isinstance(value, (Tensor, int, float, complex, list, tuple, dict)):
+        if value is not _EMPTY_CELL and (globals_of is None or isinstance(value, globals_of)):
             objects.append(value)
     return objects
 

@@ -8,7 +8,6 @@ Each is refused with :class:`deqhess.InputError` saying what was received and wh
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError
+from ..implicit.loss import positional_counts
 from ..nn import DEQ
 
 __all__ = [
@@ -70,29 +70,20 @@ def check_loss_arguments(loss: Any) -> None:
             takes fewer than two. A signature that cannot be read, or takes ``*args``,
             is left to the call.
     """
-    function = loss.forward if isinstance(loss, nn.Module) else loss
-    try:
-        params = list(inspect.signature(function, follow_wrapped=False).parameters.values())
-    except (TypeError, ValueError):
+    counts = positional_counts(loss, follow_wrapped=False)  # its own signature counts
+    if counts is None:
         return
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        return
-    positional = [p for p in params if p.kind in _POSITIONAL]
-    required = sum(1 for p in positional if p.default is p.empty)
-    if required <= 2 <= len(positional):
+    required, positional = counts
+    if required <= 2 <= positional:
         return
     name = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", loss)
-    takes = f"requires {required}" if required > 2 else f"takes {len(positional)}"
+    takes = f"requires {required}" if required > 2 else f"takes {positional}"
     raise InputError(
         f"the loss is called as loss(output, target), but {name} {takes} positional "
         "arguments. Take what else it needs from the model's output or the target in a "
         "wrapper, e.g. for nn.GaussianNLLLoss a model returning (mean, var) and "
         "loss=lambda out, y: gaussian_nll(out[0], y, out[1])."
     )
-
-
-#: the parameter kinds a positional argument binds to
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def floating_leaves(output: Any) -> list[Tensor]:

@@ -30,7 +30,6 @@ the samples), keeping stops for the rest of the block.
 
 from __future__ import annotations
 
-import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..batches import graph_bytes
+from ..implicit.loss import referenced
 from ..memory import budget_bytes
 from ..streaming import Formed
 from ..streaming.fingerprint import tensor_digests
@@ -154,19 +154,7 @@ def _loss_state(loss: Any, model: nn.Module) -> list[Any]:
     if isinstance(loss, nn.Module):
         return [loss]
     found: list[Any] = []
-    function = getattr(loss, "__func__", loss)
-    candidates = [getattr(loss, "__self__", None), *(getattr(function, "__defaults__", None) or ())]
-    for cell in getattr(function, "__closure__", None) or ():
-        try:
-            candidates.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    code, namespace = getattr(function, "__code__", None), getattr(function, "__globals__", {})
-    if code is not None:  # the module-level names it reads: a global weight, a global loss
-        candidates += [namespace[name] for name in code.co_names if name in namespace]
-    if isinstance(loss, functools.partial):
-        candidates += [*loss.args, *loss.keywords.values()]
-    for value in candidates:
+    for value in referenced(loss):  # cells, defaults, bound self, partial, globals read
         if isinstance(value, Tensor) or (isinstance(value, nn.Module) and value is not model):
             found.append(value)
         elif _plain(value) is not None:

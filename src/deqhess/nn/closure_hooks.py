@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, UnsupportedDerivativeError
+from ..implicit.loss import referenced
 from .hooks import describe_hooks, hooked_modules
 
 __all__ = [
@@ -130,15 +131,12 @@ def _held_by(value: Any, names: set[str]) -> list[Any] | None:
     inner = getattr(value, "__func__", value)
     code = getattr(inner, "__code__", None)
     if callable(value) and code is not None and not isinstance(value, type):
-        held = [getattr(value, "__self__", None), *(getattr(inner, "__defaults__", None) or ())]
-        for cell in getattr(inner, "__closure__", None) or ():
-            with contextlib.suppress(ValueError):  # an empty cell
-                held.append(cell.cell_contents)
-        mentioned = {*code.co_names, *(c for c in code.co_consts if isinstance(c, str))}
-        mentioned |= {n for c in code.co_consts if hasattr(c, "co_names") for n in c.co_names}
-        names |= mentioned
+        quoted = {c for c in code.co_consts if isinstance(c, str)}  # globals()["cell"]
+        names |= {*code.co_names, *quoted}  # the attributes it may look up
+        names |= {n for c in code.co_consts if hasattr(c, "co_names") for n in c.co_names}
         namespace = getattr(inner, "__globals__", {})
-        return held + [namespace[name] for name in mentioned if name in namespace]
+        # its cells, defaults, bound self and the globals it reads, as Captured sees them
+        return referenced(value) + [namespace[name] for name in quoted if name in namespace]
     if callable(value) and hasattr(value, "__self__") and not hasattr(value, "__dict__"):
         return [value.__self__]  # a builtin bound method
     return None
