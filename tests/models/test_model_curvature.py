@@ -476,11 +476,30 @@ def test_a_loss_without_a_graph_has_zero_derivatives_and_a_detached_one_warns():
     assert float(curvature.grad()["extra.weight"].abs().max()) == 0
 
 
+def _in_two_threads(work):
+    """``work("A")`` and ``work("B")`` in two threads at once; the errors they raised."""
+    import threading
+
+    errors = []
+
+    def run(key):
+        try:
+            work(key)
+        except Exception as error:
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_two_threads_taking_products_take_turns():
     """Two threads taking products of one ModelCurvature at once: each pass runs alone
     (a pass swaps the model's parameters for its leaves), so both get the exact products
     and the model keeps its parameters, in order and as parameters."""
-    import threading
 
     model = Classifier()
     data = _data(sizes=(3, 3))
@@ -488,20 +507,12 @@ def test_two_threads_taking_products_take_turns():
     op = dh.ModelCurvature(model, nn.MSELoss(), data).hessian_operator()
     v = torch.randn(op.shape[0], 4)
     expected = Reference(unrolled_twin(model), nn.MSELoss(), data, names).total() @ v
-    results, errors = {}, []
+    results = {}
 
     def work(name):
-        try:
-            results[name] = [op @ v[:, i : i + 1] for i in range(4)]
-        except Exception as error:
-            errors.append(repr(error))
+        results[name] = [op @ v[:, i : i + 1] for i in range(4)]
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in "AB"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not _in_two_threads(work)
     for columns in results.values():
         assert relative_error(torch.cat(columns, 1), expected) <= TOL
     assert [n for n, _ in model.named_parameters()] == names
@@ -513,13 +524,12 @@ def test_two_models_sharing_a_layer_take_turns_in_two_threads():
     two threads at once: each pass swaps the shared layer's parameters too, so the passes
     take turns by every module's lock. With the model's own lock alone, each saw the
     other's swap as its forward writing its own state (a false ModelChangedError)."""
-    import threading
 
     first = Classifier()
     second = Classifier()
     second.deq0 = first.deq0
     data = _data(sizes=(3, 3))
-    results, errors = {}, []
+    results = {}
     ops = {}
     expected = {}
     for key, model in (("A", first), ("B", second)):
@@ -529,18 +539,10 @@ def test_two_models_sharing_a_layer_take_turns_in_two_threads():
         expected[key] = reference @ torch.eye(reference.shape[0])[:, :3]
 
     def work(key):
-        try:
-            units = torch.eye(ops[key].shape[0])
-            results[key] = [[ops[key] @ units[:, i : i + 1] for i in range(3)] for _ in range(3)]
-        except Exception as error:
-            errors.append(repr(error))
+        units = torch.eye(ops[key].shape[0])
+        results[key] = [[ops[key] @ units[:, i : i + 1] for i in range(3)] for _ in range(3)]
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in "AB"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not _in_two_threads(work)
     for key, rounds in results.items():
         for columns in rounds:
             assert relative_error(torch.cat(columns, 1), expected[key]) <= TOL
