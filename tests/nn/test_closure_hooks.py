@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from deqhess.nn.closure_hooks import closure_modules
+import deqhess as dh
+from deqhess.nn.closure_hooks import closure_modules, refuse_unreached_hooks
 
 
 class _Owner:
@@ -49,3 +51,15 @@ def test_an_object_the_search_cannot_look_into_ends_it_early():
     awkward = _Awkward()
     found, complete = closure_modules(lambda z: awkward.cell(z))
     assert found == [] and complete  # every failed lookup suppressed, nothing reached
+
+
+def test_a_hooked_module_the_search_did_not_reach_is_refused_saying_why():
+    """The refusal says whether the search could not find the module or ran out of its
+    budget (a large object graph around the closure)."""
+    hooked = nn.Linear(2, 2)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    refuse_unreached_hooks([hooked], [hooked], True)  # reached: nothing to refuse
+    with pytest.raises(dh.UnsupportedDerivativeError, match=r"\(Linear\) that deqhess cannot find"):
+        refuse_unreached_hooks([hooked], [], True)
+    with pytest.raises(dh.UnsupportedDerivativeError, match=r"stopped at its budget of objects"):
+        refuse_unreached_hooks([hooked], [], False)
