@@ -190,3 +190,19 @@ def test_unconverged_samples_of_layers_run_in_a_thread_pool_are_seen():
     direct = dh.ModelCurvature(model.inner, nn.MSELoss(), data, exclude_unconverged=True)
     assert relative_error(pooled.hessian(), direct.hessian()) <= 1e-12
     assert pooled.excluded_samples == direct.excluded_samples == 2
+
+
+class Reversed(nn.Module):
+    """Reverses the batch's samples: the layer's sample ``i`` is the batch's ``n − 1 − i``."""
+
+    def forward(self, x):
+        return x.flip(0)
+
+
+def test_a_model_reordering_its_samples_before_the_layer_is_named_when_excluding():
+    x, y, _ = _data()
+    model = nn.Sequential(Reversed(), *_model("best"))
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), [(x[:4], y[:4])], exclude_unconverged=True)
+    with pytest.raises(dh.ConvergenceError, match="reorders or mixes") as caught:
+        curvature.grad()
+    assert "exclude_unconverged" in str(caught.value)

@@ -246,6 +246,16 @@ def test_inference_mode_data_and_calls_give_the_same_numbers():
     assert relative_error(dh.ModelCurvature(model, nn.MSELoss(), frozen).hvp(w), hvp) <= 1e-12
 
 
+def test_data_of_another_dtype_than_the_model_is_named_with_the_remedy():
+    """float32 data on a float64 model ended in torch's raw "mat1 and mat2 must have the
+    same dtype", naming neither the batch nor what to do."""
+    x, y = _tensors()
+    curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), [(x.double(), y), (x.float(), y)])
+    with pytest.raises(dh.InputError, match="batch 2 of this pass holds float32") as caught:
+        curvature.grad()
+    assert "x.to(torch.float64)" in str(caught.value)
+
+
 def test_a_non_finite_target_is_named_in_the_refusal():
     """An inf in a target made the solves' right-hand sides non-finite: the NonFiniteError
     blamed "the loss or f"; it now names the batch's target too."""

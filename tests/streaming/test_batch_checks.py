@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deqhess.errors import InputError
-from deqhess.streaming.batch_checks import checked_count, plain_tensors
+from deqhess.streaming.batch_checks import checked_count, plain_tensors, refuse_mixed_dtypes
 
 
 def test_a_count_is_an_int_the_batch_does_not_contradict():
@@ -39,3 +39,15 @@ def test_inference_mode_tensors_come_back_plain_and_others_as_they_are():
     assert out["b"][0] is plain and out["b"][1] == 2
     batch = (plain, {"c": plain})
     assert plain_tensors(batch) is batch
+
+
+def test_a_type_error_on_data_of_another_dtype_is_named_with_both_dtypes():
+    x, y = (torch.randn(4, 3, dtype=torch.float32),), torch.randn(4, 2, dtype=torch.float16)
+    raw = RuntimeError("mat1 and mat2 must have the same dtype, but got Float and Double")
+    with pytest.raises(InputError, match="batch 3 of this pass holds float16 and float32") as e:
+        refuse_mixed_dtypes(raw, 2, x, y, torch.float64)
+    assert "x.to(torch.float64)" in str(e.value) and e.value.__cause__ is raw
+    # another error, or data of the parameters' dtype (integer labels aside): left as it is
+    refuse_mixed_dtypes(RuntimeError("shapes cannot be multiplied"), 0, x, y, torch.float64)
+    labels = torch.zeros(4, dtype=torch.long)
+    refuse_mixed_dtypes(raw, 0, x[0].double(), labels, torch.float64)  # (no raise)

@@ -38,6 +38,7 @@ from ..streaming import (
     check_reduction,
     response_tolerance,
 )
+from ..streaming.batch_checks import refuse_mixed_dtypes
 from .arguments import (
     check_loss_arguments,
     chosen_names,
@@ -307,6 +308,15 @@ class ModelPasses:
         begun: list[bool] = []
 
         def form(batch: Batch, stored: StoredBatch | None) -> Formed:
+            try:
+                return formed(batch, stored)
+            except DeqhessError:
+                raise
+            except RuntimeError as error:  # torch's raw type error, where the data's dtype differs
+                refuse_mixed_dtypes(error, batch.index, batch.x, batch.target, self.layout.dtype)
+                raise
+
+        def formed(batch: Batch, stored: StoredBatch | None) -> Formed:
             held = self._held
             if held is None:
                 return fresh(batch, stored)
@@ -352,8 +362,14 @@ class ModelPasses:
             graph, calls = self._graph(params, x, target, len(keep), part, {}, hint)
             if self._converged(batch, calls, len(keep)) is not None:
                 raise ConvergenceError(
-                    f"{self._label}: rerun on its converged samples, a batch did not converge "
-                    "again; the model's DEQ layers are not per-sample (batch_dim=0) maps."
+                    f"{self._label}: rerun on the samples its DEQ layers converged on, batch "
+                    f"{batch.index + 1} of this pass did not converge again, so the layers' "
+                    "samples are not the batch's in their order: the model reorders or mixes the "
+                    "samples before a DEQ layer (a flip, a shuffle, attention or a norm "
+                    "across the batch), or a layer is not a per-sample (batch_dim=0) map. "
+                    "exclude_unconverged needs each layer's sample i to be the batch's; "
+                    "leave it off and make the layers converge (max_iter, a fallback "
+                    "solver, a looser tol)."
                 )
             return self._formed(graph, calls, len(keep), keep, n - len(keep), ())
 

@@ -25,6 +25,7 @@ __all__ = [
     "note_non_finite_target",
     "note_unbatched",
     "plain_tensors",
+    "refuse_mixed_dtypes",
     "tensor_versions",
 ]
 
@@ -44,6 +45,46 @@ def plain_tensors(value: Any) -> Any:
     if not any(isinstance(t, Tensor) and t.is_inference() for t in leaves):
         return value
     return tree_unflatten([plain_tensors(t) for t in leaves], spec)
+
+
+def refuse_mixed_dtypes(
+    error: RuntimeError, index: int, x: Any, target: Any, dtype: torch.dtype
+) -> None:
+    """Name a raw type error of a batch's forward whose data are not of the model's dtype.
+
+    torch's own message (``mat1 and mat2 must have the same dtype``, ``expected scalar
+    type Double but found Float``) names neither the batch nor the remedy.
+
+    Args:
+        error: what the batch's forward (or loss) raised.
+        index: the batch's position in the pass.
+        x: the batch's input.
+        target: its target.
+        dtype: the chosen parameters' dtype.
+
+    Raises:
+        InputError: from ``error``, where its message is about types and the batch holds
+            floating-point tensors of another dtype than ``dtype``.
+    """
+    if "type" not in str(error).lower():
+        return
+    others = sorted(
+        {
+            str(t.dtype).removeprefix("torch.")
+            for t in tree_flatten((x, target))[0]
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype
+        }
+    )
+    if not others:
+        return
+    name = str(dtype).removeprefix("torch.")
+    raise InputError(
+        f"batch {index + 1} of this pass holds {' and '.join(others)} tensors, but the model's "
+        f"parameters are {name}, and its forward failed on them (torch: "
+        f"{' '.join(str(error).split())[:160]!r}). Give the data the parameters' dtype "
+        f"(x.to(torch.{name}), in the data set or the loader) or the model the data's "
+        f"(model.to(torch.{others[0]}))."
+    ) from error
 
 
 def tensor_versions(batch: Any) -> list[tuple[Tensor, int]]:
