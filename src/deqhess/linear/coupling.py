@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["coupling_tolerance", "row_coupling"]
+__all__ = ["coupling_tolerance", "probe_scales", "row_coupling", "scaled_discrepancy"]
 
 #: scale factors are powers of two in [2⁻⁸, 2⁷]: one digit of base 16 per probe.
 _DIGIT = 16
@@ -42,25 +42,55 @@ def row_coupling(
     samples = h.shape[0]
     if samples == 1:
         return 0.0, 0
-    levels = max(1, math.ceil(math.log(samples) / math.log(_DIGIT)))
     generator = torch.Generator().manual_seed(seed)
     v = torch.randn(h.shape, generator=generator, dtype=h.dtype).to(h.device)
-    index = torch.arange(samples, device=h.device)
-    scales = torch.stack(
-        [2.0 ** ((index // _DIGIT**level) % _DIGIT - _DIGIT // 2) for level in range(levels)]
-    ).to(h.dtype)  # [L, S]
+    scales = probe_scales(samples, h.dtype, h.device)  # [L, S]
     tangents = torch.cat([v[None], scales[:, :, None] * v[None]])  # [L + 1, S, d]
     out = products(tangents)
     if not bool(torch.isfinite(out[0]).all()):
         return float("nan"), int(torch.nonzero(~torch.isfinite(out[0]).all(-1))[0, 0])
-    expected = scales[:, :, None] * out[0][None]
-    discrepancy = _row_norms(out[1:] - expected)  # [L, S]
-    size = _row_norms(out[1:]) + _row_norms(expected)
-    relative = torch.where(size > 0, discrepancy / size.clamp_min(torch.finfo(h.dtype).tiny), 0.0)
-    relative = torch.where(torch.isfinite(out[1:]).all(-1), relative, float("nan"))
+    relative = scaled_discrepancy(out[0], out[1:], scales)
     worst = torch.argmax(torch.nan_to_num(relative, nan=float("inf")).amax(dim=0))
     return float(relative[:, worst].max()), int(worst)
 
 
+def probe_scales(samples: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The row factors of :func:`row_coupling`'s probes: powers of two, ``[L, S]``.
+
+    ``L = max(1, ⌈log₁₆ S⌉)``; probe ``l`` scales row ``s`` by ``2^(d − 8)``, ``d`` the
+    ``l``-th base-16 digit of ``s``: every pair of rows differs in some probe.
+
+    Returns:
+        ``[L, S]``, of ``dtype`` on ``device``.
+    """
+    levels = max(1, math.ceil(math.log(max(samples, 2)) / math.log(_DIGIT)))
+    index = torch.arange(samples, device=device)
+    return torch.stack(
+        [2.0 ** ((index // _DIGIT**level) % _DIGIT - _DIGIT // 2) for level in range(levels)]
+    ).to(dtype)
+
+
+def scaled_discrepancy(base: Tensor, scaled: Tensor, scales: Tensor) -> Tensor:
+    """How far ``M(c ⊙ v)`` is from ``c ⊙ M(v)``, row by row, relative to the two.
+
+    Args:
+        base: ``[S, ...]``, ``M v``.
+        scaled: ``[L, S, ...]``, ``M(cₗ ⊙ v)`` for the probes' factors.
+        scales: ``[L, S]``, the factors ``cₗ`` (:func:`probe_scales`).
+
+    Returns:
+        ``[L, S]``: each row's relative discrepancy (0 for rows a map keeps apart; NaN
+        where a product is not finite).
+    """
+    expected = scales.reshape(*scales.shape, *([1] * (base.ndim - 1))) * base[None]
+    discrepancy = _row_norms(scaled - expected)  # [L, S]
+    size = _row_norms(scaled) + _row_norms(expected)
+    tiny = torch.finfo(base.dtype).tiny
+    relative = torch.where(size > 0, discrepancy / size.clamp_min(tiny), 0.0)
+    finite = torch.isfinite(scaled.flatten(2)).all(-1)
+    return torch.where(finite, relative, float("nan"))
+
+
 def _row_norms(t: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(t, dim=-1)
+    """The norm of each row ``[..., S, *rest] → [..., S]`` (over ``rest``)."""
+    return torch.linalg.vector_norm(t.flatten(2) if t.ndim > 2 else t[..., None], dim=-1)

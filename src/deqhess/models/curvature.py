@@ -52,12 +52,13 @@ from .arguments import (
     deq_layers,
     floating_leaves,
 )
-from .dense import CPU_DENSE_BLOCK, Blocks, batch_dense, run_block
+from .dense import CPU_DENSE_BLOCK, Blocks, SampleTerm, batch_dense, run_block
 from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo, assembly
 from .modes import check_second_order
 from .passes import ModelPasses
 from .per_sample import output_jacobians, sample_gradients
+from .sample_gram import SampleGram
 from .symmetric import SymmetricProduct, UpperRows, mirror_upper_
 
 __all__ = ["MODEL_PARTS", "CurvatureInfo", "ModelCurvature"]
@@ -294,17 +295,35 @@ class ModelCurvature(ModelPasses):
         steps = None if batches is None else p * batches
         bar = tqdm(total=steps, desc=f"dense {part}", unit="direction", leave=False, disable=quiet)
 
-        def one(graph: BatchGraph) -> UpperRows | SymmetricProduct:
-            term = batch_dense(graph, graph.samples, blocks, bar.update)
-            if not isinstance(term, SymmetricProduct):
+        # the GGN's rows per sample from stacked cotangents where the graph shows them: its
+        # DEQ layers' cells evaluated once more, visibly; kept outer products assembled
+        # at the end (on each batch when ranks add their sums)
+        gram = None
+        if part == "ggn":
+            gram = SampleGram(self.layout.offsets, self.layout.shapes,
+                              keep=self._stream.group is None)  # fmt: skip
+
+        def one(graph: BatchGraph) -> UpperRows | SymmetricProduct | SampleTerm:
+            term = batch_dense(graph, graph.samples, blocks, bar.update, gram)
+            if isinstance(term, SampleTerm):
+                routes.add("sample sites")
+            elif not isinstance(term, SymmetricProduct):
                 routes.add("products")
             else:
                 routes.add("jacobians" if term.right is not None else "factored jacobians")
             return term
 
         try:
+            total = self._sum(
+                part, one, lambda: self._zeros(p, p), directions=p,
+                visible=None if gram is None else gram.promising,
+            )  # fmt: skip
+            if gram is not None:  # after the sum's division by N ("mean")
+                count = self._stream.num_samples
+                mean = self._stream.reduction == "mean" and count
+                gram.assemble(total, 1.0 / count if mean and count else 1.0)
             # every term adds only to the upper triangle: the sum is its mirror
-            total = mirror_upper_(self._sum(part, one, lambda: self._zeros(p, p), directions=p))
+            total = mirror_upper_(total)
         finally:
             bar.close()
         self._blocks.per_direction = self._blocks.per_direction or blocks.per_direction

@@ -34,11 +34,22 @@ from torch import Tensor
 
 from ..errors import DenseMemoryError
 from ..implicit.finite import require_finite
+from ..linear.coupling import probe_scales
 from ..memory import PeakMemory, budget_bytes
 from .graph import BatchGraph, one_hot_rows
+from .sample_gram import SampleGram
+from .sample_sites import SampleRows, find_sites, sample_rows
 from .symmetric import SymmetricProduct, UpperRows, curvature_times, loss_factor
 
-__all__ = ["CPU_DENSE_BLOCK", "PROBE", "Blocks", "batch_dense", "run_block", "uses_jacobians"]
+__all__ = [
+    "CPU_DENSE_BLOCK",
+    "PROBE",
+    "Blocks",
+    "SampleTerm",
+    "batch_dense",
+    "run_block",
+    "uses_jacobians",
+]
 
 #: the most directions of the first block, whose memory is measured (a wider first block
 #: could already exhaust memory: 394 directions of an MDEQ batch needed ~13 GB).
@@ -183,31 +194,40 @@ def uses_jacobians(graph: BatchGraph, parameters: int) -> bool:
 
 
 def batch_dense(
-    graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
-) -> UpperRows | SymmetricProduct:
+    graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object],
+    gram: SampleGram | None = None,
+) -> UpperRows | SymmetricProduct | SampleTerm:  # fmt: skip
     """The batch's ``[P, P]`` matrix of ``graph``'s part, assembled the cheaper way.
 
-    From output Jacobians where :func:`uses_jacobians` says so, else from ``P`` one-hot
-    product directions, in blocks as wide as :class:`Blocks` allows (refused with
-    :class:`deqhess.DenseMemoryError` when not one direction, or Jacobian row, fits).
+    From output Jacobians where :func:`uses_jacobians` says so — each sample's rows from
+    stacked cotangents where the graph shows where the parameters meet the samples
+    (:mod:`deqhess.models.sample_sites`, given a ``gram`` to add them to), else from
+    one-hot ones — else from ``P`` one-hot product directions, in blocks as wide as
+    :class:`Blocks` allows (refused with :class:`deqhess.DenseMemoryError` when not one
+    direction, or Jacobian row, fits).
 
     Args:
         graph: the batch's graph for one part.
         samples: the batch's sample count.
         blocks: the block sizes (measured on the first block if not yet).
         progress: called with the directions done after each block.
+        gram: the pass's sum of each sample's rows, for the stacked route (None: not
+            tried).
 
     Returns:
         The batch's ``[P, P]`` matrix, its weight included, by its rows on and above the
         diagonal's blocks (:class:`~deqhess.models.symmetric.UpperRows`); or, from output
-        Jacobians, as a :class:`~deqhess.models.symmetric.SymmetricProduct`. Either adds
-        to a sum's upper triangle, which is whole once mirrored
-        (:func:`~deqhess.models.symmetric.mirror_upper_`).
+        Jacobians, as a :class:`~deqhess.models.symmetric.SymmetricProduct` or a
+        :class:`SampleTerm`. Each adds to a sum's upper triangle, which is whole once
+        mirrored (:func:`~deqhess.models.symmetric.mirror_upper_`) — and, after a
+        :class:`SampleTerm`, once ``gram`` has assembled what it keeps.
     """
     p = graph.layout.size
     device = graph.params[0].device
     if uses_jacobians(graph, p):
-        return _from_jacobians(graph, samples, blocks, progress)
+        return _from_jacobians(graph, samples, blocks, progress, gram)
+    if gram is not None:  # P product directions: the next batches' graphs as usual
+        gram.failed = True
     term = UpperRows(p)
 
     def product(start: int, stop: int) -> Tensor:
@@ -253,8 +273,9 @@ def _block_stop(start: int, width: int, ends: list[int]) -> int:
 
 
 def _from_jacobians(
-    graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object]
-) -> SymmetricProduct:
+    graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object],
+    gram: SampleGram | None,
+) -> SymmetricProduct | SampleTerm:  # fmt: skip
     """The batch's GGN ``Jᵀ∇²ℓJ`` from vector-Jacobian products at the output.
 
     ``∇²ℓ`` (``[M, M]``) by a backward of the loss's output gradient along the ``M``
@@ -290,6 +311,12 @@ def _from_jacobians(
     require_finite(curvature, "the loss curvature at the output")
     curvature = 0.5 * (curvature + curvature.T)
     factor = loss_factor(curvature)
+    if factor is not None and gram is not None and gram.promising():
+        term = _from_sites(graph, samples, blocks, factor, gram)
+        if term is not None:
+            progress(p)
+            return term
+        gram.failed = True  # the next batches' graphs as usual
     count = m if factor is None else factor.shape[0]
     products = torch.empty(count, p, dtype=like.dtype, device=like.device)
 
@@ -313,3 +340,68 @@ def _from_jacobians(
     if factor is not None:
         return SymmetricProduct(products)
     return SymmetricProduct(products, curvature_times(curvature, products))
+
+
+@dataclass
+class SampleTerm:
+    """A batch's GGN as each sample's rows, added to a pass's sum through its gram.
+
+    Attributes:
+        rows: the batch's rows (:class:`~deqhess.models.sample_sites.SampleRows`).
+        gram: the pass's :class:`~deqhess.models.sample_gram.SampleGram`, which adds the
+            blocks it can at once and keeps the weights' outer products to assemble.
+    """
+
+    rows: SampleRows
+    gram: SampleGram
+    like: Tensor
+
+    def add_to(self, total: Tensor | None, weight: float) -> Tensor:
+        """``total + weight · term`` in the sum's upper triangle, in part kept by the gram."""
+        if total is None:
+            p = self.gram.offsets[-1]
+            total = self.like.new_zeros(p, p)
+        self.gram.add(total, self.rows, weight)
+        return total
+
+
+def _from_sites(
+    graph: BatchGraph, samples: int, blocks: Blocks, factor: Tensor, gram: SampleGram
+) -> SampleTerm | None:
+    """The batch's GGN from stacked cotangents, where the graph allows (else None).
+
+    The output must be one tensor whose rows are the samples and ``∇²ℓ``'s factor one
+    block per sample (``r`` rows each); its ``r`` stacked cotangents and the coupling
+    probes run through the graph at once, measured like a block of directions (and not
+    tried where fewer directions than that fit).
+
+    Returns:
+        The batch's term, or None where the output, the factor or the graph does not
+        allow the route (:mod:`~deqhess.models.sample_sites`): the one-hot route then.
+    """
+    outputs = graph.outputs
+    if len(outputs) != 1 or outputs[0].ndim == 0 or outputs[0].shape[0] != samples:
+        return None
+    out = outputs[0]
+    width = out.numel() // max(samples, 1)
+    if samples < 1 or factor.shape[0] % samples:
+        return None
+    rank = factor.shape[0] // samples
+    blocked = factor.view(samples, rank, samples, width)
+    index = torch.arange(samples, device=factor.device)
+    own = blocked[index, :, index]  # [n_b, r, width]
+    if int(torch.count_nonzero(blocked)) != int(torch.count_nonzero(own)):
+        return None  # a factor row across samples: the loss couples them
+    sites = find_sites(out, graph.params, samples)
+    if sites is None:
+        return None
+    device = out.device
+    count = rank + 1 + probe_scales(samples, out.dtype, device).shape[0]
+    if blocks.size(samples, device) < count:
+        return None
+    stacked = own.transpose(0, 1).reshape(rank, *out.shape)
+    with PeakMemory(device) as peak:
+        rows = sample_rows(out, sites, stacked, samples)
+    floor = 4.0 * graph.layout.size * out.element_size()
+    blocks.measured(peak, count, samples, floor)
+    return None if rows is None else SampleTerm(rows, gram, out.detach())

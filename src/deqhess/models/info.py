@@ -30,8 +30,8 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
     """What :attr:`ModelCurvature.info` says of a dense form.
 
     Args:
-        routes: the routes its batches took (``"factored jacobians"``, ``"jacobians"``,
-            ``"products"``).
+        routes: the routes its batches took (``"sample sites"``, ``"factored
+            jacobians"``, ``"jacobians"``, ``"products"``).
         part: the dense part.
         p: ``P``.
         blocks: the block sizes, and the memory a direction took once measured.
@@ -40,6 +40,15 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
         One sentence per route.
     """
     said = []
+    if "sample sites" in routes:
+        said.append(
+            "output Jacobians (a batch's output has fewer numbers than P = "
+            f"{p:,}), ∇²ℓ = RᵀR by pivoted Cholesky per sample: each sample's rows of RJ "
+            "from R's rows stacked over the batch's samples (the graph shows where each "
+            "parameter meets them, the DEQ layers' cells evaluated once more; samples "
+            "kept apart, checked by probes), the weights' blocks from their outer "
+            "products over the whole pass, the rest as the rows' Gram matrix"
+        )
     if "factored jacobians" in routes:
         said.append(
             "output Jacobians (a batch's output has fewer numbers than P = "

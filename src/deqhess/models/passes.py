@@ -287,7 +287,10 @@ class ModelPasses:
         state.check(self._label)
 
     def _former(
-        self, part: str | None, directions: int | None = None
+        self,
+        part: str | None,
+        directions: int | None = None,
+        visible: Callable[[], bool] | None = None,
     ) -> Callable[[Batch, StoredBatch | None], Formed]:
         """How a pass forms one batch: its graph for ``part``.
 
@@ -299,6 +302,9 @@ class ModelPasses:
             part: one of :data:`MODEL_PARTS`, or None for the loss alone (its gradient).
             directions: the directions per derivative pass the DEQ layers are to expect
                 (their ``'auto'`` linear solver chooses by it; None: not known).
+            visible: asked before each batch: its DEQ calls' cells evaluated once more
+                in its graph (``layer_calls(visible=True)``); such graphs are neither
+                taken from nor kept for a held operator (None: never).
 
         Returns:
             ``(batch, stored) ↦`` the batch's :class:`~deqhess.streaming.Formed`: its
@@ -318,6 +324,8 @@ class ModelPasses:
 
         def formed(batch: Batch, stored: StoredBatch | None) -> Formed:
             held = self._held
+            if visible is not None and visible():
+                return fresh(batch, stored, True)
             if held is None:
                 return fresh(batch, stored)
             if not begun:  # the pass's first batch: what was kept is of this model, or dropped
@@ -334,14 +342,16 @@ class ModelPasses:
             held.offer(part, batch.key, formed, (batch.x, batch.target))
             return formed
 
-        def fresh(batch: Batch, stored: StoredBatch | None) -> Formed:
+        def fresh(batch: Batch, stored: StoredBatch | None, visible: bool = False) -> Formed:
             n = len(batch.hashes)
             warm = stored.warm if stored is not None else {}
             # a graph kept for a held operator serves the products of every pass
             hint = directions if self._held is None else self._held.expected(directions)
             calls: list[LayerCall] = []
             try:
-                graph, _ = self._graph(params, batch.x, batch.target, n, part, warm, hint, calls)
+                graph, _ = self._graph(
+                    params, batch.x, batch.target, n, part, warm, hint, calls, visible
+                )
             except DeqhessError as error:
                 # an unconverged sample's last iterate can make its I − J singular (or its J
                 # non-finite) for the first-order graph: its samples decide, as below
@@ -359,7 +369,9 @@ class ModelPasses:
                 return Formed(None, 0, keep, n)
             x, target = restricted(batch.x, batch.target, keep, self.batch_dim)
             # cold: the same samples converge again
-            graph, calls = self._graph(params, x, target, len(keep), part, {}, hint)
+            graph, calls = self._graph(
+                params, x, target, len(keep), part, {}, hint, visible=visible
+            )
             if self._converged(batch, calls, len(keep)) is not None:
                 raise ConvergenceError(
                     f"{self._label}: rerun on the samples its DEQ layers converged on, batch "
@@ -443,12 +455,13 @@ class ModelPasses:
         warm: dict,
         directions: int | None,
         calls: list[LayerCall] | None = None,
+        visible: bool = False,
     ) -> tuple[BatchGraph, list[LayerCall]]:
         """The batch's graph, and the DEQ layers' calls of its forward (into ``calls``)."""
         calls = [] if calls is None else calls
         with layer_calls(
             warm=warm, records=calls, keep_best=True, directions=directions,
-            watch_accuracy=True, layers=self._layers(),
+            watch_accuracy=True, visible=visible, layers=self._layers(),
         ):  # fmt: skip
             graph = BatchGraph(
                 self.model, self.loss, self.layout, params, x, target, 1.0, part,
@@ -517,6 +530,7 @@ class ModelPasses:
         empty: Callable[[], Tensor],
         desc: str | None = None,
         directions: int | None = None,
+        visible: Callable[[], bool] | None = None,
     ) -> Tensor:
         """One pass: ``Σ_b w_b compute(graph of batch b)`` (see :class:`Stream`).
 
@@ -531,12 +545,14 @@ class ModelPasses:
             empty: the sum's zero (a rank or a data set without batches).
             desc: the progress bar's label (None: no bar).
             directions: the directions per derivative pass, for the DEQ layers.
+            visible: asked before each batch: the DEQ layers' cells evaluated once more
+                in its graph (see :meth:`_former`; None: never).
 
         Returns:
             The weighted sum, shaped as ``compute``'s terms.
         """
         total = self._stream.run(
-            self._former(part, directions),
+            self._former(part, directions, visible),
             lambda graph: None if graph is None else compute(graph), empty, desc,
         )  # fmt: skip
         if self._held is not None:  # the next pass is compared with the state it left

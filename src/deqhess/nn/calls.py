@@ -72,6 +72,8 @@ class Calls:
         watch_accuracy: the layers' linearisations warn
             (:class:`deqhess.AccuracyWarning`, with the figure) when their derivatives'
             error bound is high.
+        visible: each call's cell is evaluated once more at its fixed point, in the
+            graph (see :func:`layer_calls`).
     """
 
     store: dict | None
@@ -81,6 +83,7 @@ class Calls:
     policy: LayerPolicy | None = None
     directions: int | None = None
     watch_accuracy: bool = False
+    visible: bool = False
 
 
 CALLS: ContextVar[Calls | None] = ContextVar("deqhess_layer_calls", default=None)
@@ -94,6 +97,7 @@ def layer_calls(
     keep_best: bool = False,
     directions: int | None = None,
     watch_accuracy: bool = False,
+    visible: bool = False,
     layers: Iterable[DEQ] = (),
 ) -> Iterator[None]:
     """Control and record every :class:`DEQ` call in the block (outside ``torch.func``).
@@ -121,6 +125,11 @@ def layer_calls(
       :class:`deqhess.AccuracyWarning` with the figure (once per call), and GMRES's
       estimate of ``‖(I − J)⁻¹‖`` is checked as it comes. Off by default: a training
       loop's every step would warn (see :mod:`deqhess.linear.accuracy`).
+    * ``visible`` — each call's cell is evaluated once more at the fixed point, in the
+      graph, as for a cell with module hooks (:mod:`deqhess.nn.observed`): its
+      parameters' gradients then pass through that evaluation's operations, where
+      :mod:`deqhess.models.sample_sites` reads each sample's share. The derivatives are
+      the same; a backward costs one more product.
 
     Args:
         warm: the warm-start store (a dict the caller keeps), or None.
@@ -129,6 +138,7 @@ def layer_calls(
         directions: the directions each derivative pass pushes through the layers, or
             None (a training step's few).
         watch_accuracy: warn where a call's derivatives' error bound is high.
+        visible: evaluate each call's cell once more at its fixed point, in the graph.
         layers: layers whose calls are controlled and recorded from any thread while the
             block runs — a forward that runs them in a thread pool, whose threads do not
             see the block's context — (the caller keeps other threads' own calls of
@@ -138,7 +148,10 @@ def layer_calls(
         Nothing: the controls hold until the block ends, then the enclosing block's
         (if any) hold again.
     """
-    calls = Calls(warm, records, keep_best, directions=directions, watch_accuracy=watch_accuracy)
+    calls = Calls(
+        warm, records, keep_best, directions=directions, watch_accuracy=watch_accuracy,
+        visible=visible,
+    )  # fmt: skip
     token = CALLS.set(calls)
     registered = [layer for layer in layers if layer not in _BY_LAYER]
     with _BY_LAYER_GUARD:

@@ -391,7 +391,7 @@ class DEQ(nn.Module):
             ),
         )
         args = (*inputs.tensors, *values)
-        observed = has_hooks(cell)
+        observed = has_hooks(cell) or (calls is not None and calls.visible)
         with buffers_unwritten(cell) as ledger:
             if under_transform():  # the solve runs below the transforms: it cannot see them
                 with torch.enable_grad():

@@ -1,0 +1,204 @@
+"""Each sample's rows of the output Jacobian from stacked cotangents (:mod:`deqhess.models.
+sample_sites`): the dense GGN takes that route where the graph shows where every parameter
+meets the samples, and the one-hot route wherever it does not — exact either way.
+
+References: unrolled float64 autograd of the same model (``models.py``: the DEQ replaced
+by 60 iterations of its 0.4-contraction), ``torch.func.jacrev`` rows and the loss's
+``torch.func.hessian``; 1e-9 relative (the layer solves to 1e-13).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import Cell, Classifier, Reference, unrolled_twin
+from problems import relative_error
+from torch import Tensor, nn
+
+import deqhess as dh
+from deqhess.models.sample_sites import find_sites, sample_rows
+from deqhess.nn import DEQ, layer_calls
+
+SITES = "each sample's rows of RJ from R's rows stacked"
+
+
+def _data(sizes=(5, 7, 3), m=3, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x, y = torch.randn(n, m, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return list(zip(x.split(list(sizes)), y.split(list(sizes)), strict=True))
+
+
+def _ggn(model, loss, data, twin=None):
+    curvature = dh.ModelCurvature(model, loss, data)
+    ggn = curvature.ggn_operator().to_dense()
+    names = curvature.layout.names
+    reference = Reference(twin if twin is not None else unrolled_twin(model), loss, data, names)
+    return ggn, reference.ggn(), curvature.info.assembly["ggn"]
+
+
+@pytest.mark.parametrize(
+    "loss, targets",
+    [(nn.CrossEntropyLoss(), "classes"), (nn.MSELoss(), "values")],
+)
+def test_a_linear_deq_linear_model_takes_the_stacked_route_exactly(loss, targets):
+    """Cross-entropy (C − 1 rows a sample) and a squared error (C rows), batches of 5, 7
+    and 3: the weights' blocks from outer products, the biases' from rows."""
+    torch.manual_seed(0)
+    model = Classifier(m=3, n=5, k=3)  # P = 20 + 30 + 18 = 68 > n·C
+    data = _data()
+    if targets == "values":
+        data = [(x, torch.randn(len(x), 3, generator=torch.Generator().manual_seed(3)))
+                for x, _ in data]  # fmt: skip
+    ggn, reference, said = _ggn(model, loss, data)
+    assert SITES in said
+    assert relative_error(ggn, reference) <= 1e-9
+    assert torch.equal(ggn, ggn.T)
+
+
+class CenteredOutput(nn.Module):
+    """The classifier's output minus its batch mean: the samples couple after every site."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        return out - out.mean(0, keepdim=True)
+
+
+class CenteredInput(nn.Module):
+    """The inputs minus their batch mean, then the classifier: coupled before every site."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x - x.mean(0, keepdim=True))
+
+
+def test_samples_coupled_after_the_sites_are_caught_and_before_them_are_exact():
+    """Centering the output couples every site's gradient across samples: the probes see
+    it and the one-hot route is taken. Centering the input couples nothing the sites'
+    gradients depend on (each sample's row is still its own ``gₙ ⊗ aₙ``)."""
+    torch.manual_seed(0)
+    inner = Classifier(m=3, n=4, k=3)
+    data = _data(sizes=(6, 4))
+    for wrapper, stacked in ((CenteredOutput, False), (CenteredInput, True)):
+        model = wrapper(inner)
+        ggn, reference, said = _ggn(model, nn.CrossEntropyLoss(), data,
+                                    twin=wrapper(unrolled_twin(inner)))  # fmt: skip
+        assert (SITES in said) is stacked, wrapper.__name__
+        assert relative_error(ggn, reference) <= 1e-9, wrapper.__name__
+
+
+class GainCell(nn.Module):
+    """``tanh(g ⊙ (W h) + x)``: the gain ``g`` meets the samples in a product the sites
+    do not read."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.inner = Cell(n)
+        self.gain = nn.Parameter(1.0 + 0.1 * torch.randn(n))
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(self.gain * (h @ self.inner.W.T) + x + self.inner.b)
+
+
+def test_a_parameter_no_site_explains_leaves_the_stacked_route():
+    """A gain multiplying the state: the one-hot route, exact."""
+    torch.manual_seed(0)
+    model = Classifier(m=3, n=4, k=3)
+    model.deq0 = DEQ(GainCell(4), tol=1e-13, linear_solver="dense")
+    twin = unrolled_twin(model)
+    ggn, reference, said = _ggn(model, nn.CrossEntropyLoss(), _data(sizes=(5, 4)), twin=twin)
+    assert SITES not in said
+    assert relative_error(ggn, reference) <= 1e-9
+
+
+class TwoSites(nn.Module):
+    """A weight used by two matrix products (its rows the sum of two outer products)."""
+
+    def __init__(self, m: int = 3, n: int = 4, k: int = 3) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(m, n)
+        self.deq = DEQ(Cell(n), tol=1e-13, linear_solver="dense")
+        self.shared = nn.Linear(n, n)
+        self.head = nn.Linear(n, k)
+
+    def forward(self, x: Tensor, unrolled: bool = False) -> Tensor:
+        u = self.shared(torch.tanh(self.encoder(x)))
+        h = self.deq(u) if not unrolled else _unroll(self.deq.cell, u)
+        return self.head(torch.tanh(self.shared(h)))
+
+
+def _unroll(cell: nn.Module, x: Tensor) -> Tensor:
+    h = torch.zeros_like(x)
+    for _ in range(60):
+        h = cell(x, h)
+    return h
+
+
+class _Unrolled(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x, unrolled=True)
+
+
+def test_a_weight_at_two_sites_is_added_as_rows():
+    torch.manual_seed(0)
+    model = TwoSites()
+    curvature = dh.ModelCurvature(model, nn.CrossEntropyLoss(), _data(sizes=(4, 5)))
+    ggn = curvature.ggn_operator().to_dense()
+    assert SITES in curvature.info.assembly["ggn"]
+    twin = _Unrolled(model)
+    names = [f"model.{n}" for n in curvature.layout.names]
+    reference = Reference(twin, nn.CrossEntropyLoss(), _data(sizes=(4, 5)), names).ggn()
+    assert relative_error(ggn, reference) <= 1e-9
+
+
+def test_a_fixed_point_without_its_visible_evaluation_is_not_read():
+    """Outside ``layer_calls(visible=True)`` the cell's parameters meet the samples only
+    in the fixed point's own backward: what reaches it is not zero, so no rows."""
+    torch.manual_seed(0)
+    model = Classifier(m=3, n=4, k=3)
+    x = torch.randn(5, 3)
+    params = list(model.parameters())
+    for visible in (False, True):
+        with layer_calls(visible=visible):
+            out = model(x)
+        sites = find_sites(out, params, 5)
+        assert sites is not None  # a fixed point's inputs are left to the check
+        stacked = torch.randn(2, *out.shape)
+        rows = sample_rows(out, sites, stacked, 5)
+        assert (rows is not None) is visible
+        if visible:  # each sample's rows against one-hot backwards
+            for n in range(5):
+                for r in range(2):
+                    cotangent = torch.zeros_like(out)
+                    cotangent[n] = stacked[r, n]
+                    grads = torch.autograd.grad(out, params, cotangent, retain_graph=True)
+                    for i, g in enumerate(grads):
+                        (share,) = rows.factors[i]
+                        mine = share[n, r] if not isinstance(share, tuple) else torch.outer(
+                            share[0][n, r], share[1][n])  # fmt: skip
+                        assert relative_error(mine.reshape(g.shape), g) <= 1e-12
+
+
+def test_the_visible_evaluation_leaves_the_layers_derivatives_as_they_are():
+    torch.manual_seed(0)
+    model = Classifier(m=3, n=4, k=3)
+    x = torch.randn(5, 3)
+    grads = []
+    for visible in (False, True):
+        with layer_calls(visible=visible):
+            loss = model(x).pow(2).sum()
+        first = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), list(model.parameters()))
+        grads.append(torch.cat([g.detach().reshape(-1) for g in (*first, *second)]))
+    assert relative_error(grads[1], grads[0]) <= 1e-12
