@@ -426,3 +426,67 @@ def test_a_parametrised_cell_inside_parametrize_cached_is_refused():
     expected = torch.autograd.grad(h.pow(2).sum(), list(cell.parameters()))
     for name, a, b in zip(names, got, expected, strict=True):
         assert relative_error(a, b) <= 1e-9, name
+
+
+class _Lin(nn.Module):
+    def __init__(self, n=4, m=None):
+        super().__init__()
+        self.lin, self.inp = nn.Linear(n, n), nn.Linear(m or n, n)
+
+    def forward(self, x, h):
+        return torch.tanh(0.4 * self.lin(h) + self.inp(x))
+
+
+def test_an_exactly_zero_upstream_gradient_gives_zero_gradients_not_none():
+    """A zero loss weight (a warm-up schedule, a mask leaving out every sample): the layer
+    gave None, so .grad stayed None, autograd.grad raised torch's "not used in the graph",
+    and Adam's momentum skipped the parameters (82% off the unrolled model in 3 steps)."""
+    torch.manual_seed(0)
+    deq = DEQ(_Lin(), tol=1e-12)
+    x = torch.randn(3, 4, requires_grad=True)
+    (0.0 * deq(x).pow(2).sum()).backward()
+    for t in (*deq.parameters(), x):
+        assert t.grad is not None and not bool(t.grad.any())
+    grads = torch.autograd.grad(0.0 * deq(x).sum(), list(deq.parameters()))
+    assert all(not bool(g.any()) for g in grads)
+
+
+def test_an_encoder_under_autocast_hands_the_layer_lower_precision_that_it_casts():
+    """Linear → DEQ → Linear under CPU bfloat16 autocast: the encoder's bfloat16 output was
+    refused ("cast ... model.to(bfloat16)", itself refused). The layer casts it to its
+    parameters' float32 and solves there: the gradients are those of the same model fed
+    the encoder's bfloat16 output cast by hand, without autocast inside the layer."""
+    torch.manual_seed(0)
+    encoder, deq = nn.Linear(6, 4).float(), DEQ(_Lin().float(), tol=1e-6)
+    x = torch.randn(5, 6, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = encoder(x)
+        assert u.dtype == torch.bfloat16
+        h = deq(u)
+    assert h.dtype == torch.float32
+    got = torch.autograd.grad(h.pow(2).sum(), list(deq.parameters()))
+    want = torch.autograd.grad(deq(u.detach().float()).pow(2).sum(), list(deq.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(dh.InputError, match="keep the DEQ layer in float32"):
+        DEQ(_Lin().to(torch.bfloat16))(x)  # float32 data on a bfloat16 cell
+
+
+def test_a_default_start_of_the_wrong_shape_or_dtype_names_init_state():
+    """No h0 and no init_state: zeros like x. A state wider than x failed with the cell's
+    raw shape error, integer token ids with "h0 has dtype int64"."""
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as error:
+        DEQ(_Lin(n=5, m=3))(x)
+    assert "define init_state(self, x) on the cell" in "".join(error.value.__notes__)
+    with pytest.raises(dh.InputError, match=r"x is torch.int64 .* define init_state"):
+        DEQ(_Lin())(torch.zeros(4, 4, dtype=torch.long))
+
+
+def test_a_parameter_written_through_data_before_the_backward_is_named_as_a_cause():
+    torch.manual_seed(0)
+    deq = DEQ(_Lin(), tol=1e-12)
+    loss = deq(torch.randn(3, 4)).pow(2).sum()
+    with torch.no_grad():
+        deq.cell.lin.weight.data.mul_(1.5)  # weight clipping between forward and backward
+    with pytest.raises(dh.InputError, match=r"a parameter written through \.data"):
+        loss.backward()

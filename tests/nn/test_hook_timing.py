@@ -156,3 +156,33 @@ def test_a_compiled_model_around_the_layer_has_the_eager_derivatives(backend):
     got = derivatives(compiled, torch.compile(compiled, backend=backend))
     for a, b in zip(got, want, strict=True):
         assert relative_error(a, b) <= 1e-10
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+# TorchDynamo's own notes on the graph breaks it makes around the layer's solve
+@pytest.mark.filterwarnings("ignore::UserWarning:torch._dynamo")
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")
+# TorchDynamo instantiates the autograd.Function it traces, which torch itself deprecates
+@pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+def test_a_compiled_training_step_calling_backward_has_the_eager_gradients():
+    """``torch.compile`` of a step that calls ``loss.backward()``: TorchDynamo traced the
+    layer's backward, split its legacy-vmap probe by a graph break, refused the step as
+    ``is_grads_batched`` and left torch's vmap nesting raised — every later backward in
+    the process, plain torch's too, then failed."""
+    want = _grads(_layer(), X)
+    deq = _layer()
+
+    def step():
+        deq.zero_grad()
+        deq(X).pow(2).sum().backward()
+
+    torch.compile(step, backend="eager")()
+    got = [p.grad for p in deq.parameters()]
+    for a, b in zip(got, want, strict=True):
+        assert relative_error(a, b) <= 1e-12
+    level = torch._C._vmapmode_increment_nesting()
+    torch._C._vmapmode_decrement_nesting()
+    assert level == 1  # nothing left raised: a plain backward works after it
+    lin = nn.Linear(3, 1)
+    lin(torch.randn(2, 3)).sum().backward()

@@ -262,7 +262,11 @@ class Linearization:
                 f"solve accepted {float(accepted[row]):.2e}. A map that changes between calls "
                 "(dropout or noise in training mode, a parametrisation or buffer updated at "
                 "each call) has no fixed point to differentiate: make it deterministic (eval "
-                "mode, or draw any random mask once and pass it in x)."
+                "mode, or draw any random mask once and pass it in x). Or a tensor f reads "
+                "changed after the forward solved it — a parameter written through .data or "
+                "under torch.no_grad() (weight clipping, a manual update) between the "
+                "forward and the backward: take the derivatives first, or run the forward "
+                "again after the change."
             )
         self._certified = True
 

@@ -9,7 +9,7 @@ that into an error that says what to do.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from .transforms import tracked
 __all__ = [
     "InputLayout",
     "BufferLedger",
+    "autocast_inputs",
     "buffers_unwritten",
     "saved_tensor_hooks_named",
     "check_deterministic",
@@ -329,20 +330,76 @@ def check_inputs(inputs: InputLayout, h0: Any, values: list[Tensor]) -> None:
     if not h0.is_floating_point():
         raise InputError(f"h0 has dtype {h0.dtype}; the state must be float32 or float64.")
     floating = [v for v in values if v.is_floating_point()]
+    supported = (torch.float32, torch.float64)
     if floating and floating[0].dtype != h0.dtype:
+        dtype = floating[0].dtype
+        if dtype in supported and h0.dtype not in supported:
+            raise InputError(
+                f"the state is {h0.dtype} (h0, or zeros like x or the cell's init_state(x) "
+                "when h0 is left out), but the layer solves in float32 or float64: give x "
+                f"(and h0) the cell's dtype, x.to({dtype}) — under torch.autocast the layer "
+                "does this itself and solves in its parameters' dtype."
+            )
+        if dtype not in supported:
+            raise InputError(
+                f"the cell's parameters are {dtype}, but the layer solves in float32 or "
+                "float64: keep the DEQ layer in float32 (deq.float()) — under torch.autocast "
+                "the modules around it still run in lower precision, and the layer casts "
+                "what they hand it."
+            )
         raise InputError(
-            f"the cell's parameters are {floating[0].dtype} but the state is {h0.dtype}; cast one "
-            f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {floating[0].dtype})."
+            f"the cell's parameters are {dtype} but the state is {h0.dtype}; cast one "
+            f"to the other (e.g. model.to({h0.dtype}), or x and h0 to {dtype})."
         )
 
 
-def explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[..., Tensor]:
-    """``evaluate``, explaining a failure of its first call.
+def autocast_inputs(x: Any, values: Iterable[Tensor]) -> Any:
+    """``x`` as the layer solves with it under ``torch.autocast``: in its parameters' dtype.
+
+    The layer solves and differentiates in its state's dtype, autocast off inside
+    (:func:`deqhess.locking.autocast_off`); an encoder before it under autocast hands it
+    lower-precision tensors (bfloat16, float16), which are cast to the cell's floating
+    parameters' dtype (float32 or float64) — differentiably, as autocast casts.
+
+    Args:
+        x: the layer's input.
+        values: the cell's parameters and buffers.
 
     Returns:
-        A map that calls ``evaluate``; its first call — the cell at the user's ``h0`` —
-        adds a note about ``h0`` to whatever the cell raises (a wrongly shaped ``h0``
-        usually surfaces as the cell's own shape error).
+        ``x``, its tensors of autocast's dtype cast to the parameters' dtype where
+        autocast is on for their device; else ``x`` itself.
+    """
+    leaves, spec = tree_flatten(x)
+
+    def lowered(t: Any) -> bool:
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            return False
+        kind = t.device.type
+        return torch.is_autocast_enabled(kind) and t.dtype == torch.get_autocast_dtype(kind)
+
+    if not any(lowered(t) for t in leaves):  # autocast off (or x of another dtype): as it is
+        return x
+    target = next((v.dtype for v in values if v.is_floating_point()), None)
+    if target not in (torch.float32, torch.float64):
+        return x
+    return tree_unflatten([t.to(target) if lowered(t) else t for t in leaves], spec)
+
+
+def explaining_first_call(
+    evaluate: Callable[..., Tensor], x: Any, given: bool = True
+) -> Callable[..., Tensor]:
+    """``evaluate``, explaining a failure of its first call.
+
+    Args:
+        evaluate: the cell's evaluation ``(z, *args) ↦ F``.
+        x: the layer's input.
+        given: the start is the user's ``h0`` (False: zeros like ``x``, the cell
+            defining no ``init_state``).
+
+    Returns:
+        A map that calls ``evaluate``; its first call — the cell at the start — adds a
+        note about ``h0`` (or the default start) to whatever the cell raises (a wrongly
+        shaped start usually surfaces as the cell's own shape error).
     """
     first = True
 
@@ -354,16 +411,24 @@ def explaining_first_call(evaluate: Callable[..., Tensor], x: Any) -> Callable[.
         try:
             return evaluate(z, *args)
         except Exception as error:
-            add_note(error, _initial_state_note(x, z))
+            add_note(error, _initial_state_note(x, z, given))
             raise
 
     return step
 
 
-def _initial_state_note(x: Any, h0: Tensor) -> str:
-    """Return what a failure of the cell's first evaluation from a user's ``h0`` may mean."""
+def _initial_state_note(x: Any, h0: Tensor, given: bool) -> str:
+    """Return what a failure of the cell's first evaluation from its start may mean."""
     shapes = [tuple(t.shape) for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
     described = shapes[0] if len(shapes) == 1 else shapes
+    if not given:
+        return (
+            "deqhess: the cell raised this at its first evaluation, from the default start "
+            f"h0 = zeros like x (shape {tuple(h0.shape)}), as the cell defines no "
+            "init_state(x). A state of another shape than x needs one: define "
+            "init_state(self, x) on the cell returning a tensor of the state's shape (its "
+            "values are not used), or pass h0."
+        )
     return (
         f"deqhess: the cell raised this at its first evaluation, from the h0 you passed "
         f"(shape {tuple(h0.shape)}; x: {described}). If h0 is not shaped like the state "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -33,6 +34,7 @@ from .attributes import (
 from .calls import Calls, LayerCall, calls_of, layer_calls, warm_starts
 from .contract import (
     InputLayout,
+    autocast_inputs,
     buffers_unwritten,
     check_deterministic,
     check_inputs,
@@ -210,6 +212,12 @@ class DEQ(nn.Module):
                 f"x is a {type(x).__name__}, so the initial state cannot be zeros like x: pass "
                 "h0, or define init_state(x) on the cell."
             )
+        if not x.is_floating_point():
+            raise InputError(
+                f"x is {x.dtype} (token ids, say), so the initial state cannot be zeros like "
+                "x — a state is float32 or float64: define init_state(self, x) on the cell, "
+                "returning a tensor of the state's shape and dtype, or pass h0."
+            )
         return torch.zeros_like(x)
 
     def _check_initial_shape(self, x: Any, h0: Any) -> None:
@@ -321,6 +329,8 @@ class DEQ(nn.Module):
     ) -> tuple[Tensor, LayerInfo | None]:
         """``h*`` and, if ``with_info``, its :class:`LayerInfo` (else None)."""
         check_deterministic(self.cell)
+        # under torch.autocast, x of its lower precision solved in the cell's dtype
+        x = autocast_inputs(x, itertools.chain(self.cell.parameters(), self.cell.buffers()))
         inputs = InputLayout(x)
         calls = calls_of(self) if torch._C._functorch.peek_interpreter_stack() is None else None
         warm = self._warm_entry(calls) if h0 is None else None
@@ -361,7 +371,12 @@ class DEQ(nn.Module):
             check_state_map(out, z, "cell(x, h)")
             return out
 
-        step = explaining_first_call(evaluate, x) if given else evaluate
+        if given:
+            step = explaining_first_call(evaluate, x)
+        elif not callable(getattr(cell, "init_state", None)):  # zeros like x
+            step = explaining_first_call(evaluate, x, given=False)
+        else:
+            step = evaluate
         infos: list[SolveInfo] = []
         stats = LinearSolveStats()
         policy = self._policy(calls)

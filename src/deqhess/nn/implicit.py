@@ -62,6 +62,11 @@ def refuse_legacy_vmap() -> None:
     Raises:
         UnsupportedDerivativeError: inside the legacy vmap, naming the supported way.
     """
+    if torch.compiler.is_compiling():
+        # TorchDynamo tracing the Function's rules (a compiled training step): its legacy
+        # vmap cannot be active there, and the probe below, split by a graph break, would
+        # leave torch's vmap nesting raised for the whole process
+        return
     level = torch._C._vmapmode_increment_nesting()
     torch._C._vmapmode_decrement_nesting()
     if level > 1:
@@ -113,7 +118,10 @@ class FixedPointFunction(torch.autograd.Function):
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
         if wanted and _exactly_zero(grad):  # the gradient is linear in grad: zero
-            return (None, None, *grads)
+            # zeros, not None: as autograd's own operations give (an optimizer's
+            # momentum still moves a parameter whose gradient is zero, not one without)
+            zeros = [torch.zeros_like(args[i]) if i in wanted else None for i in range(len(args))]
+            return (None, None, *zeros)
         if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
             pulled = system.recorded_args(tuple(args))
             value, pull = args_pullback(system.spec.fn, z, pulled, wanted)
