@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..chunks import default_chunk_size
+from .batched import check_batched
 
 __all__ = ["jacobian_blocks"]
 
@@ -53,5 +54,6 @@ def jacobian_blocks(
     if extra is not None:
         cotangents = torch.cat([cotangents, extra.to(h)])
     rows = torch.func.vmap(pullback, chunk_size=chunk_size)(cotangents)[0]  # [d(+K), S, d]
+    check_batched(lambda c: pullback(c)[0], cotangents, rows)
     blocks = rows[:width].permute(1, 0, 2).contiguous()
     return blocks if extra is None else (blocks, rows[width:])

@@ -17,6 +17,7 @@ from ..errors import InputError, NonFiniteError
 from ..operator import Operator
 from ..solvers import Residual
 from ..tangents import Linearized, linearize
+from .batched import check_batched
 from .coupling import coupling_tolerance, row_coupling
 from .jacobian import jacobian_blocks
 
@@ -63,6 +64,7 @@ class ResidualOperator(Operator):
         self.independent_rows = independent_rows
         self.declared = declared
         self._rows_checked = False
+        self._batching_checked = False  # vmapped VJPs checked against a plain one
         self.shape = (h.numel(), h.numel())
         self.dtype, self.device = h.dtype, h.device
         self._pullback: Callable[[Tensor], tuple[Tensor]] | None = None  # on first Aᵀ
@@ -123,7 +125,16 @@ class ResidualOperator(Operator):
         if self._pullback is None:  # built outside any vmap, then reused
             self._pullback = torch.func.vjp(self.residual, self.h)[1]
         pullback = self._pullback
-        return -_over_leading(lambda cotangent: pullback(cotangent)[0], w)
+
+        def product(cotangent: Tensor) -> Tensor:
+            return pullback(cotangent)[0]
+
+        out = _over_leading(product, w)
+        if not self._batching_checked and w.ndim > 2 and w[..., 0, 0].numel() > 1:
+            self._batching_checked = True  # once: the first block's first direction
+            flat = w.reshape(-1, *w.shape[-2:])
+            check_batched(product, flat, out.reshape(flat.shape))
+        return -out
 
     def matmat(self, block: Tensor) -> Tensor:
         """``(I − J) V`` for flat ``V`` ``[S·d, K]``."""
