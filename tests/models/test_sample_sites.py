@@ -202,3 +202,27 @@ def test_the_visible_evaluation_leaves_the_layers_derivatives_as_they_are():
         second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), list(model.parameters()))
         grads.append(torch.cat([g.detach().reshape(-1) for g in (*first, *second)]))
     assert relative_error(grads[1], grads[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("case", ["subset", "sum", "float32"])
+def test_parameter_subsets_sums_and_float32_take_the_route_exactly(case):
+    """The cell's and the head's weights only (biases and the encoder left out), a summed
+    data-set loss, a float32 model (against the float64 reference, to float32's
+    accuracy)."""
+    torch.manual_seed(0)
+    model = Classifier(m=3, n=5, k=3)
+    data = _data()
+    names = ["deq0.cell.W", "head.weight"] if case == "subset" else None
+    reduction = "sum" if case == "sum" else "mean"
+    reference = Reference(unrolled_twin(model), nn.CrossEntropyLoss(), data,
+                          names or [n for n, _ in model.named_parameters()], reduction)  # fmt: skip
+    if case == "float32":
+        model = model.float()
+        model.deq0.tol = 1e-6  # what float32 can reach
+        data = [(x.float(), y) for x, y in data]
+    curvature = dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, theta=names,
+                                  reduction=reduction)  # fmt: skip
+    ggn = curvature.ggn_operator().to_dense()
+    assert SITES in curvature.info.assembly["ggn"]
+    tolerance = 1e-5 if case == "float32" else 1e-9
+    assert relative_error(ggn.double(), reference.ggn().detach()) <= tolerance
