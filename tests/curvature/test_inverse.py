@@ -90,16 +90,16 @@ def test_caps_and_statuses(setup, monkeypatch):
 
 
 def test_minres_on_a_singular_system_stagnates_and_says_so(setup):
-    """H + δI singular (δ = −λ_min): MINRES's restarts stop reducing the residual (a
-    least-squares solution); the status and message say that, not a residual above
-    10·tol it does not have."""
+    """H + δI singular (δ = −λ_min): MINRES's residual stops decreasing (a least-squares
+    solution); the status and message say that, not a residual above 10·tol it does not
+    have."""
     c, eq, readout, _ = setup
     op = eq.hessian_operator(c.loss_theta)
     dense = 0.5 * (readout.total + readout.total.T)
     shift = -float(torch.linalg.eigvalsh(dense)[0])  # H + δI singular
     b = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3))
     with pytest.raises(
-        dh.AnalysisConvergenceError, match=r"stagnated after .* MINRES's restarts stopped"
+        dh.AnalysisConvergenceError, match=r"stagnated after .* MINRES's residual stopped"
     ) as caught:
         solve_damped(op, b, shift, tol=1e-12, progress=False)
     result = caught.value.result
@@ -112,9 +112,9 @@ def test_minres_near_tol_on_indefinite_systems_converges(setup):
     """The report: on indefinite systems of condition 47–368 (every part with a readout,
     δ = 0.1), a MINRES restart asked for the last factor of 1–2 to tol stopped at once on
     SciPy's own estimate; the run was then called singular with "the recomputed residual
-    exceeds 10·tol" at residuals 1.4–10× tol (33 of these 45 solves). A restart that does
-    not halve the residual is now followed by one asking 100× more: all converge, to the
-    dense solution within cond · tol."""
+    exceeds 10·tol" at residuals 1.4–10× tol (33 of these 45 solves). MINRES now stops on
+    the residual relative to ‖b‖ itself: all converge, to the dense solution within
+    cond · tol."""
     c, eq, readout, _ = setup
     for part in ("total", "dynamics_curvature", "loss_curvature"):
         op = eq.hessian_operator(c.loss_theta, part)
@@ -169,9 +169,9 @@ def test_argument_errors(setup):
 
 
 def test_minres_reaches_the_tolerance_asked_for(setup):
-    """SciPy's MINRES stops on its own estimate (relative to ‖A‖‖x‖ + ‖b‖), which sat 17×
-    above ``‖r‖/‖b‖ = tol`` on an easy indefinite-made-definite system; restarts on the
-    residual bring it to ``tol`` in a few more products, as CG does."""
+    """SciPy's MINRES stopped on its own estimate (relative to ‖A‖‖x‖ + ‖b‖), which sat 17×
+    above ``‖r‖/‖b‖ = tol`` on an easy indefinite-made-definite system; deqhess's MINRES
+    stops on ``‖r‖ ≤ tol ‖b‖`` and reaches it, as CG does."""
     c, eq, readout, _ = setup
     dense = 0.5 * (readout.total + readout.total.T)
     damping = 1.0 - float(torch.linalg.eigvalsh(dense)[0])  # H + δI ⪰ I

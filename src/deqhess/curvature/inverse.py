@@ -3,8 +3,9 @@
 ``(H + δI) x = b`` is solved with products of the operator. Which method suits which
 operator:
 
-* ``method="minres"`` (default; SciPy's MINRES) handles any symmetric ``H + δI``,
-  definite or not; for a singular system it returns a least-squares solution.
+* ``method="minres"`` (default; :mod:`deqhess.curvature.minres`) handles any symmetric
+  ``H + δI``, definite or not; for a singular system it ends ``STAGNATED`` with a
+  least-squares solution (not the minimum-norm one).
 * ``method="cg"`` needs ``H + δI`` positive definite. That holds for any part when
   ``δ > −λ_min`` (get λ_min from :func:`extreme_eigenpairs` with ``which="smallest"``);
   without damping it holds only for the ``loss_curvature`` part of a loss convex in
@@ -32,15 +33,14 @@ import enum
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import minres
 from torch import Tensor
 
 from ..errors import AnalysisConvergenceError, InputError
 from ..options import integer
 from .accuracy import check_symmetric
 from .base import Counted, SymmetricOperator, checked_operator
+from .minres import MinresOutcome, minres
 
 _NOT_SOLVABLE = "MINRES and CG, which assume H = Hᵀ, would not solve (H + δI) x = b"
 
@@ -83,9 +83,10 @@ class InverseStatus(enum.Enum):
                 "ill-conditioned for tol; add damping or loosen tol."
             ),
             "stagnated": (
-                "MINRES's restarts stopped reducing the residual above tol (two did not "
-                "halve it, the second asked for 100× more): the system is singular (MINRES "
-                "then returns a least-squares solution) or too ill-conditioned for tol; add "
+                "MINRES's residual stopped decreasing above tol: what is left of it r has "
+                "‖(H + δI) r‖ ≤ max(tol, √ε)·‖H + δI‖·‖r‖, so it lies in the null space of "
+                "H + δI (a singular system, b not in its range: the solution is then a "
+                "least-squares one) or on eigenvalues too small for tol in this dtype; add "
                 "damping or loosen tol."
             ),
         }[self.value]
@@ -163,8 +164,8 @@ def solve_damped(
 
     Raises:
         AnalysisConvergenceError: the cap was reached, CG met ``pᵀ(H + δI)p ≤ 0``,
-            MINRES's restarts stopped reducing the residual above ``tol`` (a singular or
-            too ill-conditioned system), or the recomputed residual of a reported
+            MINRES's residual stopped decreasing above ``tol`` (a singular or too
+            ill-conditioned system), or the recomputed residual of a reported
             convergence is above ``10 · tol``; ``.result`` is the :class:`InverseResult`
             and its ``status`` says which.
         InputError: an unknown ``method``, ``b`` not a ``[P]`` tensor, a non-finite
@@ -307,45 +308,37 @@ def _cg(
 def _minres(
     op: Counted, b: Tensor, damping: float, tol: float, max_iter: int
 ) -> tuple[Tensor, InverseStatus]:
-    """SciPy's MINRES on ``H + δI``, restarted on the residual until it is within ``tol``.
+    """MINRES (:func:`.minres.minres`) on ``H + δI``, checked on the recomputed residual.
 
-    Its ``shift`` solves ``(H − shift·I) x = b``; the restarts go on until
-    ``‖b − (H + δI) x‖ ≤ tol ‖b‖``. SciPy stops on its own estimate, relative to
-    ``‖A‖‖x‖ + ‖b‖``, which can sit 10–100× above the residual relative to ``‖b‖`` asked
-    for here (measured: 1.7e-7 for tol 1e-8 on a system of condition 663, which CG
-    solved in 20 products); each restart solves for the correction with the remaining
-    budget, one product recomputing the residual. Asked for the reduction still needed,
-    a restart near ``tol`` can stop at once on that estimate: a restart that does not
-    halve the residual is followed by restarts asking 100× more, and a second such one
-    ends the run as ``STAGNATED`` (a singular or stuck system). Stopping at the first
-    reported 33 of 45 solves of well-conditioned indefinite systems (δ = 0.1, condition
-    47–368) as singular, at residuals 1.4–10× tol.
+    Each run stops when its running residual ``φ_k`` reaches ``tol ‖b‖``; the residual is
+    then recomputed (one product) and, where rounding has let ``φ_k`` drift below the true
+    one, MINRES restarts on it with the remaining budget. A restart that does not halve
+    the true residual ends the run: the caller's recomputed residual then says whether it
+    is within ``10 · tol`` (else ``INACCURATE``). A run that finds the residual in the
+    null space of ``H + δI`` (``‖(H + δI) r‖ ≤ max(tol, √ε) ‖H + δI‖ ‖r‖``) ends as
+    ``STAGNATED``.
 
     Returns:
         ``(x, status)``: the last iterate and how the run ended.
     """
-    np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
-    scipy_op = op.to_scipy()
     x = torch.zeros_like(b)
     r = b
-    norm_b = float(torch.linalg.vector_norm(b))
-    demand = 1.0  # what each restart asks for, relative to the reduction still needed
+    threshold = tol * float(torch.linalg.vector_norm(b))
+    norm_r = float(torch.linalg.vector_norm(b))
     while True:
         remaining = max_iter - op.products
         if remaining < 1:
             return x, InverseStatus.MAX_ITER
-        norm_r = float(torch.linalg.vector_norm(r))
-        relative = demand * min(0.5, tol * norm_b / norm_r)  # the correction's tolerance
-        rhs = r.cpu().numpy().astype(np_dtype)
-        d, info = minres(scipy_op, rhs, rtol=relative, shift=-damping, maxiter=remaining)
-        x = x + torch.as_tensor(d, dtype=op.dtype, device=op.device)
-        if info > 0:  # out of products (the caller recomputes the residual)
+        run = minres(op, r, damping, threshold, tol, remaining)
+        x = x + run.solution
+        if run.outcome is MinresOutcome.MAX_ITER:
             return x, InverseStatus.MAX_ITER
+        if run.outcome is MinresOutcome.SINGULAR:
+            return x, InverseStatus.STAGNATED
+        if op.products >= max_iter:  # no product left to check it: the caller does
+            return x, InverseStatus.CONVERGED
         r = b - (op.matmat(x[:, None])[:, 0] + damping * x)
         norm_next = float(torch.linalg.vector_norm(r))
-        if norm_next <= tol * norm_b:
-            return x, InverseStatus.CONVERGED
-        if norm_next > 0.5 * norm_r:  # a restart that did not halve it
-            if demand < 1.0:  # even asked for 100× more: singular or stuck
-                return x, InverseStatus.STAGNATED
-            demand = 1e-2  # SciPy's own test stopped it early: ask for more, once
+        if norm_next <= threshold or norm_next > 0.5 * norm_r:
+            return x, InverseStatus.CONVERGED  # reached, or at the floor rounding sets
+        norm_r = norm_next
