@@ -222,29 +222,53 @@ class ParameterBlock(Operator):
 
     Args:
         op: the full ``P × P`` operator.
-        layout: θ's layout (names and sizes), e.g. ``eq.problem.params``.
+        layout: θ's layout (names and sizes) — the operator's own, e.g.
+            ``eq.problem.params`` or ``curvature.layout``: it must hold ``P`` parameters.
         names: the parameter names to keep (dict θ only), in the order the block's rows
             and columns take: ``I`` is their index ranges one after the other.
 
+    Attributes:
+        layout: the block's own layout (the kept parameters, in ``names``' order), for
+            splitting a result on the block by parameter, e.g.
+            ``diagonal(block).by_parameter(block.layout)``.
+
     Raises:
-        InputError: θ is not a dict, or ``names`` is empty, unknown or repeated.
+        InputError: ``layout`` is not a :class:`deqhess.parameters.ParameterLayout`,
+            holds another number of parameters than the operator, or differs from the
+            operator's own ``layout`` where it has one (a curvature operator, a block);
+            θ is not a dict, or ``names`` is empty, unknown or repeated.
     """
 
     def __init__(self, op: SymmetricOperator, layout: ParameterLayout, names: Sequence[str]):
+        if not isinstance(layout, ParameterLayout):
+            raise InputError(
+                "ParameterBlock takes θ's ParameterLayout (eq.problem.params, or "
+                f"curvature.layout for a ModelCurvature); got {type(layout).__name__}."
+            )
+        if layout.size != op.shape[0]:
+            raise InputError(
+                f"ParameterBlock: the layout holds {layout.size} parameters but the operator "
+                f"is {op.shape[0]} × {op.shape[1]}, so its index ranges would pick other "
+                "entries: pass the layout of the operator's own θ (eq.problem.params, or "
+                "curvature.layout of the ModelCurvature that made the operator)."
+            )
+        own = getattr(op, "layout", None)
+        if isinstance(own, ParameterLayout) and (own.names, own.shapes) != (
+            layout.names,
+            layout.shapes,
+        ):
+            raise InputError(
+                f"ParameterBlock: the layout given, {layout.describe()}, is not the "
+                f"operator's own θ, {own.describe()}, so its index ranges would pick other "
+                "entries: pass the operator's layout (op.layout)."
+            )
         if layout.names is None:
             raise InputError("parameter blocks need a dict theta (named parameters).")
         if isinstance(names, str):
             names = [names]
         if not names:
             raise InputError(f"names is empty; choose from {list(layout.names)}.")
-        unknown = [n for n in names if n not in layout.names]
-        if unknown:
-            raise InputError(
-                f"unknown parameter names {unknown}; choose from {list(layout.names)}."
-            )
-        repeated = sorted({n for n in names if list(names).count(n) > 1})
-        if repeated:
-            raise InputError(f"parameter names {repeated} are given more than once.")
+        self.layout = layout.select(names)
         offsets = layout.offsets
         where = {n: i for i, n in enumerate(layout.names)}
         pieces = [torch.arange(offsets[where[n]], offsets[where[n] + 1]) for n in names]
