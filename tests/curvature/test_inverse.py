@@ -303,3 +303,33 @@ def test_influence_names_the_shape_of_the_training_gradients_before_the_solve():
     with pytest.raises(dh.InputError, match=r"train_gradients has dtype torch\.float32 but the "):
         influence(op, test, train.float(), progress=False)
     assert op.products == 0  # refused before the solve
+
+
+def test_damping_is_a_real_number_a_0dim_tensor_included():
+    """Before: ``damping=1.0 - lowest`` (``lowest`` an eigenvalue, a 0-dim tensor) gave a
+    raw TypeError inside SciPy with MINRES (CG took it), and ``damping=None`` a raw
+    TypeError. A 0-dim tensor or NumPy scalar is now its value, everywhere alike; None, a
+    string, a complex number or a tensor with dimensions is a named InputError."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=g)
+    matrix = a @ a.T / 30 - 0.5 * torch.eye(30)  # indefinite: the damping matters
+    op = DenseOperator(matrix)
+    b = torch.randn(30, generator=g)
+    expected = torch.linalg.solve(matrix + 2.0 * torch.eye(30), b)
+    for method in ("minres", "cg"):
+        plain = solve_damped(op, b, 2.0, method=method, tol=1e-12, progress=False)
+        assert relative_error(plain.solution, expected) <= 1e-10
+        for damping in (torch.tensor(2.0), torch.tensor(2, dtype=torch.int64)):
+            got = solve_damped(op, b, damping, method=method, tol=1e-12, progress=False)
+            assert torch.equal(got.solution, plain.solution)
+    step = newton_step(op, b, damping=torch.tensor(2.0), progress=False)
+    assert relative_error(step.solution, -expected) <= 1e-7
+    scores = influence(op, b, b[None], damping=torch.tensor(2.0), progress=False).scores
+    assert relative_error(scores, -(b @ expected)[None]) <= 1e-7
+    for bad, says in ((None, r"got None \(NoneType\)"), ("1e-3", r"got '1e-3' \(str\)"),
+                      (1j, r"got 1j \(complex\)"), (True, r"got True \(bool\)")):  # fmt: skip
+        for call, extra in ((solve_damped, ()), (newton_step, ()), (influence, (b[None],))):
+            with pytest.raises(dh.InputError, match=r"damping must be a real number δ .*" + says):
+                call(op, b, *extra, damping=bad, progress=False)
+    with pytest.raises(dh.InputError, match=r"a tensor of shape \(30,\)\. A per-parameter"):
+        solve_damped(op, b, torch.ones(30), progress=False)

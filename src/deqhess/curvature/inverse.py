@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from dataclasses import dataclass
+from typing import SupportsFloat, cast
 
 import torch
 from torch import Tensor
@@ -46,6 +48,7 @@ _NOT_SOLVABLE = "MINRES and CG, which assume H = Hᵀ, would not solve (H + δI)
 
 __all__ = [
     "DEFAULT_TOL",
+    "damping_value",
     "InverseResult",
     "InverseStatus",
     "solve_damped",
@@ -123,6 +126,42 @@ class InverseResult:
     curvature: float | None = None
 
 
+def damping_value(damping: object) -> float:
+    """The damping ``δ`` as a float: a real number, a NumPy scalar or a 0-dim real tensor.
+
+    The one check of ``damping`` for :func:`solve_damped` (so :func:`newton_step` and
+    :func:`influence`) and :func:`inverse_diagonal`: ``1.0 - result.eigenvalues[0]`` is a
+    0-dim tensor and is taken as its value.
+
+    Args:
+        damping: what the caller passed.
+
+    Returns:
+        ``δ`` as a Python float (not checked for finiteness or sign: the caller says
+        what it needs).
+
+    Raises:
+        InputError: None, a bool, a string or other non-number, a complex number, or a
+            tensor with dimensions (one ``δ`` for all of ``H``; not per parameter).
+    """
+    if isinstance(damping, Tensor) and (damping.ndim != 0 or damping.is_complex()):
+        what = f"shape {tuple(damping.shape)}" if damping.ndim else f"dtype {damping.dtype}"
+        raise InputError(
+            f"damping must be one real number δ (H + δI), a 0-dim real tensor at most; got "
+            f"a tensor of {what}. A per-parameter damping is not supported: pass one "
+            "number, e.g. damping=float(d.max()), or scale H yourself."
+        )
+    number = isinstance(damping, (numbers.Real, Tensor)) or (
+        hasattr(damping, "__float__") and not isinstance(damping, numbers.Complex)
+    )
+    if damping is None or isinstance(damping, bool) or not number:
+        raise InputError(
+            f"damping must be a real number δ (the system is H + δI); got {damping!r} "
+            f"({type(damping).__name__}). Pass e.g. damping=1e-3, or damping=0.0 for none."
+        )
+    return float(cast(SupportsFloat, damping))
+
+
 #: ``solve_damped``'s default relative residual, by the operator's dtype
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
@@ -130,7 +169,7 @@ DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 def solve_damped(
     op: SymmetricOperator,
     b: Tensor,
-    damping: float = 0.0,
+    damping: float | Tensor = 0.0,
     method: str = "minres",
     tol: float | None = None,
     max_iter: int | None = None,
@@ -144,7 +183,8 @@ def solve_damped(
     Args:
         op: the symmetric ``P × P`` operator ``H``.
         b: the right-hand side, a flat ``[P]`` tensor.
-        damping: ``δ``.
+        damping: ``δ``: a real number, or a 0-dim tensor (e.g. ``1.0 - lowest`` with
+            ``lowest`` an eigenvalue from :func:`extreme_eigenpairs`).
         method: ``"minres"`` (any symmetric system) or ``"cg"`` (positive definite;
             stops at the first direction of non-positive curvature).
         tol: relative residual ``‖(H + δI)x − b‖ / ‖b‖`` to reach; default
@@ -168,7 +208,8 @@ def solve_damped(
             ill-conditioned system), or the recomputed residual of a reported
             convergence is above ``10 · tol``; ``.result`` is the :class:`InverseResult`
             and its ``status`` says which.
-        InputError: an unknown ``method``, ``b`` not a ``[P]`` tensor, a non-finite
+        InputError: an unknown ``method``, ``b`` not a ``[P]`` tensor, ``damping`` not a
+            real number (None, a string, a tensor with dimensions), a non-finite
             ``damping`` or ``b``, ``tol ≤ 0`` or ``max_iter < 1``; an operator that says
             it is not symmetric (``symmetric=False``) or is measured so on two probes
             (two products before the solve, not in ``num_hvps``).
@@ -182,7 +223,7 @@ def solve_damped(
 def _damped_solution(
     op: SymmetricOperator,
     b: Tensor,
-    damping: float = 0.0,
+    damping: float | Tensor = 0.0,
     method: str = "minres",
     tol: float | None = None,
     max_iter: int | None = None,
@@ -211,6 +252,7 @@ def _damped_solution(
             "θ-structured vector first: eq.problem.params.flatten(g) (or "
             "curvature.layout.flatten(g) for a ModelCurvature)."
         )
+    damping = damping_value(damping)
     if not (math.isfinite(damping) and bool(torch.isfinite(b).all())):
         raise InputError(f"damping and b must be finite; got damping={damping}.")
     tol = DEFAULT_TOL.get(op.dtype, 1e-5) if tol is None else tol

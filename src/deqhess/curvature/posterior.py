@@ -33,7 +33,7 @@ from ..errors import ConvergenceError, InputError
 from ..options import integer
 from .accuracy import check_symmetric, require_symmetric_matrix
 from .base import Counted, SymmetricOperator, checked_operator, rademacher, warn_few_probes
-from .inverse import InverseStatus, _damped_solution
+from .inverse import InverseStatus, _damped_solution, damping_value
 
 __all__ = ["InverseDiagonalResult", "inverse_diagonal"]
 
@@ -73,7 +73,7 @@ class InverseDiagonalResult:
 
 def inverse_diagonal(
     op: SymmetricOperator,
-    damping: float,
+    damping: float | Tensor,
     *,
     method: str = "auto",
     num_probes: int = 64,
@@ -86,7 +86,7 @@ def inverse_diagonal(
 
     Args:
         op: the operator (e.g. ``curvature.ggn_operator()``).
-        damping: ``δ > 0`` (a prior precision).
+        damping: ``δ > 0`` (a prior precision): a real number or a 0-dim tensor.
         method: ``"dense"``, ``"probes"`` or ``"auto"`` (dense up to :data:`DENSE_LIMIT`
             and within ``max_hvps``).
         num_probes: Rademacher probes for ``"probes"`` (at least 2; a warning when
@@ -106,10 +106,12 @@ def inverse_diagonal(
         method, probes and products used, and the largest residual of the solves.
 
     Raises:
-        InputError: ``damping ≤ 0``, an unknown ``method``, ``num_probes < 2``, a
-            non-symmetric ``G`` or an indefinite ``G + δI``.
+        InputError: ``damping`` not a real number (a 0-dim tensor is one) or ``≤ 0``, an
+            unknown ``method``, ``num_probes < 2``, a non-symmetric ``G`` or an
+            indefinite ``G + δI``.
     """
     size = checked_operator(op, "inverse_diagonal")
+    damping = damping_value(damping)
     if not damping > 0:
         raise InputError(f"damping must be > 0 (a prior precision); got {damping!r}.")
     if method not in ("auto", "dense", "probes"):
