@@ -191,3 +191,52 @@ def test_a_diagonal_of_a_parameter_block_splits_by_the_blocks_own_layout():
         with pytest.raises(dh.InputError, match=r"the diagonal has 11 entries but the layout "
                            r"holds 15 parameters.*its own block\.layout"):  # fmt: skip
             call(layout)
+
+
+SEEDED = {
+    "extreme_eigenpairs": lambda op, seed: (
+        extreme_eigenpairs(op, k=2, seed=seed, dense_below=0, progress=False).eigenvalues
+    ),
+    "hutchinson": lambda op, seed: hutchinson(op, 8, seed=seed, progress=False).estimate,
+    "hutchpp": lambda op, seed: hutchpp(op, 24, seed=seed, progress=False).estimate,
+    "diagonal": lambda op, seed: diagonal(op, 8, seed=seed, progress=False).estimate,
+    "spectral_density": lambda op, seed: (
+        spectral_density(op, 4, 10, seed=seed, progress=False).density
+    ),
+    "inverse_diagonal": lambda op, seed: (
+        inverse_diagonal(op, 1.0, method="probes", num_probes=4, seed=seed, progress=False).estimate
+    ),
+    "operator_accuracy": lambda op, seed: (
+        operator_accuracy(op, num_probes=2, seed=seed, progress=False).asymmetry
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED))
+def test_every_randomised_analysis_reads_its_seed_alike(name):
+    """Before: ``seed=None`` was torch's raw "manual_seed expected a long" in all of these
+    (the dense eigenpairs alone took it). One reading of ``seed`` for all: an int repeats
+    the run exactly, None draws fresh probes (as NumPy's ``default_rng(None)``), and
+    anything else — a float, a bool, a negative int — is a named InputError."""
+    spd, _ = _matrices()
+    op = DenseOperator(spd)
+    run = SEEDED[name]
+    first, again = run(op, 3), run(op, 3)
+    assert torch.equal(torch.as_tensor(first), torch.as_tensor(again))
+    fresh = torch.as_tensor(run(op, None))
+    assert bool(torch.isfinite(fresh).all())
+    for bad, says in ((1.5, r"got 1\.5 \(float\)"), (True, r"got True \(bool\)"),
+                      ("0", r"got '0' \(str\)")):  # fmt: skip
+        with pytest.raises(dh.InputError, match=r"seed must be an int \(or None.*" + says):
+            run(op, bad)
+    with pytest.raises(dh.InputError, match=r"seed must lie in \[0, 2\*\*63\); got -1"):
+        run(op, -1)
+
+
+def test_seed_none_draws_fresh_probes_at_each_call():
+    """Different probes at each call (the chance of two equal draws of 8 × 30 signs is
+    2⁻²⁴⁰), unlike any int seed."""
+    spd, _ = _matrices()
+    op = DenseOperator(spd)
+    estimates = {hutchinson(op, 8, seed=None, progress=False).estimate for _ in range(2)}
+    assert len(estimates) == 2

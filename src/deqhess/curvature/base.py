@@ -10,9 +10,11 @@ its products and drive a progress bar, without touching the operator itself.
 from __future__ import annotations
 
 import contextlib
+import operator
+import secrets
 import warnings
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, SupportsIndex, cast
 
 import torch
 from torch import Tensor
@@ -31,12 +33,16 @@ __all__ = [
     "SymmetricOperator",
     "checked_operator",
     "count",
+    "generator",
     "rademacher",
+    "seed_value",
     "warn_few_probes",
 ]
 
 #: fewer probes than this behind a standard error: it is itself too uncertain to quote
 FEW_PROBES = 4
+
+_SEEDS = 2**63  # seeds NumPy and torch both take
 
 
 class SymmetricOperator(Protocol):
@@ -296,6 +302,50 @@ class ParameterBlock(Operator):
         full = block.new_zeros(self.op.shape[0], block.shape[1])
         full[self.index] = block
         return self.op.matmat(full)[self.index]
+
+
+def seed_value(seed: object) -> int:
+    """An analysis' ``seed`` as an int; ``None`` draws a fresh one from the OS's entropy.
+
+    The one reading of ``seed`` for every randomised analysis (Lanczos' start and
+    continuation, Hutchinson, Hutch++, the diagonal, the spectral density, the inverse
+    diagonal's probes, ``operator_accuracy``): an int repeats its probes exactly;
+    ``None`` (as NumPy's ``default_rng(None)``) gives different, unrepeatable probes at
+    each call — for averaging over independent runs.
+
+    Args:
+        seed: what the caller passed.
+
+    Returns:
+        An int in ``[0, 2⁶³)``.
+
+    Raises:
+        InputError: not an int or None (a float, a bool, a string), or outside
+            ``[0, 2⁶³)``.
+    """
+    if seed is None:
+        return secrets.randbelow(_SEEDS)
+    if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
+        raise InputError(
+            f"seed must be an int (or None for fresh, unrepeatable randomness); got {seed!r} "
+            f"({type(seed).__name__})."
+        )
+    number = operator.index(cast(SupportsIndex, seed))
+    if not 0 <= number < _SEEDS:
+        raise InputError(f"seed must lie in [0, 2**63); got {number}.")
+    return number
+
+
+def generator(seed: object) -> torch.Generator:
+    """A CPU generator seeded by :func:`seed_value` ``(seed)``.
+
+    Args:
+        seed: an int, or None for fresh, unrepeatable randomness.
+
+    Returns:
+        The generator.
+    """
+    return torch.Generator().manual_seed(seed_value(seed))
 
 
 def rademacher(

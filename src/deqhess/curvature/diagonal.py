@@ -5,12 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..errors import InputError
 from ..parameters import ParameterLayout
-from .base import Counted, SymmetricOperator, checked_operator, count, rademacher, warn_few_probes
+from .base import (
+    Counted,
+    SymmetricOperator,
+    checked_operator,
+    count,
+    generator,
+    rademacher,
+    warn_few_probes,
+)
 
 __all__ = ["DiagonalResult", "check_diagonal", "diagonal"]
 
@@ -109,7 +116,7 @@ def check_diagonal(num_probes: object, name: str = "num_probes") -> int:
 
 
 def diagonal(
-    op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
+    op: SymmetricOperator, num_probes: int = 100, seed: int | None = 0, progress: bool | None = None
 ) -> DiagonalResult:
     """The diagonal of a symmetric operator, ``diag(H) ≈ (1/n) Σ zᵢ ⊙ H zᵢ`` (Hutchinson).
 
@@ -121,7 +128,7 @@ def diagonal(
         op: the symmetric ``P × P`` operator.
         num_probes: Rademacher probes ``n`` (``≥ 2``, for an error estimate; a warning
             below 4).
-        seed: the probes' random seed.
+        seed: the probes' random seed (an int); None draws fresh, unrepeatable probes.
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -133,7 +140,7 @@ def diagonal(
     checked_operator(op, "diagonal", symmetric=False)
     num_probes = check_diagonal(num_probes)
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     z = rademacher(op.shape[0], num_probes, g, op)
     with Counted(op, num_probes, progress, "diagonal", hold=False) as counted:
         samples = z * counted.matmat(z)

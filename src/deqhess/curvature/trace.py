@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Counted, SymmetricOperator, checked_operator, count, rademacher, warn_few_probes
+from .base import (
+    Counted,
+    SymmetricOperator,
+    checked_operator,
+    count,
+    generator,
+    rademacher,
+    warn_few_probes,
+)
 
 __all__ = ["TraceResult", "check_hutchinson", "check_hutchpp", "hutchinson", "hutchpp"]
 
@@ -66,7 +74,7 @@ def check_hutchpp(num_hvps: object, name: str = "num_hvps") -> int:
 
 
 def hutchinson(
-    op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
+    op: SymmetricOperator, num_probes: int = 100, seed: int | None = 0, progress: bool | None = None
 ) -> TraceResult:
     """The trace by Hutchinson's estimator, ``tr(H) ≈ (1/n) Σ zᵢᵀ H zᵢ``.
 
@@ -77,7 +85,7 @@ def hutchinson(
     Args:
         op: the symmetric ``P × P`` operator.
         num_probes: ``n`` (``≥ 2``, for an error estimate; a warning below 30).
-        seed: the probes' random seed.
+        seed: the probes' random seed (an int); None draws fresh, unrepeatable probes.
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -90,7 +98,7 @@ def hutchinson(
     checked_operator(op, "hutchinson", symmetric=False)
     num_probes = check_hutchinson(num_probes)
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     z = rademacher(op.shape[0], num_probes, g, op)
     with Counted(op, num_probes, progress, "Hutchinson", hold=False) as counted:
         samples = (z * counted.matmat(z)).sum(0)
@@ -103,7 +111,7 @@ def hutchinson(
 
 
 def hutchpp(
-    op: SymmetricOperator, num_hvps: int = 99, seed: int = 0, progress: bool | None = None
+    op: SymmetricOperator, num_hvps: int = 99, seed: int | None = 0, progress: bool | None = None
 ) -> TraceResult:
     """Hutch++: exact trace on a sketched top subspace plus Hutchinson on the rest.
 
@@ -118,7 +126,7 @@ def hutchpp(
     Args:
         op: the symmetric ``P × P`` operator.
         num_hvps: ``m``, the products to spend (``≥ 6``).
-        seed: the probes' random seed.
+        seed: the probes' random seed (an int); None draws fresh, unrepeatable probes.
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -131,7 +139,7 @@ def hutchpp(
     checked_operator(op, "hutchpp", symmetric=False)
     third = check_hutchpp(num_hvps) // 3
     size = op.shape[0]
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     sketch = rademacher(size, min(third, size), g, op)
     with Counted(op, 3 * min(third, size), progress, "Hutch++") as counted:
         q, _ = torch.linalg.qr(counted.matmat(sketch))
