@@ -7,8 +7,9 @@ deqhess and in user code.
 
 from __future__ import annotations
 
+import copy
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Union, cast
 
 import torch
@@ -83,6 +84,36 @@ class ParameterLayout:
     def size(self) -> int:
         """P, the number of scalar parameters."""
         return sum(self.numels)
+
+    def select(self, names: Sequence[str]) -> ParameterLayout:
+        """The layout of some of θ's named tensors, one after the other in ``names``' order.
+
+        What a :class:`deqhess.curvature.ParameterBlock` of those names acts on.
+
+        Args:
+            names: names of θ's tensors, each once.
+
+        Returns:
+            A layout of the same dtype and device holding only those tensors.
+
+        Raises:
+            InputError: θ is not a dict, or a name is not one of θ's or is repeated.
+        """
+        if self.names is None:
+            raise InputError("a selection of parameters needs a dict theta (named parameters).")
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise InputError(f"unknown parameter names {unknown}; choose from {list(self.names)}.")
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise InputError(f"parameter names {repeated} are given more than once.")
+        where = {n: i for i, n in enumerate(self.names)}
+        chosen = copy.copy(self)
+        chosen.names = tuple(names)
+        chosen.shapes = tuple(self.shapes[where[n]] for n in names)
+        chosen.numels = tuple(self.numels[where[n]] for n in names)
+        chosen.offsets = (0, *itertools.accumulate(chosen.numels))
+        return chosen
 
     def labels(self) -> list[str]:
         """Human-readable names of the parameter tensors, for messages."""

@@ -220,8 +220,9 @@ def test_more_analysis_errors():
 
 
 def test_a_standard_error_from_too_few_probes_is_flagged():
-    """With 2–3 probes the sample std is itself a rough guess (the true trace fell
-    outside ±3 standard errors in 18% of seeds at 6 products): a warning says so."""
+    """With 2–3 probes a standard error is itself a rough guess (Hutchinson's sample std:
+    the true trace outside ±3 standard errors in 18% of seeds; Hutch++'s √(2‖R‖_F²/n): 9%
+    where one eigenvalue dominates its residual): a warning says so."""
     c, eq, _ = _setup()
     op = eq.hessian_operator(c.loss_theta)
     with pytest.warns(RuntimeWarning, match="rests on 2 probes .* num_hvps >= 30"):

@@ -17,6 +17,7 @@ from torch import Tensor
 
 import deqhess as dh
 from deqhess.curvature import (
+    ParameterBlock,
     diagonal,
     extreme_eigenpairs,
     hutchinson,
@@ -27,6 +28,7 @@ from deqhess.curvature import (
     spectral_density,
 )
 from deqhess.operator import Operator
+from deqhess.parameters import ParameterLayout
 
 
 def _matrices(p: int = 30):
@@ -143,3 +145,98 @@ def test_an_operator_returning_the_wrong_shape_or_dtype_and_an_inherited_flag_ar
 
     with pytest.raises(dh.InputError, match="inherits symmetric=False"):
         extreme_eigenpairs(Silent(spd), k=2, progress=False)
+
+
+def _laid_out() -> tuple[DenseOperator, ParameterLayout, Tensor]:
+    """A diagonal operator on θ = {a: [2, 3], b: [4], c: [5]} (P = 15), whose diagonal
+    estimate is exact: ``z ⊙ D z = diag(D)`` for every ±1 probe ``z``."""
+    theta = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(5)}
+    d = torch.arange(1.0, 16.0)
+    return DenseOperator(torch.diag(d)), ParameterLayout(theta), d
+
+
+def test_a_parameter_block_refuses_a_layout_that_is_not_its_operators():
+    """Before: a layout of another θ (48 parameters for an operator of 80) was taken, and
+    the block's index ranges picked other entries (1.7 relative off the block meant)."""
+    op, layout, _ = _laid_out()
+    smaller = ParameterLayout({"b": torch.zeros(4), "c": torch.zeros(5)})
+    with pytest.raises(dh.InputError, match=r"the layout holds 9 parameters but the operator "
+                       r"is 15 × 15.*pass the layout of the operator's own θ"):  # fmt: skip
+        ParameterBlock(op, smaller, ["c"])
+    # an operator that knows its θ (a curvature operator) refuses one of the same size
+    # in another order, which would shift every range
+    op.layout = layout
+    reordered = ParameterLayout({"c": torch.zeros(5), "b": torch.zeros(4), "a": torch.zeros(2, 3)})
+    with pytest.raises(dh.InputError, match=r"is not the operator's own θ, \{'a': \(2, 3\)"):
+        ParameterBlock(op, reordered, ["c"])
+    with pytest.raises(dh.InputError, match=r"takes θ's ParameterLayout .*got dict"):
+        ParameterBlock(op, {"a": torch.zeros(2, 3)}, ["a"])
+    ParameterBlock(op, layout, ["c"])  # the control: its own layout
+
+
+def test_a_diagonal_of_a_parameter_block_splits_by_the_blocks_own_layout():
+    """Before: ``diagonal(block).by_parameter(layout)`` raised torch's raw split_with_sizes
+    error with θ's layout; the block now carries its own (``block.layout``: the kept
+    parameters in the order asked), and another layout is refused by name."""
+    op, layout, d = _laid_out()
+    block = ParameterBlock(op, layout, ["c", "a"])
+    assert block.layout.names == ("c", "a") and block.layout.size == 11
+    result = diagonal(block, num_probes=4, progress=False)
+    parts = result.by_parameter(block.layout)
+    assert list(parts) == ["c", "a"]
+    assert torch.equal(parts["c"], d[10:]) and torch.equal(parts["a"], d[:6].reshape(2, 3))
+    errors = result.std_error_by_parameter(block.layout)
+    assert errors["a"].shape == (2, 3) and float(errors["c"].abs().max()) == 0.0
+    for call in (result.by_parameter, result.std_error_by_parameter):
+        with pytest.raises(dh.InputError, match=r"the diagonal has 11 entries but the layout "
+                           r"holds 15 parameters.*its own block\.layout"):  # fmt: skip
+            call(layout)
+
+
+SEEDED = {
+    "extreme_eigenpairs": lambda op, seed: (
+        extreme_eigenpairs(op, k=2, seed=seed, dense_below=0, progress=False).eigenvalues
+    ),
+    "hutchinson": lambda op, seed: hutchinson(op, 8, seed=seed, progress=False).estimate,
+    "hutchpp": lambda op, seed: hutchpp(op, 24, seed=seed, progress=False).estimate,
+    "diagonal": lambda op, seed: diagonal(op, 8, seed=seed, progress=False).estimate,
+    "spectral_density": lambda op, seed: (
+        spectral_density(op, 4, 10, seed=seed, progress=False).density
+    ),
+    "inverse_diagonal": lambda op, seed: (
+        inverse_diagonal(op, 1.0, method="probes", num_probes=4, seed=seed, progress=False).estimate
+    ),
+    "operator_accuracy": lambda op, seed: (
+        operator_accuracy(op, num_probes=2, seed=seed, progress=False).asymmetry
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED))
+def test_every_randomised_analysis_reads_its_seed_alike(name):
+    """Before: ``seed=None`` was torch's raw "manual_seed expected a long" in all of these
+    (the dense eigenpairs alone took it). One reading of ``seed`` for all: an int repeats
+    the run exactly, None draws fresh probes (as NumPy's ``default_rng(None)``), and
+    anything else — a float, a bool, a negative int — is a named InputError."""
+    spd, _ = _matrices()
+    op = DenseOperator(spd)
+    run = SEEDED[name]
+    first, again = run(op, 3), run(op, 3)
+    assert torch.equal(torch.as_tensor(first), torch.as_tensor(again))
+    fresh = torch.as_tensor(run(op, None))
+    assert bool(torch.isfinite(fresh).all())
+    for bad, says in ((1.5, r"got 1\.5 \(float\)"), (True, r"got True \(bool\)"),
+                      ("0", r"got '0' \(str\)")):  # fmt: skip
+        with pytest.raises(dh.InputError, match=r"seed must be an int \(or None.*" + says):
+            run(op, bad)
+    with pytest.raises(dh.InputError, match=r"seed must lie in \[0, 2\*\*63\); got -1"):
+        run(op, -1)
+
+
+def test_seed_none_draws_fresh_probes_at_each_call():
+    """Different probes at each call (the chance of two equal draws of 8 × 30 signs is
+    2⁻²⁴⁰), unlike any int seed."""
+    spd, _ = _matrices()
+    op = DenseOperator(spd)
+    estimates = {hutchinson(op, 8, seed=None, progress=False).estimate for _ in range(2)}
+    assert len(estimates) == 2

@@ -90,16 +90,16 @@ def test_caps_and_statuses(setup, monkeypatch):
 
 
 def test_minres_on_a_singular_system_stagnates_and_says_so(setup):
-    """H + δI singular (δ = −λ_min): MINRES's restarts stop reducing the residual (a
-    least-squares solution); the status and message say that, not a residual above
-    10·tol it does not have."""
+    """H + δI singular (δ = −λ_min): MINRES's residual stops decreasing (a least-squares
+    solution); the status and message say that, not a residual above 10·tol it does not
+    have."""
     c, eq, readout, _ = setup
     op = eq.hessian_operator(c.loss_theta)
     dense = 0.5 * (readout.total + readout.total.T)
     shift = -float(torch.linalg.eigvalsh(dense)[0])  # H + δI singular
     b = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3))
     with pytest.raises(
-        dh.AnalysisConvergenceError, match=r"stagnated after .* MINRES's restarts stopped"
+        dh.AnalysisConvergenceError, match=r"stagnated after .* MINRES's residual stopped"
     ) as caught:
         solve_damped(op, b, shift, tol=1e-12, progress=False)
     result = caught.value.result
@@ -112,9 +112,9 @@ def test_minres_near_tol_on_indefinite_systems_converges(setup):
     """The report: on indefinite systems of condition 47–368 (every part with a readout,
     δ = 0.1), a MINRES restart asked for the last factor of 1–2 to tol stopped at once on
     SciPy's own estimate; the run was then called singular with "the recomputed residual
-    exceeds 10·tol" at residuals 1.4–10× tol (33 of these 45 solves). A restart that does
-    not halve the residual is now followed by one asking 100× more: all converge, to the
-    dense solution within cond · tol."""
+    exceeds 10·tol" at residuals 1.4–10× tol (33 of these 45 solves). MINRES now stops on
+    the residual relative to ‖b‖ itself: all converge, to the dense solution within
+    cond · tol."""
     c, eq, readout, _ = setup
     for part in ("total", "dynamics_curvature", "loss_curvature"):
         op = eq.hessian_operator(c.loss_theta, part)
@@ -169,9 +169,9 @@ def test_argument_errors(setup):
 
 
 def test_minres_reaches_the_tolerance_asked_for(setup):
-    """SciPy's MINRES stops on its own estimate (relative to ‖A‖‖x‖ + ‖b‖), which sat 17×
-    above ``‖r‖/‖b‖ = tol`` on an easy indefinite-made-definite system; restarts on the
-    residual bring it to ``tol`` in a few more products, as CG does."""
+    """SciPy's MINRES stopped on its own estimate (relative to ‖A‖‖x‖ + ‖b‖), which sat 17×
+    above ``‖r‖/‖b‖ = tol`` on an easy indefinite-made-definite system; deqhess's MINRES
+    stops on ``‖r‖ ≤ tol ‖b‖`` and reaches it, as CG does."""
     c, eq, readout, _ = setup
     dense = 0.5 * (readout.total + readout.total.T)
     damping = 1.0 - float(torch.linalg.eigvalsh(dense)[0])  # H + δI ⪰ I
@@ -303,3 +303,33 @@ def test_influence_names_the_shape_of_the_training_gradients_before_the_solve():
     with pytest.raises(dh.InputError, match=r"train_gradients has dtype torch\.float32 but the "):
         influence(op, test, train.float(), progress=False)
     assert op.products == 0  # refused before the solve
+
+
+def test_damping_is_a_real_number_a_0dim_tensor_included():
+    """Before: ``damping=1.0 - lowest`` (``lowest`` an eigenvalue, a 0-dim tensor) gave a
+    raw TypeError inside SciPy with MINRES (CG took it), and ``damping=None`` a raw
+    TypeError. A 0-dim tensor or NumPy scalar is now its value, everywhere alike; None, a
+    string, a complex number or a tensor with dimensions is a named InputError."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=g)
+    matrix = a @ a.T / 30 - 0.5 * torch.eye(30)  # indefinite: the damping matters
+    op = DenseOperator(matrix)
+    b = torch.randn(30, generator=g)
+    expected = torch.linalg.solve(matrix + 2.0 * torch.eye(30), b)
+    for method in ("minres", "cg"):
+        plain = solve_damped(op, b, 2.0, method=method, tol=1e-12, progress=False)
+        assert relative_error(plain.solution, expected) <= 1e-10
+        for damping in (torch.tensor(2.0), torch.tensor(2, dtype=torch.int64)):
+            got = solve_damped(op, b, damping, method=method, tol=1e-12, progress=False)
+            assert torch.equal(got.solution, plain.solution)
+    step = newton_step(op, b, damping=torch.tensor(2.0), progress=False)
+    assert relative_error(step.solution, -expected) <= 1e-7
+    scores = influence(op, b, b[None], damping=torch.tensor(2.0), progress=False).scores
+    assert relative_error(scores, -(b @ expected)[None]) <= 1e-7
+    for bad, says in ((None, r"got None \(NoneType\)"), ("1e-3", r"got '1e-3' \(str\)"),
+                      (1j, r"got 1j \(complex\)"), (True, r"got True \(bool\)")):  # fmt: skip
+        for call, extra in ((solve_damped, ()), (newton_step, ()), (influence, (b[None],))):
+            with pytest.raises(dh.InputError, match=r"damping must be a real number δ .*" + says):
+                call(op, b, *extra, damping=bad, progress=False)
+    with pytest.raises(dh.InputError, match=r"a tensor of shape \(30,\)\. A per-parameter"):
+        solve_damped(op, b, torch.ones(30), progress=False)

@@ -132,3 +132,15 @@ def test_argument_errors(setup):
         inverse_diagonal(op, 1.0, method="lanczos")
     with pytest.raises(ValueError, match="num_probes must be >= 2"):
         inverse_diagonal(op, 1.0, method="probes", num_probes=1)
+
+
+def test_damping_is_a_real_number_a_0dim_tensor_included(setup):
+    """As ``solve_damped``'s: a 0-dim tensor is its value; None (a raw TypeError before)
+    and a string are named."""
+    c, eq, exact, _ = setup
+    op = eq.hessian_operator(c.loss, "loss_curvature")
+    result = inverse_diagonal(op, torch.tensor(DAMPING), progress=False)
+    assert relative_error(result.estimate, exact) <= 1e-10
+    for bad in (None, "0.5"):
+        with pytest.raises(dh.InputError, match=r"damping must be a real number δ .*got"):
+            inverse_diagonal(op, bad, progress=False)

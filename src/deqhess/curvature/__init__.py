@@ -5,9 +5,10 @@ Every function takes any symmetric operator with ``shape``, ``dtype``, ``device`
 or the dynamics curvature, of one equilibrium or a data set — or a
 :class:`ParameterBlock` of one. Each returns a small result object with the estimate,
 its error estimate where one exists and the number of HVPs used; random probes are
-seeded. Those error estimates are about the operator *as computed* (its dtype, its
-inexact fixed point and solves); :func:`operator_accuracy` estimates that operator's own
-error against the exact Hessian.
+seeded (an int repeats a run exactly; ``seed=None`` draws fresh, unrepeatable probes:
+:func:`deqhess.curvature.base.seed_value`). Those error estimates are about the
+operator *as computed* (its dtype, its inexact fixed point and solves);
+:func:`operator_accuracy` estimates that operator's own error against the exact Hessian.
 """
 
 from __future__ import annotations

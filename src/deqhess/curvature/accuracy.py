@@ -43,7 +43,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..implicit.dataset import BatchSolve
 from ..linear.accuracy import warning_threshold
-from .base import Counted, SymmetricOperator, checked_operator, count
+from .base import Counted, SymmetricOperator, checked_operator, count, generator
 
 if TYPE_CHECKING:
     from ..implicit import Equilibrium
@@ -163,7 +163,7 @@ def operator_accuracy(
     equilibria: Sequence[Equilibrium | BatchSolve] | None = None,
     reference: SymmetricOperator | None = None,
     num_probes: int = 4,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool | None = None,
 ) -> OperatorAccuracy:
     """Estimate how far ``op`` (as computed) is from the exact operator.
@@ -176,7 +176,7 @@ def operator_accuracy(
             float64); its products are compared on the probes.
         num_probes: Gaussian probes (``≥ 2``): exactly ``num_probes`` products of ``op``
             (and of ``reference``), as one block — the whole cost; no iteration.
-        seed: the probes' random seed.
+        seed: the probes' random seed (an int); None draws fresh, unrepeatable probes.
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -192,7 +192,7 @@ def operator_accuracy(
     num_probes = count(num_probes, "num_probes", 2, "operator_accuracy", " (pairs)")
     if reference is not None and reference.shape != op.shape:
         raise InputError(f"the reference operator has shape {reference.shape}; op has {op.shape}.")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     probes = torch.randn(op.shape[0], num_probes, generator=g, dtype=torch.float64)
     with Counted(op, num_probes, progress, "operator accuracy", hold=False) as counted:
         products = counted.matmat(probes.to(op.dtype).to(op.device)).double().cpu()

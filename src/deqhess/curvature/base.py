@@ -10,9 +10,11 @@ its products and drive a progress bar, without touching the operator itself.
 from __future__ import annotations
 
 import contextlib
+import operator
+import secrets
 import warnings
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, SupportsIndex, cast
 
 import torch
 from torch import Tensor
@@ -31,12 +33,16 @@ __all__ = [
     "SymmetricOperator",
     "checked_operator",
     "count",
+    "generator",
     "rademacher",
+    "seed_value",
     "warn_few_probes",
 ]
 
 #: fewer probes than this behind a standard error: it is itself too uncertain to quote
 FEW_PROBES = 4
+
+_SEEDS = 2**63  # seeds NumPy and torch both take
 
 
 class SymmetricOperator(Protocol):
@@ -222,29 +228,53 @@ class ParameterBlock(Operator):
 
     Args:
         op: the full ``P × P`` operator.
-        layout: θ's layout (names and sizes), e.g. ``eq.problem.params``.
+        layout: θ's layout (names and sizes) — the operator's own, e.g.
+            ``eq.problem.params`` or ``curvature.layout``: it must hold ``P`` parameters.
         names: the parameter names to keep (dict θ only), in the order the block's rows
             and columns take: ``I`` is their index ranges one after the other.
 
+    Attributes:
+        layout: the block's own layout (the kept parameters, in ``names``' order), for
+            splitting a result on the block by parameter, e.g.
+            ``diagonal(block).by_parameter(block.layout)``.
+
     Raises:
-        InputError: θ is not a dict, or ``names`` is empty, unknown or repeated.
+        InputError: ``layout`` is not a :class:`deqhess.parameters.ParameterLayout`,
+            holds another number of parameters than the operator, or differs from the
+            operator's own ``layout`` where it has one (a curvature operator, a block);
+            θ is not a dict, or ``names`` is empty, unknown or repeated.
     """
 
     def __init__(self, op: SymmetricOperator, layout: ParameterLayout, names: Sequence[str]):
+        if not isinstance(layout, ParameterLayout):
+            raise InputError(
+                "ParameterBlock takes θ's ParameterLayout (eq.problem.params, or "
+                f"curvature.layout for a ModelCurvature); got {type(layout).__name__}."
+            )
+        if layout.size != op.shape[0]:
+            raise InputError(
+                f"ParameterBlock: the layout holds {layout.size} parameters but the operator "
+                f"is {op.shape[0]} × {op.shape[1]}, so its index ranges would pick other "
+                "entries: pass the layout of the operator's own θ (eq.problem.params, or "
+                "curvature.layout of the ModelCurvature that made the operator)."
+            )
+        own = getattr(op, "layout", None)
+        if isinstance(own, ParameterLayout) and (own.names, own.shapes) != (
+            layout.names,
+            layout.shapes,
+        ):
+            raise InputError(
+                f"ParameterBlock: the layout given, {layout.describe()}, is not the "
+                f"operator's own θ, {own.describe()}, so its index ranges would pick other "
+                "entries: pass the operator's layout (op.layout)."
+            )
         if layout.names is None:
             raise InputError("parameter blocks need a dict theta (named parameters).")
         if isinstance(names, str):
             names = [names]
         if not names:
             raise InputError(f"names is empty; choose from {list(layout.names)}.")
-        unknown = [n for n in names if n not in layout.names]
-        if unknown:
-            raise InputError(
-                f"unknown parameter names {unknown}; choose from {list(layout.names)}."
-            )
-        repeated = sorted({n for n in names if list(names).count(n) > 1})
-        if repeated:
-            raise InputError(f"parameter names {repeated} are given more than once.")
+        self.layout = layout.select(names)
         offsets = layout.offsets
         where = {n: i for i, n in enumerate(layout.names)}
         pieces = [torch.arange(offsets[where[n]], offsets[where[n] + 1]) for n in names]
@@ -272,6 +302,50 @@ class ParameterBlock(Operator):
         full = block.new_zeros(self.op.shape[0], block.shape[1])
         full[self.index] = block
         return self.op.matmat(full)[self.index]
+
+
+def seed_value(seed: object) -> int:
+    """An analysis' ``seed`` as an int; ``None`` draws a fresh one from the OS's entropy.
+
+    The one reading of ``seed`` for every randomised analysis (Lanczos' start and
+    continuation, Hutchinson, Hutch++, the diagonal, the spectral density, the inverse
+    diagonal's probes, ``operator_accuracy``): an int repeats its probes exactly;
+    ``None`` (as NumPy's ``default_rng(None)``) gives different, unrepeatable probes at
+    each call — for averaging over independent runs.
+
+    Args:
+        seed: what the caller passed.
+
+    Returns:
+        An int in ``[0, 2⁶³)``.
+
+    Raises:
+        InputError: not an int or None (a float, a bool, a string), or outside
+            ``[0, 2⁶³)``.
+    """
+    if seed is None:
+        return secrets.randbelow(_SEEDS)
+    if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
+        raise InputError(
+            f"seed must be an int (or None for fresh, unrepeatable randomness); got {seed!r} "
+            f"({type(seed).__name__})."
+        )
+    number = operator.index(cast(SupportsIndex, seed))
+    if not 0 <= number < _SEEDS:
+        raise InputError(f"seed must lie in [0, 2**63); got {number}.")
+    return number
+
+
+def generator(seed: object) -> torch.Generator:
+    """A CPU generator seeded by :func:`seed_value` ``(seed)``.
+
+    Args:
+        seed: an int, or None for fresh, unrepeatable randomness.
+
+    Returns:
+        The generator.
+    """
+    return torch.Generator().manual_seed(seed_value(seed))
 
 
 def rademacher(

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..options import integer
 from .accuracy import check_symmetric
-from .base import Counted, SymmetricOperator, checked_operator, rademacher
+from .base import Counted, SymmetricOperator, checked_operator, generator, rademacher
 
 __all__ = ["DensityResult", "check_density", "spectral_density"]
 
@@ -90,7 +90,7 @@ def spectral_density(
     steps: int = 80,
     num_points: int = 400,
     sigma: float | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool | None = None,
 ) -> DensityResult:
     """The spectral density of a symmetric operator by stochastic Lanczos quadrature.
@@ -112,7 +112,7 @@ def spectral_density(
         num_points: grid size, spanning the Ritz values ± 3σ; its spacing must not
             exceed σ (else the density would not integrate to 1 and is refused).
         sigma: Gaussian width; default 1% of the Ritz-value range.
-        seed: the probes' random seed.
+        seed: the probes' random seed (an int); None draws fresh, unrepeatable probes.
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -131,10 +131,10 @@ def spectral_density(
     num_points = integer(num_points, "num_points")
     if num_points < 2:
         raise InputError(f"num_points must be at least 2; got {num_points}.")
+    g = generator(seed)
     with Counted(op, steps * num_probes + 2, progress, "SLQ") as counted:
         # quadrature on H's Lanczos recurrence assumes H = Hᵀ (2 products)
         check_symmetric(counted, "H", "its Lanczos quadrature is not a spectral density")
-        g = torch.Generator().manual_seed(seed)
         q = rademacher(size, num_probes, g, op) / math.sqrt(size)
         basis = [q]
         alphas: list[Tensor] = []

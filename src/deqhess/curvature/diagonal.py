@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..parameters import ParameterLayout
-from .base import Counted, SymmetricOperator, checked_operator, count, rademacher, warn_few_probes
+from .base import (
+    Counted,
+    SymmetricOperator,
+    checked_operator,
+    count,
+    generator,
+    rademacher,
+    warn_few_probes,
+)
 
 __all__ = ["DiagonalResult", "check_diagonal", "diagonal"]
 
@@ -36,16 +44,57 @@ class DiagonalResult:
     num_hvps: int
 
     def by_parameter(self, layout: ParameterLayout) -> dict[str, Tensor]:
-        """The estimate split by named parameter, each in its parameter's shape."""
-        return _by_parameter(layout, self.estimate)
+        """The estimate split by named parameter, each in its parameter's shape.
+
+        Args:
+            layout: the layout of the operator's θ: ``eq.problem.params`` or
+                ``curvature.layout``, and for a :class:`ParameterBlock` its own
+                ``block.layout``.
+
+        Returns:
+            ``{name: [*shape]}`` (``{"theta": ...}`` for a single tensor θ).
+
+        Raises:
+            InputError: ``layout`` holds another number of parameters than the estimate.
+        """  # noqa: DOC502 (raised by _by_parameter)
+        return _by_parameter(layout, self.estimate, "by_parameter")
 
     def std_error_by_parameter(self, layout: ParameterLayout) -> dict[str, Tensor]:
-        """The standard error split by named parameter, each in its parameter's shape."""
-        return _by_parameter(layout, self.std_error)
+        """The standard error split by named parameter, each in its parameter's shape.
+
+        Args:
+            layout: as :meth:`by_parameter`'s.
+
+        Returns:
+            ``{name: [*shape]}`` (``{"theta": ...}`` for a single tensor θ).
+
+        Raises:
+            InputError: ``layout`` holds another number of parameters than the estimate.
+        """  # noqa: DOC502 (raised by _by_parameter)
+        return _by_parameter(layout, self.std_error, "std_error_by_parameter")
 
 
-def _by_parameter(layout: ParameterLayout, flat: Tensor) -> dict[str, Tensor]:
-    """A flat ``[P]`` tensor by named parameter (``"theta"`` for a single tensor θ)."""
+def _by_parameter(layout: ParameterLayout, flat: Tensor, call: str) -> dict[str, Tensor]:
+    """A flat ``[P]`` tensor by named parameter (``"theta"`` for a single tensor θ).
+
+    Returns:
+        ``{name: [*shape]}``.
+
+    Raises:
+        InputError: ``layout`` is not a layout of ``P`` parameters.
+    """
+    size = getattr(layout, "size", None)
+    if not isinstance(layout, ParameterLayout) or size != flat.shape[-1]:
+        got = (
+            f"holds {size} parameters"
+            if isinstance(size, int)
+            else (f"is a {type(layout).__name__}, not a ParameterLayout")
+        )
+        raise InputError(
+            f"{call}: the diagonal has {flat.shape[-1]} entries but the layout {got}. Pass "
+            "the layout of the operator the diagonal was taken of: eq.problem.params or "
+            "curvature.layout, and for a ParameterBlock its own block.layout."
+        )
     parts = layout.unflatten(flat)
     return dict(parts) if isinstance(parts, Mapping) else {"theta": parts}
 
@@ -67,7 +116,7 @@ def check_diagonal(num_probes: object, name: str = "num_probes") -> int:
 
 
 def diagonal(
-    op: SymmetricOperator, num_probes: int = 100, seed: int = 0, progress: bool | None = None
+    op: SymmetricOperator, num_probes: int = 100, seed: int | None = 0, progress: bool | None = None
 ) -> DiagonalResult:
     """The diagonal of a symmetric operator, ``diag(H) ≈ (1/n) Σ zᵢ ⊙ H zᵢ`` (Hutchinson).
 
@@ -79,7 +128,7 @@ def diagonal(
         op: the symmetric ``P × P`` operator.
         num_probes: Rademacher probes ``n`` (``≥ 2``, for an error estimate; a warning
             below 4).
-        seed: the probes' random seed.
+        seed: the probes' random seed (an int); None draws fresh, unrepeatable probes.
         progress: show a progress bar (None: only on a terminal).
 
     Returns:
@@ -91,7 +140,7 @@ def diagonal(
     checked_operator(op, "diagonal", symmetric=False)
     num_probes = check_diagonal(num_probes)
     warn_few_probes(num_probes, _MEASURED, "use num_probes >= 30")
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     z = rademacher(op.shape[0], num_probes, g, op)
     with Counted(op, num_probes, progress, "diagonal", hold=False) as counted:
         samples = z * counted.matmat(z)

@@ -35,7 +35,7 @@ from ..callers import user_stacklevel
 from ..errors import AnalysisConvergenceError, InputError
 from ..options import integer, real
 from .accuracy import check_symmetric, require_symmetric_matrix
-from .base import Counted, SymmetricOperator, checked_operator
+from .base import Counted, SymmetricOperator, checked_operator, seed_value
 from .lanczos import lanczos_extreme
 
 __all__ = ["EigenResult", "check_k", "default_max_hvps", "extreme_eigenpairs"]
@@ -137,7 +137,7 @@ def extreme_eigenpairs(
     which: str = "largest",
     tol: float | None = None,
     max_iter: int | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool | None = None,
     dense_below: int | None = None,
     *,
@@ -161,7 +161,8 @@ def extreme_eigenpairs(
             to about ``tol · ‖H‖``, which is what their residuals then bound.
         max_iter: deprecated (ARPACK's restarts); converted to a cap on products.
         seed: seeds the starting block and the random directions that continue the run
-            where the Krylov space is exhausted.
+            where the Krylov space is exhausted (an int); None draws fresh, unrepeatable
+            ones.
         progress: a progress bar of products against ``max_hvps`` (None: only on a
             terminal).
         dense_below: form the matrix (``P`` products) and use ``eigh`` when ``P`` is at
@@ -215,6 +216,7 @@ def extreme_eigenpairs(
             ``block_size`` out of range.
     """
     checked_operator(op, "extreme_eigenpairs")
+    seed = seed_value(seed)
     if which not in _WHICH:
         raise InputError(f"unknown which={which!r}; use one of {sorted(_WHICH)}.")
     size = op.shape[0]

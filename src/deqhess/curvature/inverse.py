@@ -3,8 +3,9 @@
 ``(H + δI) x = b`` is solved with products of the operator. Which method suits which
 operator:
 
-* ``method="minres"`` (default; SciPy's MINRES) handles any symmetric ``H + δI``,
-  definite or not; for a singular system it returns a least-squares solution.
+* ``method="minres"`` (default; :mod:`deqhess.curvature.minres`) handles any symmetric
+  ``H + δI``, definite or not; for a singular system it ends ``STAGNATED`` with a
+  least-squares solution (not the minimum-norm one).
 * ``method="cg"`` needs ``H + δI`` positive definite. That holds for any part when
   ``δ > −λ_min`` (get λ_min from :func:`extreme_eigenpairs` with ``which="smallest"``);
   without damping it holds only for the ``loss_curvature`` part of a loss convex in
@@ -30,22 +31,24 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from dataclasses import dataclass
+from typing import SupportsFloat, cast
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import minres
 from torch import Tensor
 
 from ..errors import AnalysisConvergenceError, InputError
 from ..options import integer
 from .accuracy import check_symmetric
 from .base import Counted, SymmetricOperator, checked_operator
+from .minres import MinresOutcome, minres
 
 _NOT_SOLVABLE = "MINRES and CG, which assume H = Hᵀ, would not solve (H + δI) x = b"
 
 __all__ = [
     "DEFAULT_TOL",
+    "damping_value",
     "InverseResult",
     "InverseStatus",
     "solve_damped",
@@ -83,9 +86,10 @@ class InverseStatus(enum.Enum):
                 "ill-conditioned for tol; add damping or loosen tol."
             ),
             "stagnated": (
-                "MINRES's restarts stopped reducing the residual above tol (two did not "
-                "halve it, the second asked for 100× more): the system is singular (MINRES "
-                "then returns a least-squares solution) or too ill-conditioned for tol; add "
+                "MINRES's residual stopped decreasing above tol: what is left of it r has "
+                "‖(H + δI) r‖ ≤ max(tol, √ε)·‖H + δI‖·‖r‖, so it lies in the null space of "
+                "H + δI (a singular system, b not in its range: the solution is then a "
+                "least-squares one) or on eigenvalues too small for tol in this dtype; add "
                 "damping or loosen tol."
             ),
         }[self.value]
@@ -122,6 +126,42 @@ class InverseResult:
     curvature: float | None = None
 
 
+def damping_value(damping: object) -> float:
+    """The damping ``δ`` as a float: a real number, a NumPy scalar or a 0-dim real tensor.
+
+    The one check of ``damping`` for :func:`solve_damped` (so :func:`newton_step` and
+    :func:`influence`) and :func:`inverse_diagonal`: ``1.0 - result.eigenvalues[0]`` is a
+    0-dim tensor and is taken as its value.
+
+    Args:
+        damping: what the caller passed.
+
+    Returns:
+        ``δ`` as a Python float (not checked for finiteness or sign: the caller says
+        what it needs).
+
+    Raises:
+        InputError: None, a bool, a string or other non-number, a complex number, or a
+            tensor with dimensions (one ``δ`` for all of ``H``; not per parameter).
+    """
+    if isinstance(damping, Tensor) and (damping.ndim != 0 or damping.is_complex()):
+        what = f"shape {tuple(damping.shape)}" if damping.ndim else f"dtype {damping.dtype}"
+        raise InputError(
+            f"damping must be one real number δ (H + δI), a 0-dim real tensor at most; got "
+            f"a tensor of {what}. A per-parameter damping is not supported: pass one "
+            "number, e.g. damping=float(d.max()), or scale H yourself."
+        )
+    number = isinstance(damping, (numbers.Real, Tensor)) or (
+        hasattr(damping, "__float__") and not isinstance(damping, numbers.Complex)
+    )
+    if damping is None or isinstance(damping, bool) or not number:
+        raise InputError(
+            f"damping must be a real number δ (the system is H + δI); got {damping!r} "
+            f"({type(damping).__name__}). Pass e.g. damping=1e-3, or damping=0.0 for none."
+        )
+    return float(cast(SupportsFloat, damping))
+
+
 #: ``solve_damped``'s default relative residual, by the operator's dtype
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
@@ -129,7 +169,7 @@ DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 def solve_damped(
     op: SymmetricOperator,
     b: Tensor,
-    damping: float = 0.0,
+    damping: float | Tensor = 0.0,
     method: str = "minres",
     tol: float | None = None,
     max_iter: int | None = None,
@@ -143,7 +183,8 @@ def solve_damped(
     Args:
         op: the symmetric ``P × P`` operator ``H``.
         b: the right-hand side, a flat ``[P]`` tensor.
-        damping: ``δ``.
+        damping: ``δ``: a real number, or a 0-dim tensor (e.g. ``1.0 - lowest`` with
+            ``lowest`` an eigenvalue from :func:`extreme_eigenpairs`).
         method: ``"minres"`` (any symmetric system) or ``"cg"`` (positive definite;
             stops at the first direction of non-positive curvature).
         tol: relative residual ``‖(H + δI)x − b‖ / ‖b‖`` to reach; default
@@ -163,11 +204,12 @@ def solve_damped(
 
     Raises:
         AnalysisConvergenceError: the cap was reached, CG met ``pᵀ(H + δI)p ≤ 0``,
-            MINRES's restarts stopped reducing the residual above ``tol`` (a singular or
-            too ill-conditioned system), or the recomputed residual of a reported
+            MINRES's residual stopped decreasing above ``tol`` (a singular or too
+            ill-conditioned system), or the recomputed residual of a reported
             convergence is above ``10 · tol``; ``.result`` is the :class:`InverseResult`
             and its ``status`` says which.
-        InputError: an unknown ``method``, ``b`` not a ``[P]`` tensor, a non-finite
+        InputError: an unknown ``method``, ``b`` not a ``[P]`` tensor, ``damping`` not a
+            real number (None, a string, a tensor with dimensions), a non-finite
             ``damping`` or ``b``, ``tol ≤ 0`` or ``max_iter < 1``; an operator that says
             it is not symmetric (``symmetric=False``) or is measured so on two probes
             (two products before the solve, not in ``num_hvps``).
@@ -181,7 +223,7 @@ def solve_damped(
 def _damped_solution(
     op: SymmetricOperator,
     b: Tensor,
-    damping: float = 0.0,
+    damping: float | Tensor = 0.0,
     method: str = "minres",
     tol: float | None = None,
     max_iter: int | None = None,
@@ -210,6 +252,7 @@ def _damped_solution(
             "θ-structured vector first: eq.problem.params.flatten(g) (or "
             "curvature.layout.flatten(g) for a ModelCurvature)."
         )
+    damping = damping_value(damping)
     if not (math.isfinite(damping) and bool(torch.isfinite(b).all())):
         raise InputError(f"damping and b must be finite; got damping={damping}.")
     tol = DEFAULT_TOL.get(op.dtype, 1e-5) if tol is None else tol
@@ -307,45 +350,37 @@ def _cg(
 def _minres(
     op: Counted, b: Tensor, damping: float, tol: float, max_iter: int
 ) -> tuple[Tensor, InverseStatus]:
-    """SciPy's MINRES on ``H + δI``, restarted on the residual until it is within ``tol``.
+    """MINRES (:func:`.minres.minres`) on ``H + δI``, checked on the recomputed residual.
 
-    Its ``shift`` solves ``(H − shift·I) x = b``; the restarts go on until
-    ``‖b − (H + δI) x‖ ≤ tol ‖b‖``. SciPy stops on its own estimate, relative to
-    ``‖A‖‖x‖ + ‖b‖``, which can sit 10–100× above the residual relative to ``‖b‖`` asked
-    for here (measured: 1.7e-7 for tol 1e-8 on a system of condition 663, which CG
-    solved in 20 products); each restart solves for the correction with the remaining
-    budget, one product recomputing the residual. Asked for the reduction still needed,
-    a restart near ``tol`` can stop at once on that estimate: a restart that does not
-    halve the residual is followed by restarts asking 100× more, and a second such one
-    ends the run as ``STAGNATED`` (a singular or stuck system). Stopping at the first
-    reported 33 of 45 solves of well-conditioned indefinite systems (δ = 0.1, condition
-    47–368) as singular, at residuals 1.4–10× tol.
+    Each run stops when its running residual ``φ_k`` reaches ``tol ‖b‖``; the residual is
+    then recomputed (one product) and, where rounding has let ``φ_k`` drift below the true
+    one, MINRES restarts on it with the remaining budget. A restart that does not halve
+    the true residual ends the run: the caller's recomputed residual then says whether it
+    is within ``10 · tol`` (else ``INACCURATE``). A run that finds the residual in the
+    null space of ``H + δI`` (``‖(H + δI) r‖ ≤ max(tol, √ε) ‖H + δI‖ ‖r‖``) ends as
+    ``STAGNATED``.
 
     Returns:
         ``(x, status)``: the last iterate and how the run ended.
     """
-    np_dtype = np.float64 if op.dtype == torch.float64 else np.float32
-    scipy_op = op.to_scipy()
     x = torch.zeros_like(b)
     r = b
-    norm_b = float(torch.linalg.vector_norm(b))
-    demand = 1.0  # what each restart asks for, relative to the reduction still needed
+    threshold = tol * float(torch.linalg.vector_norm(b))
+    norm_r = float(torch.linalg.vector_norm(b))
     while True:
         remaining = max_iter - op.products
         if remaining < 1:
             return x, InverseStatus.MAX_ITER
-        norm_r = float(torch.linalg.vector_norm(r))
-        relative = demand * min(0.5, tol * norm_b / norm_r)  # the correction's tolerance
-        rhs = r.cpu().numpy().astype(np_dtype)
-        d, info = minres(scipy_op, rhs, rtol=relative, shift=-damping, maxiter=remaining)
-        x = x + torch.as_tensor(d, dtype=op.dtype, device=op.device)
-        if info > 0:  # out of products (the caller recomputes the residual)
+        run = minres(op, r, damping, threshold, tol, remaining)
+        x = x + run.solution
+        if run.outcome is MinresOutcome.MAX_ITER:
             return x, InverseStatus.MAX_ITER
+        if run.outcome is MinresOutcome.SINGULAR:
+            return x, InverseStatus.STAGNATED
+        if op.products >= max_iter:  # no product left to check it: the caller does
+            return x, InverseStatus.CONVERGED
         r = b - (op.matmat(x[:, None])[:, 0] + damping * x)
         norm_next = float(torch.linalg.vector_norm(r))
-        if norm_next <= tol * norm_b:
-            return x, InverseStatus.CONVERGED
-        if norm_next > 0.5 * norm_r:  # a restart that did not halve it
-            if demand < 1.0:  # even asked for 100× more: singular or stuck
-                return x, InverseStatus.STAGNATED
-            demand = 1e-2  # SciPy's own test stopped it early: ask for more, once
+        if norm_next <= threshold or norm_next > 0.5 * norm_r:
+            return x, InverseStatus.CONVERGED  # reached, or at the floor rounding sets
+        norm_r = norm_next

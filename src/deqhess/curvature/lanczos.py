@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .base import Counted
+from .base import Counted, generator
 
 __all__ = ["RitzPairs", "lanczos_extreme", "rayleigh_ritz"]
 
@@ -141,7 +141,7 @@ class _Krylov:
         self.probe = 0  # the first column of the probe: V[:, :probe] spans an invariant subspace
         self.scale = 0.0
         self.norm = 0.0  # the largest ‖H q‖ met: the floor's scale before any Ritz value
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator(seed)
 
     def expand(self, op: Counted) -> None:
         """One block step: ``b`` products.

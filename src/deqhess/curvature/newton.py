@@ -20,7 +20,7 @@ __all__ = ["InfluenceResult", "influence", "newton_step"]
 
 
 def newton_step(
-    op: SymmetricOperator, gradient: Tensor, damping: float = 0.0, **options
+    op: SymmetricOperator, gradient: Tensor, damping: float | Tensor = 0.0, **options
 ) -> InverseResult:
     """The (damped) Newton step ``−(H + δI)⁻¹ ∇L``.
 
@@ -29,7 +29,8 @@ def newton_step(
     Args:
         op: the symmetric ``P × P`` operator ``H``.
         gradient: ``∇L``, a flat ``[P]`` tensor.
-        damping: ``δ``.
+        damping: ``δ``: a real number, or a 0-dim tensor (e.g. ``1.0 - lowest`` with
+            ``lowest`` an eigenvalue from :func:`extreme_eigenpairs`).
         **options: :func:`solve_damped`'s (``method``, ``tol``, ``max_iter``,
             ``require_convergence``…).
 
@@ -59,7 +60,7 @@ def influence(
     op: SymmetricOperator,
     test_gradient: Tensor,
     train_gradients: Tensor,
-    damping: float = 0.0,
+    damping: float | Tensor = 0.0,
     **options,
 ) -> InfluenceResult:
     """Influence scores of ``N`` training gradients ``[N, P]`` on one test gradient ``[P]``.
@@ -72,7 +73,8 @@ def influence(
         op: the symmetric ``P × P`` operator ``H``.
         test_gradient: ``∇L_test`` ``[P]``.
         train_gradients: ``∇L_trainᵢ`` as rows ``[N, P]``.
-        damping: ``δ``.
+        damping: ``δ``: a real number, or a 0-dim tensor (e.g. ``1.0 - lowest`` with
+            ``lowest`` an eigenvalue from :func:`extreme_eigenpairs`).
         **options: :func:`solve_damped`'s.
 
     Returns:

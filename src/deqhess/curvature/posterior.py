@@ -32,8 +32,16 @@ from torch import Tensor
 from ..errors import ConvergenceError, InputError
 from ..options import integer
 from .accuracy import check_symmetric, require_symmetric_matrix
-from .base import Counted, SymmetricOperator, checked_operator, rademacher, warn_few_probes
-from .inverse import InverseStatus, _damped_solution
+from .base import (
+    Counted,
+    SymmetricOperator,
+    checked_operator,
+    generator,
+    rademacher,
+    seed_value,
+    warn_few_probes,
+)
+from .inverse import InverseStatus, _damped_solution, damping_value
 
 __all__ = ["InverseDiagonalResult", "inverse_diagonal"]
 
@@ -73,20 +81,20 @@ class InverseDiagonalResult:
 
 def inverse_diagonal(
     op: SymmetricOperator,
-    damping: float,
+    damping: float | Tensor,
     *,
     method: str = "auto",
     num_probes: int = 64,
     tol: float = 1e-6,
     max_hvps: int | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool | None = None,
 ) -> InverseDiagonalResult:
     """``diag((G + δI)⁻¹)`` for a symmetric operator ``G`` of size ``P``.
 
     Args:
         op: the operator (e.g. ``curvature.ggn_operator()``).
-        damping: ``δ > 0`` (a prior precision).
+        damping: ``δ > 0`` (a prior precision): a real number or a 0-dim tensor.
         method: ``"dense"``, ``"probes"`` or ``"auto"`` (dense up to :data:`DENSE_LIMIT`
             and within ``max_hvps``).
         num_probes: Rademacher probes for ``"probes"`` (at least 2; a warning when
@@ -94,7 +102,7 @@ def inverse_diagonal(
         tol: relative residual of each probe's CG solve.
         max_hvps: cap on products (default: ``P`` for dense; for probes
             ``2 + num_probes · min(2P, 1000)``, the 2 checking symmetry).
-        seed: the probes' seed.
+        seed: the probes' seed (an int); None draws fresh, unrepeatable probes.
         progress: a progress bar of products (None: only on a terminal).
 
     Refused with :class:`deqhess.InputError` when ``G`` is not symmetric or ``G + δI``
@@ -106,10 +114,13 @@ def inverse_diagonal(
         method, probes and products used, and the largest residual of the solves.
 
     Raises:
-        InputError: ``damping ≤ 0``, an unknown ``method``, ``num_probes < 2``, a
-            non-symmetric ``G`` or an indefinite ``G + δI``.
+        InputError: ``damping`` not a real number (a 0-dim tensor is one) or ``≤ 0``, an
+            unknown ``method``, ``num_probes < 2``, a non-symmetric ``G`` or an
+            indefinite ``G + δI``.
     """
     size = checked_operator(op, "inverse_diagonal")
+    damping = damping_value(damping)
+    seed = seed_value(seed)
     if not damping > 0:
         raise InputError(f"damping must be > 0 (a prior precision); got {damping!r}.")
     if method not in ("auto", "dense", "probes"):
@@ -164,7 +175,7 @@ def _probes(
     per_solve = min(2 * size, 1000)
     checked = check_symmetric(op, "G", _NO_COVARIANCE, seed)
     budget = checked + num_probes * per_solve if max_hvps is None else max_hvps
-    probes = rademacher(size, num_probes, torch.Generator().manual_seed(seed), op)
+    probes = rademacher(size, num_probes, generator(seed), op)
     samples, used, worst = [], checked, 0.0
     for i in range(num_probes):
         left = budget - used
