@@ -45,6 +45,12 @@ class ParameterLayout:
             self.names = tuple(theta.keys())
             tensors = list(theta.values())
             for name, t in zip(self.names, tensors, strict=True):
+                if isinstance(t, Mapping):
+                    raise InputError(
+                        f"theta[{name!r}] is a {type(t).__name__}: theta is one level deep, "
+                        "a dict of tensors (or one tensor). Flatten the nested one "
+                        f"({{'{name}.W': ..., '{name}.b': ...}}) and read it so in f."
+                    )
                 if not isinstance(t, Tensor):
                     raise InputError(
                         f"theta[{name!r}] is a {type(t).__name__}, not a torch.Tensor; "

@@ -68,6 +68,7 @@ def test_h0_dtype_must_match_theta():
             "share one dtype",
         ),
         ([torch.ones(2)], "must be a torch.Tensor or a dict"),
+        ({"cell": {"W": torch.ones(2)}}, r"theta\['cell'\] is a dict: theta is one level deep"),
     ],
 )
 def test_bad_theta(theta, message):
@@ -103,6 +104,25 @@ def test_bad_losses(loss, message):
     eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
     with pytest.raises(ValueError, match=message):
         eq.grad(loss)
+
+
+def _no_wraps(loss):
+    def wrapper(*args, **kwargs):  # a decorator without functools.wraps: (*args, **kwargs)
+        return loss(*args, **kwargs)
+
+    return wrapper
+
+
+def test_a_loss_whose_signature_hides_theta_or_that_leaves_torch_is_explained():
+    """A decorated L(h, θ) without functools.wraps was taken as L(h) and failed with a raw
+    TypeError; a loss calling .numpy() failed with torch's "data pointer" error alone."""
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    with pytest.raises(dh.InputError, match=r"functools\.wraps"):
+        eq.grad(_no_wraps(lambda h, theta: (h * theta["W"].sum()).sum()))
+    with pytest.raises(RuntimeError) as error:
+        eq.grad(lambda h: (h**2).sum().detach().numpy())
+    assert ".numpy(), .item()" in "".join(error.value.__notes__)
 
 
 def test_loss_arity_from_signature():

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
-from ..errors import InputError
+from ..errors import InputError, add_note
 from ..parameters import Parameters
 from ..streaming.fingerprint import tensor_digests
 
@@ -63,9 +63,31 @@ class Loss:
             The loss, a 0-dim floating tensor.
 
         Raises:
-            InputError: the loss returned anything but a 0-dim floating tensor.
+            InputError: the loss returned anything but a 0-dim floating tensor, or,
+                called as ``loss(h)``, asked for another positional argument.
+            TypeError: the loss's own (re-raised as it is).
         """
-        value = self.fn(h, theta) if self.uses_theta else self.fn(h)
+        try:
+            value = self.fn(h, theta) if self.uses_theta else self.fn(h)
+        except TypeError as error:
+            if not self.uses_theta and "required positional argument" in str(error):
+                raise InputError(
+                    "the loss was called as loss(h) — its signature does not say it takes "
+                    "theta too (it takes *args, as a decorator without functools.wraps "
+                    f"gives) — and asked for another argument: {error}. Write it as "
+                    "loss(h, theta) with two named parameters, or decorate the wrapper "
+                    "with functools.wraps(loss) so that its signature shows."
+                ) from error
+            raise
+        except Exception as error:
+            if torch._C._functorch.peek_interpreter_stack() is not None:
+                add_note(
+                    error,
+                    "deqhess: the loss is called inside torch.func transforms (grad, vmap) "
+                    "to differentiate it: it must stay a torch function of h (and theta) "
+                    "— .numpy(), .item(), float(...) or an in-place write to h fail there.",
+                )
+            raise
         if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
             got = (
                 f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
