@@ -125,6 +125,13 @@ def test_a_loss_whose_signature_hides_theta_or_that_leaves_torch_is_explained():
     assert ".numpy(), .item()" in "".join(error.value.__notes__)
 
 
+def test_swapped_x_and_h0_carry_both_shapes_in_a_note():
+    c = _tanh()
+    with pytest.raises(RuntimeError) as error:
+        dh.Equilibrium(c.f, c.theta, c.h0, c.x)  # h0 where x goes
+    assert "takes x before h0" in "".join(error.value.__notes__)
+
+
 def test_loss_arity_from_signature():
     from deqhess.implicit import Loss
 
@@ -830,8 +837,9 @@ def test_x_of_another_dtype_than_theta_is_named_when_f_fails_on_it():
     def buggy(x, h, t):
         raise RuntimeError("the user's own bug")
 
-    with pytest.raises(RuntimeError, match=r"^the user's own bug$"):
+    with pytest.raises(RuntimeError, match=r"^the user's own bug") as error:
         dh.Equilibrium(buggy, c.theta, c.x, c.h0)
+    assert type(error.value) is RuntimeError  # its own error, a note of the shapes added
 
 
 def test_h0_and_v_swapped_by_keyword_are_named():

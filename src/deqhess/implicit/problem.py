@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
-from ..errors import InputError, StaleEquilibriumError
+from ..errors import InputError, StaleEquilibriumError, add_note
 from ..finiteness import all_finite
 from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
@@ -221,6 +221,14 @@ def check_first_call(
     except _OPERAND_ERRORS as error:
         causes = [c for c in (state_advice, _dtype_advice(x, h0.dtype)) if c is not None]
         if not causes:
+            shapes = [f"{label} {tuple(t.shape)}" for label, t in _tensor_leaves(x, "x")]
+            add_note(
+                error,
+                f"deqhess: f raised this at its first call, f(x, h0, theta), with "
+                f"{', '.join(shapes) or 'x holding no tensor'} and h0 {tuple(h0.shape)} "
+                "(Equilibrium(f, theta, x, h0) takes x before h0, and h0 shaped like the "
+                "state f returns).",
+            )
             raise
         raise InputError(f"f failed on the initial state: {'; '.join(causes)}.") from error
     if state_advice is not None and isinstance(out, Tensor) and out.shape != h0.shape:
