@@ -98,7 +98,21 @@ class OperatorAccuracy:
         return max(self.asymmetry, self.state_error or 0.0)
 
     def describe(self) -> str:
-        """One line for a report."""
+        """One line for a report.
+
+        With neither a state error nor a reference, only the asymmetry is known, which
+        does not see the fixed points' own error (in float32 usually the larger, up to
+        1,400× the asymmetry): the line says so, and what to pass.
+
+        Returns:
+            The figures known, in words.
+        """
+        if self.state_error is None and self.reference_error is None:
+            return (
+                f"asymmetry {self.asymmetry:.1e}: a lower bound only — it does not see the "
+                "fixed points' own error (in float32 usually far larger); pass "
+                "equilibria= for the state error, or a float64 reference= to measure it"
+            )
         parts = [f"relative error ≈ {self.estimate:.1e}"]
         if self.state_error is not None:
             how = "‖(I − J)⁻¹‖·‖f(h) − h‖/‖h‖" if self.condition_known else "‖f(h) − h‖/‖h‖"
