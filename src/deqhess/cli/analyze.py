@@ -29,6 +29,7 @@ from ..errors import InputError
 from ..implicit import DatasetEquilibrium
 from ..models import ModelCurvature
 from ..options import available_device, integer
+from .output import check_out
 from .plots import plot_densities, plot_diagonal, plot_top_eigenvalues
 from .problem import AnalysisProblem, ModelProblem
 
@@ -266,10 +267,11 @@ def check_request(
         device: a device available here, or None.
 
     Raises:
-        InputError: any of these out of range; ``out`` a file or under one; a device
+        InputError: any of these out of range; ``out`` a file or under one, or a folder
+            that cannot be made or written (:func:`~deqhess.cli.output.check_out`); a device
             torch does not know or this machine does not have.
     """
-    _check_out(Path(out))
+    check_out(Path(out))
     if parts is not None and len(parts) == 0:
         raise InputError(
             "parts is empty (--parts named none); name at least one part, or leave it out "
@@ -290,17 +292,6 @@ def check_request(
         raise InputError(f"float64_probes must be 0 (skip) or at least 2; got {float64_probes}.")
     if device is not None:
         available_device(device)
-
-
-def _check_out(out: Path) -> None:
-    """Refuse an output folder that is a file, or lies under one (mkdir would fail late)."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        where = "is" if existing == out else f"lies under {str(existing)!r}, which is"
-        raise InputError(
-            f"out {str(out)!r} {where} a file, not a folder; the plots and report.json are "
-            "written into a folder: pass a new folder's path or an existing folder (--out)."
-        )
 
 
 def _float64_check(data, problem, report, eigenpairs, probes, seed, bars, options, device):
