@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import importlib
-import importlib.util
 import itertools
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,8 +22,9 @@ from ..models import ModelCurvature
 from ..nn.reparametrize import functional_call
 from ..options import available_device
 from ..parameters import ParameterLayout, Parameters
+from .solver_options import check_option_names
 
-__all__ = ["AnalysisProblem", "ModelProblem", "load_factory"]
+__all__ = ["AnalysisProblem", "ModelProblem"]
 
 
 @dataclass
@@ -87,9 +83,12 @@ class AnalysisProblem:
             :class:`deqhess.distributed.DistributedDatasetEquilibrium`.
 
         Raises:
-            InputError: no θ, a θ that is not the cell's named parameters, or an ``f``
-                that fails on (or changes the shape of) the default initial state.
+            InputError: an unknown option; no θ, a θ that is not the cell's named
+                parameters, or an ``f`` that fails on (or changes the shape of) the
+                default initial state.
         """  # noqa: DOC502 (raised by _theta and the checks)
+        check_option_names(self.options)
+        check_option_names(overrides, "the options given")
         f, init = self.f, self.init_state
         cast = _Cast(dtype, device)
         if isinstance(f, nn.Module):
@@ -355,61 +354,3 @@ class ModelProblem:
             model, self.loss, data, self.theta, reduction=self.reduction, split_at=split_at,
             batch_size_fn=self.batch_size_fn, exclude_unconverged=exclude, progress=progress,
         )  # fmt: skip
-
-
-def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
-    """Call ``package.module:function`` or ``path/to/file.py:function`` and check its result."""
-    if ":" not in spec:
-        raise InputError(
-            f"factory {spec!r} must look like 'package.module:function' or 'file.py:function'."
-        )
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.exists():
-            raise InputError(f"factory file {target!r} does not exist.")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        # a path ending in .py always has a spec with a loader (SourceFileLoader)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        sys.path.insert(0, str(Path.cwd()))
-        try:
-            module = importlib.import_module(target)
-        except ImportError as error:
-            raise InputError(f"cannot import {target!r} for the factory: {error}") from error
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise InputError(f"{target!r} has no callable {name!r}.")
-    result = factory()
-    if isinstance(result, Mapping):
-        result = _from_fields(spec, result)
-    if not isinstance(result, (AnalysisProblem, ModelProblem)):
-        raise InputError(
-            f"the factory {spec!r} returned {type(result).__name__}; return a "
-            "deqhess.cli.AnalysisProblem or ModelProblem (or a dict of its fields)."
-        )
-    return result
-
-
-def _from_fields(spec: str, fields_: Mapping[str, Any]) -> AnalysisProblem | ModelProblem:
-    """A problem from a factory's dict: ``ModelProblem`` if it names a model."""
-    kind = ModelProblem if "model" in fields_ else AnalysisProblem
-    known = [f.name for f in dataclasses.fields(kind)]
-    required = [
-        f.name
-        for f in dataclasses.fields(kind)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [n for n in required if n not in fields_]
-    unknown = [n for n in fields_ if n not in known]
-    if missing or unknown:
-        raise InputError(
-            f"the factory {spec!r} returned a dict for {kind.__name__} "
-            + (f"without {missing}" if missing else "")
-            + (" and " if missing and unknown else "")
-            + (f"with unknown fields {unknown}" if unknown else "")
-            + f"; its fields are {known} (required: {required})."
-        )
-    return kind(**fields_)
