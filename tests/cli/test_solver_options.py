@@ -1,4 +1,5 @@
-"""A factory's solver options: names checked when the problem is read."""
+"""A factory's solver options: names checked when the problem is read, and the float64
+reference's options tightened to float64's own tolerance."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 import deqhess as dh
 from deqhess.cli.main import main
-from deqhess.cli.solver_options import SOLVER_OPTIONS
+from deqhess.cli.solver_options import SOLVER_OPTIONS, reference_options
+from deqhess.linear import GMRES
 
 FACTORY = textwrap.dedent(
     """
@@ -100,3 +102,27 @@ def test_every_option_name_is_one_the_data_set_takes():
                                        lambda h, y: ((h - y) ** 2).mean(), progress=False,
                                        **values)  # fmt: skip
     assert equilibria.num_samples == 2
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"tol": 1e-3, "solver": "picard"},
+         {"tol": 1e-10, "atol": None, "max_iter": 1000, "solver": "picard"}),
+        ({"tol": 1e-13, "atol": 1e-3, "max_iter": 5000},
+         {"tol": 1e-13, "atol": 1e-13, "max_iter": 5000}),
+        ({"max_iter": 25, "atol": 1e-14}, {"tol": 1e-10, "atol": 1e-14, "max_iter": 1000}),
+    ],
+    ids=["loose-tightened", "tighter-kept", "cap-raised"],
+)  # fmt: skip
+def test_the_reference_solves_to_float64s_own_tolerance(given, expected):
+    """Float64's default tol is 1e-10; a tighter one given is kept, a looser one is not."""
+    assert reference_options(given) == expected
+
+
+def test_the_references_iterative_linear_solver_takes_float64s_tolerance():
+    loose = GMRES(rtol=1e-3, atol=1e-4)
+    reference = reference_options({"linear_solver": loose})["linear_solver"]
+    assert isinstance(reference, GMRES) and (reference.rtol, reference.atol) == (None, 0.0)
+    assert (loose.rtol, loose.atol) == (1e-3, 1e-4)  # the user's own object is unchanged
+    assert reference_options({"linear_solver": "dense"})["linear_solver"] == "dense"

@@ -19,10 +19,11 @@ from ..errors import InputError
 from ..implicit import PARTS, DatasetEquilibrium
 from ..implicit.problem import check_first_call
 from ..models import ModelCurvature
+from ..models.arguments import deq_layers
 from ..nn.reparametrize import functional_call
 from ..options import available_device
 from ..parameters import ParameterLayout, Parameters
-from .solver_options import check_option_names
+from .solver_options import check_option_names, reference_options, solve_layer_to_reference
 
 __all__ = ["AnalysisProblem", "ModelProblem"]
 
@@ -122,6 +123,34 @@ class AnalysisProblem:
         if sharded:
             return DistributedDatasetEquilibrium(f, theta, data, self.loss, **kwargs)
         return DatasetEquilibrium(f, theta, data, self.loss, **kwargs)
+
+    def float64_reference(
+        self,
+        progress: bool | None = None,
+        *,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> DatasetEquilibrium:
+        """The problem rebuilt in float64, solved to float64's own tolerance.
+
+        What a float32 analysis is measured against: θ, the cell and the data cast to
+        float64, the options (``options`` with ``overrides`` over them) tightened by
+        :func:`~deqhess.cli.solver_options.reference_options` — a loose ``tol`` of the
+        factory or the command is not inherited.
+
+        Args:
+            progress: progress bars (None: only on a terminal).
+            device: move θ, the cell and the data there.
+            **overrides: the analysis' own options over the factory's.
+
+        Returns:
+            As :meth:`equilibria`, in float64.
+
+        Raises:
+            InputError: as :meth:`equilibria`.
+        """  # noqa: DOC502 (raised by equilibria)
+        options = reference_options({**self.options, **overrides})
+        return self.equilibria(progress, dtype=torch.float64, device=device, **options)
 
     def num_parameters(self, dtype: torch.dtype | None = None) -> int:
         """P, the number of θ's entries, known before any batch is solved.
@@ -310,7 +339,41 @@ class ModelProblem:
 
         Raises:
             InputError: any other solver option (those belong on the model's layers).
-        """
+        """  # noqa: DOC502 (raised by _built)
+        return self._built(progress, _Cast(dtype, device), overrides)
+
+    def float64_reference(
+        self,
+        progress: bool | None = None,
+        *,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> ModelCurvature:
+        """The model rebuilt in float64, its DEQ layers solving to float64's own tolerance.
+
+        What a float32 analysis is measured against: a float64 copy of the model, whose
+        DEQ layers' ``tol``, ``atol``, ``max_iter`` and iterative linear solver are
+        tightened as :func:`~deqhess.cli.solver_options.solve_layer_to_reference` says
+        (a layer's loose ``tol=1e-3`` is not inherited). The factory's model is left
+        as it is.
+
+        Args:
+            progress: progress bars (None: only on a terminal).
+            device: move the copy and the data there.
+            **overrides: as for :meth:`equilibria`.
+
+        Returns:
+            As :meth:`equilibria`, in float64.
+
+        Raises:
+            InputError: as :meth:`equilibria`.
+        """  # noqa: DOC502 (raised by _built)
+        return self._built(progress, _Cast(torch.float64, device), overrides, reference=True)
+
+    def _built(
+        self, progress: bool | None, cast: _Cast, overrides: dict[str, Any], reference: bool = False
+    ) -> ModelCurvature:
+        """The curvature of the model cast by ``cast`` (a reference: its layers tightened)."""
         exclude = bool(overrides.pop("exclude_unconverged", self.exclude_unconverged))
         if overrides.get("convergence") == "best" and exclude:
             overrides.pop("convergence")
@@ -319,13 +382,17 @@ class ModelProblem:
                 f"solver options {sorted(overrides)} apply to a DEQ layer; for a "
                 "ModelProblem set them on the model's deqhess.nn.DEQ layers in the factory."
             )
-        cast = _Cast(dtype, device)
         data = cast.batches(self.data)
         sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if sharded and not self.sharded:
             data = RankShard(data, dist.get_rank(), dist.get_world_size())
         kind = DistributedModelCurvature if sharded else ModelCurvature
-        return self._curvature(cast.module(self.model), data, kind, exclude, progress)
+        model = cast.module(self.model)
+        if reference:
+            model = copy.deepcopy(model) if model is self.model else model  # never the user's
+            for layer in deq_layers(model):
+                solve_layer_to_reference(layer)
+        return self._curvature(model, data, kind, exclude, progress)
 
     @property
     def parts(self) -> tuple[str, ...]:

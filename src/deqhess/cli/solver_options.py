@@ -1,22 +1,40 @@
-"""The solver options an :class:`AnalysisProblem` carries: their names.
+"""The solver options an :class:`AnalysisProblem` carries: their names, and the reference's.
 
 A factory's ``options`` go to :class:`deqhess.DatasetEquilibrium` and, through it, to each
 batch's :class:`deqhess.Equilibrium`; a misspelled name would surface only at the first
 solve, as a ``TypeError`` from deep inside. :func:`check_option_names` refuses it when the
 problem is read.
+
+The float64 reference that ``deqhess analyze`` measures a float32 analysis against must be
+solved to float64's own tolerance: a factory's ``tol=1e-3`` (or a model's
+``DEQ(tol=1e-3)``) is a choice for the analysis, and a reference that inherited it would
+be as inexact as the operator it measures — the measured error then reads ~1000× too
+small. :func:`reference_options` and :func:`solve_layer_to_reference` tighten the
+stopping rules, and never loosen one the user made tighter.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ..errors import InputError
 from ..implicit import DatasetEquilibrium, Equilibrium
+from ..linear.base import IterativeSolver
+from ..nn import DEQ
+from ..solvers import default_tolerance
 
-__all__ = ["SOLVER_OPTIONS", "check_option_names"]
+__all__ = [
+    "SOLVER_OPTIONS",
+    "check_option_names",
+    "reference_options",
+    "solve_layer_to_reference",
+]
 
 #: the problem's fields (or the command's own flags) that the data set also takes
 _FIELDS = {
@@ -43,6 +61,9 @@ SOLVER_OPTIONS = tuple(
         | _keywords(DatasetEquilibrium.__init__, _ARGUMENTS)
     )
 )
+
+#: the forward solve's iteration cap when none is given (Equilibrium's and DEQ's default)
+_DEFAULT_MAX_ITER: int = inspect.signature(Equilibrium.__init__).parameters["max_iter"].default
 
 
 def check_option_names(options: Any, where: str = "AnalysisProblem.options") -> None:
@@ -84,3 +105,65 @@ def _closest(key: str) -> str | None:
         return max(related, key=len)
     close = difflib.get_close_matches(key, SOLVER_OPTIONS, n=1, cutoff=0.5)
     return close[0] if close else None
+
+
+def reference_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of the float64 reference: the given ones, solved to float64's tolerance.
+
+    ``tol`` becomes float64's default (1e-10) unless the given one is tighter, ``atol``
+    at most that; the iteration cap at least the default (1000), so that the tighter
+    rule can be met; an iterative linear solver's own tolerance is dropped for its
+    float64 default. The rest (solver, convergence policy, …) is kept.
+
+    Args:
+        options: the analysis' options (the factory's with the command's over them).
+
+    Returns:
+        A new dict, with ``tol``, ``atol`` and ``max_iter`` always set.
+    """
+    reference = dict(options)
+    reference["tol"] = _tighter(options.get("tol"), default_tolerance(torch.float64))
+    reference["atol"] = _tighter(options.get("atol"), reference["tol"], keep_none=True)
+    reference["max_iter"] = _at_least(options.get("max_iter"), _DEFAULT_MAX_ITER)
+    if "linear_solver" in options:
+        reference["linear_solver"] = _reference_linear_solver(options["linear_solver"])
+    return reference
+
+
+def solve_layer_to_reference(layer: DEQ) -> None:
+    """Set a reference copy's DEQ layer to solve to float64's own tolerance.
+
+    As :func:`reference_options` does for a data set's options: the layer's ``tol``,
+    ``atol``, ``max_iter`` and iterative linear solver. Only ever called on a copy of
+    the user's model (its layers are changed in place).
+
+    Args:
+        layer: a layer of the reference copy.
+    """
+    layer.tol = _tighter(layer.tol, default_tolerance(torch.float64))
+    layer.atol = _tighter(layer.atol, layer.tol, keep_none=True)
+    layer.max_iter = _at_least(layer.max_iter, _DEFAULT_MAX_ITER)
+    layer.linear_solver = _reference_linear_solver(layer.linear_solver)
+
+
+def _tighter(given: Any, bound: float | None, keep_none: bool = False) -> Any:
+    """``given`` where it is a number below ``bound``, else ``bound`` (None stays if asked)."""
+    if given is None:
+        return None if keep_none else bound
+    if isinstance(given, (int, float)) and (bound is None or given < bound):
+        return given
+    return bound
+
+
+def _at_least(given: Any, floor: int) -> Any:
+    """``given`` where it is an int above ``floor``, else ``floor``."""
+    return given if isinstance(given, int) and given > floor else floor
+
+
+def _reference_linear_solver(solver: Any) -> Any:
+    """An iterative linear solver at its float64 default tolerance (a copy); others as given."""
+    if not isinstance(solver, IterativeSolver) or (solver.rtol is None and solver.atol == 0):
+        return solver
+    reference = copy.copy(solver)
+    reference.rtol, reference.atol = None, 0.0
+    return reference
