@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,17 +11,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..batches import MappedBatches, RankShard
+from ..batches import RankShard
 from ..deprecation import UNSET, renamed
 from ..distributed import DistributedDatasetEquilibrium, DistributedModelCurvature
 from ..errors import InputError
 from ..implicit import PARTS, DatasetEquilibrium
-from ..implicit.problem import check_first_call
 from ..models import ModelCurvature
 from ..models.arguments import deq_layers
 from ..nn.reparametrize import functional_call
-from ..options import available_device
 from ..parameters import ParameterLayout, Parameters
+from .cast import Cast
+from .initial_state import check_default_state, checked_init
 from .solver_options import check_option_names, reference_options, solve_layer_to_reference
 
 __all__ = ["AnalysisProblem", "ModelProblem"]
@@ -85,13 +84,13 @@ class AnalysisProblem:
 
         Raises:
             InputError: an unknown option; no θ, a θ that is not the cell's named
-                parameters, or an ``f`` that fails on (or changes the shape of) the
-                default initial state.
+                parameters; a state of another dtype or device than θ; or an ``f``
+                that fails on (or changes the shape of) the default initial state.
         """  # noqa: DOC502 (raised by _theta and the checks)
         check_option_names(self.options)
         check_option_names(overrides, "the options given")
-        f, init = self.f, self.init_state
-        cast = _Cast(dtype, device)
+        f, init, source = self.f, self.init_state, "AnalysisProblem.init_state(x)"
+        cast = Cast(dtype, device)
         if isinstance(f, nn.Module):
             cell = cast.module(f)
             theta = self._theta(cell)
@@ -99,6 +98,7 @@ class AnalysisProblem:
             cell_init = getattr(cell, "init_state", None)
             if init is None and callable(cell_init):
                 init = lambda x: torch.zeros_like(cell_init(x))  # noqa: E731
+                source = f"the cell {type(cell).__name__}'s init_state(x)"
 
             def f(x, h, t):
                 return functional_call(cell, t, (x, h))
@@ -115,7 +115,9 @@ class AnalysisProblem:
             rank, world = dist.get_rank(), dist.get_world_size()
             data = RankShard(data, rank, world)
         if init is None:
-            data = _check_default_state(f, theta, data)
+            data = check_default_state(f, theta, data)
+        else:
+            init = checked_init(init, source, f, theta)
         kwargs = dict(
             init_state=init, reduction=self.reduction, batch_dim=self.batch_dim,
             progress=progress, **{**self.options, **overrides},
@@ -165,7 +167,7 @@ class AnalysisProblem:
             InputError: no θ, or a θ deqhess cannot take (see :class:`deqhess.Equilibrium`).
         """  # noqa: DOC502 (raised by _theta and ParameterLayout)
         cell = self.f if isinstance(self.f, nn.Module) else None
-        return ParameterLayout(_Cast(dtype, None).tree(self._theta(cell))).size
+        return ParameterLayout(Cast(dtype, None).tree(self._theta(cell))).size
 
     def _theta(self, cell: nn.Module | None) -> Parameters:
         """θ: the factory's, else (with a cell) the cell's named parameters, detached."""
@@ -174,47 +176,6 @@ class AnalysisProblem:
         if cell is None:
             raise InputError("the factory gave no theta; set AnalysisProblem.theta.")
         return {n: p.detach() for n, p in cell.named_parameters()}
-
-
-class _Cast:
-    """Casts to a dtype and device (either None: left as is).
-
-    Floating tensors take the dtype, every tensor the device; tuples, lists and dicts
-    are walked.
-
-    Raises:
-        InputError: a device that is not available here (before anything is moved).
-    """
-
-    def __init__(self, dtype: torch.dtype | None, device: torch.device | str | None):
-        self.dtype = dtype
-        self.device = None if device is None else available_device(device)
-        self.active = dtype is not None or device is not None
-
-    def tensor(self, t: Tensor) -> Tensor:
-        dtype = self.dtype if t.is_floating_point() else None
-        return t.to(device=self.device, dtype=dtype) if self.active else t
-
-    def tree(self, value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return self.tensor(value)
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.tree(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self.tree(v) for k, v in value.items()}
-        return value
-
-    def module(self, cell: nn.Module) -> nn.Module:
-        return copy.deepcopy(cell).to(device=self.device, dtype=self.dtype) if self.active else cell
-
-    def batches(self, data: Iterable[Any]) -> Iterable[Any]:
-        """The batches cast as they are read.
-
-        Returns:
-            A re-iterable view (data-set passes read the data once per product), or the
-            data themselves when nothing is cast.
-        """
-        return MappedBatches(data, self.tree) if self.active else data
 
 
 def _state_names(cell: nn.Module) -> list[str]:
@@ -240,37 +201,6 @@ def _check_cell_theta(cell: nn.Module, names: list[str], theta: Parameters) -> N
             "torch.func.functional_call(cell, <the cell's entries of theta>, (x, h)), and "
             "read the other entries in loss(h, theta, target)."
         )
-
-
-def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iterable[Any]):
-    """Try ``f`` once on the first batch from the default state, zeros shaped like x.
-
-    With no ``init_state`` a state of another shape is then reported as such. Nothing is
-    consumed: a one-shot iterator is re-chained, anything else read afresh.
-
-    Returns:
-        The data, to be read from the start.
-
-    Raises:
-        InputError: ``f`` fails on the default state or returns another shape (see
-            :func:`deqhess.implicit.problem.check_first_call`).
-    """  # noqa: DOC502 (raised by check_first_call)
-    batches = iter(data)
-    try:
-        first = next(batches)
-    except StopIteration:
-        return []
-    chained = itertools.chain([first], batches) if isinstance(data, Iterator) else data
-    x = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else None
-    if not isinstance(x, Tensor):
-        return chained
-    advice = (
-        "the factory gave no init_state, so the state starts as zeros shaped like x, "
-        f"{tuple(x.shape)}; if the state has another shape, set AnalysisProblem.init_state "
-        "(e.g. lambda x: x.new_zeros(x.shape[0], n)) or give the cell an init_state(x) method"
-    )
-    check_first_call(f, x, torch.zeros_like(x), theta, state_advice=advice)
-    return chained
 
 
 @dataclass
@@ -340,7 +270,7 @@ class ModelProblem:
         Raises:
             InputError: any other solver option (those belong on the model's layers).
         """  # noqa: DOC502 (raised by _built)
-        return self._built(progress, _Cast(dtype, device), overrides)
+        return self._built(progress, Cast(dtype, device), overrides)
 
     def float64_reference(
         self,
@@ -368,10 +298,10 @@ class ModelProblem:
         Raises:
             InputError: as :meth:`equilibria`.
         """  # noqa: DOC502 (raised by _built)
-        return self._built(progress, _Cast(torch.float64, device), overrides, reference=True)
+        return self._built(progress, Cast(torch.float64, device), overrides, reference=True)
 
     def _built(
-        self, progress: bool | None, cast: _Cast, overrides: dict[str, Any], reference: bool = False
+        self, progress: bool | None, cast: Cast, overrides: dict[str, Any], reference: bool = False
     ) -> ModelCurvature:
         """The curvature of the model cast by ``cast`` (a reference: its layers tightened)."""
         exclude = bool(overrides.pop("exclude_unconverged", self.exclude_unconverged))
