@@ -63,6 +63,7 @@ class SolvedBatch:
     info: EquilibriumInfo
     kept: Tensor | None = None  # the kept samples' indices in the batch (None: all)
     excluded: int = 0
+    forward_iterations: int = 0  # the solve over all its samples, the left-out ones included
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class BatchSolve:
         state_norm: ``‖h*‖₂`` of the batch's fixed point.
         dtype: the state's dtype.
         excluded: unconverged samples left out (``exclude_unconverged``).
+        forward_iterations: the iterations of the batch's forward solve over all its
+            samples, the left-out ones included (where samples were left out, ``info``
+            is the kept samples' re-solve from their fixed points, of no iterations).
     """
 
     info: EquilibriumInfo
@@ -92,6 +96,7 @@ class BatchSolve:
     state_norm: float
     dtype: torch.dtype
     excluded: int = 0
+    forward_iterations: int = 0
 
 
 def loss_uses_theta(loss: Callable[..., Tensor]) -> bool:

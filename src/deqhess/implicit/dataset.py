@@ -305,10 +305,15 @@ class DatasetEquilibrium:
         """
         x, target = batch.x, batch.target
         if keep is None:
-            return SolvedBatch(batch.key, x, target, eq, self._batch_loss(target), eq.info)
+            return SolvedBatch(
+                batch.key, x, target, eq, self._batch_loss(target), eq.info,
+                forward_iterations=eq.info.iterations,
+            )  # fmt: skip
         excluded = eq.info.converged_mask.numel() - len(keep)
         if len(keep) == 0:
-            return SolvedBatch(batch.key, x, target, None, None, eq.info, keep, excluded)
+            return SolvedBatch(
+                batch.key, x, target, None, None, eq.info, keep, excluded, eq.info.iterations
+            )
         if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
             raise InputError(
                 "exclude_unconverged needs tensor inputs and targets indexed by sample along "
@@ -323,8 +328,9 @@ class DatasetEquilibrium:
         restricted = self._solve(kept_x, h0=h0)
         loss = self._batch_loss(kept_target)
         return SolvedBatch(
-            batch.key, kept_x, kept_target, restricted, loss, restricted.info, keep, excluded
-        )
+            batch.key, kept_x, kept_target, restricted, loss, restricted.info, keep, excluded,
+            eq.info.iterations,
+        )  # fmt: skip
 
     def _batch_loss(self, target: Any) -> BatchLoss:
         return BatchLoss(self.loss, self._uses_theta, target)
@@ -335,14 +341,16 @@ class DatasetEquilibrium:
         self._first[solved.key] = len(self._solves)
         if eq is None:
             dtype = self.layout.dtype
-            self._solves.append(BatchSolve(solved.info, 0, 0.0, dtype, solved.excluded))
+            self._solves.append(
+                BatchSolve(solved.info, 0, 0.0, dtype, solved.excluded, solved.forward_iterations)
+            )
             return
         self._widest = max(self._widest, eq.problem.state.size)
         norm = float(torch.linalg.vector_norm(eq.h.double()))
-        state = eq.problem.state
-        self._solves.append(
-            BatchSolve(solved.info, state.samples, norm, state.dtype, solved.excluded)
-        )  # cond(I − J) joins the record once a pass has factorised the batch
+        state, iterations = eq.problem.state, solved.forward_iterations
+        self._solves.append(  # cond(I − J) joins the record once a pass has factorised it
+            BatchSolve(solved.info, state.samples, norm, state.dtype, solved.excluded, iterations)
+        )
 
     def _each(
         self,
