@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +187,11 @@ def solves(monkeypatch):
     [
         (["--out", "{file}"], r"out '.*afile' is a file, not a folder; .* pass a new folder"),
         (["--out", "{file}/sub"], r"out '.*afile/sub' lies under '.*afile', which is a file"),
+        pytest.param(["--out", "/proc/deqhess-analysis/out"],
+                     r"out '/proc/deqhess-analysis/out' cannot be made or written \(.+: "
+                     r"/proc/deqhess-analysis\); pass a folder you can create and write",
+                     marks=pytest.mark.skipif(not Path("/proc/self").is_dir(),
+                                              reason="no /proc file system here")),
         (["--parts", ","], r"parts is empty \(--parts named none\); name at least one part"),
         (["--device", "cuda:99"], r"device 'cuda:99' is not available here; pass "),
         (["--device", "gpu"], r"device 'gpu' is not a device torch knows"),
@@ -198,16 +204,17 @@ def solves(monkeypatch):
         (["--trace", "hutchinson", "--trace-hvps", "1"], r"hutchinson needs trace_hvps >= 2 "),
         (["--trace-hvps", "5"], r"hutch\+\+ needs trace_hvps >= 6; got 5\."),
     ],
-    ids=["out-file", "out-under-file", "parts-empty", "device-absent", "device-unknown",
-         "top-k-above-P", "top-k-negative", "bottom-k-P", "diagonal-1", "density-probes-0",
-         "hutchinson-1", "hutch++-5"],
+    ids=["out-file", "out-under-file", "out-unwritable", "parts-empty", "device-absent",
+         "device-unknown", "top-k-above-P", "top-k-negative", "bottom-k-P", "diagonal-1",
+         "density-probes-0", "hutchinson-1", "hutch++-5"],
 )  # fmt: skip
 def test_a_bad_request_is_refused_before_any_solve(factory, tmp_path, capsys, solves, flags,
                                                    message):  # fmt: skip
     """Each was refused only after the batches were solved and the analyses before it
-    had run — or, for the first four, ended in a raw traceback (FileExistsError after
-    every analysis, max() of an empty list in the plots, CUDA's AssertionError). Now one
-    message and exit status 2, before anything is solved."""
+    had run — or, for the first five, ended in a raw traceback (FileExistsError after
+    every analysis; a PermissionError or FileNotFoundError after every analysis for an
+    --out that cannot be made; max() of an empty list in the plots, CUDA's
+    AssertionError). Now one message and exit status 2, before anything is solved."""
     (tmp_path / "afile").write_text("not a folder")
     flags = [flag.replace("{file}", str(tmp_path / "afile")) for flag in flags]
     if "--out" not in flags:

@@ -51,3 +51,19 @@ def test_unconverged_samples_stop_the_analysis_unless_excluded(factory, tmp_path
     assert "excluded 2 samples whose forward solve missed the tolerance" in printed
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["excluded_samples"] == 2 and report["samples"] == 4
+
+
+def test_iterations_reported_include_the_left_out_samples(factory, tmp_path, capsys):
+    """The left-out samples ran the whole cap of 30 Picard steps; the report said "0
+    iterations max" (the kept samples' re-solve from their fixed points). Now the forward
+    solves' own count, and the residual said to be the kept samples'."""
+    arguments = [factory, "--top-k", "0", "--trace", "none", "--parts", "total",
+                 "--float64-probes", "0", "--out", str(tmp_path / "out"), "--no-progress",
+                 "--exclude-unconverged"]  # fmt: skip
+    assert main(["analyze", *arguments]) == 0
+    printed = capsys.readouterr().out
+    assert "solve: 30 iterations max (the left-out samples' included), residual ≤ " in printed
+    assert " on the kept samples, " in printed
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["solve"]["max_iterations"] == 30
+    assert report["solve"]["max_residual"] <= 1e-11  # the kept samples' (tol 1e-12, |f| ≤ 2)

@@ -325,6 +325,50 @@ def test_excluding_needs_tensor_samples_and_a_converged_one():
         )
 
 
+def _time_major(batches):
+    """The batches transposed: ``x`` ``[m, B]`` and target ``[n, B]`` (samples last)."""
+    return [(x.T.contiguous(), y.T.contiguous() if y.ndim == 2 else y[None]) for x, y in batches]
+
+
+def test_time_major_data_count_their_samples_along_batch_dim():
+    """x [3, B], target [5, B] with batch_dim=1 were refused: "x has 3 samples along
+    batch_dim=0, the target 5 … or pass batch_dim=" though batch_dim=1 was passed. The
+    samples are now counted along batch_dim, and the sums are the sample-first ones."""
+    f, theta, x, y = _data()
+    sizes = [4, 2, 5]
+    first = dh.DatasetEquilibrium(
+        f, theta, _batches(x, y, sizes), _mean_loss,
+        init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS,
+    )  # fmt: skip
+    last = dh.DatasetEquilibrium(
+        lambda x, h, t: f(x.T, h.T, t).T, theta, _time_major(_batches(x, y, sizes)),
+        lambda h, y: _mean_loss(h.T, y.T), init_state=lambda xb: torch.zeros(5, xb.shape[1]),
+        batch_dim=1, **OPTS,
+    )  # fmt: skip
+    assert last.num_samples == 11 and [s.samples for s in last.batch_solves] == sizes
+    assert relative_error(last.hessian(), first.hessian()) <= 1e-12
+    mismatched = [(x[:4].T, y[:3].T)]  # 4 samples in x, 3 in the target
+    with pytest.raises(ValueError, match=r"batch 1: x has 4 samples along batch_dim=1, the "
+                                         r"target 3 \(shapes \(3, 4\) and \(5, 3\)\)"):  # fmt: skip
+        dh.DatasetEquilibrium(f, theta, mismatched, _mean_loss, batch_dim=1, **OPTS)
+
+
+def test_time_major_unconverged_samples_are_excluded_along_batch_dim():
+    """Left-out samples are taken out of x, the target and the state along batch_dim
+    (a [1, B] target, moved sample-first, was refused by the fingerprints' byte view)."""
+    f, theta, batches, loss = _slow_and_fast()
+    options = dict(solver="picard", tol=1e-12, atol=1e-13, max_iter=30, exclude_unconverged=True)
+    first = dh.DatasetEquilibrium(f, theta, batches, loss, **options)
+    last = dh.DatasetEquilibrium(
+        lambda x, h, t: f(x.T, h.T, t).T, theta, _time_major(batches),
+        lambda h, y: loss(h.T, y[0]), init_state=lambda xb: torch.zeros(1, xb.shape[1]),
+        batch_dim=1, **options,
+    )  # fmt: skip
+    assert last.excluded_samples == first.excluded_samples > 0
+    assert last.num_samples == first.num_samples
+    assert torch.allclose(last.hessian(), first.hessian(), rtol=1e-12)
+
+
 def test_batches_is_the_old_name_of_data():
     f, theta, x, y = _data()
     init = dict(init_state=lambda xb: torch.zeros(xb.shape[0], 5), **OPTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .problem import AnalysisProblem, ModelProblem, load_factory
+from .factory import load_factory
+from .problem import AnalysisProblem, ModelProblem
 
 __all__ = ["AnalysisProblem", "ModelProblem", "load_factory"]

@@ -29,8 +29,10 @@ from ..errors import InputError
 from ..implicit import DatasetEquilibrium
 from ..models import ModelCurvature
 from ..options import available_device, integer
+from .output import check_out
 from .plots import plot_densities, plot_diagonal, plot_top_eigenvalues
 from .problem import AnalysisProblem, ModelProblem
+from .reference import measure_against_float64
 
 __all__ = ["check_request", "run_analysis"]
 
@@ -95,7 +97,10 @@ def run_analysis(
             the factory's.
         float64_probes: when the analysis runs below float64, rebuild the problem in
             float64 and measure each part's error on this many probes, and each
-            eigenpair's residual against it (0: skip; the cheap estimate remains).
+            eigenpair's residual against it (0: skip; the cheap estimate remains). The
+            float64 problem solves to float64's own tolerance, not the options'. Where
+            it cannot be built or fails, the report says why in one line and keeps the
+            estimate; the analysis is written as usual.
 
     Returns:
         The report as written to ``report.json``: the problem's size, the solve's
@@ -173,19 +178,27 @@ def run_analysis(
             entry["density"] = _density_entry(densities[part])
             hvps += densities[part].num_hvps
             stage.done(f"{part}: spectral density, {densities[part].num_hvps} HVPs", mark)
+        entry["hvps"] = hvps
         if not check_float64:  # else measured against float64 below
-            mark = time.perf_counter()
-            accuracy = operator_accuracy(op, _solves(data), seed=seed, progress=bars)
-            entry["accuracy"] = _accuracy_entry(accuracy)
-            hvps += accuracy.num_hvps
-            stage.done(f"{part}: operator accuracy, {accuracy.num_hvps} HVPs", mark)
-        entry["hvps"], entry["seconds"] = hvps, time.perf_counter() - tic
+            _estimate_accuracy(data, part, entry, seed, bars, stage)
+        entry["seconds"] = time.perf_counter() - tic
         report["parts"][part] = entry
     if check_float64:
         mark = time.perf_counter()
-        _float64_check(data, problem, report, eigenpairs, float64_probes, seed, bars, options,
-                       device)  # fmt: skip
-        stage.done("measured against the problem in float64", mark)
+        check = measure_against_float64(data, problem, parts, eigenpairs, float64_probes, seed,
+                                        bars, options, device)  # fmt: skip
+        report["float64_check"] = {"measured": check.skipped is None, "reason": check.skipped}
+        if check.skipped is None:
+            stage.done("measured against the problem in float64", mark)
+        for part, entry in report["parts"].items():
+            if part in check.parts:
+                measured = check.parts[part]
+                entry["accuracy"] = _accuracy_entry(measured.accuracy)
+                entry["hvps"] += measured.accuracy.num_hvps
+                for which, bounds in measured.residuals.items():
+                    entry[f"{which}_float64_residuals"] = bounds.tolist()
+            else:  # the check did not run: the estimate, as without it
+                _estimate_accuracy(data, part, entry, seed, bars, stage)
     layout = data.layout
     if diagonal_probes:
         mark = time.perf_counter()
@@ -266,10 +279,11 @@ def check_request(
         device: a device available here, or None.
 
     Raises:
-        InputError: any of these out of range; ``out`` a file or under one; a device
+        InputError: any of these out of range; ``out`` a file or under one, or a folder
+            that cannot be made or written (:func:`~deqhess.cli.output.check_out`); a device
             torch does not know or this machine does not have.
     """
-    _check_out(Path(out))
+    check_out(Path(out))
     if parts is not None and len(parts) == 0:
         raise InputError(
             "parts is empty (--parts named none); name at least one part, or leave it out "
@@ -292,39 +306,6 @@ def check_request(
         available_device(device)
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output folder that is a file, or lies under one (mkdir would fail late)."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        where = "is" if existing == out else f"lies under {str(existing)!r}, which is"
-        raise InputError(
-            f"out {str(out)!r} {where} a file, not a folder; the plots and report.json are "
-            "written into a folder: pass a new folder's path or an existing folder (--out)."
-        )
-
-
-def _float64_check(data, problem, report, eigenpairs, probes, seed, bars, options, device):
-    """Measure each part against the problem rebuilt in float64 (its default tolerance).
-
-    Writes into ``report`` the operator's error on probes and the eigenpairs' residuals
-    against the float64 operator.
-    """
-    reference_options = {k: v for k, v in options.items() if k != "tol"}
-    data64 = problem.equilibria(bars, dtype=torch.float64, device=device, **reference_options)
-    for part, entry in report["parts"].items():
-        reference = data64.hessian_operator(part)
-        accuracy = operator_accuracy(
-            data.hessian_operator(part), _solves(data), reference=reference,
-            num_probes=probes, seed=seed, progress=bars,
-        )  # fmt: skip
-        entry["accuracy"] = _accuracy_entry(accuracy)
-        entry["hvps"] += accuracy.num_hvps
-        for which in ("top", "bottom"):
-            if (part, which) in eigenpairs:
-                bounds = eigenpairs[part, which].residuals_against(reference)
-                entry[f"{which}_float64_residuals"] = bounds.tolist()
-
-
 def _density_entry(result) -> dict[str, Any]:
     nodes = torch.cat(result.nodes)
     return {
@@ -336,6 +317,16 @@ def _density_entry(result) -> dict[str, Any]:
         "weights": [t.tolist() for t in result.weights],
         "node_range": [float(nodes.min()), float(nodes.max())],
     }
+
+
+def _estimate_accuracy(data, part: str, entry: dict[str, Any], seed, bars, stage) -> None:
+    """The part's accuracy estimated without a reference, into its report ``entry``."""
+    mark = time.perf_counter()
+    op = data.hessian_operator(part)
+    accuracy = operator_accuracy(op, _solves(data), seed=seed, progress=bars)
+    entry["accuracy"] = _accuracy_entry(accuracy)
+    entry["hvps"] += accuracy.num_hvps
+    stage.done(f"{part}: operator accuracy, {accuracy.num_hvps} HVPs", mark)
 
 
 def _accuracy_entry(accuracy) -> dict[str, Any]:
@@ -374,13 +365,16 @@ def _solves(data: DatasetEquilibrium | ModelCurvature) -> list | None:
 
 
 def _solve_summary(data: DatasetEquilibrium | ModelCurvature, seconds: float) -> dict[str, Any]:
+    every = _solves(data) or []
     # a batch whose samples were all left out contributes no state to the operator
-    solves = [s for s in _solves(data) or () if s.samples > 0]
+    solves = [s for s in every if s.samples > 0]
     if not solves:
         return {"seconds": seconds}
     return {
         "seconds": seconds,
-        "max_iterations": max(s.info.iterations for s in solves),
+        # the forward solves' own, the left-out samples' included (a batch that left
+        # samples out is re-solved from its kept fixed points, in no iterations)
+        "max_iterations": max(s.forward_iterations for s in every),
         "max_residual": max(s.info.residual_norm for s in solves),
         "linear_solver": solves[0].info.linear_solver,
     }
@@ -399,15 +393,25 @@ def _lines(r: dict[str, Any]) -> list[str]:
             "tolerance (not in the loss, the weights or the sample count)"
         )
     if "max_iterations" in s:
+        left_out = r.get("excluded_samples")
         lines.append(
-            f"  solve: {s['max_iterations']} iterations max, residual ≤ "
-            f"{s['max_residual']:.1e}, {s['linear_solver']}, {s['seconds']:.1f} s"
+            f"  solve: {s['max_iterations']} iterations max"
+            + (" (the left-out samples' included)" if left_out else "")
+            + f", residual ≤ {s['max_residual']:.1e}"
+            + (" on the kept samples" if left_out else "")
+            + f", {s['linear_solver']}, {s['seconds']:.1f} s"
         )
     lines += [
         "  error figures: residual = Lanczos ‖Hv − λv‖ (bounds the distance to an "
         "eigenvalue of the operator as computed); ± = standard error of the estimator; "
         "operator = that operator's own relative error vs the exact one",
     ]
+    check = r.get("float64_check")
+    if check is not None and not check["measured"]:
+        lines.append(
+            f"  float64 check not run: {check['reason']}; the operator errors below are "
+            "estimates (--float64-probes 0 skips the check)"
+        )
     for part, e in r["parts"].items():
         lines.append(f"{part} ({e['hvps']} HVPs, {e['seconds']:.1f} s)")
         for which in ("top", "bottom"):

@@ -167,7 +167,7 @@ def _analyze(args: argparse.Namespace) -> None:
     import torch
 
     from .analyze import check_request, run_analysis
-    from .problem import load_factory
+    from .factory import load_factory
 
     _join_torchrun_group()
     overrides = {

@@ -3,32 +3,28 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import importlib
-import importlib.util
-import itertools
-import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..batches import MappedBatches, RankShard
+from ..batches import RankShard
 from ..deprecation import UNSET, renamed
 from ..distributed import DistributedDatasetEquilibrium, DistributedModelCurvature
 from ..errors import InputError
 from ..implicit import PARTS, DatasetEquilibrium
-from ..implicit.problem import check_first_call
 from ..models import ModelCurvature
+from ..models.arguments import deq_layers
 from ..nn.reparametrize import functional_call
-from ..options import available_device
 from ..parameters import ParameterLayout, Parameters
+from .cast import Cast
+from .initial_state import check_default_state, checked_init
+from .solver_options import check_option_names, reference_options, solve_layer_to_reference
 
-__all__ = ["AnalysisProblem", "ModelProblem", "load_factory"]
+__all__ = ["AnalysisProblem", "ModelProblem"]
 
 
 @dataclass
@@ -87,11 +83,14 @@ class AnalysisProblem:
             :class:`deqhess.distributed.DistributedDatasetEquilibrium`.
 
         Raises:
-            InputError: no θ, a θ that is not the cell's named parameters, or an ``f``
+            InputError: an unknown option; no θ, a θ that is not the cell's named
+                parameters; a state of another dtype or device than θ; or an ``f``
                 that fails on (or changes the shape of) the default initial state.
         """  # noqa: DOC502 (raised by _theta and the checks)
-        f, init = self.f, self.init_state
-        cast = _Cast(dtype, device)
+        check_option_names(self.options)
+        check_option_names(overrides, "the options given")
+        f, init, source = self.f, self.init_state, "AnalysisProblem.init_state(x)"
+        cast = Cast(dtype, device)
         if isinstance(f, nn.Module):
             cell = cast.module(f)
             theta = self._theta(cell)
@@ -99,6 +98,7 @@ class AnalysisProblem:
             cell_init = getattr(cell, "init_state", None)
             if init is None and callable(cell_init):
                 init = lambda x: torch.zeros_like(cell_init(x))  # noqa: E731
+                source = f"the cell {type(cell).__name__}'s init_state(x)"
 
             def f(x, h, t):
                 return functional_call(cell, t, (x, h))
@@ -115,7 +115,9 @@ class AnalysisProblem:
             rank, world = dist.get_rank(), dist.get_world_size()
             data = RankShard(data, rank, world)
         if init is None:
-            data = _check_default_state(f, theta, data)
+            data = check_default_state(f, theta, data)
+        else:
+            init = checked_init(init, source, f, theta)
         kwargs = dict(
             init_state=init, reduction=self.reduction, batch_dim=self.batch_dim,
             progress=progress, **{**self.options, **overrides},
@@ -123,6 +125,34 @@ class AnalysisProblem:
         if sharded:
             return DistributedDatasetEquilibrium(f, theta, data, self.loss, **kwargs)
         return DatasetEquilibrium(f, theta, data, self.loss, **kwargs)
+
+    def float64_reference(
+        self,
+        progress: bool | None = None,
+        *,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> DatasetEquilibrium:
+        """The problem rebuilt in float64, solved to float64's own tolerance.
+
+        What a float32 analysis is measured against: θ, the cell and the data cast to
+        float64, the options (``options`` with ``overrides`` over them) tightened by
+        :func:`~deqhess.cli.solver_options.reference_options` — a loose ``tol`` of the
+        factory or the command is not inherited.
+
+        Args:
+            progress: progress bars (None: only on a terminal).
+            device: move θ, the cell and the data there.
+            **overrides: the analysis' own options over the factory's.
+
+        Returns:
+            As :meth:`equilibria`, in float64.
+
+        Raises:
+            InputError: as :meth:`equilibria`.
+        """  # noqa: DOC502 (raised by equilibria)
+        options = reference_options({**self.options, **overrides})
+        return self.equilibria(progress, dtype=torch.float64, device=device, **options)
 
     def num_parameters(self, dtype: torch.dtype | None = None) -> int:
         """P, the number of θ's entries, known before any batch is solved.
@@ -137,7 +167,7 @@ class AnalysisProblem:
             InputError: no θ, or a θ deqhess cannot take (see :class:`deqhess.Equilibrium`).
         """  # noqa: DOC502 (raised by _theta and ParameterLayout)
         cell = self.f if isinstance(self.f, nn.Module) else None
-        return ParameterLayout(_Cast(dtype, None).tree(self._theta(cell))).size
+        return ParameterLayout(Cast(dtype, None).tree(self._theta(cell))).size
 
     def _theta(self, cell: nn.Module | None) -> Parameters:
         """θ: the factory's, else (with a cell) the cell's named parameters, detached."""
@@ -146,47 +176,6 @@ class AnalysisProblem:
         if cell is None:
             raise InputError("the factory gave no theta; set AnalysisProblem.theta.")
         return {n: p.detach() for n, p in cell.named_parameters()}
-
-
-class _Cast:
-    """Casts to a dtype and device (either None: left as is).
-
-    Floating tensors take the dtype, every tensor the device; tuples, lists and dicts
-    are walked.
-
-    Raises:
-        InputError: a device that is not available here (before anything is moved).
-    """
-
-    def __init__(self, dtype: torch.dtype | None, device: torch.device | str | None):
-        self.dtype = dtype
-        self.device = None if device is None else available_device(device)
-        self.active = dtype is not None or device is not None
-
-    def tensor(self, t: Tensor) -> Tensor:
-        dtype = self.dtype if t.is_floating_point() else None
-        return t.to(device=self.device, dtype=dtype) if self.active else t
-
-    def tree(self, value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return self.tensor(value)
-        if isinstance(value, (tuple, list)):
-            return type(value)(self.tree(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self.tree(v) for k, v in value.items()}
-        return value
-
-    def module(self, cell: nn.Module) -> nn.Module:
-        return copy.deepcopy(cell).to(device=self.device, dtype=self.dtype) if self.active else cell
-
-    def batches(self, data: Iterable[Any]) -> Iterable[Any]:
-        """The batches cast as they are read.
-
-        Returns:
-            A re-iterable view (data-set passes read the data once per product), or the
-            data themselves when nothing is cast.
-        """
-        return MappedBatches(data, self.tree) if self.active else data
 
 
 def _state_names(cell: nn.Module) -> list[str]:
@@ -212,37 +201,6 @@ def _check_cell_theta(cell: nn.Module, names: list[str], theta: Parameters) -> N
             "torch.func.functional_call(cell, <the cell's entries of theta>, (x, h)), and "
             "read the other entries in loss(h, theta, target)."
         )
-
-
-def _check_default_state(f: Callable[..., Tensor], theta: Parameters, data: Iterable[Any]):
-    """Try ``f`` once on the first batch from the default state, zeros shaped like x.
-
-    With no ``init_state`` a state of another shape is then reported as such. Nothing is
-    consumed: a one-shot iterator is re-chained, anything else read afresh.
-
-    Returns:
-        The data, to be read from the start.
-
-    Raises:
-        InputError: ``f`` fails on the default state or returns another shape (see
-            :func:`deqhess.implicit.problem.check_first_call`).
-    """  # noqa: DOC502 (raised by check_first_call)
-    batches = iter(data)
-    try:
-        first = next(batches)
-    except StopIteration:
-        return []
-    chained = itertools.chain([first], batches) if isinstance(data, Iterator) else data
-    x = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else None
-    if not isinstance(x, Tensor):
-        return chained
-    advice = (
-        "the factory gave no init_state, so the state starts as zeros shaped like x, "
-        f"{tuple(x.shape)}; if the state has another shape, set AnalysisProblem.init_state "
-        "(e.g. lambda x: x.new_zeros(x.shape[0], n)) or give the cell an init_state(x) method"
-    )
-    check_first_call(f, x, torch.zeros_like(x), theta, state_advice=advice)
-    return chained
 
 
 @dataclass
@@ -311,7 +269,41 @@ class ModelProblem:
 
         Raises:
             InputError: any other solver option (those belong on the model's layers).
-        """
+        """  # noqa: DOC502 (raised by _built)
+        return self._built(progress, Cast(dtype, device), overrides)
+
+    def float64_reference(
+        self,
+        progress: bool | None = None,
+        *,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> ModelCurvature:
+        """The model rebuilt in float64, its DEQ layers solving to float64's own tolerance.
+
+        What a float32 analysis is measured against: a float64 copy of the model, whose
+        DEQ layers' ``tol``, ``atol``, ``max_iter`` and iterative linear solver are
+        tightened as :func:`~deqhess.cli.solver_options.solve_layer_to_reference` says
+        (a layer's loose ``tol=1e-3`` is not inherited). The factory's model is left
+        as it is.
+
+        Args:
+            progress: progress bars (None: only on a terminal).
+            device: move the copy and the data there.
+            **overrides: as for :meth:`equilibria`.
+
+        Returns:
+            As :meth:`equilibria`, in float64.
+
+        Raises:
+            InputError: as :meth:`equilibria`.
+        """  # noqa: DOC502 (raised by _built)
+        return self._built(progress, Cast(torch.float64, device), overrides, reference=True)
+
+    def _built(
+        self, progress: bool | None, cast: Cast, overrides: dict[str, Any], reference: bool = False
+    ) -> ModelCurvature:
+        """The curvature of the model cast by ``cast`` (a reference: its layers tightened)."""
         exclude = bool(overrides.pop("exclude_unconverged", self.exclude_unconverged))
         if overrides.get("convergence") == "best" and exclude:
             overrides.pop("convergence")
@@ -320,13 +312,17 @@ class ModelProblem:
                 f"solver options {sorted(overrides)} apply to a DEQ layer; for a "
                 "ModelProblem set them on the model's deqhess.nn.DEQ layers in the factory."
             )
-        cast = _Cast(dtype, device)
         data = cast.batches(self.data)
         sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if sharded and not self.sharded:
             data = RankShard(data, dist.get_rank(), dist.get_world_size())
         kind = DistributedModelCurvature if sharded else ModelCurvature
-        return self._curvature(cast.module(self.model), data, kind, exclude, progress)
+        model = cast.module(self.model)
+        if reference:
+            model = copy.deepcopy(model) if model is self.model else model  # never the user's
+            for layer in deq_layers(model):
+                solve_layer_to_reference(layer)
+        return self._curvature(model, data, kind, exclude, progress)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -355,61 +351,3 @@ class ModelProblem:
             model, self.loss, data, self.theta, reduction=self.reduction, split_at=split_at,
             batch_size_fn=self.batch_size_fn, exclude_unconverged=exclude, progress=progress,
         )  # fmt: skip
-
-
-def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
-    """Call ``package.module:function`` or ``path/to/file.py:function`` and check its result."""
-    if ":" not in spec:
-        raise InputError(
-            f"factory {spec!r} must look like 'package.module:function' or 'file.py:function'."
-        )
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.exists():
-            raise InputError(f"factory file {target!r} does not exist.")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        # a path ending in .py always has a spec with a loader (SourceFileLoader)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        sys.path.insert(0, str(Path.cwd()))
-        try:
-            module = importlib.import_module(target)
-        except ImportError as error:
-            raise InputError(f"cannot import {target!r} for the factory: {error}") from error
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise InputError(f"{target!r} has no callable {name!r}.")
-    result = factory()
-    if isinstance(result, Mapping):
-        result = _from_fields(spec, result)
-    if not isinstance(result, (AnalysisProblem, ModelProblem)):
-        raise InputError(
-            f"the factory {spec!r} returned {type(result).__name__}; return a "
-            "deqhess.cli.AnalysisProblem or ModelProblem (or a dict of its fields)."
-        )
-    return result
-
-
-def _from_fields(spec: str, fields_: Mapping[str, Any]) -> AnalysisProblem | ModelProblem:
-    """A problem from a factory's dict: ``ModelProblem`` if it names a model."""
-    kind = ModelProblem if "model" in fields_ else AnalysisProblem
-    known = [f.name for f in dataclasses.fields(kind)]
-    required = [
-        f.name
-        for f in dataclasses.fields(kind)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [n for n in required if n not in fields_]
-    unknown = [n for n in fields_ if n not in known]
-    if missing or unknown:
-        raise InputError(
-            f"the factory {spec!r} returned a dict for {kind.__name__} "
-            + (f"without {missing}" if missing else "")
-            + (" and " if missing and unknown else "")
-            + (f"with unknown fields {unknown}" if unknown else "")
-            + f"; its fields are {known} (required: {required})."
-        )
-    return kind(**fields_)

@@ -24,8 +24,8 @@ __all__ = [
     "BatchSolve",
     "ReadyBatch",
     "SolvedBatch",
-    "leading_count",
     "loss_uses_theta",
+    "sample_count",
 ]
 
 
@@ -63,6 +63,7 @@ class SolvedBatch:
     info: EquilibriumInfo
     kept: Tensor | None = None  # the kept samples' indices in the batch (None: all)
     excluded: int = 0
+    forward_iterations: int = 0  # the solve over all its samples, the left-out ones included
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class BatchSolve:
         state_norm: ``‖h*‖₂`` of the batch's fixed point.
         dtype: the state's dtype.
         excluded: unconverged samples left out (``exclude_unconverged``).
+        forward_iterations: the iterations of the batch's forward solve over all its
+            samples, the left-out ones included (where samples were left out, ``info``
+            is the kept samples' re-solve from their fixed points, of no iterations).
     """
 
     info: EquilibriumInfo
@@ -92,6 +96,7 @@ class BatchSolve:
     state_norm: float
     dtype: torch.dtype
     excluded: int = 0
+    forward_iterations: int = 0
 
 
 def loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
@@ -117,8 +122,18 @@ def loss_uses_theta(loss: Callable[..., Tensor]) -> bool:
     return required == 3
 
 
-def leading_count(x: Any) -> int:
-    """A batch's sample count for its fingerprints: the first dim of x's first tensor."""
+def sample_count(x: Any, dim: int = 0) -> int:
+    """A batch's sample count for its fingerprints: x's first tensor's size along ``dim``.
+
+    Args:
+        x: the batch's input.
+        dim: the state's sample dimension (``batch_dim``), which x shares: time-major
+            data ``[m, B]`` with ``batch_dim=1`` have ``B`` samples.
+
+    Returns:
+        The size along ``dim`` of the first tensor of ``x`` (along its first dimension
+        where it has fewer dimensions); 1 for a scalar or no tensor.
+    """
     tensor = (
         x
         if isinstance(x, Tensor)
@@ -126,4 +141,6 @@ def leading_count(x: Any) -> int:
             (t for t in torch.utils._pytree.tree_flatten(x)[0] if isinstance(t, Tensor)), None
         )
     )
-    return tensor.shape[0] if isinstance(tensor, Tensor) and tensor.ndim > 0 else 1
+    if not isinstance(tensor, Tensor) or tensor.ndim == 0:
+        return 1
+    return tensor.shape[dim] if -tensor.ndim <= dim < tensor.ndim else tensor.shape[0]

@@ -29,6 +29,7 @@ from ..batches import held_bytes, saved_activation_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import UNSET, renamed
 from ..errors import InputError, StaleEquilibriumError
+from ..options import integer
 from ..parameters import ParameterLayout, Parameters
 from ..solvers import Convergence
 from ..streaming import (
@@ -46,8 +47,8 @@ from .batch_solve import (
     BatchSolve,
     ReadyBatch,
     SolvedBatch,
-    leading_count,
     loss_uses_theta,
+    sample_count,
 )
 from .equilibrium import Equilibrium, EquilibriumInfo
 from .hessian import HessianSplit, split_deprecated
@@ -79,8 +80,10 @@ class DatasetEquilibrium:
         init_state: ``x ↦ h0`` for a batch; default zeros like ``x``.
         reduction: ``"mean"`` (``loss`` is a batch mean; the total is the data mean)
             or ``"sum"`` (``loss`` is a batch sum; the total is the data sum).
-        batch_dim: the sample dimension of the state (default 0), which also counts
-            the samples of a batch; None makes every batch one sample.
+        batch_dim: the sample dimension of the state (default 0) and of x, along
+            which a batch's samples are counted and the target's matched (time-major
+            data ``[m, B]`` take ``batch_dim=1``; a target ``[B, …]`` is read as
+            sample-first); None makes every batch one sample.
         progress: show a progress bar over batches (None: only on a terminal).
         cache_bytes: budget for what is kept between passes, by batch content
             (default 1 GiB; 0 streams every pass from a cold start): solved batches —
@@ -164,6 +167,8 @@ class DatasetEquilibrium:
         self.layout = ParameterLayout(theta)
         self.f, self.theta, self.loss = f, theta, loss
         self._versions = [t._version for t in self.layout.tensors(theta)]
+        if batch_dim is not None:
+            batch_dim = integer(batch_dim, "batch_dim")
         self.init_state, self.reduction, self.batch_dim = init_state, reduction, batch_dim
         self.exclude_unconverged = exclude_unconverged
         if exclude_unconverged:  # the data set reports what it leaves out: no warnings
@@ -179,8 +184,9 @@ class DatasetEquilibrium:
         self.options = options
         self.progress = progress
         self._stream = Stream(
-            data, label=self._label, evaluated="f", reduction=reduction, count=leading_count,
-            sample_dim=None if batch_dim is None else 0, cache_bytes=cache_bytes,
+            data, label=self._label, evaluated="f", reduction=reduction,
+            count=partial(sample_count, dim=batch_dim or 0), sample_dim=batch_dim,
+            cache_bytes=cache_bytes,
             progress=progress, group=self._group(), device=self.layout.device,
         )  # fmt: skip
         self._activations: int | None = None
@@ -295,28 +301,36 @@ class DatasetEquilibrium:
 
         Raises:
             InputError: samples are to be left out but ``x`` or the target is not a
-                tensor indexed by sample along its first dimension.
+                tensor (indexed by sample along ``batch_dim``, else its first dimension).
         """
         x, target = batch.x, batch.target
         if keep is None:
-            return SolvedBatch(batch.key, x, target, eq, self._batch_loss(target), eq.info)
+            return SolvedBatch(
+                batch.key, x, target, eq, self._batch_loss(target), eq.info,
+                forward_iterations=eq.info.iterations,
+            )  # fmt: skip
         excluded = eq.info.converged_mask.numel() - len(keep)
         if len(keep) == 0:
-            return SolvedBatch(batch.key, x, target, None, None, eq.info, keep, excluded)
+            return SolvedBatch(
+                batch.key, x, target, None, None, eq.info, keep, excluded, eq.info.iterations
+            )
         if not (isinstance(x, Tensor) and isinstance(target, Tensor)):
             raise InputError(
-                "exclude_unconverged needs tensor inputs and targets whose first dimension "
-                f"indexes the samples; got x of type {type(x).__name__} and target of type "
-                f"{type(target).__name__}."
+                "exclude_unconverged needs tensor inputs and targets indexed by sample along "
+                f"batch_dim (or their first dimension); got x of type {type(x).__name__} and "
+                f"target of type {type(target).__name__}."
             )
         batch_dim = eq.problem.state.batch_dim
-        kept_x, kept_target = x.index_select(0, keep), target.index_select(0, keep)
-        h0 = eq.h.index_select(0 if batch_dim is None else batch_dim, keep.to(eq.h.device))
+        dim, samples = 0 if batch_dim is None else batch_dim, eq.info.converged_mask.numel()
+        kept_x = x.index_select(_sample_dim(x, dim, samples), keep.to(x.device))
+        kept_target = target.index_select(_sample_dim(target, dim, samples), keep.to(target.device))
+        h0 = eq.h.index_select(dim, keep.to(eq.h.device))
         restricted = self._solve(kept_x, h0=h0)
         loss = self._batch_loss(kept_target)
         return SolvedBatch(
-            batch.key, kept_x, kept_target, restricted, loss, restricted.info, keep, excluded
-        )
+            batch.key, kept_x, kept_target, restricted, loss, restricted.info, keep, excluded,
+            eq.info.iterations,
+        )  # fmt: skip
 
     def _batch_loss(self, target: Any) -> BatchLoss:
         return BatchLoss(self.loss, self._uses_theta, target)
@@ -327,14 +341,16 @@ class DatasetEquilibrium:
         self._first[solved.key] = len(self._solves)
         if eq is None:
             dtype = self.layout.dtype
-            self._solves.append(BatchSolve(solved.info, 0, 0.0, dtype, solved.excluded))
+            self._solves.append(
+                BatchSolve(solved.info, 0, 0.0, dtype, solved.excluded, solved.forward_iterations)
+            )
             return
         self._widest = max(self._widest, eq.problem.state.size)
         norm = float(torch.linalg.vector_norm(eq.h.double()))
-        state = eq.problem.state
-        self._solves.append(
-            BatchSolve(solved.info, state.samples, norm, state.dtype, solved.excluded)
-        )  # cond(I − J) joins the record once a pass has factorised the batch
+        state, iterations = eq.problem.state, solved.forward_iterations
+        self._solves.append(  # cond(I − J) joins the record once a pass has factorised it
+            BatchSolve(solved.info, state.samples, norm, state.dtype, solved.excluded, iterations)
+        )
 
     def _each(
         self,
@@ -497,3 +513,13 @@ class DatasetEquilibrium:
     def hvp(self, v: Parameters) -> Parameters:
         """``H v`` of the data-set loss; ``v`` θ-structured or flat ``[P]``."""
         return self.hessian_operator() @ v
+
+
+def _sample_dim(t: Tensor, dim: int, samples: int) -> int:
+    """The dimension of a batch's tensor that indexes its samples.
+
+    Returns:
+        ``dim`` (the state's ``batch_dim``) where ``t`` has the samples there, else 0 (a
+        sample-first target of time-major inputs).
+    """
+    return dim if -t.ndim <= dim < t.ndim and t.shape[dim] == samples else 0

@@ -105,7 +105,9 @@ def _keyed_sum(words: Tensor, keys: Tensor) -> Tensor:
 
 def _words(rows: Tensor) -> Tensor:
     """``[n, w]`` int64 words of the bytes of ``rows`` ``[n, m]`` (zero-padded)."""
-    raw = rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)
+    # flattened first: a contiguous tensor may keep any stride along a dimension of size
+    # 1 (a time-major [1, B] target moved sample-first), which view(uint8) refuses
+    raw = rows.contiguous().reshape(-1).view(torch.uint8).reshape(rows.shape[0], -1)
     pad = -raw.shape[1] % 8
     if pad:
         raw = torch.nn.functional.pad(raw, (0, pad))
