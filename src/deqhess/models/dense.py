@@ -350,6 +350,7 @@ class SampleTerm:
         rows: the batch's rows (:class:`~deqhess.models.sample_sites.SampleRows`).
         gram: the pass's :class:`~deqhess.models.sample_gram.SampleGram`, which adds the
             blocks it can at once and keeps the weights' outer products to assemble.
+        like: a tensor of the sum's dtype and device (for a first, zero sum).
     """
 
     rows: SampleRows
