@@ -113,3 +113,46 @@ def test_rows_of_a_loss_that_is_not_a_plain_mean_say_so():
     flat = torch.cat([named[n].detach().reshape(-1) for n in names])
     own = torch.func.grad(lambda f: weighted(call(f, x[:1]), y[:1]))(flat)
     assert relative_error(rows[0], own) <= 1e-9
+
+
+class _CenteredOutput(nn.Module):
+    """The classifier's output minus its batch mean: samples coupled after every site."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out - out.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_rows_from_stacked_cotangents_where_the_graph_allows_else_one_hot(monkeypatch, coupled):
+    """A linear → DEQ → linear model: each sample's rows from one stacked cotangent (the
+    per-sample gradients) or C (the Jacobians), the same as the one-hot rows; with the
+    output centred over the batch the probes refuse the stacked rows, and the one-hot
+    rows (each sample's within the batch) are taken."""
+    from deqhess.models import per_sample
+
+    torch.manual_seed(0)
+    model = Classifier()
+    model = _CenteredOutput(model) if coupled else model
+    x, y = _data()
+    data = list(zip(x.split([3, 4]), y.split([3, 4]), strict=True))
+    answered = []
+    stacked = per_sample.stacked_rows
+
+    def spy(*args, **kwargs):
+        rows = stacked(*args, **kwargs)
+        answered.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(per_sample, "stacked_rows", spy)
+    fast = dh.ModelCurvature(model, nn.MSELoss(), data)
+    grads, jacobians = fast.per_sample_gradients(), fast.output_jacobians()
+    assert answered == ([False, False] if coupled else [True] * 4)  # a failure: one-hot after
+    monkeypatch.setattr(per_sample, "stacked_rows", lambda *a, **k: None)
+    plain = dh.ModelCurvature(model, nn.MSELoss(), data)
+    assert relative_error(grads, plain.per_sample_gradients()) <= 1e-12
+    assert relative_error(jacobians, plain.output_jacobians()) <= 1e-12

@@ -57,7 +57,7 @@ from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo, assembly
 from .modes import check_second_order
 from .passes import ModelPasses
-from .per_sample import output_jacobians, sample_gradients
+from .per_sample import Stacking, output_jacobians, sample_gradients
 from .sample_gram import SampleGram
 from .symmetric import SymmetricProduct, UpperRows, mirror_upper_
 
@@ -405,16 +405,18 @@ class ModelCurvature(ModelPasses):
             "Take them batch by batch on a subset of the data, or the products of the "
             "empirical Fisher you need through hessian_operator('ggn') instead.",
         )  # fmt: skip
-        return self._rows(self._checked_rows, "per-sample gradients")
+        stacking = Stacking()
+        return self._rows(partial(self._checked_rows, stacking=stacking),
+                          "per-sample gradients", stacking)  # fmt: skip
 
-    def _checked_rows(self, graph: BatchGraph, n: int) -> Tensor:
+    def _checked_rows(self, graph: BatchGraph, n: int, stacking: Stacking) -> Tensor:
         """A batch's per-sample gradients, checked against the batch's own gradient.
 
         Returns:
             ``[n, P]``; a ``RuntimeWarning`` (once) where their mean or sum, by the
             reduction, is not the batch's gradient.
         """
-        rows = sample_gradients(graph, n)
+        rows = sample_gradients(graph, n, stacking)
         grads = torch.autograd.grad(
             graph.loss, graph.params, retain_graph=True, allow_unused=True, materialize_grads=True
         )
@@ -467,17 +469,22 @@ class ModelCurvature(ModelPasses):
                     "(hessian_operator('ggn')).",
                 )  # fmt: skip
             found.append(True)
-            return output_jacobians(graph, n)
+            return output_jacobians(graph, n, stacking)
 
         found: list[bool] = []
-        return self._rows(rows, "output Jacobians")
+        stacking = Stacking()
+        return self._rows(rows, "output Jacobians", stacking)
 
-    def _rows(self, compute: Callable[[BatchGraph, int], Tensor], desc: str) -> Tensor:
+    def _rows(
+        self, compute: Callable[[BatchGraph, int], Tensor], desc: str, stacking: Stacking
+    ) -> Tensor:
         """One pass collecting ``compute(graph, n)`` for every batch, stacked in order.
 
         Args:
             compute: ``(graph, n) ↦`` a batch's rows, ``n`` its sample count.
             desc: what the rows are, for the progress bar and the message.
+            stacking: whether ``compute``'s stacked route still holds (the graphs are
+                then formed with each DEQ layer's cell evaluated once more).
 
         Returns:
             The batches' rows concatenated along the first dimension (``[0, P]`` without
@@ -497,7 +504,11 @@ class ModelCurvature(ModelPasses):
             if graph is not None:
                 collected.append(compute(graph, graph.samples))
 
-        self._stream.run(self._former(None), collect, desc=desc)
+        # while the stacked route holds, each DEQ layer's cell is evaluated once more in
+        # the graphs, which then show where the parameters meet the samples: the rows from
+        # a few stacked cotangents (deqhess.models.per_sample.stacked_rows)
+        visible = lambda: stacking.promising  # noqa: E731
+        self._stream.run(self._former(None, visible=visible), collect, desc=desc)
         if not collected:
             return self._zeros(0, self.num_parameters)
         return torch.cat(collected)

@@ -11,6 +11,7 @@ exact adjoint solve. Samples are independent through the model (a DEQ with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,8 +20,16 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InputError
 from .graph import BatchGraph
+from .sample_sites import find_sites, sample_rows
 
-__all__ = ["output_jacobians", "sample_gradients", "sample_loss_values", "sample_losses"]
+__all__ = [
+    "output_jacobians",
+    "sample_gradients",
+    "sample_loss_values",
+    "sample_losses",
+    "stacked_rows",
+    "Stacking",
+]
 
 
 def _row(value: Any, i: int, n: int) -> Any:
@@ -94,37 +103,99 @@ def sample_loss_values(graph: BatchGraph, n: int) -> Tensor:
             return sample_losses(graph, n).detach()
 
 
-def sample_gradients(graph: BatchGraph, n: int) -> Tensor:
+@dataclass
+class Stacking:
+    """Whether the stacked route is worth trying on a pass's next batch.
+
+    Attributes:
+        promising: no batch has failed it yet (its graphs are then formed with each DEQ
+            layer's cell evaluated once more, ``layer_calls(visible=True)``).
+    """
+
+    promising: bool = True
+
+
+def stacked_rows(graph: BatchGraph, out: Tensor, n: int, stacked: Tensor) -> Tensor | None:
+    """Each sample's rows ``[n, r, P]`` from ``r`` cotangents stacked over the samples.
+
+    Where the graph shows where every chosen parameter meets the samples and probes show
+    the backward keeps them apart (:mod:`deqhess.models.sample_sites`): ``r`` backward
+    passes instead of ``n·r`` one-hot ones.
+
+    Args:
+        graph: the batch's graph.
+        out: its output, one tensor ``[n, ...]`` (the only floating one).
+        n: the batch's sample count.
+        stacked: ``[r, *output.shape]``, cotangent ``r`` holding each sample's own in its
+            row.
+
+    Returns:
+        ``[n, r, P]`` (row ``[i, k]``: cotangent ``k``'s row ``i`` pulled back alone),
+        detached; None where the route does not apply (the one-hot rows then).
+    """
+    if out.ndim == 0 or len(out) != n:
+        return None
+    sites = find_sites(out, graph.params, n)
+    if sites is None:
+        return None
+    with torch.enable_grad():
+        rows = sample_rows(out, sites, stacked.to(out), n)
+    if rows is None:
+        return None
+    return rows.dense(graph.layout.numels, out).detach()
+
+
+def sample_gradients(graph: BatchGraph, n: int, stacking: Stacking | None = None) -> Tensor:
     """Each sample's loss gradient ``∇_θ ℓᵢ`` in the chosen parameters.
 
     The ``n`` one-hot cotangents of the per-sample losses go through the batch's graph
-    together (each DEQ layer's backward an exact adjoint solve). Refused, with
-    :class:`deqhess.InputError`, as in :func:`sample_losses`.
+    together (each DEQ layer's backward an exact adjoint solve) — or, with a promising
+    ``stacking`` and where :func:`stacked_rows` applies, each sample's loss gradient at
+    its output row, all in one cotangent. Refused, with :class:`deqhess.InputError`, as
+    in :func:`sample_losses`.
 
     Args:
         graph: the batch's graph.
         n: the batch's sample count.
+        stacking: the pass's :class:`Stacking` (None: one-hot cotangents); marked
+            unpromising where the route does not apply.
 
     Returns:
         ``[n, P]``: row ``i`` is ``∇_θ ℓᵢ``, flattened in the layout's order; detached.
     """
     losses = sample_losses(graph, n)
+    outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
+    if stacking is not None and stacking.promising:
+        rows = None
+        if len(outputs) == 1 and outputs[0].requires_grad:
+            with torch.enable_grad():  # each ℓᵢ reads output row i alone: one gradient
+                (at_output,) = torch.autograd.grad(losses.sum(), outputs, retain_graph=True)
+            rows = stacked_rows(graph, outputs[0], n, at_output[None])
+        if rows is not None:
+            return rows[:, 0]
+        stacking.promising = False
     eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
     with torch.enable_grad():
         grads = graph.backward([losses], graph.params, [eye])
     return torch.cat([g.reshape(n, -1) for g in grads], dim=1).detach()
 
 
-def output_jacobians(graph: BatchGraph, n: int) -> Tensor:
+def output_jacobians(graph: BatchGraph, n: int, stacking: Stacking | None = None) -> Tensor:
     """Each sample's output Jacobian ``∂model(x_i)/∂θ`` in the chosen parameters.
 
     ``C`` is the numbers of a sample's output: the floating tensors of a tuple / list /
     dict output, flattened and concatenated. The ``n·C`` one-hot cotangents go through
     the batch's graph together.
 
+    With a promising ``stacking``, where :func:`stacked_rows` applies, the one-hot
+    cotangents of an output number are stacked over the samples instead: ``C`` backward
+    passes.
+
     Args:
         graph: the batch's graph.
         n: the batch's sample count.
+        stacking: the pass's :class:`Stacking` (None: one-hot cotangents); marked
+            unpromising where the route does not apply.
 
     Returns:
         ``[n, C, P]``: ``[i, c]`` is the gradient of output number ``c`` of sample ``i``,
@@ -143,6 +214,16 @@ def output_jacobians(graph: BatchGraph, n: int) -> Tensor:
         )
     widths = [t[0].numel() for t in outputs]
     c = sum(widths)
+    every = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
+    if stacking is not None and stacking.promising:
+        rows, out = None, outputs[0]
+        if len(every) == 1 and out.requires_grad:
+            eye = torch.eye(c, dtype=out.dtype, device=out.device)
+            one_hot = eye[:, None, :].expand(c, n, c).reshape(c, *out.shape)
+            rows = stacked_rows(graph, out, n, one_hot)
+        if rows is not None:
+            return rows
+        stacking.promising = False
     eye = torch.eye(n * c, dtype=outputs[0].dtype, device=outputs[0].device).reshape(n * c, n, c)
     cotangents = [
         part.reshape(n * c, *t.shape)

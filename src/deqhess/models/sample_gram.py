@@ -143,9 +143,8 @@ class SampleGram:
         if not others:
             return
         count = rows.samples * rows.rank
-        explicit = torch.cat(
-            [_rows(rows.factors[i], self.shapes[i], count, total) for i in others], dim=1
-        )
+        parts = [rows.parameter_rows(i, self.shapes[i].numel(), total) for i in others]
+        explicit = torch.cat([part.reshape(count, -1) for part in parts], dim=1)
         ends = itertools.accumulate([0, *(self.shapes[i].numel() for i in others)])
         within = dict(zip(others, itertools.pairwise(ends), strict=True))  # columns in explicit
         gram = explicit.T @ explicit
@@ -176,18 +175,3 @@ def _cut(bounds: tuple[int, int]) -> slice:
 
 def _is_outer(shares: list) -> bool:
     return len(shares) == 1 and isinstance(shares[0], tuple)
-
-
-def _rows(shares: list, shape: torch.Size, count: int, like: Tensor) -> Tensor:
-    """A parameter's ``count = n·r`` rows ``[count, size]``: its sites' shares added."""
-    size = shape.numel()
-    total = like.new_zeros(count, size) if not shares else None
-    for share in shares:
-        if isinstance(share, tuple):
-            g, a = share
-            part = (g[:, :, :, None] * a[:, None, None, :]).reshape(g.shape[0] * g.shape[1], size)
-        else:
-            part = share.reshape(share.shape[0] * share.shape[1], size)
-        total = part if total is None else total + part
-    assert total is not None
-    return total

@@ -90,6 +90,39 @@ class SampleRows:
     samples: int
     rank: int
 
+    def parameter_rows(self, i: int, size: int, like: Tensor) -> Tensor:
+        """Parameter ``i``'s rows, ``[n_b, r, size]``: its sites' shares added (or zeros).
+
+        Args:
+            i: the parameter's position.
+            size: its number of entries.
+            like: a tensor of the rows' dtype and device.
+
+        Returns:
+            ``[n_b, r, size]``; row ``[n, r]`` is sample ``n``'s ``r``-th.
+        """
+        total = like.new_zeros(self.samples, self.rank, size)
+        for share in self.factors[i]:
+            if isinstance(share, tuple):
+                g, a = share
+                total += (g[:, :, :, None] * a[:, None, None, :]).reshape(total.shape)
+            else:
+                total += share.reshape(total.shape)
+        return total
+
+    def dense(self, sizes: Sequence[int], like: Tensor) -> Tensor:
+        """Every parameter's rows side by side, ``[n_b, r, P]`` in the layout's order.
+
+        Args:
+            sizes: the parameters' numbers of entries.
+            like: a tensor of the rows' dtype and device.
+
+        Returns:
+            ``[n_b, r, P]``.
+        """
+        parts = [self.parameter_rows(i, size, like) for i, size in enumerate(sizes)]
+        return torch.cat(parts, dim=2)
+
 
 def find_sites(output: Tensor, params: Sequence[Tensor], samples: int) -> list[list[Site]] | None:
     """The sites of each of ``params`` in the graph of ``output``, if each has only these.
