@@ -9,6 +9,8 @@ by 60 iterations of its 0.4-contraction), ``torch.func.jacrev`` rows and the los
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from models import Cell, Classifier, Reference, unrolled_twin
@@ -226,3 +228,99 @@ def test_parameter_subsets_sums_and_float32_take_the_route_exactly(case):
     assert SITES in curvature.info.assembly["ggn"]
     tolerance = 1e-5 if case == "float32" else 1e-9
     assert relative_error(ggn.double(), reference.ggn().detach()) <= tolerance
+
+
+class _ReusedBuffer:
+    """Batches streamed through one reused input buffer (a memory-mapped reader's way)."""
+
+    def __init__(self, data):
+        self.data, self.buffer = data, torch.empty_like(data[0][0])
+
+    def __iter__(self):
+        for x, y in self.data:
+            self.buffer.copy_(x)
+            yield self.buffer, y
+
+    def __len__(self):
+        return len(self.data)
+
+
+def test_a_loader_reusing_its_input_buffer_and_an_all_ignored_batch():
+    """The weights' activations were kept by reference to the pass's end: a loader
+    refilling one buffer made the earlier batches' blocks the last batch's (0.35 off).
+    A batch whose targets are all ignore_index has ∇²ℓ = 0 (no factor rows): a raw
+    reshape error. Both exact now, on the stacked route."""
+    torch.manual_seed(0)
+    model = Classifier(m=3, n=4, k=3)
+    data = _data(sizes=(5, 5, 5))
+    ggn, reference, said = _ggn(model, nn.CrossEntropyLoss(), data)
+    reused = dh.ModelCurvature(model, nn.CrossEntropyLoss(), _ReusedBuffer(data))
+    assert relative_error(reused.ggn_operator().to_dense(), reference) <= 1e-9
+    assert SITES in reused.info.assembly["ggn"]
+    ignored = [(x, torch.full_like(y, -100) if i == 1 else y) for i, (x, y) in enumerate(data)]
+    loss = nn.CrossEntropyLoss(ignore_index=-100)
+    ggn, reference, said = _ggn(model, loss, ignored)
+    assert SITES in said and relative_error(ggn, reference) <= 1e-9
+
+
+class _LeakyOutput(nn.Module):
+    """Each sample's output plus ``eps`` times the next sample's: a weak coupling after
+    every site."""
+
+    def __init__(self, inner, eps):
+        super().__init__()
+        self.inner, self.eps = inner, eps
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out + self.eps * torch.cat([out[1:], torch.zeros_like(out[:1])])
+
+
+def test_a_weak_coupling_amplified_by_one_samples_large_inputs_is_caught():
+    """A float32 coupling of 1e-5 (below the probes' relative 1e3·ε on the gradients at
+    the sites) leaked into a sample whose inputs are 10⁴ times the others' and which the
+    loss ignores: its rows g ⊗ a carried the leak 10⁴-fold (3.6e-3 off). The probes'
+    discrepancy is weighed by each row's activation over the median: the one-hot rows."""
+    torch.manual_seed(0)
+    inner = Classifier(m=3, n=4, k=3)
+    inner.deq0.tol = 1e-6  # float32's reach
+    with torch.no_grad():
+        inner.encoder.weight.mul_(1e-4)
+    data = []
+    for x, y in _data(sizes=(5, 4)):
+        x = x.clone()
+        x[2] *= 1e4
+        y = y.clone()
+        y[2] = -100
+        data.append((x.float(), y))
+    loss = nn.CrossEntropyLoss(ignore_index=-100)
+    model = _LeakyOutput(inner, 1e-5).float()
+    curvature = dh.ModelCurvature(model, loss, data)
+    ggn = curvature.ggn_operator().to_dense()
+    assert SITES not in curvature.info.assembly["ggn"]
+    twin = _LeakyOutput(unrolled_twin(copy.deepcopy(inner).double()), 1e-5)
+    names = curvature.layout.names
+    reference = Reference(twin, loss, [(x.double(), y) for x, y in data], names).ggn()
+    assert relative_error(ggn.double(), reference) <= 1e-5
+
+
+def test_a_float32_model_whose_output_is_cast_to_float64():
+    """The sum was made in the output's dtype: a raw dtype error assembling it."""
+    torch.manual_seed(0)
+    inner = Classifier(m=3, n=4, k=3).float()
+    inner.deq0.tol = 1e-6
+    model = nn.Sequential(inner, _Double())
+    data = [(x.float(), y) for x, y in _data(sizes=(5, 4))]
+    curvature = dh.ModelCurvature(model, nn.CrossEntropyLoss(), data)
+    ggn = curvature.ggn_operator().to_dense()
+    assert ggn.dtype == torch.float32 and SITES in curvature.info.assembly["ggn"]
+    names = [n.removeprefix("0.") for n in curvature.layout.names]
+    twin = unrolled_twin(copy.deepcopy(inner).double())
+    reference = Reference(twin, nn.CrossEntropyLoss(), [(x.double(), y) for x, y in data],
+                          names).ggn()  # fmt: skip
+    assert relative_error(ggn.double(), reference) <= 1e-5
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return x.double()

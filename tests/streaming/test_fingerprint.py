@@ -75,3 +75,12 @@ def test_an_even_number_of_sign_flips_changes_the_hash():
     swapped = p.flatten().clone()
     swapped[[0, 1]] = swapped[[1, 0]]  # the same words at other places
     assert tensor_digests([swapped])[0] != tensor_digests([p.flatten()])[0]
+
+
+def test_a_strided_column_of_one_sample_hashes_as_its_copy():
+    """A target column sliced from a table, ``Y[:, 0]`` of a batch of one (stride 5, which
+    ``contiguous()`` keeps for a single element), was torch's "view Long as Byte" error."""
+    table = torch.arange(10).reshape(2, 5)
+    column = table[:1, 0]
+    assert column.stride(0) == 5
+    assert torch.equal(sample_hashes((column,), 1, 0), sample_hashes((column.clone(),), 1, 0))

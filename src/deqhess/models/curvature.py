@@ -299,7 +299,7 @@ class ModelCurvature(ModelPasses):
         # DEQ layers' cells evaluated once more, visibly; kept outer products assembled
         # at the end (on each batch when ranks add their sums)
         gram = None
-        if part == "ggn":
+        if part == "ggn" and self._stacking["ggn"]:
             gram = SampleGram(self.layout.offsets, self.layout.shapes,
                               keep=self._stream.group is None)  # fmt: skip
 
@@ -322,6 +322,7 @@ class ModelCurvature(ModelPasses):
                 count = self._stream.num_samples
                 mean = self._stream.reduction == "mean" and count
                 gram.assemble(total, 1.0 / count if mean and count else 1.0)
+                self._stacking["ggn"] = not gram.failed
             # every term adds only to the upper triangle: the sum is its mirror
             total = mirror_upper_(total)
         finally:
@@ -405,7 +406,7 @@ class ModelCurvature(ModelPasses):
             "Take them batch by batch on a subset of the data, or the products of the "
             "empirical Fisher you need through hessian_operator('ggn') instead.",
         )  # fmt: skip
-        stacking = Stacking()
+        stacking = Stacking(self._stacking["rows"])
         return self._rows(partial(self._checked_rows, stacking=stacking),
                           "per-sample gradients", stacking)  # fmt: skip
 
@@ -472,7 +473,7 @@ class ModelCurvature(ModelPasses):
             return output_jacobians(graph, n, stacking)
 
         found: list[bool] = []
-        stacking = Stacking()
+        stacking = Stacking(self._stacking["rows"])
         return self._rows(rows, "output Jacobians", stacking)
 
     def _rows(
@@ -509,6 +510,7 @@ class ModelCurvature(ModelPasses):
         # a few stacked cotangents (deqhess.models.per_sample.stacked_rows)
         visible = lambda: stacking.promising  # noqa: E731
         self._stream.run(self._former(None, visible=visible), collect, desc=desc)
+        self._stacking["rows"] = stacking.promising
         if not collected:
             return self._zeros(0, self.num_parameters)
         return torch.cat(collected)

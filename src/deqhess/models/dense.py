@@ -405,4 +405,5 @@ def _from_sites(
         rows = sample_rows(out, sites, stacked, samples)
     floor = 4.0 * graph.layout.size * out.element_size()
     blocks.measured(peak, count, samples, floor)
-    return None if rows is None else SampleTerm(rows, gram, out.detach())
+    # the sum in the parameters' dtype (an output cast to float64 on a float32 model)
+    return None if rows is None else SampleTerm(rows, gram, graph.params[0].detach())

@@ -149,6 +149,10 @@ class ModelPasses:
         self._held: HeldGraphs | None = None  # batch graphs kept while an operator is held
         self._widest_batch = 1
         self._warned_rows = False
+        # whether each sample's rows came from stacked cotangents on the last pass that
+        # tried (deqhess.models.sample_sites): a model whose graph does not show them is
+        # not made to evaluate its DEQ cells visibly on every dense GGN or per-sample pass
+        self._stacking = {"ggn": True, "rows": True}
         self.info = CurvatureInfo()
 
     # ------------------------------------------------------------------ set-up seams

@@ -74,6 +74,8 @@ class SampleGram:
             rows: the batch's rows.
             weight: its weight.
         """
+        if rows.rank == 0:  # ∇²ℓ = 0 on this batch: nothing to add
+            return
         if self.outer is None:  # the first batch decides (the model's graph is the same)
             self.outer = [i for i, shares in enumerate(rows.factors) if _is_outer(shares)]
         outer = [i for i in self.outer if _is_outer(rows.factors[i])]

@@ -107,7 +107,10 @@ def _words(rows: Tensor) -> Tensor:
     """``[n, w]`` int64 words of the bytes of ``rows`` ``[n, m]`` (zero-padded)."""
     # flattened first: a contiguous tensor may keep any stride along a dimension of size
     # 1 (a time-major [1, B] target moved sample-first), which view(uint8) refuses
-    raw = rows.contiguous().reshape(-1).view(torch.uint8).reshape(rows.shape[0], -1)
+    flat = rows.contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # one element per row, strided: contiguous
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    raw = flat.view(torch.uint8).reshape(rows.shape[0], -1)
     pad = -raw.shape[1] % 8
     if pad:
         raw = torch.nn.functional.pad(raw, (0, pad))
