@@ -324,3 +324,21 @@ def test_a_float32_model_whose_output_is_cast_to_float64():
 class _Double(nn.Module):
     def forward(self, x):
         return x.double()
+
+
+def test_a_model_the_route_failed_on_is_not_tried_again(monkeypatch):
+    """Each try forms its batch's graph with the DEQ cells evaluated visibly (20% of a
+    conv model's dense GGN when the route then fails): tried on the first batch of the
+    first dense GGN only."""
+    from deqhess.models import dense
+
+    torch.manual_seed(0)
+    model = Classifier(m=3, n=4, k=3)
+    model.deq0 = DEQ(GainCell(4), tol=1e-13, linear_solver="dense")
+    tried = []
+    original = dense._from_sites
+    monkeypatch.setattr(dense, "_from_sites", lambda *a, **k: tried.append(1) or original(*a, **k))
+    curvature = dh.ModelCurvature(model, nn.CrossEntropyLoss(), _data(sizes=(5, 4, 3)))
+    first = curvature.ggn_operator().to_dense()
+    assert torch.equal(curvature.ggn_operator().to_dense(), first)
+    assert len(tried) == 1
