@@ -81,3 +81,44 @@ def test_auto_works_with_an_iterative_linear_solver_in_the_layer():
 def test_unknown_backward_mode():
     with pytest.raises(ValueError, match="unknown backward mode 'fast'"):
         BlockBackward("fast")
+
+
+class _DistanceHead(nn.Module):
+    """The classifier's state measured against prototypes by ``torch.cdist``, whose
+    backward torch 2.13 batches wrongly under ``vmap``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Classifier(m=3, n=4, k=3)
+        self.prototypes = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        h = self.inner.before(x)
+        return -torch.cdist(h, self.prototypes)
+
+
+def _cdist_batched_wrongly() -> bool:
+    a, b = torch.randn(4, 3), torch.randn(2, 3)
+    pull = torch.func.vjp(lambda a: torch.cdist(a, b), a)[1]
+    cotangents = torch.randn(3, 4, 2)
+    batched = torch.func.vmap(pull)(cotangents)[0]
+    plain = torch.stack([pull(c)[0] for c in cotangents])
+    return not torch.allclose(batched, plain)
+
+
+@pytest.mark.skipif(not _cdist_batched_wrongly(), reason="this torch batches cdist right")
+def test_a_wrong_batching_rule_in_the_models_graph_falls_back_to_the_loop_or_is_named():
+    """A cdist head made the dense GGN 10% off, silently: "auto" checks each kind of
+    block once against a plain backward and takes the loop; "vmap" by name refuses."""
+    torch.manual_seed(0)
+    model = _DistanceHead()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, generator=g), torch.randint(0, 3, (4,), generator=g))]
+    looped = dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, backward="loop")
+    want = looped.ggn_operator().to_dense()
+    auto = dh.ModelCurvature(model, nn.CrossEntropyLoss(), data)
+    got = auto.ggn_operator().to_dense()
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-12
+    vmapped = dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, backward="vmap")
+    with pytest.raises(dh.UnsupportedDerivativeError, match="wrong batching rule in torch"):
+        vmapped.ggn_operator().to_dense()

@@ -157,3 +157,21 @@ def test_rows_from_stacked_cotangents_where_the_graph_allows_else_one_hot(monkey
     plain = dh.ModelCurvature(model, nn.MSELoss(), data)
     assert relative_error(grads, plain.per_sample_gradients()) <= 1e-12
     assert relative_error(jacobians, plain.output_jacobians()) <= 1e-12
+
+
+def test_rows_of_a_float32_model_whose_output_is_cast_are_in_its_dtype():
+    """The stacked rows were made in the output's float64 (twice the memory sized for),
+    the one-hot ones in the parameters' float32."""
+
+    class Double(nn.Module):
+        def forward(self, x):
+            return x.double()
+
+    torch.manual_seed(0)
+    inner = Classifier().float()
+    inner.deq0.tol = 1e-6
+    x, y = _data()
+    curvature = dh.ModelCurvature(nn.Sequential(inner, Double()), nn.MSELoss(),
+                                  [(x.float(), y.double())])  # fmt: skip
+    assert curvature.per_sample_gradients().dtype == torch.float32
+    assert curvature.output_jacobians().dtype == torch.float32

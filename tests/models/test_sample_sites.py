@@ -342,3 +342,18 @@ def test_a_model_the_route_failed_on_is_not_tried_again(monkeypatch):
     first = curvature.ggn_operator().to_dense()
     assert torch.equal(curvature.ggn_operator().to_dense(), first)
     assert len(tried) == 1
+
+
+def test_any_leak_between_samples_however_weak_leaves_the_route():
+    """A 1e-12 leak of each sample's output into the previous one (float64): a gain on
+    the sample it leaks into can amplify it without bound, so the probes accept no
+    discrepancy at all — and a model whose parameters sit in a layer norm is not even
+    tried (its graph is formed as usual)."""
+    torch.manual_seed(0)
+    inner = Classifier(m=3, n=4, k=3)
+    curvature = dh.ModelCurvature(_LeakyOutput(inner, 1e-12), nn.CrossEntropyLoss(),
+                                  _data(sizes=(5, 4)))  # fmt: skip
+    curvature.ggn_operator().to_dense()
+    assert SITES not in curvature.info.assembly["ggn"]
+    normed = nn.Sequential(inner, nn.LayerNorm(3))
+    assert not dh.ModelCurvature(normed, nn.CrossEntropyLoss(), _data())._stacking["ggn"]

@@ -52,7 +52,12 @@ def check_batched(fn: Callable[[Tensor], Tensor], directions: Tensor, batched: T
     weights = weights.to(batched.dtype).to(batched.device)
     plain = fn(torch.tensordot(weights, directions.to(batched.dtype), dims=1))
     combined = torch.tensordot(weights, batched, dims=1)
-    scale = float((weights.abs() @ batched.abs().flatten(1)).max())
+    # the terms' size: the products', or the directions' where the products cancel
+    # (I − J with J near I: a product far below what it was computed from)
+    scale = max(
+        float((weights.abs() @ batched.abs().flatten(1)).max()),
+        float((weights.abs() @ directions.abs().flatten(1).to(batched.dtype)).max()),
+    )
     gap = float((combined - plain).abs().max())
     if not gap == gap or not scale == scale:  # NaN: the products' finiteness is checked elsewhere
         return

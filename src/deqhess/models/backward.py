@@ -13,8 +13,11 @@ per DEQ layer). Three ways to push K cotangents through it:
   raises there, but serves models it can batch;
 * ``"loop"`` — K backwards with ``retain_graph``.
 
-``"auto"`` tries them in that order and keeps the first that works for the model. A
-genuine error (the model's, or a deqhess error) still surfaces: from the loop.
+``"auto"`` tries them in that order and keeps the first that works for the model —
+and whose first block agrees with a plain backward of a random combination of its
+cotangents (a wrong batching rule in torch, ``torch.cdist``'s backward under ``vmap``,
+made a model's GGN 10% off). A genuine error (the model's, or a deqhess error) still
+surfaces: from the loop.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DeqhessError, InputError, UnsupportedDerivativeError
+from ..linear.batched import BATCHING_TOLERANCE
 
 __all__ = ["BACKWARD_MODES", "BlockBackward", "reentrant_checkpoint_named"]
 
@@ -81,6 +85,8 @@ class BlockBackward:
             )
         self.mode = mode
         self._tried = 0  # with "auto": the modes before this one failed on this model
+        # with "auto": the kinds of block whose batched products agreed with a plain one
+        self._checked: set[tuple] = set()
 
     @property
     def working(self) -> str:
@@ -101,6 +107,10 @@ class BlockBackward:
             One ``[K, *input.shape]`` per input. Outputs that do not depend on any input
             (constant gradients) contribute zero; an input no output depends on gets
             zeros.
+
+        Raises:
+            UnsupportedDerivativeError: a batching mode chosen by name (not ``"auto"``)
+                gives other products than a plain backward on this model.
         """
         count = cotangents[0].shape[0]
         pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
@@ -111,6 +121,16 @@ class BlockBackward:
             grads = _looped(outs, inputs, cots)
         elif self.mode != "auto":
             grads = _MODES[self.mode](outs, inputs, cots)
+            kind = (tuple(o.shape for o in outs), tuple(i.shape for i in inputs))
+            if self.mode != "loop" and kind not in self._checked:
+                if not _agrees(outs, inputs, cots, grads):
+                    raise UnsupportedDerivativeError(
+                        f"backward={self.mode!r} gives other products than a plain backward "
+                        "on this model: a wrong batching rule in torch for an operation in "
+                        "it (torch.cdist's backward under vmap is one, in torch 2.13). Pass "
+                        "backward='loop' (or 'auto', which switches to it by itself)."
+                    )
+                self._checked.add(kind)
         else:
             grads = self._first_that_works(outs, inputs, cots)
         return [
@@ -123,7 +143,7 @@ class BlockBackward:
     ) -> list[Tensor | None]:
         while BACKWARD_MODES[self._tried] != "loop":
             try:
-                return _MODES[BACKWARD_MODES[self._tried]](outs, inputs, cots)
+                grads = _MODES[BACKWARD_MODES[self._tried]](outs, inputs, cots)
             except RuntimeError as error:
                 # deqhess's answers about the problem itself: no other way of batching
                 # would change them (an unsupported mode is about the way: try the next)
@@ -132,7 +152,51 @@ class BlockBackward:
                 ):
                     raise
                 self._tried += 1
+                continue
+            # checked once per kind of block (the loss alone, the model's rows, a
+            # second-order pass): each goes through other operations
+            kind = (tuple(o.shape for o in outs), tuple(i.shape for i in inputs))
+            if kind in self._checked or _agrees(outs, inputs, cots, grads):
+                self._checked.add(kind)
+                return grads
+            self._tried += 1  # a wrong batching rule in torch (cdist's backward): the next
         return _looped(outs, inputs, cots)
+
+
+def _agrees(
+    outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+) -> bool:  # fmt: skip
+    """Whether batched products agree with one plain backward of a random combination.
+
+    The products are linear in the cotangents, so a random combination of them must be
+    the backward of the same combination (:mod:`deqhess.linear.batched`'s test, here for
+    a block through a whole model's graph: torch 2.13's vmap of ``torch.cdist``'s
+    backward in a model's head gave every direction the first one's gradient).
+
+    Returns:
+        True where they agree to :data:`deqhess.linear.batched.BATCHING_TOLERANCE` (or
+        the block has one direction, or runs under a ``torch.func`` transform).
+    """
+    count = cots[0].shape[0]
+    if count < 2 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    generator = torch.Generator().manual_seed(7)
+    weights = torch.randn(count, generator=generator, dtype=torch.float64)
+    combined = [torch.tensordot(weights.to(c), c, dims=1) for c in cots]
+    plain = torch.autograd.grad(outs, inputs, combined, retain_graph=True, allow_unused=True)
+    for p, g in zip(plain, grads, strict=True):
+        if g is None:
+            if p is not None and bool(p.any()):
+                return False
+            continue
+        w = weights.to(g)
+        mixed = torch.tensordot(w, g, dims=1)
+        scale = float((w.abs() @ g.abs().flatten(1)).max()) if g.numel() else 0.0
+        gap = float((mixed - (p if p is not None else 0.0)).abs().max()) if g.numel() else 0.0
+        if gap > BATCHING_TOLERANCE.get(g.dtype, 1e-3) * scale:
+            return False
+    return True
 
 
 def _batched(

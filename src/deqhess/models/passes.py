@@ -55,6 +55,7 @@ from .grouping import loss_couples_samples, loss_orders_samples
 from .held import HeldGraphs, state_token
 from .info import CurvatureInfo
 from .modes import StateGuard, check_modes, check_parameters_read
+from .sample_sites import may_have_sites
 
 __all__ = ["ModelPasses"]
 
@@ -152,7 +153,8 @@ class ModelPasses:
         # whether each sample's rows came from stacked cotangents on the last pass that
         # tried (deqhess.models.sample_sites): a model whose graph does not show them is
         # not made to evaluate its DEQ cells visibly on every dense GGN or per-sample pass
-        self._stacking = {"ggn": True, "rows": True}
+        promising = may_have_sites(model, self.names)
+        self._stacking = {"ggn": promising, "rows": promising}
         self.info = CurvatureInfo()
 
     # ------------------------------------------------------------------ set-up seams

@@ -142,7 +142,9 @@ def stacked_rows(graph: BatchGraph, out: Tensor, n: int, stacked: Tensor) -> Ten
         rows = sample_rows(out, sites, stacked.to(out), n)
     if rows is None:
         return None
-    return rows.dense(graph.layout.numels, out).detach()
+    # in the parameters' dtype, as the one-hot rows (an output cast to float64 on a
+    # float32 model)
+    return rows.dense(graph.layout.numels, graph.params[0]).detach()
 
 
 def sample_gradients(graph: BatchGraph, n: int, stacking: Stacking | None = None) -> Tensor:

@@ -20,7 +20,9 @@ With stacked cotangents the gradient reaching a site's row ``n`` is sample ``n``
 only if the backward from the output to the sites keeps samples apart. That is
 certified on every batch by :mod:`deqhess.linear.coupling`'s probes (a random cotangent
 and copies with each sample's row scaled by a power of two: a coupling of rows shows up
-for almost every draw). Where a parameter meets the samples anywhere else, a site's
+for almost every draw) — to the bit: samples kept apart scale exactly with their
+power-of-two factors, and any leak, however weak, could be amplified downstream without
+bound, so none is accepted. Where a parameter meets the samples anywhere else, a site's
 rows are not the samples (a sequence's tokens), or a check fails, there is no answer
 (None) and the caller takes the one-hot route: exact either way.
 
@@ -36,13 +38,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from ..errors import DeqhessError
-from ..linear.coupling import coupling_tolerance, probe_scales, scaled_discrepancy
+from ..linear.coupling import probe_scales, scaled_discrepancy
 
-__all__ = ["SampleRows", "Site", "find_sites", "sample_rows"]
+__all__ = ["NO_SITES", "SampleRows", "Site", "find_sites", "may_have_sites", "sample_rows"]
 
 #: the autograd nodes of a weight taken transposed into a matrix product
 _TRANSPOSES = ("TBackward0", "PermuteBackward0")
@@ -122,6 +124,38 @@ class SampleRows:
         """
         parts = [self.parameter_rows(i, size, like) for i, size in enumerate(sizes)]
         return torch.cat(parts, dim=2)
+
+
+#: modules whose parameters meet the samples in operations no site reads (a convolution's
+#: sum over positions, a norm's statistics, a lookup): a model holding one of the chosen
+#: parameters is not asked to evaluate its DEQ cells visibly for the stacked route
+NO_SITES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
+    nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention,
+    nn.Bilinear, nn.PReLU,
+)  # fmt: skip
+
+
+def may_have_sites(model: nn.Module, names: Sequence[str]) -> bool:
+    """Whether every chosen parameter's module may meet the samples at sites.
+
+    A cheap look at the modules, before any graph: False where one of ``names`` belongs
+    to a module of :data:`NO_SITES` (a graph formed for the route would only be slower);
+    True otherwise (the graph decides).
+
+    Args:
+        model: the model.
+        names: the chosen parameters' names in it.
+
+    Returns:
+        Whether the stacked route is worth a try.
+    """
+    modules = dict(model.named_modules())
+    for name in names:
+        owner = modules.get(name.rpartition(".")[0])
+        if isinstance(owner, NO_SITES):
+            return False
+    return True
 
 
 def find_sites(output: Tensor, params: Sequence[Tensor], samples: int) -> list[list[Site]] | None:
@@ -225,7 +259,7 @@ def sample_rows(
 
     Returns:
         The rows as :class:`SampleRows`; None where the probes find two samples coupled
-        (beyond :func:`~deqhess.linear.coupling.coupling_tolerance`), a fixed point's
+        (by any nonzero amount), a fixed point's
         output receives a nonzero gradient, a product is not finite, or a site's
         gradient is not shaped as its parameter's rows.
     """
@@ -256,10 +290,11 @@ def sample_rows(
         rows = site.shape if site.activation is None else site.shape[:1]
         if tuple(g.shape[1:]) != (samples, *rows) or not bool(torch.isfinite(g).all()):
             return None
+        # exactly zero: rows kept apart scale bit for bit with their power-of-two factors,
+        # and a leak however weak can be amplified without bound downstream (a gain of
+        # 1e7 on the sample it leaks into made a 1e-6 coupling 6e-7 of the rows)
         discrepancy = scaled_discrepancy(g[r], g[r + 1 :], scales)
-        if site.activation is not None:  # a leak into row b weighs by ‖a_b‖ in the rows
-            discrepancy = discrepancy * _spread(site.activation)
-        if not bool((discrepancy <= coupling_tolerance(g.dtype)).all()):  # NaN fails too
+        if not bool((discrepancy == 0).all()):  # NaN fails too
             return None
         share = g[:r].transpose(0, 1)  # [n_b, r, ...]
         if site.activation is None:
@@ -267,22 +302,6 @@ def sample_rows(
         else:  # a copy: the input's memory may be reused after the batch (a loader's)
             shares[i].append((share.reshape(samples, r, -1), site.activation.clone()))
     return SampleRows(shares, samples, r)
-
-
-def _spread(activation: Tensor) -> Tensor:
-    """Each row's norm over the rows' median, at least 1, ``[n_b]``.
-
-    A coupling ``κ`` that leaks a sample's gradient into row ``b`` of a weight's site
-    puts ``κ‖g‖‖a_b‖`` into the rows, against ``‖g‖‖aₙ‖`` for a typical sample: the
-    probes' relative discrepancy at row ``b`` is weighed by this spread (a sample with
-    ×10⁴ inputs made a 1e-5 coupling a 4e-3 error in float32).
-
-    Returns:
-        ``[n_b]``, at least 1.
-    """
-    norms = torch.linalg.vector_norm(activation.flatten(1), dim=1)
-    typical = norms.median().clamp_min(torch.finfo(norms.dtype).tiny)
-    return (norms / typical).clamp_min(1.0)
 
 
 def _fixed_points(output: Tensor) -> list[Any]:

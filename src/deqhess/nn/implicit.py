@@ -107,9 +107,7 @@ class FixedPointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         """``(I − J)ᵀ μ = ḡ``, then ``(∂F/∂args)ᵀ μ`` for the arguments that need it."""
-        refuse_legacy_vmap()
-        with engine():
-            return FixedPointFunction._backward(ctx, grad)
+        return _eager_backward(ctx, grad)
 
     @staticmethod
     def _backward(ctx: Any, grad: Tensor) -> tuple:
@@ -171,6 +169,23 @@ class FixedPointFunction(torch.autograd.Function):
         )
         batched = system.vmapped(tuple(None if d is None else 0 for d in arg_dims))
         return FixedPointFunction.apply(batched, z0, *args), 0
+
+
+@torch.compiler.disable
+def _eager_backward(ctx: Any, grad: Tensor) -> tuple:
+    """The backward's solve, run eagerly even inside a compiled step.
+
+    TorchDynamo traces an ``autograd.Function``'s backward when a compiled function calls
+    ``backward()``; the solves' data-dependent loops and ``torch.func`` products cannot
+    be traced (``aot_eager`` and ``inductor`` failed with "Cannot access storage of
+    TensorWrapper"), so the compiler leaves this part to eager mode.
+
+    Returns:
+        The gradients of :meth:`FixedPointFunction.backward`.
+    """
+    refuse_legacy_vmap()
+    with engine():
+        return FixedPointFunction._backward(ctx, grad)
 
 
 def fixed_point(spec: FixedPointSpec, z0: Tensor, *args: Tensor) -> Tensor:
