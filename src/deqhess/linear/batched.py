@@ -55,8 +55,8 @@ def check_batched(fn: Callable[[Tensor], Tensor], directions: Tensor, batched: T
     # the terms' size: the products', or the directions' where the products cancel
     # (I − J with J near I: a product far below what it was computed from)
     scale = max(
-        float((weights.abs() @ batched.abs().flatten(1)).max()),
-        float((weights.abs() @ directions.abs().flatten(1).to(batched.dtype)).max()),
+        float((weights.abs() @ batched.abs().reshape(len(weights), -1)).max()),
+        float((weights.abs() @ directions.abs().reshape(len(weights), -1).to(batched)).max()),
     )
     gap = float((combined - plain).abs().max())
     if not gap == gap or not scale == scale:  # NaN: the products' finiteness is checked elsewhere

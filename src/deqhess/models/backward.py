@@ -192,7 +192,7 @@ def _agrees(
             continue
         w = weights.to(g)
         mixed = torch.tensordot(w, g, dims=1)
-        scale = float((w.abs() @ g.abs().flatten(1)).max()) if g.numel() else 0.0
+        scale = float((w.abs() @ g.abs().reshape(count, -1)).max()) if g.numel() else 0.0
         gap = float((mixed - (p if p is not None else 0.0)).abs().max()) if g.numel() else 0.0
         if gap > BATCHING_TOLERANCE.get(g.dtype, 1e-3) * scale:
             return False
