@@ -357,3 +357,32 @@ def test_any_leak_between_samples_however_weak_leaves_the_route():
     assert SITES not in curvature.info.assembly["ggn"]
     normed = nn.Sequential(inner, nn.LayerNorm(3))
     assert not dh.ModelCurvature(normed, nn.CrossEntropyLoss(), _data())._stacking["ggn"]
+
+
+class _RolledLeak(nn.Module):
+    """``l2(h + eps·roll(h))``, ``h = l1(x)``: a leak between samples below rounding
+    against a sample whose inputs are 10³⁰ times the others'."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.l1, self.l2, self.eps = nn.Linear(3, 4), nn.Linear(4, 2), eps
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(h + self.eps * h.roll(1, 0))
+
+
+def test_a_leak_below_rounding_under_a_huge_sample_leaves_the_route(monkeypatch):
+    """The probes cannot see a leak below rounding, and the sample's 10³⁰ inputs made it
+    0.71 of another sample's gradient: rows spread over the samples by more than 1/√ε
+    take the one-hot route."""
+    from deqhess.models import per_sample
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    x[0] *= 1e30
+    model = _RolledLeak(1e-28)
+    grads = dh.ModelCurvature(model, nn.MSELoss(), [(x, y)]).per_sample_gradients()
+    monkeypatch.setattr(per_sample, "stacked_rows", lambda *a, **k: None)
+    want = dh.ModelCurvature(model, nn.MSELoss(), [(x, y)]).per_sample_gradients()
+    assert torch.equal(grads[1:], want[1:])
