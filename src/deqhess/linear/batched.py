@@ -12,14 +12,14 @@ refused by name. The check costs one plain product per block.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import UnsupportedDerivativeError
 
-__all__ = ["BATCHING_TOLERANCE", "check_batched"]
+__all__ = ["BATCHING_TOLERANCE", "check_batched", "combination_weights", "disagreement"]
 
 #: relative disagreement of a vmapped product with a plain one accepted as rounding:
 #: the two sum in other orders (a wrong batching rule is off by order one)
@@ -47,18 +47,15 @@ def check_batched(fn: Callable[[Tensor], Tensor], directions: Tensor, batched: T
         return
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return  # under an outer transform the values are not there to compare
-    generator = torch.Generator().manual_seed(7)
-    weights = torch.randn(directions.shape[0], generator=generator, dtype=torch.float64)
-    weights = weights.to(batched.dtype).to(batched.device)
+    weights = combination_weights(directions.shape[0]).to(batched)
     plain = fn(torch.tensordot(weights, directions.to(batched.dtype), dims=1))
-    combined = torch.tensordot(weights, batched, dims=1)
+    (gap,), terms = disagreement(weights, [batched], [plain])
     # the terms' size: the products', or the directions' where the products cancel
     # (I − J with J near I: a product far below what it was computed from)
     scale = max(
-        float((weights.abs() @ batched.abs().reshape(len(weights), -1)).max()),
+        terms,
         float((weights.abs() @ directions.abs().reshape(len(weights), -1).to(batched)).max()),
     )
-    gap = float((combined - plain).abs().max())
     if not gap == gap or not scale == scale:  # NaN: the products' finiteness is checked elsewhere
         return
     if gap <= BATCHING_TOLERANCE.get(batched.dtype, 1e-3) * scale:
@@ -72,3 +69,35 @@ def check_batched(fn: Callable[[Tensor], Tensor], directions: Tensor, batched: T
         "another way (torch.cdist(a, b) as ((a[..., :, None, :] - b[..., None, :, :]) "
         "** 2).sum(-1).sqrt(), say)."
     )
+
+
+def combination_weights(count: int) -> Tensor:
+    """The seeded random weights ``[K]`` (float64, CPU) of a block's random combination."""
+    generator = torch.Generator().manual_seed(7)
+    return torch.randn(count, generator=generator, dtype=torch.float64)
+
+
+def disagreement(
+    weights: Tensor, batched: Sequence[Tensor], plain: Sequence[Tensor | None]
+) -> tuple[list[float], float]:
+    """How far ``Σₖ wₖ batchedₖ`` is from the plain product of the combination.
+
+    Args:
+        weights: ``[K]``, the combination's weights.
+        batched: per product, ``[K, ...]``: what the batched call gave.
+        plain: per product, the plain call on the combination (None: zero).
+
+    Returns:
+        ``(gaps, scale)``: each product's largest entry of the difference (NaN where
+        one is not finite), and the largest of the combination's terms
+        ``Σₖ |wₖ| |batchedₖ|`` over them all.
+    """
+    gaps, scale = [], 0.0
+    for b, p in zip(batched, plain, strict=True):
+        if not b.numel():
+            continue
+        w = weights.to(b)
+        scale = max(scale, float((w.abs() @ b.abs().reshape(len(w), -1)).max()))
+        mixed = torch.tensordot(w, b, dims=1)
+        gaps.append(float((mixed - (p if p is not None else 0.0)).abs().max()))
+    return gaps, scale

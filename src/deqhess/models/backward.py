@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DeqhessError, InputError, UnsupportedDerivativeError
-from ..linear.batched import BATCHING_TOLERANCE
+from ..linear.batched import BATCHING_TOLERANCE, combination_weights, disagreement
 
 __all__ = ["BACKWARD_MODES", "BlockBackward", "reentrant_checkpoint_named"]
 
@@ -181,26 +181,19 @@ def _agrees(
     count = cots[0].shape[0]
     if count < 2 or torch._C._functorch.peek_interpreter_stack() is not None:
         return True
-    generator = torch.Generator().manual_seed(7)
-    weights = torch.randn(count, generator=generator, dtype=torch.float64)
+    weights = combination_weights(count)
     combined = [torch.tensordot(weights.to(c), c, dims=1) for c in cots]
     plain = torch.autograd.grad(outs, inputs, combined, retain_graph=True, allow_unused=True)
-    gaps, scales, tolerance = [], [0.0], 1e-3
-    for p, g in zip(plain, grads, strict=True):
-        if g is None:
-            if p is not None and bool(p.any()):
-                return False
-            continue
-        if not g.numel():
-            continue
-        w = weights.to(g)
-        mixed = torch.tensordot(w, g, dims=1)
-        scales.append(float((w.abs() @ g.abs().reshape(count, -1)).max()))
-        gaps.append(float((mixed - (p if p is not None else 0.0)).abs().max()))
-        tolerance = BATCHING_TOLERANCE.get(g.dtype, 1e-3)
+    present = [(g, p) for g, p in zip(grads, plain, strict=True) if g is not None]
+    if any(p is not None and bool(p.any()) for g, p in zip(grads, plain, strict=True) if g is None):
+        return False
+    if not present:
+        return True
+    gaps, scale = disagreement(weights, [g for g, _ in present], [p for _, p in present])
+    tolerance = BATCHING_TOLERANCE.get(present[-1][0].dtype, 1e-3)
     # against the block's largest terms: an input whose gradient cancels to rounding
     # (a sum of centred inputs, 1e-17) differs between the two by its own size
-    return all(gap <= tolerance * max(scales) for gap in gaps)
+    return all(gap <= tolerance * scale for gap in gaps)
 
 
 def _batched(
