@@ -9,7 +9,7 @@ from problems import relative_error
 
 from deqhess.models import sample_gram
 from deqhess.models.sample_gram import SampleGram
-from deqhess.models.sample_sites import SampleRows
+from deqhess.models.sample_sites import SampleRows, Stacking
 from deqhess.models.symmetric import mirror_upper_
 
 #: a weight, its bias, a weight whose rows are given as rows, a bias, and a weight
@@ -54,7 +54,7 @@ def test_the_gram_of_outer_products_is_the_rows_gram(monkeypatch, keep, budget):
     monkeypatch.setattr(sample_gram, "BUDGET", budget)
     offsets = _offsets()
     p = offsets[-1]
-    gram = SampleGram(offsets, SHAPES, keep=keep)
+    gram = SampleGram(offsets, SHAPES, Stacking(), keep=keep)
     total, expected = torch.zeros(p, p), torch.zeros(p, p)
     deferred = keep and budget > 1000  # the kept blocks are scaled when assembled
     mask = torch.zeros(p, p, dtype=torch.bool)

@@ -57,8 +57,9 @@ from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo, assembly
 from .modes import check_second_order
 from .passes import ModelPasses
-from .per_sample import Stacking, output_jacobians, sample_gradients
+from .per_sample import output_jacobians, sample_gradients
 from .sample_gram import SampleGram
+from .sample_sites import Stacking
 from .symmetric import SymmetricProduct, UpperRows, mirror_upper_
 
 __all__ = ["MODEL_PARTS", "CurvatureInfo", "ModelCurvature"]
@@ -298,9 +299,9 @@ class ModelCurvature(ModelPasses):
         # the GGN's rows per sample from stacked cotangents where the graph shows them: its
         # DEQ layers' cells evaluated once more, visibly; kept outer products assembled
         # at the end (on each batch when ranks add their sums)
-        gram = None
-        if part == "ggn" and self._stacking["ggn"]:
-            gram = SampleGram(self.layout.offsets, self.layout.shapes,
+        gram, stacking = None, self._stacking["ggn"]
+        if part == "ggn" and stacking.promising:
+            gram = SampleGram(self.layout.offsets, self.layout.shapes, stacking,
                               keep=self._stream.group is None)  # fmt: skip
 
         def one(graph: BatchGraph) -> UpperRows | SymmetricProduct | SampleTerm:
@@ -316,13 +317,12 @@ class ModelCurvature(ModelPasses):
         try:
             total = self._sum(
                 part, one, lambda: self._zeros(p, p), directions=p,
-                visible=None if gram is None else gram.promising,
+                visible=None if gram is None else lambda: stacking.promising,
             )  # fmt: skip
             if gram is not None:  # after the sum's division by N ("mean")
                 count = self._stream.num_samples
-                mean = self._stream.reduction == "mean" and count
+                mean = self._stream.reduction == "mean"
                 gram.assemble(total, 1.0 / count if mean and count else 1.0)
-                self._stacking["ggn"] = not gram.failed
             # every term adds only to the upper triangle: the sum is its mirror
             total = mirror_upper_(total)
         finally:
@@ -406,7 +406,7 @@ class ModelCurvature(ModelPasses):
             "Take them batch by batch on a subset of the data, or the products of the "
             "empirical Fisher you need through hessian_operator('ggn') instead.",
         )  # fmt: skip
-        stacking = Stacking(self._stacking["rows"])
+        stacking = self._stacking["rows"]
         return self._rows(partial(self._checked_rows, stacking=stacking),
                           "per-sample gradients", stacking)  # fmt: skip
 
@@ -473,7 +473,7 @@ class ModelCurvature(ModelPasses):
             return output_jacobians(graph, n, stacking)
 
         found: list[bool] = []
-        stacking = Stacking(self._stacking["rows"])
+        stacking = self._stacking["rows"]
         return self._rows(rows, "output Jacobians", stacking)
 
     def _rows(
@@ -510,7 +510,6 @@ class ModelCurvature(ModelPasses):
         # a few stacked cotangents (deqhess.models.per_sample.stacked_rows)
         visible = lambda: stacking.promising  # noqa: E731
         self._stream.run(self._former(None, visible=visible), collect, desc=desc)
-        self._stacking["rows"] = stacking.promising
         if not collected:
             return self._zeros(0, self.num_parameters)
         return torch.cat(collected)

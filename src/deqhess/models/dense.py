@@ -227,7 +227,7 @@ def batch_dense(
     if uses_jacobians(graph, p):
         return _from_jacobians(graph, samples, blocks, progress, gram)
     if gram is not None:  # P product directions: the next batches' graphs as usual
-        gram.failed = True
+        gram.stacking.promising = False
     term = UpperRows(p)
 
     def product(start: int, stop: int) -> Tensor:
@@ -311,12 +311,12 @@ def _from_jacobians(
     require_finite(curvature, "the loss curvature at the output")
     curvature = 0.5 * (curvature + curvature.T)
     factor = loss_factor(curvature)
-    if factor is not None and gram is not None and gram.promising():
+    if factor is not None and gram is not None and gram.stacking.promising:
         term = _from_sites(graph, samples, blocks, factor, gram)
         if term is not None:
             progress(p)
             return term
-        gram.failed = True  # the next batches' graphs as usual
+        gram.stacking.promising = False  # the next batches' graphs as usual
     count = m if factor is None else factor.shape[0]
     products = torch.empty(count, p, dtype=like.dtype, device=like.device)
 

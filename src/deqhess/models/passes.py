@@ -55,7 +55,7 @@ from .grouping import loss_couples_samples, loss_orders_samples
 from .held import HeldGraphs, state_token
 from .info import CurvatureInfo
 from .modes import StateGuard, check_modes, check_parameters_read
-from .sample_sites import may_have_sites
+from .sample_sites import Stacking, may_have_sites
 
 __all__ = ["ModelPasses"]
 
@@ -154,7 +154,7 @@ class ModelPasses:
         # tried (deqhess.models.sample_sites): a model whose graph does not show them is
         # not made to evaluate its DEQ cells visibly on every dense GGN or per-sample pass
         promising = may_have_sites(model, self.names)
-        self._stacking = {"ggn": promising, "rows": promising}
+        self._stacking = {"ggn": Stacking(promising), "rows": Stacking(promising)}
         self.info = CurvatureInfo()
 
     # ------------------------------------------------------------------ set-up seams

@@ -11,7 +11,6 @@ exact adjoint solve. Samples are independent through the model (a DEQ with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InputError
 from .graph import BatchGraph
-from .sample_sites import find_sites, sample_rows
+from .sample_sites import Stacking, find_sites, sample_rows
 
 __all__ = [
     "output_jacobians",
@@ -28,7 +27,6 @@ __all__ = [
     "sample_loss_values",
     "sample_losses",
     "stacked_rows",
-    "Stacking",
 ]
 
 
@@ -101,18 +99,6 @@ def sample_loss_values(graph: BatchGraph, n: int) -> Tensor:
             return torch.func.vmap(one, in_dims=dims)(graph.output, graph.target)
         except (RuntimeError, ValueError, TypeError):  # a loss vmap cannot batch
             return sample_losses(graph, n).detach()
-
-
-@dataclass
-class Stacking:
-    """Whether the stacked route is worth trying on a pass's next batch.
-
-    Attributes:
-        promising: no batch has failed it yet (its graphs are then formed with each DEQ
-            layer's cell evaluated once more, ``layer_calls(visible=True)``).
-    """
-
-    promising: bool = True
 
 
 def stacked_rows(graph: BatchGraph, out: Tensor, n: int, stacked: Tensor) -> Tensor | None:

@@ -27,7 +27,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from .sample_sites import SampleRows
+from .sample_sites import SampleRows, Stacking
 
 __all__ = ["SampleGram"]
 
@@ -50,21 +50,19 @@ class SampleGram:
     Args:
         offsets: the parameters' first columns in the flat layout, and ``P`` last.
         shapes: the parameters' shapes.
+        stacking: whether the stacked route still holds for the model's dense GGN (a
+            batch that fails it marks it).
         keep: keep the weights' outer products until :meth:`assemble` (False: each
             batch's are assembled as it is added — where ranks add their sums).
     """
 
     def __init__(
-        self, offsets: tuple[int, ...], shapes: tuple[torch.Size, ...], keep: bool = True
-    ) -> None:
-        self.offsets, self.shapes, self.keep = offsets, shapes, keep
+        self, offsets: tuple[int, ...], shapes: tuple[torch.Size, ...], stacking: Stacking,
+        keep: bool = True,
+    ) -> None:  # fmt: skip
+        self.offsets, self.shapes, self.stacking, self.keep = offsets, shapes, stacking, keep
         self.outer: list[int] | None = None  # the parameters assembled as outer products
-        self.failed = False  # a batch's rows could not be read from its sites
         self._pending = _Pending()
-
-    def promising(self) -> bool:
-        """Whether the next batch is worth a graph its sites show in (none failed yet)."""
-        return not self.failed
 
     def add(self, total: Tensor, rows: SampleRows, weight: float) -> None:
         """Add a batch's term: its outer products' blocks kept, the rest into ``total``.

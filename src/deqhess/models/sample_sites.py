@@ -44,7 +44,15 @@ from torch.autograd.graph import GradientEdge
 from ..errors import DeqhessError
 from ..linear.coupling import probe_scales, scaled_discrepancy
 
-__all__ = ["NO_SITES", "SampleRows", "Site", "find_sites", "may_have_sites", "sample_rows"]
+__all__ = [
+    "NO_SITES",
+    "SampleRows",
+    "Site",
+    "Stacking",
+    "find_sites",
+    "may_have_sites",
+    "sample_rows",
+]
 
 #: the autograd nodes of a weight taken transposed into a matrix product
 _TRANSPOSES = ("TBackward0", "PermuteBackward0")
@@ -72,6 +80,22 @@ class Site:
     node: Any
     activation: Tensor | None
     shape: tuple[int, ...]
+
+
+@dataclass
+class Stacking:
+    """Whether the stacked route is worth trying on the next batch of a model's passes.
+
+    One per kind of pass (the dense GGN, the per-sample rows) and model, kept across
+    passes: a batch the route fails on marks it, and the later graphs are formed as
+    usual.
+
+    Attributes:
+        promising: no batch has failed it yet (its graphs are then formed with each DEQ
+            layer's cell evaluated once more, ``layer_calls(visible=True)``).
+    """
+
+    promising: bool = True
 
 
 @dataclass(frozen=True)
