@@ -469,6 +469,12 @@ def test_an_encoder_under_autocast_hands_the_layer_lower_precision_that_it_casts
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     with pytest.raises(dh.InputError, match="keep the DEQ layer in float32"):
         DEQ(_Lin().to(torch.bfloat16))(x)  # float32 data on a bfloat16 cell
+    with pytest.raises(
+        dh.InputError,
+        match=r"the state is torch\.bfloat16 .* x\.to\(torch"
+        r"\.float32\) — under torch\.autocast the layer does this itself",
+    ):
+        deq(u.detach())  # bfloat16 data outside autocast, on a float32 cell
 
 
 def test_a_default_start_of_the_wrong_shape_or_dtype_names_init_state():
