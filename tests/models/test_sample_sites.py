@@ -176,6 +176,7 @@ def test_a_fixed_point_without_its_visible_evaluation_is_not_read():
             out = model(x)
         sites = find_sites(out, params, 5)
         assert sites is not None  # a fixed point's inputs are left to the check
+        assert len(sites.fixed_points) == 1  # found on the same walk
         stacked = torch.randn(2, *out.shape)
         rows = sample_rows(out, sites, stacked, 5)
         assert (rows is not None) is visible

@@ -34,11 +34,10 @@ from torch import Tensor
 
 from ..errors import DenseMemoryError
 from ..implicit.finite import require_finite
-from ..linear.coupling import probe_scales
 from ..memory import PeakMemory, budget_bytes
 from .graph import BatchGraph, one_hot_rows
 from .sample_gram import SampleGram
-from .sample_sites import SampleRows, find_sites, sample_rows
+from .sample_sites import SampleRows, stacked_sample_rows
 from .symmetric import SymmetricProduct, UpperRows, curvature_times, loss_factor
 
 __all__ = [
@@ -384,26 +383,29 @@ def _from_sites(
     if len(outputs) != 1 or outputs[0].ndim == 0 or outputs[0].shape[0] != samples:
         return None
     out = outputs[0]
-    width = out.numel() // max(samples, 1)
+    columns = out.numel() // max(samples, 1)
     if samples < 1 or factor.shape[0] % samples:
         return None
     rank = factor.shape[0] // samples
-    blocked = factor.view(samples, rank, samples, width)
+    blocked = factor.view(samples, rank, samples, columns)
     index = torch.arange(samples, device=factor.device)
-    own = blocked[index, :, index]  # [n_b, r, width]
+    own = blocked[index, :, index]  # [n_b, r, columns]
     if int(torch.count_nonzero(blocked)) != int(torch.count_nonzero(own)):
         return None  # a factor row across samples: the loss couples them
-    sites = find_sites(out, graph.params, samples)
-    if sites is None:
-        return None
     device = out.device
-    count = rank + 1 + probe_scales(samples, out.dtype, device).shape[0]
-    if blocks.size(samples, device) < count:
-        return None
+    tried = 0  # the cotangents of the route's one backward, once it runs
+
+    def fits(count: int) -> bool:
+        nonlocal tried
+        if blocks.size(samples, device) < count:
+            return False
+        tried = count
+        return True
+
     stacked = own.transpose(0, 1).reshape(rank, *out.shape)
     with PeakMemory(device) as peak:
-        rows = sample_rows(out, sites, stacked, samples)
-    floor = 4.0 * graph.layout.size * out.element_size()
-    blocks.measured(peak, count, samples, floor)
+        rows = stacked_sample_rows(out, graph.params, stacked, samples, fits)
+    if tried:  # measured like a block of that many directions
+        blocks.measured(peak, tried, samples, 4.0 * graph.layout.size * out.element_size())
     # the sum in the parameters' dtype (an output cast to float64 on a float32 model)
     return None if rows is None else SampleTerm(rows, gram, graph.params[0].detach())

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InputError
 from .graph import BatchGraph
-from .sample_sites import Stacking, find_sites, sample_rows
+from .sample_sites import Stacking, stacked_sample_rows
 
 __all__ = [
     "output_jacobians",
@@ -119,13 +119,7 @@ def stacked_rows(graph: BatchGraph, out: Tensor, n: int, stacked: Tensor) -> Ten
         ``[n, r, P]`` (row ``[i, k]``: cotangent ``k``'s row ``i`` pulled back alone),
         detached; None where the route does not apply (the one-hot rows then).
     """
-    if out.ndim == 0 or len(out) != n:
-        return None
-    sites = find_sites(out, graph.params, n)
-    if sites is None:
-        return None
-    with torch.enable_grad():
-        rows = sample_rows(out, sites, stacked.to(out), n)
+    rows = stacked_sample_rows(out, graph.params, stacked, n)
     if rows is None:
         return None
     # in the parameters' dtype, as the one-hot rows (an output cast to float64 on a

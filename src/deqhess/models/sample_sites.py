@@ -33,7 +33,7 @@ cotangents in 2.7 ms, against 13 ms for its 288 one-hot ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +48,12 @@ __all__ = [
     "NO_SITES",
     "SampleRows",
     "Site",
+    "Sites",
     "Stacking",
     "find_sites",
     "may_have_sites",
     "sample_rows",
+    "stacked_sample_rows",
 ]
 
 #: the autograd nodes of a weight taken transposed into a matrix product
@@ -80,6 +82,21 @@ class Site:
     node: Any
     activation: Tensor | None
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Where the chosen parameters meet the samples in a batch's graph, found in one walk.
+
+    Attributes:
+        per_parameter: per parameter (in the layout's order) its sites; empty where the
+            output does not depend on it.
+        fixed_points: the DEQ fixed points' nodes met on the way (what reaches each must
+            be exactly zero, :func:`sample_rows` checks).
+    """
+
+    per_parameter: list[list[Site]]
+    fixed_points: list[Any]
 
 
 @dataclass
@@ -182,8 +199,10 @@ def may_have_sites(model: nn.Module, names: Sequence[str]) -> bool:
     return True
 
 
-def find_sites(output: Tensor, params: Sequence[Tensor], samples: int) -> list[list[Site]] | None:
+def find_sites(output: Tensor, params: Sequence[Tensor], samples: int) -> Sites | None:
     """The sites of each of ``params`` in the graph of ``output``, if each has only these.
+
+    One walk of the graph, which also collects its DEQ fixed points.
 
     Args:
         output: the batch's output (its graph is read, not run).
@@ -191,12 +210,13 @@ def find_sites(output: Tensor, params: Sequence[Tensor], samples: int) -> list[l
         samples: the batch's sample count.
 
     Returns:
-        Per parameter its sites (empty where the output does not depend on it); None
-        where a parameter meets the graph anywhere else than at a site or a DEQ layer's
-        fixed point. The fixed points are :func:`sample_rows`'s to check.
+        The :class:`Sites`; None where a parameter meets the graph anywhere else than at
+        a site or a DEQ layer's fixed point. The fixed points are :func:`sample_rows`'s
+        to check.
     """
     index = {id(p): i for i, p in enumerate(params)}
     sites: list[list[Site]] = [[] for _ in params]
+    fixed_points: list[Any] = []
     seen: set[int] = set()
     stack = [output.grad_fn]
     while stack:
@@ -205,6 +225,8 @@ def find_sites(output: Tensor, params: Sequence[Tensor], samples: int) -> list[l
             continue
         seen.add(id(node))
         name = type(node).__name__
+        if name == _FIXED_POINT:
+            fixed_points.append(node)
         for position, (child, _) in enumerate(node.next_functions):
             if child is None:
                 continue
@@ -225,7 +247,7 @@ def find_sites(output: Tensor, params: Sequence[Tensor], samples: int) -> list[l
                     seen.add(id(child))  # the transpose's only consumer is this product
                     continue
             stack.append(child)
-    return sites
+    return Sites(sites, fixed_points)
 
 
 def _bias_site(node: Any, name: str, position: int, param: Tensor, samples: int) -> Any:
@@ -269,7 +291,7 @@ def _unit(node: Any, attribute: str) -> bool:
 
 
 def sample_rows(
-    output: Tensor, sites: list[list[Site]], stacked: Tensor, samples: int, seed: int = 0
+    output: Tensor, sites: Sites, stacked: Tensor, samples: int, seed: int = 0
 ) -> SampleRows | None:
     """Each sample's rows from ``r`` stacked cotangents, if the backward keeps samples apart.
 
@@ -287,13 +309,13 @@ def sample_rows(
         output receives a nonzero gradient, a product is not finite, or a site's
         gradient is not shaped as its parameter's rows.
     """
-    fixed_points = _fixed_points(output)
-    flat = [site for per in sites for site in per]
+    per_parameter = sites.per_parameter
+    flat = [site for per in per_parameter for site in per]
     edges = [GradientEdge(site.node, 0) for site in flat]
-    edges += [GradientEdge(node, 0) for node in fixed_points]
+    edges += [GradientEdge(node, 0) for node in sites.fixed_points]
     r = stacked.shape[0]
     if not edges or r == 0:  # nothing depends on θ, or ∇²ℓ = 0 (every target ignored)
-        return SampleRows([[] for _ in sites], samples, r)
+        return SampleRows([[] for _ in per_parameter], samples, r)
     generator = torch.Generator().manual_seed(seed)
     probe = torch.randn(output.shape, generator=generator, dtype=output.dtype)
     probe = probe.to(output.device)
@@ -306,8 +328,8 @@ def sample_rows(
     for g in grads[len(flat) :]:  # the fixed points' outputs: exactly zero
         if g is not None and bool(g.any()):
             return None
-    shares: list[list[tuple[Tensor, Tensor] | Tensor]] = [[] for _ in sites]
-    owner = [i for i, per in enumerate(sites) for _ in per]
+    shares: list[list[tuple[Tensor, Tensor] | Tensor]] = [[] for _ in per_parameter]
+    owner = [i for i, per in enumerate(per_parameter) for _ in per]
     for site, i, g in zip(flat, owner, grads, strict=False):
         if g is None:
             continue
@@ -333,6 +355,42 @@ def sample_rows(
     return SampleRows(shares, samples, r)
 
 
+def stacked_sample_rows(
+    output: Tensor, params: Sequence[Tensor], stacked: Tensor, samples: int,
+    fits: Callable[[int], bool] | None = None,
+) -> SampleRows | None:  # fmt: skip
+    """Each sample's rows of ``output`` from ``r`` stacked cotangents, where the graph allows.
+
+    The route's one entry (the dense GGN's and the per-sample rows'): the sites
+    (:func:`find_sites`), then, if ``fits`` accepts how many cotangents go through the
+    graph at once, the rows and their certificate (:func:`sample_rows`).
+
+    Args:
+        output: the batch's output, ``[n_b, ...]``.
+        params: the chosen parameters.
+        stacked: ``[r, *output.shape]``: cotangent ``r`` holds each sample's ``r``-th
+            row in its own row.
+        samples: ``n_b``.
+        fits: called with the cotangents of the one backward (``r``, a random probe and
+            its scaled copies) before it runs; False: not tried (None: always tried).
+
+    Returns:
+        The rows; None where the output's rows are not the samples, a parameter meets
+        them elsewhere than at a site, ``fits`` declines, or the certificate fails (the
+        caller's one-hot route then).
+    """
+    if samples < 1 or output.ndim == 0 or output.shape[0] != samples:
+        return None
+    sites = find_sites(output, params, samples)
+    if sites is None:
+        return None
+    width = stacked.shape[0] + 1 + probe_scales(samples, output.dtype, output.device).shape[0]
+    if fits is not None and not fits(width):
+        return None
+    with torch.enable_grad():
+        return sample_rows(output, sites, stacked.to(output), samples)
+
+
 def _spread(rows: Tensor) -> float:
     """The largest row's norm over the rows' median (1 for rows all zero).
 
@@ -349,20 +407,6 @@ def _spread(rows: Tensor) -> float:
     if largest == 0.0:
         return 1.0
     return largest / typical if typical > 0.0 else float("inf")
-
-
-def _fixed_points(output: Tensor) -> list[Any]:
-    """The DEQ fixed points' nodes in the graph of ``output``."""
-    found, seen, stack = [], set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ == _FIXED_POINT:
-            found.append(node)
-        stack.extend(child for child, _ in node.next_functions)
-    return found
 
 
 def _backward(output: Tensor, edges: list[GradientEdge], cotangents: Tensor) -> list | None:
