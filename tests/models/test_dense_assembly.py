@@ -39,6 +39,33 @@ def test_the_ggn_from_output_jacobians_or_products_by_cost():
         assert route in curvature.info.assembly["ggn"]
 
 
+class _WithPenalty(nn.Module):
+    """``(model(x), 0.1‖head.W‖²)``: a 0-dim output beside the per-sample one."""
+
+    def __init__(self, model: Classifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), 0.1 * self.model.head.weight.pow(2).sum()
+
+
+def test_the_ggn_of_an_output_with_a_0_dim_penalty_from_output_jacobians():
+    """A penalty returned beside the logits enters the loss linearly: its ∇²ℓ is zero, so
+    the GGN is the logits' — also from output Jacobians, where the penalty's row is one
+    number (a raw IndexError before)."""
+    model = Classifier(m=3, n=4, k=2)
+    data = _data(sizes=(3, 4))
+    mse = nn.MSELoss()
+    curvature = dh.ModelCurvature(_WithPenalty(model), lambda o, y: mse(o[0], y) + o[1], data)
+    names = [name.removeprefix("model.") for name in curvature.layout.names]
+    reference = Reference(unrolled_twin(model), mse, data, names).ggn()
+    assert relative_error(curvature.ggn_operator().to_dense(), reference) <= 1e-9
+    assert "output Jacobians" in curvature.info.assembly["ggn"]
+    with pytest.raises(dh.InputError, match=r"\[\(3, 2\), \(\)\]. Return the per-sample"):
+        curvature.output_jacobians()
+
+
 def test_blocks_are_sized_from_the_measured_memory_of_a_direction():
     """The first block measures what a direction takes; under a tight memory limit the
     next blocks are narrower (more passes) and the products are the same."""

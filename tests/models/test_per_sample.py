@@ -88,7 +88,7 @@ def test_per_sample_needs_samples_along_the_first_dimension():
     curvature = dh.ModelCurvature(model, nn.MSELoss(), [(x, y.reshape(-1))])
     with pytest.raises(dh.InputError, match="hold the batch's 7 samples along their first"):
         curvature.per_sample_gradients()
-    with pytest.raises(dh.InputError, match="output Jacobians need the model's output to hold"):
+    with pytest.raises(dh.InputError, match="need every floating tensor of the model's output"):
         curvature.output_jacobians()
     with dh.memory_limit(1000), pytest.raises(dh.DenseMemoryError, match=r"\[N, P\] with N = 7"):
         dh.ModelCurvature(Classifier(), nn.MSELoss(), [(x, y)]).per_sample_gradients()

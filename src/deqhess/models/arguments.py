@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError
 from ..implicit.loss import positional_counts
@@ -21,7 +20,6 @@ from ..nn import DEQ
 __all__ = [
     "chosen_names",
     "deq_layers",
-    "floating_leaves",
     "loss_reduction",
     "restricted",
     "sample_counter",
@@ -84,11 +82,6 @@ def check_loss_arguments(loss: Any) -> None:
         "wrapper, e.g. for nn.GaussianNLLLoss a model returning (mean, var) and "
         "loss=lambda out, y: gaussian_nll(out[0], y, out[1])."
     )
-
-
-def floating_leaves(output: Any) -> list[Tensor]:
-    """The floating-point tensors of a model's output (a tensor, tuple, list or dict)."""
-    return [t for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 def restricted(x: Any, target: Any, keep: Tensor, dim: int | None) -> tuple[Tensor, Tensor]:

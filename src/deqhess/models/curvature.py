@@ -48,16 +48,13 @@ from ..implicit.hessian import split_deprecated
 from ..implicit.operators import check_part
 from ..memory import check_dense
 from ..parameters import Parameters
-from .arguments import (
-    deq_layers,
-    floating_leaves,
-)
+from .arguments import deq_layers
 from .dense import CPU_DENSE_BLOCK, Blocks, SampleTerm, batch_dense, run_block
 from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo, assembly
 from .modes import check_second_order
 from .passes import ModelPasses
-from .per_sample import output_jacobians, sample_gradients
+from .per_sample import output_jacobians, sample_gradients, sample_outputs
 from .sample_gram import SampleGram
 from .sample_sites import Stacking
 from .symmetric import SymmetricProduct, UpperRows, mirror_upper_
@@ -460,7 +457,7 @@ class ModelCurvature(ModelPasses):
 
         def rows(graph: BatchGraph, n: int) -> Tensor:
             if not found:
-                width = sum(t[0].numel() for t in floating_leaves(graph.output))
+                width = sum(t[0].numel() for t in sample_outputs(graph, n))
                 check_dense(
                     self.num_samples * width * self.num_parameters, self.layout.dtype,
                     self.layout.device,

@@ -306,7 +306,8 @@ def _from_jacobians(
             second = graph.backward(
                 list(graph.out_grad), leaves, cotangents(one_hot_rows(start, stop, m, like))
             )
-        curvature[start:stop] = torch.cat([g.flatten(1) for g in second], 1)
+        # a 0-dim output (a penalty returned beside the logits) has rows of one number
+        curvature[start:stop] = torch.cat([g.reshape(g.shape[0], -1) for g in second], 1)
     require_finite(curvature, "the loss curvature at the output")
     curvature = 0.5 * (curvature + curvature.T)
     factor = loss_factor(curvature)

@@ -23,6 +23,7 @@ from .sample_sites import Stacking, stacked_sample_rows
 
 __all__ = [
     "output_jacobians",
+    "sample_outputs",
     "sample_gradients",
     "sample_loss_values",
     "sample_losses",
@@ -162,6 +163,34 @@ def sample_gradients(graph: BatchGraph, n: int, stacking: Stacking | None = None
     return torch.cat([g.reshape(n, -1) for g in grads], dim=1).detach()
 
 
+def sample_outputs(graph: BatchGraph, n: int) -> list[Tensor]:
+    """The floating tensors of the batch's output, each holding its ``n`` samples first.
+
+    Args:
+        graph: the batch's graph.
+        n: the batch's sample count.
+
+    Returns:
+        The output's floating tensors, in the order the output flattens.
+
+    Raises:
+        InputError: an output tensor has no first dimension of ``n`` samples (a 0-dim
+            entry such as a regulariser returned beside the logits), or the output holds
+            no floating tensor.
+    """
+    outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
+    outputs = [t for t in outputs if t.is_floating_point()]
+    if not outputs or any(t.ndim == 0 or len(t) != n for t in outputs):
+        raise InputError(
+            f"output Jacobians need every floating tensor of the model's output to hold the "
+            f"batch's {n} samples along its first dimension; got shapes "
+            f"{[tuple(t.shape) for t in outputs]}. Return the per-sample outputs alone (a "
+            "term of the loss that is not per sample, such as a weight penalty, belongs in "
+            "the loss function), or use the GGN's products (hessian_operator('ggn'))."
+        )
+    return outputs
+
+
 def output_jacobians(graph: BatchGraph, n: int, stacking: Stacking | None = None) -> Tensor:
     """Each sample's output Jacobian ``∂model(x_i)/∂θ`` in the chosen parameters.
 
@@ -186,14 +215,8 @@ def output_jacobians(graph: BatchGraph, n: int, stacking: Stacking | None = None
     Raises:
         InputError: an output tensor has no first dimension of ``n`` samples (or the
             output holds no floating tensor).
-    """
-    outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
-    outputs = [t for t in outputs if t.is_floating_point()]
-    if not outputs or any(t.ndim == 0 or len(t) != n for t in outputs):
-        raise InputError(
-            f"output Jacobians need the model's output to hold the batch's {n} samples along "
-            f"its first dimension; got shapes {[tuple(t.shape) for t in outputs]}."
-        )
+    """  # noqa: DOC502 (raised by sample_outputs)
+    outputs = sample_outputs(graph, n)
     widths = [t[0].numel() for t in outputs]
     c = sum(widths)
     every = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
