@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from deqhess.nn import DEQ
 from deqhess.operator import Operator
 
 UNROLL_STEPS = 60
@@ -227,3 +228,36 @@ class DenseOperator(Operator):
 
     def matmat(self, block: Tensor) -> Tensor:
         return self.matrix @ block
+
+
+class _StartCell(nn.Module):
+    """``tanh(0.4 lin(h) + x)``, ``‖lin.W‖₂ = 1``: a 0.4-contraction in h."""
+
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+        with torch.no_grad():
+            self.lin.weight.div_(torch.linalg.matrix_norm(self.lin.weight, ord=2))
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.tanh(0.4 * self.lin(h) + x)
+
+
+class LearnedStart(nn.Module):
+    """``head(deq(enc(x), h0 = tanh(init(x))))``, a DEQ started from a learned state; or
+    (``unrolled``) the same with 200 plain iterations of its cell from that ``h0``, which
+    forget the start to ``0.4²⁰⁰ ≈ 1e-80``."""
+
+    def __init__(self, unrolled: bool = False) -> None:
+        super().__init__()
+        self.enc, self.init, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.deq = DEQ(_StartCell(), tol=1e-14, atol=1e-15)
+        self.unrolled = unrolled
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, h = self.enc(x), torch.tanh(self.init(x))
+        if not self.unrolled:
+            return self.head(self.deq(u, h))
+        for _ in range(200):
+            h = self.deq.cell(u, h)
+        return self.head(h)

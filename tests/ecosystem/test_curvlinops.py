@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import relative_error
+from problems import LearnedStart, relative_error
 
 from .models import (
     build,
@@ -111,3 +111,22 @@ def test_factors_built_here_match_the_tool_on_an_ordinary_model():
     dense = _dense(kfac, sum(p.numel() for p in head.parameters()))
     w = head[1].weight.numel()
     assert relative_error(dense[:w, :w], torch.kron(G, A)) <= 1e-12
+
+
+@pytest.mark.parametrize("operator", ["HessianLinearOperator", "GGNLinearOperator"])
+def test_operators_on_a_model_with_a_learned_start(operator):
+    """``h0 = tanh(init(x))``: the start's parameters get zero rows, as on the unrolled
+    twin (torch's raw "not used in the graph" before, from the Hessian and the GGN)."""
+    torch.manual_seed(0)
+    model = LearnedStart().double()
+    twin = LearnedStart(unrolled=True).double()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    size = sum(p.numel() for p in model.parameters())
+    got, expected = (
+        _dense(getattr(curvlinops, operator)(
+            m, torch.nn.CrossEntropyLoss(), list(m.parameters()), [(x, y)]), size)
+        for m in (model, twin)
+    )  # fmt: skip
+    assert relative_error(got, expected) <= 1e-10

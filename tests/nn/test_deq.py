@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import CASE_NAMES, case, relative_error
+from problems import CASE_NAMES, LearnedStart, case, relative_error
 from torch import nn
 
 import deqhess as dh
@@ -496,3 +496,29 @@ def test_a_parameter_written_through_data_before_the_backward_is_named_as_a_caus
         deq.cell.lin.weight.data.mul_(1.5)  # weight clipping between forward and backward
     with pytest.raises(dh.InputError, match=r"a parameter written through \.data"):
         loss.backward()
+
+
+def test_a_learned_start_gets_zero_derivatives_in_the_graph_not_none():
+    """z* does not depend on h0: a start computed from parameters (a learned initialiser)
+    gets zero derivatives, as unrolled iterations give them to rounding. The layer cut h0
+    from the graph: its parameters got None, and autograd.grad over model.parameters()
+    (curvlinops' operators among its callers) raised torch's "not used in the graph"."""
+    torch.manual_seed(0)
+    model = LearnedStart().double()
+    twin = LearnedStart(unrolled=True).double()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    results = []
+    for m in (model, twin):
+        params = list(m.parameters())
+        loss = m(x).pow(2).sum()
+        grads = torch.autograd.grad(loss, params, create_graph=True)  # every one in the graph
+        along = sum((g * d).sum() for g, d in zip(grads, v, strict=True))
+        hvp = torch.autograd.grad(along, params)
+        results.append(torch.cat([t.reshape(-1) for t in (*grads, *hvp)]).detach())
+    assert relative_error(*results) <= 1e-10
+    init = [p for n, p in model.named_parameters() if n.startswith("init.")]
+    assert all(p.grad is None for p in init)
+    model(x).sum().backward()
+    assert all(p.grad is not None and not bool(p.grad.any()) for p in init)

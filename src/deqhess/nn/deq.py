@@ -423,15 +423,13 @@ class DEQ(nn.Module):
                     )
                     return out
 
-                h = observed_fixed_point(
-                    spec, h0.detach(), args, observe, lambda: describe_hooks(cell)
-                )
+                h = observed_fixed_point(spec, h0, args, observe, lambda: describe_hooks(cell))
                 solved = h.detach().clone() if warm is not None else h
             else:
                 # a copy for the caller: the Function's own output is saved for the
                 # backward, so in-place use of what the layer returns (ReLU(inplace=True))
                 # must not touch it
-                solved = fixed_point(spec, h0.detach(), *args)
+                solved = fixed_point(spec, h0, *args)
                 h = solved.clone()
         if assigned_since(snapshot):  # the cell keeps tensors on itself (deqhess.nn.attributes)
             if not observed:  # its last evaluation at h* (the visible one is): exact attributes

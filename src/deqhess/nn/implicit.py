@@ -115,11 +115,19 @@ class FixedPointFunction(torch.autograd.Function):
         system: System = ctx.system
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads: list[Tensor | None] = [None] * len(args)
+        # z* does not depend on the start: a start with a graph (a learned h0 = init(x))
+        # gets zeros, as unrolled iterations give it to rounding — not None, which would
+        # leave its parameters out of the graph (torch.autograd.grad: "appears to not
+        # have been used"). A derived system's start (the adjoint's: its cotangent) has
+        # no such use, and its zeros would only be added in every higher derivative.
+        start = None
+        if ctx.needs_input_grad[1] and isinstance(system, NonlinearSystem):
+            start = torch.zeros_like(grad)  # batched as grad is, under vmap
         if wanted and _exactly_zero(grad):  # the gradient is linear in grad: zero
             # zeros, not None: as autograd's own operations give (an optimizer's
             # momentum still moves a parameter whose gradient is zero, not one without)
             zeros = [torch.zeros_like(args[i]) if i in wanted else None for i in range(len(args))]
-            return (None, None, *zeros)
+            return (None, start, *zeros)
         if wanted:  # h* does not depend on z0; no adjoint solve when nothing is wanted
             pulled = system.recorded_args(tuple(args))
             value, pull = args_pullback(system.spec.fn, z, pulled, wanted)
@@ -133,7 +141,7 @@ class FixedPointFunction(torch.autograd.Function):
             mu = FixedPointFunction.apply(system.adjoint(), grad, grad, z, *args)
             for i, g in zip(wanted, pull(mu), strict=True):
                 grads[i] = g
-        return (None, None, *grads)
+        return (None, start, *grads)
 
     @staticmethod
     def jvp(ctx: Any, _system: None, _z0: Tensor | None, *arg_tangents: Tensor | None) -> Tensor:
