@@ -1,8 +1,10 @@
 """What a batch's loss makes of its samples' grouping and order (the first pass's checks).
 
-A plain mean (or sum) of per-sample losses is neither; a weighted mean (class weights)
-or a term over all pairs depends on the grouping but not the order; a term over
-consecutive samples, or weights by position, on both. Each is read from one batch's graph
+A plain mean (or sum, as the data set's reduction adds the batches) of per-sample losses
+is neither; the other one (a mean added by ``reduction="sum"``) weighs samples by their
+batch's size; a weighted mean (class weights) or a term over all pairs depends on the
+grouping but not the order; a term over consecutive samples, or weights by position, on
+both. Each is read from one batch's graph
 (the loss, and its gradient at the output, re-evaluated), never from the model again.
 """
 
@@ -14,7 +16,7 @@ from models import Classifier
 from torch import nn
 
 from deqhess.models import BatchGraph
-from deqhess.models.grouping import loss_couples_samples, loss_orders_samples
+from deqhess.models.grouping import loss_grouping, loss_orders_samples
 from deqhess.parameters import ParameterLayout
 
 
@@ -31,19 +33,26 @@ def _pairs(out, target):
     return nn.functional.cross_entropy(out, target) + 0.1 * (out[:, None] - out[None]).pow(2).mean()
 
 
-LOSSES = {  # loss: (couples, orders)
-    "plain mean": (lambda: nn.CrossEntropyLoss(), False, False),
-    "plain sum": (lambda: nn.CrossEntropyLoss(reduction="sum"), False, False),
-    "class weights": (lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 4.0])), True, False),
-    "all pairs": (lambda: _pairs, True, False),
-    "consecutive": (lambda: _consecutive, True, True),
-    "by position": (lambda: _by_position, True, True),
+LOSSES = {  # loss: (data set's reduction, grouping, orders)
+    "plain mean": (lambda: nn.CrossEntropyLoss(), "mean", "free", False),
+    "plain sum": (lambda: nn.CrossEntropyLoss(reduction="sum"), "sum", "free", False),
+    "mean, added": (lambda: nn.CrossEntropyLoss(), "sum", "sizes", False),
+    "sum, averaged": (lambda: nn.CrossEntropyLoss(reduction="sum"), "mean", "sizes", False),
+    "class weights": (
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 4.0])),
+        "mean",
+        "coupled",
+        False,
+    ),
+    "all pairs": (lambda: _pairs, "mean", "coupled", False),
+    "consecutive": (lambda: _consecutive, "mean", "coupled", True),
+    "by position": (lambda: _by_position, "mean", "coupled", True),
 }
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_grouping_and_order_are_read_from_the_loss(name):
-    make, couples, orders = LOSSES[name]
+    make, reduction, grouping, orders = LOSSES[name]
     loss = make()
     torch.manual_seed(0)
     model = Classifier(k=2)
@@ -52,10 +61,9 @@ def test_grouping_and_order_are_read_from_the_loss(name):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 1, 0, 1, 0])
     graph = BatchGraph(model, loss, layout, params, x, y, 1.0, None)
-    reduction = "sum" if name == "plain sum" else "mean"
-    assert loss_couples_samples(graph, 6, reduction) is couples
+    assert loss_grouping(graph, 6, reduction) == grouping
     assert loss_orders_samples(graph, 6) is orders
-    assert loss_couples_samples(graph, 1, reduction) is False
+    assert loss_grouping(graph, 1, reduction) == "free"
 
 
 def test_an_order_blind_loss_near_its_minimum_is_not_taken_for_ordered():
@@ -75,7 +83,7 @@ def test_an_order_blind_loss_near_its_minimum_is_not_taken_for_ordered():
 
     graph = BatchGraph(model, moments, layout, params, x, y, 1.0, None)
     assert float(graph.loss.detach()) < 1e-11
-    assert loss_couples_samples(graph, 6, "mean") is True
+    assert loss_grouping(graph, 6, "mean") == "coupled"
     assert loss_orders_samples(graph, 6) is False
 
 
@@ -90,9 +98,9 @@ def test_a_class_weighted_mean_is_coupled_even_on_a_batch_of_one_class():
     x, y = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.ones(4).long()
     weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 4.0]))
     graph = BatchGraph(model, weighted, layout, params, x, y, 1.0, None)
-    assert loss_couples_samples(graph, 4, "mean") is True
+    assert loss_grouping(graph, 4, "mean") == "coupled"
     plain = BatchGraph(model, nn.CrossEntropyLoss(), layout, params, x, y, 1.0, None)
-    assert loss_couples_samples(plain, 4, "mean") is False
+    assert loss_grouping(plain, 4, "mean") == "free"
 
 
 def test_an_order_dependent_loss_that_refuses_the_generic_point_is_checked_at_the_output():

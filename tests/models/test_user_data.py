@@ -182,6 +182,44 @@ def test_a_loss_that_depends_on_the_grouping_refuses_a_regrouping_loader(loss):
     assert relative_error(plain.hvp(v), plain.hvp(v)) <= 1e-5  # float32: regrouped sums
 
 
+@pytest.mark.parametrize("sizes", [(6, 6), (8, 4)])
+def test_a_mean_loss_added_by_reduction_sum_regroups_only_into_batches_of_one_size(sizes):
+    """``reduction="sum"`` adds the batches' means: a sample weighs ``1/n_b``, so the
+    data set's loss is the same under any grouping into batches of one size (refused
+    before, with a message blaming class weights) and another operator under batches of
+    unequal sizes (refused, naming the reductions)."""
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0])
+    model = Classifier(k=2).double()
+    loss = nn.CrossEntropyLoss()
+    order, shuffled = (
+        torch.arange(12),
+        torch.randperm(12, generator=torch.Generator().manual_seed(2)),
+    )
+
+    class Regrouped:  # the first pass in order, the next ones shuffled
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            index = order if self.passes == 0 else shuffled
+            self.passes += 1
+            for part in index.split(list(sizes)):
+                yield x[part], y[part]
+
+    curvature = dh.ModelCurvature(model, loss, Regrouped(), reduction="sum")
+    fixed = [(x[part], y[part]) for part in order.split(list(sizes))]
+    names = curvature.layout.names
+    v = torch.randn(curvature.num_parameters, dtype=torch.float64)
+    reference = Reference(unrolled_twin(model), loss, fixed, names, reduction="sum")
+    assert relative_error(curvature.hvp(v), reference.total() @ v) <= 1e-10
+    if sizes[0] != sizes[1]:
+        with pytest.raises(dh.DataChangedError, match=r"its batch's size .* held \[4, 8\]"):
+            curvature.hvp(v)
+    else:
+        assert relative_error(curvature.hvp(v), reference.total() @ v) <= 1e-10
+
+
 @pytest.mark.parametrize("loss", ["consecutive", "by position", "class weights", "pairwise"])
 def test_a_loss_that_depends_on_the_order_refuses_a_reordering_loader(loss):
     """One batch of all samples, shuffled on every pass: the grouping stays, the order

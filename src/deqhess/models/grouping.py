@@ -24,36 +24,44 @@ from ..errors import InputError
 from .graph import BatchGraph
 from .per_sample import sample_loss_values
 
-__all__ = ["loss_couples_samples", "loss_orders_samples"]
+__all__ = ["GROUPINGS", "loss_grouping", "loss_orders_samples"]
+
+#: what a batch's loss makes of the grouping (:func:`loss_grouping`)
+GROUPINGS = ("free", "sizes", "coupled")
 
 
-def loss_couples_samples(graph: BatchGraph, samples: int, reduction: str) -> bool | None:
-    """Whether the batch's loss is not the plain mean (or sum) of its samples' own.
+def loss_grouping(graph: BatchGraph, samples: int, reduction: str) -> str | None:
+    """What the batch's loss makes of how the samples are grouped into batches.
 
     Each sample's loss alone (:func:`~deqhess.models.per_sample.sample_loss_values`,
-    the loss vmapped over the output's rows) against the batch's:
-    a class-weighted or ``ignore_index`` cross-entropy (a weighted mean), or a term
-    coupling the samples, makes the data set's loss depend on how the samples are
-    grouped into batches.
+    the loss vmapped over the output's rows) against the batch's. With the data set's
+    loss ``Σ_b w_b ℓ_b`` (``w_b = n_b/N`` for ``"mean"``, 1 for ``"sum"``):
+
+    * ``"free"`` — ``ℓ_b`` is the mean (``"mean"``) or sum (``"sum"``) of its samples'
+      own: every sample weighs the same, whatever the grouping;
+    * ``"sizes"`` — the other one (a mean-reduced loss added by ``reduction="sum"``, a
+      sum-reduced one averaged by ``"mean"``): a sample weighs as its batch's size says,
+      so a grouping into batches of other sizes is another operator (batches all of one
+      size: the same);
+    * ``"coupled"`` — neither: a class-weighted or ``ignore_index`` cross-entropy (a
+      weighted mean; coupled by construction, whatever the batch), or a term coupling
+      the samples; another grouping is another operator.
 
     Args:
         graph: the batch's graph (its output, target and loss).
         samples: the batch's sample count (along the first dimension).
         reduction: the data set's reduction, ``"mean"`` or ``"sum"``.
 
-    A class-weighted cross-entropy (or NLL) is coupled by construction, whatever the
-    batch.
-
     Returns:
-        True where they differ beyond rounding (or a sample's own loss is not finite
-        where the batch's is: an ``ignore_index`` sample alone, 0/0; or the loss
-        cannot be evaluated on one sample); None where the output or the target has
-        no sample rows (not known).
+        One of :data:`GROUPINGS` (``"coupled"`` also where a sample's own loss is not
+        finite where the batch's is — an ``ignore_index`` sample alone, 0/0 — or the loss
+        cannot be evaluated on one sample); None where the output or the target has no
+        sample rows (not known).
     """
     if samples <= 1:
-        return False
+        return "free"
     if _class_weighted_mean(graph.loss_func):  # whatever this batch's classes
-        return True
+        return "coupled"
     try:
         with warnings.catch_warnings():  # the check's own evaluations: not the user's
             warnings.simplefilter("ignore")
@@ -61,14 +69,24 @@ def loss_couples_samples(graph: BatchGraph, samples: int, reduction: str) -> boo
     except InputError:  # no sample rows to take
         return None
     except Exception:  # the loss cannot take a batch of one: it couples the samples
-        return True
+        return "coupled"
     batch = graph.loss.detach()
     if not bool(torch.isfinite(own).all()):  # e.g. an ignored sample's loss alone: 0/0
-        return bool(torch.isfinite(batch))
-    total = own.mean() if reduction == "mean" else own.sum()
-    scale = float(own.abs().mean() if reduction == "mean" else own.abs().sum())
+        return "coupled" if bool(torch.isfinite(batch)) else "free"
     eps = torch.finfo(own.dtype).eps
-    return abs(float(total - batch)) > 1e3 * eps * max(scale, float(batch.abs()))
+
+    def equals(total: Tensor, scale: Tensor) -> bool:
+        return abs(float(total - batch)) <= 1e3 * eps * max(float(scale), float(batch.abs()))
+
+    plain, other = (own.mean(), own.sum()) if reduction == "mean" else (own.sum(), own.mean())
+    magnitude = own.abs()
+    plain_scale, other_scale = (
+        (magnitude.mean(), magnitude.sum()) if reduction == "mean"
+        else (magnitude.sum(), magnitude.mean())
+    )  # fmt: skip
+    if equals(plain, plain_scale):
+        return "free"
+    return "sizes" if equals(other, other_scale) else "coupled"
 
 
 def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:

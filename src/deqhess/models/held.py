@@ -323,7 +323,7 @@ class HeldGraphs:
             self.full = True
             return
         versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
-        kept = replace(formed, response=None, offers=(), coupled=None)
+        kept = replace(formed, response=None, offers=(), coupled=None, sized=None)
         self._kept[(part, key)] = _Kept(kept, nbytes, versions)
         self.used += nbytes
 

@@ -51,7 +51,7 @@ from .arguments import (
 from .backward import BlockBackward, reentrant_checkpoint_named
 from .dense import Blocks
 from .graph import BatchGraph, LossFunc
-from .grouping import loss_couples_samples, loss_orders_samples
+from .grouping import loss_grouping, loss_orders_samples
 from .held import HeldGraphs, state_token
 from .info import CurvatureInfo
 from .modes import StateGuard, check_modes, check_parameters_read
@@ -434,14 +434,16 @@ class ModelPasses:
         first = self._stream.record is None  # the first pass checks how the loss groups
         if first:
             check_parameters_read(self.model, self.names, graph.loss)
-        coupled = ordered = None
+        coupled = sized = ordered = None
         if first and self.batch_dim == 0:  # what the loss makes of the samples' grouping
-            coupled = loss_couples_samples(graph, samples, self.reduction)
+            grouping = loss_grouping(graph, samples, self.reduction)
+            if grouping is not None:
+                coupled, sized = grouping == "coupled", grouping == "sizes"
             ordered = loss_orders_samples(graph, samples) if coupled else None
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
             tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
-            coupled=coupled, ordered=ordered,
+            coupled=coupled, sized=sized, ordered=ordered,
         )  # fmt: skip
 
     def _layers(self) -> list[DEQ]:

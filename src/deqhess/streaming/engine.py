@@ -127,6 +127,10 @@ class Formed:
         coupled: whether the batch's term is not the plain sum (or mean) of its samples'
             own (a loss with class weights or coupling the samples), so that another
             grouping of the samples is another operator; None: not known (not checked).
+        sized: whether the batch's term weighs its samples by the batch's size (their
+            mean where the data set adds the batches, their sum where it averages
+            them), so that a grouping into batches of other sizes is another operator;
+            None: not known (not checked).
         ordered: whether the batch's term depends on the order of its samples (a term
             over consecutive samples), so that another order is another operator; None:
             not known (not checked).
@@ -141,6 +145,7 @@ class Formed:
     tolerance: float = 0.0
     offers: tuple[Offer, ...] = ()
     coupled: bool | None = None
+    sized: bool | None = None
     ordered: bool | None = None
 
 
@@ -382,7 +387,7 @@ class Stream:
         if not reused and formed.response is not None:
             sketch = response_sketch(formed.response, len(kept), formed.response_dim)
         check.responded(kept, sketch, formed.tolerance, batch.key)
-        check.grouped(kept, formed.coupled, formed.ordered)
+        check.grouped(kept, formed.coupled, formed.ordered, formed.sized)
         if stored is None and formed.offers and batch.key:
             self.store.offer(batch.key, batch.hashes, formed.offers)
 

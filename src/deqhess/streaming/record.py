@@ -36,6 +36,26 @@ _MODEL_FIX = (
 )
 
 
+#: why a regrouping is another operator: a loss that couples the samples
+_COUPLED = (
+    "the loss is not the plain sum (or mean) of its samples' own losses (class weights or "
+    "ignore_index in a cross-entropy, a term coupling the samples: checked on the first "
+    "pass), so the data set's loss Σ_b w_b ℓ_b depends on the grouping and this pass is "
+    "another operator. Batch the data the same way on every pass (shuffle=False, or a list "
+    "of batches), or use a loss that is a plain mean of per-sample losses."
+)
+
+#: ... or one that weighs each sample by its batch's size (the first pass's sizes)
+_SIZED = (
+    "the loss weighs each sample by its batch's size — each batch's loss is the mean of "
+    "its samples' own while the data set adds the batches (reduction='sum'), or their sum "
+    "while it averages them ('mean') — and the first pass's batches held {} samples: "
+    "regrouped into batches of other sizes, the data set's loss is another operator. Match "
+    "the reductions (reduction='mean' with a mean-reduced loss, or 'sum' with a sum-reduced "
+    "one), or batch the data the same way on every pass."
+)
+
+
 @dataclass
 class PassRecord:
     """The first pass: its samples (sorted hashes), and its kept samples' responses.
@@ -53,6 +73,9 @@ class PassRecord:
             samples' own (:attr:`deqhess.streaming.Formed.coupled`).
         ordered: whether some batch's term depended on the order of its samples
             (:attr:`deqhess.streaming.Formed.ordered`).
+        sized: whether some batch's term weighed its samples by the batch's size
+            (:attr:`deqhess.streaming.Formed.sized`).
+        sizes: the sizes of its batches (kept samples).
     """
 
     hashes: Tensor
@@ -64,6 +87,8 @@ class PassRecord:
     sequences: frozenset[str] = frozenset()
     coupled: bool = False
     ordered: bool = False
+    sized: bool = False
+    sizes: frozenset[int] = frozenset()
 
     @property
     def samples(self) -> int:
@@ -89,6 +114,8 @@ class PassCheck:
         self.sequences: set[str] = set()
         self.coupled = False
         self.ordered = False
+        self.sized = False
+        self.sizes: set[int] = set()
         self.batches = 0
         self.unsplit = 0  # batches whose samples could not be told apart
 
@@ -174,7 +201,10 @@ class PassCheck:
             )
         _compare(sketch, self.record.sketches[torch.from_numpy(where)], tolerance, self.label)
 
-    def grouped(self, hashes: Tensor, coupled: bool | None, ordered: bool | None = None) -> None:
+    def grouped(
+        self, hashes: Tensor, coupled: bool | None, ordered: bool | None = None,
+        sized: bool | None = None,
+    ) -> None:  # fmt: skip
         """Note the samples a batch's term groups, checking the grouping where it matters.
 
         Args:
@@ -183,38 +213,41 @@ class PassCheck:
                 (None: not known).
             ordered: whether its term depends on the order of its samples (None: not
                 known).
+            sized: whether its term weighs its samples by the batch's size (None: not
+                known).
 
         Raises:
             DataChangedError: the first pass found such a term and this batch groups
-                samples no batch of the first pass grouped (a shuffling loader), or, for a
-                term that depends on the order, orders them otherwise: the data-set sum
-                then depends on it, and is another operator.
+                samples no batch of the first pass grouped (a shuffling loader) — for a
+                term weighed by size, unless every batch, of both passes, holds as many
+                samples — or, for a term that depends on the order, orders them
+                otherwise: the data-set sum then depends on it, and is another operator.
         """
-        if self.record is not None and not self.record.coupled:
+        record = self.record
+        if record is not None and not (record.coupled or record.sized):
             return  # any grouping is the same operator: nothing to compare
         key = batch_key(torch.sort(hashes).values)
         sequence = batch_key(hashes)
-        if self.record is None:
+        if record is None:
             self.groups.add(key)
             self.sequences.add(sequence)
+            self.sizes.add(len(hashes))
             self.coupled |= bool(coupled)
             self.ordered |= bool(ordered)
+            self.sized |= bool(sized)
             return
-        if key not in self.record.groups:
+        # weighed by size alone, a regrouping into batches all of the first pass's one
+        # size is the same operator
+        if key not in record.groups and (record.coupled or record.sizes != {len(hashes)}):
             raise DataChangedError(
                 f"batch {self.batches} of this pass over the data of {self.label} groups "
                 f"its {len(hashes)} samples otherwise than any batch of the first pass, and "
-                "the loss is not the plain sum (or mean) of its samples' own losses (class "
-                "weights or ignore_index in a cross-entropy, a term coupling the samples: "
-                "checked on the first pass), so the data set's loss Σ_b w_b ℓ_b depends on "
-                "the grouping and this pass is another operator. Batch the data the same "
-                "way on every pass (shuffle=False, or a list of batches), or use a loss "
-                "that is a plain mean of per-sample losses.",
+                + (_COUPLED if record.coupled else _SIZED.format(sorted(record.sizes))),
                 self.samples,
-                self.record.samples,
+                record.samples,
                 -1,
             )
-        if self.record.ordered and sequence not in self.record.sequences:
+        if record.ordered and sequence not in record.sequences:
             raise DataChangedError(
                 f"batch {self.batches} of this pass over the data of {self.label} holds "
                 f"the samples of a batch of the first pass in another order, and the loss "
@@ -223,7 +256,7 @@ class PassCheck:
                 "is another operator. Feed the samples in the same order on every pass "
                 "(shuffle=False, or a list of batches).",
                 self.samples,
-                self.record.samples,
+                record.samples,
                 -1,
             )
 
@@ -262,6 +295,8 @@ class PassCheck:
                 sequences=frozenset(self.sequences),
                 coupled=self.coupled,
                 ordered=self.ordered,
+                sized=self.sized,
+                sizes=frozenset(self.sizes),
             )
         expected = self.record.hashes
         if len(seen) != len(expected) or not torch.equal(seen, expected):
