@@ -175,3 +175,25 @@ def test_rows_of_a_float32_model_whose_output_is_cast_are_in_its_dtype():
                                   [(x.float(), y.double())])  # fmt: skip
     assert curvature.per_sample_gradients().dtype == torch.float32
     assert curvature.output_jacobians().dtype == torch.float32
+
+
+def test_a_loss_without_a_value_on_one_sample_is_named_in_per_sample_gradients():
+    """A loss that standardises the outputs over the batch (unbiased std: NaN on one
+    sample) has no per-sample loss: the solve's "right-hand side is not finite" said
+    nothing of it. An ignore_index sample alone is NaN too, but its gradient is zero: its
+    row stays (zeros), as before."""
+    model = Classifier()
+    x, y = _data(classes=True)
+
+    def standardised(out, target):
+        return nn.functional.cross_entropy((out - out.mean(0)) / (out.std(0) + 1.0), target)
+
+    curvature = dh.ModelCurvature(model, standardised, [(x, y)])
+    with pytest.raises(dh.NonFiniteError, match=r"the loss of sample 0 alone .* is nan"):
+        curvature.per_sample_gradients()
+    assert torch.isfinite(curvature.hessian_operator() @ torch.ones(curvature.num_parameters)).all()
+    ignoring = dh.ModelCurvature(model, nn.CrossEntropyLoss(ignore_index=1), [(x, y)])
+    with pytest.warns(RuntimeWarning, match="rows do not add up"):
+        rows = ignoring.per_sample_gradients()
+    assert torch.isfinite(rows).all() and not bool(rows[y == 1].any())
+    assert bool(rows[y == 0].any(dim=1).all())

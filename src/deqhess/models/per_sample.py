@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteError
+from ..finiteness import all_finite
 from .graph import BatchGraph
 from .sample_sites import Stacking, stacked_sample_rows
 
@@ -145,8 +146,31 @@ def sample_gradients(graph: BatchGraph, n: int, stacking: Stacking | None = None
 
     Returns:
         ``[n, P]``: row ``i`` is ``∇_θ ℓᵢ``, flattened in the layout's order; detached.
+
+    Raises:
+        NonFiniteError: a row is not finite where that sample's loss alone is not (a
+            loss over the batch as a whole: named as such), or as the solves raise it.
     """
     losses = sample_losses(graph, n)
+    try:
+        rows = _gradient_rows(graph, n, losses, stacking)
+    except NonFiniteError as error:  # from a solve, named here where the loss is why
+        named = _without_own_loss(losses, n)
+        if named is None:
+            raise
+        raise named from error
+    if not all_finite(rows):
+        raise _without_own_loss(losses, n) or NonFiniteError(
+            "a per-sample gradient is not finite: the loss or the model is not finite or "
+            "not differentiable at one sample's output (sqrt, abs or division at 0, "
+            "overflow).",
+            quantity="a per-sample gradient",
+        )
+    return rows
+
+
+def _gradient_rows(graph: BatchGraph, n: int, losses: Tensor, stacking: Stacking | None) -> Tensor:
+    """:func:`sample_gradients`' rows: stacked where the graph allows, else one-hot."""
     outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
     if stacking is not None and stacking.promising:
         rows = None
@@ -161,6 +185,24 @@ def sample_gradients(graph: BatchGraph, n: int, stacking: Stacking | None = None
     with torch.enable_grad():
         grads = graph.backward([losses], graph.params, [eye])
     return torch.cat([g.reshape(n, -1) for g in grads], dim=1).detach()
+
+
+def _without_own_loss(losses: Tensor, n: int) -> NonFiniteError | None:
+    """Why rows are not finite where a sample's loss alone is not (None: every one is)."""
+    finite = torch.isfinite(losses.detach())
+    if bool(finite.all()):
+        return None
+    first = int(torch.nonzero(~finite)[0, 0])
+    return NonFiniteError(
+        f"the loss of sample {first} alone (loss_func on that sample's output and target, "
+        f"a batch of one) is {float(losses[first])} ({int((~finite).sum())} of the "
+        f"batch's {n} samples), and its gradient is not finite: per-sample gradients "
+        "differentiate each sample's loss on its own, and this loss has none — it reads "
+        "the batch as a whole (a standard deviation over the batch is NaN on one sample). "
+        "Use a loss that is defined on one sample, or the data set's curvature "
+        "(hessian_operator, ggn_operator), which takes the batch's loss.",
+        quantity="a sample's loss alone",
+    )
 
 
 def sample_outputs(graph: BatchGraph, n: int) -> list[Tensor]:
