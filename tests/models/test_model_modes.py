@@ -15,6 +15,7 @@ from torch import nn
 
 import deqhess as dh
 from deqhess.curvature import extreme_eigenpairs, hutchpp
+from deqhess.nn import DEQ
 
 
 def _data(sizes=(3, 4), m=3, k=2):
@@ -376,6 +377,52 @@ def test_second_derivatives_through_torch_weight_norm_are_refused():
         )
         <= 1e-12
     )
+
+
+class _CalledWeightNorm(nn.Module):
+    """``x @ torch._weight_norm(v, g, 0)ᵀ``: the operation called, no module declaring it."""
+
+    def __init__(self, n: int = 2) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(n, n))
+        self.g = nn.Parameter(torch.rand(n, 1) + 0.5)
+
+    def forward(self, x):
+        return x @ torch._weight_norm(self.v, self.g, 0).T
+
+
+class _CellCallingWeightNorm(nn.Module):
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        self.norm = _CalledWeightNorm(n)
+        with torch.no_grad():
+            self.norm.g.fill_(0.3)
+
+    def forward(self, x, h):
+        return torch.tanh(self.norm(h) + x)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch's vmap
+@pytest.mark.parametrize("where", ["model", "cell"])
+def test_torch_weight_norm_called_by_the_forward_is_refused_from_the_graph(where):
+    """A forward that calls ``torch._weight_norm`` itself (no hook, no parametrisation to
+    find): the Hessian was 5% off, silently. Its node in the first-order graph is refused
+    by name; the GGN, first-order in the model, still runs."""
+    torch.manual_seed(0)
+    if where == "model":
+        model = Headed(_CalledWeightNorm())
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), DEQ(_CellCallingWeightNorm()), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    data = [(x, model(x).detach() + 0.1)]
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    v = torch.ones(curvature.num_parameters)
+    name = "extra" if where == "model" else "1.cell.norm"
+    with pytest.raises(
+        dh.UnsupportedDerivativeError, match=rf"torch._weight_norm of model.{name}.g"
+    ):
+        curvature.hvp(v)
+    assert torch.isfinite(curvature.ggn_operator() @ v).all()
 
 
 @pytest.mark.parametrize("how", ["frozen", "not chosen"])

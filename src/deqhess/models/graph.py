@@ -30,7 +30,7 @@ import bisect
 import contextlib
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +43,13 @@ from ..nn.reparametrize import functional_call
 from ..parameters import ParameterLayout
 from .backward import BlockBackward
 
-__all__ = ["BatchGraph", "leaves_reached", "missing_derivatives_named", "one_hot_rows"]
+__all__ = [
+    "BatchGraph",
+    "graph_nodes",
+    "leaves_reached",
+    "missing_derivatives_named",
+    "one_hot_rows",
+]
 
 LossFunc = Callable[[Tensor, Any], Tensor]
 
@@ -164,28 +170,38 @@ def missing_derivatives_named() -> Iterator[None]:
         ) from error
 
 
-def leaves_reached(value: Tensor) -> list[Tensor]:
-    """The leaf tensors ``value``'s graph accumulates gradients into.
+def graph_nodes(starts: Iterable[Any]) -> Iterator[Any]:
+    """Every autograd node a backward from ``starts`` would run, each once.
 
     Args:
-        value: a tensor of a graph.
+        starts: autograd nodes (``tensor.grad_fn``; None is skipped).
 
-    Returns:
-        Every leaf with ``requires_grad`` that a backward from ``value`` would reach.
+    Yields:
+        The nodes, depth first.
     """
-    nodes: list[Any] = [value.grad_fn]
+    nodes: list[Any] = list(starts)
     seen: set[int] = set()
-    found: list[Tensor] = []
     while nodes:
         node = nodes.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node
-        if isinstance(variable, Tensor):
-            found.append(variable)
+        yield node
         nodes.extend(next_node for next_node, _ in node.next_functions)
-    return found
+
+
+def leaves_reached(value: Tensor | Any) -> list[Tensor]:
+    """The leaf tensors a graph accumulates gradients into.
+
+    Args:
+        value: a tensor of a graph, or an autograd node.
+
+    Returns:
+        Every leaf with ``requires_grad`` that a backward from ``value`` would reach.
+    """
+    start = value.grad_fn if isinstance(value, Tensor) else value
+    variables = (getattr(node, "variable", None) for node in graph_nodes([start]))
+    return [v for v in variables if isinstance(v, Tensor)]  # AccumulateGrad nodes'
 
 
 def one_hot_rows(start: int, stop: int, width: int, like: Tensor) -> Tensor:

@@ -23,9 +23,19 @@ from ..nn.contract import check_parametrize_cache, training_hazard
 from ..nn.reparametrize import Rebind, rebinds_recorded, same_bits
 from ..nn.second_order import wrong_double_backward
 from ..streaming.fingerprint import tensor_digests
-from .graph import leaves_reached
+from .graph import graph_nodes, leaves_reached
 
-__all__ = ["StateGuard", "check_modes", "check_parameters_read", "check_second_order"]
+__all__ = [
+    "StateGuard",
+    "check_modes",
+    "check_parameters_read",
+    "check_second_order",
+    "check_second_order_graph",
+]
+
+#: the autograd node of ``torch._weight_norm`` along a dimension, whose double backward
+#: torch 2.13 computes wrongly (``dim=None`` runs other operations: exact)
+_WRONG_DOUBLE_BACKWARD = "WeightNormInterfaceBackward0"
 
 
 def check_modes(model: nn.Module, label: str) -> None:
@@ -118,14 +128,48 @@ def check_second_order(model: nn.Module, what: str, chosen: Sequence[str]) -> No
         if g in names or v in names
     ]
     if found:
-        raise UnsupportedDerivativeError(
-            f"{what} needs second derivatives through weight normalisation along a dimension "
-            f"({found[:4]}{' …' if len(found) > 4 else ''}), whose double backward torch "
-            "computes wrongly (its Hessian was 30–35% off finite differences of the exact "
-            "gradient). The gradient and the GGN (hessian_operator('ggn')) are exact; for "
-            "the Hessian, write the weight norm by hand (w = g * v / v.norm(dim=1, "
-            "keepdim=True)), which is exact, or use weight_norm(..., dim=None)."
-        )
+        raise UnsupportedDerivativeError(_weight_norm_message(what, found))
+
+
+def check_second_order_graph(
+    roots: Sequence[Tensor], params: Sequence[Tensor], names: Sequence[str], what: str
+) -> None:
+    """Refuse second derivatives through a ``torch._weight_norm`` the graph shows.
+
+    :func:`check_second_order` finds the weight normalisations a model's modules declare
+    (the hook, the parametrisation); a forward that calls ``torch._weight_norm`` itself,
+    in the model or inside a DEQ cell, shows only in the graph (its Hessian was 5% off,
+    silently). Checked on one batch's first-order graph (the operation's node, and a
+    chosen parameter below it).
+
+    Args:
+        roots: the first-order quantities the second derivatives differentiate.
+        params: the chosen parameters' leaves in that graph.
+        names: their names.
+        what: what needs the second derivatives, for the message.
+
+    Raises:
+        UnsupportedDerivativeError: such a node reaches a chosen parameter (named).
+    """
+    chosen = {id(p): name for p, name in zip(params, names, strict=True)}
+    found: list[str] = []
+    for node in graph_nodes(r.grad_fn for r in roots):
+        if type(node).__name__ == _WRONG_DOUBLE_BACKWARD:
+            found += [chosen[id(t)] for t in leaves_reached(node) if id(t) in chosen]
+    if found:
+        labels = [f"torch._weight_norm of model.{n}" for n in dict.fromkeys(found)]
+        raise UnsupportedDerivativeError(_weight_norm_message(what, labels))
+
+
+def _weight_norm_message(what: str, found: list[str]) -> str:
+    return (
+        f"{what} needs second derivatives through weight normalisation along a dimension "
+        f"({found[:4]}{' …' if len(found) > 4 else ''}), whose double backward torch "
+        "computes wrongly (its Hessian was 30–35% off finite differences of the exact "
+        "gradient). The gradient and the GGN (hessian_operator('ggn')) are exact; for "
+        "the Hessian, write the weight norm by hand (w = g * v / v.norm(dim=1, "
+        "keepdim=True)), which is exact, or use weight_norm(..., dim=None)."
+    )
 
 
 class StateGuard:

@@ -54,10 +54,18 @@ from .graph import BatchGraph, LossFunc
 from .grouping import loss_grouping, loss_orders_samples
 from .held import HeldGraphs, state_token
 from .info import CurvatureInfo
-from .modes import StateGuard, check_modes, check_parameters_read
+from .modes import (
+    StateGuard,
+    check_modes,
+    check_parameters_read,
+    check_second_order_graph,
+)
 from .sample_sites import Stacking, may_have_sites
 
 __all__ = ["ModelPasses"]
+
+#: the parts whose products differentiate the first-order gradients again
+_SECOND_ORDER = ("total", "loss_curvature", "dynamics_curvature")
 
 
 class ModelPasses:
@@ -149,6 +157,7 @@ class ModelPasses:
         self._blocks = Blocks(self.chunk_size)  # the memory one direction takes, once measured
         self._held: HeldGraphs | None = None  # batch graphs kept while an operator is held
         self._widest_batch = 1
+        self._graph_checked: set[str] = set()  # the parts whose graph was checked
         self._warned_rows = False
         # whether each sample's rows came from stacked cotangents on the last pass that
         # tried (deqhess.models.sample_sites): a model whose graph does not show them is
@@ -434,6 +443,12 @@ class ModelPasses:
         first = self._stream.record is None  # the first pass checks how the loss groups
         if first:
             check_parameters_read(self.model, self.names, graph.loss)
+        if graph.part in _SECOND_ORDER and graph.part not in self._graph_checked:
+            # a torch._weight_norm the modules do not declare, on the part's first graph
+            check_second_order_graph(
+                graph.first, graph.params, self.names, f"the {graph.part!r} operator"
+            )
+            self._graph_checked.add(graph.part)
         coupled = sized = ordered = None
         if first and self.batch_dim == 0:  # what the loss makes of the samples' grouping
             grouping = loss_grouping(graph, samples, self.reduction)
