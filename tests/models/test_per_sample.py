@@ -197,3 +197,22 @@ def test_a_loss_without_a_value_on_one_sample_is_named_in_per_sample_gradients()
         rows = ignoring.per_sample_gradients()
     assert torch.isfinite(rows).all() and not bool(rows[y == 1].any())
     assert bool(rows[y == 0].any(dim=1).all())
+
+
+def test_a_loss_that_fails_on_one_sample_is_named_in_per_sample_gradients():
+    """A model returning its samples along the second dimension (logits.T), with a loss
+    that transposes back: the loss on one sample's "row" raised torch's raw batch-size
+    mismatch from inside the user's loss."""
+    model = nn.Sequential(Classifier(k=3), _Transposed())
+    x, _ = _data(samples=3)
+    y = torch.tensor([0, 2, 1])
+    curvature = dh.ModelCurvature(model, lambda out, t: nn.functional.cross_entropy(out.T, t),
+                                  [(x, y)])  # fmt: skip
+    with pytest.raises(dh.InputError, match=r"evaluate the loss on each sample alone .* "
+                       r"loss_func raised ValueError"):  # fmt: skip
+        curvature.per_sample_gradients()
+
+
+class _Transposed(nn.Module):
+    def forward(self, out):
+        return out.T

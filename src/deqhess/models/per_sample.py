@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import InputError, NonFiniteError
+from ..errors import DeqhessError, InputError, NonFiniteError
 from ..finiteness import all_finite
 from .graph import BatchGraph
 from .sample_sites import Stacking, stacked_sample_rows
@@ -30,6 +30,11 @@ __all__ = [
     "sample_losses",
     "stacked_rows",
 ]
+
+
+def _shapes(value: Any) -> list[tuple[int, ...]]:
+    """The shapes of a value's tensors, for messages."""
+    return [tuple(t.shape) for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
 
 
 def _row(value: Any, i: int, n: int) -> Any:
@@ -53,7 +58,9 @@ def sample_losses(graph: BatchGraph, n: int) -> Tensor:
 
     Raises:
         InputError: the output or the target has no first dimension of ``n`` samples
-            (or the output holds no tensor).
+            (or the output holds no tensor), or the loss raises on a sample alone (named,
+            with its error).
+        DeqhessError: as the loss's own checks raise it.
     """
     outputs = [t for t in tree_flatten(graph.output)[0] if isinstance(t, Tensor)]
     targets = [t for t in tree_flatten(graph.target)[0] if isinstance(t, Tensor)]
@@ -64,10 +71,25 @@ def sample_losses(graph: BatchGraph, n: int) -> Tensor:
             f"{[tuple(t.shape) for t in outputs]} and target shapes "
             f"{[tuple(t.shape) for t in targets]}."
         )
+    losses = []
     with torch.enable_grad():
-        return torch.stack(
-            [graph._loss_of(_row(graph.output, i, n), _row(graph.target, i, n)) for i in range(n)]
-        )
+        for i in range(n):
+            output, target = _row(graph.output, i, n), _row(graph.target, i, n)
+            try:
+                losses.append(graph._loss_of(output, target))
+            except DeqhessError:
+                raise
+            except Exception as error:  # the user's loss, on a batch of one
+                raise InputError(
+                    f"per-sample quantities evaluate the loss on each sample alone — a batch "
+                    f"of one: the output's and the target's row {i} (shapes "
+                    f"{_shapes(output)} and {_shapes(target)}) — and loss_func raised "
+                    f"{type(error).__name__}: {error}. The output and the target must hold "
+                    "the samples along their first dimension, and the loss be defined on "
+                    "one sample (a model returning the samples along another dimension: "
+                    "move them first)."
+                ) from error
+    return torch.stack(losses)
 
 
 def sample_loss_values(graph: BatchGraph, n: int) -> Tensor:
