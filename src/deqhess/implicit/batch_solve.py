@@ -42,9 +42,13 @@ class BatchLoss:
 
     def __call__(self, h: Tensor, theta: Parameters) -> Tensor:
         """``L(h, θ)``: the batch's loss at state ``h`` (and ``θ``, if it takes it)."""
+        return self.of(h, theta, self.target)
+
+    def of(self, h: Tensor, theta: Parameters, target: Any) -> Tensor:
+        """The loss at state ``h`` for another ``target`` (a sample's rows of the batch's)."""
         if self.uses_theta:
-            return self.loss(h, theta, self.target)
-        return self.loss(h, self.target)
+            return self.loss(h, theta, target)
+        return self.loss(h, target)
 
 
 @dataclass

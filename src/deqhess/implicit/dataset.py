@@ -20,7 +20,7 @@ import copy
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import partial
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ from torch import Tensor
 from ..batches import held_bytes, saved_activation_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import UNSET, renamed
-from ..errors import InputError, StaleEquilibriumError
+from ..errors import DeqhessError, InputError, StaleEquilibriumError
 from ..options import integer
 from ..parameters import ParameterLayout, Parameters
 from ..solvers import Convergence
@@ -42,6 +42,7 @@ from ..streaming import (
     check_reduction,
     response_tolerance,
 )
+from ..streaming.grouping import LossAtOutput, grouping_of
 from .batch_solve import (
     BatchLoss,
     BatchSolve,
@@ -284,12 +285,40 @@ class DatasetEquilibrium:
         offers = [Offer(partial(self._cached_bytes, solved, eq), solved=solved)] if eq else []
         if keep is None:  # a batch that left samples out starts cold: the same ones again
             offers.append(Offer(partial(held_bytes, full.h), warm={"h": full.h}))
+        coupled = sized = ordered = None
+        if eq is not None and self._stream.record is None and self.batch_dim == 0:
+            coupled, sized, ordered = self._grouping(eq, cast(BatchLoss, solved.loss), samples)
         return Formed(
             solved, samples, keep, solved.excluded,
             response=None if eq is None else eq.h, response_dim=full.problem.state.batch_dim,
             tolerance=response_tolerance(full.info.tolerance.rtol, full.h.dtype),
-            offers=tuple(offers),
+            offers=tuple(offers), coupled=coupled, sized=sized, ordered=ordered,
         )  # fmt: skip
+
+    def _grouping(
+        self, eq: Equilibrium, loss: BatchLoss, samples: int
+    ) -> tuple[bool | None, bool | None, bool | None]:
+        """What the loss makes of the batch's grouping and order, on the first pass.
+
+        Returns:
+            :func:`~deqhess.streaming.grouping.grouping_of`'s flags at the fixed point;
+            None each where the loss cannot be evaluated there (its error is the
+            products' to raise, as it would without the check).
+
+        Raises:
+            DeqhessError: as the loss's own checks raise it.
+        """
+        with torch.no_grad():
+            try:
+                value = loss(eq.h, self.theta)
+            except DeqhessError:
+                raise
+            except Exception:
+                return None, None, None
+        at_state = LossAtOutput(
+            eq.h, loss.target, value, lambda h, target: loss.of(h, self.theta, target), self.loss
+        )
+        return grouping_of(at_state, samples, self.reduction)
 
     def _restricted(self, batch: Batch, eq: Equilibrium, keep: Tensor | None) -> SolvedBatch:
         """The batch on the samples in ``keep`` (all when None).

@@ -107,9 +107,9 @@ def check_second_order(model: nn.Module, what: str, chosen: Sequence[str]) -> No
     ``dim`` ≠ None, by the old ``weight_norm`` hook or the parametrisation), whose
     double-backward formula in torch 2.13 gives a Hessian 30–35% off finite differences
     of its exact gradient; ``dim=None`` and a hand-written ``g · v / ‖v‖`` are exact.
-    Only where its ``g`` or ``v`` is among the chosen parameters: otherwise no gradient
-    of the chosen ones passes through the normalisation (a frozen, pretrained layer),
-    whose weight is then a constant of the second derivatives, and they are exact.
+    Only where its ``v`` is among the chosen parameters: the wrong blocks are the
+    derivatives in ``v`` of the gradient (in ``v`` and in ``g``); with ``v`` frozen (or a
+    frozen, pretrained layer) the second derivatives in ``g`` and the rest are exact.
 
     Args:
         model: the user's model.
@@ -124,8 +124,8 @@ def check_second_order(model: nn.Module, what: str, chosen: Sequence[str]) -> No
     names = set(chosen)
     found = [
         f"model.{n}" if n else "the model"
-        for n, (g, v) in wrong_double_backward(model).items()
-        if g in names or v in names
+        for n, (_, v) in wrong_double_backward(model).items()
+        if v in names
     ]
     if found:
         raise UnsupportedDerivativeError(_weight_norm_message(what, found))
@@ -139,8 +139,8 @@ def check_second_order_graph(
     :func:`check_second_order` finds the weight normalisations a model's modules declare
     (the hook, the parametrisation); a forward that calls ``torch._weight_norm`` itself,
     in the model or inside a DEQ cell, shows only in the graph (its Hessian was 5% off,
-    silently). Checked on one batch's first-order graph (the operation's node, and a
-    chosen parameter below it).
+    silently). Checked on a batch's first-order graph: the operation's node, and a chosen
+    parameter below its ``v`` (derivatives in ``v`` are the wrong ones).
 
     Args:
         roots: the first-order quantities the second derivatives differentiate.
@@ -154,8 +154,10 @@ def check_second_order_graph(
     chosen = {id(p): name for p, name in zip(params, names, strict=True)}
     found: list[str] = []
     for node in graph_nodes(r.grad_fn for r in roots):
-        if type(node).__name__ == _WRONG_DOUBLE_BACKWARD:
-            found += [chosen[id(t)] for t in leaves_reached(node) if id(t) in chosen]
+        if type(node).__name__ == _WRONG_DOUBLE_BACKWARD:  # its inputs: (v, g)
+            v_path = node.next_functions[0][0]
+            reached = leaves_reached(v_path) if v_path is not None else []
+            found += [chosen[id(t)] for t in reached if id(t) in chosen]
     if found:
         labels = [f"torch._weight_norm of model.{n}" for n in dict.fromkeys(found)]
         raise UnsupportedDerivativeError(_weight_norm_message(what, labels))

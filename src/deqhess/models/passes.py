@@ -39,6 +39,7 @@ from ..streaming import (
     response_tolerance,
 )
 from ..streaming.batch_checks import refuse_mixed_dtypes
+from ..streaming.grouping import LossAtOutput, grouping_of
 from .arguments import (
     check_loss_arguments,
     chosen_names,
@@ -51,7 +52,6 @@ from .arguments import (
 from .backward import BlockBackward, reentrant_checkpoint_named
 from .dense import Blocks
 from .graph import BatchGraph, LossFunc
-from .grouping import loss_grouping, loss_orders_samples
 from .held import HeldGraphs, state_token
 from .info import CurvatureInfo
 from .modes import (
@@ -157,7 +157,8 @@ class ModelPasses:
         self._blocks = Blocks(self.chunk_size)  # the memory one direction takes, once measured
         self._held: HeldGraphs | None = None  # batch graphs kept while an operator is held
         self._widest_batch = 1
-        self._graph_checked: set[str] = set()  # the parts whose graph was checked
+        # the parts whose batch graphs a whole pass checked (check_second_order_graph)
+        self._graph_checked: set[str] = set()
         self._warned_rows = False
         # whether each sample's rows came from stacked cotangents on the last pass that
         # tried (deqhess.models.sample_sites): a model whose graph does not show them is
@@ -444,17 +445,18 @@ class ModelPasses:
         if first:
             check_parameters_read(self.model, self.names, graph.loss)
         if graph.part in _SECOND_ORDER and graph.part not in self._graph_checked:
-            # a torch._weight_norm the modules do not declare, on the part's first graph
+            # a torch._weight_norm the modules do not declare, on every batch's graph of
+            # the part's first pass (a later pass reads the same data through the same
+            # model, checked)
             check_second_order_graph(
                 graph.first, graph.params, self.names, f"the {graph.part!r} operator"
             )
-            self._graph_checked.add(graph.part)
         coupled = sized = ordered = None
         if first and self.batch_dim == 0:  # what the loss makes of the samples' grouping
-            grouping = loss_grouping(graph, samples, self.reduction)
-            if grouping is not None:
-                coupled, sized = grouping == "coupled", grouping == "sizes"
-            ordered = loss_orders_samples(graph, samples) if coupled else None
+            at_output = LossAtOutput(
+                graph.output, graph.target, graph.loss, graph._loss_of, graph.loss_func
+            )
+            coupled, sized, ordered = grouping_of(at_output, samples, self.reduction)
         return Formed(
             graph, samples, keep, excluded, response=graph.output, response_dim=self.batch_dim,
             tolerance=response_tolerance(rtol, self.layout.dtype), offers=offers,
@@ -578,6 +580,8 @@ class ModelPasses:
             self._former(part, directions, visible),
             lambda graph: None if graph is None else compute(graph), empty, desc,
         )  # fmt: skip
+        if part is not None:  # a whole pass of the part: each batch's graph was checked
+            self._graph_checked.add(part)
         if self._held is not None:  # the next pass is compared with the state it left
             self._held.ended(state_token(self.model, self.loss))
         self._check_samples()

@@ -26,7 +26,6 @@ __all__ = [
     "output_jacobians",
     "sample_outputs",
     "sample_gradients",
-    "sample_loss_values",
     "sample_losses",
     "stacked_rows",
 ]
@@ -90,39 +89,6 @@ def sample_losses(graph: BatchGraph, n: int) -> Tensor:
                     "move them first)."
                 ) from error
     return torch.stack(losses)
-
-
-def sample_loss_values(graph: BatchGraph, n: int) -> Tensor:
-    """The values of :func:`sample_losses`, without graphs: one vmapped evaluation.
-
-    ``torch.func.vmap`` of the loss over the rows of the output and target (each row a
-    batch of one); a loss vmap cannot run falls back to one evaluation per sample.
-
-    Args:
-        graph: the batch's graph.
-        n: the batch's sample count.
-
-    Returns:
-        ``[n]``: ``ℓᵢ`` in entry ``i``, detached (refused as by :func:`sample_losses`
-        where the output or target has no sample rows).
-    """
-
-    def rows(value: Any) -> Any:
-        return tree_map(lambda t: 0 if isinstance(t, Tensor) and t.ndim and len(t) == n
-                        else None, value)  # fmt: skip
-
-    def one(output: Any, target: Any) -> Tensor:
-        def alone(t: Any) -> Any:
-            return t[None] if isinstance(t, Tensor) else t
-
-        return graph._loss_of(tree_map(alone, output), tree_map(alone, target))
-
-    with torch.no_grad():
-        try:
-            dims = (rows(graph.output), rows(graph.target))
-            return torch.func.vmap(one, in_dims=dims)(graph.output, graph.target)
-        except (RuntimeError, ValueError, TypeError):  # a loss vmap cannot batch
-            return sample_losses(graph, n).detach()
 
 
 def stacked_rows(graph: BatchGraph, out: Tensor, n: int, stacked: Tensor) -> Tensor | None:

@@ -15,7 +15,8 @@ parameters enter the products it records through :class:`_Refused`, an identity 
 derivatives raise :class:`deqhess.UnsupportedDerivativeError`. A first derivative never
 differentiates the recorded backward, so it runs; nor does a derivative of the gradient
 in its cotangent (the double-backward trick of a GGN product ``J v``), which never reaches
-the parameters' side; a derivative of the gradient in ``g`` or ``v`` does, and raises.
+the parameters' side; a derivative of the gradient in ``v`` does, and raises (in ``g``
+alone, with ``v`` frozen, it is exact and runs).
 """
 
 from __future__ import annotations
@@ -83,23 +84,23 @@ class RefusedSecondOrder:
             offset: the position of the first of them among the arguments (after ``x``'s).
 
         Returns:
-            The refusal of the ``g`` and ``v`` parameters of the cell's weight
-            normalisations along a dimension, or None when there are none.
+            The refusal of the ``v`` parameters of the cell's weight normalisations
+            along a dimension, or None when there are none.
         """
         found = wrong_double_backward(cell)
-        refused = {p for params in found.values() for p in params}
+        refused = {v for _, v in found.values()}  # derivatives in g alone are exact
         positions = tuple(offset + i for i, name in enumerate(names) if name in refused)
         if not positions:
             return None
         labels = [f"cell.{label}" if label else "cell" for label in found]
         return cls(
             positions,
-            f"a second derivative through the DEQ layer in the parameters of the weight "
-            f"normalisation along a dimension of {labels} (their g and v), whose double "
-            "backward torch 2.13 computes wrongly (the Hessian blocks in v were 50–75% off "
-            "finite differences of the exact gradient). First derivatives are exact, and so "
-            "are GGN products and second derivatives in the other parameters and in x. For "
-            "second derivatives in these, write the weight norm by hand (w = g * v / "
+            f"a second derivative through the DEQ layer in the direction v of the weight "
+            f"normalisation along a dimension of {labels}, whose double backward torch "
+            "2.13 computes wrongly (the Hessian blocks in v were 50–75% off finite "
+            "differences of the exact gradient). First derivatives are exact, and so are "
+            "GGN products and second derivatives in g, the other parameters and x. For "
+            "second derivatives in v, write the weight norm by hand (w = g * v / "
             "v.norm(dim=1, keepdim=True)), which is exact, or use weight_norm(..., "
             "dim=None).",
         )

@@ -1,40 +1,62 @@
 """What a batch's loss makes of how its samples are grouped and ordered.
 
-The data set's loss is ``Σ_b w_b ℓ_b``. Where each batch's loss is the plain mean (or
+For every data-set front end (:class:`deqhess.ModelCurvature` at the model's output,
+:class:`deqhess.DatasetEquilibrium` at the fixed point): the data set's loss is
+``Σ_b w_b ℓ_b``. Where each batch's loss is the plain mean (or
 sum) of its samples' own, any grouping of the samples into batches, in any order, is the
 same operator, and a shuffling loader is harmless. A loss that is not — a class-weighted
 or ``ignore_index`` cross-entropy (a weighted mean), a term coupling the samples — makes
 another grouping another operator; one over consecutive samples, or weighting them by
-position, makes another order within a batch another operator too. The first pass of
-:class:`deqhess.ModelCurvature` asks both of each batch (samples along the first
-dimension), and the stream then refuses a pass that regroups or reorders where it
-matters (:meth:`deqhess.streaming.record.PassCheck.grouped`).
+position, makes another order within a batch another operator too. The first pass asks
+both of each batch (samples along the first dimension), and the stream then refuses a
+pass that regroups or reorders where it matters
+(:meth:`deqhess.streaming.record.PassCheck.grouped`).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..errors import InputError
-from .graph import BatchGraph
-from .per_sample import sample_loss_values
-
-__all__ = ["GROUPINGS", "loss_grouping", "loss_orders_samples"]
+__all__ = ["GROUPINGS", "LossAtOutput", "grouping_of", "loss_grouping", "loss_orders_samples"]
 
 #: what a batch's loss makes of the grouping (:func:`loss_grouping`)
 GROUPINGS = ("free", "sizes", "coupled")
 
 
-def loss_grouping(graph: BatchGraph, samples: int, reduction: str) -> str | None:
+@dataclass(frozen=True)
+class LossAtOutput:
+    """A batch's loss as a function of what it reads: the model's output, or a state.
+
+    Attributes:
+        output: what the loss reads (a tensor or a tuple / list / dict of them), its
+            samples along the first dimension.
+        target: the batch's target.
+        value: the batch's loss there.
+        loss_of: ``(output, target) ↦`` the loss (a 0-dim tensor), for the same output
+            and target with their rows taken or reordered.
+        loss_func: the user's loss (a class-weighted module is coupled by construction).
+    """
+
+    output: Any
+    target: Any
+    value: Tensor
+    loss_of: Callable[[Any, Any], Tensor]
+    loss_func: Any = None
+
+
+def loss_grouping(batch: LossAtOutput, samples: int, reduction: str) -> str | None:
     """What the batch's loss makes of how the samples are grouped into batches.
 
-    Each sample's loss alone (:func:`~deqhess.models.per_sample.sample_loss_values`,
-    the loss vmapped over the output's rows) against the batch's. With the data set's
+    Each sample's loss alone (the loss vmapped over the output's rows) against the
+    batch's; on a batch of one, the sample twice over (a mean gives its value, a sum
+    twice it). With the data set's
     loss ``Σ_b w_b ℓ_b`` (``w_b = n_b/N`` for ``"mean"``, 1 for ``"sum"``):
 
     * ``"free"`` — ``ℓ_b`` is the mean (``"mean"``) or sum (``"sum"``) of its samples'
@@ -48,7 +70,7 @@ def loss_grouping(graph: BatchGraph, samples: int, reduction: str) -> str | None
       the samples; another grouping is another operator.
 
     Args:
-        graph: the batch's graph (its output, target and loss).
+        batch: the batch's loss at what it reads.
         samples: the batch's sample count (along the first dimension).
         reduction: the data set's reduction, ``"mean"`` or ``"sum"``.
 
@@ -58,25 +80,27 @@ def loss_grouping(graph: BatchGraph, samples: int, reduction: str) -> str | None
         cannot be evaluated on one sample); None where the output or the target has no
         sample rows (not known).
     """
-    if samples <= 1:
+    if samples < 1:
         return "free"
-    if _class_weighted_mean(graph.loss_func):  # whatever this batch's classes
+    if _class_weighted_mean(batch.loss_func):  # whatever this batch's classes
         return "coupled"
     try:
         with warnings.catch_warnings():  # the check's own evaluations: not the user's
             warnings.simplefilter("ignore")
-            own = sample_loss_values(graph, samples)
-    except InputError:  # no sample rows to take
+            own = _each_sample(batch, samples)
+    except _NoRows:  # no sample rows to take
         return None
     except Exception:  # the loss cannot take a batch of one: it couples the samples
         return "coupled"
-    batch = graph.loss.detach()
+    value = batch.value.detach()
+    if samples == 1:  # mean and sum agree on one sample: its value twice over tells them
+        own, value = own.expand(2), _twice(batch)
     if not bool(torch.isfinite(own).all()):  # e.g. an ignored sample's loss alone: 0/0
-        return "coupled" if bool(torch.isfinite(batch)) else "free"
+        return "coupled" if bool(torch.isfinite(value)) else "free"
     eps = torch.finfo(own.dtype).eps
 
     def equals(total: Tensor, scale: Tensor) -> bool:
-        return abs(float(total - batch)) <= 1e3 * eps * max(float(scale), float(batch.abs()))
+        return abs(float(total - value)) <= 1e3 * eps * max(float(scale), float(value.abs()))
 
     plain, other = (own.mean(), own.sum()) if reduction == "mean" else (own.sum(), own.mean())
     magnitude = own.abs()
@@ -89,7 +113,28 @@ def loss_grouping(graph: BatchGraph, samples: int, reduction: str) -> str | None
     return "sizes" if equals(other, other_scale) else "coupled"
 
 
-def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
+def grouping_of(
+    batch: LossAtOutput, samples: int, reduction: str
+) -> tuple[bool | None, bool | None, bool | None]:
+    """What a first pass records of a batch (``Formed``'s coupled, sized, ordered).
+
+    Args:
+        batch: the batch's loss at what it reads.
+        samples: the batch's sample count (along the first dimension).
+        reduction: the data set's reduction.
+
+    Returns:
+        ``(coupled, sized, ordered)``: :func:`loss_grouping`'s answer as two flags (None
+        where not known), and, for a coupled loss, :func:`loss_orders_samples`'.
+    """
+    grouping = loss_grouping(batch, samples, reduction)
+    if grouping is None:
+        return None, None, None
+    coupled = grouping == "coupled"
+    return coupled, grouping == "sizes", loss_orders_samples(batch, samples) if coupled else None
+
+
+def loss_orders_samples(batch: LossAtOutput, samples: int) -> bool | None:
     """Whether the batch's loss depends on the order of its samples.
 
     The loss and its gradient at the output, with the output's and the target's sample
@@ -102,7 +147,7 @@ def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
     binary cross-entropy's probabilities), at the output.
 
     Args:
-        graph: the batch's graph (its output, target and loss).
+        batch: the batch's loss at what it reads.
         samples: the batch's sample count (along the first dimension).
 
     Returns:
@@ -111,7 +156,7 @@ def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
     """
     if samples <= 1:
         return False
-    flat, spec = tree_flatten(graph.output)
+    flat, spec = tree_flatten(batch.output)
     generator = torch.Generator().manual_seed(1)
     shuffled = torch.randperm(samples, generator=generator)
     orders = (torch.roll(torch.arange(samples), 1), shuffled)
@@ -125,7 +170,7 @@ def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
             with warnings.catch_warnings(), torch.enable_grad():
                 warnings.simplefilter("ignore")  # the check's own evaluations
                 leaves = [point(t.detach()).requires_grad_() if _floating(t) else t for t in flat]
-                found = _reordered(graph, tree_unflatten(leaves, spec), leaves, samples, orders)
+                found = _reordered(batch, tree_unflatten(leaves, spec), leaves, samples, orders)
         except Exception:  # off the loss's domain (BCE raises): the next point
             continue
         if found is not None:
@@ -134,7 +179,7 @@ def loss_orders_samples(graph: BatchGraph, samples: int) -> bool | None:
 
 
 def _reordered(
-    graph: BatchGraph, output: Any, leaves: list[Any], samples: int, orders: tuple[Tensor, ...]
+    batch: LossAtOutput, output: Any, leaves: list[Any], samples: int, orders: tuple[Tensor, ...]
 ) -> bool | None:
     """Whether the loss at ``output`` (and its gradient) moves when its rows are reordered.
 
@@ -147,9 +192,9 @@ def _reordered(
         return tree_map(lambda t: t[order.to(t.device)] if _rows(t, samples) else t, value)
 
     def loss_and_grads(order: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        out, target = (output, graph.target) if order is None else (
-            rows(output, order), rows(graph.target, order))  # fmt: skip
-        value = graph._loss_of(out, target)
+        out, target = (output, batch.target) if order is None else (
+            rows(output, order), rows(batch.target, order))  # fmt: skip
+        value = batch.loss_of(out, target)
         return value.detach(), torch.autograd.grad(
             value, differentiable, allow_unused=True, materialize_grads=True
         )
@@ -193,3 +238,53 @@ def _floating(t: Any) -> bool:
 def _rows(t: Any, samples: int) -> bool:
     """Whether ``t`` is a tensor with one row per sample (along its first dimension)."""
     return isinstance(t, Tensor) and t.ndim > 0 and len(t) == samples
+
+
+class _NoRows(Exception):
+    """The output or the target holds no sample rows to take."""
+
+
+def _each_sample(batch: LossAtOutput, samples: int) -> Tensor:
+    """Each sample's loss alone (a batch of one): one vmapped evaluation, else a loop.
+
+    Returns:
+        ``[samples]``, detached.
+
+    Raises:
+        _NoRows: the output or the target has no first dimension of ``samples``.
+    """
+    outputs = [t for t in tree_flatten(batch.output)[0] if isinstance(t, Tensor)]
+    targets = [t for t in tree_flatten(batch.target)[0] if isinstance(t, Tensor)]
+    if not outputs or any(not _rows(t, samples) for t in outputs + targets):
+        raise _NoRows
+
+    def dims(value: Any) -> Any:
+        return tree_map(lambda t: 0 if _rows(t, samples) else None, value)
+
+    def alone(value: Any) -> Any:
+        return tree_map(lambda t: t[None] if isinstance(t, Tensor) else t, value)
+
+    def row(value: Any, i: int) -> Any:
+        return tree_map(lambda t: t[i : i + 1] if _rows(t, samples) else t, value)
+
+    with torch.no_grad():
+        try:
+            return torch.func.vmap(
+                lambda o, t: batch.loss_of(alone(o), alone(t)),
+                in_dims=(dims(batch.output), dims(batch.target)),
+            )(batch.output, batch.target)
+        except (RuntimeError, ValueError, TypeError):  # a loss vmap cannot batch
+            return torch.stack([
+                batch.loss_of(row(batch.output, i), row(batch.target, i)).detach()
+                for i in range(samples)
+            ])  # fmt: skip
+
+
+def _twice(batch: LossAtOutput) -> Tensor:
+    """The loss of a batch of one sample taken twice (its rows repeated)."""
+
+    def doubled(value: Any) -> Any:
+        return tree_map(lambda t: torch.cat([t, t]) if _rows(t, 1) else t, value)
+
+    with torch.no_grad():
+        return batch.loss_of(doubled(batch.output), doubled(batch.target)).detach()
