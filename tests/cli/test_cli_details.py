@@ -168,3 +168,14 @@ def test_casting_a_cell_problem_leaves_the_factory_untouched(factory):
     problem.theta = torch.zeros(3)
     with pytest.raises(ValueError, match="with f = the cell Cell, theta must be a dict"):
         problem.equilibria(progress=False)
+
+
+def test_an_analysis_at_its_cap_gets_no_hint_about_unconverged_samples(capsys):
+    """The hint for a fixed point's solve (--exclude-unconverged) was appended to
+    Lanczos at its cap too, a ConvergenceError as well: unrelated there."""
+    from deqhess.cli.main import _report_error
+
+    _report_error("analyze", dh.AnalysisConvergenceError("Lanczos reached its cap", None, 9, 9))
+    assert "exclude-unconverged" not in capsys.readouterr().err
+    _report_error("analyze", dh.ConvergenceError("the fixed point did not converge"))
+    assert "exclude-unconverged" in capsys.readouterr().err

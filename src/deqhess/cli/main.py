@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..errors import ConvergenceError, DeqhessError
+from ..errors import AnalysisConvergenceError, ConvergenceError, DeqhessError
 
 __all__ = ["main"]
 
@@ -213,7 +213,11 @@ def _report_error(command: str, error: BaseException) -> int:
     cause = error.__cause__
     if cause is not None:
         lines.append(f"  caused by {type(cause).__name__}: {cause}")
-    if command == "analyze" and isinstance(error, ConvergenceError):
+    if (  # a fixed point's solve, not an analysis at its cap
+        command == "analyze"
+        and isinstance(error, ConvergenceError)
+        and not isinstance(error, AnalysisConvergenceError)
+    ):
         lines.append(
             "  (deqhess analyze --exclude-unconverged leaves such samples out and counts them)"
         )

@@ -25,7 +25,7 @@ has the same Krylov spaces as ``H``): eigenvalues whose gaps are tiny relative t
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -175,7 +175,11 @@ def extreme_eigenpairs(
             ``P``. The ``k`` products of each Rayleigh–Ritz step that confirms the
             residuals come on top (one step, unless the product contradicts the
             recurrence); 2 products measuring the operator's asymmetry come first
-            (counted in ``num_hvps``; a non-symmetric operator is refused).
+            (counted in ``num_hvps``; a non-symmetric operator is refused). Where the
+            default cap also holds the dense route (``P + k`` products) and neither it nor
+            ``dense_below`` was given, Lanczos gets the rest, and a run that does not
+            converge there (eigenvalues it cannot separate in time: a 176-fold 0 at
+            ``P = 304``) ends in the dense ``eigh`` instead of an error.
         basis_size: Lanczos vectors kept (memory ``basis_size · P`` numbers); default
             ``max(20, k + 8b)``, at most ``P``.
         block_size: ``b``, directions per product; default ``k`` (at most ``P − k``) for
@@ -249,8 +253,19 @@ def extreme_eigenpairs(
         )
         restart = basis_size - (k + (basis_size - block - k) // 2)
         max_hvps = basis_size + integer(max_iter, "max_iter", minimum=0) * restart
+    # with the defaults, where the cap holds the dense route too (P products, k more for
+    # the residuals), Lanczos runs within the rest and, failing, the matrix is formed:
+    # exact, within the cap (a cap or a dense_below of the caller's own is kept as given)
+    dense_route = size + k
+    chosen = max_hvps is not None or dense_below is not None
     max_hvps = default_max_hvps(k) if max_hvps is None else max_hvps
     max_hvps = integer(max_hvps, "max_hvps", minimum=block * -(-k // block))
+    fallback = not chosen and max_hvps >= dense_route
+    if fallback:
+        rest = max_hvps - dense_route - k  # its Rayleigh–Ritz step's k on top
+        if rest < block * -(-k // block):
+            return _dense(op, k, which, progress)
+        max_hvps = rest
     start = torch.as_tensor(
         np.random.default_rng(seed).standard_normal((size, block)), dtype=op.dtype,
         device=op.device,
@@ -260,6 +275,9 @@ def extreme_eigenpairs(
         check_symmetric(counted, "H", "Lanczos' eigenpairs are not its eigenpairs")
         pairs = lanczos_extreme(counted, k, which, tol, max_hvps, basis_size, start, seed)
     found = EigenResult(pairs.values, pairs.vectors, pairs.residuals, counted.products)
+    if not pairs.converged and fallback:  # eigenvalues Lanczos cannot separate: eigh
+        dense = _dense(op, k, which, progress)
+        return replace(dense, num_hvps=dense.num_hvps + counted.products)
     if not pairs.converged:
         explain = _unconfirmed if pairs.measured else _unconverged
         raise AnalysisConvergenceError(
