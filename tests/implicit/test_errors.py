@@ -854,3 +854,35 @@ def test_h0_and_v_swapped_by_keyword_are_named():
             r"\(3, 5\), which has not: h0 and v look swapped; pass h0=<the initial state>",
         ):
             dh.hvp(c.f, c.loss, c.theta, c.x, h0=direction, v=c.h0)
+
+
+@pytest.mark.parametrize("where", ["x", "theta"])
+def test_f_writing_x_or_theta_in_place_is_named(where):
+    """A map writing its input x or a θ entry in place (even x.mul_(1.0)) failed at
+    hessian() with torch.func's raw "attempted to call in-place operation"; named at
+    construction now, on copies (the caller's tensors untouched)."""
+    c = _tanh()
+    theta = {k: v.clone() for k, v in c.theta.items()}
+
+    def f(x, h, t):
+        if where == "x":
+            x.mul_(1.0)
+        else:
+            next(iter(t.values())).mul_(2.0)
+        return c.f(x, h, t)
+
+    before = [v.clone() for v in theta.values()]
+    x = c.x.clone()
+    with pytest.raises(dh.InputError, match=rf"f modified {where}.* in place"):
+        dh.Equilibrium(f, theta, x, c.h0)
+    assert torch.equal(x, c.x)
+    assert all(torch.equal(a, b) for a, b in zip(before, theta.values(), strict=True))
+
+
+def test_a_torch_loss_module_as_equilibrium_s_loss_is_named():
+    """nn.MSELoss() takes (input, target): read as loss(h, theta), it raised a raw
+    AttributeError ('dict' object has no attribute 'size') from inside torch."""
+    c = _tanh()
+    eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
+    with pytest.raises(dh.InputError, match=r"torch's MSELoss, which takes \(input, target\)"):
+        eq.hessian(torch.nn.MSELoss())

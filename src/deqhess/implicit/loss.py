@@ -42,13 +42,22 @@ class Loss:
     (or that takes ``*args``) is taken as ``L(h)``.
 
     Raises:
-        InputError: ``fn`` is not callable or requires more than two positional
-            arguments; or, when called, it returns anything but a 0-dim floating tensor.
+        InputError: ``fn`` is not callable, is one of torch's loss modules (they take a
+            target), or requires more than two positional arguments; or, when called, it
+            returns anything but a 0-dim floating tensor.
     """
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         if not callable(fn):
             raise InputError(f"loss must be callable; got {type(fn).__name__}.")
+        if isinstance(fn, torch.nn.modules.loss._Loss):  # forward(input, target)
+            name = type(fn).__name__
+            raise InputError(
+                f"loss is torch's {name}, which takes (input, target), while Equilibrium "
+                "calls loss(h) or loss(h, theta) (two arguments read as h and theta). Bind "
+                f"the target: loss=lambda h: {name}()(h, target); DatasetEquilibrium and "
+                "ModelCurvature take a loss(output, target) as it is."
+            )
         self.fn = fn
         self.uses_theta = _required_positional(fn) == 2
 

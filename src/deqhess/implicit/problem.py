@@ -211,10 +211,14 @@ def check_first_call(
             pass instead; None where the caller gave ``h0``.
 
     Raises:
-        InputError: ``f`` returned no tensor of ``h0``'s shape and dtype, or failed with a
-            ``RuntimeError``, ``ValueError`` or ``IndexError`` whose likely cause is named
-            above (the failure is its ``__cause__``).
+        InputError: ``f`` returned no tensor of ``h0``'s shape and dtype, wrote a tensor
+            of ``x`` or θ in place (called on copies), or failed with a ``RuntimeError``,
+            ``ValueError`` or ``IndexError`` whose likely cause is named above (the
+            failure is its ``__cause__``).
     """
+    # on copies: a map writing its inputs in place changes the copies, not the caller's
+    x = _pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, x)
+    theta = theta.clone() if isinstance(theta, Tensor) else {k: v.clone() for k, v in theta.items()}
     try:
         with torch.no_grad():
             out = f(x, h0, theta)
@@ -236,6 +240,20 @@ def check_first_call(
             f"f returned shape {tuple(out.shape)} on the initial state: {state_advice}."
         )
     check_state_map(out, h0, "f(x, h, theta)")
+    theta_leaves = _tensor_leaves(theta, "theta") if isinstance(theta, Tensor) else [
+        (f"theta[{k!r}]", v) for k, v in theta.items()
+    ]  # fmt: skip
+    written = [  # (an inference tensor keeps no version: not seen under inference_mode)
+        label for label, t in _tensor_leaves(x, "x") + theta_leaves
+        if not t.is_inference() and t._version
+    ]  # fmt: skip
+    if written:
+        raise InputError(
+            f"f modified {', '.join(written[:4])} in place (e.g. x.mul_(…), theta['b'] += …): "
+            "its derivatives in them are then undefined (torch.func refuses them), and the "
+            "caller's tensors would change at every call. Use out-of-place operations on "
+            "x and theta (x * …, theta['b'] + …)."
+        )
 
 
 def _dtype_advice(x: Any, dtype: torch.dtype) -> str | None:
