@@ -34,6 +34,9 @@ FACTORY = textwrap.dedent(
     def misspelled():
         return make(tolerance=1e-8)
 
+    def loose():
+        return make(tol=1e-3, atol=1e-3)
+
     def a_field():
         return make(batch_dim=1)
 
@@ -126,3 +129,26 @@ def test_the_references_iterative_linear_solver_takes_float64s_tolerance():
     assert isinstance(reference, GMRES) and (reference.rtol, reference.atol) == (None, 0.0)
     assert (loose.rtol, loose.atol) == (1e-3, 1e-4)  # the user's own object is unchanged
     assert reference_options({"linear_solver": "dense"})["linear_solver"] == "dense"
+
+
+@pytest.mark.parametrize(
+    ("flags", "atol"), [(["--tol", "1e-11"], 1e-11), (["--tol", "1e-11", "--atol", "1e-9"], 1e-9)]
+)
+def test_tol_on_the_command_line_sets_the_absolute_tolerance_too(
+    factory, tmp_path, monkeypatch, flags, atol
+):
+    """A factory's atol=1e-3 stopped the solve at a residual of 9e-4 under --tol 1e-11 (the
+    eigenvalues 1e-4 off, and the warning said to tighten tol): --tol sets both, --atol
+    its own."""
+    seen = []
+    original = dh.DatasetEquilibrium.__init__
+
+    def record(self, *args, **kwargs):
+        seen.append((kwargs.get("tol"), kwargs.get("atol")))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dh.DatasetEquilibrium, "__init__", record)
+    code = main(["analyze", f"{factory}:loose", "--top-k", "1", "--trace", "none",
+                 "--out", str(tmp_path / "out"), "--no-progress", *flags])  # fmt: skip
+    assert code == 0
+    assert seen[0] == (1e-11, atol)

@@ -105,7 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int, default=0, help="seed of the random probes")
     solve = analyze.add_argument_group("solver options (each default: the factory's)")
     solve.add_argument("--solver", help="forward solver: anderson or picard")
-    solve.add_argument("--tol", type=float, help="forward tolerance (the factory's, else by dtype)")
+    solve.add_argument(
+        "--tol", type=float,
+        help="forward tolerance, relative (the factory's, else by dtype); with it, the "
+        "absolute one is the same unless --atol says otherwise (a factory's looser atol "
+        "would stop the solve first)",
+    )  # fmt: skip
+    solve.add_argument("--atol", type=float, help="forward tolerance, absolute")
     solve.add_argument("--max-iter", type=int, help="forward iterations cap")
     solve.add_argument("--linear-solver", help="auto, dense, gmres, neumann or neumann-gmres")
     solve.add_argument(
@@ -173,6 +179,9 @@ def _analyze(args: argparse.Namespace) -> None:
     overrides = {
         "solver": args.solver,
         "tol": args.tol,
+        # --tol alone: its own absolute tolerance too (a factory's atol=1e-3 kept the
+        # residual at 9e-4 under --tol 1e-11, and the warning said to tighten tol)
+        "atol": args.tol if args.atol is None else args.atol,
         "max_iter": args.max_iter,
         "linear_solver": args.linear_solver,
     }
