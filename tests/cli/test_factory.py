@@ -67,3 +67,13 @@ def test_a_relative_factory_path_resolves_its_folder(project, monkeypatch):
     monkeypatch.chdir(project.parent)
     problem = dh.cli.load_factory(f"{project.name}/fac.py:make")
     assert isinstance(problem, dh.cli.AnalysisProblem) and problem.f.__module__ == HELPERS
+
+
+def test_a_factory_that_needs_arguments_is_named_before_it_runs(tmp_path, capsys):
+    """def make(width): … gave a raw TypeError traceback from inside the loader."""
+    path = tmp_path / "needs.py"
+    path.write_text("def make(width, depth=2):\n    raise AssertionError('not to be run')\n")
+    code = main(["analyze", f"{path}:make", "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "requires ['width'] but is called with no arguments" in err

@@ -6,8 +6,9 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def load_factory(spec: str) -> AnalysisProblem | ModelProblem:
         factory = getattr(module, name, None)
         if not callable(factory):
             raise InputError(f"{target!r} has no callable {name!r}.")
+        _check_no_arguments(spec, factory)
         result = factory()
     if isinstance(result, Mapping):
         result = _from_fields(spec, result)
@@ -115,3 +117,25 @@ def _from_fields(spec: str, fields_: Mapping[str, Any]) -> AnalysisProblem | Mod
             + f"; its fields are {known} (required: {required})."
         )
     return kind(**fields_)
+
+
+def _check_no_arguments(spec: str, factory: Callable[..., Any]) -> None:
+    """Refuse a factory that cannot be called without arguments (as the command calls it).
+
+    Raises:
+        InputError: it requires a parameter (named), before it runs.
+    """
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read: its call will say
+        return
+    required = [
+        p.name for p in signature.parameters.values()
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]  # fmt: skip
+    if required:
+        raise InputError(
+            f"the factory {spec!r} requires {required} but is called with no arguments; "
+            "give them defaults, or wrap it in a function of none "
+            "(def problem(): return make(...))."
+        )
