@@ -84,12 +84,12 @@ def loss_grouping(batch: LossAtOutput, samples: int, reduction: str) -> str | No
         return "free"
     if _class_weighted_mean(batch.loss_func):  # whatever this batch's classes
         return "coupled"
+    if not _has_rows(batch, samples):  # no sample rows to take
+        return None
     try:
         with warnings.catch_warnings():  # the check's own evaluations: not the user's
             warnings.simplefilter("ignore")
             own = _each_sample(batch, samples)
-    except _NoRows:  # no sample rows to take
-        return None
     except Exception:  # the loss cannot take a batch of one: it couples the samples
         return "coupled"
     value = batch.value.detach()
@@ -240,8 +240,11 @@ def _rows(t: Any, samples: int) -> bool:
     return isinstance(t, Tensor) and t.ndim > 0 and len(t) == samples
 
 
-class _NoRows(Exception):
-    """The output or the target holds no sample rows to take."""
+def _has_rows(batch: LossAtOutput, samples: int) -> bool:
+    """Whether every tensor of the output and the target holds ``samples`` rows."""
+    outputs = [t for t in tree_flatten(batch.output)[0] if isinstance(t, Tensor)]
+    targets = [t for t in tree_flatten(batch.target)[0] if isinstance(t, Tensor)]
+    return bool(outputs) and all(_rows(t, samples) for t in outputs + targets)
 
 
 def _each_sample(batch: LossAtOutput, samples: int) -> Tensor:
@@ -249,14 +252,7 @@ def _each_sample(batch: LossAtOutput, samples: int) -> Tensor:
 
     Returns:
         ``[samples]``, detached.
-
-    Raises:
-        _NoRows: the output or the target has no first dimension of ``samples``.
     """
-    outputs = [t for t in tree_flatten(batch.output)[0] if isinstance(t, Tensor)]
-    targets = [t for t in tree_flatten(batch.target)[0] if isinstance(t, Tensor)]
-    if not outputs or any(not _rows(t, samples) for t in outputs + targets):
-        raise _NoRows
 
     def dims(value: Any) -> Any:
         return tree_map(lambda t: 0 if _rows(t, samples) else None, value)
