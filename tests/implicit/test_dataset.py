@@ -482,3 +482,58 @@ def test_a_regrouping_loader_is_checked_against_what_the_loss_makes_of_it(
         return
     with pytest.raises(dh.DataChangedError, match=refused):
         data.hessian()
+
+
+class _Schedule:
+    """Passes of the samples in the groupings ``schedule`` gives, one per pass (the last
+    one repeated); ``target`` builds each batch's target from its indices."""
+
+    def __init__(self, x, target, schedule):
+        self.x, self.target, self.schedule, self.passes = x, target, schedule, 0
+
+    def __iter__(self):
+        groups = self.schedule[min(self.passes, len(self.schedule) - 1)]
+        self.passes += 1
+        return iter([(self.x[torch.tensor(i)], self.target(torch.tensor(i))) for i in groups])
+
+
+def test_a_first_pass_of_batches_of_one_refuses_batches_of_several():
+    """A variance over the batch is zero on one sample (and on one sample twice): a first
+    pass of batches of one took the loss for a plain mean, and passes in batches of four
+    alternated with it between two operators 2.1 apart, silently."""
+    f, theta, x, y = _data(samples=8)
+
+    def loss(h, target):
+        return ((h - target) ** 2).mean() + h.var(0, unbiased=False).sum()
+
+    schedule = [[[i] for i in range(8)], [[0, 1, 2, 3], [4, 5, 6, 7]]]
+    init = dict(init_state=lambda xb: torch.zeros(len(xb), 5), progress=False)
+    data = dh.DatasetEquilibrium(f, theta, _Schedule(x, lambda i: y[i], schedule), loss, **init)
+    with pytest.raises(dh.DataChangedError, match="held one sample each"):
+        data.hessian()
+
+
+def test_a_target_tensor_shared_by_the_batch_is_passed_whole_to_each_sample():
+    """A target ``(y, μ)`` with ``μ`` ``[1, d]`` shared by every sample: the check took
+    the batch for one without sample rows and checked nothing — a loss matching the batch
+    mean to μ then gave operators 0.49 apart under a regrouping loader, silently."""
+    f, theta, x, y = _data(samples=8)
+    mu = torch.randn(1, 5, generator=torch.Generator().manual_seed(7))
+
+    def loss(h, target):
+        rows, shared = target
+        return ((h - rows) ** 2).mean() + ((h.mean(0, keepdim=True) - shared) ** 2).sum()
+
+    schedule = [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 2, 4, 6], [1, 3, 5, 7]]]
+    init = dict(init_state=lambda xb: torch.zeros(len(xb), 5), progress=False)
+    loader = _Schedule(x, lambda i: (y[i], mu), schedule)
+    data = dh.DatasetEquilibrium(f, theta, loader, loss, **init)
+    with pytest.raises(dh.DataChangedError, match="depends on the grouping"):
+        data.hessian()
+
+    def plain_loss(h, target):
+        return ((h - target[0]) ** 2 + 0 * target[1]).mean()
+
+    loader = _Schedule(x, lambda i: (y[i], mu), schedule)
+    plain = dh.DatasetEquilibrium(f, theta, loader, plain_loss, **init)
+    assert torch.isfinite(plain.hessian()).all()  # a plain mean: regrouped freely

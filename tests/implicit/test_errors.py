@@ -886,3 +886,15 @@ def test_a_torch_loss_module_as_equilibrium_s_loss_is_named():
     eq = dh.Equilibrium(c.f, c.theta, c.x, c.h0)
     with pytest.raises(dh.InputError, match=r"torch's MSELoss, which takes \(input, target\)"):
         eq.hessian(torch.nn.MSELoss())
+
+
+def test_inputs_made_under_inference_mode_are_named_outside_it():
+    """x made under torch.inference_mode(), Equilibrium built outside it: torch's raw
+    "Inference tensors do not track version counter" at construction."""
+    c = _tanh()
+    with torch.inference_mode():
+        x = c.x.clone()
+    with pytest.raises(dh.InputError, match=r"x was made under torch.inference_mode\(\)"):
+        dh.Equilibrium(c.f, c.theta, x, c.h0)
+    with torch.inference_mode():  # inside the block it is the plain computation
+        dh.Equilibrium(c.f, c.theta, x, c.h0).grad(c.loss)

@@ -499,3 +499,42 @@ def test_a_sample_count_the_batch_contradicts_is_refused():
     right = dh.ModelCurvature(model, nn.MSELoss(), data, batch_size_fn=lambda x: len(x[0]))
     whole = dh.ModelCurvature(model, nn.MSELoss(), [((x, extra), y)], batch_size_fn=lambda x: 13)
     assert relative_error(right.hessian(), whole.hessian()) <= 1e-12
+
+
+class _WithBatchStatistic(nn.Module):
+    """``{"logits": model(x), "spread": the batch's variance of the logits}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = Classifier(k=2)
+
+    def forward(self, x):
+        out = self.model(x)
+        return {"logits": out, "spread": out.var(0, unbiased=False).sum()}
+
+
+def test_an_output_without_sample_rows_refuses_a_regrouping_loader():
+    """A 0-dim batch statistic returned beside the logits: the check found no sample rows
+    and checked nothing, and a regrouping loader alternated between operators 0.33
+    apart. Such an output is taken as coupling the samples: regroupings are refused."""
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1])
+    model = _WithBatchStatistic().double()
+
+    def loss(out, target):
+        return nn.functional.cross_entropy(out["logits"], target) + out["spread"]
+
+    class Regrouped:  # in order, then shuffled
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            index = torch.arange(8) if self.passes == 0 else torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+            self.passes += 1
+            return iter([(x[i], y[i]) for i in index.split(4)])
+
+    curvature = dh.ModelCurvature(model, loss, Regrouped())
+    v = torch.ones(curvature.num_parameters, dtype=torch.float64)
+    curvature.hvp(v)
+    with pytest.raises(dh.DataChangedError, match="without sample rows"):
+        curvature.hvp(v)

@@ -23,6 +23,7 @@ from ..streaming.fingerprint import tensor_digests
 
 __all__ = [
     "Captured",
+    "tensor_version",
     "Loss",
     "digests",
     "positional_counts",
@@ -163,6 +164,11 @@ def _required_positional(fn: Callable[..., Tensor]) -> int:
     return required
 
 
+def tensor_version(t: Tensor) -> int | None:
+    """``t._version``; None for an inference tensor, which keeps none (its bytes tell)."""
+    return None if t.is_inference() else t._version
+
+
 class Captured:
     """What a loss reads besides its arguments, as far as Python shows it, one level deep.
 
@@ -184,7 +190,7 @@ class Captured:
         self.fn = fn
         self._objects = referenced(fn, _WATCHED_GLOBALS)
         tensors = _tensors_in(self._objects)
-        self._tensors = [(t, t._version) for t in tensors]
+        self._tensors = [(t, tensor_version(t)) for t in tensors]
         self._digests = digests(tensors)
 
     def changed(self, contents: bool = True) -> bool:
@@ -204,7 +210,7 @@ class Captured:
             return True
         tensors = _tensors_in(objects)
         if len(tensors) != len(self._tensors) or any(
-            t is not u or t._version != version
+            t is not u or tensor_version(t) != version
             for t, (u, version) in zip(tensors, self._tensors, strict=True)
         ):
             return True

@@ -20,7 +20,7 @@ from ..errors import InputError, StaleEquilibriumError, add_note
 from ..finiteness import all_finite
 from ..parameters import ParameterLayout, Parameters
 from ..state import StateLayout, check_state_map
-from .loss import Captured, Loss, digests
+from .loss import Captured, Loss, digests, tensor_version
 
 __all__ = ["FixedPointMap", "Problem", "check_first_call"]
 
@@ -48,6 +48,7 @@ class Problem:
 
     Raises:
         InputError: non-finite θ, tensors of x or h0; θ and h0 of different dtype or device;
+            a tensor of θ or x made under ``torch.inference_mode`` used outside it;
             ``f`` returning a non-tensor or a tensor of another shape or dtype; ``f``
             failing on a default ``h0`` or on a tensor of x of another dtype than θ's (see
             :func:`check_first_call`).
@@ -85,7 +86,18 @@ class Problem:
                 f"{self.params.device}; {fix}."
             )
         self.x = _pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, x)
-        self._watched = [(label, t, t._version) for label, t in watched]
+        made_in_inference = [label for label, t in watched if t.is_inference()]
+        if made_in_inference and not torch.is_inference_mode_enabled():
+            raise InputError(
+                f"{', '.join(made_in_inference[:4])} "
+                f"{'was' if len(made_in_inference) == 1 else 'were'} made under "
+                "torch.inference_mode(), "
+                "and is used outside it: such a tensor keeps no version and cannot be saved "
+                "for a backward, so no derivative can be taken with it. Pass a copy made "
+                "outside inference mode (x.clone()), or call deqhess inside the same "
+                "inference_mode block."
+            )
+        self._watched = [(label, t, tensor_version(t)) for label, t in watched]
         # a write through .data or a NumPy view leaves no version: the bytes are watched
         self._digests = digests([t for _, t in watched])
         self._captured = Captured(f)  # what f reads besides its arguments
@@ -113,12 +125,12 @@ class Problem:
                 "in theta or x."
             )
         for i, (label, t, version) in enumerate(self._watched):
-            if t._version == version:
+            if tensor_version(t) == version:  # (an inference tensor's: by its bytes, below)
                 continue
             # a view shares its base's version: a write to another part of the base moves
             # it, while its own numbers stay — compared by its bytes before refusing
             if digests([t])[0] == self._digests[i]:
-                self._watched[i] = (label, t, t._version)
+                self._watched[i] = (label, t, tensor_version(t))
                 continue
             raise StaleEquilibriumError(
                 f"{label} was modified in place after the Equilibrium was built (tensor "

@@ -84,8 +84,11 @@ def loss_grouping(batch: LossAtOutput, samples: int, reduction: str) -> str | No
         return "free"
     if _class_weighted_mean(batch.loss_func):  # whatever this batch's classes
         return "coupled"
-    if not _has_rows(batch, samples):  # no sample rows to take
+    rows = _sample_rows(batch, samples)
+    if rows is None:  # no sample rows to take
         return None
+    if not rows:  # an output without sample rows: a batch statistic, regrouped with them
+        return "coupled"
     try:
         with warnings.catch_warnings():  # the check's own evaluations: not the user's
             warnings.simplefilter("ignore")
@@ -240,11 +243,22 @@ def _rows(t: Any, samples: int) -> bool:
     return isinstance(t, Tensor) and t.ndim > 0 and len(t) == samples
 
 
-def _has_rows(batch: LossAtOutput, samples: int) -> bool:
-    """Whether every tensor of the output and the target holds ``samples`` rows."""
+def _sample_rows(batch: LossAtOutput, samples: int) -> bool | None:
+    """Whether the output's tensors all hold ``samples`` rows.
+
+    A target's tensors without them (a constant shared by the batch) are passed whole to
+    each sample's loss.
+
+    Returns:
+        True where every output tensor holds the rows; False where one does not (a batch
+        statistic, or a penalty, returned beside the per-sample output); None where no
+        tensor of the output or the target holds them (nothing to take per sample).
+    """
     outputs = [t for t in tree_flatten(batch.output)[0] if isinstance(t, Tensor)]
     targets = [t for t in tree_flatten(batch.target)[0] if isinstance(t, Tensor)]
-    return bool(outputs) and all(_rows(t, samples) for t in outputs + targets)
+    if not any(_rows(t, samples) for t in outputs + targets):
+        return None
+    return bool(outputs) and all(_rows(t, samples) for t in outputs)
 
 
 def _each_sample(batch: LossAtOutput, samples: int) -> Tensor:
@@ -257,8 +271,14 @@ def _each_sample(batch: LossAtOutput, samples: int) -> Tensor:
     def dims(value: Any) -> Any:
         return tree_map(lambda t: 0 if _rows(t, samples) else None, value)
 
-    def alone(value: Any) -> Any:
-        return tree_map(lambda t: t[None] if isinstance(t, Tensor) else t, value)
+    out_spec, target_spec = dims(batch.output), dims(batch.target)
+
+    def alone(value: Any, spec: Any) -> Any:  # a row back to a batch of one, the rest whole
+        leaves, tree = tree_flatten(value)
+        taken = tree_flatten(spec)[0]
+        return tree_unflatten(
+            [t[None] if d == 0 else t for t, d in zip(leaves, taken, strict=True)], tree
+        )
 
     def row(value: Any, i: int) -> Any:
         return tree_map(lambda t: t[i : i + 1] if _rows(t, samples) else t, value)
@@ -266,8 +286,8 @@ def _each_sample(batch: LossAtOutput, samples: int) -> Tensor:
     with torch.no_grad():
         try:
             return torch.func.vmap(
-                lambda o, t: batch.loss_of(alone(o), alone(t)),
-                in_dims=(dims(batch.output), dims(batch.target)),
+                lambda o, t: batch.loss_of(alone(o, out_spec), alone(t, target_spec)),
+                in_dims=(out_spec, target_spec),
             )(batch.output, batch.target)
         except (RuntimeError, ValueError, TypeError):  # a loss vmap cannot batch
             return torch.stack([

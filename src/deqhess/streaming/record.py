@@ -39,10 +39,13 @@ _MODEL_FIX = (
 #: why a regrouping is another operator: a loss that couples the samples
 _COUPLED = (
     "the loss is not the plain sum (or mean) of its samples' own losses (class weights or "
-    "ignore_index in a cross-entropy, a term coupling the samples: checked on the first "
-    "pass), so the data set's loss Σ_b w_b ℓ_b depends on the grouping and this pass is "
-    "another operator. Batch the data the same way on every pass (shuffle=False, or a list "
-    "of batches), or use a loss that is a plain mean of per-sample losses."
+    "ignore_index in a cross-entropy, a term coupling the samples, or a tensor of the "
+    "model's output without sample rows — a batch statistic, or a penalty returned beside "
+    "the per-sample output: checked on the first pass), so the data set's loss "
+    "Σ_b w_b ℓ_b depends on the grouping and this pass is another operator. Batch the "
+    "data the same way on every pass (shuffle=False, or a list of batches), or use a loss "
+    "that is a plain mean of per-sample losses (a weight penalty belongs in the loss "
+    "function, not the model's output)."
 )
 
 #: ... or one that weighs each sample by its batch's size (the first pass's sizes)
@@ -53,6 +56,15 @@ _SIZED = (
     "regrouped into batches of other sizes, the data set's loss is another operator. Match "
     "the reductions (reduction='mean' with a mean-reduced loss, or 'sum' with a sum-reduced "
     "one), or batch the data the same way on every pass."
+)
+
+
+#: ... or batches of one on the first pass, where no coupling could show
+_ONES = (
+    "the first pass's batches held one sample each: what the loss makes of a batch of "
+    "several (a mean or a sum of its samples' losses, a term coupling them) could not be "
+    "checked there, and the data set's loss depends on it. Batch the data the same way on "
+    "every pass (one sample a batch, or the same batches)."
 )
 
 
@@ -222,8 +234,20 @@ class PassCheck:
                 term weighed by size, unless every batch, of both passes, holds as many
                 samples — or, for a term that depends on the order, orders them
                 otherwise: the data-set sum then depends on it, and is another operator.
+                Also a batch of several where every batch of the first pass held one (no
+                coupling could show there).
         """
         record = self.record
+        if record is not None and record.sizes == {1} and len(hashes) != 1:
+            # every batch of the first pass held one sample: no coupling could show there
+            raise DataChangedError(
+                f"batch {self.batches} of this pass over the data of {self.label} groups "
+                f"its {len(hashes)} samples otherwise than any batch of the first pass, and "
+                + _ONES,
+                self.samples,
+                record.samples,
+                -1,
+            )
         if record is not None and not (record.coupled or record.sized):
             return  # any grouping is the same operator: nothing to compare
         key = batch_key(torch.sort(hashes).values)
