@@ -538,3 +538,33 @@ def test_an_output_without_sample_rows_refuses_a_regrouping_loader():
     curvature.hvp(v)
     with pytest.raises(dh.DataChangedError, match="without sample rows"):
         curvature.hvp(v)
+
+
+class _Squeezed(nn.Module):
+    """A regression model returning ``[n]`` — and a 0-dim output on a batch of one."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = Classifier(k=1)
+
+    def forward(self, x):
+        return self.model(x).squeeze()
+
+
+def test_a_squeezed_output_on_a_last_batch_of_one_is_not_taken_for_a_batch_statistic():
+    """An output without sample rows couples the samples — but a squeezed output on a
+    batch of one is 0-dim too: a shuffling loader with a last batch of one stays free."""
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.randn(10, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.manual_seed(2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True)
+
+    def loss(out, target):
+        return ((out - target) ** 2).mean()
+
+    curvature = dh.ModelCurvature(_Squeezed().double(), loss, loader)
+    fixed = dh.ModelCurvature(_Squeezed().double(), loss, [(x, y)])
+    fixed.model.load_state_dict(curvature.model.state_dict())
+    v = torch.ones(curvature.num_parameters, dtype=torch.float64)
+    for _ in range(3):  # regrouped on every pass: the same operator
+        assert relative_error(curvature.hvp(v), fixed.hvp(v)) <= 1e-10

@@ -88,7 +88,8 @@ def loss_grouping(batch: LossAtOutput, samples: int, reduction: str) -> str | No
     if rows is None:  # no sample rows to take
         return None
     if not rows:  # an output without sample rows: a batch statistic, regrouped with them
-        return "coupled"
+        # (on one sample, a squeezed output is 0-dim too: not known there)
+        return "coupled" if samples > 1 else None
     try:
         with warnings.catch_warnings():  # the check's own evaluations: not the user's
             warnings.simplefilter("ignore")
