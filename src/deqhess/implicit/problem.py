@@ -91,11 +91,10 @@ class Problem:
             raise InputError(
                 f"{', '.join(made_in_inference[:4])} "
                 f"{'was' if len(made_in_inference) == 1 else 'were'} made under "
-                "torch.inference_mode(), "
-                "and is used outside it: such a tensor keeps no version and cannot be saved "
-                "for a backward, so no derivative can be taken with it. Pass a copy made "
-                "outside inference mode (x.clone()), or call deqhess inside the same "
-                "inference_mode block."
+                "torch.inference_mode() and used outside it: such a tensor keeps no version "
+                "and cannot be saved for a backward, so no derivative can be taken with it. "
+                "Pass a copy made outside inference mode (x.clone()), or call deqhess inside "
+                "the same inference_mode block."
             )
         self._watched = [(label, t, tensor_version(t)) for label, t in watched]
         # a write through .data or a NumPy view leaves no version: the bytes are watched
