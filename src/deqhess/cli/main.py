@@ -170,12 +170,29 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    joined = _join_torchrun_group()
+    # the group is left here, not at the interpreter's exit (which aborted a rank now and
+    # then with gloo's threads still up: "terminate called without an active exception");
+    # after a barrier, so that no rank closes its connections while another still reads
+    try:
+        _analyze_in_group(args)
+    except BaseException:
+        if joined:
+            dist.destroy_process_group()
+        raise
+    if joined:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _analyze_in_group(args: argparse.Namespace) -> None:
     import torch
 
     from .analyze import check_request, run_analysis
     from .factory import load_factory
 
-    _join_torchrun_group()
     overrides = {
         "solver": args.solver,
         "tol": args.tol,
@@ -234,11 +251,14 @@ def _report_error(command: str, error: BaseException) -> int:
     return 2 if isinstance(error, ValueError) else 1
 
 
-def _join_torchrun_group() -> None:
+def _join_torchrun_group() -> bool:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1), join the process group.
 
     Gloo on CPU, NCCL when CUDA is available; a 5-minute timeout so that a lost rank
     cannot hang the rest.
+
+    Returns:
+        Whether this call joined it (the command then leaves it at its end).
     """
     import os
     from datetime import timedelta
@@ -249,3 +269,5 @@ def _join_torchrun_group() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=5))
+        return True
+    return False
