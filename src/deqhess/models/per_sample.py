@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from ..errors import DeqhessError, InputError, NonFiniteError
 from ..finiteness import all_finite
+from ..streaming.grouping import sample_row
 from .graph import BatchGraph
 from .sample_sites import Stacking, stacked_sample_rows
 
@@ -34,12 +35,6 @@ __all__ = [
 def _shapes(value: Any) -> list[tuple[int, ...]]:
     """The shapes of a value's tensors, for messages."""
     return [tuple(t.shape) for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
-
-
-def _row(value: Any, i: int, n: int) -> Any:
-    """Sample ``i`` of a batch's tensors (those with ``n`` rows), as a batch of one."""
-    return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.ndim and len(t) == n
-                    else t, value)  # fmt: skip
 
 
 def sample_losses(graph: BatchGraph, n: int) -> Tensor:
@@ -73,7 +68,7 @@ def sample_losses(graph: BatchGraph, n: int) -> Tensor:
     losses = []
     with torch.enable_grad():
         for i in range(n):
-            output, target = _row(graph.output, i, n), _row(graph.target, i, n)
+            output, target = sample_row(graph.output, i, n), sample_row(graph.target, i, n)
             try:
                 losses.append(graph._loss_of(output, target))
             except DeqhessError:

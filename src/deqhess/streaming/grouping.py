@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["GROUPINGS", "LossAtOutput", "grouping_of", "loss_grouping", "loss_orders_samples"]
+__all__ = [
+    "GROUPINGS",
+    "LossAtOutput",
+    "grouping_of",
+    "loss_grouping",
+    "loss_orders_samples",
+    "sample_row",
+]
 
 #: what a batch's loss makes of the grouping (:func:`loss_grouping`)
 GROUPINGS = ("free", "sizes", "coupled")
@@ -239,6 +246,20 @@ def _floating(t: Any) -> bool:
     return isinstance(t, Tensor) and t.is_floating_point()
 
 
+def sample_row(value: Any, i: int, samples: int) -> Any:
+    """Sample ``i`` of a batch's tensors (those with ``samples`` rows), as a batch of one.
+
+    Args:
+        value: a tensor, or a tuple / list / dict of them (other leaves as they are).
+        i: the sample.
+        samples: the batch's sample count.
+
+    Returns:
+        ``value`` with each tensor of ``samples`` rows cut to its row ``i`` (kept 2-D).
+    """
+    return tree_map(lambda t: t[i : i + 1] if _rows(t, samples) else t, value)
+
+
 def _rows(t: Any, samples: int) -> bool:
     """Whether ``t`` is a tensor with one row per sample (along its first dimension)."""
     return isinstance(t, Tensor) and t.ndim > 0 and len(t) == samples
@@ -281,9 +302,6 @@ def _each_sample(batch: LossAtOutput, samples: int) -> Tensor:
             [t[None] if d == 0 else t for t, d in zip(leaves, taken, strict=True)], tree
         )
 
-    def row(value: Any, i: int) -> Any:
-        return tree_map(lambda t: t[i : i + 1] if _rows(t, samples) else t, value)
-
     with torch.no_grad():
         try:
             return torch.func.vmap(
@@ -292,7 +310,9 @@ def _each_sample(batch: LossAtOutput, samples: int) -> Tensor:
             )(batch.output, batch.target)
         except (RuntimeError, ValueError, TypeError):  # a loss vmap cannot batch
             return torch.stack([
-                batch.loss_of(row(batch.output, i), row(batch.target, i)).detach()
+                batch.loss_of(
+                    sample_row(batch.output, i, samples), sample_row(batch.target, i, samples)
+                ).detach()
                 for i in range(samples)
             ])  # fmt: skip
 

@@ -238,17 +238,9 @@ class PassCheck:
                 coupling could show there).
         """
         record = self.record
-        if record is not None and record.sizes == {1} and len(hashes) != 1:
-            # every batch of the first pass held one sample: no coupling could show there
-            raise DataChangedError(
-                f"batch {self.batches} of this pass over the data of {self.label} groups "
-                f"its {len(hashes)} samples otherwise than any batch of the first pass, and "
-                + _ONES,
-                self.samples,
-                record.samples,
-                -1,
-            )
-        if record is not None and not (record.coupled or record.sized):
+        # every batch of the first pass held one sample: no coupling could show there
+        ones = record is not None and record.sizes == {1} and len(hashes) != 1
+        if record is not None and not (record.coupled or record.sized or ones):
             return  # any grouping is the same operator: nothing to compare
         key = batch_key(torch.sort(hashes).values)
         sequence = batch_key(hashes)
@@ -260,13 +252,20 @@ class PassCheck:
             self.ordered |= bool(ordered)
             self.sized |= bool(sized)
             return
-        # weighed by size alone, a regrouping into batches all of the first pass's one
-        # size is the same operator
-        if key not in record.groups and (record.coupled or record.sizes != {len(hashes)}):
+        regrouped = key not in record.groups
+        if ones:
+            why = _ONES
+        elif regrouped and record.coupled:
+            why = _COUPLED
+        elif regrouped and record.sized and record.sizes != {len(hashes)}:
+            # weighed by size alone, batches all of the first pass's one size are the same
+            why = _SIZED.format(sorted(record.sizes))
+        else:
+            why = None
+        if why is not None:
             raise DataChangedError(
                 f"batch {self.batches} of this pass over the data of {self.label} groups "
-                f"its {len(hashes)} samples otherwise than any batch of the first pass, and "
-                + (_COUPLED if record.coupled else _SIZED.format(sorted(record.sizes))),
+                f"its {len(hashes)} samples otherwise than any batch of the first pass, and " + why,
                 self.samples,
                 record.samples,
                 -1,
