@@ -216,3 +216,26 @@ def test_a_loss_that_fails_on_one_sample_is_named_in_per_sample_gradients():
 class _Transposed(nn.Module):
     def forward(self, out):
         return out.T
+
+
+class _RootAtZero(nn.Module):
+    """``‖W x‖`` by ``sqrt``: its gradient is not finite where ``W x = 0``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x):
+        return self.lin(x).pow(2).sum(1, keepdim=True).sqrt()
+
+
+def test_rows_that_are_not_finite_are_refused_not_returned():
+    """Each sample's loss finite, its gradient not (sqrt at 0): the rows came back with
+    NaN in them; refused by name."""
+    model = _RootAtZero()
+    with torch.no_grad():
+        model.lin.weight.zero_()
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), [(x, y)])
+    with pytest.raises(dh.NonFiniteError, match="a per-sample gradient is not finite"):
+        curvature.per_sample_gradients()
