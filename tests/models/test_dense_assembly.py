@@ -157,9 +157,10 @@ def test_dense_rows_from_their_parameter_on_give_every_part(monkeypatch, order, 
 
 
 def test_a_block_of_rows_differentiates_in_its_parameters_and_those_after():
-    """The Hessian's rows of a parameter come from a backward of that parameter's
-    gradient alone, into it and the parameters after it: a head's rows never reach
-    the DEQ layer's parameters (their block is a short backward)."""
+    """The Hessian's rows of a run of parameters (a layer's weight and bias, a DEQ
+    cell's parameters) come from a backward of those parameters' gradients alone, into
+    them and the parameters after them: a head's rows never reach the DEQ layer's
+    parameters (their block is a short backward)."""
     model = Classifier()
     data = _data(sizes=(3,))
     curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
@@ -185,24 +186,62 @@ def test_a_block_of_rows_differentiates_in_its_parameters_and_those_after():
         patch.setattr(dense, "ROWS_BEFORE_CUT", 1)
         patch.setattr(BatchGraph, "upper_rows", recording)
         assert relative_error(curvature.hessian(), reference.total()) <= 1e-9
-    ends = torch.tensor(curvature.layout.numels).cumsum(0).tolist()
+    # encoder.{weight, bias}, deq0.cell.{W, b}, head.{weight, bias}: three runs of two
+    ends = torch.tensor(curvature.layout.numels).cumsum(0).tolist()[1::2]
     assert [(a, b) for a, b, _, _ in calls] == list(zip([0, *ends[:-1]], ends, strict=True))
-    # the rows of parameter i: its gradient alone, differentiated in parameters i, i+1, …
-    assert [(o, i) for _, _, o, i in calls] == [(1, len(names) - k) for k in range(len(names))]
+    # the rows of run r: its two gradients alone, differentiated in parameters 2r, 2r+1, …
+    assert [(o, i) for _, _, o, i in calls] == [(2, len(names) - 2 * r) for r in range(3)]
+
+
+def test_a_run_holds_the_parameters_one_operation_takes():
+    """Parameters are one run of a dense form's rows where one operation of the graph
+    takes them (through a transpose or view): a linear layer's weight and bias, a DEQ
+    cell's parameters (its fixed point's arguments); two layers in a row are two runs,
+    in the layout's order, whichever it is."""
+    model = Classifier(depth=2)
+    data = _data(sizes=(3,))
+    names = [n for n, _ in model.named_parameters()]
+    for order in (names, names[::-1], [names[0], names[2], names[1], *names[3:]]):
+        curvature = dh.ModelCurvature(model, nn.MSELoss(), data, theta=order)
+        params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+        x, y = data[0]
+        graph = BatchGraph(model, nn.MSELoss(), curvature.layout, params, x, y, 1.0, "total")
+        owners = [n.rpartition(".")[0] for n in order] + [None]
+        runs = [i + 1 for i in range(len(order)) if owners[i] != owners[i + 1]]
+        offsets = curvature.layout.offsets
+        assert graph.parameter_runs() == [offsets[i] for i in runs], order
 
 
 def test_small_parameters_share_a_block_and_a_larger_one_starts_its_own():
-    """A block ends at the first parameter end inside it, unless the rows before it and
-    the parameter after it are both small (a weight's bias joins it; a 4-entry bias
-    before a 1,440-entry head does not drag the head's rows back to its column)."""
+    """A block ends at the first run end inside it, unless the rows before it and the
+    run after it are both small (a weight's bias joins it; a 4-entry bias before a
+    1,440-entry head does not drag the head's rows back to its column)."""
     ends = list(itertools.accumulate([27, 3, 144, 4, 1440, 10]))
     stops, start = [], 0
     while start < ends[-1]:
         start = dense._block_stop(start, 10_000, ends)
         stops.append(start)
     assert stops == [30, 174, 178, 1618, 1628]
-    assert dense._block_stop(0, 20, ends) == 20  # the width first
-    assert dense._block_stop(40, 100, ends) == 140  # inside one parameter
+    assert dense._block_stop(0, 20, ends) == 15  # the width first: 30 rows, two blocks
+    assert dense._block_stop(40, 100, ends) == 107  # inside one parameter: 134 rows, two
+
+
+def test_rows_longer_than_a_block_are_split_into_equal_blocks():
+    """A run's rows wider than a block go in blocks of equal width (each block costs
+    dozens of rows' time besides its rows: no narrow remainder block)."""
+    ends = [544, 1600, 1930]
+    for width in (16, 100, 256, 1000):
+        stops, start = [], 0
+        while start < ends[-1]:
+            start = dense._block_stop(start, width, ends)
+            stops.append(start)
+        assert set(ends) <= set(stops)  # no block across a run's end
+        widths = [b - a for a, b in itertools.pairwise([0, *stops])]
+        assert max(widths) <= width
+        for a, b in itertools.pairwise([0, *ends]):  # within a run: equal to one row
+            inside = [w for s, w in zip(stops, widths, strict=True) if a < s <= b]
+            assert len(inside) == -(-(b - a) // width)
+            assert max(inside) - min(inside) <= 1
 
 
 def test_info_names_the_block_width_and_the_upper_triangle():

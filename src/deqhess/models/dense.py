@@ -234,7 +234,7 @@ def batch_dense(
         term.add(start, column, rows)
         return rows
 
-    ends = list(graph.layout.offsets[1:])
+    ends = graph.parameter_runs()
     start = 0
     while start < p:
         stop = _block_stop(start, blocks.size(samples, device), ends)
@@ -247,28 +247,37 @@ def batch_dense(
 def _block_stop(start: int, width: int, ends: list[int]) -> int:
     """Where a block of rows from ``start``, at most ``width`` wide, ends.
 
-    At the first end of a parameter inside it, unless both the rows before that end and
-    the parameter after it are fewer than :data:`ROWS_BEFORE_CUT` (small parameters in a
-    row, such as biases, share a block): a block's rows all start at its first
-    parameter's column (:meth:`~deqhess.models.graph.BatchGraph.upper_rows`), so a later
-    parameter's rows are cheaper in a block of their own (a head's 1,440 rows in a block
-    with the cell's 4-entry bias took 1.05 s, alone 0.008 s).
+    A block ends at the first end of a run of parameters after ``start`` (``ends``:
+    :meth:`~deqhess.models.graph.BatchGraph.parameter_runs`), unless both the rows
+    before that end and the run after it are fewer than :data:`ROWS_BEFORE_CUT` (small
+    parameters in a row, such as biases, share a block): a block's rows all start at
+    its first parameter's column (:meth:`~deqhess.models.graph.BatchGraph.upper_rows`),
+    so a later run's rows are cheaper in a block of their own (a head's 1,440 rows in a
+    block with the cell's 4-entry bias took 1.05 s, alone 0.008 s). Rows up to that end
+    that do not fit in ``width`` are split into blocks of equal width: each block costs
+    about as much as dozens of rows besides its rows, and a narrow last block pays it
+    for a few (``benchmarks/vs_curvlinops.py``'s tanh classifier, at most 256 rows a
+    block: 0.62 s in blocks of each parameter's rows, 256 then the rest; 0.57 s in
+    equal blocks of each run's).
 
     Args:
         start: the block's first row.
         width: the most rows it may hold.
-        ends: the parameters' ends in the flat layout (the last is ``P``).
+        ends: the runs' ends in the flat layout (the last is ``P``).
 
     Returns:
         One past the block's last row.
     """
-    stop = min(ends[-1], start + width)
+    stop = ends[-1]
     for end, after in itertools.pairwise(ends):
-        if start < end < stop and (
-            end - start >= ROWS_BEFORE_CUT or after - end >= ROWS_BEFORE_CUT
-        ):
-            return end
-    return stop
+        if start < end and (end - start >= ROWS_BEFORE_CUT or after - end >= ROWS_BEFORE_CUT):
+            stop = end
+            break
+    rows = stop - start
+    if rows <= width:
+        return stop
+    blocks = -(-rows // width)
+    return start + -(-rows // blocks)
 
 
 def _from_jacobians(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -202,6 +203,35 @@ def leaves_reached(value: Tensor | Any) -> list[Tensor]:
     start = value.grad_fn if isinstance(value, Tensor) else value
     variables = (getattr(node, "variable", None) for node in graph_nodes([start]))
     return [v for v in variables if isinstance(v, Tensor)]  # AccumulateGrad nodes'
+
+
+def _taken(node: Any, index: dict[int, int]) -> Iterator[int]:
+    """The chosen parameters an operation's input ``node`` is, or passes through views.
+
+    Follows nodes of one input (a transpose, a view, an expand) down to a leaf.
+
+    Args:
+        node: an input node of an operation (``next_functions`` entry).
+        index: ``id(parameter)`` → its position in the layout.
+
+    Yields:
+        The position of the parameter reached, if one is.
+    """
+    for _ in range(_VIEW_DEPTH):
+        if node is None:
+            return
+        found = index.get(id(getattr(node, "variable", None)))
+        if found is not None:
+            yield found
+            return
+        inputs = [child for child, _ in node.next_functions if child is not None]
+        if len(inputs) != 1:
+            return
+        node = inputs[0]
+
+
+#: nodes of one input followed from an operation to a parameter (``W.T``, ``b.view(1, -1)``)
+_VIEW_DEPTH = 4
 
 
 def one_hot_rows(start: int, stop: int, width: int, like: Tensor) -> Tensor:
@@ -399,6 +429,31 @@ class BatchGraph:
             value = getattr(self, name, ())
             found.extend(value if isinstance(value, (tuple, list)) else (value,))
         return [t for t in found if isinstance(t, Tensor)]
+
+    def parameter_runs(self) -> list[int]:
+        """Where the runs of parameters that the backward reaches together end.
+
+        Parameters ``i`` and ``i + 1`` (in the layout's order) are in one run when one
+        operation of the batch's graph takes both as inputs (directly, or through a
+        transpose or view: a linear layer's weight and bias, a DEQ layer's cell
+        parameters, all arguments of its fixed point). A backward that reaches one
+        reaches the other at the same node, so their rows of a dense form can share a
+        block at no cost (:meth:`upper_rows` starts a block's columns at its first
+        parameter).
+
+        Returns:
+            The runs' ends in the flat layout, increasing; the last is ``P``.
+        """
+        index = {id(p): i for i, p in enumerate(self.params)}
+        count = len(self.params)
+        together = [False] * max(count - 1, 0)  # parameters i and i + 1 share an operation
+        for node in graph_nodes([self.loss.grad_fn]):
+            taken = sorted({i for child, _ in node.next_functions for i in _taken(child, index)})
+            for a, b in itertools.pairwise(taken):
+                if b == a + 1:
+                    together[a] = True
+        offsets = self.layout.offsets
+        return [offsets[i + 1] for i in range(count) if i == count - 1 or not together[i]]
 
     def upper_rows(self, start: int, stop: int) -> tuple[int, Tensor]:
         """Rows ``[start, stop)`` of the part's matrix from their first parameter's column on.
