@@ -8,7 +8,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["coupling_tolerance", "probe_scales", "row_coupling", "scaled_discrepancy"]
+__all__ = [
+    "coupling_tolerance",
+    "probe_scales",
+    "row_coupling",
+    "scaled_discrepancy",
+    "scales_exactly",
+]
 
 #: scale factors are powers of two in [2⁻⁸, 2⁷]: one digit of base 16 per probe.
 _DIGIT = 16
@@ -89,6 +95,30 @@ def scaled_discrepancy(base: Tensor, scaled: Tensor, scales: Tensor) -> Tensor:
     relative = torch.where(size > 0, discrepancy / size.clamp_min(tiny), 0.0)
     finite = torch.isfinite(scaled.flatten(2)).all(-1)
     return torch.where(finite, relative, float("nan"))
+
+
+def scales_exactly(base: Tensor, scaled: Tensor, scales: Tensor) -> bool:
+    """Whether ``M(cₗ ⊙ v)`` is ``cₗ ⊙ M(v)`` bit for bit: rows a map keeps apart.
+
+    A map that never mixes rows scales each row's products exactly with power-of-two
+    factors, so the stacked routes (:mod:`deqhess.models.sample_sites`,
+    :mod:`deqhess.models.input_sites`) accept no discrepancy at all. Compared entry by
+    entry — :func:`scaled_discrepancy`'s norms square the entries, which underflow for
+    rows below ~1e-154 (float64) or ~1e-19 (float32) and then read a 50% leak as 0.
+    A product that underflows into the subnormals when scaled reads as a coupling
+    (refused: the caller's exact route instead).
+
+    Args:
+        base: ``[S, ...]``, ``M v``.
+        scaled: ``[L, S, ...]``, ``M(cₗ ⊙ v)`` for the probes' factors.
+        scales: ``[L, S]``, the factors ``cₗ`` (:func:`probe_scales`).
+
+    Returns:
+        True where every product is finite and each scaled one equals its factor times
+        the base's, exactly.
+    """
+    expected = scales.reshape(*scales.shape, *([1] * (base.ndim - 1))) * base[None]
+    return bool(torch.isfinite(scaled).all()) and torch.equal(scaled, expected)
 
 
 def _row_norms(t: Tensor) -> Tensor:

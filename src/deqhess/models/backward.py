@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,7 +95,7 @@ class BlockBackward:
         return self.mode if self.mode != "auto" else BACKWARD_MODES[self._tried]
 
     def __call__(
-        self, outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor]
+        self, outputs: Sequence[Tensor], inputs: Sequence[Any], cotangents: Sequence[Tensor]
     ) -> list[Tensor]:
         """The K vector-Jacobian products of a block, ``Σ_o cₖ(o) · ∂o/∂input``.
 
@@ -106,7 +107,9 @@ class BlockBackward:
         Returns:
             One ``[K, *input.shape]`` per input. Outputs that do not depend on any input
             (constant gradients) contribute zero; an input no output depends on gets
-            zeros.
+            zeros. An input may be a :class:`torch.autograd.graph.GradientEdge` (the
+            gradient reaching an operation's output), which the outputs must reach (None
+            where none of them depends on anything).
 
         Raises:
             UnsupportedDerivativeError: a batching mode chosen by name (not ``"auto"``)
@@ -115,13 +118,13 @@ class BlockBackward:
         count = cotangents[0].shape[0]
         pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
         if not pairs:
-            return [t.new_zeros((count, *t.shape)) for t in inputs]
+            return [_no_gradient(t, count) for t in inputs]
         outs, cots = zip(*pairs, strict=True)
         if count == 1:
             grads = _looped(outs, inputs, cots)
         elif self.mode != "auto":
             grads = _MODES[self.mode](outs, inputs, cots)
-            kind = (tuple(o.shape for o in outs), tuple(i.shape for i in inputs))
+            kind = _kind(outs, inputs)
             if self.mode != "loop" and kind not in self._checked:
                 if not _agrees(outs, inputs, cots, grads):
                     raise UnsupportedDerivativeError(
@@ -133,10 +136,8 @@ class BlockBackward:
                 self._checked.add(kind)
         else:
             grads = self._first_that_works(outs, inputs, cots)
-        return [
-            t.new_zeros((count, *t.shape)) if g is None else g
-            for g, t in zip(grads, inputs, strict=True)
-        ]
+        pairs_out = zip(grads, inputs, strict=True)
+        return [_no_gradient(t, count) if g is None else g for g, t in pairs_out]
 
     def _first_that_works(
         self, outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequence[Tensor]
@@ -155,12 +156,28 @@ class BlockBackward:
                 continue
             # checked once per kind of block (the loss alone, the model's rows, a
             # second-order pass): each goes through other operations
-            kind = (tuple(o.shape for o in outs), tuple(i.shape for i in inputs))
+            kind = _kind(outs, inputs)
             if kind in self._checked or _agrees(outs, inputs, cots, grads):
                 self._checked.add(kind)
                 return grads
             self._tried += 1  # a wrong batching rule in torch (cdist's backward): the next
         return _looped(outs, inputs, cots)
+
+
+def _no_gradient(input: Any, count: int) -> Any:
+    """``count`` zero gradients for a tensor input no output depends on (None for an edge)."""
+    return input.new_zeros((count, *input.shape)) if isinstance(input, Tensor) else None
+
+
+def _kind(outs: Sequence[Tensor], inputs: Sequence[Any]) -> tuple:
+    """A block's kind for the batching check: its outputs' and inputs' shapes.
+
+    Returns:
+        The outputs' shapes and the inputs' (a :class:`torch.autograd.graph.GradientEdge`,
+        the gradient reaching an operation's output, by its operation's name).
+    """
+    shapes = tuple(i.shape if isinstance(i, Tensor) else type(i.node).__name__ for i in inputs)
+    return tuple(o.shape for o in outs), shapes
 
 
 def _agrees(

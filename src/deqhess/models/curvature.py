@@ -52,6 +52,7 @@ from .arguments import deq_layers
 from .dense import CPU_DENSE_BLOCK, Blocks, SampleTerm, batch_dense, run_block
 from .graph import BatchGraph, LossFunc
 from .info import CurvatureInfo, assembly
+from .input_sites import InputSiteTerm
 from .modes import check_second_order
 from .passes import ModelPasses
 from .per_sample import output_jacobians, sample_gradients, sample_outputs
@@ -301,10 +302,14 @@ class ModelCurvature(ModelPasses):
             gram = SampleGram(self.layout.offsets, self.layout.shapes, stacking,
                               keep=self._stream.group is None)  # fmt: skip
 
-        def one(graph: BatchGraph) -> UpperRows | SymmetricProduct | SampleTerm:
-            term = batch_dense(graph, graph.samples, blocks, bar.update, gram)
+        sites = self._stacking["total"] if part == "total" else None
+
+        def one(graph: BatchGraph) -> UpperRows | SymmetricProduct | SampleTerm | InputSiteTerm:
+            term = batch_dense(graph, graph.samples, blocks, bar.update, gram, sites)
             if isinstance(term, SampleTerm):
                 routes.add("sample sites")
+            elif isinstance(term, InputSiteTerm):
+                routes.add("input sites")
             elif not isinstance(term, SymmetricProduct):
                 routes.add("products")
             else:

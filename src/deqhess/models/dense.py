@@ -32,12 +32,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import DenseMemoryError
+from ..errors import DenseMemoryError, DeqhessError
 from ..implicit.finite import require_finite
 from ..memory import PeakMemory, budget_bytes
 from .graph import BatchGraph, one_hot_rows
+from .input_sites import InputSiteTerm, find_input_sites, input_site_rows
 from .sample_gram import SampleGram
-from .sample_sites import SampleRows, stacked_sample_rows
+from .sample_sites import SampleRows, Stacking, stacked_sample_rows
 from .symmetric import SymmetricProduct, UpperRows, curvature_times, loss_factor
 
 __all__ = [
@@ -194,8 +195,8 @@ def uses_jacobians(graph: BatchGraph, parameters: int) -> bool:
 
 def batch_dense(
     graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object],
-    gram: SampleGram | None = None,
-) -> UpperRows | SymmetricProduct | SampleTerm:  # fmt: skip
+    gram: SampleGram | None = None, input_sites: Stacking | None = None,
+) -> UpperRows | SymmetricProduct | SampleTerm | InputSiteTerm:  # fmt: skip
     """The batch's ``[P, P]`` matrix of ``graph``'s part, assembled the cheaper way.
 
     From output Jacobians where :func:`uses_jacobians` says so — each sample's rows from
@@ -212,14 +213,24 @@ def batch_dense(
         progress: called with the directions done after each block.
         gram: the pass's sum of each sample's rows, for the stacked route (None: not
             tried).
+        input_sites: for the Hessian, whether the rows of parameters that meet the data
+            first may come from each sample's curvature
+            (:mod:`~deqhess.models.input_sites`; a batch that fails it marks it; None:
+            not tried).
 
     Returns:
         The batch's ``[P, P]`` matrix, its weight included, by its rows on and above the
         diagonal's blocks (:class:`~deqhess.models.symmetric.UpperRows`); or, from output
         Jacobians, as a :class:`~deqhess.models.symmetric.SymmetricProduct` or a
-        :class:`SampleTerm`. Each adds to a sum's upper triangle, which is whole once
-        mirrored (:func:`~deqhess.models.symmetric.mirror_upper_`) — and, after a
+        :class:`SampleTerm`; with the input sites' rows, as an
+        :class:`~deqhess.models.input_sites.InputSiteTerm`. Each adds to a sum's upper
+        triangle, which is whole once mirrored
+        (:func:`~deqhess.models.symmetric.mirror_upper_`) — and, after a
         :class:`SampleTerm`, once ``gram`` has assembled what it keeps.
+
+    Raises:
+        RuntimeError: a :class:`deqhess.DeqhessError` met on the input sites' route
+            (about the model: the one-hot rows would meet it too).
     """
     p = graph.layout.size
     device = graph.params[0].device
@@ -227,6 +238,25 @@ def batch_dense(
         return _from_jacobians(graph, samples, blocks, progress, gram)
     if gram is not None:  # P product directions: the next batches' graphs as usual
         gram.stacking.promising = False
+    ends = graph.parameter_runs()
+    if input_sites is not None and input_sites.promising and graph.part == "total":
+        sites = find_input_sites(graph.loss, graph.params, samples)
+        if sites:
+            try:
+                found = input_site_rows(
+                    graph, sites, lambda: blocks.size(samples, device),
+                    lambda product, start, stop: run_block(
+                        blocks, graph, samples, device, product, start, stop
+                    ),
+                    progress, ends,
+                )  # fmt: skip
+            except RuntimeError as error:  # torch's, on the route's own way (its edges)
+                if isinstance(error, DeqhessError):
+                    raise  # about the model: the one-hot rows would meet it too
+                found = None
+            if found is not None:
+                return found
+            input_sites.promising = False  # the next batches' rows as usual
     term = UpperRows(p)
 
     def product(start: int, stop: int) -> Tensor:
@@ -234,7 +264,6 @@ def batch_dense(
         term.add(start, column, rows)
         return rows
 
-    ends = graph.parameter_runs()
     start = 0
     while start < p:
         stop = _block_stop(start, blocks.size(samples, device), ends)

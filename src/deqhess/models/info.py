@@ -31,7 +31,7 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
 
     Args:
         routes: the routes its batches took (``"sample sites"``, ``"factored
-            jacobians"``, ``"jacobians"``, ``"products"``).
+            jacobians"``, ``"jacobians"``, ``"input sites"``, ``"products"``).
         part: the dense part.
         p: ``P``.
         blocks: the block sizes, and the memory a direction took once measured.
@@ -61,6 +61,15 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
             f"{p:,}; ∇²ℓ not positive semi-definite in blocks of at most "
             f"{MAX_WIDTH}): Jᵀ(∇²ℓ J) from its rows, by its upper block triangle"
         )
+    if "input sites" in routes:
+        said.append(
+            "the rows of the layers that meet the data first (a matrix product on the "
+            "data, its weight and bias met nowhere else) from each sample's curvature at "
+            "their output — o stacked directions, samples kept apart checked by probes — "
+            "and the gradients reaching that output from the other rows; those rows as "
+            "product directions below"
+        )
+        routes = routes | {"products"}
     if "products" in routes:
         measured = (
             f"{blocks.per_direction / 2**20:.2f} MiB per direction and sample, measured"

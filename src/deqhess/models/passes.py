@@ -164,7 +164,9 @@ class ModelPasses:
         # tried (deqhess.models.sample_sites): a model whose graph does not show them is
         # not made to evaluate its DEQ cells visibly on every dense GGN or per-sample pass
         promising = may_have_sites(model, self.names)
-        self._stacking = {"ggn": Stacking(promising), "rows": Stacking(promising)}
+        self._stacking = {
+            "ggn": Stacking(promising), "rows": Stacking(promising), "total": Stacking(True)
+        }  # fmt: skip
         self.info = CurvatureInfo()
 
     # ------------------------------------------------------------------ set-up seams

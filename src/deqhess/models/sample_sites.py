@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from ..errors import DeqhessError
-from ..linear.coupling import probe_scales, scaled_discrepancy
+from ..linear.coupling import probe_scales, scales_exactly
 
 __all__ = [
     "NO_SITES",
@@ -336,11 +336,11 @@ def sample_rows(
         rows = site.shape if site.activation is None else site.shape[:1]
         if tuple(g.shape[1:]) != (samples, *rows) or not bool(torch.isfinite(g).all()):
             return None
-        # exactly zero: rows kept apart scale bit for bit with their power-of-two factors,
-        # and a leak however weak can be amplified without bound downstream (a gain of
-        # 1e7 on the sample it leaks into made a 1e-6 coupling 6e-7 of the rows)
-        discrepancy = scaled_discrepancy(g[r], g[r + 1 :], scales)
-        if not bool((discrepancy == 0).all()):  # NaN fails too
+        # exactly: rows kept apart scale bit for bit with their power-of-two factors, and
+        # a leak however weak can be amplified without bound downstream (a gain of 1e7 on
+        # the sample it leaks into made a 1e-6 coupling 6e-7 of the rows); entry by entry,
+        # since norms of rows of ~1e-160 underflow and read any leak as none
+        if not scales_exactly(g[r], g[r + 1 :], scales):
             return None
         # a leak below rounding hides under the largest row, and the rows' spread over
         # the samples (downstream gains in g, inputs in a) scales it up to ε·spread
