@@ -227,10 +227,6 @@ def batch_dense(
         triangle, which is whole once mirrored
         (:func:`~deqhess.models.symmetric.mirror_upper_`) — and, after a
         :class:`SampleTerm`, once ``gram`` has assembled what it keeps.
-
-    Raises:
-        RuntimeError: a :class:`deqhess.DeqhessError` met on the input sites' route
-            (about the model: the one-hot rows would meet it too).
     """
     p = graph.layout.size
     device = graph.params[0].device
@@ -240,23 +236,10 @@ def batch_dense(
         gram.stacking.promising = False
     ends = graph.parameter_runs()
     if input_sites is not None and input_sites.promising and graph.part == "total":
-        sites = find_input_sites(graph.loss, graph.params, samples)
-        if sites:
-            try:
-                found = input_site_rows(
-                    graph, sites, lambda: blocks.size(samples, device),
-                    lambda product, start, stop: run_block(
-                        blocks, graph, samples, device, product, start, stop
-                    ),
-                    progress, ends,
-                )  # fmt: skip
-            except RuntimeError as error:  # torch's, on the route's own way (its edges)
-                if isinstance(error, DeqhessError):
-                    raise  # about the model: the one-hot rows would meet it too
-                found = None
-            if found is not None:
-                return found
-            input_sites.promising = False  # the next batches' rows as usual
+        found = _with_input_sites(graph, samples, blocks, progress, ends)
+        if found is not None:
+            return found
+        input_sites.promising = False  # the next batches' rows as usual
     term = UpperRows(p)
 
     def product(start: int, stop: int) -> Tensor:
@@ -271,6 +254,41 @@ def batch_dense(
         progress(stop - start)
         start = stop
     return term
+
+
+def _with_input_sites(
+    graph: BatchGraph, samples: int, blocks: Blocks, progress: Callable[[int], object],
+    ends: list[int],
+) -> InputSiteTerm | None:  # fmt: skip
+    """The batch's Hessian, its layers on the data from each sample's curvature.
+
+    See :mod:`~deqhess.models.input_sites`.
+
+    Returns:
+        The term; None where the batch's graph has no such layer or the route does not
+        hold (the one-hot rows then).
+
+    Raises:
+        RuntimeError: a :class:`deqhess.DeqhessError` met on the route (about the model:
+            the one-hot rows would meet it too).
+    """
+    sites = find_input_sites(graph.loss, graph.params, samples)
+    if not sites:
+        return None
+    device = graph.params[0].device
+
+    def run(product: Callable[[int, int], Tensor], start: int, stop: int) -> Tensor:
+        return run_block(blocks, graph, samples, device, product, start, stop)
+
+    try:
+        return input_site_rows(
+            graph, sites, lambda: blocks.size(samples, device), run, progress,
+            lambda start: _block_stop(start, blocks.size(samples, device), ends),
+        )  # fmt: skip
+    except RuntimeError as error:  # torch's, on the route's own way (its edges)
+        if isinstance(error, DeqhessError):
+            raise  # about the model: the one-hot rows would meet it too
+        return None
 
 
 def _block_stop(start: int, width: int, ends: list[int]) -> int:

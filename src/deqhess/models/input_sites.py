@@ -224,7 +224,7 @@ def input_site_rows(
     width: Callable[[], int],
     run: Callable[[Callable[[int, int], Tensor], int, int], Tensor],
     progress: Callable[[int], object],
-    ends: list[int],
+    block_stop: Callable[[int], int],
 ) -> InputSiteTerm | None:
     """The batch's Hessian with the sites' rows from each sample's curvature, if certified.
 
@@ -239,23 +239,23 @@ def input_site_rows(
         width: the most rows of the next block.
         run: runs ``product(start, stop)`` for a block of rows (measuring it if first).
         progress: called with the rows done.
-        ends: the runs' ends (:meth:`~deqhess.models.graph.BatchGraph.parameter_runs`).
+        block_stop: where a block of rows from a row ends (the dense forms' partition).
 
     Returns:
         The term, or None where the sites' block could not be certified.
     """
     layout = graph.layout
     offsets = layout.offsets
+    like = graph.params[0]
     samples = sites[0].data.shape[0]
     held = {i for site in sites for i in site.params}
     directions = sum(site.width for site in sites)
-    probes = 1 + probe_scales(samples, graph.params[0].dtype, torch.device("cpu")).shape[0]
+    probes = 1 + probe_scales(samples, like.dtype, like.device).shape[0]
     if directions + probes >= sum(layout.numels[i] for i in held):
         return None  # no fewer directions than the one-hot rows (a layer on 1 feature)
     if samples * directions**2 > layout.size**2:
         return None  # each sample's curvature would hold more numbers than the result
     edges = [site.edge for site in sites]
-    like = graph.params[0]
     with torch.enable_grad(), missing_derivatives_named():
         at_sites = list(torch.autograd.grad(graph.loss, edges, create_graph=True))
     own = _own_blocks(graph, sites, at_sites, samples, width, run)
@@ -276,17 +276,11 @@ def input_site_rows(
         if i in held:
             start = offsets[i + 1]
             continue
-        stop = min(_stop(start, width(), ends), _next_held(start, offsets, held))
+        stop = min(block_stop(start), _next_held(start, offsets, held))
         run(product, start, stop)
         progress(stop - start)
         start = stop
     return term
-
-
-def _stop(start: int, width: int, ends: list[int]) -> int:
-    from .dense import _block_stop  # the dense forms' partition (no import cycle at load)
-
-    return _block_stop(start, width, ends)
 
 
 def _next_held(start: int, offsets: tuple[int, ...], held: set[int]) -> int:
