@@ -253,3 +253,30 @@ def test_info_names_the_block_width_and_the_upper_triangle():
         curvature.hessian()
         said = curvature.info.assembly["total"]
         assert f"in blocks of at most {width} " in said and "upper block triangle" in said
+
+
+def test_a_bias_joins_its_weights_block_and_a_large_parameter_keeps_its_own():
+    """Blocks may end at each parameter's end, except before a small parameter one
+    operation takes with the one before it (a bias after its weight: a few rows more
+    in that block instead of a block of its own); a large parameter of the same
+    operation (a DEQ cell's second convolution after its first) keeps its own column."""
+
+    class Graph:  # what _block_ends reads of a batch's graph
+        def __init__(self, numels, runs):
+            self.layout = type("Layout", (), {})()
+            self.layout.numels = numels
+            self.layout.offsets = tuple(itertools.accumulate([0, *numels]))
+            self.runs = runs
+
+        def parameter_runs(self):
+            return self.runs
+
+    # a conv cell's six parameters, one operation (its fixed point) takes them all
+    cell = Graph((144, 4, 144, 4, 108, 4), [408])
+    assert dense._block_ends(cell) == [148, 296, 408]
+    # two layers of a weight and a bias each: the biases join, the layers do not
+    layers = Graph((12, 4, 16, 4), [16, 36])
+    assert dense._block_ends(layers) == [16, 36]
+    # a 65-entry "bias" is no small parameter
+    wide = Graph((100, 65), [165])
+    assert dense._block_ends(wide) == [100, 165]

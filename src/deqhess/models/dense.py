@@ -68,6 +68,10 @@ CPU_DENSE_BLOCK = 256
 #: on one batch of ``benchmarks/vs_curvlinops.py``'s tanh classifier)
 ROWS_BEFORE_CUT = 32
 
+#: a parameter of at most this many entries that one operation takes with the one before
+#: it (a bias after its weight) shares that one's blocks of a dense form's rows
+JOIN_ROWS = 64
+
 #: numbers in one block of the loss curvature's one-hot rows (``[rows, M]``)
 CURVATURE_ROWS = 2**22
 
@@ -234,7 +238,7 @@ def batch_dense(
         return _from_jacobians(graph, samples, blocks, progress, gram)
     if gram is not None:  # P product directions: the next batches' graphs as usual
         gram.stacking.promising = False
-    ends = graph.parameter_runs()
+    ends = _block_ends(graph)
     if input_sites is not None and input_sites.promising and graph.part == "total":
         found = _with_input_sites(graph, samples, blocks, progress, ends)
         if found is not None:
@@ -291,26 +295,51 @@ def _with_input_sites(
         return None
 
 
+def _block_ends(graph: BatchGraph) -> list[int]:
+    """Where blocks of a dense form's rows may end.
+
+    At each parameter's end, unless the next parameter is small (at most
+    :data:`JOIN_ROWS` rows) and one operation takes it with the one before (a bias after
+    its weight, :meth:`~deqhess.models.graph.BatchGraph.parameter_runs`). A block's rows
+    all take the columns from its first parameter on: a bias joining its weight's block
+    adds a few rows of columns the backward reaches anyway, where a block of its own
+    would cost a block's fixed cost for them (a conv cell's 4-entry biases: 42 ms a
+    block of four rows over three batches); a large parameter after another of the same
+    operation keeps its own columns (a conv cell's second convolution's rows from the
+    first's column on took 10% longer).
+
+    Returns:
+        The ends in the flat layout, increasing; the last is ``P``.
+    """
+    runs = set(graph.parameter_runs())
+    offsets, numels = graph.layout.offsets, graph.layout.numels
+    return [
+        offsets[i + 1]
+        for i in range(len(numels))
+        if i + 1 == len(numels) or offsets[i + 1] in runs or numels[i + 1] > JOIN_ROWS
+    ]
+
+
 def _block_stop(start: int, width: int, ends: list[int]) -> int:
     """Where a block of rows from ``start``, at most ``width`` wide, ends.
 
-    A block ends at the first end of a run of parameters after ``start`` (``ends``:
-    :meth:`~deqhess.models.graph.BatchGraph.parameter_runs`), unless both the rows
-    before that end and the run after it are fewer than :data:`ROWS_BEFORE_CUT` (small
-    parameters in a row, such as biases, share a block): a block's rows all start at
-    its first parameter's column (:meth:`~deqhess.models.graph.BatchGraph.upper_rows`),
-    so a later run's rows are cheaper in a block of their own (a head's 1,440 rows in a
-    block with the cell's 4-entry bias took 1.05 s, alone 0.008 s). Rows up to that end
-    that do not fit in ``width`` are split into blocks of equal width: each block costs
-    about as much as dozens of rows besides its rows, and a narrow last block pays it
-    for a few (``benchmarks/vs_curvlinops.py``'s tanh classifier, at most 256 rows a
-    block: 0.62 s in blocks of each parameter's rows, 256 then the rest; 0.57 s in
-    equal blocks of each run's).
+    A block ends at the first of ``ends`` (:func:`_block_ends`) after ``start``, unless
+    both the rows before that end and the rows after it up to the next end are fewer
+    than :data:`ROWS_BEFORE_CUT` (small parameters in a row share a block): a block's
+    rows all start at its first parameter's column
+    (:meth:`~deqhess.models.graph.BatchGraph.upper_rows`), so a later parameter's rows
+    are cheaper in a block of their own (a head's 1,440 rows in a block with the cell's
+    4-entry bias took 1.05 s, alone 0.008 s). Rows up to that end that do not fit in
+    ``width`` are split into blocks of equal width: each block costs about as much as
+    dozens of rows besides its rows, and a narrow last block pays it for a few
+    (``benchmarks/vs_curvlinops.py``'s tanh classifier, at most 256 rows a block: 0.62 s
+    in blocks of 256 then the rest, a bias in a block of its own; 0.57 s in equal blocks,
+    each bias with its weight).
 
     Args:
         start: the block's first row.
         width: the most rows it may hold.
-        ends: the runs' ends in the flat layout (the last is ``P``).
+        ends: where blocks may end in the flat layout (the last is ``P``).
 
     Returns:
         One past the block's last row.
