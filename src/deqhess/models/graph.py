@@ -437,9 +437,10 @@ class BatchGraph:
         operation of the batch's graph takes both as inputs (directly, or through a
         transpose or view: a linear layer's weight and bias, a DEQ layer's cell
         parameters, all arguments of its fixed point). A backward that reaches one
-        reaches the other at the same node, so their rows of a dense form can share a
-        block at no cost (:meth:`upper_rows` starts a block's columns at its first
-        parameter).
+        reaches the other at the same node, so a small one's rows (a bias's) share the
+        other's block of a dense form for a few columns more (:meth:`upper_rows` starts
+        a block's columns at its first parameter; see
+        :func:`deqhess.models.dense.batch_dense`).
 
         Returns:
             The runs' ends in the flat layout, increasing; the last is ``P``.

@@ -66,18 +66,17 @@ def assembly(routes: set[str], part: str, p: int, blocks: Blocks) -> str:
             "the rows of the layers that meet the data first (a matrix product on the "
             "data, its weight and bias met nowhere else) from each sample's curvature at "
             "their output — o stacked directions, samples kept apart checked by probes — "
-            "and the gradients reaching that output from the other rows; those rows as "
-            "product directions below"
+            "and the gradients reaching that output from the other rows"
         )
-        routes = routes | {"products"}
-    if "products" in routes:
+    if "products" in routes or "input sites" in routes:
         measured = (
             f"{blocks.per_direction / 2**20:.2f} MiB per direction and sample, measured"
             if blocks.per_direction is not None
             else "memory not measurable here: blocks of at most chunk_size"
         )
         said.append(
-            f"P = {p:,} product directions per batch, in blocks of at most "
+            f"{'the other rows as' if 'input sites' in routes else f'P = {p:,}'} product "
+            f"directions per batch, in blocks of at most "
             f"{blocks.limit:,} sized by memory ({measured}), each block's rows from its "
             "first parameter's column on (the upper block triangle, mirrored at the end); "
             "the DEQ layers' 'auto' linear solver sees P directions (a per-sample LU where "

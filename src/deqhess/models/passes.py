@@ -162,7 +162,9 @@ class ModelPasses:
         self._warned_rows = False
         # whether each sample's rows came from stacked cotangents on the last pass that
         # tried (deqhess.models.sample_sites): a model whose graph does not show them is
-        # not made to evaluate its DEQ cells visibly on every dense GGN or per-sample pass
+        # not made to evaluate its DEQ cells visibly on every dense GGN or per-sample pass;
+        # and whether the dense Hessian's rows of the layers on the data still come from
+        # each sample's curvature (deqhess.models.input_sites: a batch failing it stops it)
         promising = may_have_sites(model, self.names)
         self._stacking = {
             "ggn": Stacking(promising), "rows": Stacking(promising), "total": Stacking(True)
