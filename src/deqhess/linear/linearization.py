@@ -116,8 +116,6 @@ class Linearization:
         self._forward_gap: Tensor | None = None  # F(h*) − h*, once certified
         self._prepared: Solve | None = None
         self._previous: dict[bool, Tensor] = {}
-        #: called with the solve once set up (a caller keeping it for the same point)
-        self.on_prepared: Callable[[Solve], None] | None = None
 
     @property
     def h(self) -> Tensor:
@@ -140,37 +138,16 @@ class Linearization:
             if not self._certified:
                 self.certify(self.residual.fn(self.h))
             prepared = self.solver.init(self.operator)
-            self._set_up(prepared)
-            if self.on_prepared is not None:
-                self.on_prepared(prepared)
-            return prepared
+            self.stats.condition_number = prepared.condition_number
+            self._prepared = prepared
+            try:
+                if self.watch_accuracy and prepared.inverse_norm is None:
+                    self._estimate_along_forward_gap()
+                self._check_error_bound()
+            except Exception:
+                self._prepared = None  # refused: every later solve is refused alike
+                raise
         return self._prepared
-
-    def _set_up(self, prepared: Solve) -> None:
-        """Take ``prepared`` as the solve with ``I − J``, its error bound enforced."""
-        self.stats.condition_number = prepared.condition_number
-        self._prepared = prepared
-        try:
-            if self.watch_accuracy and prepared.inverse_norm is None:
-                self._estimate_along_forward_gap()
-            self._check_error_bound()
-        except Exception:
-            self._prepared = None  # refused: every later solve is refused alike
-            raise
-
-    def adopt(self, prepared: Solve) -> None:
-        """Take the solve set up at the same point of the same map before (kept factors).
-
-        The fixed point is certified as :attr:`prepared` would (``F`` evaluated again at
-        ``h*``), and the error bound enforced with this solve's forward residual.
-
-        Args:
-            prepared: the solve with ``I − J`` a linearisation at bitwise the same point
-                and arguments set up (see :mod:`deqhess.linear.kept`).
-        """
-        if not self._certified:
-            self.certify(self.residual.fn(self.h))
-        self._set_up(prepared)
 
     @property
     def error_bound(self) -> ErrorBound:

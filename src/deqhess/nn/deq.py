@@ -400,12 +400,6 @@ class DEQ(nn.Module):
             directions=None if calls is None else calls.directions,
             watch_accuracy=calls is not None and calls.watch_accuracy,
             refused_second_order=RefusedSecondOrder.for_cell(cell, names, count),
-            # a curvature operator's passes: the factors of I − J kept with the warm start
-            kept_factors=(
-                (warm[0], (warm[1], "factors"))
-                if warm is not None and calls is not None and calls.directions is not None
-                else None
-            ),
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
                 *(f"cell.{n}" for n in names),

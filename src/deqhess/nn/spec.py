@@ -62,9 +62,6 @@ class FixedPointSpec:
         refused_second_order: arguments whose second derivatives torch computes wrongly
             (see :mod:`deqhess.nn.second_order`): a recorded backward guards them, so
             that differentiating it in them raises; None: none.
-        kept_factors: ``(store, key)`` where the dense factors of ``I − J`` at the fixed
-            point are kept between a curvature operator's passes and taken again at
-            bitwise the same point (:mod:`deqhess.linear.kept`); None: not kept.
     """
 
     fn: Callable[..., Tensor]
@@ -85,7 +82,6 @@ class FixedPointSpec:
     directions: int | None = None
     watch_accuracy: bool = False
     refused_second_order: RefusedSecondOrder | None = None
-    kept_factors: tuple[dict, Any] | None = None
 
     def rows(self, z: Tensor) -> Tensor:
         """Return ``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""

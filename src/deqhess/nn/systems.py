@@ -18,7 +18,6 @@ from torch import Tensor
 from ..errors import ConvergenceError, InputError
 from ..finiteness import all_finite
 from ..linear import Linearization
-from ..linear.kept import keep_factors
 from ..solvers import Residual, Tolerance, solve_fixed_point
 from .contract import check_registered
 from .pullbacks import pullback
@@ -140,7 +139,6 @@ class System:
             fn=torch.func.vmap(self.spec.fn, in_dims=(0, *arg_dims)),
             independent_dims=self.spec.independent_dims + 1,
             on_solve=None,
-            kept_factors=None,  # the layer's own point's, not a batched one's
         )
 
 
@@ -206,8 +204,6 @@ class NonlinearSystem(System):
         if spec.on_solve is not None:
             spec.on_solve(info)
         lin = spec.linearization(step, rows, info.sample_residuals, tolerance)
-        if spec.kept_factors is not None:
-            keep_factors(lin, spec.kept_factors, plain)
         self.jacobian = SystemJacobian(lin, transposed=False)
         return rows.reshape(shape)
 
