@@ -157,10 +157,10 @@ def test_dense_rows_from_their_parameter_on_give_every_part(monkeypatch, order, 
 
 
 def test_a_block_of_rows_differentiates_in_its_parameters_and_those_after():
-    """The Hessian's rows of a run of parameters (a layer's weight and bias, a DEQ
-    cell's parameters) come from a backward of those parameters' gradients alone, into
-    them and the parameters after them: a head's rows never reach the DEQ layer's
-    parameters (their block is a short backward)."""
+    """The Hessian's rows of a parameter and the small one after it that one operation
+    takes with it (a layer's bias, a DEQ cell's bias) come from a backward of those
+    parameters' gradients alone, into them and the parameters after them: a head's rows
+    never reach the DEQ layer's parameters (their block is a short backward)."""
     model = Classifier()
     data = _data(sizes=(3,))
     curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
@@ -214,9 +214,10 @@ def test_a_run_holds_the_parameters_one_operation_takes():
 
 
 def test_small_parameters_share_a_block_and_a_larger_one_starts_its_own():
-    """A block ends at the first run end inside it, unless the rows before it and the
-    run after it are both small (a weight's bias joins it; a 4-entry bias before a
-    1,440-entry head does not drag the head's rows back to its column)."""
+    """A block ends at the first of the ends it may end at, unless the rows before it
+    and those after it up to the next end are both small (small parameters in a row
+    share a block; a 4-entry bias before a 1,440-entry head does not drag the head's
+    rows back to its column)."""
     ends = list(itertools.accumulate([27, 3, 144, 4, 1440, 10]))
     stops, start = [], 0
     while start < ends[-1]:
