@@ -49,6 +49,7 @@ __all__ = [
     "graph_nodes",
     "leaves_reached",
     "missing_derivatives_named",
+    "one_hot_pieces",
     "one_hot_rows",
 ]
 
@@ -239,6 +240,30 @@ def one_hot_rows(start: int, stop: int, width: int, like: Tensor) -> Tensor:
     rows = torch.zeros(stop - start, width, dtype=like.dtype, device=like.device)
     rows[torch.arange(stop - start), torch.arange(start, stop)] = 1
     return rows
+
+
+def one_hot_pieces(layout: ParameterLayout, start: int, stop: int, like: Tensor) -> list[Tensor]:
+    """Rows ``[start, stop)`` of the ``P × P`` identity, cut into their parameters.
+
+    Args:
+        layout: the parameters' layout.
+        start: the first row.
+        stop: one past the last.
+        like: a tensor of the rows' dtype and device.
+
+    Returns:
+        One ``[stop − start, *shape]`` per parameter the rows fall in, first to last.
+    """
+    offsets, count = layout.offsets, stop - start
+    first = bisect.bisect_right(offsets, start) - 1
+    last = bisect.bisect_right(offsets, stop - 1) - 1
+    pieces = []
+    for i in range(first, last + 1):
+        piece = like.new_zeros(count, layout.numels[i])
+        here = torch.arange(max(start, offsets[i]), min(stop, offsets[i + 1]))
+        piece[here - start, here - offsets[i]] = 1
+        pieces.append(piece.reshape(count, *layout.shapes[i]))
+    return pieces
 
 
 class BatchGraph:
@@ -487,13 +512,7 @@ class BatchGraph:
         if self.part not in ("total", "dynamics_curvature"):
             rows = self.products(one_hot_rows(start, stop, self.layout.size, like))
             return column, rows[:, column:]
-        directions = []
-        for i in range(first, last + 1):  # the one-hot rows' pieces in their parameters
-            begin, size = offsets[i], self.layout.numels[i]
-            piece = like.new_zeros(count, size)
-            rows_here = torch.arange(max(start, begin), min(stop, begin + size))
-            piece[rows_here - start, rows_here - begin] = 1
-            directions.append(piece.reshape(count, *self.layout.shapes[i]))
+        directions = one_hot_pieces(self.layout, start, stop, like)
         with torch.enable_grad(), missing_derivatives_named():
             out = self.backward(self.first[first : last + 1], self.params[first:], directions)
         return column, torch.cat([g.reshape(count, -1) for g in out], dim=1).detach()

@@ -39,15 +39,13 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from ..linear.coupling import probe_scales, scales_exactly
-from .graph import BatchGraph, graph_nodes, missing_derivatives_named
+from .graph import BatchGraph, graph_nodes, missing_derivatives_named, one_hot_pieces
+from .sample_sites import TRANSPOSES, plain_transpose, row_spread, unit_factor
 
 __all__ = ["InputSite", "InputSiteTerm", "find_input_sites", "input_site_rows"]
 
 #: the most numbers one step of a site block's assembly forms at once
 BUDGET = 1 << 22
-
-#: a weight's transpose as it enters a matrix product (``nn.Linear``'s ``W.T``)
-_TRANSPOSES = ("TBackward0", "PermuteBackward0")
 
 
 @dataclass(frozen=True)
@@ -103,11 +101,11 @@ def find_input_sites(loss: Tensor, params: Sequence[Tensor], samples: int) -> li
     index = {id(p): i for i, p in enumerate(params)}
     met: list[list[tuple[Any, int]]] = [[] for _ in params]  # (node, input position)
     for node in graph_nodes([loss.grad_fn]):
-        if type(node).__name__ in _TRANSPOSES and _transposed_leaf(node, index) is not None:
+        if type(node).__name__ in TRANSPOSES and _transposed_leaf(node, index) is not None:
             continue  # counted where its consumer takes it
         for position, (child, _) in enumerate(node.next_functions):
             leaf, at = index.get(id(getattr(child, "variable", None))), position
-            if leaf is None and type(child).__name__ in _TRANSPOSES:
+            if leaf is None and type(child).__name__ in TRANSPOSES:
                 leaf, at = _transposed_leaf(child, index), -1 - position  # via a transpose
             if leaf is not None:
                 met[leaf].append((node, at))
@@ -132,9 +130,7 @@ def find_input_sites(loss: Tensor, params: Sequence[Tensor], samples: int) -> li
 
 def _transposed_leaf(node: Any, index: dict[int, int]) -> int | None:
     """The chosen parameter a plain ``.T`` node transposes, if it is one."""
-    if type(node).__name__ == "PermuteBackward0" and tuple(node._saved_dims) != (1, 0):
-        return None
-    if len(node.next_functions) != 1:
+    if not plain_transpose(node):
         return None
     return index.get(id(getattr(node.next_functions[0][0], "variable", None)))
 
@@ -143,7 +139,7 @@ def _role(node: Any, position: int, param: Tensor, samples: int) -> str | None:
     """``"weight"`` or ``"bias"`` where ``param`` enters ``node`` as a product on the data."""
     name = type(node).__name__
     if name == "AddmmBackward0":
-        if not (_unit(node, "_saved_alpha") and _unit(node, "_saved_beta")):
+        if not (unit_factor(node, "_saved_alpha") and unit_factor(node, "_saved_beta")):
             return None
         data, weight_at = node._saved_mat1, -3  # mat2 = Wᵀ, the third input
     elif name == "MmBackward0":
@@ -157,11 +153,6 @@ def _role(node: Any, position: int, param: Tensor, samples: int) -> str | None:
     if position == 0 and name == "AddmmBackward0" and param.ndim == 1:
         return "bias"
     return None
-
-
-def _unit(node: Any, attribute: str) -> bool:
-    value = getattr(node, attribute, 1)
-    return isinstance(value, (int, float)) and value == 1
 
 
 @dataclass
@@ -328,12 +319,7 @@ def _rows(
     first = bisect.bisect_right(offsets, start) - 1
     last = bisect.bisect_right(offsets, stop - 1) - 1
     count = stop - start
-    directions = []
-    for i in range(first, last + 1):
-        piece = like.new_zeros(count, layout.numels[i])
-        here = torch.arange(max(start, offsets[i]), min(stop, offsets[i + 1]))
-        piece[here - start, here - offsets[i]] = 1
-        directions.append(piece.reshape(count, *layout.shapes[i]))
+    directions = one_hot_pieces(layout, start, stop, like)
     columns = [j for j in range(first, len(graph.params)) if j not in held]
     reached = sorted(set().union(*(reaches[i] for i in range(first, last + 1))))
     inputs: list[Any] = [graph.params[j] for j in columns] + [sites[s].edge for s in reached]
@@ -421,7 +407,7 @@ def _own_blocks(
             return None
         if not scales_exactly(g[total], g[total + 1 :], scales):
             return None  # a leak between samples, however weak (see sample_sites)
-        spread = _spread(g[total]) * _spread(site.data)
+        spread = row_spread(g[total]) * row_spread(site.data)
         if spread > torch.finfo(g.dtype).eps ** -0.5:
             return None
         results.append(g[:total])  # [Σo, n_b, o_q]: direction (p, i), sample, column
@@ -482,12 +468,3 @@ def _parts(site: InputSite) -> list[tuple[int, Any]]:
     if site.bias is not None:
         parts.append((site.bias, k))
     return parts
-
-
-def _spread(rows: Tensor) -> float:
-    """The largest row's norm over the rows' median (1 for rows all zero)."""
-    norms = torch.linalg.vector_norm(rows.reshape(rows.shape[0], -1).double(), dim=1)
-    largest, typical = float(norms.max()), float(norms.median())
-    if largest == 0.0:
-        return 1.0
-    return largest / typical if typical > 0.0 else float("inf")

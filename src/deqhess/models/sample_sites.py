@@ -46,18 +46,22 @@ from ..linear.coupling import probe_scales, scales_exactly
 
 __all__ = [
     "NO_SITES",
+    "TRANSPOSES",
     "SampleRows",
     "Site",
     "Sites",
     "Stacking",
     "find_sites",
     "may_have_sites",
+    "plain_transpose",
+    "row_spread",
     "sample_rows",
     "stacked_sample_rows",
+    "unit_factor",
 ]
 
 #: the autograd nodes of a weight taken transposed into a matrix product
-_TRANSPOSES = ("TBackward0", "PermuteBackward0")
+TRANSPOSES = ("TBackward0", "PermuteBackward0")
 
 #: nodes deqhess's own Functions make, and the first of their inputs the rule gives no
 #: gradient to (``_Observed``: the cell's arguments; see :mod:`deqhess.nn.observed`)
@@ -237,7 +241,7 @@ def find_sites(output: Tensor, params: Sequence[Tensor], samples: int) -> Sites 
                     return None
                 if site is not None:
                     sites[leaf].append(site)
-            elif type(child).__name__ in _TRANSPOSES and _plain_transpose(child):
+            elif type(child).__name__ in TRANSPOSES and plain_transpose(child):
                 weight = index.get(id(getattr(child.next_functions[0][0], "variable", None)))
                 if weight is not None:
                     site = _weight_site(node, name, position, params[weight], samples)
@@ -257,8 +261,8 @@ def _bias_site(node: Any, name: str, position: int, param: Tensor, samples: int)
     if name == _FIXED_POINT:
         return None  # checked by sample_rows: what reaches its output is zero
     if name == "AddmmBackward0" and position == 0 and param.ndim == 1:
-        return Site(node, None, tuple(param.shape)) if _unit(node, "_saved_beta") else False
-    if name == "AddBackward0" and _unit(node, "_saved_alpha"):
+        return Site(node, None, tuple(param.shape)) if unit_factor(node, "_saved_beta") else False
+    if name == "AddBackward0" and unit_factor(node, "_saved_alpha"):
         return Site(node, None, tuple(param.shape))  # its gradient's shape is checked
     return False
 
@@ -267,7 +271,7 @@ def _weight_site(node: Any, name: str, position: int, param: Tensor, samples: in
     """A weight taken transposed into a matrix product whose rows are the samples."""
     if param.ndim != 2:
         return None
-    if name == "AddmmBackward0" and position == 2 and _unit(node, "_saved_alpha"):
+    if name == "AddmmBackward0" and position == 2 and unit_factor(node, "_saved_alpha"):
         activation = node._saved_mat1
     elif name == "MmBackward0" and position == 1:
         activation = node._saved_self
@@ -278,14 +282,15 @@ def _weight_site(node: Any, name: str, position: int, param: Tensor, samples: in
     return Site(node, activation.detach(), tuple(param.shape))
 
 
-def _plain_transpose(node: Any) -> bool:
+def plain_transpose(node: Any) -> bool:
     """A ``.T`` / ``.permute(1, 0)`` of a leaf, nothing else."""
     if type(node).__name__ == "PermuteBackward0" and tuple(node._saved_dims) != (1, 0):
         return False
     return len(node.next_functions) == 1
 
 
-def _unit(node: Any, attribute: str) -> bool:
+def unit_factor(node: Any, attribute: str) -> bool:
+    """Whether an operation's scalar factor (``addmm``'s ``alpha``/``beta``) is 1."""
     value = getattr(node, attribute, 1)
     return isinstance(value, (int, float)) and value == 1
 
@@ -344,7 +349,9 @@ def sample_rows(
             return None
         # a leak below rounding hides under the largest row, and the rows' spread over
         # the samples (downstream gains in g, inputs in a) scales it up to ε·spread
-        spread = _spread(g[r]) * (1.0 if site.activation is None else _spread(site.activation))
+        spread = row_spread(g[r]) * (
+            1.0 if site.activation is None else row_spread(site.activation)
+        )
         if spread > torch.finfo(g.dtype).eps ** -0.5:
             return None
         share = g[:r].transpose(0, 1)  # [n_b, r, ...]
@@ -391,7 +398,7 @@ def stacked_sample_rows(
         return sample_rows(output, sites, stacked.to(output), samples)
 
 
-def _spread(rows: Tensor) -> float:
+def row_spread(rows: Tensor) -> float:
     """The largest row's norm over the rows' median (1 for rows all zero).
 
     A coupling below rounding is invisible to the probes; leaked into a row ``b``, it is
