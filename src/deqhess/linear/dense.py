@@ -195,9 +195,17 @@ class Dense(LinearSolver):
             operator: ``I − J`` at the fixed point.
 
         Returns:
-            The factorised solve (refused if singular or too ill-conditioned).
+            The factorised solve (refused if singular or too ill-conditioned); where the
+            operator has a :class:`~deqhess.linear.kept.FactorSlot` holding factors formed
+            from bitwise the same blocks, those.
         """
-        return DenseLU(operator.jacobian_blocks(self.chunk_size), self.max_condition)
+        blocks = operator.jacobian_blocks(self.chunk_size)
+        slot = operator.kept_factors
+        if slot is None:
+            return DenseLU(blocks, self.max_condition)
+        return slot.factors(
+            blocks, (type(self), self.max_condition), lambda: DenseLU(blocks, self.max_condition)
+        )
 
 
 def _check_finite_jacobian(jacobian: Tensor) -> None:

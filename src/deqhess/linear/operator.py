@@ -20,6 +20,7 @@ from ..tangents import Linearized, linearize
 from .batched import check_batched
 from .coupling import coupling_tolerance, row_coupling
 from .jacobian import jacobian_blocks
+from .kept import FactorSlot
 
 __all__ = ["ResidualOperator"]
 
@@ -64,6 +65,8 @@ class ResidualOperator(Operator):
         self.independent_rows = independent_rows
         self.declared = declared
         self._rows_checked = False
+        #: where its dense factors are kept between passes over the same batch (None: not)
+        self.kept_factors: FactorSlot | None = None
         self._batching_checked = False  # vmapped VJPs checked against a plain one
         self.shape = (h.numel(), h.numel())
         self.dtype, self.device = h.dtype, h.device

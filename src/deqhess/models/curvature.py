@@ -100,7 +100,9 @@ class ModelCurvature(ModelPasses):
             4M numbers.
         cache_bytes: what is kept between passes, by batch content: each batch's DEQ
             fixed points, to start its next solves from, until they hold this many bytes
-            (the rest start cold; 0 keeps none); and, while an analysis holds an
+            (the rest start cold; 0 keeps none), with their dense factors of ``I − J``
+            where those fit too (taken again where ``J`` comes out bitwise the same,
+            :mod:`deqhess.linear.kept`); and, while an analysis holds an
             operator (:meth:`deqhess.operator.Operator.holding`), each batch's graph in
             what the fixed points leave. Default 1 GiB. (Formerly ``warm_start_bytes``.)
         backward: how a block's K directions go through a batch's graph: ``"auto"``

@@ -22,6 +22,7 @@ from ..batches import held_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import renamed
 from ..errors import ConvergenceError, DeqhessError, InputError, ModelChangedError
+from ..linear.kept import without_factors
 from ..locking import modules_locked
 from ..nn import DEQ, LayerCall, layer_calls
 from ..nn.reparametrize import functional_call
@@ -220,7 +221,10 @@ class ModelPasses:
 
     @property
     def cached_bytes(self) -> int:
-        """The bytes of the fixed points kept between passes (at most ``cache_bytes``)."""
+        """The bytes kept between passes (at most ``cache_bytes``).
+
+        The fixed points, and where they fit beside them, the dense factors of ``I − J``.
+        """
         return self._stream.store.used
 
     def _first_pass(self) -> None:
@@ -370,8 +374,9 @@ class ModelPasses:
             calls: list[LayerCall] = []
             try:
                 graph, _ = self._graph(
-                    params, batch.x, batch.target, n, part, warm, hint, calls, visible
-                )
+                    params, batch.x, batch.target, n, part, warm, hint, calls, visible,
+                    factors="add" if stored is None else "replace",
+                )  # fmt: skip
             except DeqhessError as error:
                 # an unconverged sample's last iterate can make its I − J singular (or its J
                 # non-finite) for the first-order graph: its samples decide, as below
@@ -381,9 +386,7 @@ class ModelPasses:
             else:
                 keep = self._converged(batch, calls, n)
                 if keep is None:
-                    offers = (
-                        () if stored is not None else (Offer(lambda: held_bytes(warm), warm=warm),)
-                    )
+                    offers = () if stored is not None else _warm_offers(warm)
                     return self._formed(graph, calls, n, None, 0, offers)
             if len(keep) == 0:
                 return Formed(None, 0, keep, n)
@@ -485,12 +488,21 @@ class ModelPasses:
         directions: int | None,
         calls: list[LayerCall] | None = None,
         visible: bool = False,
+        factors: str | None = None,
     ) -> tuple[BatchGraph, list[LayerCall]]:
-        """The batch's graph, and the DEQ layers' calls of its forward (into ``calls``)."""
+        """The batch's graph, and the DEQ layers' calls of its forward (into ``calls``).
+
+        ``factors``: whether the layers keep their dense factors of ``I − J`` in ``warm``
+        (``"add"``: a store not yet offered to the budget; ``"replace"``: a stored one;
+        see :func:`deqhess.nn.layer_calls`).
+
+        Returns:
+            ``(graph, calls)``.
+        """
         calls = [] if calls is None else calls
         with layer_calls(
             warm=warm, records=calls, keep_best=True, directions=directions,
-            watch_accuracy=True, visible=visible, layers=self._layers(),
+            watch_accuracy=True, visible=visible, factors=factors, layers=self._layers(),
         ):  # fmt: skip
             graph = BatchGraph(
                 self.model, self.loss, self.layout, params, x, target, 1.0, part,
@@ -606,3 +618,22 @@ class ModelPasses:
 
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(shape, dtype=self.layout.dtype, device=self.layout.device)
+
+
+def _warm_offers(warm: dict) -> tuple[Offer, ...]:
+    """What a batch's store may keep: its warm starts, with their factors if they fit.
+
+    The layers' dense factors of ``I − J`` (:mod:`deqhess.linear.kept`) first; where
+    those do not fit, the warm starts alone.
+
+    Args:
+        warm: the batch's store as its first graph left it.
+
+    Returns:
+        The offers, in order of preference.
+    """
+    plain = without_factors(warm)
+    offers = [Offer(lambda: held_bytes(warm), warm=warm)]
+    if len(plain) < len(warm):
+        offers.append(Offer(lambda: held_bytes(plain), warm=plain))
+    return tuple(offers)

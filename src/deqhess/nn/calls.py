@@ -74,6 +74,8 @@ class Calls:
             error bound is high.
         visible: each call's cell is evaluated once more at its fixed point, in the
             graph (see :func:`layer_calls`).
+        factors: whether calls with a warm start keep their dense factors of ``I − J``
+            beside it (see :func:`layer_calls`): ``"add"``, ``"replace"``, or None.
     """
 
     store: dict | None
@@ -84,6 +86,7 @@ class Calls:
     directions: int | None = None
     watch_accuracy: bool = False
     visible: bool = False
+    factors: str | None = None
 
 
 CALLS: ContextVar[Calls | None] = ContextVar("deqhess_layer_calls", default=None)
@@ -98,6 +101,7 @@ def layer_calls(
     directions: int | None = None,
     watch_accuracy: bool = False,
     visible: bool = False,
+    factors: str | None = None,
     layers: Iterable[DEQ] = (),
 ) -> Iterator[None]:
     """Control and record every :class:`DEQ` call in the block (outside ``torch.func``).
@@ -130,6 +134,12 @@ def layer_calls(
       parameters' gradients then pass through that evaluation's operations, where
       :mod:`deqhess.models.sample_sites` reads each sample's share. The derivatives are
       the same; a backward costs one more product.
+    * ``factors`` — with ``warm``: a call whose derivatives factorise ``I − J`` densely
+      keeps the factors in ``warm`` beside its fixed point, and takes them again on a
+      later call where the blocks of ``J`` come out bitwise the same
+      (:mod:`deqhess.linear.kept`): ``"add"`` keeps them anywhere, ``"replace"`` only
+      where the store held factors of the same size (a store already charged to a
+      budget); None keeps none.
 
     Args:
         warm: the warm-start store (a dict the caller keeps), or None.
@@ -139,6 +149,8 @@ def layer_calls(
             None (a training step's few).
         watch_accuracy: warn where a call's derivatives' error bound is high.
         visible: evaluate each call's cell once more at its fixed point, in the graph.
+        factors: ``"add"``, ``"replace"`` or None: which calls keep their dense factors
+            of ``I − J`` in ``warm``.
         layers: layers whose calls are controlled and recorded from any thread while the
             block runs — a forward that runs them in a thread pool, whose threads do not
             see the block's context — (the caller keeps other threads' own calls of
@@ -150,7 +162,7 @@ def layer_calls(
     """
     calls = Calls(
         warm, records, keep_best, directions=directions, watch_accuracy=watch_accuracy,
-        visible=visible,
+        visible=visible, factors=factors,
     )  # fmt: skip
     token = CALLS.set(calls)
     registered = [layer for layer in layers if layer not in _BY_LAYER]

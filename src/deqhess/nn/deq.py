@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..callers import user_stacklevel
 from ..errors import InputError
 from ..linear import LinearSolver, LinearSolveStats, check_linear_solver
+from ..linear.kept import FactorSlot
 from ..options import integer
 from ..solvers import (
     Convergence,
@@ -400,6 +401,11 @@ class DEQ(nn.Module):
             directions=None if calls is None else calls.directions,
             watch_accuracy=calls is not None and calls.watch_accuracy,
             refused_second_order=RefusedSecondOrder.for_cell(cell, names, count),
+            kept_factors=(
+                FactorSlot(warm[0], (*warm[1], "factors"), may_add=calls.factors == "add")
+                if warm is not None and calls is not None and calls.factors is not None
+                else None
+            ),
             names=(
                 *(["x"] if count == 1 else [f"tensor {i} of x" for i in range(count)]),
                 *(f"cell.{n}" for n in names),

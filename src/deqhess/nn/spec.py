@@ -24,6 +24,7 @@ from ..linear import (
     resolve_linear_solver,
 )
 from ..linear.base import IterativeSolver
+from ..linear.kept import FactorSlot
 from ..solvers import Convergence, FixedPointSolver, Residual, SolveInfo, Tolerance
 from .second_order import RefusedSecondOrder
 
@@ -62,6 +63,10 @@ class FixedPointSpec:
         refused_second_order: arguments whose second derivatives torch computes wrongly
             (see :mod:`deqhess.nn.second_order`): a recorded backward guards them, so
             that differentiating it in them raises; None: none.
+        kept_factors: where the solved fixed point's dense factors of ``I − J`` are kept
+            between a curvature operator's passes over the batch, and taken again where
+            the blocks of ``J`` are bitwise the same (:mod:`deqhess.linear.kept`); None:
+            not kept.
     """
 
     fn: Callable[..., Tensor]
@@ -82,6 +87,7 @@ class FixedPointSpec:
     directions: int | None = None
     watch_accuracy: bool = False
     refused_second_order: RefusedSecondOrder | None = None
+    kept_factors: FactorSlot | None = None
 
     def rows(self, z: Tensor) -> Tensor:
         """Return ``z`` as rows ``[S, d]``: ``S`` over the leading independent dims."""

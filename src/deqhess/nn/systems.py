@@ -139,6 +139,7 @@ class System:
             fn=torch.func.vmap(self.spec.fn, in_dims=(0, *arg_dims)),
             independent_dims=self.spec.independent_dims + 1,
             on_solve=None,
+            kept_factors=None,  # the layer's own point's, not a batched one's
         )
 
 
@@ -204,6 +205,7 @@ class NonlinearSystem(System):
         if spec.on_solve is not None:
             spec.on_solve(info)
         lin = spec.linearization(step, rows, info.sample_residuals, tolerance)
+        lin.operator.kept_factors = spec.kept_factors
         self.jacobian = SystemJacobian(lin, transposed=False)
         return rows.reshape(shape)
 
