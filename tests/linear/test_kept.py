@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import deqhess as dh
+from deqhess.batches import held_bytes
 from deqhess.linear import dense
-from deqhess.linear.kept import FactorSlot, KeptFactors, without_factors
+from deqhess.linear.kept import FactorSlot, KeptFactors
 from deqhess.nn import DEQ, warm_starts
 
 
@@ -54,17 +55,19 @@ def factorised(monkeypatch):
     return count
 
 
-def test_the_next_pass_takes_the_factors_and_bitwise_the_same_products(factorised):
-    """A second pass over the same batch at the same parameters forms bitwise the same
-    ``J``: its factors are taken again, and the products are bitwise a fresh operator's
-    (whose cold start reaches bitwise the same fixed point here)."""
+def test_a_later_pass_takes_the_factors_and_bitwise_the_same_products(factorised):
+    """The first pass over a batch stores its warm start, the second its factors too,
+    and the third forms bitwise the same ``J``: the factors are taken again, and the
+    products are bitwise a fresh operator's (whose cold start reaches bitwise the same
+    fixed point here)."""
     model, _, data = _model_and_data()
     curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
     v = torch.randn(curvature.num_parameters, 3, dtype=torch.float64)
     first = curvature.hvp(v)
-    assert len(factorised) == 1
     assert torch.equal(curvature.hvp(v), first)
-    assert len(factorised) == 1  # none formed
+    assert len(factorised) == 2
+    assert torch.equal(curvature.hvp(v), first)
+    assert len(factorised) == 2  # none formed
     assert torch.equal(dh.ModelCurvature(model, nn.MSELoss(), data).hvp(v), first)
 
 
@@ -83,6 +86,7 @@ def test_a_map_changed_outside_its_tensors_is_factorised_again(factorised):
         curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
         v = torch.randn(curvature.num_parameters, 3, dtype=dtype)
         first = curvature.hvp(v)
+        assert torch.equal(curvature.hvp(v), first)  # the factors kept
         before = len(factorised)
         cell.alpha = change
         got = curvature.hvp(v)
@@ -111,9 +115,23 @@ def _blocks(seed=0, samples=3, width=4):
     return 0.3 * torch.randn(samples, width, width, generator=g, dtype=torch.float64)
 
 
+class _Budget:
+    """A budget of ``room`` bytes that records what it charged."""
+
+    def __init__(self, room: int) -> None:
+        self.room, self.charged = room, []
+
+    def __call__(self, nbytes: int) -> bool:
+        if nbytes > self.room:
+            return False
+        self.room -= nbytes
+        self.charged.append(nbytes)
+        return True
+
+
 def test_a_slot_takes_factors_only_from_equal_blocks_and_settings():
     store: dict = {}
-    slot = FactorSlot(store, "k", may_add=True)
+    slot = FactorSlot(store, "k", _Budget(10**6))
     made = []
 
     def factorise(j):
@@ -141,20 +159,91 @@ def test_a_slot_takes_factors_only_from_equal_blocks_and_settings():
     assert len(made) == 5
 
 
-def test_a_charged_slot_only_replaces_factors_of_the_same_size():
-    """A store already charged to the budget gets no new factors, and keeps none of
-    another size than it was charged for."""
+def test_a_slot_keeps_only_what_its_budget_charged():
+    """Factors are kept only where their bytes are charged; new ones in place of kept ones
+    are charged for what they take beyond them, or not kept; what is kept is what was
+    charged, in bytes."""
     store: dict = {}
     j = _blocks()
-    FactorSlot(store, "k", may_add=False).factors(j, (), lambda: dense.DenseLU(j))
+    size = held_bytes({"f": (j, dense.DenseLU(j))})  # J, the LU and its pivots
+    FactorSlot(store, "k", _Budget(size - 1)).factors(j, (), lambda: dense.DenseLU(j))
     assert "k" not in store
-    FactorSlot(store, "k", may_add=True).factors(j, (), lambda: dense.DenseLU(j))
-    kept = store["k"]
-    other = _blocks(seed=1)
-    FactorSlot(store, "k", may_add=False).factors(other, (), lambda: dense.DenseLU(other))
-    assert store["k"] is not kept and torch.equal(store["k"].jacobian, other)
-    wider = _blocks(width=5)
-    FactorSlot(store, "k", may_add=False).factors(wider, (), lambda: dense.DenseLU(wider))
+    budget = _Budget(size)
+    FactorSlot(store, "k", budget).factors(j, (), lambda: dense.DenseLU(j))
+    assert budget.charged == [size] and held_bytes(store) == size == store["k"].charged
+    other = _blocks(seed=1)  # the same size: no more charged
+    FactorSlot(store, "k", budget).factors(other, (), lambda: dense.DenseLU(other))
+    assert torch.equal(store["k"].jacobian, other) and budget.charged == [size]
+    wider = _blocks(width=5)  # more than was charged, and no room: none kept
+    FactorSlot(store, "k", budget).factors(wider, (), lambda: dense.DenseLU(wider))
     assert "k" not in store
-    store.update(k=kept, h=torch.zeros(2))
-    assert list(without_factors(store)) == ["h"]
+    roomy = _Budget(10**6)
+    FactorSlot(store, "k", roomy).factors(j, (), lambda: dense.DenseLU(j))
+    FactorSlot(store, "k", roomy).factors(wider, (), lambda: dense.DenseLU(wider))
+    assert sum(roomy.charged) == held_bytes(store) == store["k"].charged
+
+
+class _Cell(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(n, n)
+
+    def forward(self, x, h):
+        return torch.tanh(0.5 * self.lin(h) + x)
+
+
+def _classifier(n=8, batches=5, samples=6):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, n), DEQ(_Cell(n), tol=1e-12, linear_solver="dense"),
+                          nn.Linear(n, 3)).double()  # fmt: skip
+    data = [(torch.randn(samples, 3, dtype=torch.float64), torch.randint(0, 3, (samples,)))
+            for _ in range(batches)]  # fmt: skip
+    return model, data, samples * n * 8  # a batch's fixed points, in bytes
+
+
+def _held(curvature) -> int:
+    return sum(held_bytes(entry.warm) for entry in curvature._stream.store.entries())
+
+
+@pytest.mark.parametrize("first", ["grad", "ggn", "hvp", "hessian", "eigen"])
+def test_what_is_kept_is_charged_whatever_the_first_call(first):
+    """Every call's passes keep no more than ``cache_bytes``, and ``cached_bytes`` is what
+    the store holds — where a pass factorises ``I − J`` after its batch was stored (the
+    gradient, GGN products) as where it does before."""
+    model, data, fixed = _classifier()
+    factor = 6 * (2 * 8 * 8 * 8 + 8 * 4)  # a batch's J and LU blocks, and pivots (int32)
+    for budget in (5 * fixed, 5 * fixed + factor, 5 * fixed + factor - 1, 10**7):
+        curvature = dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, cache_bytes=budget)
+        v = torch.randn(curvature.num_parameters, 2, dtype=torch.float64)
+        for _ in range(3):
+            if first == "grad":
+                curvature.grad()
+            elif first == "ggn":
+                curvature.ggn_operator() @ v
+            elif first == "hvp":
+                curvature.hvp(v)
+            elif first == "hessian":
+                curvature.hessian()
+            else:
+                dh.curvature.extreme_eigenpairs(curvature.ggn_operator(), k=2)
+            assert _held(curvature) == curvature.cached_bytes <= budget
+        factors = sum(isinstance(v, KeptFactors) for e in curvature._stream.store.entries()
+                      for v in e.warm.values())  # fmt: skip
+        wanted = {5 * fixed: 0, 5 * fixed + factor: 1, 5 * fixed + factor - 1: 0, 10**7: 5}
+        assert factors == wanted[budget] or (
+            first == "eigen" and factors == 0  # an analysis holds graphs: no factors needed
+        )
+
+
+def test_factors_never_crowd_out_warm_starts():
+    """Every batch's fixed point is stored on its first visit, before any factors: a
+    budget that holds them all keeps them all, and the factors fill what is left."""
+    model, data, fixed = _classifier(batches=10)
+    curvature = dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, cache_bytes=12 * fixed)
+    v = torch.randn(curvature.num_parameters, 2, dtype=torch.float64)
+    for _ in range(3):
+        curvature.hvp(v)
+    entries = list(curvature._stream.store.entries())
+    assert len(entries) == 10
+    assert all(any(isinstance(v, torch.Tensor) for v in e.warm.values()) for e in entries)
+    assert _held(curvature) == curvature.cached_bytes <= 12 * fixed

@@ -181,6 +181,26 @@ def test_warm_starts_are_kept_within_their_budget_and_change_no_product():
     assert old._stream.store.budget == 100
 
 
+def test_a_model_cast_after_construction_is_named():
+    """``model.float()`` after the operator was built on float64 parameters: the next
+    product names the parameter and what changed (not torch's raw dtype error of the
+    forward); cast back (the weights rounded to float32), a fresh operator's products."""
+    model = Classifier()
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data)
+    v = torch.randn(curvature.num_parameters, 2)
+    curvature.hvp(v)
+    model.float()
+    with pytest.raises(
+        dh.ModelChangedError,
+        match=r"as \(4, 3\) torch.float64 on cpu, and it is now \(4, 3\) torch.float32",
+    ):
+        curvature.hvp(v)
+    model.double()
+    fresh = dh.ModelCurvature(model, nn.MSELoss(), data).hvp(v)
+    assert relative_error(curvature.hvp(v), fresh) <= 1e-10
+
+
 def test_model_errors():
     model = Classifier()
     data = _data()

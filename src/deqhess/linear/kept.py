@@ -12,6 +12,10 @@ parameter, a buffer, a Python attribute of the cell: whatever changes ``J`` chan
 the blocks, and the factors are formed afresh. So the kept factors give bitwise the
 products a fresh factorisation gives.
 
+What a slot keeps is charged to its owner's budget first (``reserve``): factors that
+do not fit are not kept, and new factors in place of kept ones are charged for what
+they take beyond them.
+
 Measured on ``benchmarks/vs_curvlinops.py``'s tanh classifier (32 samples of 32 state
 values a batch, float64, one thread): the LU and its ``gecon`` condition numbers took
 0.7 ms of the ~10 ms a block of 10 HVPs spends on a batch.
@@ -26,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["FactorSlot", "KeptFactors", "without_factors"]
+__all__ = ["FactorSlot", "KeptFactors"]
 
 S = TypeVar("S")
 
@@ -39,11 +43,13 @@ class KeptFactors:
         jacobian: ``[S, d, d]``, the blocks of ``J``.
         settings: the solver's type and settings (``max_condition``).
         solve: the factorised solve.
+        charged: the bytes charged to the budget for this slot (at least this entry's).
     """
 
     jacobian: Tensor
     settings: tuple
     solve: Any
+    charged: int
 
 
 @dataclass(frozen=True)
@@ -53,13 +59,13 @@ class FactorSlot:
     Attributes:
         store: the batch's store (its warm starts' dict).
         key: this call's key in it.
-        may_add: whether factors may be added where the slot holds none (a store not
-            yet charged to the budget); else they only replace factors of the same size.
+        reserve: ``bytes ↦`` whether that many more bytes could be charged to the
+            budget (charged where True).
     """
 
     store: dict
     key: Any
-    may_add: bool
+    reserve: Callable[[int], bool]
 
     def factors(self, jacobian: Tensor, settings: tuple, factorise: Callable[[], S]) -> S:
         """The kept solve where it was formed from bitwise these blocks, else a new one.
@@ -71,38 +77,30 @@ class FactorSlot:
                 is kept).
 
         Returns:
-            The solve, kept in the slot where there is room for it.
+            The solve: kept in the slot where its bytes are charged to the budget.
         """
         kept = self.store.get(self.key)
         if isinstance(kept, KeptFactors) and kept.settings == settings:
             if _same(kept.jacobian, jacobian):
                 return kept.solve
         solve = factorise()
-        if kept is None and not self.may_add:
+        size = _bytes(jacobian, solve)
+        charged = kept.charged if isinstance(kept, KeptFactors) else 0
+        if size > charged and not self.reserve(size - charged):
+            self.store.pop(self.key, None)  # no room for the new ones: none kept
             return solve
-        if kept is not None and not _same_layout(kept.jacobian, jacobian):
-            self.store.pop(self.key, None)  # another size than the budget was charged for
-            return solve
-        self.store[self.key] = KeptFactors(jacobian, settings, solve)
+        self.store[self.key] = KeptFactors(jacobian, settings, solve, max(size, charged))
         return solve
 
 
-def without_factors(store: dict) -> dict:
-    """``store`` with no kept factors: the warm starts alone.
-
-    Args:
-        store: a batch's store.
-
-    Returns:
-        A new dict of its other entries.
-    """
-    return {k: v for k, v in store.items() if not isinstance(v, KeptFactors)}
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+def _bytes(jacobian: Tensor, solve: Any) -> int:
+    """The bytes of the blocks and of the tensors the solve holds (its factors)."""
+    held = [jacobian, *(v for v in vars(solve).values() if isinstance(v, Tensor))]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    return sum(storages.values())
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` are equal entry by entry (NaN equal to nothing)."""
-    return _same_layout(a, b) and torch.equal(a, b)
+    same_layout = a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    return same_layout and torch.equal(a, b)

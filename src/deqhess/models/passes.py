@@ -22,7 +22,6 @@ from ..batches import held_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import renamed
 from ..errors import ConvergenceError, DeqhessError, InputError, ModelChangedError
-from ..linear.kept import without_factors
 from ..locking import modules_locked
 from ..nn import DEQ, LayerCall, layer_calls
 from ..nn.reparametrize import functional_call
@@ -185,6 +184,31 @@ class ModelPasses:
                 f"{self._label} for the model as it is now."
             )
         return [named[n].detach() for n in self.names]
+
+    def _as_built(self, values: list[Tensor]) -> list[Tensor]:
+        """``values``, where each parameter's shape, dtype and device are as built.
+
+        Args:
+            values: the chosen parameters now (:meth:`_values`).
+
+        Returns:
+            ``values``.
+
+        Raises:
+            ModelChangedError: naming the first such parameter, as built and as it is.
+        """
+        layout = self.layout
+        for name, value, shape in zip(self.names, values, layout.shapes, strict=True):
+            if value.shape != shape or value.dtype != layout.dtype or value.device != layout.device:
+                was = f"{tuple(shape)} {layout.dtype} on {layout.device}"
+                now = f"{tuple(value.shape)} {value.dtype} on {value.device}"
+                raise ModelChangedError(
+                    f"{self._label} was built on the model's parameter {name!r} as {was}, and "
+                    f"it is now {now} (model.float(), .to(...) or a resized layer since): its "
+                    f"operators are of the model as it was. Build a new {self._label} for the "
+                    "model as it is now (with data of its dtype and device)."
+                )
+        return values
 
     def _agree(self) -> None:
         """Nothing to agree on in one process (the distributed form checks its ranks)."""
@@ -375,7 +399,7 @@ class ModelPasses:
             try:
                 graph, _ = self._graph(
                     params, batch.x, batch.target, n, part, warm, hint, calls, visible,
-                    factors="add" if stored is None else "replace",
+                    factors=self._factors(stored),
                 )  # fmt: skip
             except DeqhessError as error:
                 # an unconverged sample's last iterate can make its I − J singular (or its J
@@ -386,7 +410,9 @@ class ModelPasses:
             else:
                 keep = self._converged(batch, calls, n)
                 if keep is None:
-                    offers = () if stored is not None else _warm_offers(warm)
+                    offers = (
+                        () if stored is not None else (Offer(lambda: held_bytes(warm), warm=warm),)
+                    )
                     return self._formed(graph, calls, n, None, 0, offers)
             if len(keep) == 0:
                 return Formed(None, 0, keep, n)
@@ -470,12 +496,32 @@ class ModelPasses:
             coupled=coupled, sized=sized, ordered=ordered,
         )  # fmt: skip
 
+    def _factors(self, stored: StoredBatch | None) -> Callable[[int], bool] | None:
+        """What charges a batch's DEQ layers' dense factors of ``I − J`` to the budget.
+
+        Only a stored batch keeps factors, charged to its entry where they fit beside
+        every batch's warm starts (stored on the first visit of each, before any
+        factors); none while an analysis holds graphs (whose budget is what the store
+        left when it began).
+
+        Args:
+            stored: what the store holds of the batch, or None.
+
+        Returns:
+            ``bytes ↦`` whether they were charged, or None: no factors kept.
+        """
+        if stored is None or self._held is not None:
+            return None
+        store = self._stream.store
+        return lambda nbytes: store.grow(stored, nbytes)
+
     def _layers(self) -> list[DEQ]:
         """The model's DEQ layers (their calls are recorded from any thread)."""
         return [m for m in self.model.modules() if isinstance(m, DEQ)]
 
     def _leaves(self) -> dict[str, Tensor]:
-        return {n: t.requires_grad_() for n, t in zip(self.names, self._values(), strict=True)}
+        values = self._as_built(self._values())
+        return {n: t.requires_grad_() for n, t in zip(self.names, values, strict=True)}
 
     def _graph(
         self,
@@ -488,13 +534,13 @@ class ModelPasses:
         directions: int | None,
         calls: list[LayerCall] | None = None,
         visible: bool = False,
-        factors: str | None = None,
+        factors: Callable[[int], bool] | None = None,
     ) -> tuple[BatchGraph, list[LayerCall]]:
         """The batch's graph, and the DEQ layers' calls of its forward (into ``calls``).
 
-        ``factors``: whether the layers keep their dense factors of ``I − J`` in ``warm``
-        (``"add"``: a store not yet offered to the budget; ``"replace"``: a stored one;
-        see :func:`deqhess.nn.layer_calls`).
+        ``factors``: where the layers may keep their dense factors of ``I − J`` in
+        ``warm``, what charges them to the budget (:meth:`_factors`; see
+        :func:`deqhess.nn.layer_calls`).
 
         Returns:
             ``(graph, calls)``.
@@ -618,22 +664,3 @@ class ModelPasses:
 
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(shape, dtype=self.layout.dtype, device=self.layout.device)
-
-
-def _warm_offers(warm: dict) -> tuple[Offer, ...]:
-    """What a batch's store may keep: its warm starts, with their factors if they fit.
-
-    The layers' dense factors of ``I − J`` (:mod:`deqhess.linear.kept`) first; where
-    those do not fit, the warm starts alone.
-
-    Args:
-        warm: the batch's store as its first graph left it.
-
-    Returns:
-        The offers, in order of preference.
-    """
-    plain = without_factors(warm)
-    offers = [Offer(lambda: held_bytes(warm), warm=warm)]
-    if len(plain) < len(warm):
-        offers.append(Offer(lambda: held_bytes(plain), warm=plain))
-    return tuple(offers)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -74,8 +74,9 @@ class Calls:
             error bound is high.
         visible: each call's cell is evaluated once more at its fixed point, in the
             graph (see :func:`layer_calls`).
-        factors: whether calls with a warm start keep their dense factors of ``I − J``
-            beside it (see :func:`layer_calls`): ``"add"``, ``"replace"``, or None.
+        factors: where calls with a warm start keep their dense factors of ``I − J``
+            beside it, what charges their bytes to a budget (see :func:`layer_calls`);
+            None: not kept.
     """
 
     store: dict | None
@@ -86,7 +87,7 @@ class Calls:
     directions: int | None = None
     watch_accuracy: bool = False
     visible: bool = False
-    factors: str | None = None
+    factors: Callable[[int], bool] | None = None
 
 
 CALLS: ContextVar[Calls | None] = ContextVar("deqhess_layer_calls", default=None)
@@ -101,7 +102,7 @@ def layer_calls(
     directions: int | None = None,
     watch_accuracy: bool = False,
     visible: bool = False,
-    factors: str | None = None,
+    factors: Callable[[int], bool] | None = None,
     layers: Iterable[DEQ] = (),
 ) -> Iterator[None]:
     """Control and record every :class:`DEQ` call in the block (outside ``torch.func``).
@@ -135,11 +136,10 @@ def layer_calls(
       :mod:`deqhess.models.sample_sites` reads each sample's share. The derivatives are
       the same; a backward costs one more product.
     * ``factors`` — with ``warm``: a call whose derivatives factorise ``I − J`` densely
-      keeps the factors in ``warm`` beside its fixed point, and takes them again on a
+      keeps the factors in ``warm`` beside its fixed point, where ``factors(bytes)``
+      charges them to the caller's budget (True: they fit), and takes them again on a
       later call where the blocks of ``J`` come out bitwise the same
-      (:mod:`deqhess.linear.kept`): ``"add"`` keeps them anywhere, ``"replace"`` only
-      where the store held factors of the same size (a store already charged to a
-      budget); None keeps none.
+      (:mod:`deqhess.linear.kept`); None keeps none.
 
     Args:
         warm: the warm-start store (a dict the caller keeps), or None.
@@ -149,8 +149,8 @@ def layer_calls(
             None (a training step's few).
         watch_accuracy: warn where a call's derivatives' error bound is high.
         visible: evaluate each call's cell once more at its fixed point, in the graph.
-        factors: ``"add"``, ``"replace"`` or None: which calls keep their dense factors
-            of ``I − J`` in ``warm``.
+        factors: ``bytes ↦`` whether the calls' dense factors of ``I − J`` that many
+            bytes fit the caller's budget (charged if so), to keep them in ``warm``; None.
         layers: layers whose calls are controlled and recorded from any thread while the
             block runs — a forward that runs them in a thread pool, whose threads do not
             see the block's context — (the caller keeps other threads' own calls of

@@ -7,7 +7,8 @@ its own entries only where a batch recurs, and never starts a sample from anothe
 sample's fixed point. What an entry holds is the front
 end's choice, offered in order of preference (a solved batch, ready for products; or
 only its fixed points, to start the next solve from), and kept while the estimated
-bytes of all entries fit in one budget.
+bytes of all entries fit in one budget. A stored entry may grow later, where the budget
+has room (:meth:`BatchStore.grow`: a DEQ layer's dense factors beside its fixed point).
 """
 
 from __future__ import annotations
@@ -102,6 +103,22 @@ class BatchStore:
                 self.used += nbytes
                 return entry
         return None
+
+    def grow(self, entry: StoredBatch, nbytes: int) -> bool:
+        """Charge ``nbytes`` more to a stored entry where they fit in the budget.
+
+        Args:
+            entry: an entry of this store (what it holds grows by ``nbytes``).
+            nbytes: the bytes to add.
+
+        Returns:
+            True where they were charged; False (nothing charged) where they do not fit.
+        """
+        if self.used + nbytes > self.budget:
+            return False
+        entry.nbytes += nbytes
+        self.used += nbytes
+        return True
 
     def solved_count(self) -> int:
         """How many entries hold a solved batch."""
