@@ -116,7 +116,7 @@ def _blocks(seed=0, samples=3, width=4):
 
 
 class _Budget:
-    """A budget of ``room`` bytes that records what it charged."""
+    """A budget of ``room`` bytes that records what it charged (negative: gave back)."""
 
     def __init__(self, room: int) -> None:
         self.room, self.charged = room, []
@@ -174,9 +174,9 @@ def test_a_slot_keeps_only_what_its_budget_charged():
     other = _blocks(seed=1)  # the same size: no more charged
     FactorSlot(store, "k", budget).factors(other, (), lambda: dense.DenseLU(other))
     assert torch.equal(store["k"].jacobian, other) and budget.charged == [size]
-    wider = _blocks(width=5)  # more than was charged, and no room: none kept
+    wider = _blocks(width=5)  # more than was charged, and no room: none kept, bytes back
     FactorSlot(store, "k", budget).factors(wider, (), lambda: dense.DenseLU(wider))
-    assert "k" not in store
+    assert "k" not in store and budget.charged == [size, -size]
     roomy = _Budget(10**6)
     FactorSlot(store, "k", roomy).factors(j, (), lambda: dense.DenseLU(j))
     FactorSlot(store, "k", roomy).factors(wider, (), lambda: dense.DenseLU(wider))

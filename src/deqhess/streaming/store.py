@@ -109,12 +109,12 @@ class BatchStore:
 
         Args:
             entry: an entry of this store (what it holds grows by ``nbytes``).
-            nbytes: the bytes to add.
+            nbytes: the bytes to add (negative: what it holds shrank, given back).
 
         Returns:
             True where they were charged; False (nothing charged) where they do not fit.
         """
-        if self.used + nbytes > self.budget:
+        if nbytes > 0 and self.used + nbytes > self.budget:
             return False
         entry.nbytes += nbytes
         self.used += nbytes
