@@ -156,6 +156,23 @@ def _model_data_changes(rank, *args):
     return _error_of(curvature.grad)
 
 
+def _model_cast(rank, *args):
+    """After a product, rank 1 alone casts its model to float32, then every rank: each
+    must raise, within seconds (the check of the model as built ran before the ranks'
+    agreement on one rank only, and the other waited out the group's timeout)."""
+    from deqhess.distributed import DistributedModelCurvature
+
+    errors = []
+    for who in ((1,), (0, 1)):
+        model, loss, batches = model_problem()
+        curvature = DistributedModelCurvature(model, loss, batches[rank::2], progress=False)
+        curvature.grad()
+        if rank in who:
+            model.float()
+        errors.append(_error_of(curvature.grad))
+    return errors
+
+
 def _model_setups_differ(rank, *args):
     """Rank 1 differs in what the analysis does not differentiate (a frozen buffer, the
     loss) or fails a construction check alone (dropout in training mode); a padded
@@ -194,6 +211,7 @@ FAILURES = {
     "disagree": _ranks_disagree,
     "model_data_changes": _model_data_changes,
     "model_setups_differ": _model_setups_differ,
+    "model_cast": _model_cast,
 }
 
 

@@ -94,6 +94,15 @@ def test_a_rank_whose_data_change_makes_every_rank_raise(tmp_path):
     assert other[0] == "RankFailedError" and "rank 1 failed with DataChangedError" in other[1]
 
 
+def test_a_model_cast_on_one_rank_or_all_makes_every_rank_raise(tmp_path):
+    """Cast on one rank: the ranks disagree on θ's dtype, and both say so; on every rank:
+    each names the parameter as built and as it is — none waits for the other."""
+    first, second = (r["error"] for r in _spawn(2, tmp_path, "model_cast"))
+    for one, every in (first, second):
+        assert one[0] == "InputError" and "θ's dtype: rank 0 has 'torch.float64'" in one[1]
+        assert every[0] == "ModelChangedError" and "it is now (4, 3) torch.float32" in every[1]
+
+
 def test_model_ranks_that_differ_or_fail_at_construction_all_raise(tmp_path):
     """A buffer or the loss differing on one rank summed two problems with no error (42%
     off); dropout refused on one rank alone killed the other's collective; a padded

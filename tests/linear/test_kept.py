@@ -173,14 +173,16 @@ def test_a_slot_keeps_only_what_its_budget_charged():
     assert budget.charged == [size] and held_bytes(store) == size == store["k"].charged
     other = _blocks(seed=1)  # the same size: no more charged
     FactorSlot(store, "k", budget).factors(other, (), lambda: dense.DenseLU(other))
-    assert torch.equal(store["k"].jacobian, other) and budget.charged == [size]
+    assert torch.equal(store["k"].jacobian, other) and budget.charged == [size, 0]
     wider = _blocks(width=5)  # more than was charged, and no room: none kept, bytes back
     FactorSlot(store, "k", budget).factors(wider, (), lambda: dense.DenseLU(wider))
-    assert "k" not in store and budget.charged == [size, -size]
+    assert "k" not in store and budget.charged == [size, 0, -size]
     roomy = _Budget(10**6)
     FactorSlot(store, "k", roomy).factors(j, (), lambda: dense.DenseLU(j))
     FactorSlot(store, "k", roomy).factors(wider, (), lambda: dense.DenseLU(wider))
     assert sum(roomy.charged) == held_bytes(store) == store["k"].charged
+    FactorSlot(store, "k", roomy).factors(j, (), lambda: dense.DenseLU(j))  # smaller again
+    assert sum(roomy.charged) == held_bytes(store) == store["k"].charged == size
 
 
 class _Cell(nn.Module):
@@ -247,3 +249,52 @@ def test_factors_never_crowd_out_warm_starts():
     assert len(entries) == 10
     assert all(any(isinstance(v, torch.Tensor) for v in e.warm.values()) for e in entries)
     assert _held(curvature) == curvature.cached_bytes <= 12 * fixed
+
+
+def test_a_batch_recurring_in_the_first_pass_keeps_no_factors_before_the_others_are_stored():
+    """Data ``[A, B, A, C, D]``: A's second visit comes before C's and D's first. No
+    factors are kept until a whole pass has stored every batch's fixed point, so a
+    budget of the four batches' fixed points and one batch's factors keeps every fixed
+    point (A's factors charged first had left D none)."""
+    model, data, fixed = _classifier(batches=4)
+    a, b, c, d = data
+    factor = 6 * (2 * 8 * 8 * 8 + 8 * 4)
+    curvature = dh.ModelCurvature(
+        model, nn.CrossEntropyLoss(), [a, b, a, c, d], cache_bytes=4 * fixed + factor - 1
+    )
+    v = torch.randn(curvature.num_parameters, 2, dtype=torch.float64)
+    for _ in range(3):
+        curvature.hvp(v)
+        assert len(curvature._stream.store) == 4
+        assert _held(curvature) == curvature.cached_bytes == 4 * fixed
+
+
+def test_a_failed_first_pass_keeps_no_factors_before_the_others_are_stored():
+    """A first pass that fails at its second batch (the loss raises) leaves one batch
+    stored; the next calls store the others' fixed points before any factors."""
+
+    class Flaky(nn.Module):
+        """Cross-entropy that fails once, on the batch with these targets."""
+
+        def __init__(self, fail_on: torch.Tensor) -> None:
+            super().__init__()
+            self.fail_on, self.armed = fail_on, True
+
+        def forward(self, out, target):
+            if self.armed and torch.equal(target, self.fail_on):
+                self.armed = False
+                raise ValueError("the loss failed once")
+            return nn.functional.cross_entropy(out, target)
+
+    model, data, fixed = _classifier(batches=4)
+    factor = 6 * (2 * 8 * 8 * 8 + 8 * 4)
+    loss = Flaky(data[1][1])
+    curvature = dh.ModelCurvature(model, loss, data, cache_bytes=4 * fixed + factor - 1)
+    v = torch.randn(curvature.num_parameters, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="failed once"):
+        curvature.hvp(v)
+    assert len(curvature._stream.store) == 1
+    for _ in range(3):
+        curvature.hvp(v)
+    assert len(curvature._stream.store) == 4
+    assert _held(curvature) == curvature.cached_bytes == 4 * fixed

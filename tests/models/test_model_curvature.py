@@ -181,6 +181,38 @@ def test_warm_starts_are_kept_within_their_budget_and_change_no_product():
     assert old._stream.store.budget == 100
 
 
+def test_warm_starts_of_calls_new_on_a_later_pass_are_charged():
+    """A forward that calls its DEQ layer more often on a later pass (a plain attribute)
+    kept the new calls' fixed points uncharged (21 times the budget); they are kept only
+    where they fit, and what the store holds is ``cached_bytes``."""
+    from deqhess.batches import held_bytes
+
+    class Repeated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.extra = Classifier(), 0
+
+        def forward(self, x):
+            y = self.inner(x)
+            for i in range(self.extra):
+                y = y + 0.0 * self.inner(x + i + 1)
+            return y
+
+    model = Repeated()
+    data = _data(sizes=(3, 4))
+    v = torch.randn(dh.ModelCurvature(model, nn.MSELoss(), data).num_parameters, 2)
+    for budget in (96 + 128, 2**20):
+        curvature = dh.ModelCurvature(model, nn.MSELoss(), data, cache_bytes=budget)
+        model.extra = 0
+        curvature.hvp(v)
+        model.extra = 20
+        curvature.hvp(v)
+        curvature.hvp(v)
+        held = sum(held_bytes(e.warm) for e in curvature._stream.store.entries())
+        assert held == curvature.cached_bytes <= budget
+        assert held > 96 + 128 or budget == 96 + 128
+
+
 def test_a_model_cast_after_construction_is_named():
     """``model.float()`` after the operator was built on float64 parameters: the next
     product names the parameter and what changed (not torch's raw dtype error of the

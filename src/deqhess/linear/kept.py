@@ -14,8 +14,8 @@ products a fresh factorisation gives.
 
 What a slot keeps is charged to its owner's budget first (``reserve``): factors that
 do not fit are not kept, and new factors in place of kept ones are charged for what
-they take beyond them (where that does not fit either, neither is kept, and the old
-ones' bytes are given back).
+they take beyond them, or give back what they take less (where the new ones do not
+fit, neither is kept, and the old ones' bytes are given back).
 
 Measured on ``benchmarks/vs_curvlinops.py``'s tanh classifier (32 samples of 32 state
 values a batch, float64, one thread): the LU and its ``gecon`` condition numbers took
@@ -44,7 +44,7 @@ class KeptFactors:
         jacobian: ``[S, d, d]``, the blocks of ``J``.
         settings: the solver's type and settings (``max_condition``).
         solve: the factorised solve.
-        charged: the bytes charged to the budget for this slot (at least this entry's).
+        charged: the bytes charged to the budget for this entry.
     """
 
     jacobian: Tensor
@@ -87,11 +87,11 @@ class FactorSlot:
         solve = factorise()
         size = _bytes(jacobian, solve)
         charged = kept.charged if isinstance(kept, KeptFactors) else 0
-        if size > charged and not self.reserve(size - charged):
+        if not self.reserve(size - charged):  # negative (fewer bytes): always given back
             if self.store.pop(self.key, None) is not None:  # no room for the new ones
                 self.reserve(-charged)  # the old ones' bytes given back
             return solve
-        self.store[self.key] = KeptFactors(jacobian, settings, solve, max(size, charged))
+        self.store[self.key] = KeptFactors(jacobian, settings, solve, size)
         return solve
 
 

@@ -360,8 +360,12 @@ class ModelPasses:
         """
         params = self._leaves()
         begun: list[bool] = []
+        checked: list[bool] = []
 
         def form(batch: Batch, stored: StoredBatch | None) -> Formed:
+            if not checked:  # in the pass, where the ranks agree on a failure (none hangs)
+                self._as_built(list(params.values()))
+                checked.append(True)
             try:
                 return formed(batch, stored)
             except DeqhessError:
@@ -399,7 +403,7 @@ class ModelPasses:
             try:
                 graph, _ = self._graph(
                     params, batch.x, batch.target, n, part, warm, hint, calls, visible,
-                    factors=self._factors(stored),
+                    charge=self._charge(stored), factors=self._factors(stored),
                 )  # fmt: skip
             except DeqhessError as error:
                 # an unconverged sample's last iterate can make its I − J singular (or its J
@@ -458,8 +462,13 @@ class ModelPasses:
         x, target = batch.x, batch.target
         if keep is not None:
             x, target = restricted(x, target, keep, self.batch_dim)
-        warm = stored.warm if stored is not None and keep is None else {}
-        with torch.no_grad(), layer_calls(warm=warm, keep_best=True, layers=self._layers()):
+        warm: dict = {}
+        charge = None
+        if stored is not None and keep is None:
+            warm, charge = stored.warm, self._charge(stored)
+        with torch.no_grad(), layer_calls(
+            warm=warm, charge=charge, keep_best=True, layers=self._layers()
+        ):  # fmt: skip
             return functional_call(self.model, params, (x,), watch_rebinds=True)
 
     def _formed(
@@ -496,32 +505,44 @@ class ModelPasses:
             coupled=coupled, sized=sized, ordered=ordered,
         )  # fmt: skip
 
-    def _factors(self, stored: StoredBatch | None) -> Callable[[int], bool] | None:
-        """What charges a batch's DEQ layers' dense factors of ``I − J`` to the budget.
+    def _charge(self, stored: StoredBatch | None) -> Callable[[int], bool] | None:
+        """What charges what a batch's DEQ layers add to its stored entry to the budget.
 
-        Only a stored batch keeps factors, charged to its entry where they fit beside
-        every batch's warm starts (stored on the first visit of each, before any
-        factors); none while an analysis holds graphs (whose budget is what the store
-        left when it began).
+        Args:
+            stored: what the store holds of the batch, or None (a new entry, charged
+                whole when offered to the store).
+
+        Returns:
+            ``bytes ↦`` whether they fit (charged if so; negative: given back), or None.
+        """
+        if stored is None:
+            return None
+        store = self._stream.store
+        return lambda nbytes: store.grow(stored, nbytes)
+
+    def _factors(self, stored: StoredBatch | None) -> bool:
+        """Whether a batch's DEQ layers keep their dense factors of ``I − J``.
+
+        Only in a stored batch's entry, charged there (:meth:`_charge`), once a whole
+        pass has offered every batch's warm starts to the store (a batch recurring in
+        the first pass, or a first pass that failed, would otherwise charge its factors
+        before a later batch's fixed points); none while an analysis holds graphs (whose
+        budget is what the store left when it began).
 
         Args:
             stored: what the store holds of the batch, or None.
 
         Returns:
-            ``bytes ↦`` whether they were charged, or None: no factors kept.
+            True where they are kept.
         """
-        if stored is None or self._held is not None:
-            return None
-        store = self._stream.store
-        return lambda nbytes: store.grow(stored, nbytes)
+        return stored is not None and self._held is None and self._stream.record is not None
 
     def _layers(self) -> list[DEQ]:
         """The model's DEQ layers (their calls are recorded from any thread)."""
         return [m for m in self.model.modules() if isinstance(m, DEQ)]
 
     def _leaves(self) -> dict[str, Tensor]:
-        values = self._as_built(self._values())
-        return {n: t.requires_grad_() for n, t in zip(self.names, values, strict=True)}
+        return {n: t.requires_grad_() for n, t in zip(self.names, self._values(), strict=True)}
 
     def _graph(
         self,
@@ -534,13 +555,14 @@ class ModelPasses:
         directions: int | None,
         calls: list[LayerCall] | None = None,
         visible: bool = False,
-        factors: Callable[[int], bool] | None = None,
+        charge: Callable[[int], bool] | None = None,
+        factors: bool = False,
     ) -> tuple[BatchGraph, list[LayerCall]]:
         """The batch's graph, and the DEQ layers' calls of its forward (into ``calls``).
 
-        ``factors``: where the layers may keep their dense factors of ``I − J`` in
-        ``warm``, what charges them to the budget (:meth:`_factors`; see
-        :func:`deqhess.nn.layer_calls`).
+        ``charge`` and ``factors``: what charges what the layers add to a stored
+        ``warm`` to the budget, and whether they keep their dense factors of ``I − J``
+        there (:meth:`_charge`, :meth:`_factors`; see :func:`deqhess.nn.layer_calls`).
 
         Returns:
             ``(graph, calls)``.
@@ -548,7 +570,8 @@ class ModelPasses:
         calls = [] if calls is None else calls
         with layer_calls(
             warm=warm, records=calls, keep_best=True, directions=directions,
-            watch_accuracy=True, visible=visible, factors=factors, layers=self._layers(),
+            watch_accuracy=True, visible=visible, charge=charge, factors=factors,
+            layers=self._layers(),
         ):  # fmt: skip
             graph = BatchGraph(
                 self.model, self.loss, self.layout, params, x, target, 1.0, part,

@@ -74,9 +74,11 @@ class Calls:
             error bound is high.
         visible: each call's cell is evaluated once more at its fixed point, in the
             graph (see :func:`layer_calls`).
-        factors: where calls with a warm start keep their dense factors of ``I − J``
-            beside it, what charges their bytes to a budget (see :func:`layer_calls`);
-            None: not kept.
+        charge: for a ``store`` already charged to a budget, ``bytes ↦`` whether that
+            many more bytes fit it (charged if so; negative bytes give back); None: a
+            store charged whole later, or not at all.
+        factors: calls with a warm start keep their dense factors of ``I − J`` beside
+            it, charged by ``charge`` (see :func:`layer_calls`).
     """
 
     store: dict | None
@@ -87,7 +89,8 @@ class Calls:
     directions: int | None = None
     watch_accuracy: bool = False
     visible: bool = False
-    factors: Callable[[int], bool] | None = None
+    charge: Callable[[int], bool] | None = None
+    factors: bool = False
 
 
 CALLS: ContextVar[Calls | None] = ContextVar("deqhess_layer_calls", default=None)
@@ -102,7 +105,8 @@ def layer_calls(
     directions: int | None = None,
     watch_accuracy: bool = False,
     visible: bool = False,
-    factors: Callable[[int], bool] | None = None,
+    charge: Callable[[int], bool] | None = None,
+    factors: bool = False,
     layers: Iterable[DEQ] = (),
 ) -> Iterator[None]:
     """Control and record every :class:`DEQ` call in the block (outside ``torch.func``).
@@ -135,11 +139,13 @@ def layer_calls(
       parameters' gradients then pass through that evaluation's operations, where
       :mod:`deqhess.models.sample_sites` reads each sample's share. The derivatives are
       the same; a backward costs one more product.
-    * ``factors`` — with ``warm``: a call whose derivatives factorise ``I − J`` densely
-      keeps the factors in ``warm`` beside its fixed point, where ``factors(bytes)``
-      charges them to the caller's budget (True: they fit), and takes them again on a
-      later call where the blocks of ``J`` come out bitwise the same
-      (:mod:`deqhess.linear.kept`); None keeps none.
+    * ``charge`` — with ``warm`` already charged to a budget: what a call adds to it
+      (a fixed point under a new key, or a larger one) is kept only where
+      ``charge(bytes)`` says it fits (and charges it); what it drops is given back.
+    * ``factors`` — with ``warm`` and ``charge``: a call whose derivatives factorise
+      ``I − J`` densely keeps the factors in ``warm`` beside its fixed point, charged,
+      and takes them again on a later call where the blocks of ``J`` come out bitwise
+      the same (:mod:`deqhess.linear.kept`).
 
     Args:
         warm: the warm-start store (a dict the caller keeps), or None.
@@ -149,8 +155,9 @@ def layer_calls(
             None (a training step's few).
         watch_accuracy: warn where a call's derivatives' error bound is high.
         visible: evaluate each call's cell once more at its fixed point, in the graph.
-        factors: ``bytes ↦`` whether the calls' dense factors of ``I − J`` that many
-            bytes fit the caller's budget (charged if so), to keep them in ``warm``; None.
+        charge: ``bytes ↦`` whether that many more bytes in ``warm`` fit the caller's
+            budget (charged if so; negative: given back), or None.
+        factors: keep the calls' dense factors of ``I − J`` in ``warm`` (with ``charge``).
         layers: layers whose calls are controlled and recorded from any thread while the
             block runs — a forward that runs them in a thread pool, whose threads do not
             see the block's context — (the caller keeps other threads' own calls of
@@ -162,7 +169,7 @@ def layer_calls(
     """
     calls = Calls(
         warm, records, keep_best, directions=directions, watch_accuracy=watch_accuracy,
-        visible=visible, factors=factors,
+        visible=visible, charge=charge, factors=factors,
     )  # fmt: skip
     token = CALLS.set(calls)
     registered = [layer for layer in layers if layer not in _BY_LAYER]

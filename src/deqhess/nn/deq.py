@@ -402,8 +402,8 @@ class DEQ(nn.Module):
             watch_accuracy=calls is not None and calls.watch_accuracy,
             refused_second_order=RefusedSecondOrder.for_cell(cell, names, count),
             kept_factors=(
-                FactorSlot(warm[0], (*warm[1], "factors"), calls.factors)
-                if warm is not None and calls is not None and calls.factors is not None
+                FactorSlot(warm[0], (*warm[1], "factors"), calls.charge)
+                if warm is not None and calls is not None and calls.factors and calls.charge
                 else None
             ),
             names=(
@@ -445,7 +445,7 @@ class DEQ(nn.Module):
         if warm is not None:
             # the Function's own output, which the caller never sees: in-place use of
             # what is returned must not move the next call's start either
-            warm[0][warm[1]] = solved.detach()
+            _keep_warm(warm, solved.detach(), None if calls is None else calls.charge)
         if calls is not None and calls.records is not None:
             calls.records.append(LayerCall(self, infos[-1]))
         if not with_info:
@@ -560,3 +560,27 @@ def _same_data(a: Tensor, b: Tensor) -> bool:
         and a.stride() == b.stride()
         and a.data_ptr() == b.data_ptr()
     )
+
+
+def _keep_warm(
+    warm: tuple[dict, tuple[int, int]], solved: Tensor, charge: Callable[[int], bool] | None
+) -> None:
+    """Keep ``solved`` to start the same call from next time, in the store's budget.
+
+    Args:
+        warm: ``(store, key)`` of the call.
+        solved: its fixed point (its own storage).
+        charge: where the store is already charged to a budget, what charges more bytes
+            (negative: gives them back); None: kept as is.
+    """
+    store, key = warm
+    if charge is None:
+        store[key] = solved
+        return
+    old = store.get(key)
+    before = 0 if old is None else old.untyped_storage().nbytes()
+    if charge(solved.untyped_storage().nbytes() - before):
+        store[key] = solved
+    elif old is not None:  # no room for a larger one: neither is kept
+        del store[key]
+        charge(-before)
