@@ -157,18 +157,28 @@ def _model_data_changes(rank, *args):
 
 
 def _model_cast(rank, *args):
-    """After a product, rank 1 alone casts its model to float32, then every rank: each
-    must raise, within seconds (the check of the model as built ran before the ranks'
-    agreement on one rank only, and the other waited out the group's timeout)."""
+    """After a product, rank 1 alone casts its model to float32, then every rank, then
+    rank 1 alone registers a parametrization (a chosen parameter gone): each must raise,
+    within seconds (the checks of the model as built ran before the ranks' agreement on
+    one rank only, and the other waited out the group's timeout)."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
     from deqhess.distributed import DistributedModelCurvature
 
+    class Same(nn.Module):
+        def forward(self, weight):
+            return weight
+
     errors = []
-    for who in ((1,), (0, 1)):
+    for who, change in (((1,), "cast"), ((0, 1), "cast"), ((1,), "parametrize")):
         model, loss, batches = model_problem()
         curvature = DistributedModelCurvature(model, loss, batches[rank::2], progress=False)
         curvature.grad()
-        if rank in who:
+        if rank in who and change == "cast":
             model.float()
+        elif rank in who:
+            parametrize.register_parametrization(model[2], "weight", Same())
         errors.append(_error_of(curvature.grad))
     return errors
 

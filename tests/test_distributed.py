@@ -96,11 +96,16 @@ def test_a_rank_whose_data_change_makes_every_rank_raise(tmp_path):
 
 def test_a_model_cast_on_one_rank_or_all_makes_every_rank_raise(tmp_path):
     """Cast on one rank: the ranks disagree on θ's dtype, and both say so; on every rank:
-    each names the parameter as built and as it is — none waits for the other."""
+    each names the parameter as built and as it is; a parameter gone on one rank (a
+    parametrization): that rank names it, the other stops with it — none waits."""
     first, second = (r["error"] for r in _spawn(2, tmp_path, "model_cast"))
-    for one, every in (first, second):
+    for one, every, _ in (first, second):
         assert one[0] == "InputError" and "θ's dtype: rank 0 has 'torch.float64'" in one[1]
         assert every[0] == "ModelChangedError" and "it is now (4, 3) torch.float32" in every[1]
+    assert second[2][0] == "ModelChangedError" and "['2.weight']" in second[2][1]
+    assert (
+        first[2][0] == "RankFailedError" and "rank 1 failed with ModelChangedError" in first[2][1]
+    )
 
 
 def test_model_ranks_that_differ_or_fail_at_construction_all_raise(tmp_path):

@@ -171,7 +171,10 @@ class DistributedModelCurvature(ModelCurvature):
         self._agree()
 
     def _agree(self) -> None:
-        params = dict(zip(self.names, self._values(), strict=True))
+        # read where the ranks agree on a failure: a parameter one rank lost (a
+        # parametrization registered on it alone) must not leave the others waiting
+        values = agreed(self._values, self.group, self.layout.device)
+        params = dict(zip(self.names, values, strict=True))
         agree_on_setup(
             params, self.group, reduction=self.reduction, model=state_digest(self.model),
             loss=callable_identity(self.loss),

@@ -298,3 +298,33 @@ def test_a_failed_first_pass_keeps_no_factors_before_the_others_are_stored():
         curvature.hvp(v)
     assert len(curvature._stream.store) == 4
     assert _held(curvature) == curvature.cached_bytes == 4 * fixed
+
+
+def test_factors_give_way_to_fixed_points_of_calls_new_on_a_later_pass():
+    """Factors kept, then a forward that calls its DEQ layer more often (a plain
+    attribute): the new calls' fixed points come first, the factors are given up for
+    them (every fixed point kept; before, the factors kept 3 of 12 for good)."""
+
+    class Repeated(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.extra = inner, 0
+
+        def forward(self, x):
+            y = self.inner(x)
+            for i in range(self.extra):
+                y = y + 0.0 * self.inner(x + i + 1)
+            return y
+
+    inner, data, fixed = _classifier(batches=3)
+    model = Repeated(inner)
+    factor = 6 * (2 * 8 * 8 * 8 + 8 * 4)
+    budget = 3 * fixed + factor
+    curvature = dh.ModelCurvature(model, nn.CrossEntropyLoss(), data, cache_bytes=budget)
+    v = torch.randn(curvature.num_parameters, 2, dtype=torch.float64)
+    for extra in (0, 0, 0, 3, 3):
+        model.extra = extra
+        curvature.hvp(v)
+        assert _held(curvature) == curvature.cached_bytes <= budget
+    warm = [v for e in curvature._stream.store.entries() for v in e.warm.values()]
+    assert sum(isinstance(v, torch.Tensor) for v in warm) == 12

@@ -541,3 +541,22 @@ def test_a_forward_running_layers_in_other_threads_does_not_wait_on_itself():
     reference = Reference(unrolled_twin(model.inner), nn.MSELoss(), _data(batches=1),
                           [n.removeprefix("inner.") for n in curvature.layout.names])  # fmt: skip
     assert relative_error(done[0], reference.total()) <= 1e-9
+
+
+def test_held_graphs_and_what_the_store_keeps_share_one_budget():
+    """Holding begun on a fresh operator: the first pass inside stores the warm starts
+    too, and the graphs held and the store together stay within ``cache_bytes`` (they
+    had exceeded it by the warm starts' bytes)."""
+    model = Classifier()
+    data = _data()
+    probe = dh.ModelCurvature(model, nn.MSELoss(), data)
+    v = torch.randn(probe.num_parameters, 2)
+    with probe.hessian_operator().holding(4):
+        probe.hvp(v)
+        everything = probe._held.used + probe.cached_bytes
+    for budget in (everything, everything - 1, everything // 2):
+        curvature = dh.ModelCurvature(model, nn.MSELoss(), data, cache_bytes=budget)
+        with curvature.hessian_operator().holding(4):
+            for _ in range(2):
+                curvature.hvp(v)
+                assert curvature._held.used + curvature.cached_bytes <= budget

@@ -233,6 +233,26 @@ def test_a_model_cast_after_construction_is_named():
     assert relative_error(curvature.hvp(v), fresh) <= 1e-10
 
 
+def test_a_module_cast_apart_from_the_chosen_parameters_is_named():
+    """``theta`` the encoder alone, the head cast to float32: the forward's raw dtype error
+    becomes an InputError naming the head's parameters — on a later product and on a
+    fresh operator alike."""
+    model = Classifier()
+    data = _data()
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), data, theta=["encoder.weight"])
+    v = torch.randn(curvature.num_parameters)
+    curvature.hvp(v)
+    model.head.float()
+    for operator in (
+        curvature,
+        dh.ModelCurvature(model, nn.MSELoss(), data, theta=["encoder.weight"]),
+    ):
+        with pytest.raises(
+            dh.InputError, match=r"but head.weight \(float32\), head.bias \(float32\) are not"
+        ):
+            operator.hvp(v)
+
+
 def test_model_errors():
     model = Classifier()
     data = _data()

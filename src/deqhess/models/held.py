@@ -205,13 +205,16 @@ class HeldGraphs:
     (:func:`deqhess.memory.budget_bytes`).
 
     Args:
-        budget: the bytes the kept graphs may take.
+        budget: the bytes the kept graphs may take, or ``() ↦`` them (what a store
+            sharing the budget leaves now).
         state: the token of the model's state when holding began (its parameters' and
             buffers' digest, modes and hooks).
         products: the products the holder will take at most (None: not known).
     """
 
-    def __init__(self, budget: int, state: tuple, products: int | None = None) -> None:
+    def __init__(
+        self, budget: int | Callable[[], int], state: tuple, products: int | None = None
+    ) -> None:
         self.budget, self.state, self.products = budget, state, products
         self.used = 0
         self.full = False  # a graph was not kept for want of room, or keeping stopped
@@ -318,7 +321,8 @@ class HeldGraphs:
             return  # a batch holding objects its key and versions cannot see into
         nbytes = int(MARGIN * graph_bytes(*graph.roots()))
         available = budget_bytes(graph.params[0].device)
-        room = self.budget if available is None else min(self.budget, 0.5 * available)
+        budget = self.budget() if callable(self.budget) else self.budget
+        room = budget if available is None else min(budget, 0.5 * available)
         if self.used + nbytes > room:
             self.full = True
             return

@@ -22,6 +22,7 @@ from ..batches import held_bytes
 from ..chunks import default_chunk_size
 from ..deprecation import renamed
 from ..errors import ConvergenceError, DeqhessError, InputError, ModelChangedError
+from ..linear.kept import KeptFactors
 from ..locking import modules_locked
 from ..nn import DEQ, LayerCall, layer_calls
 from ..nn.reparametrize import functional_call
@@ -294,13 +295,17 @@ class ModelPasses:
             yield
             return
         store = self._stream.store
-        self._held = HeldGraphs(
-            max(store.budget - store.used, 0), state_token(self.model, self.loss), products
-        )
+        held = HeldGraphs(
+            lambda: max(store.budget - store.used, 0), state_token(self.model, self.loss),
+            products,
+        )  # fmt: skip
+        self._held = held
+        store.lent = lambda: held.used  # one budget: the graphs and what the store keeps
         try:
             yield
         finally:
             self._held = None
+            store.lent = lambda: 0
 
     # ------------------------------------------------------------------ one pass
     @contextlib.contextmanager
@@ -358,12 +363,20 @@ class ModelPasses:
             ``(batch, stored) ↦`` the batch's :class:`~deqhess.streaming.Formed`: its
             graph, samples and kept indices; no graph when no sample converged.
         """
-        params = self._leaves()
+        # the model as built is checked in the pass, where the ranks of the distributed
+        # form agree on a failure (one rank's alone, raised here, left the others waiting)
+        lost: ModelChangedError | None = None
+        try:
+            params = self._leaves()
+        except ModelChangedError as error:  # a chosen parameter gone
+            params, lost = {}, error
         begun: list[bool] = []
         checked: list[bool] = []
 
         def form(batch: Batch, stored: StoredBatch | None) -> Formed:
-            if not checked:  # in the pass, where the ranks agree on a failure (none hangs)
+            if not checked:
+                if lost is not None:
+                    raise lost
                 self._as_built(list(params.values()))
                 checked.append(True)
             try:
@@ -372,6 +385,7 @@ class ModelPasses:
                 raise
             except RuntimeError as error:  # torch's raw type error, where the data's dtype differs
                 refuse_mixed_dtypes(error, batch.index, batch.x, batch.target, self.layout.dtype)
+                self._refuse_mixed_model(error)
                 raise
 
         def formed(batch: Batch, stored: StoredBatch | None) -> Formed:
@@ -506,7 +520,10 @@ class ModelPasses:
         )  # fmt: skip
 
     def _charge(self, stored: StoredBatch | None) -> Callable[[int], bool] | None:
-        """What charges what a batch's DEQ layers add to its stored entry to the budget.
+        """What charges what a batch's DEQ layers add to its stored warm starts.
+
+        Fixed points come before dense factors: where the budget has no room for one,
+        kept factors are given up (the batch's own first) until it has.
 
         Args:
             stored: what the store holds of the batch, or None (a new entry, charged
@@ -518,24 +535,73 @@ class ModelPasses:
         if stored is None:
             return None
         store = self._stream.store
-        return lambda nbytes: store.grow(stored, nbytes)
 
-    def _factors(self, stored: StoredBatch | None) -> bool:
-        """Whether a batch's DEQ layers keep their dense factors of ``I − J``.
+        def charge(nbytes: int) -> bool:
+            if store.grow(stored, nbytes):
+                return True
+            others = [entry for entry in store.entries() if entry is not stored]
+            for entry in (stored, *others):
+                for key, value in list(entry.warm.items()):
+                    if isinstance(value, KeptFactors):
+                        del entry.warm[key]
+                        store.grow(entry, -value.charged)
+                        if store.grow(stored, nbytes):
+                            return True
+            return False
 
-        Only in a stored batch's entry, charged there (:meth:`_charge`), once a whole
-        pass has offered every batch's warm starts to the store (a batch recurring in
-        the first pass, or a first pass that failed, would otherwise charge its factors
-        before a later batch's fixed points); none while an analysis holds graphs (whose
-        budget is what the store left when it began).
+        return charge
+
+    def _factors(self, stored: StoredBatch | None) -> Callable[[int], bool] | None:
+        """What charges a batch's DEQ layers' dense factors of ``I − J``, if they keep them.
+
+        Only in a stored batch's entry, once a whole pass has offered every batch's warm
+        starts to the store (a batch recurring in the first pass, or a first pass that
+        failed, would otherwise charge its factors before a later batch's fixed
+        points); none while an analysis holds graphs, which serve its passes whole.
 
         Args:
             stored: what the store holds of the batch, or None.
 
         Returns:
-            True where they are kept.
+            ``bytes ↦`` whether they fit (charged if so; negative: given back), or None:
+            no factors kept.
         """
-        return stored is not None and self._held is None and self._stream.record is not None
+        if stored is None or self._held is not None or self._stream.record is None:
+            return None
+        store = self._stream.store
+        return lambda nbytes: store.grow(stored, nbytes)
+
+    def _refuse_mixed_model(self, error: RuntimeError) -> None:
+        """Name a raw type error of the forward where the model's own tensors mix dtypes.
+
+        A module cast on its own (``model.head.float()``) among parameters of another
+        dtype fails in torch with a message that names neither the module nor the remedy
+        (the chosen parameters, ``theta``, may all be of one dtype).
+
+        Args:
+            error: what the batch's forward raised.
+
+        Raises:
+            InputError: from ``error``, where its message is about types and the model
+                holds floating-point parameters or buffers of another dtype than the
+                chosen parameters'.
+        """
+        if "type" not in str(error).lower():
+            return
+        named = [*self.model.named_parameters(), *self.model.named_buffers()]
+        dtype = self.layout.dtype
+        others = [(n, t.dtype) for n, t in named if t.is_floating_point() and t.dtype != dtype]
+        if not others:
+            return
+        listed = ", ".join(f"{n} ({str(d).removeprefix('torch.')})" for n, d in others[:4])
+        more = f" and {len(others) - 4} more" if len(others) > 4 else ""
+        raise InputError(
+            f"{self._label}: the model's forward failed on a type error (torch: "
+            f"{' '.join(str(error).split())[:160]!r}), and the model mixes dtypes: its "
+            f"chosen parameters are {str(dtype).removeprefix('torch.')}, but {listed}{more} "
+            "are not. Give the whole model one dtype (model.to(...)) and build the "
+            f"{self._label} again if its parameters' dtype changed."
+        ) from error
 
     def _layers(self) -> list[DEQ]:
         """The model's DEQ layers (their calls are recorded from any thread)."""
@@ -556,7 +622,7 @@ class ModelPasses:
         calls: list[LayerCall] | None = None,
         visible: bool = False,
         charge: Callable[[int], bool] | None = None,
-        factors: bool = False,
+        factors: Callable[[int], bool] | None = None,
     ) -> tuple[BatchGraph, list[LayerCall]]:
         """The batch's graph, and the DEQ layers' calls of its forward (into ``calls``).
 

@@ -77,8 +77,9 @@ class Calls:
         charge: for a ``store`` already charged to a budget, ``bytes ↦`` whether that
             many more bytes fit it (charged if so; negative bytes give back); None: a
             store charged whole later, or not at all.
-        factors: calls with a warm start keep their dense factors of ``I − J`` beside
-            it, charged by ``charge`` (see :func:`layer_calls`).
+        factors: where calls with a warm start keep their dense factors of ``I − J``
+            beside it, ``bytes ↦`` whether they fit the budget (charged if so; see
+            :func:`layer_calls`); None: not kept.
     """
 
     store: dict | None
@@ -90,7 +91,7 @@ class Calls:
     watch_accuracy: bool = False
     visible: bool = False
     charge: Callable[[int], bool] | None = None
-    factors: bool = False
+    factors: Callable[[int], bool] | None = None
 
 
 CALLS: ContextVar[Calls | None] = ContextVar("deqhess_layer_calls", default=None)
@@ -106,7 +107,7 @@ def layer_calls(
     watch_accuracy: bool = False,
     visible: bool = False,
     charge: Callable[[int], bool] | None = None,
-    factors: bool = False,
+    factors: Callable[[int], bool] | None = None,
     layers: Iterable[DEQ] = (),
 ) -> Iterator[None]:
     """Control and record every :class:`DEQ` call in the block (outside ``torch.func``).
@@ -142,10 +143,10 @@ def layer_calls(
     * ``charge`` — with ``warm`` already charged to a budget: what a call adds to it
       (a fixed point under a new key, or a larger one) is kept only where
       ``charge(bytes)`` says it fits (and charges it); what it drops is given back.
-    * ``factors`` — with ``warm`` and ``charge``: a call whose derivatives factorise
-      ``I − J`` densely keeps the factors in ``warm`` beside its fixed point, charged,
-      and takes them again on a later call where the blocks of ``J`` come out bitwise
-      the same (:mod:`deqhess.linear.kept`).
+    * ``factors`` — with ``warm``: a call whose derivatives factorise ``I − J`` densely
+      keeps the factors in ``warm`` beside its fixed point where ``factors(bytes)`` says
+      they fit the budget (and charges them), and takes them again on a later call
+      where the blocks of ``J`` come out bitwise the same (:mod:`deqhess.linear.kept`).
 
     Args:
         warm: the warm-start store (a dict the caller keeps), or None.
@@ -157,7 +158,9 @@ def layer_calls(
         visible: evaluate each call's cell once more at its fixed point, in the graph.
         charge: ``bytes ↦`` whether that many more bytes in ``warm`` fit the caller's
             budget (charged if so; negative: given back), or None.
-        factors: keep the calls' dense factors of ``I − J`` in ``warm`` (with ``charge``).
+        factors: ``bytes ↦`` whether that many bytes of the calls' dense factors of
+            ``I − J`` fit the caller's budget (charged if so), to keep them in ``warm``;
+            or None.
         layers: layers whose calls are controlled and recorded from any thread while the
             block runs — a forward that runs them in a thread pool, whose threads do not
             see the block's context — (the caller keeps other threads' own calls of

@@ -402,8 +402,8 @@ class DEQ(nn.Module):
             watch_accuracy=calls is not None and calls.watch_accuracy,
             refused_second_order=RefusedSecondOrder.for_cell(cell, names, count),
             kept_factors=(
-                FactorSlot(warm[0], (*warm[1], "factors"), calls.charge)
-                if warm is not None and calls is not None and calls.factors and calls.charge
+                FactorSlot(warm[0], (*warm[1], "factors"), calls.factors)
+                if warm is not None and calls is not None and calls.factors is not None
                 else None
             ),
             names=(

@@ -8,7 +8,9 @@ sample's fixed point. What an entry holds is the front
 end's choice, offered in order of preference (a solved batch, ready for products; or
 only its fixed points, to start the next solve from), and kept while the estimated
 bytes of all entries fit in one budget. A stored entry may grow later, where the budget
-has room (:meth:`BatchStore.grow`: a DEQ layer's dense factors beside its fixed point).
+has room (:meth:`BatchStore.grow`: a DEQ layer's dense factors beside its fixed point),
+and the budget may be shared meanwhile (:attr:`BatchStore.lent`: a held operator's
+graphs).
 """
 
 from __future__ import annotations
@@ -75,7 +77,12 @@ class BatchStore:
             )
         self.budget = budget
         self.used = 0
+        #: ``() ↦`` bytes of the budget held elsewhere meanwhile (a held operator's graphs)
+        self.lent: Callable[[], int] = lambda: 0
         self._entries: dict[str, StoredBatch] = {}
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.used + self.lent() + nbytes <= self.budget
 
     def get(self, key: str) -> StoredBatch | None:
         """Return the entry of the batch with content ``key``, or None."""
@@ -93,11 +100,11 @@ class BatchStore:
             The batch's entry (the one stored before, if any), or None when nothing
             fits in the budget left.
         """
-        if key in self._entries or self.used >= self.budget:
+        if key in self._entries or not self._fits(1):
             return self._entries.get(key)
         for offer in offers:
             nbytes = offer.size()
-            if self.used + nbytes <= self.budget:
+            if self._fits(nbytes):
                 entry = StoredBatch(hashes, offer.solved, offer.warm or {}, nbytes)
                 self._entries[key] = entry
                 self.used += nbytes
@@ -114,7 +121,7 @@ class BatchStore:
         Returns:
             True where they were charged; False (nothing charged) where they do not fit.
         """
-        if nbytes > 0 and self.used + nbytes > self.budget:
+        if nbytes > 0 and not self._fits(nbytes):
             return False
         entry.nbytes += nbytes
         self.used += nbytes
