@@ -34,6 +34,32 @@ def _first(hashes_per_batch, kept_sketches=None):
     return check.finish()
 
 
+def test_a_stored_entry_grows_within_the_budget_and_what_may_give_way_does():
+    """``grow`` charges an entry more where it fits (the bytes lent elsewhere counted),
+    gives bytes back, and where they do not fit drops the values that may give way, the
+    entry's own first, until they do — or charges nothing."""
+    store = BatchStore(100)
+    a = store.offer("a", torch.zeros(1), [Offer(lambda: 10, warm={"h": 1})])
+    b = store.offer("b", torch.zeros(1), [Offer(lambda: 10, warm={"h": 2})])
+    assert store.grow(a, 30) and store.used == 50 and a.nbytes == 40
+    a.warm["f"] = ("factors", 30)
+    assert store.grow(b, 40) and store.used == 90
+    b.warm["f"] = ("factors", 40)
+    store.lent = lambda: 5
+    assert not store.grow(a, 6) and store.used == 90  # 90 + 5 lent + 6 > 100
+    assert store.grow(a, 5)
+    store.lent = lambda: 0
+
+    def give_way(value):
+        return value[1] if isinstance(value, tuple) else None
+
+    assert not store.grow(a, 200, give_way) and store.used == 25  # all given up, no room
+    assert "f" not in a.warm and "f" not in b.warm and a.warm == {"h": 1}
+    b.warm["f"] = ("factors", 40)
+    assert store.grow(b, 40) and store.grow(a, -15) and store.used == 50
+    assert store.grow(a, 60, give_way) and "f" not in b.warm and store.used == 70
+
+
 def test_the_record_names_what_changed():
     batches = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
     record = _first(batches)

@@ -39,7 +39,7 @@ from ..streaming import (
     check_reduction,
     response_tolerance,
 )
-from ..streaming.batch_checks import refuse_mixed_dtypes
+from ..streaming.batch_checks import refuse_mixed_dtypes, refuse_mixed_model
 from ..streaming.grouping import LossAtOutput, grouping_of
 from .arguments import (
     check_loss_arguments,
@@ -385,7 +385,7 @@ class ModelPasses:
                 raise
             except RuntimeError as error:  # torch's raw type error, where the data's dtype differs
                 refuse_mixed_dtypes(error, batch.index, batch.x, batch.target, self.layout.dtype)
-                self._refuse_mixed_model(error)
+                refuse_mixed_model(error, self.model, self.layout.dtype, self._label)
                 raise
 
         def formed(batch: Batch, stored: StoredBatch | None) -> Formed:
@@ -523,7 +523,8 @@ class ModelPasses:
         """What charges what a batch's DEQ layers add to its stored warm starts.
 
         Fixed points come before dense factors: where the budget has no room for one,
-        kept factors are given up (the batch's own first) until it has.
+        kept factors are given up (the batch's own first) until it has
+        (:meth:`~deqhess.streaming.BatchStore.grow`).
 
         Args:
             stored: what the store holds of the batch, or None (a new entry, charged
@@ -535,21 +536,7 @@ class ModelPasses:
         if stored is None:
             return None
         store = self._stream.store
-
-        def charge(nbytes: int) -> bool:
-            if store.grow(stored, nbytes):
-                return True
-            others = [entry for entry in store.entries() if entry is not stored]
-            for entry in (stored, *others):
-                for key, value in list(entry.warm.items()):
-                    if isinstance(value, KeptFactors):
-                        del entry.warm[key]
-                        store.grow(entry, -value.charged)
-                        if store.grow(stored, nbytes):
-                            return True
-            return False
-
-        return charge
+        return lambda nbytes: store.grow(stored, nbytes, give_way=_factors_charged)
 
     def _factors(self, stored: StoredBatch | None) -> Callable[[int], bool] | None:
         """What charges a batch's DEQ layers' dense factors of ``I − J``, if they keep them.
@@ -570,38 +557,6 @@ class ModelPasses:
             return None
         store = self._stream.store
         return lambda nbytes: store.grow(stored, nbytes)
-
-    def _refuse_mixed_model(self, error: RuntimeError) -> None:
-        """Name a raw type error of the forward where the model's own tensors mix dtypes.
-
-        A module cast on its own (``model.head.float()``) among parameters of another
-        dtype fails in torch with a message that names neither the module nor the remedy
-        (the chosen parameters, ``theta``, may all be of one dtype).
-
-        Args:
-            error: what the batch's forward raised.
-
-        Raises:
-            InputError: from ``error``, where its message is about types and the model
-                holds floating-point parameters or buffers of another dtype than the
-                chosen parameters'.
-        """
-        if "type" not in str(error).lower():
-            return
-        named = [*self.model.named_parameters(), *self.model.named_buffers()]
-        dtype = self.layout.dtype
-        others = [(n, t.dtype) for n, t in named if t.is_floating_point() and t.dtype != dtype]
-        if not others:
-            return
-        listed = ", ".join(f"{n} ({str(d).removeprefix('torch.')})" for n, d in others[:4])
-        more = f" and {len(others) - 4} more" if len(others) > 4 else ""
-        raise InputError(
-            f"{self._label}: the model's forward failed on a type error (torch: "
-            f"{' '.join(str(error).split())[:160]!r}), and the model mixes dtypes: its "
-            f"chosen parameters are {str(dtype).removeprefix('torch.')}, but {listed}{more} "
-            "are not. Give the whole model one dtype (model.to(...)) and build the "
-            f"{self._label} again if its parameters' dtype changed."
-        ) from error
 
     def _layers(self) -> list[DEQ]:
         """The model's DEQ layers (their calls are recorded from any thread)."""
@@ -753,3 +708,8 @@ class ModelPasses:
 
     def _zeros(self, *shape: int) -> Tensor:
         return torch.zeros(shape, dtype=self.layout.dtype, device=self.layout.device)
+
+
+def _factors_charged(value: Any) -> int | None:
+    """The bytes charged for kept dense factors, which give way to fixed points."""
+    return value.charged if isinstance(value, KeptFactors) else None

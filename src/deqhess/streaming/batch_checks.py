@@ -26,6 +26,7 @@ __all__ = [
     "note_unbatched",
     "plain_tensors",
     "refuse_mixed_dtypes",
+    "refuse_mixed_model",
     "tensor_versions",
 ]
 
@@ -84,6 +85,40 @@ def refuse_mixed_dtypes(
         f"{' '.join(str(error).split())[:160]!r}). Give the data the parameters' dtype "
         f"(x.to(torch.{name}), in the data set or the loader) or the model the data's "
         f"(model.to(torch.{others[0]}))."
+    ) from error
+
+
+def refuse_mixed_model(error: RuntimeError, model: Any, dtype: torch.dtype, label: str) -> None:
+    """Name a raw type error of a forward where the model's own tensors mix dtypes.
+
+    A module cast on its own (``model.head.float()``) among parameters of another dtype
+    fails in torch with a message that names neither the module nor the remedy (the
+    chosen parameters, ``theta``, may all be of one dtype).
+
+    Args:
+        error: what the batch's forward raised.
+        model: the model (an ``nn.Module``; anything else is not checked).
+        dtype: the chosen parameters' dtype.
+        label: the operator's name, for the message.
+
+    Raises:
+        InputError: from ``error``, where its message is about types and the model holds
+            floating-point parameters or buffers of another dtype than ``dtype``.
+    """
+    if "type" not in str(error).lower() or not isinstance(model, torch.nn.Module):
+        return
+    named = [*model.named_parameters(), *model.named_buffers()]
+    others = [(n, t.dtype) for n, t in named if t.is_floating_point() and t.dtype != dtype]
+    if not others:
+        return
+    listed = ", ".join(f"{n} ({str(d).removeprefix('torch.')})" for n, d in others[:4])
+    more = f" and {len(others) - 4} more" if len(others) > 4 else ""
+    raise InputError(
+        f"{label}: the model's forward failed on a type error (torch: "
+        f"{' '.join(str(error).split())[:160]!r}), and the model mixes dtypes: its chosen "
+        f"parameters are {str(dtype).removeprefix('torch.')}, but {listed}{more} are not. "
+        f"Give the whole model one dtype (model.to(...)) and build the {label} again if "
+        "its parameters' dtype changed."
     ) from error
 
 

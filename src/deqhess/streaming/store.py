@@ -111,21 +111,38 @@ class BatchStore:
                 return entry
         return None
 
-    def grow(self, entry: StoredBatch, nbytes: int) -> bool:
+    def grow(
+        self, entry: StoredBatch, nbytes: int, give_way: Callable[[Any], int | None] | None = None
+    ) -> bool:
         """Charge ``nbytes`` more to a stored entry where they fit in the budget.
 
         Args:
             entry: an entry of this store (what it holds grows by ``nbytes``).
             nbytes: the bytes to add (negative: what it holds shrank, given back).
+            give_way: ``value ↦`` the bytes charged for a value of an entry's ``warm``
+                that may be given up to make room (None: it may not); where the bytes do
+                not fit, such values are dropped, ``entry``'s own first, until they do.
 
         Returns:
             True where they were charged; False (nothing charged) where they do not fit.
         """
-        if nbytes > 0 and not self._fits(nbytes):
+        if nbytes <= 0 or self._fits(nbytes):
+            entry.nbytes += nbytes
+            self.used += nbytes
+            return True
+        if give_way is None:
             return False
-        entry.nbytes += nbytes
-        self.used += nbytes
-        return True
+        others = [e for e in self._entries.values() if e is not entry]
+        for owner in (entry, *others):
+            for key, value in list(owner.warm.items()):
+                charged = give_way(value)
+                if charged is None:
+                    continue
+                del owner.warm[key]
+                self.grow(owner, -charged)
+                if self._fits(nbytes):
+                    return self.grow(entry, nbytes)
+        return False
 
     def solved_count(self) -> int:
         """How many entries hold a solved batch."""
