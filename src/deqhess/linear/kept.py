@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ..batches import held_bytes
+
 __all__ = ["FactorSlot", "KeptFactors"]
 
 S = TypeVar("S")
@@ -85,7 +87,7 @@ class FactorSlot:
             if _same(kept.jacobian, jacobian):
                 return kept.solve
         solve = factorise()
-        size = _bytes(jacobian, solve)
+        size = held_bytes(jacobian, solve, depth=1)  # as the store counts what it holds
         charged = kept.charged if isinstance(kept, KeptFactors) else 0
         if not self.reserve(size - charged):  # negative (fewer bytes): always given back
             if self.store.pop(self.key, None) is not None:  # no room for the new ones
@@ -93,13 +95,6 @@ class FactorSlot:
             return solve
         self.store[self.key] = KeptFactors(jacobian, settings, solve, size)
         return solve
-
-
-def _bytes(jacobian: Tensor, solve: Any) -> int:
-    """The bytes of the blocks and of the tensors the solve holds (its factors)."""
-    held = [jacobian, *(v for v in vars(solve).values() if isinstance(v, Tensor))]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
-    return sum(storages.values())
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..batches import held_bytes
 from ..callers import user_stacklevel
 from ..errors import InputError
 from ..linear import LinearSolver, LinearSolveStats, check_linear_solver
@@ -578,8 +579,8 @@ def _keep_warm(
         store[key] = solved
         return
     old = store.get(key)
-    before = 0 if old is None else old.untyped_storage().nbytes()
-    if charge(solved.untyped_storage().nbytes() - before):
+    before = 0 if old is None else held_bytes(old)  # as the store counts what it holds
+    if charge(held_bytes(solved) - before):
         store[key] = solved
     elif old is not None:  # no room for a larger one: neither is kept
         del store[key]
