@@ -31,9 +31,12 @@ for the block of HVPs; for the dense forms and the eigenvalues one call (every t
 warmed up by one product before), or, where that call took under :data:`QUICK` seconds,
 the median of ``--repeats`` calls (that first one included). Every tool's calls are
 repeated, where short, until they take about :data:`SHORT_TOTAL` seconds in all (at most
-:data:`MOST_CALLS` calls). The ratio is deqhess's time over the
-tool's; the goal of issue 20 is ≤ 0.5 against the fastest other tool in every form (the
-summary also names the fastest tool that agrees with deqhess to 1e-8).
+:data:`MOST_CALLS` calls), and a form's tools are timed interleaved: after each tool's
+first call, the rest run in ``--repeats`` rounds that call every tool in turn, so every
+median comes from the same stretch of the shared machine's time (:class:`Timer`). The
+ratio is deqhess's time over the tool's; the goal of issue 20 is ≤ 0.5 against the
+fastest other tool in every form (the summary also names the fastest tool that agrees
+with deqhess to 1e-8).
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ import torch
 from common import (
     add_device_argument,
     device_of,
-    median_seconds,
     synchronize,
     wall_or_cpu_clock,
 )
@@ -91,8 +93,25 @@ class Row:
     note: str = ""
 
 
+@dataclass
+class Entry:
+    """A tool's call to time; ``once``: seconds long, so its first call counts (no warm-up)."""
+
+    tool: str
+    run: Callable[[], Any]
+    once: bool = False
+
+
 class Timer:
-    """Times calls on the benchmark's clock; a failing tool becomes a row with its error."""
+    """Times the tools of one form on the benchmark's clock, their calls interleaved.
+
+    Every tool's first call comes first (a warm-up, timed to size its repeats; for a
+    ``once`` entry the first timed call). The calls that follow run in --repeats rounds,
+    each round calling every tool in turn (the order rotating from round to round), so
+    each tool's median comes from the same stretch of the shared machine's time as the
+    others' — a machine that slows down halfway slows every tool's calls alike. A failing
+    tool becomes a row with its error.
+    """
 
     def __init__(self, device: torch.device, repeats: int) -> None:
         self.device, self.repeats = device, repeats
@@ -111,27 +130,59 @@ class Timer:
         wanted = int(SHORT_TOTAL / max(seconds, 1e-9))
         return max(self.repeats, min(wanted, MOST_CALLS))
 
-    def __call__(self, tool: str, run: Callable[[], Any], once: bool = False, note: str = ""):
-        kept: list[Any] = []
+    def __call__(self, entries: list[Entry | Row]) -> list[Row]:
+        """One row per entry (a :class:`Row` given as it is: a tool that could not be set up)."""
+        rows: list[Row] = [e if isinstance(e, Row) else Row(e.tool) for e in entries]
+        kept: dict[int, list[Any]] = {}
+        times: dict[int, list[float]] = {}
+        left: dict[int, int] = {}  # calls still to time, per entry
+        calls: dict[int, Callable[[], None]] = {}
 
-        def call() -> None:
-            kept.append(run())
+        def guarded(i: int, action: Callable[[], Any]) -> None:
+            try:
+                action()
+            except Exception as error:  # a tool's own failure on this model is a result
+                message = " ".join(str(error).split())[:110]
+                rows[i] = Row(rows[i].tool, note=f"failed: {type(error).__name__}: {message}")
+                left.pop(i, None)
 
-        try:
-            if once:  # seconds long: no warm-up; the median of --repeats if under QUICK
-                times = [self._timed(call)]
-                if times[0] < QUICK:
-                    times += [self._timed(call) for _ in range(self._calls(times[0]) - 1)]
-                seconds = statistics.median(times)
-            else:
-                first = self._timed(call)  # the warm-up, timed to size the repeats
-                seconds = median_seconds(
-                    call, self._calls(first), self.clock, warmup=False, device=self.device
-                )
-        except Exception as error:  # a tool's own failure on this model is a result to print
-            message = " ".join(str(error).split())[:110]
-            return Row(tool, note=f"failed: {type(error).__name__}: {message}")
-        return Row(tool, seconds, kept[-1], note=note)
+        for i, entry in enumerate(entries):
+            if isinstance(entry, Row):
+                continue
+            kept[i], times[i] = [None], []  # the last call's result
+
+            def call(run: Callable[[], Any] = entry.run, out: list[Any] = kept[i]) -> None:
+                out[0] = run()
+
+            calls[i] = call
+
+            def first(i: int = i, entry: Entry = entry) -> None:
+                seconds = self._timed(calls[i])
+                if entry.once:  # counted; repeated only where short
+                    times[i].append(seconds)
+                    left[i] = self._calls(seconds) - 1 if seconds < QUICK else 0
+                else:  # the warm-up
+                    left[i] = self._calls(seconds)
+
+            guarded(i, first)
+        rounds = self.repeats
+        for r in range(rounds):
+            order = list(left)
+            order = order[r % len(order) :] + order[: r % len(order)] if order else order
+            for i in order:
+                if i not in left:
+                    continue  # failed in an earlier round
+                share = left[i] // (rounds - r) + (1 if left[i] % (rounds - r) else 0)
+                left[i] -= share
+
+                def timed(i: int = i, share: int = share) -> None:
+                    times[i].extend(self._timed(calls[i]) for _ in range(share))
+
+                guarded(i, timed)
+        for i, seconds in times.items():
+            if not rows[i].note.startswith("failed") and seconds:
+                rows[i] = Row(rows[i].tool, statistics.median(seconds), kept[i][0])
+        return rows
 
 
 def difference(a: Any, b: Any) -> float:
@@ -143,36 +194,42 @@ def difference(a: Any, b: Any) -> float:
 
 
 def hessian_rows(problem: Problem, curvature: dh.ModelCurvature, time: Timer) -> list[Row]:
-    rows = [time("deqhess ModelCurvature.hessian()", curvature.hessian, once=True)]
+    entries: list[Entry | Row] = [
+        Entry("deqhess ModelCurvature.hessian()", curvature.hessian, once=True)
+    ]
     if installed("curvlinops"):
         op = curvlinops_operator(problem, "hessian")
-        rows.append(
-            time("curvlinops HessianLinearOperator @ I", lambda: curvlinops_dense(op), once=True)
+        entries.append(
+            Entry("curvlinops HessianLinearOperator @ I", lambda: curvlinops_dense(op), once=True)
         )
-    return rows
+    return time(entries)
 
 
 def ggn_rows(problem: Problem, curvature: dh.ModelCurvature, time: Timer) -> list[Row]:
     ggn = curvature.ggn_operator()
-    rows = [time("deqhess ggn_operator().to_dense()", ggn.to_dense, once=True)]
+    entries: list[Entry | Row] = [
+        Entry("deqhess ggn_operator().to_dense()", ggn.to_dense, once=True)
+    ]
     if installed("curvlinops"):
         op = curvlinops_operator(problem, "ggn")
-        rows.append(
-            time("curvlinops GGNLinearOperator @ I", lambda: curvlinops_dense(op), once=True)
+        entries.append(
+            Entry("curvlinops GGNLinearOperator @ I", lambda: curvlinops_dense(op), once=True)
         )
     for label, run in laplace_backends().items():
-        rows.append(time(label, lambda run=run: run(problem), once=True))
-    return rows
+        entries.append(Entry(label, lambda run=run: run(problem), once=True))
+    return time(entries)
 
 
 def hvp_rows(problem: Problem, curvature: dh.ModelCurvature, time: Timer) -> list[Row]:
     p, device = problem.num_parameters, time.device
     g = torch.Generator().manual_seed(2)
     block = torch.randn(p, BLOCK, generator=g, dtype=torch.float64).to(device)
-    rows = [time(f"deqhess hvp([P, {BLOCK}]), one pass", lambda: curvature.hvp(block))]
+    entries: list[Entry | Row] = [
+        Entry(f"deqhess hvp([P, {BLOCK}]), one pass", lambda: curvature.hvp(block))
+    ]
     if installed("curvlinops"):
         op = curvlinops_operator(problem, "hessian")
-        rows.append(time(f"curvlinops op @ [P, {BLOCK}]", lambda: op @ block))
+        entries.append(Entry(f"curvlinops op @ [P, {BLOCK}]", lambda: op @ block))
     singles = []
     if installed("pyhessian"):
         singles.append(("PyHessian", PyHessianTool))
@@ -182,15 +239,15 @@ def hvp_rows(problem: Problem, curvature: dh.ModelCurvature, time: Timer) -> lis
         try:
             tool = make(problem)
         except Exception as error:
-            rows.append(Row(label, note=f"failed: {type(error).__name__}: {error}"[:120]))
+            entries.append(Row(label, note=f"failed: {type(error).__name__}: {error}"[:120]))
             continue
-        rows.append(
-            time(
+        entries.append(
+            Entry(
                 f"{label}, {BLOCK} single HVPs",
                 lambda tool=tool: torch.stack([tool.hvp(v) for v in block.T], dim=1),
             )
         )
-    return rows
+    return time(entries)
 
 
 def eigen_rows(
@@ -205,35 +262,38 @@ def eigen_rows(
         return np.sort(result.eigenvalues), result.num_hvps
 
     # the default: a streamed operator's blocks of max(2k, 8) (every product is a pass)
-    rows = [time(f"deqhess extreme_eigenpairs (tol {tol:g})", ours, once=True)]
-    rows.append(time("deqhess extreme_eigenpairs, block_size=1", lambda: ours(1), once=True))
+    entries: list[Entry | Row] = [
+        Entry(f"deqhess extreme_eigenpairs (tol {tol:g})", ours, once=True),
+        Entry("deqhess extreme_eigenpairs, block_size=1", lambda: ours(1), once=True),
+    ]
     if installed("curvlinops"):
         linop = curvlinops_operator(problem, "hessian")
-        rows.append(
-            time(
+        entries.append(
+            Entry(
                 f"curvlinops + scipy eigsh (tol {tol:g})",
                 lambda: curvlinops_top(linop, TOP_K, tol, start),
                 once=True,
             )
         )
     if installed("pyhessian"):
-        tool = PyHessianTool(problem)
-        rows.append(
-            time(
+        pyhessian = PyHessianTool(problem)
+        entries.append(
+            Entry(
                 "PyHessian eigenvalues (power iteration, tol 1e-3)",
-                lambda: tool.top(TOP_K),
+                lambda: pyhessian.top(TOP_K),
                 once=True,
             )
         )
     if installed("hessian_eigenthings"):
-        tool = EigenthingsTool(problem)
-        rows.append(
-            time(
+        eigenthings = EigenthingsTool(problem)
+        entries.append(
+            Entry(
                 f"hessian-eigenthings lanczos ({LANCZOS_STEPS} steps, tol {tol:g})",
-                lambda: tool.top(TOP_K, LANCZOS_STEPS, tol),
+                lambda: eigenthings.top(TOP_K, LANCZOS_STEPS, tol),
                 once=True,
             )
         )
+    rows = time(entries)
     for row in rows:
         if row.result is not None:
             row.result, hvps = row.result
@@ -272,7 +332,7 @@ def run_problem(problem: Problem, args, device: torch.device) -> None:
     curvature = dh.ModelCurvature(problem.model, problem.loss_func, problem.data)
     print(
         "  deqhess: a dense form is one pass, each batch's P directions in blocks sized by "
-        f"the memory a direction takes (at most {curvature.chunk_size}; 256 on the CPU)"
+        f"the memory a direction takes (at most {curvature.chunk_size}; 512 on the CPU)"
     )
     time = Timer(device, args.repeats)
     # warm every tool's one-off costs (tracing, first kernels) with one product

@@ -118,6 +118,71 @@ def test_the_same_problem_solved_to_rounding_stays_silent():
     assert grad_error < 1e-6 and hvp_error < 1e-6
 
 
+def _fold(tol: float = 1e-10, curvature: float = 1.0):
+    """``(f, θ, x, h0, loss)``: a map with a fold at its fixed point, ``h0`` beside it.
+
+    ``f(h) = s + A(h − s) − a (q₁ᵀ(h − s))² q₁`` with ``s = B x``, ``A`` symmetric with the
+    eigenvalue 1 along ``q₁``: ``h* = s`` is a double root, where ``I − J`` is singular (the
+    derivatives do not exist there). ``h0 = s + e q₁`` leaves the residual ``a e² q₁`` at
+    90% of the tolerance, so the solve accepts it as is; there ``‖(I − J)⁻¹‖ ≈ 1/(2ae)``
+    (2.8e4 for ``tol = 1e-10``, ``a = 1``: ``‖s‖ = 6.2``) and the first-order bound is
+    about 2.5e-6, while
+    ``I − J`` changes by half of itself (``q = 1/2``) along the Newton step ``−e/2 q₁``.
+    """
+    n, m = 5, 3
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a_matrix = q @ torch.diag(torch.tensor([1.0, 0.5, 0.3, -0.2, 0.1], dtype=torch.float64)) @ q.T
+    theta = {"B": torch.randn(n, m, generator=g, dtype=torch.float64)}
+    x = torch.randn(m, generator=g, dtype=torch.float64)
+    shift = theta["B"] @ x
+    e = (0.9 * tol * max(1.0, float(shift.norm())) / curvature) ** 0.5
+
+    def f(x, h, t):
+        s = t["B"] @ x
+        along = q[:, 0] @ (h - s)
+        return s + a_matrix @ (h - s) - curvature * along**2 * q[:, 0]
+
+    def loss(h):
+        return (h**2).sum()
+
+    return f, theta, x, shift + e * q[:, 0], loss
+
+
+def test_a_fold_at_the_fixed_point_is_refused_not_given_a_first_order_bound():
+    """At a fold the first-order bound ‖(I − J)⁻¹‖·r (4.7e-6 here) is no bound: I − J is
+    singular at h* itself, and the derivatives at the point solved — finite, of any size —
+    carry no correct digit (a model's HVP of norm 1.5e20 came back with "up to 2.5e-06").
+    The second-order term q = ‖(I − J)⁻¹ ΔJ δ‖/‖δ‖ along the Newton step δ measures it
+    (0.5 here) and the solve is refused; with max_error_bound=inf it warns with a figure
+    of at least q. A map linear in h has q = 0: the ill-conditioned linear DEQs above keep
+    their first-order figure to 2% (test_an_ill_conditioned_fixed_point_warns_...)."""
+    f, theta, x, h0, loss = _fold()
+    eq = dh.Equilibrium(f, theta, x, h0)
+    assert eq.info.iterations == 0  # accepted as given, beside the fold
+    with pytest.raises(
+        dh.SingularSystemError, match=r"changes by a relative 5\.\de-01 along the Newton"
+    ):
+        eq.grad(loss)
+    lenient = dh.Equilibrium(f, theta, x, h0, max_error_bound=float("inf"))
+    with pytest.warns(dh.AccuracyWarning, match="near a fold") as record:
+        lenient.grad(loss)
+    assert _figure(record) >= 0.5
+    assert lenient.info.error_bound >= 0.5
+    assert 1e4 < lenient.info.inverse_norm < 1e5  # 1/(2ae): the point is 2.4e-5 off the fold
+
+
+def test_a_fold_further_off_is_measured_as_such():
+    """The same fold solved to a looser tolerance (1e-6, the residual at 90% of it):
+    ‖(I − J)⁻¹‖ ≈ 280 and r ≈ 1e-6 give a first-order figure of about 2.5e-4, which would
+    only warn; q = 0.5 still refuses it."""
+    f, theta, x, h0, loss = _fold(tol=1e-6)
+    eq = dh.Equilibrium(f, theta, x, h0, tol=1e-6)
+    assert eq.info.iterations == 0
+    with pytest.raises(dh.SingularSystemError, match=r"near a fold.*No tolerance helps at a fold"):
+        eq.grad(loss)
+
+
 def test_the_refusal_threshold_is_the_max_error_bound_option():
     """Refused (SingularSystemError) above ``max_error_bound``: 0.1 by default, lower on
     request; ``inf`` accepts anything (and warns). A bound of 0.7 — ‖(I − J)⁻¹‖ = 1e10 —

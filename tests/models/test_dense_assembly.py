@@ -247,9 +247,11 @@ def test_rows_longer_than_a_block_are_split_into_equal_blocks():
 
 
 def test_info_names_the_block_width_and_the_upper_triangle():
-    """On the CPU a dense form's blocks are at most 256 rows unless chunk_size says
-    otherwise; info says so, and that the rows are the upper block triangle."""
-    for chunk_size, width in ((None, "256"), (7, "7")):
+    """On the CPU a dense form's blocks are at most dense.CPU_DENSE_BLOCK (512) rows unless
+    chunk_size says otherwise; info says so, and that the rows are the upper block
+    triangle."""
+    assert dense.CPU_DENSE_BLOCK == 512
+    for chunk_size, width in ((None, "512"), (7, "7")):
         curvature = dh.ModelCurvature(Classifier(), nn.MSELoss(), _data(), chunk_size=chunk_size)
         curvature.hessian()
         said = curvature.info.assembly["total"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import pytest
 import torch
 from models import Classifier, unrolled_twin
 from problems import relative_error
@@ -136,3 +137,41 @@ def test_the_pass_warning_quotes_the_worst_batch_and_bounds_the_error():
 
     error = relative_error(hessian, torch.func.hessian(loss)(flat))
     assert 10 * first.error_bound < error <= 4 * warning.error_bound
+
+
+class _FoldCell(nn.Module):
+    """``tanh(W h + x + b) + α (h − r)``: with ``α = 1 − λ_max(J)`` at ``r``, the fixed point
+    ``r`` (the layer's own, at ``α = 0``) is a fold — ``I − J`` singular there."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        w = torch.randn(n, n, dtype=torch.float64)
+        w = w + w.T
+        self.W = nn.Parameter(0.4 * w / torch.linalg.matrix_norm(w, ord=2))
+        self.b = nn.Parameter(0.1 * torch.randn(n, dtype=torch.float64))
+        self.alpha, self.r = 0.0, None
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(h @ self.W.T + x + self.b)
+        return out if self.r is None else out + self.alpha * (h - self.r)
+
+
+def test_a_layer_solved_beside_a_fold_is_refused():
+    """A cold solve of a layer whose fixed point is a fold stops ~2e-6 from it (residual
+    6e-14, ‖(I − J)⁻¹‖ ≈ 4e7): its HVP had come back with a norm of 1.5e20 and an
+    AccuracyWarning claiming "a relative error of up to 2.5e-06". I − J changes by more
+    than itself along the Newton step (q ≈ 1.2): refused, naming the fold."""
+    torch.manual_seed(0)
+    cell = _FoldCell(4)
+    deq = DEQ(cell, tol=1e-13, linear_solver="dense")
+    model = nn.Sequential(nn.Linear(3, 4), deq, nn.Linear(4, 2)).double()
+    x, y = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    with torch.no_grad():
+        u = model[0](x)
+        cell.r = deq(u).detach()
+        jacobian = torch.func.jacrev(lambda h: cell(u, h))(cell.r)[0, :, 0, :]
+        cell.alpha = float(1.0 - torch.linalg.eigvals(jacobian).real.max())
+    curvature = dh.ModelCurvature(model, nn.MSELoss(), [(x, y)], progress=False)
+    v = torch.randn(curvature.num_parameters, dtype=torch.float64)
+    with pytest.raises(dh.SingularSystemError, match=r"along the Newton step.*near a fold"):
+        curvature.hvp(v)

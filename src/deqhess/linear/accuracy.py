@@ -21,6 +21,18 @@ estimate); before a solve has estimated it there is no bound — which the
 figure; above ``max_error_bound`` (default :data:`DEFAULT_MAX_ERROR_BOUND` = 0.1: no
 correct digit left) the solve is refused with :class:`deqhess.SingularSystemError`.
 
+Near a fold — a fixed point where ``I − J`` is (nearly) singular at ``h*`` itself, so that
+the derivatives stop existing there — that first-order account fails: ``I − J`` changes
+between the point solved and ``h*`` by as much as it is, and a finite answer carries no
+correct digit. So where ``‖(I − J)⁻¹‖² · r`` could reach :func:`warning_threshold`, the
+bound adds the second-order term
+
+    ``q = ‖(I − J)⁻¹ (J(h + δ) − J(h)) δ‖ / ‖δ‖``,  ``δ = (I − J)⁻¹ r`` (one Newton step),
+
+how much ``I − J`` changes, relative to itself, along the way to ``h*`` (largest over the
+rows declared independent; two JVPs and two solves, once per fixed point). A map linear
+in ``h`` gives ``q = 0``; a fold gives ``q`` near 1, and the solve is refused.
+
 It bounds the state's error; the derivatives' is of the same scale but not strictly
 below it — the state's error enters ``∇L``, ``∂f/∂θ`` and ``J`` at once, and
 ``‖(I − J)⁻¹‖`` is itself estimated (``gecon`` and GMRES from below). On the linear DEQs
@@ -33,6 +45,7 @@ in norm, each stopped by ``atol``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -55,6 +68,9 @@ __all__ = [
 
 #: above this relative error bound the derivatives keep no correct digit: refused.
 DEFAULT_MAX_ERROR_BOUND = 0.1
+#: a second-order term this large (``I − J`` changing by a tenth of itself on the way to
+#: ``h*``) is named a fold in the messages
+FOLD = 0.1
 _WARN_ABOVE = {torch.float64: 1e-6, torch.float32: 1e-3}
 
 
@@ -117,13 +133,14 @@ class ErrorBound:
     """The derivatives' relative error bound at one fixed point.
 
     Attributes:
-        value: ``‖(I − J)⁻¹‖ · max(r_forward, r_linear, ε)``, or None where
-            ``‖(I − J)⁻¹‖`` is not known (see ``source``).
+        value: ``‖(I − J)⁻¹‖ · max(r_forward, r_linear, ε)``, plus ``curvature``; None
+            where ``‖(I − J)⁻¹‖`` is not known (see ``source``).
         inverse_norm: the ``‖(I − J)⁻¹‖`` used, or None.
         residual: ``max(r_forward, r_linear, ε)``, the relative residual amplified.
         source: where ``‖(I − J)⁻¹‖`` came from, or why there is no bound.
         refusable: whether a bound above ``max_error_bound`` refuses (False for an
             estimate that can lie above ``‖(I − J)⁻¹‖``, a Neumann series': it warns).
+        curvature: the second-order term ``q`` (see the module), 0 where not measured.
     """
 
     value: float | None
@@ -131,6 +148,13 @@ class ErrorBound:
     residual: float
     source: str
     refusable: bool = True
+    curvature: float = 0.0
+
+    def with_curvature(self, curvature: float) -> ErrorBound:
+        """This bound with the second-order term ``q`` added to its value."""
+        if self.value is None or not curvature:
+            return self
+        return dataclasses.replace(self, value=self.value + curvature, curvature=curvature)
 
     def enforce(self, limit: float, dtype: torch.dtype, warned: bool) -> bool:
         """Refuse the bound above ``limit``; warn above :func:`warning_threshold`.
@@ -153,15 +177,35 @@ class ErrorBound:
             return warned
         what = (
             f"‖(I − J)⁻¹‖ ≈ {self.inverse_norm:.2e} ({self.source}) amplifies the residual "
-            f"left in h* and in the linear solves ({self.residual:.1e} relative) into a "
-            f"relative error of up to {self.value:.1e} in the derivatives"
+            f"left in h* and in the linear solves ({self.residual:.1e} relative)"
         )
+        if self.curvature > self.value - self.curvature:  # named where it dominates
+            what += (
+                f", and I − J itself changes by a relative {self.curvature:.1e} along the "
+                "Newton step to the exact fixed point (‖(I − J)⁻¹ ΔJ δ‖ / ‖δ‖, a second-order "
+                "effect"
+            )
+            if self.curvature >= FOLD:
+                what += (
+                    ": the fixed point lies near a fold, where I − J turns singular and the "
+                    "derivatives stop existing"
+                )
+            what += "): together"
+        else:
+            what += " into"
+        what += f" a relative error of up to {self.value:.1e} in the derivatives"
         if self.value > limit and self.refusable:
             raise SingularSystemError(
                 f"I − ∂f/∂h is too ill-conditioned for the fixed point's accuracy: {what}, "
-                f"above max_error_bound={limit:g}. Tighten tol (float64 allows ~1e-13 "
-                "relative), use float64, or make f more contractive in h at its fixed point; "
-                "or raise max_error_bound to accept derivatives this inexact.",
+                f"above max_error_bound={limit:g}. "
+                + (
+                    "No tolerance helps at a fold: move the parameters or the input off it, "
+                    "or change f so that I − ∂f/∂h stays invertible at its fixed point; "
+                    if self.curvature >= FOLD
+                    else "Tighten tol (float64 allows ~1e-13 relative), use float64, or make f "
+                    "more contractive in h at its fixed point; "
+                )
+                + "or raise max_error_bound to accept derivatives this inexact.",
                 condition_number=math.inf if self.inverse_norm is None else self.inverse_norm,
             )
         threshold = warning_threshold(dtype)

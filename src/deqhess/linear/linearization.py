@@ -13,16 +13,23 @@ asks for its derivatives.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import cast
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError, NonFiniteError
+from ..errors import ConvergenceError, InputError, NonFiniteError
 from ..finiteness import all_finite
 from ..solvers import Residual, Tolerance
-from .accuracy import DEFAULT_MAX_ERROR_BOUND, ErrorBound, check_max_error_bound, forward_residual
+from .accuracy import (
+    DEFAULT_MAX_ERROR_BOUND,
+    ErrorBound,
+    check_max_error_bound,
+    forward_residual,
+    warning_threshold,
+)
 from .base import LinearSolver, LinearSolveStats, Solve
 from .coupling import coupling_tolerance, row_coupling
 from .gmres import gmres
@@ -114,6 +121,7 @@ class Linearization:
         self.outer: tuple[int, ...] | None = None  # the callers' row layout, if not h's
         self._certified = accepted is None
         self._forward_gap: Tensor | None = None  # F(h*) − h*, once certified
+        self._curvature: float | None = None  # the bound's second-order term, once measured
         self._prepared: Solve | None = None
         self._previous: dict[bool, Tensor] = {}
 
@@ -178,7 +186,9 @@ class Linearization:
                 f"not available: {self.solver!r} has not estimated ‖(I − J)⁻¹‖ (GMRES and "
                 "Neumann do during their solves, after two products; the dense LU at once)"
             ))  # fmt: skip
-        return ErrorBound(norm * residual, norm, residual, source)
+        return ErrorBound(norm * residual, norm, residual, source).with_curvature(
+            self._curvature or 0.0
+        )
 
     def _residual_left(self) -> float:
         """``r_forward`` (see :func:`deqhess.linear.accuracy.forward_residual`), once."""
@@ -193,7 +203,65 @@ class Linearization:
         """Warn or refuse on the error bound as now known (see ``tolerance``)."""
         if self.tolerance is None or self.accepted is None:
             return
-        self._warned = self.error_bound.enforce(self.max_error_bound, self.h.dtype, self._warned)
+        bound = self.error_bound
+        if (
+            self._curvature is None
+            and bound.value is not None
+            and bound.inverse_norm is not None
+            and bound.inverse_norm * bound.value > warning_threshold(self.h.dtype)
+        ):
+            self._curvature = self._change_along_newton_step()
+            bound = self.error_bound
+        self._warned = bound.enforce(self.max_error_bound, self.h.dtype, self._warned)
+
+    def _change_along_newton_step(self) -> float:
+        """The error bound's second-order term ``q`` (see :mod:`deqhess.linear.accuracy`).
+
+        ``δ = (I − J)⁻¹ r`` from the forward residual ``r = F(h*) − h*``, then
+        ``q = ‖(I − J)⁻¹ (J(h* + δ) − J(h*)) δ‖ / ‖δ‖`` from two JVPs of the residual map
+        and a second solve: per row where rows are independent (the largest), else of the
+        whole state. Run once, where ``‖(I − J)⁻¹‖² · r`` could reach the warning
+        threshold.
+
+        Returns:
+            ``q``; 0 where there is nothing to measure (no residual left, a certified
+            evaluation not at hand, inside a ``torch.func`` transform, an iterative solve
+            that stops short of its tolerance, or an ``f`` with an operation torch has no
+            forward-mode derivative for: the first-order bound stands); inf where a step
+            or change is not finite.
+
+        Raises:
+            RuntimeError: an error of ``f`` itself (as any evaluation of it would raise).
+        """
+        gap, prepared = self._forward_gap, self._prepared
+        if (
+            gap is None
+            or prepared is None
+            or not bool(gap.any())
+            or torch._C._functorch.peek_interpreter_stack() is not None
+        ):
+            return 0.0
+        try:
+            step = prepared.solve(gap)
+            with torch.no_grad():
+                there = torch.func.jvp(self.residual.fn, (self.h + step,), (step,))[1]
+                here = torch.func.jvp(self.residual.fn, (self.h,), (step,))[1]
+            change = prepared.solve(there - here)
+        except ConvergenceError:  # an iterative solve short of its tolerance: not measured
+            return 0.0
+        except (NotImplementedError, RuntimeError) as error:
+            if "forward" not in str(error).lower():
+                raise
+            return 0.0  # an operation of f without forward-mode derivatives: not measured
+        if not (all_finite(step) and all_finite(change)):
+            return math.inf
+        if self.operator.independent_rows:
+            moved = torch.linalg.vector_norm(change.flatten(1), dim=1)
+            size = torch.linalg.vector_norm(step.flatten(1), dim=1)
+        else:
+            moved, size = torch.linalg.vector_norm(change), torch.linalg.vector_norm(step)
+        ratio = torch.where(size > 0, moved / size.clamp_min(torch.finfo(size.dtype).tiny), 0.0)
+        return float(ratio.max())
 
     def _estimate_along_forward_gap(self) -> None:
         """``‖(I − J)⁻¹‖`` from below along the residual the forward solve left.

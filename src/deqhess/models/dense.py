@@ -55,13 +55,16 @@ __all__ = [
 #: could already exhaust memory: 394 directions of an MDEQ batch needed ~13 GB).
 PROBE = 16
 
-#: the widest block of a dense form's rows on the CPU, unless ``chunk_size`` says otherwise:
-#: past about 50 rows a block's own cost is a few percent, and wider blocks only make the
-#: process map and fault in fresh pages (``benchmarks/vs_curvlinops.py``'s tanh classifier,
-#: four batches: 0.51 s in blocks of 256, 0.58 s in the 1,086 its memory allowed, the same
-#: user time — 55,000 page faults against 4,000; with a 64-wide state, two batches: 2.1 s
-#: against 3.6 s; the conv model within 6% either way)
-CPU_DENSE_BLOCK = 256
+#: the widest block of a dense form's rows on the CPU, unless ``chunk_size`` says otherwise.
+#: A block costs about as much as 45 rows besides its rows (3.5 ms against 75 µs a row on
+#: a batch of ``benchmarks/vs_curvlinops.py``'s tanh classifier), and the widest blocks
+#: make the process map and fault in fresh pages. That classifier's Hessian (four
+#: batches): 0.62 s in blocks of 512 against 0.65 s in blocks of 256 (its 1,056 cell rows
+#: in two blocks instead of five; one process, the two in turn, medians of nine), and
+#: 0.58 s in the 1,086 its memory allowed against 0.51 s in 256 (55,000 page faults
+#: against 4,000); with a 64-wide state, two batches: 2.44 s in 512, 2.45 s in 256, 3.6 s
+#: in what memory allowed; the conv model within 1% between 256 and 512
+CPU_DENSE_BLOCK = 512
 
 #: parameters with fewer rows than this share a block of a dense form with the next such
 #: (a block costs about as much as 30 rows besides its rows: 6 ms against 0.14 ms a row
