@@ -179,8 +179,44 @@ def test_a_fold_further_off_is_measured_as_such():
     f, theta, x, h0, loss = _fold(tol=1e-6)
     eq = dh.Equilibrium(f, theta, x, h0, tol=1e-6)
     assert eq.info.iterations == 0
-    with pytest.raises(dh.SingularSystemError, match=r"near a fold.*No tolerance helps at a fold"):
+    with pytest.raises(
+        dh.SingularSystemError, match=r"near a fold.*at a fold itself it stays near 0.5"
+    ):
         eq.grad(loss)
+
+
+def test_a_sharp_fold_is_measured_whatever_the_first_order_figure():
+    """A fold's term q is about 0.5 whatever its sharpness, while ‖(I − J)⁻¹‖²·r =
+    1/(4a‖h‖) falls with the curvature a: at a = 1e6 it is 4e-8, below the warning
+    threshold, and a gate on it had let the fold through with "up to 5e-9" (an
+    adversarial round). q is measured wherever accuracy is watched."""
+    f, theta, x, h0, loss = _fold(curvature=1e6)
+    eq = dh.Equilibrium(f, theta, x, h0)
+    assert eq.info.iterations == 0
+    with pytest.raises(dh.SingularSystemError, match="near a fold"):
+        eq.grad(loss)
+
+
+def test_a_neumann_bound_carries_the_second_order_term():
+    """A near fold (ε = 1e-6 in h + ε − a(h − c)², a = 100: dh*/dε = 1/(2√(aε)) = 50)
+    beside a component with ρ(J) = 0.999 solved by a Neumann series: the gradient is
+    2.5% off, and the bound in info (an estimate that warns, never refuses) says so —
+    it had dropped q and read 5e-6 while the warning said 2.5e-2."""
+
+    def f(x, h, t):
+        h0, h1 = h[..., :1], h[..., 1:]
+        return torch.cat([h0 + t["eps"] - 100.0 * (h0 - 10.0) ** 2, -0.999 * h1 + 1.0], -1)
+
+    theta = {"eps": torch.tensor(1e-6, dtype=torch.float64)}
+    h0 = torch.tensor([[10.001, 0.0]], dtype=torch.float64)
+    eq = dh.Equilibrium(f, theta, None, h0, tol=1e-8, batch_dim=0,
+                        linear_solver=dh.Neumann(max_iter=50000), max_iter=100000)  # fmt: skip
+    with pytest.warns(dh.AccuracyWarning, match="relative error of up to"):
+        grad = float(eq.grad(lambda h: h.sum())["eps"])
+    error = abs(grad - 50.0) / 50.0
+    assert error > 1e-2  # what the bound must show
+    assert "Neumann" in eq.info.error_bound_source
+    assert error / 10 <= eq.info.error_bound <= 10 * error
 
 
 def test_the_refusal_threshold_is_the_max_error_bound_option():

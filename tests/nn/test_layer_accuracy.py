@@ -99,3 +99,50 @@ def test_a_convergence_block_inside_carries_the_switch():
         with layer_calls(watch_accuracy=True), convergence("best"):
             deq(x).pow(2).sum().backward()
     assert len(_figures(record)) == 1
+
+
+class _Square(torch.autograd.Function):
+    """``x²`` with a backward and no forward-mode rule (no ``jvp``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _SquareCell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.3 * torch.randn(4, 4, dtype=torch.float64))
+
+    def forward(self, x, h):
+        return torch.tanh(_Square.apply(h) @ self.weight + x)
+
+
+def test_a_watched_gmres_layer_with_no_forward_mode_op_gives_its_gradient():
+    """Watching a GMRES layer's accuracy takes Arnoldi steps from the forward residual to
+    estimate ‖(I − J)⁻¹‖ (and the bound's second-order term): with an operation torch
+    has no forward-mode derivative for, the steps had raised torch's raw
+    NotImplementedError even on a well-conditioned cell (an adversarial round). They take
+    (I − J)ᵀ there instead; the gradient matches the dense solver's."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    grads = {}
+    for solver in ("gmres", "dense"):
+        torch.manual_seed(1)
+        layer = DEQ(_SquareCell(), tol=1e-9, linear_solver=solver)
+        with layer_calls(watch_accuracy=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore", deqhess.AccuracyWarning)
+            out = layer(x)
+            grads[solver] = torch.autograd.grad(out.square().sum(), layer.cell.weight)[0]
+    assert relative_error(grads["gmres"], grads["dense"]) <= 1e-8

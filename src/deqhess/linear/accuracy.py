@@ -24,14 +24,20 @@ correct digit left) the solve is refused with :class:`deqhess.SingularSystemErro
 Near a fold — a fixed point where ``I − J`` is (nearly) singular at ``h*`` itself, so that
 the derivatives stop existing there — that first-order account fails: ``I − J`` changes
 between the point solved and ``h*`` by as much as it is, and a finite answer carries no
-correct digit. So where ``‖(I − J)⁻¹‖² · r`` could reach :func:`warning_threshold`, the
-bound adds the second-order term
+correct digit. So wherever accuracy is watched (:class:`deqhess.Equilibrium`,
+:class:`deqhess.ModelCurvature`, ``layer_calls(watch_accuracy=True)``), the bound adds
+the second-order term
 
     ``q = ‖(I − J)⁻¹ (J(h + δ) − J(h)) δ‖ / ‖δ‖``,  ``δ = (I − J)⁻¹ r`` (one Newton step),
 
 how much ``I − J`` changes, relative to itself, along the way to ``h*`` (largest over the
-rows declared independent; two JVPs and two solves, once per fixed point). A map linear
-in ``h`` gives ``q = 0``; a fold gives ``q`` near 1, and the solve is refused.
+rows declared independent; one JVP and two solves, once per factorisation — one kept
+between passes keeps it). A map linear in ``h`` gives ``q = 0``; a fold gives ``q`` near
+0.5 or more whatever its sharpness, and the solve is refused. A gate on
+``‖(I − J)⁻¹‖² · r`` had missed sharp folds: that figure is ``1/(4a‖h‖)`` at a fold of
+curvature ``a``. Not measured inside ``torch.func`` transforms (nor is the first-order
+bound's forward residual), nor for an ``f`` without forward-mode derivatives solved
+iteratively.
 
 It bounds the state's error; the derivatives' is of the same scale but not strictly
 below it — the state's error enters ``∇L``, ``∂f/∂θ`` and ``J`` at once, and
@@ -141,6 +147,7 @@ class ErrorBound:
         refusable: whether a bound above ``max_error_bound`` refuses (False for an
             estimate that can lie above ``‖(I − J)⁻¹‖``, a Neumann series': it warns).
         curvature: the second-order term ``q`` (see the module), 0 where not measured.
+        curvature_row: the row (sample) where ``q`` is largest.
     """
 
     value: float | None
@@ -149,12 +156,15 @@ class ErrorBound:
     source: str
     refusable: bool = True
     curvature: float = 0.0
+    curvature_row: int = 0
 
-    def with_curvature(self, curvature: float) -> ErrorBound:
-        """This bound with the second-order term ``q`` added to its value."""
+    def with_curvature(self, curvature: float, row: int = 0) -> ErrorBound:
+        """This bound with the second-order term ``q`` (largest in row ``row``) added."""
         if self.value is None or not curvature:
             return self
-        return dataclasses.replace(self, value=self.value + curvature, curvature=curvature)
+        return dataclasses.replace(
+            self, value=self.value + curvature, curvature=curvature, curvature_row=row
+        )
 
     def enforce(self, limit: float, dtype: torch.dtype, warned: bool) -> bool:
         """Refuse the bound above ``limit``; warn above :func:`warning_threshold`.
@@ -182,8 +192,8 @@ class ErrorBound:
         if self.curvature > self.value - self.curvature:  # named where it dominates
             what += (
                 f", and I − J itself changes by a relative {self.curvature:.1e} along the "
-                "Newton step to the exact fixed point (‖(I − J)⁻¹ ΔJ δ‖ / ‖δ‖, a second-order "
-                "effect"
+                "Newton step to the exact fixed point (‖(I − J)⁻¹ ΔJ δ‖ / ‖δ‖, largest for "
+                f"sample {self.curvature_row}, a second-order effect"
             )
             if self.curvature >= FOLD:
                 what += (
@@ -199,8 +209,10 @@ class ErrorBound:
                 f"I − ∂f/∂h is too ill-conditioned for the fixed point's accuracy: {what}, "
                 f"above max_error_bound={limit:g}. "
                 + (
-                    "No tolerance helps at a fold: move the parameters or the input off it, "
-                    "or change f so that I − ∂f/∂h stays invertible at its fixed point; "
+                    "Tighten tol and see whether the term shrinks: near a fold it does, as the "
+                    "solve comes closer to h*; at a fold itself it stays near 0.5 whatever the "
+                    "tolerance, and only moving the parameters or the input off it (or "
+                    "changing f so that I − ∂f/∂h stays invertible there) helps; "
                     if self.curvature >= FOLD
                     else "Tighten tol (float64 allows ~1e-13 relative), use float64, or make f "
                     "more contractive in h at its fixed point; "

@@ -175,6 +175,10 @@ class Solve(abc.ABC):
     condition_number: float | None = None
     #: estimated ``‖A⁻¹‖`` (how much a residual is amplified into the solution), or None.
     inverse_norm: float | None = None
+    #: the error bound's second-order term measured at this solve's fixed point, and the
+    #: sample where it was largest (:mod:`deqhess.linear.accuracy`); a factorisation kept
+    #: between passes — formed from bitwise the same ``J`` — carries it (None: not yet)
+    newton_change: tuple[float, int] | None = None
 
     @abc.abstractmethod
     def compute(self, rhs: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearSolveInfo]:

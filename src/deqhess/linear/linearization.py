@@ -28,9 +28,8 @@ from .accuracy import (
     ErrorBound,
     check_max_error_bound,
     forward_residual,
-    warning_threshold,
 )
-from .base import LinearSolver, LinearSolveStats, Solve
+from .base import LinearSolveInfo, LinearSolver, LinearSolveStats, Solve
 from .coupling import coupling_tolerance, row_coupling
 from .gmres import gmres
 from .operator import ResidualOperator
@@ -121,7 +120,8 @@ class Linearization:
         self.outer: tuple[int, ...] | None = None  # the callers' row layout, if not h's
         self._certified = accepted is None
         self._forward_gap: Tensor | None = None  # F(h*) − h*, once certified
-        self._curvature: float | None = None  # the bound's second-order term, once measured
+        # the bound's second-order term and the row where it is largest, once measured
+        self._curvature: tuple[float, int] | None = None
         self._prepared: Solve | None = None
         self._previous: dict[bool, Tensor] = {}
 
@@ -177,7 +177,9 @@ class Linearization:
             # from below or above (a negative dominant eigenvalue): it warns, never refuses
             norm = cast(float, self.stats.inverse_norm)
             source = "≈ 1/(1 − ρ), ρ(J) from the Neumann series' contraction rate, an estimate"
-            return ErrorBound(norm * residual, norm, residual, source, refusable=False)
+            return ErrorBound(
+                norm * residual, norm, residual, source, refusable=False
+            ).with_curvature(*(self._curvature or (0.0, 0)))
         elif self.stats.inverse_norm is not None:
             norm = self.stats.inverse_norm
             source = "‖·‖₂ from GMRES's Hessenberg matrices, a lower bound"
@@ -187,7 +189,7 @@ class Linearization:
                 "Neumann do during their solves, after two products; the dense LU at once)"
             ))  # fmt: skip
         return ErrorBound(norm * residual, norm, residual, source).with_curvature(
-            self._curvature or 0.0
+            *(self._curvature or (0.0, 0))
         )
 
     def _residual_left(self) -> float:
@@ -204,64 +206,65 @@ class Linearization:
         if self.tolerance is None or self.accepted is None:
             return
         bound = self.error_bound
-        if (
-            self._curvature is None
-            and bound.value is not None
-            and bound.inverse_norm is not None
-            and bound.inverse_norm * bound.value > warning_threshold(self.h.dtype)
-        ):
+        if self.watch_accuracy and self._curvature is None and bound.value is not None:
             self._curvature = self._change_along_newton_step()
-            bound = self.error_bound
+            bound = self.error_bound  # with it (None inside a transform: measured later)
         self._warned = bound.enforce(self.max_error_bound, self.h.dtype, self._warned)
 
-    def _change_along_newton_step(self) -> float:
+    def _change_along_newton_step(self) -> tuple[float, int] | None:
         """The error bound's second-order term ``q`` (see :mod:`deqhess.linear.accuracy`).
 
         ``δ = (I − J)⁻¹ r`` from the forward residual ``r = F(h*) − h*``, then
-        ``q = ‖(I − J)⁻¹ (J(h* + δ) − J(h*)) δ‖ / ‖δ‖`` from two JVPs of the residual map
-        and a second solve: per row where rows are independent (the largest), else of the
-        whole state. Run once, where ``‖(I − J)⁻¹‖² · r`` could reach the warning
-        threshold.
+        ``q = ‖(I − J)⁻¹ (J(h* + δ) − J(h*)) δ‖ / ‖δ‖`` from one JVP of ``F`` at ``h* + δ``
+        (``J(h*) δ = δ − (I − J) δ = δ − r``) and a second solve:
+        per row where rows are independent (the largest), else of the whole state. Once
+        per factorisation: one kept between passes (formed from bitwise the same blocks
+        of ``J``) keeps it.
 
         Returns:
-            ``q``; 0 where there is nothing to measure (no residual left, a certified
-            evaluation not at hand, inside a ``torch.func`` transform, an iterative solve
-            that stops short of its tolerance, or an ``f`` with an operation torch has no
-            forward-mode derivative for: the first-order bound stands); inf where a step
-            or change is not finite.
+            ``(q, row)``: ``q`` and the row where it is largest; ``q = 0`` where there is
+            nothing to measure (no residual left or no certified evaluation, an iterative
+            solve that stops short of its tolerance, or an ``f`` with an operation torch
+            has no forward-mode derivative for: the first-order bound stands), inf where a
+            step or change is not finite; None inside a ``torch.func`` transform (its
+            tensors have no values to measure: a later derivative outside measures it).
 
         Raises:
             RuntimeError: an error of ``f`` itself (as any evaluation of it would raise).
         """
         gap, prepared = self._forward_gap, self._prepared
-        if (
-            gap is None
-            or prepared is None
-            or not bool(gap.any())
-            or torch._C._functorch.peek_interpreter_stack() is not None
-        ):
-            return 0.0
+        if prepared is not None and prepared.newton_change is not None:
+            return prepared.newton_change
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return None
+        if gap is None or prepared is None or not bool(gap.any()):
+            return 0.0, 0
         try:
             step = prepared.solve(gap)
             with torch.no_grad():
                 there = torch.func.jvp(self.residual.fn, (self.h + step,), (step,))[1]
-                here = torch.func.jvp(self.residual.fn, (self.h,), (step,))[1]
-            change = prepared.solve(there - here)
+            change = prepared.solve(there - step + gap)  # J(h* + δ)δ − J(h*)δ
         except ConvergenceError:  # an iterative solve short of its tolerance: not measured
-            return 0.0
+            return 0.0, 0
         except (NotImplementedError, RuntimeError) as error:
             if "forward" not in str(error).lower():
                 raise
-            return 0.0  # an operation of f without forward-mode derivatives: not measured
+            return 0.0, 0  # an operation of f without forward-mode derivatives: not measured
         if not (all_finite(step) and all_finite(change)):
-            return math.inf
-        if self.operator.independent_rows:
-            moved = torch.linalg.vector_norm(change.flatten(1), dim=1)
-            size = torch.linalg.vector_norm(step.flatten(1), dim=1)
+            measured = (math.inf, 0)
         else:
-            moved, size = torch.linalg.vector_norm(change), torch.linalg.vector_norm(step)
-        ratio = torch.where(size > 0, moved / size.clamp_min(torch.finfo(size.dtype).tiny), 0.0)
-        return float(ratio.max())
+            if self.operator.independent_rows:
+                moved = torch.linalg.vector_norm(change.flatten(1), dim=1)
+                size = torch.linalg.vector_norm(step.flatten(1), dim=1)
+            else:
+                moved = torch.linalg.vector_norm(change).reshape(1)
+                size = torch.linalg.vector_norm(step).reshape(1)
+            tiny = torch.finfo(size.dtype).tiny
+            ratio = torch.where(size > 0, moved / size.clamp_min(tiny), 0.0)
+            row = int(torch.argmax(ratio))
+            measured = (float(ratio[row]), row)
+        prepared.newton_change = measured
+        return measured
 
     def _estimate_along_forward_gap(self) -> None:
         """``‖(I − J)⁻¹‖`` from below along the residual the forward solve left.
@@ -272,26 +275,45 @@ class Linearization:
         solve's slowest). :data:`FORWARD_GAP_STEPS` Arnoldi steps of GMRES from ``r``
         bound ``‖(I − J)⁻¹‖`` from below there (a slow mode orthogonal to the loss's
         gradient had left a gradient 4e-4 off under a Neumann bound of 1.2e-10). Rows
-        that are not declared independent are one system.
+        that are not declared independent are one system. Where ``F`` has an operation
+        torch has no forward-mode derivative for, the steps take ``(I − J)ᵀ`` (VJPs)
+        instead: ``‖(I − J)⁻ᵀ‖₂ = ‖(I − J)⁻¹‖₂``, still bounded from below.
+
+        Raises:
+            RuntimeError: an error of ``F`` itself (as any evaluation of it would raise).
         """
         gap = self._forward_gap
         if gap is None or not all_finite(gap) or not bool(gap.any()):
             return
         if self.operator.independent_rows:
             self.operator.require_independent_rows()
-            rhs, product = gap, self.operator.apply
+        try:
+            info = self._arnoldi_from(gap, self.operator.apply)
+        except (NotImplementedError, RuntimeError) as error:
+            if "forward" not in str(error).lower():
+                raise
+            info = self._arnoldi_from(gap, self.operator.apply_transpose)
+        self.stats.products += info.iterations
+        self.stats.estimated(info.inverse_norm, info.method)
+
+    def _arnoldi_from(self, gap: Tensor, apply: Callable[[Tensor], Tensor]) -> LinearSolveInfo:
+        """:data:`FORWARD_GAP_STEPS` steps of GMRES with ``apply`` from ``gap``.
+
+        Returns:
+            The solve's statistics (its ``inverse_norm``: the estimate from below).
+        """
+        if self.operator.independent_rows:
+            rhs, product = gap, apply
         else:
             shape = gap.shape
             rhs = gap.reshape(1, -1)
 
             def product(v: Tensor) -> Tensor:
-                return self.operator.apply(v.reshape(shape)).reshape(1, -1)
+                return apply(v.reshape(shape)).reshape(1, -1)
 
-        _, info = gmres(
-            product, rhs, rtol=0.0, restart=FORWARD_GAP_STEPS, max_iter=FORWARD_GAP_STEPS
-        )
-        self.stats.products += info.iterations
-        self.stats.estimated(info.inverse_norm, info.method)
+        return gmres(product, rhs, rtol=0.0, restart=FORWARD_GAP_STEPS, max_iter=FORWARD_GAP_STEPS)[
+            1
+        ]
 
     def certify(self, value: Tensor, again: bool = False) -> None:
         """Check, once, that ``F`` evaluated again at ``h*`` has the residuals the solve accepted.

@@ -32,7 +32,9 @@ _MODEL_FIX = (
     "The model must be the same function on every pass: no module that draws random "
     "numbers (dropout, noise) or uses batch statistics (put them in eval() mode), no "
     "state the forward updates, and, if it couples the samples of a batch, batches that "
-    "are the same on every pass (shuffle=False)."
+    "are the same on every pass (shuffle=False). A change made on purpose between calls "
+    "(a plain attribute of a module, a function the forward calls) makes another model: "
+    "build a new operator for it."
 )
 
 
