@@ -147,7 +147,7 @@ class ErrorBound:
         refusable: whether a bound above ``max_error_bound`` refuses (False for an
             estimate that can lie above ``‖(I − J)⁻¹‖``, a Neumann series': it warns).
         curvature: the second-order term ``q`` (see the module), 0 where not measured.
-        curvature_row: the row (sample) where ``q`` is largest.
+        curvature_row: the row (sample) where ``q`` is largest (-1: one system).
     """
 
     value: float | None
@@ -192,8 +192,9 @@ class ErrorBound:
         if self.curvature > self.value - self.curvature:  # named where it dominates
             what += (
                 f", and I − J itself changes by a relative {self.curvature:.1e} along the "
-                "Newton step to the exact fixed point (‖(I − J)⁻¹ ΔJ δ‖ / ‖δ‖, largest for "
-                f"sample {self.curvature_row}, a second-order effect"
+                "Newton step to the exact fixed point (‖(I − J)⁻¹ ΔJ δ‖ / ‖δ‖, "
+                + (f"largest for sample {self.curvature_row}, " if self.curvature_row >= 0 else "")
+                + "a second-order effect"
             )
             if self.curvature >= FOLD:
                 what += (
@@ -210,9 +211,9 @@ class ErrorBound:
                 f"above max_error_bound={limit:g}. "
                 + (
                     "Tighten tol and see whether the term shrinks: near a fold it does, as the "
-                    "solve comes closer to h*; at a fold itself it stays near 0.5 whatever the "
-                    "tolerance, and only moving the parameters or the input off it (or "
-                    "changing f so that I − ∂f/∂h stays invertible there) helps; "
+                    "solve comes closer to h*; at a fold itself it stays at 0.5 or more "
+                    "whatever the tolerance, and only moving the parameters or the input off "
+                    "it (or changing f so that I − ∂f/∂h stays invertible there) helps; "
                     if self.curvature >= FOLD
                     else "Tighten tol (float64 allows ~1e-13 relative), use float64, or make f "
                     "more contractive in h at its fixed point; "

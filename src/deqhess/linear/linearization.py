@@ -222,7 +222,8 @@ class Linearization:
         of ``J``) keeps it.
 
         Returns:
-            ``(q, row)``: ``q`` and the row where it is largest; ``q = 0`` where there is
+            ``(q, row)``: ``q`` and the row where it is largest (-1 for rows not declared
+            independent: one system); ``q = 0`` where there is
             nothing to measure (no residual left or no certified evaluation, an iterative
             solve that stops short of its tolerance, or an ``f`` with an operation torch
             has no forward-mode derivative for: the first-order bound stands), inf where a
@@ -256,13 +257,13 @@ class Linearization:
             if self.operator.independent_rows:
                 moved = torch.linalg.vector_norm(change.flatten(1), dim=1)
                 size = torch.linalg.vector_norm(step.flatten(1), dim=1)
-            else:
+            else:  # one system: no row to name (-1)
                 moved = torch.linalg.vector_norm(change).reshape(1)
                 size = torch.linalg.vector_norm(step).reshape(1)
             tiny = torch.finfo(size.dtype).tiny
             ratio = torch.where(size > 0, moved / size.clamp_min(tiny), 0.0)
             row = int(torch.argmax(ratio))
-            measured = (float(ratio[row]), row)
+            measured = (float(ratio[row]), row if self.operator.independent_rows else -1)
         prepared.newton_change = measured
         return measured
 
@@ -311,9 +312,10 @@ class Linearization:
             def product(v: Tensor) -> Tensor:
                 return apply(v.reshape(shape)).reshape(1, -1)
 
-        return gmres(product, rhs, rtol=0.0, restart=FORWARD_GAP_STEPS, max_iter=FORWARD_GAP_STEPS)[
-            1
-        ]
+        _, info = gmres(
+            product, rhs, rtol=0.0, restart=FORWARD_GAP_STEPS, max_iter=FORWARD_GAP_STEPS
+        )
+        return info
 
     def certify(self, value: Tensor, again: bool = False) -> None:
         """Check, once, that ``F`` evaluated again at ``h*`` has the residuals the solve accepted.
