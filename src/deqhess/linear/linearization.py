@@ -40,6 +40,11 @@ FORWARD_GAP_STEPS = 10
 __all__ = ["Linearization", "coupling_tolerance", "row_coupling"]
 
 
+def _no_forward_mode(error: Exception) -> bool:
+    """Whether torch raised ``error`` for an operation with no forward-mode derivative."""
+    return "forward" in str(error).lower()
+
+
 class Linearization:
     """``I − J`` at a fixed point ``h*`` of ``h = F(h)`` on rows ``[S, d]``, ready to solve.
 
@@ -171,15 +176,13 @@ class Linearization:
         if self._prepared is None:
             return ErrorBound(None, None, residual, "not known yet: I − J is set up by the "
                               "first derivative")  # fmt: skip
+        refusable = True
         if self._prepared.inverse_norm is not None:
             norm, source = self._prepared.inverse_norm, "‖·‖₁ from the dense LU, LAPACK gecon"
         elif self.stats.inverse_norm_method == "Neumann":
             # from below or above (a negative dominant eigenvalue): it warns, never refuses
-            norm = cast(float, self.stats.inverse_norm)
+            norm, refusable = cast(float, self.stats.inverse_norm), False
             source = "≈ 1/(1 − ρ), ρ(J) from the Neumann series' contraction rate, an estimate"
-            return ErrorBound(
-                norm * residual, norm, residual, source, refusable=False
-            ).with_curvature(*(self._curvature or (0.0, 0)))
         elif self.stats.inverse_norm is not None:
             norm = self.stats.inverse_norm
             source = "‖·‖₂ from GMRES's Hessenberg matrices, a lower bound"
@@ -188,7 +191,7 @@ class Linearization:
                 f"not available: {self.solver!r} has not estimated ‖(I − J)⁻¹‖ (GMRES and "
                 "Neumann do during their solves, after two products; the dense LU at once)"
             ))  # fmt: skip
-        return ErrorBound(norm * residual, norm, residual, source).with_curvature(
+        return ErrorBound(norm * residual, norm, residual, source, refusable).with_curvature(
             *(self._curvature or (0.0, 0))
         )
 
@@ -248,7 +251,7 @@ class Linearization:
         except ConvergenceError:  # an iterative solve short of its tolerance: not measured
             return 0.0, 0
         except (NotImplementedError, RuntimeError) as error:
-            if "forward" not in str(error).lower():
+            if not _no_forward_mode(error):
                 raise
             return 0.0, 0  # an operation of f without forward-mode derivatives: not measured
         if not (all_finite(step) and all_finite(change)):
@@ -291,7 +294,7 @@ class Linearization:
         try:
             info = self._arnoldi_from(gap, self.operator.apply)
         except (NotImplementedError, RuntimeError) as error:
-            if "forward" not in str(error).lower():
+            if not _no_forward_mode(error):
                 raise
             info = self._arnoldi_from(gap, self.operator.apply_transpose)
         self.stats.products += info.iterations
